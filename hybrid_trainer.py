@@ -33,7 +33,6 @@ import shutil
 import sys
 import time
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
@@ -798,10 +797,11 @@ class HybridTrainer:
         self.policy.eval()
         ids, mask = left_pad(prompts, self.pad_id)
         max_new = min(self.cfg.MAX_NEW_TOKENS, self.cfg.MAXSEQ - ids.shape[1])
+        gen_config = copy.copy(self.greedy_config if greedy else self.sample_config)
+        gen_config.max_new_tokens = max_new
         with self.autocast():
             out = self.policy.lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          generation_config=self.greedy_config if greedy else self.sample_config,
-                                          max_new_tokens=max_new)
+                                          generation_config=gen_config)
         generated = out[:, ids.shape[1]:].cpu()
         response_mask, ended = truncate_after_eos(generated, self.eos_id)
         lengths = response_mask.sum(1).tolist()
@@ -916,7 +916,7 @@ class HybridTrainer:
             for k, v in {"ppo/loss/policy": pl.loss, "ppo/loss/value": vl.loss, "ppo/loss/total": loss / weight,
                          "ppo/policy/clipfrac": pl.clipfrac, "ppo/policy/approxkl": pl.approx_kl,
                          "ppo/policy/ratio": pl.ratio, "ppo/val/clipfrac": vl.clipfrac, "ppo/policy/entropy": entropy}.items():
-                acc[k] = acc.get(k, 0.0) + float(v) * float(weight)
+                acc[k] = acc.get(k, 0.0) + float(v.detach()) * float(weight)
         if acc["ppo/policy/ratio"] > cfg.RATIO_THRESHOLD:
             self.opt_ppo.zero_grad(set_to_none=True)
             return None
@@ -1023,7 +1023,7 @@ def step_plan(cfg: Config, n_items: int) -> list[str]:
 def summary_line(record: dict) -> str:
     keys = ["sft/loss", "reward/mean", "objective/kl", "objective/kl_coef", "ppo/loss/policy", "ppo/loss/value",
             "ppo/policy/clipfrac", "ppo/response_length", "time/tokens_per_s"]
-    parts = [f"{k.split('/')[-1]}={record[k]:.4g}" for k in keys if k in record]
+    parts = [f"{k.split('/', 1)[-1].replace('/', '_')}={record[k]:.4g}" for k in keys if k in record]
     return f"step {record['step']} [{record['phase']}] " + " ".join(parts)
 
 
@@ -1209,7 +1209,7 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
     eval_examples = load_eval_examples(cfg)
     locate_model(cfg.MODEL)
     out_dir = plan_output_dir(cfg)
-    resume_from = find_resume_point(cfg, out_dir) if out_dir.exists() else None
+    resume_from = find_resume_point(cfg, out_dir)
     if check:
         print(json.dumps(cfg.resolved(), indent=2))
         print(f"ok: {len(examples)} training items, {len(eval_examples)} eval items; {len(step_plan(cfg, len(examples))) * cfg.EPOCHS} "
@@ -1286,7 +1286,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("config", help="path to the JSON config")
     parser.add_argument("--check", action="store_true", help="validate config and data, print the resolved config, exit")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     try:
         return run(load_config(args.config), check=args.check)
     except UserError as e:

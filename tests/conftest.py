@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny GPT-2-style model and byte-level BPE tokenizer built at test time (no network)."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CORPUS = [
+    "the cat sat on the mat", "a dog ran in the park", "paris is the capital of france",
+    "two plus two is four", "hello world", "write the word yes", "### Prompt: ### Response:",
+    "question: answer: instruction: output: input:", "0123456789 + - = ? ! . , ` : ( ) [ ]",
+    "yes yes yes no no no maybe", "berlin madrid rome london tokyo",
+]
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def build_tiny_model(path: Path, chat: bool = False, seed: int = 0, n_layer: int = 2, n_embd: int = 64) -> Path:
+    """Train a ~300-token byte-level BPE on CORPUS and save it with a random 2-layer GPT-2."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>"] + (["<|user|>", "<|assistant|>", "<|end|>", "<|system|>"] if chat else [])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>" if not chat else "<|end|>",
+                                   bos_token="<|endoftext|>")
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(fast), n_positions=1024, n_embd=n_embd, n_layer=n_layer, n_head=2,
+                        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_chat_model"), chat=True)
+
+
+def write_json(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    items = [{"instruction": f"say yes {i}", "output": "yes yes"} for i in range(8)]
+    return write_json(tmp_path / "train.json", items)

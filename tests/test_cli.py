@@ -1,0 +1,182 @@
+"""Tier 2: config and data validation through the CLI. Every bad input: exit 2, one `error:` line naming
+the problem, no traceback, nothing written to OUTPUT_DIR."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import hybrid_trainer as ht
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD_ITEMS = [{"instruction": f"say yes {i}", "output": "yes"} for i in range(4)]
+
+
+@pytest.fixture
+def env(tmp_path, tiny_model):
+    """A valid config (written on demand with overrides) and its files."""
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(GOOD_ITEMS))
+    base = {"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(train), "OUTPUT_DIR": str(tmp_path / "out"),
+            "MAX_NEW_TOKENS": 4, "SEED": 0}
+
+    def write(overrides=None, raw=None, drop=()):
+        cfg = {**base, **(overrides or {})}
+        for k in drop:
+            cfg.pop(k)
+        path = tmp_path / "config.json"
+        path.write_text(raw if raw is not None else json.dumps(cfg))
+        return path
+
+    return tmp_path, write
+
+
+def data_file(tmp_path, text, name="bad.json"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def empty_dir(tmp_path):
+    path = tmp_path / "not_a_model"
+    path.mkdir()
+    return str(path)
+
+
+# (case id, how to build the config, substring the error must contain)
+BAD_INPUTS = [
+    ("malformed config JSON", lambda t: {"raw": "{\"MODE\": \"sft\",, }"}, "not valid JSON"),
+    ("config is a list", lambda t: {"raw": "[1, 2]"}, "must be a JSON object"),
+    ("unknown key with suggestion", lambda t: {"overrides": {"LR_SFTT": 1e-4}}, "did you mean 'LR_SFT'"),
+    ("bad MODE", lambda t: {"overrides": {"MODE": "rlhf"}}, "MODE must be 'sft', 'ppo' or 'hybrid'"),
+    ("int key given a string", lambda t: {"overrides": {"SFT_BATCH": "four"}}, "SFT_BATCH must be an integer"),
+    ("int key given a fraction", lambda t: {"overrides": {"EPOCHS": 1.5}}, "EPOCHS must be an integer"),
+    ("float key given a bool", lambda t: {"overrides": {"LR_SFT": True}}, "LR_SFT must be a number"),
+    ("bool key given junk", lambda t: {"overrides": {"BF16": "maybe"}}, "BF16 must be true or false"),
+    ("str key given a number", lambda t: {"overrides": {"SELECT_OUTPUT": 3}}, "SELECT_OUTPUT must be a string"),
+    ("null for a required number", lambda t: {"overrides": {"PPO_BATCH": None}}, "PPO_BATCH must not be null"),
+    ("batch size zero", lambda t: {"overrides": {"SFT_BATCH": 0}}, "SFT_BATCH must be >= 1"),
+    ("negative learning rate", lambda t: {"overrides": {"LR_SFT": -1e-5}}, "LR_SFT must be > 0"),
+    ("PERCENT zero", lambda t: {"overrides": {"PERCENT": 0}}, "PERCENT must be in (0, 100]"),
+    ("PERCENT over 100", lambda t: {"overrides": {"PERCENT": 150}}, "PERCENT must be in (0, 100]"),
+    ("PPO_MINI above PPO_BATCH", lambda t: {"overrides": {"PPO_BATCH": 2, "PPO_MINI": 4}}, "PPO_MINI must be between 1 and PPO_BATCH"),
+    ("GRAD_ACCUM above batch", lambda t: {"overrides": {"SFT_BATCH": 2, "GRAD_ACCUM": 3}}, "GRAD_ACCUM (3) must not exceed"),
+    ("BF16 and FP16", lambda t: {"overrides": {"BF16": True, "FP16": "true"}}, "BF16 and FP16 are both true"),
+    ("TOP_P above 1", lambda t: {"overrides": {"TOP_P": 1.5}}, "TOP_P must be in (0, 1]"),
+    ("TEMPERATURE zero", lambda t: {"overrides": {"TEMPERATURE": 0}}, "TEMPERATURE must be > 0"),
+    ("bad KL_PENALTY", lambda t: {"overrides": {"KL_PENALTY": "js"}}, "KL_PENALTY must be kl, abs, mse or full"),
+    ("SHUFFLE names a script", lambda t: {"overrides": {"SHUFFLE": "shuffle.py"}}, "scripts named in a config are never run"),
+    ("REWARD not an object", lambda t: {"overrides": {"MODE": "ppo", "REWARD": "cosine"}}, "REWARD must be a JSON object"),
+    ("unknown reward type", lambda t: {"overrides": {"MODE": "ppo", "REWARD": {"type": "cosin_sts"}}}, "did you mean 'cosine_sts'"),
+    ("bad reward field value", lambda t: {"overrides": {"MODE": "ppo", "REWARD": {"type": "rouge", "variant": "rouge3"}}}, "variant must be one of"),
+    ("unknown reward field", lambda t: {"overrides": {"MODE": "ppo", "REWARD": {"type": "contains", "patern": "x"}}}, "did you mean 'pattern'"),
+    ("bad component weight", lambda t: {"overrides": {"MODE": "ppo", "REWARD": {"type": "weighted_sum", "components": [{"type": "bleu", "weight": "high"}]}}}, "weight must be a number"),
+    ("reward model not offline", lambda t: {"overrides": {"MODE": "ppo", "REWARD": {"type": "perplexity", "model": "gpt2"}}}, "Use \"reference\""),
+    ("TRAIN_FILE missing", lambda t: {"overrides": {"TRAIN_FILE": str(t / "nope.json")}}, "does not exist"),
+    ("TRAIN_FILE not given", lambda t: {"drop": ["TRAIN_FILE"]}, "TRAIN_FILE is required"),
+    ("TRAIN_FILE is a directory", lambda t: {"overrides": {"TRAIN_FILE": str(t)}}, "is not a file"),
+    ("TRAIN_FILE malformed", lambda t: {"overrides": {"TRAIN_FILE": data_file(t, "[{\"a\": 1,]")}}, "is not valid JSON"),
+    ("TRAIN_FILE bad JSONL line", lambda t: {"overrides": {"TRAIN_FILE": data_file(t, "{\"instruction\": \"a\", \"output\": \"b\"}\n{oops\n", "d.jsonl")}}, "line 2 is not valid JSON"),
+    ("empty dataset", lambda t: {"overrides": {"TRAIN_FILE": data_file(t, "[]")}}, "holds no items"),
+    ("non-object item", lambda t: {"overrides": {"TRAIN_FILE": data_file(t, json.dumps(GOOD_ITEMS + ["text"]))}}, "item 4 is a str, expected a JSON object"),
+    ("missing output key", lambda t: {"overrides": {"TRAIN_FILE": data_file(t, json.dumps([{"instruction": "x", "answer": "y"}]))}}, "item 0 has no output key 'output'"),
+    ("empty output", lambda t: {"overrides": {"TRAIN_FILE": data_file(t, json.dumps(GOOD_ITEMS + [{"instruction": "x", "output": "  "}]))}}, "item 4 has an empty or non-text output"),
+    ("MODEL path missing", lambda t: {"overrides": {"MODEL": str(t / "no_model")}}, "not found"),
+    ("MODEL dir not a model", lambda t: {"overrides": {"MODEL": empty_dir(t)}}, "is a directory but not a model"),
+    ("MODEL a plain file", lambda t: {"overrides": {"MODEL": data_file(t, "x", "weights.bin")}}, "is a file but not a .gguf model"),
+    ("OUTPUT_DIR is a file", lambda t: {"overrides": {"OUTPUT_DIR": data_file(t, "x", "taken")}}, "is a file, expected a directory"),
+    ("RESUME not a checkpoint", lambda t: {"overrides": {"RESUME": str(t)}}, "is not a checkpoint directory"),
+    ("FP16 without CUDA", lambda t: {"overrides": {"FP16": True}}, "FP16 needs a CUDA GPU"),
+    ("no prompt fits MAXSEQ", lambda t: {"overrides": {"MAXSEQ": 3}}, "no item has a prompt shorter than MAXSEQ=3"),
+    ("EVAL_FILE missing", lambda t: {"overrides": {"EVAL_FILE": str(t / "eval.json")}}, "EVAL_FILE"),
+]
+
+
+@pytest.mark.parametrize("case, build, message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_gives_one_error_line_and_exit_2(env, capsys, case, build, message):
+    if case == "FP16 without CUDA":
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+    tmp_path, write = env
+    config = write(**build(tmp_path))
+    code = ht.main([str(config)])
+    err = capsys.readouterr().err
+    error_lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert code == 2, err
+    assert len(error_lines) == 1 and message in error_lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists(), "a failed start must leave no output behind"
+
+
+def test_bf16_on_device_without_bf16(env, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tmp_path, write = env
+    assert ht.main([str(write({"BF16": True}))]) == 2
+    assert "BF16 is true but this CPU has no bfloat16 support" in capsys.readouterr().err
+
+
+def test_cli_subprocess_bad_config_no_traceback(env):
+    tmp_path, write = env
+    proc = subprocess.run([sys.executable, str(ROOT / "hybrid_trainer.py"), str(write({"MODE": "hybird"}))],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: MODE must be 'sft', 'ppo' or 'hybrid', got 'hybird'"
+
+
+def test_check_prints_resolved_config_without_loading(env, capsys):
+    tmp_path, write = env
+    assert ht.main([str(write({"MODE": "hybrid", "REWARD": {"type": "bleu"}})), "--check"]) == 0
+    out = capsys.readouterr().out
+    resolved = json.loads(out[:out.rindex("}") + 1])
+    assert set(resolved) == {f.name for f in ht.dataclasses.fields(ht.Config)}  # every key, defaults filled in
+    assert resolved["PPO_MINI"] == resolved["PPO_BATCH"] == 4 and resolved["TARGET_KL"] == 0.3
+    assert resolved["LR_SFT"] == 5e-5 and resolved["NO_REPEAT_NGRAM_SIZE"] == 3 and resolved["ADAPTIVE_KL"] is True
+    assert "ok: 4 training items" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_explains_run_and_check():
+    proc = subprocess.run([sys.executable, str(ROOT / "hybrid_trainer.py"), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert "--check" in proc.stdout and "without loading model weights" in proc.stdout
+    for key in ("CYCLE_SFT_STEPS", "KL_PENALTY", "RATIO_THRESHOLD", "MISSING_EOS_PENALTY"):
+        assert key in proc.stdout
+
+
+def test_sketch_string_booleans_and_seed_drawn():
+    cfg = ht.Config.from_dict({"TRAIN_FILE": "t", "OUTPUT_DIR": "o", "BF16": "false", "WHITEN_REWARDS": "True", "MODE": "SFT"})
+    assert cfg.BF16 is False and cfg.WHITEN_REWARDS is True and cfg.MODE == "sft"
+    assert isinstance(cfg.SEED, int)
+
+
+def test_prompt_template_matches_sketch_and_hides_output():
+    item = {"question": "2+2?", "tags": ["math", "easy"], "note": None, "output": "4"}
+    prompt = ht.sketch_prompt(item, "output")
+    assert prompt == "### Prompt:\n\n```question: 2+2?\ntags: math,easy```\n\n### Response:\n\n"
+    assert "4" not in prompt and "_output_key" not in prompt
+
+
+def test_list_output_uses_first_element_and_subset_is_seeded(tmp_path):
+    ex = ht.make_examples([{"q": "a", "output": ["first", "second"]}], "output", "TRAIN_FILE")
+    assert ex[0].target == "first"
+    items = [{"q": str(i), "output": "x"} for i in range(10)]
+    cfg = ht.Config.from_dict({"TRAIN_FILE": "t", "OUTPUT_DIR": "o", "PERCENT": 50, "SEED": 3})
+    a = ht.select_subset(ht.make_examples(items, "output", "T"), cfg)
+    b = ht.select_subset(ht.make_examples(items, "output", "T"), cfg)
+    assert len(a) == 5 and [e.index for e in a] == [e.index for e in b]
+    cfg.NUM_SAMPLES = 3
+    assert len(ht.select_subset(a, cfg)) == 3
+
+
+def test_jsonl_is_accepted(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"q": "a", "output": "b"}\n\n{"q": "c", "output": "d"}\n')
+    assert [e.target for e in ht.make_examples(ht.read_items(str(path), "TRAIN_FILE"), "output", "TRAIN_FILE")] == ["b", "d"]

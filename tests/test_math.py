@@ -1,0 +1,180 @@
+"""Tier 1: the pure PPO math, against numbers worked out by hand in the comments."""
+
+import math
+
+import pytest
+import torch
+
+import hybrid_trainer as ht
+
+
+def test_logprobs_from_logits_matches_hand_softmax():
+    # logits [0, ln 3] -> softmax [1/4, 3/4]; label 1 -> log 3/4. At T=2: logits [0, ln3/2] -> [1/(1+sqrt3), sqrt3/(1+sqrt3)]
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])
+    labels = torch.tensor([[1]])
+    assert ht.logprobs_from_logits(logits, labels).item() == pytest.approx(math.log(0.75))
+    s3 = math.sqrt(3)
+    assert ht.logprobs_from_logits(logits, labels, temperature=2.0).item() == pytest.approx(math.log(s3 / (1 + s3)))
+
+
+def test_logprobs_agrees_with_trl_selective_log_softmax():
+    from trl.trainer.utils import selective_log_softmax
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 5, 11), torch.randint(0, 11, (3, 5))
+    torch.testing.assert_close(ht.logprobs_from_logits(logits, labels, 0.7), selective_log_softmax(logits, labels, temperature=0.7))
+
+
+def test_masked_mean_var_whiten_equal_plain_functions_on_unmasked_slice():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 1]]).float()
+    kept = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 7.0])
+    assert ht.masked_mean(x, mask).item() == pytest.approx(kept.mean().item())  # 22 / 6
+    assert ht.masked_var(x, mask).item() == pytest.approx(kept.var(unbiased=True).item())
+    assert ht.masked_var(x, mask, unbiased=False).item() == pytest.approx(kept.var(unbiased=False).item())
+    whitened = ht.masked_whiten(x, mask)
+    expected = (kept - kept.mean()) / kept.std(unbiased=True)
+    torch.testing.assert_close(whitened[mask.bool()], expected, atol=1e-5, rtol=1e-5)
+    assert whitened[0, 3] == 0 and whitened[1, 2] == 0  # padding stays zero
+
+
+def test_masked_mean_along_dim():
+    x = torch.tensor([[2.0, 4.0, 9.0], [1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(ht.masked_mean(x, mask, dim=1), torch.tensor([3.0, 0.0]))  # empty row -> 0, not NaN
+
+
+def test_whiten_without_shift_keeps_mean():
+    # x = [1, 3]: mean 2, unbiased std sqrt(2). shift_mean=False -> (x - 2)/sqrt2 + 2
+    x, mask = torch.tensor([[1.0, 3.0]]), torch.ones(1, 2)
+    out = ht.masked_whiten(x, mask, shift_mean=False)
+    torch.testing.assert_close(out, torch.tensor([[2 - 1 / math.sqrt(2), 2 + 1 / math.sqrt(2)]]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("kl", [0.5, -0.25]),      # logp - ref
+    ("abs", [0.5, 0.25]),
+    ("mse", [0.125, 0.03125]),  # 0.5 * d^2
+])
+def test_kl_penalty_kinds(kind, expected):
+    logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.75]])
+    torch.testing.assert_close(ht.kl_per_token(logp, ref, kind), torch.tensor([expected]))
+
+
+def test_full_kl_is_exact_kl_divergence():
+    # p = [0.5, 0.5], q = [0.25, 0.75]: KL = 0.5 ln 2 + 0.5 ln(2/3)
+    p, q = torch.tensor([[[0.5, 0.5]]]).log(), torch.tensor([[[0.25, 0.75]]]).log()
+    assert ht.kl_per_token(p, q, "full").item() == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+
+
+def test_compute_rewards_adds_score_on_last_response_token():
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    rewards = ht.compute_rewards(torch.tensor([1.0, -2.0]), kl, mask, kl_coef=0.5)
+    # row 0: -0.5*[0.1, 0.2] then score 1 on token 1 -> [-0.05, 0.9, 0]; row 1: [-0.2, -0.25, -0.3 - 2]
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.9, 0.0], [-0.2, -0.25, -2.3]]))
+
+
+def test_gae_by_hand():
+    # gamma 0.9, lam 0.8, one row, values [1, 2], rewards [0, 1]
+    # t=1: delta = 1 + 0.9*0 - 2 = -1          -> A1 = -1
+    # t=0: delta = 0 + 0.9*2 - 1 = 0.8         -> A0 = 0.8 + 0.9*0.8*(-1) = 0.08
+    adv, ret = ht.compute_gae(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 1.0]]), torch.ones(1, 2), 0.9, 0.8)
+    torch.testing.assert_close(adv, torch.tensor([[0.08, -1.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[1.08, 1.0]]))
+
+
+def test_gae_matches_plain_loop_and_ignores_padding():
+    torch.manual_seed(0)
+    values, rewards = torch.randn(3, 6), torch.randn(3, 6)
+    lengths = [6, 4, 1]
+    mask = torch.tensor([[1.0] * n + [0.0] * (6 - n) for n in lengths])
+    adv, _ = ht.compute_gae(values, rewards, mask, gamma=0.99, lam=0.95)
+    for row, n in enumerate(lengths):  # plain per-sequence reference on the unpadded slice
+        gae, expected = 0.0, [0.0] * n
+        for t in reversed(range(n)):
+            next_v = values[row, t + 1].item() if t + 1 < n else 0.0
+            delta = rewards[row, t].item() + 0.99 * next_v - values[row, t].item()
+            gae = delta + 0.99 * 0.95 * gae
+            expected[t] = gae
+        torch.testing.assert_close(adv[row, :n], torch.tensor(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_policy_loss_clipping_by_hand():
+    # log-ratios [ln 1.5, ln 0.5, 0], advantages [1, 1, -2], clip 0.2
+    # token 0: ratio 1.5, A=1: max(-1.5, -1.2) = -1.2 (clipped active)
+    # token 1: ratio 0.5, A=1: max(-0.5, -0.8) = -0.5 (unclipped)
+    # token 2: ratio 1.0, A=-2: max(2, 2) = 2
+    old = torch.zeros(1, 3)
+    new = torch.tensor([[math.log(1.5), math.log(0.5), 0.0]])
+    out = ht.policy_loss(new, old, torch.tensor([[1.0, 1.0, -2.0]]), torch.ones(1, 3), cliprange=0.2)
+    assert out.loss.item() == pytest.approx((-1.2 - 0.5 + 2.0) / 3)
+    assert out.clipfrac.item() == pytest.approx(1 / 3)
+    assert out.ratio.item() == pytest.approx((1.5 + 0.5 + 1.0) / 3)
+    assert out.approx_kl.item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 3)
+
+
+def test_policy_loss_ratio_one_gives_minus_mean_advantage():
+    adv = torch.tensor([[0.5, -1.5, 3.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    out = ht.policy_loss(torch.zeros(1, 3), torch.zeros(1, 3), adv, mask, 0.2)
+    assert out.loss.item() == pytest.approx(0.5)  # -(0.5 - 1.5)/2
+    assert out.clipfrac.item() == 0 and out.ratio.item() == 1
+
+
+def test_value_loss_clipping_by_hand():
+    # old 0, new [1, 0.1], returns [1, 1], clip 0.2
+    # token 0: clipped value 0.2 -> max((1-1)^2, (0.2-1)^2) = 0.64 (clipped active)
+    # token 1: clipped value 0.1 -> max(0.81, 0.81) = 0.81
+    out = ht.value_loss(torch.tensor([[1.0, 0.1]]), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), 0.2)
+    assert out.loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2)
+    assert out.clipfrac.item() == pytest.approx(0.5)
+
+
+def test_adaptive_kl_controller_by_hand():
+    ctl = ht.AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    ctl.update(current_kl=9.0, n_steps=100)  # error = clip(9/6 - 1) = 0.2 -> x (1 + 0.2*100/10000) = 1.002
+    assert ctl.value == pytest.approx(0.2 * 1.002)
+    ctl.update(current_kl=5.4, n_steps=1000)  # error = -0.1 -> x 0.99
+    assert ctl.value == pytest.approx(0.2 * 1.002 * 0.99)
+    fixed = ht.FixedKLController(0.3)
+    fixed.update(100.0, 1000)
+    assert fixed.value == 0.3
+
+
+def test_truncate_after_eos_and_missing_eos_penalty():
+    eos = 9
+    ids = torch.tensor([[5, 9, 7, 9], [1, 2, 3, 4], [9, 9, 9, 9]])
+    mask, ended = ht.truncate_after_eos(ids, eos)
+    torch.testing.assert_close(mask, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]))
+    assert ended.tolist() == [True, False, True]
+    scores = ht.apply_missing_eos_penalty(torch.tensor([1.0, 1.0, 1.0]), ended, 0.5)
+    assert scores.tolist() == [1.0, 0.5, 1.0]
+    assert ht.apply_missing_eos_penalty(scores, ended, None) is scores
+
+
+def test_padding_helpers_and_positions():
+    ids, mask = ht.left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ht.position_ids_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+    ids, mask = ht.right_pad([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+@pytest.mark.parametrize("n_sft, n_ppo, cs, cp, expected", [
+    (3, 2, 1, 1, ["sft", "ppo", "sft", "ppo", "sft"]),  # a side whose batches are used drops out
+    (4, 1, 2, 1, ["sft", "sft", "ppo", "sft", "sft"]),
+    (2, 0, 1, 0, ["sft", "sft"]),                         # sft mode
+    (0, 3, 0, 1, ["ppo", "ppo", "ppo"]),                  # ppo mode
+    (3, 3, 0, 2, ["ppo", "ppo", "ppo"]),                  # hybrid with CYCLE_SFT_STEPS = 0
+])
+def test_epoch_schedule(n_sft, n_ppo, cs, cp, expected):
+    assert ht.epoch_schedule(n_sft, n_ppo, cs, cp) == expected
+
+
+def test_batches_keep_short_last_batch_and_are_deterministic():
+    b = ht.batches(10, 4, seed=1, epoch=0, side="ppo", shuffle=True)
+    assert [len(x) for x in b] == [4, 4, 2] and sorted(sum(b, [])) == list(range(10))
+    assert b == ht.batches(10, 4, seed=1, epoch=0, side="ppo", shuffle=True)
+    assert b != ht.batches(10, 4, seed=1, epoch=1, side="ppo", shuffle=True)
+    assert ht.batches(5, 2, 0, 0, "sft", shuffle=False) == [[0, 1], [2, 3], [4]]
