@@ -1,0 +1,238 @@
+"""Tier 3: end-to-end runs of tiny configs. They show the trainer learns, saves, protects and resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import hybrid_trainer as ht
+
+ROOT = Path(__file__).resolve().parent.parent
+EXACT_PPO = {"TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0, "NO_REPEAT_NGRAM_SIZE": 0}
+
+
+def run_cli(config: dict, tmp_path: Path, *extra, check=True) -> subprocess.CompletedProcess:
+    path = tmp_path / f"config-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(config))
+    proc = subprocess.run([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path), *extra],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+class YesFraction:
+    """Test reward a tiny model can learn: occurrences of 'yes' in the response, 3 or more = 1 (0..1)."""
+
+    def scores(self, responses, targets, prompts=None, items=None, update=True):
+        return [min(1.0, r.count("yes") / 3) for r in responses]
+
+    def state_dict(self):
+        return {}
+
+
+@pytest.mark.parametrize("mode", ["sft", "ppo", "hybrid"])
+def test_each_mode_end_to_end_through_cli(mode, tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    cfg = {"MODE": mode, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
+           "SFT_BATCH": 4, "PPO_BATCH": 4, "PPO_MINI": 2, "MAX_NEW_TOKENS": 6, "LOG_EVERY": 1,
+           "REWARD": {"type": "contains", "pattern": "yes"}}
+    proc = run_cli(cfg, tmp_path)
+    records = metrics(out)
+    expected = {"sft": ["sft"] * 2, "ppo": ["ppo"] * 2, "hybrid": ["sft", "ppo", "sft", "ppo"]}[mode]
+    assert [r["phase"] for r in records] == expected
+    assert "step 1 [" in proc.stdout + proc.stderr  # LOG_EVERY summary line
+    for r in records:
+        if r["phase"] == "ppo":
+            for key in ("reward/mean", "reward/std", "objective/kl", "objective/kl_coef", "ppo/policy/entropy",
+                        "ppo/loss/policy", "ppo/loss/value", "ppo/policy/clipfrac", "ppo/policy/approxkl",
+                        "ppo/response_length", "time/tokens_per_s"):
+                assert key in r and r[key] == r[key], key  # present and not NaN
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = AutoModelForCausalLM.from_pretrained(out / "inference_lm")
+    AutoTokenizer.from_pretrained(out / "inference_lm")
+    assert not any(n.startswith("v_head") for n, _ in lm.named_parameters())
+    assert (out / "ppo_full" / "value_head.safetensors").is_file()
+    assert (out / "ppo_full" / "model.safetensors").is_file()
+    assert json.loads((out / "ppo_full" / "trainer_config.json").read_text())["MODE"] == mode
+
+
+def test_sft_loss_falls_on_memorisation_set(tiny_model, tmp_path):
+    data = tmp_path / "mem.json"
+    data.write_text(json.dumps([{"instruction": f"capital {c}", "output": f"the capital is {c}"} for c in ("paris", "rome")]))
+    out = tmp_path / "out"
+    run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(data), "OUTPUT_DIR": str(out), "SEED": 0,
+             "SFT_BATCH": 2, "LR_SFT": 3e-3, "EPOCHS": 30}, tmp_path)
+    losses = [r["sft/loss"] for r in metrics(out)]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.25 * sum(losses[:5]) / 5, losses
+
+
+def trainer_for(cfg_overrides, tiny_model, tiny_data, reward):
+    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": "-",
+                               "SEED": 0, **EXACT_PPO, **cfg_overrides})
+    torch.manual_seed(0)
+    policy, ref, tok = ht.load_model(cfg, torch.device("cpu"))
+    examples = ht.tokenize_examples(ht.load_examples(cfg), cfg, tok, "sketch", "TRAIN_FILE")
+    return ht.HybridTrainer(cfg, policy, ref, tok, reward), examples
+
+
+def test_ppo_raises_mean_reward_on_tiny_task(tiny_model, tiny_data):
+    trainer, examples = trainer_for({"PPO_BATCH": 16, "PPO_MINI": 8, "LR_PPO": 3e-3, "INIT_KL_COEF": 0.01,
+                                     "MAX_NEW_TOKENS": 6}, tiny_model, tiny_data, YesFraction())
+    batch = (examples * 2)[:16]
+    rewards = [trainer.ppo_update(batch)["reward/mean"] for _ in range(25)]
+    assert sum(rewards[:3]) / 3 < 0.2, rewards
+    assert sum(rewards[-3:]) / 3 > 0.6, rewards
+
+
+def test_ratio_is_one_on_first_minibatch_and_value_head_starts_at_zero(tiny_model, tiny_data):
+    trainer, examples = trainer_for({"PPO_BATCH": 8, "PPO_MINI": 4, "LR_PPO": 1e-3, "MAX_NEW_TOKENS": 5},
+                                    tiny_model, tiny_data, YesFraction())
+    responses, _ = trainer.generate([e.prompt_ids for e in examples])
+    stats = trainer.ppo_step([e.prompt_ids for e in examples], responses, [1.0] * 8)
+    assert stats["ppo/val/mean"] == 0.0  # zero-initialised value head
+    assert abs(stats["ppo/policy/ratio_first_minibatch"] - 1.0) < 1e-6
+    assert stats["ppo/skipped_minibatches"] == 0
+
+
+def test_ratio_threshold_skips_minibatches(tiny_model, tiny_data):
+    trainer, examples = trainer_for({"PPO_BATCH": 8, "PPO_MINI": 4, "MAX_NEW_TOKENS": 5}, tiny_model, tiny_data, YesFraction())
+    trainer.cfg.RATIO_THRESHOLD = 0.5  # every minibatch has ratio ~1 > 0.5: all skipped, weights unchanged
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    responses, _ = trainer.generate([e.prompt_ids for e in examples])
+    stats = trainer.ppo_step([e.prompt_ids for e in examples], responses, [1.0] * 8)
+    assert stats["ppo/skipped_minibatches"] == 2 * trainer.cfg.PPO_EPOCHS
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
+
+
+def test_sft_step_leaves_value_head_alone_and_masks_prompt(tiny_model, tiny_data):
+    trainer, examples = trainer_for({"SFT_BATCH": 4, "LR_SFT": 1e-2}, tiny_model, tiny_data, None)
+    v_before = trainer.policy.v_head.weight.detach().clone()
+    stats = trainer.sft_step(examples[:4])
+    assert torch.equal(v_before, trainer.policy.v_head.weight)
+    assert stats["sft/tokens"] == sum(len(e.target_ids) for e in examples[:4])  # response + EOS only
+
+
+def test_grad_accum_gives_same_update(tiny_model, tiny_data):
+    results = []
+    for accum in (1, 2):
+        trainer, examples = trainer_for({"SFT_BATCH": 4, "GRAD_ACCUM": accum, "LR_SFT": 1e-3}, tiny_model, tiny_data, None)
+        loss = trainer.sft_step(examples[:4])["sft/loss"]
+        results.append((loss, [p.detach().clone() for p in trainer.policy.lm.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_short_last_ppo_batch_is_used(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    run_cli({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
+             "PPO_BATCH": 3, "PPO_MINI": 2, "MAX_NEW_TOKENS": 4, "REWARD": {"type": "contains", "pattern": "yes"}}, tmp_path)
+    assert len(metrics(out)) == 3  # 8 items -> batches of 3, 3, 2
+
+
+def test_finished_output_is_never_overwritten(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    cfg = {"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0}
+    run_cli(cfg, tmp_path)
+    first = (out / "inference_lm" / "model.safetensors").read_bytes()
+    proc = run_cli({**cfg, "LR_SFT": 1e-2}, tmp_path)
+    assert "already holds a finished model" in proc.stderr
+    assert (out / "inference_lm" / "model.safetensors").read_bytes() == first
+    assert (out / "run-2" / "inference_lm" / "model.safetensors").is_file()
+
+
+def test_sketch_presets_run_unchanged_with_local_model(tiny_model, tiny_data, tmp_path):
+    """The design sketch's three presets, verbatim but for local paths (MODEL and perplexity's model)."""
+    presets = {
+        "sft": {"MODE": "sft", "MODEL": "gpt2", "TRAIN_FILE": "train.json", "OUTPUT_DIR": "./out_sft", "SFT_BATCH": 8,
+                "LR_SFT": 5e-5, "EPOCHS": 1, "MAXSEQ": 1024},
+        "ppo": {"MODE": "ppo", "MODEL": "gpt2", "TRAIN_FILE": "train.json", "OUTPUT_DIR": "./out_ppo", "PPO_BATCH": 4,
+                "PPO_MINI": 4, "LR_PPO": 1e-5, "TARGET_KL": 0.3, "EPOCHS": 1, "MAXSEQ": 1024, "MAX_NEW_TOKENS": 128,
+                "REWARD": {"type": "cosine_sts"}},
+        "hybrid": {"MODE": "hybrid", "MODEL": "gpt2", "TRAIN_FILE": "train.json", "OUTPUT_DIR": "./out_hybrid",
+                   "SFT_BATCH": 8, "LR_SFT": 5e-5, "PPO_BATCH": 4, "PPO_MINI": 4, "LR_PPO": 1e-5, "TARGET_KL": 0.3,
+                   "CYCLE_SFT_STEPS": 1, "CYCLE_PPO_UPDATES": 1, "EPOCHS": 1, "MAXSEQ": 1024, "MAX_NEW_TOKENS": 128,
+                   "REWARD": {"type": "weighted_sum", "components": [{"type": "cosine_sts", "weight": 0.6},
+                                                                     {"type": "perplexity", "model": "gpt2", "weight": 0.4}],
+                              "postprocess": [{"type": "clip", "min": 0, "max": 1}]}},
+    }
+    for name, preset in presets.items():
+        text = json.dumps(preset).replace('"gpt2"', json.dumps(str(tiny_model)))
+        cfg = {**json.loads(text), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(tmp_path / name)}
+        run_cli(cfg, tmp_path)
+        assert (tmp_path / name / "inference_lm").is_dir(), name
+
+
+HYBRID_RESUME = {"MODE": "hybrid", "SEED": 7, "SFT_BATCH": 2, "PPO_BATCH": 2, "PPO_MINI": 1, "CYCLE_SFT_STEPS": 2,
+                 "CYCLE_PPO_UPDATES": 1, "MAX_NEW_TOKENS": 4, "EPOCHS": 2, "LR_SFT": 1e-3, "LR_PPO": 1e-3, "SAVE_EVERY": 1,
+                 "REWARD": {"type": "weighted_sum", "components": [{"type": "contains", "pattern": "yes"}],
+                            "postprocess": [{"type": "normalize"}]}}
+
+
+def comparable(records):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model, tiny_data, tmp_path):
+    base = {**HYBRID_RESUME, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data)}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_cli({**base, "OUTPUT_DIR": str(straight)}, tmp_path)
+    total = len(metrics(straight))
+    # kill -9 the second run as soon as it has written a mid-run checkpoint
+    path = tmp_path / "killed.json"
+    path.write_text(json.dumps({**base, "OUTPUT_DIR": str(killed)}))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "checkpoints" / "step-5").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "inference_lm").exists(), "the run finished before it could be killed"
+    resumed = run_cli({**base, "OUTPUT_DIR": str(killed)}, tmp_path)
+    assert "resuming from" in resumed.stdout
+    assert comparable(metrics(killed)) == comparable(metrics(straight))
+    assert len(metrics(killed)) == total
+    from safetensors.torch import load_file
+
+    a = load_file(str(straight / "inference_lm" / "model.safetensors"))
+    b = load_file(str(killed / "inference_lm" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_sigterm_checkpoints_and_exits_143(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**HYBRID_RESUME, "SAVE_EVERY": 0, "EPOCHS": 50, "MODEL": str(tiny_model),
+                                "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out)}))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "resume:" in err
+    step = len(metrics(out))
+    assert (out / "checkpoints" / f"step-{step}" / "state.json").is_file()
+
+
+def test_checkpoints_are_pruned(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
+             "SFT_BATCH": 2, "SAVE_EVERY": 1, "KEEP_CHECKPOINTS": 2}, tmp_path)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3", "step-4"]
