@@ -964,7 +964,8 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
         except Exception as e:  # noqa: BLE001 - a failing metric must not kill the run
             warn(f"eval metric {name} failed: {type(e).__name__}: {e}")
             result[f"eval/{name}"] = float("nan")
-    result["samples"] = [{"prompt": e.prompt, "target": e.target, "response": t} for e, t in zip(examples[:4], texts)]
+    result["samples"] = [{"prompt": chat_user_text(e.item, trainer.cfg.SELECT_OUTPUT), "target": e.target, "response": t}
+                         for e, t in zip(examples[:4], texts)]
     return result
 
 
@@ -1063,7 +1064,7 @@ def train_loop(cfg, trainer, examples, eval_examples, eval_metrics, out_dir, sta
                                 f"the reward. Last good checkpoint: {latest_checkpoint(out_dir) or 'none'}")
             if eval_examples and cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0:
                 log_eval(trainer, eval_examples, eval_metrics, metrics, state.step)
-            if cfg.SAVE_EVERY and state.step % cfg.SAVE_EVERY == 0:
+            if cfg.SAVE_EVERY and state.step % cfg.SAVE_EVERY == 0 and state.bad_streak == 0:  # only good states
                 save_checkpoint(out_dir, trainer, state, cfg)
             if stop.signum is not None:
                 bar.close()
@@ -1253,28 +1254,67 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
     print(f"{cfg.MODE}: {len(examples)} items, prompt format {fmt}, device {device.type}"
           f"{', bf16' if cfg.BF16 else ', fp16' if cfg.FP16 else ''}, output {out_dir}", flush=True)
 
-    before = None
     if eval_examples and state.step == 0:
-        before = log_eval(trainer, eval_examples, eval_metrics, metrics, 0)
+        log_eval(trainer, eval_examples, eval_metrics, metrics, 0)
     code = train_loop(cfg, trainer, examples, eval_examples, eval_metrics, out_dir, state, metrics, StopRequest())
     if code:
         return code
     if eval_examples:
-        after = log_eval(trainer, eval_examples, eval_metrics, metrics, state.step)
-        write_report(out_dir, metrics.read(), after)
+        log_eval(trainer, eval_examples, eval_metrics, metrics, state.step)
+        table = write_report(out_dir, metrics.read())
+        print(f"\n{table}\nreport: {out_dir / 'report.md'}", flush=True)
     save_final(out_dir, trainer, cfg)
     print(f"done: {state.step} steps, {state.bad_total} skipped; metrics in {out_dir / 'metrics.jsonl'}", flush=True)
     return 0
 
 
-def write_report(out_dir: Path, records: list[dict], after: dict) -> None:
-    """report.md with a before/after table and sample completions, plus PNG plots (filled in below)."""
+def write_report(out_dir: Path, records: list[dict]) -> str:
+    """report.md (before/after table + sample completions) and PNG plots of reward, KL, SFT loss and
+    eval metrics over steps. Returns the table."""
     evals = [r for r in records if r.get("phase") == "eval"]
     first, last = evals[0], evals[-1]
     names = [k for k in first if k.startswith("eval/")]
-    lines = ["| metric | before | after |", "|---|---|---|"] + [f"| {k[5:]} | {first[k]:.4f} | {last[k]:.4f} |" for k in names]
-    print("\n".join(lines), flush=True)
-    (out_dir / "report.md").write_text("# Training report\n\n" + "\n".join(lines) + "\n")
+    table = "\n".join([f"| metric | before (step {first['step']}) | after (step {last['step']}) | change |", "|---|---|---|---|"] +
+                      [f"| {k[5:]} | {first[k]:.4f} | {last[k]:.4f} | {last[k] - first[k]:+.4f} |" for k in names])
+    samples = ["| prompt | target | before | after |", "|---|---|---|---|"]
+    cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")[:160]  # noqa: E731
+    for b, a in zip(first["samples"], last["samples"]):
+        samples.append(f"| {cell(b['prompt'])} | {cell(b['target'])} | {cell(b['response'])} | {cell(a['response'])} |")
+    plots = plot_metrics(out_dir, records)
+    (out_dir / "report.md").write_text(
+        "# Training report\n\n## Evaluation before and after\n\n" + table + "\n\n## Sample completions\n\n" +
+        "\n".join(samples) + "\n\n## Curves\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots))
+    return table
+
+
+def plot_metrics(out_dir: Path, records: list[dict]) -> list[Path]:
+    """One PNG per curve that has data: reward, KL, SFT loss, eval metrics (headless matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {"reward": ["reward/mean"], "kl": ["objective/kl"], "sft_loss": ["sft/loss"],
+              "eval": sorted({k for r in records if r.get("phase") == "eval" for k in r if k.startswith("eval/")})}
+    written = []
+    for name, keys in curves.items():
+        series = {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}
+        if not any(series.values()):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for k, points in series.items():
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=k)
+        ax.set_xlabel("step")
+        ax.set_title(name.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"plot_{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -64,3 +64,52 @@ def write_json(path: Path, obj) -> Path:
 def tiny_data(tmp_path) -> Path:
     items = [{"instruction": f"say yes {i}", "output": "yes yes"} for i in range(8)]
     return write_json(tmp_path / "train.json", items)
+
+
+def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """A 1-layer llama-architecture GGUF (F32, random weights) with a byte-level BPE tokenizer, written with
+    the `gguf` package, the way llama.cpp lays out SmolLM2."""
+    import gguf
+    import numpy as np
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    state = json.loads(tok.to_str())
+    vocab = sorted(state["model"]["vocab"].items(), key=lambda kv: kv[1])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
+    hidden, inter, heads, n_vocab = 32, 64, 2, len(vocab)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_block_count(1)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(n_vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if t == "<|endoftext|>" else 1 for t, _ in vocab])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    rng = np.random.default_rng(seed)
+    rand = lambda *shape: (rng.standard_normal(shape) * 0.02).astype(np.float32)  # noqa: E731
+    tensors = {"token_embd.weight": rand(n_vocab, hidden), "output_norm.weight": np.ones(hidden, np.float32),
+               "output.weight": rand(n_vocab, hidden), "blk.0.attn_norm.weight": np.ones(hidden, np.float32),
+               "blk.0.ffn_norm.weight": np.ones(hidden, np.float32)}
+    for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+        tensors[f"blk.0.{name}.weight"] = rand(hidden, hidden)
+    tensors.update({"blk.0.ffn_gate.weight": rand(inter, hidden), "blk.0.ffn_up.weight": rand(inter, hidden),
+                    "blk.0.ffn_down.weight": rand(hidden, inter)})
+    for name, array in tensors.items():
+        w.add_tensor(name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -1,0 +1,136 @@
+"""Default model alias and GGUF cache, chat prompts, evaluation report, demo data and presets."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import hybrid_trainer as ht
+from conftest import write_tiny_gguf
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def fake_alias(tmp_path, monkeypatch):
+    """An installed-looking package that ships a tiny GGUF, registered as alias 'tiny-gguf'."""
+    pkg = tmp_path / "site" / "fake_gguf_pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('importing me needs llama_cpp')\n")  # must not be imported
+    write_tiny_gguf(pkg / "tiny.gguf")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(ht.MODEL_ALIASES, "tiny-gguf", ("fake_gguf_pkg", "tiny.gguf", "pip install fake-gguf-pkg"))
+    return pkg / "tiny.gguf"
+
+
+def test_alias_resolves_without_importing_package(fake_alias):
+    assert ht.locate_model("tiny-gguf") == fake_alias
+
+
+def test_missing_alias_package_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(ht.MODEL_ALIASES, "ghost", ("no_such_pkg_xyz", "m.gguf", "pip install ghost-pkg"))
+    with pytest.raises(ht.UserError, match="pip install ghost-pkg"):
+        ht.locate_model("ghost")
+
+
+def test_embedded_default_model_is_installed():
+    path = ht.locate_model("smollm2-135m-instruct")
+    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+
+
+def test_gguf_alias_trains_converts_once_and_saves_safetensors(fake_alias, tiny_data, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    base = {"MODE": "sft", "MODEL": "tiny-gguf", "TRAIN_FILE": str(tiny_data), "CACHE_DIR": str(cache), "SEED": 0,
+            "PROMPT_FORMAT": "sketch"}
+    assert ht.run(ht.Config.from_dict({**base, "OUTPUT_DIR": str(tmp_path / "a")})) == 0
+    first = capsys.readouterr().out
+    assert f"converting {fake_alias}" in first and str(cache) in first
+    assert ht.run(ht.Config.from_dict({**base, "OUTPUT_DIR": str(tmp_path / "b")})) == 0
+    assert "from cache" in capsys.readouterr().out
+    assert len(list(cache.iterdir())) == 1
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "inference_lm")
+    assert type(lm).__name__ == "LlamaForCausalLM"
+    assert (tmp_path / "b" / "inference_lm" / "model.safetensors").is_file()
+
+
+def test_gguf_file_path_as_model(fake_alias, tmp_path):
+    cfg = ht.Config.from_dict({"MODEL": str(fake_alias), "TRAIN_FILE": "-", "OUTPUT_DIR": "-", "CACHE_DIR": str(tmp_path)})
+    import torch
+
+    policy, _, tok = ht.load_model(cfg, torch.device("cpu"))
+    assert tok.eos_token == "<|endoftext|>" and policy.v_head.weight.abs().sum() == 0
+
+
+def test_chat_format_prompts_and_masking(tiny_chat_model, tiny_data, tmp_path):
+    import torch
+
+    cfg = ht.Config.from_dict({"MODE": "hybrid", "MODEL": str(tiny_chat_model), "TRAIN_FILE": str(tiny_data),
+                               "OUTPUT_DIR": "-", "SEED": 0})
+    policy, ref, tok = ht.load_model(cfg, torch.device("cpu"))
+    fmt = ht.resolve_prompt_format(cfg, tok)
+    assert fmt == "chat"  # auto: the tokenizer has a template
+    ex = ht.tokenize_examples(ht.load_examples(cfg), cfg, tok, fmt, "TRAIN_FILE")[0]
+    assert ex.prompt == f"<|user|>{ex.item['instruction']}<|end|><|assistant|>"
+    assert ex.target_ids[-1] == tok.eos_token_id == tok.convert_tokens_to_ids("<|end|>")
+    trainer = ht.HybridTrainer(cfg, policy, ref, tok, None)
+    assert trainer.sft_step([ex])["sft/tokens"] == len(ex.target_ids)  # prompt masked, response + EOS trained
+    cfg.PROMPT_FORMAT = "sketch"
+    assert ht.resolve_prompt_format(cfg, tok) == "sketch"
+
+
+def test_chat_format_without_template_is_an_error(tiny_model):
+    import torch
+
+    cfg = ht.Config.from_dict({"MODEL": str(tiny_model), "TRAIN_FILE": "-", "OUTPUT_DIR": "-", "PROMPT_FORMAT": "chat"})
+    _, _, tok = ht.load_model(cfg, torch.device("cpu"))
+    with pytest.raises(ht.UserError, match="no chat template"):
+        ht.resolve_prompt_format(cfg, tok)
+
+
+def test_eval_report_and_plots(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    cfg = ht.Config.from_dict({"MODE": "hybrid", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data),
+                               "EVAL_FILE": str(tiny_data), "EVAL_SAMPLES": 3, "EVAL_EVERY": 2, "OUTPUT_DIR": str(out),
+                               "SEED": 0, "MAX_NEW_TOKENS": 4, "REWARD": {"type": "chrf"}})
+    assert ht.run(cfg) == 0
+    evals = [r for r in ht.MetricsLog(out / "metrics.jsonl").read() if r["phase"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 4, 4]  # start, every 2 steps, end
+    for r in evals:
+        assert {"eval/reward", "eval/bleu", "eval/rougeL", "eval/exact_match"} <= set(r) and len(r["samples"]) == 3
+    report = (out / "report.md").read_text()
+    assert "| metric | before (step 0) | after (step 4) | change |" in report and "| rougeL |" in report
+    assert "## Sample completions" in report and "say yes" in report
+    for name in ("reward", "kl", "sft_loss", "eval"):
+        png = out / f"plot_{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png.name})" in report
+
+
+def test_demo_data_sizes_and_held_out():
+    train = json.loads((ROOT / "data" / "train.json").read_text())
+    evals = json.loads((ROOT / "data" / "eval.json").read_text())
+    assert len(train) >= 300 and len(evals) >= 50
+    assert all(set(x) == {"instruction", "output"} and x["output"] for x in train + evals)
+    assert not {x["instruction"] for x in train} & {x["instruction"] for x in evals}
+
+
+def test_data_script_is_deterministic(tmp_path, monkeypatch):
+    import importlib.util
+    import shutil
+
+    shutil.copy(ROOT / "data" / "make_data.py", tmp_path / "make_data.py")
+    spec = importlib.util.spec_from_file_location("make_data", tmp_path / "make_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main()
+    assert (tmp_path / "train.json").read_text() == (ROOT / "data" / "train.json").read_text()
+    assert (tmp_path / "eval.json").read_text() == (ROOT / "data" / "eval.json").read_text()
+
+
+@pytest.mark.parametrize("name", ["demo", "sft", "ppo", "hybrid"])
+def test_presets_validate(name, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert ht.main([f"configs/{name}.json", "--check"]) == 0
+    assert "ok: " in capsys.readouterr().out
