@@ -176,7 +176,7 @@ def test_sketch_presets_run_unchanged_with_local_model(tiny_model, tiny_data, tm
         assert (tmp_path / name / "inference_lm").is_dir(), name
 
 
-HYBRID_RESUME = {"MODE": "hybrid", "SEED": 7, "SFT_BATCH": 2, "PPO_BATCH": 2, "PPO_MINI": 1, "CYCLE_SFT_STEPS": 2,
+HYBRID_RESUME = {"MODE": "hybrid", "SEED": 7, "REF_UPDATE": "cycle", "LR_SCHEDULE": "cosine", "WARMUP_STEPS": 2, "SFT_BATCH": 2, "PPO_BATCH": 2, "PPO_MINI": 1, "CYCLE_SFT_STEPS": 2,
                  "CYCLE_PPO_UPDATES": 1, "MAX_NEW_TOKENS": 4, "EPOCHS": 2, "LR_SFT": 1e-3, "LR_PPO": 1e-3, "SAVE_EVERY": 1,
                  "REWARD": {"type": "weighted_sum", "components": [{"type": "contains", "pattern": "yes"}],
                             "postprocess": [{"type": "normalize"}]}}
@@ -236,3 +236,25 @@ def test_checkpoints_are_pruned(tiny_model, tiny_data, tmp_path):
     run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
              "SFT_BATCH": 2, "SAVE_EVERY": 1, "KEEP_CHECKPOINTS": 2}, tmp_path)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3", "step-4"]
+
+
+def test_linear_lr_schedule_with_warmup(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
+             "SFT_BATCH": 2, "EPOCHS": 2, "LR_SFT": 1e-3, "LR_SCHEDULE": "linear", "WARMUP_STEPS": 2}, tmp_path)
+    # 8 optimizer steps, 2 of warm-up: lr = 1e-3 * [0, 1/2, then (8 - s) / 6 for s = 2..7]
+    expected = [0.0, 0.5e-3] + [1e-3 * (8 - s) / 6 for s in range(2, 8)]
+    assert [r["sft/lr"] for r in metrics(out)] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("ref_update", ["never", "cycle"])
+def test_reference_update_per_cycle(ref_update, tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    run_cli({"MODE": "hybrid", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
+             "SFT_BATCH": 4, "PPO_BATCH": 4, "LR_SFT": 1e-2, "MAX_NEW_TOKENS": 4, "REF_UPDATE": ref_update,
+             "REWARD": {"type": "contains", "pattern": "yes"}, **EXACT_PPO}, tmp_path)
+    kls = [abs(r["objective/kl"]) for r in metrics(out) if r["phase"] == "ppo"]  # each right after an SFT step
+    if ref_update == "cycle":
+        assert max(kls) < 1e-5, kls  # reference = policy at the start of each PPO phase
+    else:
+        assert min(kls) > 1e-3, kls  # SFT moved the policy away from the frozen initial reference
