@@ -193,13 +193,15 @@ class Config:
         need(self.LR_SCHEDULE in ("constant", "linear", "cosine"), f"LR_SCHEDULE must be constant, linear or cosine, got {self.LR_SCHEDULE!r}")
         need(self.REF_UPDATE in ("never", "cycle"), f"REF_UPDATE must be 'never' or 'cycle', got {self.REF_UPDATE!r}")
         need(not (self.BF16 and self.FP16), "BF16 and FP16 are both true: pick one")
-        if isinstance(self.RESUME, str) and self.RESUME.lower() in ("false", "no", "off", "0"):
+        if isinstance(self.RESUME, str) and self.RESUME.lower() in _FALSE:
             self.RESUME = False
         need(self.RESUME is False or isinstance(self.RESUME, str) and self.RESUME != "",
              f"RESUME must be 'auto', a checkpoint path or false, got {self.RESUME!r}")
         if self.SEED is None:
             self.SEED = int.from_bytes(os.urandom(4), "big") >> 1
-        if self.MODE != "sft":
+        if self.RESUME is True:
+            self.RESUME = "auto"
+        if needs_reward(self):
             try:
                 import rewards
                 rewards.check_spec(self.REWARD)
@@ -1028,12 +1030,19 @@ class MetricsLog:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits 130/143."""
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits 130/143.
+    A context manager: the previous handlers come back afterwards."""
 
-    def __init__(self):
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
         self.signum = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.signum is not None:  # second signal: stop now
@@ -1120,16 +1129,29 @@ def log_eval(trainer, eval_examples, eval_metrics, metrics, step) -> dict:
 # ==================================================================================================
 # 8. Save and resume
 # ==================================================================================================
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "ppo_full", "inference_lm", "report.md")
+
+
+def output_dir_state(path: Path, cfg: Config) -> str:
+    """'free', 'resumable' (unfinished run with a checkpoint, and RESUME allows it), 'finished' or 'used'."""
+    if (path / "inference_lm").exists() or (path / "ppo_full").exists():
+        return "finished"
+    if cfg.RESUME is not False and latest_checkpoint(path):
+        return "resumable"
+    return "used" if any((path / name).exists() for name in RUN_FILES) else "free"
+
+
 def plan_output_dir(cfg: Config) -> Path:
-    """OUTPUT_DIR, or a fresh run-N inside it when it already holds a finished model (never overwritten)."""
+    """OUTPUT_DIR, or a fresh run-N inside it when it holds another run's results (never overwritten)."""
     out = Path(cfg.OUTPUT_DIR).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"OUTPUT_DIR {cfg.OUTPUT_DIR!r} is a file, expected a directory")
-    candidate, n = out, 2
-    while (candidate / "inference_lm").exists() or (candidate / "ppo_full").exists():
+    candidate, n, first_state = out, 2, output_dir_state(out, cfg)
+    while output_dir_state(candidate, cfg) in ("finished", "used"):
         candidate, n = out / f"run-{n}", n + 1
     if candidate != out:
-        warn(f"OUTPUT_DIR {out} already holds a finished model; this run writes to {candidate} instead")
+        what = "a finished model" if first_state == "finished" else "files of an earlier run (and RESUME cannot continue it)"
+        warn(f"OUTPUT_DIR {out} already holds {what}; this run writes to {candidate} instead")
     return candidate
 
 
@@ -1297,7 +1319,8 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
 
     if eval_examples and state.step == 0:
         log_eval(trainer, eval_examples, eval_metrics, metrics, 0)
-    code = train_loop(cfg, trainer, examples, eval_examples, eval_metrics, out_dir, state, metrics, StopRequest())
+    with StopRequest() as stop:
+        code = train_loop(cfg, trainer, examples, eval_examples, eval_metrics, out_dir, state, metrics, stop)
     if code:
         return code
     if eval_examples:

@@ -180,3 +180,9 @@ def test_jsonl_is_accepted(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"q": "a", "output": "b"}\n\n{"q": "c", "output": "d"}\n')
     assert [e.target for e in ht.make_examples(ht.read_items(str(path), "TRAIN_FILE"), "output", "TRAIN_FILE")] == ["b", "d"]
+
+
+def test_readme_documents_every_config_key():
+    readme = (ROOT / "README.md").read_text()
+    for f in ht.dataclasses.fields(ht.Config):
+        assert f"| `{f.name}` |" in readme, f.name

@@ -258,3 +258,14 @@ def test_reference_update_per_cycle(ref_update, tiny_model, tiny_data, tmp_path)
         assert max(kls) < 1e-5, kls  # reference = policy at the start of each PPO phase
     else:
         assert min(kls) > 1e-3, kls  # SFT moved the policy away from the frozen initial reference
+
+
+def test_unfinished_run_without_checkpoint_is_kept(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "phase": "sft", "sft/loss": 9.9}\n')  # crashed before a checkpoint
+    proc = run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out),
+                    "SEED": 0}, tmp_path)
+    assert "files of an earlier run" in proc.stderr
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1, "phase": "sft", "sft/loss": 9.9}\n'
+    assert (out / "run-2" / "inference_lm").is_dir()
