@@ -1073,7 +1073,10 @@ def train_loop(cfg, trainer, examples, eval_examples, eval_metrics, out_dir, sta
     for epoch in range(state.epoch, cfg.EPOCHS):
         side_batches = {side: batches(len(examples), size, cfg.SEED, epoch, side, cfg.SHUFFLE)
                         for side, size in (("sft", cfg.SFT_BATCH), ("ppo", cfg.PPO_BATCH))}
-        batch_number = [schedule[:i].count(phase) for i, phase in enumerate(schedule)]
+        batch_number, seen = [], {"sft": 0, "ppo": 0}  # schedule position -> index into that side's batches
+        for phase in schedule:
+            batch_number.append(seen[phase])
+            seen[phase] += 1
         while state.pos < len(schedule):
             phase = schedule[state.pos]
             batch = [examples[i] for i in side_batches[phase][batch_number[state.pos]]]
@@ -1278,7 +1281,12 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
         return 0
     device = pick_device(cfg)
     if resume_from is not None:  # data order and sampling depend on the seed the run started with
-        cfg.SEED = json.loads((resume_from / "state.json").read_text())["config"]["SEED"]
+        saved = json.loads((resume_from / "state.json").read_text())["config"]
+        cfg.SEED = saved["SEED"]
+        changed = [k for k, v in cfg.resolved().items() if k not in ("RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS")
+                   and saved.get(k, v) != v]
+        if changed:
+            warn(f"resuming {resume_from} with changed keys {changed}: the result will differ from an uninterrupted run")
     random.seed(cfg.SEED)
     np.random.seed(cfg.SEED % 2**32)
     torch.manual_seed(cfg.SEED)

@@ -106,6 +106,8 @@ def perplexity(ctx: Context, model: str = "reference", batch_size: int = 16, max
     model, no extra memory), a local dir, a .gguf file, or an alias of the trainer."""
     import torch
 
+    from hybrid_trainer import right_pad
+
     lm, tok = _causal_lm(ctx, model)
     device = next(lm.parameters()).device
 
@@ -115,12 +117,7 @@ def perplexity(ctx: Context, model: str = "reference", batch_size: int = 16, max
         for chunk in batched(list(responses), batch_size):
             ids = [(([tok.bos_token_id] if tok.bos_token_id is not None else []) +
                     tok(r, add_special_tokens=False)["input_ids"])[:max_length] for r in chunk]
-            width = max(len(x) for x in ids)
-            input_ids = torch.full((len(ids), width), tok.pad_token_id or 0, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for i, x in enumerate(ids):
-                input_ids[i, :len(x)] = torch.as_tensor(x, dtype=torch.long)
-                mask[i, :len(x)] = 1
+            input_ids, mask = right_pad(ids, tok.pad_token_id or 0)
             input_ids, mask = input_ids.to(device), mask.to(device)
             logits = lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
@@ -433,15 +430,15 @@ POSTPROCESS: dict[str, Callable[..., Post]] = {"clip": clip, "scale": scale, "sh
 COMMON_FIELDS = {"type", "weight", "postprocess", "name"}
 
 
-def _fields(builder: Callable, skip_ctx: bool) -> dict[str, inspect.Parameter]:
-    params = list(inspect.signature(builder).parameters.values())
-    return {p.name: p for p in (params[1:] if skip_ctx else params)}
+def _fields(builder: Callable, skip_ctx: bool) -> dict[str, Any]:
+    """A builder's spec fields -> their annotations (the first parameter, ctx, is not a field)."""
+    hints = typing.get_type_hints(builder)
+    names = list(inspect.signature(builder).parameters)
+    return {name: hints.get(name, Any) for name in (names[1:] if skip_ctx else names)}
 
 
 def _type_ok(value: Any, annotation: Any) -> tuple[bool, str]:
     """Check a JSON value against a builder annotation (str, int, float, bool, list, Any, Optional, Literal)."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {**typing.__dict__, "Context": Context})  # our own annotations only
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is Any:
         return True, "any"
@@ -472,7 +469,7 @@ def _check_fields(spec: dict, builder: Callable, where: str, skip_ctx: bool, com
             close = difflib.get_close_matches(key, list(fields) + sorted(common), n=1)
             hint = f" - did you mean {close[0]!r}?" if close else f"; fields of {spec['type']!r}: {sorted(fields) or 'none'}"
             raise RewardSpecError(f"{where}: unknown field {key!r}{hint}")
-        ok, expected = _type_ok(value, fields[key].annotation)
+        ok, expected = _type_ok(value, fields[key])
         if not ok:
             raise RewardSpecError(f"{where}.{key} must be {expected}, got {value!r}")
 
