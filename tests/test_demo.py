@@ -134,3 +134,20 @@ def test_presets_validate(name, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert ht.main([f"configs/{name}.json", "--check"]) == 0
     assert "ok: " in capsys.readouterr().out
+
+
+def test_embedded_smollm2_converts_and_answers(tmp_path):
+    """The real default model: GGUF -> cached safetensors (fp32, ~134.5M parameters), and it knows Paris."""
+    import torch
+
+    cfg = ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "CACHE_DIR": str(tmp_path)})
+    policy, _, tok = ht.load_model(cfg, torch.device("cpu"))
+    n_params = sum(p.numel() for p in policy.lm.parameters())
+    assert 134_000_000 < n_params < 135_000_000 and policy.lm.dtype == torch.float32
+    assert len(list(tmp_path.iterdir())) == 1  # converted once into the cache
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    trainer = ht.HybridTrainer(ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "MAX_NEW_TOKENS": 12}),
+                               policy, policy.lm, tok)
+    (answer,), _ = trainer.generate([tok(prompt, add_special_tokens=False)["input_ids"]], greedy=True)
+    assert "Paris" in tok.decode(answer)
