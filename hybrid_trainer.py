@@ -782,6 +782,11 @@ class HybridTrainer:
         """Unscale, clip, and step; a non-finite gradient norm skips the step."""
         self.scaler.unscale_(optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.MAX_GRAD_NORM))
+        if not math.isfinite(grad_norm) and self.scaler.is_enabled():
+            # fp16 overflow: expected while the loss scale calibrates; the scaler skips the step and lowers the scale
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            return grad_norm
         if not math.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
