@@ -28,8 +28,8 @@ import json
 import math
 import os
 import random
-import signal
 import shutil
+import signal
 import sys
 import time
 import typing
@@ -81,7 +81,7 @@ class Config:
     CACHE_DIR: str = _key("", "where a .gguf model is converted to safetensors once ('' = ~/.cache/hybrid_trainer)")
     # --- data ---
     SELECT_OUTPUT: str = _key("output", "item key holding the target response (a list uses its first element)")
-    PROMPT_FORMAT: str = _key("auto", "sketch (### Prompt: template) | chat (tokenizer chat template) | auto (chat if the tokenizer has one)")
+    PROMPT_FORMAT: str = _key("auto", "sketch (### Prompt: template) | chat (tokenizer's chat template) | auto (chat if it has one)")
     PERCENT: float = _key(100, "use this percent of the items (0 < PERCENT <= 100), after a seeded shuffle")
     NUM_SAMPLES: int = _key(0, "use this many items instead of PERCENT (0 = use PERCENT)")
     SHUFFLE: bool = _key(True, "shuffle items with SEED before subsetting and each epoch (never runs a script)")
@@ -190,7 +190,8 @@ class Config:
         need(0 < self.TOP_P <= 1, f"TOP_P must be in (0, 1], got {self.TOP_P}")
         need(0 <= self.GAMMA <= 1 and 0 <= self.LAM <= 1, f"GAMMA and LAM must be in [0, 1], got {self.GAMMA}, {self.LAM}")
         need(self.KL_PENALTY in ("kl", "abs", "mse", "full"), f"KL_PENALTY must be kl, abs, mse or full, got {self.KL_PENALTY!r}")
-        need(self.LR_SCHEDULE in ("constant", "linear", "cosine"), f"LR_SCHEDULE must be constant, linear or cosine, got {self.LR_SCHEDULE!r}")
+        need(self.LR_SCHEDULE in ("constant", "linear", "cosine"),
+             f"LR_SCHEDULE must be constant, linear or cosine, got {self.LR_SCHEDULE!r}")
         need(self.REF_UPDATE in ("never", "cycle"), f"REF_UPDATE must be 'never' or 'cycle', got {self.REF_UPDATE!r}")
         need(not (self.BF16 and self.FP16), "BF16 and FP16 are both true: pick one")
         if isinstance(self.RESUME, str) and self.RESUME.lower() in _FALSE:
@@ -266,12 +267,21 @@ def load_config(path: str) -> Config:
     return Config.from_dict(raw)
 
 
+def config_defaults() -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every config key, in file order."""
+    return [(f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default, f.metadata["help"])
+            for f in dataclasses.fields(Config)]
+
+
 def config_help() -> str:
-    lines = ["config keys (JSON, with defaults):"]
-    for f in dataclasses.fields(Config):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        lines.append(f"  {f.name:<22} {json.dumps(default):<24} {f.metadata['help']}")
-    return "\n".join(lines)
+    return "\n".join(["config keys (JSON, with defaults):"] +
+                     [f"  {key:<22} {json.dumps(default):<24} {doc}" for key, default, doc in config_defaults()])
+
+
+def config_markdown() -> str:
+    """The README's key table."""
+    return "\n".join(["| key | default | meaning |", "|---|---|---|"] +
+                     [f"| `{key}` | `{json.dumps(default)}` | {doc.replace('|', '/')} |" for key, default, doc in config_defaults()])
 
 
 # ==================================================================================================
@@ -745,16 +755,17 @@ class HybridTrainer:
     """Holds the policy, the frozen reference, both optimizers, the KL controller and the reward."""
 
     def __init__(self, cfg: Config, policy: PolicyWithValueHead, ref_lm: nn.Module, tokenizer, reward=None,
-                 device: torch.device = torch.device("cpu")):
+                 device: Optional[torch.device] = None):
         from transformers import GenerationConfig
 
-        self.cfg, self.policy, self.ref_lm, self.tokenizer, self.reward, self.device = cfg, policy, ref_lm, tokenizer, reward, device
+        self.cfg, self.policy, self.ref_lm, self.tokenizer, self.reward = cfg, policy, ref_lm, tokenizer, reward
+        self.device = device or torch.device("cpu")
         # fused: one kernel for all parameters; PyTorch's CPU default is a per-tensor Python loop (7x slower here)
         self.opt_sft = torch.optim.AdamW(policy.lm.parameters(), lr=cfg.LR_SFT, fused=True)  # value head untouched by SFT
         self.opt_ppo = torch.optim.AdamW(policy.parameters(), lr=cfg.LR_PPO, fused=True)
         self.kl_ctl = (AdaptiveKLController(cfg.INIT_KL_COEF, cfg.TARGET_KL, cfg.KL_HORIZON) if cfg.ADAPTIVE_KL
                        else FixedKLController(cfg.INIT_KL_COEF))
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.FP16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.FP16)
         self.set_lr_schedules(n_sft_steps=1, n_ppo_steps=1)
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         sampling = dict(do_sample=True, temperature=cfg.TEMPERATURE, top_p=cfg.TOP_P, top_k=0,
@@ -1022,8 +1033,8 @@ class MetricsLog:
     def __init__(self, path: Path, keep_up_to_step: Optional[int] = None):
         self.path = path
         if keep_up_to_step is not None and path.exists():  # resume: drop lines past the checkpoint
-            lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= keep_up_to_step]
-            path.write_text("".join(l + "\n" for l in lines))
+            lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= keep_up_to_step]
+            path.write_text("".join(line + "\n" for line in lines))
         self.file = path.open("a")
 
     def log(self, record: dict) -> None:
@@ -1031,7 +1042,7 @@ class MetricsLog:
         self.file.flush()
 
     def read(self) -> list[dict]:
-        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
 class StopRequest:

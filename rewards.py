@@ -236,7 +236,8 @@ def classifier(ctx: Context, model: str = "", label: Any = 1, batch_size: int = 
         raise RewardSpecError(f"label must be a label name or an index, got {label!r}")
     index = names.get(label) if isinstance(label, str) else label
     if index is None or not 0 <= index < clf.config.num_labels:
-        raise RewardSpecError(f"label {label!r} is not one of the model's labels {sorted(names)} (or indices 0..{clf.config.num_labels - 1})")
+        raise RewardSpecError(f"label {label!r} is not one of the model's labels {sorted(names)} "
+                              f"(or indices 0..{clf.config.num_labels - 1})")
     multi = clf.config.problem_type == "multi_label_classification"
 
     @torch.no_grad()

@@ -1,13 +1,12 @@
 """Default model alias and GGUF cache, chat prompts, evaluation report, demo data and presets."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_tiny_gguf
 
 import hybrid_trainer as ht
-from conftest import write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -163,7 +163,8 @@ def test_classifier_reward_is_label_probability(tiny_classifier):
     with torch.no_grad():
         expected = torch.softmax(model(**enc).logits, -1)[:, 1].tolist()
     assert got == pytest.approx(expected, abs=1e-5)
-    assert score({"type": "classifier", "model": str(path), "label": 0}, texts, ["", ""]) == pytest.approx([1 - e for e in expected], abs=1e-5)
+    by_index = score({"type": "classifier", "model": str(path), "label": 0}, texts, ["", ""])
+    assert by_index == pytest.approx([1 - e for e in expected], abs=1e-5)
     with pytest.raises(rewards.RewardSpecError, match="not one of the model's labels"):
         rewards.make_reward({"type": "classifier", "model": str(path), "label": "neutral"})
 

@@ -28,7 +28,7 @@ def run_cli(config: dict, tmp_path: Path, *extra, check=True) -> subprocess.Comp
 
 
 def metrics(out: Path) -> list[dict]:
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 class YesFraction:
@@ -176,7 +176,8 @@ def test_sketch_presets_run_unchanged_with_local_model(tiny_model, tiny_data, tm
         assert (tmp_path / name / "inference_lm").is_dir(), name
 
 
-HYBRID_RESUME = {"MODE": "hybrid", "SEED": 7, "REF_UPDATE": "cycle", "LR_SCHEDULE": "cosine", "WARMUP_STEPS": 2, "SFT_BATCH": 2, "PPO_BATCH": 2, "PPO_MINI": 1, "CYCLE_SFT_STEPS": 2,
+HYBRID_RESUME = {"MODE": "hybrid", "SEED": 7, "REF_UPDATE": "cycle", "LR_SCHEDULE": "cosine", "WARMUP_STEPS": 2,
+                 "SFT_BATCH": 2, "PPO_BATCH": 2, "PPO_MINI": 1, "CYCLE_SFT_STEPS": 2,
                  "CYCLE_PPO_UPDATES": 1, "MAX_NEW_TOKENS": 4, "EPOCHS": 2, "LR_SFT": 1e-3, "LR_PPO": 1e-3, "SAVE_EVERY": 1,
                  "REWARD": {"type": "weighted_sum", "components": [{"type": "contains", "pattern": "yes"}],
                             "postprocess": [{"type": "normalize"}]}}
@@ -224,7 +225,8 @@ def test_sigterm_checkpoints_and_exits_143(tiny_model, tiny_data, tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+    log = out / "metrics.jsonl"
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
