@@ -461,6 +461,20 @@ def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return flipped_ids.flip(1), flipped_mask.flip(1)
 
 
+def trim_padding(batch: dict, n_response: int) -> tuple[dict, int]:
+    """Drop columns that are padding in every row: leading prompt padding of `input_ids`/`attention_mask`
+    and trailing response padding of every (B, n_response) tensor. Same math, fewer tokens.
+    -> (trimmed batch, new n_response)."""
+    attention_mask = batch["attention_mask"]
+    first = int(attention_mask.any(0).int().argmax())
+    kept_response = int(batch["r_mask"].sum(1).max())
+    end = attention_mask.shape[1] - n_response + kept_response
+    out = {}
+    for key, value in batch.items():
+        out[key] = value[:, first:end] if key in ("input_ids", "attention_mask") else value[:, :kept_response]
+    return out, kept_response
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that start at 0 on the first real token of each left-padded row."""
     return (attention_mask.cumsum(1) - 1).clamp(min=0)
@@ -896,7 +910,7 @@ class HybridTrainer:
         self.policy.train()
         for _ in range(cfg.PPO_EPOCHS):
             for rows in torch.randperm(len(queries)).split(cfg.PPO_MINI):
-                stats = self._ppo_minibatch({k: v[rows.to(dev)] for k, v in batch.items()}, R)
+                stats = self._ppo_minibatch(*trim_padding({k: v[rows.to(dev)] for k, v in batch.items()}, R))
                 if stats is None:
                     skipped += 1
                 else:

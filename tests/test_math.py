@@ -178,3 +178,16 @@ def test_batches_keep_short_last_batch_and_are_deterministic():
     assert b == ht.batches(10, 4, seed=1, epoch=0, side="ppo", shuffle=True)
     assert b != ht.batches(10, 4, seed=1, epoch=1, side="ppo", shuffle=True)
     assert ht.batches(5, 2, 0, 0, "sft", shuffle=False) == [[0, 1], [2, 3], [4]]
+
+
+def test_trim_padding_drops_only_all_padding_columns():
+    # two rows: prompts of 2 and 1 tokens left-padded to 3; responses of 1 and 2 tokens right-padded to 4
+    ids = torch.tensor([[0, 5, 6, 7, 0, 0, 0], [0, 0, 8, 9, 9, 0, 0]])
+    attn = torch.tensor([[0, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0, 0]])
+    r_mask = torch.tensor([[1.0, 0, 0, 0], [1.0, 1, 0, 0]])
+    per_token = torch.arange(8.0).reshape(2, 4)
+    out, n_response = ht.trim_padding({"input_ids": ids, "attention_mask": attn, "r_mask": r_mask, "advantages": per_token}, 4)
+    assert n_response == 2
+    assert out["input_ids"].tolist() == [[5, 6, 7, 0], [0, 8, 9, 9]]  # first column and last two were padding everywhere
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 0], [0, 1, 1, 1]]
+    assert out["r_mask"].tolist() == [[1.0, 0.0], [1.0, 1.0]] and out["advantages"].tolist() == [[0.0, 1.0], [4.0, 5.0]]
