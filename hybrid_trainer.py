@@ -1297,6 +1297,26 @@ def load_eval_examples(cfg: Config) -> list[Example]:
     return make_examples(read_items(cfg.EVAL_FILE, "EVAL_FILE"), cfg.SELECT_OUTPUT, "EVAL_FILE")[:cfg.EVAL_SAMPLES]
 
 
+def adopt_checkpoint_config(cfg: Config, checkpoint: Path) -> None:
+    """Data order and sampling depend on the seed the run started with; other changed keys get a warning."""
+    saved = json.loads((checkpoint / "state.json").read_text())["config"]
+    cfg.SEED = saved["SEED"]
+    changed = [k for k, v in cfg.resolved().items()
+               if k not in ("RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS") and saved.get(k, v) != v]
+    if changed:
+        warn(f"resuming {checkpoint} with changed keys {changed}: the result will differ from an uninterrupted run")
+
+
+def build_reward(cfg: Config, device, ref_lm=None, tokenizer=None, spec: Optional[dict] = None):
+    """rewards.make_reward for REWARD (or `spec`), with the reference model for perplexity 'reference'."""
+    import rewards
+
+    try:
+        return rewards.make_reward(spec or cfg.REWARD, device=device, reference=(ref_lm, tokenizer) if ref_lm is not None else None)
+    except rewards.RewardSpecError as e:
+        raise UserError(f"REWARD: {e}") from None
+
+
 def run(cfg: Config, check: bool = False, reward=None) -> int:
     """Validate everything cheap first (no weights), then load, train, save. `reward` overrides REWARD."""
     examples = load_examples(cfg)
@@ -1310,13 +1330,8 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
               f"steps; output -> {out_dir}" + (f"; would resume from {resume_from}" if resume_from else ""))
         return 0
     device = pick_device(cfg)
-    if resume_from is not None:  # data order and sampling depend on the seed the run started with
-        saved = json.loads((resume_from / "state.json").read_text())["config"]
-        cfg.SEED = saved["SEED"]
-        changed = [k for k, v in cfg.resolved().items() if k not in ("RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS")
-                   and saved.get(k, v) != v]
-        if changed:
-            warn(f"resuming {resume_from} with changed keys {changed}: the result will differ from an uninterrupted run")
+    if resume_from is not None:
+        adopt_checkpoint_config(cfg, resume_from)
     random.seed(cfg.SEED)
     np.random.seed(cfg.SEED % 2**32)
     torch.manual_seed(cfg.SEED)
@@ -1325,17 +1340,8 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
     examples = tokenize_examples(examples, cfg, tokenizer, fmt, "TRAIN_FILE")
     eval_examples = tokenize_examples(eval_examples, cfg, tokenizer, fmt, "EVAL_FILE") if eval_examples else []
     if reward is None and needs_reward(cfg):
-        import rewards
-
-        try:
-            reward = rewards.make_reward(cfg.REWARD, device=device, reference=(ref_lm, tokenizer))
-        except rewards.RewardSpecError as e:
-            raise UserError(f"REWARD: {e}") from None
-    eval_metrics = {}
-    if eval_examples:
-        import rewards
-
-        eval_metrics = {"reward": reward, **{k: rewards.make_reward(v) for k, v in EVAL_METRICS.items()}}
+        reward = build_reward(cfg, device, ref_lm, tokenizer)
+    eval_metrics = {"reward": reward, **{k: build_reward(cfg, device, spec=v) for k, v in EVAL_METRICS.items()}} if eval_examples else {}
     if cfg.MODE != "sft" and (off := sampling_is_off_policy(cfg)):
         warn(f"sampling with {', '.join(off)} draws responses from a distribution other than the policy's, so the PPO "
              "ratio and KL are off-policy; this is the known cause of 'KL divergence is starting to become negative' "
@@ -1366,6 +1372,7 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
         table = write_report(out_dir, metrics.read())
         print(f"\n{table}\nreport: {out_dir / 'report.md'}", flush=True)
     save_final(out_dir, trainer, cfg)
+    metrics.file.close()
     print(f"done: {state.step} steps, {state.bad_total} skipped; metrics in {out_dir / 'metrics.jsonl'}", flush=True)
     return 0
 
