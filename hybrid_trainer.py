@@ -734,6 +734,10 @@ def load_model(cfg: Config, device: torch.device):
         raise UserError(f"MODEL {cfg.MODEL!r}: the tokenizer has no EOS token, needed to end responses")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere, so sharing EOS is safe
+    context = getattr(lm.config.get_text_config(), "max_position_embeddings", None)
+    if context and cfg.MAXSEQ > context:
+        warn(f"MAXSEQ={cfg.MAXSEQ} exceeds the context of MODEL ({context} tokens); using MAXSEQ={context}")
+        cfg.MAXSEQ = context
     disable_dropout_in_model(lm)  # PPO ratios must be 1 on the first minibatch: no dropout noise
     lm.to(device)
     ref = copy.deepcopy(lm).eval().requires_grad_(False)
