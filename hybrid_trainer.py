@@ -773,7 +773,8 @@ class HybridTrainer:
     """Holds the policy, the frozen reference, both optimizers, the KL controller and the reward."""
 
     def __init__(self, cfg: Config, policy: PolicyWithValueHead, ref_lm: nn.Module, tokenizer, reward=None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, n_items: Optional[int] = None):
+        """n_items: training items, which size LR_SCHEDULE; may be omitted only with the constant schedule."""
         from transformers import GenerationConfig
 
         self.cfg, self.policy, self.ref_lm, self.tokenizer, self.reward = cfg, policy, ref_lm, tokenizer, reward
@@ -784,7 +785,7 @@ class HybridTrainer:
         self.kl_ctl = (AdaptiveKLController(cfg.INIT_KL_COEF, cfg.TARGET_KL, cfg.KL_HORIZON) if cfg.ADAPTIVE_KL
                        else FixedKLController(cfg.INIT_KL_COEF))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.FP16)
-        self.set_lr_schedules(n_sft_steps=1, n_ppo_steps=1)
+        self.schedulers = self._lr_schedules(n_items)
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         sampling = dict(do_sample=True, temperature=cfg.TEMPERATURE, top_p=cfg.TOP_P, top_k=0,
                         repetition_penalty=cfg.REPETITION_PENALTY, no_repeat_ngram_size=cfg.NO_REPEAT_NGRAM_SIZE)
@@ -795,13 +796,19 @@ class HybridTrainer:
     def autocast(self):
         return autocast_context(self.cfg, self.device)
 
-    def set_lr_schedules(self, n_sft_steps: int, n_ppo_steps: int) -> None:
+    def _lr_schedules(self, n_items: Optional[int]) -> dict:
         """LR_SCHEDULE with WARMUP_STEPS over each optimizer's number of optimizer steps in the run."""
         from transformers import get_scheduler
 
-        name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[self.cfg.LR_SCHEDULE]
-        self.schedulers = {opt: get_scheduler(name, opt, num_warmup_steps=self.cfg.WARMUP_STEPS, num_training_steps=max(1, n))
-                           for opt, n in ((self.opt_sft, n_sft_steps), (self.opt_ppo, n_ppo_steps))}
+        cfg = self.cfg
+        if n_items is None and cfg.LR_SCHEDULE != "constant":
+            raise ValueError(f"LR_SCHEDULE {cfg.LR_SCHEDULE!r} needs the run length: pass n_items to HybridTrainer")
+        plan = step_plan(cfg, n_items or 1)
+        n_sft = plan.count("sft") * cfg.EPOCHS
+        n_ppo = plan.count("ppo") * cfg.EPOCHS * cfg.PPO_EPOCHS * math.ceil(cfg.PPO_BATCH / cfg.PPO_MINI)
+        name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.LR_SCHEDULE]
+        return {opt: get_scheduler(name, opt, num_warmup_steps=cfg.WARMUP_STEPS, num_training_steps=max(1, n))
+                for opt, n in ((self.opt_sft, n_sft), (self.opt_ppo, n_ppo))}
 
     def sync_reference(self) -> None:
         """REF_UPDATE 'cycle': the reference becomes a frozen copy of the current policy LM."""
@@ -1350,10 +1357,7 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
         warn(f"sampling with {', '.join(off)} draws responses from a distribution other than the policy's, so the PPO "
              "ratio and KL are off-policy; this is the known cause of 'KL divergence is starting to become negative' "
              "(huggingface/trl#235, #351, #1857). Set TOP_P=1, REPETITION_PENALTY=1, NO_REPEAT_NGRAM_SIZE=0 for exact PPO.")
-    trainer = HybridTrainer(cfg, policy, ref_lm, tokenizer, reward, device)
-    plan = step_plan(cfg, len(examples))
-    trainer.set_lr_schedules(n_sft_steps=plan.count("sft") * cfg.EPOCHS,
-                             n_ppo_steps=plan.count("ppo") * cfg.EPOCHS * cfg.PPO_EPOCHS * math.ceil(cfg.PPO_BATCH / cfg.PPO_MINI))
+    trainer = HybridTrainer(cfg, policy, ref_lm, tokenizer, reward, device, n_items=len(examples))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(cfg.resolved(), indent=2))

@@ -44,7 +44,7 @@ def main() -> None:
     fmt = ht.resolve_prompt_format(cfg, tok)
     examples = ht.tokenize_examples(ht.load_examples(cfg), cfg, tok, fmt, "TRAIN_FILE")
     reward = rewards.make_reward(cfg.REWARD, device=device, reference=(ref, tok))
-    trainer = ht.HybridTrainer(cfg, policy, ref, tok, reward, device)
+    trainer = ht.HybridTrainer(cfg, policy, ref, tok, reward, device, n_items=len(examples))
 
     sft, ppo = [], []
     for i in range(args.steps + 1):

@@ -274,3 +274,8 @@ def test_unfinished_run_without_checkpoint_is_kept(tiny_model, tiny_data, tmp_pa
     assert "files of an earlier run" in proc.stderr
     assert (out / "metrics.jsonl").read_text() == '{"step": 1, "phase": "sft", "sft/loss": 9.9}\n'
     assert (out / "run-2" / "inference_lm").is_dir()
+
+
+def test_decaying_schedule_needs_run_length(tiny_model, tiny_data):
+    with pytest.raises(ValueError, match="pass n_items"):
+        trainer_for({"LR_SCHEDULE": "linear"}, tiny_model, tiny_data, None)
