@@ -43,6 +43,7 @@ import numpy as np
 # `--help` answer fast. torch itself is needed by the math below.
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -79,6 +80,13 @@ class Config:
     OUTPUT_DIR: str = _key("", "where metrics, checkpoints and models go (required)")
     TRUST_REMOTE_CODE: bool = _key(False, "allow custom model code from MODEL (off unless you ask)")
     CACHE_DIR: str = _key("", "where a .gguf model is converted to safetensors once ('' = ~/.cache/hybrid_trainer)")
+    # --- LoRA, memory, multi-process ---
+    LORA_R: int = _key(0, "LoRA rank (0 = off: full fine-tuning); the value head is always trained in full")
+    LORA_ALPHA: float = _key(16, "LoRA scaling alpha (the update is scaled by LORA_ALPHA / LORA_R)")
+    LORA_DROPOUT: float = _key(0.0, "dropout on the LoRA input; > 0 makes the first PPO ratio differ from 1 (warned)")
+    LORA_TARGETS: Union[str, list] = _key("all-linear", "modules that get LoRA: all-linear, or a list of module names")
+    GRADIENT_CHECKPOINTING: bool = _key(False, "recompute activations in backward: less memory, ~30% more compute")
+    FSDP: bool = _key(False, "shard parameters, gradients and optimizer state over processes (FSDP2; needs torchrun)")
     # --- data ---
     SELECT_OUTPUT: str = _key("output", "item key holding the target response (a list uses its first element)")
     PROMPT_FORMAT: str = _key("auto", "sketch (### Prompt: template) | chat (tokenizer's chat template) | auto (chat if it has one)")
@@ -194,6 +202,18 @@ class Config:
              f"LR_SCHEDULE must be constant, linear or cosine, got {self.LR_SCHEDULE!r}")
         need(self.REF_UPDATE in ("never", "cycle"), f"REF_UPDATE must be 'never' or 'cycle', got {self.REF_UPDATE!r}")
         need(not (self.BF16 and self.FP16), "BF16 and FP16 are both true: pick one")
+        need(self.LORA_R >= 0, f"LORA_R must be >= 0 (0 = full fine-tuning), got {self.LORA_R}")
+        need(self.LORA_ALPHA > 0, f"LORA_ALPHA must be > 0, got {self.LORA_ALPHA}")
+        need(0 <= self.LORA_DROPOUT < 1, f"LORA_DROPOUT must be in [0, 1), got {self.LORA_DROPOUT}")
+        targets = self.LORA_TARGETS
+        need(targets == "all-linear" or isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets),
+             f"LORA_TARGETS must be \"all-linear\" or a non-empty list of module names, got {targets!r}")
+        world = world_size()
+        need(not self.FSDP or world > 1, "FSDP is true but this is a single process: launch with "
+             "`torchrun --nproc_per_node N hybrid_trainer.py CONFIG` (or accelerate launch --num_processes N), or set FSDP false")
+        for key in ("SFT_BATCH", "PPO_BATCH", "PPO_MINI"):
+            need(getattr(self, key) % world == 0, f"{key} ({getattr(self, key)}) must be divisible by the number of processes "
+                 f"({world}): batch sizes are global, each process takes an equal share")
         if isinstance(self.RESUME, str) and self.RESUME.lower() in _FALSE:
             self.RESUME = False
         need(self.RESUME is False or isinstance(self.RESUME, str) and self.RESUME != "",
@@ -227,10 +247,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if type(None) in args:  # Optional[X]
         annotation = next(a for a in args if a is not type(None))
         args = typing.get_args(annotation)
-    if args:  # Union[bool, str] (RESUME)
-        if isinstance(value, bool) or isinstance(value, str):
+    if args:  # Union[bool, str] (RESUME), Union[str, list] (LORA_TARGETS)
+        if any(isinstance(value, a) for a in args):
             return value
-        raise UserError(f"{key} must be a boolean or a string, got {type(value).__name__} {value!r}")
+        names = " or ".join({bool: "a boolean", str: "a string", list: "a list"}[a] for a in args)
+        raise UserError(f"{key} must be {names}, got {type(value).__name__} {value!r}")
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -619,11 +640,134 @@ def batches(n_items: int, batch_size: int, seed: int, epoch: int, side: str, shu
 
 
 def warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
+    """One warning line on stderr (from the main process only: the others would repeat it)."""
+    if is_main():
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def say(msg: str) -> None:
+    """Progress on stdout, from the main process only."""
+    if is_main():
+        print(msg, flush=True)
 
 
 # ==================================================================================================
-# 4. Model: causal LM + value head, frozen reference, device and precision
+# 4. Processes: one, or many under `torchrun` / `accelerate launch` (data parallel, optionally FSDP2).
+#    Batch sizes are global; each process takes a contiguous share. Every statistic the math needs
+#    (token counts, whitening, scores, KL) is computed over all processes, so 1 process = N processes.
+#    With one process every helper is a no-op.
+# ==================================================================================================
+def world_size() -> int:
+    return dist.get_world_size() if dist_ready() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist_ready() else int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_processes(device: torch.device) -> None:
+    """Join the process group the launcher describes in the environment (gloo on CPU, nccl on CUDA)."""
+    if world_size() > 1 and not dist_ready():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+
+
+def share_bounds(n: int) -> tuple[int, int]:
+    """[start, end) of this process's contiguous share of n global rows (sizes differ by at most one)."""
+    q, m = divmod(n, world_size())
+    start = rank() * q + min(rank(), m)
+    return start, start + q + (rank() < m)
+
+
+def shard(items: list) -> list:
+    start, end = share_bounds(len(items))
+    return items[start:end]
+
+
+def gather_objects(obj) -> list:
+    """One picklable object from every process, in rank order."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor, op=None) -> torch.Tensor:
+    """Sum (or `op`) of a tensor over processes; returns it on the device it came from."""
+    if world_size() == 1:
+        return t
+    on = t.to(comm_device())
+    dist.all_reduce(on, op=op or dist.ReduceOp.SUM)
+    return on.to(t.device)
+
+
+def all_reduce_max(x: float) -> float:
+    return all_reduce_sum(torch.tensor([float(x)]), dist.ReduceOp.MAX).item() if world_size() > 1 else x
+
+
+def gather_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Each process's rows [share_bounds(n)] of a (rows, ...) tensor -> all n rows on every process."""
+    if world_size() == 1:
+        return t
+    q, m = divmod(n, world_size())
+    sizes = [q + (r < m) for r in range(world_size())]
+    padded = torch.zeros((q + (m > 0), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:len(t)] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:k] for p, k in zip(parts, sizes)])
+
+
+def reduce_gradients(params: list) -> None:
+    """Sum gradients over processes (one flat all_reduce): losses are already normalised by global counts."""
+    if world_size() == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
+def accum_chunks(grad_accum: int, n_global: int) -> int:
+    """Micro-batches per process: GRAD_ACCUM, at most the smallest share (the same count on every process,
+    which FSDP's collectives need)."""
+    return max(1, min(grad_accum, n_global // world_size()))
+
+
+def clip_grad_norm(params: list, max_norm: float) -> float:
+    """clip_grad_norm_ over plain and FSDP-sharded (DTensor) gradients together -> the total norm."""
+    params = [p for p in params if p.grad is not None]
+    groups = [[p for p in params if hasattr(p, "device_mesh")], [p for p in params if not hasattr(p, "device_mesh")]]
+    if not groups[0]:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in g]) for g in groups if g]
+    total = torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]).norm()
+    for g in groups:
+        if g:
+            torch.nn.utils.clip_grads_with_norm_(g, max_norm, total)
+    return float(total)
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+# ==================================================================================================
+# 5. Model: causal LM + value head (LoRA optional), reference, device and precision
 # ==================================================================================================
 def cache_root(cfg: Config) -> Path:
     return Path(cfg.CACHE_DIR or os.environ.get("HYBRID_TRAINER_CACHE") or Path.home() / ".cache" / "hybrid_trainer")
@@ -644,13 +788,33 @@ def locate_model(name: str, key: str = "MODEL") -> Path:
     if path.is_file() and path.suffix == ".gguf":
         return path
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{key} {name!r} is a directory but not a model (no config.json)")
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise UserError(f"{key} {name!r} is a directory but not a model (no config.json) nor a LoRA adapter "
+                            f"(no adapter_config.json); looked in {path.resolve()}")
         return path
     if path.exists():
         raise UserError(f"{key} {name!r} is a file but not a .gguf model")
     raise UserError(f"{key} {name!r} not found: give a local model directory, a .gguf file or an alias "
                     f"({', '.join(MODEL_ALIASES)}); models are never downloaded")
+
+
+def adapter_base(adapter: Path, key: str = "MODEL") -> Path:
+    """A peft adapter directory -> its base model, located offline (a path, relative to the adapter or the
+    current directory, or an alias); never the hub."""
+    try:
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{key} {str(adapter)!r}: adapter_config.json cannot be read: {e}") from None
+    if not base:
+        raise UserError(f"{key} {str(adapter)!r}: adapter_config.json names no base_model_name_or_path")
+    for candidate in ([base] + ([str(adapter / base)] if not Path(base).is_absolute() else [])):
+        try:
+            return locate_model(candidate, key)
+        except UserError:
+            pass
+    raise UserError(f"{key} {str(adapter)!r} is a LoRA adapter whose base model {base!r} is not available offline "
+                    f"(not an alias, not a local directory or .gguf file); edit base_model_name_or_path in "
+                    f"{adapter / 'adapter_config.json'} to a local path")
 
 
 def gguf_to_safetensors(gguf_path: Path, root: Path, trust_remote_code: bool = False) -> Path:
@@ -707,7 +871,7 @@ def response_forward(lm, input_ids, attention_mask, n_response: int, hidden: boo
 
 
 def pick_device(cfg: Config) -> torch.device:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
     if cfg.FP16 and device.type != "cuda":
         raise UserError("FP16 needs a CUDA GPU and none is available; use BF16 on CPU (AMX) or neither")
     if cfg.BF16:
@@ -718,18 +882,24 @@ def pick_device(cfg: Config) -> torch.device:
 
 
 def load_model(cfg: Config, device: torch.device):
-    """-> (policy with value head, frozen reference LM, tokenizer)."""
+    """-> (policy with value head, reference, tokenizer). Full fine-tuning: the reference is a frozen copy of
+    the LM (in bf16 with BF16). LoRA: the policy is the base + adapter and the reference is the same module
+    with the adapter disabled, or with a frozen copy of the starting adapter (no second copy of the base)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.trainer.utils import disable_dropout_in_model
 
     path = locate_model(cfg.MODEL)
-    if path.suffix == ".gguf":
-        path = gguf_to_safetensors(path, cache_root(cfg), cfg.TRUST_REMOTE_CODE)
+    adapter = path if (path / "adapter_config.json").is_file() else None
+    base = adapter_base(adapter) if adapter else path
+    if base.suffix == ".gguf":
+        base = gguf_to_safetensors(base, cache_root(cfg), cfg.TRUST_REMOTE_CODE)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.TRUST_REMOTE_CODE)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+        tokenizer = AutoTokenizer.from_pretrained(adapter if adapter and (adapter / "tokenizer_config.json").is_file() else base,
+                                                  trust_remote_code=cfg.TRUST_REMOTE_CODE)
+        lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=cfg.TRUST_REMOTE_CODE)
     except (OSError, ValueError) as e:
-        raise UserError(f"MODEL {cfg.MODEL!r} could not be loaded from {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"MODEL {cfg.MODEL!r} could not be loaded from {base}: {str(e).splitlines()[0]}") from None
+    lm.config.name_or_path = str(base)
     if tokenizer.eos_token_id is None:
         raise UserError(f"MODEL {cfg.MODEL!r}: the tokenizer has no EOS token, needed to end responses")
     if tokenizer.pad_token_id is None:
@@ -739,9 +909,127 @@ def load_model(cfg: Config, device: torch.device):
         warn(f"MAXSEQ={cfg.MAXSEQ} exceeds the context of MODEL ({context} tokens); using MAXSEQ={context}")
         cfg.MAXSEQ = context
     disable_dropout_in_model(lm)  # PPO ratios must be 1 on the first minibatch: no dropout noise
-    lm.to(device)
-    ref = copy.deepcopy(lm).eval().requires_grad_(False)
-    return PolicyWithValueHead(lm).to(device), ref, tokenizer
+    if cfg.GRADIENT_CHECKPOINTING:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapter or cfg.LORA_R > 0:
+        if cfg.BF16:
+            lm.to(torch.bfloat16)  # the frozen base in the compute dtype; adapters and value head stay fp32
+        lm = add_lora(cfg, lm, adapter)
+        reference = AdapterReference(lm, "ref" if adapter or cfg.REF_UPDATE == "cycle" else None)
+    else:
+        reference = copy.deepcopy(lm).eval().requires_grad_(False)
+        if cfg.BF16:
+            reference.to(torch.bfloat16)  # never trained: held once in the compute dtype
+    policy = PolicyWithValueHead(lm)
+    if cfg.FSDP:
+        shard_model(policy.lm)
+        if isinstance(reference, nn.Module):
+            shard_model(reference)
+    policy.to(device)
+    if isinstance(reference, nn.Module):
+        reference.to(device)
+    return policy, reference, tokenizer
+
+
+def linear_module_names(lm: nn.Module) -> list[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in lm.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
+
+
+def add_lora(cfg: Config, lm: nn.Module, adapter: Optional[Path]):
+    """Wrap lm with a peft LoRA adapter named "default" (trainable): loaded from `adapter`, or fresh from the
+    LORA_* keys. A frozen "ref" adapter is added when the reference is an adapter (MODEL was one, or
+    REF_UPDATE cycle): TRL's fix for the 'adapter disabled = bare base' pitfall (huggingface/trl#3194)."""
+    import warnings
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")  # GPT-2's Conv1D: peft sets it right
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+    if adapter is not None:
+        lm = PeftModel.from_pretrained(lm, str(adapter), adapter_name="default", is_trainable=True)
+        lm.load_adapter(str(adapter), adapter_name="ref", is_trainable=False)
+        if cfg.LORA_R and cfg.LORA_R != lm.peft_config["default"].r:
+            warn(f"MODEL is a LoRA adapter of rank {lm.peft_config['default'].r}; LORA_R={cfg.LORA_R} is ignored")
+    else:
+        lora = LoraConfig(r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
+                          target_modules=cfg.LORA_TARGETS, task_type="CAUSAL_LM")
+        try:
+            lm = get_peft_model(lm, lora)
+        except ValueError as e:
+            raise UserError(f"LORA_TARGETS {cfg.LORA_TARGETS!r} matches no module of MODEL ({str(e).splitlines()[0][:160]}); "
+                            f"its linear modules: {', '.join(linear_module_names(lm))}") from None
+        if cfg.REF_UPDATE == "cycle":
+            lm.add_adapter("ref", lora)
+            AdapterReference(lm, "ref").sync()
+    for name, p in lm.named_parameters():
+        if ".ref." in name:
+            p.requires_grad_(False)
+    if cfg.LORA_DROPOUT > 0:
+        warn(f"LORA_DROPOUT={cfg.LORA_DROPOUT}: dropout makes the training forward differ from the rollout, so the first "
+             "PPO ratio is not 1 and the KL is noisy; 0 is exact")
+    return lm
+
+
+class AdapterReference:
+    """LoRA's reference, inside the policy module: the base with the adapter disabled (adapter None), or with
+    the frozen adapter named `adapter` active. Callable like a causal LM."""
+
+    def __init__(self, lm: nn.Module, adapter: Optional[str]):
+        self.lm, self.adapter = lm, adapter
+
+    @contextlib.contextmanager
+    def active(self):
+        if self.adapter is None:
+            with self.lm.disable_adapter():
+                yield
+            return
+        self.lm.base_model.set_adapter(self.adapter, inference_mode=True)
+        try:
+            yield
+        finally:
+            self.lm.base_model.set_adapter("default")  # trainable again; "ref" frozen
+
+    def __call__(self, **kw):
+        with self.active():
+            return self.lm(**kw)
+
+    def parameters(self):
+        return self.lm.parameters()
+
+    def state_dict(self) -> dict:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.lm, adapter_name=self.adapter) if self.adapter else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        from peft import set_peft_model_state_dict
+
+        if self.adapter:
+            set_peft_model_state_dict(self.lm, state, adapter_name=self.adapter)
+
+    def sync(self) -> None:
+        """The reference adapter becomes a copy of the trained one (REF_UPDATE cycle)."""
+        from peft import get_peft_model_state_dict
+
+        if self.adapter:
+            self.load_state_dict(get_peft_model_state_dict(self.lm, adapter_name="default"))
+
+
+def shard_model(lm: nn.Module) -> None:
+    """FSDP2: each transformer block, then the whole HF model, becomes a fully_shard unit (parameters,
+    gradients and optimizer state sharded over processes). Gradients are summed, not averaged: losses are
+    normalised by global token counts."""
+    from torch.distributed.fsdp import fully_shard
+
+    inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    blocks = set(getattr(inner, "_no_split_modules", None) or [])
+    units = [m for m in inner.modules() if type(m).__name__ in blocks] + [inner]
+    for m in units:
+        fully_shard(m)
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
 
 
 def autocast_context(cfg: Config, device: torch.device):
@@ -763,7 +1051,7 @@ def sampling_is_off_policy(cfg: Config) -> list[str]:
 
 
 # ==================================================================================================
-# 5. SFT step and PPO step
+# 6. SFT step and PPO step
 # ==================================================================================================
 class BadStep(Exception):
     """A step whose loss, gradient or reward was not finite: skipped, counted, reported."""
@@ -779,9 +1067,18 @@ class HybridTrainer:
 
         self.cfg, self.policy, self.ref_lm, self.tokenizer, self.reward = cfg, policy, ref_lm, tokenizer, reward
         self.device = device or torch.device("cpu")
-        # fused: one kernel for all parameters; PyTorch's CPU default is a per-tensor Python loop (7x slower here)
-        self.opt_sft = torch.optim.AdamW(policy.lm.parameters(), lr=cfg.LR_SFT, fused=True)  # value head untouched by SFT
-        self.opt_ppo = torch.optim.AdamW(policy.parameters(), lr=cfg.LR_PPO, fused=True)
+        # Trainable: everything (full fine-tuning) or adapter + value head (LoRA). Gradients of parameters that
+        # FSDP does not shard are summed over processes by reduce_gradients; FSDP reduces its own.
+        self.lm_params = [p for p in policy.lm.parameters() if p.requires_grad]
+        self.params = self.lm_params + [p for p in policy.v_head.parameters()]
+        self.replicated = [p for p in self.params if not hasattr(p, "device_mesh")]
+        # fused: one kernel for all parameters; PyTorch's CPU default is a per-tensor Python loop (7x slower here).
+        # Sharded (DTensor) parameters mixed with plain ones take the per-tensor path.
+        kw = dict(fused=True) if len(self.replicated) == len(self.params) else dict(foreach=False)
+        self.opt_sft = torch.optim.AdamW(self.lm_params, lr=cfg.LR_SFT, **kw)  # value head untouched by SFT
+        self.opt_ppo = torch.optim.AdamW(self.params, lr=cfg.LR_PPO, **kw)
+        # Minibatch order: one generator, seeded alike on every process (1 process = N processes)
+        self.perm_generator = torch.Generator().manual_seed(cfg.SEED)
         self.kl_ctl = (AdaptiveKLController(cfg.INIT_KL_COEF, cfg.TARGET_KL, cfg.KL_HORIZON) if cfg.ADAPTIVE_KL
                        else FixedKLController(cfg.INIT_KL_COEF))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.FP16)
@@ -811,13 +1108,17 @@ class HybridTrainer:
                 for opt, n in ((self.opt_sft, n_sft), (self.opt_ppo, n_ppo))}
 
     def sync_reference(self) -> None:
-        """REF_UPDATE 'cycle': the reference becomes a frozen copy of the current policy LM."""
-        self.ref_lm.load_state_dict(self.policy.lm.state_dict())
+        """REF_UPDATE 'cycle': the reference becomes a frozen copy of the current policy LM (or adapter)."""
+        if isinstance(self.ref_lm, AdapterReference):
+            self.ref_lm.sync()
+        else:
+            self.ref_lm.load_state_dict(self.policy.lm.state_dict())
 
     def _optimizer_step(self, optimizer, params) -> float:
-        """Unscale, clip, and step; a non-finite gradient norm skips the step."""
+        """Sum gradients over processes, unscale, clip, and step; a non-finite gradient norm skips the step."""
+        reduce_gradients([p for p in params if not hasattr(p, "device_mesh")])
         self.scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.MAX_GRAD_NORM))
+        grad_norm = clip_grad_norm(params, self.cfg.MAX_GRAD_NORM)
         if not math.isfinite(grad_norm) and self.scaler.is_enabled():
             # fp16 overflow: expected while the loss scale calibrates; the scaler skips the step and lowers the scale
             self.scaler.step(optimizer)
@@ -834,35 +1135,41 @@ class HybridTrainer:
 
     # ---- SFT: cross-entropy on response tokens + EOS ----
     def sft_step(self, examples: list[Example]) -> dict:
+        """One optimizer step on a global batch: this process takes its share; the loss is normalised by the
+        response tokens of the whole batch, so gradients summed over processes equal one process's."""
         self.policy.train()
-        ids, mask = right_pad([e.prompt_ids + e.target_ids for e in examples], self.pad_id)
-        labels, _ = right_pad([[-100] * len(e.prompt_ids) + e.target_ids for e in examples], -100)
+        n_tokens = sum(len(e.target_ids) for e in examples)
+        mine, scale = shard(examples), 1.0
+        if not mine:  # a short last batch left this process nothing: a zero-weight row keeps collectives in step
+            mine, scale = examples[:1], 0.0
+        ids, mask = right_pad([e.prompt_ids + e.target_ids for e in mine], self.pad_id)
+        labels, _ = right_pad([[-100] * len(e.prompt_ids) + e.target_ids for e in mine], -100)
         ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
-        n_tokens = (labels[:, 1:] != -100).sum()
         # Logits only from the shortest prompt's last token on: the LM head over prompt positions is wasted work.
-        keep = ids.shape[1] - min(len(e.prompt_ids) for e in examples) + 1
+        keep = ids.shape[1] - min(len(e.prompt_ids) for e in mine) + 1
         lr = self.opt_sft.param_groups[0]["lr"]
         self.opt_sft.zero_grad(set_to_none=True)
-        total = 0.0
-        for rows in torch.arange(len(examples)).tensor_split(self.cfg.GRAD_ACCUM):
+        total = torch.zeros(1, device=self.device)
+        for rows in torch.arange(len(mine)).tensor_split(accum_chunks(self.cfg.GRAD_ACCUM, len(examples))):
             with self.autocast():
                 logits = self.policy.lm(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False,
                                         logits_to_keep=keep).logits
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[rows, -keep + 1:].flatten(),
-                                   ignore_index=-100, reduction="sum") / n_tokens
-            if not torch.isfinite(loss):
-                self.opt_sft.zero_grad(set_to_none=True)
-                raise BadStep(f"SFT loss is {loss.item()}")
+                                   ignore_index=-100, reduction="sum") * (scale / n_tokens)
             self.scaler.scale(loss).backward()
-            total += loss.item()
-        grad_norm = self._optimizer_step(self.opt_sft, self.policy.lm.parameters())
-        return {"sft/loss": total, "sft/grad_norm": grad_norm, "sft/tokens": int(n_tokens),
-                "sft/lr": lr}
+            total += loss.detach()
+        total = all_reduce_sum(total).item()
+        if not math.isfinite(total):
+            self.opt_sft.zero_grad(set_to_none=True)
+            raise BadStep(f"SFT loss is {total}")
+        grad_norm = self._optimizer_step(self.opt_sft, self.lm_params)
+        return {"sft/loss": total, "sft/grad_norm": grad_norm, "sft/tokens": n_tokens, "sft/lr": lr}
 
     # ---- PPO: 1. generate ----
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], greedy: bool = False) -> tuple[list[list[int]], torch.Tensor]:
-        """Batched, left-padded sampling with KV cache -> (responses cut after the first EOS, ended (B,))."""
+        """Batched, left-padded sampling with KV cache -> (responses cut after the first EOS, ended (B,)).
+        Under FSDP every process keeps stepping until all are done (synced_gpus), so none waits forever."""
         self.policy.eval()
         ids, mask = left_pad(prompts, self.pad_id)
         max_new = min(self.cfg.MAX_NEW_TOKENS, self.cfg.MAXSEQ - ids.shape[1])
@@ -870,7 +1177,7 @@ class HybridTrainer:
         gen_config.max_new_tokens = max_new
         with self.autocast():
             out = self.policy.lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          generation_config=gen_config)
+                                          generation_config=gen_config, synced_gpus=self.cfg.FSDP)
         generated = out[:, ids.shape[1]:].cpu()
         response_mask, ended = truncate_after_eos(generated, self.eos_id)
         lengths = response_mask.sum(1).tolist()
@@ -878,33 +1185,58 @@ class HybridTrainer:
 
     # ---- PPO: 2. score ----
     def score(self, responses: list[list[int]], examples: list[Example]) -> list[float]:
-        """Batched reward call; a raising reward or a non-finite score becomes a BadStep naming the response."""
+        """Batched reward call on this process's responses; a raising reward or a non-finite score becomes a
+        BadStep naming the response, on every process. A stateless reward scores only this process's share;
+        one with running state (normalize) scores all processes' responses, so its state is the same
+        everywhere and the same as with one process."""
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        args = (texts, [e.target for e in examples], [e.prompt for e in examples], [e.item for e in examples],
+                [e.index for e in examples])
+        first = 0
+        if world_size() > 1 and getattr(self.reward, "stateful", True):
+            parts = gather_objects(args)
+            first = sum(len(p[0]) for p in parts[:rank()])
+            args = tuple(sum((list(p[i]) for p in parts), []) for i in range(5))
+        scores, error = [], None
         try:
-            scores = self.reward.scores(texts, [e.target for e in examples], [e.prompt for e in examples],
-                                        [e.item for e in examples])
+            if args[0]:
+                scores = self.reward.scores(*args[:4])
+            for i, s in enumerate(scores):
+                if not isinstance(s, (int, float)) or not math.isfinite(s):
+                    error = f"reward returned {s!r} for item {args[4][i]}, response {args[0][i][:200]!r}"
+                    break
         except Exception as e:  # noqa: BLE001 - any reward failure is reported, never a corrupt update
-            raise BadStep(f"reward raised {type(e).__name__}: {e} (first response: {texts[0][:200]!r})") from e
-        for i, s in enumerate(scores):
-            if not isinstance(s, (int, float)) or not math.isfinite(s):
-                raise BadStep(f"reward returned {s!r} for item {examples[i].index}, response {texts[i][:200]!r}")
-        return [float(s) for s in scores]
+            error = f"reward raised {type(e).__name__}: {e} (first response: {args[0][0][:200]!r})"
+        errors = [e for e in gather_objects(error) if e] if world_size() > 1 else [error] * (error is not None)
+        if errors:
+            raise BadStep(errors[0])
+        return [float(s) for s in scores[first:first + len(texts)]]
 
     # ---- PPO: 3-5. the classic step ----
     def ppo_step(self, queries: list[list[int]], responses: list[list[int]], scores) -> dict:
-        """One PPO update on B (query, response, score) triples; responses end at EOS (no padding)."""
+        """One PPO update on B (query, response, score) triples; responses end at EOS (no padding).
+        With several processes each passes its share; the step gathers the token lists (small) so every
+        process holds the whole batch: whitening, KL and scores are global, and the minibatches hold the
+        same rows as with one process (each process computes its share of each)."""
         cfg, dev = self.cfg, self.device
+        scores = [float(x) for x in torch.as_tensor(scores, dtype=torch.float32).reshape(-1).tolist()]
+        if world_size() > 1:
+            parts = gather_objects((list(queries), list(responses), scores))
+            queries, responses, scores = (sum((list(p[i]) for p in parts), []) for i in range(3))
         q_ids, q_mask = left_pad(queries, self.pad_id)
         r_ids, r_mask = right_pad(responses, self.pad_id)
         input_ids = torch.cat([q_ids, r_ids], 1).to(dev)
         attention_mask = torch.cat([q_mask, r_mask], 1).to(dev)
         r_ids, r_mask = r_ids.to(dev), r_mask.to(dev).float()
         scores = torch.as_tensor(scores, dtype=torch.float32, device=dev)
-        R = r_ids.shape[1]
+        B, R = len(queries), r_ids.shape[1]
         lr = self.opt_ppo.param_groups[0]["lr"]
 
-        # 3. log-probs and values of the sampling policy, log-probs of the reference
-        old_logprobs, old_values, kl = self._rollout(input_ids, attention_mask, r_ids, R)
+        # 3. log-probs and values of the sampling policy, log-probs of the reference (each process its share)
+        start, end = share_bounds(B)
+        rows = slice(start, end) if end > start else slice(0, 1)  # an empty share still joins FSDP's collectives
+        old_logprobs, old_values, kl = (gather_rows(t[:end - start], B) for t in
+                                        self._rollout(input_ids[rows], attention_mask[rows], r_ids[rows], R))
 
         # 4. rewards and advantages
         kl_coef = self.kl_ctl.value
@@ -920,14 +1252,18 @@ class HybridTrainer:
         mb_stats, skipped = [], 0
         self.policy.train()
         for _ in range(cfg.PPO_EPOCHS):
-            for rows in torch.randperm(len(queries)).split(cfg.PPO_MINI):
-                stats = self._ppo_minibatch(*trim_padding({k: v[rows.to(dev)] for k, v in batch.items()}, R))
+            for mb_rows in torch.randperm(B, generator=self.perm_generator).split(cfg.PPO_MINI):
+                mine, scale = shard(mb_rows), 1.0
+                if len(mine) == 0:
+                    mine, scale = mb_rows[:1], 0.0
+                mb, r_len = trim_padding({k: v[mine.to(dev)] for k, v in batch.items()}, R)
+                stats = self._ppo_minibatch(mb, r_len, r_mask[mb_rows.to(dev)].sum(), scale, len(mb_rows))
                 if stats is None:
                     skipped += 1
                 else:
                     mb_stats.append(stats)
         seq_kl = (kl * r_mask).sum(1).mean().item()
-        self.kl_ctl.update(seq_kl, len(queries))
+        self.kl_ctl.update(seq_kl, B)
         out = {k: float(np.mean([s[k] for s in mb_stats])) for k in mb_stats[0]} if mb_stats else {}
         out.update({
             "objective/kl": seq_kl, "objective/kl_coef": kl_coef,
@@ -960,73 +1296,83 @@ class HybridTrainer:
             values.append(v)
         return torch.cat(logprobs), torch.cat(values), torch.cat(kls)
 
-    def _ppo_minibatch(self, mb: dict, R: int) -> Optional[dict]:
-        """One optimizer step on a minibatch (split into GRAD_ACCUM chunks, weighted by token count);
-        None when skipped because the mean ratio exceeded RATIO_THRESHOLD."""
+    STAT_KEYS = ("ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/clipfrac", "ppo/policy/approxkl",
+                 "ppo/policy/ratio", "ppo/val/clipfrac", "ppo/policy/entropy")
+
+    def _ppo_minibatch(self, mb: dict, R: int, n_tokens: torch.Tensor, scale: float, n_rows: int) -> Optional[dict]:
+        """One optimizer step on this process's rows of a minibatch (split into GRAD_ACCUM chunks), each
+        chunk weighted by its share of the minibatch's n_tokens response tokens (all processes); stats are
+        summed over processes. None when skipped because the mean ratio exceeded RATIO_THRESHOLD."""
         from trl.trainer.utils import entropy_from_logits
 
         cfg = self.cfg
-        n_tokens = mb["r_mask"].sum()
         self.opt_ppo.zero_grad(set_to_none=True)
-        acc = {}
-        for rows in torch.arange(len(mb["r_ids"]), device=n_tokens.device).tensor_split(cfg.GRAD_ACCUM):
+        acc = torch.zeros(len(self.STAT_KEYS) + 1, device=self.device)  # + the non-finite loss flag
+        for rows in torch.arange(len(mb["r_ids"]), device=self.device).tensor_split(accum_chunks(cfg.GRAD_ACCUM, n_rows)):
             c = {k: v[rows] for k, v in mb.items()}
-            weight = c["r_mask"].sum() / n_tokens
+            weight = c["r_mask"].sum() / n_tokens * scale
             with self.autocast():
                 logits, values = self.policy(c["input_ids"], c["attention_mask"], R)
             logprobs = logprobs_from_logits(logits, c["r_ids"], cfg.TEMPERATURE)
             pl = policy_loss(logprobs, c["old_logprobs"], c["advantages"], c["r_mask"], cfg.CLIPRANGE)
             vl = value_loss(values, c["old_values"], c["returns"], c["r_mask"], cfg.CLIPRANGE_VALUE)
-            loss = (pl.loss + cfg.VF_COEF * vl.loss) * weight
-            if not torch.isfinite(loss):
-                self.opt_ppo.zero_grad(set_to_none=True)
-                raise BadStep(f"PPO loss is {loss.item()}")
-            self.scaler.scale(loss).backward()
+            total = pl.loss + cfg.VF_COEF * vl.loss
+            self.scaler.scale(total * weight).backward()
             with torch.no_grad():
                 entropy = masked_mean(entropy_from_logits(logits.float() / cfg.TEMPERATURE), c["r_mask"])
-            for k, v in {"ppo/loss/policy": pl.loss, "ppo/loss/value": vl.loss, "ppo/loss/total": loss / weight,
-                         "ppo/policy/clipfrac": pl.clipfrac, "ppo/policy/approxkl": pl.approx_kl,
-                         "ppo/policy/ratio": pl.ratio, "ppo/val/clipfrac": vl.clipfrac, "ppo/policy/entropy": entropy}.items():
-                acc[k] = acc.get(k, 0.0) + float(v.detach()) * float(weight)
-        if acc["ppo/policy/ratio"] > cfg.RATIO_THRESHOLD:
+                values_ = [pl.loss, vl.loss, total, pl.clipfrac, pl.approx_kl, pl.ratio, vl.clipfrac, entropy]
+                acc[:-1] += torch.stack([v.detach().float() for v in values_]) * weight
+                acc[-1] += float(not torch.isfinite(total)) * scale
+        acc = all_reduce_sum(acc)
+        if acc[-1] > 0:
+            self.opt_ppo.zero_grad(set_to_none=True)
+            raise BadStep(f"PPO loss is not finite (loss {acc[2].item()})")
+        stats = dict(zip(self.STAT_KEYS, acc[:-1].tolist()))
+        if stats["ppo/policy/ratio"] > cfg.RATIO_THRESHOLD:
             self.opt_ppo.zero_grad(set_to_none=True)
             return None
-        acc["ppo/grad_norm"] = self._optimizer_step(self.opt_ppo, self.policy.parameters())
-        return acc
+        stats["ppo/grad_norm"] = self._optimizer_step(self.opt_ppo, self.params)
+        return stats
 
-    # ---- one PPO update from examples: generate, score, step ----
+    # ---- one PPO update from a global batch of examples: generate, score, step (each process its share) ----
     def ppo_update(self, examples: list[Example]) -> dict:
         t0 = time.perf_counter()
-        responses, ended = self.generate([e.prompt_ids for e in examples])  # 1. generate
+        mine = shard(examples)
+        responses, ended = self.generate([e.prompt_ids for e in (mine or examples[:1])])  # 1. generate
+        if not mine:  # a short last batch left this process nothing; it generated only to keep FSDP in step
+            responses, ended = [], ended[:0]
         t1 = time.perf_counter()
-        scores = torch.tensor(self.score(responses, examples))  # 2. score
+        scores = torch.tensor(self.score(responses, mine), dtype=torch.float32)  # 2. score
         scores = apply_missing_eos_penalty(scores, ended, self.cfg.MISSING_EOS_PENALTY)
         t2 = time.perf_counter()
-        stats = self.ppo_step([e.prompt_ids for e in examples], responses, scores)  # 3-5.
+        stats = self.ppo_step([e.prompt_ids for e in mine], responses, scores)  # 3-5.
         t3 = time.perf_counter()
-        n_generated = sum(len(r) for r in responses)
+        counts = all_reduce_sum(torch.tensor([float(sum(len(r) for r in responses)), float(ended.sum())]))
         stats.update({
-            "reward/mean": scores.mean().item(), "reward/std": scores.std(unbiased=False).item(),
-            "ppo/ended_with_eos": ended.float().mean().item(),
+            "reward/mean": stats["ppo/mean_scores"], "reward/std": stats["ppo/std_scores"],
+            "ppo/ended_with_eos": counts[1].item() / len(examples),
             "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2,
-            "time/tokens_per_s": n_generated / max(t1 - t0, 1e-9),
+            "time/tokens_per_s": counts[0].item() / max(t1 - t0, 1e-9),
         })
         return stats
 
 
 # ==================================================================================================
-# 6. Evaluation
+# 7. Evaluation
 # ==================================================================================================
 EVAL_METRICS = {"bleu": {"type": "bleu"}, "rougeL": {"type": "rouge", "variant": "rougeL"}, "exact_match": {"type": "exact_match"}}
 
 
 def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> dict:
-    """Greedy completions for the eval prompts, scored by the configured reward and the fixed metrics."""
-    responses = []
+    """Greedy completions for the eval prompts (each process its share), scored by the configured reward
+    and the fixed metrics."""
     bs = max(trainer.cfg.PPO_BATCH, 8)
-    for i in range(0, len(examples), bs):
-        responses += trainer.generate([e.prompt_ids for e in examples[i:i + bs]], greedy=True)[0]
-    texts = trainer.tokenizer.batch_decode(responses, skip_special_tokens=True)
+    mine, texts = shard(examples), []
+    for i in range(math.ceil(math.ceil(len(examples) / world_size()) / bs)):  # the same count on every process
+        chunk = mine[i * bs:(i + 1) * bs]
+        responses = trainer.generate([e.prompt_ids for e in (chunk or examples[:1])], greedy=True)[0]
+        texts += trainer.tokenizer.batch_decode(responses, skip_special_tokens=True) if chunk else []
+    texts = sum(gather_objects(texts), [])
     args = (texts, [e.target for e in examples], [e.prompt for e in examples], [e.item for e in examples])
     result = {}
     for name, fn in metrics.items():
@@ -1041,7 +1387,7 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
 
 
 # ==================================================================================================
-# 7. The loop
+# 8. The loop
 # ==================================================================================================
 @dataclass
 class RunState:
@@ -1057,6 +1403,9 @@ class MetricsLog:
 
     def __init__(self, path: Path, keep_up_to_step: Optional[int] = None):
         self.path = path
+        if not is_main():  # one metrics.jsonl per run: the main process writes it
+            self.file = open(os.devnull, "w")
+            return
         if keep_up_to_step is not None and path.exists():  # resume: drop lines past the checkpoint
             lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= keep_up_to_step]
             path.write_text("".join(line + "\n" for line in lines))
@@ -1110,7 +1459,8 @@ def train_loop(cfg, trainer, examples, eval_examples, eval_metrics, out_dir, sta
     from tqdm.auto import tqdm
 
     schedule = step_plan(cfg, len(examples))
-    bar = tqdm(total=len(schedule) * cfg.EPOCHS, initial=state.step, desc=f"{cfg.MODE}", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=len(schedule) * cfg.EPOCHS, initial=state.step, desc=f"{cfg.MODE}", unit="step", dynamic_ncols=True,
+               disable=not is_main())
     for epoch in range(state.epoch, cfg.EPOCHS):
         side_batches = {side: batches(len(examples), size, cfg.SEED, epoch, side, cfg.SHUFFLE)
                         for side, size in (("sft", cfg.SFT_BATCH), ("ppo", cfg.PPO_BATCH))}
@@ -1131,14 +1481,15 @@ def train_loop(cfg, trainer, examples, eval_examples, eval_metrics, out_dir, sta
                 state.bad_streak += 1
                 state.bad_total += 1
                 stats = {f"{phase}/skipped": 1, "skipped_reason": str(e)}
-                tqdm.write(f"warning: step {state.step + 1} ({phase}) skipped: {e}", file=sys.stderr)
+                if is_main():
+                    tqdm.write(f"warning: step {state.step + 1} ({phase}) skipped: {e}", file=sys.stderr)
             state.pos += 1
             state.step += 1
             record = {"step": state.step, "epoch": epoch, "phase": phase, **stats,
                       "skipped_total": state.bad_total, "time/step_s": time.perf_counter() - t0}
             metrics.log(record)
             bar.update(1)
-            if state.step % cfg.LOG_EVERY == 0:
+            if state.step % cfg.LOG_EVERY == 0 and is_main():
                 tqdm.write(summary_line(record))
             if state.bad_streak >= cfg.MAX_BAD_STEPS:
                 bar.close()
@@ -1149,12 +1500,14 @@ def train_loop(cfg, trainer, examples, eval_examples, eval_metrics, out_dir, sta
                 log_eval(trainer, eval_examples, eval_metrics, metrics, state.step)
             if cfg.SAVE_EVERY and state.step % cfg.SAVE_EVERY == 0 and state.bad_streak == 0:  # only good states
                 save_checkpoint(out_dir, trainer, state, cfg)
-            if stop.signum is not None:
+            signum = int(all_reduce_max(stop.signum or 0))
+            if signum:  # any process signalled: all stop after the same step
                 bar.close()
                 path = save_checkpoint(out_dir, trainer, state, cfg)
-                print(f"stopped after step {state.step}; checkpoint: {path}\nresume: python hybrid_trainer.py "
-                      f"<same config> (RESUME 'auto' continues from it)", file=sys.stderr, flush=True)
-                return 128 + stop.signum
+                if is_main():
+                    print(f"stopped after step {state.step}; checkpoint: {path}\nresume: python hybrid_trainer.py "
+                          f"<same config> (RESUME 'auto' continues from it)", file=sys.stderr, flush=True)
+                return 128 + (stop.signum or signum)
             if cfg.CLEANSE and trainer.device.type == "cuda" and phase != schedule[min(state.pos, len(schedule) - 1)]:
                 torch.cuda.empty_cache()
         state.epoch += 1
@@ -1166,12 +1519,12 @@ def train_loop(cfg, trainer, examples, eval_examples, eval_metrics, out_dir, sta
 def log_eval(trainer, eval_examples, eval_metrics, metrics, step) -> dict:
     result = evaluate(trainer, eval_examples, eval_metrics)
     metrics.log({"step": step, "phase": "eval", **{k: v for k, v in result.items() if k != "samples"}, "samples": result["samples"]})
-    print("eval @ step %d: %s" % (step, " ".join(f"{k[5:]}={v:.4f}" for k, v in result.items() if k.startswith("eval/"))), flush=True)
+    say("eval @ step %d: %s" % (step, " ".join(f"{k[5:]}={v:.4f}" for k, v in result.items() if k.startswith("eval/"))))
     return result
 
 
 # ==================================================================================================
-# 8. Save and resume
+# 9. Save and resume
 # ==================================================================================================
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "ppo_full", "inference_lm", "report.md")
 
@@ -1215,88 +1568,185 @@ def find_resume_point(cfg: Config, out_dir: Path) -> Optional[Path]:
     return path
 
 
-def rng_state() -> dict:
+def rng_state(trainer: HybridTrainer) -> dict:
     np_state = np.random.get_state()
     return {"python": random.getstate(), "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "perm": trainer.perm_generator.get_state()}
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, trainer: HybridTrainer) -> None:
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
     np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    trainer.perm_generator.set_state(state["perm"])
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain CPU tensor; an FSDP-sharded one is gathered (a collective: every process calls it)."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().contiguous()
+
+
+def trainable_state(module: nn.Module) -> dict:
+    """The parameters that train (everything, or adapter + value head with LoRA), unsharded."""
+    return {name: full_tensor(p) for name, p in module.named_parameters() if p.requires_grad}
+
+
+def load_into(module: nn.Module, state: dict, what: str) -> None:
+    """Copy `state` into the module's parameters of those names (sharding them again under FSDP)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = dict(module.named_parameters())
+    if missing := [k for k in state if k not in params]:
+        raise UserError(f"{what} does not fit this model (unknown weights {missing[:3]}): was it written with other "
+                        "MODEL / LORA_* settings?")
+    with torch.no_grad():
+        for name, value in state.items():
+            p = params[name]
+            value = value.to(p.device, p.dtype)
+            p.copy_(distribute_tensor(value, p.device_mesh, p.placements) if hasattr(p, "device_mesh") else value)
+
+
+def reference_state(ref) -> dict:
+    """The moving reference (REF_UPDATE cycle): its adapter, or every weight of the frozen copy (tied ones once)."""
+    state = ref.state_dict() if isinstance(ref, AdapterReference) else dict(ref.named_parameters())
+    return {k: full_tensor(v) for k, v in state.items()}
+
+
+def optimizer_state(trainer: HybridTrainer, optimizer) -> dict:
+    """Plain state_dict, or under FSDP the unsharded one keyed by parameter name (a collective)."""
+    if not trainer.cfg.FSDP:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(trainer.policy, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(trainer: HybridTrainer, optimizer, state: dict) -> None:
+    if not trainer.cfg.FSDP:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(trainer.policy, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def save_checkpoint(out_dir: Path, trainer: HybridTrainer, state: RunState, cfg: Config) -> Path:
-    """Everything needed for an exact resume, written to a temp dir and renamed into place."""
-    from safetensors.torch import save_model
+    """Everything needed for an exact resume, written to a temp dir and renamed into place: the trainable
+    weights, both optimizers and schedulers, the reference when it moves, and every process's RNG state.
+    Every process calls it (gathers under FSDP); the main process writes the shared files."""
+    from safetensors.torch import save_file
 
     root = out_dir / "checkpoints"
     final, tmp = root / f"step-{state.step}", root / f".tmp-step-{state.step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(trainer.policy, str(tmp / "policy.safetensors"))
-    torch.save({"opt_sft": trainer.opt_sft.state_dict(), "opt_ppo": trainer.opt_ppo.state_dict(),
-                "sched_sft": trainer.schedulers[trainer.opt_sft].state_dict(),
-                "sched_ppo": trainer.schedulers[trainer.opt_ppo].state_dict(),
-                "scaler": trainer.scaler.state_dict()}, tmp / "optimizers.pt")
-    if cfg.REF_UPDATE != "never":
-        save_model(trainer.ref_lm, str(tmp / "reference.safetensors"))
-    torch.save(rng_state(), tmp / "rng.pt")
-    reward_state = trainer.reward.state_dict() if trainer.reward is not None else None
-    (tmp / "state.json").write_text(json.dumps({"run": dataclasses.asdict(state), "kl_coef": trainer.kl_ctl.value,
-                                                "reward": reward_state, "config": cfg.resolved()}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step-*"), key=lambda p: int(p.name[5:]))[:-cfg.KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+    weights = trainable_state(trainer.policy)
+    reference = reference_state(trainer.ref_lm) if cfg.REF_UPDATE != "never" else {}
+    optim = {"opt_sft": optimizer_state(trainer, trainer.opt_sft), "opt_ppo": optimizer_state(trainer, trainer.opt_ppo),
+             "sched_sft": trainer.schedulers[trainer.opt_sft].state_dict(),
+             "sched_ppo": trainer.schedulers[trainer.opt_ppo].state_dict(), "scaler": trainer.scaler.state_dict()}
+    if is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(weights, str(tmp / "policy.safetensors"))
+        torch.save(optim, tmp / "optimizers.pt")
+        if reference:
+            save_file(reference, str(tmp / "reference.safetensors"))
+        reward_state = trainer.reward.state_dict() if trainer.reward is not None else None
+        (tmp / "state.json").write_text(json.dumps({"run": dataclasses.asdict(state), "kl_coef": trainer.kl_ctl.value,
+                                                    "reward": reward_state, "world_size": world_size(),
+                                                    "config": cfg.resolved()}, indent=1))
+    barrier()
+    torch.save(rng_state(trainer), tmp / f"rng-{rank()}.pt")
+    barrier()
+    if is_main():
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step-*"), key=lambda p: int(p.name[5:]))[:-cfg.KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
 
 
 def load_checkpoint(path: Path, trainer: HybridTrainer) -> RunState:
-    from safetensors.torch import load_model as load_safetensors
+    from safetensors.torch import load_file
 
     meta = json.loads((path / "state.json").read_text())
-    load_safetensors(trainer.policy, str(path / "policy.safetensors"), device=str(trainer.device))
+    load_into(trainer.policy, load_file(str(path / "policy.safetensors")), f"checkpoint {path}")
     optim = torch.load(path / "optimizers.pt", weights_only=True, map_location=trainer.device)
-    trainer.opt_sft.load_state_dict(optim["opt_sft"])
-    trainer.opt_ppo.load_state_dict(optim["opt_ppo"])
+    load_optimizer_state(trainer, trainer.opt_sft, optim["opt_sft"])
+    load_optimizer_state(trainer, trainer.opt_ppo, optim["opt_ppo"])
     trainer.schedulers[trainer.opt_sft].load_state_dict(optim["sched_sft"])
     trainer.schedulers[trainer.opt_ppo].load_state_dict(optim["sched_ppo"])
     if (path / "reference.safetensors").is_file():
-        load_safetensors(trainer.ref_lm, str(path / "reference.safetensors"), device=str(trainer.device))
+        ref = load_file(str(path / "reference.safetensors"))
+        if isinstance(trainer.ref_lm, AdapterReference):
+            trainer.ref_lm.load_state_dict(ref)
+        else:
+            load_into(trainer.ref_lm, ref, f"checkpoint {path} (reference)")
     trainer.scaler.load_state_dict(optim["scaler"])
     trainer.kl_ctl.value = meta["kl_coef"]
     if trainer.reward is not None and meta["reward"] is not None:
         trainer.reward.load_state_dict(meta["reward"])
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    saved_world = meta.get("world_size", 1)
+    if saved_world != world_size():
+        warn(f"checkpoint {path} was written by {saved_world} process(es), this run has {world_size()}: the run continues "
+             "but sampling will not repeat exactly")
+    rng_file = path / f"rng-{rank()}.pt"
+    set_rng_state(torch.load(rng_file if rng_file.is_file() else path / "rng-0.pt", weights_only=True), trainer)
     return RunState(**meta["run"])
 
 
 def save_final(out_dir: Path, trainer: HybridTrainer, cfg: Config) -> None:
-    """ppo_full/ (policy + value head + tokenizer + config) and inference_lm/ (plain causal LM)."""
+    """ppo_full/ (policy LM, or the LoRA adapter, + value head + tokenizer + config) and inference_lm/ (a plain
+    causal LM; with LoRA the adapter merged into the base). Every process calls it; the main one writes."""
     from safetensors.torch import save_file
 
     lm, tok = trainer.policy.lm, trainer.tokenizer
-    clear_gguf_flag(lm)
+    lora = hasattr(lm, "peft_config")
+    state = {k: full_tensor(v) for k, v in lm.state_dict().items()} if cfg.FSDP else None  # gathered on every process
+    v_head = {k: full_tensor(v) for k, v in trainer.policy.v_head.state_dict().items()}
+    if not is_main():
+        return
+    if lora and state is not None:  # FSDP + LoRA: rebuild an unsharded model to save the adapter and merge
+        lm, state = unsharded_peft_copy(lm, state), None
+    clear_gguf_flag(lm.get_base_model() if lora else lm)
     for name in ("ppo_full", "inference_lm"):
         tmp = out_dir / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        lm.save_pretrained(tmp)
+        if name == "inference_lm" and lora:
+            lm = lm.merge_and_unload(adapter_names=["default"])  # plain model: base weights + the trained update
+            clear_gguf_flag(lm)
+        if lora and name == "ppo_full":
+            lm.save_pretrained(tmp, selected_adapters=["default"])
+        else:
+            lm.save_pretrained(tmp, state_dict=state)
         tok.save_pretrained(tmp)
         if name == "ppo_full":
-            save_file({k: v.detach().cpu().contiguous() for k, v in trainer.policy.v_head.state_dict().items()},
-                      str(tmp / "value_head.safetensors"))
+            save_file(v_head, str(tmp / "value_head.safetensors"))
             (tmp / "trainer_config.json").write_text(json.dumps(cfg.resolved(), indent=2))
         os.replace(tmp, out_dir / name)
         print(f"saved {name} -> {out_dir / name}", flush=True)
 
 
+def unsharded_peft_copy(lm, state: dict):
+    """FSDP + LoRA: the same peft model rebuilt unsharded on the CPU (base from disk, then every gathered weight)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(lm.config.name_or_path, dtype=next(iter(state.values())).dtype)
+    copy_ = get_peft_model(base, lm.peft_config["default"])
+    state = {k: v for k, v in state.items() if ".ref." not in k}
+    result = copy_.load_state_dict(state, strict=False)
+    if result.unexpected_keys or [k for k in result.missing_keys if k in state]:
+        raise RuntimeError(f"unsharded copy does not match: {result.unexpected_keys[:3]}")
+    return copy_
+
+
 # ==================================================================================================
-# 9. main
+# 10. main
 # ==================================================================================================
 def needs_reward(cfg: Config) -> bool:
     return cfg.MODE != "sft" or bool(cfg.EVAL_FILE)
@@ -1329,24 +1779,34 @@ def build_reward(cfg: Config, device, ref_lm=None, tokenizer=None, spec: Optiona
 
 
 def run(cfg: Config, check: bool = False, reward=None) -> int:
-    """Validate everything cheap first (no weights), then load, train, save. `reward` overrides REWARD."""
+    """Validate everything cheap first (no weights), then load, train, save. `reward` overrides REWARD.
+    Under torchrun / accelerate launch every process runs this; the main one writes and prints."""
     examples = load_examples(cfg)
     eval_examples = load_eval_examples(cfg)
-    locate_model(cfg.MODEL)
+    if ((path := locate_model(cfg.MODEL)) / "adapter_config.json").is_file():
+        adapter_base(path)  # its base must be available offline too
     out_dir = plan_output_dir(cfg)
     resume_from = find_resume_point(cfg, out_dir)
     if check:
-        print(json.dumps(cfg.resolved(), indent=2))
-        print(f"ok: {len(examples)} training items, {len(eval_examples)} eval items; {len(step_plan(cfg, len(examples))) * cfg.EPOCHS} "
-              f"steps; output -> {out_dir}" + (f"; would resume from {resume_from}" if resume_from else ""))
+        say(json.dumps(cfg.resolved(), indent=2))
+        say(f"ok: {len(examples)} training items, {len(eval_examples)} eval items; {len(step_plan(cfg, len(examples))) * cfg.EPOCHS} "
+            f"steps; output -> {out_dir}" + (f"; would resume from {resume_from}" if resume_from else ""))
         return 0
     device = pick_device(cfg)
+    init_processes(device)
+    barrier()  # every process has planned the output dir before the main one creates it
     if resume_from is not None:
         adopt_checkpoint_config(cfg, resume_from)
-    random.seed(cfg.SEED)
-    np.random.seed(cfg.SEED % 2**32)
-    torch.manual_seed(cfg.SEED)
+    cfg.SEED = gather_objects(cfg.SEED)[0]  # a drawn seed: the main process's, everywhere
+    seed = cfg.SEED + rank()  # sampling differs per process; minibatch order uses a shared generator
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if not is_main():
+        barrier()  # the main process converts and caches a .gguf first
     policy, ref_lm, tokenizer = load_model(cfg, device)
+    if is_main():
+        barrier()
     fmt = resolve_prompt_format(cfg, tokenizer)
     examples = tokenize_examples(examples, cfg, tokenizer, fmt, "TRAIN_FILE")
     eval_examples = tokenize_examples(eval_examples, cfg, tokenizer, fmt, "EVAL_FILE") if eval_examples else []
@@ -1359,15 +1819,20 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
              "(huggingface/trl#235, #351, #1857). Set TOP_P=1, REPETITION_PENALTY=1, NO_REPEAT_NGRAM_SIZE=0 for exact PPO.")
     trainer = HybridTrainer(cfg, policy, ref_lm, tokenizer, reward, device, n_items=len(examples))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg.resolved(), indent=2))
+    if is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.resolved(), indent=2))
     state = RunState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, trainer)
-        print(f"resuming from {resume_from} (step {state.step})", flush=True)
+        say(f"resuming from {resume_from} (step {state.step})")
     metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=state.step)
-    print(f"{cfg.MODE}: {len(examples)} items, prompt format {fmt}, device {device.type}"
-          f"{', bf16' if cfg.BF16 else ', fp16' if cfg.FP16 else ''}, output {out_dir}", flush=True)
+    n_trainable = sum(p.numel() for p in trainer.params) if not cfg.FSDP else "sharded"
+    say(f"{cfg.MODE}: {len(examples)} items, prompt format {fmt}, device {device.type}"
+        f"{', bf16' if cfg.BF16 else ', fp16' if cfg.FP16 else ''}"
+        f"{f', LoRA r={cfg.LORA_R}' if hasattr(policy.lm, 'peft_config') else ''}"
+        f"{f', {world_size()} processes' + (' (FSDP)' if cfg.FSDP else '') if world_size() > 1 else ''}, "
+        f"{n_trainable} trainable parameters, output {out_dir}")
 
     if eval_examples and state.step == 0:
         log_eval(trainer, eval_examples, eval_metrics, metrics, 0)
@@ -1377,11 +1842,13 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
         return code
     if eval_examples:
         log_eval(trainer, eval_examples, eval_metrics, metrics, state.step)
-        table = write_report(out_dir, metrics.read())
-        print(f"\n{table}\nreport: {out_dir / 'report.md'}", flush=True)
+        if is_main():
+            table = write_report(out_dir, metrics.read())
+            say(f"\n{table}\nreport: {out_dir / 'report.md'}")
     save_final(out_dir, trainer, cfg)
     metrics.file.close()
-    print(f"done: {state.step} steps, {state.bad_total} skipped; metrics in {out_dir / 'metrics.jsonl'}", flush=True)
+    say(f"done: {state.step} steps, {state.bad_total} skipped; metrics in {out_dir / 'metrics.jsonl'}")
+    barrier()
     return 0
 
 
@@ -1449,13 +1916,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
-        return run(load_config(args.config), check=args.check)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = run(load_config(args.config), check=args.check)
+    except UserError as e:  # the same on every process (config, data, global decisions): the main one says it
+        if is_main():
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C: checkpoints already written stay
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+        if is_main():
+            print("\ninterrupted", file=sys.stderr, flush=True)
+        code = 130
+    except Exception as e:
+        if world_size() == 1:
+            raise
+        if not isinstance(e, dist.DistError):  # a peer that went away is not this process's story to tell
+            import traceback
+
+            traceback.print_exc()
+            print(f"error: process {rank()} of {world_size()} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        code = 1
+    if dist_ready():
+        if code:  # the launcher ends the other processes when this one exits; waiting on them could hang
+            sys.stderr.flush()
+            os._exit(code)
+        dist.destroy_process_group()
+    return code
 
 
 if __name__ == "__main__":

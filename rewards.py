@@ -523,6 +523,12 @@ class Reward:
             out = p(out, update=update)
         return out
 
+    @property
+    def stateful(self) -> bool:
+        """True when scoring updates running state (normalize): the trainer then scores every process's
+        responses on each process, so the state stays the same everywhere."""
+        return any(isinstance(p, RunningNormalize) for p in self.post) or any(r.stateful for r, _ in getattr(self.fn, "parts", []))
+
     def __call__(self, response: str, target: str, prompt: Optional[str] = None, item: Optional[dict] = None) -> float:
         return self.scores([response], [target], [prompt], [item])[0]
 

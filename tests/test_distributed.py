@@ -1,0 +1,143 @@
+"""Multi-process runs under torchrun (CPU, gloo, 2 processes, one thread each): 1 process = 2 processes,
+FSDP = DDP, one set of outputs, exact resume, and an error on one process ends all of them."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from test_train import HYBRID_RESUME, comparable, metrics, run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(args: list, timeout: int = 300, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, **kw)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def torchrun_cli(config: dict, tmp_path: Path, **kw) -> subprocess.CompletedProcess:
+    path = tmp_path / f"config-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(config))
+    return torchrun([ROOT / "hybrid_trainer.py", path], **kw)
+
+
+def max_diff(a: Path, b: Path) -> float:
+    x, y = load_file(str(a)), load_file(str(b))
+    assert x.keys() == y.keys()
+    return max((x[k].float() - y[k].float()).abs().max().item() for k in x)
+
+
+SFT = {"MODE": "sft", "SEED": 0, "SFT_BATCH": 4, "EPOCHS": 2, "LR_SFT": 1e-3}
+
+
+def test_sft_one_process_equals_two(tiny_model, tiny_data, tmp_path):
+    cfg = {**SFT, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data)}
+    run_cli({**cfg, "OUTPUT_DIR": str(tmp_path / "one")}, tmp_path)
+    torchrun_cli({**cfg, "OUTPUT_DIR": str(tmp_path / "two")}, tmp_path)
+    assert max_diff(tmp_path / "one/inference_lm/model.safetensors", tmp_path / "two/inference_lm/model.safetensors") <= 1e-5
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["sft/tokens"] for r in one] == [r["sft/tokens"] for r in two]  # global token counts
+    assert [r["sft/loss"] for r in one] == pytest.approx([r["sft/loss"] for r in two], rel=1e-5)
+
+
+@pytest.mark.parametrize("lora_r", ["0", "4"])
+def test_ppo_step_two_halves_equal_whole_batch(lora_r, tiny_model, tmp_path):
+    helper = ROOT / "tests" / "dist_helper.py"
+    one = subprocess.run([sys.executable, str(helper), "ppo_step", str(tiny_model), str(tmp_path / "one.st"), lora_r],
+                         capture_output=True, text=True, env=ENV)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun([helper, "ppo_step", tiny_model, tmp_path / "two.st", lora_r])
+    assert max_diff(tmp_path / "one.st", tmp_path / "two.st") <= 1e-5
+    assert one.stdout.splitlines()[-1] == two.stdout.splitlines()[-1] == "stats kl=0.000000 ratio=1.000000"
+
+
+def test_hybrid_under_two_processes_writes_one_set_of_outputs(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    proc = torchrun_cli({"MODE": "hybrid", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out),
+                         "SEED": 0, "SFT_BATCH": 4, "PPO_BATCH": 4, "PPO_MINI": 2, "MAX_NEW_TOKENS": 5, "LOG_EVERY": 1,
+                         "EVAL_FILE": str(tiny_data), "REWARD": {"type": "contains", "pattern": "yes"}}, tmp_path)
+    assert [r["phase"] for r in metrics(out)] == ["eval", "sft", "ppo", "sft", "ppo", "eval"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["out"]
+    assert (out / "inference_lm" / "model.safetensors").is_file() and (out / "report.md").is_file()
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines()
+             if line.strip() and not line.startswith("hybrid:") and "%|" not in line]
+    assert len(lines) == len(set(lines)), lines  # nothing printed twice
+    assert sum(line.startswith("done:") for line in lines) == 1
+    assert "2 processes" in proc.stdout
+
+
+def test_resume_with_two_processes_after_sigkill(tiny_model, tiny_data, tmp_path):
+    base = {**HYBRID_RESUME, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data)}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    torchrun_cli({**base, "OUTPUT_DIR": str(straight)}, tmp_path)
+    path = tmp_path / "killed.json"
+    path.write_text(json.dumps({**base, "OUTPUT_DIR": str(killed)}))
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "hybrid_trainer.py"), str(path)], env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(int(p.name[5:]) >= 5 for p in (killed / "checkpoints").glob("step-*")):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both processes
+    proc.wait()
+    assert not (killed / "inference_lm").exists(), "the run finished before it could be killed"
+    checkpoint = max((killed / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))
+    assert sorted(p.name for p in checkpoint.glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    resumed = torchrun_cli({**base, "OUTPUT_DIR": str(killed)}, tmp_path)
+    assert "resuming from" in resumed.stdout
+    assert comparable(metrics(killed)) == comparable(metrics(straight))
+    assert max_diff(straight / "inference_lm/model.safetensors", killed / "inference_lm/model.safetensors") <= 1e-6
+
+
+def test_fsdp_matches_ddp_and_runs_hybrid_with_lora(tiny_model, tiny_data, tmp_path):
+    cfg = {**SFT, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data)}
+    torchrun_cli({**cfg, "OUTPUT_DIR": str(tmp_path / "ddp")}, tmp_path)
+    torchrun_cli({**cfg, "FSDP": True, "OUTPUT_DIR": str(tmp_path / "fsdp")}, tmp_path)
+    assert max_diff(tmp_path / "ddp/inference_lm/model.safetensors", tmp_path / "fsdp/inference_lm/model.safetensors") <= 1e-5
+    out = tmp_path / "hybrid"
+    torchrun_cli({"MODE": "hybrid", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out),
+                  "SEED": 0, "FSDP": True, "LORA_R": 4, "REF_UPDATE": "cycle", "SFT_BATCH": 4, "PPO_BATCH": 4,
+                  "PPO_MINI": 2, "MAX_NEW_TOKENS": 5, "SAVE_EVERY": 2, "REWARD": {"type": "contains", "pattern": "yes"}}, tmp_path)
+    assert [r["phase"] for r in metrics(out)] == ["sft", "ppo", "sft", "ppo"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "inference_lm")  # full, unsharded, merged
+    assert (out / "ppo_full" / "adapter_model.safetensors").is_file()
+
+
+def test_error_on_one_process_ends_all_with_one_message(tiny_model, tiny_data, tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**SFT, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(tmp_path / "o")}))
+    start = time.time()
+    proc = torchrun([ROOT / "tests" / "dist_helper.py", "fail_on_rank1", path], check=False, timeout=200)
+    assert proc.returncode != 0
+    assert time.time() - start < 150  # no hang
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: process 1 of 2 failed: RuntimeError: simulated crash on rank 1"], proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("overrides, env, message", [
+    ({"FSDP": True}, {}, "FSDP is true but this is a single process"),
+    ({"SFT_BATCH": 3}, {"WORLD_SIZE": "2"}, "SFT_BATCH (3) must be divisible by the number of processes (2)"),
+    ({"PPO_BATCH": 4, "PPO_MINI": 1}, {"WORLD_SIZE": "2"}, "PPO_MINI (1) must be divisible by the number of processes (2)"),
+])
+def test_bad_multiprocess_settings(overrides, env, message, tiny_model, tiny_data, tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data),
+                                "OUTPUT_DIR": str(tmp_path / "o"), **overrides}))
+    proc = subprocess.run([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path), "--check"], capture_output=True,
+                          text=True, env={**ENV, **env})
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "o").exists()
