@@ -1706,7 +1706,8 @@ def save_final(out_dir: Path, trainer: HybridTrainer, cfg: Config) -> None:
 
     lm, tok = trainer.policy.lm, trainer.tokenizer
     lora = hasattr(lm, "peft_config")
-    state = {k: full_tensor(v) for k, v in lm.state_dict().items()} if cfg.FSDP else None  # gathered on every process
+    untied = {n for n, _ in lm.named_parameters()} | {n for n, _ in lm.named_buffers()}  # a tied weight once
+    state = {k: full_tensor(v) for k, v in lm.state_dict().items() if k in untied} if cfg.FSDP else None  # every process
     v_head = {k: full_tensor(v) for k, v in trainer.policy.v_head.state_dict().items()}
     if not is_main():
         return
@@ -1917,8 +1918,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     try:
         code = run(load_config(args.config), check=args.check)
-    except UserError as e:  # the same on every process (config, data, global decisions): the main one says it
-        if is_main():
+    except UserError as e:  # mostly the same on every process (config, data, global decisions): the main one says it
+        if not is_main():
+            time.sleep(5)  # the launcher ends this process when the main one exits with the same error first
+            print(f"error: process {rank()} of {world_size()}: {e}", file=sys.stderr, flush=True)
+        else:
             print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C: checkpoints already written stay
@@ -1928,7 +1932,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as e:
         if world_size() == 1:
             raise
-        if not isinstance(e, dist.DistError):  # a peer that went away is not this process's story to tell
+        peer_gone = isinstance(e, dist.DistError) or "remote worker crashing" in str(e) or "Connection closed by peer" in str(e)
+        if not peer_gone:  # a peer that went away is not this process's story to tell: the peer tells it
             import traceback
 
             traceback.print_exc()

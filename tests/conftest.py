@@ -21,8 +21,11 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def build_tiny_model(path: Path, chat: bool = False, seed: int = 0, n_layer: int = 2, n_embd: int = 64) -> Path:
-    """Train a ~300-token byte-level BPE on CORPUS and save it with a random 2-layer GPT-2."""
+def build_tiny_model(path: Path, chat: bool = False, seed: int = 0, n_layer: int = 2, n_embd: int = 64,
+                     init_range: float = 0.02) -> Path:
+    """Train a ~300-token byte-level BPE on CORPUS and save it with a random 2-layer GPT-2. A larger init_range
+    gives embeddings large enough that a LoRA adapter (which cannot change the tied embeddings) can move the
+    output distribution."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -38,7 +41,7 @@ def build_tiny_model(path: Path, chat: bool = False, seed: int = 0, n_layer: int
     if chat:
         fast.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(fast), n_positions=1024, n_embd=n_embd, n_layer=n_layer, n_head=2,
+    config = GPT2Config(vocab_size=len(fast), n_positions=1024, n_embd=n_embd, n_layer=n_layer, n_head=2, initializer_range=init_range,
                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
     GPT2LMHeadModel(config).save_pretrained(path)
     fast.save_pretrained(path)
@@ -48,6 +51,11 @@ def build_tiny_model(path: Path, chat: bool = False, seed: int = 0, n_layer: int
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_lora_model"), init_range=0.2)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -78,19 +79,22 @@ def test_hybrid_under_two_processes_writes_one_set_of_outputs(tiny_model, tiny_d
 
 
 def test_resume_with_two_processes_after_sigkill(tiny_model, tiny_data, tmp_path):
-    base = {**HYBRID_RESUME, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data)}
+    base = {**HYBRID_RESUME, "PPO_MINI": 2, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data)}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     torchrun_cli({**base, "OUTPUT_DIR": str(straight)}, tmp_path)
     path = tmp_path / "killed.json"
     path.write_text(json.dumps({**base, "OUTPUT_DIR": str(killed)}))
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(ROOT / "hybrid_trainer.py"), str(path)], env=ENV, start_new_session=True,
+                             str(ROOT / "hybrid_trainer.py"), str(path)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and not any(int(p.name[5:]) >= 5 for p in (killed / "checkpoints").glob("step-*")):
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both processes
+    launcher = psutil.Process(proc.pid)
+    for p in [launcher, *launcher.children(recursive=True)]:  # the launcher and both processes, at once
+        p.send_signal(signal.SIGKILL)
     proc.wait()
+    time.sleep(0.5)
     assert not (killed / "inference_lm").exists(), "the run finished before it could be killed"
     checkpoint = max((killed / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))
     assert sorted(p.name for p in checkpoint.glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]

@@ -65,9 +65,10 @@ def test_adapter_as_model_is_its_own_reference(trained_adapter, tiny_model, tiny
     assert all(not p.requires_grad for n, p in trainer.policy.named_parameters() if ".ref." in n)
 
 
-def test_ppo_with_lora_raises_reward(tiny_model, tiny_data):
+def test_ppo_with_lora_raises_reward(tiny_lora_model, tiny_data):
+    # tiny_lora_model: embeddings at init scale 0.2; at 0.02 the frozen tied embeddings cap p("yes") near 1%
     trainer, examples = trainer_for({"LORA_R": 16, "LORA_ALPHA": 32, "PPO_BATCH": 16, "PPO_MINI": 8, "LR_PPO": 1e-2,
-                                     "INIT_KL_COEF": 0.01, "MAX_NEW_TOKENS": 6}, tiny_model, tiny_data, YesFraction())
+                                     "INIT_KL_COEF": 0.01, "MAX_NEW_TOKENS": 6}, tiny_lora_model, tiny_data, YesFraction())
     batch = (examples * 2)[:16]
     rewards = [trainer.ppo_update(batch)["reward/mean"] for _ in range(25)]
     assert sum(rewards[:3]) / 3 < 0.2, rewards
