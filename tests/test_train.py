@@ -279,3 +279,16 @@ def test_unfinished_run_without_checkpoint_is_kept(tiny_model, tiny_data, tmp_pa
 def test_decaying_schedule_needs_run_length(tiny_model, tiny_data):
     with pytest.raises(ValueError, match="pass n_items"):
         trainer_for({"LR_SCHEDULE": "linear"}, tiny_model, tiny_data, None)
+
+
+def test_gradient_checkpointing_gives_same_update(tiny_model, tiny_data):
+    results = []
+    for checkpointing in (False, True):
+        trainer, examples = trainer_for({"SFT_BATCH": 4, "LR_SFT": 1e-3, "GRADIENT_CHECKPOINTING": checkpointing},
+                                        tiny_model, tiny_data, None)
+        assert trainer.policy.lm.is_gradient_checkpointing == checkpointing
+        loss = trainer.sft_step(examples[:4])["sft/loss"]
+        results.append((loss, [p.detach().clone() for p in trainer.policy.lm.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
