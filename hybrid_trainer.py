@@ -42,8 +42,8 @@ import numpy as np
 # Heavy imports (torch, transformers, trl) happen inside functions where possible, so `--check` and
 # `--help` answer fast. torch itself is needed by the math below.
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -89,6 +89,7 @@ class Config:
     FSDP: bool = _key(False, "shard parameters, gradients and optimizer state over processes (FSDP2; needs torchrun)")
     # --- data ---
     SELECT_OUTPUT: str = _key("output", "item key holding the target response (a list uses its first element)")
+    CATEGORY_FIELD: str = _key("", "item key naming its category: kept out of the prompt, grouped in report.md ('' = none)")
     PROMPT_FORMAT: str = _key("auto", "sketch (### Prompt: template) | chat (tokenizer's chat template) | auto (chat if it has one)")
     PERCENT: float = _key(100, "use this percent of the items (0 < PERCENT <= 100), after a seeded shuffle")
     NUM_SAMPLES: int = _key(0, "use this many items instead of PERCENT (0 = use PERCENT)")
@@ -133,10 +134,11 @@ class Config:
     WARMUP_STEPS: int = _key(0, "linear warm-up, in optimizer steps of each optimizer")
     REF_UPDATE: str = _key("never", "never (frozen initial reference) | cycle (hybrid: reference = policy at the start of each PPO phase)")
     # --- precision, seed, logging ---
-    BF16: bool = _key(False, "bfloat16 autocast (CUDA with bf16, or a CPU with AMX/AVX512-bf16)")
+    BF16: Union[bool, str] = _key("auto", "bfloat16 autocast: auto (on with CUDA bf16; on a CPU when a start-up probe finds bf16 "
+                                  "matmuls faster than fp32) | true | false")
     FP16: bool = _key(False, "float16 autocast with loss scaling (CUDA only)")
     SEED: Optional[int] = _key(None, "random seed (null = drawn from the OS and recorded in the resolved config)")
-    LOG_EVERY: int = _key(10, "print a summary line every this many steps")
+    LOG_EVERY: int = _key(5, "print a summary line every this many steps (the first and last step always print)")
     CLEANSE: bool = _key(True, "free cached accelerator memory after each cycle")
     # --- evaluation ---
     EVAL_FILE: str = _key("", "held-out JSON/JSONL evaluated before, during and after training ('' = off)")
@@ -145,6 +147,7 @@ class Config:
     # --- reliability ---
     SAVE_EVERY: int = _key(0, "write a checkpoint every this many steps (0 = off)")
     KEEP_CHECKPOINTS: int = _key(2, "checkpoints kept (older ones are pruned)")
+    KEEP_CHECKPOINTS_AT_END: bool = _key(False, "keep the resume checkpoints after a run that finished (the final model is saved)")
     RESUME: Union[bool, str] = _key("auto", "auto (newest checkpoint in OUTPUT_DIR) | a checkpoint path | false")
     MAX_BAD_STEPS: int = _key(5, "stop after this many consecutive skipped (non-finite) steps")
 
@@ -201,7 +204,11 @@ class Config:
         need(self.LR_SCHEDULE in ("constant", "linear", "cosine"),
              f"LR_SCHEDULE must be constant, linear or cosine, got {self.LR_SCHEDULE!r}")
         need(self.REF_UPDATE in ("never", "cycle"), f"REF_UPDATE must be 'never' or 'cycle', got {self.REF_UPDATE!r}")
-        need(not (self.BF16 and self.FP16), "BF16 and FP16 are both true: pick one")
+        if isinstance(self.BF16, str):
+            low = self.BF16.strip().lower()
+            need(low in ("auto",) + _TRUE + _FALSE, f"BF16 must be true, false or \"auto\", got {self.BF16!r}")
+            self.BF16 = "auto" if low == "auto" else low in _TRUE
+        need(not (self.BF16 is True and self.FP16), "BF16 and FP16 are both true: pick one")
         need(self.LORA_R >= 0, f"LORA_R must be >= 0 (0 = full fine-tuning), got {self.LORA_R}")
         need(self.LORA_ALPHA > 0, f"LORA_ALPHA must be > 0, got {self.LORA_ALPHA}")
         need(0 <= self.LORA_DROPOUT < 1, f"LORA_DROPOUT must be in [0, 1), got {self.LORA_DROPOUT}")
@@ -209,8 +216,8 @@ class Config:
         need(targets == "all-linear" or isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets),
              f"LORA_TARGETS must be \"all-linear\" or a non-empty list of module names, got {targets!r}")
         world = world_size()
-        need(not self.FSDP or world > 1, "FSDP is true but this is a single process: launch with "
-             "`torchrun --nproc_per_node N hybrid_trainer.py CONFIG` (or accelerate launch --num_processes N), or set FSDP false")
+        need(not self.FSDP or world > 1, "FSDP is true but this is a single process: launch with `torchrun --nproc_per_node N "
+             "hybrid_trainer.py CONFIG` (or accelerate launch --multi_gpu --num_processes N), or set FSDP false")
         for key in ("SFT_BATCH", "PPO_BATCH", "PPO_MINI"):
             need(getattr(self, key) % world == 0, f"{key} ({getattr(self, key)}) must be divisible by the number of processes "
                  f"({world}): batch sizes are global, each process takes an equal share")
@@ -220,6 +227,7 @@ class Config:
              f"RESUME must be 'auto', a checkpoint path or false, got {self.RESUME!r}")
         if self.SEED is None:
             self.SEED = int.from_bytes(os.urandom(4), "big") >> 1
+            self.seed_drawn = True  # not a key: --check says the seed is drawn at start
         if self.RESUME is True:
             self.RESUME = "auto"
         if needs_reward(self):
@@ -274,6 +282,15 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation is dict and not isinstance(value, dict):
         raise UserError(f"{key} must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def shown(path) -> str:
+    """A path for messages: as given, and, when relative, the absolute path looked at and the directory it is
+    relative to (relative paths resolve against the current directory)."""
+    p = Path(str(path)).expanduser()
+    if not p.is_absolute():
+        return f"{str(path)!r} (looked at {Path.cwd() / p}; relative paths start from the current directory {Path.cwd()})"
+    return repr(str(path)) if str(p) == str(path) else f"{str(path)!r} (= {p})"
 
 
 def load_config(path: str) -> Config:
@@ -512,17 +529,18 @@ class Example:
     prompt: str = ""  # formatted prompt text (filled by tokenize_examples)
     prompt_ids: list = field(default_factory=list)
     target_ids: list = field(default_factory=list)  # response tokens + EOS, truncated to fit MAXSEQ
+    category: Optional[str] = None  # CATEGORY_FIELD's value (not part of the prompt; groups the report)
 
 
 def read_items(path: str, key: str) -> list:
     """Read a JSON list or a JSONL file of objects; `key` names the config key in errors."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{key} {path!r} does not exist" if not p.exists() else f"{key} {path!r} is not a file")
+        raise UserError(f"{key} {shown(path)} does not exist" if not p.exists() else f"{key} {shown(path)} is not a file")
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{key} {path!r} cannot be read: {e}") from None
+        raise UserError(f"{key} {shown(path)} cannot be read: {e}") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -561,12 +579,16 @@ def chat_user_text(item: dict, output_key: str) -> str:
     return "\n".join(f"{k}: {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in fields.items())
 
 
-def make_examples(items: list, output_key: str, key: str) -> list[Example]:
-    """Validate items and pull out their targets; errors name the file key and item index."""
+def make_examples(items: list, output_key: str, key: str, category_field: str = "") -> list[Example]:
+    """Validate items and pull out their targets (and categories); errors name the file key and item index."""
     examples = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise UserError(f"{key} item {i} is a {type(item).__name__}, expected a JSON object")
+        category = None
+        if category_field and category_field in item:
+            item = dict(item)
+            category = str(item.pop(category_field))
         if output_key not in item:
             raise UserError(f"{key} item {i} has no output key {output_key!r} (SELECT_OUTPUT); its keys: {sorted(item)}")
         target = item[output_key]
@@ -576,7 +598,7 @@ def make_examples(items: list, output_key: str, key: str) -> list[Example]:
             raise UserError(f"{key} item {i} has an empty or non-text output {output_key!r}: {item[output_key]!r}")
         if len(item) < 2:
             raise UserError(f"{key} item {i} has only the output key {output_key!r}: nothing to build a prompt from")
-        examples.append(Example(index=i, item=item, target=str(target)))
+        examples.append(Example(index=i, item=item, target=str(target), category=category))
     return examples
 
 
@@ -590,7 +612,8 @@ def select_subset(examples: list, cfg: Config) -> list:
 
 
 def load_examples(cfg: Config) -> list[Example]:
-    return select_subset(make_examples(read_items(cfg.TRAIN_FILE, "TRAIN_FILE"), cfg.SELECT_OUTPUT, "TRAIN_FILE"), cfg)
+    return select_subset(make_examples(read_items(cfg.TRAIN_FILE, "TRAIN_FILE"), cfg.SELECT_OUTPUT, "TRAIN_FILE",
+                                       cfg.CATEGORY_FIELD), cfg)
 
 
 def resolve_prompt_format(cfg: Config, tokenizer) -> str:
@@ -676,6 +699,8 @@ def dist_ready() -> bool:
 def init_processes(device: torch.device) -> None:
     """Join the process group the launcher describes in the environment (gloo on CPU, nccl on CUDA)."""
     if world_size() > 1 and not dist_ready():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # collectives of objects use the current device: one GPU per process
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
 
 
@@ -730,15 +755,24 @@ def gather_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([p[:k] for p, k in zip(parts, sizes)])
 
 
-def reduce_gradients(params: list) -> None:
-    """Sum gradients over processes (one flat all_reduce): losses are already normalised by global counts."""
+def reduce_gradients(params: list, bucket_numel: int = 2**25) -> None:
+    """Sum gradients over processes, one flat all_reduce per bucket of about 128 MB (fp32), so the copy costs
+    one bucket of memory, not a second set of gradients. Losses are already normalised by global counts.
+    A parameter a step left unused (the value head in SFT) contributes zeros."""
     if world_size() == 1 or not params:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    for p, g in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = g.view_as(p)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket, size = [], 0
+    for i, p in enumerate(params):
+        bucket, size = bucket + [p], size + p.numel()
+        if size >= bucket_numel or i == len(params) - 1:
+            flat = torch.cat([q.grad.reshape(-1) for q in bucket])
+            dist.all_reduce(flat)
+            for q, g in zip(bucket, flat.split([q.numel() for q in bucket])):
+                q.grad.copy_(g.view_as(q))
+            bucket, size = [], 0
 
 
 def accum_chunks(grad_accum: int, n_global: int) -> int:
@@ -759,6 +793,28 @@ def clip_grad_norm(params: list, max_norm: float) -> float:
         if g:
             torch.nn.utils.clip_grads_with_norm_(g, max_norm, total)
     return float(total)
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup (v2) CPU quota."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def set_threads() -> str:
+    """torch's intra-op threads: OMP_NUM_THREADS when set, else the usable CPUs divided among this node's
+    processes (torch's default counts every core of the machine, even those this process may not use)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"{torch.get_num_threads()} threads (OMP_NUM_THREADS)"
+    cpus, local = usable_cpus(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, cpus // local))
+    return f"{torch.get_num_threads()} threads ({cpus} usable CPUs" + (f" / {local} processes)" if local > 1 else ")")
 
 
 def barrier() -> None:
@@ -789,12 +845,12 @@ def locate_model(name: str, key: str = "MODEL") -> Path:
         return path
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-            raise UserError(f"{key} {name!r} is a directory but not a model (no config.json) nor a LoRA adapter "
-                            f"(no adapter_config.json); looked in {path.resolve()}")
+            raise UserError(f"{key} {shown(name)} is a directory but not a model (no config.json) nor a LoRA adapter "
+                            f"(no adapter_config.json)")
         return path
     if path.exists():
-        raise UserError(f"{key} {name!r} is a file but not a .gguf model")
-    raise UserError(f"{key} {name!r} not found: give a local model directory, a .gguf file or an alias "
+        raise UserError(f"{key} {shown(name)} is a file but not a .gguf model")
+    raise UserError(f"{key} {shown(name)} not found: give a local model directory, a .gguf file or an alias "
                     f"({', '.join(MODEL_ALIASES)}); models are never downloaded")
 
 
@@ -817,10 +873,14 @@ def adapter_base(adapter: Path, key: str = "MODEL") -> Path:
                     f"{adapter / 'adapter_config.json'} to a local path")
 
 
+def gguf_cache_dir(gguf_path: Path, root: Path) -> Path:
+    stat = gguf_path.stat()
+    return root / f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
 def gguf_to_safetensors(gguf_path: Path, root: Path, trust_remote_code: bool = False) -> Path:
     """Convert a .gguf model once into a cached safetensors directory (dequantised) and return it."""
-    stat = gguf_path.stat()
-    dest = root / f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    dest = gguf_cache_dir(gguf_path, root)
     if (dest / "config.json").is_file():
         print(f"model: using converted {gguf_path.name} from cache {dest}", flush=True)
         return dest
@@ -874,11 +934,87 @@ def pick_device(cfg: Config) -> torch.device:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
     if cfg.FP16 and device.type != "cuda":
         raise UserError("FP16 needs a CUDA GPU and none is available; use BF16 on CPU (AMX) or neither")
-    if cfg.BF16:
-        ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        if not ok:
-            raise UserError(f"BF16 is true but this {device.type.upper()} has no bfloat16 support; set BF16 to false")
+    if cfg.BF16 is True and not bf16_supported(device):
+        raise UserError(f"BF16 is true but this {device.type.upper()} has no bfloat16 support; set BF16 to false")
     return device
+
+
+def bf16_supported(device: torch.device) -> bool:
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_bf16(cfg: Config, device: torch.device) -> str:
+    """BF16 "auto" -> true or false, and why (printed in the run's first lines; the resolved config records
+    the choice). CUDA with bf16: on. CPU: on when bf16 matmuls of the model's hidden size beat fp32 here
+    (measured once per machine, cached under CACHE_DIR): bf16 can be 2x faster (AMX, some avx512_bf16 chips)
+    or 1.5x slower (others)."""
+    if cfg.BF16 != "auto":
+        return f"BF16 {str(cfg.BF16).lower()} (set in the config)"
+    if cfg.FP16 or not bf16_supported(device):
+        cfg.BF16 = False
+        return "bf16 off: " + ("FP16 is on" if cfg.FP16 else f"this {device.type.upper()} has no bfloat16 support")
+    if device.type == "cuda":
+        cfg.BF16 = True
+        return "bf16 on: CUDA with bfloat16"
+    speedup, cached = bf16_speedup(model_hidden_size(cfg), cache_root(cfg) / "bf16_probe.json")
+    cfg.BF16 = speedup > 1.1  # a clear win only: fp32 is also the more exact choice
+    return (f"bf16 {'on' if cfg.BF16 else 'off'}: bf16 matmul {speedup:.2f}x fp32 here "
+            f"({'cached probe' if cached else 'probe'}; set BF16 true or false to choose)")
+
+
+def model_hidden_size(cfg: Config) -> int:
+    """The model's hidden size from its config.json (a converted .gguf's, when cached), else 1024."""
+    path = locate_model(cfg.MODEL)
+    if (path / "adapter_config.json").is_file():
+        path = adapter_base(path)
+    if path.suffix == ".gguf":
+        path = gguf_cache_dir(path, cache_root(cfg))
+    try:
+        config = json.loads((path / "config.json").read_text())
+        return int(config.get("hidden_size") or config.get("n_embd") or config.get("text_config", {}).get("hidden_size"))
+    except (OSError, ValueError, TypeError):
+        return 1024
+
+
+def bf16_speedup(hidden: int, cache: Path) -> tuple[float, bool]:
+    """fp32 time / bf16 time of a (256 x n) @ (n x 4n) matmul, n = the hidden size up to 2048 (best of 3,
+    well under a second) -> (speedup, came from the cache). Cached per CPU, torch version and threads."""
+    import platform
+
+    n = min(hidden, 1024)
+    key = f"{platform.processor() or platform.machine()}|{cpu_model()}|torch {torch.__version__}|{torch.get_num_threads()} threads|n={n}"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return float(known[key]), True
+    def best(rows: int, dtype) -> float:
+        x, y = torch.randn(rows, n).to(dtype), torch.randn(n, 4 * n).to(dtype)
+        times = []
+        for _ in range(4):  # the first is a warm-up
+            t0 = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    speedup = best(16, torch.float32) / best(16, torch.bfloat16)  # a small look first: a slow fallback kernel
+    if speedup > 0.2:  # can be 50x slower, and then that is all there is to know
+        speedup = best(256, torch.float32) / best(256, torch.bfloat16)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({**known, key: round(speedup, 3)}, indent=1))
+    except OSError:
+        pass  # an unwritable cache only means probing again next time
+    return speedup, False
+
+
+def cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
 
 
 def load_model(cfg: Config, device: torch.device):
@@ -909,16 +1045,19 @@ def load_model(cfg: Config, device: torch.device):
         warn(f"MAXSEQ={cfg.MAXSEQ} exceeds the context of MODEL ({context} tokens); using MAXSEQ={context}")
         cfg.MAXSEQ = context
     disable_dropout_in_model(lm)  # PPO ratios must be 1 on the first minibatch: no dropout noise
-    if cfg.GRADIENT_CHECKPOINTING:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.GRADIENT_CHECKPOINTING:  # non-reentrant: works with frozen inputs (LoRA) and FSDP
+        if hasattr(lm, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter or cfg.LORA_R > 0:
-        if cfg.BF16:
+        if cfg.BF16 is True:
             lm.to(torch.bfloat16)  # the frozen base in the compute dtype; adapters and value head stay fp32
         lm = add_lora(cfg, lm, adapter)
         reference = AdapterReference(lm, "ref" if adapter or cfg.REF_UPDATE == "cycle" else None)
     else:
         reference = copy.deepcopy(lm).eval().requires_grad_(False)
-        if cfg.BF16:
+        if cfg.BF16 is True:
             reference.to(torch.bfloat16)  # never trained: held once in the compute dtype
     policy = PolicyWithValueHead(lm)
     if cfg.FSDP:
@@ -1033,8 +1172,8 @@ def shard_model(lm: nn.Module) -> None:
 
 
 def autocast_context(cfg: Config, device: torch.device):
-    if cfg.BF16 or cfg.FP16:
-        return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.BF16 else torch.float16)
+    if cfg.BF16 is True or cfg.FP16:
+        return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.BF16 is True else torch.float16)
     return contextlib.nullcontext()
 
 
@@ -1079,6 +1218,8 @@ class HybridTrainer:
         self.opt_ppo = torch.optim.AdamW(self.params, lr=cfg.LR_PPO, **kw)
         # Minibatch order: one generator, seeded alike on every process (1 process = N processes)
         self.perm_generator = torch.Generator().manual_seed(cfg.SEED)
+        self.fuse_first_forward = True  # reuse the first minibatch's forward as the rollout when it is the whole batch
+        self.ref_forward_s = 0.0
         self.kl_ctl = (AdaptiveKLController(cfg.INIT_KL_COEF, cfg.TARGET_KL, cfg.KL_HORIZON) if cfg.ADAPTIVE_KL
                        else FixedKLController(cfg.INIT_KL_COEF))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.FP16)
@@ -1232,11 +1373,35 @@ class HybridTrainer:
         B, R = len(queries), r_ids.shape[1]
         lr = self.opt_ppo.param_groups[0]["lr"]
 
-        # 3. log-probs and values of the sampling policy, log-probs of the reference (each process its share)
+        # 3. log-probs and values of the sampling policy, log-probs of the reference (each process its share).
+        # When the first minibatch is the whole batch, its forward (same weights, no dropout) gives the old
+        # log-probs and values: the rollout's policy forward would compute exactly the same again.
+        t0 = time.perf_counter()
+        perms = [torch.randperm(B, generator=self.perm_generator) for _ in range(cfg.PPO_EPOCHS)]
+        fused = (self.fuse_first_forward and cfg.PPO_MINI >= B and accum_chunks(cfg.GRAD_ACCUM, B) == 1
+                 and cfg.KL_PENALTY != "full")
         start, end = share_bounds(B)
         rows = slice(start, end) if end > start else slice(0, 1)  # an empty share still joins FSDP's collectives
-        old_logprobs, old_values, kl = (gather_rows(t[:end - start], B) for t in
-                                        self._rollout(input_ids[rows], attention_mask[rows], r_ids[rows], R))
+        roll = {k: gather_rows(v[:end - start], B) for k, v in
+                self._rollout(input_ids[rows], attention_mask[rows], r_ids[rows], R, policy=not fused).items()}
+        first = None
+        if fused:
+            self.policy.train()
+            mine = shard(perms[0])
+            n_mine = len(mine)
+            mb, r_len = trim_padding({k: v[(mine if n_mine else perms[0][:1]).to(dev)] for k, v in
+                                      dict(input_ids=input_ids, attention_mask=attention_mask, r_ids=r_ids, r_mask=r_mask).items()}, R)
+            with self.autocast():
+                logits, values = self.policy(mb["input_ids"], mb["attention_mask"], r_len)
+            logprobs = logprobs_from_logits(logits, mb["r_ids"], cfg.TEMPERATURE)
+            first = (logits, values)
+            for key, t in (("logprobs", logprobs), ("values", values)):  # this process's rows -> all rows, batch order
+                full = torch.zeros((B, R), device=dev)
+                full[perms[0].to(dev)] = gather_rows(F.pad(t.detach().float(), (0, R - r_len))[:n_mine], B)
+                roll[key] = full
+        old_logprobs, old_values = roll["logprobs"], roll["values"]
+        kl = roll["kl"] if "kl" in roll else kl_per_token(old_logprobs, roll["ref_logprobs"], cfg.KL_PENALTY)
+        t1 = time.perf_counter()
 
         # 4. rewards and advantages
         kl_coef = self.kl_ctl.value
@@ -1251,17 +1416,19 @@ class HybridTrainer:
                      old_logprobs=old_logprobs, old_values=old_values, advantages=advantages, returns=returns)
         mb_stats, skipped = [], 0
         self.policy.train()
-        for _ in range(cfg.PPO_EPOCHS):
-            for mb_rows in torch.randperm(B, generator=self.perm_generator).split(cfg.PPO_MINI):
+        for perm in perms:
+            for mb_rows in perm.split(cfg.PPO_MINI):
                 mine, scale = shard(mb_rows), 1.0
                 if len(mine) == 0:
                     mine, scale = mb_rows[:1], 0.0
                 mb, r_len = trim_padding({k: v[mine.to(dev)] for k, v in batch.items()}, R)
-                stats = self._ppo_minibatch(mb, r_len, r_mask[mb_rows.to(dev)].sum(), scale, len(mb_rows))
+                stats = self._ppo_minibatch(mb, r_len, r_mask[mb_rows.to(dev)].sum(), scale, len(mb_rows), forward=first)
+                first = None  # only the first minibatch reuses the forward above
                 if stats is None:
                     skipped += 1
                 else:
                     mb_stats.append(stats)
+        t2 = time.perf_counter()
         seq_kl = (kl * r_mask).sum(1).mean().item()
         self.kl_ctl.update(seq_kl, B)
         out = {k: float(np.mean([s[k] for s in mb_stats])) for k in mb_stats[0]} if mb_stats else {}
@@ -1271,38 +1438,48 @@ class HybridTrainer:
             "ppo/mean_scores": scores.mean().item(), "ppo/std_scores": scores.std(unbiased=False).item(),
             "ppo/returns/mean": masked_mean(returns, r_mask).item(), "ppo/val/mean": masked_mean(old_values, r_mask).item(),
             "ppo/skipped_minibatches": skipped, "ppo/response_length": r_mask.sum(1).mean().item(),
-            "ppo/lr": lr,
+            "ppo/lr": lr, "time/rollout_s": t1 - t0, "time/ppo_epochs_s": t2 - t1,
+            "time/reference_forward_s": self.ref_forward_s, "time/tokens": int(attention_mask.sum()),
         })
         if mb_stats:
             out["ppo/policy/ratio_first_minibatch"] = mb_stats[0]["ppo/policy/ratio"]
         return out
 
     @torch.no_grad()
-    def _rollout(self, input_ids, attention_mask, r_ids, R):
-        """Chunked no-grad forward of policy and reference -> old log-probs, old values, per-token KL."""
+    def _rollout(self, input_ids, attention_mask, r_ids, R, policy: bool = True) -> dict:
+        """Chunked no-grad forward of the reference (and of the policy) -> {"ref_logprobs"} (+ "logprobs",
+        "values", and "kl" for KL_PENALTY "full", which needs both whole distributions)."""
         T, kind = self.cfg.TEMPERATURE, self.cfg.KL_PENALTY
-        logprobs, values, kls = [], [], []
+        out: dict = {}
         self.policy.eval()
+        self.ref_forward_s = 0.0
         for rows in torch.arange(len(input_ids), device=input_ids.device).split(self.cfg.PPO_MINI):
+            t0 = time.perf_counter()
             with self.autocast():
-                logits, v = self.policy(input_ids[rows], attention_mask[rows], R)
                 ref_logits = response_forward(self.ref_lm, input_ids[rows], attention_mask[rows], R).logits[:, :-1]
-            lp, ref_lp = logprobs_from_logits(logits, r_ids[rows], T), logprobs_from_logits(ref_logits, r_ids[rows], T)
-            if kind == "full":
-                kls.append(kl_per_token(torch.log_softmax(logits.float() / T, -1), torch.log_softmax(ref_logits.float() / T, -1), "full"))
-            else:
-                kls.append(kl_per_token(lp, ref_lp, kind))
-            logprobs.append(lp)
-            values.append(v)
-        return torch.cat(logprobs), torch.cat(values), torch.cat(kls)
+            ref_lp = logprobs_from_logits(ref_logits, r_ids[rows], T)
+            self.ref_forward_s += time.perf_counter() - t0
+            part = {"ref_logprobs": ref_lp}
+            if policy:
+                with self.autocast():
+                    logits, part["values"] = self.policy(input_ids[rows], attention_mask[rows], R)
+                part["logprobs"] = logprobs_from_logits(logits, r_ids[rows], T)
+                if kind == "full":
+                    part["kl"] = kl_per_token(torch.log_softmax(logits.float() / T, -1),
+                                              torch.log_softmax(ref_logits.float() / T, -1), "full")
+            for k, v in part.items():
+                out.setdefault(k, []).append(v)
+        return {k: torch.cat(v) for k, v in out.items()}
 
     STAT_KEYS = ("ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/clipfrac", "ppo/policy/approxkl",
                  "ppo/policy/ratio", "ppo/val/clipfrac", "ppo/policy/entropy")
 
-    def _ppo_minibatch(self, mb: dict, R: int, n_tokens: torch.Tensor, scale: float, n_rows: int) -> Optional[dict]:
+    def _ppo_minibatch(self, mb: dict, R: int, n_tokens: torch.Tensor, scale: float, n_rows: int,
+                       forward: Optional[tuple] = None) -> Optional[dict]:
         """One optimizer step on this process's rows of a minibatch (split into GRAD_ACCUM chunks), each
         chunk weighted by its share of the minibatch's n_tokens response tokens (all processes); stats are
-        summed over processes. None when skipped because the mean ratio exceeded RATIO_THRESHOLD."""
+        summed over processes. `forward`: the (logits, values) of this minibatch, already computed (one chunk).
+        None when skipped because the mean ratio exceeded RATIO_THRESHOLD."""
         from trl.trainer.utils import entropy_from_logits
 
         cfg = self.cfg
@@ -1311,8 +1488,11 @@ class HybridTrainer:
         for rows in torch.arange(len(mb["r_ids"]), device=self.device).tensor_split(accum_chunks(cfg.GRAD_ACCUM, n_rows)):
             c = {k: v[rows] for k, v in mb.items()}
             weight = c["r_mask"].sum() / n_tokens * scale
-            with self.autocast():
-                logits, values = self.policy(c["input_ids"], c["attention_mask"], R)
+            if forward is not None:
+                logits, values = forward
+            else:
+                with self.autocast():
+                    logits, values = self.policy(c["input_ids"], c["attention_mask"], R)
             logprobs = logprobs_from_logits(logits, c["r_ids"], cfg.TEMPERATURE)
             pl = policy_loss(logprobs, c["old_logprobs"], c["advantages"], c["r_mask"], cfg.CLIPRANGE)
             vl = value_loss(values, c["old_values"], c["returns"], c["r_mask"], cfg.CLIPRANGE_VALUE)
@@ -1374,16 +1554,26 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
         texts += trainer.tokenizer.batch_decode(responses, skip_special_tokens=True) if chunk else []
     texts = sum(gather_objects(texts), [])
     args = (texts, [e.target for e in examples], [e.prompt for e in examples], [e.item for e in examples])
-    result = {}
+    result, per_item = {}, {}
     for name, fn in metrics.items():
         try:
-            result[f"eval/{name}"] = float(np.mean(fn.scores(*args, update=False)))
+            per_item[name] = [float(x) for x in fn.scores(*args, update=False)]
+            result[f"eval/{name}"] = float(np.mean(per_item[name]))
         except Exception as e:  # noqa: BLE001 - a failing metric must not kill the run
             warn(f"eval metric {name} failed: {type(e).__name__}: {e}")
             result[f"eval/{name}"] = float("nan")
-    result["samples"] = [{"prompt": chat_user_text(e.item, trainer.cfg.SELECT_OUTPUT), "target": e.target, "response": t}
-                         for e, t in zip(examples[:4], texts)]
+    contains = [contains_reference(t, e.target) for e, t in zip(examples, texts)]
+    result["eval/contains_reference"] = float(np.mean(contains))
+    # every item, for the report's per-category table and its improved / worse examples
+    result["samples"] = [{"prompt": chat_user_text(e.item, trainer.cfg.SELECT_OUTPUT), "target": e.target, "response": t,
+                          "reward": per_item.get("reward", [None] * len(texts))[i], "contains": c, "category": e.category}
+                         for i, (e, t, c) in enumerate(zip(examples, texts, contains))]
     return result
+
+
+def contains_reference(response: str, target: str) -> bool:
+    """The reference appears in the response (case-insensitive): knowing the answer, whatever the format."""
+    return target.strip().lower() in response.lower()
 
 
 # ==================================================================================================
@@ -1459,6 +1649,7 @@ def train_loop(cfg, trainer, examples, eval_examples, eval_metrics, out_dir, sta
     from tqdm.auto import tqdm
 
     schedule = step_plan(cfg, len(examples))
+    first_step = state.step + 1  # the first and the last step always print their line
     bar = tqdm(total=len(schedule) * cfg.EPOCHS, initial=state.step, desc=f"{cfg.MODE}", unit="step", dynamic_ncols=True,
                disable=not is_main())
     for epoch in range(state.epoch, cfg.EPOCHS):
@@ -1489,7 +1680,7 @@ def train_loop(cfg, trainer, examples, eval_examples, eval_metrics, out_dir, sta
                       "skipped_total": state.bad_total, "time/step_s": time.perf_counter() - t0}
             metrics.log(record)
             bar.update(1)
-            if state.step % cfg.LOG_EVERY == 0 and is_main():
+            if (state.step % cfg.LOG_EVERY == 0 or state.step in (first_step, len(schedule) * cfg.EPOCHS)) and is_main():
                 tqdm.write(summary_line(record))
             if state.bad_streak >= cfg.MAX_BAD_STEPS:
                 bar.close()
@@ -1542,7 +1733,7 @@ def plan_output_dir(cfg: Config) -> Path:
     """OUTPUT_DIR, or a fresh run-N inside it when it holds another run's results (never overwritten)."""
     out = Path(cfg.OUTPUT_DIR).expanduser()
     if out.exists() and not out.is_dir():
-        raise UserError(f"OUTPUT_DIR {cfg.OUTPUT_DIR!r} is a file, expected a directory")
+        raise UserError(f"OUTPUT_DIR {shown(cfg.OUTPUT_DIR)} is a file, expected a directory")
     candidate, n, first_state = out, 2, output_dir_state(out, cfg)
     while output_dir_state(candidate, cfg) in ("finished", "used"):
         candidate, n = out / f"run-{n}", n + 1
@@ -1550,6 +1741,46 @@ def plan_output_dir(cfg: Config) -> Path:
         what = "a finished model" if first_state == "finished" else "files of an earlier run (and RESUME cannot continue it)"
         warn(f"OUTPUT_DIR {out} already holds {what}; this run writes to {candidate} instead")
     return candidate
+
+
+def disk_usage(path: Path) -> str:
+    """'1.1 GB (ppo_full 540 MB, inference_lm 540 MB, ...)': the total and each entry of at least 1 MB."""
+    def size(p: Path) -> int:
+        return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+    def human(n: float) -> str:
+        for unit in ("B", "KB", "MB", "GB"):
+            if n < 1000 or unit == "GB":
+                return f"{n:.3g} {unit}"
+            n /= 1000
+
+    parts = sorted(((size(p), p.name) for p in path.iterdir()), reverse=True)
+    big = [f"{name} {human(n)}" for n, name in parts if n >= 1e6]
+    return human(sum(n for n, _ in parts)) + (f" ({', '.join(big)})" if big else "")
+
+
+def check_writable(path: Path, key: str) -> None:
+    """Create `path` (with its parents) and write a probe file in it, then remove all the probe created: one
+    `error:` line naming the path and the reason instead of a traceback after the model has loaded."""
+    missing, p = [], path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    created = []
+    try:
+        if not p.is_dir():
+            raise UserError(f"{key} {shown(path)} cannot be created: {p} is a file, not a directory")
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{key} {shown(path)} is not writable: {e.strerror or e}") from None
+    finally:
+        for d in reversed(created):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def latest_checkpoint(out_dir: Path) -> Optional[Path]:
@@ -1564,7 +1795,7 @@ def find_resume_point(cfg: Config, out_dir: Path) -> Optional[Path]:
         return latest_checkpoint(out_dir)
     path = Path(cfg.RESUME).expanduser()
     if not (path / "state.json").is_file():
-        raise UserError(f"RESUME {cfg.RESUME!r} is not a checkpoint directory (no state.json)")
+        raise UserError(f"RESUME {shown(cfg.RESUME)} is not a checkpoint directory (no state.json)")
     return path
 
 
@@ -1756,15 +1987,18 @@ def needs_reward(cfg: Config) -> bool:
 def load_eval_examples(cfg: Config) -> list[Example]:
     if not cfg.EVAL_FILE:
         return []
-    return make_examples(read_items(cfg.EVAL_FILE, "EVAL_FILE"), cfg.SELECT_OUTPUT, "EVAL_FILE")[:cfg.EVAL_SAMPLES]
+    return make_examples(read_items(cfg.EVAL_FILE, "EVAL_FILE"), cfg.SELECT_OUTPUT, "EVAL_FILE",
+                         cfg.CATEGORY_FIELD)[:cfg.EVAL_SAMPLES]
 
 
 def adopt_checkpoint_config(cfg: Config, checkpoint: Path) -> None:
     """Data order and sampling depend on the seed the run started with; other changed keys get a warning."""
     saved = json.loads((checkpoint / "state.json").read_text())["config"]
     cfg.SEED = saved["SEED"]
+    if cfg.BF16 == "auto" and isinstance(saved.get("BF16"), bool):
+        cfg.BF16 = saved["BF16"]  # the choice the run started with, whatever a probe would say now
     changed = [k for k, v in cfg.resolved().items()
-               if k not in ("RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS") and saved.get(k, v) != v]
+               if k not in ("RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "KEEP_CHECKPOINTS_AT_END") and saved.get(k, v) != v]
     if changed:
         warn(f"resuming {checkpoint} with changed keys {changed}: the result will differ from an uninterrupted run")
 
@@ -1788,16 +2022,27 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
         adapter_base(path)  # its base must be available offline too
     out_dir = plan_output_dir(cfg)
     resume_from = find_resume_point(cfg, out_dir)
+    if is_main():  # before any weights load
+        check_writable(out_dir, "OUTPUT_DIR")
+        base = adapter_base(path) if (path / "adapter_config.json").is_file() else path
+        if base.suffix == ".gguf" and not (gguf_cache_dir(base, cache_root(cfg)) / "config.json").is_file():
+            check_writable(cache_root(cfg), "CACHE_DIR")  # the conversion will be written there
     if check:
-        say(json.dumps(cfg.resolved(), indent=2))
+        say(json.dumps({**cfg.resolved(), **({"SEED": None} if getattr(cfg, "seed_drawn", False) else {})}, indent=2))
+        if getattr(cfg, "seed_drawn", False):
+            say("SEED is null: a seed will be drawn when the run starts and recorded in OUTPUT_DIR/config.json")
         say(f"ok: {len(examples)} training items, {len(eval_examples)} eval items; {len(step_plan(cfg, len(examples))) * cfg.EPOCHS} "
             f"steps; output -> {out_dir}" + (f"; would resume from {resume_from}" if resume_from else ""))
         return 0
     device = pick_device(cfg)
     init_processes(device)
+    threads = set_threads()
     barrier()  # every process has planned the output dir before the main one creates it
     if resume_from is not None:
         adopt_checkpoint_config(cfg, resume_from)
+    precision = resolve_bf16(cfg, device) if is_main() else None
+    cfg.BF16, precision = gather_objects((cfg.BF16, precision))[0]  # the main process's choice, everywhere
+    say(precision)
     cfg.SEED = gather_objects(cfg.SEED)[0]  # a drawn seed: the main process's, everywhere
     seed = cfg.SEED + rank()  # sampling differs per process; minibatch order uses a shared generator
     random.seed(seed)
@@ -1830,10 +2075,10 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
     metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=state.step)
     n_trainable = sum(p.numel() for p in trainer.params) if not cfg.FSDP else "sharded"
     say(f"{cfg.MODE}: {len(examples)} items, prompt format {fmt}, device {device.type}"
-        f"{', bf16' if cfg.BF16 else ', fp16' if cfg.FP16 else ''}"
+        f"{', bf16' if cfg.BF16 is True else ', fp16' if cfg.FP16 else ''}"
         f"{f', LoRA r={cfg.LORA_R}' if hasattr(policy.lm, 'peft_config') else ''}"
         f"{f', {world_size()} processes' + (' (FSDP)' if cfg.FSDP else '') if world_size() > 1 else ''}, "
-        f"{n_trainable} trainable parameters, output {out_dir}")
+        f"{n_trainable} trainable parameters, {threads}, output {out_dir}")
 
     if eval_examples and state.step == 0:
         log_eval(trainer, eval_examples, eval_metrics, metrics, 0)
@@ -1842,47 +2087,106 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
     if code:
         return code
     if eval_examples:
-        log_eval(trainer, eval_examples, eval_metrics, metrics, state.step)
+        if not (cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0):  # else the loop just evaluated this step
+            log_eval(trainer, eval_examples, eval_metrics, metrics, state.step)
         if is_main():
-            table = write_report(out_dir, metrics.read())
+            table = write_report(out_dir, metrics.read(), cfg, len(examples))
             say(f"\n{table}\nreport: {out_dir / 'report.md'}")
     save_final(out_dir, trainer, cfg)
     metrics.file.close()
-    say(f"done: {state.step} steps, {state.bad_total} skipped; metrics in {out_dir / 'metrics.jsonl'}")
+    if is_main() and not cfg.KEEP_CHECKPOINTS_AT_END and (out_dir / "checkpoints").exists():
+        shutil.rmtree(out_dir / "checkpoints")  # the run finished: the final model is saved, resume state is not needed
+    say(f"done: {state.step} steps, {state.bad_total} skipped; metrics in {out_dir / 'metrics.jsonl'}; "
+        f"{out_dir} holds {disk_usage(out_dir)}")
     barrier()
     return 0
 
 
-def write_report(out_dir: Path, records: list[dict]) -> str:
-    """report.md (before/after table + sample completions) and PNG plots of reward, KL, SFT loss and
-    eval metrics over steps. Returns the table."""
+def write_report(out_dir: Path, records: list[dict], cfg: Optional[Config] = None, n_train: Optional[int] = None) -> str:
+    """report.md: what was trained, the before/after table, a per-category table when items have one, examples
+    that improved and that got worse, and the curves (PNG) with what each shows. Returns the table."""
     evals = [r for r in records if r.get("phase") == "eval"]
     first, last = evals[0], evals[-1]
     names = [k for k in first if k.startswith("eval/")]
-    table = "\n".join([f"| metric | before (step {first['step']}) | after (step {last['step']}) | change |", "|---|---|---|---|"] +
-                      [f"| {k[5:]} | {first[k]:.4f} | {last[k]:.4f} | {last[k] - first[k]:+.4f} |" for k in names])
-    samples = ["| prompt | target | before | after |", "|---|---|---|---|"]
     cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")[:160]  # noqa: E731
-    for b, a in zip(first["samples"], last["samples"]):
-        samples.append(f"| {cell(b['prompt'])} | {cell(b['target'])} | {cell(b['response'])} | {cell(a['response'])} |")
+    table = "\n".join([f"| metric | before (step {first['step']}) | after (step {last['step']}) | change |", "|---|---|---|---|"] +
+                       [f"| {k[5:]} | {first[k]:.4f} | {last[k]:.4f} | {last[k] - first[k]:+.4f} |" for k in names])
+    steps = [r for r in records if r.get("phase") in ("sft", "ppo")]
+    n_sft, n_ppo = sum(r["phase"] == "sft" for r in steps), sum(r["phase"] == "ppo" for r in steps)
+    parts = ["# Training report\n"]
+    if cfg is not None:
+        parts.append(f"**What was trained.** `MODE` {cfg.MODE} on `{cfg.MODEL}`" + (f" with LoRA r={cfg.LORA_R}" if cfg.LORA_R else "") +
+                     f": {n_sft} SFT steps and {n_ppo} PPO updates over {n_train} training items of `{cfg.TRAIN_FILE}`"
+                     f" ({cfg.EPOCHS} epoch(s)); reward `{json.dumps(cfg.REWARD)}`. Before training (step {first['step']}) and after "
+                     f"(step {last['step']}) the model answered the {len(last['samples'])} held-out prompts of `{cfg.EVAL_FILE}` "
+                     "greedily.\n")
+    parts += ["## Evaluation before and after\n",
+              "Each row is a mean over the held-out items: `reward` is the configured reward, `bleu` and `rougeL` compare the "
+              "response with the reference (0 to 1), `exact_match` counts responses equal to the reference after normalising "
+              "case and punctuation, and `contains_reference` counts responses that contain the reference anywhere. A rise in "
+              "`exact_match` with a flat or falling `contains_reference` means the model learnt the answer format rather "
+              "than more answers; a fall in `contains_reference` means it forgot some.\n", table + "\n"]
+    before, after = first["samples"], last["samples"]
+    categories = sorted({s.get("category") for s in after if s.get("category") is not None})
+    if categories:
+        rows = ["| category | items | reward before | reward after | contains reference before | after |", "|---|---|---|---|---|---|"]
+        for c in categories:
+            idx = [i for i, s in enumerate(after) if s.get("category") == c]
+            reward_b, reward_a = (np.mean([xs[i]["reward"] or 0.0 for i in idx]) for xs in (before, after))
+            rows.append(f"| {c} | {len(idx)} | {reward_b:.3f} | {reward_a:.3f} | "
+                        f"{sum(before[i]['contains'] for i in idx)}/{len(idx)} | {sum(after[i]['contains'] for i in idx)}/{len(idx)} |")
+        parts += ["## By category\n", "The same evaluation grouped by the items' category (`CATEGORY_FIELD`): the mean reward, "
+                  "and how many responses contain the reference. A category whose count falls is knowledge the model lost.\n",
+                  "\n".join(rows) + "\n"]
+    delta = [((a["reward"] or 0.0) - (b["reward"] or 0.0), i) for i, (b, a) in enumerate(zip(before, after))]
+    improved = [i for d, i in sorted(delta, reverse=True) if d > 0][:3]
+    worse = [i for d, i in sorted(delta) if d < 0][:3]
+    samples = ["| change | prompt | target | before | after | reward before → after |", "|---|---|---|---|---|---|"]
+    for label, picked in (("improved", improved), ("worse", worse)):
+        for i in picked:
+            b, a = before[i], after[i]
+            samples.append(f"| {label} | {cell(b['prompt'])} | {cell(b['target'])} | {cell(b['response'])} | {cell(a['response'])} | "
+                           f"{number(b['reward'])} → {number(a['reward'])} |")
+    parts += ["## Sample completions\n", "The held-out items whose reward improved most, then those that got worse most "
+              f"({len([d for d, _ in delta if d > 0])} improved, {len([d for d, _ in delta if d < 0])} got worse, the rest unchanged): "
+              "a headline gain can hide both.\n", "\n".join(samples) + "\n"]
     plots = plot_metrics(out_dir, records)
-    (out_dir / "report.md").write_text(
-        "# Training report\n\n## Evaluation before and after\n\n" + table + "\n\n## Sample completions\n\n" +
-        "\n".join(samples) + "\n\n## Curves\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots))
+    if plots:
+        parts.append("## Curves\n")
+        for p in plots:
+            parts.append(f"![{p.stem}]({p.name})\n\n{PLOT_CAPTIONS[p.stem[5:]]}\n")
+    (out_dir / "report.md").write_text("\n".join(parts))
     return table
 
 
+def number(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+PLOT_CAPTIONS = {
+    "reward": "Mean reward of the sampled responses at each PPO update (noisy: a fresh batch each time).",
+    "kl": "KL from the reference per response (nats), estimated from the sampled tokens at each PPO update. The estimate is "
+          "noisy per batch and can be negative (a negative value is sampling noise, not a negative divergence); "
+          "`KL_PENALTY: \"full\"` computes it exactly over the vocabulary.",
+    "sft_loss": "SFT cross-entropy per response token (nats) at each SFT step.",
+    "eval": "Held-out metrics at each evaluation (`EVAL_EVERY`).",
+}
+
+
 def plot_metrics(out_dir: Path, records: list[dict]) -> list[Path]:
-    """One PNG per curve that has data: reward, KL, SFT loss, eval metrics (headless matplotlib)."""
+    """One PNG per curve that has data: reward, KL, SFT loss, and eval metrics when there are 3 or more
+    evaluations (with two, the report's table says it all). Headless matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {"reward": ["reward/mean"], "kl": ["objective/kl"], "sft_loss": ["sft/loss"],
-              "eval": sorted({k for r in records if r.get("phase") == "eval" for k in r if k.startswith("eval/")})}
+    evals = [r for r in records if r.get("phase") == "eval"]
+    curves = {"reward": (["reward/mean"], "mean reward"), "kl": (["objective/kl"], "KL (nats per response)"),
+              "sft_loss": (["sft/loss"], "cross-entropy (nats per token)"),
+              "eval": (sorted({k for r in evals for k in r if k.startswith("eval/")}) if len(evals) >= 3 else [], "metric value")}
     written = []
-    for name, keys in curves.items():
+    for name, (keys, ylabel) in curves.items():
         series = {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}
         if not any(series.values()):
             continue
@@ -1890,7 +2194,10 @@ def plot_metrics(out_dir: Path, records: list[dict]) -> list[Path]:
         for k, points in series.items():
             if points:
                 ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=k)
-        ax.set_xlabel("step")
+        if name == "kl":
+            ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("step (SFT steps + PPO updates)")
+        ax.set_ylabel(ylabel)
         ax.set_title(name.replace("_", " "))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

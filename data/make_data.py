@@ -33,42 +33,42 @@ OPPOSITES = {"hot": "cold", "big": "small", "fast": "slow", "up": "down", "happy
 
 
 def tasks(rng: random.Random, countries, words, opposites, numbers):
-    """Yield (instruction, output) pairs drawn from the given facts."""
+    """Yield (category, instruction, output) triples drawn from the given facts."""
     kinds = ["capital", "add", "times", "upper", "reverse", "opposite", "letters", "sort"]
     while True:
         kind = rng.choice(kinds)
         if kind == "capital":
             c = rng.choice(countries)
-            yield f"What is the capital of {c}? Answer with the city name only.", CAPITALS[c]
+            yield kind, f"What is the capital of {c}? Answer with the city name only.", CAPITALS[c]
         elif kind == "add":
             a, b = rng.choice(numbers), rng.choice(numbers)
-            yield f"What is {a} + {b}? Answer with the number only.", str(a + b)
+            yield kind, f"What is {a} + {b}? Answer with the number only.", str(a + b)
         elif kind == "times":
             a, b = rng.randint(2, 12), rng.choice(numbers) % 13 + 2
-            yield f"What is {a} times {b}? Answer with the number only.", str(a * b)
+            yield kind, f"What is {a} times {b}? Answer with the number only.", str(a * b)
         elif kind == "upper":
             w = rng.choice(words)
-            yield f"Write the word '{w}' in capital letters.", w.upper()
+            yield kind, f"Write the word '{w}' in capital letters.", w.upper()
         elif kind == "reverse":
             ws = rng.sample(words, 3)
-            yield f"Reverse the order of these words: {' '.join(ws)}", " ".join(reversed(ws))
+            yield kind, f"Reverse the order of these words: {' '.join(ws)}", " ".join(reversed(ws))
         elif kind == "opposite":
             w = rng.choice(opposites)
-            yield f"What is the opposite of '{w}'? Answer with one word.", OPPOSITES[w]
+            yield kind, f"What is the opposite of '{w}'? Answer with one word.", OPPOSITES[w]
         elif kind == "letters":
             w = rng.choice(words)
-            yield f"How many letters are in the word '{w}'? Answer with the number only.", str(len(w))
+            yield kind, f"How many letters are in the word '{w}'? Answer with the number only.", str(len(w))
         else:
             ws = rng.sample(words, 3)
-            yield f"Sort these words alphabetically: {', '.join(ws)}", ", ".join(sorted(ws))
+            yield kind, f"Sort these words alphabetically: {', '.join(ws)}", ", ".join(sorted(ws))
 
 
 def build(n: int, seed: int, countries, words, opposites, numbers, seen=frozenset()):
     rng, items, keys = random.Random(seed), [], set(seen)
-    for instruction, output in tasks(rng, countries, words, opposites, numbers):
+    for kind, instruction, output in tasks(rng, countries, words, opposites, numbers):
         if instruction not in keys:
             keys.add(instruction)
-            items.append({"instruction": instruction, "output": output})
+            items.append({"instruction": instruction, "output": output, "category": kind})
         if len(items) == n:
             return items
 

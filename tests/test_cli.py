@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_tiny_gguf
 
 import hybrid_trainer as ht
 
@@ -91,6 +92,12 @@ BAD_INPUTS = [
     ("FP16 without CUDA", lambda t: {"overrides": {"FP16": True}}, "FP16 needs a CUDA GPU"),
     ("no prompt fits MAXSEQ", lambda t: {"overrides": {"MAXSEQ": 3}}, "no item has a prompt shorter than MAXSEQ=3"),
     ("EVAL_FILE missing", lambda t: {"overrides": {"EVAL_FILE": str(t / "eval.json")}}, "EVAL_FILE"),
+    ("OUTPUT_DIR not creatable", lambda t: {"overrides": {"OUTPUT_DIR": "/proc/x/out"}}, "OUTPUT_DIR '/proc/x/out' is not writable"),
+    ("OUTPUT_DIR under a file", lambda t: {"overrides": {"OUTPUT_DIR": data_file(t, "x", "afile") + "/out"}}, "is a file, not a directory"),
+    ("CACHE_DIR not writable", lambda t: {"overrides": {"MODEL": str(write_tiny_gguf(t / "m.gguf")), "CACHE_DIR": "/proc/x"}}, "CACHE_DIR '/proc/x' is not writable"),
+    ("LORA_R negative", lambda t: {"overrides": {"LORA_R": -4}}, "LORA_R must be >= 0"),
+    ("LORA_TARGETS names no module", lambda t: {"overrides": {"LORA_R": 4, "LORA_TARGETS": ["q_proj"]}}, "its linear modules: c_attn, c_fc, c_proj"),
+    ("FSDP in one process", lambda t: {"overrides": {"FSDP": True}}, "FSDP is true but this is a single process"),
 ]
 
 

@@ -111,7 +111,7 @@ def test_demo_data_sizes_and_held_out():
     train = json.loads((ROOT / "data" / "train.json").read_text())
     evals = json.loads((ROOT / "data" / "eval.json").read_text())
     assert len(train) >= 300 and len(evals) >= 50
-    assert all(set(x) == {"instruction", "output"} and x["output"] for x in train + evals)
+    assert all(set(x) == {"instruction", "output", "category"} and x["output"] for x in train + evals)
     assert not {x["instruction"] for x in train} & {x["instruction"] for x in evals}
 
 

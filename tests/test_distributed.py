@@ -12,7 +12,6 @@ from pathlib import Path
 import psutil
 import pytest
 from safetensors.torch import load_file
-
 from test_train import HYBRID_RESUME, comparable, metrics, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent

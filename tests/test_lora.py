@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import EXACT_PPO, YesFraction, metrics, run_cli, trainer_for
 
 import hybrid_trainer as ht
-from test_train import EXACT_PPO, YesFraction, metrics, run_cli, trainer_for
 
 
 def first_update(trainer, examples):
@@ -77,6 +77,7 @@ def test_ppo_with_lora_raises_reward(tiny_lora_model, tiny_data):
 
 LORA_HYBRID = {"MODE": "hybrid", "SEED": 5, "LORA_R": 4, "REF_UPDATE": "cycle", "SFT_BATCH": 2, "PPO_BATCH": 2, "PPO_MINI": 1,
                "MAX_NEW_TOKENS": 4, "LR_SFT": 1e-2, "LR_PPO": 1e-2, "SAVE_EVERY": 1, "KEEP_CHECKPOINTS": 20,
+               "KEEP_CHECKPOINTS_AT_END": True,
                "REWARD": {"type": "contains", "pattern": "yes"}, **EXACT_PPO}
 
 

@@ -1,0 +1,91 @@
+"""Hardware: BF16 "auto" (a cached probe on CPU), frozen weights held in bf16, and the rollout forward that
+the first minibatch makes redundant when it is the whole batch."""
+
+import json
+
+import pytest
+import torch
+from dist_helper import QUERIES, RESPONSES, SCORES
+from test_train import YesFraction, run_cli, trainer_for
+
+import hybrid_trainer as ht
+
+
+def fixed_step(trainer):
+    tok = trainer.tokenizer
+    queries = [tok(q)["input_ids"] for q in QUERIES]
+    responses = [tok(r)["input_ids"] + [tok.eos_token_id] for r in RESPONSES]
+    return trainer.ppo_step(queries, responses, SCORES)
+
+
+@pytest.mark.parametrize("kl_penalty", ["kl", "mse"])
+def test_first_minibatch_forward_replaces_the_rollout_forward(kl_penalty, tiny_model, tiny_data):
+    results = []
+    for fuse in (False, True):
+        trainer, _ = trainer_for({"PPO_BATCH": 8, "PPO_MINI": 8, "PPO_EPOCHS": 3, "LR_PPO": 1e-3, "KL_PENALTY": kl_penalty,
+                                  "WHITEN_REWARDS": True}, tiny_model, tiny_data, None)
+        trainer.fuse_first_forward = fuse
+        calls = []
+        trainer.policy.v_head.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        first = fixed_step(trainer)  # the KL is 0 here: the policy still equals the reference
+        stats = fixed_step(trainer)  # now the policy moved: rewards carry a KL term
+        results.append((first, stats, len(calls), [p.detach().clone() for p in trainer.policy.parameters()]))
+    (first_a, a, calls_a, weights_a), (first_b, b, calls_b, weights_b) = results
+    assert calls_a == 2 * (3 + 1) and calls_b == 2 * 3  # one policy forward fewer per update
+    assert first_b["ppo/policy/ratio_first_minibatch"] == 1.0 and first_b["objective/kl"] == 0.0
+    for key in ("objective/kl", "ppo/loss/policy", "ppo/loss/value", "ppo/returns/mean", "ppo/val/mean", "ppo/policy/clipfrac"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    for x, y in zip(weights_a, weights_b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_auto_resolves_from_a_cached_probe(tiny_model, tiny_data, tmp_path, monkeypatch):
+    cfg = ht.Config.from_dict({"MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": "-", "CACHE_DIR": str(tmp_path)})
+    assert cfg.BF16 == "auto"
+    monkeypatch.setattr(ht, "bf16_supported", lambda device: False)
+    assert ht.resolve_bf16(cfg, torch.device("cpu")) == "bf16 off: this CPU has no bfloat16 support" and cfg.BF16 is False
+    monkeypatch.setattr(ht, "bf16_supported", lambda device: True)
+    speedup, cached = ht.bf16_speedup(64, tmp_path / "bf16_probe.json")  # a real probe at hidden size 64
+    assert speedup > 0 and not cached
+    assert ht.bf16_speedup(64, tmp_path / "bf16_probe.json") == (speedup, True)
+    for measured, choice in ((2.2, True), (0.6, False)):
+        monkeypatch.setattr(ht, "bf16_speedup", lambda hidden, cache, m=measured: (m, True))
+        cfg.BF16 = "auto"
+        why = ht.resolve_bf16(cfg, torch.device("cpu"))
+        assert cfg.BF16 is choice and f"bf16 matmul {measured:.2f}x fp32 here" in why
+    cfg.BF16 = False
+    assert "set in the config" in ht.resolve_bf16(cfg, torch.device("cpu")) and cfg.BF16 is False
+
+
+def test_run_prints_and_records_the_bf16_choice(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "o"
+    proc = run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
+                    "CACHE_DIR": str(tmp_path / "cache")}, tmp_path)
+    assert proc.stdout.splitlines()[0].startswith("bf16 ")
+    assert isinstance(json.loads((out / "config.json").read_text())["BF16"], bool)
+
+
+def test_resume_keeps_the_original_bf16_choice(tmp_path):
+    checkpoint = tmp_path / "step-1"
+    checkpoint.mkdir()
+    cfg = ht.Config.from_dict({"TRAIN_FILE": "t", "OUTPUT_DIR": "o", "SEED": 1})
+    (checkpoint / "state.json").write_text(json.dumps({"config": {**cfg.resolved(), "BF16": True}}))
+    ht.adopt_checkpoint_config(cfg, checkpoint)
+    assert cfg.BF16 is True
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_bf16_frozen_weights_are_stored_once_and_ratio_kl_hold(lora_r, tiny_model, tiny_data):
+    trainer, examples = trainer_for({"BF16": True, "LORA_R": lora_r, "PPO_BATCH": 8, "PPO_MINI": 4, "MAX_NEW_TOKENS": 5},
+                                    tiny_model, tiny_data, YesFraction())
+    if lora_r:  # the frozen base in bf16; adapter and value head fp32
+        assert {p.dtype for n, p in trainer.policy.named_parameters() if not p.requires_grad} == {torch.bfloat16}
+        assert {p.dtype for p in trainer.params} == {torch.float32}
+    else:  # the policy's master weights fp32, the reference copy bf16
+        assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
+        assert {p.dtype for p in trainer.ref_lm.parameters()} == {torch.bfloat16}
+    responses, _ = trainer.generate([e.prompt_ids for e in examples])
+    stats = trainer.ppo_step([e.prompt_ids for e in examples], responses, [1.0] * 8)
+    # bf16 tolerance: the reference's weights are the bf16 rounding of the policy's, which autocast uses anyway
+    assert abs(stats["ppo/policy/ratio_first_minibatch"] - 1.0) < 1e-3
+    assert abs(stats["objective/kl"]) < 0.05 * stats["ppo/response_length"]
