@@ -1001,9 +1001,10 @@ def bf16_speedup(hidden: int, cache: Path) -> tuple[float, bool]:
     speedup = best(16, torch.float32) / best(16, torch.bfloat16)  # a small look first: a slow fallback kernel
     if speedup > 0.2:  # can be 50x slower, and then that is all there is to know
         speedup = best(256, torch.float32) / best(256, torch.bfloat16)
+    speedup = round(speedup, 3)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({**known, key: round(speedup, 3)}, indent=1))
+        cache.write_text(json.dumps({**known, key: speedup}, indent=1))
     except OSError:
         pass  # an unwritable cache only means probing again next time
     return speedup, False
@@ -1384,7 +1385,7 @@ class HybridTrainer:
         rows = slice(start, end) if end > start else slice(0, 1)  # an empty share still joins FSDP's collectives
         roll = {k: gather_rows(v[:end - start], B) for k, v in
                 self._rollout(input_ids[rows], attention_mask[rows], r_ids[rows], R, policy=not fused).items()}
-        first = None
+        first, t_fused = None, time.perf_counter()
         if fused:
             self.policy.train()
             mine = shard(perms[0])
@@ -1399,6 +1400,7 @@ class HybridTrainer:
                 full = torch.zeros((B, R), device=dev)
                 full[perms[0].to(dev)] = gather_rows(F.pad(t.detach().float(), (0, R - r_len))[:n_mine], B)
                 roll[key] = full
+        t_fused = time.perf_counter() - t_fused  # the first minibatch's forward: counted with the PPO epochs
         old_logprobs, old_values = roll["logprobs"], roll["values"]
         kl = roll["kl"] if "kl" in roll else kl_per_token(old_logprobs, roll["ref_logprobs"], cfg.KL_PENALTY)
         t1 = time.perf_counter()
@@ -1438,7 +1440,7 @@ class HybridTrainer:
             "ppo/mean_scores": scores.mean().item(), "ppo/std_scores": scores.std(unbiased=False).item(),
             "ppo/returns/mean": masked_mean(returns, r_mask).item(), "ppo/val/mean": masked_mean(old_values, r_mask).item(),
             "ppo/skipped_minibatches": skipped, "ppo/response_length": r_mask.sum(1).mean().item(),
-            "ppo/lr": lr, "time/rollout_s": t1 - t0, "time/ppo_epochs_s": t2 - t1,
+            "ppo/lr": lr, "time/rollout_s": t1 - t0 - t_fused, "time/ppo_epochs_s": t2 - t1 + t_fused,
             "time/reference_forward_s": self.ref_forward_s, "time/tokens": int(attention_mask.sum()),
         })
         if mb_stats:
@@ -1744,7 +1746,7 @@ def plan_output_dir(cfg: Config) -> Path:
 
 
 def disk_usage(path: Path) -> str:
-    """'1.1 GB (ppo_full 540 MB, inference_lm 540 MB, ...)': the total and each entry of at least 1 MB."""
+    """'1.1 GB (ppo_full 540 MB, inference_lm 540 MB)': the total and its largest entries."""
     def size(p: Path) -> int:
         return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
@@ -1755,8 +1757,9 @@ def disk_usage(path: Path) -> str:
             n /= 1000
 
     parts = sorted(((size(p), p.name) for p in path.iterdir()), reverse=True)
-    big = [f"{name} {human(n)}" for n, name in parts if n >= 1e6]
-    return human(sum(n for n, _ in parts)) + (f" ({', '.join(big)})" if big else "")
+    total = sum(n for n, _ in parts)
+    big = [f"{name} {human(n)}" for n, name in parts[:4] if n >= 0.1 * total]
+    return human(total) + (f" ({', '.join(big)})" if big else "")
 
 
 def check_writable(path: Path, key: str) -> None:
@@ -2141,8 +2144,9 @@ def write_report(out_dir: Path, records: list[dict], cfg: Optional[Config] = Non
     delta = [((a["reward"] or 0.0) - (b["reward"] or 0.0), i) for i, (b, a) in enumerate(zip(before, after))]
     improved = [i for d, i in sorted(delta, reverse=True) if d > 0][:3]
     worse = [i for d, i in sorted(delta) if d < 0][:3]
+    unchanged = [i for d, i in delta if d == 0][:max(0, 4 - len(improved) - len(worse))]  # always show a few
     samples = ["| change | prompt | target | before | after | reward before → after |", "|---|---|---|---|---|---|"]
-    for label, picked in (("improved", improved), ("worse", worse)):
+    for label, picked in (("improved", improved), ("worse", worse), ("unchanged", unchanged)):
         for i in picked:
             b, a = before[i], after[i]
             samples.append(f"| {label} | {cell(b['prompt'])} | {cell(b['target'])} | {cell(b['response'])} | {cell(a['response'])} | "

@@ -80,7 +80,7 @@ def main() -> None:
     device = ht.pick_device(cfg)
     ht.init_processes(device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    peak_rate = matmul_rate(dtype, device)
+    peak_rate = sum(ht.gather_objects(matmul_rate(dtype, device)))  # all processes together: phases count global tokens
     t0 = time.perf_counter()
     policy, ref, tok = ht.load_model(cfg, device)
     load_s = time.perf_counter() - t0
