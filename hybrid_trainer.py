@@ -977,8 +977,9 @@ def model_hidden_size(cfg: Config) -> int:
 
 
 def bf16_speedup(hidden: int, cache: Path) -> tuple[float, bool]:
-    """fp32 time / bf16 time of a (256 x n) @ (n x 4n) matmul, n = the hidden size up to 2048 (best of 3,
-    well under a second) -> (speedup, came from the cache). Cached per CPU, torch version and threads."""
+    """fp32 time / bf16 time of a (rows x n) @ (n x 4n) matmul, n = the hidden size up to 1024, best of 3:
+    16 rows first (a slow fallback kernel shows at once), then 256 -> (speedup, came from the cache). Cached
+    per CPU, torch version, threads and n."""
     import platform
 
     n = min(hidden, 1024)
@@ -1030,6 +1031,7 @@ def load_model(cfg: Config, device: torch.device):
     base = adapter_base(adapter) if adapter else path
     if base.suffix == ".gguf":
         base = gguf_to_safetensors(base, cache_root(cfg), cfg.TRUST_REMOTE_CODE)
+    base = base.resolve()  # saved adapters name their base by this path: absolute, so they load from anywhere
     try:
         tokenizer = AutoTokenizer.from_pretrained(adapter if adapter and (adapter / "tokenizer_config.json").is_file() else base,
                                                   trust_remote_code=cfg.TRUST_REMOTE_CODE)
