@@ -716,6 +716,14 @@ def shard(items: list) -> list:
     return items[start:end]
 
 
+def my_share(items):
+    """This process's share of a global batch (a list or a tensor of rows) and its weight: 1, or, when a short
+    last batch leaves this process nothing, the batch's first row with weight 0, so that it still runs the
+    same forward passes and collectives (FSDP, synced generation) as the others."""
+    mine = shard(items)
+    return (mine, 1.0) if len(mine) else (items[:1], 0.0)
+
+
 def gather_objects(obj) -> list:
     """One picklable object from every process, in rank order."""
     if world_size() == 1:
@@ -1283,9 +1291,7 @@ class HybridTrainer:
         response tokens of the whole batch, so gradients summed over processes equal one process's."""
         self.policy.train()
         n_tokens = sum(len(e.target_ids) for e in examples)
-        mine, scale = shard(examples), 1.0
-        if not mine:  # a short last batch left this process nothing: a zero-weight row keeps collectives in step
-            mine, scale = examples[:1], 0.0
+        mine, scale = my_share(examples)
         ids, mask = right_pad([e.prompt_ids + e.target_ids for e in mine], self.pad_id)
         labels, _ = right_pad([[-100] * len(e.prompt_ids) + e.target_ids for e in mine], -100)
         ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
@@ -1390,9 +1396,9 @@ class HybridTrainer:
         first, t_fused = None, time.perf_counter()
         if fused:
             self.policy.train()
-            mine = shard(perms[0])
-            n_mine = len(mine)
-            mb, r_len = trim_padding({k: v[(mine if n_mine else perms[0][:1]).to(dev)] for k, v in
+            mine, scale = my_share(perms[0])
+            n_mine = len(mine) if scale else 0
+            mb, r_len = trim_padding({k: v[mine.to(dev)] for k, v in
                                       dict(input_ids=input_ids, attention_mask=attention_mask, r_ids=r_ids, r_mask=r_mask).items()}, R)
             with self.autocast():
                 logits, values = self.policy(mb["input_ids"], mb["attention_mask"], r_len)
@@ -1422,9 +1428,7 @@ class HybridTrainer:
         self.policy.train()
         for perm in perms:
             for mb_rows in perm.split(cfg.PPO_MINI):
-                mine, scale = shard(mb_rows), 1.0
-                if len(mine) == 0:
-                    mine, scale = mb_rows[:1], 0.0
+                mine, scale = my_share(mb_rows)
                 mb, r_len = trim_padding({k: v[mine.to(dev)] for k, v in batch.items()}, R)
                 stats = self._ppo_minibatch(mb, r_len, r_mask[mb_rows.to(dev)].sum(), scale, len(mb_rows), forward=first)
                 first = None  # only the first minibatch reuses the forward above
@@ -1521,10 +1525,10 @@ class HybridTrainer:
     # ---- one PPO update from a global batch of examples: generate, score, step (each process its share) ----
     def ppo_update(self, examples: list[Example]) -> dict:
         t0 = time.perf_counter()
-        mine = shard(examples)
-        responses, ended = self.generate([e.prompt_ids for e in (mine or examples[:1])])  # 1. generate
-        if not mine:  # a short last batch left this process nothing; it generated only to keep FSDP in step
-            responses, ended = [], ended[:0]
+        mine, scale = my_share(examples)
+        responses, ended = self.generate([e.prompt_ids for e in mine])  # 1. generate
+        if not scale:  # a short last batch left this process nothing; it generated only to keep FSDP in step
+            mine, responses, ended = [], [], ended[:0]
         t1 = time.perf_counter()
         scores = torch.tensor(self.score(responses, mine), dtype=torch.float32)  # 2. score
         scores = apply_missing_eos_penalty(scores, ended, self.cfg.MISSING_EOS_PENALTY)
