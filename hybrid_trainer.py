@@ -99,18 +99,29 @@ class Config:
     SFT_BATCH: int = _key(4, "examples per SFT step (one optimizer step)")
     LR_SFT: float = _key(5e-5, "AdamW learning rate for SFT")
     # --- PPO ---
-    PPO_BATCH: int = _key(4, "prompts sampled per PPO update")
-    PPO_MINI: Optional[int] = _key(None, "minibatch size inside a PPO update (null = PPO_BATCH)")
+    PPO_BATCH: int = _key(4, "prompts per PPO update (each gets NUM_GENERATIONS responses)")
+    PPO_MINI: Optional[int] = _key(None, "prompts' worth of responses per minibatch inside a PPO update: PPO_MINI x "
+                                   "NUM_GENERATIONS responses, drawn across groups (null = PPO_BATCH)")
+    ADVANTAGE: str = _key("gae", "advantage estimator: " + " | ".join(["gae (PPO with a value head)", "grpo", "dr_grpo", "rloo",
+                          "reinforce_pp", "reinforce_pp_baseline", "remax"]) + "; all but gae run no value head")
+    NUM_GENERATIONS: int = _key(1, "responses sampled per prompt (G); grpo, dr_grpo, rloo and reinforce_pp_baseline need >= 2")
     PPO_EPOCHS: int = _key(4, "passes over the PPO batch per update")
     LR_PPO: float = _key(1e-5, "AdamW learning rate for PPO (policy + value head)")
     INIT_KL_COEF: float = _key(0.2, "initial KL penalty coefficient")
     ADAPTIVE_KL: bool = _key(True, "adapt the KL coefficient toward TARGET_KL (Ziegler et al. 2019)")
     TARGET_KL: float = _key(0.3, "target KL (nats per sequence) for the adaptive controller")
     KL_HORIZON: int = _key(10000, "horizon of the adaptive KL controller")
-    KL_PENALTY: str = _key("kl", "per-token KL estimate: kl (logp - ref) | abs | mse | full (whole distribution)")
+    KL_PENALTY: str = _key("kl", "per-token KL estimate: kl (k1, logp - ref) | abs | mse | k2 (= mse, 0.5 (logp - ref)^2) | "
+                           "k3 (r - 1 - log r, r = p_ref / p: 'low_var_kl') | full (whole distribution)")
+    KL_IN: str = _key("reward", "where the KL goes: reward (a per-token penalty in the reward, PPO-style) | loss "
+                      "(INIT_KL_COEF x mean KL added to the policy loss, GRPO-style)")
     GAMMA: float = _key(1.0, "discount factor")
     LAM: float = _key(0.95, "GAE lambda")
-    CLIPRANGE: float = _key(0.2, "PPO policy ratio clip range")
+    CLIPRANGE: float = _key(0.2, "PPO policy ratio clip range: ratios outside [1 - CLIPRANGE, 1 + CLIPRANGE_HIGH] are clipped")
+    CLIPRANGE_HIGH: Optional[float] = _key(None, "upper clip range (DAPO's clip-higher uses 0.28 with CLIPRANGE 0.2; null = CLIPRANGE)")
+    LOSS_AGG: str = _key("auto", "policy loss over tokens: token_mean | seq_mean_token_mean | seq_mean_token_sum_norm "
+                         "(token sums / MAX_NEW_TOKENS, Dr. GRPO) | auto (dr_grpo: seq_mean_token_sum_norm, else token_mean)")
+    IMPORTANCE_LEVEL: str = _key("token", "token (a ratio per token) | sequence (GSPO: a ratio per response, exp of its mean log-ratio)")
     CLIPRANGE_VALUE: float = _key(0.2, "value prediction clip range")
     VF_COEF: float = _key(0.1, "value loss coefficient")
     WHITEN_REWARDS: bool = _key(False, "whiten per-token rewards (scale only) before GAE")
@@ -125,8 +136,17 @@ class Config:
     # --- reward ---
     REWARD: dict = _key({"type": "cosine_sts"}, "reward spec for rewards.make_reward (see README)")
     # --- schedule ---
-    CYCLE_SFT_STEPS: int = _key(1, "SFT steps per hybrid cycle")
-    CYCLE_PPO_UPDATES: int = _key(1, "PPO updates per hybrid cycle")
+    HYBRID: str = _key("alternate", "hybrid strategy: alternate (CYCLE_SFT_STEPS SFT steps, then CYCLE_PPO_UPDATES PPO updates) | "
+                       "gate (per prompt: SFT on its reference if no sampled response scores GATE_THRESHOLD, else RL; HPT) | "
+                       "mix ((1 - mu) RL + mu SFT on the same prompts' references; CHORD, InstructGPT's ptx)")
+    GATE_THRESHOLD: Optional[float] = _key(None, "gate: a prompt whose best sampled score is below this is trained by SFT (null = 0.5)")
+    MIX_COEF: float = _key(0.5, "mix: mu at the start, in [0, 1]")
+    MIX_COEF_END: Optional[float] = _key(None, "mix: mu at the end of the run, in [0, 1] (null = MIX_COEF)")
+    MIX_SCHEDULE: str = _key("constant", "mix: mu from MIX_COEF to MIX_COEF_END over the run: constant | linear | cosine")
+    SFT_LOSS: str = _key("ce", "ce (cross-entropy) | dft (each token's CE times its stop-gradient probability; DFT): SFT steps, gate, mix")
+    SFT_TOKEN_WEIGHT: str = _key("none", "gate/mix SFT term: none | phi (each token weighted by p(1 - p), stop-gradient; CHORD-phi)")
+    CYCLE_SFT_STEPS: int = _key(1, "SFT steps per hybrid cycle (HYBRID alternate)")
+    CYCLE_PPO_UPDATES: int = _key(1, "PPO updates per hybrid cycle (HYBRID alternate)")
     EPOCHS: int = _key(1, "passes over the data")
     GRAD_ACCUM: int = _key(1, "split each SFT batch / PPO minibatch into this many micro-batches (same math, less memory)")
     MAX_GRAD_NORM: float = _key(1.0, "gradient clipping norm")
@@ -200,7 +220,36 @@ class Config:
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         need(0 < self.TOP_P <= 1, f"TOP_P must be in (0, 1], got {self.TOP_P}")
         need(0 <= self.GAMMA <= 1 and 0 <= self.LAM <= 1, f"GAMMA and LAM must be in [0, 1], got {self.GAMMA}, {self.LAM}")
-        need(self.KL_PENALTY in ("kl", "abs", "mse", "full"), f"KL_PENALTY must be kl, abs, mse or full, got {self.KL_PENALTY!r}")
+        one_of("KL_PENALTY", self.KL_PENALTY, ("kl", "abs", "mse", "k2", "k3", "full"))
+        one_of("KL_IN", self.KL_IN, ("reward", "loss"))
+        need(not (self.KL_IN == "loss" and self.KL_PENALTY == "full"), "KL_PENALTY \"full\" works only with KL_IN \"reward\"")
+        one_of("ADVANTAGE", self.ADVANTAGE, tuple(ADVANTAGES))
+        need(self.NUM_GENERATIONS >= 1, f"NUM_GENERATIONS must be >= 1, got {self.NUM_GENERATIONS}")
+        need(not ADVANTAGES[self.ADVANTAGE].group or self.NUM_GENERATIONS >= 2,
+             f"ADVANTAGE {self.ADVANTAGE!r} compares the responses to the same prompt: set NUM_GENERATIONS >= 2 "
+             f"(got {self.NUM_GENERATIONS}; 4 to 8 is usual)")
+        one_of("LOSS_AGG", self.LOSS_AGG, ("auto",) + LOSS_AGGREGATIONS)
+        if self.LOSS_AGG == "auto":
+            self.LOSS_AGG = ADVANTAGES[self.ADVANTAGE].loss_agg
+        one_of("IMPORTANCE_LEVEL", self.IMPORTANCE_LEVEL, ("token", "sequence"))
+        if self.CLIPRANGE_HIGH is None:
+            self.CLIPRANGE_HIGH = self.CLIPRANGE
+        need(self.CLIPRANGE_HIGH >= self.CLIPRANGE, f"CLIPRANGE_HIGH ({self.CLIPRANGE_HIGH}) must be >= CLIPRANGE "
+             f"({self.CLIPRANGE}): clip-higher widens the upper side only")
+        one_of("HYBRID", self.HYBRID, tuple(HYBRID_STRATEGIES))
+        one_of("MIX_SCHEDULE", self.MIX_SCHEDULE, ("constant", "linear", "cosine"))
+        one_of("SFT_LOSS", self.SFT_LOSS, ("ce", "dft"))
+        one_of("SFT_TOKEN_WEIGHT", self.SFT_TOKEN_WEIGHT, ("none", "phi"))
+        if self.MIX_COEF_END is None:
+            self.MIX_COEF_END = self.MIX_COEF
+        for key in ("MIX_COEF", "MIX_COEF_END"):
+            need(0 <= getattr(self, key) <= 1, f"{key} must be in [0, 1], got {getattr(self, key)}")
+        strategy = self.HYBRID if self.MODE == "hybrid" else None
+        if self.GATE_THRESHOLD is not None and strategy != "gate":
+            warn(f"GATE_THRESHOLD is ignored: it applies to MODE \"hybrid\" with HYBRID \"gate\" (here MODE {self.MODE!r}, "
+                 f"HYBRID {self.HYBRID!r})")
+        if self.GATE_THRESHOLD is None:
+            self.GATE_THRESHOLD = 0.5
         need(self.LR_SCHEDULE in ("constant", "linear", "cosine"),
              f"LR_SCHEDULE must be constant, linear or cosine, got {self.LR_SCHEDULE!r}")
         need(self.REF_UPDATE in ("never", "cycle"), f"REF_UPDATE must be 'never' or 'cycle', got {self.REF_UPDATE!r}")
@@ -243,6 +292,14 @@ class Config:
 
 _TRUE = ("true", "1", "yes", "y", "t", "on")
 _FALSE = ("false", "0", "no", "n", "f", "off")
+
+
+def one_of(key: str, value: str, choices: tuple) -> None:
+    """A key whose value names one of `choices`: anything else is an error with a "did you mean"."""
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+        hint = f" - did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"{key} must be one of {', '.join(choices)}; got {value!r}{hint}")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -364,8 +421,11 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str =
         return logprobs - ref_logprobs
     if kind == "abs":
         return (logprobs - ref_logprobs).abs()
-    if kind == "mse":
+    if kind in ("mse", "k2"):
         return 0.5 * (logprobs - ref_logprobs) ** 2
+    if kind == "k3":  # Schulman's k3 with r = p_ref / p: unbiased, always >= 0 (verl's "low_var_kl", TRL GRPO's KL)
+        log_r = ref_logprobs - logprobs
+        return torch.exp(log_r) - 1 - log_r
     if kind == "full":
         return (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)
     raise ValueError(f"unknown KL penalty {kind!r}")
@@ -403,15 +463,41 @@ class PolicyLoss(NamedTuple):
     ratio: torch.Tensor  # mean probability ratio
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float) -> PolicyLoss:
-    """Clipped PPO surrogate (Schulman et al. 2017), all inputs (B, T)."""
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregate_loss(x: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", max_len: Optional[int] = None) -> torch.Tensor:
+    """A (B, T) per-token loss -> a scalar (verl core_algos.agg_loss; TRL grpo_trainer.py loss types):
+    token_mean: mean over all tokens (TRL "bnpo"/DAPO); seq_mean_token_mean: mean over responses of each one's
+    token mean (TRL "grpo"); seq_mean_token_sum_norm: mean over responses of token sums / max_len (TRL "dr_grpo",
+    Liu et al. 2025). Responses with no token (excluded rows) do not count in the seq_ means."""
+    if mode == "token_mean":
+        return masked_mean(x, mask)
+    has = (mask.sum(1) > 0).float()
+    per_seq = (x * mask).sum(1)
+    per_seq = per_seq / mask.sum(1).clamp(min=1) if mode == "seq_mean_token_mean" else per_seq / max_len
+    return (per_seq * has).sum() / has.sum().clamp(min=1)
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, cliprange_high: Optional[float] = None,
+                level: str = "token", agg: str = "token_mean", max_len: Optional[int] = None,
+                kl: Optional[torch.Tensor] = None) -> PolicyLoss:
+    """Clipped PPO surrogate (Schulman et al. 2017), all inputs (B, T).
+    cliprange_high: upper clip 1 + cliprange_high (DAPO's clip-higher; default cliprange).
+    level "sequence": one ratio per response, exp(mean over its tokens of log p - log p_old) (GSPO, Zheng et al.
+    2025; TRL grpo_trainer.py importance_sampling_level). kl: a per-token term (coef x KL) added before aggregating
+    (KL_IN "loss", as TRL's GRPO). agg: see aggregate_loss."""
     log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(masked_mean(log_ratio, mask, dim=1)[:, None] if level == "sequence" else log_ratio)
+    high = cliprange if cliprange_high is None else cliprange_high
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped > unclipped).float(), mask)
-    return PolicyLoss(loss, clipfrac, 0.5 * masked_mean(log_ratio**2, mask), masked_mean(ratio, mask))
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
+    per_token = torch.maximum(unclipped, clipped)
+    if kl is not None:
+        per_token = per_token + kl
+    loss = aggregate_loss(per_token, mask, agg, max_len)
+    clipfrac = masked_mean((clipped > unclipped).float().expand_as(mask), mask)
+    return PolicyLoss(loss, clipfrac, 0.5 * masked_mean(log_ratio**2, mask), masked_mean(ratio.expand_as(mask), mask))
 
 
 class ValueLoss(NamedTuple):
@@ -425,6 +511,150 @@ def value_loss(values, old_values, returns, mask, cliprange_value: float) -> Val
     err, err_clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
     return ValueLoss(loss, masked_mean((err_clipped > err).float(), mask))
+
+
+# ---- advantage estimators: one pure function each, in the ADVANTAGES registry ----
+# Every estimator gets the same keyword arguments and takes what it needs:
+#   rewards (B, T): per-token rewards, -kl_coef x KL on each token plus the score on the last (compute_rewards;
+#                   with KL_IN "loss" the KL part is 0). Outcome estimators use a response's total, rewards.sum(1).
+#   mask (B, T), values (B, T) (gae only), group_size G (rows i*G .. i*G+G-1 answer the same prompt),
+#   gamma, lam, whiten_rewards, baseline (B,) (remax: the greedy response's score).
+# -> (advantages (B, T), returns (B, T) for the value loss, or None: no critic).
+def advantages_gae(rewards, mask, values, gamma, lam, whiten_rewards=False, **_):
+    """PPO: GAE over the value head's estimates, advantages whitened over the batch (TRL 0.11 PPOTrainer)."""
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = compute_gae(values, rewards, mask, gamma, lam)
+    return masked_whiten(advantages, mask), returns
+
+
+def _groups(rewards, mask, group_size):
+    """(B, T) per-token rewards -> (B / G, G) response totals."""
+    return (rewards * mask).sum(1).view(-1, group_size)
+
+
+def advantages_grpo(rewards, mask, group_size, **_):
+    """GRPO (Shao et al. 2024): (r - group mean) / (group std + 1e-4), std Bessel-corrected, on every token
+    (TRL grpo_trainer.py, scale_rewards "group"; verl core_algos.compute_grpo_outcome_advantage)."""
+    r = _groups(rewards, mask, group_size)
+    a = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
+    return a.reshape(-1, 1) * mask, None
+
+
+def advantages_dr_grpo(rewards, mask, group_size, **_):
+    """Dr. GRPO (Liu et al. 2025): r - group mean, no std division (TRL scale_rewards "none"); its loss divides
+    token sums by MAX_NEW_TOKENS (LOSS_AGG auto -> seq_mean_token_sum_norm)."""
+    r = _groups(rewards, mask, group_size)
+    return (r - r.mean(1, keepdim=True)).reshape(-1, 1) * mask, None
+
+
+def advantages_rloo(rewards, mask, group_size, **_):
+    """RLOO (Ahmadian et al. 2024): r_i - mean of the other G - 1 rewards of its group (TRL rloo_trainer.py,
+    verl compute_rloo_outcome_advantage)."""
+    r = _groups(rewards, mask, group_size)
+    return (r - (r.sum(1, keepdim=True) - r) / (group_size - 1)).reshape(-1, 1) * mask, None
+
+
+def advantages_reinforce_pp(rewards, mask, gamma, **_):
+    """REINFORCE++ (Hu 2025): discounted return-to-go of the per-token rewards (KL penalty + final score),
+    whitened over the batch (verl compute_reinforce_plus_plus_outcome_advantage)."""
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+        running = running * mask[:, t]
+    return masked_whiten(returns, mask), None
+
+
+def advantages_reinforce_pp_baseline(rewards, mask, group_size, **_):
+    """REINFORCE++-baseline: response total minus its group mean on every token, then whitened over the batch
+    (verl compute_reinforce_plus_plus_baseline_outcome_advantage)."""
+    r = _groups(rewards, mask, group_size)
+    centred = (r - r.mean(1, keepdim=True)).reshape(-1, 1) * mask
+    return masked_whiten(centred, mask), None
+
+
+def advantages_remax(rewards, mask, baseline, **_):
+    """ReMax (Li et al. 2024): return-to-go (undiscounted) minus the score of a greedy response to the same prompt
+    (verl compute_remax_outcome_advantage)."""
+    returns = (rewards * mask).flip(-1).cumsum(-1).flip(-1)
+    return (returns - baseline[:, None]) * mask, None
+
+
+class Estimator(NamedTuple):
+    fn: Any
+    critic: bool = False  # trains a value head (runs its forward, adds the value loss)
+    group: bool = False  # needs NUM_GENERATIONS >= 2
+    greedy_baseline: bool = False  # samples one greedy response per prompt and scores it
+    loss_agg: str = "token_mean"  # LOSS_AGG "auto"
+
+
+ADVANTAGES = {
+    "gae": Estimator(advantages_gae, critic=True),
+    "grpo": Estimator(advantages_grpo, group=True),
+    "dr_grpo": Estimator(advantages_dr_grpo, group=True, loss_agg="seq_mean_token_sum_norm"),
+    "rloo": Estimator(advantages_rloo, group=True),
+    "reinforce_pp": Estimator(advantages_reinforce_pp),
+    "reinforce_pp_baseline": Estimator(advantages_reinforce_pp_baseline, group=True),
+    "remax": Estimator(advantages_remax, greedy_baseline=True),
+}
+
+
+def zero_std_groups(scores: torch.Tensor, group_size: int) -> float:
+    """Fraction of groups whose G scores are all equal: their group-relative advantages are 0 (no signal)."""
+    g = scores.view(-1, group_size)
+    return ((g.max(1).values - g.min(1).values) == 0).float().mean().item()
+
+
+# ---- SFT losses and hybrid strategies ----
+def sft_token_losses(logits: torch.Tensor, labels: torch.Tensor, kind: str = "ce", token_weight: str = "none") -> torch.Tensor:
+    """(B, T, V) logits, (B, T) labels (-100 = ignored) -> (B, T) per-token loss, 0 where ignored.
+    ce: -log p. dft: -log p x sg(p) (DFT, Wu et al. 2025, "On the Generalization of SFT"). token_weight "phi":
+    times sg(p (1 - p)) (CHORD-phi, Zhang et al. 2025): tokens the policy is unsure of weigh most."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none").view_as(labels)
+    p = torch.exp(-ce.detach())
+    if kind == "dft":
+        ce = ce * p
+    if token_weight == "phi":
+        ce = ce * p * (1 - p)
+    return ce * (labels != -100)
+
+
+def mix_coef(start: float, end: float, schedule: str, progress: float) -> float:
+    """mu at `progress` in [0, 1] of the run: constant (start), linear, or cosine from start to end."""
+    if schedule == "constant":
+        return start
+    if schedule == "linear":
+        return start + (end - start) * progress
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class HybridSplit(NamedTuple):
+    sft: torch.Tensor  # (P,) bool: prompts whose reference response gets the SFT loss
+    rl: torch.Tensor  # (P,) bool: prompts whose sampled responses get the RL loss
+    mu: float  # loss = (1 - mu) x RL + mu x SFT
+
+
+def hybrid_gate(group_scores: torch.Tensor, cfg: "Config", progress: float) -> HybridSplit:
+    """HPT (Lv et al. 2025, "Towards a Unified View of LLM Post-Training"): a prompt none of whose G responses
+    scores GATE_THRESHOLD is trained on its demonstration, the others by RL; mu = the SFT share of the prompts."""
+    sft = group_scores.max(1).values < cfg.GATE_THRESHOLD
+    return HybridSplit(sft, ~sft, sft.float().mean().item())
+
+
+def hybrid_mix(group_scores: torch.Tensor, cfg: "Config", progress: float) -> HybridSplit:
+    """CHORD (Zhang et al. 2025): (1 - mu) RL + mu SFT on every prompt's demonstration, mu following
+    MIX_SCHEDULE; a constant mu is InstructGPT's PPO-ptx (Ouyang et al. 2022) on the demonstrations."""
+    every = torch.ones(len(group_scores), dtype=torch.bool)
+    return HybridSplit(every, every, mix_coef(cfg.MIX_COEF, cfg.MIX_COEF_END, cfg.MIX_SCHEDULE, progress))
+
+
+HYBRID_STRATEGIES = {
+    "alternate": None,  # blocks of SFT steps and PPO updates: the step plan does it (epoch_schedule)
+    "gate": hybrid_gate,
+    "mix": hybrid_mix,
+}
 
 
 class AdaptiveKLController:
@@ -924,10 +1154,12 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.v_head.weight)  # zero-init: the first values are 0, not noise
         nn.init.zeros_(self.v_head.bias)
 
-    def forward(self, input_ids, attention_mask, n_response: int):
-        """(B, L) ids with the response in the last n_response columns -> (logits (B, R, V), values (B, R))
-        at the positions that predict each response token."""
-        out = response_forward(self.lm, input_ids, attention_mask, n_response, hidden=True)
+    def forward(self, input_ids, attention_mask, n_response: int, values: bool = True):
+        """(B, L) ids with the response in the last n_response columns -> (logits (B, R, V), values (B, R), or
+        None with values=False: critic-free estimators) at the positions that predict each response token."""
+        out = response_forward(self.lm, input_ids, attention_mask, n_response, hidden=values)
+        if not values:
+            return out.logits[:, :-1], None
         hidden = out.hidden_states[-1][:, -(n_response + 1):-1]
         return out.logits[:, :-1], self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
 
@@ -1065,10 +1297,10 @@ def load_model(cfg: Config, device: torch.device):
         if cfg.BF16 is True:
             lm.to(torch.bfloat16)  # the frozen base in the compute dtype; adapters and value head stay fp32
         lm = add_lora(cfg, lm, adapter)
-        reference = AdapterReference(lm, "ref" if adapter or cfg.REF_UPDATE == "cycle" else None)
+        reference = AdapterReference(lm, "ref" if adapter or cfg.REF_UPDATE == "cycle" else None) if needs_reference(cfg) else None
     else:
-        reference = copy.deepcopy(lm).eval().requires_grad_(False)
-        if cfg.BF16 is True:
+        reference = copy.deepcopy(lm).eval().requires_grad_(False) if needs_reference(cfg) else None
+        if cfg.BF16 is True and reference is not None:
             reference.to(torch.bfloat16)  # never trained: held once in the compute dtype
     policy = PolicyWithValueHead(lm)
     if cfg.FSDP:
@@ -1079,6 +1311,11 @@ def load_model(cfg: Config, device: torch.device):
     if isinstance(reference, nn.Module):
         reference.to(device)
     return policy, reference, tokenizer
+
+
+def needs_reference(cfg: Config) -> bool:
+    """The frozen reference is needed for the KL (INIT_KL_COEF > 0) or by a perplexity reward on "reference"."""
+    return cfg.INIT_KL_COEF > 0 or '"perplexity"' in json.dumps(cfg.REWARD)
 
 
 def linear_module_names(lm: nn.Module) -> list[str]:
@@ -1221,6 +1458,10 @@ class HybridTrainer:
         # FSDP does not shard are summed over processes by reduce_gradients; FSDP reduces its own.
         self.lm_params = [p for p in policy.lm.parameters() if p.requires_grad]
         self.params = self.lm_params + [p for p in policy.v_head.parameters()]
+        self.estimator = ADVANTAGES[cfg.ADVANTAGE]
+        self.rl_params = self.params if self.estimator.critic else self.lm_params  # critic-free: the value head idles
+        self.progress = 0.0  # fraction of the run done, set by the loop (the mix schedule)
+        self.component_sums: dict = {}
         self.replicated = [p for p in self.params if not hasattr(p, "device_mesh")]
         # fused: one kernel for all parameters; PyTorch's CPU default is a per-tensor Python loop (7x slower here).
         # Sharded (DTensor) parameters mixed with plain ones take the per-tensor path.
@@ -1261,6 +1502,8 @@ class HybridTrainer:
 
     def sync_reference(self) -> None:
         """REF_UPDATE 'cycle': the reference becomes a frozen copy of the current policy LM (or adapter)."""
+        if self.ref_lm is None:
+            return
         if isinstance(self.ref_lm, AdapterReference):
             self.ref_lm.sync()
         else:
@@ -1290,6 +1533,18 @@ class HybridTrainer:
         """One optimizer step on a global batch: this process takes its share; the loss is normalised by the
         response tokens of the whole batch, so gradients summed over processes equal one process's."""
         self.policy.train()
+        lr = self.opt_sft.param_groups[0]["lr"]
+        self.opt_sft.zero_grad(set_to_none=True)
+        total = self._sft_backward(examples)
+        if not math.isfinite(total):
+            self.opt_sft.zero_grad(set_to_none=True)
+            raise BadStep(f"SFT loss is {total}")
+        grad_norm = self._optimizer_step(self.opt_sft, self.lm_params)
+        return {"sft/loss": total, "sft/grad_norm": grad_norm, "sft/tokens": sum(len(e.target_ids) for e in examples), "sft/lr": lr}
+
+    def _sft_backward(self, examples: list[Example], coef: float = 1.0, token_weight: str = "none") -> float:
+        """Backward of coef x the SFT loss (SFT_LOSS per token, mean over the global batch's response tokens) on
+        this process's share of `examples`, in GRAD_ACCUM chunks -> the loss (all processes), before coef."""
         n_tokens = sum(len(e.target_ids) for e in examples)
         mine, scale = my_share(examples)
         ids, mask = right_pad([e.prompt_ids + e.target_ids for e in mine], self.pad_id)
@@ -1297,23 +1552,16 @@ class HybridTrainer:
         ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
         # Logits only from the shortest prompt's last token on: the LM head over prompt positions is wasted work.
         keep = ids.shape[1] - min(len(e.prompt_ids) for e in mine) + 1
-        lr = self.opt_sft.param_groups[0]["lr"]
-        self.opt_sft.zero_grad(set_to_none=True)
         total = torch.zeros(1, device=self.device)
         for rows in torch.arange(len(mine)).tensor_split(accum_chunks(self.cfg.GRAD_ACCUM, len(examples))):
             with self.autocast():
                 logits = self.policy.lm(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False,
                                         logits_to_keep=keep).logits
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[rows, -keep + 1:].flatten(),
-                                   ignore_index=-100, reduction="sum") * (scale / n_tokens)
-            self.scaler.scale(loss).backward()
+            per_token = sft_token_losses(logits[:, :-1], labels[rows, -keep + 1:], self.cfg.SFT_LOSS, token_weight)
+            loss = per_token.sum() * (scale / n_tokens)
+            self.scaler.scale(loss * coef).backward()
             total += loss.detach()
-        total = all_reduce_sum(total).item()
-        if not math.isfinite(total):
-            self.opt_sft.zero_grad(set_to_none=True)
-            raise BadStep(f"SFT loss is {total}")
-        grad_norm = self._optimizer_step(self.opt_sft, self.lm_params)
-        return {"sft/loss": total, "sft/grad_norm": grad_norm, "sft/tokens": n_tokens, "sft/lr": lr}
+        return all_reduce_sum(total).item()
 
     # ---- PPO: 1. generate ----
     @torch.no_grad()
@@ -1360,19 +1608,26 @@ class HybridTrainer:
         errors = [e for e in gather_objects(error) if e] if world_size() > 1 else [error] * (error is not None)
         if errors:
             raise BadStep(errors[0])
+        components = getattr(self.reward, "components", {})  # weighted_sum parts: summed here, averaged by the caller
+        self.component_sums = {name: sum(v[first:first + len(texts)]) for name, v in sorted(components.items())}
         return [float(s) for s in scores[first:first + len(texts)]]
 
     # ---- PPO: 3-5. the classic step ----
-    def ppo_step(self, queries: list[list[int]], responses: list[list[int]], scores) -> dict:
+    def ppo_step(self, queries: list[list[int]], responses: list[list[int]], scores, baseline=None,
+                 demos: Optional[list[Example]] = None) -> dict:
         """One PPO update on B (query, response, score) triples; responses end at EOS (no padding).
         With several processes each passes its share; the step gathers the token lists (small) so every
         process holds the whole batch: whitening, KL and scores are global, and the minibatches hold the
-        same rows as with one process (each process computes its share of each)."""
-        cfg, dev = self.cfg, self.device
+        same rows as with one process (each process computes its share of each).
+        Rows i*G .. i*G+G-1 (G = NUM_GENERATIONS) answer the same prompt. baseline: (B,) scores of greedy
+        responses (remax). demos: the batch's P = B / G prompts as Examples (global, in row order), whose
+        reference responses the hybrid strategies gate and mix train on."""
+        cfg, dev, G = self.cfg, self.device, self.cfg.NUM_GENERATIONS
         scores = [float(x) for x in torch.as_tensor(scores, dtype=torch.float32).reshape(-1).tolist()]
+        baseline = [] if baseline is None else [float(x) for x in torch.as_tensor(baseline).reshape(-1).tolist()]
         if world_size() > 1:
-            parts = gather_objects((list(queries), list(responses), scores))
-            queries, responses, scores = (sum((list(p[i]) for p in parts), []) for i in range(3))
+            parts = gather_objects((list(queries), list(responses), scores, baseline))
+            queries, responses, scores, baseline = (sum((list(p[i]) for p in parts), []) for i in range(4))
         q_ids, q_mask = left_pad(queries, self.pad_id)
         r_ids, r_mask = right_pad(responses, self.pad_id)
         input_ids = torch.cat([q_ids, r_ids], 1).to(dev)
@@ -1380,6 +1635,9 @@ class HybridTrainer:
         r_ids, r_mask = r_ids.to(dev), r_mask.to(dev).float()
         scores = torch.as_tensor(scores, dtype=torch.float32, device=dev)
         B, R = len(queries), r_ids.shape[1]
+        if B % G:
+            raise ValueError(f"{B} responses do not form groups of NUM_GENERATIONS={G}")
+        mini = cfg.PPO_MINI * G  # responses per minibatch
         lr = self.opt_ppo.param_groups[0]["lr"]
 
         # 3. log-probs and values of the sampling policy, log-probs of the reference (each process its share).
@@ -1387,7 +1645,7 @@ class HybridTrainer:
         # log-probs and values: the rollout's policy forward would compute exactly the same again.
         t0 = time.perf_counter()
         perms = [torch.randperm(B, generator=self.perm_generator) for _ in range(cfg.PPO_EPOCHS)]
-        fused = (self.fuse_first_forward and cfg.PPO_MINI >= B and accum_chunks(cfg.GRAD_ACCUM, B) == 1
+        fused = (self.fuse_first_forward and mini >= B and accum_chunks(cfg.GRAD_ACCUM, B) == 1
                  and cfg.KL_PENALTY != "full")
         start, end = share_bounds(B)
         rows = slice(start, end) if end > start else slice(0, 1)  # an empty share still joins FSDP's collectives
@@ -1401,36 +1659,49 @@ class HybridTrainer:
             mb, r_len = trim_padding({k: v[mine.to(dev)] for k, v in
                                       dict(input_ids=input_ids, attention_mask=attention_mask, r_ids=r_ids, r_mask=r_mask).items()}, R)
             with self.autocast():
-                logits, values = self.policy(mb["input_ids"], mb["attention_mask"], r_len)
+                logits, values = self.policy(mb["input_ids"], mb["attention_mask"], r_len, values=self.estimator.critic)
             logprobs = logprobs_from_logits(logits, mb["r_ids"], cfg.TEMPERATURE)
             first = (logits, values)
             for key, t in (("logprobs", logprobs), ("values", values)):  # this process's rows -> all rows, batch order
-                full = torch.zeros((B, R), device=dev)
-                full[perms[0].to(dev)] = gather_rows(F.pad(t.detach().float(), (0, R - r_len))[:n_mine], B)
-                roll[key] = full
+                if t is not None:
+                    full = torch.zeros((B, R), device=dev)
+                    full[perms[0].to(dev)] = gather_rows(F.pad(t.detach().float(), (0, R - r_len))[:n_mine], B)
+                    roll[key] = full
         t_fused = time.perf_counter() - t_fused  # the first minibatch's forward: counted with the PPO epochs
-        old_logprobs, old_values = roll["logprobs"], roll["values"]
-        kl = roll["kl"] if "kl" in roll else kl_per_token(old_logprobs, roll["ref_logprobs"], cfg.KL_PENALTY)
+        old_logprobs = roll["logprobs"]
+        old_values = roll.get("values", torch.zeros_like(old_logprobs))  # critic-free: no value head, zeros
+        ref_logprobs = roll.get("ref_logprobs", old_logprobs)  # INIT_KL_COEF 0: no reference, KL 0
+        kl = roll["kl"] if "kl" in roll else kl_per_token(old_logprobs, ref_logprobs, cfg.KL_PENALTY)
         t1 = time.perf_counter()
 
-        # 4. rewards and advantages
+        # 4. rewards and advantages (ADVANTAGES[ADVANTAGE]); the hybrid strategy picks RL and SFT prompts
         kl_coef = self.kl_ctl.value
-        rewards = compute_rewards(scores, kl, r_mask, kl_coef)
-        if cfg.WHITEN_REWARDS:
-            rewards = masked_whiten(rewards, r_mask, shift_mean=False)
-        advantages, returns = compute_gae(old_values, rewards, r_mask, cfg.GAMMA, cfg.LAM)
-        advantages = masked_whiten(advantages, r_mask)
+        rewards = compute_rewards(scores, kl, r_mask, kl_coef if cfg.KL_IN == "reward" else 0.0)
+        advantages, returns = self.estimator.fn(
+            rewards=rewards, mask=r_mask, values=old_values, group_size=G, gamma=cfg.GAMMA, lam=cfg.LAM,
+            whiten_rewards=cfg.WHITEN_REWARDS, baseline=torch.as_tensor(baseline, dtype=torch.float32, device=dev))
+        returns = old_values if returns is None else returns
+        strategy = HYBRID_STRATEGIES[cfg.HYBRID] if cfg.MODE == "hybrid" and demos is not None else None
+        split = strategy(scores.view(-1, G).cpu(), cfg, self.progress) if strategy else None
+        loss_mask = r_mask if split is None else r_mask * split.rl.repeat_interleave(G).to(dev)[:, None].float()
+        sft_pool = [] if split is None else [d for d, s in zip(demos, split.sft.tolist()) if s]
 
-        # 5. PPO epochs over minibatches
-        batch = dict(input_ids=input_ids, attention_mask=attention_mask, r_ids=r_ids, r_mask=r_mask,
-                     old_logprobs=old_logprobs, old_values=old_values, advantages=advantages, returns=returns)
+        # 5. PPO epochs over minibatches (each with its part of the SFT demonstrations, under gate / mix)
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, r_ids=r_ids, r_mask=r_mask, rl_mask=loss_mask,
+                     old_logprobs=old_logprobs, old_values=old_values, advantages=advantages, returns=returns,
+                     ref_logprobs=ref_logprobs)
         mb_stats, skipped = [], 0
         self.policy.train()
         for perm in perms:
-            for mb_rows in perm.split(cfg.PPO_MINI):
+            parts = perm.split(mini)
+            sft_order = torch.randperm(len(sft_pool), generator=self.perm_generator) if sft_pool else torch.zeros(0, dtype=torch.long)
+            for mb_rows, sft_rows in zip(parts, sft_order.tensor_split(len(parts))):
                 mine, scale = my_share(mb_rows)
                 mb, r_len = trim_padding({k: v[mine.to(dev)] for k, v in batch.items()}, R)
-                stats = self._ppo_minibatch(mb, r_len, r_mask[mb_rows.to(dev)].sum(), scale, len(mb_rows), forward=first)
+                rl_rows = loss_mask[mb_rows.to(dev)]
+                demo = ([sft_pool[i] for i in sft_rows.tolist()], split.mu) if split is not None else None
+                stats = self._ppo_minibatch(mb, r_len, rl_rows.sum(), (rl_rows.sum(1) > 0).sum(), scale, len(mb_rows),
+                                            forward=first, demo=demo)
                 first = None  # only the first minibatch reuses the forward above
                 if stats is None:
                     skipped += 1
@@ -1439,16 +1710,25 @@ class HybridTrainer:
         t2 = time.perf_counter()
         seq_kl = (kl * r_mask).sum(1).mean().item()
         self.kl_ctl.update(seq_kl, B)
-        out = {k: float(np.mean([s[k] for s in mb_stats])) for k in mb_stats[0]} if mb_stats else {}
+        out = {k: float(np.mean([s[k] for s in mb_stats if k in s])) for k in dict.fromkeys(k for s in mb_stats for k in s)}
         out.update({
             "objective/kl": seq_kl, "objective/kl_coef": kl_coef,
             "objective/non_score_reward": (-kl_coef * kl * r_mask).sum(1).mean().item(),
             "ppo/mean_scores": scores.mean().item(), "ppo/std_scores": scores.std(unbiased=False).item(),
             "ppo/returns/mean": masked_mean(returns, r_mask).item(), "ppo/val/mean": masked_mean(old_values, r_mask).item(),
             "ppo/skipped_minibatches": skipped, "ppo/response_length": r_mask.sum(1).mean().item(),
+            "ppo/advantages/mean": masked_mean(advantages, r_mask).item(),
             "ppo/lr": lr, "time/rollout_s": t1 - t0 - t_fused, "time/ppo_epochs_s": t2 - t1 + t_fused,
             "time/reference_forward_s": self.ref_forward_s, "time/tokens": int(attention_mask.sum()),
         })
+        if not self.estimator.critic:  # no value head: its stats would be zeros
+            del out["ppo/returns/mean"], out["ppo/val/mean"]
+        if G > 1:
+            out["reward/zero_std_groups"] = zero_std_groups(scores, G)
+        if split is not None:
+            out.update({"hybrid/mu": split.mu, "hybrid/sft_prompts": len(sft_pool)})
+            if cfg.HYBRID == "gate":
+                out["hybrid/gate_sft_fraction"] = split.sft.float().mean().item()
         if mb_stats:
             out["ppo/policy/ratio_first_minibatch"] = mb_stats[0]["ppo/policy/ratio"]
         return out
@@ -1456,23 +1736,27 @@ class HybridTrainer:
     @torch.no_grad()
     def _rollout(self, input_ids, attention_mask, r_ids, R, policy: bool = True) -> dict:
         """Chunked no-grad forward of the reference (and of the policy) -> {"ref_logprobs"} (+ "logprobs",
-        "values", and "kl" for KL_PENALTY "full", which needs both whole distributions)."""
+        "values", and "kl" for KL_PENALTY "full", which needs both whole distributions). Without a reference
+        (INIT_KL_COEF 0) its forward is skipped."""
         T, kind = self.cfg.TEMPERATURE, self.cfg.KL_PENALTY
         out: dict = {}
         self.policy.eval()
         self.ref_forward_s = 0.0
-        for rows in torch.arange(len(input_ids), device=input_ids.device).split(self.cfg.PPO_MINI):
-            t0 = time.perf_counter()
-            with self.autocast():
-                ref_logits = response_forward(self.ref_lm, input_ids[rows], attention_mask[rows], R).logits[:, :-1]
-            ref_lp = logprobs_from_logits(ref_logits, r_ids[rows], T)
-            self.ref_forward_s += time.perf_counter() - t0
-            part = {"ref_logprobs": ref_lp}
+        for rows in torch.arange(len(input_ids), device=input_ids.device).split(self.cfg.PPO_MINI * self.cfg.NUM_GENERATIONS):
+            part = {}
+            if self.ref_lm is not None:
+                t0 = time.perf_counter()
+                with self.autocast():
+                    ref_logits = response_forward(self.ref_lm, input_ids[rows], attention_mask[rows], R).logits[:, :-1]
+                part["ref_logprobs"] = logprobs_from_logits(ref_logits, r_ids[rows], T)
+                self.ref_forward_s += time.perf_counter() - t0
             if policy:
                 with self.autocast():
-                    logits, part["values"] = self.policy(input_ids[rows], attention_mask[rows], R)
+                    logits, values = self.policy(input_ids[rows], attention_mask[rows], R, values=self.estimator.critic)
                 part["logprobs"] = logprobs_from_logits(logits, r_ids[rows], T)
-                if kind == "full":
+                if values is not None:
+                    part["values"] = values
+                if kind == "full" and self.ref_lm is not None:
                     part["kl"] = kl_per_token(torch.log_softmax(logits.float() / T, -1),
                                               torch.log_softmax(ref_logits.float() / T, -1), "full")
             for k, v in part.items():
@@ -1482,66 +1766,100 @@ class HybridTrainer:
     STAT_KEYS = ("ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/clipfrac", "ppo/policy/approxkl",
                  "ppo/policy/ratio", "ppo/val/clipfrac", "ppo/policy/entropy")
 
-    def _ppo_minibatch(self, mb: dict, R: int, n_tokens: torch.Tensor, scale: float, n_rows: int,
-                       forward: Optional[tuple] = None) -> Optional[dict]:
-        """One optimizer step on this process's rows of a minibatch (split into GRAD_ACCUM chunks), each
-        chunk weighted by its share of the minibatch's n_tokens response tokens (all processes); stats are
-        summed over processes. `forward`: the (logits, values) of this minibatch, already computed (one chunk).
+    def _ppo_minibatch(self, mb: dict, R: int, n_tokens: torch.Tensor, n_seqs: torch.Tensor, scale: float, n_rows: int,
+                       forward: Optional[tuple] = None, demo: Optional[tuple] = None) -> Optional[dict]:
+        """One optimizer step on this process's rows of a minibatch (split into GRAD_ACCUM chunks). Each chunk is
+        weighted by its share of the minibatch's RL response tokens n_tokens (LOSS_AGG token_mean) or RL responses
+        n_seqs (the seq_ means), over all processes; stats are summed over processes. `forward`: the (logits,
+        values) of this minibatch, already computed (one chunk). `demo`: (examples, mu) under gate / mix: the loss
+        is (1 - mu) x RL + mu x SFT on the examples' reference responses.
         None when skipped because the mean ratio exceeded RATIO_THRESHOLD."""
         from trl.trainer.utils import entropy_from_logits
 
-        cfg = self.cfg
+        cfg, critic = self.cfg, self.estimator.critic
+        mu = demo[1] if demo is not None else 0.0
         self.opt_ppo.zero_grad(set_to_none=True)
         acc = torch.zeros(len(self.STAT_KEYS) + 1, device=self.device)  # + the non-finite loss flag
-        for rows in torch.arange(len(mb["r_ids"]), device=self.device).tensor_split(accum_chunks(cfg.GRAD_ACCUM, n_rows)):
-            c = {k: v[rows] for k, v in mb.items()}
-            weight = c["r_mask"].sum() / n_tokens * scale
-            if forward is not None:
-                logits, values = forward
-            else:
-                with self.autocast():
-                    logits, values = self.policy(c["input_ids"], c["attention_mask"], R)
-            logprobs = logprobs_from_logits(logits, c["r_ids"], cfg.TEMPERATURE)
-            pl = policy_loss(logprobs, c["old_logprobs"], c["advantages"], c["r_mask"], cfg.CLIPRANGE)
-            vl = value_loss(values, c["old_values"], c["returns"], c["r_mask"], cfg.CLIPRANGE_VALUE)
-            total = pl.loss + cfg.VF_COEF * vl.loss
-            self.scaler.scale(total * weight).backward()
-            with torch.no_grad():
-                entropy = masked_mean(entropy_from_logits(logits.float() / cfg.TEMPERATURE), c["r_mask"])
-                values_ = [pl.loss, vl.loss, total, pl.clipfrac, pl.approx_kl, pl.ratio, vl.clipfrac, entropy]
-                acc[:-1] += torch.stack([v.detach().float() for v in values_]) * weight
-                acc[-1] += float(not torch.isfinite(total)) * scale
+        if mu < 1:
+            for rows in torch.arange(len(mb["r_ids"]), device=self.device).tensor_split(accum_chunks(cfg.GRAD_ACCUM, n_rows)):
+                c = {k: v[rows] for k, v in mb.items()}
+                m = c["rl_mask"]  # response tokens the RL loss covers (all, but for prompts gate sends to SFT)
+                if cfg.LOSS_AGG == "token_mean":
+                    weight = m.sum() / n_tokens.clamp(min=1) * scale
+                else:
+                    weight = (m.sum(1) > 0).sum() / n_seqs.clamp(min=1) * scale
+                if forward is not None:
+                    logits, values = forward
+                else:
+                    with self.autocast():
+                        logits, values = self.policy(c["input_ids"], c["attention_mask"], R, values=critic)
+                logprobs = logprobs_from_logits(logits, c["r_ids"], cfg.TEMPERATURE)
+                kl = (self.kl_ctl.value * kl_per_token(logprobs, c["ref_logprobs"], cfg.KL_PENALTY)
+                      if cfg.KL_IN == "loss" and self.ref_lm is not None else None)
+                pl = policy_loss(logprobs, c["old_logprobs"], c["advantages"], m, cfg.CLIPRANGE, cfg.CLIPRANGE_HIGH,
+                                 cfg.IMPORTANCE_LEVEL, cfg.LOSS_AGG, cfg.MAX_NEW_TOKENS, kl)
+                if critic:
+                    vl = value_loss(values, c["old_values"], c["returns"], m, cfg.CLIPRANGE_VALUE)
+                    total = pl.loss + cfg.VF_COEF * vl.loss
+                else:
+                    vl, total = ValueLoss(torch.zeros(()), torch.zeros(())), pl.loss
+                self.scaler.scale(total * weight * (1 - mu)).backward()
+                with torch.no_grad():
+                    entropy = masked_mean(entropy_from_logits(logits.float() / cfg.TEMPERATURE), m)
+                    values_ = [pl.loss, vl.loss, total, pl.clipfrac, pl.approx_kl, pl.ratio, vl.clipfrac, entropy]
+                    acc[:-1] += torch.stack([v.detach().float().to(acc.device) for v in values_]) * weight
+                    acc[-1] += float(not torch.isfinite(total)) * scale
+        sft_loss = None
+        if demo is not None and demo[0] and mu > 0:  # every process sees the same demo list: the same collectives
+            sft_loss = self._sft_backward(demo[0], mu, cfg.SFT_TOKEN_WEIGHT)
         acc = all_reduce_sum(acc)
-        if acc[-1] > 0:
+        if acc[-1] > 0 or (sft_loss is not None and not math.isfinite(sft_loss)):
             self.opt_ppo.zero_grad(set_to_none=True)
-            raise BadStep(f"PPO loss is not finite (loss {acc[2].item()})")
-        stats = dict(zip(self.STAT_KEYS, acc[:-1].tolist()))
-        if stats["ppo/policy/ratio"] > cfg.RATIO_THRESHOLD:
+            raise BadStep(f"PPO loss is not finite (loss {acc[2].item()}, SFT loss {sft_loss})")
+        stats = dict(zip(self.STAT_KEYS, acc[:-1].tolist())) if mu < 1 else {}
+        if not critic:
+            for key in ("ppo/loss/value", "ppo/val/clipfrac"):
+                stats.pop(key, None)
+        if sft_loss is not None:
+            stats["hybrid/sft_loss"] = sft_loss
+        if stats.get("ppo/policy/ratio", 0.0) > cfg.RATIO_THRESHOLD:
             self.opt_ppo.zero_grad(set_to_none=True)
             return None
-        stats["ppo/grad_norm"] = self._optimizer_step(self.opt_ppo, self.params)
+        stats["ppo/grad_norm"] = self._optimizer_step(self.opt_ppo, self.rl_params)
         return stats
 
-    # ---- one PPO update from a global batch of examples: generate, score, step (each process its share) ----
+    # ---- one PPO update from a global batch of prompts: generate G each, score, step (each process its share) ----
     def ppo_update(self, examples: list[Example]) -> dict:
+        cfg, G = self.cfg, self.cfg.NUM_GENERATIONS
         t0 = time.perf_counter()
         mine, scale = my_share(examples)
-        responses, ended = self.generate([e.prompt_ids for e in mine])  # 1. generate
+        responses, ended = self.generate([e.prompt_ids for e in mine for _ in range(G)])  # 1. generate
         if not scale:  # a short last batch left this process nothing; it generated only to keep FSDP in step
             mine, responses, ended = [], [], ended[:0]
         t1 = time.perf_counter()
-        scores = torch.tensor(self.score(responses, mine), dtype=torch.float32)  # 2. score
-        scores = apply_missing_eos_penalty(scores, ended, self.cfg.MISSING_EOS_PENALTY)
+        rows = [e for e in mine for _ in range(G)]
+        scores = torch.tensor(self.score(responses, rows), dtype=torch.float32)  # 2. score
+        scores = apply_missing_eos_penalty(scores, ended, cfg.MISSING_EOS_PENALTY)
+        component_sums = self.component_sums
+        baseline = None
+        if self.estimator.greedy_baseline:  # remax: one greedy response per prompt, scored the same way
+            greedy, greedy_ended = self.generate([e.prompt_ids for e in (mine or examples[:1])], greedy=True)
+            greedy, greedy_ended = (greedy, greedy_ended) if scale else ([], greedy_ended[:0])
+            base = torch.tensor(self.score(greedy, mine), dtype=torch.float32)
+            baseline = apply_missing_eos_penalty(base, greedy_ended, cfg.MISSING_EOS_PENALTY).repeat_interleave(G)
         t2 = time.perf_counter()
-        stats = self.ppo_step([e.prompt_ids for e in mine], responses, scores)  # 3-5.
+        stats = self.ppo_step([e.prompt_ids for e in rows], responses, scores, baseline, demos=examples)  # 3-5.
         t3 = time.perf_counter()
         counts = all_reduce_sum(torch.tensor([float(sum(len(r) for r in responses)), float(ended.sum())]))
+        n_responses = len(examples) * G
         stats.update({
             "reward/mean": stats["ppo/mean_scores"], "reward/std": stats["ppo/std_scores"],
-            "ppo/ended_with_eos": counts[1].item() / len(examples),
+            "ppo/ended_with_eos": counts[1].item() / n_responses,
             "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2,
             "time/tokens_per_s": counts[0].item() / max(t1 - t0, 1e-9),
         })
+        for name in sorted(set().union(*gather_objects(component_sums))):  # weighted_sum parts, over all processes
+            stats[f"reward/{name}"] = sum(d.get(name, 0.0) for d in gather_objects(component_sums)) / n_responses
         return stats
 
 
@@ -1643,6 +1961,8 @@ def step_plan(cfg: Config, n_items: int) -> list[str]:
     n_sft = math.ceil(n_items / cfg.SFT_BATCH) if cfg.MODE in ("sft", "hybrid") else 0
     n_ppo = math.ceil(n_items / cfg.PPO_BATCH) if cfg.MODE in ("ppo", "hybrid") else 0
     cycle_sft, cycle_ppo = {"sft": (1, 0), "ppo": (0, 1), "hybrid": (cfg.CYCLE_SFT_STEPS, cfg.CYCLE_PPO_UPDATES)}[cfg.MODE]
+    if cfg.MODE == "hybrid" and HYBRID_STRATEGIES[cfg.HYBRID] is not None:  # gate / mix: SFT happens inside each update
+        n_sft, cycle_sft, cycle_ppo = 0, 0, 1
     return epoch_schedule(n_sft, n_ppo, cycle_sft, cycle_ppo)
 
 
@@ -1673,6 +1993,7 @@ def train_loop(cfg, trainer, examples, eval_examples, eval_metrics, out_dir, sta
             if cfg.REF_UPDATE == "cycle" and phase == "ppo" and state.pos > 0 and schedule[state.pos - 1] == "sft":
                 trainer.sync_reference()
             t0 = time.perf_counter()
+            trainer.progress = state.step / max(1, len(schedule) * cfg.EPOCHS - 1)
             try:
                 stats = trainer.sft_step(batch) if phase == "sft" else trainer.ppo_update(batch)
                 state.bad_streak = 0
@@ -1882,7 +2203,7 @@ def save_checkpoint(out_dir: Path, trainer: HybridTrainer, state: RunState, cfg:
     root = out_dir / "checkpoints"
     final, tmp = root / f"step-{state.step}", root / f".tmp-step-{state.step}"
     weights = trainable_state(trainer.policy)
-    reference = reference_state(trainer.ref_lm) if cfg.REF_UPDATE != "never" else {}
+    reference = reference_state(trainer.ref_lm) if cfg.REF_UPDATE != "never" and trainer.ref_lm is not None else {}
     optim = {"opt_sft": optimizer_state(trainer, trainer.opt_sft), "opt_ppo": optimizer_state(trainer, trainer.opt_ppo),
              "sched_sft": trainer.schedulers[trainer.opt_sft].state_dict(),
              "sched_ppo": trainer.schedulers[trainer.opt_ppo].state_dict(), "scaler": trainer.scaler.state_dict()}

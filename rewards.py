@@ -320,10 +320,13 @@ def weighted_sum(ctx: Context, components: list = ()) -> BatchFn:
         raise RewardSpecError('weighted_sum needs "components": a non-empty list of reward specs')
     parts = [(build(c, ctx, f"components[{i}]"), float(c.get("weight", 1.0))) for i, c in enumerate(components)]
 
+    names = [r.name if [q.name for q, _ in parts].count(r.name) == 1 else f"{r.name}{i}" for i, (r, _) in enumerate(parts)]
+
     def fn(responses, targets, prompts, items, update=True):
-        total = [0.0] * len(responses)
-        for reward, weight in parts:
-            for i, s in enumerate(reward.scores(responses, targets, prompts, items, update=update)):
+        total, fn.last = [0.0] * len(responses), {}
+        for name, (reward, weight) in zip(names, parts):
+            fn.last[name] = reward.scores(responses, targets, prompts, items, update=update)
+            for i, s in enumerate(fn.last[name]):
                 total[i] += weight * s
         return total
 
@@ -508,6 +511,7 @@ class Reward:
 
     def __init__(self, name: str, fn: BatchFn, post: list[Post]):
         self.name, self.fn, self.post = name, fn, post
+        self.components: dict[str, list[float]] = {}  # weighted_sum: the last call's scores of each component
 
     def scores(self, responses, targets, prompts=None, items=None, update: bool = True) -> list[float]:
         n = len(responses)
@@ -516,6 +520,7 @@ class Reward:
         prompts, items = prompts or [None] * n, items or [None] * n
         if hasattr(self.fn, "parts"):
             out = self.fn(responses, targets, prompts, items, update=update)
+            self.components = self.fn.last  # each component's scores (before its weight), for the metrics
         else:
             out = self.fn(responses, targets, prompts, items)
         out = [float(x) for x in out]

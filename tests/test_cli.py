@@ -68,7 +68,7 @@ BAD_INPUTS = [
     ("BF16 and FP16", lambda t: {"overrides": {"BF16": True, "FP16": "true"}}, "BF16 and FP16 are both true"),
     ("TOP_P above 1", lambda t: {"overrides": {"TOP_P": 1.5}}, "TOP_P must be in (0, 1]"),
     ("TEMPERATURE zero", lambda t: {"overrides": {"TEMPERATURE": 0}}, "TEMPERATURE must be > 0"),
-    ("bad KL_PENALTY", lambda t: {"overrides": {"KL_PENALTY": "js"}}, "KL_PENALTY must be kl, abs, mse or full"),
+    ("bad KL_PENALTY", lambda t: {"overrides": {"KL_PENALTY": "js"}}, "KL_PENALTY must be one of kl, abs, mse, k2, k3, full"),
     ("SHUFFLE names a script", lambda t: {"overrides": {"SHUFFLE": "shuffle.py"}}, "scripts named in a config are never run"),
     ("REWARD not an object", lambda t: {"overrides": {"MODE": "ppo", "REWARD": "cosine"}}, "REWARD must be a JSON object"),
     ("unknown reward type", lambda t: {"overrides": {"MODE": "ppo", "REWARD": {"type": "cosin_sts"}}}, "did you mean 'cosine_sts'"),
