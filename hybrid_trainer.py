@@ -1729,7 +1729,7 @@ class HybridTrainer:
             out.update({"hybrid/mu": split.mu, "hybrid/sft_prompts": len(sft_pool)})
             if cfg.HYBRID == "gate":
                 out["hybrid/gate_sft_fraction"] = split.sft.float().mean().item()
-        if mb_stats:
+        if mb_stats and "ppo/policy/ratio" in mb_stats[0]:
             out["ppo/policy/ratio_first_minibatch"] = mb_stats[0]["ppo/policy/ratio"]
         return out
 

@@ -99,6 +99,13 @@ BAD_INPUTS = [
     ("LORA_R negative", lambda t: {"overrides": {"LORA_R": -4}}, "LORA_R must be >= 0"),
     ("LORA_TARGETS names no module", lambda t: {"overrides": {"LORA_R": 4, "LORA_TARGETS": ["q_proj"]}}, "its linear modules: c_attn, c_fc, c_proj"),
     ("FSDP in one process", lambda t: {"overrides": {"FSDP": True}}, "FSDP is true but this is a single process"),
+    ("unknown ADVANTAGE", lambda t: {"overrides": {"ADVANTAGE": "grop"}}, "did you mean 'grpo'"),
+    ("unknown HYBRID", lambda t: {"overrides": {"HYBRID": "gated"}}, "did you mean 'gate'"),
+    ("unknown LOSS_AGG", lambda t: {"overrides": {"LOSS_AGG": "token-mean"}}, "did you mean 'token_mean'"),
+    ("group estimator with G = 1", lambda t: {"overrides": {"MODE": "ppo", "ADVANTAGE": "rloo"}}, "set NUM_GENERATIONS >= 2"),
+    ("CLIPRANGE_HIGH below CLIPRANGE", lambda t: {"overrides": {"CLIPRANGE_HIGH": 0.1}}, "CLIPRANGE_HIGH (0.1) must be >= CLIPRANGE (0.2)"),
+    ("MIX_COEF above 1", lambda t: {"overrides": {"MIX_COEF": 1.5}}, "MIX_COEF must be in [0, 1], got 1.5"),
+    ("KL full in the loss", lambda t: {"overrides": {"KL_IN": "loss", "KL_PENALTY": "full"}}, "works only with KL_IN"),
 ]
 
 
@@ -195,3 +202,9 @@ def test_readme_documents_every_config_key():
     assert ht.config_markdown() in readme  # the table is generated: python -c "import hybrid_trainer as h; print(h.config_markdown())"
     for key, _, _ in ht.config_defaults():
         assert f"| `{key}` |" in readme, key
+
+
+def test_gate_threshold_without_gate_warns(env, capsys):
+    tmp_path, write = env
+    assert ht.main([str(write({"MODE": "hybrid", "GATE_THRESHOLD": 0.3})), "--check"]) == 0
+    assert "warning: GATE_THRESHOLD is ignored" in capsys.readouterr().err
