@@ -64,6 +64,9 @@ MODEL_ALIASES = {
 }
 
 
+ALIAS_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # for model cards' base_model
+
+
 def _key(default, help: str, **kw):
     """A config field: default value plus the one-line help shown by --help and the README."""
     if isinstance(default, (dict, list)):
@@ -76,9 +79,10 @@ class Config:
     # --- what to train ---
     MODE: str = _key("hybrid", "sft | ppo | hybrid")
     MODEL: str = _key("smollm2-135m-instruct", "local model dir, a .gguf file, or an alias: " + ", ".join(MODEL_ALIASES))
-    TRAIN_FILE: str = _key("", "JSON list or JSONL of objects (required)")
+    TRAIN_FILE: str = _key("", "training data (required): JSON list, JSONL, CSV, Parquet, or a datasets save_to_disk directory")
     OUTPUT_DIR: str = _key("", "where metrics, checkpoints and models go (required)")
-    TRUST_REMOTE_CODE: bool = _key(False, "allow custom model code from MODEL (off unless you ask)")
+    TRUST_REMOTE_CODE: bool = _key(False, "run code named by the config: custom model code from MODEL, and \"python\" rewards "
+                                   "(off unless you ask)")
     CACHE_DIR: str = _key("", "where a .gguf model is converted to safetensors once ('' = ~/.cache/hybrid_trainer)")
     # --- LoRA, memory, multi-process ---
     LORA_R: int = _key(0, "LoRA rank (0 = off: full fine-tuning); the value head is always trained in full")
@@ -88,7 +92,13 @@ class Config:
     GRADIENT_CHECKPOINTING: bool = _key(False, "recompute activations in backward: less memory, ~30% more compute")
     FSDP: bool = _key(False, "shard parameters, gradients and optimizer state over processes (FSDP2; needs torchrun)")
     # --- data ---
-    SELECT_OUTPUT: str = _key("output", "item key holding the target response (a list uses its first element)")
+    TRAIN_SPLIT: str = _key("", "split of a saved DatasetDict used for training ('' = train)")
+    EVAL_SPLIT: str = _key("", "split of a saved DatasetDict used for evaluation ('' = test, else validation)")
+    DATA_FORMAT: str = _key("auto", "fields (SELECT_OUTPUT is the response, the other keys the prompt) | prompt_completion | "
+                            "messages (chat; the last assistant turn is the response) | auto (messages, then prompt_completion, "
+                            "then fields, by the columns present)")
+    SFT_ALL_TURNS: bool = _key(False, "messages: SFT trains on every assistant turn of a conversation, not only the last")
+    SELECT_OUTPUT: str = _key("output", "DATA_FORMAT fields: item key holding the target response (a list uses its first element)")
     CATEGORY_FIELD: str = _key("", "item key naming its category: kept out of the prompt, grouped in report.md ('' = none)")
     PROMPT_FORMAT: str = _key("auto", "sketch (### Prompt: template) | chat (tokenizer's chat template) | auto (chat if it has one)")
     PERCENT: float = _key(100, "use this percent of the items (0 < PERCENT <= 100), after a seeded shuffle")
@@ -158,10 +168,12 @@ class Config:
                                   "matmuls faster than fp32) | true | false")
     FP16: bool = _key(False, "float16 autocast with loss scaling (CUDA only)")
     SEED: Optional[int] = _key(None, "random seed (null = drawn from the OS and recorded in the resolved config)")
+    REPORT_TO: list = _key([], "also log to: [] or [\"tensorboard\"] (event files in OUTPUT_DIR/tensorboard: "
+                           "tensorboard --logdir OUTPUT_DIR)")
     LOG_EVERY: int = _key(5, "print a summary line every this many steps (the first and last step always print)")
     CLEANSE: bool = _key(True, "free cached accelerator memory after each cycle")
     # --- evaluation ---
-    EVAL_FILE: str = _key("", "held-out JSON/JSONL evaluated before, during and after training ('' = off)")
+    EVAL_FILE: str = _key("", "held-out data (any TRAIN_FILE kind) evaluated before, during and after training ('' = off)")
     EVAL_SAMPLES: int = _key(50, "eval items used")
     EVAL_EVERY: int = _key(0, "evaluate every this many steps (0 = only at start and end)")
     # --- reliability ---
@@ -195,10 +207,13 @@ class Config:
 
         self.MODE = self.MODE.lower()
         need(self.MODE in ("sft", "ppo", "hybrid"), f"MODE must be 'sft', 'ppo' or 'hybrid', got {self.MODE!r}")
-        need(bool(self.TRAIN_FILE), "TRAIN_FILE is required: a JSON list or JSONL file of objects")
+        need(bool(self.TRAIN_FILE), "TRAIN_FILE is required: a JSON, JSONL, CSV or Parquet file, or a datasets directory")
         need(bool(self.OUTPUT_DIR), "OUTPUT_DIR is required: the folder for metrics, checkpoints and models")
         need(bool(self.MODEL), "MODEL is required: a local model dir, a .gguf file or an alias")
         need(bool(self.SELECT_OUTPUT), "SELECT_OUTPUT must name the item key holding the response")
+        one_of("DATA_FORMAT", self.DATA_FORMAT, ("auto",) + DATA_FORMATS)
+        for target in self.REPORT_TO:
+            one_of("REPORT_TO", target, ("tensorboard",))
         need(self.PROMPT_FORMAT in ("auto", "sketch", "chat"), f"PROMPT_FORMAT must be auto, sketch or chat, got {self.PROMPT_FORMAT!r}")
         need(0 < self.PERCENT <= 100, f"PERCENT must be in (0, 100], got {self.PERCENT}")
         for key in ("SFT_BATCH", "PPO_BATCH", "PPO_EPOCHS", "EPOCHS", "MAXSEQ", "MAX_NEW_TOKENS",
@@ -282,7 +297,7 @@ class Config:
         if needs_reward(self):
             try:
                 import rewards
-                rewards.check_spec(self.REWARD)
+                rewards.check_spec(self.REWARD, trust_remote_code=self.TRUST_REMOTE_CODE)
             except rewards.RewardSpecError as e:
                 raise UserError(f"REWARD: {e}") from None
 
@@ -336,6 +351,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return float(value)
     if annotation is str and not isinstance(value, str):
         raise UserError(f"{key} must be a string, got {type(value).__name__} {value!r}")
+    if annotation is list and not isinstance(value, list):
+        raise UserError(f"{key} must be a JSON list, got {type(value).__name__} {value!r}")
     if annotation is dict and not isinstance(value, dict):
         raise UserError(f"{key} must be a JSON object, got {type(value).__name__}")
     return value
@@ -753,20 +770,47 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 # ==================================================================================================
 @dataclass
 class Example:
-    index: int  # position of the item in its file
-    item: dict  # the raw item (passed to rewards)
-    target: str
+    index: int  # row of the item in its file
+    item: dict  # the raw row (passed to rewards)
+    target: str  # the reference response (the last assistant turn, the completion, or SELECT_OUTPUT's value)
     prompt: str = ""  # formatted prompt text (filled by tokenize_examples)
     prompt_ids: list = field(default_factory=list)
     target_ids: list = field(default_factory=list)  # response tokens + EOS, truncated to fit MAXSEQ
     category: Optional[str] = None  # CATEGORY_FIELD's value (not part of the prompt; groups the report)
+    messages: Optional[list] = None  # chat messages before the response (messages / conversational prompt_completion)
+    raw_prompt: Optional[str] = None  # a plain-text prompt used as is (standard prompt_completion, as TRL)
+    question: str = ""  # the prompt as a person reads it (the report's samples)
+    turns: list = field(default_factory=list)  # (messages, target) of earlier assistant turns (SFT_ALL_TURNS)
+    sft_pairs: list = field(default_factory=list)  # tokenized turns: (prompt_ids, target_ids), the last one included
 
 
-def read_items(path: str, key: str) -> list:
-    """Read a JSON list or a JSONL file of objects; `key` names the config key in errors."""
+DATA_FORMATS = ("fields", "prompt_completion", "messages")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def quiet_datasets():
+    """`datasets`, without its progress bars and info logs (the trainer reports what it reads)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
+def read_items(path: str, key: str, split: str = "") -> list:
+    """Rows of TRAIN_FILE / EVAL_FILE (`key` names the config key in errors): a JSON list or JSONL file of objects
+    (read here: errors name the line), a CSV or Parquet file, or a directory written by `datasets`' save_to_disk
+    (read with `datasets`, never from the hub; a DatasetDict gives its `split`, by default train for TRAIN_FILE
+    and test / validation for EVAL_FILE)."""
     p = Path(path)
+    if p.is_dir():
+        return read_saved_dataset(p, key, split)
     if not p.is_file():
         raise UserError(f"{key} {shown(path)} does not exist" if not p.exists() else f"{key} {shown(path)} is not a file")
+    if split:
+        warn(f"{key.replace('FILE', 'SPLIT')} {split!r} is ignored: {key} is a file, not a saved DatasetDict")
+    if p.suffix.lower() in (".csv", ".parquet"):
+        return read_table(p, key)
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -790,6 +834,58 @@ def read_items(path: str, key: str) -> list:
     return items
 
 
+def read_table(p: Path, key: str) -> list:
+    """A CSV or Parquet file through `datasets` (in memory; its cache in a temporary directory)."""
+    import tempfile
+
+    datasets = quiet_datasets()
+    kind = "CSV" if p.suffix.lower() == ".csv" else "Parquet"
+    reader = datasets.Dataset.from_csv if kind == "CSV" else datasets.Dataset.from_parquet
+    with tempfile.TemporaryDirectory() as cache:
+        try:
+            rows = reader(str(p), keep_in_memory=True, cache_dir=cache).to_list()
+        except Exception as e:  # noqa: BLE001 - pyarrow / pandas raise many types for a bad file
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise UserError(f"{key} {shown(p)} cannot be read as {kind}: {msg[:300]}") from None
+    if not rows:
+        raise UserError(f"{key} {str(p)!r} holds no rows")
+    return rows
+
+
+def read_saved_dataset(p: Path, key: str, split: str) -> list:
+    split_key = key.replace("FILE", "SPLIT")
+    if not any((p / name).is_file() for name in ("dataset_dict.json", "state.json")):
+        raise UserError(f"{key} {shown(p)} is a directory but not a dataset written by datasets' save_to_disk "
+                        "(no dataset_dict.json or state.json in it)")
+    datasets = quiet_datasets()
+    try:
+        ds = datasets.load_from_disk(str(p), keep_in_memory=True)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{key} {shown(p)} cannot be read with datasets.load_from_disk: {type(e).__name__}: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        wanted = [split] if split else (["train"] if key == "TRAIN_FILE" else ["test", "validation"])
+        name = next((w for w in wanted if w in ds), None)
+        if name is None:
+            raise UserError(f"{key} {str(p)!r} has no split {' or '.join(map(repr, wanted))} (its splits: {sorted(ds)}); "
+                            f"set {split_key} to one of them")
+        ds = ds[name]
+    elif split:
+        warn(f"{split_key} {split!r} is ignored: {key} {str(p)!r} is a single Dataset, not a DatasetDict")
+    rows = ds.to_list()
+    if not rows:
+        raise UserError(f"{key} {str(p)!r} holds no rows")
+    return rows
+
+
+def pick_data_format(wanted: str, items: list) -> str:
+    """DATA_FORMAT auto: messages when the rows have a `messages` column, then prompt_completion (`prompt` and
+    `completion`), else fields (today's: SELECT_OUTPUT is the response, the other keys the prompt)."""
+    if wanted != "auto":
+        return wanted
+    keys = set(items[0]) if isinstance(items[0], dict) else set()
+    return "messages" if "messages" in keys else "prompt_completion" if {"prompt", "completion"} <= keys else "fields"
+
+
 def sketch_prompt(item: dict, output_key: str) -> str:
     """The design sketch's template: every field but the output, lists joined by commas, None skipped."""
     prompt = "### Prompt:\n\n```"
@@ -809,26 +905,88 @@ def chat_user_text(item: dict, output_key: str) -> str:
     return "\n".join(f"{k}: {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in fields.items())
 
 
-def make_examples(items: list, output_key: str, key: str, category_field: str = "") -> list[Example]:
-    """Validate items and pull out their targets (and categories); errors name the file key and item index."""
+def check_messages(messages: Any, where: str) -> list:
+    """A list of {"role", "content"} chat messages with known roles and string contents, or a UserError."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: expected a non-empty list of {{\"role\", \"content\"}} messages, got {str(messages)[:80]!r}")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"{where}[{j}]: expected an object with \"role\" and \"content\", got {str(m)[:80]!r}")
+        if m["role"] not in ROLES:
+            raise UserError(f"{where}[{j}]: unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(m["content"], str):
+            raise UserError(f"{where}[{j}].content is {type(m['content']).__name__} {str(m['content'])[:60]!r}, expected a string")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def example_from_fields(i: int, item: dict, output_key: str, where: str) -> Example:
+    if output_key not in item:
+        raise UserError(f"{where} row {i} has no output key {output_key!r} (SELECT_OUTPUT); its keys: {sorted(item)}")
+    target = item[output_key]
+    if isinstance(target, list):
+        target = target[0] if target else None
+    if target is None or isinstance(target, (dict, list)) or str(target).strip() == "":
+        raise UserError(f"{where} row {i}, column {output_key!r}: empty or non-text output {item[output_key]!r}")
+    if len(item) < 2:
+        raise UserError(f"{where} row {i} has only the output key {output_key!r}: nothing to build a prompt from")
+    return Example(index=i, item=item, target=str(target), question=chat_user_text(item, output_key))
+
+
+def example_from_prompt_completion(i: int, item: dict, output_key: str, where: str) -> Example:
+    """TRL's prompt-completion format: `prompt` a string (used as is) or chat messages (rendered with the chat
+    template), `completion` a string or assistant messages (their contents joined)."""
+    for col in ("prompt", "completion"):
+        if col not in item:
+            raise UserError(f"{where} row {i} has no column {col!r} (DATA_FORMAT prompt_completion); its columns: {sorted(item)}")
+    prompt, completion = item["prompt"], item["completion"]
+    if isinstance(completion, list):
+        completion = "".join(m["content"] for m in check_messages(completion, f"{where} row {i}, column 'completion'"))
+    if not isinstance(completion, str) or not completion.strip():
+        raise UserError(f"{where} row {i}, column 'completion': empty or not text: {str(item['completion'])[:80]!r}")
+    if isinstance(prompt, list):
+        messages = check_messages(prompt, f"{where} row {i}, column 'prompt'")
+        return Example(index=i, item=item, target=completion, messages=messages, question=messages[-1]["content"])
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserError(f"{where} row {i}, column 'prompt': empty or not text: {str(prompt)[:80]!r}")
+    return Example(index=i, item=item, target=completion, raw_prompt=prompt, question=prompt)
+
+
+def example_from_messages(i: int, item: dict, output_key: str, where: str) -> Example:
+    """A conversation: its last assistant turn is the response, everything before it (system turns included) the
+    prompt; earlier assistant turns are kept for SFT_ALL_TURNS."""
+    if "messages" not in item:
+        raise UserError(f"{where} row {i} has no column 'messages' (DATA_FORMAT messages); its columns: {sorted(item)}")
+    messages = check_messages(item["messages"], f"{where} row {i}, column 'messages'")
+    turns = [j for j, m in enumerate(messages) if m["role"] == "assistant" and j > 0]
+    if not turns:
+        raise UserError(f"{where} row {i}, column 'messages': no assistant turn after the first message "
+                        f"(roles: {[m['role'] for m in messages]}); the last assistant turn is the response to train on")
+    last = turns[-1]
+    if not messages[last]["content"].strip():
+        raise UserError(f"{where} row {i}, column 'messages'[{last}]: the last assistant turn is empty")
+    users = [m["content"] for m in messages[:last] if m["role"] == "user"]
+    return Example(index=i, item=item, target=messages[last]["content"], messages=messages[:last],
+                   question=users[-1] if users else messages[last - 1]["content"],
+                   turns=[(messages[:j], messages[j]["content"]) for j in turns[:-1] if messages[j]["content"].strip()])
+
+
+EXAMPLE_BUILDERS = {"fields": example_from_fields, "prompt_completion": example_from_prompt_completion,
+                    "messages": example_from_messages}
+
+
+def make_examples(items: list, output_key: str, key: str, category_field: str = "", data_format: str = "fields") -> list[Example]:
+    """Validate rows and build Examples in `data_format`; errors name the file (in `key`), the row and the column."""
     examples = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            raise UserError(f"{key} item {i} is a {type(item).__name__}, expected a JSON object")
+            raise UserError(f"{key} row {i} is a {type(item).__name__}, expected a JSON object")
         category = None
         if category_field and category_field in item:
             item = dict(item)
             category = str(item.pop(category_field))
-        if output_key not in item:
-            raise UserError(f"{key} item {i} has no output key {output_key!r} (SELECT_OUTPUT); its keys: {sorted(item)}")
-        target = item[output_key]
-        if isinstance(target, list):
-            target = target[0] if target else None
-        if target is None or isinstance(target, (dict, list)) or str(target).strip() == "":
-            raise UserError(f"{key} item {i} has an empty or non-text output {output_key!r}: {item[output_key]!r}")
-        if len(item) < 2:
-            raise UserError(f"{key} item {i} has only the output key {output_key!r}: nothing to build a prompt from")
-        examples.append(Example(index=i, item=item, target=str(target), category=category))
+        ex = EXAMPLE_BUILDERS[data_format](i, item, output_key, key)
+        ex.category = category
+        examples.append(ex)
     return examples
 
 
@@ -841,9 +999,16 @@ def select_subset(examples: list, cfg: Config) -> list:
     return examples[:n]
 
 
+def load_data(cfg: Config, key: str) -> tuple[list[Example], str]:
+    """TRAIN_FILE or EVAL_FILE -> (examples, the data format used)."""
+    path, split = (cfg.TRAIN_FILE, cfg.TRAIN_SPLIT) if key == "TRAIN_FILE" else (cfg.EVAL_FILE, cfg.EVAL_SPLIT)
+    items = read_items(path, key, split)
+    fmt = pick_data_format(cfg.DATA_FORMAT, items)
+    return make_examples(items, cfg.SELECT_OUTPUT, f"{key} {path!r}", cfg.CATEGORY_FIELD, fmt), fmt
+
+
 def load_examples(cfg: Config) -> list[Example]:
-    return select_subset(make_examples(read_items(cfg.TRAIN_FILE, "TRAIN_FILE"), cfg.SELECT_OUTPUT, "TRAIN_FILE",
-                                       cfg.CATEGORY_FIELD), cfg)
+    return select_subset(load_data(cfg, "TRAIN_FILE")[0], cfg)
 
 
 def resolve_prompt_format(cfg: Config, tokenizer) -> str:
@@ -855,25 +1020,45 @@ def resolve_prompt_format(cfg: Config, tokenizer) -> str:
     return cfg.PROMPT_FORMAT
 
 
-def format_prompt(item: dict, output_key: str, fmt: str, tokenizer) -> str:
-    if fmt == "sketch":
-        return sketch_prompt(item, output_key)
-    messages = [{"role": "user", "content": chat_user_text(item, output_key)}]
+def render_chat(messages: list, tokenizer) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the data holds chat messages but the tokenizer of MODEL has no chat template to render them; "
+                        "use a chat model, or DATA_FORMAT fields / a plain-text prompt")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def format_prompt(ex: Example, output_key: str, fmt: str, tokenizer) -> str:
+    """The prompt text: chat messages through the chat template, a plain prompt as is, or (fields) the item in
+    PROMPT_FORMAT `fmt` (sketch template or one chat user message)."""
+    if ex.messages is not None:
+        return render_chat(ex.messages, tokenizer)
+    if ex.raw_prompt is not None:
+        return ex.raw_prompt
+    if fmt == "sketch":
+        return sketch_prompt(ex.item, output_key)
+    return render_chat([{"role": "user", "content": chat_user_text(ex.item, output_key)}], tokenizer)
 
 
 def tokenize_examples(examples: list, cfg: Config, tokenizer, fmt: str, key: str) -> list[Example]:
     """Format and tokenize prompts and targets. Items whose prompt leaves no room for a response in
-    MAXSEQ are skipped with one warning; long targets are truncated (EOS kept when it fits)."""
+    MAXSEQ are skipped with one warning; long targets are truncated (EOS kept when it fits).
+    With SFT_ALL_TURNS, every assistant turn of a conversation becomes an SFT (prompt, target) pair."""
     kept, skipped = [], []
+
+    def encode(prompt: str, target: str):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        room = cfg.MAXSEQ - len(prompt_ids)
+        return prompt_ids, (tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max(room, 0)]
+
     for ex in examples:
-        ex.prompt = format_prompt(ex.item, cfg.SELECT_OUTPUT, fmt, tokenizer)
-        ex.prompt_ids = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
-        room = cfg.MAXSEQ - len(ex.prompt_ids)
-        if room < 1:
+        ex.prompt = format_prompt(ex, cfg.SELECT_OUTPUT, fmt, tokenizer)
+        ex.prompt_ids, ex.target_ids = encode(ex.prompt, ex.target)
+        if not ex.target_ids:
             skipped.append(ex.index)
             continue
-        ex.target_ids = (tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:room]
+        if cfg.SFT_ALL_TURNS and ex.turns:
+            pairs = [encode(render_chat(messages, tokenizer), target) for messages, target in ex.turns]
+            ex.sft_pairs = [(p, t) for p, t in pairs if t] + [(ex.prompt_ids, ex.target_ids)]
         kept.append(ex)
     if skipped:
         warn(f"{key}: skipped {len(skipped)} item(s) whose prompt fills MAXSEQ={cfg.MAXSEQ} tokens "
@@ -881,6 +1066,12 @@ def tokenize_examples(examples: list, cfg: Config, tokenizer, fmt: str, key: str
     if not kept:
         raise UserError(f"{key}: no item has a prompt shorter than MAXSEQ={cfg.MAXSEQ} tokens")
     return kept
+
+
+def sft_pairs(examples: list[Example]) -> list[tuple[list, list]]:
+    """(prompt_ids, target_ids) the SFT loss trains on: each example's response, or with SFT_ALL_TURNS every
+    assistant turn of its conversation."""
+    return [pair for e in examples for pair in (e.sft_pairs or [(e.prompt_ids, e.target_ids)])]
 
 
 def batches(n_items: int, batch_size: int, seed: int, epoch: int, side: str, shuffle: bool) -> list[list[int]]:
@@ -1540,20 +1731,21 @@ class HybridTrainer:
             self.opt_sft.zero_grad(set_to_none=True)
             raise BadStep(f"SFT loss is {total}")
         grad_norm = self._optimizer_step(self.opt_sft, self.lm_params)
-        return {"sft/loss": total, "sft/grad_norm": grad_norm, "sft/tokens": sum(len(e.target_ids) for e in examples), "sft/lr": lr}
+        return {"sft/loss": total, "sft/grad_norm": grad_norm, "sft/tokens": sum(len(t) for _, t in sft_pairs(examples)), "sft/lr": lr}
 
     def _sft_backward(self, examples: list[Example], coef: float = 1.0, token_weight: str = "none") -> float:
         """Backward of coef x the SFT loss (SFT_LOSS per token, mean over the global batch's response tokens) on
         this process's share of `examples`, in GRAD_ACCUM chunks -> the loss (all processes), before coef."""
-        n_tokens = sum(len(e.target_ids) for e in examples)
-        mine, scale = my_share(examples)
-        ids, mask = right_pad([e.prompt_ids + e.target_ids for e in mine], self.pad_id)
-        labels, _ = right_pad([[-100] * len(e.prompt_ids) + e.target_ids for e in mine], -100)
+        pairs = sft_pairs(examples)
+        n_tokens = sum(len(t) for _, t in pairs)
+        mine, scale = my_share(pairs)
+        ids, mask = right_pad([p + t for p, t in mine], self.pad_id)
+        labels, _ = right_pad([[-100] * len(p) + t for p, t in mine], -100)
         ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
         # Logits only from the shortest prompt's last token on: the LM head over prompt positions is wasted work.
-        keep = ids.shape[1] - min(len(e.prompt_ids) for e in mine) + 1
+        keep = ids.shape[1] - min(len(p) for p, _ in mine) + 1
         total = torch.zeros(1, device=self.device)
-        for rows in torch.arange(len(mine)).tensor_split(accum_chunks(self.cfg.GRAD_ACCUM, len(examples))):
+        for rows in torch.arange(len(mine)).tensor_split(accum_chunks(self.cfg.GRAD_ACCUM, len(pairs))):
             with self.autocast():
                 logits = self.policy.lm(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False,
                                         logits_to_keep=keep).logits
@@ -1891,7 +2083,7 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
     contains = [contains_reference(t, e.target) for e, t in zip(examples, texts)]
     result["eval/contains_reference"] = float(np.mean(contains))
     # every item, for the report's per-category table and its improved / worse examples
-    result["samples"] = [{"prompt": chat_user_text(e.item, trainer.cfg.SELECT_OUTPUT), "target": e.target, "response": t,
+    result["samples"] = [{"prompt": e.question, "target": e.target, "response": t,
                           "reward": per_item.get("reward", [None] * len(texts))[i], "contains": c, "category": e.category}
                          for i, (e, t, c) in enumerate(zip(examples, texts, contains))]
     return result
@@ -1915,10 +2107,11 @@ class RunState:
 
 
 class MetricsLog:
-    """OUTPUT_DIR/metrics.jsonl: one JSON line per step (and per evaluation), flushed at once."""
+    """OUTPUT_DIR/metrics.jsonl: one JSON line per step (and per evaluation), flushed at once; with REPORT_TO
+    tensorboard also event files in OUTPUT_DIR/tensorboard (same keys and steps, eval samples as a text table)."""
 
-    def __init__(self, path: Path, keep_up_to_step: Optional[int] = None):
-        self.path = path
+    def __init__(self, path: Path, keep_up_to_step: Optional[int] = None, cfg: Optional[Config] = None):
+        self.path, self.writer = path, None
         if not is_main():  # one metrics.jsonl per run: the main process writes it
             self.file = open(os.devnull, "w")
             return
@@ -1926,10 +2119,33 @@ class MetricsLog:
             lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= keep_up_to_step]
             path.write_text("".join(line + "\n" for line in lines))
         self.file = path.open("a")
+        if cfg is not None and "tensorboard" in cfg.REPORT_TO:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: TensorBoard drops what an interrupted run wrote past the checkpoint, so no step appears twice
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"), purge_step=(keep_up_to_step or 0) + 1)
+            if not keep_up_to_step:
+                self.writer.add_text("config", "```json\n" + json.dumps(cfg.resolved(), indent=2) + "\n```", 0)
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, record["step"])
+            if record.get("samples"):
+                rows = ["| prompt | reference | response | reward |", "|---|---|---|---|"] + [
+                    "| " + " | ".join(str(x).replace("|", "/").replace("\n", " ")[:200] for x in
+                                      (s["prompt"], s["target"], s["response"], number(s["reward"]))) + " |"
+                    for s in record["samples"]]
+                self.writer.add_text("eval/samples", "\n".join(rows), record["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
 
     def read(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -2260,7 +2476,7 @@ def load_checkpoint(path: Path, trainer: HybridTrainer) -> RunState:
     return RunState(**meta["run"])
 
 
-def save_final(out_dir: Path, trainer: HybridTrainer, cfg: Config) -> None:
+def save_final(out_dir: Path, trainer: HybridTrainer, cfg: Config, card: str = "") -> None:
     """ppo_full/ (policy LM, or the LoRA adapter, + value head + tokenizer + config) and inference_lm/ (a plain
     causal LM; with LoRA the adapter merged into the base). Every process calls it; the main one writes."""
     from safetensors.torch import save_file
@@ -2286,6 +2502,8 @@ def save_final(out_dir: Path, trainer: HybridTrainer, cfg: Config) -> None:
         else:
             lm.save_pretrained(tmp, state_dict=state)
         tok.save_pretrained(tmp)
+        if name == "inference_lm" and card:
+            (tmp / "README.md").write_text(card)
         if name == "ppo_full":
             save_file(v_head, str(tmp / "value_head.safetensors"))
             (tmp / "trainer_config.json").write_text(json.dumps(cfg.resolved(), indent=2))
@@ -2315,10 +2533,7 @@ def needs_reward(cfg: Config) -> bool:
 
 
 def load_eval_examples(cfg: Config) -> list[Example]:
-    if not cfg.EVAL_FILE:
-        return []
-    return make_examples(read_items(cfg.EVAL_FILE, "EVAL_FILE"), cfg.SELECT_OUTPUT, "EVAL_FILE",
-                         cfg.CATEGORY_FIELD)[:cfg.EVAL_SAMPLES]
+    return load_data(cfg, "EVAL_FILE")[0][:cfg.EVAL_SAMPLES] if cfg.EVAL_FILE else []
 
 
 def adopt_checkpoint_config(cfg: Config, checkpoint: Path) -> None:
@@ -2333,12 +2548,24 @@ def adopt_checkpoint_config(cfg: Config, checkpoint: Path) -> None:
         warn(f"resuming {checkpoint} with changed keys {changed}: the result will differ from an uninterrupted run")
 
 
-def build_reward(cfg: Config, device, ref_lm=None, tokenizer=None, spec: Optional[dict] = None):
-    """rewards.make_reward for REWARD (or `spec`), with the reference model for perplexity 'reference'."""
+def build_reward(cfg: Config, device, ref_lm=None, tokenizer=None, spec: Optional[dict] = None, sample: Optional[Example] = None):
+    """rewards.make_reward for REWARD (or `spec`), with what rewards need from the trainer in its context: the
+    reference model (perplexity "reference"), the trainer's model locator and loader (aliases, .gguf), the
+    TRUST_REMOTE_CODE opt-in, and one training item for the trial call of a "python" reward."""
     import rewards
 
+    def load_causal_lm(path: Path, device):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        p = gguf_to_safetensors(path, cache_root(cfg)) if path.suffix == ".gguf" else path
+        return AutoModelForCausalLM.from_pretrained(p).to(device).eval(), AutoTokenizer.from_pretrained(p)
+
+    context = dict(locate_model=lambda name: locate_model(name, key="model"), load_causal_lm=load_causal_lm,
+                   trust_remote_code=cfg.TRUST_REMOTE_CODE,
+                   sample=(sample.target, sample.target, sample.prompt, sample.item) if sample else None)
     try:
-        return rewards.make_reward(spec or cfg.REWARD, device=device, reference=(ref_lm, tokenizer) if ref_lm is not None else None)
+        return rewards.make_reward(spec or cfg.REWARD, device=device, reference=(ref_lm, tokenizer) if ref_lm is not None else None,
+                                   **context)
     except rewards.RewardSpecError as e:
         raise UserError(f"REWARD: {e}") from None
 
@@ -2346,7 +2573,8 @@ def build_reward(cfg: Config, device, ref_lm=None, tokenizer=None, spec: Optiona
 def run(cfg: Config, check: bool = False, reward=None) -> int:
     """Validate everything cheap first (no weights), then load, train, save. `reward` overrides REWARD.
     Under torchrun / accelerate launch every process runs this; the main one writes and prints."""
-    examples = load_examples(cfg)
+    examples, data_format = load_data(cfg, "TRAIN_FILE")
+    examples = select_subset(examples, cfg)
     eval_examples = load_eval_examples(cfg)
     if ((path := locate_model(cfg.MODEL)) / "adapter_config.json").is_file():
         adapter_base(path)  # its base must be available offline too
@@ -2361,6 +2589,7 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
         say(json.dumps({**cfg.resolved(), **({"SEED": None} if getattr(cfg, "seed_drawn", False) else {})}, indent=2))
         if getattr(cfg, "seed_drawn", False):
             say("SEED is null: a seed will be drawn when the run starts and recorded in OUTPUT_DIR/config.json")
+        show_data_example(cfg, examples[0], data_format)
         say(f"ok: {len(examples)} training items, {len(eval_examples)} eval items; {len(step_plan(cfg, len(examples))) * cfg.EPOCHS} "
             f"steps; output -> {out_dir}" + (f"; would resume from {resume_from}" if resume_from else ""))
         return 0
@@ -2387,7 +2616,7 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
     examples = tokenize_examples(examples, cfg, tokenizer, fmt, "TRAIN_FILE")
     eval_examples = tokenize_examples(eval_examples, cfg, tokenizer, fmt, "EVAL_FILE") if eval_examples else []
     if reward is None and needs_reward(cfg):
-        reward = build_reward(cfg, device, ref_lm, tokenizer)
+        reward = build_reward(cfg, device, ref_lm, tokenizer, sample=examples[0])
     eval_metrics = {"reward": reward, **{k: build_reward(cfg, device, spec=v) for k, v in EVAL_METRICS.items()}} if eval_examples else {}
     if cfg.MODE != "sft" and (off := sampling_is_off_policy(cfg)):
         warn(f"sampling with {', '.join(off)} draws responses from a distribution other than the policy's, so the PPO "
@@ -2402,7 +2631,7 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
     if resume_from is not None:
         state = load_checkpoint(resume_from, trainer)
         say(f"resuming from {resume_from} (step {state.step})")
-    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=state.step)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=state.step, cfg=cfg)
     n_trainable = sum(p.numel() for p in trainer.params) if not cfg.FSDP else "sharded"
     say(f"{cfg.MODE}: {len(examples)} items, prompt format {fmt}, device {device.type}"
         f"{', bf16' if cfg.BF16 is True else ', fp16' if cfg.FP16 else ''}"
@@ -2416,20 +2645,44 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
         code = train_loop(cfg, trainer, examples, eval_examples, eval_metrics, out_dir, state, metrics, stop)
     if code:
         return code
+    table = ""
     if eval_examples:
         if not (cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0):  # else the loop just evaluated this step
             log_eval(trainer, eval_examples, eval_metrics, metrics, state.step)
         if is_main():
             table = write_report(out_dir, metrics.read(), cfg, len(examples))
             say(f"\n{table}\nreport: {out_dir / 'report.md'}")
-    save_final(out_dir, trainer, cfg)
-    metrics.file.close()
+    save_final(out_dir, trainer, cfg, model_card(cfg, len(examples), table))
+    metrics.close()
     if is_main() and not cfg.KEEP_CHECKPOINTS_AT_END and (out_dir / "checkpoints").exists():
         shutil.rmtree(out_dir / "checkpoints")  # the run finished: the final model is saved, resume state is not needed
     say(f"done: {state.step} steps, {state.bad_total} skipped; metrics in {out_dir / 'metrics.jsonl'}; "
         f"{out_dir} holds {disk_usage(out_dir)}")
     barrier()
     return 0
+
+
+def show_data_example(cfg: Config, ex: Example, data_format: str) -> None:
+    """--check: the data format used and one example exactly as the model will see it, rendered with the
+    tokenizer of MODEL when it is at hand without loading weights (else the raw messages)."""
+    how = f"auto-detected from the columns {sorted(ex.item)[:8]}" if cfg.DATA_FORMAT == "auto" else "set in the config"
+    say(f"data: DATA_FORMAT {data_format} ({how})")
+    tokenizer = None
+    with contextlib.suppress(Exception):  # no tokenizer at hand is fine: the raw form is shown instead
+        from transformers import AutoTokenizer
+
+        path = locate_model(cfg.MODEL)
+        base = adapter_base(path) if (path / "adapter_config.json").is_file() else path
+        base = gguf_cache_dir(base, cache_root(cfg)) if base.suffix == ".gguf" else base
+        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    if tokenizer is not None:
+        prompt = format_prompt(ex, cfg.SELECT_OUTPUT, resolve_prompt_format(cfg, tokenizer), tokenizer)
+    elif ex.messages is not None:
+        prompt = json.dumps(ex.messages, ensure_ascii=False) + "\n(chat messages: rendered with MODEL's chat template at start)"
+    else:
+        prompt = ex.raw_prompt if ex.raw_prompt is not None else sketch_prompt(ex.item, cfg.SELECT_OUTPUT)
+    extra = f" (+ {len(ex.turns)} earlier assistant turn(s) for SFT_ALL_TURNS)" if ex.turns and cfg.SFT_ALL_TURNS else ""
+    say(f"example (TRAIN_FILE row {ex.index}){extra}:\n--- prompt ---\n{prompt}\n--- response ---\n{ex.target}\n---")
 
 
 def write_report(out_dir: Path, records: list[dict], cfg: Optional[Config] = None, n_train: Optional[int] = None) -> str:
@@ -2488,6 +2741,50 @@ def write_report(out_dir: Path, records: list[dict], cfg: Optional[Config] = Non
             parts.append(f"![{p.stem}]({p.name})\n\n{PLOT_CAPTIONS[p.stem[5:]]}\n")
     (out_dir / "report.md").write_text("\n".join(parts))
     return table
+
+
+def model_card(cfg: Config, n_train: int, table: str) -> str:
+    """inference_lm/README.md in the Hugging Face model-card format: YAML header (base_model, library_name, tags),
+    then what was trained on what, the key settings, the eval before/after table, and how to load it."""
+    base = ALIAS_HUB_IDS.get(cfg.MODEL.lower(), cfg.MODEL)
+    method = {"sft": ["sft"], "ppo": [cfg.ADVANTAGE if cfg.ADVANTAGE != "gae" else "ppo"],
+              "hybrid": ["sft", cfg.ADVANTAGE if cfg.ADVANTAGE != "gae" else "ppo", f"hybrid-{cfg.HYBRID}"]}[cfg.MODE]
+    tags = ["hybrid-trainer", "trl"] + method + (["lora"] if cfg.LORA_R else [])
+    keys = ["MODE", "ADVANTAGE", "NUM_GENERATIONS", "HYBRID", "SFT_LOSS", "LORA_R", "EPOCHS", "SFT_BATCH", "LR_SFT", "PPO_BATCH",
+            "PPO_EPOCHS", "LR_PPO", "INIT_KL_COEF", "KL_IN", "MAX_NEW_TOKENS", "TEMPERATURE", "SEED"]
+    settings = "\n".join(f"| `{k}` | `{json.dumps(getattr(cfg, k))}` |" for k in keys)
+    evaluation = (f"## Evaluation\n\nGreedy responses to the held-out prompts of `{cfg.EVAL_FILE}` before and after "
+                  f"training (`reward` is the training reward):\n\n{table}\n" if table else "")
+    return f"""---
+base_model: {base}
+library_name: transformers
+tags:
+{chr(10).join(f"- {t}" for t in tags)}
+---
+
+# {Path(cfg.OUTPUT_DIR).name}
+
+Fine-tuned from `{base}` with `hybrid_trainer.py` (`MODE` {cfg.MODE}) on {n_train} items of
+`{cfg.TRAIN_FILE}`. Reward: `{json.dumps(cfg.REWARD)}`.{" LoRA (r=%d) merged into the base weights." % cfg.LORA_R if cfg.LORA_R else ""}
+
+## Training settings
+
+| key | value |
+|---|---|
+{settings}
+
+The whole resolved config is in `../config.json`, the per-step metrics in `../metrics.jsonl`.
+
+{evaluation}
+## How to load
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{Path(cfg.OUTPUT_DIR).resolve() / 'inference_lm'}")
+tokenizer = AutoTokenizer.from_pretrained("{Path(cfg.OUTPUT_DIR).resolve() / 'inference_lm'}")
+```
+"""
 
 
 def number(x) -> str:

@@ -34,10 +34,30 @@ class RewardSpecError(ValueError):
     """A reward spec that cannot be built: the message names the field and the fix."""
 
 
+def plain_model_dir(name: str) -> Path:
+    """A causal LM given by a local directory (the trainer passes its own locator: aliases and .gguf too)."""
+    p = Path(name).expanduser()
+    if not (p / "config.json").is_file():
+        raise ValueError(f"model {name!r} is not available offline: no model directory at {p.resolve()}")
+    return p
+
+
+def plain_causal_lm(path: Path, device: Any = "cpu"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path).to(device).eval(), AutoTokenizer.from_pretrained(path)
+
+
 @dataclass
 class Context:
+    """What a reward may need from whoever builds it. The trainer fills it in (make_reward's keyword arguments),
+    so this file never imports the trainer."""
     device: Any = "cpu"  # torch device for reward models
     reference: Any = None  # (model, tokenizer) of the trainer's frozen reference, for perplexity
+    locate_model: Callable[[str], Path] = plain_model_dir  # name -> local path (raises ValueError when absent)
+    load_causal_lm: Callable[..., tuple] = plain_causal_lm  # (path, device) -> (model, tokenizer)
+    trust_remote_code: bool = False  # the config's TRUST_REMOTE_CODE: allows the "python" reward type
+    sample: Optional[tuple] = None  # (response, target, prompt, item) of one training item: a trial call at load
 
 
 # ==================================================================================================
@@ -105,8 +125,7 @@ def perplexity(ctx: Context, model: str = "reference", batch_size: int = 16, max
     (1 = every token certain; higher = more fluent). model: "reference" (the trainer's frozen reference
     model, no extra memory), a local dir, a .gguf file, or an alias of the trainer."""
     import torch
-
-    from hybrid_trainer import right_pad
+    from torch.nn.utils.rnn import pad_sequence
 
     lm, tok = _causal_lm(ctx, model)
     device = next(lm.parameters()).device
@@ -117,7 +136,8 @@ def perplexity(ctx: Context, model: str = "reference", batch_size: int = 16, max
         for chunk in batched(list(responses), batch_size):
             ids = [(([tok.bos_token_id] if tok.bos_token_id is not None else []) +
                     tok(r, add_special_tokens=False)["input_ids"])[:max_length] for r in chunk]
-            input_ids, mask = right_pad(ids, tok.pad_token_id or 0)
+            input_ids = pad_sequence([torch.tensor(i) for i in ids], batch_first=True, padding_value=tok.pad_token_id or 0)
+            mask = pad_sequence([torch.ones(len(i), dtype=torch.long) for i in ids], batch_first=True)
             input_ids, mask = input_ids.to(device), mask.to(device)
             logits = lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
@@ -136,22 +156,12 @@ def _causal_lm(ctx: Context, model: str):
             raise RewardSpecError('perplexity model "reference" needs the trainer\'s reference model; outside the '
                                   "trainer pass make_reward(spec, reference=(model, tokenizer)) or a local model dir")
         return ctx.reference
-    import hybrid_trainer as ht
-
     try:
-        path = ht.locate_model(model, key="perplexity model")
-    except ht.UserError as e:
-        raise RewardSpecError(f'{e}. Use "reference" (the trainer\'s frozen reference model) or a local directory') from None
-
-    def load():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        p = ht.gguf_to_safetensors(path, ht.cache_root(ht.Config(TRAIN_FILE="-", OUTPUT_DIR="-"))) if path.suffix == ".gguf" else path
-        tok = AutoTokenizer.from_pretrained(p)
-        lm = AutoModelForCausalLM.from_pretrained(p).to(ctx.device).eval()
-        return lm, tok
-
-    return cached(("clm", str(path), str(ctx.device)), load)
+        path = ctx.locate_model(model)
+    except Exception as e:  # noqa: BLE001 - the locator's own error (UserError in the trainer) names the problem
+        raise RewardSpecError(f'perplexity model: {e}. Use "reference" (the trainer\'s frozen reference model) or a '
+                              "local directory") from None
+    return cached(("clm", str(path), str(ctx.device)), lambda: ctx.load_causal_lm(path, ctx.device))
 
 
 def _sacrebleu(metric: str):
@@ -334,6 +344,65 @@ def weighted_sum(ctx: Context, components: list = ()) -> BatchFn:
     return fn
 
 
+def python(ctx: Context, path: str = "", function: str = "score") -> BatchFn:
+    """Your own reward: `function(responses, targets, prompts, items) -> list[float]` (one score per response)
+    from the local Python file `path`. It runs your code, so the config must opt in with TRUST_REMOTE_CODE: true.
+    Checked at load: the file imports, the function exists, takes four arguments, and a one-item call returns one
+    finite number."""
+    file = _python_file(path, ctx.trust_remote_code)
+    spec = importlib.util.spec_from_file_location(f"user_reward_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's file: any error is reported, with its type
+        raise RewardSpecError(f"python reward file {str(file)!r} failed to import: {type(e).__name__}: {e}") from None
+    user_fn = getattr(module, function, None)
+    if not callable(user_fn):
+        defined = sorted(k for k, v in vars(module).items() if inspect.isfunction(v) and v.__module__ == module.__name__)
+        raise RewardSpecError(f"python reward file {str(file)!r} has no function {function!r} (its functions: {defined or 'none'}); "
+                              'set "function" to the one to call')
+    try:
+        inspect.signature(user_fn).bind([], [], [], [])
+    except TypeError:
+        raise RewardSpecError(f"python reward {function}{inspect.signature(user_fn)} in {str(file)!r} must accept "
+                              "(responses, targets, prompts, items): four lists of the same length") from None
+    except ValueError:  # a builtin without a signature: the trial call below decides
+        pass
+
+    def fn(responses, targets, prompts, items):
+        out = user_fn(list(responses), list(targets), list(prompts), list(items))
+        if not isinstance(out, (list, tuple)) and not hasattr(out, "tolist"):
+            raise TypeError(f"{function}() returned {type(out).__name__}, expected a list of {len(responses)} numbers")
+        out = list(out.tolist() if hasattr(out, "tolist") else out)
+        if len(out) != len(responses):
+            raise ValueError(f"{function}() returned {len(out)} scores for {len(responses)} responses")
+        for i, x in enumerate(out):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                raise ValueError(f"{function}() returned {x!r} for response {i}: expected a finite number")
+        return [float(x) for x in out]
+
+    trial = ctx.sample or ("a response", "a reference", "a prompt", {})
+    try:
+        fn(*([x] for x in trial))
+    except Exception as e:  # noqa: BLE001 - reported as a spec error at load, never a traceback mid-run
+        raise RewardSpecError(f"python reward {function}() in {str(file)!r} failed on a one-item trial call: "
+                              f"{type(e).__name__}: {e}") from None
+    return fn
+
+
+def _python_file(path: str, trusted: Optional[bool]) -> Path:
+    """The python reward's file, after the opt-in check (trusted None: not known yet, checked at build)."""
+    if trusted is False:
+        raise RewardSpecError(f'type "python" runs the code in {path or "its file"!r}: set TRUST_REMOTE_CODE: true in the config '
+                              "to allow it (the same opt-in as custom model code)")
+    if not path:
+        raise RewardSpecError('python needs "path": a local .py file defining score(responses, targets, prompts, items)')
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise RewardSpecError(f"python reward file {path!r} does not exist (looked at {file.resolve()})")
+    return file
+
+
 REWARDS: dict[str, Callable[..., BatchFn]] = {
     "cosine_sts": cosine_sts,
     "perplexity": perplexity,
@@ -350,6 +419,7 @@ REWARDS: dict[str, Callable[..., BatchFn]] = {
     "regex": regex,
     "repetition": repetition,
     "weighted_sum": weighted_sum,
+    "python": python,
 }
 
 
@@ -489,10 +559,16 @@ def _check_type(spec: Any, registry: dict, where: str) -> Callable:
     return registry[kind]
 
 
-def check_spec(spec: Any, where: str = "reward") -> None:
-    """Validate a spec's types and fields (recursively) without loading any model."""
+def check_spec(spec: Any, where: str = "reward", trust_remote_code: Optional[bool] = None) -> None:
+    """Validate a spec's types and fields (recursively) without loading any model. trust_remote_code: the
+    config's opt-in, checked for "python" rewards (None: checked when the reward is built)."""
     builder = _check_type(spec, REWARDS, where)
     _check_fields(spec, builder, where, skip_ctx=True, common=COMMON_FIELDS)
+    if spec["type"] == "python":
+        try:
+            _python_file(spec.get("path", ""), trust_remote_code)
+        except RewardSpecError as e:
+            raise RewardSpecError(f"{where}: {e}") from None
     if "weight" in spec and (isinstance(spec["weight"], bool) or not isinstance(spec["weight"], (int, float))):
         raise RewardSpecError(f"{where}.weight must be a number, got {spec['weight']!r}")
     post = spec.get("postprocess", [])
@@ -503,7 +579,7 @@ def check_spec(spec: Any, where: str = "reward") -> None:
                       skip_ctx=False, common={"type"})
     if spec["type"] == "weighted_sum":
         for i, c in enumerate(spec.get("components", [])):
-            check_spec(c, f"{where}.components[{i}]")
+            check_spec(c, f"{where}.components[{i}]", trust_remote_code)
 
 
 class Reward:
@@ -524,6 +600,8 @@ class Reward:
         else:
             out = self.fn(responses, targets, prompts, items)
         out = [float(x) for x in out]
+        if len(out) != n:
+            raise ValueError(f"reward {self.name!r} returned {len(out)} scores for {n} responses")
         for p in self.post:
             out = p(out, update=update)
         return out
@@ -558,10 +636,11 @@ def build(spec: dict, ctx: Context, where: str = "reward") -> Reward:
     return Reward(spec.get("name", spec["type"]), fn, post)
 
 
-def make_reward(spec: dict, device: Any = "cpu", reference: Any = None) -> Reward:
-    """Build a reward from its JSON spec. `reference` = (model, tokenizer) for perplexity "reference"."""
-    check_spec(spec)
-    return build(spec, Context(device=device, reference=reference))
+def make_reward(spec: dict, device: Any = "cpu", reference: Any = None, **context) -> Reward:
+    """Build a reward from its JSON spec. `reference` = (model, tokenizer) for perplexity "reference"; `context`:
+    the other Context fields (locate_model, load_causal_lm, trust_remote_code, sample)."""
+    check_spec(spec, trust_remote_code=context.get("trust_remote_code", False))
+    return build(spec, Context(device=device, reference=reference, **context))
 
 
 # ==================================================================================================
