@@ -1,7 +1,9 @@
 """Run under `torchrun` by tests/test_distributed.py (or as one plain process): not a test module itself.
 
-    python dist_helper.py ppo_step MODEL OUT.safetensors [LORA_R]   one PPO step on a fixed batch; each process
-                                                                      passes its share of the batch
+    python dist_helper.py ppo_step MODEL OUT.safetensors [LORA_R] [CONFIG_JSON]
+                                        one PPO step on a fixed batch; each process passes its share of the batch.
+                                        CONFIG_JSON: extra keys; with NUM_GENERATIONS 2 the rows form 4 groups of 2
+                                        and the hybrid strategy (gate / mix) gets the 4 prompts as demonstrations
     python dist_helper.py fail_on_rank1 CONFIG.json                  the CLI, with rank 1 crashing at its first SFT step
 """
 
@@ -18,21 +20,27 @@ RESPONSES = ["yes yes", "on the mat", "yes", "is four", "the capital of france",
 SCORES = [1.0, 0.2, 0.7, -0.5, 0.3, 0.0, 0.9, -1.0]
 
 
-def ppo_step(model: str, out: str, lora_r: str = "0") -> None:
+def ppo_step(model: str, out: str, lora_r: str = "0", extra: str = "{}") -> None:
+    import json
+
     from safetensors.torch import save_file
 
+    extra = json.loads(extra)
+    G = extra.get("NUM_GENERATIONS", 1)
     cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": model, "TRAIN_FILE": "-", "OUTPUT_DIR": "-", "SEED": 3,
-                               "PPO_BATCH": 8, "PPO_MINI": 4, "PPO_EPOCHS": 2, "LR_PPO": 1e-3, "LORA_R": int(lora_r),
-                               "WHITEN_REWARDS": True, "TEMPERATURE": 1.0})
+                               "PPO_BATCH": 8 // G, "PPO_MINI": 4 // G, "PPO_EPOCHS": 2, "LR_PPO": 1e-3, "LORA_R": int(lora_r),
+                               "WHITEN_REWARDS": True, "TEMPERATURE": 1.0, **extra})
     device = torch.device("cpu")
     ht.init_processes(device)
     torch.manual_seed(0)  # the same fresh adapter and value head on every process
     policy, ref, tok = ht.load_model(cfg, device)
     trainer = ht.HybridTrainer(cfg, policy, ref, tok)
-    queries = [tok(q)["input_ids"] for q in QUERIES]
+    queries = [tok(QUERIES[i // G * G])["input_ids"] for i in range(len(QUERIES))]  # G rows per prompt
     responses = [tok(r)["input_ids"] + [tok.eos_token_id] for r in RESPONSES]
+    demos = [ht.Example(index=i, item={}, target=RESPONSES[i * G], prompt_ids=queries[i * G],
+                        target_ids=responses[i * G]) for i in range(len(QUERIES) // G)]
     start, end = ht.share_bounds(len(QUERIES))
-    stats = trainer.ppo_step(queries[start:end], responses[start:end], SCORES[start:end])
+    stats = trainer.ppo_step(queries[start:end], responses[start:end], SCORES[start:end], demos=demos)
     state = ht.trainable_state(policy)
     if ht.is_main():
         save_file(state, out)

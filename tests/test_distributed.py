@@ -62,6 +62,23 @@ def test_ppo_step_two_halves_equal_whole_batch(lora_r, tiny_model, tmp_path):
     assert one.stdout.splitlines()[-1] == two.stdout.splitlines()[-1] == "stats kl=0.000000 ratio=1.000000"
 
 
+@pytest.mark.parametrize("lora_r, extra", [
+    ("0", {"MODE": "hybrid", "HYBRID": "gate", "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "GATE_THRESHOLD": 0.5}),
+    ("4", {"MODE": "hybrid", "HYBRID": "mix", "ADVANTAGE": "rloo", "NUM_GENERATIONS": 2, "SFT_LOSS": "dft",
+           "SFT_TOKEN_WEIGHT": "phi", "KL_IN": "loss", "KL_PENALTY": "k3", "LOSS_AGG": "seq_mean_token_mean"}),
+])
+def test_group_estimators_and_hybrid_strategies_two_halves_equal_whole(lora_r, extra, tiny_model, tmp_path):
+    """Groups, the gate's split (one of the 4 prompts falls below the threshold) and the mix's SFT term are global."""
+    helper = ROOT / "tests" / "dist_helper.py"
+    args = ["ppo_step", str(tiny_model), None, lora_r, json.dumps(extra)]
+    one = subprocess.run([sys.executable, str(helper), *[a or str(tmp_path / "one.st") for a in args]],
+                         capture_output=True, text=True, env=ENV)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun([helper, *[a or tmp_path / "two.st" for a in args]])
+    assert max_diff(tmp_path / "one.st", tmp_path / "two.st") <= 1e-5
+    assert one.stdout.splitlines()[-1] == two.stdout.splitlines()[-1]
+
+
 def test_hybrid_under_two_processes_writes_one_set_of_outputs(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "out"
     proc = torchrun_cli({"MODE": "hybrid", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out),
