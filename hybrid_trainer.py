@@ -6,10 +6,12 @@
     python hybrid_trainer.py --help                      # every config key, with its default
 
 MODE "sft":    cross-entropy on response tokens (+ EOS) only; the prompt is masked.
-MODE "ppo":    sample responses, score them with rewards.make_reward(REWARD), clipped PPO update of
-               policy + value head with a per-token KL penalty against a frozen reference.
-MODE "hybrid": CYCLE_SFT_STEPS SFT steps, then CYCLE_PPO_UPDATES PPO updates, repeated until the
-               epoch's data is used, for EPOCHS.
+MODE "ppo":    sample NUM_GENERATIONS responses per prompt, score them with rewards.make_reward(REWARD), and
+               run a clipped PPO update: with a value head (ADVANTAGE "gae") or critic-free (grpo, rloo, ...),
+               with a KL penalty against a frozen reference (in the reward or in the loss).
+MODE "hybrid": HYBRID "alternate": CYCLE_SFT_STEPS SFT steps, then CYCLE_PPO_UPDATES PPO updates, repeated until
+               the epoch's data is used, for EPOCHS; "gate": per prompt, SFT on its reference when no sampled
+               response scores GATE_THRESHOLD, else RL; "mix": (1 - mu) RL + mu SFT on every prompt.
 
 The file reads top to bottom: config -> pure PPO math -> data -> model -> SFT/PPO steps -> loop ->
 save/resume -> main(). The PPO details follow Huang et al., "The N Implementation Details of RLHF
@@ -260,6 +262,8 @@ class Config:
         for key in ("MIX_COEF", "MIX_COEF_END"):
             need(0 <= getattr(self, key) <= 1, f"{key} must be in [0, 1], got {getattr(self, key)}")
         strategy = self.HYBRID if self.MODE == "hybrid" else None
+        if self.HYBRID != "alternate" and strategy is None:
+            warn(f"HYBRID {self.HYBRID!r} is ignored: it applies to MODE \"hybrid\" (here {self.MODE!r})")
         if self.GATE_THRESHOLD is not None and strategy != "gate":
             warn(f"GATE_THRESHOLD is ignored: it applies to MODE \"hybrid\" with HYBRID \"gate\" (here MODE {self.MODE!r}, "
                  f"HYBRID {self.HYBRID!r})")

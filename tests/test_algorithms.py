@@ -96,11 +96,15 @@ def test_mix_schedule_and_groups_resume_exactly(tiny_model, tiny_data, tmp_path)
     base = {**LEARN, "MODE": "hybrid", "HYBRID": "mix", "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 4,
             "PPO_MINI": 2, "PPO_EPOCHS": 2, "EPOCHS": 2, "MIX_COEF": 0.8, "MIX_COEF_END": 0.1, "MIX_SCHEDULE": "cosine",
             "SAVE_EVERY": 1, "KEEP_CHECKPOINTS": 10, "KEEP_CHECKPOINTS_AT_END": True, "MODEL": str(tiny_model),
-            "TRAIN_FILE": str(tiny_data), "SEED": 3}
+            "TRAIN_FILE": str(tiny_data), "SEED": 3,
+            "REWARD": {"type": "weighted_sum", "components": [{"type": "contains", "pattern": "yes", "name": "yes"},
+                                                              {"type": "length", "target": 3}]}}
     straight = tmp_path / "straight"
     assert cli({**base, "OUTPUT_DIR": str(straight)}, tmp_path) == 0
     full = metrics(straight)
     assert len(full) == 4 and len({r["hybrid/mu"] for r in full}) == 4  # mu moves every step
+    for r in full:  # each weighted_sum component is logged, and they add up to the reward
+        assert r["reward/mean"] == pytest.approx(r["reward/yes"] + r["reward/length"], abs=1e-6)
     resumed = tmp_path / "resumed"
     assert cli({**base, "OUTPUT_DIR": str(resumed), "RESUME": str(straight / "checkpoints" / "step-2")}, tmp_path, "r.json") == 0
     assert comparable(metrics(resumed)) == comparable(full[2:])
