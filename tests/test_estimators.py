@@ -218,3 +218,30 @@ def test_policy_loss_matches_trl_grpo(loss_type, agg, level, beta, eps_high):
     g_theirs = torch.autograd.grad(trl_grpo_loss(loss_type, logps, old, ref, adv[:, 0], mask, 0.2, eps_high, beta, level, 6),
                                    logps)[0]
     torch.testing.assert_close(g_ours * mask, g_theirs * mask)
+
+
+def test_grpo_and_rloo_advantages_match_trl_trainers(tiny_model, tmp_path):
+    """TRL 1.x computes group advantages inside its trainers: run GRPOTrainer's and RLOOTrainer's own scoring step
+    on the tiny model (2 prompts x G = 4 samples, its rewards recorded) and compare with ours on those rewards."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    seen = []
+
+    def reward(completions, **_):  # spread-out scores with ties, from the sampled text
+        seen.append([float(len(c) % 5) + 0.25 * (i % 3) for i, c in enumerate(completions)])
+        return seen[-1]
+
+    for config, trainer_cls, ours in ((GRPOConfig, GRPOTrainer, ht.advantages_grpo), (RLOOConfig, RLOOTrainer, ht.advantages_rloo)):
+        args = config(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=6, report_to=[], use_cpu=True, bf16=False)
+        trainer = trainer_cls(model=model, reward_funcs=reward, args=args, processing_class=tok,
+                              train_dataset=Dataset.from_list([{"prompt": "say yes"}, {"prompt": "hello"}]))
+        out = trainer._generate_and_score_completions([{"prompt": "say yes"}] * 4 + [{"prompt": "hello"}] * 4)
+        rewards, mask = outcome_rewards(seen[-1], [1] * 8, 1)
+        mine, _ = ours(rewards=rewards, mask=mask, group_size=4)
+        torch.testing.assert_close(mine[:, 0], out["advantages"].float(), atol=1e-5, rtol=1e-5)
