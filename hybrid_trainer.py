@@ -1833,6 +1833,8 @@ class HybridTrainer:
         B, R = len(queries), r_ids.shape[1]
         if B % G:
             raise ValueError(f"{B} responses do not form groups of NUM_GENERATIONS={G}")
+        if demos is not None and len(demos) * G != B:
+            raise ValueError(f"{len(demos)} demonstrations for {B} responses in groups of {G}: expected {B // G}")
         mini = cfg.PPO_MINI * G  # responses per minibatch
         lr = self.opt_ppo.param_groups[0]["lr"]
 
@@ -1909,7 +1911,7 @@ class HybridTrainer:
         out = {k: float(np.mean([s[k] for s in mb_stats if k in s])) for k in dict.fromkeys(k for s in mb_stats for k in s)}
         out.update({
             "objective/kl": seq_kl, "objective/kl_coef": kl_coef,
-            "objective/non_score_reward": (-kl_coef * kl * r_mask).sum(1).mean().item(),
+            "objective/non_score_reward": (rewards * r_mask).sum(1).mean().item() - scores.mean().item(),
             "ppo/mean_scores": scores.mean().item(), "ppo/std_scores": scores.std(unbiased=False).item(),
             "ppo/returns/mean": masked_mean(returns, r_mask).item(), "ppo/val/mean": masked_mean(old_values, r_mask).item(),
             "ppo/skipped_minibatches": skipped, "ppo/response_length": r_mask.sum(1).mean().item(),
