@@ -1872,17 +1872,18 @@ class HybridTrainer:
         kl = roll["kl"] if "kl" in roll else kl_per_token(old_logprobs, ref_logprobs, cfg.KL_PENALTY)
         t1 = time.perf_counter()
 
-        # 4. rewards and advantages (ADVANTAGES[ADVANTAGE]); the hybrid strategy picks RL and SFT prompts
-        kl_coef = self.kl_ctl.value
-        rewards = compute_rewards(scores, kl, r_mask, kl_coef if cfg.KL_IN == "reward" else 0.0)
-        advantages, returns = self.estimator.fn(
-            rewards=rewards, mask=r_mask, values=old_values, group_size=G, gamma=cfg.GAMMA, lam=cfg.LAM,
-            whiten_rewards=cfg.WHITEN_REWARDS, baseline=torch.as_tensor(baseline, dtype=torch.float32, device=dev))
-        returns = old_values if returns is None else returns
+        # 4. the hybrid strategy picks RL and SFT prompts; rewards and advantages (ADVANTAGES[ADVANTAGE]) over the RL
+        # responses only (gate: batch whitening must not compare the prompts it kept with those it sent to SFT)
         strategy = HYBRID_STRATEGIES[cfg.HYBRID] if cfg.MODE == "hybrid" and demos is not None else None
         split = strategy(scores.view(-1, G).cpu(), cfg, self.progress) if strategy else None
         loss_mask = r_mask if split is None else r_mask * split.rl.repeat_interleave(G).to(dev)[:, None].float()
         sft_pool = [] if split is None else [d for d, s in zip(demos, split.sft.tolist()) if s]
+        kl_coef = self.kl_ctl.value
+        rewards = compute_rewards(scores, kl, r_mask, kl_coef if cfg.KL_IN == "reward" else 0.0)
+        advantages, returns = self.estimator.fn(
+            rewards=rewards, mask=loss_mask, values=old_values, group_size=G, gamma=cfg.GAMMA, lam=cfg.LAM,
+            whiten_rewards=cfg.WHITEN_REWARDS, baseline=torch.as_tensor(baseline, dtype=torch.float32, device=dev))
+        returns = old_values if returns is None else returns
 
         # 5. PPO epochs over minibatches (each with its part of the SFT demonstrations, under gate / mix)
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, r_ids=r_ids, r_mask=r_mask, rl_mask=loss_mask,
