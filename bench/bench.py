@@ -69,7 +69,9 @@ def main() -> None:
             "REWARD": {"type": "chrf"}, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0, "NO_REPEAT_NGRAM_SIZE": 0}
     if args.config:
         keep = ("MODEL", "SFT_BATCH", "PPO_BATCH", "PPO_MINI", "PPO_EPOCHS", "MAX_NEW_TOKENS", "MAXSEQ", "REWARD", "PROMPT_FORMAT",
-                "TEMPERATURE", "TOP_P", "REPETITION_PENALTY", "NO_REPEAT_NGRAM_SIZE", "GRAD_ACCUM", "CATEGORY_FIELD")
+                "TEMPERATURE", "TOP_P", "REPETITION_PENALTY", "NO_REPEAT_NGRAM_SIZE", "GRAD_ACCUM", "CATEGORY_FIELD",
+                "ADVANTAGE", "NUM_GENERATIONS", "KL_IN", "KL_PENALTY", "INIT_KL_COEF", "LOSS_AGG", "IMPORTANCE_LEVEL",
+                "CLIPRANGE_HIGH", "HYBRID", "GATE_THRESHOLD", "MIX_COEF", "MIX_COEF_END", "MIX_SCHEDULE", "SFT_LOSS")
         base.update({k: v for k, v in json.loads(Path(args.config).read_text()).items() if k in keep})
     for key, value in (("MODEL", args.model), ("SFT_BATCH", args.batch), ("PPO_BATCH", args.batch), ("PPO_MINI", args.mini),
                        ("MAX_NEW_TOKENS", args.max_new_tokens), ("REWARD", args.reward and json.loads(args.reward))):
@@ -100,7 +102,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         sft.append((time.perf_counter() - t, sum(len(e.prompt_ids) + len(e.target_ids) for e in batch)))
-        ppo.append(trainer.ppo_update(batch) | {"prompt_tokens": sum(len(e.prompt_ids) for e in batch)})
+        prompts = examples[i * cfg.PPO_BATCH:(i + 1) * cfg.PPO_BATCH]  # x NUM_GENERATIONS responses
+        ppo.append(trainer.ppo_update(prompts) | {"prompt_tokens": sum(len(e.prompt_ids) for e in prompts) * cfg.NUM_GENERATIONS})
     sft, ppo = sft[1:], ppo[1:]  # drop warm-up
     mean = lambda key: statistics.mean(s[key] for s in ppo)  # noqa: E731
 
@@ -109,7 +112,7 @@ def main() -> None:
         return {"s": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1), "mfu": round(flops / seconds / peak_rate, 4)}
 
     batch_tokens = mean("time/tokens")  # real tokens of prompts + responses in one PPO batch
-    generated = mean("ppo/response_length") * cfg.PPO_BATCH
+    generated = mean("ppo/response_length") * cfg.PPO_BATCH * cfg.NUM_GENERATIONS
     rollout_policy_s = mean("time/rollout_s") - mean("time/reference_forward_s")
     phases = {
         "generate": phase(mean("time/generate_s"), mean("prompt_tokens") + generated, 1),

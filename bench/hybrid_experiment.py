@@ -30,6 +30,10 @@ VARIANTS = {
     "gate": {"MODE": "hybrid", "HYBRID": "gate", "GATE_THRESHOLD": 0.5},
     "gate (grpo)": {"MODE": "hybrid", "HYBRID": "gate", "GATE_THRESHOLD": 0.5, "ADVANTAGE": "grpo", **GROUP},
     "mix": {"MODE": "hybrid", "HYBRID": "mix", "MIX_COEF": 0.5, "MIX_COEF_END": 0.1, "MIX_SCHEDULE": "cosine"},
+    # the SFT term of mix runs at LR_PPO: these give it the SFT steps' learning rate
+    "mix (phi, lr 5e-5)": {"MODE": "hybrid", "HYBRID": "mix", "MIX_COEF": 0.7, "MIX_COEF_END": 0.3, "MIX_SCHEDULE": "linear",
+                           "SFT_TOKEN_WEIGHT": "phi", "LR_PPO": 5e-5},
+    "mix (dft, lr 5e-5)": {"MODE": "hybrid", "HYBRID": "mix", "MIX_COEF": 0.7, "SFT_LOSS": "dft", "LR_PPO": 5e-5},
 }
 
 
