@@ -39,21 +39,22 @@ def main() -> None:
     examples = ht.tokenize_examples(ht.load_examples(cfg), cfg, tok, "chat", "TRAIN_FILE")
     trainer = ht.HybridTrainer(cfg, policy, ref, tok)
     G = getattr(cfg, "NUM_GENERATIONS", 1)
-    ppo_s, sft_s = [], []
+    ppo_s, sft_s, ppo_tokens, sft_tokens = [], [], [], []
     for i in range(args.steps + 1):
         batch = examples[i * 8:(i + 1) * 8]
         rows = [e for e in batch[:8 // G] for _ in range(G)]
         t = time.perf_counter()
         trainer.ppo_step([e.prompt_ids for e in rows], [e.target_ids for e in rows], [float(j % 3) for j in range(len(rows))])
         ppo_s.append(time.perf_counter() - t)
+        ppo_tokens.append(sum(len(e.prompt_ids) + len(e.target_ids) for e in rows) * cfg.PPO_EPOCHS)
         t = time.perf_counter()
         trainer.sft_step(batch)
         sft_s.append(time.perf_counter() - t)
-    tokens = sum(len(e.prompt_ids) + len(e.target_ids) for e in examples[8:8 * (args.steps + 1)]) / args.steps
+        sft_tokens.append(sum(len(e.prompt_ids) + len(e.target_ids) for e in batch))
     print(json.dumps({"root": args.root, "overrides": extra, "ppo_mini": args.mini,
                       "ppo_step_s": round(statistics.mean(ppo_s[1:]), 3), "sft_step_s": round(statistics.mean(sft_s[1:]), 3),
-                      "ppo_tokens_per_s": round(tokens * cfg.PPO_EPOCHS / statistics.mean(ppo_s[1:]), 1),
-                      "sft_tokens_per_s": round(tokens / statistics.mean(sft_s[1:]), 1),
+                      "ppo_tokens_per_s": round(sum(ppo_tokens[1:]) / sum(ppo_s[1:]), 1),
+                      "sft_tokens_per_s": round(sum(sft_tokens[1:]) / sum(sft_s[1:]), 1),
                       "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
 
 
