@@ -2031,10 +2031,11 @@ class HybridTrainer:
     def ppo_update(self, examples: list[Example]) -> dict:
         cfg, G = self.cfg, self.cfg.NUM_GENERATIONS
         t0 = time.perf_counter()
-        mine, scale = my_share(examples)
-        responses, ended = self.generate([e.prompt_ids for e in mine for _ in range(G)])  # 1. generate
+        share, scale = my_share(examples)
+        responses, ended = self.generate([e.prompt_ids for e in share for _ in range(G)])  # 1. generate
+        mine = share if scale else []
         if not scale:  # a short last batch left this process nothing; it generated only to keep FSDP in step
-            mine, responses, ended = [], [], ended[:0]
+            responses, ended = [], ended[:0]
         t1 = time.perf_counter()
         rows = [e for e in mine for _ in range(G)]
         scores = torch.tensor(self.score(responses, rows), dtype=torch.float32)  # 2. score
@@ -2042,7 +2043,7 @@ class HybridTrainer:
         component_sums = self.component_sums
         baseline = None
         if self.estimator.greedy_baseline:  # remax: one greedy response per prompt, scored the same way
-            greedy, greedy_ended = self.generate([e.prompt_ids for e in (mine or examples[:1])], greedy=True)
+            greedy, greedy_ended = self.generate([e.prompt_ids for e in share], greedy=True)
             greedy, greedy_ended = (greedy, greedy_ended) if scale else ([], greedy_ended[:0])
             base = torch.tensor(self.score(greedy, mine), dtype=torch.float32)
             baseline = apply_missing_eos_penalty(base, greedy_ended, cfg.MISSING_EOS_PENALTY).repeat_interleave(G)
@@ -2057,8 +2058,9 @@ class HybridTrainer:
             "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2,
             "time/tokens_per_s": counts[0].item() / max(t1 - t0, 1e-9),
         })
-        for name in sorted(set().union(*gather_objects(component_sums))):  # weighted_sum parts, over all processes
-            stats[f"reward/{name}"] = sum(d.get(name, 0.0) for d in gather_objects(component_sums)) / n_responses
+        parts = gather_objects(component_sums)  # weighted_sum components' sums, from every process
+        for name in sorted(set().union(*parts)):
+            stats[f"reward/{name}"] = sum(d.get(name, 0.0) for d in parts) / n_responses
         return stats
 
 
@@ -2561,11 +2563,8 @@ def build_reward(cfg: Config, device, ref_lm=None, tokenizer=None, spec: Optiona
     TRUST_REMOTE_CODE opt-in, and one training item for the trial call of a "python" reward."""
     import rewards
 
-    def load_causal_lm(path: Path, device):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        p = gguf_to_safetensors(path, cache_root(cfg)) if path.suffix == ".gguf" else path
-        return AutoModelForCausalLM.from_pretrained(p).to(device).eval(), AutoTokenizer.from_pretrained(p)
+    def load_causal_lm(path: Path, device):  # rewards' plain loader, after converting a .gguf once
+        return rewards.plain_causal_lm(gguf_to_safetensors(path, cache_root(cfg)) if path.suffix == ".gguf" else path, device)
 
     context = dict(locate_model=lambda name: locate_model(name, key="model"), load_causal_lm=load_causal_lm,
                    trust_remote_code=cfg.TRUST_REMOTE_CODE,
