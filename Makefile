@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test lint bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt
@@ -17,8 +17,11 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python hybrid_trainer.py configs/demo.json
 
-test: setup
+test: setup lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check .
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench.py --model smollm2-135m-instruct

@@ -2,8 +2,8 @@
 """Fine-tune a causal LM with SFT, PPO, or both interleaved, from one JSON config.
 
     python hybrid_trainer.py configs/demo.json           # train
-    python hybrid_trainer.py configs/demo.json --check   # validate config + data, print resolved config
-    python hybrid_trainer.py --help                      # every config key, with its default
+    python hybrid_trainer.py configs/demo.json --check   # validate config + data, print the plan and one example
+    python hybrid_trainer.py --help                      # every config key, with its default, and every registry
 
 MODE "sft":    cross-entropy on response tokens (+ EOS) only; the prompt is masked.
 MODE "ppo":    sample NUM_GENERATIONS responses per prompt, score them with rewards.make_reward(REWARD), and
@@ -13,9 +13,32 @@ MODE "hybrid": HYBRID "alternate": CYCLE_SFT_STEPS SFT steps, then CYCLE_PPO_UPD
                the epoch's data is used, for EPOCHS; "gate": per prompt, SFT on its reference when no sampled
                response scores GATE_THRESHOLD, else RL; "mix": (1 - mu) RL + mu SFT on every prompt.
 
-The file reads top to bottom: config -> pure PPO math -> data -> model -> SFT/PPO steps -> loop ->
-save/resume -> main(). The PPO details follow Huang et al., "The N Implementation Details of RLHF
-with PPO" (2023) and TRL 0.11's classic PPOTrainer.step(queries, responses, scores).
+The PPO details follow Huang et al., "The N Implementation Details of RLHF with PPO" (2023) and TRL 0.11's
+classic PPOTrainer.step(queries, responses, scores).
+
+Map of this file, top to bottom (each section owns what it lists; nothing below reaches back into a section's
+internals except through the names given here):
+  1. Config and Plan   Config: every key, typed, documented, validated at load, frozen. Plan: everything derived once
+                       at start (seed, precision, processes, batch sizes, step counts, model paths).
+  2. Math              pure tensor functions; the registries KL_PENALTIES, ADVANTAGES, SFT_LOSSES, SFT_TOKEN_WEIGHTS,
+                       MIX_SCHEDULES, HYBRID_STRATEGIES.
+  3. Data              files -> Examples (DATA_FORMATS registry), prompts, tokens, batches.
+  4. Processes         rank, world size and device, read once; the collectives. No other section asks its rank.
+  5. Model             the model's paths (resolve_model), loading, LoRA, the reference, precision.
+  6. Generation        the generation seam: an engine with generate() and sync_weights() (GENERATION_BACKENDS).
+  7. Steps             Optimizers; the SFT step; the PPO update as numbered steps over one gathered Rollout; evaluation.
+  8. Loop              the step schedule, metrics, signals.
+  9. Save and resume   checkpoints and the final model.
+ 10. Reports           report.md, plots, the model card, --check's example.
+ 11. main              run() and the command line.
+Where to add:
+  an advantage estimator  a function in section 2 + one line in ADVANTAGES (its extra pass, if any, in Estimator)
+  a hybrid strategy       a function returning a HybridSplit (with its metrics) + one line in HYBRID_STRATEGIES
+  a KL penalty / SFT loss a function + one line in KL_PENALTIES / SFT_LOSSES
+  a data format           an example_from_* function + one line in DATA_FORMATS
+  a reward type           a builder in rewards.py + one line in rewards.REWARDS
+  a generation backend    a class with generate() and sync_weights() + one line in GENERATION_BACKENDS
+A registry's names are the choices its config key accepts, and --help lists them.
 """
 
 from __future__ import annotations
@@ -37,7 +60,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -69,14 +92,17 @@ MODEL_ALIASES = {
 ALIAS_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # for model cards' base_model
 
 
-def _key(default, help: str, **kw):
-    """A config field: default value plus the one-line help shown by --help and the README."""
+def _key(default, help: str, choices: Optional[typing.Callable[[], tuple]] = None):
+    """A config field: default value plus the one-line help shown by --help and the README. `choices`: the names the
+    key accepts, read from a registry when asked (the registries are defined further down); "{choices}" in the help
+    becomes them, and validate() checks the value against them."""
+    meta = {"help": help, "choices": choices}
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     # --- what to train ---
     MODE: str = _key("hybrid", "sft | ppo | hybrid")
@@ -96,13 +122,14 @@ class Config:
     # --- data ---
     TRAIN_SPLIT: str = _key("", "split of a saved DatasetDict used for training ('' = train)")
     EVAL_SPLIT: str = _key("", "split of a saved DatasetDict used for evaluation ('' = test, else validation)")
-    DATA_FORMAT: str = _key("auto", "fields (SELECT_OUTPUT is the response, the other keys the prompt) | prompt_completion | "
-                            "messages (chat; the last assistant turn is the response) | auto (messages, then prompt_completion, "
-                            "then fields, by the columns present)")
+    DATA_FORMAT: str = _key("auto", "{choices}: fields (SELECT_OUTPUT is the response, the other keys the prompt), "
+                            "prompt_completion, messages (chat; the last assistant turn is the response), auto (messages, then "
+                            "prompt_completion, then fields, by the columns present)", choices=lambda: ("auto",) + tuple(DATA_FORMATS))
     SFT_ALL_TURNS: bool = _key(False, "messages: SFT trains on every assistant turn of a conversation, not only the last")
     SELECT_OUTPUT: str = _key("output", "DATA_FORMAT fields: item key holding the target response (a list uses its first element)")
     CATEGORY_FIELD: str = _key("", "item key naming its category: kept out of the prompt, grouped in report.md ('' = none)")
-    PROMPT_FORMAT: str = _key("auto", "sketch (### Prompt: template) | chat (tokenizer's chat template) | auto (chat if it has one)")
+    PROMPT_FORMAT: str = _key("auto", "{choices}: sketch (### Prompt: template), chat (tokenizer's chat template), auto (chat if it "
+                              "has one)", choices=lambda: ("auto", "sketch", "chat"))
     PERCENT: float = _key(100, "use this percent of the items (0 < PERCENT <= 100), after a seeded shuffle")
     NUM_SAMPLES: int = _key(0, "use this many items instead of PERCENT (0 = use PERCENT)")
     SHUFFLE: bool = _key(True, "shuffle items with SEED before subsetting and each epoch (never runs a script)")
@@ -114,8 +141,8 @@ class Config:
     PPO_BATCH: int = _key(4, "prompts per PPO update (each gets NUM_GENERATIONS responses)")
     PPO_MINI: Optional[int] = _key(None, "prompts' worth of responses per minibatch inside a PPO update: PPO_MINI x "
                                    "NUM_GENERATIONS responses, drawn across groups (null = PPO_BATCH)")
-    ADVANTAGE: str = _key("gae", "advantage estimator: " + " | ".join(["gae (PPO with a value head)", "grpo", "dr_grpo", "rloo",
-                          "reinforce_pp", "reinforce_pp_baseline", "remax"]) + "; all but gae run no value head")
+    ADVANTAGE: str = _key("gae", "advantage estimator: {choices}; gae trains a value head (PPO), the others are critic-free",
+                          choices=lambda: tuple(ADVANTAGES))
     NUM_GENERATIONS: int = _key(1, "responses sampled per prompt (G); grpo, dr_grpo, rloo and reinforce_pp_baseline need >= 2")
     PPO_EPOCHS: int = _key(4, "passes over the PPO batch per update")
     LR_PPO: float = _key(1e-5, "AdamW learning rate for PPO (policy + value head)")
@@ -123,17 +150,20 @@ class Config:
     ADAPTIVE_KL: bool = _key(True, "adapt the KL coefficient toward TARGET_KL (Ziegler et al. 2019)")
     TARGET_KL: float = _key(0.3, "target KL (nats per sequence) for the adaptive controller")
     KL_HORIZON: int = _key(10000, "horizon of the adaptive KL controller")
-    KL_PENALTY: str = _key("kl", "per-token KL estimate: kl (k1, logp - ref) | abs | mse | k2 (= mse, 0.5 (logp - ref)^2) | "
-                           "k3 (r - 1 - log r, r = p_ref / p: 'low_var_kl') | full (whole distribution)")
-    KL_IN: str = _key("reward", "where the KL goes: reward (a per-token penalty in the reward, PPO-style) | loss "
-                      "(INIT_KL_COEF x mean KL added to the policy loss, GRPO-style)")
+    KL_PENALTY: str = _key("kl", "per-token KL estimate: {choices} (kl = k1 = logp - ref; k2 = mse = 0.5 (logp - ref)^2; "
+                           "k3 = r - 1 - log r, r = p_ref / p: 'low_var_kl'; full = over the whole distribution)",
+                           choices=lambda: tuple(KL_PENALTIES))
+    KL_IN: str = _key("reward", "where the KL goes: {choices}: reward (a per-token penalty in the reward, PPO-style), loss "
+                      "(INIT_KL_COEF x mean KL added to the policy loss, GRPO-style)", choices=lambda: ("reward", "loss"))
     GAMMA: float = _key(1.0, "discount factor")
     LAM: float = _key(0.95, "GAE lambda")
     CLIPRANGE: float = _key(0.2, "PPO policy ratio clip range: ratios outside [1 - CLIPRANGE, 1 + CLIPRANGE_HIGH] are clipped")
     CLIPRANGE_HIGH: Optional[float] = _key(None, "upper clip range (DAPO's clip-higher uses 0.28 with CLIPRANGE 0.2; null = CLIPRANGE)")
-    LOSS_AGG: str = _key("auto", "policy loss over tokens: token_mean | seq_mean_token_mean | seq_mean_token_sum_norm "
-                         "(token sums / MAX_NEW_TOKENS, Dr. GRPO) | auto (dr_grpo: seq_mean_token_sum_norm, else token_mean)")
-    IMPORTANCE_LEVEL: str = _key("token", "token (a ratio per token) | sequence (GSPO: a ratio per response, exp of its mean log-ratio)")
+    LOSS_AGG: str = _key("auto", "policy loss over tokens: {choices} (seq_mean_token_sum_norm: token sums / MAX_NEW_TOKENS, "
+                         "Dr. GRPO; auto: the estimator's own, dr_grpo's seq_mean_token_sum_norm, else token_mean)",
+                         choices=lambda: ("auto",) + LOSS_AGGREGATIONS)
+    IMPORTANCE_LEVEL: str = _key("token", "{choices}: token (a ratio per token), sequence (GSPO: a ratio per response, exp of its "
+                                 "mean log-ratio)", choices=lambda: ("token", "sequence"))
     CLIPRANGE_VALUE: float = _key(0.2, "value prediction clip range")
     VF_COEF: float = _key(0.1, "value loss coefficient")
     WHITEN_REWARDS: bool = _key(False, "whiten per-token rewards (scale only) before GAE")
@@ -145,26 +175,33 @@ class Config:
     TOP_P: float = _key(0.9, "nucleus sampling (1.0 = off)")
     NO_REPEAT_NGRAM_SIZE: int = _key(3, "forbid repeated n-grams of this size (0 = off)")
     REPETITION_PENALTY: float = _key(1.15, "repetition penalty (1.0 = off)")
+    GENERATION_BACKEND: str = _key("hf", "what generates responses (PPO rollouts, remax's greedy pass, evaluation): {choices}",
+                                   choices=lambda: tuple(GENERATION_BACKENDS))
     # --- reward ---
     REWARD: dict = _key({"type": "cosine_sts"}, "reward spec for rewards.make_reward (see README)")
     # --- schedule ---
-    HYBRID: str = _key("alternate", "hybrid strategy: alternate (CYCLE_SFT_STEPS SFT steps, then CYCLE_PPO_UPDATES PPO updates) | "
-                       "gate (per prompt: SFT on its reference if no sampled response scores GATE_THRESHOLD, else RL; HPT) | "
-                       "mix ((1 - mu) RL + mu SFT on the same prompts' references; CHORD, InstructGPT's ptx)")
+    HYBRID: str = _key("alternate", "hybrid strategy: {choices}: alternate (CYCLE_SFT_STEPS SFT steps, then CYCLE_PPO_UPDATES PPO "
+                       "updates), gate (per prompt: SFT on its reference if no sampled response scores GATE_THRESHOLD, else RL; "
+                       "HPT), mix ((1 - mu) RL + mu SFT on the same prompts' references; CHORD, InstructGPT's ptx)",
+                       choices=lambda: tuple(HYBRID_STRATEGIES))
     GATE_THRESHOLD: Optional[float] = _key(None, "gate: a prompt whose best sampled score is below this is trained by SFT (null = 0.5)")
     MIX_COEF: float = _key(0.5, "mix: mu at the start, in [0, 1]")
     MIX_COEF_END: Optional[float] = _key(None, "mix: mu at the end of the run, in [0, 1] (null = MIX_COEF)")
-    MIX_SCHEDULE: str = _key("constant", "mix: mu from MIX_COEF to MIX_COEF_END over the run: constant | linear | cosine")
-    SFT_LOSS: str = _key("ce", "ce (cross-entropy) | dft (each token's CE times its stop-gradient probability; DFT): SFT steps, gate, mix")
-    SFT_TOKEN_WEIGHT: str = _key("none", "gate/mix SFT term: none | phi (each token weighted by p(1 - p), stop-gradient; CHORD-phi)")
+    MIX_SCHEDULE: str = _key("constant", "mix: mu from MIX_COEF to MIX_COEF_END over the run: {choices}",
+                             choices=lambda: tuple(MIX_SCHEDULES))
+    SFT_LOSS: str = _key("ce", "{choices}: ce (cross-entropy), dft (each token's CE times its stop-gradient probability; DFT): "
+                         "SFT steps, gate, mix", choices=lambda: tuple(SFT_LOSSES))
+    SFT_TOKEN_WEIGHT: str = _key("none", "gate/mix SFT term: {choices}: none, phi (each token weighted by p(1 - p), stop-gradient; "
+                                 "CHORD-phi)", choices=lambda: tuple(SFT_TOKEN_WEIGHTS))
     CYCLE_SFT_STEPS: int = _key(1, "SFT steps per hybrid cycle (HYBRID alternate)")
     CYCLE_PPO_UPDATES: int = _key(1, "PPO updates per hybrid cycle (HYBRID alternate)")
     EPOCHS: int = _key(1, "passes over the data")
     GRAD_ACCUM: int = _key(1, "split each SFT batch / PPO minibatch into this many micro-batches (same math, less memory)")
     MAX_GRAD_NORM: float = _key(1.0, "gradient clipping norm")
-    LR_SCHEDULE: str = _key("constant", "constant | linear | cosine decay over the run, per optimizer (SFT, PPO)")
+    LR_SCHEDULE: str = _key("constant", "{choices} decay over the run, per optimizer (SFT, PPO)", choices=lambda: tuple(LR_SCHEDULES))
     WARMUP_STEPS: int = _key(0, "linear warm-up, in optimizer steps of each optimizer")
-    REF_UPDATE: str = _key("never", "never (frozen initial reference) | cycle (hybrid: reference = policy at the start of each PPO phase)")
+    REF_UPDATE: str = _key("never", "{choices}: never (frozen initial reference), cycle (hybrid: reference = policy at the start of "
+                           "each PPO phase)", choices=lambda: ("never", "cycle"))
     # --- precision, seed, logging ---
     BF16: Union[bool, str] = _key("auto", "bfloat16 autocast: auto (on with CUDA bf16; on a CPU when a start-up probe finds bf16 "
                                   "matmuls faster than fp32) | true | false")
@@ -185,7 +222,7 @@ class Config:
     RESUME: Union[bool, str] = _key("auto", "auto (newest checkpoint in OUTPUT_DIR) | a checkpoint path | false")
     MAX_BAD_STEPS: int = _key(5, "stop after this many consecutive skipped (non-finite) steps")
 
-    # ---- loading and validation ----
+    # ---- loading and validation: check values, fill the defaults that depend on other keys, nothing else ----
     @classmethod
     def from_dict(cls, raw: Any) -> "Config":
         if not isinstance(raw, dict):
@@ -197,113 +234,94 @@ class Config:
                 hint = f" - did you mean {close[0]!r}?" if close else " (see --help for the keys)"
                 raise UserError(f"unknown config key {key!r}{hint}")
         hints = typing.get_type_hints(cls)
-        values = {k: _coerce(k, v, hints[k]) for k, v in raw.items()}
-        cfg = cls(**values)
-        cfg.validate()
-        return cfg
+        cfg = cls(**{k: _coerce(k, v, hints[k]) for k, v in raw.items()})
+        return dataclasses.replace(cfg, **cfg.validate())
 
-    def validate(self) -> None:
+    def validate(self) -> dict:
+        """Check every value (one UserError naming the key, the value and the rule) -> the keys whose written value
+        is filled in or normalised: null defaults that follow other keys, case, the sketch's string booleans."""
         def need(ok: bool, msg: str):
             if not ok:
                 raise UserError(msg)
 
-        self.MODE = self.MODE.lower()
-        need(self.MODE in ("sft", "ppo", "hybrid"), f"MODE must be 'sft', 'ppo' or 'hybrid', got {self.MODE!r}")
+        fill = {"MODE": self.MODE.lower()}
+        need(fill["MODE"] in ("sft", "ppo", "hybrid"), f"MODE must be 'sft', 'ppo' or 'hybrid', got {self.MODE!r}")
         need(bool(self.TRAIN_FILE), "TRAIN_FILE is required: a JSON, JSONL, CSV or Parquet file, or a datasets directory")
         need(bool(self.OUTPUT_DIR), "OUTPUT_DIR is required: the folder for metrics, checkpoints and models")
         need(bool(self.MODEL), "MODEL is required: a local model dir, a .gguf file or an alias")
         need(bool(self.SELECT_OUTPUT), "SELECT_OUTPUT must name the item key holding the response")
-        one_of("DATA_FORMAT", self.DATA_FORMAT, ("auto",) + DATA_FORMATS)
+        for f in dataclasses.fields(self):  # every key whose value names a registry entry
+            if f.metadata["choices"] is not None:
+                for value in (getattr(self, f.name) if isinstance(getattr(self, f.name), list) else [getattr(self, f.name)]):
+                    one_of(f.name, value, f.metadata["choices"]())
         for target in self.REPORT_TO:
             one_of("REPORT_TO", target, ("tensorboard",))
-        need(self.PROMPT_FORMAT in ("auto", "sketch", "chat"), f"PROMPT_FORMAT must be auto, sketch or chat, got {self.PROMPT_FORMAT!r}")
+        self._check_ranges(need)
+        fill["PPO_MINI"] = self.PPO_BATCH if self.PPO_MINI is None else self.PPO_MINI
+        need(1 <= fill["PPO_MINI"] <= self.PPO_BATCH,
+             f"PPO_MINI must be between 1 and PPO_BATCH ({self.PPO_BATCH}), got {fill['PPO_MINI']}")
+        need(self.GRAD_ACCUM <= min(self.SFT_BATCH, fill["PPO_MINI"]),
+             f"GRAD_ACCUM ({self.GRAD_ACCUM}) must not exceed SFT_BATCH ({self.SFT_BATCH}) or PPO_MINI ({fill['PPO_MINI']})")
+        if fill["MODE"] == "hybrid":
+            need(self.CYCLE_SFT_STEPS + self.CYCLE_PPO_UPDATES >= 1, "hybrid MODE needs CYCLE_SFT_STEPS + CYCLE_PPO_UPDATES >= 1")
+        need(not (self.KL_IN == "loss" and self.KL_PENALTY == "full"), "KL_PENALTY \"full\" works only with KL_IN \"reward\"")
+        need(not ADVANTAGES[self.ADVANTAGE].group or self.NUM_GENERATIONS >= 2,
+             f"ADVANTAGE {self.ADVANTAGE!r} compares the responses to the same prompt: set NUM_GENERATIONS >= 2 "
+             f"(got {self.NUM_GENERATIONS}; 4 to 8 is usual)")
+        fill["LOSS_AGG"] = ADVANTAGES[self.ADVANTAGE].loss_agg if self.LOSS_AGG == "auto" else self.LOSS_AGG
+        fill["CLIPRANGE_HIGH"] = self.CLIPRANGE if self.CLIPRANGE_HIGH is None else self.CLIPRANGE_HIGH
+        need(fill["CLIPRANGE_HIGH"] >= self.CLIPRANGE, f"CLIPRANGE_HIGH ({self.CLIPRANGE_HIGH}) must be >= CLIPRANGE "
+             f"({self.CLIPRANGE}): clip-higher widens the upper side only")
+        fill["MIX_COEF_END"] = self.MIX_COEF if self.MIX_COEF_END is None else self.MIX_COEF_END
+        for key in ("MIX_COEF", "MIX_COEF_END"):
+            need(0 <= fill.get(key, getattr(self, key)) <= 1, f"{key} must be in [0, 1], got {fill.get(key, getattr(self, key))}")
+        self._warn_unused(fill["MODE"])
+        fill["GATE_THRESHOLD"] = 0.5 if self.GATE_THRESHOLD is None else self.GATE_THRESHOLD
+        if isinstance(self.BF16, str):
+            low = self.BF16.strip().lower()
+            need(low in ("auto",) + _TRUE + _FALSE, f"BF16 must be true, false or \"auto\", got {self.BF16!r}")
+            fill["BF16"] = "auto" if low == "auto" else low in _TRUE
+        need(not (fill.get("BF16", self.BF16) is True and self.FP16), "BF16 and FP16 are both true: pick one")
+        targets = self.LORA_TARGETS
+        need(targets == "all-linear" or isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets),
+             f"LORA_TARGETS must be \"all-linear\" or a non-empty list of module names, got {targets!r}")
+        resume = False if isinstance(self.RESUME, str) and self.RESUME.lower() in _FALSE else self.RESUME
+        need(resume is False or resume is True or isinstance(resume, str) and resume != "",
+             f"RESUME must be 'auto', a checkpoint path or false, got {self.RESUME!r}")
+        fill["RESUME"] = "auto" if resume is True else resume
+        if self.MODE.lower() != "sft" or self.EVAL_FILE:  # the reward is used: its spec must build
+            import rewards  # light: the reward types import their libraries when built
+
+            try:
+                rewards.check_spec(self.REWARD, trust_remote_code=self.TRUST_REMOTE_CODE)
+            except rewards.RewardSpecError as e:
+                raise UserError(f"REWARD: {e}") from None
+        return fill
+
+    def _check_ranges(self, need) -> None:
         need(0 < self.PERCENT <= 100, f"PERCENT must be in (0, 100], got {self.PERCENT}")
-        for key in ("SFT_BATCH", "PPO_BATCH", "PPO_EPOCHS", "EPOCHS", "MAXSEQ", "MAX_NEW_TOKENS",
+        for key in ("SFT_BATCH", "PPO_BATCH", "PPO_EPOCHS", "EPOCHS", "MAXSEQ", "MAX_NEW_TOKENS", "NUM_GENERATIONS",
                     "GRAD_ACCUM", "LOG_EVERY", "KL_HORIZON", "EVAL_SAMPLES", "KEEP_CHECKPOINTS", "MAX_BAD_STEPS"):
             need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("NUM_SAMPLES", "CYCLE_SFT_STEPS", "CYCLE_PPO_UPDATES", "NO_REPEAT_NGRAM_SIZE", "EVAL_EVERY", "SAVE_EVERY",
                     "WARMUP_STEPS"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
-        if self.PPO_MINI is None:
-            self.PPO_MINI = self.PPO_BATCH
-        need(1 <= self.PPO_MINI <= self.PPO_BATCH, f"PPO_MINI must be between 1 and PPO_BATCH ({self.PPO_BATCH}), got {self.PPO_MINI}")
-        need(self.GRAD_ACCUM <= min(self.SFT_BATCH, self.PPO_MINI),
-             f"GRAD_ACCUM ({self.GRAD_ACCUM}) must not exceed SFT_BATCH ({self.SFT_BATCH}) or PPO_MINI ({self.PPO_MINI})")
-        if self.MODE == "hybrid":
-            need(self.CYCLE_SFT_STEPS + self.CYCLE_PPO_UPDATES >= 1, "hybrid MODE needs CYCLE_SFT_STEPS + CYCLE_PPO_UPDATES >= 1")
-        for key in ("LR_SFT", "LR_PPO", "TEMPERATURE", "REPETITION_PENALTY", "MAX_GRAD_NORM", "RATIO_THRESHOLD", "TARGET_KL"):
+        need(self.LORA_R >= 0, f"LORA_R must be >= 0 (0 = full fine-tuning), got {self.LORA_R}")
+        for key in ("LR_SFT", "LR_PPO", "TEMPERATURE", "REPETITION_PENALTY", "MAX_GRAD_NORM", "RATIO_THRESHOLD", "TARGET_KL", "LORA_ALPHA"):
             need(getattr(self, key) > 0, f"{key} must be > 0, got {getattr(self, key)}")
         for key in ("INIT_KL_COEF", "CLIPRANGE", "CLIPRANGE_VALUE", "VF_COEF"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         need(0 < self.TOP_P <= 1, f"TOP_P must be in (0, 1], got {self.TOP_P}")
         need(0 <= self.GAMMA <= 1 and 0 <= self.LAM <= 1, f"GAMMA and LAM must be in [0, 1], got {self.GAMMA}, {self.LAM}")
-        one_of("KL_PENALTY", self.KL_PENALTY, ("kl", "abs", "mse", "k2", "k3", "full"))
-        one_of("KL_IN", self.KL_IN, ("reward", "loss"))
-        need(not (self.KL_IN == "loss" and self.KL_PENALTY == "full"), "KL_PENALTY \"full\" works only with KL_IN \"reward\"")
-        one_of("ADVANTAGE", self.ADVANTAGE, tuple(ADVANTAGES))
-        need(self.NUM_GENERATIONS >= 1, f"NUM_GENERATIONS must be >= 1, got {self.NUM_GENERATIONS}")
-        need(not ADVANTAGES[self.ADVANTAGE].group or self.NUM_GENERATIONS >= 2,
-             f"ADVANTAGE {self.ADVANTAGE!r} compares the responses to the same prompt: set NUM_GENERATIONS >= 2 "
-             f"(got {self.NUM_GENERATIONS}; 4 to 8 is usual)")
-        one_of("LOSS_AGG", self.LOSS_AGG, ("auto",) + LOSS_AGGREGATIONS)
-        if self.LOSS_AGG == "auto":
-            self.LOSS_AGG = ADVANTAGES[self.ADVANTAGE].loss_agg
-        one_of("IMPORTANCE_LEVEL", self.IMPORTANCE_LEVEL, ("token", "sequence"))
-        if self.CLIPRANGE_HIGH is None:
-            self.CLIPRANGE_HIGH = self.CLIPRANGE
-        need(self.CLIPRANGE_HIGH >= self.CLIPRANGE, f"CLIPRANGE_HIGH ({self.CLIPRANGE_HIGH}) must be >= CLIPRANGE "
-             f"({self.CLIPRANGE}): clip-higher widens the upper side only")
-        one_of("HYBRID", self.HYBRID, tuple(HYBRID_STRATEGIES))
-        one_of("MIX_SCHEDULE", self.MIX_SCHEDULE, ("constant", "linear", "cosine"))
-        one_of("SFT_LOSS", self.SFT_LOSS, ("ce", "dft"))
-        one_of("SFT_TOKEN_WEIGHT", self.SFT_TOKEN_WEIGHT, ("none", "phi"))
-        if self.MIX_COEF_END is None:
-            self.MIX_COEF_END = self.MIX_COEF
-        for key in ("MIX_COEF", "MIX_COEF_END"):
-            need(0 <= getattr(self, key) <= 1, f"{key} must be in [0, 1], got {getattr(self, key)}")
-        strategy = self.HYBRID if self.MODE == "hybrid" else None
-        if self.HYBRID != "alternate" and strategy is None:
-            warn(f"HYBRID {self.HYBRID!r} is ignored: it applies to MODE \"hybrid\" (here {self.MODE!r})")
-        if self.GATE_THRESHOLD is not None and strategy != "gate":
-            warn(f"GATE_THRESHOLD is ignored: it applies to MODE \"hybrid\" with HYBRID \"gate\" (here MODE {self.MODE!r}, "
-                 f"HYBRID {self.HYBRID!r})")
-        if self.GATE_THRESHOLD is None:
-            self.GATE_THRESHOLD = 0.5
-        need(self.LR_SCHEDULE in ("constant", "linear", "cosine"),
-             f"LR_SCHEDULE must be constant, linear or cosine, got {self.LR_SCHEDULE!r}")
-        need(self.REF_UPDATE in ("never", "cycle"), f"REF_UPDATE must be 'never' or 'cycle', got {self.REF_UPDATE!r}")
-        if isinstance(self.BF16, str):
-            low = self.BF16.strip().lower()
-            need(low in ("auto",) + _TRUE + _FALSE, f"BF16 must be true, false or \"auto\", got {self.BF16!r}")
-            self.BF16 = "auto" if low == "auto" else low in _TRUE
-        need(not (self.BF16 is True and self.FP16), "BF16 and FP16 are both true: pick one")
-        need(self.LORA_R >= 0, f"LORA_R must be >= 0 (0 = full fine-tuning), got {self.LORA_R}")
-        need(self.LORA_ALPHA > 0, f"LORA_ALPHA must be > 0, got {self.LORA_ALPHA}")
         need(0 <= self.LORA_DROPOUT < 1, f"LORA_DROPOUT must be in [0, 1), got {self.LORA_DROPOUT}")
-        targets = self.LORA_TARGETS
-        need(targets == "all-linear" or isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets),
-             f"LORA_TARGETS must be \"all-linear\" or a non-empty list of module names, got {targets!r}")
-        world = world_size()
-        need(not self.FSDP or world > 1, "FSDP is true but this is a single process: launch with `torchrun --nproc_per_node N "
-             "hybrid_trainer.py CONFIG` (or accelerate launch --multi_gpu --num_processes N), or set FSDP false")
-        for key in ("SFT_BATCH", "PPO_BATCH", "PPO_MINI"):
-            need(getattr(self, key) % world == 0, f"{key} ({getattr(self, key)}) must be divisible by the number of processes "
-                 f"({world}): batch sizes are global, each process takes an equal share")
-        if isinstance(self.RESUME, str) and self.RESUME.lower() in _FALSE:
-            self.RESUME = False
-        need(self.RESUME is False or isinstance(self.RESUME, str) and self.RESUME != "",
-             f"RESUME must be 'auto', a checkpoint path or false, got {self.RESUME!r}")
-        if self.SEED is None:
-            self.SEED = int.from_bytes(os.urandom(4), "big") >> 1
-            self.seed_drawn = True  # not a key: --check says the seed is drawn at start
-        if self.RESUME is True:
-            self.RESUME = "auto"
-        if needs_reward(self):
-            try:
-                import rewards
-                rewards.check_spec(self.REWARD, trust_remote_code=self.TRUST_REMOTE_CODE)
-            except rewards.RewardSpecError as e:
-                raise UserError(f"REWARD: {e}") from None
+
+    def _warn_unused(self, mode: str) -> None:
+        strategy = self.HYBRID if mode == "hybrid" else None
+        if self.HYBRID != "alternate" and strategy is None:
+            warn(f"HYBRID {self.HYBRID!r} is ignored: it applies to MODE \"hybrid\" (here {mode!r})")
+        if self.GATE_THRESHOLD is not None and strategy != "gate":
+            warn(f"GATE_THRESHOLD is ignored: it applies to MODE \"hybrid\" with HYBRID \"gate\" (here MODE {mode!r}, "
+                 f"HYBRID {self.HYBRID!r})")
 
     def resolved(self) -> dict:
         return dataclasses.asdict(self)
@@ -384,20 +402,129 @@ def load_config(path: str) -> Config:
 
 
 def config_defaults() -> list[tuple[str, Any, str]]:
-    """(key, default, help) for every config key, in file order."""
-    return [(f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default, f.metadata["help"])
+    """(key, default, help) for every config key, in file order; a key's choices are its registry's names."""
+    def doc(f) -> str:
+        return f.metadata["help"].replace("{choices}", " | ".join(f.metadata["choices"]()) if f.metadata["choices"] else "")
+
+    return [(f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default, doc(f))
             for f in dataclasses.fields(Config)]
 
 
 def config_help() -> str:
-    return "\n".join(["config keys (JSON, with defaults):"] +
-                     [f"  {key:<22} {json.dumps(default):<24} {doc}" for key, default, doc in config_defaults()])
+    lines = ["config keys (JSON, with defaults):"]
+    lines += [f"  {key:<22} {json.dumps(default):<24} {doc}" for key, default, doc in config_defaults()]
+    lines += ["", "registries (each config key below accepts one of its names):"]
+    for key, registry in registry_table():
+        lines.append(f"  {key}:")
+        lines += [f"    {name:<24} {summary}" for name, summary in registry]
+    return "\n".join(lines)
+
+
+def registry_table() -> list[tuple[str, list[tuple[str, str]]]]:
+    """(config key, [(name, first line of its docstring)]) for every registry of interchangeable pieces."""
+    import rewards
+
+    def first_line(obj) -> str:
+        if isinstance(obj, Choice):
+            return obj.doc
+        fn = getattr(obj, "fn", obj)  # an Estimator or a Strategy holds its function
+        text = " ".join((getattr(fn, "__doc__", None) or "").strip().split("\n\n")[0].split())
+        return text if len(text) <= 110 else text[:text.rfind(" ", 0, 108)] + " ..."
+
+    tables = {"ADVANTAGE": ADVANTAGES, "HYBRID": HYBRID_STRATEGIES, "KL_PENALTY": KL_PENALTIES, "SFT_LOSS": SFT_LOSSES,
+              "SFT_TOKEN_WEIGHT": SFT_TOKEN_WEIGHTS, "MIX_SCHEDULE": MIX_SCHEDULES, "LR_SCHEDULE": LR_SCHEDULES,
+              "DATA_FORMAT": DATA_FORMATS, "GENERATION_BACKEND": GENERATION_BACKENDS, "REWARD type": rewards.REWARDS}
+    return [(key, [(name, first_line(entry)) for name, entry in registry.items()]) for key, registry in tables.items()]
 
 
 def config_markdown() -> str:
     """The README's key table."""
     return "\n".join(["| key | default | meaning |", "|---|---|---|"] +
                      [f"| `{key}` | `{json.dumps(default)}` | {doc.replace('|', '/')} |" for key, default, doc in config_defaults()])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run derives once at start from the config, the launch and the model, read-only afterwards: printed as
+    one block, written to OUTPUT_DIR/plan.json and into each checkpoint. Built by make_plan (pure) in run()."""
+    seed: int  # SEED, or drawn by the main process when SEED is null (seed_drawn), or the resumed run's
+    seed_drawn: bool
+    bf16: bool  # bf16 autocast (BF16 true, or "auto" resolved on this machine)
+    precision: str  # why: the run's first line
+    world_size: int  # processes
+    maxseq: int  # MAXSEQ, clamped to the model's context window
+    model: str  # the directory the weights load from (an alias's or .gguf's converted copy in CACHE_DIR)
+    adapter: Optional[str]  # MODEL's LoRA adapter directory, if MODEL is one
+    n_items: int  # training items (after PERCENT / NUM_SAMPLES)
+    sft_batch_per_process: int  # SFT_BATCH / world_size
+    prompts_per_process: int  # PPO_BATCH / world_size
+    responses_per_update: int  # PPO_BATCH x NUM_GENERATIONS
+    responses_per_minibatch: int  # PPO_MINI x NUM_GENERATIONS
+    minibatches_per_epoch: int  # per PPO epoch of an update: ceil(PPO_BATCH / PPO_MINI)
+    sft_steps_per_epoch: int  # SFT steps in one pass over the data
+    ppo_updates_per_epoch: int  # PPO updates in one pass
+    total_steps: int  # (SFT steps + PPO updates) x EPOCHS
+    sft_optimizer_steps: int  # in the run: sizes the SFT learning-rate schedule
+    ppo_optimizer_steps: int  # in the run (updates x PPO_EPOCHS x minibatches): sizes the PPO schedule
+
+    def describe(self) -> str:
+        """The block printed at start."""
+        rows = [("seed", f"{self.seed}" + (" (drawn)" if self.seed_drawn else "")), ("precision", self.precision),
+                ("processes", self.world_size), ("model", self.model + (f" + adapter {self.adapter}" if self.adapter else "")),
+                ("MAXSEQ", self.maxseq), ("training items", self.n_items),
+                ("steps", f"{self.total_steps} ({self.sft_steps_per_epoch} SFT + {self.ppo_updates_per_epoch} PPO per epoch)"),
+                ("per process", f"{self.sft_batch_per_process} SFT examples, {self.prompts_per_process} PPO prompts"),
+                ("PPO update", f"{self.responses_per_update} responses, minibatches of {self.responses_per_minibatch} "
+                               f"({self.minibatches_per_epoch} per epoch)"),
+                ("optimizer steps", f"SFT {self.sft_optimizer_steps}, PPO {self.ppo_optimizer_steps}")]
+        return "plan:\n" + "\n".join(f"  {k:<16} {v}" for k, v in rows)
+
+
+def check_launch(cfg: Config, world: int) -> None:
+    """The checks that depend on how many processes were launched (the Plan's, also run by --check)."""
+    if cfg.FSDP and world == 1:
+        raise UserError("FSDP is true but this is a single process: launch with `torchrun --nproc_per_node N "
+                        "hybrid_trainer.py CONFIG` (or accelerate launch --multi_gpu --num_processes N), or set FSDP false")
+    for key in ("SFT_BATCH", "PPO_BATCH", "PPO_MINI"):
+        if getattr(cfg, key) % world:
+            raise UserError(f"{key} ({getattr(cfg, key)}) must be divisible by the number of processes ({world}): batch "
+                            "sizes are global, each process takes an equal share")
+
+
+def make_plan(cfg: Config, n_items: int, world: int, seed: int, seed_drawn: bool, bf16: bool, precision: str, model: str,
+              adapter: Optional[str] = None, context: Optional[int] = None) -> Plan:
+    """Every derived size, once. Pure: run() passes in what it read from the launch, the machine and the model."""
+    check_launch(cfg, world)
+    maxseq = min(cfg.MAXSEQ, context) if context else cfg.MAXSEQ
+    if maxseq < cfg.MAXSEQ:
+        warn(f"MAXSEQ={cfg.MAXSEQ} exceeds the context of MODEL ({context} tokens); using MAXSEQ={context}")
+    schedule = step_plan(cfg, n_items)
+    n_sft, n_ppo = schedule.count("sft"), schedule.count("ppo")
+    minibatches = math.ceil(cfg.PPO_BATCH / cfg.PPO_MINI)
+    return Plan(seed=seed, seed_drawn=seed_drawn, bf16=bf16, precision=precision, world_size=world,
+                maxseq=maxseq, model=model, adapter=adapter, n_items=n_items,
+                sft_batch_per_process=cfg.SFT_BATCH // world, prompts_per_process=cfg.PPO_BATCH // world,
+                responses_per_update=cfg.PPO_BATCH * cfg.NUM_GENERATIONS, responses_per_minibatch=cfg.PPO_MINI * cfg.NUM_GENERATIONS,
+                minibatches_per_epoch=minibatches, sft_steps_per_epoch=n_sft, ppo_updates_per_epoch=n_ppo,
+                total_steps=len(schedule) * cfg.EPOCHS, sft_optimizer_steps=n_sft * cfg.EPOCHS,
+                ppo_optimizer_steps=n_ppo * cfg.EPOCHS * cfg.PPO_EPOCHS * minibatches)
+
+
+def api_plan(cfg: Config, n_items: Optional[int] = None, lm: Optional[nn.Module] = None, bf16: Optional[bool] = None) -> Plan:
+    """The Plan of a trainer built from Python (README, Python API) rather than by run(): bf16 (default: BF16 true;
+    "auto" is fp32 here), SEED or a drawn one, this launch's processes, MAXSEQ clamped to `lm`'s context. A decaying
+    LR_SCHEDULE needs n_items (the run length)."""
+    if n_items is None and cfg.LR_SCHEDULE != "constant":
+        raise ValueError(f"LR_SCHEDULE {cfg.LR_SCHEDULE!r} needs the run length: pass n_items to HybridTrainer")
+    seed = cfg.SEED if cfg.SEED is not None else draw_seed()
+    bf16 = cfg.BF16 is True if bf16 is None else bf16
+    context = model_context(lm.config) if lm is not None else None
+    return make_plan(cfg, n_items or 1, world_size(), seed, cfg.SEED is None, bf16, f"bf16 {'on' if bf16 else 'off'} (Python API)",
+                     getattr(getattr(lm, "config", None), "name_or_path", cfg.MODEL), context=context)
+
+
+def draw_seed() -> int:
+    return int.from_bytes(os.urandom(4), "big") >> 1
 
 
 # ==================================================================================================
@@ -436,20 +563,41 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     return whitened * mask
 
 
+# ---- KL penalties: (B, T) log-probs of the sampled tokens under the policy and the reference -> (B, T) ----
+def kl_k1(logprobs, ref_logprobs):
+    """k1: logp - ref (unbiased, can be negative per token)."""
+    return logprobs - ref_logprobs
+
+
+def kl_abs(logprobs, ref_logprobs):
+    """|logp - ref|."""
+    return (logprobs - ref_logprobs).abs()
+
+
+def kl_k2(logprobs, ref_logprobs):
+    """k2 = mse: 0.5 (logp - ref)^2."""
+    return 0.5 * (logprobs - ref_logprobs) ** 2
+
+
+def kl_k3(logprobs, ref_logprobs):
+    """k3: r - 1 - log r with r = p_ref / p (Schulman): unbiased, >= 0 (verl's "low_var_kl", TRL GRPO's KL)."""
+    log_r = ref_logprobs - logprobs
+    return torch.exp(log_r) - 1 - log_r
+
+
+def kl_full(logprobs, ref_logprobs):
+    """The exact KL over the whole distribution: inputs are log-distributions (B, T, V)."""
+    return (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)
+
+
+KL_PENALTIES = {"kl": kl_k1, "abs": kl_abs, "mse": kl_k2, "k2": kl_k2, "k3": kl_k3, "full": kl_full}
+
+
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "kl") -> torch.Tensor:
-    """Per-token KL estimate, (B, T). For kind "full", inputs are whole log-distributions (B, T, V)."""
-    if kind == "kl":
-        return logprobs - ref_logprobs
-    if kind == "abs":
-        return (logprobs - ref_logprobs).abs()
-    if kind in ("mse", "k2"):
-        return 0.5 * (logprobs - ref_logprobs) ** 2
-    if kind == "k3":  # Schulman's k3 with r = p_ref / p: unbiased, always >= 0 (verl's "low_var_kl", TRL GRPO's KL)
-        log_r = ref_logprobs - logprobs
-        return torch.exp(log_r) - 1 - log_r
-    if kind == "full":
-        return (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)
-    raise ValueError(f"unknown KL penalty {kind!r}")
+    """Per-token KL estimate KL_PENALTIES[kind], (B, T). For kind "full", inputs are whole log-distributions (B, T, V)."""
+    if kind not in KL_PENALTIES:
+        raise ValueError(f"unknown KL penalty {kind!r}")
+    return KL_PENALTIES[kind](logprobs, ref_logprobs)
 
 
 def compute_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
@@ -603,11 +751,17 @@ def advantages_remax(rewards, mask, baseline, **_):
     return (returns - baseline[:, None]) * mask, None
 
 
+def greedy_baseline(sample_and_score, prompts: list, group_size: int) -> torch.Tensor:
+    """ReMax's extra pass: one greedy response per prompt, scored like the samples -> (len(prompts) x G,) baseline,
+    each prompt's score on its G rows. sample_and_score(prompts, greedy) -> (len(prompts),) scores."""
+    return sample_and_score(prompts, greedy=True).repeat_interleave(group_size)
+
+
 class Estimator(NamedTuple):
     fn: Any
     critic: bool = False  # trains a value head (runs its forward, adds the value loss)
     group: bool = False  # needs NUM_GENERATIONS >= 2
-    greedy_baseline: bool = False  # samples one greedy response per prompt and scores it
+    baseline: Optional[Callable] = None  # an extra pass before the update -> the estimator's `baseline` argument
     loss_agg: str = "token_mean"  # LOSS_AGG "auto"
 
 
@@ -618,7 +772,7 @@ ADVANTAGES = {
     "rloo": Estimator(advantages_rloo, group=True),
     "reinforce_pp": Estimator(advantages_reinforce_pp),
     "reinforce_pp_baseline": Estimator(advantages_reinforce_pp_baseline, group=True),
-    "remax": Estimator(advantages_remax, greedy_baseline=True),
+    "remax": Estimator(advantages_remax, baseline=greedy_baseline),
 }
 
 
@@ -628,40 +782,83 @@ def zero_std_groups(scores: torch.Tensor, group_size: int) -> float:
     return ((g.max(1).values - g.min(1).values) == 0).float().mean().item()
 
 
-# ---- SFT losses and hybrid strategies ----
+# ---- SFT losses: (B, T) per-token cross-entropy and sg(p) = exp(-CE), stop-gradient -> (B, T) per-token loss ----
+def sft_ce(ce, p):
+    """cross-entropy, -log p"""
+    return ce
+
+
+def sft_dft(ce, p):
+    """-log p x sg(p) (DFT, Wu et al. 2025, "On the Generalization of SFT")"""
+    return ce * p
+
+
+SFT_LOSSES = {"ce": sft_ce, "dft": sft_dft}
+
+
+def weight_none(loss, p):
+    """every token weighs the same"""
+    return loss
+
+
+def weight_phi(loss, p):
+    """x sg(p (1 - p)) (CHORD-phi, Zhang et al. 2025): tokens the policy is unsure of weigh most"""
+    return loss * p * (1 - p)
+
+
+SFT_TOKEN_WEIGHTS = {"none": weight_none, "phi": weight_phi}
+
+
 def sft_token_losses(logits: torch.Tensor, labels: torch.Tensor, kind: str = "ce", token_weight: str = "none") -> torch.Tensor:
-    """(B, T, V) logits, (B, T) labels (-100 = ignored) -> (B, T) per-token loss, 0 where ignored.
-    ce: -log p. dft: -log p x sg(p) (DFT, Wu et al. 2025, "On the Generalization of SFT"). token_weight "phi":
-    times sg(p (1 - p)) (CHORD-phi, Zhang et al. 2025): tokens the policy is unsure of weigh most."""
+    """(B, T, V) logits, (B, T) labels (-100 = ignored) -> (B, T) per-token loss SFT_LOSSES[kind] weighted by
+    SFT_TOKEN_WEIGHTS[token_weight], 0 where ignored."""
     ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none").view_as(labels)
     p = torch.exp(-ce.detach())
-    if kind == "dft":
-        ce = ce * p
-    if token_weight == "phi":
-        ce = ce * p * (1 - p)
-    return ce * (labels != -100)
+    return SFT_TOKEN_WEIGHTS[token_weight](SFT_LOSSES[kind](ce, p), p) * (labels != -100)
+
+
+# ---- hybrid strategies: how one update splits its prompts between RL and SFT on their demonstrations ----
+def mu_constant(start: float, end: float, progress: float) -> float:
+    """mu = MIX_COEF throughout"""
+    return start
+
+
+def mu_linear(start: float, end: float, progress: float) -> float:
+    """mu from MIX_COEF to MIX_COEF_END in a straight line"""
+    return start + (end - start) * progress
+
+
+def mu_cosine(start: float, end: float, progress: float) -> float:
+    """mu from MIX_COEF to MIX_COEF_END along half a cosine"""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+MIX_SCHEDULES = {"constant": mu_constant, "linear": mu_linear, "cosine": mu_cosine}
 
 
 def mix_coef(start: float, end: float, schedule: str, progress: float) -> float:
-    """mu at `progress` in [0, 1] of the run: constant (start), linear, or cosine from start to end."""
-    if schedule == "constant":
-        return start
-    if schedule == "linear":
-        return start + (end - start) * progress
-    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+    """mu at `progress` in [0, 1] of the run, MIX_SCHEDULES[schedule] from start to end."""
+    return MIX_SCHEDULES[schedule](start, end, progress)
 
 
 class HybridSplit(NamedTuple):
     sft: torch.Tensor  # (P,) bool: prompts whose reference response gets the SFT loss
     rl: torch.Tensor  # (P,) bool: prompts whose sampled responses get the RL loss
     mu: float  # loss = (1 - mu) x RL + mu x SFT
+    metrics: dict = {}  # the strategy's own metrics for this update
+
+
+def hybrid_alternate(group_scores: torch.Tensor, cfg: "Config", progress: float) -> None:
+    """Blocks of CYCLE_SFT_STEPS SFT steps and CYCLE_PPO_UPDATES PPO updates (the step schedule); updates are all RL."""
+    return None
 
 
 def hybrid_gate(group_scores: torch.Tensor, cfg: "Config", progress: float) -> HybridSplit:
     """HPT (Lv et al. 2025, "Towards a Unified View of LLM Post-Training"): a prompt none of whose G responses
     scores GATE_THRESHOLD is trained on its demonstration, the others by RL; mu = the SFT share of the prompts."""
     sft = group_scores.max(1).values < cfg.GATE_THRESHOLD
-    return HybridSplit(sft, ~sft, sft.float().mean().item())
+    fraction = sft.float().mean().item()
+    return HybridSplit(sft, ~sft, fraction, {"hybrid/gate_sft_fraction": fraction})
 
 
 def hybrid_mix(group_scores: torch.Tensor, cfg: "Config", progress: float) -> HybridSplit:
@@ -671,10 +868,28 @@ def hybrid_mix(group_scores: torch.Tensor, cfg: "Config", progress: float) -> Hy
     return HybridSplit(every, every, mix_coef(cfg.MIX_COEF, cfg.MIX_COEF_END, cfg.MIX_SCHEDULE, progress))
 
 
+class Strategy(NamedTuple):
+    fn: Any  # (group scores (P, G), cfg, progress) -> HybridSplit, or None: the update is all RL
+    in_update: bool = True  # splits inside each PPO update (else the step schedule alternates SFT steps and updates)
+
+
 HYBRID_STRATEGIES = {
-    "alternate": None,  # blocks of SFT steps and PPO updates: the step plan does it (epoch_schedule)
-    "gate": hybrid_gate,
-    "mix": hybrid_mix,
+    "alternate": Strategy(hybrid_alternate, in_update=False),
+    "gate": Strategy(hybrid_gate),
+    "mix": Strategy(hybrid_mix),
+}
+
+
+class Choice(NamedTuple):
+    """A registry entry that is a setting, not a function."""
+    value: Any
+    doc: str
+
+
+LR_SCHEDULES = {  # transformers.get_scheduler's names
+    "constant": Choice("constant_with_warmup", "constant after WARMUP_STEPS of linear warm-up"),
+    "linear": Choice("linear", "linear decay to 0 after the warm-up"),
+    "cosine": Choice("cosine", "cosine decay to 0 after the warm-up"),
 }
 
 
@@ -788,7 +1003,6 @@ class Example:
     sft_pairs: list = field(default_factory=list)  # tokenized turns: (prompt_ids, target_ids), the last one included
 
 
-DATA_FORMATS = ("fields", "prompt_completion", "messages")
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -924,6 +1138,7 @@ def check_messages(messages: Any, where: str) -> list:
 
 
 def example_from_fields(i: int, item: dict, output_key: str, where: str) -> Example:
+    """SELECT_OUTPUT's value is the response, the other keys the prompt (the design sketch's items)."""
     if output_key not in item:
         raise UserError(f"{where} row {i} has no output key {output_key!r} (SELECT_OUTPUT); its keys: {sorted(item)}")
     target = item[output_key]
@@ -974,8 +1189,8 @@ def example_from_messages(i: int, item: dict, output_key: str, where: str) -> Ex
                    turns=[(messages[:j], messages[j]["content"]) for j in turns[:-1] if messages[j]["content"].strip()])
 
 
-EXAMPLE_BUILDERS = {"fields": example_from_fields, "prompt_completion": example_from_prompt_completion,
-                    "messages": example_from_messages}
+DATA_FORMATS = {"fields": example_from_fields, "prompt_completion": example_from_prompt_completion,
+                "messages": example_from_messages}
 
 
 def make_examples(items: list, output_key: str, key: str, category_field: str = "", data_format: str = "fields") -> list[Example]:
@@ -988,17 +1203,17 @@ def make_examples(items: list, output_key: str, key: str, category_field: str = 
         if category_field and category_field in item:
             item = dict(item)
             category = str(item.pop(category_field))
-        ex = EXAMPLE_BUILDERS[data_format](i, item, output_key, key)
+        ex = DATA_FORMATS[data_format](i, item, output_key, key)
         ex.category = category
         examples.append(ex)
     return examples
 
 
-def select_subset(examples: list, cfg: Config) -> list:
-    """Seeded shuffle (if SHUFFLE), then NUM_SAMPLES or PERCENT of the items."""
+def select_subset(examples: list, cfg: Config, seed: Optional[int] = None) -> list:
+    """Seeded shuffle (if SHUFFLE; seed: the Plan's, default SEED), then NUM_SAMPLES or PERCENT of the items."""
     if cfg.SHUFFLE:
         examples = examples[:]
-        random.Random(cfg.SEED).shuffle(examples)
+        random.Random(cfg.SEED if seed is None else seed).shuffle(examples)
     n = cfg.NUM_SAMPLES if cfg.NUM_SAMPLES > 0 else max(1, int(len(examples) * cfg.PERCENT / 100))
     return examples[:n]
 
@@ -1011,8 +1226,8 @@ def load_data(cfg: Config, key: str) -> tuple[list[Example], str]:
     return make_examples(items, cfg.SELECT_OUTPUT, f"{key} {path!r}", cfg.CATEGORY_FIELD, fmt), fmt
 
 
-def load_examples(cfg: Config) -> list[Example]:
-    return select_subset(load_data(cfg, "TRAIN_FILE")[0], cfg)
+def load_examples(cfg: Config, seed: Optional[int] = None) -> list[Example]:
+    return select_subset(load_data(cfg, "TRAIN_FILE")[0], cfg, seed)
 
 
 def resolve_prompt_format(cfg: Config, tokenizer) -> str:
@@ -1043,15 +1258,16 @@ def format_prompt(ex: Example, output_key: str, fmt: str, tokenizer) -> str:
     return render_chat([{"role": "user", "content": chat_user_text(ex.item, output_key)}], tokenizer)
 
 
-def tokenize_examples(examples: list, cfg: Config, tokenizer, fmt: str, key: str) -> list[Example]:
+def tokenize_examples(examples: list, cfg: Config, tokenizer, fmt: str, key: str, maxseq: Optional[int] = None) -> list[Example]:
     """Format and tokenize prompts and targets. Items whose prompt leaves no room for a response in
-    MAXSEQ are skipped with one warning; long targets are truncated (EOS kept when it fits).
-    With SFT_ALL_TURNS, every assistant turn of a conversation becomes an SFT (prompt, target) pair."""
+    maxseq (the Plan's, default MAXSEQ) are skipped with one warning; long targets are truncated (EOS kept when it
+    fits). With SFT_ALL_TURNS, every assistant turn of a conversation becomes an SFT (prompt, target) pair."""
     kept, skipped = [], []
+    maxseq = maxseq or cfg.MAXSEQ
 
     def encode(prompt: str, target: str):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        room = cfg.MAXSEQ - len(prompt_ids)
+        room = maxseq - len(prompt_ids)
         return prompt_ids, (tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max(room, 0)]
 
     for ex in examples:
@@ -1065,10 +1281,10 @@ def tokenize_examples(examples: list, cfg: Config, tokenizer, fmt: str, key: str
             ex.sft_pairs = [(p, t) for p, t in pairs if t] + [(ex.prompt_ids, ex.target_ids)]
         kept.append(ex)
     if skipped:
-        warn(f"{key}: skipped {len(skipped)} item(s) whose prompt fills MAXSEQ={cfg.MAXSEQ} tokens "
+        warn(f"{key}: skipped {len(skipped)} item(s) whose prompt fills MAXSEQ={maxseq} tokens "
              f"(first indices: {skipped[:5]}); raise MAXSEQ to keep them")
     if not kept:
-        raise UserError(f"{key}: no item has a prompt shorter than MAXSEQ={cfg.MAXSEQ} tokens")
+        raise UserError(f"{key}: no item has a prompt shorter than MAXSEQ={maxseq} tokens")
     return kept
 
 
@@ -1087,46 +1303,92 @@ def batches(n_items: int, batch_size: int, seed: int, epoch: int, side: str, shu
     return [order[i:i + batch_size] for i in range(0, n_items, batch_size)]
 
 
-def warn(msg: str) -> None:
-    """One warning line on stderr (from the main process only: the others would repeat it)."""
-    if is_main():
-        print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-
-def say(msg: str) -> None:
-    """Progress on stdout, from the main process only."""
-    if is_main():
-        print(msg, flush=True)
-
-
 # ==================================================================================================
 # 4. Processes: one, or many under `torchrun` / `accelerate launch` (data parallel, optionally FSDP2).
 #    Batch sizes are global; each process takes a contiguous share. Every statistic the math needs
 #    (token counts, whitening, scores, KL) is computed over all processes, so 1 process = N processes.
 #    With one process every helper is a no-op.
 # ==================================================================================================
+@dataclass(frozen=True)
+class Processes:
+    """The launch, read once from the environment torchrun / accelerate launch set (nanoGPT's dozen lines)."""
+    rank: int = 0  # this process among all (RANK)
+    world: int = 1  # how many (WORLD_SIZE)
+    local_rank: int = 0  # among this node's (LOCAL_RANK): picks the GPU
+    local_world: int = 1  # this node's processes (LOCAL_WORLD_SIZE): share the CPUs
+
+    @property
+    def main(self) -> bool:  # the process that writes files and prints
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Processes":
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
+                   int(env.get("LOCAL_WORLD_SIZE", 1)))
+
+
+PROCS = Processes.from_env()
+
+
 def world_size() -> int:
-    return dist.get_world_size() if dist_ready() else int(os.environ.get("WORLD_SIZE", "1"))
+    return PROCS.world
 
 
 def rank() -> int:
-    return dist.get_rank() if dist_ready() else int(os.environ.get("RANK", "0"))
+    return PROCS.rank
 
 
 def is_main() -> bool:
-    return rank() == 0
+    return PROCS.main
+
+
+def warn(msg: str) -> None:
+    """One warning line on stderr (from the main process only: the others would repeat it)."""
+    if PROCS.main:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def say(msg: str, err: bool = False) -> None:
+    """Progress on stdout (err: on stderr), from the main process only."""
+    if PROCS.main:
+        print(msg, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def pick_device(cfg: Config) -> torch.device:
+    device = torch.device("cuda", PROCS.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if cfg.FP16 and device.type != "cuda":
+        raise UserError("FP16 needs a CUDA GPU and none is available; use BF16 on CPU (AMX) or neither")
+    if cfg.BF16 is True and not bf16_supported(device):
+        raise UserError(f"BF16 is true but this {device.type.upper()} has no bfloat16 support; set BF16 to false")
+    return device
+
+
 def init_processes(device: torch.device) -> None:
     """Join the process group the launcher describes in the environment (gloo on CPU, nccl on CUDA)."""
-    if world_size() > 1 and not dist_ready():
+    if PROCS.world > 1 and not dist_ready():
         if device.type == "cuda":
             torch.cuda.set_device(device)  # collectives of objects use the current device: one GPU per process
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def main_first():
+    """The main process runs the block first (a one-time conversion into a shared cache), then the others."""
+    if not PROCS.main:
+        barrier()
+    yield
+    if PROCS.main:
+        barrier()
+
+
+def on_main(fn: Callable, *args, **kw):
+    """fn(*args) computed by the main process only, its result sent to every process (a drawn seed, a timing probe)."""
+    return gather_objects(fn(*args, **kw) if PROCS.main else None)[0]
 
 
 def share_bounds(n: int) -> tuple[int, int]:
@@ -1156,6 +1418,25 @@ def gather_objects(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_lists(items: list) -> tuple[list, int]:
+    """Every process's list, concatenated in rank order, and where this process's items start in it."""
+    parts = gather_objects(list(items))
+    return sum(parts, []), sum(len(part) for part in parts[:PROCS.rank])
+
+
+def largest_share(n: int) -> int:
+    """Rows of the largest share of n: loops that run a collective per chunk run this many chunks on every process."""
+    return math.ceil(n / PROCS.world)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch seeded with seed + rank: sampling differs per process (minibatch order uses a
+    generator of its own, seeded alike everywhere)."""
+    random.seed(seed + PROCS.rank)
+    np.random.seed((seed + PROCS.rank) % 2**32)
+    torch.manual_seed(seed + PROCS.rank)
 
 
 def comm_device() -> torch.device:
@@ -1306,6 +1587,57 @@ def adapter_base(adapter: Path, key: str = "MODEL") -> Path:
                     f"{adapter / 'adapter_config.json'} to a local path")
 
 
+class ModelPaths(NamedTuple):
+    """Where MODEL's files are, resolved once by resolve_model: an alias is its packaged .gguf, an adapter names its
+    base, a .gguf is converted once into CACHE_DIR."""
+    adapter: Optional[Path]  # MODEL is a peft LoRA adapter directory
+    base: Path  # the base model as found: a model directory or a .gguf file
+    weights: Path  # the directory from_pretrained loads, absolute: base, or the .gguf's converted copy in CACHE_DIR
+
+    @property
+    def gguf(self) -> bool:
+        return self.base.suffix == ".gguf"
+
+    @property
+    def converted(self) -> bool:
+        return (self.weights / "config.json").is_file()
+
+    @property
+    def tokenizer(self) -> Path:
+        has_own = self.adapter is not None and (self.adapter / "tokenizer_config.json").is_file()
+        return self.adapter if has_own else self.weights
+
+    def config(self) -> dict:
+        """The model's config.json ({} when not at hand: a .gguf not converted yet)."""
+        try:
+            return json.loads((self.weights / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+
+def resolve_model(cfg: Config) -> ModelPaths:
+    """The one resolver of MODEL's paths (alias -> .gguf, adapter -> base, .gguf -> its converted copy); reads no weights."""
+    located = locate_model(cfg.MODEL)
+    adapter = located if (located / "adapter_config.json").is_file() else None
+    base = adapter_base(adapter) if adapter else located
+    weights = gguf_cache_dir(base, cache_root(cfg)) if base.suffix == ".gguf" else base
+    return ModelPaths(adapter, base, weights.resolve())
+
+
+def prepare_weights(cfg: Config, paths: ModelPaths) -> None:
+    """Convert a .gguf base once into CACHE_DIR (a no-op when done or not a .gguf)."""
+    if paths.gguf:
+        gguf_to_safetensors(paths.base, cache_root(cfg), cfg.TRUST_REMOTE_CODE)
+
+
+def model_context(config) -> Optional[int]:
+    """The context window from a transformers config (or config.json's dict), if it says."""
+    if isinstance(config, dict):
+        return config.get("max_position_embeddings") or config.get("n_positions") or \
+            config.get("text_config", {}).get("max_position_embeddings")
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
 def gguf_cache_dir(gguf_path: Path, root: Path) -> Path:
     stat = gguf_path.stat()
     return root / f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
@@ -1365,49 +1697,32 @@ def response_forward(lm, input_ids, attention_mask, n_response: int, hidden: boo
               logits_to_keep=n_response + 1, output_hidden_states=hidden, use_cache=False)
 
 
-def pick_device(cfg: Config) -> torch.device:
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
-    if cfg.FP16 and device.type != "cuda":
-        raise UserError("FP16 needs a CUDA GPU and none is available; use BF16 on CPU (AMX) or neither")
-    if cfg.BF16 is True and not bf16_supported(device):
-        raise UserError(f"BF16 is true but this {device.type.upper()} has no bfloat16 support; set BF16 to false")
-    return device
-
-
 def bf16_supported(device: torch.device) -> bool:
     return torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def resolve_bf16(cfg: Config, device: torch.device) -> str:
-    """BF16 "auto" -> true or false, and why (printed in the run's first lines; the resolved config records
-    the choice). CUDA with bf16: on. CPU: on when bf16 matmuls of the model's hidden size beat fp32 here
-    (measured once per machine, cached under CACHE_DIR): bf16 can be 2x faster (AMX, some avx512_bf16 chips)
-    or 1.5x slower (others)."""
+def resolve_bf16(cfg: Config, device: torch.device, paths: Optional[ModelPaths] = None) -> tuple[bool, str]:
+    """BF16 "auto" -> (on or off, why): the run's first line; the Plan and config.json record the choice. CUDA with
+    bf16: on. CPU: on when bf16 matmuls of the model's hidden size beat fp32 here (measured once per machine, cached
+    under CACHE_DIR): bf16 can be 2x faster (AMX, some avx512_bf16 chips) or 1.5x slower (others)."""
     if cfg.BF16 != "auto":
-        return f"BF16 {str(cfg.BF16).lower()} (set in the config)"
+        return cfg.BF16, f"BF16 {str(cfg.BF16).lower()} (set in the config)"
     if cfg.FP16 or not bf16_supported(device):
-        cfg.BF16 = False
-        return "bf16 off: " + ("FP16 is on" if cfg.FP16 else f"this {device.type.upper()} has no bfloat16 support")
+        return False, "bf16 off: " + ("FP16 is on" if cfg.FP16 else f"this {device.type.upper()} has no bfloat16 support")
     if device.type == "cuda":
-        cfg.BF16 = True
-        return "bf16 on: CUDA with bfloat16"
-    speedup, cached = bf16_speedup(model_hidden_size(cfg), cache_root(cfg) / "bf16_probe.json")
-    cfg.BF16 = speedup > 1.1  # a clear win only: fp32 is also the more exact choice
-    return (f"bf16 {'on' if cfg.BF16 else 'off'}: bf16 matmul {speedup:.2f}x fp32 here "
-            f"({'cached probe' if cached else 'probe'}; set BF16 true or false to choose)")
+        return True, "bf16 on: CUDA with bfloat16"
+    speedup, cached = bf16_speedup(model_hidden_size(paths or resolve_model(cfg)), cache_root(cfg) / "bf16_probe.json")
+    on = speedup > 1.1  # a clear win only: fp32 is also the more exact choice
+    return on, (f"bf16 {'on' if on else 'off'}: bf16 matmul {speedup:.2f}x fp32 here "
+                f"({'cached probe' if cached else 'probe'}; set BF16 true or false to choose)")
 
 
-def model_hidden_size(cfg: Config) -> int:
+def model_hidden_size(paths: ModelPaths) -> int:
     """The model's hidden size from its config.json (a converted .gguf's, when cached), else 1024."""
-    path = locate_model(cfg.MODEL)
-    if (path / "adapter_config.json").is_file():
-        path = adapter_base(path)
-    if path.suffix == ".gguf":
-        path = gguf_cache_dir(path, cache_root(cfg))
+    config = paths.config()
     try:
-        config = json.loads((path / "config.json").read_text())
         return int(config.get("hidden_size") or config.get("n_embd") or config.get("text_config", {}).get("hidden_size"))
-    except (OSError, ValueError, TypeError):
+    except (ValueError, TypeError):
         return 1024
 
 
@@ -1454,34 +1769,38 @@ def cpu_model() -> str:
         return "unknown"
 
 
-def load_model(cfg: Config, device: torch.device):
-    """-> (policy with value head, reference, tokenizer). Full fine-tuning: the reference is a frozen copy of
-    the LM (in bf16 with BF16). LoRA: the policy is the base + adapter and the reference is the same module
-    with the adapter disabled, or with a frozen copy of the starting adapter (no second copy of the base)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl.trainer.utils import disable_dropout_in_model
+def load_tokenizer(cfg: Config, paths: ModelPaths):
+    from transformers import AutoTokenizer
 
-    path = locate_model(cfg.MODEL)
-    adapter = path if (path / "adapter_config.json").is_file() else None
-    base = adapter_base(adapter) if adapter else path
-    if base.suffix == ".gguf":
-        base = gguf_to_safetensors(base, cache_root(cfg), cfg.TRUST_REMOTE_CODE)
-    base = base.resolve()  # saved adapters name their base by this path: absolute, so they load from anywhere
     try:
-        tokenizer = AutoTokenizer.from_pretrained(adapter if adapter and (adapter / "tokenizer_config.json").is_file() else base,
-                                                  trust_remote_code=cfg.TRUST_REMOTE_CODE)
-        lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+        tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer, trust_remote_code=cfg.TRUST_REMOTE_CODE)
     except (OSError, ValueError) as e:
-        raise UserError(f"MODEL {cfg.MODEL!r} could not be loaded from {base}: {str(e).splitlines()[0]}") from None
-    lm.config.name_or_path = str(base)
+        raise UserError(f"MODEL {cfg.MODEL!r}: no tokenizer could be loaded from {paths.tokenizer}: {str(e).splitlines()[0]}") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"MODEL {cfg.MODEL!r}: the tokenizer has no EOS token, needed to end responses")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere, so sharing EOS is safe
-    context = getattr(lm.config.get_text_config(), "max_position_embeddings", None)
-    if context and cfg.MAXSEQ > context:
-        warn(f"MAXSEQ={cfg.MAXSEQ} exceeds the context of MODEL ({context} tokens); using MAXSEQ={context}")
-        cfg.MAXSEQ = context
+    return tokenizer
+
+
+def load_model(cfg: Config, device: torch.device, bf16: Optional[bool] = None, paths: Optional[ModelPaths] = None):
+    """-> (policy with value head, reference, tokenizer). Full fine-tuning: the reference is a frozen copy of
+    the LM (in bf16 with bf16, the Plan's; default BF16 true). LoRA: the policy is the base + adapter and the
+    reference is the same module with the adapter disabled, or with a frozen copy of the starting adapter (no
+    second copy of the base)."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import disable_dropout_in_model
+
+    paths = paths or resolve_model(cfg)
+    prepare_weights(cfg, paths)
+    bf16 = cfg.BF16 is True if bf16 is None else bf16
+    tokenizer = load_tokenizer(cfg, paths)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(paths.weights, dtype=torch.float32, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    except (OSError, ValueError) as e:
+        raise UserError(f"MODEL {cfg.MODEL!r} could not be loaded from {paths.weights}: {str(e).splitlines()[0]}") from None
+    lm.config.name_or_path = str(paths.weights)  # saved adapters name their base by this path: absolute
+    adapter = paths.adapter
     disable_dropout_in_model(lm)  # PPO ratios must be 1 on the first minibatch: no dropout noise
     if cfg.GRADIENT_CHECKPOINTING:  # non-reentrant: works with frozen inputs (LoRA) and FSDP
         if hasattr(lm, "activation_checkpointing_enable"):  # the name since transformers 5.x
@@ -1489,13 +1808,13 @@ def load_model(cfg: Config, device: torch.device):
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter or cfg.LORA_R > 0:
-        if cfg.BF16 is True:
+        if bf16:
             lm.to(torch.bfloat16)  # the frozen base in the compute dtype; adapters and value head stay fp32
         lm = add_lora(cfg, lm, adapter)
         reference = AdapterReference(lm, "ref" if adapter or cfg.REF_UPDATE == "cycle" else None) if needs_reference(cfg) else None
     else:
         reference = copy.deepcopy(lm).eval().requires_grad_(False) if needs_reference(cfg) else None
-        if cfg.BF16 is True and reference is not None:
+        if bf16 and reference is not None:
             reference.to(torch.bfloat16)  # never trained: held once in the compute dtype
     policy = PolicyWithValueHead(lm)
     if cfg.FSDP:
@@ -1509,8 +1828,10 @@ def load_model(cfg: Config, device: torch.device):
 
 
 def needs_reference(cfg: Config) -> bool:
-    """The frozen reference is needed for the KL (INIT_KL_COEF > 0) or by a perplexity reward on "reference"."""
-    return cfg.INIT_KL_COEF > 0 or '"perplexity"' in json.dumps(cfg.REWARD)
+    """The frozen reference is needed for the KL (INIT_KL_COEF > 0) or by a reward that scores with it (perplexity)."""
+    import rewards
+
+    return cfg.INIT_KL_COEF > 0 or rewards.uses_reference(cfg.REWARD)
 
 
 def linear_module_names(lm: nn.Module) -> list[str]:
@@ -1614,9 +1935,9 @@ def shard_model(lm: nn.Module) -> None:
         m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
 
 
-def autocast_context(cfg: Config, device: torch.device):
-    if cfg.BF16 is True or cfg.FP16:
-        return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.BF16 is True else torch.float16)
+def autocast_context(bf16: bool, fp16: bool, device: torch.device):
+    if bf16 or fp16:
+        return torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else torch.float16)
     return contextlib.nullcontext()
 
 
@@ -1633,82 +1954,90 @@ def sampling_is_off_policy(cfg: Config) -> list[str]:
 
 
 # ==================================================================================================
-# 6. SFT step and PPO step
+# 6. Generation: the seam between the update and whatever samples the responses. An engine has generate()
+#    and sync_weights(); PPO rollouts, remax's greedy pass and evaluation all go through it.
+# ==================================================================================================
+class Generation(NamedTuple):
+    responses: list  # len(prompts) x n token lists, cut after the first EOS; rows i*n .. i*n+n-1 answer prompt i
+    ended: torch.Tensor  # (len(responses),) bool: the response emitted EOS (else it hit the token limit)
+    logprobs: Optional[list] = None  # per response, the engine's log-prob of each sampled token (None: not reported)
+
+
+class HFEngine:
+    """transformers' generate on the policy module itself (no copy of the weights)"""
+
+    def __init__(self, cfg: Config, plan: Plan, policy: "PolicyWithValueHead", tokenizer, device: torch.device):
+        from transformers import GenerationConfig
+
+        self.cfg, self.plan, self.policy, self.device = cfg, plan, policy, device
+        self.eos_id = tokenizer.eos_token_id
+        sampling = dict(do_sample=True, temperature=cfg.TEMPERATURE, top_p=cfg.TOP_P, top_k=0,
+                        repetition_penalty=cfg.REPETITION_PENALTY, no_repeat_ngram_size=cfg.NO_REPEAT_NGRAM_SIZE)
+        common = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+        self.sample_config = GenerationConfig(**sampling, **common)
+        self.greedy_config = GenerationConfig(do_sample=False, **common)
+        self.pad_id = tokenizer.pad_token_id
+
+    def sync_weights(self, version: int) -> None:
+        """Nothing to copy: generation runs on the policy's own parameters, always the current ones."""
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int = 1, greedy: bool = False) -> Generation:
+        """Batched, left-padded sampling with the KV cache, n responses per prompt. Under FSDP every process keeps
+        stepping until all are done (synced_gpus), so none waits forever."""
+        prompts = [p for p in prompts for _ in range(n)]
+        self.policy.eval()
+        ids, mask = left_pad(prompts, self.pad_id)
+        gen_config = copy.copy(self.greedy_config if greedy else self.sample_config)
+        gen_config.max_new_tokens = min(self.cfg.MAX_NEW_TOKENS, self.plan.maxseq - ids.shape[1])
+        with autocast_context(self.plan.bf16, self.cfg.FP16, self.device):
+            out = self.policy.lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          generation_config=gen_config, synced_gpus=self.cfg.FSDP)
+        generated = out[:, ids.shape[1]:].cpu()
+        response_mask, ended = truncate_after_eos(generated, self.eos_id)
+        lengths = response_mask.sum(1).tolist()
+        return Generation([row[:k] for row, k in zip(generated.tolist(), lengths)], ended)
+
+
+GENERATION_BACKENDS = {"hf": HFEngine}
+
+
+# ==================================================================================================
+# 7. Steps: the optimizers, the SFT step, the PPO update (numbered steps over one Rollout), evaluation
 # ==================================================================================================
 class BadStep(Exception):
     """A step whose loss, gradient or reward was not finite: skipped, counted, reported."""
 
 
-class HybridTrainer:
-    """Holds the policy, the frozen reference, both optimizers, the KL controller and the reward."""
+class Optimizers:
+    """The trainable parameters, the two AdamW optimizers (SFT: the LM; PPO: the LM and the value head) with their
+    LR_SCHEDULE, the fp16 loss scaler, and the optimizer step. `version` counts the steps taken, so a generation
+    engine that holds a copy of the weights knows when they moved."""
 
-    def __init__(self, cfg: Config, policy: PolicyWithValueHead, ref_lm: nn.Module, tokenizer, reward=None,
-                 device: Optional[torch.device] = None, n_items: Optional[int] = None):
-        """n_items: training items, which size LR_SCHEDULE; may be omitted only with the constant schedule."""
-        from transformers import GenerationConfig
+    def __init__(self, cfg: Config, plan: Plan, policy: "PolicyWithValueHead", critic: bool, device: torch.device):
+        from transformers import get_scheduler
 
-        self.cfg, self.policy, self.ref_lm, self.tokenizer, self.reward = cfg, policy, ref_lm, tokenizer, reward
-        self.device = device or torch.device("cpu")
         # Trainable: everything (full fine-tuning) or adapter + value head (LoRA). Gradients of parameters that
         # FSDP does not shard are summed over processes by reduce_gradients; FSDP reduces its own.
         self.lm_params = [p for p in policy.lm.parameters() if p.requires_grad]
-        self.params = self.lm_params + [p for p in policy.v_head.parameters()]
-        self.estimator = ADVANTAGES[cfg.ADVANTAGE]
-        self.rl_params = self.params if self.estimator.critic else self.lm_params  # critic-free: the value head idles
-        self.progress = 0.0  # fraction of the run done, set by the loop (the mix schedule)
-        self.component_sums: dict = {}
-        self.replicated = [p for p in self.params if not hasattr(p, "device_mesh")]
+        self.params = self.lm_params + list(policy.v_head.parameters())
+        self.rl_params = self.params if critic else self.lm_params  # critic-free: the value head idles
         # fused: one kernel for all parameters; PyTorch's CPU default is a per-tensor Python loop (7x slower here).
         # Sharded (DTensor) parameters mixed with plain ones take the per-tensor path.
-        kw = dict(fused=True) if len(self.replicated) == len(self.params) else dict(foreach=False)
-        self.opt_sft = torch.optim.AdamW(self.lm_params, lr=cfg.LR_SFT, **kw)  # value head untouched by SFT
-        self.opt_ppo = torch.optim.AdamW(self.params, lr=cfg.LR_PPO, **kw)
-        # Minibatch order: one generator, seeded alike on every process (1 process = N processes)
-        self.perm_generator = torch.Generator().manual_seed(cfg.SEED)
-        self.fuse_first_forward = True  # reuse the first minibatch's forward as the rollout when it is the whole batch
-        self.ref_forward_s = 0.0
-        self.kl_ctl = (AdaptiveKLController(cfg.INIT_KL_COEF, cfg.TARGET_KL, cfg.KL_HORIZON) if cfg.ADAPTIVE_KL
-                       else FixedKLController(cfg.INIT_KL_COEF))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.FP16)
-        self.schedulers = self._lr_schedules(n_items)
-        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-        sampling = dict(do_sample=True, temperature=cfg.TEMPERATURE, top_p=cfg.TOP_P, top_k=0,
-                        repetition_penalty=cfg.REPETITION_PENALTY, no_repeat_ngram_size=cfg.NO_REPEAT_NGRAM_SIZE)
-        common = dict(eos_token_id=self.eos_id, pad_token_id=self.pad_id, use_cache=True)
-        self.sample_config = GenerationConfig(**sampling, **common)
-        self.greedy_config = GenerationConfig(do_sample=False, **common)
+        kw = dict(fused=True) if not any(hasattr(p, "device_mesh") for p in self.params) else dict(foreach=False)
+        self.sft = torch.optim.AdamW(self.lm_params, lr=cfg.LR_SFT, **kw)  # value head untouched by SFT
+        self.ppo = torch.optim.AdamW(self.params, lr=cfg.LR_PPO, **kw)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.FP16)
+        name = LR_SCHEDULES[cfg.LR_SCHEDULE].value
+        self.schedulers = {opt: get_scheduler(name, opt, num_warmup_steps=cfg.WARMUP_STEPS, num_training_steps=max(1, n))
+                           for opt, n in ((self.sft, plan.sft_optimizer_steps), (self.ppo, plan.ppo_optimizer_steps))}
+        self.max_grad_norm, self.version = cfg.MAX_GRAD_NORM, 0
 
-    def autocast(self):
-        return autocast_context(self.cfg, self.device)
-
-    def _lr_schedules(self, n_items: Optional[int]) -> dict:
-        """LR_SCHEDULE with WARMUP_STEPS over each optimizer's number of optimizer steps in the run."""
-        from transformers import get_scheduler
-
-        cfg = self.cfg
-        if n_items is None and cfg.LR_SCHEDULE != "constant":
-            raise ValueError(f"LR_SCHEDULE {cfg.LR_SCHEDULE!r} needs the run length: pass n_items to HybridTrainer")
-        plan = step_plan(cfg, n_items or 1)
-        n_sft = plan.count("sft") * cfg.EPOCHS
-        n_ppo = plan.count("ppo") * cfg.EPOCHS * cfg.PPO_EPOCHS * math.ceil(cfg.PPO_BATCH / cfg.PPO_MINI)
-        name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.LR_SCHEDULE]
-        return {opt: get_scheduler(name, opt, num_warmup_steps=cfg.WARMUP_STEPS, num_training_steps=max(1, n))
-                for opt, n in ((self.opt_sft, n_sft), (self.opt_ppo, n_ppo))}
-
-    def sync_reference(self) -> None:
-        """REF_UPDATE 'cycle': the reference becomes a frozen copy of the current policy LM (or adapter)."""
-        if self.ref_lm is None:
-            return
-        if isinstance(self.ref_lm, AdapterReference):
-            self.ref_lm.sync()
-        else:
-            self.ref_lm.load_state_dict(self.policy.lm.state_dict())
-
-    def _optimizer_step(self, optimizer, params) -> float:
+    def step(self, optimizer, params) -> float:
         """Sum gradients over processes, unscale, clip, and step; a non-finite gradient norm skips the step."""
         reduce_gradients([p for p in params if not hasattr(p, "device_mesh")])
         self.scaler.unscale_(optimizer)
-        grad_norm = clip_grad_norm(params, self.cfg.MAX_GRAD_NORM)
+        grad_norm = clip_grad_norm(params, self.max_grad_norm)
         if not math.isfinite(grad_norm) and self.scaler.is_enabled():
             # fp16 overflow: expected while the loss scale calibrates; the scaler skips the step and lowers the scale
             self.scaler.step(optimizer)
@@ -1721,25 +2050,321 @@ class HybridTrainer:
         self.scaler.step(optimizer)
         self.scaler.update()
         self.schedulers[optimizer].step()
+        self.version += 1
         return grad_norm
+
+
+@dataclass
+class Rollout:
+    """One PPO update's batch, the same on every process after its one gather. B responses to P = B / G prompts:
+    rows i*G .. i*G+G-1 answer prompt i. L = longest prompt + longest response, R = longest response."""
+    queries: list  # B prompt token lists
+    responses: list  # B response token lists (ending at EOS, or cut at the token limit)
+    input_ids: torch.Tensor  # (B, L) the prompt left-padded, then the response right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    r_ids: torch.Tensor  # (B, R) the response's ids
+    r_mask: torch.Tensor  # (B, R) float: 1 on response tokens
+    scores: torch.Tensor  # (B,) float32 rewards (MISSING_EOS_PENALTY applied)
+    baseline: torch.Tensor  # (B,) the estimator's extra pass (remax: the greedy response's score), or empty
+    group_size: int  # G = NUM_GENERATIONS
+    ended: Optional[torch.Tensor] = None  # (B,) bool: emitted EOS (unknown in the classic ppo_step API)
+    components: dict = field(default_factory=dict)  # weighted_sum component -> its mean over the B responses
+
+
+def make_rollout(queries: list, responses: list, scores: list, baseline: list, group_size: int, pad_id: int,
+                 device: torch.device, ended: Optional[list] = None, components: Optional[dict] = None) -> Rollout:
+    """Token lists and per-response numbers (every process's, in rank order) -> the padded Rollout."""
+    q_ids, q_mask = left_pad(queries, pad_id)
+    r_ids, r_mask = right_pad(responses, pad_id)
+    if len(queries) % group_size:
+        raise ValueError(f"{len(queries)} responses do not form groups of NUM_GENERATIONS={group_size}")
+    return Rollout(queries, responses, torch.cat([q_ids, r_ids], 1).to(device), torch.cat([q_mask, r_mask], 1).to(device),
+                   r_ids.to(device), r_mask.to(device).float(), torch.as_tensor(scores, dtype=torch.float32, device=device),
+                   torch.as_tensor(baseline, dtype=torch.float32, device=device), group_size,
+                   None if ended is None else torch.as_tensor(ended, dtype=torch.bool), components or {})
+
+
+class OldPolicy(NamedTuple):
+    """Step 4's no-grad pass over the Rollout, (B, R) each."""
+    logprobs: torch.Tensor  # the sampling policy's log-probs of the response tokens (at TEMPERATURE)
+    values: torch.Tensor  # the value head's estimates (zeros without a critic)
+    ref_logprobs: torch.Tensor  # the reference's (= logprobs without a reference: KL 0)
+    kl: torch.Tensor  # KL_PENALTY's per-token estimate
+    first: Optional[tuple]  # (logits, values) of the first minibatch, computed with grad, when it is the whole batch
+    seconds: tuple  # (reference forward, the first minibatch's forward)
+
+
+class Scored(NamedTuple):
+    scores: list  # one float per response
+    components: dict  # weighted_sum component -> the sum of its scores over these responses
+    error: Optional[str]  # why the reward could not score them (the update is skipped on every process)
+
+
+class PPOLearner:
+    """Steps 4-7 of a PPO update, on a gathered Rollout: the update's math with the model in the loop. A mixin of
+    HybridTrainer, whose state it uses: cfg, plan, policy, ref_lm, optim, estimator, strategy, kl_ctl,
+    perm_generator, device, fuse_first_forward, and sft_backward for the hybrid strategies' SFT term."""
+
+    def learn(self, rollout: Rollout, demos: Optional[list[Example]] = None, progress: float = 0.0) -> dict:
+        """Steps 4-7 of an update on a gathered Rollout (every process holds all of it, computes its share of each
+        forward and each minibatch) -> the update's statistics."""
+        cfg, dev, G = self.cfg, self.device, rollout.group_size
+        B = len(rollout.responses)
+        if demos is not None and len(demos) * G != B:
+            raise ValueError(f"{len(demos)} demonstrations for {B} responses in groups of {G}: expected {B // G}")
+        lr = self.optim.ppo.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        perms = [torch.randperm(B, generator=self.perm_generator) for _ in range(cfg.PPO_EPOCHS)]
+        # 4. log-probs and values of the sampling policy, log-probs of the reference (each process its share)
+        old = self.old_policy(rollout, perms[0])
+        t1 = time.perf_counter()
+        # 5. the hybrid strategy picks RL and SFT prompts; rewards and advantages (ADVANTAGES[ADVANTAGE]) over the RL
+        #    responses only (gate: batch whitening must not compare the prompts it kept with those it sent to SFT)
+        split = self.strategy.fn(rollout.scores.view(-1, G).cpu(), cfg, progress) if self.strategy and demos is not None else None
+        rl_mask = rollout.r_mask if split is None else rollout.r_mask * split.rl.repeat_interleave(G).to(dev)[:, None].float()
+        sft_pool = [] if split is None else [d for d, s in zip(demos, split.sft.tolist()) if s]
+        kl_coef = self.kl_ctl.value
+        rewards = compute_rewards(rollout.scores, old.kl, rollout.r_mask, kl_coef if cfg.KL_IN == "reward" else 0.0)
+        advantages, returns = self.estimator.fn(
+            rewards=rewards, mask=rl_mask, values=old.values, group_size=G, gamma=cfg.GAMMA, lam=cfg.LAM,
+            whiten_rewards=cfg.WHITEN_REWARDS, baseline=rollout.baseline)
+        returns = old.values if returns is None else returns
+        # 6. PPO epochs over minibatches (each with its part of the SFT demonstrations, under gate / mix)
+        batch = dict(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, r_ids=rollout.r_ids,
+                     r_mask=rollout.r_mask, rl_mask=rl_mask, old_logprobs=old.logprobs, old_values=old.values,
+                     advantages=advantages, returns=returns, ref_logprobs=old.ref_logprobs)
+        mb_stats, skipped = self.ppo_epochs(batch, perms, old.first, sft_pool, split.mu if split else None)
+        t2 = time.perf_counter()
+        # 7. statistics; the adaptive KL controller moves
+        seq_kl = (old.kl * rollout.r_mask).sum(1).mean().item()
+        self.kl_ctl.update(seq_kl, B)
+        stats = update_stats(rollout, old, rewards, advantages, returns, mb_stats, self.estimator.critic)
+        stats.update({"objective/kl": seq_kl, "objective/kl_coef": kl_coef, "ppo/skipped_minibatches": skipped, "ppo/lr": lr,
+                      "time/rollout_s": t1 - t0 - old.seconds[1], "time/ppo_epochs_s": t2 - t1 + old.seconds[1],
+                      "time/reference_forward_s": old.seconds[0]})
+        if split is not None:
+            stats.update({"hybrid/mu": split.mu, "hybrid/sft_prompts": len(sft_pool), **split.metrics})
+        return stats
+
+    def old_policy(self, rollout: Rollout, first_perm: torch.Tensor) -> OldPolicy:
+        """Step 4. Each process runs the no-grad forwards on its share of the rows; one gather gives every process all
+        of them. When the first minibatch is the whole batch, its forward (same weights, no dropout, with grad) gives
+        the old log-probs and values: the rollout's policy forward would compute exactly the same again."""
+        cfg, dev, B, R = self.cfg, self.device, len(rollout.responses), rollout.r_ids.shape[1]
+        fused = (self.fuse_first_forward and cfg.PPO_MINI * rollout.group_size >= B and accum_chunks(cfg.GRAD_ACCUM, B) == 1
+                 and cfg.KL_PENALTY != "full")
+        start, end = share_bounds(B)
+        rows = slice(start, end) if end > start else slice(0, 1)  # an empty share still joins FSDP's collectives
+        parts, ref_s = self.forward_no_grad(rollout.input_ids[rows], rollout.attention_mask[rows], rollout.r_ids[rows], R,
+                                            policy=not fused)
+        parts = {k: v[:end - start] for k, v in parts.items()}  # in batch order
+        first, t_first = None, time.perf_counter()
+        if fused:
+            self.policy.train()
+            mine, weight = my_share(first_perm)
+            mb, r_len = trim_padding({k: getattr(rollout, k)[mine.to(dev)] for k in ("input_ids", "attention_mask", "r_ids", "r_mask")}, R)
+            with self.autocast():
+                logits, values = self.policy(mb["input_ids"], mb["attention_mask"], r_len, values=self.estimator.critic)
+            first = (logits, values)
+            permuted = {"logprobs": logprobs_from_logits(logits, mb["r_ids"], cfg.TEMPERATURE), "values": values}
+            parts.update({f"perm:{k}": F.pad(t.detach().float(), (0, R - r_len))[:len(mine) if weight else 0]
+                          for k, t in permuted.items() if t is not None})
+        t_first = time.perf_counter() - t_first  # the first minibatch's forward: counted with the PPO epochs
+        names = sorted(parts)  # never empty: the policy's log-probs come from one forward or the other
+        gathered = gather_rows(torch.stack([parts[k].to(dev) for k in names], 1), B)
+        out = {}
+        for j, name in enumerate(names):  # shares of contiguous rows come back in batch order, of first_perm's rows in its order
+            if name.startswith("perm:"):
+                out[name[5:]] = torch.zeros((B, R), device=dev)
+                out[name[5:]][first_perm.to(dev)] = gathered[:, j]
+            else:
+                out[name] = gathered[:, j]
+        logprobs = out["logprobs"]
+        ref_logprobs = out.get("ref_logprobs", logprobs)  # INIT_KL_COEF 0: no reference, KL 0
+        kl = out["kl"] if "kl" in out else kl_per_token(logprobs, ref_logprobs, cfg.KL_PENALTY)
+        return OldPolicy(logprobs, out.get("values", torch.zeros_like(logprobs)), ref_logprobs, kl, first, (ref_s, t_first))
+
+    @torch.no_grad()
+    def forward_no_grad(self, input_ids, attention_mask, r_ids, R, policy: bool = True) -> tuple[dict, float]:
+        """Chunked no-grad forward of the reference (and of the policy) -> ({"ref_logprobs"} (+ "logprobs", "values",
+        and "kl" for KL_PENALTY "full", which needs both whole distributions), seconds in the reference). Without a
+        reference (INIT_KL_COEF 0) its forward is skipped."""
+        T, kind = self.cfg.TEMPERATURE, self.cfg.KL_PENALTY
+        out: dict = {}
+        ref_s = 0.0
+        self.policy.eval()
+        for rows in torch.arange(len(input_ids), device=input_ids.device).split(self.cfg.PPO_MINI * self.cfg.NUM_GENERATIONS):
+            part = {}
+            if self.ref_lm is not None:
+                t0 = time.perf_counter()
+                with self.autocast():
+                    ref_logits = response_forward(self.ref_lm, input_ids[rows], attention_mask[rows], R).logits[:, :-1]
+                part["ref_logprobs"] = logprobs_from_logits(ref_logits, r_ids[rows], T)
+                ref_s += time.perf_counter() - t0
+            if policy:
+                with self.autocast():
+                    logits, values = self.policy(input_ids[rows], attention_mask[rows], R, values=self.estimator.critic)
+                part["logprobs"] = logprobs_from_logits(logits, r_ids[rows], T)
+                if values is not None:
+                    part["values"] = values
+                if kind == "full" and self.ref_lm is not None:
+                    part["kl"] = kl_per_token(torch.log_softmax(logits.float() / T, -1),
+                                              torch.log_softmax(ref_logits.float() / T, -1), "full")
+            for k, v in part.items():
+                out.setdefault(k, []).append(v)
+        return {k: torch.cat(v) for k, v in out.items()}, ref_s
+
+    def ppo_epochs(self, batch: dict, perms: list, first: Optional[tuple], sft_pool: list, mu: Optional[float]) -> tuple[list, int]:
+        """Step 6: PPO_EPOCHS passes over the batch in minibatches of PPO_MINI x G responses (perms: each epoch's
+        order); under gate / mix each minibatch also trains on its part of the SFT demonstrations, shuffled per epoch.
+        -> (each minibatch's stats, the number skipped for RATIO_THRESHOLD)."""
+        R, mini = batch["r_ids"].shape[1], self.cfg.PPO_MINI * self.cfg.NUM_GENERATIONS
+        mb_stats, skipped = [], 0
+        self.policy.train()
+        for perm in perms:
+            parts = perm.split(mini)
+            sft_order = torch.randperm(len(sft_pool), generator=self.perm_generator) if sft_pool else torch.zeros(0, dtype=torch.long)
+            for mb_rows, sft_rows in zip(parts, sft_order.tensor_split(len(parts))):
+                mine, weight = my_share(mb_rows)
+                mb, r_len = trim_padding({k: v[mine.to(self.device)] for k, v in batch.items()}, R)
+                rl_rows = batch["rl_mask"][mb_rows.to(self.device)]
+                demo = ([sft_pool[i] for i in sft_rows.tolist()], mu) if mu is not None else None
+                stats = self.ppo_minibatch(mb, r_len, rl_rows.sum(), (rl_rows.sum(1) > 0).sum(), weight, len(mb_rows),
+                                           forward=first, demo=demo)
+                first = None  # only the first minibatch reuses step 4's forward
+                if stats is None:
+                    skipped += 1
+                else:
+                    mb_stats.append(stats)
+        return mb_stats, skipped
+
+    STAT_KEYS = ("ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/clipfrac", "ppo/policy/approxkl",
+                 "ppo/policy/ratio", "ppo/val/clipfrac", "ppo/policy/entropy")
+
+    def ppo_minibatch(self, mb: dict, R: int, n_tokens: torch.Tensor, n_seqs: torch.Tensor, weight: float, n_rows: int,
+                      forward: Optional[tuple] = None, demo: Optional[tuple] = None) -> Optional[dict]:
+        """One optimizer step on this process's rows of a minibatch. `forward`: the (logits, values) of this minibatch,
+        already computed (step 4). `demo`: (examples, mu) under gate / mix: the loss is (1 - mu) x RL + mu x SFT on
+        the examples' reference responses. None when skipped because the mean ratio exceeded RATIO_THRESHOLD."""
+        cfg, critic = self.cfg, self.estimator.critic
+        mu = demo[1] if demo is not None else 0.0
+        self.optim.ppo.zero_grad(set_to_none=True)
+        acc = self.rl_backward(mb, R, n_tokens, n_seqs, weight, n_rows, forward, mu) if mu < 1 else \
+            torch.zeros(len(self.STAT_KEYS) + 1, device=self.device)
+        sft_loss = None
+        if demo is not None and demo[0] and mu > 0:  # every process sees the same demo list: the same collectives
+            sft_loss = self.sft_backward(demo[0], mu, cfg.SFT_TOKEN_WEIGHT)[0]
+        acc = all_reduce_sum(acc)
+        if acc[-1] > 0 or (sft_loss is not None and not math.isfinite(sft_loss)):
+            self.optim.ppo.zero_grad(set_to_none=True)
+            raise BadStep(f"PPO loss is not finite (loss {acc[2].item()}, SFT loss {sft_loss})")
+        stats = dict(zip(self.STAT_KEYS, acc[:-1].tolist())) if mu < 1 else {}
+        if not critic:
+            for key in ("ppo/loss/value", "ppo/val/clipfrac"):
+                stats.pop(key, None)
+        if sft_loss is not None:
+            stats["hybrid/sft_loss"] = sft_loss
+        if stats.get("ppo/policy/ratio", 0.0) > cfg.RATIO_THRESHOLD:
+            self.optim.ppo.zero_grad(set_to_none=True)
+            return None
+        stats["ppo/grad_norm"] = self.optim.step(self.optim.ppo, self.optim.rl_params)
+        return stats
+
+    def rl_backward(self, mb: dict, R: int, n_tokens, n_seqs, weight: float, n_rows: int, forward, mu: float) -> torch.Tensor:
+        """Backward of (1 - mu) x the RL loss on this process's rows, in GRAD_ACCUM chunks. Each chunk is weighted by its
+        share of the minibatch's RL response tokens n_tokens (LOSS_AGG token_mean) or RL responses n_seqs (the seq_
+        means), over all processes -> the STAT_KEYS sums (weighted) and a non-finite-loss flag, this process's part."""
+        from trl.trainer.utils import entropy_from_logits
+
+        cfg, critic = self.cfg, self.estimator.critic
+        acc = torch.zeros(len(self.STAT_KEYS) + 1, device=self.device)  # + the non-finite loss flag
+        for rows in torch.arange(len(mb["r_ids"]), device=self.device).tensor_split(accum_chunks(cfg.GRAD_ACCUM, n_rows)):
+            c = {k: v[rows] for k, v in mb.items()}
+            m = c["rl_mask"]  # response tokens the RL loss covers (all, but for prompts gate sends to SFT)
+            if cfg.LOSS_AGG == "token_mean":
+                chunk_weight = m.sum() / n_tokens.clamp(min=1) * weight
+            else:
+                chunk_weight = (m.sum(1) > 0).sum() / n_seqs.clamp(min=1) * weight
+            if forward is not None:
+                logits, values = forward
+            else:
+                with self.autocast():
+                    logits, values = self.policy(c["input_ids"], c["attention_mask"], R, values=critic)
+            logprobs = logprobs_from_logits(logits, c["r_ids"], cfg.TEMPERATURE)
+            kl = (self.kl_ctl.value * kl_per_token(logprobs, c["ref_logprobs"], cfg.KL_PENALTY)
+                  if cfg.KL_IN == "loss" and self.ref_lm is not None else None)
+            pl = policy_loss(logprobs, c["old_logprobs"], c["advantages"], m, cfg.CLIPRANGE, cfg.CLIPRANGE_HIGH,
+                             cfg.IMPORTANCE_LEVEL, cfg.LOSS_AGG, cfg.MAX_NEW_TOKENS, kl)
+            if critic:
+                vl = value_loss(values, c["old_values"], c["returns"], m, cfg.CLIPRANGE_VALUE)
+                total = pl.loss + cfg.VF_COEF * vl.loss
+            else:
+                vl, total = ValueLoss(torch.zeros(()), torch.zeros(())), pl.loss
+            self.optim.scaler.scale(total * chunk_weight * (1 - mu)).backward()
+            with torch.no_grad():
+                entropy = masked_mean(entropy_from_logits(logits.float() / cfg.TEMPERATURE), m)
+                values_ = [pl.loss, vl.loss, total, pl.clipfrac, pl.approx_kl, pl.ratio, vl.clipfrac, entropy]
+                acc[:-1] += torch.stack([v.detach().float().to(acc.device) for v in values_]) * chunk_weight
+                acc[-1] += float(not torch.isfinite(total)) * weight
+        return acc
+
+
+class HybridTrainer(PPOLearner):
+    """One run's training machinery: the policy, the reference, the reward, the generation engine, the optimizers and
+    the KL controller. sft_step and ppo_update are the loop's two kinds of step; ppo_step is TRL 0.11's classic API."""
+
+    def __init__(self, cfg: Config, policy: "PolicyWithValueHead", ref_lm, tokenizer, reward=None,
+                 device: Optional[torch.device] = None, n_items: Optional[int] = None, plan: Optional[Plan] = None):
+        """plan: run()'s; from Python, api_plan(cfg, n_items) is made here (n_items sizes a decaying LR_SCHEDULE)."""
+        self.cfg, self.policy, self.ref_lm, self.tokenizer, self.reward = cfg, policy, ref_lm, tokenizer, reward
+        self.device = device or torch.device("cpu")
+        self.plan = plan or api_plan(cfg, n_items, policy.lm)
+        self.estimator = ADVANTAGES[cfg.ADVANTAGE]
+        self.strategy = HYBRID_STRATEGIES[cfg.HYBRID] if cfg.MODE == "hybrid" and HYBRID_STRATEGIES[cfg.HYBRID].in_update else None
+        self.optim = Optimizers(cfg, self.plan, policy, self.estimator.critic, self.device)
+        self.perm_generator = torch.Generator().manual_seed(self.plan.seed)  # minibatch order, alike on every process
+        self.fuse_first_forward = True  # reuse the first minibatch's forward as the rollout's when it is the whole batch
+        self.kl_ctl = (AdaptiveKLController(cfg.INIT_KL_COEF, cfg.TARGET_KL, cfg.KL_HORIZON) if cfg.ADAPTIVE_KL
+                       else FixedKLController(cfg.INIT_KL_COEF))
+        self.engine = GENERATION_BACKENDS[cfg.GENERATION_BACKEND](cfg, self.plan, policy, tokenizer, self.device)
+        self.pad_id = tokenizer.pad_token_id
+
+    def autocast(self):
+        return autocast_context(self.plan.bf16, self.cfg.FP16, self.device)
+
+    def sync_reference(self) -> None:
+        """REF_UPDATE 'cycle': the reference becomes a frozen copy of the current policy LM (or adapter)."""
+        if self.ref_lm is None:
+            return
+        if isinstance(self.ref_lm, AdapterReference):
+            self.ref_lm.sync()
+        else:
+            self.ref_lm.load_state_dict(self.policy.lm.state_dict())
+
+    def generate(self, prompts: list[list[int]], greedy: bool = False, n: int = 1) -> tuple[list[list[int]], torch.Tensor]:
+        """n responses per prompt from the generation engine, which first takes the current weights -> (responses, ended)."""
+        self.engine.sync_weights(self.optim.version)
+        out = self.engine.generate(prompts, n=n, greedy=greedy)
+        return out.responses, out.ended
 
     # ---- SFT: cross-entropy on response tokens + EOS ----
     def sft_step(self, examples: list[Example]) -> dict:
         """One optimizer step on a global batch: this process takes its share; the loss is normalised by the
         response tokens of the whole batch, so gradients summed over processes equal one process's."""
         self.policy.train()
-        lr = self.opt_sft.param_groups[0]["lr"]
-        self.opt_sft.zero_grad(set_to_none=True)
-        total = self._sft_backward(examples)
+        lr = self.optim.sft.param_groups[0]["lr"]
+        self.optim.sft.zero_grad(set_to_none=True)
+        total, n_tokens = self.sft_backward(examples)
         if not math.isfinite(total):
-            self.opt_sft.zero_grad(set_to_none=True)
+            self.optim.sft.zero_grad(set_to_none=True)
             raise BadStep(f"SFT loss is {total}")
-        grad_norm = self._optimizer_step(self.opt_sft, self.lm_params)
-        return {"sft/loss": total, "sft/grad_norm": grad_norm, "sft/tokens": sum(len(t) for _, t in sft_pairs(examples)), "sft/lr": lr}
+        grad_norm = self.optim.step(self.optim.sft, self.optim.lm_params)
+        return {"sft/loss": total, "sft/grad_norm": grad_norm, "sft/tokens": n_tokens, "sft/lr": lr}
 
-    def _sft_backward(self, examples: list[Example], coef: float = 1.0, token_weight: str = "none") -> float:
+    def sft_backward(self, examples: list[Example], coef: float = 1.0, token_weight: str = "none") -> tuple[float, int]:
         """Backward of coef x the SFT loss (SFT_LOSS per token, mean over the global batch's response tokens) on
-        this process's share of `examples`, in GRAD_ACCUM chunks -> the loss (all processes), before coef."""
+        this process's share of `examples`, in GRAD_ACCUM chunks -> (the loss over all processes, before coef;
+        the global batch's response tokens)."""
         pairs = sft_pairs(examples)
         n_tokens = sum(len(t) for _, t in pairs)
         mine, scale = my_share(pairs)
@@ -1755,318 +2380,124 @@ class HybridTrainer:
                                         logits_to_keep=keep).logits
             per_token = sft_token_losses(logits[:, :-1], labels[rows, -keep + 1:], self.cfg.SFT_LOSS, token_weight)
             loss = per_token.sum() * (scale / n_tokens)
-            self.scaler.scale(loss * coef).backward()
+            self.optim.scaler.scale(loss * coef).backward()
             total += loss.detach()
-        return all_reduce_sum(total).item()
+        return all_reduce_sum(total).item(), n_tokens
 
-    # ---- PPO: 1. generate ----
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], greedy: bool = False) -> tuple[list[list[int]], torch.Tensor]:
-        """Batched, left-padded sampling with KV cache -> (responses cut after the first EOS, ended (B,)).
-        Under FSDP every process keeps stepping until all are done (synced_gpus), so none waits forever."""
-        self.policy.eval()
-        ids, mask = left_pad(prompts, self.pad_id)
-        max_new = min(self.cfg.MAX_NEW_TOKENS, self.cfg.MAXSEQ - ids.shape[1])
-        gen_config = copy.copy(self.greedy_config if greedy else self.sample_config)
-        gen_config.max_new_tokens = max_new
-        with self.autocast():
-            out = self.policy.lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          generation_config=gen_config, synced_gpus=self.cfg.FSDP)
-        generated = out[:, ids.shape[1]:].cpu()
-        response_mask, ended = truncate_after_eos(generated, self.eos_id)
-        lengths = response_mask.sum(1).tolist()
-        return [row[:n] for row, n in zip(generated.tolist(), lengths)], ended
-
-    # ---- PPO: 2. score ----
-    def score(self, responses: list[list[int]], examples: list[Example]) -> list[float]:
-        """Batched reward call on this process's responses; a raising reward or a non-finite score becomes a
-        BadStep naming the response, on every process. A stateless reward scores only this process's share;
-        one with running state (normalize) scores all processes' responses, so its state is the same
-        everywhere and the same as with one process."""
+    # ---- PPO ----
+    def score(self, responses: list[list[int]], examples: list[Example]) -> Scored:
+        """The reward on these responses (batched); a raising reward or a non-finite score is reported in `error`,
+        naming the item and the response, never a corrupt update."""
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        args = (texts, [e.target for e in examples], [e.prompt for e in examples], [e.item for e in examples],
-                [e.index for e in examples])
-        first = 0
-        if world_size() > 1 and getattr(self.reward, "stateful", True):
-            parts = gather_objects(args)
-            first = sum(len(p[0]) for p in parts[:rank()])
-            args = tuple(sum((list(p[i]) for p in parts), []) for i in range(5))
         scores, error = [], None
         try:
-            if args[0]:
-                scores = self.reward.scores(*args[:4])
+            if texts:
+                scores = self.reward.scores(texts, [e.target for e in examples], [e.prompt for e in examples],
+                                            [e.item for e in examples])
             for i, s in enumerate(scores):
                 if not isinstance(s, (int, float)) or not math.isfinite(s):
-                    error = f"reward returned {s!r} for item {args[4][i]}, response {args[0][i][:200]!r}"
+                    error = f"reward returned {s!r} for item {examples[i].index}, response {texts[i][:200]!r}"
                     break
         except Exception as e:  # noqa: BLE001 - any reward failure is reported, never a corrupt update
-            error = f"reward raised {type(e).__name__}: {e} (first response: {args[0][0][:200]!r})"
-        errors = [e for e in gather_objects(error) if e] if world_size() > 1 else [error] * (error is not None)
-        if errors:
-            raise BadStep(errors[0])
-        components = getattr(self.reward, "components", {})  # weighted_sum parts: summed here, averaged by the caller
-        self.component_sums = {name: sum(v[first:first + len(texts)]) for name, v in sorted(components.items())}
-        return [float(s) for s in scores[first:first + len(texts)]]
+            error = f"reward raised {type(e).__name__}: {e} (first response: {texts[0][:200]!r})"
+        components = getattr(self.reward, "components", {})  # weighted_sum parts: summed here, averaged per update
+        return Scored([float(s) for s in scores], {name: sum(v) for name, v in sorted(components.items())}, error)
 
-    # ---- PPO: 3-5. the classic step ----
-    def ppo_step(self, queries: list[list[int]], responses: list[list[int]], scores, baseline=None,
-                 demos: Optional[list[Example]] = None) -> dict:
-        """One PPO update on B (query, response, score) triples; responses end at EOS (no padding).
-        With several processes each passes its share; the step gathers the token lists (small) so every
-        process holds the whole batch: whitening, KL and scores are global, and the minibatches hold the
-        same rows as with one process (each process computes its share of each).
-        Rows i*G .. i*G+G-1 (G = NUM_GENERATIONS) answer the same prompt. baseline: (B,) scores of greedy
-        responses (remax). demos: the batch's P = B / G prompts as Examples (global, in row order), whose
-        reference responses the hybrid strategies gate and mix train on."""
-        cfg, dev, G = self.cfg, self.device, self.cfg.NUM_GENERATIONS
-        scores = [float(x) for x in torch.as_tensor(scores, dtype=torch.float32).reshape(-1).tolist()]
-        baseline = [] if baseline is None else [float(x) for x in torch.as_tensor(baseline).reshape(-1).tolist()]
-        if world_size() > 1:
-            parts = gather_objects((list(queries), list(responses), scores, baseline))
-            queries, responses, scores, baseline = (sum((list(p[i]) for p in parts), []) for i in range(4))
-        q_ids, q_mask = left_pad(queries, self.pad_id)
-        r_ids, r_mask = right_pad(responses, self.pad_id)
-        input_ids = torch.cat([q_ids, r_ids], 1).to(dev)
-        attention_mask = torch.cat([q_mask, r_mask], 1).to(dev)
-        r_ids, r_mask = r_ids.to(dev), r_mask.to(dev).float()
-        scores = torch.as_tensor(scores, dtype=torch.float32, device=dev)
-        B, R = len(queries), r_ids.shape[1]
-        if B % G:
-            raise ValueError(f"{B} responses do not form groups of NUM_GENERATIONS={G}")
-        if demos is not None and len(demos) * G != B:
-            raise ValueError(f"{len(demos)} demonstrations for {B} responses in groups of {G}: expected {B // G}")
-        mini = cfg.PPO_MINI * G  # responses per minibatch
-        lr = self.opt_ppo.param_groups[0]["lr"]
+    def sample_and_score(self, share: list[Example], weight: float, greedy: bool = False) -> torch.Tensor:
+        """One response per example of this process's share, scored (MISSING_EOS_PENALTY applied) -> (len(share),)
+        float32, or (0,) when the share is a placeholder (weight 0). An estimator's extra pass (remax) calls it. A
+        stateful reward scores every process's responses, so its running state stays the same everywhere."""
+        responses, ended = self.generate([e.prompt_ids for e in share], greedy=greedy)
+        mine = share if weight else []
+        responses, ended = (responses, ended) if weight else ([], ended[:0])
+        if getattr(self.reward, "stateful", True):
+            pairs, start = gather_lists(list(zip(responses, mine)))
+            scored = self.score([r for r, _ in pairs], [e for _, e in pairs])
+            scored = scored._replace(scores=scored.scores[start:start + len(responses)])
+        else:
+            scored = self.score(responses, mine)
+        if scored.error:
+            raise BadStep(scored.error)
+        return apply_missing_eos_penalty(torch.tensor(scored.scores, dtype=torch.float32), ended, self.cfg.MISSING_EOS_PENALTY)
 
-        # 3. log-probs and values of the sampling policy, log-probs of the reference (each process its share).
-        # When the first minibatch is the whole batch, its forward (same weights, no dropout) gives the old
-        # log-probs and values: the rollout's policy forward would compute exactly the same again.
-        t0 = time.perf_counter()
-        perms = [torch.randperm(B, generator=self.perm_generator) for _ in range(cfg.PPO_EPOCHS)]
-        fused = (self.fuse_first_forward and mini >= B and accum_chunks(cfg.GRAD_ACCUM, B) == 1
-                 and cfg.KL_PENALTY != "full")
-        start, end = share_bounds(B)
-        rows = slice(start, end) if end > start else slice(0, 1)  # an empty share still joins FSDP's collectives
-        roll = {k: gather_rows(v[:end - start], B) for k, v in
-                self._rollout(input_ids[rows], attention_mask[rows], r_ids[rows], R, policy=not fused).items()}
-        first, t_fused = None, time.perf_counter()
-        if fused:
-            self.policy.train()
-            mine, scale = my_share(perms[0])
-            n_mine = len(mine) if scale else 0
-            mb, r_len = trim_padding({k: v[mine.to(dev)] for k, v in
-                                      dict(input_ids=input_ids, attention_mask=attention_mask, r_ids=r_ids, r_mask=r_mask).items()}, R)
-            with self.autocast():
-                logits, values = self.policy(mb["input_ids"], mb["attention_mask"], r_len, values=self.estimator.critic)
-            logprobs = logprobs_from_logits(logits, mb["r_ids"], cfg.TEMPERATURE)
-            first = (logits, values)
-            for key, t in (("logprobs", logprobs), ("values", values)):  # this process's rows -> all rows, batch order
-                if t is not None:
-                    full = torch.zeros((B, R), device=dev)
-                    full[perms[0].to(dev)] = gather_rows(F.pad(t.detach().float(), (0, R - r_len))[:n_mine], B)
-                    roll[key] = full
-        t_fused = time.perf_counter() - t_fused  # the first minibatch's forward: counted with the PPO epochs
-        old_logprobs = roll["logprobs"]
-        old_values = roll.get("values", torch.zeros_like(old_logprobs))  # critic-free: no value head, zeros
-        ref_logprobs = roll.get("ref_logprobs", old_logprobs)  # INIT_KL_COEF 0: no reference, KL 0
-        kl = roll["kl"] if "kl" in roll else kl_per_token(old_logprobs, ref_logprobs, cfg.KL_PENALTY)
-        t1 = time.perf_counter()
-
-        # 4. the hybrid strategy picks RL and SFT prompts; rewards and advantages (ADVANTAGES[ADVANTAGE]) over the RL
-        # responses only (gate: batch whitening must not compare the prompts it kept with those it sent to SFT)
-        strategy = HYBRID_STRATEGIES[cfg.HYBRID] if cfg.MODE == "hybrid" and demos is not None else None
-        split = strategy(scores.view(-1, G).cpu(), cfg, self.progress) if strategy else None
-        loss_mask = r_mask if split is None else r_mask * split.rl.repeat_interleave(G).to(dev)[:, None].float()
-        sft_pool = [] if split is None else [d for d, s in zip(demos, split.sft.tolist()) if s]
-        kl_coef = self.kl_ctl.value
-        rewards = compute_rewards(scores, kl, r_mask, kl_coef if cfg.KL_IN == "reward" else 0.0)
-        advantages, returns = self.estimator.fn(
-            rewards=rewards, mask=loss_mask, values=old_values, group_size=G, gamma=cfg.GAMMA, lam=cfg.LAM,
-            whiten_rewards=cfg.WHITEN_REWARDS, baseline=torch.as_tensor(baseline, dtype=torch.float32, device=dev))
-        returns = old_values if returns is None else returns
-
-        # 5. PPO epochs over minibatches (each with its part of the SFT demonstrations, under gate / mix)
-        batch = dict(input_ids=input_ids, attention_mask=attention_mask, r_ids=r_ids, r_mask=r_mask, rl_mask=loss_mask,
-                     old_logprobs=old_logprobs, old_values=old_values, advantages=advantages, returns=returns,
-                     ref_logprobs=ref_logprobs)
-        mb_stats, skipped = [], 0
-        self.policy.train()
-        for perm in perms:
-            parts = perm.split(mini)
-            sft_order = torch.randperm(len(sft_pool), generator=self.perm_generator) if sft_pool else torch.zeros(0, dtype=torch.long)
-            for mb_rows, sft_rows in zip(parts, sft_order.tensor_split(len(parts))):
-                mine, scale = my_share(mb_rows)
-                mb, r_len = trim_padding({k: v[mine.to(dev)] for k, v in batch.items()}, R)
-                rl_rows = loss_mask[mb_rows.to(dev)]
-                demo = ([sft_pool[i] for i in sft_rows.tolist()], split.mu) if split is not None else None
-                stats = self._ppo_minibatch(mb, r_len, rl_rows.sum(), (rl_rows.sum(1) > 0).sum(), scale, len(mb_rows),
-                                            forward=first, demo=demo)
-                first = None  # only the first minibatch reuses the forward above
-                if stats is None:
-                    skipped += 1
-                else:
-                    mb_stats.append(stats)
-        t2 = time.perf_counter()
-        seq_kl = (kl * r_mask).sum(1).mean().item()
-        self.kl_ctl.update(seq_kl, B)
-        out = {k: float(np.mean([s[k] for s in mb_stats if k in s])) for k in dict.fromkeys(k for s in mb_stats for k in s)}
-        out.update({
-            "objective/kl": seq_kl, "objective/kl_coef": kl_coef,
-            "objective/non_score_reward": (rewards * r_mask).sum(1).mean().item() - scores.mean().item(),
-            "ppo/mean_scores": scores.mean().item(), "ppo/std_scores": scores.std(unbiased=False).item(),
-            "ppo/returns/mean": masked_mean(returns, r_mask).item(), "ppo/val/mean": masked_mean(old_values, r_mask).item(),
-            "ppo/skipped_minibatches": skipped, "ppo/response_length": r_mask.sum(1).mean().item(),
-            "ppo/advantages/mean": masked_mean(advantages, r_mask).item(),
-            "ppo/lr": lr, "time/rollout_s": t1 - t0 - t_fused, "time/ppo_epochs_s": t2 - t1 + t_fused,
-            "time/reference_forward_s": self.ref_forward_s, "time/tokens": int(attention_mask.sum()),
-        })
-        if not self.estimator.critic:  # no value head: its stats would be zeros
-            del out["ppo/returns/mean"], out["ppo/val/mean"]
-        if G > 1:
-            out["reward/zero_std_groups"] = zero_std_groups(scores, G)
-        if split is not None:
-            out.update({"hybrid/mu": split.mu, "hybrid/sft_prompts": len(sft_pool)})
-            if cfg.HYBRID == "gate":
-                out["hybrid/gate_sft_fraction"] = split.sft.float().mean().item()
-        if mb_stats and "ppo/policy/ratio" in mb_stats[0]:
-            out["ppo/policy/ratio_first_minibatch"] = mb_stats[0]["ppo/policy/ratio"]
-        return out
-
-    @torch.no_grad()
-    def _rollout(self, input_ids, attention_mask, r_ids, R, policy: bool = True) -> dict:
-        """Chunked no-grad forward of the reference (and of the policy) -> {"ref_logprobs"} (+ "logprobs",
-        "values", and "kl" for KL_PENALTY "full", which needs both whole distributions). Without a reference
-        (INIT_KL_COEF 0) its forward is skipped."""
-        T, kind = self.cfg.TEMPERATURE, self.cfg.KL_PENALTY
-        out: dict = {}
-        self.policy.eval()
-        self.ref_forward_s = 0.0
-        for rows in torch.arange(len(input_ids), device=input_ids.device).split(self.cfg.PPO_MINI * self.cfg.NUM_GENERATIONS):
-            part = {}
-            if self.ref_lm is not None:
-                t0 = time.perf_counter()
-                with self.autocast():
-                    ref_logits = response_forward(self.ref_lm, input_ids[rows], attention_mask[rows], R).logits[:, :-1]
-                part["ref_logprobs"] = logprobs_from_logits(ref_logits, r_ids[rows], T)
-                self.ref_forward_s += time.perf_counter() - t0
-            if policy:
-                with self.autocast():
-                    logits, values = self.policy(input_ids[rows], attention_mask[rows], R, values=self.estimator.critic)
-                part["logprobs"] = logprobs_from_logits(logits, r_ids[rows], T)
-                if values is not None:
-                    part["values"] = values
-                if kind == "full" and self.ref_lm is not None:
-                    part["kl"] = kl_per_token(torch.log_softmax(logits.float() / T, -1),
-                                              torch.log_softmax(ref_logits.float() / T, -1), "full")
-            for k, v in part.items():
-                out.setdefault(k, []).append(v)
-        return {k: torch.cat(v) for k, v in out.items()}
-
-    STAT_KEYS = ("ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/clipfrac", "ppo/policy/approxkl",
-                 "ppo/policy/ratio", "ppo/val/clipfrac", "ppo/policy/entropy")
-
-    def _ppo_minibatch(self, mb: dict, R: int, n_tokens: torch.Tensor, n_seqs: torch.Tensor, scale: float, n_rows: int,
-                       forward: Optional[tuple] = None, demo: Optional[tuple] = None) -> Optional[dict]:
-        """One optimizer step on this process's rows of a minibatch (split into GRAD_ACCUM chunks). Each chunk is
-        weighted by its share of the minibatch's RL response tokens n_tokens (LOSS_AGG token_mean) or RL responses
-        n_seqs (the seq_ means), over all processes; stats are summed over processes. `forward`: the (logits,
-        values) of this minibatch, already computed (one chunk). `demo`: (examples, mu) under gate / mix: the loss
-        is (1 - mu) x RL + mu x SFT on the examples' reference responses.
-        None when skipped because the mean ratio exceeded RATIO_THRESHOLD."""
-        from trl.trainer.utils import entropy_from_logits
-
-        cfg, critic = self.cfg, self.estimator.critic
-        mu = demo[1] if demo is not None else 0.0
-        self.opt_ppo.zero_grad(set_to_none=True)
-        acc = torch.zeros(len(self.STAT_KEYS) + 1, device=self.device)  # + the non-finite loss flag
-        if mu < 1:
-            for rows in torch.arange(len(mb["r_ids"]), device=self.device).tensor_split(accum_chunks(cfg.GRAD_ACCUM, n_rows)):
-                c = {k: v[rows] for k, v in mb.items()}
-                m = c["rl_mask"]  # response tokens the RL loss covers (all, but for prompts gate sends to SFT)
-                if cfg.LOSS_AGG == "token_mean":
-                    weight = m.sum() / n_tokens.clamp(min=1) * scale
-                else:
-                    weight = (m.sum(1) > 0).sum() / n_seqs.clamp(min=1) * scale
-                if forward is not None:
-                    logits, values = forward
-                else:
-                    with self.autocast():
-                        logits, values = self.policy(c["input_ids"], c["attention_mask"], R, values=critic)
-                logprobs = logprobs_from_logits(logits, c["r_ids"], cfg.TEMPERATURE)
-                kl = (self.kl_ctl.value * kl_per_token(logprobs, c["ref_logprobs"], cfg.KL_PENALTY)
-                      if cfg.KL_IN == "loss" and self.ref_lm is not None else None)
-                pl = policy_loss(logprobs, c["old_logprobs"], c["advantages"], m, cfg.CLIPRANGE, cfg.CLIPRANGE_HIGH,
-                                 cfg.IMPORTANCE_LEVEL, cfg.LOSS_AGG, cfg.MAX_NEW_TOKENS, kl)
-                if critic:
-                    vl = value_loss(values, c["old_values"], c["returns"], m, cfg.CLIPRANGE_VALUE)
-                    total = pl.loss + cfg.VF_COEF * vl.loss
-                else:
-                    vl, total = ValueLoss(torch.zeros(()), torch.zeros(())), pl.loss
-                self.scaler.scale(total * weight * (1 - mu)).backward()
-                with torch.no_grad():
-                    entropy = masked_mean(entropy_from_logits(logits.float() / cfg.TEMPERATURE), m)
-                    values_ = [pl.loss, vl.loss, total, pl.clipfrac, pl.approx_kl, pl.ratio, vl.clipfrac, entropy]
-                    acc[:-1] += torch.stack([v.detach().float().to(acc.device) for v in values_]) * weight
-                    acc[-1] += float(not torch.isfinite(total)) * scale
-        sft_loss = None
-        if demo is not None and demo[0] and mu > 0:  # every process sees the same demo list: the same collectives
-            sft_loss = self._sft_backward(demo[0], mu, cfg.SFT_TOKEN_WEIGHT)
-        acc = all_reduce_sum(acc)
-        if acc[-1] > 0 or (sft_loss is not None and not math.isfinite(sft_loss)):
-            self.opt_ppo.zero_grad(set_to_none=True)
-            raise BadStep(f"PPO loss is not finite (loss {acc[2].item()}, SFT loss {sft_loss})")
-        stats = dict(zip(self.STAT_KEYS, acc[:-1].tolist())) if mu < 1 else {}
-        if not critic:
-            for key in ("ppo/loss/value", "ppo/val/clipfrac"):
-                stats.pop(key, None)
-        if sft_loss is not None:
-            stats["hybrid/sft_loss"] = sft_loss
-        if stats.get("ppo/policy/ratio", 0.0) > cfg.RATIO_THRESHOLD:
-            self.opt_ppo.zero_grad(set_to_none=True)
-            return None
-        stats["ppo/grad_norm"] = self._optimizer_step(self.opt_ppo, self.rl_params)
-        return stats
-
-    # ---- one PPO update from a global batch of prompts: generate G each, score, step (each process its share) ----
-    def ppo_update(self, examples: list[Example]) -> dict:
+    def ppo_update(self, examples: list[Example], progress: float = 0.0) -> dict:
+        """One PPO update from a global batch of P prompts; each process generates and scores its share.
+        progress: the fraction of the run done (the mix's mu schedule)."""
         cfg, G = self.cfg, self.cfg.NUM_GENERATIONS
         t0 = time.perf_counter()
-        share, scale = my_share(examples)
-        responses, ended = self.generate([e.prompt_ids for e in share for _ in range(G)])  # 1. generate
-        mine = share if scale else []
-        if not scale:  # a short last batch left this process nothing; it generated only to keep FSDP in step
-            responses, ended = [], ended[:0]
+        share, weight = my_share(examples)  # weight 0: a short batch left this process nothing; it runs to stay in step
+        mine = share if weight else []
+        # 1. generate G responses per prompt, through the engine (which first takes the current weights)
+        responses, ended = self.generate([e.prompt_ids for e in share], n=G)
+        responses, ended = (responses, ended) if weight else ([], ended[:0])
         t1 = time.perf_counter()
+        # 2. score this process's responses (a stateful reward scores the gathered batch in 3, alike on every process), and
+        #    the estimator's extra pass (remax: a greedy response per prompt, scored)
         rows = [e for e in mine for _ in range(G)]
-        scores = torch.tensor(self.score(responses, rows), dtype=torch.float32)  # 2. score
-        scores = apply_missing_eos_penalty(scores, ended, cfg.MISSING_EOS_PENALTY)
-        component_sums = self.component_sums
-        baseline = None
-        if self.estimator.greedy_baseline:  # remax: one greedy response per prompt, scored the same way
-            greedy, greedy_ended = self.generate([e.prompt_ids for e in share], greedy=True)
-            greedy, greedy_ended = (greedy, greedy_ended) if scale else ([], greedy_ended[:0])
-            base = torch.tensor(self.score(greedy, mine), dtype=torch.float32)
-            baseline = apply_missing_eos_penalty(base, greedy_ended, cfg.MISSING_EOS_PENALTY).repeat_interleave(G)
+        stateful = getattr(self.reward, "stateful", True)
+        scored = Scored([], {}, None) if stateful else self.score(responses, rows)
+        scores = apply_missing_eos_penalty(torch.tensor(scored.scores, dtype=torch.float32), ended, cfg.MISSING_EOS_PENALTY)
+        baseline = self.estimator.baseline(lambda ex, greedy: self.sample_and_score(ex, weight, greedy), share, G) \
+            if self.estimator.baseline else torch.zeros(0)
         t2 = time.perf_counter()
-        stats = self.ppo_step([e.prompt_ids for e in rows], responses, scores, baseline, demos=examples)  # 3-5.
+        # 3. gather once: every process holds the whole batch as one Rollout
+        parts = gather_objects(([e.prompt_ids for e in rows], responses, ended.tolist(), scores.tolist(), baseline.tolist(),
+                                scored.components, scored.error))
+        queries, responses, ended, scores, baseline = (sum((list(p[i]) for p in parts), []) for i in range(5))
+        sums = {k: sum(p[5].get(k, 0.0) for p in parts) for k in sorted(set().union(*(p[5] for p in parts)))}
+        errors = [p[6] for p in parts if p[6]]
+        if stateful:  # scored here, on every process alike: the gathered responses of the whole batch
+            scored = self.score(responses, [e for e in examples for _ in range(G)])
+            sums, errors = scored.components, [scored.error] if scored.error else []
+            if not errors:
+                scores = apply_missing_eos_penalty(torch.tensor(scored.scores, dtype=torch.float32), torch.tensor(ended),
+                                                   cfg.MISSING_EOS_PENALTY).tolist()
+        if errors:
+            raise BadStep(errors[0])
+        rollout = make_rollout(queries, responses, scores, baseline, G, self.pad_id, self.device, ended,
+                               {name: total / len(responses) for name, total in sums.items()})
+        stats = self.learn(rollout, examples, progress)  # 4.-7.
         t3 = time.perf_counter()
-        counts = all_reduce_sum(torch.tensor([float(sum(len(r) for r in responses)), float(ended.sum())]))
-        n_responses = len(examples) * G
-        stats.update({
-            "reward/mean": stats["ppo/mean_scores"], "reward/std": stats["ppo/std_scores"],
-            "ppo/ended_with_eos": counts[1].item() / n_responses,
-            "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2,
-            "time/tokens_per_s": counts[0].item() / max(t1 - t0, 1e-9),
-        })
-        parts = gather_objects(component_sums)  # weighted_sum components' sums, from every process
-        for name in sorted(set().union(*parts)):
-            stats[f"reward/{name}"] = sum(d.get(name, 0.0) for d in parts) / n_responses
+        stats.update({"reward/mean": stats["ppo/mean_scores"], "reward/std": stats["ppo/std_scores"],
+                      "ppo/ended_with_eos": sum(ended) / len(ended),
+                      "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2,
+                      "time/tokens_per_s": sum(len(r) for r in responses) / max(t1 - t0, 1e-9),
+                      **{f"reward/{name}": mean for name, mean in rollout.components.items()}})
         return stats
 
+    def ppo_step(self, queries: list[list[int]], responses: list[list[int]], scores, baseline=None,
+                 demos: Optional[list[Example]] = None) -> dict:
+        """TRL 0.11's classic step: one PPO update on B (query, response, score) triples; responses end at EOS (no
+        padding). With several processes each passes its share and the step gathers the rest (3.), so whitening,
+        KL and scores are global and the minibatches hold the same rows as with one process. Rows i*G .. i*G+G-1
+        (G = NUM_GENERATIONS) answer the same prompt. baseline: (B,) scores of greedy responses (remax). demos: the
+        batch's P = B / G prompts as Examples (global, in row order), which the hybrid strategies gate / mix train on."""
+        scores = [float(x) for x in torch.as_tensor(scores, dtype=torch.float32).reshape(-1).tolist()]
+        baseline = [] if baseline is None else [float(x) for x in torch.as_tensor(baseline).reshape(-1).tolist()]
+        parts = gather_objects((list(queries), list(responses), scores, baseline))
+        queries, responses, scores, baseline = (sum((list(p[i]) for p in parts), []) for i in range(4))
+        return self.learn(make_rollout(queries, responses, scores, baseline, self.cfg.NUM_GENERATIONS, self.pad_id,
+                                       self.device), demos)
 
-# ==================================================================================================
-# 7. Evaluation
-# ==================================================================================================
+def update_stats(rollout: Rollout, old: OldPolicy, rewards, advantages, returns, mb_stats: list, critic: bool) -> dict:
+    """Step 7: the minibatches' means and the batch's statistics (the keys of TRL 0.11's PPOTrainer.step)."""
+    r_mask, scores = rollout.r_mask, rollout.scores
+    out = {k: float(np.mean([s[k] for s in mb_stats if k in s])) for k in dict.fromkeys(k for s in mb_stats for k in s)}
+    out.update({
+        "objective/non_score_reward": (rewards * r_mask).sum(1).mean().item() - scores.mean().item(),
+        "ppo/mean_scores": scores.mean().item(), "ppo/std_scores": scores.std(unbiased=False).item(),
+        "ppo/response_length": r_mask.sum(1).mean().item(), "ppo/advantages/mean": masked_mean(advantages, r_mask).item(),
+        "time/tokens": int(rollout.attention_mask.sum()),
+    })
+    if critic:  # without a value head its stats would be zeros
+        out.update({"ppo/returns/mean": masked_mean(returns, r_mask).item(), "ppo/val/mean": masked_mean(old.values, r_mask).item()})
+    if rollout.group_size > 1:
+        out["reward/zero_std_groups"] = zero_std_groups(scores, rollout.group_size)
+    if mb_stats and "ppo/policy/ratio" in mb_stats[0]:
+        out["ppo/policy/ratio_first_minibatch"] = mb_stats[0]["ppo/policy/ratio"]
+    return out
+
+
 EVAL_METRICS = {"bleu": {"type": "bleu"}, "rougeL": {"type": "rouge", "variant": "rougeL"}, "exact_match": {"type": "exact_match"}}
 
 
@@ -2075,7 +2506,7 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
     and the fixed metrics."""
     bs = max(trainer.cfg.PPO_BATCH, 8)
     mine, texts = shard(examples), []
-    for i in range(math.ceil(math.ceil(len(examples) / world_size()) / bs)):  # the same count on every process
+    for i in range(math.ceil(largest_share(len(examples)) / bs)):  # the same count on every process
         chunk = mine[i * bs:(i + 1) * bs]
         responses = trainer.generate([e.prompt_ids for e in (chunk or examples[:1])], greedy=True)[0]
         texts += trainer.tokenizer.batch_decode(responses, skip_special_tokens=True) if chunk else []
@@ -2183,10 +2614,11 @@ class StopRequest:
 
 
 def step_plan(cfg: Config, n_items: int) -> list[str]:
+    """One epoch's steps in order: "sft" and "ppo" (MODE, and HYBRID alternate's cycles)."""
     n_sft = math.ceil(n_items / cfg.SFT_BATCH) if cfg.MODE in ("sft", "hybrid") else 0
     n_ppo = math.ceil(n_items / cfg.PPO_BATCH) if cfg.MODE in ("ppo", "hybrid") else 0
     cycle_sft, cycle_ppo = {"sft": (1, 0), "ppo": (0, 1), "hybrid": (cfg.CYCLE_SFT_STEPS, cfg.CYCLE_PPO_UPDATES)}[cfg.MODE]
-    if cfg.MODE == "hybrid" and HYBRID_STRATEGIES[cfg.HYBRID] is not None:  # gate / mix: SFT happens inside each update
+    if cfg.MODE == "hybrid" and HYBRID_STRATEGIES[cfg.HYBRID].in_update:  # gate / mix: SFT happens inside each update
         n_sft, cycle_sft, cycle_ppo = 0, 0, 1
     return epoch_schedule(n_sft, n_ppo, cycle_sft, cycle_ppo)
 
@@ -2198,72 +2630,93 @@ def summary_line(record: dict) -> str:
     return f"step {record['step']} [{record['phase']}] " + " ".join(parts)
 
 
-def train_loop(cfg, trainer, examples, eval_examples, eval_metrics, out_dir, state, metrics, stop) -> int:
+class Run(NamedTuple):
+    """What the loop works with, set up once by run()."""
+    cfg: Config
+    plan: Plan
+    trainer: HybridTrainer
+    examples: list
+    eval_examples: list
+    eval_metrics: dict
+    out_dir: Path
+    metrics: "MetricsLog"
+    prompt_format: str  # sketch or chat, as resolved for MODEL's tokenizer
+
+
+def epoch_batches(r: Run, epoch: int) -> list[list[Example]]:
+    """The epoch's batch for each position of its step schedule (deterministic in SEED and epoch: resume is exact)."""
+    cfg, schedule = r.cfg, step_plan(r.cfg, len(r.examples))
+    side_batches = {side: batches(len(r.examples), size, r.plan.seed, epoch, side, cfg.SHUFFLE)
+                    for side, size in (("sft", cfg.SFT_BATCH), ("ppo", cfg.PPO_BATCH))}
+    seen, out = {"sft": 0, "ppo": 0}, []
+    for phase in schedule:
+        out.append([r.examples[i] for i in side_batches[phase][seen[phase]]])
+        seen[phase] += 1
+    return out
+
+
+def take_step(r: Run, state: RunState, phase: str, batch: list[Example], epoch: int) -> dict:
+    """One SFT step or PPO update; a BadStep is counted and logged, not raised -> the step's record."""
+    t0 = time.perf_counter()
+    try:
+        progress = state.step / max(1, r.plan.total_steps - 1)  # the mix's mu schedule
+        stats = r.trainer.sft_step(batch) if phase == "sft" else r.trainer.ppo_update(batch, progress)
+        state.bad_streak = 0
+    except BadStep as e:
+        state.bad_streak += 1
+        state.bad_total += 1
+        stats = {f"{phase}/skipped": 1, "skipped_reason": str(e)}
+        warn(f"step {state.step + 1} ({phase}) skipped: {e}")
+    state.pos += 1
+    state.step += 1
+    record = {"step": state.step, "epoch": epoch, "phase": phase, **stats, "skipped_total": state.bad_total,
+              "time/step_s": time.perf_counter() - t0}
+    r.metrics.log(record)
+    return record
+
+
+def train_loop(r: Run, state: RunState, stop: "StopRequest") -> int:
+    """EPOCHS passes over the step schedule from `state` on: log, evaluate, checkpoint; stop cleanly on a signal
+    -> 0, or 128 + the signal."""
     from tqdm.auto import tqdm
 
-    schedule = step_plan(cfg, len(examples))
-    first_step = state.step + 1  # the first and the last step always print their line
-    bar = tqdm(total=len(schedule) * cfg.EPOCHS, initial=state.step, desc=f"{cfg.MODE}", unit="step", dynamic_ncols=True,
-               disable=not is_main())
-    for epoch in range(state.epoch, cfg.EPOCHS):
-        side_batches = {side: batches(len(examples), size, cfg.SEED, epoch, side, cfg.SHUFFLE)
-                        for side, size in (("sft", cfg.SFT_BATCH), ("ppo", cfg.PPO_BATCH))}
-        batch_number, seen = [], {"sft": 0, "ppo": 0}  # schedule position -> index into that side's batches
-        for phase in schedule:
-            batch_number.append(seen[phase])
-            seen[phase] += 1
-        while state.pos < len(schedule):
-            phase = schedule[state.pos]
-            batch = [examples[i] for i in side_batches[phase][batch_number[state.pos]]]
-            if cfg.REF_UPDATE == "cycle" and phase == "ppo" and state.pos > 0 and schedule[state.pos - 1] == "sft":
-                trainer.sync_reference()
-            t0 = time.perf_counter()
-            trainer.progress = state.step / max(1, len(schedule) * cfg.EPOCHS - 1)
-            try:
-                stats = trainer.sft_step(batch) if phase == "sft" else trainer.ppo_update(batch)
-                state.bad_streak = 0
-            except BadStep as e:
-                state.bad_streak += 1
-                state.bad_total += 1
-                stats = {f"{phase}/skipped": 1, "skipped_reason": str(e)}
-                if is_main():
-                    tqdm.write(f"warning: step {state.step + 1} ({phase}) skipped: {e}", file=sys.stderr)
-            state.pos += 1
-            state.step += 1
-            record = {"step": state.step, "epoch": epoch, "phase": phase, **stats,
-                      "skipped_total": state.bad_total, "time/step_s": time.perf_counter() - t0}
-            metrics.log(record)
-            bar.update(1)
-            if (state.step % cfg.LOG_EVERY == 0 or state.step in (first_step, len(schedule) * cfg.EPOCHS)) and is_main():
-                tqdm.write(summary_line(record))
-            if state.bad_streak >= cfg.MAX_BAD_STEPS:
-                bar.close()
-                raise UserError(f"{state.bad_streak} consecutive steps were skipped (non-finite loss, gradient or "
-                                f"reward; last: {stats['skipped_reason']}); stopping. Lower LR_SFT/LR_PPO or check "
-                                f"the reward. Last good checkpoint: {latest_checkpoint(out_dir) or 'none'}")
-            if eval_examples and cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0:
-                log_eval(trainer, eval_examples, eval_metrics, metrics, state.step)
-            if cfg.SAVE_EVERY and state.step % cfg.SAVE_EVERY == 0 and state.bad_streak == 0:  # only good states
-                save_checkpoint(out_dir, trainer, state, cfg)
-            signum = int(all_reduce_max(stop.signum or 0))
-            if signum:  # any process signalled: all stop after the same step
-                bar.close()
-                path = save_checkpoint(out_dir, trainer, state, cfg)
-                if is_main():
-                    print(f"stopped after step {state.step}; checkpoint: {path}\nresume: python hybrid_trainer.py "
-                          f"<same config> (RESUME 'auto' continues from it)", file=sys.stderr, flush=True)
-                return 128 + (stop.signum or signum)
-            if cfg.CLEANSE and trainer.device.type == "cuda" and phase != schedule[min(state.pos, len(schedule) - 1)]:
-                torch.cuda.empty_cache()
-        state.epoch += 1
-        state.pos = 0
-    bar.close()
+    cfg, schedule, first_step = r.cfg, step_plan(r.cfg, len(r.examples)), state.step + 1  # first and last steps print
+    bar = tqdm(total=r.plan.total_steps, initial=state.step, desc=cfg.MODE, unit="step", dynamic_ncols=True, disable=not is_main())
+    with contextlib.closing(bar):
+        for epoch in range(state.epoch, cfg.EPOCHS):
+            batches_ = epoch_batches(r, epoch)
+            while state.pos < len(schedule):
+                phase = schedule[state.pos]
+                if cfg.REF_UPDATE == "cycle" and phase == "ppo" and state.pos > 0 and schedule[state.pos - 1] == "sft":
+                    r.trainer.sync_reference()
+                record = take_step(r, state, phase, batches_[state.pos], epoch)
+                bar.update(1)
+                if (state.step % cfg.LOG_EVERY == 0 or state.step in (first_step, r.plan.total_steps)) and is_main():
+                    bar.write(summary_line(record))
+                if state.bad_streak >= cfg.MAX_BAD_STEPS:
+                    raise UserError(f"{state.bad_streak} consecutive steps were skipped (non-finite loss, gradient or "
+                                    f"reward; last: {record['skipped_reason']}); stopping. Lower LR_SFT/LR_PPO or check "
+                                    f"the reward. Last good checkpoint: {latest_checkpoint(r.out_dir) or 'none'}")
+                if r.eval_examples and cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0:
+                    log_eval(r, state.step)
+                if cfg.SAVE_EVERY and state.step % cfg.SAVE_EVERY == 0 and state.bad_streak == 0:  # only good states
+                    save_checkpoint(r.out_dir, r.trainer, state, cfg)
+                signum = int(all_reduce_max(stop.signum or 0))
+                if signum:  # any process signalled: all stop after the same step
+                    path = save_checkpoint(r.out_dir, r.trainer, state, cfg)
+                    say(f"stopped after step {state.step}; checkpoint: {path}\nresume: python hybrid_trainer.py <same "
+                        "config> (RESUME 'auto' continues from it)", err=True)
+                    return 128 + (stop.signum or signum)
+                if cfg.CLEANSE and r.trainer.device.type == "cuda" and phase != schedule[min(state.pos, len(schedule) - 1)]:
+                    torch.cuda.empty_cache()
+            state.epoch += 1
+            state.pos = 0
     return 0
 
 
-def log_eval(trainer, eval_examples, eval_metrics, metrics, step) -> dict:
-    result = evaluate(trainer, eval_examples, eval_metrics)
-    metrics.log({"step": step, "phase": "eval", **{k: v for k, v in result.items() if k != "samples"}, "samples": result["samples"]})
+def log_eval(r: Run, step: int) -> dict:
+    result = evaluate(r.trainer, r.eval_examples, r.eval_metrics)
+    r.metrics.log({"step": step, "phase": "eval", **{k: v for k, v in result.items() if k != "samples"}, "samples": result["samples"]})
     say("eval @ step %d: %s" % (step, " ".join(f"{k[5:]}={v:.4f}" for k, v in result.items() if k.startswith("eval/"))))
     return result
 
@@ -2429,9 +2882,10 @@ def save_checkpoint(out_dir: Path, trainer: HybridTrainer, state: RunState, cfg:
     final, tmp = root / f"step-{state.step}", root / f".tmp-step-{state.step}"
     weights = trainable_state(trainer.policy)
     reference = reference_state(trainer.ref_lm) if cfg.REF_UPDATE != "never" and trainer.ref_lm is not None else {}
-    optim = {"opt_sft": optimizer_state(trainer, trainer.opt_sft), "opt_ppo": optimizer_state(trainer, trainer.opt_ppo),
-             "sched_sft": trainer.schedulers[trainer.opt_sft].state_dict(),
-             "sched_ppo": trainer.schedulers[trainer.opt_ppo].state_dict(), "scaler": trainer.scaler.state_dict()}
+    o = trainer.optim
+    optim = {"opt_sft": optimizer_state(trainer, o.sft), "opt_ppo": optimizer_state(trainer, o.ppo),
+             "sched_sft": o.schedulers[o.sft].state_dict(), "sched_ppo": o.schedulers[o.ppo].state_dict(),
+             "scaler": o.scaler.state_dict()}
     if is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -2442,7 +2896,8 @@ def save_checkpoint(out_dir: Path, trainer: HybridTrainer, state: RunState, cfg:
         reward_state = trainer.reward.state_dict() if trainer.reward is not None else None
         (tmp / "state.json").write_text(json.dumps({"run": dataclasses.asdict(state), "kl_coef": trainer.kl_ctl.value,
                                                     "reward": reward_state, "world_size": world_size(),
-                                                    "config": cfg.resolved()}, indent=1))
+                                                    "config": resolved_config(cfg, trainer.plan),
+                                                    "plan": dataclasses.asdict(trainer.plan)}, indent=1))
     barrier()
     torch.save(rng_state(trainer), tmp / f"rng-{rank()}.pt")
     barrier()
@@ -2461,18 +2916,19 @@ def load_checkpoint(path: Path, trainer: HybridTrainer) -> RunState:
 
     meta = json.loads((path / "state.json").read_text())
     load_into(trainer.policy, load_file(str(path / "policy.safetensors")), f"checkpoint {path}")
-    optim = torch.load(path / "optimizers.pt", weights_only=True, map_location=trainer.device)
-    load_optimizer_state(trainer, trainer.opt_sft, optim["opt_sft"])
-    load_optimizer_state(trainer, trainer.opt_ppo, optim["opt_ppo"])
-    trainer.schedulers[trainer.opt_sft].load_state_dict(optim["sched_sft"])
-    trainer.schedulers[trainer.opt_ppo].load_state_dict(optim["sched_ppo"])
+    optim, o = torch.load(path / "optimizers.pt", weights_only=True, map_location=trainer.device), trainer.optim
+    load_optimizer_state(trainer, o.sft, optim["opt_sft"])
+    load_optimizer_state(trainer, o.ppo, optim["opt_ppo"])
+    o.schedulers[o.sft].load_state_dict(optim["sched_sft"])
+    o.schedulers[o.ppo].load_state_dict(optim["sched_ppo"])
+    o.version += 1  # the weights moved: an engine holding a copy takes them before it generates
     if (path / "reference.safetensors").is_file():
         ref = load_file(str(path / "reference.safetensors"))
         if isinstance(trainer.ref_lm, AdapterReference):
             trainer.ref_lm.load_state_dict(ref)
         else:
             load_into(trainer.ref_lm, ref, f"checkpoint {path} (reference)")
-    trainer.scaler.load_state_dict(optim["scaler"])
+    o.scaler.load_state_dict(optim["scaler"])
     trainer.kl_ctl.value = meta["kl_coef"]
     if trainer.reward is not None and meta["reward"] is not None:
         trainer.reward.load_state_dict(meta["reward"])
@@ -2515,7 +2971,7 @@ def save_final(out_dir: Path, trainer: HybridTrainer, cfg: Config, card: str = "
             (tmp / "README.md").write_text(card)
         if name == "ppo_full":
             save_file(v_head, str(tmp / "value_head.safetensors"))
-            (tmp / "trainer_config.json").write_text(json.dumps(cfg.resolved(), indent=2))
+            (tmp / "trainer_config.json").write_text(json.dumps(resolved_config(cfg, trainer.plan), indent=2))
         os.replace(tmp, out_dir / name)
         print(f"saved {name} -> {out_dir / name}", flush=True)
 
@@ -2535,140 +2991,9 @@ def unsharded_peft_copy(lm, state: dict):
 
 
 # ==================================================================================================
-# 10. main
+# 10. Reports: report.md and its plots, the model card, --check's example
 # ==================================================================================================
-def needs_reward(cfg: Config) -> bool:
-    return cfg.MODE != "sft" or bool(cfg.EVAL_FILE)
-
-
-def load_eval_examples(cfg: Config) -> list[Example]:
-    return load_data(cfg, "EVAL_FILE")[0][:cfg.EVAL_SAMPLES] if cfg.EVAL_FILE else []
-
-
-def adopt_checkpoint_config(cfg: Config, checkpoint: Path) -> None:
-    """Data order and sampling depend on the seed the run started with; other changed keys get a warning."""
-    saved = json.loads((checkpoint / "state.json").read_text())["config"]
-    cfg.SEED = saved["SEED"]
-    if cfg.BF16 == "auto" and isinstance(saved.get("BF16"), bool):
-        cfg.BF16 = saved["BF16"]  # the choice the run started with, whatever a probe would say now
-    changed = [k for k, v in cfg.resolved().items()
-               if k not in ("RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "KEEP_CHECKPOINTS_AT_END") and saved.get(k, v) != v]
-    if changed:
-        warn(f"resuming {checkpoint} with changed keys {changed}: the result will differ from an uninterrupted run")
-
-
-def build_reward(cfg: Config, device, ref_lm=None, tokenizer=None, spec: Optional[dict] = None, sample: Optional[Example] = None):
-    """rewards.make_reward for REWARD (or `spec`), with what rewards need from the trainer in its context: the
-    reference model (perplexity "reference"), the trainer's model locator and loader (aliases, .gguf), the
-    TRUST_REMOTE_CODE opt-in, and one training item for the trial call of a "python" reward."""
-    import rewards
-
-    def load_causal_lm(path: Path, device):  # rewards' plain loader, after converting a .gguf once
-        return rewards.plain_causal_lm(gguf_to_safetensors(path, cache_root(cfg)) if path.suffix == ".gguf" else path, device)
-
-    context = dict(locate_model=lambda name: locate_model(name, key="model"), load_causal_lm=load_causal_lm,
-                   trust_remote_code=cfg.TRUST_REMOTE_CODE,
-                   sample=(sample.target, sample.target, sample.prompt, sample.item) if sample else None)
-    try:
-        return rewards.make_reward(spec or cfg.REWARD, device=device, reference=(ref_lm, tokenizer) if ref_lm is not None else None,
-                                   **context)
-    except rewards.RewardSpecError as e:
-        raise UserError(f"REWARD: {e}") from None
-
-
-def run(cfg: Config, check: bool = False, reward=None) -> int:
-    """Validate everything cheap first (no weights), then load, train, save. `reward` overrides REWARD.
-    Under torchrun / accelerate launch every process runs this; the main one writes and prints."""
-    examples, data_format = load_data(cfg, "TRAIN_FILE")
-    examples = select_subset(examples, cfg)
-    eval_examples = load_eval_examples(cfg)
-    if ((path := locate_model(cfg.MODEL)) / "adapter_config.json").is_file():
-        adapter_base(path)  # its base must be available offline too
-    out_dir = plan_output_dir(cfg)
-    resume_from = find_resume_point(cfg, out_dir)
-    if is_main():  # before any weights load
-        check_writable(out_dir, "OUTPUT_DIR")
-        base = adapter_base(path) if (path / "adapter_config.json").is_file() else path
-        if base.suffix == ".gguf" and not (gguf_cache_dir(base, cache_root(cfg)) / "config.json").is_file():
-            check_writable(cache_root(cfg), "CACHE_DIR")  # the conversion will be written there
-    if check:
-        say(json.dumps({**cfg.resolved(), **({"SEED": None} if getattr(cfg, "seed_drawn", False) else {})}, indent=2))
-        if getattr(cfg, "seed_drawn", False):
-            say("SEED is null: a seed will be drawn when the run starts and recorded in OUTPUT_DIR/config.json")
-        show_data_example(cfg, examples[0], data_format)
-        say(f"ok: {len(examples)} training items, {len(eval_examples)} eval items; {len(step_plan(cfg, len(examples))) * cfg.EPOCHS} "
-            f"steps; output -> {out_dir}" + (f"; would resume from {resume_from}" if resume_from else ""))
-        return 0
-    device = pick_device(cfg)
-    init_processes(device)
-    threads = set_threads()
-    barrier()  # every process has planned the output dir before the main one creates it
-    if resume_from is not None:
-        adopt_checkpoint_config(cfg, resume_from)
-    precision = resolve_bf16(cfg, device) if is_main() else None
-    cfg.BF16, precision = gather_objects((cfg.BF16, precision))[0]  # the main process's choice, everywhere
-    say(precision)
-    cfg.SEED = gather_objects(cfg.SEED)[0]  # a drawn seed: the main process's, everywhere
-    seed = cfg.SEED + rank()  # sampling differs per process; minibatch order uses a shared generator
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if not is_main():
-        barrier()  # the main process converts and caches a .gguf first
-    policy, ref_lm, tokenizer = load_model(cfg, device)
-    if is_main():
-        barrier()
-    fmt = resolve_prompt_format(cfg, tokenizer)
-    examples = tokenize_examples(examples, cfg, tokenizer, fmt, "TRAIN_FILE")
-    eval_examples = tokenize_examples(eval_examples, cfg, tokenizer, fmt, "EVAL_FILE") if eval_examples else []
-    if reward is None and needs_reward(cfg):
-        reward = build_reward(cfg, device, ref_lm, tokenizer, sample=examples[0])
-    eval_metrics = {"reward": reward, **{k: build_reward(cfg, device, spec=v) for k, v in EVAL_METRICS.items()}} if eval_examples else {}
-    if cfg.MODE != "sft" and (off := sampling_is_off_policy(cfg)):
-        warn(f"sampling with {', '.join(off)} draws responses from a distribution other than the policy's, so the PPO "
-             "ratio and KL are off-policy; this is the known cause of 'KL divergence is starting to become negative' "
-             "(huggingface/trl#235, #351, #1857). Set TOP_P=1, REPETITION_PENALTY=1, NO_REPEAT_NGRAM_SIZE=0 for exact PPO.")
-    trainer = HybridTrainer(cfg, policy, ref_lm, tokenizer, reward, device, n_items=len(examples))
-
-    if is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.resolved(), indent=2))
-    state = RunState()
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, trainer)
-        say(f"resuming from {resume_from} (step {state.step})")
-    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=state.step, cfg=cfg)
-    n_trainable = sum(p.numel() for p in trainer.params) if not cfg.FSDP else "sharded"
-    say(f"{cfg.MODE}: {len(examples)} items, prompt format {fmt}, device {device.type}"
-        f"{', bf16' if cfg.BF16 is True else ', fp16' if cfg.FP16 else ''}"
-        f"{f', LoRA r={cfg.LORA_R}' if hasattr(policy.lm, 'peft_config') else ''}"
-        f"{f', {world_size()} processes' + (' (FSDP)' if cfg.FSDP else '') if world_size() > 1 else ''}, "
-        f"{n_trainable} trainable parameters, {threads}, output {out_dir}")
-
-    if eval_examples and state.step == 0:
-        log_eval(trainer, eval_examples, eval_metrics, metrics, 0)
-    with StopRequest() as stop:
-        code = train_loop(cfg, trainer, examples, eval_examples, eval_metrics, out_dir, state, metrics, stop)
-    if code:
-        return code
-    table = ""
-    if eval_examples:
-        if not (cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0):  # else the loop just evaluated this step
-            log_eval(trainer, eval_examples, eval_metrics, metrics, state.step)
-        if is_main():
-            table = write_report(out_dir, metrics.read(), cfg, len(examples))
-            say(f"\n{table}\nreport: {out_dir / 'report.md'}")
-    save_final(out_dir, trainer, cfg, model_card(cfg, len(examples), table))
-    metrics.close()
-    if is_main() and not cfg.KEEP_CHECKPOINTS_AT_END and (out_dir / "checkpoints").exists():
-        shutil.rmtree(out_dir / "checkpoints")  # the run finished: the final model is saved, resume state is not needed
-    say(f"done: {state.step} steps, {state.bad_total} skipped; metrics in {out_dir / 'metrics.jsonl'}; "
-        f"{out_dir} holds {disk_usage(out_dir)}")
-    barrier()
-    return 0
-
-
-def show_data_example(cfg: Config, ex: Example, data_format: str) -> None:
+def show_data_example(cfg: Config, ex: Example, data_format: str, paths: ModelPaths) -> None:
     """--check: the data format used and one example exactly as the model will see it, rendered with the
     tokenizer of MODEL when it is at hand without loading weights (else the raw messages)."""
     how = f"auto-detected from the columns {sorted(ex.item)[:8]}" if cfg.DATA_FORMAT == "auto" else "set in the config"
@@ -2677,10 +3002,7 @@ def show_data_example(cfg: Config, ex: Example, data_format: str) -> None:
     with contextlib.suppress(Exception):  # no tokenizer at hand is fine: the raw form is shown instead
         from transformers import AutoTokenizer
 
-        path = locate_model(cfg.MODEL)
-        base = adapter_base(path) if (path / "adapter_config.json").is_file() else path
-        base = gguf_cache_dir(base, cache_root(cfg)) if base.suffix == ".gguf" else base
-        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+        tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer, trust_remote_code=cfg.TRUST_REMOTE_CODE)
     if tokenizer is not None:
         prompt = format_prompt(ex, cfg.SELECT_OUTPUT, resolve_prompt_format(cfg, tokenizer), tokenizer)
     elif ex.messages is not None:
@@ -2841,6 +3163,160 @@ def plot_metrics(out_dir: Path, records: list[dict]) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+# ==================================================================================================
+# 11. main
+# ==================================================================================================
+def needs_reward(cfg: Config) -> bool:
+    return cfg.MODE != "sft" or bool(cfg.EVAL_FILE)
+
+
+def load_eval_examples(cfg: Config) -> list[Example]:
+    return load_data(cfg, "EVAL_FILE")[0][:cfg.EVAL_SAMPLES] if cfg.EVAL_FILE else []
+
+
+def resolved_config(cfg: Config, plan: Plan) -> dict:
+    """config.json: every key, with what the Plan decided for SEED and BF16, so the file reruns the same run."""
+    return {**cfg.resolved(), "SEED": plan.seed, "BF16": plan.bf16}
+
+
+def resumed_facts(cfg: Config, checkpoint: Path) -> tuple[int, Optional[bool]]:
+    """-> (the seed the run started with: data order and sampling depend on it, its bf16 choice when BF16 is
+    "auto": kept whatever a probe would say now, else None). Other changed keys get a warning."""
+    saved = json.loads((checkpoint / "state.json").read_text())["config"]
+    bf16 = saved["BF16"] if cfg.BF16 == "auto" and isinstance(saved.get("BF16"), bool) else None
+    mine = {**cfg.resolved(), "SEED": saved["SEED"] if cfg.SEED is None else cfg.SEED, "BF16": cfg.BF16 if bf16 is None else bf16}
+    changed = [k for k, v in mine.items()
+               if k not in ("RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "KEEP_CHECKPOINTS_AT_END") and saved.get(k, v) != v]
+    if changed:
+        warn(f"resuming {checkpoint} with changed keys {changed}: the result will differ from an uninterrupted run")
+    return saved["SEED"], bf16
+
+
+def build_reward(cfg: Config, device, ref_lm=None, tokenizer=None, spec: Optional[dict] = None, sample: Optional[Example] = None):
+    """rewards.make_reward for REWARD (or `spec`), with what rewards need from the trainer in its context: the
+    reference model (perplexity "reference"), the trainer's model locator and loader (aliases, .gguf), the
+    TRUST_REMOTE_CODE opt-in, and one training item for the trial call of a "python" reward."""
+    import rewards
+
+    def load_causal_lm(path: Path, device):  # rewards' plain loader, after converting a .gguf once
+        return rewards.plain_causal_lm(gguf_to_safetensors(path, cache_root(cfg)) if path.suffix == ".gguf" else path, device)
+
+    context = dict(locate_model=lambda name: locate_model(name, key="model"), load_causal_lm=load_causal_lm,
+                   trust_remote_code=cfg.TRUST_REMOTE_CODE,
+                   sample=(sample.target, sample.target, sample.prompt, sample.item) if sample else None)
+    try:
+        return rewards.make_reward(spec or cfg.REWARD, device=device, reference=(ref_lm, tokenizer) if ref_lm is not None else None,
+                                   **context)
+    except rewards.RewardSpecError as e:
+        raise UserError(f"REWARD: {e}") from None
+
+
+def run(cfg: Config, check: bool = False, reward=None) -> int:
+    """Validate everything cheap first (no weights), then plan, load, train, save. `reward` overrides REWARD.
+    Under torchrun / accelerate launch every process runs this; the main one writes and prints."""
+    examples, data_format = load_data(cfg, "TRAIN_FILE")
+    eval_examples = load_eval_examples(cfg)
+    paths = resolve_model(cfg)  # reads no weights; a missing adapter base is an error here
+    check_launch(cfg, world_size())
+    out_dir = plan_output_dir(cfg)
+    resume_from = find_resume_point(cfg, out_dir)
+    if is_main():  # before any weights load
+        check_writable(out_dir, "OUTPUT_DIR")
+        if paths.gguf and not paths.converted:
+            check_writable(cache_root(cfg), "CACHE_DIR")  # the conversion will be written there
+    if check:
+        return check_only(cfg, select_subset(examples, cfg, cfg.SEED or 0), eval_examples, data_format, paths, out_dir, resume_from)
+    device = pick_device(cfg)
+    init_processes(device)
+    threads = set_threads()
+    barrier()  # every process has planned the output dir before the main one creates it
+    r, state = start(cfg, examples, eval_examples, paths, out_dir, resume_from, device, reward)
+    say(f"{cfg.MODE}: {len(r.examples)} items, prompt format {r.prompt_format}, device {device.type}"
+        f"{', bf16' if r.plan.bf16 else ', fp16' if cfg.FP16 else ''}"
+        f"{f', LoRA r={cfg.LORA_R}' if hasattr(r.trainer.policy.lm, 'peft_config') else ''}"
+        f"{f', {world_size()} processes' + (' (FSDP)' if cfg.FSDP else '') if world_size() > 1 else ''}, "
+        f"{sum(p.numel() for p in r.trainer.optim.params) if not cfg.FSDP else 'sharded'} trainable parameters, "
+        f"{threads}, output {out_dir}")
+    if eval_examples and state.step == 0:
+        log_eval(r, 0)
+    with StopRequest() as stop:
+        code = train_loop(r, state, stop)
+    return code or finish(r, state)
+
+
+def check_only(cfg: Config, examples: list, eval_examples: list, data_format: str, paths: ModelPaths, out_dir: Path,
+               resume_from: Optional[Path]) -> int:
+    """--check: the resolved config, the data format and one example as the model will see it; no weights load."""
+    say(json.dumps(cfg.resolved(), indent=2))
+    if cfg.SEED is None:
+        say("SEED is null: a seed will be drawn when the run starts and recorded in OUTPUT_DIR/config.json")
+    show_data_example(cfg, examples[0], data_format, paths)
+    say(f"ok: {len(examples)} training items, {len(eval_examples)} eval items; {len(step_plan(cfg, len(examples))) * cfg.EPOCHS} "
+        f"steps; output -> {out_dir}" + (f"; would resume from {resume_from}" if resume_from else ""))
+    return 0
+
+
+def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, out_dir: Path, resume_from: Optional[Path],
+          device: torch.device, reward=None) -> tuple[Run, RunState]:
+    """The Plan (seed, precision, sizes), the model, the tokenized data, the reward and the trainer; the run's files;
+    the checkpoint's state when resuming."""
+    seed, bf16 = resumed_facts(cfg, resume_from) if resume_from is not None else (cfg.SEED, None)
+    seed_drawn = seed is None
+    seed = on_main(draw_seed) if seed_drawn else seed  # a drawn seed: the main process's, everywhere
+    examples = select_subset(examples, cfg, seed)
+    with main_first():  # the main process converts a .gguf into the shared cache first
+        prepare_weights(cfg, paths)
+    precision = f"bf16 {'on' if bf16 else 'off'}: as when the run started (resumed)" if bf16 is not None else None
+    if bf16 is None:
+        bf16, precision = on_main(resolve_bf16, cfg, device, paths)  # the main process's choice, everywhere
+    plan = make_plan(cfg, len(examples), world_size(), seed, seed_drawn, bf16, precision, str(paths.weights),
+                     str(paths.adapter) if paths.adapter else None, model_context(paths.config()))
+    say(precision)
+    say(plan.describe())
+    seed_everything(seed)
+    policy, ref_lm, tokenizer = load_model(cfg, device, plan.bf16, paths)
+    fmt = resolve_prompt_format(cfg, tokenizer)
+    examples = tokenize_examples(examples, cfg, tokenizer, fmt, "TRAIN_FILE", plan.maxseq)
+    eval_examples = tokenize_examples(eval_examples, cfg, tokenizer, fmt, "EVAL_FILE", plan.maxseq) if eval_examples else []
+    if reward is None and needs_reward(cfg):
+        reward = build_reward(cfg, device, ref_lm, tokenizer, sample=examples[0])
+    eval_metrics = {"reward": reward, **{k: build_reward(cfg, device, spec=v) for k, v in EVAL_METRICS.items()}} if eval_examples else {}
+    if cfg.MODE != "sft" and (off := sampling_is_off_policy(cfg)):
+        warn(f"sampling with {', '.join(off)} draws responses from a distribution other than the policy's, so the PPO "
+             "ratio and KL are off-policy; this is the known cause of 'KL divergence is starting to become negative' "
+             "(huggingface/trl#235, #351, #1857). Set TOP_P=1, REPETITION_PENALTY=1, NO_REPEAT_NGRAM_SIZE=0 for exact PPO.")
+    trainer = HybridTrainer(cfg, policy, ref_lm, tokenizer, reward, device, plan=plan)
+    if is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(resolved_config(cfg, plan), indent=2))
+        (out_dir / "plan.json").write_text(json.dumps(dataclasses.asdict(plan), indent=2))
+    state = RunState()
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, trainer)
+        say(f"resuming from {resume_from} (step {state.step})")
+    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=state.step, cfg=cfg)
+    return Run(cfg, plan, trainer, examples, eval_examples, eval_metrics, out_dir, metrics, fmt), state
+
+
+def finish(r: Run, state: RunState) -> int:
+    """After the last step: the final evaluation, report.md, the saved models; checkpoints go."""
+    cfg, out_dir, table = r.cfg, r.out_dir, ""
+    if r.eval_examples:
+        if not (cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0):  # else the loop just evaluated this step
+            log_eval(r, state.step)
+        if is_main():
+            table = write_report(out_dir, r.metrics.read(), cfg, len(r.examples))
+            say(f"\n{table}\nreport: {out_dir / 'report.md'}")
+    save_final(out_dir, r.trainer, cfg, model_card(cfg, len(r.examples), table))
+    r.metrics.close()
+    if is_main() and not cfg.KEEP_CHECKPOINTS_AT_END and (out_dir / "checkpoints").exists():
+        shutil.rmtree(out_dir / "checkpoints")  # the run finished: the final model is saved, resume state is not needed
+    say(f"done: {state.step} steps, {state.bad_total} skipped; metrics in {out_dir / 'metrics.jsonl'}; "
+        f"{out_dir} holds {disk_usage(out_dir)}")
+    barrier()
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -582,6 +582,16 @@ def check_spec(spec: Any, where: str = "reward", trust_remote_code: Optional[boo
             check_spec(c, f"{where}.components[{i}]", trust_remote_code)
 
 
+def uses_reference(spec: Any) -> bool:
+    """The spec (or one of its components) scores with the trainer's reference model: a perplexity reward whose
+    model is "reference" (its default). The trainer then keeps a reference even with no KL penalty."""
+    if not isinstance(spec, dict):
+        return False
+    if spec.get("type") == "perplexity" and spec.get("model", "reference") == "reference":
+        return True
+    return spec.get("type") == "weighted_sum" and any(uses_reference(c) for c in spec.get("components", []))
+
+
 class Reward:
     """A built reward: batched `scores(...)`, per-sample `__call__`, and checkpointable state."""
 

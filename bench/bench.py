@@ -130,7 +130,7 @@ def main() -> None:
         "model": cfg.MODEL, "device": device.type, "cpu": ht.cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(),
         "dtype": str(dtype).split(".")[-1], "lora_r": args.lora, "fsdp": args.fsdp,
         "gradient_checkpointing": args.gradient_checkpointing, "processes": ht.world_size(), "torch_threads": torch.get_num_threads(),
-        "trainable_params": sum(p.numel() for p in trainer.params) if not args.fsdp else None,
+        "trainable_params": sum(p.numel() for p in trainer.optim.params) if not args.fsdp else None,
         "sft_batch": cfg.SFT_BATCH, "ppo_batch": cfg.PPO_BATCH, "ppo_mini": cfg.PPO_MINI, "ppo_epochs": cfg.PPO_EPOCHS,
         "max_new_tokens": cfg.MAX_NEW_TOKENS, "load_s": round(load_s, 2),
         "matmul_gflops": round(peak_rate / 1e9, 1), "peak_mem_gib_per_process": peaks,

@@ -1,6 +1,7 @@
 """Tier 3 for the estimators and hybrid strategies: each learns the tiny task through the CLI entry point, the mix
 is the convex combination it claims, INIT_KL_COEF 0 runs no reference, and resume stays exact."""
 
+import dataclasses
 import json
 import shutil
 
@@ -49,8 +50,8 @@ def grads_of_mix(mu, trainer, queries, responses, scores, demos):
         optimizer.zero_grad(set_to_none=True)
         return 0.0
 
-    trainer.cfg.MIX_COEF = trainer.cfg.MIX_COEF_END = mu
-    trainer._optimizer_step = capture
+    trainer.cfg = dataclasses.replace(trainer.cfg, MIX_COEF=mu, MIX_COEF_END=mu)
+    trainer.optim.step = capture
     trainer.ppo_step(queries, responses, scores, demos=demos)
     return captured["g"]
 
@@ -77,9 +78,9 @@ def test_gate_trains_gated_prompts_by_sft_only(tiny_model, tiny_data):
     queries = [e.prompt_ids for e in demos for _ in range(2)]
     responses, _ = trainer.generate(queries)
     g_gated = grads_of_mix(0.0, trainer, queries, responses, [0.0, 1.0, 0.3, 0.6], demos)  # every best score < 2
-    trainer.opt_ppo.zero_grad(set_to_none=True)
-    trainer._sft_backward(demos)
-    g_sft = torch.cat([p.grad.reshape(-1) for p in trainer.lm_params])
+    trainer.optim.ppo.zero_grad(set_to_none=True)
+    trainer.sft_backward(demos)
+    g_sft = torch.cat([p.grad.reshape(-1) for p in trainer.optim.lm_params])
     torch.testing.assert_close(g_gated, g_sft, atol=1e-6, rtol=1e-4)
 
 

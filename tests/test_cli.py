@@ -1,6 +1,7 @@
 """Tier 2: config and data validation through the CLI. Every bad input: exit 2, one `error:` line naming
 the problem, no traceback, nothing written to OUTPUT_DIR."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -158,6 +159,49 @@ def test_check_prints_resolved_config_without_loading(env, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_help_lists_every_registry_from_the_registry_itself():
+    proc = subprocess.run([sys.executable, str(ROOT / "hybrid_trainer.py"), "--help"], capture_output=True, text=True)
+    import rewards
+
+    for registry in (ht.ADVANTAGES, ht.HYBRID_STRATEGIES, ht.KL_PENALTIES, ht.SFT_LOSSES, ht.SFT_TOKEN_WEIGHTS, ht.MIX_SCHEDULES,
+                     ht.LR_SCHEDULES, ht.DATA_FORMATS, ht.GENERATION_BACKENDS, rewards.REWARDS):
+        for name in registry:
+            assert f"\n    {name} " in proc.stdout, name
+    keys = {key: doc for key, _, doc in ht.config_defaults()}  # a key's choices in its help are its registry's names
+    assert " | ".join(ht.ADVANTAGES) in keys["ADVANTAGE"] and " | ".join(ht.KL_PENALTIES) in keys["KL_PENALTY"]
+
+
+def test_config_is_frozen_and_the_plan_derives_every_size():
+    cfg = ht.Config.from_dict({"TRAIN_FILE": "t", "OUTPUT_DIR": "o", "MODE": "hybrid", "SFT_BATCH": 4, "PPO_BATCH": 4, "PPO_MINI": 2,
+                               "NUM_GENERATIONS": 2, "ADVANTAGE": "grpo", "PPO_EPOCHS": 3, "EPOCHS": 2, "MAXSEQ": 4096})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.SEED = 3
+    assert cfg.SEED is None and cfg.BF16 == "auto"  # nothing resolved into the config
+    plan = ht.make_plan(cfg, n_items=10, world=2, seed=7, seed_drawn=True, bf16=False, precision="p", model="m", context=1024)
+    # alternate, 10 items: ceil(10 / 4) = 3 SFT steps and 3 PPO updates per epoch; PPO: 2 minibatches x 3 epochs per update
+    assert (plan.sft_steps_per_epoch, plan.ppo_updates_per_epoch, plan.total_steps) == (3, 3, 12)
+    assert (plan.sft_optimizer_steps, plan.ppo_optimizer_steps) == (6, 3 * 2 * 3 * 2)
+    assert (plan.responses_per_update, plan.responses_per_minibatch, plan.minibatches_per_epoch) == (8, 4, 2)
+    assert (plan.sft_batch_per_process, plan.prompts_per_process, plan.world_size, plan.maxseq) == (2, 2, 2, 1024)
+    with pytest.raises(ht.UserError, match=r"PPO_MINI \(2\) must be divisible by the number of processes \(4\)"):
+        ht.make_plan(cfg, 10, 4, 7, False, False, "p", "m")
+
+
+def test_run_writes_the_plan_next_to_the_config(tiny_model, tmp_path):
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(GOOD_ITEMS))
+    out = tmp_path / "out"
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(train), "OUTPUT_DIR": str(out),
+                                "SFT_BATCH": 2, "BF16": False, "MAXSEQ": 5000}))
+    proc = subprocess.run([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    plan, config = (json.loads((out / name).read_text()) for name in ("plan.json", "config.json"))
+    assert plan["seed_drawn"] and plan["seed"] == config["SEED"] and plan["maxseq"] == 1024 and config["MAXSEQ"] == 5000
+    assert plan["total_steps"] == 2 and plan["model"] == str(tiny_model.resolve())
+    assert "plan:\n  seed " in proc.stdout and f"{plan['seed']} (drawn)" in proc.stdout
+
+
 def test_help_explains_run_and_check():
     proc = subprocess.run([sys.executable, str(ROOT / "hybrid_trainer.py"), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
@@ -169,7 +213,9 @@ def test_help_explains_run_and_check():
 def test_sketch_string_booleans_and_seed_drawn():
     cfg = ht.Config.from_dict({"TRAIN_FILE": "t", "OUTPUT_DIR": "o", "BF16": "false", "WHITEN_REWARDS": "True", "MODE": "SFT"})
     assert cfg.BF16 is False and cfg.WHITEN_REWARDS is True and cfg.MODE == "sft"
-    assert isinstance(cfg.SEED, int)
+    assert cfg.SEED is None  # the config keeps null; the Plan draws the seed
+    plan = ht.api_plan(cfg)
+    assert isinstance(plan.seed, int) and plan.seed_drawn
 
 
 def test_prompt_template_matches_sketch_and_hides_output():
@@ -187,8 +233,7 @@ def test_list_output_uses_first_element_and_subset_is_seeded(tmp_path):
     a = ht.select_subset(ht.make_examples(items, "output", "T"), cfg)
     b = ht.select_subset(ht.make_examples(items, "output", "T"), cfg)
     assert len(a) == 5 and [e.index for e in a] == [e.index for e in b]
-    cfg.NUM_SAMPLES = 3
-    assert len(ht.select_subset(a, cfg)) == 3
+    assert len(ht.select_subset(a, dataclasses.replace(cfg, NUM_SAMPLES=3))) == 3
 
 
 def test_jsonl_is_accepted(tmp_path):

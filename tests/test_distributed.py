@@ -38,7 +38,7 @@ def max_diff(a: Path, b: Path) -> float:
     return max((x[k].float() - y[k].float()).abs().max().item() for k in x)
 
 
-SFT = {"MODE": "sft", "SEED": 0, "SFT_BATCH": 4, "EPOCHS": 2, "LR_SFT": 1e-3}
+SFT = {"MODE": "sft", "SEED": 0, "SFT_BATCH": 4, "EPOCHS": 2, "LR_SFT": 1e-3, "BF16": False}  # fp32: an equality test
 
 
 def test_sft_one_process_equals_two(tiny_model, tiny_data, tmp_path):

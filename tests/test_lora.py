@@ -105,7 +105,7 @@ def test_saved_adapter_and_merged_model_reproduce_the_policy(tiny_model, tiny_da
 
     out = tmp_path / "out"
     run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
-             "LORA_R": 4, "LR_SFT": 1e-2}, tmp_path)
+             "LORA_R": 4, "LR_SFT": 1e-2, "BF16": False}, tmp_path)  # fp32: merged = adapter policy to 1e-5
     assert {p.name for p in (out / "ppo_full").iterdir()} >= {"adapter_model.safetensors", "adapter_config.json",
                                                               "value_head.safetensors", "trainer_config.json"}
     ids = torch.tensor([[5, 17, 42, 9, 100, 3]])

@@ -1,6 +1,7 @@
 """Hardware: BF16 "auto" (a cached probe on CPU), frozen weights held in bf16, and the rollout forward that
 the first minibatch makes redundant when it is the whole batch."""
 
+import dataclasses
 import json
 
 import pytest
@@ -43,18 +44,17 @@ def test_bf16_auto_resolves_from_a_cached_probe(tiny_model, tiny_data, tmp_path,
     cfg = ht.Config.from_dict({"MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": "-", "CACHE_DIR": str(tmp_path)})
     assert cfg.BF16 == "auto"
     monkeypatch.setattr(ht, "bf16_supported", lambda device: False)
-    assert ht.resolve_bf16(cfg, torch.device("cpu")) == "bf16 off: this CPU has no bfloat16 support" and cfg.BF16 is False
+    assert ht.resolve_bf16(cfg, torch.device("cpu")) == (False, "bf16 off: this CPU has no bfloat16 support")
     monkeypatch.setattr(ht, "bf16_supported", lambda device: True)
     speedup, cached = ht.bf16_speedup(64, tmp_path / "bf16_probe.json")  # a real probe at hidden size 64
     assert speedup > 0 and not cached
     assert ht.bf16_speedup(64, tmp_path / "bf16_probe.json") == (speedup, True)
     for measured, choice in ((2.2, True), (0.6, False)):
         monkeypatch.setattr(ht, "bf16_speedup", lambda hidden, cache, m=measured: (m, True))
-        cfg.BF16 = "auto"
-        why = ht.resolve_bf16(cfg, torch.device("cpu"))
-        assert cfg.BF16 is choice and f"bf16 matmul {measured:.2f}x fp32 here" in why
-    cfg.BF16 = False
-    assert "set in the config" in ht.resolve_bf16(cfg, torch.device("cpu")) and cfg.BF16 is False
+        on, why = ht.resolve_bf16(cfg, torch.device("cpu"))
+        assert on is choice and f"bf16 matmul {measured:.2f}x fp32 here" in why
+    on, why = ht.resolve_bf16(dataclasses.replace(cfg, BF16=False), torch.device("cpu"))
+    assert "set in the config" in why and on is False
 
 
 def test_run_prints_and_records_the_bf16_choice(tiny_model, tiny_data, tmp_path):
@@ -70,8 +70,8 @@ def test_resume_keeps_the_original_bf16_choice(tmp_path):
     checkpoint.mkdir()
     cfg = ht.Config.from_dict({"TRAIN_FILE": "t", "OUTPUT_DIR": "o", "SEED": 1})
     (checkpoint / "state.json").write_text(json.dumps({"config": {**cfg.resolved(), "BF16": True}}))
-    ht.adopt_checkpoint_config(cfg, checkpoint)
-    assert cfg.BF16 is True
+    seed, bf16 = ht.resumed_facts(cfg, checkpoint)
+    assert bf16 is True and seed == 1
 
 
 @pytest.mark.parametrize("lora_r", [0, 4])
@@ -80,7 +80,7 @@ def test_bf16_frozen_weights_are_stored_once_and_ratio_kl_hold(lora_r, tiny_mode
                                     tiny_model, tiny_data, YesFraction())
     if lora_r:  # the frozen base in bf16; adapter and value head fp32
         assert {p.dtype for n, p in trainer.policy.named_parameters() if not p.requires_grad} == {torch.bfloat16}
-        assert {p.dtype for p in trainer.params} == {torch.float32}
+        assert {p.dtype for p in trainer.optim.params} == {torch.float32}
     else:  # the policy's master weights fp32, the reference copy bf16
         assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
         assert {p.dtype for p in trainer.ref_lm.parameters()} == {torch.bfloat16}

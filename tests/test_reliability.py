@@ -91,6 +91,6 @@ def test_prompts_too_long_for_maxseq_are_skipped_with_one_warning(tiny_model, tm
 
 def test_maxseq_beyond_model_context_is_clamped(tiny_model, capsys):
     cfg = ht.Config.from_dict({"MODEL": str(tiny_model), "TRAIN_FILE": "-", "OUTPUT_DIR": "-", "MAXSEQ": 5000})
-    ht.load_model(cfg, torch.device("cpu"))
-    assert cfg.MAXSEQ == 1024  # the tiny GPT-2's n_positions
+    policy, _, _ = ht.load_model(cfg, torch.device("cpu"))
+    assert ht.api_plan(cfg, lm=policy.lm).maxseq == 1024  # the tiny GPT-2's n_positions
     assert "MAXSEQ=5000 exceeds the context of MODEL (1024 tokens)" in capsys.readouterr().err

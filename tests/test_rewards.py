@@ -232,3 +232,14 @@ def test_every_registered_type_documented_in_readme():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for name in list(rewards.REWARDS) + list(rewards.POSTPROCESS):
         assert f"`{name}`" in readme, name
+
+
+@pytest.mark.parametrize("spec, uses", [
+    ({"type": "perplexity"}, True),  # its model defaults to "reference"
+    ({"type": "perplexity", "model": "some/local/dir"}, False),
+    ({"type": "weighted_sum", "components": [{"type": "chrf"}, {"type": "perplexity", "model": "reference"}]}, True),
+    ({"type": "weighted_sum", "components": [{"type": "chrf"}, {"type": "contains", "pattern": "perplexity"}]}, False),
+    ({"type": "contains", "pattern": '"perplexity"'}, False),  # the old text search said True here
+])
+def test_uses_reference(spec, uses):
+    assert rewards.uses_reference(spec) is uses

@@ -1,5 +1,6 @@
 """Tier 3: end-to-end runs of tiny configs. They show the trainer learns, saves, protects and resumes."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -109,7 +110,8 @@ def test_ratio_is_one_on_first_minibatch_and_value_head_starts_at_zero(tiny_mode
 
 def test_ratio_threshold_skips_minibatches(tiny_model, tiny_data):
     trainer, examples = trainer_for({"PPO_BATCH": 8, "PPO_MINI": 4, "MAX_NEW_TOKENS": 5}, tiny_model, tiny_data, YesFraction())
-    trainer.cfg.RATIO_THRESHOLD = 0.5  # every minibatch has ratio ~1 > 0.5: all skipped, weights unchanged
+    # every minibatch has ratio ~1 > 0.5: all skipped, weights unchanged
+    trainer.cfg = dataclasses.replace(trainer.cfg, RATIO_THRESHOLD=0.5)
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     responses, _ = trainer.generate([e.prompt_ids for e in examples])
     stats = trainer.ppo_step([e.prompt_ids for e in examples], responses, [1.0] * 8)
@@ -256,7 +258,7 @@ def test_linear_lr_schedule_with_warmup(tiny_model, tiny_data, tmp_path):
 def test_reference_update_per_cycle(ref_update, tiny_model, tiny_data, tmp_path):
     out = tmp_path / "out"
     run_cli({"MODE": "hybrid", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
-             "SFT_BATCH": 4, "PPO_BATCH": 4, "LR_SFT": 1e-2, "MAX_NEW_TOKENS": 4, "REF_UPDATE": ref_update,
+             "SFT_BATCH": 4, "PPO_BATCH": 4, "LR_SFT": 1e-2, "MAX_NEW_TOKENS": 4, "REF_UPDATE": ref_update, "BF16": False,
              "REWARD": {"type": "contains", "pattern": "yes"}, **EXACT_PPO}, tmp_path)
     kls = [abs(r["objective/kl"]) for r in metrics(out) if r["phase"] == "ppo"]  # each right after an SFT step
     if ref_update == "cycle":
