@@ -169,6 +169,11 @@ class Config:
     WHITEN_REWARDS: bool = _key(False, "whiten per-token rewards (scale only) before GAE")
     MISSING_EOS_PENALTY: Optional[float] = _key(None, "subtract this from the score of responses that never emit EOS (null = off)")
     RATIO_THRESHOLD: float = _key(10.0, "skip a minibatch whose mean probability ratio exceeds this")
+    DYNAMIC_SAMPLING: bool = _key(False, "drop groups whose NUM_GENERATIONS scores are all equal (no signal for a group-relative "
+                                  "estimator) and draw more prompts until the update holds PPO_BATCH prompts with signal (DAPO)")
+    MAX_SAMPLING_ROUNDS: int = _key(3, "DYNAMIC_SAMPLING: rounds of generation per update at most (then it runs with what it has)")
+    MASK_TRUNCATED: bool = _key(False, "responses that hit MAX_NEW_TOKENS without EOS get no gradient (TRL's "
+                                "mask_truncated_completions); their scores still count in their group's statistics")
     # --- sampling ---
     MAX_NEW_TOKENS: int = _key(128, "max tokens generated per response")
     TEMPERATURE: float = _key(0.7, "sampling temperature (also used for PPO log-probs)")
@@ -214,6 +219,11 @@ class Config:
     # --- evaluation ---
     EVAL_FILE: str = _key("", "held-out data (any TRAIN_FILE kind) evaluated before, during and after training ('' = off)")
     EVAL_SAMPLES: int = _key(50, "eval items used")
+    EVAL_NUM_SAMPLES: int = _key(1, "responses per eval item: 1 = greedy; k > 1 = k samples at EVAL_TEMPERATURE, reported as "
+                                 "pass@1, pass@k (and maj@k with a math reward)")
+    EVAL_TEMPERATURE: float = _key(1.0, "sampling temperature of the eval samples (EVAL_NUM_SAMPLES > 1)")
+    EVAL_PASS_SCORE: float = _key(1.0, "an eval sample passes (pass@k) when its reward is at least this (1.0: a right math "
+                                  "answer, all tests of a code reward)")
     EVAL_EVERY: int = _key(0, "evaluate every this many steps (0 = only at start and end)")
     # --- reliability ---
     SAVE_EVERY: int = _key(0, "write a checkpoint every this many steps (0 = off)")
@@ -268,6 +278,11 @@ class Config:
         need(not ADVANTAGES[self.ADVANTAGE].group or self.NUM_GENERATIONS >= 2,
              f"ADVANTAGE {self.ADVANTAGE!r} compares the responses to the same prompt: set NUM_GENERATIONS >= 2 "
              f"(got {self.NUM_GENERATIONS}; 4 to 8 is usual)")
+        need(not self.DYNAMIC_SAMPLING or self.NUM_GENERATIONS >= 2, "DYNAMIC_SAMPLING drops groups whose NUM_GENERATIONS "
+             f"scores are all equal: set NUM_GENERATIONS >= 2 (got {self.NUM_GENERATIONS})")
+        if self.DYNAMIC_SAMPLING and not ADVANTAGES[self.ADVANTAGE].group:
+            warn(f"DYNAMIC_SAMPLING has no effect with ADVANTAGE {self.ADVANTAGE!r}: it is not group-relative (equal scores "
+                 "still carry signal for it); use grpo, dr_grpo, rloo or reinforce_pp_baseline")
         fill["LOSS_AGG"] = ADVANTAGES[self.ADVANTAGE].loss_agg if self.LOSS_AGG == "auto" else self.LOSS_AGG
         fill["CLIPRANGE_HIGH"] = self.CLIPRANGE if self.CLIPRANGE_HIGH is None else self.CLIPRANGE_HIGH
         need(fill["CLIPRANGE_HIGH"] >= self.CLIPRANGE, f"CLIPRANGE_HIGH ({self.CLIPRANGE_HIGH}) must be >= CLIPRANGE "
@@ -301,13 +316,15 @@ class Config:
     def _check_ranges(self, need) -> None:
         need(0 < self.PERCENT <= 100, f"PERCENT must be in (0, 100], got {self.PERCENT}")
         for key in ("SFT_BATCH", "PPO_BATCH", "PPO_EPOCHS", "EPOCHS", "MAXSEQ", "MAX_NEW_TOKENS", "NUM_GENERATIONS",
-                    "GRAD_ACCUM", "LOG_EVERY", "KL_HORIZON", "EVAL_SAMPLES", "KEEP_CHECKPOINTS", "MAX_BAD_STEPS"):
+                    "GRAD_ACCUM", "LOG_EVERY", "KL_HORIZON", "EVAL_SAMPLES", "KEEP_CHECKPOINTS", "MAX_BAD_STEPS",
+                    "EVAL_NUM_SAMPLES", "MAX_SAMPLING_ROUNDS"):
             need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("NUM_SAMPLES", "CYCLE_SFT_STEPS", "CYCLE_PPO_UPDATES", "NO_REPEAT_NGRAM_SIZE", "EVAL_EVERY", "SAVE_EVERY",
                     "WARMUP_STEPS"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         need(self.LORA_R >= 0, f"LORA_R must be >= 0 (0 = full fine-tuning), got {self.LORA_R}")
-        for key in ("LR_SFT", "LR_PPO", "TEMPERATURE", "REPETITION_PENALTY", "MAX_GRAD_NORM", "RATIO_THRESHOLD", "TARGET_KL", "LORA_ALPHA"):
+        for key in ("LR_SFT", "LR_PPO", "TEMPERATURE", "REPETITION_PENALTY", "MAX_GRAD_NORM", "RATIO_THRESHOLD", "TARGET_KL", "LORA_ALPHA",
+                    "EVAL_TEMPERATURE"):
             need(getattr(self, key) > 0, f"{key} must be > 0, got {getattr(self, key)}")
         for key in ("INIT_KL_COEF", "CLIPRANGE", "CLIPRANGE_VALUE", "VF_COEF"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
@@ -1294,12 +1311,18 @@ def sft_pairs(examples: list[Example]) -> list[tuple[list, list]]:
     return [pair for e in examples for pair in (e.sft_pairs or [(e.prompt_ids, e.target_ids)])]
 
 
-def batches(n_items: int, batch_size: int, seed: int, epoch: int, side: str, shuffle: bool) -> list[list[int]]:
-    """Index batches for one epoch and side; deterministic in (seed, epoch, side), so resume is exact.
-    The last batch may be short."""
+def epoch_order(n_items: int, seed: int, epoch: int, side: str, shuffle: bool) -> list[int]:
+    """The order one side (sft, ppo) draws the items in, in one epoch; deterministic in (seed, epoch, side), so resume
+    is exact."""
     order = list(range(n_items))
     if shuffle:
         random.Random(f"{seed}/{epoch}/{side}").shuffle(order)
+    return order
+
+
+def batches(n_items: int, batch_size: int, seed: int, epoch: int, side: str, shuffle: bool) -> list[list[int]]:
+    """Index batches for one epoch and side (epoch_order in chunks); the last batch may be short."""
+    order = epoch_order(n_items, seed, epoch, side, shuffle)
     return [order[i:i + batch_size] for i in range(0, n_items, batch_size)]
 
 
@@ -1792,7 +1815,8 @@ def load_model(cfg: Config, device: torch.device, bf16: Optional[bool] = None, p
     from trl.trainer.utils import disable_dropout_in_model
 
     paths = paths or resolve_model(cfg)
-    prepare_weights(cfg, paths)
+    if not paths.converted:
+        prepare_weights(cfg, paths)
     bf16 = cfg.BF16 is True if bf16 is None else bf16
     tokenizer = load_tokenizer(cfg, paths)
     try:
@@ -1982,13 +2006,15 @@ class HFEngine:
         """Nothing to copy: generation runs on the policy's own parameters, always the current ones."""
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int = 1, greedy: bool = False) -> Generation:
-        """Batched, left-padded sampling with the KV cache, n responses per prompt. Under FSDP every process keeps
-        stepping until all are done (synced_gpus), so none waits forever."""
+    def generate(self, prompts: list[list[int]], n: int = 1, greedy: bool = False, temperature: Optional[float] = None) -> Generation:
+        """Batched, left-padded sampling with the KV cache, n responses per prompt (temperature: instead of
+        TEMPERATURE). Under FSDP every process keeps stepping until all are done (synced_gpus), so none waits forever."""
         prompts = [p for p in prompts for _ in range(n)]
         self.policy.eval()
         ids, mask = left_pad(prompts, self.pad_id)
         gen_config = copy.copy(self.greedy_config if greedy else self.sample_config)
+        if temperature is not None and not greedy:
+            gen_config.temperature = temperature
         gen_config.max_new_tokens = min(self.cfg.MAX_NEW_TOKENS, self.plan.maxseq - ids.shape[1])
         with autocast_context(self.plan.bf16, self.cfg.FP16, self.device):
             out = self.policy.lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
@@ -2072,8 +2098,12 @@ class Rollout:
 
 
 def make_rollout(queries: list, responses: list, scores: list, baseline: list, group_size: int, pad_id: int,
-                 device: torch.device, ended: Optional[list] = None, components: Optional[dict] = None) -> Rollout:
-    """Token lists and per-response numbers (every process's, in rank order) -> the padded Rollout."""
+                 device: torch.device, ended: Optional[list] = None, components: Optional[dict] = None,
+                 eos_id: Optional[int] = None) -> Rollout:
+    """Token lists and per-response numbers (every process's, in rank order) -> the padded Rollout. ended unknown
+    (the classic ppo_step): a response ended when its last token is eos_id."""
+    if ended is None and eos_id is not None:
+        ended = [bool(r) and r[-1] == eos_id for r in responses]
     q_ids, q_mask = left_pad(queries, pad_id)
     r_ids, r_mask = right_pad(responses, pad_id)
     if len(queries) % group_size:
@@ -2098,6 +2128,31 @@ class Scored(NamedTuple):
     scores: list  # one float per response
     components: dict  # weighted_sum component -> the sum of its scores over these responses
     error: Optional[str]  # why the reward could not score them (the update is skipped on every process)
+
+
+class Collected(NamedTuple):
+    """Steps 1-3 for a batch of P prompts, gathered (every process holds all of it); rows i*G .. i*G+G-1 answer
+    prompt i. Lists, so that batches join and groups filter cheaply before the padded Rollout is made."""
+    examples: list  # the P prompts
+    queries: list  # B = P x G prompt token lists
+    responses: list  # B response token lists
+    ended: list  # B bools: emitted EOS
+    scores: list  # B floats (MISSING_EOS_PENALTY applied)
+    baseline: list  # B floats of the estimator's extra pass, or empty
+    sums: dict  # weighted_sum component -> the sum of its scores over the B responses
+    seconds: tuple  # (generating, scoring)
+
+    def join(self, other: "Collected") -> "Collected":
+        return Collected(self.examples + other.examples, *(getattr(self, f) + getattr(other, f) for f in self._fields[1:6]),
+                         {k: self.sums.get(k, 0.0) + other.sums.get(k, 0.0) for k in {**self.sums, **other.sums}},
+                         tuple(a + b for a, b in zip(self.seconds, other.seconds)))
+
+    def groups_with_signal(self, G: int) -> "Collected":
+        """Only the prompts whose G scores are not all equal (the others give group-relative estimators nothing)."""
+        keep = [i for i in range(len(self.examples)) if len(set(self.scores[i * G:(i + 1) * G])) > 1]
+        rows = [i * G + j for i in keep for j in range(G)]
+        pick = lambda xs: [xs[r] for r in rows] if xs else xs  # noqa: E731
+        return Collected([self.examples[i] for i in keep], *(pick(getattr(self, f)) for f in self._fields[1:6]), {}, (0.0, 0.0))
 
 
 class PPOLearner:
@@ -2129,6 +2184,8 @@ class PPOLearner:
             rewards=rewards, mask=rl_mask, values=old.values, group_size=G, gamma=cfg.GAMMA, lam=cfg.LAM,
             whiten_rewards=cfg.WHITEN_REWARDS, baseline=rollout.baseline)
         returns = old.values if returns is None else returns
+        if cfg.MASK_TRUNCATED:  # no gradient for responses cut at the token limit; their scores counted above
+            rl_mask = rl_mask * rollout.ended.to(dev)[:, None].float()
         # 6. PPO epochs over minibatches (each with its part of the SFT demonstrations, under gate / mix)
         batch = dict(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, r_ids=rollout.r_ids,
                      r_mask=rollout.r_mask, rl_mask=rl_mask, old_logprobs=old.logprobs, old_values=old.values,
@@ -2341,10 +2398,11 @@ class HybridTrainer(PPOLearner):
         else:
             self.ref_lm.load_state_dict(self.policy.lm.state_dict())
 
-    def generate(self, prompts: list[list[int]], greedy: bool = False, n: int = 1) -> tuple[list[list[int]], torch.Tensor]:
+    def generate(self, prompts: list[list[int]], greedy: bool = False, n: int = 1,
+                 temperature: Optional[float] = None) -> tuple[list[list[int]], torch.Tensor]:
         """n responses per prompt from the generation engine, which first takes the current weights -> (responses, ended)."""
         self.engine.sync_weights(self.optim.version)
-        out = self.engine.generate(prompts, n=n, greedy=greedy)
+        out = self.engine.generate(prompts, n=n, greedy=greedy, temperature=temperature)
         return out.responses, out.ended
 
     # ---- SFT: cross-entropy on response tokens + EOS ----
@@ -2420,9 +2478,33 @@ class HybridTrainer(PPOLearner):
             raise BadStep(scored.error)
         return apply_missing_eos_penalty(torch.tensor(scored.scores, dtype=torch.float32), ended, self.cfg.MISSING_EOS_PENALTY)
 
-    def ppo_update(self, examples: list[Example], progress: float = 0.0) -> dict:
-        """One PPO update from a global batch of P prompts; each process generates and scores its share.
-        progress: the fraction of the run done (the mix's mu schedule)."""
+    def ppo_update(self, examples: list[Example], progress: float = 0.0, draw: Optional[Callable] = None) -> dict:
+        """One PPO update from a global batch of P prompts; each process generates and scores its share. progress: the
+        fraction of the run done (the mix's mu schedule). draw(n): up to n more prompts from the epoch's stream, for
+        DYNAMIC_SAMPLING."""
+        cfg, G = self.cfg, self.cfg.NUM_GENERATIONS
+        generated = self.collect(examples)  # 1.-3.
+        batch, info = generated, {}
+        if cfg.DYNAMIC_SAMPLING and self.estimator.group:  # 3b. keep groups with signal, draw more prompts for the rest
+            batch, generated, info = self.with_signal(generated, draw)
+        t0 = time.perf_counter()
+        stats = {}
+        if batch.examples:
+            rollout = make_rollout(batch.queries, batch.responses, batch.scores, batch.baseline, G, self.pad_id, self.device,
+                                   batch.ended, eos_id=self.tokenizer.eos_token_id)
+            stats = self.learn(rollout, batch.examples, progress)  # 4.-7.
+        n = len(generated.responses)
+        stats.update({"reward/mean": float(np.mean(generated.scores)), "reward/std": float(np.std(generated.scores)),
+                      "ppo/ended_with_eos": sum(generated.ended) / n, **info,
+                      "time/generate_s": generated.seconds[0], "time/score_s": generated.seconds[1],
+                      "time/update_s": time.perf_counter() - t0,
+                      "time/tokens_per_s": sum(len(r) for r in generated.responses) / max(generated.seconds[0], 1e-9),
+                      **{f"reward/{name}": total / n for name, total in generated.sums.items()}})
+        return stats
+
+    def collect(self, examples: list[Example]) -> "Collected":
+        """Steps 1-3 of an update for a global batch of prompts: each process generates and scores its share, then one
+        gather gives every process the whole batch."""
         cfg, G = self.cfg, self.cfg.NUM_GENERATIONS
         t0 = time.perf_counter()
         share, weight = my_share(examples)  # weight 0: a short batch left this process nothing; it runs to stay in step
@@ -2439,8 +2521,7 @@ class HybridTrainer(PPOLearner):
         scores = apply_missing_eos_penalty(torch.tensor(scored.scores, dtype=torch.float32), ended, cfg.MISSING_EOS_PENALTY)
         baseline = self.estimator.baseline(lambda ex, greedy: self.sample_and_score(ex, weight, greedy), share, G) \
             if self.estimator.baseline else torch.zeros(0)
-        t2 = time.perf_counter()
-        # 3. gather once: every process holds the whole batch as one Rollout
+        # 3. gather once: every process holds the whole batch
         parts = gather_objects(([e.prompt_ids for e in rows], responses, ended.tolist(), scores.tolist(), baseline.tolist(),
                                 scored.components, scored.error))
         queries, responses, ended, scores, baseline = (sum((list(p[i]) for p in parts), []) for i in range(5))
@@ -2454,16 +2535,24 @@ class HybridTrainer(PPOLearner):
                                                    cfg.MISSING_EOS_PENALTY).tolist()
         if errors:
             raise BadStep(errors[0])
-        rollout = make_rollout(queries, responses, scores, baseline, G, self.pad_id, self.device, ended,
-                               {name: total / len(responses) for name, total in sums.items()})
-        stats = self.learn(rollout, examples, progress)  # 4.-7.
-        t3 = time.perf_counter()
-        stats.update({"reward/mean": stats["ppo/mean_scores"], "reward/std": stats["ppo/std_scores"],
-                      "ppo/ended_with_eos": sum(ended) / len(ended),
-                      "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2,
-                      "time/tokens_per_s": sum(len(r) for r in responses) / max(t1 - t0, 1e-9),
-                      **{f"reward/{name}": mean for name, mean in rollout.components.items()}})
-        return stats
+        return Collected(list(examples), queries, responses, ended, scores, baseline, sums, (t1 - t0, time.perf_counter() - t1))
+
+    def with_signal(self, first: "Collected", draw: Optional[Callable]) -> tuple["Collected", "Collected", dict]:
+        """DAPO's dynamic sampling (Yu et al. 2025; verl filter_groups, OpenRLHF dynamic_filtering): keep the groups
+        whose G scores differ, and collect as many more prompts from the stream as are missing, until PPO_BATCH prompts
+        have signal or MAX_SAMPLING_ROUNDS rounds ran. Every prompt drawn is used up (scored, then kept or dropped).
+        -> (the kept groups, everything generated, metrics)."""
+        cfg, G = self.cfg, self.cfg.NUM_GENERATIONS
+        kept, generated, rounds = first.groups_with_signal(G), first, 1
+        while len(kept.examples) < cfg.PPO_BATCH and rounds < cfg.MAX_SAMPLING_ROUNDS and draw is not None:
+            more = draw(cfg.PPO_BATCH - len(kept.examples))
+            if not more:  # the epoch's prompts are used up
+                break
+            batch = self.collect(more)
+            kept, generated, rounds = kept.join(batch.groups_with_signal(G)), generated.join(batch), rounds + 1
+        return kept, generated, {"dynamic/rounds": rounds, "dynamic/prompts_generated": len(generated.examples),
+                                 "dynamic/groups_dropped": len(generated.examples) - len(kept.examples),
+                                 "dynamic/prompts_kept": len(kept.examples)}
 
     def ppo_step(self, queries: list[list[int]], responses: list[list[int]], scores, baseline=None,
                  demos: Optional[list[Example]] = None) -> dict:
@@ -2477,7 +2566,7 @@ class HybridTrainer(PPOLearner):
         parts = gather_objects((list(queries), list(responses), scores, baseline))
         queries, responses, scores, baseline = (sum((list(p[i]) for p in parts), []) for i in range(4))
         return self.learn(make_rollout(queries, responses, scores, baseline, self.cfg.NUM_GENERATIONS, self.pad_id,
-                                       self.device), demos)
+                                       self.device, eos_id=self.tokenizer.eos_token_id), demos)
 
 def update_stats(rollout: Rollout, old: OldPolicy, rewards, advantages, returns, mb_stats: list, critic: bool) -> dict:
     """Step 7: the minibatches' means and the batch's statistics (the keys of TRL 0.11's PPOTrainer.step)."""
@@ -2502,16 +2591,22 @@ EVAL_METRICS = {"bleu": {"type": "bleu"}, "rougeL": {"type": "rouge", "variant":
 
 
 def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> dict:
-    """Greedy completions for the eval prompts (each process its share), scored by the configured reward
-    and the fixed metrics."""
-    bs = max(trainer.cfg.PPO_BATCH, 8)
+    """Completions for the eval prompts (each process its share): greedy, or EVAL_NUM_SAMPLES = k samples each at
+    EVAL_TEMPERATURE; scored by the configured reward and the fixed metrics (means over every response). With k > 1
+    also pass@1, pass@k (a sample passes when its reward reaches EVAL_PASS_SCORE) and, with a math reward, maj@k."""
+    import rewards
+
+    cfg, k = trainer.cfg, trainer.cfg.EVAL_NUM_SAMPLES
+    bs = max(cfg.PPO_BATCH, 8)  # prompts per generate call (each with its k responses)
     mine, texts = shard(examples), []
     for i in range(math.ceil(largest_share(len(examples)) / bs)):  # the same count on every process
         chunk = mine[i * bs:(i + 1) * bs]
-        responses = trainer.generate([e.prompt_ids for e in (chunk or examples[:1])], greedy=True)[0]
+        responses = trainer.generate([e.prompt_ids for e in (chunk or examples[:1])], greedy=k == 1, n=k,
+                                     temperature=cfg.EVAL_TEMPERATURE)[0]
         texts += trainer.tokenizer.batch_decode(responses, skip_special_tokens=True) if chunk else []
-    texts = sum(gather_objects(texts), [])
-    args = (texts, [e.target for e in examples], [e.prompt for e in examples], [e.item for e in examples])
+    texts = sum(gather_objects(texts), [])  # item i's responses at i*k .. i*k+k-1
+    rows = [e for e in examples for _ in range(k)]
+    args = (texts, [e.target for e in rows], [e.prompt for e in rows], [e.item for e in rows])
     result, per_item = {}, {}
     for name, fn in metrics.items():
         try:
@@ -2520,13 +2615,39 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
         except Exception as e:  # noqa: BLE001 - a failing metric must not kill the run
             warn(f"eval metric {name} failed: {type(e).__name__}: {e}")
             result[f"eval/{name}"] = float("nan")
-    contains = [contains_reference(t, e.target) for e, t in zip(examples, texts)]
+    contains = [contains_reference(t, e.target) for e, t in zip(rows, texts)]
     result["eval/contains_reference"] = float(np.mean(contains))
-    # every item, for the report's per-category table and its improved / worse examples
-    result["samples"] = [{"prompt": e.question, "target": e.target, "response": t,
-                          "reward": per_item.get("reward", [None] * len(texts))[i], "contains": c, "category": e.category}
-                         for i, (e, t, c) in enumerate(zip(examples, texts, contains))]
+    rewards_ = per_item.get("reward", [None] * len(texts))
+    samples = [{"prompt": e.question, "target": e.target, "response": texts[i * k],
+                "reward": None if rewards_[i * k] is None else float(np.mean(rewards_[i * k:(i + 1) * k])),
+                "contains": contains[i * k] if k == 1 else float(np.mean(contains[i * k:(i + 1) * k])), "category": e.category}
+               for i, e in enumerate(examples)]
+    if k > 1 and "reward" in per_item:
+        solver = rewards.math_part(metrics["reward"])
+        for i, (e, sample) in enumerate(zip(examples, samples)):
+            sample["passes"], sample["k"] = sum(x >= cfg.EVAL_PASS_SCORE for x in rewards_[i * k:(i + 1) * k]), k
+            if solver is not None:
+                sample["majority"] = rewards.majority_correct(solver, texts[i * k:(i + 1) * k], e.target, e.item)
+        result.update(pass_metrics(samples, k))
+    result["samples"] = samples  # every item, for the report's per-category table and its improved / worse examples
     return result
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Chen et al. 2021 ("Evaluating Large Language Models Trained on Code"), eq. 1: the unbiased estimate of the
+    chance that at least one of k samples passes, from n samples of which c passed: 1 - C(n - c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def pass_metrics(samples: list[dict], k: int) -> dict:
+    """eval/pass@1 (the mean pass rate of the samples), eval/pass@k, and eval/maj@k when the samples were voted on."""
+    out = {"eval/pass@1": float(np.mean([pass_at_k(k, s["passes"], 1) for s in samples])),
+           f"eval/pass@{k}": float(np.mean([pass_at_k(k, s["passes"], k) for s in samples]))}
+    if all("majority" in s for s in samples):
+        out[f"eval/maj@{k}"] = float(np.mean([s["majority"] for s in samples]))
+    return out
 
 
 def contains_reference(response: str, target: str) -> bool:
@@ -2544,6 +2665,7 @@ class RunState:
     pos: int = 0  # steps done in the current epoch's schedule
     bad_streak: int = 0  # consecutive skipped steps
     bad_total: int = 0
+    drawn: dict = field(default_factory=lambda: {"sft": 0, "ppo": 0})  # items each side drew in this epoch
 
 
 class MetricsLog:
@@ -2643,36 +2765,44 @@ class Run(NamedTuple):
     prompt_format: str  # sketch or chat, as resolved for MODEL's tokenizer
 
 
-def epoch_batches(r: Run, epoch: int) -> list[list[Example]]:
-    """The epoch's batch for each position of its step schedule (deterministic in SEED and epoch: resume is exact)."""
-    cfg, schedule = r.cfg, step_plan(r.cfg, len(r.examples))
-    side_batches = {side: batches(len(r.examples), size, r.plan.seed, epoch, side, cfg.SHUFFLE)
-                    for side, size in (("sft", cfg.SFT_BATCH), ("ppo", cfg.PPO_BATCH))}
-    seen, out = {"sft": 0, "ppo": 0}, []
-    for phase in schedule:
-        out.append([r.examples[i] for i in side_batches[phase][seen[phase]]])
-        seen[phase] += 1
-    return out
+def draw(r: Run, state: RunState, side: str, n: int) -> list[Example]:
+    """The next n items (fewer at the epoch's end) of a side's stream: the epoch's order from where it stopped. Every
+    item is drawn once per epoch, also when DYNAMIC_SAMPLING draws more than PPO_BATCH for an update."""
+    order = epoch_order(len(r.examples), r.plan.seed, state.epoch, side, r.cfg.SHUFFLE)
+    start = state.drawn[side]
+    state.drawn[side] = min(len(order), start + n)
+    return [r.examples[i] for i in order[start:state.drawn[side]]]
 
 
-def take_step(r: Run, state: RunState, phase: str, batch: list[Example], epoch: int) -> dict:
-    """One SFT step or PPO update; a BadStep is counted and logged, not raised -> the step's record."""
+def take_step(r: Run, state: RunState, phase: str) -> Optional[dict]:
+    """One SFT step or PPO update on the next batch of its side's stream; a BadStep is counted and logged, not raised
+    -> the step's record (None: that side's items are used up in this epoch)."""
     t0 = time.perf_counter()
+    batch = draw(r, state, phase, r.cfg.SFT_BATCH if phase == "sft" else r.cfg.PPO_BATCH)
+    state.pos += 1
+    if not batch:
+        return None
     try:
         progress = state.step / max(1, r.plan.total_steps - 1)  # the mix's mu schedule
-        stats = r.trainer.sft_step(batch) if phase == "sft" else r.trainer.ppo_update(batch, progress)
+        stats = (r.trainer.sft_step(batch) if phase == "sft" else
+                 r.trainer.ppo_update(batch, progress, draw=lambda n: draw(r, state, "ppo", n)))
         state.bad_streak = 0
     except BadStep as e:
         state.bad_streak += 1
         state.bad_total += 1
         stats = {f"{phase}/skipped": 1, "skipped_reason": str(e)}
         warn(f"step {state.step + 1} ({phase}) skipped: {e}")
-    state.pos += 1
     state.step += 1
-    record = {"step": state.step, "epoch": epoch, "phase": phase, **stats, "skipped_total": state.bad_total,
+    record = {"step": state.step, "epoch": state.epoch, "phase": phase, **stats, "skipped_total": state.bad_total,
               "time/step_s": time.perf_counter() - t0}
     r.metrics.log(record)
     return record
+
+
+def resumed_draws(r: Run, state: RunState) -> dict:
+    """A checkpoint of an earlier version has no stream positions: every step before it drew a whole batch."""
+    schedule = step_plan(r.cfg, len(r.examples))[:state.pos]
+    return {side: min(len(r.examples), schedule.count(side) * size) for side, size in (("sft", r.cfg.SFT_BATCH), ("ppo", r.cfg.PPO_BATCH))}
 
 
 def train_loop(r: Run, state: RunState, stop: "StopRequest") -> int:
@@ -2683,13 +2813,16 @@ def train_loop(r: Run, state: RunState, stop: "StopRequest") -> int:
     cfg, schedule, first_step = r.cfg, step_plan(r.cfg, len(r.examples)), state.step + 1  # first and last steps print
     bar = tqdm(total=r.plan.total_steps, initial=state.step, desc=cfg.MODE, unit="step", dynamic_ncols=True, disable=not is_main())
     with contextlib.closing(bar):
-        for epoch in range(state.epoch, cfg.EPOCHS):
-            batches_ = epoch_batches(r, epoch)
+        if state.pos and not any(state.drawn.values()):
+            state.drawn = resumed_draws(r, state)
+        while state.epoch < cfg.EPOCHS:
             while state.pos < len(schedule):
                 phase = schedule[state.pos]
                 if cfg.REF_UPDATE == "cycle" and phase == "ppo" and state.pos > 0 and schedule[state.pos - 1] == "sft":
                     r.trainer.sync_reference()
-                record = take_step(r, state, phase, batches_[state.pos], epoch)
+                record = take_step(r, state, phase)
+                if record is None:  # this side's items ran out early (DYNAMIC_SAMPLING drew them): the slot is empty
+                    continue
                 bar.update(1)
                 if (state.step % cfg.LOG_EVERY == 0 or state.step in (first_step, r.plan.total_steps)) and is_main():
                     bar.write(summary_line(record))
@@ -2709,8 +2842,7 @@ def train_loop(r: Run, state: RunState, stop: "StopRequest") -> int:
                     return 128 + (stop.signum or signum)
                 if cfg.CLEANSE and r.trainer.device.type == "cuda" and phase != schedule[min(state.pos, len(schedule) - 1)]:
                     torch.cuda.empty_cache()
-            state.epoch += 1
-            state.pos = 0
+            state.epoch, state.pos, state.drawn = state.epoch + 1, 0, {"sft": 0, "ppo": 0}
     return 0
 
 
@@ -3040,15 +3172,10 @@ def write_report(out_dir: Path, records: list[dict], cfg: Optional[Config] = Non
     before, after = first["samples"], last["samples"]
     categories = sorted({s.get("category") for s in after if s.get("category") is not None})
     if categories:
-        rows = ["| category | items | reward before | reward after | contains reference before | after |", "|---|---|---|---|---|---|"]
-        for c in categories:
-            idx = [i for i, s in enumerate(after) if s.get("category") == c]
-            reward_b, reward_a = (np.mean([xs[i]["reward"] or 0.0 for i in idx]) for xs in (before, after))
-            rows.append(f"| {c} | {len(idx)} | {reward_b:.3f} | {reward_a:.3f} | "
-                        f"{sum(before[i]['contains'] for i in idx)}/{len(idx)} | {sum(after[i]['contains'] for i in idx)}/{len(idx)} |")
         parts += ["## By category\n", "The same evaluation grouped by the items' category (`CATEGORY_FIELD`): the mean reward, "
-                  "and how many responses contain the reference. A category whose count falls is knowledge the model lost.\n",
-                  "\n".join(rows) + "\n"]
+                  "and how many responses contain the reference (with several samples per item: summed over items of each "
+                  "one's share of samples). A category whose count falls is knowledge the model lost.\n",
+                  category_table(before, after, categories) + "\n"]
     delta = [((a["reward"] or 0.0) - (b["reward"] or 0.0), i) for i, (b, a) in enumerate(zip(before, after))]
     improved = [i for d, i in sorted(delta, reverse=True) if d > 0][:3]
     worse = [i for d, i in sorted(delta) if d < 0][:3]
@@ -3069,6 +3196,28 @@ def write_report(out_dir: Path, records: list[dict], cfg: Optional[Config] = Non
             parts.append(f"![{p.stem}]({p.name})\n\n{PLOT_CAPTIONS[p.stem[5:]]}\n")
     (out_dir / "report.md").write_text("\n".join(parts))
     return table
+
+
+def category_table(before: list[dict], after: list[dict], categories: list) -> str:
+    """Per category, before -> after: the mean reward, the responses that contain the reference, and with several
+    samples per item (pass@k evaluation) pass@1, pass@k and maj@k."""
+    sampled, voted = "passes" in after[0], "majority" in after[0]
+    k = after[0].get("k", 1)
+    head = "| category | items | reward before | reward after | contains reference before | after |"
+    if sampled:
+        head += f" pass@1 before | after | pass@{k} before | after |" + (f" maj@{k} before | after |" if voted else "")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    measures = [lambda s: pass_at_k(s["k"], s["passes"], 1), lambda s: pass_at_k(s["k"], s["passes"], s["k"])]
+    measures += [lambda s: float(s["majority"])] if voted else []
+    for c in categories:
+        idx = [i for i, s in enumerate(after) if s.get("category") == c]
+        reward_b, reward_a = (np.mean([xs[i]["reward"] or 0.0 for i in idx]) for xs in (before, after))
+        row = (f"| {c} | {len(idx)} | {reward_b:.3f} | {reward_a:.3f} | "
+               f"{sum(before[i]['contains'] for i in idx):g}/{len(idx)} | {sum(after[i]['contains'] for i in idx):g}/{len(idx)} |")
+        if sampled:
+            row += "".join(f" {np.mean([measure(xs[i]) for i in idx]):.3f} |" for measure in measures for xs in (before, after))
+        rows.append(row)
+    return "\n".join(rows)
 
 
 def model_card(cfg: Config, n_train: int, table: str) -> str:
@@ -3194,10 +3343,12 @@ def resumed_facts(cfg: Config, checkpoint: Path) -> tuple[int, Optional[bool]]:
     return saved["SEED"], bf16
 
 
-def build_reward(cfg: Config, device, ref_lm=None, tokenizer=None, spec: Optional[dict] = None, sample: Optional[Example] = None):
+def build_reward(cfg: Config, device, ref_lm=None, tokenizer=None, spec: Optional[dict] = None, sample: Optional[Example] = None,
+                 rows: Optional[list] = None):
     """rewards.make_reward for REWARD (or `spec`), with what rewards need from the trainer in its context: the
     reference model (perplexity "reference"), the trainer's model locator and loader (aliases, .gguf), the
-    TRUST_REMOTE_CODE opt-in, and one training item for the trial call of a "python" reward."""
+    TRUST_REMOTE_CODE opt-in, one training item for the trial call of a "python" reward, the tokenizer (overlong),
+    and every row it will score, (where, reference, item), for the checks at load (math's gold answers, code's tests)."""
     import rewards
 
     def load_causal_lm(path: Path, device):  # rewards' plain loader, after converting a .gguf once
@@ -3205,7 +3356,8 @@ def build_reward(cfg: Config, device, ref_lm=None, tokenizer=None, spec: Optiona
 
     context = dict(locate_model=lambda name: locate_model(name, key="model"), load_causal_lm=load_causal_lm,
                    trust_remote_code=cfg.TRUST_REMOTE_CODE,
-                   sample=(sample.target, sample.target, sample.prompt, sample.item) if sample else None)
+                   sample=(sample.target, sample.target, sample.prompt, sample.item) if sample else None,
+                   tokenizer=tokenizer, rows=rows or [], say=say)
     try:
         return rewards.make_reward(spec or cfg.REWARD, device=device, reference=(ref_lm, tokenizer) if ref_lm is not None else None,
                                    **context)
@@ -3281,7 +3433,9 @@ def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, o
     examples = tokenize_examples(examples, cfg, tokenizer, fmt, "TRAIN_FILE", plan.maxseq)
     eval_examples = tokenize_examples(eval_examples, cfg, tokenizer, fmt, "EVAL_FILE", plan.maxseq) if eval_examples else []
     if reward is None and needs_reward(cfg):
-        reward = build_reward(cfg, device, ref_lm, tokenizer, sample=examples[0])
+        rows = [(f"{key} {path!r} row {e.index}", e.target, e.item) for key, path, part in
+                (("TRAIN_FILE", cfg.TRAIN_FILE, examples), ("EVAL_FILE", cfg.EVAL_FILE, eval_examples)) for e in part]
+        reward = build_reward(cfg, device, ref_lm, tokenizer, sample=examples[0], rows=rows)
     eval_metrics = {"reward": reward, **{k: build_reward(cfg, device, spec=v) for k, v in EVAL_METRICS.items()}} if eval_examples else {}
     if cfg.MODE != "sft" and (off := sampling_is_off_policy(cfg)):
         warn(f"sampling with {', '.join(off)} draws responses from a distribution other than the policy's, so the PPO "

@@ -15,17 +15,29 @@ Models are loaded once per process (shared between specs) and scored in batches.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import difflib
 import importlib.util
 import inspect
+import json
 import math
+import os
 import pickle
+import queue
 import re
+import select
+import shutil
+import signal
 import string
+import subprocess
+import sys
+import time
 import typing
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Annotated, Any, Callable, Literal, NamedTuple, Optional
 
 BatchFn = Callable[[list, list, list, list], list]
 
@@ -58,6 +70,9 @@ class Context:
     load_causal_lm: Callable[..., tuple] = plain_causal_lm  # (path, device) -> (model, tokenizer)
     trust_remote_code: bool = False  # the config's TRUST_REMOTE_CODE: allows the "python" reward type
     sample: Optional[tuple] = None  # (response, target, prompt, item) of one training item: a trial call at load
+    tokenizer: Any = None  # the trainer's tokenizer (overlong counts tokens with it)
+    rows: list = field(default_factory=list)  # (label, target, item) of every row the reward will score: checked at load
+    say: Callable[[str], None] = print  # a line for the run's first lines (the trainer's: the main process only)
 
 
 # ==================================================================================================
@@ -403,6 +418,512 @@ def _python_file(path: str, trusted: Optional[bool]) -> Path:
     return file
 
 
+# ==================================================================================================
+# Verifiable rewards: math answers (math-verify), format and length (RLVR recipes), code run in a sandbox
+# ==================================================================================================
+MATH_EXTRACTORS = ("boxed", "hash", "answer_is", "last_number")
+_SHORT_ANSWER = re.compile(r"[^\n]{1,64}")
+_MATHY = re.compile(r"[\d\\=+\-*/^(){}\[\]<>]")  # a digit, a LaTeX command or an operator
+_INTEGER = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+|[-+]?\d+")
+_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+_ANSWER_IS = re.compile(r"answer is\s*:?\s*(.+?)(?:\.\s|\.?\s*$|\n)", re.IGNORECASE)
+
+
+def last_boxed(text: str) -> Optional[str]:
+    """The content of the last \\boxed{...} (or \\fbox{...}), braces balanced; None if there is none."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i, depth = text.index("{", start), 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j].strip()
+    return None
+
+
+def extract_answer(text: str, order: tuple = MATH_EXTRACTORS) -> Optional[str]:
+    """A response's (or a worked solution's) final answer, by the first of `order` that finds one: the last
+    \\boxed{}, a GSM8K-style `#### 42` line, "the answer is 42", the last number."""
+    for how in order:
+        if how == "boxed":
+            found = last_boxed(text)
+        elif how == "hash":
+            lines = [line.split("####", 1)[1].split() for line in text.splitlines() if "####" in line]
+            found = lines[-1][0] if lines and lines[-1] else None  # "#### 42" (GSM8K): the token after the marks
+        elif how == "answer_is":
+            matches = _ANSWER_IS.findall(text)
+            found = matches[-1].strip().strip("$").strip() if matches else None
+        else:
+            numbers = _NUMBER.findall(text)
+            found = numbers[-1].rstrip(",") if numbers else None
+        if found:
+            return found
+    return None
+
+
+def _as_integer(answer: str) -> Optional[int]:
+    """A plain integer answer ("1,000", "-3", "+42", "$5", "5."), or None: the fast path that needs no sympy."""
+    s = answer.strip().replace("\\$", "").replace("$", "").replace("\\!", "").strip().rstrip(".")
+    return int(s.replace(",", "")) if _INTEGER.fullmatch(s) else None
+
+
+def _math_parse(answer: str):
+    """math-verify's parse of an extracted answer: as LaTeX first (sets, intervals, fractions), then as plain text.
+    No signal-based timeout (that works only on a main thread): the caller bounds the time in a worker process."""
+    from math_verify import parse
+
+    return parse(f"${answer}$", parsing_timeout=None) or parse(answer, parsing_timeout=None)
+
+
+def _math_equal(gold: str, pred: str) -> tuple[bool, bool]:
+    """(pred parses, pred equals gold) by math-verify (its numeric rounding, sets, intervals, equations)."""
+    from math_verify import verify
+
+    parsed = _math_parse(pred)
+    return bool(parsed), bool(parsed) and verify(_math_parse(gold), parsed, timeout_seconds=None)
+
+
+_MATH_WORKER = """
+import json, logging, sys
+sys.path.insert(0, sys.argv[1])
+import rewards
+logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" notes: the timeout is ours
+for line in sys.stdin:
+    gold, pred = json.loads(line)
+    try:
+        result = rewards._math_equal(gold, pred)
+    except Exception:  # math-verify failing on an odd answer: unparsable, not a crash
+        result = (False, False)
+    sys.stdout.write(json.dumps(result) + "\\n")
+    sys.stdout.flush()
+"""
+
+
+class MathChecker:
+    """math-verify in `workers` child processes of its own (plain Python: no trainer state, no CUDA), each answer
+    bounded by `timeout` seconds from any thread and any process (math-verify's own timeout uses signal.alarm, which
+    works only on a main thread): a child that overruns is killed and replaced, and the answer scored wrong.
+    Integer answers on both sides (GSM8K) are compared here, without sympy."""
+
+    def __init__(self, timeout: float, workers: int):
+        self.timeout, self.workers, self.idle = timeout, workers, queue.SimpleQueue()
+        self.children: list = []
+        weakref.finalize(self, _kill_all, self.children)
+
+    def _child(self):
+        try:
+            return self.idle.get_nowait()
+        except queue.Empty:
+            child = subprocess.Popen([sys.executable, "-I", "-c", _MATH_WORKER, str(Path(__file__).resolve().parent)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={"PATH": os.defpath})
+            self.children.append(child)
+            return child
+
+    def _ask(self, pair: tuple[str, str]) -> tuple[bool, bool]:
+        child = self._child()
+        child.stdin.write(json.dumps(pair) + "\n")
+        child.stdin.flush()
+        if not select.select([child.stdout], [], [], self.timeout)[0]:
+            child.kill()  # hung (or far too slow): this answer is wrong, the next one gets a fresh child
+            child.wait()
+            self.children.remove(child)
+            return False, False
+        line = child.stdout.readline()
+        if not line:  # the child died
+            self.children.remove(child)
+            return False, False
+        self.idle.put(child)
+        return tuple(json.loads(line))
+
+    def check(self, pairs: list[tuple[str, str]]) -> list[tuple[bool, bool]]:
+        """(gold, pred) answer pairs -> (pred parses, pred equals gold) each."""
+        out: list = [None] * len(pairs)
+        slow = []
+        for i, (gold, pred) in enumerate(pairs):
+            g, p = _as_integer(gold), _as_integer(pred)
+            if g is not None and p is not None:
+                out[i] = (True, g == p)
+            else:
+                slow.append(i)
+        if slow:
+            with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+                for i, result in zip(slow, pool.map(self._ask, [pairs[i] for i in slow])):
+                    out[i] = result
+        return out
+
+    def parses(self, answers: list[str]) -> list[bool]:
+        """Whether each answer parses (a gold answer that does not is a data error, said at load)."""
+        return [parses for parses, _ in self.check([(a, a) for a in answers])]
+
+
+def _kill_all(children: list) -> None:
+    for child in children:
+        child.kill()
+
+
+def math_answer(ctx: Context, extract: Optional[list] = None, answer_field: Optional[str] = None, format_score: float = 0.0,
+         timeout: Annotated[float, ">0"] = 5.0, workers: Annotated[int, ">=1"] = 2) -> BatchFn:
+    """1.0 when the response's final answer equals the reference's by math-verify (\\frac{1}{2} = 0.5 = 1/2, 1,000 =
+    1000, x = 3 = 3, sets, intervals), format_score when it has a parsable answer that is wrong, else 0. extract: where
+    the final answer is found, in order: boxed (the last \\boxed{}), hash (a `#### 42` line), answer_is ("the answer
+    is 42"), last_number. answer_field: the item's column holding the gold answer (default: extracted from the
+    reference response the same way). timeout: seconds per response, in worker processes."""
+    extract = list(MATH_EXTRACTORS) if extract is None else extract
+    unknown = [e for e in extract if e not in MATH_EXTRACTORS]
+    if unknown or not extract:
+        raise RewardSpecError(f"extract must be a non-empty list of {', '.join(MATH_EXTRACTORS)}; got {extract!r}")
+    order = tuple(extract)
+    checker = MathChecker(timeout, workers)
+
+    gold_order = tuple(e for e in order if e != "last_number")
+
+    def gold(target: str, item: Optional[dict]) -> Optional[str]:
+        """The gold answer: from answer_field's column or the reference, found like a response's, except that a
+        reference of one short line with no \\boxed / #### / "answer is" is the answer itself (\\frac{1}{3}, not 3)."""
+        text = str((item or {}).get(answer_field)) if answer_field is not None and (item or {}).get(answer_field) is not None \
+            else None if answer_field is not None else target
+        if text is None:
+            return None
+        found = extract_answer(text, gold_order)
+        if found is None and _SHORT_ANSWER.fullmatch(text.strip()):
+            found = text.strip().strip("$").strip()
+        return found or extract_answer(text, order)
+
+    _check_gold_answers(ctx, gold, checker, answer_field)
+
+    def fn(responses, targets, prompts, items):
+        golds = [gold(t, it) for t, it in zip(targets, items)]
+        preds = [extract_answer(r, order) for r in responses]
+        todo = [i for i, (g, p) in enumerate(zip(golds, preds)) if g is not None and p is not None]
+        checked = dict(zip(todo, checker.check([(golds[i], preds[i]) for i in todo])))
+        return [(1.0 if checked[i][1] else format_score if checked[i][0] else 0.0) if i in checked else 0.0
+                for i in range(len(responses))]
+
+    fn.answer = lambda response: extract_answer(response, order)  # maj@k votes over these
+    fn.same = lambda a, b: checker.check([(a, b)])[0][1]
+    fn.gold = gold
+    return fn
+
+
+def math_part(reward: "Reward") -> Optional[Callable]:
+    """The math reward's function inside a built reward (itself, or a weighted_sum component), or None."""
+    fns = [reward.fn] + [r.fn for r, _ in getattr(reward.fn, "parts", [])]
+    return next((f for f in fns if hasattr(f, "gold") and hasattr(f, "answer")), None)
+
+
+def majority_correct(fn: Callable, responses: list[str], target: str, item: Optional[dict]) -> bool:
+    """maj@k for one item: the answer most of the responses give (integers by value, others by their text without
+    spaces; ties: the first given) equals the gold answer."""
+    answers = [a for a in (fn.answer(r) for r in responses) if a]
+    gold = fn.gold(target, item)
+    if not answers or gold is None:
+        return False
+    keys = [str(_as_integer(a)) if _as_integer(a) is not None else "".join(a.split()) for a in answers]
+    top = max(keys, key=lambda key: (keys.count(key), -keys.index(key)))
+    return bool(fn.same(gold, answers[keys.index(top)]))
+
+
+def _check_gold_answers(ctx: Context, gold: Callable, checker: MathChecker, answer_field: Optional[str]) -> None:
+    """Every row's gold answer must parse: a row whose reference has none is a data error, named here at load."""
+    rows = [(where, gold(target, item)) for where, target, item in ctx.rows]
+    where_from = f"column {answer_field!r}" if answer_field else "the reference response"
+    for where, answer in rows:
+        if answer is None:
+            raise RewardSpecError(f"math: {where}: no gold answer in {where_from} (looked for a \\boxed{{}}, a '#### 42' line, "
+                                  f"'the answer is', a number); set \"answer_field\" to the column that holds it")
+    answers = [a for _, a in rows]
+    for (where, answer), ok in zip(rows, checker.parses(answers)):
+        if not ok or (not _MATHY.search(answer) and len(answer.split()) > 1):  # words, not an answer
+            raise RewardSpecError(f"math: {where}: the gold answer {answer!r} (from {where_from}) cannot be parsed by math-verify")
+
+
+def think_format(ctx: Context, open: str = "<think>", close: str = "</think>") -> BatchFn:
+    """1.0 when the response opens with one open...close reasoning block (TRL's think_format_reward, tags
+    configurable), else 0.0; the answer after it is checked by another reward (math, in a weighted_sum)."""
+    if not open or not close:
+        raise RewardSpecError('think_format needs non-empty "open" and "close" tags')
+    # trl/rewards/format_rewards.py think_format_reward's pattern, with the tags given
+    pattern = re.compile(rf"^{re.escape(open)}(?!.*{re.escape(open)})(.*?){re.escape(close)}.*$", re.DOTALL | re.MULTILINE)
+    return lambda responses, targets, prompts, items: [float(pattern.match(r) is not None) for r in responses]
+
+
+def overlong(ctx: Context, max_length: Annotated[int, ">=1"] = 0, buffer: Annotated[int, ">=0"] = 0) -> BatchFn:
+    """DAPO's soft overlong punishment (TRL get_soft_overlong_punishment): 0 up to max_length - buffer tokens, then
+    linear down to -1 at max_length, -1 beyond. Tokens are counted with the trainer's tokenizer."""
+    if max_length < 1:
+        raise RewardSpecError('overlong needs "max_length": the response length (tokens) that scores -1')
+    if buffer > max_length:
+        raise RewardSpecError(f"overlong: buffer ({buffer}) must not exceed max_length ({max_length})")
+    if ctx.tokenizer is None:
+        raise RewardSpecError("overlong counts tokens with the trainer's tokenizer; outside the trainer pass "
+                              "make_reward(spec, tokenizer=...)")
+    tokenizer = ctx.tokenizer
+
+    def penalty(n: int) -> float:
+        if n <= max_length - buffer:
+            return 0.0
+        return (max_length - buffer - n) / buffer if n <= max_length else -1.0
+
+    return lambda responses, targets, prompts, items: [
+        penalty(len(tokenizer(r, add_special_tokens=False)["input_ids"])) for r in responses]
+
+
+# ---- the code sandbox: every program in a fresh child process, every limit on, every time ----
+_HARNESS = """
+import json, os, resource, sys
+job = json.loads(sys.stdin.read())
+sys.stdin.close()
+try:  # in a user namespace of its own, this counts the sandbox's processes only
+    resource.setrlimit(resource.RLIMIT_NPROC, (job["nproc"], job["nproc"]))
+except (ValueError, OSError):
+    pass
+ns = {"__name__": "solution"}
+passed = []
+try:
+    exec(compile(job["program"], "solution.py", "exec"), ns)
+    loaded = True
+except BaseException:  # SystemExit too: a program that exits early passes nothing
+    loaded = False
+if loaded and job["entry_point"]:
+    loaded = job["entry_point"] in ns
+    ns["candidate"] = ns.get(job["entry_point"])
+for test in job["tests"]:
+    ok = loaded
+    if ok:
+        try:
+            exec(compile(test, "tests.py", "exec"), ns)
+            if job["entry_point"] and callable(ns.get("check")) and "check(" not in test.split("def check", 1)[-1]:
+                ns.pop("check")(ns["candidate"])  # HumanEval style: tests define check(candidate)
+        except BaseException:
+            ok = False
+    passed.append(ok)
+sys.stdout.flush()
+os.write(1, ("\\n" + job["nonce"] + json.dumps(passed) + "\\n").encode())
+"""
+
+
+class Isolation(NamedTuple):
+    level: str  # "namespaces" (bubblewrap), or "limits" (resource limits, a fresh session and directory)
+    detail: str  # what is in force, for the run's first lines
+
+
+def sandbox_isolation() -> Isolation:
+    """The strongest isolation this machine allows, probed once per process: bubblewrap (`bwrap`, e.g. Debian's
+    bubblewrap package) with user, PID, network, IPC, UTS and mount namespaces, a read-only system and nothing else
+    of the file system; else resource limits only."""
+    global _ISOLATION
+    if _ISOLATION is None:
+        detail = "resource limits, a fresh session and working directory, a cleared environment"
+        if os.geteuid() == 0:
+            detail += ", an unprivileged uid and a network namespace of its own"
+        _ISOLATION = Isolation("limits", f"{detail} (no bubblewrap: `apt install bubblewrap` for namespaces)")
+        if shutil.which("bwrap"):
+            probe = _run_sandboxed("print('ok')", [], None, SandboxLimits(10, 256, 16, 64), slot=0, force="namespaces")
+            if probe.output.strip().endswith("ok") or probe.passed == []:
+                _ISOLATION = Isolation("namespaces", "bubblewrap: user, PID, network, IPC, UTS and mount namespaces; the "
+                                                     "system read-only, nothing of the trainer's files, a private /tmp; " + detail)
+            else:
+                _ISOLATION = Isolation("limits", f"{detail} (bubblewrap is installed but failed here: {probe.output[-200:]!r})")
+    return _ISOLATION
+
+
+_ISOLATION: Optional[Isolation] = None
+SANDBOX_UID = 61000  # + the worker's slot: the uid a root trainer's programs run as (their own process count)
+
+
+class SandboxLimits(NamedTuple):
+    timeout: float  # wall-clock seconds (and CPU seconds, rounded up)
+    memory_mb: int  # address space per process
+    nproc: int  # processes at once
+    max_output_kb: int  # stdout + stderr kept; a program that prints more is stopped and scores 0
+
+
+class SandboxResult(NamedTuple):
+    passed: Optional[list]  # per test, or None: no result (killed, timed out, crashed before the end)
+    output: str  # the program's output, truncated
+    why: str  # "" or what stopped it
+
+
+def _sandbox_command(python: str, work: Path, level: str) -> list[str]:
+    if level != "namespaces":
+        return [python, "-I", "-S", "-c", _HARNESS]
+    mounts = ["--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", str(work), "/sandbox"]
+    for name in ("bin", "lib", "lib32", "lib64", "sbin"):  # merged-/usr systems: symlinks; else read-only binds
+        path = Path("/") / name
+        if path.is_symlink():
+            mounts += ["--symlink", os.readlink(path), f"/{name}"]
+        elif path.is_dir():
+            mounts += ["--ro-bind", str(path), f"/{name}"]
+    prefix = str(Path(python).resolve().parent.parent)  # an interpreter outside /usr (pyenv, conda): its install
+    if not prefix.startswith("/usr"):
+        mounts += ["--ro-bind", prefix, prefix]
+    return ["bwrap", *mounts, "--chdir", "/sandbox", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
+            "--setenv", "PATH", "/usr/bin:/bin", "--hostname", "sandbox", python, "-I", "-S", "-c", _HARNESS]
+
+
+def _sandbox_python() -> str:
+    """The interpreter programs run with: this Python's own base install (no virtual environment, no site
+    packages); a root trainer's programs run as an unprivileged uid, so they use the system's /usr/bin/python3
+    when this one lives where that uid cannot read (/root)."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    if os.geteuid() == 0 and not str(Path(base).resolve()).startswith("/usr/") and Path("/usr/bin/python3").exists():
+        return "/usr/bin/python3"
+    return base
+
+
+def _run_sandboxed(program: str, tests: list, entry_point: Optional[str], limits: SandboxLimits, slot: int,
+                   force: Optional[str] = None) -> SandboxResult:
+    """One program and its tests in a fresh child (bubblewrap when available), with every limit; the child and
+    all it started are gone when this returns, and its directory is deleted."""
+    import secrets
+    import tempfile
+
+    level = force or sandbox_isolation().level
+    nonce = secrets.token_hex(16)
+    job = json.dumps({"program": program, "tests": tests, "entry_point": entry_point, "nonce": nonce, "nproc": limits.nproc})
+    root = os.geteuid() == 0
+    uid = SANDBOX_UID + slot if root else os.geteuid()
+    with tempfile.TemporaryDirectory(prefix="sandbox-", ignore_cleanup_errors=True) as work:
+        if root:
+            os.chown(work, uid, uid)
+        cpu = math.ceil(limits.timeout) + 1
+        rlimits = {"RLIMIT_CPU": cpu, "RLIMIT_AS": limits.memory_mb << 20, "RLIMIT_FSIZE": 16 << 20, "RLIMIT_NOFILE": 64,
+                   "RLIMIT_CORE": 0}
+        if level != "namespaces":  # no user namespace: the limit counts this uid's processes
+            rlimits["RLIMIT_NPROC"] = limits.nproc
+        command = _sandbox_command(_sandbox_python(), Path(work), level)
+        launch = {"limits": rlimits, "netns": root and level != "namespaces", "uid": uid if root else None,
+                  "argv": [shutil.which(command[0]) or command[0], *command[1:]]}
+        # A fresh launcher process applies the limits and drops to the uid, then execs: no preexec_fn, which is not
+        # safe in a process with threads (the trainer's). start_new_session: a session of its own, killed as one.
+        child = subprocess.Popen([sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(launch)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=work, env={"PATH": "/usr/bin:/bin"},
+                                 start_new_session=True, close_fds=True)
+        output, why = _collect(child, job, limits)
+        _kill_group(child, uid if root and level != "namespaces" else None)
+    text = output.decode("utf-8", "replace")
+    at = text.rfind("\n" + nonce)
+    passed = None
+    if not why and at >= 0:
+        with contextlib.suppress(ValueError, TypeError):
+            passed = [x is True for x in json.loads(text[at + 1 + len(nonce):])]
+    passed = passed if passed is not None and len(passed) == len(tests) else None
+    return SandboxResult(passed, text[:at][-2000:] if at >= 0 else text[-2000:], why or ("" if passed is not None else "no result"))
+
+
+_LAUNCHER = """
+import ctypes, json, os, resource, sys
+job = json.loads(sys.argv[1])
+for name, value in job["limits"].items():
+    resource.setrlimit(getattr(resource, name), (value, value))
+if job["netns"] and ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0:  # CLONE_NEWNET
+    sys.exit("sandbox: cannot make a network namespace")
+if job["uid"] is not None:
+    os.setgroups([])
+    os.setgid(job["uid"])
+    os.setuid(job["uid"])
+os.execv(job["argv"][0], job["argv"])
+"""
+
+
+def _collect(child: subprocess.Popen, job: str, limits: SandboxLimits) -> tuple[bytes, str]:
+    """Feed the job, read the output up to max_output_kb until the child ends or the wall clock runs out."""
+    deadline = time.monotonic() + limits.timeout
+    with contextlib.suppress(BrokenPipeError, OSError):
+        child.stdin.write(job.encode())
+        child.stdin.close()
+    chunks, size, cap = [], 0, limits.max_output_kb << 10
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b"".join(chunks), f"timed out after {limits.timeout} s"
+        if not select.select([child.stdout], [], [], left)[0]:
+            continue
+        data = os.read(child.stdout.fileno(), 65536)
+        if not data:
+            child.wait()
+            return b"".join(chunks), ""
+        chunks.append(data)
+        size += len(data)
+        if size > cap + 4096:  # room for the result line
+            return b"".join(chunks)[:cap], f"printed more than {limits.max_output_kb} KB"
+
+
+def _kill_group(child: subprocess.Popen, uid: Optional[int]) -> None:
+    """Kill the child's session (in namespaces, its PID namespace dies with it); without namespaces, a root
+    trainer also kills every process left running as the program's uid (double forks that left the session)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)
+    child.kill()
+    child.wait()
+    child.stdout.close()
+    if uid is not None:
+        subprocess.run(["kill", "-9", "-1"], user=uid, group=uid, extra_groups=[], stderr=subprocess.DEVNULL)
+
+
+def extract_program(response: str) -> str:
+    """The last fenced ```python (or ```py, or bare ```) block of a response, or the whole response if it has none."""
+    blocks = re.findall(r"```(?:python|py|python3)?[ \t]*\n(.*?)```", response, re.DOTALL)
+    return blocks[-1] if blocks else response
+
+
+def code(ctx: Context, tests_field: str = "tests", mode: Literal["fraction", "all"] = "fraction", entry_point: Optional[str] = None,
+         timeout: Annotated[float, ">0"] = 5.0, memory_mb: Annotated[int, ">=16"] = 512, max_processes: Annotated[int, ">=1"] = 16,
+         max_output_kb: Annotated[int, ">=1"] = 64, workers: Annotated[int, ">=1"] = 2,
+         isolation: Literal["best", "require"] = "best") -> BatchFn:
+    """The fraction of the item's tests (`tests_field`: a list of assertion strings, or one string of test code) that
+    the response's program passes (mode "all": 1 or 0). The program (the last ```python block, or the whole
+    response) runs in a child process of its own: bubblewrap namespaces where available (no network, no files of the
+    trainer, a private /tmp), and always time, CPU, memory, process, file-size and output limits; crashes, timeouts
+    and anything hostile score 0. isolation "require": refuse to start without namespaces."""
+    where = sandbox_isolation()
+    if isolation == "require" and where.level != "namespaces":
+        raise RewardSpecError(f"code: isolation \"require\" needs bubblewrap namespaces, and this machine has {where.detail}")
+    ctx.say(f"code reward sandbox: {where.detail}; per program {timeout:g} s, {memory_mb} MB, {max_processes} processes, "
+            f"{max_output_kb} KB of output, {workers} at a time")
+    for label, _, item in ctx.rows:
+        if tests_field not in (item or {}):
+            raise RewardSpecError(f"code: {label} has no column {tests_field!r} (tests_field); its columns: {sorted(item or {})}")
+        _tests_of(item, tests_field, label)
+    limits = SandboxLimits(timeout, memory_mb, max_processes, max_output_kb)
+
+    def fn(responses, targets, prompts, items):
+        jobs = [(extract_program(r), _tests_of(it, tests_field, f"item {i}"), entry_point)
+                for i, (r, it) in enumerate(zip(responses, items))]
+        slots = queue.SimpleQueue()
+        for slot in range(workers):
+            slots.put(slot)
+
+        def one(job):
+            slot = slots.get()
+            try:
+                return _run_sandboxed(*job, limits, slot)
+            finally:
+                slots.put(slot)
+
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(one, jobs))
+        scores = []
+        for result, (_, tests, _) in zip(results, jobs):
+            passed = result.passed or [False] * len(tests)
+            scores.append(float(all(passed)) if mode == "all" else sum(passed) / len(passed))
+        fn.last_results = results
+        return scores
+
+    return fn
+
+
+def _tests_of(item: Optional[dict], field: str, label: str) -> list:
+    tests = (item or {}).get(field)
+    if isinstance(tests, str) and tests.strip():
+        return [tests]
+    if isinstance(tests, list) and tests and all(isinstance(t, str) for t in tests):
+        return tests
+    raise RewardSpecError(f"code: {label}, column {field!r}: expected a list of assertion strings or one string of test code, "
+                          f"got {str(tests)[:80]!r}")
+
+
 REWARDS: dict[str, Callable[..., BatchFn]] = {
     "cosine_sts": cosine_sts,
     "perplexity": perplexity,
@@ -420,6 +941,10 @@ REWARDS: dict[str, Callable[..., BatchFn]] = {
     "repetition": repetition,
     "weighted_sum": weighted_sum,
     "python": python,
+    "math": math_answer,
+    "code": code,
+    "think_format": think_format,
+    "overlong": overlong,
 }
 
 
@@ -506,7 +1031,7 @@ COMMON_FIELDS = {"type", "weight", "postprocess", "name"}
 
 def _fields(builder: Callable, skip_ctx: bool) -> dict[str, Any]:
     """A builder's spec fields -> their annotations (the first parameter, ctx, is not a field)."""
-    hints = typing.get_type_hints(builder)
+    hints = typing.get_type_hints(builder, include_extras=True)
     names = list(inspect.signature(builder).parameters)
     return {name: hints.get(name, Any) for name in (names[1:] if skip_ctx else names)}
 
@@ -514,6 +1039,11 @@ def _fields(builder: Callable, skip_ctx: bool) -> dict[str, Any]:
 def _type_ok(value: Any, annotation: Any) -> tuple[bool, str]:
     """Check a JSON value against a builder annotation (str, int, float, bool, list, Any, Optional, Literal)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:  # a type and a bound: Annotated[float, ">0"]
+        ok, expected = _type_ok(value, args[0])
+        op, bound = re.fullmatch(r"(>=|>)(-?[\d.]+)", args[1]).groups()
+        within = ok and (value >= float(bound) if op == ">=" else value > float(bound))
+        return within, f"{expected} {op} {bound}"
     if annotation is Any:
         return True, "any"
     if origin is typing.Union:

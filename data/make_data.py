@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
-"""Generate the demo data: instruction -> short exact answer, in train.json (300) and eval.json (60).
+"""Generate the data files. Deterministic: `python data/make_data.py` rewrites the same files.
 
-Templated factual, arithmetic, formatting and rewriting tasks whose references are exact, so BLEU,
-ROUGE, chrF and exact match measure real progress. Train and eval use disjoint facts and numbers.
-Deterministic: `python data/make_data.py` rewrites the same files.
+- train.json (300) and eval.json (60): the demo, instruction -> short exact answer. Templated factual,
+  arithmetic, formatting and rewriting tasks whose references are exact, so BLEU, ROUGE, chrF and exact match
+  measure real progress. Train and eval use disjoint facts and numbers.
+- math_train.json (400) and math_eval.json (100): grade-school arithmetic word problems for the math reward
+  (RLVR), in the prompt-completion format: the question as a chat prompt, a short worked solution ending in
+  `#### <answer>` as the completion, the answer, and a category (neither is part of the prompt). One- and
+  two-step problems with numbers up to 9; the held-out problems use other names and things.
+- code.json (12): small Python functions with assertion tests, for the code reward (`tests`, `entry_point`).
 """
 
 import json
@@ -73,6 +78,90 @@ def build(n: int, seed: int, countries, words, opposites, numbers, seen=frozense
             return items
 
 
+NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivan", "Jade", "Kai", "Lena", "Milo", "Nora",
+         "Omar", "Pia", "Quinn", "Rosa", "Sam", "Tara"]
+THINGS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "stamps", "shells", "cards", "balloons",
+          "buttons", "candles", "eggs", "flowers", "coins", "toys"]
+
+
+def math_problem(rng: random.Random, names, things, low: int, high: int) -> dict:
+    """One word problem: {question, solution (worked, ending in #### answer), answer, category}."""
+    kind = rng.choice(["add", "subtract", "multiply", "divide", "two_step", "compare"])
+    name, thing = rng.choice(names), rng.choice(things)
+    a, b = rng.randint(low, high), rng.randint(2, 9)
+    if kind == "add":
+        q, steps, answer = (f"{name} has {a} {thing}. {name} gets {b} more. How many {thing} does {name} have now?",
+                            f"{a} + {b} = {a + b}", a + b)
+    elif kind == "subtract":
+        q, steps, answer = (f"{name} had {a + b} {thing} and gave away {b}. How many {thing} are left?",
+                            f"{a + b} - {b} = {a}", a)
+    elif kind == "multiply":
+        q, steps, answer = (f"Each bag holds {b} {thing}. How many {thing} are in {a} bags?", f"{a} * {b} = {a * b}", a * b)
+    elif kind == "divide":
+        q, steps, answer = (f"{name} shares {a * b} {thing} equally among {b} friends. How many {thing} does each friend get?",
+                            f"{a * b} / {b} = {a}", a)
+    elif kind == "two_step":
+        c = rng.randint(1, a * b - 1)
+        q, steps, answer = (f"{name} buys {a} boxes of {b} {thing} and gives away {c}. How many {thing} does {name} keep?",
+                            f"{a} * {b} = {a * b}, and {a * b} - {c} = {a * b - c}", a * b - c)
+    else:
+        other = rng.choice([n for n in names if n != name])
+        q, steps, answer = (f"{name} has {a + b} {thing} and {other} has {a}. How many more {thing} does {name} have?",
+                            f"{a + b} - {a} = {b}", b)
+    return {"prompt": [{"role": "user", "content": f"{q} {MATH_ASK}"}], "completion": f"{steps}.\n#### {answer}",
+            "answer": str(answer), "category": kind}
+
+
+MATH_ASK = "Show the calculation, then give the final answer after ####."
+
+
+def math_set(n: int, seed: int, names, things, low: int, high: int, seen=frozenset()) -> list:
+    rng, items, keys = random.Random(seed), [], set(seen)
+    while len(items) < n:
+        item = math_problem(rng, names, things, low, high)
+        if item["prompt"][0]["content"] not in keys:
+            keys.add(item["prompt"][0]["content"])
+            items.append(item)
+    return items
+
+
+CODE = [  # (entry point, prompt, tests)
+    ("add", "Write a Python function add(a, b) that returns the sum of a and b.", ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]),
+    ("is_even", "Write a Python function is_even(n) that returns True when n is even.",
+     ["assert is_even(4) is True", "assert is_even(7) is False", "assert is_even(0) is True"]),
+    ("reverse", "Write a Python function reverse(s) that returns the string s reversed.",
+     ["assert reverse('abc') == 'cba'", "assert reverse('') == ''"]),
+    ("maximum", "Write a Python function maximum(xs) that returns the largest number in the list xs.",
+     ["assert maximum([1, 5, 3]) == 5", "assert maximum([-2, -7]) == -2"]),
+    ("count_vowels", "Write a Python function count_vowels(s) that counts the vowels (a, e, i, o, u) in s.",
+     ["assert count_vowels('hello') == 2", "assert count_vowels('sky') == 0", "assert count_vowels('AEIOU'.lower()) == 5"]),
+    ("factorial", "Write a Python function factorial(n) that returns n! for n >= 0.",
+     ["assert factorial(0) == 1", "assert factorial(5) == 120"]),
+    ("square_all", "Write a Python function square_all(xs) that returns a list of the squares of xs.",
+     ["assert square_all([1, 2, 3]) == [1, 4, 9]", "assert square_all([]) == []"]),
+    ("first_word", "Write a Python function first_word(s) that returns the first word of the sentence s.",
+     ["assert first_word('hello big world') == 'hello'", "assert first_word('one') == 'one'"]),
+    ("sum_list", "Write a Python function sum_list(xs) that returns the sum of the numbers in xs.",
+     ["assert sum_list([1, 2, 3]) == 6", "assert sum_list([]) == 0"]),
+    ("is_palindrome", "Write a Python function is_palindrome(s) that returns True when s reads the same backwards.",
+     ["assert is_palindrome('level') is True", "assert is_palindrome('abc') is False"]),
+    ("fizz", "Write a Python function fizz(n) that returns 'Fizz' when n is divisible by 3, else str(n).",
+     ["assert fizz(9) == 'Fizz'", "assert fizz(4) == '4'"]),
+    ("average", "Write a Python function average(xs) that returns the mean of a non-empty list of numbers.",
+     ["assert average([2, 4]) == 3", "assert average([5]) == 5"]),
+]
+
+
+CODE_SOLUTIONS = [
+    "def add(a, b):\n    return a + b", "def is_even(n):\n    return n % 2 == 0", "def reverse(s):\n    return s[::-1]",
+    "def maximum(xs):\n    return max(xs)", "def count_vowels(s):\n    return sum(c in 'aeiou' for c in s)",
+    "def factorial(n):\n    return 1 if n == 0 else n * factorial(n - 1)", "def square_all(xs):\n    return [x * x for x in xs]",
+    "def first_word(s):\n    return s.split()[0]", "def sum_list(xs):\n    return sum(xs)",
+    "def is_palindrome(s):\n    return s == s[::-1]", "def fizz(n):\n    return 'Fizz' if n % 3 == 0 else str(n)",
+    "def average(xs):\n    return sum(xs) / len(xs)",
+]
+
+
 def main() -> None:
     here = Path(__file__).resolve().parent
     countries = sorted(CAPITALS)
@@ -85,7 +174,16 @@ def main() -> None:
                   seen={x["instruction"] for x in train})
     (here / "train.json").write_text(json.dumps(train, indent=1) + "\n")
     (here / "eval.json").write_text(json.dumps(evals, indent=1) + "\n")
-    print(f"wrote {len(train)} train and {len(evals)} eval items to {here}")
+    math_train = math_set(400, 3, NAMES[:14], THINGS[:11], 1, 9)
+    # held out: other names and things, and numbers from a range of their own
+    math_eval = math_set(100, 4, NAMES[14:], THINGS[11:], 1, 9, seen={x["prompt"][0]["content"] for x in math_train})
+    (here / "math_train.json").write_text(json.dumps(math_train, indent=1) + "\n")
+    (here / "math_eval.json").write_text(json.dumps(math_eval, indent=1) + "\n")
+    code = [{"prompt": prompt, "completion": f"```python\n{solution}\n```", "tests": tests, "entry_point": name}
+            for (name, prompt, tests), solution in zip(CODE, CODE_SOLUTIONS)]
+    (here / "code.json").write_text(json.dumps(code, indent=1) + "\n")
+    print(f"wrote {len(train)} + {len(evals)} demo items, {len(math_train)} + {len(math_eval)} math problems and "
+          f"{len(code)} code tasks to {here}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,12 @@
                                         CONFIG_JSON: extra keys; with NUM_GENERATIONS 2 the rows form 4 groups of 2
                                         and the hybrid strategy (gate / mix) gets the 4 prompts as demonstrations
     python dist_helper.py fail_on_rank1 CONFIG.json                  the CLI, with rank 1 crashing at its first SFT step
+    python dist_helper.py dynamic MODEL OUT.safetensors          one GRPO update with DYNAMIC_SAMPLING; generation is
+                                        replaced by fixed responses per prompt, so that both process counts see the same
+                                        groups: prints the dynamic/* metrics, saves the weights
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -60,8 +64,46 @@ def fail_on_rank1(config: str) -> int:
     return ht.main([config])
 
 
+def dynamic(model: str, out: str) -> None:
+    """Prompts 0-7; prompt i's G = 2 responses are "yes yes" / "no" for odd i (scores 1, 0: signal) and "no" twice for
+    even i (no signal). PPO_BATCH 4 from prompts 0-3 keeps 2 groups, then draws 2 more (4, 5: one kept), then 1 more
+    (6: none) in MAX_SAMPLING_ROUNDS 3."""
+    from safetensors.torch import save_file
+
+    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": model, "TRAIN_FILE": "-", "OUTPUT_DIR": "-", "SEED": 3, "ADVANTAGE": "grpo",
+                               "NUM_GENERATIONS": 2, "PPO_BATCH": 4, "PPO_MINI": 2, "PPO_EPOCHS": 2, "LR_PPO": 1e-3,
+                               "DYNAMIC_SAMPLING": True, "MAX_SAMPLING_ROUNDS": 3, "TEMPERATURE": 1.0,
+                               "REWARD": {"type": "contains", "pattern": "yes"}})
+    device = torch.device("cpu")
+    ht.init_processes(device)
+    torch.manual_seed(0)
+    policy, ref, tok = ht.load_model(cfg, device)
+    import rewards
+
+    trainer = ht.HybridTrainer(cfg, policy, ref, tok, rewards.make_reward(cfg.REWARD))
+    examples = [ht.Example(index=i, item={}, target="yes", prompt=f"say {i}", prompt_ids=tok(f"say {i}")["input_ids"])
+                for i in range(8)]
+    by_prompt = {tuple(e.prompt_ids): e.index for e in examples}
+
+    def fixed(prompts, n=1, greedy=False, temperature=None):
+        texts = [("yes yes" if by_prompt[tuple(p)] % 2 and j == 0 else "no") for p in prompts for j in range(n)]
+        responses = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
+        return ht.Generation(responses, torch.ones(len(responses), dtype=torch.bool))
+
+    trainer.engine.generate = fixed
+    stream = iter(examples[4:])
+    stats = trainer.ppo_update(examples[:4], draw=lambda n: [e for _, e in zip(range(n), stream)])
+    state = ht.trainable_state(policy)
+    if ht.is_main():
+        save_file(state, out)
+        print("dynamic " + json.dumps({k: v for k, v in stats.items() if k.startswith("dynamic/")}), flush=True)
+    ht.barrier()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "ppo_step":
         ppo_step(*sys.argv[2:])
+    elif sys.argv[1] == "dynamic":
+        dynamic(*sys.argv[2:])
     else:
         sys.exit(fail_on_rank1(sys.argv[2]))

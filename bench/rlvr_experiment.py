@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""The README's RLVR experiment (not a test): SFT, RL or both on the math task, and what each costs the model's other
+knowledge. Each variant is configs/math_grpo.json plus its overrides, trained on the same 48 word problems at an equal
+budget (12 updates of 4 prompts x 8 sampled responses = 384 responses and 24 optimizer steps; SFT: 24 steps of 4
+demonstrations), evaluated on 50 held-out problems with 8 samples each at temperature 1 (pass@1, pass@8, maj@8) before
+and after, and on the demo's short-answer eval set (data/eval.json, greedy) before and after for retention: per task
+category, the responses that contain the reference.
+
+    python bench/rlvr_experiment.py --only sft,grpo --seeds 0,1,2      # appends to runs/rlvr/results.jsonl
+    python bench/rlvr_experiment.py --table                            # the markdown table of everything run so far
+
+One process at a time (2 threads); each run takes 5-8 minutes on a 2-core CPU.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "runs" / "rlvr"
+BUDGET = {"NUM_SAMPLES": 48, "EPOCHS": 1, "SAVE_EVERY": 0, "LOG_EVERY": 4}
+SFT_STEPS = {"SFT_BATCH": 4, "EPOCHS": 2, "LR_SFT": 2e-5}  # 24 steps of 4 demonstrations
+VARIANTS = {
+    "sft": {"MODE": "sft", **SFT_STEPS},
+    "grpo": {"MODE": "ppo"},
+    "rloo": {"MODE": "ppo", "ADVANTAGE": "rloo"},
+    # alternate: 12 SFT steps and 12 updates of one optimizer step each (PPO_MINI = PPO_BATCH): 24 steps
+    "alternate": {"MODE": "hybrid", "HYBRID": "alternate", "SFT_BATCH": 4, "PPO_MINI": 4, "LR_SFT": 2e-5},
+    "gate": {"MODE": "hybrid", "HYBRID": "gate", "GATE_THRESHOLD": 1.0},
+    "mix": {"MODE": "hybrid", "HYBRID": "mix", "MIX_COEF": 0.5, "MIX_COEF_END": 0.1, "MIX_SCHEDULE": "cosine"},
+}
+
+
+def retention(model: str, seed: int) -> dict:
+    """Greedy answers to data/eval.json: per category, [responses containing the reference, items]."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import hybrid_trainer as ht
+
+    cfg = ht.Config.from_dict({"MODE": "sft", "MODEL": model, "TRAIN_FILE": str(ROOT / "data" / "eval.json"), "OUTPUT_DIR": "-",
+                               "CATEGORY_FIELD": "category", "PROMPT_FORMAT": "chat", "MAX_NEW_TOKENS": 24, "SHUFFLE": False,
+                               "SEED": seed, "BF16": True})
+    policy, _, tok = ht.load_model(cfg, torch.device("cpu"), True)
+    examples = ht.tokenize_examples(ht.load_examples(cfg), cfg, tok, "chat", "TRAIN_FILE")
+    trainer = ht.HybridTrainer(cfg, policy, None, tok, plan=ht.api_plan(cfg, lm=policy.lm, bf16=True))
+    counts = defaultdict(lambda: [0, 0])
+    for s in ht.evaluate(trainer, examples, {})["samples"]:
+        counts[s["category"]][0] += int(s["contains"])
+        counts[s["category"]][1] += 1
+    return dict(sorted(counts.items()))
+
+
+def run(name: str, overrides: dict, seed: int) -> dict:
+    base = json.loads((ROOT / "configs" / "math_grpo.json").read_text())
+    out = OUT / f"{name}-s{seed}"
+    cfg = {**base, **BUDGET, **overrides, "SEED": seed, "OUTPUT_DIR": str(out), "TRAIN_FILE": str(ROOT / base["TRAIN_FILE"]),
+           "EVAL_FILE": str(ROOT / base["EVAL_FILE"])}
+    if out.exists():
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+    path = OUT / f"{name}-s{seed}.json"
+    path.write_text(json.dumps(cfg, indent=1))
+    start = time.time()
+    proc = subprocess.run([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode:
+        raise SystemExit(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["phase"] == "eval"]
+    first, last = evals[0], evals[-1]
+    keys = ("eval/pass@1", "eval/pass@8", "eval/maj@8")
+    return {"variant": name, "seed": seed, "overrides": overrides, "minutes": round((time.time() - start) / 60, 2),
+            "before": {k: first[k] for k in keys}, "after": {k: last[k] for k in keys},
+            "steps": sum(r["phase"] in ("sft", "ppo") for r in records),
+            "responses": sum(r.get("dynamic/prompts_generated", 4) * 8 for r in records if r["phase"] == "ppo"),
+            "retention": retention(str(out / "inference_lm"), seed)}
+
+
+def table(results: list[dict], base: dict) -> str:
+    by = defaultdict(list)
+    for r in results:
+        by[r["variant"]].append(r)
+    cats = sorted(base)
+    head = ("| variant | seeds | pass@1 | pass@8 | maj@8 | " + " | ".join(cats) + " | categories lost | minutes |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1),
+             "| base model | - | {:.3f} | {:.3f} | {:.3f} | ".format(*results[0]["before"].values()) +
+             " | ".join(f"{base[c][0]}/{base[c][1]}" for c in cats) + " | - | - |"]
+    for name, rs in by.items():
+        def cell(key, rs=rs):
+            xs = [r["after"][key] for r in rs]
+            return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
+        mean_ret = {c: statistics.mean(r["retention"][c][0] for r in rs) for c in cats}
+        lost = [c for c in cats if mean_ret[c] < base[c][0] - 1]  # beyond noise: more than one item on average
+        lines.append(f"| {name} | {len(rs)} | {cell('eval/pass@1')} | {cell('eval/pass@8')} | {cell('eval/maj@8')} | " +
+                     " | ".join(f"{mean_ret[c]:.3g}/{base[c][1]}" for c in cats) +
+                     f" | {', '.join(lost) or 'none'} | {statistics.mean(r['minutes'] for r in rs):.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="", help="comma-separated variants: " + ", ".join(VARIANTS))
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--set", action="append", default=[], help="NAME:KEY=JSON: run NAME (a new variant) with KEY changed")
+    p.add_argument("--table", action="store_true")
+    args = p.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    results_file, base_file = OUT / "results.jsonl", OUT / "base_retention.json"
+    if not base_file.exists():
+        base_file.write_text(json.dumps(retention("smollm2-135m-instruct", 0)))
+    base = json.loads(base_file.read_text())
+    variants = {k: VARIANTS[k] for k in (args.only.split(",") if args.only else [] if args.set else VARIANTS)}
+    for spec in args.set:  # e.g. gate_lr2e-5:LR_PPO=2e-5 (on top of the variant named before the first underscore)
+        name, change = spec.split(":", 1)
+        key, value = change.split("=", 1)
+        variants[name] = {**variants.get(name, VARIANTS.get(name.split("_")[0], {})), key: json.loads(value)}
+    if not args.table:
+        for seed in map(int, args.seeds.split(",")):
+            for name, overrides in variants.items():
+                result = run(name, overrides, seed)
+                with results_file.open("a") as f:
+                    f.write(json.dumps(result) + "\n")
+                print(f"{name} seed {seed}: {result['before']} -> {result['after']} ({result['minutes']} min)", flush=True)
+    results = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
+    if results:
+        print(table(results, base))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The code reward's sandbox against hostile programs. Each program below would pass its test only if its attack
+worked (it defines add() correctly only then), so a score of 0 shows the attack failed; each case also checks that
+the trainer's files, environment, sockets and processes are as they were. Run with every isolation level this
+machine has: bubblewrap namespaces, and the limits-only fallback (full only as root: its own uid and network)."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import rewards
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]
+MARK = "sandbox-test-leftover-9f1c"
+
+
+def leftovers() -> list[str]:
+    """Processes still running a hostile program's marker command line."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if MARK in cmdline and "pytest" not in cmdline:
+                found.append(f"{pid}: {cmdline[:80]}")
+    return found
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    """What a hostile program goes after: the trainer's output directory and home (stand-ins, with a file each),
+    an environment secret, and a socket the trainer listens on at 127.0.0.1."""
+    out, home = tmp_path / "out", tmp_path / "home"
+    for d in (out, home):
+        d.mkdir()
+        (d / "keep.txt").write_text("keep")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("HT_SECRET", "s3cret-value")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(5)
+    server.settimeout(0.2)
+    accepted, done = [], threading.Event()
+
+    def accept():
+        while not done.is_set():
+            try:
+                accepted.append(server.accept())
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield {"out": out, "home": home, "port": server.getsockname()[1], "accepted": accepted}
+    done.set()
+    thread.join()
+    server.close()
+
+
+# (case, program: defines a correct add() only if its attack worked)
+HOSTILE = [
+    ("infinite loop", "while True:\n    pass\ndef add(a, b): return a + b"),
+    ("fork bomb", "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\ndef add(a, b): return a + b"),
+    ("memory bomb", "x = bytearray(8 << 30)\ndef add(a, b): return a + b"),
+    ("100 MB of output", "import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))\ndef add(a, b): return a + b"),
+    ("rm -rf the output dir and ~", "import shutil\nshutil.rmtree({out!r})\nshutil.rmtree({home!r})\ndef add(a, b): return a + b"),
+    ("write into the project", "open({project!r}, 'w').write('pwned')\ndef add(a, b): return a + b"),
+    ("read an environment secret", "import os\nok = os.environ.get('HT_SECRET') == 's3cret-value'\n"
+                                   "def add(a, b): return a + b if ok else None"),
+    ("connect to 127.0.0.1", "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\ndef add(a, b): return a + b"),
+    ("kill the parent", "import os, time\nparent = os.getppid()\nos.kill(parent, 9)\ntime.sleep(0.3)\n"
+                        "gone = os.getppid() != parent\ndef add(a, b): return a + b if gone else None"),
+    ("a background process that outlives the test",
+     "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)  # {mark}'], start_new_session=True)\n"
+     "def add(a, b): return None"),
+    ("sys.exit(0) before the tests", "import sys\ndef add(a, b): return a + b\nsys.exit(0)"),
+]
+
+
+def levels() -> list[str]:
+    found = ["namespaces"] if rewards.sandbox_isolation().level == "namespaces" else []
+    return found + (["limits"] if os.geteuid() == 0 else [])
+
+
+@pytest.mark.parametrize("level", levels())
+def test_hostile_programs_score_zero_and_change_nothing(level, world, monkeypatch):
+    assert levels(), "CI needs bubblewrap (namespaces) or root (limits with its own uid and network namespace)"
+    monkeypatch.setattr(rewards, "_ISOLATION", rewards.Isolation(level, level))
+    project = ROOT / "sandbox-was-here.txt"
+    fn = rewards.code(rewards.Context(say=lambda line: None), timeout=2.0, memory_mb=256, max_processes=16, workers=4)
+    programs = [p.format(out=str(world["out"]), home=str(world["home"]), project=str(project), port=world["port"], mark=MARK)
+                for _, p in HOSTILE]
+    start = time.monotonic()
+    scores = fn(programs, [""] * len(programs), [""] * len(programs), [{"tests": TESTS}] * len(programs))
+    elapsed = time.monotonic() - start
+    assert scores == [0.0] * len(HOSTILE), dict(zip([c for c, _ in HOSTILE], scores))
+    whys = {case: r.why for (case, _), r in zip(HOSTILE, fn.last_results)}
+    assert "timed out" in whys["infinite loop"] and "printed more than" in whys["100 MB of output"], whys
+    assert "s3cret" not in "".join(r.output for r in fn.last_results)
+    for d in (world["out"], world["home"]):
+        assert (d / "keep.txt").read_text() == "keep"
+    assert not project.exists()
+    assert world["accepted"] == [], "a program reached the trainer's socket"
+    time.sleep(0.5)
+    assert leftovers() == []
+    assert subprocess.run(["true"]).returncode == 0  # the trainer can still start processes
+    assert elapsed < 30, elapsed
+
+
+@pytest.mark.parametrize("level", levels())
+def test_solutions_score_as_specified(level, monkeypatch):
+    monkeypatch.setattr(rewards, "_ISOLATION", rewards.Isolation(level, level))
+    item = {"tests": TESTS + ["assert add(-1, 1) == 0", "assert add(10, 5) == 15"]}
+    cases = [
+        ("def add(a, b):\n    return a + b", 1.0),  # correct
+        ("Here it is:\n```python\ndef add(a, b):\n    return a - b\n```", 0.25),  # wrong but for add(-1, 1)... no: a - b
+        ("```python\ndef add(a, b):\n    return 3\n```", 0.25),  # partial: only add(1, 2)
+        ("```python\ndef add(a, b): return a + b\n```\nand a faster one:\n```py\ndef add(a, b): return sum((a, b))\n```", 1.0),
+        ("def add(a, b):\n    import time\n    time.sleep(10)\n    return a + b", 0.0),  # timeout
+        ("def add(a, b) return a + b", 0.0),  # syntax error
+        ("print('no function here')", 0.0),
+    ]
+    fn = rewards.code(rewards.Context(say=lambda line: None), timeout=1.5, workers=3)
+    scores = fn([p for p, _ in cases], [""] * len(cases), [""] * len(cases), [item] * len(cases))
+    # a - b: add(1, 2) = -1, add(2, 2) = 0, add(-1, 1) = -2, add(10, 5) = 5: none pass
+    assert scores == [1.0, 0.0, 0.25, 1.0, 0.0, 0.0, 0.0]
+    all_or_nothing = rewards.code(rewards.Context(say=lambda line: None), mode="all", timeout=1.5)
+    assert all_or_nothing([cases[0][0], cases[2][0]], ["", ""], ["", ""], [item, item]) == [1.0, 0.0]
+
+
+def test_one_string_of_tests_and_entry_point(monkeypatch):
+    humaneval = {"test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(0, 0) == 0\n"}
+    fn = rewards.code(rewards.Context(say=lambda line: None), tests_field="test", entry_point="plus", timeout=2.0)
+    assert fn(["def plus(a, b): return a + b", "def plus(a, b): return a * b", "def add(a, b): return a + b"],
+              [""] * 3, [""] * 3, [humaneval] * 3) == [1.0, 0.0, 0.0]
+
+
+def test_code_reward_bad_specs_and_rows():
+    ok = {"type": "code"}
+    rewards.check_spec(ok)
+    for spec, message in [({"type": "code", "timeout": 0}, "timeout must be a number > 0"),
+                          ({"type": "code", "timeout": -1.5}, "timeout must be a number > 0"),
+                          ({"type": "code", "memory_mb": 4}, "memory_mb must be an integer >= 16"),
+                          ({"type": "code", "tests_feild": "x"}, "did you mean 'tests_field'"),
+                          ({"type": "code", "mode": "some"}, "mode must be one of")]:
+        with pytest.raises(rewards.RewardSpecError, match=message):
+            rewards.check_spec(spec)
+    ctx = rewards.Context(say=lambda line: None, rows=[("TRAIN_FILE 'd.json' row 3", "x", {"prompt": "p"})])
+    with pytest.raises(rewards.RewardSpecError, match="TRAIN_FILE 'd.json' row 3 has no column 'tests'"):
+        rewards.make_reward(ok, rows=ctx.rows, say=ctx.say)
+    with pytest.raises(rewards.RewardSpecError, match="row 0, column 'tests': expected a list of assertion strings"):
+        rewards.make_reward(ok, rows=[("row 0", "x", {"tests": 5})], say=ctx.say)
+
+
+def test_the_isolation_in_force_is_said():
+    lines = []
+    rewards.code(rewards.Context(say=lines.append))
+    assert len(lines) == 1 and lines[0].startswith("code reward sandbox: ") and "per program 5 s, 512 MB" in lines[0]
+    if rewards.sandbox_isolation().level == "namespaces":
+        assert "bubblewrap: user, PID, network" in lines[0]
+
+
+def test_require_refuses_without_namespaces(monkeypatch):
+    monkeypatch.setattr(rewards, "_ISOLATION", rewards.Isolation("limits", "resource limits only"))
+    with pytest.raises(rewards.RewardSpecError, match='isolation "require" needs bubblewrap namespaces'):
+        rewards.code(rewards.Context(say=lambda line: None), isolation="require")
+
+
+def test_extract_program():
+    assert rewards.extract_program("no fences") == "no fences"
+    assert rewards.extract_program("a\n```python\nx = 1\n```\nb\n```\ny = 2\n```") == "y = 2\n"
+    assert sys.version_info >= (3, 10)
