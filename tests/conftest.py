@@ -74,7 +74,7 @@ def tiny_data(tmp_path) -> Path:
     return write_json(tmp_path / "train.json", items)
 
 
-def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+def write_tiny_gguf(path: Path, seed: int = 0, chat_template: str = "") -> Path:
     """A 1-layer llama-architecture GGUF (F32, random weights) with a byte-level BPE tokenizer, written with
     the `gguf` package, the way llama.cpp lays out SmolLM2."""
     import gguf
@@ -105,6 +105,8 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     w.add_token_merges(merges)
     w.add_bos_token_id(0)
     w.add_eos_token_id(0)
+    if chat_template:
+        w.add_chat_template(chat_template)
     rng = np.random.default_rng(seed)
     rand = lambda *shape: (rng.standard_normal(shape) * 0.02).astype(np.float32)  # noqa: E731
     tensors = {"token_embd.weight": rand(n_vocab, hidden), "output_norm.weight": np.ones(hidden, np.float32),

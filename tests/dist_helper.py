@@ -100,8 +100,47 @@ def dynamic(model: str, out: str) -> None:
     ht.barrier()
 
 
+def vllm_sync(model: str, out: str) -> None:
+    """Each process: a PPO step with vllm as the engine, then the engine's greedy continuations must equal HF's of the
+    updated policy on that process."""
+    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": model, "TRAIN_FILE": "-", "OUTPUT_DIR": "-", "SEED": 3, "PPO_BATCH": 8,
+                               "PPO_MINI": 4, "PPO_EPOCHS": 2, "LR_PPO": 1e-2, "TEMPERATURE": 1.0, "GENERATION_BACKEND": "vllm",
+                               "NO_REPEAT_NGRAM_SIZE": 0, "BF16": False, "MAX_NEW_TOKENS": 6})
+    device = torch.device("cpu")
+    ht.init_processes(device)
+    torch.manual_seed(0)
+    policy, ref, tok = ht.load_model(cfg, device)
+    trainer = ht.HybridTrainer(cfg, policy, ref, tok)
+    queries = [tok(q)["input_ids"] for q in QUERIES]
+    responses = [tok(r)["input_ids"] + [tok.eos_token_id] for r in RESPONSES]
+    start, end = ht.share_bounds(len(QUERIES))
+    trainer.ppo_step(queries[start:end], responses[start:end], SCORES[start:end])
+    engine = trainer.engine_generate(queries, greedy=True).responses
+    hf = ht.HFEngine(cfg, trainer.plan, policy, tok, device).generate(queries, greedy=True).responses
+    print(f"rank {ht.rank()}: " + ("engine holds the policy" if engine == hf else f"STALE {engine} vs {hf}"), flush=True)
+    ht.barrier()
+    for engine in list(ht.OPEN_ENGINES):
+        engine.close()
+
+
+def engine_fails_on_rank1(config: str) -> int:
+    original = ht.VLLMEngine.generate
+
+    def generate(self, *args, **kw):
+        if ht.rank() == 1:
+            raise RuntimeError("simulated engine failure on rank 1")
+        return original(self, *args, **kw)
+
+    ht.VLLMEngine.generate = generate
+    return ht.main([config])
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "ppo_step":
+    if sys.argv[1] == "vllm_sync":
+        vllm_sync(*sys.argv[2:])
+    elif sys.argv[1] == "engine_fails_on_rank1":
+        sys.exit(engine_fails_on_rank1(sys.argv[2]))
+    elif sys.argv[1] == "ppo_step":
         ppo_step(*sys.argv[2:])
     elif sys.argv[1] == "dynamic":
         dynamic(*sys.argv[2:])

@@ -24,6 +24,35 @@ def fake_alias(tmp_path, monkeypatch):
     return pkg / "tiny.gguf"
 
 
+def test_check_renders_with_the_gguf_tokenizer_before_any_conversion(tmp_path, monkeypatch, tiny_data, capsys):
+    """A fresh machine: the alias's .gguf is not converted yet; --check shows the prompt with the chat template the run
+    will use (read from the .gguf), not the sketch template, and converts nothing."""
+    from conftest import CHAT_TEMPLATE
+
+    pkg = tmp_path / "site" / "chat_gguf_pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    write_tiny_gguf(pkg / "chat.gguf", chat_template=CHAT_TEMPLATE)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(ht.MODEL_ALIASES, "chat-gguf", ("chat_gguf_pkg", "chat.gguf", "pip install chat-gguf-pkg"))
+    cache = tmp_path / "cache"
+    (tmp_path / "c.json").write_text(json.dumps({"MODE": "sft", "MODEL": "chat-gguf", "TRAIN_FILE": str(tiny_data), "SHUFFLE": False,
+                                                 "OUTPUT_DIR": str(tmp_path / "o"), "CACHE_DIR": str(cache), "PROMPT_FORMAT": "chat"}))
+    assert ht.main([str(tmp_path / "c.json"), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "--- prompt ---\n<|user|>say yes 0<|end|><|assistant|>\n--- response ---" in out, out[-800:]
+    assert "### Prompt" not in out and not (cache.exists() and any(cache.iterdir()))
+
+
+def test_check_says_when_it_cannot_know_the_prompt(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ht, "check_tokenizer", lambda cfg, paths: (None, "MODEL's tokenizer could not be read (OSError: x)"))
+    (tmp_path / "c.json").write_text(json.dumps({"MODE": "sft", "TRAIN_FILE": str(tiny_data), "SHUFFLE": False,
+                                                 "OUTPUT_DIR": str(tmp_path / "o"), "CACHE_DIR": str(tmp_path / "cache")}))
+    assert ht.main([str(tmp_path / "c.json"), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "(the exact prompt cannot be shown: MODEL's tokenizer could not be read (OSError: x);" in out and "### Prompt" not in out
+
+
 def test_alias_resolves_without_importing_package(fake_alias):
     assert ht.locate_model("tiny-gguf") == fake_alias
 

@@ -64,8 +64,9 @@ def test_each_mode_end_to_end_through_cli(mode, tiny_model, tiny_data, tmp_path)
     lm = AutoModelForCausalLM.from_pretrained(out / "inference_lm")
     AutoTokenizer.from_pretrained(out / "inference_lm")
     assert not any(n.startswith("v_head") for n, _ in lm.named_parameters())
-    assert (out / "ppo_full" / "value_head.safetensors").is_file()
+    assert (out / "ppo_full" / "value_head.safetensors").is_file() == (mode != "sft")  # saved when it was trained
     assert (out / "ppo_full" / "model.safetensors").is_file()
+    assert os.path.samefile(out / "ppo_full" / "model.safetensors", out / "inference_lm" / "model.safetensors")  # one copy
     assert json.loads((out / "ppo_full" / "trainer_config.json").read_text())["MODE"] == mode
 
 
@@ -294,3 +295,25 @@ def test_gradient_checkpointing_gives_same_update(tiny_model, tiny_data):
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_ppo_full_continues_rl_with_its_value_head_and_is_not_a_second_copy(tiny_model, tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    proc = run_cli({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(first), "SEED": 0,
+                    "PPO_BATCH": 4, "MAX_NEW_TOKENS": 4, "LR_PPO": 1e-2, "REWARD": {"type": "contains", "pattern": "yes"}}, tmp_path)
+    weights = first / "inference_lm" / "model.safetensors"
+    assert weights.stat().st_nlink == 2 or (first / "ppo_full" / "model.safetensors").is_symlink()
+    assert f"holds {weights.stat().st_size / 1e6:.3g} MB" not in proc.stdout  # not twice the model
+    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": str(first / "ppo_full"), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": "-"})
+    policy, _, _ = ht.load_model(cfg, torch.device("cpu"))
+    saved = load_file(str(first / "ppo_full" / "value_head.safetensors"))
+    assert saved["weight"].abs().sum() > 0  # trained
+    assert torch.equal(policy.v_head.weight.detach(), saved["weight"]) and torch.equal(policy.v_head.bias.detach(), saved["bias"])
+    lm = load_file(str(weights))
+    assert all(torch.equal(p.detach(), lm[n]) for n, p in policy.lm.named_parameters() if n in lm)
+    second = tmp_path / "second"  # and RL goes on from there
+    run_cli({"MODE": "ppo", "MODEL": str(first / "ppo_full"), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(second), "SEED": 1,
+             "PPO_BATCH": 4, "MAX_NEW_TOKENS": 4, "REWARD": {"type": "contains", "pattern": "yes"}}, tmp_path)
+    assert metrics(second)[0]["ppo/val/mean"] != 0.0  # the critic starts trained, not at zero

