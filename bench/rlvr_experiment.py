@@ -15,6 +15,7 @@ One process at a time (2 threads); each run takes 5-8 minutes on a 2-core CPU.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -79,7 +80,8 @@ def run(name: str, overrides: dict, seed: int) -> dict:
             "before": {k: first[k] for k in keys}, "after": {k: last[k] for k in keys},
             "steps": sum(r["phase"] in ("sft", "ppo") for r in records),
             "responses": sum(r.get("dynamic/prompts_generated", 4) * 8 for r in records if r["phase"] == "ppo"),
-            "retention": retention(str(out / "inference_lm"), seed)}
+            "retention": retention(str(out / "inference_lm"), seed),
+            "disk": subprocess.run(["du", "-sh", "--", str(out)], capture_output=True, text=True).stdout.split()[0]}
 
 
 def table(results: list[dict], base: dict) -> str:
@@ -124,6 +126,8 @@ def main() -> None:
         for seed in map(int, args.seeds.split(",")):
             for name, overrides in variants.items():
                 result = run(name, overrides, seed)
+                for model_dir in ("inference_lm", "ppo_full"):  # 0.5 GB each: the numbers are what this keeps
+                    shutil.rmtree(OUT / f"{name}-s{seed}" / model_dir, ignore_errors=True)
                 with results_file.open("a") as f:
                     f.write(json.dumps(result) + "\n")
                 print(f"{name} seed {seed}: {result['before']} -> {result['after']} ({result['minutes']} min)", flush=True)

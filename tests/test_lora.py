@@ -107,7 +107,8 @@ def test_saved_adapter_and_merged_model_reproduce_the_policy(tiny_model, tiny_da
     run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
              "LORA_R": 4, "LR_SFT": 1e-2, "BF16": False}, tmp_path)  # fp32: merged = adapter policy to 1e-5
     assert {p.name for p in (out / "ppo_full").iterdir()} >= {"adapter_model.safetensors", "adapter_config.json",
-                                                              "value_head.safetensors", "trainer_config.json"}
+                                                              "trainer_config.json"}
+    assert not (out / "ppo_full" / "value_head.safetensors").exists()  # SFT never trained it
     ids = torch.tensor([[5, 17, 42, 9, 100, 3]])
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     with torch.no_grad():

@@ -28,7 +28,7 @@ def collected(scores, G):
     P = len(scores) // G
     examples = [ht.Example(index=i, item={}, target="t") for i in range(P)]
     return ht.Collected(examples, [[i] for i in range(len(scores))], [[i, i] for i in range(len(scores))], [True] * len(scores),
-                        list(scores), [], {"x": 1.0}, (1.0, 2.0))
+                        list(scores), [], [], {"x": 1.0}, (1.0, 2.0))
 
 
 def test_groups_with_signal_by_hand():

@@ -10,7 +10,7 @@ import sqlite3
 import struct
 
 import pytest
-from test_train import metrics
+from test_train import metrics, run_cli
 
 import hybrid_trainer as ht
 
@@ -98,8 +98,7 @@ def test_trackers_read_back_also_after_resume(tiny_model, tiny_data, tmp_path, m
            "EVAL_SAMPLES": 2, "EVAL_EVERY": 4, "OUTPUT_DIR": str(out), "SEED": 0, "SFT_BATCH": 2, "PPO_BATCH": 2,
            "MAX_NEW_TOKENS": 4, "REPORT_TO": ["wandb", "mlflow", "trackio"], "SAVE_EVERY": 1, "KEEP_CHECKPOINTS": 10,
            "KEEP_CHECKPOINTS_AT_END": True, "REWARD": {"type": "contains", "pattern": "yes"}}
-    (tmp_path / "c.json").write_text(json.dumps(cfg))
-    assert ht.main([str(tmp_path / "c.json")]) == 0
+    run_cli(cfg, tmp_path)  # a process per run, as users run it (trackio fixes its directory at its first import)
     assert glob.glob(str(out / "wandb" / "offline-run-*"))  # offline by default
     check_trackers(out, cfg)
     # an interrupted run: it logged to step 8, its checkpoint is step 3; resuming continues the same runs once each
@@ -110,8 +109,7 @@ def test_trackers_read_back_also_after_resume(tiny_model, tiny_data, tmp_path, m
     for ckpt in (killed / "checkpoints").glob("step-*"):
         if int(ckpt.name[5:]) > 3:
             shutil.rmtree(ckpt)
-    (tmp_path / "k.json").write_text(json.dumps({**cfg, "OUTPUT_DIR": str(killed)}))
-    assert ht.main([str(tmp_path / "k.json")]) == 0
+    run_cli({**cfg, "OUTPUT_DIR": str(killed)}, tmp_path)
     check_trackers(killed, cfg)
 
 
