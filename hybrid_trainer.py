@@ -2156,7 +2156,8 @@ class VLLMEngine:
         sampling = dict(temperature=0.0) if greedy else dict(temperature=temperature or cfg.TEMPERATURE, top_p=cfg.TOP_P,
                                                              repetition_penalty=cfg.REPETITION_PENALTY)
         params = [SamplingParams(n=n, seed=seed, max_tokens=max(1, min(cfg.MAX_NEW_TOKENS, self.plan.maxseq - len(p))),
-                                 stop_token_ids=[self.eos_id], ignore_eos=self.ignore_eos, logprobs=0, detokenize=False,
+                                 stop_token_ids=[] if self.ignore_eos else [self.eos_id], ignore_eos=self.ignore_eos, logprobs=0,
+                                 detokenize=False,
                                  **sampling)
                   for p, seed in zip(prompts, seeds)]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -2576,8 +2577,16 @@ class HybridTrainer(PPOLearner):
         self.fuse_first_forward = True  # reuse the first minibatch's forward as the rollout's when it is the whole batch
         self.kl_ctl = (AdaptiveKLController(cfg.INIT_KL_COEF, cfg.TARGET_KL, cfg.KL_HORIZON) if cfg.ADAPTIVE_KL
                        else FixedKLController(cfg.INIT_KL_COEF))
-        self.engine = GENERATION_BACKENDS[cfg.GENERATION_BACKEND](cfg, self.plan, policy, tokenizer, self.device)
+        self._engine = None  # started at the first generation: an SFT run without evaluation needs none
         self.pad_id = tokenizer.pad_token_id
+
+    @property
+    def engine(self):
+        """The generation backend (GENERATION_BACKENDS[GENERATION_BACKEND]), built on first use."""
+        if self._engine is None:
+            self._engine = GENERATION_BACKENDS[self.cfg.GENERATION_BACKEND](self.cfg, self.plan, self.policy, self.tokenizer,
+                                                                            self.device)
+        return self._engine
 
     def autocast(self):
         return autocast_context(self.plan.bf16, self.cfg.FP16, self.device)
@@ -2715,7 +2724,8 @@ class HybridTrainer(PPOLearner):
         rows = [e for e in mine for _ in range(G)]
         stateful = getattr(self.reward, "stateful", True)
         scored = Scored([], {}, None) if stateful else self.score(responses, rows)
-        scores = apply_missing_eos_penalty(torch.tensor(scored.scores, dtype=torch.float32), ended, cfg.MISSING_EOS_PENALTY)
+        scores = torch.zeros(0) if stateful else \
+            apply_missing_eos_penalty(torch.tensor(scored.scores, dtype=torch.float32), ended, cfg.MISSING_EOS_PENALTY)
         baseline = self.estimator.baseline(lambda ex, greedy: self.sample_and_score(ex, weight, greedy), share, G) \
             if self.estimator.baseline else torch.zeros(0)
         self.engine.sleep()  # CUDA: the engine's memory goes back to training until the next rollout

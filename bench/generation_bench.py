@@ -45,8 +45,9 @@ def main() -> None:
     import rewards
 
     plan = ht.make_plan(cfg, len(examples), 1, 0, False, bf16, why, str(paths.weights), context=ht.model_context(paths.config()))
-    t0 = time.perf_counter()
     trainer = ht.HybridTrainer(cfg, policy, ref, tok, rewards.make_reward(cfg.REWARD), device, plan=plan)
+    t0 = time.perf_counter()
+    trainer.engine  # noqa: B018 - the engine starts here (hf: nothing to start)
     start_s = time.perf_counter() - t0
     out = {"backend": args.backend, "lora_r": args.lora, "precision": why, "cpu": ht.cpu_model(), "threads": torch.get_num_threads(),
            "start_s": round(start_s, 2)}
@@ -65,15 +66,15 @@ def main() -> None:
     prompts = [e.prompt_ids for e in examples]
     out["demo_8x4x24"] = timed_generate(prompts[:8], 4, 24)
     eos = tok.eos_token_id
-    if args.backend == "vllm":  # long responses: no early stop
+    if args.backend == "vllm":  # long responses: no early stop, every response 256 tokens
         trainer.engine.ignore_eos = True
     else:
-        trainer.engine.sample_config.eos_token_id = None
+        trainer.engine.sample_config.eos_token_id, trainer.engine.eos_id = None, -1
     out["long_16x256"] = timed_generate(prompts[8:24], 1, 256)
     if args.backend == "vllm":
         trainer.engine.ignore_eos = False
     else:
-        trainer.engine.sample_config.eos_token_id = eos
+        trainer.engine.sample_config.eos_token_id, trainer.engine.eos_id = eos, eos
     trainer.cfg = trainer.engine.cfg = ht.dataclasses.replace(trainer.cfg, MAX_NEW_TOKENS=24)
     updates = []
     for i in range(3):

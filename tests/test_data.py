@@ -2,14 +2,13 @@
 prompt_completion, messages), bad data, TensorBoard events, the model card, and rewards of the user's own."""
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import write_json
-from test_train import EXACT_PPO, metrics
+from test_train import EXACT_PPO, interrupted_copy, metrics
 
 import hybrid_trainer as ht
 import rewards
@@ -188,13 +187,7 @@ def test_tensorboard_matches_metrics_also_after_resume_and_model_card(tiny_model
 
     check(out)
     # an interrupted run: its events reach step 8, its checkpoint step 3; resuming rewrites 4..8 once
-    killed = tmp_path / "killed"
-    shutil.copytree(out, killed)
-    for name in ("inference_lm", "ppo_full", "report.md"):
-        shutil.rmtree(killed / name) if (killed / name).is_dir() else (killed / name).unlink()
-    for ckpt in (killed / "checkpoints").glob("step-*"):
-        if int(ckpt.name[5:]) > 3:
-            shutil.rmtree(ckpt)
+    killed = interrupted_copy(out, tmp_path / "killed", 3)
     (tmp_path / "k.json").write_text(json.dumps({**cfg, "OUTPUT_DIR": str(killed)}))
     assert ht.main([str(tmp_path / "k.json")]) == 0
     check(killed)

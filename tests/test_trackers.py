@@ -5,12 +5,11 @@ resolved config as the run's parameters, eval samples as a table; and a missing 
 import glob
 import importlib.util
 import json
-import shutil
 import sqlite3
 import struct
 
 import pytest
-from test_train import metrics, run_cli
+from test_train import interrupted_copy, metrics, run_cli
 
 import hybrid_trainer as ht
 
@@ -102,13 +101,7 @@ def test_trackers_read_back_also_after_resume(tiny_model, tiny_data, tmp_path, m
     assert glob.glob(str(out / "wandb" / "offline-run-*"))  # offline by default
     check_trackers(out, cfg)
     # an interrupted run: it logged to step 8, its checkpoint is step 3; resuming continues the same runs once each
-    killed = tmp_path / "killed"
-    shutil.copytree(out, killed)
-    for name in ("inference_lm", "ppo_full", "report.md"):
-        shutil.rmtree(killed / name) if (killed / name).is_dir() else (killed / name).unlink()
-    for ckpt in (killed / "checkpoints").glob("step-*"):
-        if int(ckpt.name[5:]) > 3:
-            shutil.rmtree(ckpt)
+    killed = interrupted_copy(out, tmp_path / "killed", 3)
     run_cli({**cfg, "OUTPUT_DIR": str(killed)}, tmp_path)
     check_trackers(killed, cfg)
 

@@ -186,6 +186,20 @@ HYBRID_RESUME = {"MODE": "hybrid", "SEED": 7, "REF_UPDATE": "cycle", "LR_SCHEDUL
                             "postprocess": [{"type": "normalize"}]}}
 
 
+def interrupted_copy(out: Path, dest: Path, checkpoint: int) -> Path:
+    """A finished run's directory as an interrupted run would have left it: everything it logged, but no final model
+    and no checkpoint after step `checkpoint`."""
+    import shutil
+
+    shutil.copytree(out, dest)
+    for name in ("inference_lm", "ppo_full", "report.md"):
+        shutil.rmtree(dest / name) if (dest / name).is_dir() else (dest / name).unlink()
+    for ckpt in (dest / "checkpoints").glob("step-*"):
+        if int(ckpt.name[5:]) > checkpoint:
+            shutil.rmtree(ckpt)
+    return dest
+
+
 def comparable(records):
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
 
@@ -317,3 +331,14 @@ def test_ppo_full_continues_rl_with_its_value_head_and_is_not_a_second_copy(tiny
     run_cli({"MODE": "ppo", "MODEL": str(first / "ppo_full"), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(second), "SEED": 1,
              "PPO_BATCH": 4, "MAX_NEW_TOKENS": 4, "REWARD": {"type": "contains", "pattern": "yes"}}, tmp_path)
     assert metrics(second)[0]["ppo/val/mean"] != 0.0  # the critic starts trained, not at zero
+
+
+def test_stateful_reward_with_missing_eos_penalty_and_a_greedy_baseline(tiny_model, tiny_data, tmp_path):
+    """A running-normalised reward is scored after the gather; the EOS penalty and remax's pass follow it."""
+    out = tmp_path / "out"
+    run_cli({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
+             "ADVANTAGE": "remax", "PPO_BATCH": 4, "MAX_NEW_TOKENS": 3, "MISSING_EOS_PENALTY": 0.5, **EXACT_PPO,
+             "REWARD": {"type": "contains", "pattern": "yes", "postprocess": [{"type": "normalize"}]}}, tmp_path)
+    records = metrics(out)
+    assert len(records) == 2 and all(r["reward/mean"] == r["reward/mean"] for r in records)
+    assert records[0]["ppo/ended_with_eos"] < 1  # some responses were cut, and penalised
