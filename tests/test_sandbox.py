@@ -178,3 +178,15 @@ def test_extract_program():
     assert rewards.extract_program("no fences") == "no fences"
     assert rewards.extract_program("a\n```python\nx = 1\n```\nb\n```\ny = 2\n```") == "y = 2\n"
     assert sys.version_info >= (3, 10)
+
+
+def test_the_code_data_file_scores_its_references_full_marks():
+    """data/code.json (what users and the next experiments start from): each reference solution passes all of its row's
+    tests in the sandbox, and an empty program passes none."""
+    import json
+
+    rows = json.loads((ROOT / "data" / "code.json").read_text())
+    reward = rewards.make_reward({"type": "code", "timeout": 3.0, "workers": 4},
+                                 rows=[(f"row {i}", r["completion"], r) for i, r in enumerate(rows)], say=lambda line: None)
+    assert reward.scores([r["completion"] for r in rows], [""] * len(rows), None, rows) == [1.0] * len(rows)
+    assert reward.scores(["pass"] * len(rows), [""] * len(rows), None, rows) == [0.0] * len(rows)

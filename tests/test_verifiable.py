@@ -144,3 +144,13 @@ def test_overlong_equals_trl_soft_punishment():
         rewards.make_reward({"type": "overlong"}, tokenizer=WordTokenizer())
     with pytest.raises(rewards.RewardSpecError, match="trainer's tokenizer"):
         rewards.make_reward({"type": "overlong", "max_length": 20})
+
+
+def test_the_math_data_files_have_parsable_gold_answers_that_match_their_answer_column():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "data"
+    rows = [r for name in ("math_train.json", "math_eval.json") for r in json.loads((root / name).read_text())]
+    reward = rewards.make_reward({"type": "math"}, rows=[(f"row {i}", r["completion"], r) for i, r in enumerate(rows)])
+    assert reward.scores([f"so \\boxed{{{r['answer']}}}" for r in rows], [r["completion"] for r in rows], None, rows) == [1.0] * len(rows)
