@@ -2089,6 +2089,17 @@ class HFEngine:
         return Generation([row[:k] for row, k in zip(generated.tolist(), lengths)], ended)
 
 
+@contextlib.contextmanager
+def rng_untouched(device: torch.device):
+    """Python's, numpy's and torch's global random streams as they were before the block (torch.random.fork_rng for
+    torch's)."""
+    python, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+    random.setstate(python)
+    np.random.set_state(numpy_state)
+
+
 class VLLMEngine:
     """vLLM in this process (colocated, one engine per process), the policy's weights pushed in after each update"""
 
@@ -2107,9 +2118,10 @@ class VLLMEngine:
                   dict(kv_cache_memory_bytes=int(cfg.VLLM_KV_CACHE_GB * 2**30)))
         dtype = "bfloat16" if plan.bf16 else "float16" if cfg.FP16 else "float32"
         try:
-            self.llm = LLM(model=plan.model, dtype=dtype, seed=plan.seed + rank(), max_model_len=plan.maxseq,
-                           enforce_eager=cfg.VLLM_ENFORCE_EAGER, logprobs_mode="processed_logprobs",  # after temperature, as TRL
-                           skip_tokenizer_init=True, trust_remote_code=cfg.TRUST_REMOTE_CODE, **memory)
+            with rng_untouched(device):  # vLLM seeds the global generators: a resumed run's restored streams stay as saved
+                self.llm = LLM(model=plan.model, dtype=dtype, seed=plan.seed + rank(), max_model_len=plan.maxseq,
+                               enforce_eager=cfg.VLLM_ENFORCE_EAGER, logprobs_mode="processed_logprobs",  # after temperature
+                               skip_tokenizer_init=True, trust_remote_code=cfg.TRUST_REMOTE_CODE, **memory)
         except Exception as e:  # noqa: BLE001 - vLLM raises many kinds; one line names the engine and the cause
             raise UserError(f"GENERATION_BACKEND \"vllm\" could not start its engine for {plan.model}: {type(e).__name__}: "
                             f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}") from None
