@@ -2679,22 +2679,32 @@ class HybridTrainer(PPOLearner):
         components = getattr(self.reward, "components", {})  # weighted_sum parts: summed here, averaged per update
         return Scored([float(s) for s in scores], {name: sum(v) for name, v in sorted(components.items())}, error)
 
-    def sample_and_score(self, share: list[Example], weight: float, greedy: bool = False) -> torch.Tensor:
-        """One response per example of this process's share, scored (MISSING_EOS_PENALTY applied) -> (len(share),)
-        float32, or (0,) when the share is a placeholder (weight 0). An estimator's extra pass (remax) calls it. A
-        stateful reward scores every process's responses, so its running state stays the same everywhere."""
-        responses, ended = self.generate([e.prompt_ids for e in share], greedy=greedy)
-        mine = share if weight else []
-        responses, ended = (responses, ended) if weight else ([], ended[:0])
+    def score_mine(self, responses: list[list[int]], rows: list[Example], ended: torch.Tensor) -> tuple[torch.Tensor, Scored]:
+        """This process's scores, MISSING_EOS_PENALTY applied -> ((len(responses),) float32, the Scored they came from;
+        its components are the whole batch's for a stateful reward). A stateful reward (running state: normalize)
+        scores every process's responses, so its state stays the same everywhere and as with one process."""
         if getattr(self.reward, "stateful", True):
-            pairs, start = gather_lists(list(zip(responses, mine)))
+            pairs, start = gather_lists(list(zip(responses, rows)))
             scored = self.score([r for r, _ in pairs], [e for _, e in pairs])
-            scored = scored._replace(scores=scored.scores[start:start + len(responses)])
+            mine = scored.scores[start:start + len(responses)]
         else:
-            scored = self.score(responses, mine)
+            scored = self.score(responses, rows)
+            mine = scored.scores
         if scored.error:
-            raise BadStep(scored.error)
-        return apply_missing_eos_penalty(torch.tensor(scored.scores, dtype=torch.float32), ended, self.cfg.MISSING_EOS_PENALTY)
+            return torch.zeros(0), scored
+        return apply_missing_eos_penalty(torch.tensor(mine, dtype=torch.float32), ended, self.cfg.MISSING_EOS_PENALTY), scored
+
+    def sample_and_score(self, share: list[Example], weight: float, errors: list, greedy: bool = False) -> torch.Tensor:
+        """One response per example of this process's share, scored -> (len(share),) float32, or (0,) when the share
+        is a placeholder (weight 0). An estimator's extra pass (remax) calls it. A reward error goes to `errors` (the
+        caller's gather carries it, so every process skips the update together) and the scores are zeros."""
+        responses, ended = self.generate([e.prompt_ids for e in share], greedy=greedy)
+        responses, ended = (responses, ended) if weight else ([], ended[:0])
+        scores, scored = self.score_mine(responses, share if weight else [], ended)
+        if scored.error:
+            errors.append(scored.error)
+            return torch.zeros(len(responses))
+        return scores
 
     def ppo_update(self, examples: list[Example], progress: float = 0.0, draw: Optional[Callable] = None) -> dict:
         """One PPO update from a global batch of P prompts; each process generates and scores its share. progress: the
@@ -2723,7 +2733,7 @@ class HybridTrainer(PPOLearner):
     def collect(self, examples: list[Example]) -> "Collected":
         """Steps 1-3 of an update for a global batch of prompts: each process generates and scores its share, then one
         gather gives every process the whole batch."""
-        cfg, G = self.cfg, self.cfg.NUM_GENERATIONS
+        G = self.cfg.NUM_GENERATIONS
         t0 = time.perf_counter()
         share, weight = my_share(examples)  # weight 0: a short batch left this process nothing; it runs to stay in step
         mine = share if weight else []
@@ -2731,28 +2741,22 @@ class HybridTrainer(PPOLearner):
         gen = self.engine_generate([e.prompt_ids for e in share], n=G)
         responses, ended, engine_logprobs = (gen.responses, gen.ended, gen.logprobs or []) if weight else ([], gen.ended[:0], [])
         t1 = time.perf_counter()
-        # 2. score this process's responses (a stateful reward scores the gathered batch in 3, alike on every process), and
-        #    the estimator's extra pass (remax: a greedy response per prompt, scored)
+        # 2. score this process's responses (a stateful reward: the whole batch's, gathered first, alike on every
+        #    process), then the estimator's extra pass (remax: a greedy response per prompt, scored)
         rows = [e for e in mine for _ in range(G)]
         stateful = getattr(self.reward, "stateful", True)
-        scored = Scored([], {}, None) if stateful else self.score(responses, rows)
-        scores = torch.zeros(0) if stateful else \
-            apply_missing_eos_penalty(torch.tensor(scored.scores, dtype=torch.float32), ended, cfg.MISSING_EOS_PENALTY)
-        baseline = self.estimator.baseline(lambda ex, greedy: self.sample_and_score(ex, weight, greedy), share, G) \
+        scores, scored = self.score_mine(responses, rows, ended)
+        errors = [scored.error] if scored.error else []
+        baseline = self.estimator.baseline(lambda ex, greedy: self.sample_and_score(ex, weight, errors, greedy), share, G) \
             if self.estimator.baseline else torch.zeros(0)
         self.engine.sleep()  # CUDA: the engine's memory goes back to training until the next rollout
         # 3. gather once: every process holds the whole batch
         parts = gather_objects(([e.prompt_ids for e in rows], responses, ended.tolist(), scores.tolist(), baseline.tolist(),
-                                engine_logprobs, scored.components, scored.error))
+                                engine_logprobs, {} if stateful else scored.components, errors[0] if errors else None))
         queries, responses, ended, scores, baseline, engine_logprobs = (sum((list(p[i]) for p in parts), []) for i in range(6))
-        sums = {k: sum(p[6].get(k, 0.0) for p in parts) for k in sorted(set().union(*(p[6] for p in parts)))}
+        sums = scored.components if stateful else \
+            {k: sum(p[6].get(k, 0.0) for p in parts) for k in sorted(set().union(*(p[6] for p in parts)))}
         errors = [p[7] for p in parts if p[7]]
-        if stateful:  # scored here, on every process alike: the gathered responses of the whole batch
-            scored = self.score(responses, [e for e in examples for _ in range(G)])
-            sums, errors = scored.components, [scored.error] if scored.error else []
-            if not errors:
-                scores = apply_missing_eos_penalty(torch.tensor(scored.scores, dtype=torch.float32), torch.tensor(ended),
-                                                   cfg.MISSING_EOS_PENALTY).tolist()
         if errors:
             raise BadStep(errors[0])
         return Collected(list(examples), queries, responses, ended, scores, baseline, engine_logprobs, sums,

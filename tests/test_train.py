@@ -334,11 +334,14 @@ def test_ppo_full_continues_rl_with_its_value_head_and_is_not_a_second_copy(tiny
 
 
 def test_stateful_reward_with_missing_eos_penalty_and_a_greedy_baseline(tiny_model, tiny_data, tmp_path):
-    """A running-normalised reward is scored after the gather; the EOS penalty and remax's pass follow it."""
+    """A running-normalised reward scores the sampled batch first (so its first batch is normalised by its own
+    statistics: mean 0), then remax's greedy pass; the EOS penalty follows the scores."""
     out = tmp_path / "out"
     run_cli({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
              "ADVANTAGE": "remax", "PPO_BATCH": 4, "MAX_NEW_TOKENS": 3, "MISSING_EOS_PENALTY": 0.5, **EXACT_PPO,
-             "REWARD": {"type": "contains", "pattern": "yes", "postprocess": [{"type": "normalize"}]}}, tmp_path)
+             "REWARD": {"type": "chrf", "postprocess": [{"type": "normalize"}]}}, tmp_path)
     records = metrics(out)
     assert len(records) == 2 and all(r["reward/mean"] == r["reward/mean"] for r in records)
     assert records[0]["ppo/ended_with_eos"] < 1  # some responses were cut, and penalised
+    assert records[0]["reward/std"] > 0.5  # normalised, not all equal
+    assert records[0]["reward/mean"] == pytest.approx(-0.5 * (1 - records[0]["ppo/ended_with_eos"]), abs=1e-5)
