@@ -20,12 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=["hf", "vllm"], required=True)
-    p.add_argument("--lora", type=int, default=0, help="LORA_R (0: full fine-tuning)")
-    p.add_argument("--bf16", default="auto")
-    args = p.parse_args()
+def setup(backend: str, lora: int, bf16_key: str):
+    """The demo's GRPO trainer on SmolLM2-135M-Instruct with this backend, and the demo's chat examples."""
     import torch
 
     import hybrid_trainer as ht
@@ -33,8 +29,8 @@ def main() -> None:
     cfg = ht.Config.from_dict({"MODE": "ppo", "TRAIN_FILE": str(ROOT / "data" / "train.json"), "OUTPUT_DIR": "-", "SEED": 0,
                                "ADVANTAGE": "grpo", "NUM_GENERATIONS": 4, "PPO_BATCH": 8, "PPO_MINI": 8, "PPO_EPOCHS": 1,
                                "MAX_NEW_TOKENS": 24, "TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0,
-                               "NO_REPEAT_NGRAM_SIZE": 0, "PROMPT_FORMAT": "chat", "GENERATION_BACKEND": args.backend,
-                               "LORA_R": args.lora, "BF16": args.bf16, "INIT_KL_COEF": 0.0, "MAXSEQ": 512,
+                               "NO_REPEAT_NGRAM_SIZE": 0, "PROMPT_FORMAT": "chat", "GENERATION_BACKEND": backend,
+                               "LORA_R": lora, "BF16": bf16_key, "INIT_KL_COEF": 0.0, "MAXSEQ": 512,
                                "REWARD": {"type": "chrf"}})
     device = torch.device("cpu")
     paths = ht.resolve_model(cfg)
@@ -46,6 +42,20 @@ def main() -> None:
 
     plan = ht.make_plan(cfg, len(examples), 1, 0, False, bf16, why, str(paths.weights), context=ht.model_context(paths.config()))
     trainer = ht.HybridTrainer(cfg, policy, ref, tok, rewards.make_reward(cfg.REWARD), device, plan=plan)
+    return trainer, examples, tok, why
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=["hf", "vllm"], required=True)
+    p.add_argument("--lora", type=int, default=0, help="LORA_R (0: full fine-tuning)")
+    p.add_argument("--bf16", default="auto")
+    args = p.parse_args()
+    import torch
+
+    import hybrid_trainer as ht
+
+    trainer, examples, tok, why = setup(args.backend, args.lora, args.bf16)
     t0 = time.perf_counter()
     trainer.engine  # noqa: B018 - the engine starts here (hf: nothing to start)
     start_s = time.perf_counter() - t0

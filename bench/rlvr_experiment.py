@@ -31,6 +31,8 @@ VARIANTS = {
     "sft": {"MODE": "sft", **SFT_STEPS},
     "grpo": {"MODE": "ppo"},
     "rloo": {"MODE": "ppo", "ADVANTAGE": "rloo"},
+    # the same 48 prompts x 8 responses, groups with equal scores dropped: fewer, denser updates
+    "grpo_dyn": {"MODE": "ppo", "DYNAMIC_SAMPLING": True},
     # alternate: 12 SFT steps and 12 updates of one optimizer step each (PPO_MINI = PPO_BATCH): 24 steps
     "alternate": {"MODE": "hybrid", "HYBRID": "alternate", "SFT_BATCH": 4, "PPO_MINI": 4, "LR_SFT": 2e-5},
     "gate": {"MODE": "hybrid", "HYBRID": "gate", "GATE_THRESHOLD": 1.0},
