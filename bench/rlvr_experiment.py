@@ -6,7 +6,7 @@ demonstrations), evaluated on 50 held-out problems with 8 samples each at temper
 and after, and on the demo's short-answer eval set (data/eval.json, greedy) before and after for retention: per task
 category, the responses that contain the reference.
 
-    python bench/rlvr_experiment.py --only sft,grpo --seeds 0,1,2      # appends to runs/rlvr/results.jsonl
+    python bench/rlvr_experiment.py --only sft,grpo --seeds 0,1,2      # appends to bench/results/rlvr/results.jsonl
     python bench/rlvr_experiment.py --table                            # the markdown table of everything run so far
 
 One process at a time (2 threads); each run takes 5-8 minutes on a 2-core CPU.
@@ -24,7 +24,8 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "runs" / "rlvr"
+OUT = ROOT / "runs" / "rlvr"  # the runs (their models are deleted: the numbers are what this keeps)
+RESULTS = ROOT / "bench" / "results" / "rlvr"  # committed: results.jsonl, the base's retention, each run's config and metrics
 BUDGET = {"NUM_SAMPLES": 48, "EPOCHS": 1, "SAVE_EVERY": 0, "LOG_EVERY": 4}
 SFT_STEPS = {"SFT_BATCH": 4, "EPOCHS": 2, "LR_SFT": 2e-5}  # 24 steps of 4 demonstrations
 VARIANTS = {
@@ -115,7 +116,8 @@ def main() -> None:
     p.add_argument("--table", action="store_true")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    results_file, base_file = OUT / "results.jsonl", OUT / "base_retention.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results_file, base_file = RESULTS / "results.jsonl", RESULTS / "base_retention.json"
     if not base_file.exists():
         base_file.write_text(json.dumps(retention("smollm2-135m-instruct", 0)))
     base = json.loads(base_file.read_text())
@@ -130,6 +132,8 @@ def main() -> None:
                 result = run(name, overrides, seed)
                 for model_dir in ("inference_lm", "ppo_full"):  # 0.5 GB each: the numbers are what this keeps
                     shutil.rmtree(OUT / f"{name}-s{seed}" / model_dir, ignore_errors=True)
+                shutil.copy(OUT / f"{name}-s{seed}.json", RESULTS / f"{name}-s{seed}.config.json")
+                shutil.copy(OUT / f"{name}-s{seed}" / "metrics.jsonl", RESULTS / f"{name}-s{seed}.metrics.jsonl")
                 with results_file.open("a") as f:
                     f.write(json.dumps(result) + "\n")
                 print(f"{name} seed {seed}: {result['before']} -> {result['after']} ({result['minutes']} min)", flush=True)
