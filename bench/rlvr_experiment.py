@@ -9,7 +9,8 @@ category, the responses that contain the reference.
     python bench/rlvr_experiment.py --only sft,grpo --seeds 0,1,2      # appends to bench/results/rlvr/results.jsonl
     python bench/rlvr_experiment.py --table                            # the markdown table of everything run so far
 
-One process at a time (2 threads); each run takes 5-8 minutes on a 2-core CPU.
+One process at a time (2 threads); on a 2-core CPU an SFT run takes about 4 minutes, an RL or hybrid run 9-10 with the
+default hf backend (about 5 with vLLM: --set 'NAME:GENERATION_BACKEND="vllm"').
 """
 
 import argparse
