@@ -161,3 +161,24 @@ def test_bad_multiprocess_settings(overrides, env, message, tiny_model, tiny_dat
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_reward_error_in_remax_greedy_pass_on_one_process_skips_the_update_on_both(tiny_model, tiny_data, tmp_path):
+    """The reward fails on process 1 only, and only in remax's extra greedy pass (2 responses there, 4 sampled): the
+    error travels with the rollout's gather, so both processes skip the same update; no hang, no stray traceback."""
+    reward = tmp_path / "flaky.py"
+    reward.write_text("import os\n\n\ndef score(responses, targets, prompts, items):\n"
+                      "    if os.environ.get('RANK') == '1' and len(responses) == 2:\n"
+                      "        raise ValueError('greedy-pass failure on rank 1')\n"
+                      "    return [float('yes' in r) for r in responses]\n")
+    out = tmp_path / "out"
+    start = time.time()
+    proc = torchrun_cli({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out),
+                         "SEED": 0, "ADVANTAGE": "remax", "NUM_GENERATIONS": 2, "PPO_BATCH": 4, "PPO_MINI": 2,
+                         "MAX_NEW_TOKENS": 4, "TRUST_REMOTE_CODE": True, "REWARD": {"type": "python", "path": str(reward)}},
+                        tmp_path, check=False, timeout=200)
+    assert time.time() - start < 150, "hang"  # no hang
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    records = [r for r in metrics(out) if r["phase"] == "ppo"]
+    assert records and all(r.get("ppo/skipped") == 1 for r in records), proc.stderr[-3000:]
+    assert all("greedy-pass failure on rank 1" in r["skipped_reason"] for r in records)
