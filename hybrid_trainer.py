@@ -3867,8 +3867,9 @@ def finish(r: Run, state: RunState) -> int:
     r.metrics.close()
     if is_main() and not cfg.KEEP_CHECKPOINTS_AT_END and (out_dir / "checkpoints").exists():
         shutil.rmtree(out_dir / "checkpoints")  # the run finished: the final model is saved, resume state is not needed
-    say(f"done: {state.step} steps, {state.bad_total} skipped; metrics in {out_dir / 'metrics.jsonl'}; "
-        f"{out_dir} holds {disk_usage(out_dir)}")
+    if is_main():  # only the main process walks OUTPUT_DIR: it alone renames and deletes in it (the others would race it)
+        say(f"done: {state.step} steps, {state.bad_total} skipped; metrics in {out_dir / 'metrics.jsonl'}; "
+            f"{out_dir} holds {disk_usage(out_dir)}")
     barrier()
     return 0
 
