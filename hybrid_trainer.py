@@ -19,24 +19,37 @@ classic PPOTrainer.step(queries, responses, scores).
 Map of this file, top to bottom (each section owns what it lists; nothing below reaches back into a section's
 internals except through the names given here):
   1. Config and Plan   Config: every key, typed, documented, validated at load, frozen. Plan: everything derived once
-                       at start (seed, precision, processes, batch sizes, step counts, model paths).
-  2. Math              pure tensor functions; the registries KL_PENALTIES, ADVANTAGES, SFT_LOSSES, SFT_TOKEN_WEIGHTS,
-                       MIX_SCHEDULES, HYBRID_STRATEGIES.
+                       at start (seed, precision, processes, batch sizes, the step schedule, step counts, model paths);
+                       the update and the loop read their sizes there.
+  2. Math              pure tensor functions; the registries KL_PENALTIES, LOSS_AGGREGATIONS, POLICY_LOSSES, KL_PLACES,
+                       ROLLOUT_IS_MODES, ADVANTAGES, SFT_LOSSES, SFT_TOKEN_WEIGHTS, MIX_SCHEDULES, HYBRID_STRATEGIES.
   3. Data              files -> Examples (DATA_FORMATS registry), prompts, tokens, batches.
-  4. Processes         rank, world size and device, read once; the collectives. No other section asks its rank.
+  4. Processes         the launch (Processes, read once by run()), rank, world size and device; the collectives. No
+                       other section asks its rank.
   5. Model             the model's paths (resolve_model), loading, LoRA, the reference, precision.
   6. Generation        the generation seam: an engine with generate() and sync_weights() (GENERATION_BACKENDS).
-  7. Steps             Optimizers; the SFT step; the PPO update as numbered steps over one gathered Rollout; evaluation.
+  7. Steps             Optimizers; SFTTerm; the PPO update's typed records (Sample -> Collected -> Rollout -> OldPolicy
+                       -> UpdateBatch -> LossStats); steps 1-3 (Collector: generate, score, gather) and 4-7 (PPOUpdate:
+                       log-probs, advantages, epochs, statistics) in file order; HybridTrainer composes them.
   8. Loop              the step schedule, metrics, signals.
   9. Save and resume   checkpoints and the final model.
  10. Reports           report.md, plots, the model card, --check's example.
  11. main              run() and the command line.
 Where to add:
   an advantage estimator  a function in section 2 + one line in ADVANTAGES (its extra pass, if any, in Estimator)
+  a policy loss           a function returning PolicyTerms + one line in POLICY_LOSSES (its own LOSS_AGG, if any)
   a hybrid strategy       a function returning a HybridSplit (with its metrics) + one line in HYBRID_STRATEGIES
   a KL penalty / SFT loss a function + one line in KL_PENALTIES / SFT_LOSSES
+  a field of the Rollout  one line in Sample (per response, filled in Collector.collect) and one in Rollout (padded in
+                          make_rollout), then the code that reads it; a per-token number of step 4: one line in
+                          TokenColumns; a statistic of the loss: one line in LossStats
+  an environment          (multi-turn agents) beside the reward factory; its observation tokens get loss_mask 0 in the
+                          Sample, and every loss, estimator and statistic already reads the loss mask
+  a teacher model         (on-policy distillation) its log-probs of the sampled tokens: a TokenColumns field computed in
+                          PPOUpdate.forward_no_grad beside the reference's (step 4), read in step 5
   a data format           an example_from_* function + one line in DATA_FORMATS
-  a reward type           a builder in rewards.py + one line in rewards.REWARDS
+  a reward type           a builder in rewards.py + one line in rewards.REWARDS (a rewards.Scorer when it reports more
+                          than its scores)
   a generation backend    a class with generate() and sync_weights() + one line in GENERATION_BACKENDS
 A registry's names are the choices its config key accepts, and --help lists them.
 """
@@ -154,17 +167,20 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     KL_PENALTY: str = _key("kl", "per-token KL estimate: {choices} (kl = k1 = logp - ref; k2 = mse = 0.5 (logp - ref)^2; "
                            "k3 = r - 1 - log r, r = p_ref / p: 'low_var_kl'; full = over the whole distribution)",
                            choices=lambda: tuple(KL_PENALTIES))
-    KL_IN: str = _key("reward", "where the KL goes: {choices}: reward (a per-token penalty in the reward, PPO-style), loss "
-                      "(INIT_KL_COEF x mean KL added to the policy loss, GRPO-style)", choices=lambda: ("reward", "loss"))
+    KL_IN: str = _key("reward", "where the KL goes: {choices} (see the KL_IN registry below)", choices=lambda: tuple(KL_PLACES))
     GAMMA: float = _key(1.0, "discount factor")
     LAM: float = _key(0.95, "GAE lambda")
     CLIPRANGE: float = _key(0.2, "PPO policy ratio clip range: ratios outside [1 - CLIPRANGE, 1 + CLIPRANGE_HIGH] are clipped")
     CLIPRANGE_HIGH: Optional[float] = _key(None, "upper clip range (DAPO's clip-higher uses 0.28 with CLIPRANGE 0.2; null = CLIPRANGE)")
-    LOSS_AGG: str = _key("auto", "policy loss over tokens: {choices} (seq_mean_token_sum_norm: token sums / MAX_NEW_TOKENS, "
-                         "Dr. GRPO; auto: the estimator's own, dr_grpo's seq_mean_token_sum_norm, else token_mean)",
-                         choices=lambda: ("auto",) + LOSS_AGGREGATIONS)
-    IMPORTANCE_LEVEL: str = _key("token", "{choices}: token (a ratio per token), sequence (GSPO: a ratio per response, exp of its "
-                                 "mean log-ratio)", choices=lambda: ("token", "sequence"))
+    LOSS_AGG: str = _key("auto", "policy loss over tokens: {choices} (auto: the policy loss's own, gmpo's seq_mean_token_mean; "
+                         "else the estimator's, dr_grpo's seq_mean_token_sum_norm; else token_mean)",
+                         choices=lambda: ("auto",) + tuple(LOSS_AGGREGATIONS))
+    POLICY_LOSS: str = _key("ppo", "the policy loss: {choices} (see the POLICY_LOSS registry below and the README's table)",
+                            choices=lambda: tuple(POLICY_LOSSES))
+    IMPORTANCE_LEVEL: str = _key("token", "{choices}: token (a ratio per token), sequence (= POLICY_LOSS \"gspo\", kept for "
+                                 "older configs)", choices=lambda: ("token", "sequence"))
+    SAPO_TAU_POS: float = _key(1.0, "POLICY_LOSS sapo: the gate's temperature where the advantage is positive (TRL's default)")
+    SAPO_TAU_NEG: float = _key(1.05, "POLICY_LOSS sapo: the gate's temperature where the advantage is negative or 0 (TRL's default)")
     CLIPRANGE_VALUE: float = _key(0.2, "value prediction clip range")
     VF_COEF: float = _key(0.1, "value loss coefficient")
     WHITEN_REWARDS: bool = _key(False, "whiten per-token rewards (scale only) before GAE")
@@ -188,9 +204,8 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     VLLM_KV_CACHE_GB: float = _key(1.0, "vllm on CPU: GiB of KV cache")
     VLLM_ENFORCE_EAGER: bool = _key(True, "vllm: no CUDA graphs / compilation (starts in seconds; false: faster decoding after "
                                     "a start of minutes)")
-    ROLLOUT_IS: str = _key("auto", "correct the engine/trainer sampling mismatch: {choices}: token_truncate (the policy gradient "
-                           "times min(ratio, ROLLOUT_IS_CAP) per token), sequence_mask (times the sequence's ratio, 0 beyond the cap; "
-                           "TRL's default), off; auto = sequence_mask with vllm, off with hf (its log-probs are the trainer's own)",
+    ROLLOUT_IS: str = _key("auto", "correct the engine/trainer sampling mismatch: {choices} (see the ROLLOUT_IS registry below); "
+                           "auto = sequence_mask (TRL's default) with vllm, off with hf (its log-probs are the trainer's own)",
                            choices=lambda: ("auto",) + tuple(ROLLOUT_IS_MODES))
     ROLLOUT_IS_CAP: float = _key(3.0, "ROLLOUT_IS: the cap C on the trainer/engine probability ratio (TRL: 3.0)")
     # --- reward ---
@@ -324,7 +339,11 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
              "GENERATION_BACKEND \"vllm\" (REPETITION_PENALTY works with both)")
         auto_is = "sequence_mask" if self.GENERATION_BACKEND == "vllm" else "off"
         fill["ROLLOUT_IS"] = auto_is if self.ROLLOUT_IS == "auto" else self.ROLLOUT_IS
-        fill["LOSS_AGG"] = ADVANTAGES[self.ADVANTAGE].loss_agg if self.LOSS_AGG == "auto" else self.LOSS_AGG
+        need(self.IMPORTANCE_LEVEL == "token" or self.POLICY_LOSS in ("ppo", "gspo"), f"IMPORTANCE_LEVEL \"sequence\" is "
+             f"POLICY_LOSS \"gspo\"; it does not combine with POLICY_LOSS {self.POLICY_LOSS!r}: drop IMPORTANCE_LEVEL")
+        fill["POLICY_LOSS"] = "gspo" if self.IMPORTANCE_LEVEL == "sequence" else self.POLICY_LOSS
+        own = POLICY_LOSSES[fill["POLICY_LOSS"]].loss_agg
+        fill["LOSS_AGG"] = (own or ADVANTAGES[self.ADVANTAGE].loss_agg) if self.LOSS_AGG == "auto" else self.LOSS_AGG
         fill["CLIPRANGE_HIGH"] = self.CLIPRANGE if self.CLIPRANGE_HIGH is None else self.CLIPRANGE_HIGH
         need(fill["CLIPRANGE_HIGH"] >= self.CLIPRANGE, f"CLIPRANGE_HIGH ({self.CLIPRANGE_HIGH}) must be >= CLIPRANGE "
              f"({self.CLIPRANGE}): clip-higher widens the upper side only")
@@ -344,7 +363,7 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         need(self.LORA_R >= 0, f"LORA_R must be >= 0 (0 = full fine-tuning), got {self.LORA_R}")
         for key in ("LR_SFT", "LR_PPO", "TEMPERATURE", "REPETITION_PENALTY", "MAX_GRAD_NORM", "RATIO_THRESHOLD", "TARGET_KL", "LORA_ALPHA",
-                    "EVAL_TEMPERATURE", "VLLM_KV_CACHE_GB", "ROLLOUT_IS_CAP"):
+                    "EVAL_TEMPERATURE", "VLLM_KV_CACHE_GB", "ROLLOUT_IS_CAP", "SAPO_TAU_POS", "SAPO_TAU_NEG"):
             need(getattr(self, key) > 0, f"{key} must be > 0, got {getattr(self, key)}")
         for key in ("INIT_KL_COEF", "CLIPRANGE", "CLIPRANGE_VALUE", "VF_COEF"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
@@ -464,15 +483,17 @@ def registry_table() -> list[tuple[str, list[tuple[str, str]]]]:
     import rewards
 
     def first_line(obj) -> str:
-        if isinstance(obj, Choice):
+        if isinstance(obj, (Choice, KLPlace)):
             return obj.doc
         fn = getattr(obj, "fn", obj)  # an Estimator or a Strategy holds its function
         text = " ".join((getattr(fn, "__doc__", None) or "").strip().split("\n\n")[0].split())
         return text if len(text) <= 110 else text[:text.rfind(" ", 0, 108)] + " ..."
 
-    tables = {"ADVANTAGE": ADVANTAGES, "HYBRID": HYBRID_STRATEGIES, "KL_PENALTY": KL_PENALTIES, "SFT_LOSS": SFT_LOSSES,
+    tables = {"ADVANTAGE": ADVANTAGES, "POLICY_LOSS": POLICY_LOSSES, "LOSS_AGG": LOSS_AGGREGATIONS, "KL_IN": KL_PLACES,
+              "ROLLOUT_IS": ROLLOUT_IS_MODES, "HYBRID": HYBRID_STRATEGIES, "KL_PENALTY": KL_PENALTIES, "SFT_LOSS": SFT_LOSSES,
               "SFT_TOKEN_WEIGHT": SFT_TOKEN_WEIGHTS, "MIX_SCHEDULE": MIX_SCHEDULES, "LR_SCHEDULE": LR_SCHEDULES,
-              "DATA_FORMAT": DATA_FORMATS, "GENERATION_BACKEND": GENERATION_BACKENDS, "REWARD type": rewards.REWARDS}
+              "DATA_FORMAT": DATA_FORMATS, "GENERATION_BACKEND": GENERATION_BACKENDS, "REWARD type": rewards.REWARDS,
+              "REWARD math extract": rewards.MATH_EXTRACTORS}
     return [(key, [(name, first_line(entry)) for name, entry in registry.items()]) for key, registry in tables.items()]
 
 
@@ -485,9 +506,10 @@ def config_markdown() -> str:
 @dataclass(frozen=True)
 class Plan:
     """What a run derives once at start from the config, the launch and the model, read-only afterwards: printed as
-    one block, written to OUTPUT_DIR/plan.json and into each checkpoint. Built by make_plan (pure) in run()."""
+    one block, written to OUTPUT_DIR/plan.json and into each checkpoint. Built by make_plan (pure) in run(). The
+    update and the loop read their sizes here; the properties are the same facts per process or per epoch."""
     seed: int  # SEED, or drawn by the main process when SEED is null (seed_drawn), or the resumed run's
-    seed_drawn: bool
+    seed_drawn: bool  # printed by describe(): the seed to put in a config to rerun the run
     bf16: bool  # bf16 autocast (BF16 true, or "auto" resolved on this machine)
     precision: str  # why: the run's first line
     world_size: int  # processes
@@ -495,16 +517,42 @@ class Plan:
     model: str  # the directory the weights load from (an alias's or .gguf's converted copy in CACHE_DIR)
     adapter: Optional[str]  # MODEL's LoRA adapter directory, if MODEL is one
     n_items: int  # training items (after PERCENT / NUM_SAMPLES)
-    sft_batch_per_process: int  # SFT_BATCH / world_size
-    prompts_per_process: int  # PPO_BATCH / world_size
-    responses_per_update: int  # PPO_BATCH x NUM_GENERATIONS
+    schedule: tuple  # one epoch's steps in order, "sft" and "ppo" (step_plan)
+    sft_batch: int  # SFT examples per step (SFT_BATCH)
+    ppo_batch: int  # prompts per PPO update (PPO_BATCH)
+    group_size: int  # responses per prompt (NUM_GENERATIONS): rows i*G .. i*G+G-1 of an update answer prompt i
     responses_per_minibatch: int  # PPO_MINI x NUM_GENERATIONS
-    minibatches_per_epoch: int  # per PPO epoch of an update: ceil(PPO_BATCH / PPO_MINI)
-    sft_steps_per_epoch: int  # SFT steps in one pass over the data
-    ppo_updates_per_epoch: int  # PPO updates in one pass
     total_steps: int  # (SFT steps + PPO updates) x EPOCHS
     sft_optimizer_steps: int  # in the run: sizes the SFT learning-rate schedule
     ppo_optimizer_steps: int  # in the run (updates x PPO_EPOCHS x minibatches): sizes the PPO schedule
+
+    @property
+    def responses_per_update(self) -> int:  # PPO_BATCH x NUM_GENERATIONS
+        return self.ppo_batch * self.group_size
+
+    @property
+    def minibatches_per_epoch(self) -> int:  # per PPO epoch of an update: ceil(PPO_BATCH / PPO_MINI)
+        return math.ceil(self.responses_per_update / self.responses_per_minibatch)
+
+    @property
+    def sft_batch_per_process(self) -> int:
+        return self.sft_batch // self.world_size
+
+    @property
+    def prompts_per_process(self) -> int:
+        return self.ppo_batch // self.world_size
+
+    @property
+    def sft_steps_per_epoch(self) -> int:
+        return self.schedule.count("sft")
+
+    @property
+    def ppo_updates_per_epoch(self) -> int:
+        return self.schedule.count("ppo")
+
+    def batch_size(self, side: str) -> int:
+        """Items a step of `side` ("sft" or "ppo") draws from its stream."""
+        return self.sft_batch if side == "sft" else self.ppo_batch
 
     def describe(self) -> str:
         """The block printed at start."""
@@ -547,14 +595,12 @@ def make_plan(cfg: Config, n_items: int, world: int, seed: int, seed_drawn: bool
     maxseq = min(cfg.MAXSEQ, context) if context else cfg.MAXSEQ
     if maxseq < cfg.MAXSEQ:
         warn(f"MAXSEQ={cfg.MAXSEQ} exceeds the context of MODEL ({context} tokens); using MAXSEQ={context}")
-    schedule = step_plan(cfg, n_items)
+    schedule = tuple(step_plan(cfg, n_items))
     n_sft, n_ppo = schedule.count("sft"), schedule.count("ppo")
     minibatches = math.ceil(cfg.PPO_BATCH / cfg.PPO_MINI)
     return Plan(seed=seed, seed_drawn=seed_drawn, bf16=bf16, precision=precision, world_size=world,
-                maxseq=maxseq, model=model, adapter=adapter, n_items=n_items,
-                sft_batch_per_process=cfg.SFT_BATCH // world, prompts_per_process=cfg.PPO_BATCH // world,
-                responses_per_update=cfg.PPO_BATCH * cfg.NUM_GENERATIONS, responses_per_minibatch=cfg.PPO_MINI * cfg.NUM_GENERATIONS,
-                minibatches_per_epoch=minibatches, sft_steps_per_epoch=n_sft, ppo_updates_per_epoch=n_ppo,
+                maxseq=maxseq, model=model, adapter=adapter, n_items=n_items, schedule=schedule, sft_batch=cfg.SFT_BATCH,
+                ppo_batch=cfg.PPO_BATCH, group_size=cfg.NUM_GENERATIONS, responses_per_minibatch=cfg.PPO_MINI * cfg.NUM_GENERATIONS,
                 total_steps=len(schedule) * cfg.EPOCHS, sft_optimizer_steps=n_sft * cfg.EPOCHS,
                 ppo_optimizer_steps=n_ppo * cfg.EPOCHS * cfg.PPO_EPOCHS * minibatches)
 
@@ -649,76 +695,185 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str =
     return KL_PENALTIES[kind](logprobs, ref_logprobs)
 
 
-def compute_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """Per-token rewards (B, T): -kl_coef * kl on every response token, plus the score on the last one."""
-    rewards = -kl_coef * kl * response_mask
-    last = response_mask.sum(1).long().clamp(min=1) - 1
-    rewards[torch.arange(len(scores)), last] += scores
+def last_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask -> (B,) the position of each row's last 1 (0 for a row with none)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (positions * (mask > 0)).amax(1)
+
+
+def compute_rewards(scores: torch.Tensor, kl: torch.Tensor, loss_mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards (B, T): -kl_coef * kl on every token the loss covers, plus the score on the last of them."""
+    rewards = -kl_coef * kl * loss_mask
+    rewards[torch.arange(len(scores)), last_positions(loss_mask)] += scores
     return rewards
 
 
 def compute_gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """Generalised advantage estimation over response tokens. (B, T) each -> (advantages, returns).
+    """Generalised advantage estimation over the tokens the loss covers. (B, T) each -> (advantages, returns).
 
-    Values and rewards past the response end are zeroed, so the last real token bootstraps from 0.
+    Positions with mask 0 are skipped: past the response end (the last token bootstraps from 0), and inside a
+    response (an environment's observation tokens): GAE runs over the model's tokens as one sequence, each
+    bootstrapping from the value of the next token the loss covers (as OpenRLHF and ROLL do for multi-turn).
     """
     values, rewards = values * mask, rewards * mask
+    on = mask > 0
     last_gae = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(last_gae)
     advantages = torch.zeros_like(values)
-    T = values.shape[1]
-    for t in reversed(range(T)):
-        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last_gae)
+    for t in reversed(range(values.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last_gae = delta + gamma * lam * last_gae
-        advantages[:, t] = last_gae
+        gae = delta + gamma * lam * last_gae
+        advantages[:, t] = torch.where(on[:, t], gae, 0.0)
+        last_gae = torch.where(on[:, t], gae, last_gae)
+        next_value = torch.where(on[:, t], values[:, t], next_value)
     return advantages, advantages + values
 
 
 class PolicyLoss(NamedTuple):
     loss: torch.Tensor  # scalar
-    clipfrac: torch.Tensor  # fraction of tokens where the clipped objective was active
+    clipfrac: torch.Tensor  # fraction of tokens where the clip (CISPO: the weight's cap; GMPO: the log-ratio clip) was active
     approx_kl: torch.Tensor  # 0.5 * mean (logp - old_logp)^2
-    ratio: torch.Tensor  # mean probability ratio
+    ratio: torch.Tensor  # mean probability ratio (GSPO, GMPO: of the per-response ratios, over their tokens)
 
 
-LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+# ---- loss aggregations: a (B, T) per-token loss and its mask -> a scalar (LOSS_AGG) ----
+# `units` counts what the mean divides by (tokens, or responses with a token): a GRAD_ACCUM chunk of a minibatch
+# weighs its units over the minibatch's, so that the chunks' gradients add up to the whole minibatch's.
+def agg_token_mean(x, mask, max_len):
+    """mean over all tokens (TRL "bnpo" / DAPO; verl "token-mean")"""
+    return masked_mean(x, mask)
 
 
-def aggregate_loss(x: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", max_len: Optional[int] = None) -> torch.Tensor:
-    """A (B, T) per-token loss -> a scalar (verl core_algos.agg_loss; TRL grpo_trainer.py loss types):
-    token_mean: mean over all tokens (TRL "bnpo"/DAPO); seq_mean_token_mean: mean over responses of each one's
-    token mean (TRL "grpo"); seq_mean_token_sum_norm: mean over responses of token sums / max_len (TRL "dr_grpo",
-    Liu et al. 2025). Responses with no token (excluded rows) do not count in the seq_ means."""
-    if mode == "token_mean":
-        return masked_mean(x, mask)
-    has = (mask.sum(1) > 0).float()
-    per_seq = (x * mask).sum(1)
-    per_seq = per_seq / mask.sum(1).clamp(min=1) if mode == "seq_mean_token_mean" else per_seq / max_len
+def _seq_mean(per_seq, mask):
+    has = (mask.sum(1) > 0).float()  # responses with no token (excluded rows) do not count
     return (per_seq * has).sum() / has.sum().clamp(min=1)
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, cliprange_high: Optional[float] = None,
-                level: str = "token", agg: str = "token_mean", max_len: Optional[int] = None,
-                kl: Optional[torch.Tensor] = None, is_weights: Optional[torch.Tensor] = None) -> PolicyLoss:
-    """Clipped PPO surrogate (Schulman et al. 2017), all inputs (B, T).
-    cliprange_high: upper clip 1 + cliprange_high (DAPO's clip-higher; default cliprange).
-    level "sequence": one ratio per response, exp(mean over its tokens of log p - log p_old) (GSPO, Zheng et al.
-    2025; TRL grpo_trainer.py importance_sampling_level). kl: a per-token term (coef x KL) added before aggregating
-    (KL_IN "loss", as TRL's GRPO). agg: see aggregate_loss. is_weights: the rollout correction's per-token weights
-    (ROLLOUT_IS), multiplying the clipped surrogate before the KL is added (TRL grpo_trainer.py _compute_loss)."""
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(masked_mean(log_ratio, mask, dim=1)[:, None] if level == "sequence" else log_ratio)
-    high = cliprange if cliprange_high is None else cliprange_high
+def agg_seq_mean_token_mean(x, mask, max_len):
+    """mean over responses of each one's token mean (TRL "grpo"; verl "seq-mean-token-mean")"""
+    return _seq_mean((x * mask).sum(1) / mask.sum(1).clamp(min=1), mask)
+
+
+def agg_seq_mean_token_sum_norm(x, mask, max_len):
+    """mean over responses of token sums / MAX_NEW_TOKENS (TRL "dr_grpo", Liu et al. 2025; verl "seq-mean-token-sum-norm")"""
+    return _seq_mean((x * mask).sum(1) / max_len, mask)
+
+
+def tokens(mask):
+    return mask.sum()
+
+
+def responses(mask):
+    return (mask.sum(1) > 0).sum()
+
+
+class Aggregation(NamedTuple):
+    fn: Callable  # (x (B, T), mask (B, T), max_len) -> scalar
+    units: Callable  # mask (B, T) -> what the mean divides by: its tokens, or its responses with a token
+
+
+LOSS_AGGREGATIONS = {
+    "token_mean": Aggregation(agg_token_mean, tokens),
+    "seq_mean_token_mean": Aggregation(agg_seq_mean_token_mean, responses),
+    "seq_mean_token_sum_norm": Aggregation(agg_seq_mean_token_sum_norm, responses),
+}
+
+
+def aggregate_loss(x: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", max_len: Optional[int] = None) -> torch.Tensor:
+    """A (B, T) per-token loss -> a scalar by LOSS_AGGREGATIONS[mode] (verl core_algos.agg_loss; TRL grpo_trainer.py
+    loss types)."""
+    return LOSS_AGGREGATIONS[mode].fn(x, mask, max_len)
+
+
+# ---- policy losses: one function each, in the POLICY_LOSSES registry ----
+# Every loss gets the same keyword arguments and takes what it needs: log_ratio = log pi - log pi_old (B, T),
+# logprobs (B, T) with grad, advantages (B, T), mask (B, T), low / high (CLIPRANGE / CLIPRANGE_HIGH),
+# tau = (SAPO_TAU_POS, SAPO_TAU_NEG) -> PolicyTerms. policy_loss() then applies the rollout correction's weights,
+# adds the KL term (KL_IN "loss") and aggregates (LOSS_AGG).
+class PolicyTerms(NamedTuple):
+    per_token: torch.Tensor  # (B, T) the loss on each token
+    ratio: torch.Tensor  # (B, T), or (B, 1) for a ratio per response: the importance ratio
+    clipped: torch.Tensor  # same shape as ratio, bool: the clip was active there
+
+
+def _clipped_surrogate(ratio, advantages, low, high):
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
-    per_token = torch.maximum(unclipped, clipped)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
+    return PolicyTerms(torch.maximum(unclipped, clipped), ratio, clipped > unclipped)
+
+
+def loss_ppo(log_ratio, advantages, low, high, **_):
+    """-min(r A, clip(r, 1 - low, 1 + high) A), r per token (Schulman et al. 2017; high > low: DAPO's clip-higher)"""
+    return _clipped_surrogate(torch.exp(log_ratio), advantages, low, high)
+
+
+def loss_gspo(log_ratio, advantages, mask, low, high, **_):
+    """the clipped surrogate with one ratio per response, exp(mean over its tokens of log r) (GSPO, Zheng et al.
+    2025; TRL importance_sampling_level "sequence")"""
+    return _clipped_surrogate(torch.exp(masked_mean(log_ratio, mask, dim=1)[:, None]), advantages, low, high)
+
+
+def loss_cispo(log_ratio, logprobs, advantages, high, **_):
+    """-sg(min(r, 1 + high)) A log pi (CISPO, MiniMax-M1 2025): every token keeps a gradient, the importance weight is
+    capped above only, as TRL (its epsilon_high is our 1 + CLIPRANGE_HIGH); verl also clips below"""
+    ratio = torch.exp(log_ratio)
+    return PolicyTerms(-torch.clamp(ratio, max=1.0 + high).detach() * advantages * logprobs, ratio, ratio > 1.0 + high)
+
+
+def loss_sapo(log_ratio, advantages, tau, **_):
+    """-sigmoid(tau (r - 1)) 4 / tau A, a soft gate instead of the hard clip; tau = SAPO_TAU_POS where A > 0, else
+    SAPO_TAU_NEG (SAPO, Qwen 2025; TRL loss_type "sapo")"""
+    ratio = torch.exp(log_ratio)
+    t = torch.where(advantages > 0, tau[0], tau[1])
+    return PolicyTerms(-torch.sigmoid(t * (ratio - 1)) * 4 / t * advantages, ratio, torch.zeros_like(ratio, dtype=torch.bool))
+
+
+def loss_gmpo(log_ratio, advantages, mask, low, high, **_):
+    """-A exp(mean_t sgn(A) min(sgn(A) log r_t, sgn(A) clip(log r_t, -low, high))) per response: the geometric mean of
+    its token ratios, each clipped in log space (GMPO, Zhao et al. 2025; verl "geo_mean"). A: the response's mean
+    advantage; the response's loss stands on each of its tokens (LOSS_AGG auto: seq_mean_token_mean, the paper's mean)."""
+    sign = torch.sign(advantages)
+    clamped = torch.clamp(log_ratio, -low, high)
+    kept = sign * torch.minimum(sign * log_ratio, sign * clamped)
+    ratio = torch.exp(masked_mean(kept, mask, dim=1))[:, None]
+    advantage = masked_mean(advantages, mask, dim=1)[:, None]
+    return PolicyTerms((-advantage * ratio).expand_as(mask), torch.exp(log_ratio), (kept != log_ratio) & (mask > 0))
+
+
+class PolicyLossKind(NamedTuple):
+    fn: Callable
+    loss_agg: Optional[str] = None  # LOSS_AGG "auto" with this loss (None: the estimator's)
+
+
+POLICY_LOSSES = {
+    "ppo": PolicyLossKind(loss_ppo),
+    "gspo": PolicyLossKind(loss_gspo),
+    "cispo": PolicyLossKind(loss_cispo),
+    "sapo": PolicyLossKind(loss_sapo),
+    "gmpo": PolicyLossKind(loss_gmpo, loss_agg="seq_mean_token_mean"),
+}
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, cliprange_high: Optional[float] = None,
+                kind: str = "ppo", agg: str = "token_mean", max_len: Optional[int] = None,
+                kl: Optional[torch.Tensor] = None, is_weights: Optional[torch.Tensor] = None,
+                tau: tuple = (1.0, 1.05)) -> PolicyLoss:
+    """The policy loss POLICY_LOSSES[kind], all inputs (B, T). cliprange_high: default cliprange. is_weights: the
+    rollout correction's per-token weights (ROLLOUT_IS), multiplying the loss before the KL is added (TRL
+    grpo_trainer.py _compute_loss). kl: a per-token term (coef x KL, KL_IN "loss", as TRL's GRPO) added before
+    aggregating by LOSS_AGGREGATIONS[agg]."""
+    log_ratio = logprobs - old_logprobs
+    high = cliprange if cliprange_high is None else cliprange_high
+    terms = POLICY_LOSSES[kind].fn(log_ratio=log_ratio, logprobs=logprobs, advantages=advantages, mask=mask,
+                                   low=cliprange, high=high, tau=tau)
+    per_token = terms.per_token
     if is_weights is not None:
         per_token = per_token * is_weights
     if kl is not None:
         per_token = per_token + kl
     loss = aggregate_loss(per_token, mask, agg, max_len)
-    clipfrac = masked_mean((clipped > unclipped).float().expand_as(mask), mask)
-    return PolicyLoss(loss, clipfrac, 0.5 * masked_mean(log_ratio**2, mask), masked_mean(ratio.expand_as(mask), mask))
+    clipfrac = masked_mean(terms.clipped.float().expand_as(mask), mask)
+    return PolicyLoss(loss, clipfrac, 0.5 * masked_mean(log_ratio**2, mask), masked_mean(terms.ratio.expand_as(mask), mask))
 
 
 class ValueLoss(NamedTuple):
@@ -734,6 +889,19 @@ def value_loss(values, old_values, returns, mask, cliprange_value: float) -> Val
     return ValueLoss(loss, masked_mean((err_clipped > err).float(), mask))
 
 
+# ---- where the KL goes (KL_IN) ----
+class KLPlace(NamedTuple):
+    doc: str
+    in_reward: bool  # coef x step 4's per-token KL is subtracted from each token's reward
+    in_loss: bool  # coef x the current policy's per-token KL is added to the policy loss
+
+
+KL_PLACES = {
+    "reward": KLPlace("a per-token penalty in the reward (PPO-style)", in_reward=True, in_loss=False),
+    "loss": KLPlace("INIT_KL_COEF x the per-token KL added to the policy loss (GRPO-style)", in_reward=False, in_loss=True),
+}
+
+
 # ---- the rollout correction: the engine samples from pi_engine, the trainer's log-probs are pi_trainer's ----
 def is_token_truncate(log_ratio, mask, cap):
     """per token: min(pi_trainer / pi_engine, cap) (truncated importance sampling, Yao et al. 2025; TRL token_truncate)"""
@@ -746,7 +914,12 @@ def is_sequence_mask(log_ratio, mask, cap):
     return torch.where(ratio > cap, torch.zeros_like(ratio), ratio).expand_as(mask) * mask
 
 
-ROLLOUT_IS_MODES = {"token_truncate": is_token_truncate, "sequence_mask": is_sequence_mask, "off": None}
+def is_off(log_ratio, mask, cap):
+    """no correction: every weight 1"""
+    return torch.ones_like(mask)
+
+
+ROLLOUT_IS_MODES = {"token_truncate": is_token_truncate, "sequence_mask": is_sequence_mask, "off": is_off}
 
 
 def rollout_is_weights(logprobs, engine_logprobs, mask, mode: str, cap: float) -> torch.Tensor:
@@ -802,10 +975,9 @@ def advantages_reinforce_pp(rewards, mask, gamma, **_):
     whitened over the batch (verl compute_reinforce_plus_plus_outcome_advantage)."""
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        running = rewards[:, t] + gamma * running
+    for t in reversed(range(rewards.shape[1])):  # positions the loss does not cover pass the return on undiscounted
+        running = torch.where(mask[:, t] > 0, rewards[:, t] + gamma * running, running)
         returns[:, t] = running
-        running = running * mask[:, t]
     return masked_whiten(returns, mask), None
 
 
@@ -1036,20 +1208,6 @@ def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     """Token lists -> right-padded (B, L) ids and mask (responses, SFT sequences)."""
     flipped_ids, flipped_mask = left_pad([list(reversed(s)) for s in seqs], pad_id)
     return flipped_ids.flip(1), flipped_mask.flip(1)
-
-
-def trim_padding(batch: dict, n_response: int) -> tuple[dict, int]:
-    """Drop columns that are padding in every row: leading prompt padding of `input_ids`/`attention_mask`
-    and trailing response padding of every (B, n_response) tensor. Same math, fewer tokens.
-    -> (trimmed batch, new n_response)."""
-    attention_mask = batch["attention_mask"]
-    first = int(attention_mask.any(0).int().argmax())
-    kept_response = int(batch["r_mask"].sum(1).max())
-    end = attention_mask.shape[1] - n_response + kept_response
-    out = {}
-    for key, value in batch.items():
-        out[key] = value[:, first:end] if key in ("input_ids", "attention_mask") else value[:, :kept_response]
-    return out, kept_response
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -1407,7 +1565,14 @@ class Processes:
                    int(env.get("LOCAL_WORLD_SIZE", 1)))
 
 
-PROCS = Processes.from_env()
+PROCS = Processes()  # one process, until use_processes() installs the launch (run(), or the Python API's init_processes)
+
+
+def use_processes(procs: Processes) -> Processes:
+    """Make `procs` the launch every helper below reads (rank, world size, main). run() calls it first thing."""
+    global PROCS
+    PROCS = procs
+    return procs
 
 
 def world_size() -> int:
@@ -1438,8 +1603,8 @@ def dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def pick_device(cfg: Config) -> torch.device:
-    device = torch.device("cuda", PROCS.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+def pick_device(cfg: Config, procs: Processes) -> torch.device:
+    device = torch.device("cuda", procs.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if cfg.FP16 and device.type != "cuda":
         raise UserError("FP16 needs a CUDA GPU and none is available; use BF16 on CPU (AMX) or neither")
     if cfg.BF16 is True and not bf16_supported(device):
@@ -1447,8 +1612,10 @@ def pick_device(cfg: Config) -> torch.device:
     return device
 
 
-def init_processes(device: torch.device) -> None:
-    """Join the process group the launcher describes in the environment (gloo on CPU, nccl on CUDA)."""
+def init_processes(device: torch.device, procs: Optional[Processes] = None) -> None:
+    """Join the process group of the launch (gloo on CPU, nccl on CUDA). procs: run()'s; from Python (under torchrun),
+    None reads the launch from the environment here."""
+    use_processes(procs or Processes.from_env())
     if PROCS.world > 1 and not dist_ready():
         if device.type == "cuda":
             torch.cuda.set_device(device)  # collectives of objects use the current device: one GPU per process
@@ -1600,12 +1767,12 @@ def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     return n
 
 
-def set_threads() -> str:
+def set_threads(procs: Processes) -> str:
     """torch's intra-op threads: OMP_NUM_THREADS when set, else the usable CPUs divided among this node's
     processes (torch's default counts every core of the machine, even those this process may not use)."""
     if os.environ.get("OMP_NUM_THREADS"):
         return f"{torch.get_num_threads()} threads (OMP_NUM_THREADS)"
-    cpus, local = usable_cpus(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cpus, local = usable_cpus(), procs.local_world
     torch.set_num_threads(max(1, cpus // local))
     return f"{torch.get_num_threads()} threads ({cpus} usable CPUs" + (f" / {local} processes)" if local > 1 else ")")
 
@@ -2257,22 +2424,103 @@ class Optimizers:
         return grad_norm
 
 
+# ---- the SFT term: cross-entropy on response tokens + EOS, for SFT steps and for gate / mix inside an update ----
+class SFTTerm:
+    """Backward of coef x the SFT loss (SFT_LOSS per token, mean over the global batch's response tokens) on this
+    process's share of a batch of examples, in GRAD_ACCUM chunks. HybridTrainer.sft_step calls it; the PPO update
+    gets it as its SFT term (gate, mix)."""
+
+    def __init__(self, cfg: Config, policy: "PolicyWithValueHead", scaler, pad_id: int, device: torch.device,
+                 autocast: Callable):
+        self.cfg, self.policy, self.scaler, self.pad_id, self.device, self.autocast = cfg, policy, scaler, pad_id, device, autocast
+
+    def __call__(self, examples: list[Example], coef: float = 1.0, token_weight: str = "none") -> tuple[float, int]:
+        """-> (the loss over all processes, before coef; the global batch's response tokens)."""
+        pairs = sft_pairs(examples)
+        n_tokens = sum(len(t) for _, t in pairs)
+        mine, scale = my_share(pairs)
+        ids, mask = right_pad([p + t for p, t in mine], self.pad_id)
+        labels, _ = right_pad([[-100] * len(p) + t for p, t in mine], -100)
+        ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
+        # Logits only from the shortest prompt's last token on: the LM head over prompt positions is wasted work.
+        keep = ids.shape[1] - min(len(p) for p, _ in mine) + 1
+        total = torch.zeros(1, device=self.device)
+        for rows in torch.arange(len(mine)).tensor_split(accum_chunks(self.cfg.GRAD_ACCUM, len(pairs))):
+            with self.autocast():
+                logits = self.policy.lm(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False,
+                                        logits_to_keep=keep).logits
+            per_token = sft_token_losses(logits[:, :-1], labels[rows, -keep + 1:], self.cfg.SFT_LOSS, token_weight)
+            loss = per_token.sum() * (scale / n_tokens)
+            self.scaler.scale(loss * coef).backward()
+            total += loss.detach()
+        return all_reduce_sum(total).item(), n_tokens
+
+
+# ---- the PPO update's records: what passes between its numbered steps. B responses, R = the longest, L = the ----
+# ---- longest prompt + R. Adding a field: one line in its record, plus the code that fills it and the code that reads it.
 @dataclass
-class Rollout:
-    """One PPO update's batch, the same on every process after its one gather. B responses to P = B / G prompts:
-    rows i*G .. i*G+G-1 answer prompt i. L = longest prompt + longest response, R = longest response."""
-    queries: list  # B prompt token lists
-    responses: list  # B response token lists (ending at EOS, or cut at the token limit)
-    input_ids: torch.Tensor  # (B, L) the prompt left-padded, then the response right-padded
-    attention_mask: torch.Tensor  # (B, L)
-    r_ids: torch.Tensor  # (B, R) the response's ids
+class Sample:
+    """One sampled response as it crosses step 3's gather: plain lists and numbers (picklable). n = its length."""
+    query: list  # the prompt's token ids
+    response: list  # (n) the sampled token ids, ending at EOS or cut at the token limit
+    ended: bool  # emitted EOS
+    score: float  # the reward, MISSING_EOS_PENALTY applied
+    baseline: float = 0.0  # the estimator's extra pass for its prompt (remax: the greedy response's score), else 0
+    engine_logprobs: Optional[list] = None  # (n) the engine's log-prob of each sampled token (vllm); None: not reported
+    loss_mask: Optional[list] = None  # (n) 1 where the loss covers the token (the model sampled it), 0 where not; None: all
+
+
+class Share(NamedTuple):
+    """What one process sends in step 3's one gather."""
+    samples: list  # its Samples, in row order
+    sums: dict  # weighted_sum component -> the sum of its scores over these samples ({} for a stateful reward)
+    error: Optional[str]  # why its reward could not score (then every process skips the update)
+
+
+@dataclass
+class Collected:
+    """Steps 1-3 for a batch of P prompts, gathered: every process holds all of it. Lists, so that batches join and
+    groups filter cheaply before the padded Rollout is made."""
+    examples: list  # the P prompts
+    samples: list  # B = P x G Samples; rows i*G .. i*G+G-1 answer prompt i
+    sums: dict  # weighted_sum component -> the sum of its scores over the B samples
+    generate_s: float = 0.0  # seconds generating (step 1)
+    score_s: float = 0.0  # seconds scoring, with the estimator's extra pass (step 2)
+
+    def join(self, other: "Collected") -> "Collected":
+        return Collected(self.examples + other.examples, self.samples + other.samples,
+                         {k: self.sums.get(k, 0.0) + other.sums.get(k, 0.0) for k in {**self.sums, **other.sums}},
+                         self.generate_s + other.generate_s, self.score_s + other.score_s)
+
+    def groups_with_signal(self, G: int) -> "Collected":
+        """Only the prompts whose G scores are not all equal (the others give group-relative estimators nothing)."""
+        keep = [i for i in range(len(self.examples)) if len({s.score for s in self.samples[i * G:(i + 1) * G]}) > 1]
+        return Collected([self.examples[i] for i in keep], [s for i in keep for s in self.samples[i * G:(i + 1) * G]], {})
+
+
+@dataclass
+class Tokens:
+    """Token ids of B rows: the prompt left-padded, then the response right-padded."""
+    input_ids: torch.Tensor  # (B, L) long
+    attention_mask: torch.Tensor  # (B, L) long: 1 on prompt and response tokens (what attention sees)
+    r_ids: torch.Tensor  # (B, R) long: the responses' ids
     r_mask: torch.Tensor  # (B, R) float: 1 on response tokens
-    scores: torch.Tensor  # (B,) float32 rewards (MISSING_EOS_PENALTY applied)
-    baseline: torch.Tensor  # (B,) the estimator's extra pass (remax: the greedy response's score), or empty
-    group_size: int  # G = NUM_GENERATIONS
-    ended: Optional[torch.Tensor] = None  # (B,) bool: emitted EOS (unknown in the classic ppo_step API)
-    components: dict = field(default_factory=dict)  # weighted_sum component -> its mean over the B responses
-    engine_logprobs: Optional[torch.Tensor] = None  # (B, R) the engine's log-probs of the response tokens (vllm), else None
+
+
+@dataclass
+class Rollout(Tokens):
+    """One PPO update's batch, padded, the same on every process after step 3's gather. Rows i*G .. i*G+G-1 answer
+    prompt i."""
+    loss_mask: torch.Tensor  # (B, R) float: 1 on the response tokens the losses, estimators, KL and statistics cover
+    scores: torch.Tensor  # (B,) float32: rewards (MISSING_EOS_PENALTY applied)
+    baseline: torch.Tensor  # (B,) float32: the estimator's extra pass (remax: the greedy response's score), else 0
+    ended: torch.Tensor  # (B,) bool: emitted EOS
+    group_size: int  # G
+    engine_logprobs: Optional[torch.Tensor] = None  # (B, R): the engine's log-probs of the response tokens (vllm), else None
+
+    @property
+    def size(self) -> int:
+        return len(self.r_ids)
 
 
 def right_pad_floats(rows: list[list[float]], width: int) -> torch.Tensor:
@@ -2283,32 +2531,268 @@ def right_pad_floats(rows: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
-def make_rollout(queries: list, responses: list, scores: list, baseline: list, group_size: int, pad_id: int,
-                 device: torch.device, ended: Optional[list] = None, components: Optional[dict] = None,
-                 eos_id: Optional[int] = None, engine_logprobs: Optional[list] = None) -> Rollout:
-    """Token lists and per-response numbers (every process's, in rank order) -> the padded Rollout. ended unknown
-    (the classic ppo_step): a response ended when its last token is eos_id."""
-    if ended is None and eos_id is not None:
-        ended = [bool(r) and r[-1] == eos_id for r in responses]
-    q_ids, q_mask = left_pad(queries, pad_id)
-    r_ids, r_mask = right_pad(responses, pad_id)
-    if len(queries) % group_size:
-        raise ValueError(f"{len(queries)} responses do not form groups of NUM_GENERATIONS={group_size}")
-    return Rollout(queries, responses, torch.cat([q_ids, r_ids], 1).to(device), torch.cat([q_mask, r_mask], 1).to(device),
-                   r_ids.to(device), r_mask.to(device).float(), torch.as_tensor(scores, dtype=torch.float32, device=device),
-                   torch.as_tensor(baseline, dtype=torch.float32, device=device), group_size,
-                   None if ended is None else torch.as_tensor(ended, dtype=torch.bool), components or {},
-                   right_pad_floats(engine_logprobs, r_ids.shape[1]).to(device) if engine_logprobs else None)
+def make_rollout(samples: list[Sample], group_size: int, pad_id: int, device: torch.device) -> Rollout:
+    """Every process's Samples, in rank order -> the padded Rollout."""
+    if len(samples) % group_size:
+        raise ValueError(f"{len(samples)} responses do not form groups of NUM_GENERATIONS={group_size}")
+    q_ids, q_mask = left_pad([s.query for s in samples], pad_id)
+    r_ids, r_mask = right_pad([s.response for s in samples], pad_id)
+    R, r_mask = r_ids.shape[1], r_mask.to(device).float()
+    for i, s in enumerate(samples):
+        if s.loss_mask is not None and len(s.loss_mask) != len(s.response):
+            raise ValueError(f"response {i}: {len(s.loss_mask)} loss-mask entries for {len(s.response)} tokens")
+    loss_mask = r_mask if all(s.loss_mask is None for s in samples) else right_pad_floats(
+        [[1.0] * len(s.response) if s.loss_mask is None else s.loss_mask for s in samples], R).to(device) * r_mask
+    engine = [s.engine_logprobs for s in samples]
+    return Rollout(torch.cat([q_ids, r_ids], 1).to(device), torch.cat([q_mask, r_mask.long().cpu()], 1).to(device),
+                   r_ids.to(device), r_mask, loss_mask, torch.tensor([s.score for s in samples], dtype=torch.float32, device=device),
+                   torch.tensor([s.baseline for s in samples], dtype=torch.float32, device=device),
+                   torch.tensor([s.ended for s in samples], dtype=torch.bool), group_size,
+                   right_pad_floats(engine, R).to(device) if all(e is not None for e in engine) else None)
 
 
-class OldPolicy(NamedTuple):
+def samples_from_tokens(queries: list, responses: list, scores: list, baseline: Optional[list], eos_id: Optional[int]) -> list[Sample]:
+    """The classic API's lists -> Samples; a response ended when its last token is EOS."""
+    return [Sample(q, r, bool(r) and r[-1] == eos_id, s, baseline[i] if baseline else 0.0)
+            for i, (q, r, s) in enumerate(zip(queries, responses, scores))]
+
+
+class Forward(NamedTuple):
+    """The policy's forward (with grad) on some rows: what the first minibatch may reuse from step 4."""
+    logits: torch.Tensor  # (b, r, V)
+    values: Optional[torch.Tensor]  # (b, r), None without a critic
+
+
+@dataclass
+class TokenColumns:
+    """Step 4's per-token numbers for some rows, (rows, R) each; None: not computed."""
+    logprobs: Optional[torch.Tensor] = None  # the sampling policy's log-probs of the response tokens (at TEMPERATURE)
+    values: Optional[torch.Tensor] = None  # the value head's estimates
+    ref_logprobs: Optional[torch.Tensor] = None  # the reference's
+    kl: Optional[torch.Tensor] = None  # KL_PENALTY "full": needs both whole distributions, so it is computed beside them
+
+    def present(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    @staticmethod
+    def cat(parts: list["TokenColumns"]) -> "TokenColumns":
+        return TokenColumns(**{name: torch.cat([getattr(p, name) for p in parts]) for name in parts[0].present()})
+
+
+def gather_columns(contiguous: TokenColumns, permuted: TokenColumns, perm: torch.Tensor, B: int, R: int,
+                   device: torch.device) -> TokenColumns:
+    """Step 4's one crossing: this process's rows of `contiguous` (its share of rows 0 .. B-1) and of `permuted` (its
+    share of perm's rows, in perm's order) -> all B rows of each, in batch order, on every process."""
+    columns = [(contiguous, name, False) for name in contiguous.present()] + [(permuted, name, True) for name in permuted.present()]
+    gathered = gather_rows(torch.stack([getattr(part, name).to(device) for part, name, _ in columns], 1), B)
+    out = TokenColumns()
+    for j, (_, name, in_perm_order) in enumerate(columns):
+        if in_perm_order:
+            column = torch.zeros((B, R), device=device)
+            column[perm.to(device)] = gathered[:, j]
+        else:
+            column = gathered[:, j]
+        setattr(out, name, column)
+    return out
+
+
+@dataclass
+class OldPolicy:
     """Step 4's no-grad pass over the Rollout, (B, R) each."""
     logprobs: torch.Tensor  # the sampling policy's log-probs of the response tokens (at TEMPERATURE)
     values: torch.Tensor  # the value head's estimates (zeros without a critic)
     ref_logprobs: torch.Tensor  # the reference's (= logprobs without a reference: KL 0)
     kl: torch.Tensor  # KL_PENALTY's per-token estimate
-    first: Optional[tuple]  # (logits, values) of the first minibatch, computed with grad, when it is the whole batch
-    seconds: tuple  # (reference forward, the first minibatch's forward)
+    first: Optional[Forward]  # the first minibatch's forward, with grad, when it is the whole batch
+    reference_s: float  # seconds in the reference's forward
+    first_forward_s: float  # seconds in the first minibatch's forward (counted with the PPO epochs)
+
+
+@dataclass
+class UpdateBatch(Tokens):
+    """Step 5's output, what step 6's minibatches train on: (B, R) each besides the Tokens."""
+    loss_mask: torch.Tensor  # float: the tokens the RL loss covers: the rollout's loss_mask, less the prompts a hybrid
+    #                          strategy sent to SFT and (MASK_TRUNCATED) the responses cut at the token limit
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    ref_logprobs: torch.Tensor
+    is_weights: torch.Tensor  # the rollout correction's weights of the policy gradient (ROLLOUT_IS; ones when off)
+
+
+def select_rows(batch, rows: torch.Tensor):
+    """The given rows of every tensor field of a batch record (Tokens, UpdateBatch)."""
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[rows] for f in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
+def trim_padding(batch, n_response: int) -> tuple[Any, int]:
+    """Drop columns that are padding in every row of a batch record: leading prompt padding of `input_ids` /
+    `attention_mask` (B, L) and trailing response padding of every (B, n_response) field, by `r_mask`. Same math,
+    fewer tokens. -> (the trimmed record, its new n_response)."""
+    first = int(batch.attention_mask.any(0).int().argmax())
+    kept_response = int(batch.r_mask.sum(1).max())
+    end = batch.attention_mask.shape[1] - n_response + kept_response
+    cut = {}
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, torch.Tensor) and value.dim() == 2:
+            cut[f.name] = value[:, first:end] if f.name in ("input_ids", "attention_mask") else value[:, :kept_response]
+    return dataclasses.replace(batch, **cut), kept_response
+
+
+def stat(key: str):
+    """A LossStats field: a 0-d tensor, logged as `key`."""
+    return field(default=None, metadata={"key": key})
+
+
+@dataclass
+class LossStats:
+    """A minibatch's loss statistics, each GRAD_ACCUM chunk's value times its share of the minibatch, summed (then
+    over processes). Adding a statistic: one line here, and the code in rl_backward that computes it."""
+    policy: Optional[torch.Tensor] = stat("ppo/loss/policy")
+    value: Optional[torch.Tensor] = stat("ppo/loss/value")  # critic only
+    total: Optional[torch.Tensor] = stat("ppo/loss/total")
+    clipfrac: Optional[torch.Tensor] = stat("ppo/policy/clipfrac")
+    approx_kl: Optional[torch.Tensor] = stat("ppo/policy/approxkl")
+    ratio: Optional[torch.Tensor] = stat("ppo/policy/ratio")
+    value_clipfrac: Optional[torch.Tensor] = stat("ppo/val/clipfrac")  # critic only
+    entropy: Optional[torch.Tensor] = stat("ppo/policy/entropy")
+    nonfinite: Optional[torch.Tensor] = stat("")  # > 0: a chunk's loss was not finite (not logged)
+
+    @staticmethod
+    def zeros(device: torch.device) -> "LossStats":
+        return LossStats(**{f.name: torch.zeros((), device=device) for f in dataclasses.fields(LossStats)})
+
+    def add(self, weight, **values: torch.Tensor) -> None:
+        for name, v in values.items():
+            setattr(self, name, getattr(self, name) + v.detach().float().to(getattr(self, name).device) * weight)
+
+    def summed(self) -> "LossStats":
+        """Summed over processes (one all_reduce)."""
+        names = [f.name for f in dataclasses.fields(self)]
+        total = all_reduce_sum(torch.stack([getattr(self, name) for name in names]))
+        return LossStats(**dict(zip(names, total.unbind())))
+
+    def metrics(self, critic: bool) -> dict:
+        return {f.metadata["key"]: getattr(self, f.name).item() for f in dataclasses.fields(self)
+                if f.metadata["key"] and (critic or f.name not in ("value", "value_clipfrac"))}
+
+
+# ---- steps 1-3: generate, score, gather ----
+class Collector:
+    """Steps 1-3 of a PPO update: each process generates and scores its share of a global batch of prompts, then one
+    gather gives every process the whole batch; DYNAMIC_SAMPLING repeats them for more prompts."""
+
+    def __init__(self, cfg: Config, plan: Plan, generate: Callable, sleep: Callable, reward, tokenizer, estimator: "Estimator"):
+        """generate(prompts, greedy=, n=) -> Generation with the current weights; sleep(): the engine's memory goes back."""
+        self.cfg, self.plan, self.generate, self.sleep = cfg, plan, generate, sleep
+        self.reward, self.tokenizer, self.estimator = reward, tokenizer, estimator
+
+    def batch(self, examples: list[Example], draw: Optional[Callable] = None) -> tuple[Collected, Collected, dict]:
+        """Steps 1-3 for one update -> (the batch to learn from, everything generated, DYNAMIC_SAMPLING's metrics)."""
+        generated = self.collect(examples)
+        if self.cfg.DYNAMIC_SAMPLING and self.estimator.group:
+            return self.with_signal(generated, draw)
+        return generated, generated, {}
+
+    def collect(self, examples: list[Example]) -> Collected:
+        G = self.plan.group_size
+        t0 = time.perf_counter()
+        share, weight = my_share(examples)  # weight 0: a short batch left this process nothing; it runs to stay in step
+        mine = share if weight else []
+        # 1. generate G responses per prompt, through the engine (which first takes the current weights)
+        gen = self.generate([e.prompt_ids for e in share], n=G)
+        responses, ended = (gen.responses, gen.ended) if weight else ([], gen.ended[:0])
+        engine_logprobs = (gen.logprobs if weight else None) or [None] * len(responses)
+        t1 = time.perf_counter()
+        # 2. score this process's responses (a stateful reward: the whole batch's, gathered first, alike on every
+        #    process), then the estimator's extra pass (remax: a greedy response per prompt, scored)
+        rows = [e for e in mine for _ in range(G)]
+        stateful = getattr(self.reward, "stateful", True)
+        scores, scored = self.score_mine(responses, rows, ended)
+        errors = [scored.error] if scored.error else []
+        baseline = self.estimator.baseline(lambda ex, greedy: self.sample_and_score(ex, weight, errors, greedy), share, G) \
+            if self.estimator.baseline else torch.zeros(len(responses))
+        self.sleep()  # CUDA: the engine's memory goes back to training until the next rollout
+        # 3. gather once: every process holds the whole batch
+        samples = [Sample(e.prompt_ids, r, bool(d), float(s), float(b), lp)
+                   for e, r, d, s, b, lp in zip(rows, responses, ended.tolist(), scores.tolist(), baseline.tolist(), engine_logprobs)]
+        parts = gather_objects(Share(samples, {} if stateful else scored.components, errors[0] if errors else None))
+        errors = [p.error for p in parts if p.error]
+        if errors:
+            raise BadStep(errors[0])
+        sums = scored.components if stateful else \
+            {k: sum(p.sums.get(k, 0.0) for p in parts) for k in sorted(set().union(*(p.sums for p in parts)))}
+        return Collected(list(examples), [s for p in parts for s in p.samples], sums, t1 - t0, time.perf_counter() - t1)
+
+    def with_signal(self, first: Collected, draw: Optional[Callable]) -> tuple[Collected, Collected, dict]:
+        """Step 3 with DAPO's dynamic sampling (Yu et al. 2025; verl filter_groups, OpenRLHF dynamic_filtering): keep the
+        groups whose G scores differ, and collect as many more prompts from the stream as are missing, until PPO_BATCH
+        prompts have signal or MAX_SAMPLING_ROUNDS rounds ran. Every prompt drawn is used up (scored, then kept or
+        dropped). -> (the kept groups, everything generated, metrics)."""
+        G, wanted = self.plan.group_size, self.plan.responses_per_update
+        kept, generated, rounds = first.groups_with_signal(G), first, 1
+        while len(kept.samples) < wanted and rounds < self.cfg.MAX_SAMPLING_ROUNDS and draw is not None:
+            more = draw((wanted - len(kept.samples)) // G)
+            if not more:  # the epoch's prompts are used up
+                break
+            batch = self.collect(more)
+            kept, generated, rounds = kept.join(batch.groups_with_signal(G)), generated.join(batch), rounds + 1
+        return kept, generated, {"dynamic/rounds": rounds, "dynamic/prompts_generated": len(generated.examples),
+                                 "dynamic/groups_dropped": len(generated.examples) - len(kept.examples),
+                                 "dynamic/prompts_kept": len(kept.examples)}
+
+    def score(self, responses: list[list[int]], examples: list[Example]) -> "Scored":
+        """The reward on these responses (batched); a raising reward or a non-finite score is reported in `error`,
+        naming the item and the response, never a corrupt update."""
+        import rewards
+
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True) if responses else []  # ([] decodes to [""])
+        scores, components, error = [], {}, None
+        try:
+            if texts:
+                args = (texts, [e.target for e in examples], [e.prompt for e in examples], [e.item for e in examples])
+                if isinstance(self.reward, rewards.Reward):  # components (weighted_sum) come back with the scores
+                    out = self.reward.score(*args, token_ids=responses)
+                    scores, components = out.values, out.components
+                else:  # any object with the documented scores(responses, targets, prompts, items)
+                    scores = self.reward.scores(*args)
+            for i, s in enumerate(scores):
+                if not isinstance(s, (int, float)) or not math.isfinite(s):
+                    error = f"reward returned {s!r} for item {examples[i].index}, response {texts[i][:200]!r}"
+                    break
+        except Exception as e:  # noqa: BLE001 - any reward failure is reported, never a corrupt update
+            error = f"reward raised {type(e).__name__}: {e} (first response: {texts[0][:200]!r})"
+        return Scored([float(s) for s in scores], {name: sum(v) for name, v in sorted(components.items())}, error)
+
+    def score_mine(self, responses: list[list[int]], rows: list[Example], ended: torch.Tensor) -> tuple[torch.Tensor, "Scored"]:
+        """This process's scores, MISSING_EOS_PENALTY applied -> ((len(responses),) float32, the Scored they came from;
+        its components are the whole batch's for a stateful reward). A stateful reward (running state: normalize)
+        scores every process's responses, so its state stays the same everywhere and as with one process."""
+        if getattr(self.reward, "stateful", True):
+            pairs, start = gather_lists(list(zip(responses, rows)))
+            scored = self.score([r for r, _ in pairs], [e for _, e in pairs])
+            mine = scored.scores[start:start + len(responses)]
+        else:
+            scored = self.score(responses, rows)
+            mine = scored.scores
+        if scored.error:
+            return torch.zeros(0), scored
+        return apply_missing_eos_penalty(torch.tensor(mine, dtype=torch.float32), ended, self.cfg.MISSING_EOS_PENALTY), scored
+
+    def sample_and_score(self, share: list[Example], weight: float, errors: list, greedy: bool = False) -> torch.Tensor:
+        """One response per example of this process's share, scored -> (len(share),) float32, or (0,) when the share
+        is a placeholder (weight 0). An estimator's extra pass (remax) calls it. A reward error goes to `errors` (the
+        caller's gather carries it, so every process skips the update together) and the scores are zeros."""
+        gen = self.generate([e.prompt_ids for e in share], greedy=greedy)
+        responses, ended = (gen.responses, gen.ended) if weight else ([], gen.ended[:0])
+        scores, scored = self.score_mine(responses, share if weight else [], ended)
+        if scored.error:
+            errors.append(scored.error)
+            return torch.zeros(len(responses))
+        return scores
 
 
 class Scored(NamedTuple):
@@ -2317,42 +2801,28 @@ class Scored(NamedTuple):
     error: Optional[str]  # why the reward could not score them (the update is skipped on every process)
 
 
-class Collected(NamedTuple):
-    """Steps 1-3 for a batch of P prompts, gathered (every process holds all of it); rows i*G .. i*G+G-1 answer
-    prompt i. Lists, so that batches join and groups filter cheaply before the padded Rollout is made."""
-    examples: list  # the P prompts
-    queries: list  # B = P x G prompt token lists
-    responses: list  # B response token lists
-    ended: list  # B bools: emitted EOS
-    scores: list  # B floats (MISSING_EOS_PENALTY applied)
-    baseline: list  # B floats of the estimator's extra pass, or empty
-    engine_logprobs: list  # B lists: the engine's log-prob of each response token, or empty (hf: the trainer's own)
-    sums: dict  # weighted_sum component -> the sum of its scores over the B responses
-    seconds: tuple  # (generating, scoring)
+# ---- steps 4-7: log-probs, advantages, epochs, statistics ----
+class PPOUpdate:
+    """Steps 4-7 of a PPO update on a gathered Rollout: the update's math with the model in the loop. Every process
+    holds the whole Rollout and computes its share of each forward and each minibatch. Built by HybridTrainer from
+    what it uses; holds no other state (the KL controller and the minibatch order's generator are shared with the
+    trainer, which checkpoints them)."""
 
-    def join(self, other: "Collected") -> "Collected":
-        return Collected(self.examples + other.examples, *(getattr(self, f) + getattr(other, f) for f in self._fields[1:7]),
-                         {k: self.sums.get(k, 0.0) + other.sums.get(k, 0.0) for k in {**self.sums, **other.sums}},
-                         tuple(a + b for a, b in zip(self.seconds, other.seconds)))
-
-    def groups_with_signal(self, G: int) -> "Collected":
-        """Only the prompts whose G scores are not all equal (the others give group-relative estimators nothing)."""
-        keep = [i for i in range(len(self.examples)) if len(set(self.scores[i * G:(i + 1) * G])) > 1]
-        rows = [i * G + j for i in keep for j in range(G)]
-        pick = lambda xs: [xs[r] for r in rows] if xs else xs  # noqa: E731
-        return Collected([self.examples[i] for i in keep], *(pick(getattr(self, f)) for f in self._fields[1:7]), {}, (0.0, 0.0))
-
-
-class PPOLearner:
-    """Steps 4-7 of a PPO update, on a gathered Rollout: the update's math with the model in the loop. A mixin of
-    HybridTrainer, whose state it uses: cfg, plan, policy, ref_lm, optim, estimator, strategy, kl_ctl,
-    perm_generator, device, fuse_first_forward, and sft_backward for the hybrid strategies' SFT term."""
+    def __init__(self, cfg: Config, plan: Plan, policy: "PolicyWithValueHead", reference, optim: Optimizers,
+                 estimator: "Estimator", strategy: Optional["Strategy"], kl_ctl, sft_term: Callable,
+                 perm_generator: torch.Generator, device: torch.device, autocast: Callable):
+        """reference: the frozen reference LM (or AdapterReference), None without a KL term; strategy: gate / mix's,
+        None otherwise; sft_term(examples, coef, token_weight) -> (loss, tokens): the SFT backward (SFTTerm)."""
+        self.cfg, self.plan, self.policy, self.reference, self.optim = cfg, plan, policy, reference, optim
+        self.estimator, self.strategy, self.kl_ctl, self.sft_term = estimator, strategy, kl_ctl, sft_term
+        self.perm_generator, self.device, self.autocast = perm_generator, device, autocast
+        self.kl_place, self.agg = KL_PLACES[cfg.KL_IN], LOSS_AGGREGATIONS[cfg.LOSS_AGG]
+        self.fuse_first_forward = True  # reuse the first minibatch's forward as step 4's when it is the whole batch
 
     def learn(self, rollout: Rollout, demos: Optional[list[Example]] = None, progress: float = 0.0) -> dict:
-        """Steps 4-7 of an update on a gathered Rollout (every process holds all of it, computes its share of each
-        forward and each minibatch) -> the update's statistics."""
-        cfg, dev, G = self.cfg, self.device, rollout.group_size
-        B = len(rollout.responses)
+        """Steps 4-7 of an update -> its statistics. demos: the batch's P prompts (gate / mix train on their references);
+        progress: the fraction of the run done (the mix's mu schedule)."""
+        cfg, dev, G, B = self.cfg, self.device, rollout.group_size, rollout.size
         if demos is not None and len(demos) * G != B:
             raise ValueError(f"{len(demos)} demonstrations for {B} responses in groups of {G}: expected {B // G}")
         lr = self.optim.ppo.param_groups[0]["lr"]
@@ -2364,10 +2834,10 @@ class PPOLearner:
         # 5. the hybrid strategy picks RL and SFT prompts; rewards and advantages (ADVANTAGES[ADVANTAGE]) over the RL
         #    responses only (gate: batch whitening must not compare the prompts it kept with those it sent to SFT)
         split = self.strategy.fn(rollout.scores.view(-1, G).cpu(), cfg, progress) if self.strategy and demos is not None else None
-        rl_mask = rollout.r_mask if split is None else rollout.r_mask * split.rl.repeat_interleave(G).to(dev)[:, None].float()
+        rl_mask = rollout.loss_mask if split is None else rollout.loss_mask * split.rl.repeat_interleave(G).to(dev)[:, None].float()
         sft_pool = [] if split is None else [d for d, s in zip(demos, split.sft.tolist()) if s]
         kl_coef = self.kl_ctl.value
-        rewards = compute_rewards(rollout.scores, old.kl, rollout.r_mask, kl_coef if cfg.KL_IN == "reward" else 0.0)
+        rewards = compute_rewards(rollout.scores, old.kl, rollout.loss_mask, kl_coef if self.kl_place.in_reward else 0.0)
         advantages, returns = self.estimator.fn(
             rewards=rewards, mask=rl_mask, values=old.values, group_size=G, gamma=cfg.GAMMA, lam=cfg.LAM,
             whiten_rewards=cfg.WHITEN_REWARDS, baseline=rollout.baseline)
@@ -2375,124 +2845,112 @@ class PPOLearner:
         if cfg.MASK_TRUNCATED:  # no gradient for responses cut at the token limit; their scores counted above
             rl_mask = rl_mask * rollout.ended.to(dev)[:, None].float()
         is_weights, mismatch = self.rollout_correction(rollout, old)
+        batch = UpdateBatch(rollout.input_ids, rollout.attention_mask, rollout.r_ids, rollout.r_mask, rl_mask, old.logprobs,
+                            old.values, advantages, returns, old.ref_logprobs, is_weights)
         # 6. PPO epochs over minibatches (each with its part of the SFT demonstrations, under gate / mix)
-        batch = dict(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, r_ids=rollout.r_ids,
-                     r_mask=rollout.r_mask, rl_mask=rl_mask, old_logprobs=old.logprobs, old_values=old.values,
-                     advantages=advantages, returns=returns, ref_logprobs=old.ref_logprobs, is_weights=is_weights)
-        mb_stats, skipped = self.ppo_epochs(batch, perms, old.first, sft_pool, split.mu if split else None)
+        mb_stats, skipped = self.epochs(batch, perms, old.first, sft_pool, split.mu if split else None)
         t2 = time.perf_counter()
         # 7. statistics; the adaptive KL controller moves
-        seq_kl = (old.kl * rollout.r_mask).sum(1).mean().item()
+        seq_kl = (old.kl * rollout.loss_mask).sum(1).mean().item()
         self.kl_ctl.update(seq_kl, B)
         stats = update_stats(rollout, old, rewards, advantages, returns, mb_stats, self.estimator.critic)
         stats.update({"objective/kl": seq_kl, "objective/kl_coef": kl_coef, "ppo/skipped_minibatches": skipped, "ppo/lr": lr,
-                      "time/rollout_s": t1 - t0 - old.seconds[1], "time/ppo_epochs_s": t2 - t1 + old.seconds[1],
-                      "time/reference_forward_s": old.seconds[0]})
+                      "time/rollout_s": t1 - t0 - old.first_forward_s, "time/ppo_epochs_s": t2 - t1 + old.first_forward_s,
+                      "time/reference_forward_s": old.reference_s})
         if split is not None:
             stats.update({"hybrid/mu": split.mu, "hybrid/sft_prompts": len(sft_pool), **split.metrics})
         return {**stats, **mismatch}
 
+    # ---- 4. ----
+    def old_policy(self, rollout: Rollout, first_perm: torch.Tensor) -> OldPolicy:
+        """Step 4. Each process runs the no-grad forwards on its share of the rows; one gather gives every process all
+        of them. When the first minibatch is the whole batch, its forward (same weights, no dropout, with grad) gives
+        the old log-probs and values: the rollout's policy forward would compute exactly the same again."""
+        cfg, dev, B, R = self.cfg, self.device, rollout.size, rollout.r_ids.shape[1]
+        fused = (self.fuse_first_forward and self.plan.responses_per_minibatch >= B and accum_chunks(cfg.GRAD_ACCUM, B) == 1
+                 and cfg.KL_PENALTY != "full")
+        start, end = share_bounds(B)
+        rows = slice(start, end) if end > start else slice(0, 1)  # an empty share still joins FSDP's collectives
+        mine_columns, reference_s = self.forward_no_grad(select_rows(rollout_tokens(rollout), rows), R, policy=not fused)
+        mine_columns = select_rows(mine_columns, slice(0, end - start))  # in batch order
+        first, permuted, t_first = None, TokenColumns(), time.perf_counter()
+        if fused:
+            self.policy.train()
+            mine, weight = my_share(first_perm)
+            mb, r_len = trim_padding(select_rows(rollout_tokens(rollout), mine.to(dev)), R)
+            with self.autocast():
+                first = Forward(*self.policy(mb.input_ids, mb.attention_mask, r_len, values=self.estimator.critic))
+            n = len(mine) if weight else 0
+            pad = lambda t: F.pad(t.detach().float(), (0, R - r_len))[:n]  # noqa: E731
+            permuted = TokenColumns(logprobs=pad(logprobs_from_logits(first.logits, mb.r_ids, cfg.TEMPERATURE)),
+                                    values=None if first.values is None else pad(first.values))
+        t_first = time.perf_counter() - t_first  # the first minibatch's forward: counted with the PPO epochs
+        out = gather_columns(mine_columns, permuted, first_perm, B, R, dev)
+        logprobs = out.logprobs
+        ref_logprobs = out.ref_logprobs if out.ref_logprobs is not None else logprobs  # INIT_KL_COEF 0: no reference, KL 0
+        kl = out.kl if out.kl is not None else kl_per_token(logprobs, ref_logprobs, cfg.KL_PENALTY)
+        values = out.values if out.values is not None else torch.zeros_like(logprobs)
+        return OldPolicy(logprobs, values, ref_logprobs, kl, first, reference_s, t_first)
+
+    @torch.no_grad()
+    def forward_no_grad(self, tokens: Tokens, R: int, policy: bool = True) -> tuple[TokenColumns, float]:
+        """Chunked no-grad forward of the reference (and of the policy) on these rows -> (their TokenColumns: the
+        reference's log-probs, and the policy's log-probs, values and KL_PENALTY "full"'s KL; seconds in the
+        reference). Without a reference (INIT_KL_COEF 0) its forward is skipped."""
+        T, kind = self.cfg.TEMPERATURE, self.cfg.KL_PENALTY
+        parts, reference_s = [], 0.0
+        self.policy.eval()
+        for rows in torch.arange(len(tokens.input_ids), device=tokens.input_ids.device).split(self.plan.responses_per_minibatch):
+            part, ids, mask = TokenColumns(), tokens.input_ids[rows], tokens.attention_mask[rows]
+            if self.reference is not None:
+                t0 = time.perf_counter()
+                with self.autocast():
+                    ref_logits = response_forward(self.reference, ids, mask, R).logits[:, :-1]
+                part.ref_logprobs = logprobs_from_logits(ref_logits, tokens.r_ids[rows], T)
+                reference_s += time.perf_counter() - t0
+            if policy:
+                with self.autocast():
+                    logits, part.values = self.policy(ids, mask, R, values=self.estimator.critic)
+                part.logprobs = logprobs_from_logits(logits, tokens.r_ids[rows], T)
+                if kind == "full" and self.reference is not None:
+                    part.kl = kl_per_token(torch.log_softmax(logits.float() / T, -1), torch.log_softmax(ref_logits.float() / T, -1), "full")
+            parts.append(part)
+        return TokenColumns.cat(parts), reference_s
+
+    # ---- 5. ----
     def rollout_correction(self, rollout: Rollout, old: OldPolicy) -> tuple[torch.Tensor, dict]:
         """When the engine reported its log-probs (vllm): how far they are from the trainer's (metrics), and ROLLOUT_IS's
-        per-token weights of the policy gradient -> (weights (B, R), ones without a correction; metrics)."""
-        cfg, mask = self.cfg, rollout.r_mask
+        per-token weights of the policy gradient -> (weights (B, R): ones without a correction; metrics)."""
+        mask = rollout.loss_mask
         if rollout.engine_logprobs is None:
             return torch.ones_like(mask), {}
         engine = rollout.engine_logprobs
         metrics = {"rollout/logprob_abs_diff": masked_mean((old.logprobs - engine).abs(), mask).item(),
                    "rollout/kl_engine_trainer": masked_mean(engine - old.logprobs, mask).item()}  # k1 of KL(engine || trainer)
-        if cfg.ROLLOUT_IS == "off":
-            return torch.ones_like(mask), metrics
-        weights = rollout_is_weights(old.logprobs, engine, mask, cfg.ROLLOUT_IS, cfg.ROLLOUT_IS_CAP)
-        metrics["rollout/is_weight_mean"] = masked_mean(weights, mask).item()
-        metrics["rollout/is_zeroed_responses"] = ((weights * mask).sum(1) == 0).float().mean().item()
+        weights = rollout_is_weights(old.logprobs, engine, mask, self.cfg.ROLLOUT_IS, self.cfg.ROLLOUT_IS_CAP)
+        if self.cfg.ROLLOUT_IS != "off":
+            metrics["rollout/is_weight_mean"] = masked_mean(weights, mask).item()
+            metrics["rollout/is_zeroed_responses"] = ((weights * mask).sum(1) == 0).float().mean().item()
         return weights, metrics
 
-    def old_policy(self, rollout: Rollout, first_perm: torch.Tensor) -> OldPolicy:
-        """Step 4. Each process runs the no-grad forwards on its share of the rows; one gather gives every process all
-        of them. When the first minibatch is the whole batch, its forward (same weights, no dropout, with grad) gives
-        the old log-probs and values: the rollout's policy forward would compute exactly the same again."""
-        cfg, dev, B, R = self.cfg, self.device, len(rollout.responses), rollout.r_ids.shape[1]
-        fused = (self.fuse_first_forward and cfg.PPO_MINI * rollout.group_size >= B and accum_chunks(cfg.GRAD_ACCUM, B) == 1
-                 and cfg.KL_PENALTY != "full")
-        start, end = share_bounds(B)
-        rows = slice(start, end) if end > start else slice(0, 1)  # an empty share still joins FSDP's collectives
-        parts, ref_s = self.forward_no_grad(rollout.input_ids[rows], rollout.attention_mask[rows], rollout.r_ids[rows], R,
-                                            policy=not fused)
-        parts = {k: v[:end - start] for k, v in parts.items()}  # in batch order
-        first, t_first = None, time.perf_counter()
-        if fused:
-            self.policy.train()
-            mine, weight = my_share(first_perm)
-            mb, r_len = trim_padding({k: getattr(rollout, k)[mine.to(dev)] for k in ("input_ids", "attention_mask", "r_ids", "r_mask")}, R)
-            with self.autocast():
-                logits, values = self.policy(mb["input_ids"], mb["attention_mask"], r_len, values=self.estimator.critic)
-            first = (logits, values)
-            permuted = {"logprobs": logprobs_from_logits(logits, mb["r_ids"], cfg.TEMPERATURE), "values": values}
-            parts.update({f"perm:{k}": F.pad(t.detach().float(), (0, R - r_len))[:len(mine) if weight else 0]
-                          for k, t in permuted.items() if t is not None})
-        t_first = time.perf_counter() - t_first  # the first minibatch's forward: counted with the PPO epochs
-        names = sorted(parts)  # never empty: the policy's log-probs come from one forward or the other
-        gathered = gather_rows(torch.stack([parts[k].to(dev) for k in names], 1), B)
-        out = {}
-        for j, name in enumerate(names):  # shares of contiguous rows come back in batch order, of first_perm's rows in its order
-            if name.startswith("perm:"):
-                out[name[5:]] = torch.zeros((B, R), device=dev)
-                out[name[5:]][first_perm.to(dev)] = gathered[:, j]
-            else:
-                out[name] = gathered[:, j]
-        logprobs = out["logprobs"]
-        ref_logprobs = out.get("ref_logprobs", logprobs)  # INIT_KL_COEF 0: no reference, KL 0
-        kl = out["kl"] if "kl" in out else kl_per_token(logprobs, ref_logprobs, cfg.KL_PENALTY)
-        return OldPolicy(logprobs, out.get("values", torch.zeros_like(logprobs)), ref_logprobs, kl, first, (ref_s, t_first))
-
-    @torch.no_grad()
-    def forward_no_grad(self, input_ids, attention_mask, r_ids, R, policy: bool = True) -> tuple[dict, float]:
-        """Chunked no-grad forward of the reference (and of the policy) -> ({"ref_logprobs"} (+ "logprobs", "values",
-        and "kl" for KL_PENALTY "full", which needs both whole distributions), seconds in the reference). Without a
-        reference (INIT_KL_COEF 0) its forward is skipped."""
-        T, kind = self.cfg.TEMPERATURE, self.cfg.KL_PENALTY
-        out: dict = {}
-        ref_s = 0.0
-        self.policy.eval()
-        for rows in torch.arange(len(input_ids), device=input_ids.device).split(self.cfg.PPO_MINI * self.cfg.NUM_GENERATIONS):
-            part = {}
-            if self.ref_lm is not None:
-                t0 = time.perf_counter()
-                with self.autocast():
-                    ref_logits = response_forward(self.ref_lm, input_ids[rows], attention_mask[rows], R).logits[:, :-1]
-                part["ref_logprobs"] = logprobs_from_logits(ref_logits, r_ids[rows], T)
-                ref_s += time.perf_counter() - t0
-            if policy:
-                with self.autocast():
-                    logits, values = self.policy(input_ids[rows], attention_mask[rows], R, values=self.estimator.critic)
-                part["logprobs"] = logprobs_from_logits(logits, r_ids[rows], T)
-                if values is not None:
-                    part["values"] = values
-                if kind == "full" and self.ref_lm is not None:
-                    part["kl"] = kl_per_token(torch.log_softmax(logits.float() / T, -1),
-                                              torch.log_softmax(ref_logits.float() / T, -1), "full")
-            for k, v in part.items():
-                out.setdefault(k, []).append(v)
-        return {k: torch.cat(v) for k, v in out.items()}, ref_s
-
-    def ppo_epochs(self, batch: dict, perms: list, first: Optional[tuple], sft_pool: list, mu: Optional[float]) -> tuple[list, int]:
+    # ---- 6. ----
+    def epochs(self, batch: UpdateBatch, perms: list, first: Optional[Forward], sft_pool: list,
+               mu: Optional[float]) -> tuple[list, int]:
         """Step 6: PPO_EPOCHS passes over the batch in minibatches of PPO_MINI x G responses (perms: each epoch's
         order); under gate / mix each minibatch also trains on its part of the SFT demonstrations, shuffled per epoch.
         -> (each minibatch's stats, the number skipped for RATIO_THRESHOLD)."""
-        R, mini = batch["r_ids"].shape[1], self.cfg.PPO_MINI * self.cfg.NUM_GENERATIONS
+        R = batch.r_ids.shape[1]
         mb_stats, skipped = [], 0
         self.policy.train()
         for perm in perms:
-            parts = perm.split(mini)
+            parts = perm.split(self.plan.responses_per_minibatch)
             sft_order = torch.randperm(len(sft_pool), generator=self.perm_generator) if sft_pool else torch.zeros(0, dtype=torch.long)
             for mb_rows, sft_rows in zip(parts, sft_order.tensor_split(len(parts))):
                 mine, weight = my_share(mb_rows)
-                mb, r_len = trim_padding({k: v[mine.to(self.device)] for k, v in batch.items()}, R)
-                rl_rows = batch["rl_mask"][mb_rows.to(self.device)]
+                mb, r_len = trim_padding(select_rows(batch, mine.to(self.device)), R)
+                rl_rows = batch.loss_mask[mb_rows.to(self.device)]
                 demo = ([sft_pool[i] for i in sft_rows.tolist()], mu) if mu is not None else None
-                stats = self.ppo_minibatch(mb, r_len, rl_rows.sum(), (rl_rows.sum(1) > 0).sum(), weight, len(mb_rows),
-                                           forward=first, demo=demo)
+                stats = self.minibatch(mb, r_len, self.agg.units(rl_rows), weight, len(mb_rows), forward=first, demo=demo)
                 first = None  # only the first minibatch reuses step 4's forward
                 if stats is None:
                     skipped += 1
@@ -2500,81 +2958,97 @@ class PPOLearner:
                     mb_stats.append(stats)
         return mb_stats, skipped
 
-    STAT_KEYS = ("ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/clipfrac", "ppo/policy/approxkl",
-                 "ppo/policy/ratio", "ppo/val/clipfrac", "ppo/policy/entropy")
-
-    def ppo_minibatch(self, mb: dict, R: int, n_tokens: torch.Tensor, n_seqs: torch.Tensor, weight: float, n_rows: int,
-                      forward: Optional[tuple] = None, demo: Optional[tuple] = None) -> Optional[dict]:
-        """One optimizer step on this process's rows of a minibatch. `forward`: the (logits, values) of this minibatch,
-        already computed (step 4). `demo`: (examples, mu) under gate / mix: the loss is (1 - mu) x RL + mu x SFT on
-        the examples' reference responses. None when skipped because the mean ratio exceeded RATIO_THRESHOLD."""
-        cfg, critic = self.cfg, self.estimator.critic
+    def minibatch(self, mb: UpdateBatch, R: int, n_units: torch.Tensor, weight: float, n_rows: int,
+                  forward: Optional[Forward] = None, demo: Optional[tuple] = None) -> Optional[dict]:
+        """One optimizer step on this process's rows of a minibatch. n_units: what LOSS_AGG's mean divides by over the
+        whole minibatch (its RL tokens, or responses). `forward`: this minibatch's forward, already computed (step 4).
+        `demo`: (examples, mu) under gate / mix: the loss is (1 - mu) x RL + mu x SFT on the examples' reference
+        responses. None when skipped because the mean ratio exceeded RATIO_THRESHOLD."""
+        critic = self.estimator.critic
         mu = demo[1] if demo is not None else 0.0
         self.optim.ppo.zero_grad(set_to_none=True)
-        acc = self.rl_backward(mb, R, n_tokens, n_seqs, weight, n_rows, forward, mu) if mu < 1 else \
-            torch.zeros(len(self.STAT_KEYS) + 1, device=self.device)
+        acc = self.rl_backward(mb, R, n_units, weight, n_rows, forward, mu) if mu < 1 else LossStats.zeros(self.device)
         sft_loss = None
         if demo is not None and demo[0] and mu > 0:  # every process sees the same demo list: the same collectives
-            sft_loss = self.sft_backward(demo[0], mu, cfg.SFT_TOKEN_WEIGHT)[0]
-        acc = all_reduce_sum(acc)
-        if acc[-1] > 0 or (sft_loss is not None and not math.isfinite(sft_loss)):
+            sft_loss = self.sft_term(demo[0], mu, self.cfg.SFT_TOKEN_WEIGHT)[0]
+        acc = acc.summed()
+        if acc.nonfinite > 0 or (sft_loss is not None and not math.isfinite(sft_loss)):
             self.optim.ppo.zero_grad(set_to_none=True)
-            raise BadStep(f"PPO loss is not finite (loss {acc[2].item()}, SFT loss {sft_loss})")
-        stats = dict(zip(self.STAT_KEYS, acc[:-1].tolist())) if mu < 1 else {}
-        if not critic:
-            for key in ("ppo/loss/value", "ppo/val/clipfrac"):
-                stats.pop(key, None)
+            raise BadStep(f"PPO loss is not finite (loss {acc.total.item()}, SFT loss {sft_loss})")
+        stats = acc.metrics(critic) if mu < 1 else {}
         if sft_loss is not None:
             stats["hybrid/sft_loss"] = sft_loss
-        if stats.get("ppo/policy/ratio", 0.0) > cfg.RATIO_THRESHOLD:
+        if stats.get("ppo/policy/ratio", 0.0) > self.cfg.RATIO_THRESHOLD:
             self.optim.ppo.zero_grad(set_to_none=True)
             return None
         stats["ppo/grad_norm"] = self.optim.step(self.optim.ppo, self.optim.rl_params)
         return stats
 
-    def rl_backward(self, mb: dict, R: int, n_tokens, n_seqs, weight: float, n_rows: int, forward, mu: float) -> torch.Tensor:
-        """Backward of (1 - mu) x the RL loss on this process's rows, in GRAD_ACCUM chunks. Each chunk is weighted by its
-        share of the minibatch's RL response tokens n_tokens (LOSS_AGG token_mean) or RL responses n_seqs (the seq_
-        means), over all processes -> the STAT_KEYS sums (weighted) and a non-finite-loss flag, this process's part."""
+    def rl_backward(self, mb: UpdateBatch, R: int, n_units: torch.Tensor, weight: float, n_rows: int,
+                    forward: Optional[Forward], mu: float) -> LossStats:
+        """Backward of (1 - mu) x the RL loss on this process's rows, in GRAD_ACCUM chunks, each weighted by its share of
+        the minibatch's n_units over all processes -> this process's part of the LossStats."""
         from trl.trainer.utils import entropy_from_logits
 
         cfg, critic = self.cfg, self.estimator.critic
-        acc = torch.zeros(len(self.STAT_KEYS) + 1, device=self.device)  # + the non-finite loss flag
-        for rows in torch.arange(len(mb["r_ids"]), device=self.device).tensor_split(accum_chunks(cfg.GRAD_ACCUM, n_rows)):
-            c = {k: v[rows] for k, v in mb.items()}
-            m = c["rl_mask"]  # response tokens the RL loss covers (all, but for prompts gate sends to SFT)
-            if cfg.LOSS_AGG == "token_mean":
-                chunk_weight = m.sum() / n_tokens.clamp(min=1) * weight
-            else:
-                chunk_weight = (m.sum(1) > 0).sum() / n_seqs.clamp(min=1) * weight
+        acc = LossStats.zeros(self.device)
+        for rows in torch.arange(len(mb.r_ids), device=self.device).tensor_split(accum_chunks(cfg.GRAD_ACCUM, n_rows)):
+            c = select_rows(mb, rows)
+            m = c.loss_mask  # the tokens the RL loss covers
+            chunk_weight = self.agg.units(m) / n_units.clamp(min=1) * weight
             if forward is not None:
                 logits, values = forward
             else:
                 with self.autocast():
-                    logits, values = self.policy(c["input_ids"], c["attention_mask"], R, values=critic)
-            logprobs = logprobs_from_logits(logits, c["r_ids"], cfg.TEMPERATURE)
-            kl = (self.kl_ctl.value * kl_per_token(logprobs, c["ref_logprobs"], cfg.KL_PENALTY)
-                  if cfg.KL_IN == "loss" and self.ref_lm is not None else None)
-            pl = policy_loss(logprobs, c["old_logprobs"], c["advantages"], m, cfg.CLIPRANGE, cfg.CLIPRANGE_HIGH,
-                             cfg.IMPORTANCE_LEVEL, cfg.LOSS_AGG, cfg.MAX_NEW_TOKENS, kl,
-                             c["is_weights"] if self.cfg.ROLLOUT_IS != "off" else None)
+                    logits, values = self.policy(c.input_ids, c.attention_mask, R, values=critic)
+            logprobs = logprobs_from_logits(logits, c.r_ids, cfg.TEMPERATURE)
+            kl = (self.kl_ctl.value * kl_per_token(logprobs, c.ref_logprobs, cfg.KL_PENALTY)
+                  if self.kl_place.in_loss and self.reference is not None else None)
+            pl = policy_loss(logprobs, c.old_logprobs, c.advantages, m, cfg.CLIPRANGE, cfg.CLIPRANGE_HIGH, cfg.POLICY_LOSS,
+                             cfg.LOSS_AGG, cfg.MAX_NEW_TOKENS, kl, c.is_weights, (cfg.SAPO_TAU_POS, cfg.SAPO_TAU_NEG))
             if critic:
-                vl = value_loss(values, c["old_values"], c["returns"], m, cfg.CLIPRANGE_VALUE)
+                vl = value_loss(values, c.old_values, c.returns, m, cfg.CLIPRANGE_VALUE)
                 total = pl.loss + cfg.VF_COEF * vl.loss
             else:
                 vl, total = ValueLoss(torch.zeros(()), torch.zeros(())), pl.loss
             self.optim.scaler.scale(total * chunk_weight * (1 - mu)).backward()
             with torch.no_grad():
                 entropy = masked_mean(entropy_from_logits(logits.float() / cfg.TEMPERATURE), m)
-                values_ = [pl.loss, vl.loss, total, pl.clipfrac, pl.approx_kl, pl.ratio, vl.clipfrac, entropy]
-                acc[:-1] += torch.stack([v.detach().float().to(acc.device) for v in values_]) * chunk_weight
-                acc[-1] += float(not torch.isfinite(total)) * weight
+                acc.add(chunk_weight, policy=pl.loss, value=vl.loss, total=total, clipfrac=pl.clipfrac, approx_kl=pl.approx_kl,
+                        ratio=pl.ratio, value_clipfrac=vl.clipfrac, entropy=entropy)
+                acc.add(weight, nonfinite=torch.tensor(float(not torch.isfinite(total))))
         return acc
 
 
-class HybridTrainer(PPOLearner):
-    """One run's training machinery: the policy, the reference, the reward, the generation engine, the optimizers and
-    the KL controller. sft_step and ppo_update are the loop's two kinds of step; ppo_step is TRL 0.11's classic API."""
+def rollout_tokens(rollout: Rollout) -> Tokens:
+    return Tokens(rollout.input_ids, rollout.attention_mask, rollout.r_ids, rollout.r_mask)
+
+
+# ---- 7. ----
+def update_stats(rollout: Rollout, old: OldPolicy, rewards, advantages, returns, mb_stats: list, critic: bool) -> dict:
+    """Step 7: the minibatches' means and the batch's statistics (the keys of TRL 0.11's PPOTrainer.step), over the
+    tokens the loss covers."""
+    mask, scores = rollout.loss_mask, rollout.scores
+    out = {k: float(np.mean([s[k] for s in mb_stats if k in s])) for k in dict.fromkeys(k for s in mb_stats for k in s)}
+    out.update({
+        "objective/non_score_reward": (rewards * mask).sum(1).mean().item() - scores.mean().item(),
+        "ppo/mean_scores": scores.mean().item(), "ppo/std_scores": scores.std(unbiased=False).item(),
+        "ppo/response_length": mask.sum(1).mean().item(), "ppo/advantages/mean": masked_mean(advantages, mask).item(),
+        "time/tokens": int(rollout.attention_mask.sum()),
+    })
+    if critic:  # without a value head its stats would be zeros
+        out.update({"ppo/returns/mean": masked_mean(returns, mask).item(), "ppo/val/mean": masked_mean(old.values, mask).item()})
+    if rollout.group_size > 1:
+        out["reward/zero_std_groups"] = zero_std_groups(scores, rollout.group_size)
+    if mb_stats and "ppo/policy/ratio" in mb_stats[0]:
+        out["ppo/policy/ratio_first_minibatch"] = mb_stats[0]["ppo/policy/ratio"]
+    return out
+
+
+class HybridTrainer:
+    """One run's training machinery, by composition: the policy, the reference, the reward, the generation engine, the
+    optimizers, the KL controller, the SFT term, steps 1-3 (Collector) and steps 4-7 (PPOUpdate). sft_step and
+    ppo_update are the loop's two kinds of step; ppo_step is TRL 0.11's classic API."""
 
     def __init__(self, cfg: Config, policy: "PolicyWithValueHead", ref_lm, tokenizer, reward=None,
                  device: Optional[torch.device] = None, n_items: Optional[int] = None, plan: Optional[Plan] = None):
@@ -2582,15 +3056,18 @@ class HybridTrainer(PPOLearner):
         self.cfg, self.policy, self.ref_lm, self.tokenizer, self.reward = cfg, policy, ref_lm, tokenizer, reward
         self.device = device or torch.device("cpu")
         self.plan = plan or api_plan(cfg, n_items, policy.lm)
-        self.estimator = ADVANTAGES[cfg.ADVANTAGE]
-        self.strategy = HYBRID_STRATEGIES[cfg.HYBRID] if cfg.MODE == "hybrid" and HYBRID_STRATEGIES[cfg.HYBRID].in_update else None
-        self.optim = Optimizers(cfg, self.plan, policy, self.estimator.critic, self.device)
+        estimator = ADVANTAGES[cfg.ADVANTAGE]
+        strategy = HYBRID_STRATEGIES[cfg.HYBRID] if cfg.MODE == "hybrid" and HYBRID_STRATEGIES[cfg.HYBRID].in_update else None
+        self.optim = Optimizers(cfg, self.plan, policy, estimator.critic, self.device)
         self.perm_generator = torch.Generator().manual_seed(self.plan.seed)  # minibatch order, alike on every process
-        self.fuse_first_forward = True  # reuse the first minibatch's forward as the rollout's when it is the whole batch
         self.kl_ctl = (AdaptiveKLController(cfg.INIT_KL_COEF, cfg.TARGET_KL, cfg.KL_HORIZON) if cfg.ADAPTIVE_KL
                        else FixedKLController(cfg.INIT_KL_COEF))
         self._engine = None  # started at the first generation: an SFT run without evaluation needs none
         self.pad_id = tokenizer.pad_token_id
+        self.sft_backward = SFTTerm(cfg, policy, self.optim.scaler, self.pad_id, self.device, self.autocast)
+        self.collector = Collector(cfg, self.plan, self.engine_generate, lambda: self.engine.sleep(), reward, tokenizer, estimator)
+        self.update = PPOUpdate(cfg, self.plan, policy, ref_lm, self.optim, estimator, strategy, self.kl_ctl, self.sft_backward,
+                                self.perm_generator, self.device, self.autocast)
 
     @property
     def engine(self):
@@ -2623,7 +3100,6 @@ class HybridTrainer(PPOLearner):
         self.engine.sync_weights(self.optim.version)
         return self.engine.generate(prompts, n=n, greedy=greedy, temperature=temperature)
 
-    # ---- SFT: cross-entropy on response tokens + EOS ----
     def sft_step(self, examples: list[Example]) -> dict:
         """One optimizer step on a global batch: this process takes its share; the loss is normalised by the
         response tokens of the whole batch, so gradients summed over processes equal one process's."""
@@ -2637,147 +3113,25 @@ class HybridTrainer(PPOLearner):
         grad_norm = self.optim.step(self.optim.sft, self.optim.lm_params)
         return {"sft/loss": total, "sft/grad_norm": grad_norm, "sft/tokens": n_tokens, "sft/lr": lr}
 
-    def sft_backward(self, examples: list[Example], coef: float = 1.0, token_weight: str = "none") -> tuple[float, int]:
-        """Backward of coef x the SFT loss (SFT_LOSS per token, mean over the global batch's response tokens) on
-        this process's share of `examples`, in GRAD_ACCUM chunks -> (the loss over all processes, before coef;
-        the global batch's response tokens)."""
-        pairs = sft_pairs(examples)
-        n_tokens = sum(len(t) for _, t in pairs)
-        mine, scale = my_share(pairs)
-        ids, mask = right_pad([p + t for p, t in mine], self.pad_id)
-        labels, _ = right_pad([[-100] * len(p) + t for p, t in mine], -100)
-        ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
-        # Logits only from the shortest prompt's last token on: the LM head over prompt positions is wasted work.
-        keep = ids.shape[1] - min(len(p) for p, _ in mine) + 1
-        total = torch.zeros(1, device=self.device)
-        for rows in torch.arange(len(mine)).tensor_split(accum_chunks(self.cfg.GRAD_ACCUM, len(pairs))):
-            with self.autocast():
-                logits = self.policy.lm(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False,
-                                        logits_to_keep=keep).logits
-            per_token = sft_token_losses(logits[:, :-1], labels[rows, -keep + 1:], self.cfg.SFT_LOSS, token_weight)
-            loss = per_token.sum() * (scale / n_tokens)
-            self.optim.scaler.scale(loss * coef).backward()
-            total += loss.detach()
-        return all_reduce_sum(total).item(), n_tokens
-
-    # ---- PPO ----
-    def score(self, responses: list[list[int]], examples: list[Example]) -> Scored:
-        """The reward on these responses (batched); a raising reward or a non-finite score is reported in `error`,
-        naming the item and the response, never a corrupt update."""
-        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True) if responses else []  # ([] decodes to [""])
-        scores, error = [], None
-        try:
-            if texts:
-                scores = self.reward.scores(texts, [e.target for e in examples], [e.prompt for e in examples],
-                                            [e.item for e in examples])
-            for i, s in enumerate(scores):
-                if not isinstance(s, (int, float)) or not math.isfinite(s):
-                    error = f"reward returned {s!r} for item {examples[i].index}, response {texts[i][:200]!r}"
-                    break
-        except Exception as e:  # noqa: BLE001 - any reward failure is reported, never a corrupt update
-            error = f"reward raised {type(e).__name__}: {e} (first response: {texts[0][:200]!r})"
-        components = getattr(self.reward, "components", {})  # weighted_sum parts: summed here, averaged per update
-        return Scored([float(s) for s in scores], {name: sum(v) for name, v in sorted(components.items())}, error)
-
-    def score_mine(self, responses: list[list[int]], rows: list[Example], ended: torch.Tensor) -> tuple[torch.Tensor, Scored]:
-        """This process's scores, MISSING_EOS_PENALTY applied -> ((len(responses),) float32, the Scored they came from;
-        its components are the whole batch's for a stateful reward). A stateful reward (running state: normalize)
-        scores every process's responses, so its state stays the same everywhere and as with one process."""
-        if getattr(self.reward, "stateful", True):
-            pairs, start = gather_lists(list(zip(responses, rows)))
-            scored = self.score([r for r, _ in pairs], [e for _, e in pairs])
-            mine = scored.scores[start:start + len(responses)]
-        else:
-            scored = self.score(responses, rows)
-            mine = scored.scores
-        if scored.error:
-            return torch.zeros(0), scored
-        return apply_missing_eos_penalty(torch.tensor(mine, dtype=torch.float32), ended, self.cfg.MISSING_EOS_PENALTY), scored
-
-    def sample_and_score(self, share: list[Example], weight: float, errors: list, greedy: bool = False) -> torch.Tensor:
-        """One response per example of this process's share, scored -> (len(share),) float32, or (0,) when the share
-        is a placeholder (weight 0). An estimator's extra pass (remax) calls it. A reward error goes to `errors` (the
-        caller's gather carries it, so every process skips the update together) and the scores are zeros."""
-        responses, ended = self.generate([e.prompt_ids for e in share], greedy=greedy)
-        responses, ended = (responses, ended) if weight else ([], ended[:0])
-        scores, scored = self.score_mine(responses, share if weight else [], ended)
-        if scored.error:
-            errors.append(scored.error)
-            return torch.zeros(len(responses))
-        return scores
-
     def ppo_update(self, examples: list[Example], progress: float = 0.0, draw: Optional[Callable] = None) -> dict:
-        """One PPO update from a global batch of P prompts; each process generates and scores its share. progress: the
+        """One PPO update from a global batch of P prompts: steps 1-3 (Collector), then 4-7 (PPOUpdate). progress: the
         fraction of the run done (the mix's mu schedule). draw(n): up to n more prompts from the epoch's stream, for
         DYNAMIC_SAMPLING."""
-        cfg, G = self.cfg, self.cfg.NUM_GENERATIONS
-        generated = self.collect(examples)  # 1.-3.
-        batch, info = generated, {}
-        if cfg.DYNAMIC_SAMPLING and self.estimator.group:  # 3b. keep groups with signal, draw more prompts for the rest
-            batch, generated, info = self.with_signal(generated, draw)
+        batch, generated, info = self.collector.batch(examples, draw)
         t0 = time.perf_counter()
         stats = {}
         if batch.examples:
-            rollout = make_rollout(batch.queries, batch.responses, batch.scores, batch.baseline, G, self.pad_id, self.device,
-                                   batch.ended, eos_id=self.tokenizer.eos_token_id, engine_logprobs=batch.engine_logprobs)
-            stats = self.learn(rollout, batch.examples, progress)  # 4.-7.
-        n = len(generated.responses)
-        stats.update({"reward/mean": float(np.mean(generated.scores)), "reward/std": float(np.std(generated.scores)),
-                      "ppo/ended_with_eos": sum(generated.ended) / n, **info,
-                      "time/generate_s": generated.seconds[0], "time/score_s": generated.seconds[1],
+            rollout = make_rollout(batch.samples, self.plan.group_size, self.pad_id, self.device)
+            stats = self.update.learn(rollout, batch.examples, progress)
+        scores = [s.score for s in generated.samples]
+        n = len(scores)
+        stats.update({"reward/mean": float(np.mean(scores)), "reward/std": float(np.std(scores)),
+                      "ppo/ended_with_eos": sum(s.ended for s in generated.samples) / n, **info,
+                      "time/generate_s": generated.generate_s, "time/score_s": generated.score_s,
                       "time/update_s": time.perf_counter() - t0,
-                      "time/tokens_per_s": sum(len(r) for r in generated.responses) / max(generated.seconds[0], 1e-9),
+                      "time/tokens_per_s": sum(len(s.response) for s in generated.samples) / max(generated.generate_s, 1e-9),
                       **{f"reward/{name}": total / n for name, total in generated.sums.items()}})
         return stats
-
-    def collect(self, examples: list[Example]) -> "Collected":
-        """Steps 1-3 of an update for a global batch of prompts: each process generates and scores its share, then one
-        gather gives every process the whole batch."""
-        G = self.cfg.NUM_GENERATIONS
-        t0 = time.perf_counter()
-        share, weight = my_share(examples)  # weight 0: a short batch left this process nothing; it runs to stay in step
-        mine = share if weight else []
-        # 1. generate G responses per prompt, through the engine (which first takes the current weights)
-        gen = self.engine_generate([e.prompt_ids for e in share], n=G)
-        responses, ended, engine_logprobs = (gen.responses, gen.ended, gen.logprobs or []) if weight else ([], gen.ended[:0], [])
-        t1 = time.perf_counter()
-        # 2. score this process's responses (a stateful reward: the whole batch's, gathered first, alike on every
-        #    process), then the estimator's extra pass (remax: a greedy response per prompt, scored)
-        rows = [e for e in mine for _ in range(G)]
-        stateful = getattr(self.reward, "stateful", True)
-        scores, scored = self.score_mine(responses, rows, ended)
-        errors = [scored.error] if scored.error else []
-        baseline = self.estimator.baseline(lambda ex, greedy: self.sample_and_score(ex, weight, errors, greedy), share, G) \
-            if self.estimator.baseline else torch.zeros(0)
-        self.engine.sleep()  # CUDA: the engine's memory goes back to training until the next rollout
-        # 3. gather once: every process holds the whole batch
-        parts = gather_objects(([e.prompt_ids for e in rows], responses, ended.tolist(), scores.tolist(), baseline.tolist(),
-                                engine_logprobs, {} if stateful else scored.components, errors[0] if errors else None))
-        queries, responses, ended, scores, baseline, engine_logprobs = (sum((list(p[i]) for p in parts), []) for i in range(6))
-        sums = scored.components if stateful else \
-            {k: sum(p[6].get(k, 0.0) for p in parts) for k in sorted(set().union(*(p[6] for p in parts)))}
-        errors = [p[7] for p in parts if p[7]]
-        if errors:
-            raise BadStep(errors[0])
-        return Collected(list(examples), queries, responses, ended, scores, baseline, engine_logprobs, sums,
-                         (t1 - t0, time.perf_counter() - t1))
-
-    def with_signal(self, first: "Collected", draw: Optional[Callable]) -> tuple["Collected", "Collected", dict]:
-        """DAPO's dynamic sampling (Yu et al. 2025; verl filter_groups, OpenRLHF dynamic_filtering): keep the groups
-        whose G scores differ, and collect as many more prompts from the stream as are missing, until PPO_BATCH prompts
-        have signal or MAX_SAMPLING_ROUNDS rounds ran. Every prompt drawn is used up (scored, then kept or dropped).
-        -> (the kept groups, everything generated, metrics)."""
-        cfg, G = self.cfg, self.cfg.NUM_GENERATIONS
-        kept, generated, rounds = first.groups_with_signal(G), first, 1
-        while len(kept.examples) < cfg.PPO_BATCH and rounds < cfg.MAX_SAMPLING_ROUNDS and draw is not None:
-            more = draw(cfg.PPO_BATCH - len(kept.examples))
-            if not more:  # the epoch's prompts are used up
-                break
-            batch = self.collect(more)
-            kept, generated, rounds = kept.join(batch.groups_with_signal(G)), generated.join(batch), rounds + 1
-        return kept, generated, {"dynamic/rounds": rounds, "dynamic/prompts_generated": len(generated.examples),
-                                 "dynamic/groups_dropped": len(generated.examples) - len(kept.examples),
-                                 "dynamic/prompts_kept": len(kept.examples)}
 
     def ppo_step(self, queries: list[list[int]], responses: list[list[int]], scores, baseline=None,
                  demos: Optional[list[Example]] = None) -> dict:
@@ -2787,29 +3141,10 @@ class HybridTrainer(PPOLearner):
         (G = NUM_GENERATIONS) answer the same prompt. baseline: (B,) scores of greedy responses (remax). demos: the
         batch's P = B / G prompts as Examples (global, in row order), which the hybrid strategies gate / mix train on."""
         scores = [float(x) for x in torch.as_tensor(scores, dtype=torch.float32).reshape(-1).tolist()]
-        baseline = [] if baseline is None else [float(x) for x in torch.as_tensor(baseline).reshape(-1).tolist()]
-        parts = gather_objects((list(queries), list(responses), scores, baseline))
-        queries, responses, scores, baseline = (sum((list(p[i]) for p in parts), []) for i in range(4))
-        return self.learn(make_rollout(queries, responses, scores, baseline, self.cfg.NUM_GENERATIONS, self.pad_id,
-                                       self.device, eos_id=self.tokenizer.eos_token_id), demos)
-
-def update_stats(rollout: Rollout, old: OldPolicy, rewards, advantages, returns, mb_stats: list, critic: bool) -> dict:
-    """Step 7: the minibatches' means and the batch's statistics (the keys of TRL 0.11's PPOTrainer.step)."""
-    r_mask, scores = rollout.r_mask, rollout.scores
-    out = {k: float(np.mean([s[k] for s in mb_stats if k in s])) for k in dict.fromkeys(k for s in mb_stats for k in s)}
-    out.update({
-        "objective/non_score_reward": (rewards * r_mask).sum(1).mean().item() - scores.mean().item(),
-        "ppo/mean_scores": scores.mean().item(), "ppo/std_scores": scores.std(unbiased=False).item(),
-        "ppo/response_length": r_mask.sum(1).mean().item(), "ppo/advantages/mean": masked_mean(advantages, r_mask).item(),
-        "time/tokens": int(rollout.attention_mask.sum()),
-    })
-    if critic:  # without a value head its stats would be zeros
-        out.update({"ppo/returns/mean": masked_mean(returns, r_mask).item(), "ppo/val/mean": masked_mean(old.values, r_mask).item()})
-    if rollout.group_size > 1:
-        out["reward/zero_std_groups"] = zero_std_groups(scores, rollout.group_size)
-    if mb_stats and "ppo/policy/ratio" in mb_stats[0]:
-        out["ppo/policy/ratio_first_minibatch"] = mb_stats[0]["ppo/policy/ratio"]
-    return out
+        baseline = None if baseline is None else [float(x) for x in torch.as_tensor(baseline).reshape(-1).tolist()]
+        mine = samples_from_tokens(list(queries), list(responses), scores, baseline, self.tokenizer.eos_token_id)
+        samples = sum(gather_objects(mine), [])
+        return self.update.learn(make_rollout(samples, self.plan.group_size, self.pad_id, self.device), demos)
 
 
 EVAL_METRICS = {"bleu": {"type": "bleu"}, "rougeL": {"type": "rouge", "variant": "rougeL"}, "exact_match": {"type": "exact_match"}}
@@ -2953,6 +3288,8 @@ def start_tensorboard(cfg: Config, out: Path, run: str, tags: list, resume_step:
 
 def start_wandb(cfg: Config, out: Path, run: str, tags: list, resume_step: int, ids: dict):
     """Weights & Biases, offline (OUTPUT_DIR/wandb; `wandb sync` uploads it) unless WANDB_MODE or WANDB_API_KEY say otherwise"""
+    for var in [v for v, value in os.environ.items() if v.startswith("WANDB_") and value == ""]:
+        del os.environ[var]  # an empty variable is unset (wandb's settings reject WANDB_MODE="" with a traceback)
     import wandb
     from accelerate.tracking import WandBTracker
 
@@ -3122,7 +3459,7 @@ class Run(NamedTuple):
 def draw(r: Run, state: RunState, side: str, n: int) -> list[Example]:
     """The next n items (fewer at the epoch's end) of a side's stream: the epoch's order from where it stopped. Every
     item is drawn once per epoch, also when DYNAMIC_SAMPLING draws more than PPO_BATCH for an update."""
-    order = epoch_order(len(r.examples), r.plan.seed, state.epoch, side, r.cfg.SHUFFLE)
+    order = epoch_order(r.plan.n_items, r.plan.seed, state.epoch, side, r.cfg.SHUFFLE)
     start = state.drawn[side]
     state.drawn[side] = min(len(order), start + n)
     return [r.examples[i] for i in order[start:state.drawn[side]]]
@@ -3132,7 +3469,7 @@ def take_step(r: Run, state: RunState, phase: str) -> Optional[dict]:
     """One SFT step or PPO update on the next batch of its side's stream; a BadStep is counted and logged, not raised
     -> the step's record (None: that side's items are used up in this epoch)."""
     t0 = time.perf_counter()
-    batch = draw(r, state, phase, r.cfg.SFT_BATCH if phase == "sft" else r.cfg.PPO_BATCH)
+    batch = draw(r, state, phase, r.plan.batch_size(phase))
     state.pos += 1
     if not batch:
         return None
@@ -3155,8 +3492,8 @@ def take_step(r: Run, state: RunState, phase: str) -> Optional[dict]:
 
 def resumed_draws(r: Run, state: RunState) -> dict:
     """A checkpoint of an earlier version has no stream positions: every step before it drew a whole batch."""
-    schedule = step_plan(r.cfg, len(r.examples))[:state.pos]
-    return {side: min(len(r.examples), schedule.count(side) * size) for side, size in (("sft", r.cfg.SFT_BATCH), ("ppo", r.cfg.PPO_BATCH))}
+    schedule = r.plan.schedule[:state.pos]
+    return {side: min(r.plan.n_items, schedule.count(side) * r.plan.batch_size(side)) for side in ("sft", "ppo")}
 
 
 def train_loop(r: Run, state: RunState, stop: "StopRequest") -> int:
@@ -3164,7 +3501,7 @@ def train_loop(r: Run, state: RunState, stop: "StopRequest") -> int:
     -> 0, or 128 + the signal."""
     from tqdm.auto import tqdm
 
-    cfg, schedule, first_step = r.cfg, step_plan(r.cfg, len(r.examples)), state.step + 1  # first and last steps print
+    cfg, schedule, first_step = r.cfg, r.plan.schedule, state.step + 1  # first and last steps print
     bar = tqdm(total=r.plan.total_steps, initial=state.step, desc=cfg.MODE, unit="step", dynamic_ncols=True, disable=not is_main())
     with contextlib.closing(bar):
         if state.pos and not any(state.drawn.values()):
@@ -3390,7 +3727,7 @@ def save_checkpoint(out_dir: Path, trainer: HybridTrainer, state: RunState, cfg:
             save_file(reference, str(tmp / "reference.safetensors"))
         reward_state = trainer.reward.state_dict() if trainer.reward is not None else None
         (tmp / "state.json").write_text(json.dumps({"run": dataclasses.asdict(state), "kl_coef": trainer.kl_ctl.value,
-                                                    "reward": reward_state, "world_size": world_size(),
+                                                    "reward": reward_state, "world_size": trainer.plan.world_size,
                                                     "config": resolved_config(cfg, trainer.plan),
                                                     "plan": dataclasses.asdict(trainer.plan)}, indent=1))
     barrier()
@@ -3428,8 +3765,8 @@ def load_checkpoint(path: Path, trainer: HybridTrainer) -> RunState:
     if trainer.reward is not None and meta["reward"] is not None:
         trainer.reward.load_state_dict(meta["reward"])
     saved_world = meta.get("world_size", 1)
-    if saved_world != world_size():
-        warn(f"checkpoint {path} was written by {saved_world} process(es), this run has {world_size()}: the run continues "
+    if saved_world != trainer.plan.world_size:
+        warn(f"checkpoint {path} was written by {saved_world} process(es), this run has {trainer.plan.world_size}: the run continues "
              "but sampling will not repeat exactly")
     rng_file = path / f"rng-{rank()}.pt"
     set_rng_state(torch.load(rng_file if rng_file.is_file() else path / "rng-0.pt", weights_only=True), trainer)
@@ -3467,7 +3804,7 @@ def save_final(out_dir: Path, trainer: HybridTrainer, cfg: Config, card: str = "
         for weights in (out_dir / "inference_lm").glob("model*.safetensors*"):
             link_or_copy(weights, full / weights.name)
     tok.save_pretrained(full)
-    if trainer.estimator.critic and cfg.MODE != "sft":  # a value head that was trained (else: zeros)
+    if ADVANTAGES[cfg.ADVANTAGE].critic and cfg.MODE != "sft":  # a value head that was trained (else: zeros)
         save_file(v_head, str(full / "value_head.safetensors"))
     (full / "trainer_config.json").write_text(json.dumps(resolved_config(cfg, trainer.plan), indent=2))
     shutil.rmtree(out_dir / "ppo_full", ignore_errors=True)
@@ -3768,10 +4105,11 @@ def build_reward(cfg: Config, device, ref_lm=None, tokenizer=None, spec: Optiona
 def run(cfg: Config, check: bool = False, reward=None) -> int:
     """Validate everything cheap first (no weights), then plan, load, train, save. `reward` overrides REWARD.
     Under torchrun / accelerate launch every process runs this; the main one writes and prints."""
+    procs = use_processes(Processes.from_env())  # the launch, read once
     examples, data_format = load_data(cfg, "TRAIN_FILE")
     eval_examples = load_eval_examples(cfg)
     paths = resolve_model(cfg)  # reads no weights; a missing adapter base is an error here
-    check_launch(cfg, world_size())
+    check_launch(cfg, procs.world)
     out_dir = plan_output_dir(cfg)
     resume_from = find_resume_point(cfg, out_dir)
     if is_main():  # before any weights load
@@ -3780,15 +4118,16 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
             check_writable(cache_root(cfg), "CACHE_DIR")  # the conversion will be written there
     if check:
         return check_only(cfg, select_subset(examples, cfg, cfg.SEED or 0), eval_examples, data_format, paths, out_dir, resume_from)
-    device = pick_device(cfg)
-    init_processes(device)
-    threads = set_threads()
+    device = pick_device(cfg, procs)
+    init_processes(device, procs)
+    threads = set_threads(procs)
     barrier()  # every process has planned the output dir before the main one creates it
     r, state = start(cfg, examples, eval_examples, paths, out_dir, resume_from, device, reward)
     say(f"{cfg.MODE}: {len(r.examples)} items, prompt format {r.prompt_format}, device {device.type}"
         f"{', bf16' if r.plan.bf16 else ', fp16' if cfg.FP16 else ''}"
         f"{f', LoRA r={cfg.LORA_R}' if hasattr(r.trainer.policy.lm, 'peft_config') else ''}"
-        f"{f', {world_size()} processes' + (' (FSDP)' if cfg.FSDP else '') if world_size() > 1 else ''}, "
+        f"{f' (adapter {r.plan.adapter})' if r.plan.adapter else ''}"
+        f"{f', {r.plan.world_size} processes' + (' (FSDP)' if cfg.FSDP else '') if r.plan.world_size > 1 else ''}, "
         f"{sum(p.numel() for p in r.trainer.optim.params) if not cfg.FSDP else 'sharded'} trainable parameters, "
         f"{threads}, output {out_dir}")
     if eval_examples and state.step == 0:
@@ -3823,9 +4162,9 @@ def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, o
     precision = f"bf16 {'on' if bf16 else 'off'}: as when the run started (resumed)" if bf16 is not None else None
     if bf16 is None:
         bf16, precision = on_main(resolve_bf16, cfg, device, paths)  # the main process's choice, everywhere
-    plan = make_plan(cfg, len(examples), world_size(), seed, seed_drawn, bf16, precision, str(paths.weights),
+    plan = make_plan(cfg, len(examples), PROCS.world, seed, seed_drawn, bf16, precision, str(paths.weights),
                      str(paths.adapter) if paths.adapter else None, model_context(paths.config()))
-    say(precision)
+    say(plan.precision)
     say(plan.describe())
     seed_everything(seed)
     policy, ref_lm, tokenizer = load_model(cfg, device, plan.bf16, paths)
@@ -3888,11 +4227,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    use_processes(Processes.from_env())  # before the config loads: its errors are said once, by the main process
     try:
         code = run(load_config(args.config), check=args.check)
     except UserError as e:  # mostly the same on every process (config, data, global decisions): the main one says it
         if not is_main():
-            time.sleep(5)  # the launcher ends this process when the main one exits with the same error first
+            # Why a wait and not a handshake: most of these errors come before the processes have joined a group (the
+            # config, the data, the launch), so there is no channel to agree on who speaks, and after it a peer may be
+            # inside a collective that this process will never join. The launcher ends this process as soon as the
+            # main one exits with the same error; an error that only this process met is printed after the wait.
+            time.sleep(5)
             print(f"error: process {rank()} of {world_size()}: {e}", file=sys.stderr, flush=True)
         else:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -42,6 +42,26 @@ from typing import Annotated, Any, Callable, Literal, NamedTuple, Optional
 BatchFn = Callable[[list, list, list, list], list]
 
 
+class Scores(NamedTuple):
+    """What one call of a reward returns: a score per response, and what the reward can say besides."""
+    values: list  # one float per response
+    components: dict = {}  # a composite reward's parts (weighted_sum): name -> their scores, before their weights
+    details: Optional[list] = None  # per response, what the scorer found (code: its SandboxResult)
+
+
+class Scorer:
+    """A reward function that declares more than a BatchFn: score() returns Scores (components, details) and may use
+    the responses' generated token ids; calling it returns the scores alone, as a BatchFn does. Built-in types that
+    report something besides their scores subclass it; a consumer asks isinstance, never hasattr."""
+    stateful = False  # scoring updates running state (a part with normalize)
+
+    def score(self, responses, targets, prompts, items, update: bool = True, token_ids: Optional[list] = None) -> Scores:
+        raise NotImplementedError
+
+    def __call__(self, responses, targets, prompts, items) -> list:
+        return self.score(responses, targets, prompts, items).values
+
+
 class RewardSpecError(ValueError):
     """A reward spec that cannot be built: the message names the field and the fix."""
 
@@ -339,24 +359,31 @@ def repetition(ctx: Context, ngram_size: int = 3, max_penalty: float = -1.0) -> 
     return fn
 
 
-def weighted_sum(ctx: Context, components: list = ()) -> BatchFn:
+class WeightedSum(Scorer):
+    """Weighted parts, each a built Reward; its Scores carry each part's scores (before its weight) as components."""
+
+    def __init__(self, parts: list):
+        self.parts = parts  # [(Reward, weight)]
+        self.names = [r.name if [q.name for q, _ in parts].count(r.name) == 1 else f"{r.name}{i}" for i, (r, _) in enumerate(parts)]
+
+    def score(self, responses, targets, prompts, items, update: bool = True, token_ids: Optional[list] = None) -> Scores:
+        total, components = [0.0] * len(responses), {}
+        for name, (reward, weight) in zip(self.names, self.parts):
+            components[name] = reward.score(responses, targets, prompts, items, update=update, token_ids=token_ids).values
+            for i, s in enumerate(components[name]):
+                total[i] += weight * s
+        return Scores(total, components)
+
+    @property
+    def stateful(self) -> bool:
+        return any(r.stateful for r, _ in self.parts)
+
+
+def weighted_sum(ctx: Context, components: list = ()) -> WeightedSum:
     """sum_i weight_i * component_i; each component is a full spec (with its own "weight", default 1)."""
     if not components:
         raise RewardSpecError('weighted_sum needs "components": a non-empty list of reward specs')
-    parts = [(build(c, ctx, f"components[{i}]"), float(c.get("weight", 1.0))) for i, c in enumerate(components)]
-
-    names = [r.name if [q.name for q, _ in parts].count(r.name) == 1 else f"{r.name}{i}" for i, (r, _) in enumerate(parts)]
-
-    def fn(responses, targets, prompts, items, update=True):
-        total, fn.last = [0.0] * len(responses), {}
-        for name, (reward, weight) in zip(names, parts):
-            fn.last[name] = reward.scores(responses, targets, prompts, items, update=update)
-            for i, s in enumerate(fn.last[name]):
-                total[i] += weight * s
-        return total
-
-    fn.parts = parts
-    return fn
+    return WeightedSum([(build(c, ctx, f"components[{i}]"), float(c.get("weight", 1.0))) for i, c in enumerate(components)])
 
 
 def python(ctx: Context, path: str = "", function: str = "score") -> BatchFn:
@@ -421,7 +448,6 @@ def _python_file(path: str, trusted: Optional[bool]) -> Path:
 # ==================================================================================================
 # Verifiable rewards: math answers (math-verify), format and length (RLVR recipes), code run in a sandbox
 # ==================================================================================================
-MATH_EXTRACTORS = ("boxed", "hash", "answer_is", "last_number")
 _SHORT_ANSWER = re.compile(r"[^\n]{1,64}")
 _MATHY = re.compile(r"[\d\\=+\-*/^(){}\[\]<>]")  # a digit, a LaTeX command or an operator
 _INTEGER = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+|[-+]?\d+")
@@ -442,21 +468,36 @@ def last_boxed(text: str) -> Optional[str]:
     return None
 
 
-def extract_answer(text: str, order: tuple = MATH_EXTRACTORS) -> Optional[str]:
-    """A response's (or a worked solution's) final answer, by the first of `order` that finds one: the last
-    \\boxed{}, a GSM8K-style `#### 42` line, "the answer is 42", the last number."""
+def after_hash(text: str) -> Optional[str]:
+    """a GSM8K-style `#### 42` line: the token after the marks (the last such line)"""
+    lines = [line.split("####", 1)[1].split() for line in text.splitlines() if "####" in line]
+    return lines[-1][0] if lines and lines[-1] else None
+
+
+def answer_is(text: str) -> Optional[str]:
+    """"the answer is 42" (the last such phrase), without $ signs"""
+    matches = _ANSWER_IS.findall(text)
+    return matches[-1].strip().strip("$").strip() if matches else None
+
+
+def last_number(text: str) -> Optional[str]:
+    """the last number in the text (1,000 and 3/4 and 2.5 are one number each)"""
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].rstrip(",") if numbers else None
+
+
+# Where a final answer is found ("extract" of the math reward, tried in order). math-verify's parse() also extracts
+# (LaTeX and plain expressions, \boxed first), but it returns sympy objects, tries every match in the text and runs
+# its own timeout on signal.alarm (main thread only); maj@k votes on the answers' text, the integer fast path needs
+# the string, and GSM8K's "####" and "the answer is" are not among its patterns. So ours finds the answer string and
+# math-verify parses and compares it (MathChecker).
+MATH_EXTRACTORS = {"boxed": last_boxed, "hash": after_hash, "answer_is": answer_is, "last_number": last_number}
+
+
+def extract_answer(text: str, order: tuple = tuple(MATH_EXTRACTORS)) -> Optional[str]:
+    """A response's (or a worked solution's) final answer, by the first of MATH_EXTRACTORS in `order` that finds one."""
     for how in order:
-        if how == "boxed":
-            found = last_boxed(text)
-        elif how == "hash":
-            lines = [line.split("####", 1)[1].split() for line in text.splitlines() if "####" in line]
-            found = lines[-1][0] if lines and lines[-1] else None  # "#### 42" (GSM8K): the token after the marks
-        elif how == "answer_is":
-            matches = _ANSWER_IS.findall(text)
-            found = matches[-1].strip().strip("$").strip() if matches else None
-        else:
-            numbers = _NUMBER.findall(text)
-            found = numbers[-1].rstrip(",") if numbers else None
+        found = MATH_EXTRACTORS[how](text)
         if found:
             return found
     return None
@@ -489,6 +530,9 @@ import json, logging, sys
 sys.path.insert(0, sys.argv[1])
 import rewards
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" notes: the timeout is ours
+rewards._math_equal("\\\\frac{1}{2}", "0.5")  # imports math-verify and sympy now, not inside the first answer's timeout
+sys.stdout.write("ready\\n")
+sys.stdout.flush()
 for line in sys.stdin:
     gold, pred = json.loads(line)
     try:
@@ -498,6 +542,9 @@ for line in sys.stdin:
     sys.stdout.write(json.dumps(result) + "\\n")
     sys.stdout.flush()
 """
+
+
+STARTUP_TIMEOUT = 120  # seconds a math worker may take to start
 
 
 class MathChecker:
@@ -518,6 +565,12 @@ class MathChecker:
             child = subprocess.Popen([sys.executable, "-I", "-c", _MATH_WORKER, str(Path(__file__).resolve().parent)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={"PATH": os.defpath})
             self.children.append(child)
+            # its start (python, math-verify, sympy: seconds on a loaded machine) is not any answer's time
+            if not select.select([child.stdout], [], [], STARTUP_TIMEOUT)[0] or child.stdout.readline() != "ready\n":
+                child.kill()
+                child.wait()
+                self.children.remove(child)
+                raise RuntimeError(f"the math checker's worker did not start within {STARTUP_TIMEOUT} s") from None
             return child
 
     def _ask(self, pair: tuple[str, str]) -> tuple[bool, bool]:
@@ -562,14 +615,36 @@ def _kill_all(children: list) -> None:
         child.kill()
 
 
+class MathAnswer(Scorer):
+    """The math reward: besides scoring, it finds a response's answer and a row's gold answer and compares two answers
+    (maj@k votes with these)."""
+
+    def __init__(self, order: tuple, gold: Callable, checker: MathChecker, format_score: float):
+        self.order, self.gold, self.checker, self.format_score = order, gold, checker, format_score
+
+    def answer(self, response: str) -> Optional[str]:
+        return extract_answer(response, self.order)
+
+    def same(self, a: str, b: str) -> bool:
+        return self.checker.check([(a, b)])[0][1]
+
+    def score(self, responses, targets, prompts, items, update: bool = True, token_ids: Optional[list] = None) -> Scores:
+        golds = [self.gold(t, it) for t, it in zip(targets, items)]
+        preds = [self.answer(r) for r in responses]
+        todo = [i for i, (g, p) in enumerate(zip(golds, preds)) if g is not None and p is not None]
+        checked = dict(zip(todo, self.checker.check([(golds[i], preds[i]) for i in todo])))
+        return Scores([(1.0 if checked[i][1] else self.format_score if checked[i][0] else 0.0) if i in checked else 0.0
+                       for i in range(len(responses))])
+
+
 def math_answer(ctx: Context, extract: Optional[list] = None, answer_field: Optional[str] = None, format_score: float = 0.0,
-         timeout: Annotated[float, ">0"] = 5.0, workers: Annotated[int, ">=1"] = 2) -> BatchFn:
+         timeout: Annotated[float, ">0"] = 5.0, workers: Annotated[int, ">=1"] = 2) -> MathAnswer:
     """1.0 when the response's final answer equals the reference's by math-verify (\\frac{1}{2} = 0.5 = 1/2, 1,000 =
     1000, x = 3 = 3, sets, intervals), format_score when it has a parsable answer that is wrong, else 0. extract: where
     the final answer is found, in order: boxed (the last \\boxed{}), hash (a `#### 42` line), answer_is ("the answer
     is 42"), last_number. answer_field: the item's column holding the gold answer (default: extracted from the
     reference response the same way). timeout: seconds per response, in worker processes."""
-    extract = list(MATH_EXTRACTORS) if extract is None else extract
+    extract = list(MATH_EXTRACTORS) if extract is None else extract  # every one, in the registry's order
     unknown = [e for e in extract if e not in MATH_EXTRACTORS]
     if unknown or not extract:
         raise RewardSpecError(f"extract must be a non-empty list of {', '.join(MATH_EXTRACTORS)}; got {extract!r}")
@@ -591,28 +666,16 @@ def math_answer(ctx: Context, extract: Optional[list] = None, answer_field: Opti
         return found or extract_answer(text, order)
 
     _check_gold_answers(ctx, gold, checker, answer_field)
-
-    def fn(responses, targets, prompts, items):
-        golds = [gold(t, it) for t, it in zip(targets, items)]
-        preds = [extract_answer(r, order) for r in responses]
-        todo = [i for i, (g, p) in enumerate(zip(golds, preds)) if g is not None and p is not None]
-        checked = dict(zip(todo, checker.check([(golds[i], preds[i]) for i in todo])))
-        return [(1.0 if checked[i][1] else format_score if checked[i][0] else 0.0) if i in checked else 0.0
-                for i in range(len(responses))]
-
-    fn.answer = lambda response: extract_answer(response, order)  # maj@k votes over these
-    fn.same = lambda a, b: checker.check([(a, b)])[0][1]
-    fn.gold = gold
-    return fn
+    return MathAnswer(order, gold, checker, format_score)
 
 
-def math_part(reward: "Reward") -> Optional[Callable]:
-    """The math reward's function inside a built reward (itself, or a weighted_sum component), or None."""
-    fns = [reward.fn] + [r.fn for r, _ in getattr(reward.fn, "parts", [])]
-    return next((f for f in fns if hasattr(f, "gold") and hasattr(f, "answer")), None)
+def math_part(reward: "Reward") -> Optional[MathAnswer]:
+    """The math reward inside a built reward (itself, or a weighted_sum component), or None."""
+    fns = [reward.fn] + ([r.fn for r, _ in reward.fn.parts] if isinstance(reward.fn, WeightedSum) else [])
+    return next((f for f in fns if isinstance(f, MathAnswer)), None)
 
 
-def majority_correct(fn: Callable, responses: list[str], target: str, item: Optional[dict]) -> bool:
+def majority_correct(fn: MathAnswer, responses: list[str], target: str, item: Optional[dict]) -> bool:
     """maj@k for one item: the answer most of the responses give (integers by value, others by their text without
     spaces; ties: the first given) equals the gold answer."""
     answers = [a for a in (fn.answer(r) for r in responses) if a]
@@ -648,9 +711,23 @@ def think_format(ctx: Context, open: str = "<think>", close: str = "</think>") -
     return lambda responses, targets, prompts, items: [float(pattern.match(r) is not None) for r in responses]
 
 
-def overlong(ctx: Context, max_length: Annotated[int, ">=1"] = 0, buffer: Annotated[int, ">=0"] = 0) -> BatchFn:
+class Overlong(Scorer):
+    """DAPO's soft overlong punishment on each response's token count: the generated ids when the trainer passes them
+    (as TRL's, which counts completion_ids), else the text re-tokenized (a standalone call)."""
+
+    def __init__(self, penalty: Callable[[int], float], tokenizer):
+        self.penalty, self.tokenizer = penalty, tokenizer
+
+    def score(self, responses, targets, prompts, items, update: bool = True, token_ids: Optional[list] = None) -> Scores:
+        lengths = [len(ids) for ids in token_ids] if token_ids is not None else \
+            [len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
+        return Scores([self.penalty(n) for n in lengths])
+
+
+def overlong(ctx: Context, max_length: Annotated[int, ">=1"] = 0, buffer: Annotated[int, ">=0"] = 0) -> Overlong:
     """DAPO's soft overlong punishment (TRL get_soft_overlong_punishment): 0 up to max_length - buffer tokens, then
-    linear down to -1 at max_length, -1 beyond. Tokens are counted with the trainer's tokenizer."""
+    linear down to -1 at max_length, -1 beyond. Tokens: the generated ids in training (the trainer's tokenizer
+    counts the text otherwise)."""
     if max_length < 1:
         raise RewardSpecError('overlong needs "max_length": the response length (tokens) that scores -1')
     if buffer > max_length:
@@ -665,8 +742,7 @@ def overlong(ctx: Context, max_length: Annotated[int, ">=1"] = 0, buffer: Annota
             return 0.0
         return (max_length - buffer - n) / buffer if n <= max_length else -1.0
 
-    return lambda responses, targets, prompts, items: [
-        penalty(len(tokenizer(r, add_special_tokens=False)["input_ids"])) for r in responses]
+    return Overlong(penalty, tokenizer)
 
 
 # ---- the code sandbox: every program in a fresh child process, every limit on, every time ----
@@ -871,7 +947,7 @@ def extract_program(response: str) -> str:
 def code(ctx: Context, tests_field: str = "tests", mode: Literal["fraction", "all"] = "fraction", entry_point: Optional[str] = None,
          timeout: Annotated[float, ">0"] = 5.0, memory_mb: Annotated[int, ">=16"] = 512, max_processes: Annotated[int, ">=1"] = 16,
          max_output_kb: Annotated[int, ">=1"] = 64, workers: Annotated[int, ">=1"] = 2,
-         isolation: Literal["best", "require"] = "best") -> BatchFn:
+         isolation: Literal["best", "require"] = "best") -> "CodeTests":
     """The fraction of the item's tests (`tests_field`: a list of assertion strings, or one string of test code) that
     the response's program passes (mode "all": 1 or 0). The program (the last ```python block, or the whole
     response) runs in a child process of its own: bubblewrap namespaces where available (no network, no files of the
@@ -886,32 +962,40 @@ def code(ctx: Context, tests_field: str = "tests", mode: Literal["fraction", "al
         if tests_field not in (item or {}):
             raise RewardSpecError(f"code: {label} has no column {tests_field!r} (tests_field); its columns: {sorted(item or {})}")
         _tests_of(item, tests_field, label)
-    limits = SandboxLimits(timeout, memory_mb, max_processes, max_output_kb)
+    return CodeTests(tests_field, mode, entry_point, SandboxLimits(timeout, memory_mb, max_processes, max_output_kb), workers)
 
-    def fn(responses, targets, prompts, items):
-        jobs = [(extract_program(r), _tests_of(it, tests_field, f"item {i}"), entry_point)
-                for i, (r, it) in enumerate(zip(responses, items))]
+
+class CodeTests(Scorer):
+    """The code reward: its Scores' details are each program's SandboxResult (what it printed, why it stopped)."""
+
+    def __init__(self, tests_field: str, mode: str, entry_point: Optional[str], limits: SandboxLimits, workers: int):
+        self.tests_field, self.mode, self.entry_point, self.limits, self.workers = tests_field, mode, entry_point, limits, workers
+
+    def run(self, jobs: list) -> list["SandboxResult"]:
+        """(program, tests, entry_point) jobs, `workers` at a time, each in a sandbox slot of its own."""
         slots = queue.SimpleQueue()
-        for slot in range(workers):
+        for slot in range(self.workers):
             slots.put(slot)
 
         def one(job):
             slot = slots.get()
             try:
-                return _run_sandboxed(*job, limits, slot)
+                return _run_sandboxed(*job, self.limits, slot)
             finally:
                 slots.put(slot)
 
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(one, jobs))
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(one, jobs))
+
+    def score(self, responses, targets, prompts, items, update: bool = True, token_ids: Optional[list] = None) -> Scores:
+        jobs = [(extract_program(r), _tests_of(it, self.tests_field, f"item {i}"), self.entry_point)
+                for i, (r, it) in enumerate(zip(responses, items))]
+        results = self.run(jobs)
         scores = []
         for result, (_, tests, _) in zip(results, jobs):
             passed = result.passed or [False] * len(tests)
-            scores.append(float(all(passed)) if mode == "all" else sum(passed) / len(passed))
-        fn.last_results = results
-        return scores
-
-    return fn
+            scores.append(float(all(passed)) if self.mode == "all" else sum(passed) / len(passed))
+        return Scores(scores, details=results)
 
 
 def _tests_of(item: Optional[dict], field: str, label: str) -> list:
@@ -1125,46 +1209,49 @@ def uses_reference(spec: Any) -> bool:
 class Reward:
     """A built reward: batched `scores(...)`, per-sample `__call__`, and checkpointable state."""
 
-    def __init__(self, name: str, fn: BatchFn, post: list[Post]):
-        self.name, self.fn, self.post = name, fn, post
-        self.components: dict[str, list[float]] = {}  # weighted_sum: the last call's scores of each component
+    def __init__(self, name: str, fn: Any, post: list[Post]):
+        self.name, self.fn, self.post = name, fn, post  # fn: a BatchFn, or a Scorer
 
-    def scores(self, responses, targets, prompts=None, items=None, update: bool = True) -> list[float]:
+    def score(self, responses, targets, prompts=None, items=None, update: bool = True, token_ids: Optional[list] = None) -> Scores:
+        """Batched scores with what the reward reports besides (components, details), postprocessed. token_ids: the
+        responses' generated ids (the trainer passes them; rewards that count tokens use them)."""
         n = len(responses)
         if len(targets) != n:
             raise ValueError(f"{n} responses but {len(targets)} targets")
         prompts, items = prompts or [None] * n, items or [None] * n
-        if hasattr(self.fn, "parts"):
-            out = self.fn(responses, targets, prompts, items, update=update)
-            self.components = self.fn.last  # each component's scores (before its weight), for the metrics
+        if isinstance(self.fn, Scorer):
+            out = self.fn.score(responses, targets, prompts, items, update=update, token_ids=token_ids)
         else:
-            out = self.fn(responses, targets, prompts, items)
-        out = [float(x) for x in out]
-        if len(out) != n:
-            raise ValueError(f"reward {self.name!r} returned {len(out)} scores for {n} responses")
+            out = Scores(self.fn(responses, targets, prompts, items))
+        values = [float(x) for x in out.values]
+        if len(values) != n:
+            raise ValueError(f"reward {self.name!r} returned {len(values)} scores for {n} responses")
         for p in self.post:
-            out = p(out, update=update)
-        return out
+            values = p(values, update=update)
+        return Scores(values, out.components, out.details)
+
+    def scores(self, responses, targets, prompts=None, items=None, update: bool = True) -> list[float]:
+        return self.score(responses, targets, prompts, items, update=update).values
 
     @property
     def stateful(self) -> bool:
         """True when scoring updates running state (normalize): the trainer then scores every process's
         responses on each process, so the state stays the same everywhere."""
-        return any(isinstance(p, RunningNormalize) for p in self.post) or any(r.stateful for r, _ in getattr(self.fn, "parts", []))
+        return any(isinstance(p, RunningNormalize) for p in self.post) or (isinstance(self.fn, Scorer) and self.fn.stateful)
 
     def __call__(self, response: str, target: str, prompt: Optional[str] = None, item: Optional[dict] = None) -> float:
         return self.scores([response], [target], [prompt], [item])[0]
 
     def state_dict(self) -> dict:
         state = {"post": [p.state_dict() for p in self.post]}
-        if hasattr(self.fn, "parts"):
+        if isinstance(self.fn, WeightedSum):
             state["components"] = [r.state_dict() for r, _ in self.fn.parts]
         return state
 
     def load_state_dict(self, state: dict) -> None:
         for p, s in zip(self.post, state["post"]):
             p.load_state_dict(s)
-        if hasattr(self.fn, "parts"):
+        if isinstance(self.fn, WeightedSum):
             for (r, _), s in zip(self.fn.parts, state["components"]):
                 r.load_state_dict(s)
 

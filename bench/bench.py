@@ -79,8 +79,9 @@ def main() -> None:
             base[key] = value
     cfg = ht.Config.from_dict({**base, "TRAIN_FILE": args.data, "OUTPUT_DIR": "-", "SEED": 0, "BF16": args.bf16,
                                "LORA_R": args.lora, "GRADIENT_CHECKPOINTING": args.gradient_checkpointing, "FSDP": args.fsdp})
-    device = ht.pick_device(cfg)
-    ht.init_processes(device)
+    procs = ht.Processes.from_env()
+    device = ht.pick_device(cfg, procs)
+    ht.init_processes(device, procs)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     peak_rate = sum(ht.gather_objects(matmul_rate(dtype, device)))  # all processes together: phases count global tokens
     t0 = time.perf_counter()

@@ -38,6 +38,8 @@ RUNS = {
     "alternate": {"MODE": "hybrid", "SFT_BATCH": 4, "PPO_BATCH": 4, "CYCLE_SFT_STEPS": 1, "CYCLE_PPO_UPDATES": 1,
                   "REF_UPDATE": "cycle", "LR_SCHEDULE": "cosine", "WARMUP_STEPS": 1},
     "lora": {"MODE": "hybrid", "HYBRID": "mix", "LORA_R": 4, "ADVANTAGE": "rloo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2},
+    "lora_vllm": {"MODE": "hybrid", "HYBRID": "mix", "LORA_R": 4, "ADVANTAGE": "rloo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2,
+                  "GENERATION_BACKEND": "vllm", "NO_REPEAT_NGRAM_SIZE": 0, "MAX_NEW_TOKENS": 6},
     "stateful": {"MODE": "ppo", "ADVANTAGE": "remax", "PPO_BATCH": 4, "MISSING_EOS_PENALTY": 0.5,  # a running normalisation
                  "REWARD": {"type": "weighted_sum", "components": [{"type": "chrf"}, {"type": "length", "target": 3}],
                             "postprocess": [{"type": "normalize"}]}},

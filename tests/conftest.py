@@ -2,7 +2,10 @@
 
 import json
 import os
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +126,86 @@ def write_tiny_gguf(path: Path, seed: int = 0, chat_template: str = "") -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# ---- helpers the test files share ----
+ROOT = Path(__file__).resolve().parent.parent
+EXACT_PPO = {"TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0, "NO_REPEAT_NGRAM_SIZE": 0}
+
+
+def run_cli(config: dict, tmp_path: Path, *extra, check=True) -> subprocess.CompletedProcess:
+    path = tmp_path / f"config-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(config))
+    proc = subprocess.run([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path), *extra],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+class YesFraction:
+    """Test reward a tiny model can learn: occurrences of 'yes' in the response, 3 or more = 1 (0..1)."""
+
+    def scores(self, responses, targets, prompts=None, items=None, update=True):
+        return [min(1.0, r.count("yes") / 3) for r in responses]
+
+    def state_dict(self):
+        return {}
+
+
+def trainer_for(cfg_overrides, tiny_model, tiny_data, reward):
+    import torch
+
+    import hybrid_trainer as ht
+
+    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": "-",
+                               "SEED": 0, **EXACT_PPO, **cfg_overrides})
+    torch.manual_seed(0)
+    policy, ref, tok = ht.load_model(cfg, torch.device("cpu"))
+    examples = ht.tokenize_examples(ht.load_examples(cfg), cfg, tok, "sketch", "TRAIN_FILE")
+    return ht.HybridTrainer(cfg, policy, ref, tok, reward), examples
+
+
+HYBRID_RESUME = {"MODE": "hybrid", "SEED": 7, "REF_UPDATE": "cycle", "LR_SCHEDULE": "cosine", "WARMUP_STEPS": 2,
+                 "SFT_BATCH": 2, "PPO_BATCH": 2, "PPO_MINI": 1, "CYCLE_SFT_STEPS": 2,
+                 "CYCLE_PPO_UPDATES": 1, "MAX_NEW_TOKENS": 4, "EPOCHS": 2, "LR_SFT": 1e-3, "LR_PPO": 1e-3, "SAVE_EVERY": 1,
+                 "REWARD": {"type": "weighted_sum", "components": [{"type": "contains", "pattern": "yes"}],
+                            "postprocess": [{"type": "normalize"}]}}
+
+
+def interrupted_copy(out: Path, dest: Path, checkpoint: int) -> Path:
+    """A finished run's directory as an interrupted run would have left it: everything it logged, but no final model
+    and no checkpoint after step `checkpoint`."""
+    shutil.copytree(out, dest)
+    for name in ("inference_lm", "ppo_full", "report.md"):
+        shutil.rmtree(dest / name) if (dest / name).is_dir() else (dest / name).unlink()
+    for ckpt in (dest / "checkpoints").glob("step-*"):
+        if int(ckpt.name[5:]) > checkpoint:
+            shutil.rmtree(ckpt)
+    return dest
+
+
+def comparable(records):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(args: list, timeout: int = 300, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, **kw)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def torchrun_cli(config: dict, tmp_path: Path, **kw) -> subprocess.CompletedProcess:
+    path = tmp_path / f"config-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(config))
+    return torchrun([ROOT / "hybrid_trainer.py", path], **kw)

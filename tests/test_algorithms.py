@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from test_train import EXACT_PPO, YesFraction, comparable, metrics, trainer_for
+from conftest import EXACT_PPO, YesFraction, comparable, metrics, trainer_for
 
 import hybrid_trainer as ht
 
@@ -50,7 +50,8 @@ def grads_of_mix(mu, trainer, queries, responses, scores, demos):
         optimizer.zero_grad(set_to_none=True)
         return 0.0
 
-    trainer.cfg = dataclasses.replace(trainer.cfg, MIX_COEF=mu, MIX_COEF_END=mu)
+    cfg = dataclasses.replace(trainer.cfg, MIX_COEF=mu, MIX_COEF_END=mu)  # a trainer of its own on the same weights
+    trainer = ht.HybridTrainer(cfg, trainer.policy, trainer.ref_lm, trainer.tokenizer, trainer.reward, plan=trainer.plan)
     trainer.optim.step = capture
     trainer.ppo_step(queries, responses, scores, demos=demos)
     return captured["g"]

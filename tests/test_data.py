@@ -7,8 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import write_json
-from test_train import EXACT_PPO, interrupted_copy, metrics
+from conftest import EXACT_PPO, interrupted_copy, metrics, write_json
 
 import hybrid_trainer as ht
 import rewards

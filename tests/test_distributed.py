@@ -2,7 +2,6 @@
 FSDP = DDP, one set of outputs, exact resume, and an error on one process ends all of them."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,25 +10,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import ENV, HYBRID_RESUME, ROOT, comparable, metrics, run_cli, torchrun, torchrun_cli
 from safetensors.torch import load_file
-from test_train import HYBRID_RESUME, comparable, metrics, run_cli
-
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def torchrun(args: list, timeout: int = 300, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, **kw)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-def torchrun_cli(config: dict, tmp_path: Path, **kw) -> subprocess.CompletedProcess:
-    path = tmp_path / f"config-{time.monotonic_ns()}.json"
-    path.write_text(json.dumps(config))
-    return torchrun([ROOT / "hybrid_trainer.py", path], **kw)
 
 
 def max_diff(a: Path, b: Path) -> float:

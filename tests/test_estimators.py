@@ -136,7 +136,7 @@ def test_gspo_sequence_ratio_by_hand():
     # row log-ratios [0.6, 0.4]: mean 0.5 -> e^0.5 = 1.6487 > 1.2: clipped, loss -1.2 on both tokens
     old = torch.zeros(2, 2)
     logp = torch.tensor([[0.2, -0.4], [0.6, 0.4]])
-    out = ht.policy_loss(logp, old, torch.ones(2, 2), torch.ones(2, 2), 0.2, level="sequence")
+    out = ht.policy_loss(logp, old, torch.ones(2, 2), torch.ones(2, 2), 0.2, kind="gspo")
     assert out.loss.item() == pytest.approx((-math.exp(-0.1) * 2 - 1.2 * 2) / 4, rel=1e-5)
     assert out.clipfrac.item() == pytest.approx(0.5)
     assert out.ratio.item() == pytest.approx((math.exp(-0.1) + math.exp(0.5)) / 2, rel=1e-5)
@@ -184,8 +184,9 @@ def trl_grpo_loss(loss_type, logps, old, ref, adv, mask, eps_low, eps_high, beta
     stub = types.SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
         top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
-        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
-        loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=False,
+        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1, sapo_temperature_pos=1.0,
+                                   sapo_temperature_neg=1.05),
+        loss_type=loss_type, epsilon_low=eps_low, epsilon_high=1 + eps_high if loss_type == "cispo" else eps_high, use_vllm=False,
         vllm_importance_sampling_correction=False, model=types.SimpleNamespace(training=True),
         current_gradient_accumulation_steps=1, max_completion_length=max_len, accelerator=identity,
         _entropy_bonus_enabled=False, aux_loss_enabled=False, _metrics={"train": defaultdict(list)})
@@ -201,6 +202,10 @@ def trl_grpo_loss(loss_type, logps, old, ref, adv, mask, eps_low, eps_high, beta
     ("bnpo", "token_mean", "token", 0.04, 0.2),  # with the k3 KL in the loss
     ("dapo", "token_mean", "token", 0.0, 0.28),  # clip-higher, token-level normalisation
     ("dr_grpo", "seq_mean_token_sum_norm", "token", 0.04, 0.2),
+    ("cispo", "token_mean", "token", 0.0, 0.28),  # TRL's epsilon_high (the weight's cap) is our 1 + CLIPRANGE_HIGH
+    ("cispo", "token_mean", "token", 0.04, 0.2),
+    ("sapo", "seq_mean_token_mean", "token", 0.0, 0.2),  # TRL's default temperatures 1.0 / 1.05, ours too
+    ("sapo", "seq_mean_token_mean", "token", 0.04, 0.2),
 ])
 def test_policy_loss_matches_trl_grpo(loss_type, agg, level, beta, eps_high):
     torch.manual_seed(0)
@@ -212,7 +217,8 @@ def test_policy_loss_matches_trl_grpo(loss_type, agg, level, beta, eps_high):
     adv, _ = ht.advantages_grpo(rewards=rewards, mask=mask, group_size=2)
     theirs = trl_grpo_loss(loss_type, logps, old, ref, adv[:, :1].squeeze(1), mask, 0.2, eps_high, beta, level, 6)
     kl = beta * ht.kl_per_token(logps, ref, "k3") if beta else None
-    ours = ht.policy_loss(logps, old, adv, mask, 0.2, eps_high, level, agg, 6, kl).loss
+    kind = loss_type if loss_type in ("cispo", "sapo") else "gspo" if level == "sequence" else "ppo"
+    ours = ht.policy_loss(logps, old, adv, mask, 0.2, eps_high, kind, agg, 6, kl).loss
     torch.testing.assert_close(ours, theirs)
     g_ours = torch.autograd.grad(ours, logps)[0]
     g_theirs = torch.autograd.grad(trl_grpo_loss(loss_type, logps, old, ref, adv[:, 0], mask, 0.2, eps_high, beta, level, 6),

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import metrics, run_cli
+from conftest import metrics, run_cli
 
 import hybrid_trainer as ht
 
@@ -97,7 +97,7 @@ def test_threads_follow_usable_cpus(tmp_path, monkeypatch):
     assert ht.usable_cpus(quota) == 1  # 1.5 CPUs of quota -> 1 thread
     quota.write_text("max 100000\n")
     assert ht.usable_cpus(quota) == len(os.sched_getaffinity(0))
-    code = ("import hybrid_trainer as ht, torch; print(ht.set_threads()); print(torch.get_num_threads())")
+    code = ("import hybrid_trainer as ht, torch; print(ht.set_threads(ht.Processes.from_env())); print(torch.get_num_threads())")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert pinned.stdout.split("\n")[1] == "1", pinned.stdout + pinned.stderr  # torch alone would take every core

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
+from conftest import EXACT_PPO, YesFraction, metrics, run_cli, trainer_for
 from safetensors.torch import load_file
-from test_train import EXACT_PPO, YesFraction, metrics, run_cli, trainer_for
 
 import hybrid_trainer as ht
 

@@ -186,8 +186,9 @@ def test_trim_padding_drops_only_all_padding_columns():
     attn = torch.tensor([[0, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0, 0]])
     r_mask = torch.tensor([[1.0, 0, 0, 0], [1.0, 1, 0, 0]])
     per_token = torch.arange(8.0).reshape(2, 4)
-    out, n_response = ht.trim_padding({"input_ids": ids, "attention_mask": attn, "r_mask": r_mask, "advantages": per_token}, 4)
+    batch = ht.UpdateBatch(ids, attn, r_mask.long(), r_mask, r_mask, *[per_token] * 6)
+    out, n_response = ht.trim_padding(batch, 4)
     assert n_response == 2
-    assert out["input_ids"].tolist() == [[5, 6, 7, 0], [0, 8, 9, 9]]  # first column and last two were padding everywhere
-    assert out["attention_mask"].tolist() == [[1, 1, 1, 0], [0, 1, 1, 1]]
-    assert out["r_mask"].tolist() == [[1.0, 0.0], [1.0, 1.0]] and out["advantages"].tolist() == [[0.0, 1.0], [4.0, 5.0]]
+    assert out.input_ids.tolist() == [[5, 6, 7, 0], [0, 8, 9, 9]]  # first column and last two were padding everywhere
+    assert out.attention_mask.tolist() == [[1, 1, 1, 0], [0, 1, 1, 1]]
+    assert out.r_mask.tolist() == [[1.0, 0.0], [1.0, 1.0]] and out.advantages.tolist() == [[0.0, 1.0], [4.0, 5.0]]

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from conftest import YesFraction, run_cli, trainer_for
 from dist_helper import QUERIES, RESPONSES, SCORES
-from test_train import YesFraction, run_cli, trainer_for
 
 import hybrid_trainer as ht
 
@@ -25,7 +25,7 @@ def test_first_minibatch_forward_replaces_the_rollout_forward(kl_penalty, tiny_m
     for fuse in (False, True):
         trainer, _ = trainer_for({"PPO_BATCH": 8, "PPO_MINI": 8, "PPO_EPOCHS": 3, "LR_PPO": 1e-3, "KL_PENALTY": kl_penalty,
                                   "WHITEN_REWARDS": True}, tiny_model, tiny_data, None)
-        trainer.fuse_first_forward = fuse
+        trainer.update.fuse_first_forward = fuse
         calls = []
         trainer.policy.v_head.register_forward_hook(lambda *a, calls=calls: calls.append(1))
         first = fixed_step(trainer)  # the KL is 0 here: the policy still equals the reference

@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
+from conftest import EXACT_PPO, ROOT, comparable, metrics, run_cli, torchrun, trainer_for
 from safetensors.torch import load_file
-from test_distributed import torchrun
-from test_train import EXACT_PPO, ROOT, comparable, metrics, run_cli, trainer_for
 
 import hybrid_trainer as ht
 
@@ -27,16 +26,17 @@ def test_pass_at_k_is_the_unbiased_estimator(n, c, k, expected):
 def collected(scores, G):
     P = len(scores) // G
     examples = [ht.Example(index=i, item={}, target="t") for i in range(P)]
-    return ht.Collected(examples, [[i] for i in range(len(scores))], [[i, i] for i in range(len(scores))], [True] * len(scores),
-                        list(scores), [], [], {"x": 1.0}, (1.0, 2.0))
+    return ht.Collected(examples, [ht.Sample([i], [i, i], True, s) for i, s in enumerate(scores)], {"x": 1.0}, 1.0, 2.0)
 
 
 def test_groups_with_signal_by_hand():
     c = collected([1, 1, 0, 1, 0, 0, 0.5, 0.2], G=2)  # groups: (1, 1) (0, 1) (0, 0) (0.5, 0.2)
     kept = c.groups_with_signal(2)
-    assert [e.index for e in kept.examples] == [1, 3] and kept.scores == [0, 1, 0.5, 0.2] and kept.queries == [[2], [3], [6], [7]]
+    assert [e.index for e in kept.examples] == [1, 3] and [s.score for s in kept.samples] == [0, 1, 0.5, 0.2]
+    assert [s.query for s in kept.samples] == [[2], [3], [6], [7]]
     both = kept.join(collected([0, 1], G=2))
-    assert len(both.examples) == 3 and both.scores == [0, 1, 0.5, 0.2, 0, 1] and both.seconds == (1.0, 2.0)
+    assert len(both.examples) == 3 and [s.score for s in both.samples] == [0, 1, 0.5, 0.2, 0, 1]
+    assert (both.generate_s, both.score_s) == (1.0, 2.0)
 
 
 DYNAMIC = {"MODE": "ppo", "ADVANTAGE": "grpo", "NUM_GENERATIONS": 4, "PPO_BATCH": 2, "PPO_EPOCHS": 1, "MAX_NEW_TOKENS": 4,

@@ -90,21 +90,28 @@ def levels() -> list[str]:
     return found + (["limits"] if os.geteuid() == 0 else [])
 
 
+def test_this_machine_has_the_full_sandbox():
+    """Not parametrised, so it cannot be skipped: the hostile table below runs once per level found, and a machine
+    without bubblewrap would quietly run it under limits only. CI installs bubblewrap (.ci/run); so must a developer."""
+    where = rewards.sandbox_isolation()
+    assert where.level == "namespaces", f"the code sandbox has no namespaces here ({where.detail}): apt install bubblewrap"
+    assert "namespaces" in levels()
+
+
 @pytest.mark.parametrize("level", levels())
 def test_hostile_programs_score_zero_and_change_nothing(level, world, monkeypatch):
-    assert levels(), "CI needs bubblewrap (namespaces) or root (limits with its own uid and network namespace)"
     monkeypatch.setattr(rewards, "_ISOLATION", rewards.Isolation(level, level))
     project = ROOT / "sandbox-was-here.txt"
     fn = rewards.code(rewards.Context(say=lambda line: None), timeout=2.0, memory_mb=256, max_processes=16, workers=4)
     programs = [p.format(out=str(world["out"]), home=str(world["home"]), project=str(project), port=world["port"], mark=MARK)
                 for _, p in HOSTILE]
     start = time.monotonic()
-    scores = fn(programs, [""] * len(programs), [""] * len(programs), [{"tests": TESTS}] * len(programs))
+    scores, _, results = fn.score(programs, [""] * len(programs), [""] * len(programs), [{"tests": TESTS}] * len(programs))
     elapsed = time.monotonic() - start
     assert scores == [0.0] * len(HOSTILE), dict(zip([c for c, _ in HOSTILE], scores))
-    whys = {case: r.why for (case, _), r in zip(HOSTILE, fn.last_results)}
+    whys = {case: r.why for (case, _), r in zip(HOSTILE, results)}
     assert "timed out" in whys["infinite loop"] and "printed more than" in whys["100 MB of output"], whys
-    assert "s3cret" not in "".join(r.output for r in fn.last_results)
+    assert "s3cret" not in "".join(r.output for r in results)
     for d in (world["out"], world["home"]):
         assert (d / "keep.txt").read_text() == "keep"
     assert not project.exists()
@@ -121,7 +128,8 @@ def test_solutions_score_as_specified(level, monkeypatch):
     item = {"tests": TESTS + ["assert add(-1, 1) == 0", "assert add(10, 5) == 15"]}
     cases = [
         ("def add(a, b):\n    return a + b", 1.0),  # correct
-        ("Here it is:\n```python\ndef add(a, b):\n    return a - b\n```", 0.25),  # wrong but for add(-1, 1)... no: a - b
+        # a - b: add(1, 2) = -1, add(2, 2) = 0, add(-1, 1) = -2, add(10, 5) = 5: none pass
+        ("Here it is:\n```python\ndef add(a, b):\n    return a - b\n```", 0.0),
         ("```python\ndef add(a, b):\n    return 3\n```", 0.25),  # partial: only add(1, 2)
         ("```python\ndef add(a, b): return a + b\n```\nand a faster one:\n```py\ndef add(a, b): return sum((a, b))\n```", 1.0),
         ("def add(a, b):\n    import time\n    time.sleep(10)\n    return a + b", 0.0),  # timeout
@@ -130,8 +138,7 @@ def test_solutions_score_as_specified(level, monkeypatch):
     ]
     fn = rewards.code(rewards.Context(say=lambda line: None), timeout=1.5, workers=3)
     scores = fn([p for p, _ in cases], [""] * len(cases), [""] * len(cases), [item] * len(cases))
-    # a - b: add(1, 2) = -1, add(2, 2) = 0, add(-1, 1) = -2, add(10, 5) = 5: none pass
-    assert scores == [1.0, 0.0, 0.25, 1.0, 0.0, 0.0, 0.0]
+    assert scores == [expected for _, expected in cases]
     all_or_nothing = rewards.code(rewards.Context(say=lambda line: None), mode="all", timeout=1.5)
     assert all_or_nothing([cases[0][0], cases[2][0]], ["", ""], ["", ""], [item, item]) == [1.0, 0.0]
 

@@ -9,7 +9,7 @@ import sqlite3
 import struct
 
 import pytest
-from test_train import interrupted_copy, metrics, run_cli
+from conftest import interrupted_copy, metrics, run_cli
 
 import hybrid_trainer as ht
 

@@ -1,45 +1,17 @@
 """Tier 3: end-to-end runs of tiny configs. They show the trainer learns, saves, protects and resumes."""
 
-import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import EXACT_PPO, HYBRID_RESUME, ROOT, YesFraction, comparable, metrics, run_cli, trainer_for
 
 import hybrid_trainer as ht
-
-ROOT = Path(__file__).resolve().parent.parent
-EXACT_PPO = {"TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0, "NO_REPEAT_NGRAM_SIZE": 0}
-
-
-def run_cli(config: dict, tmp_path: Path, *extra, check=True) -> subprocess.CompletedProcess:
-    path = tmp_path / f"config-{time.monotonic_ns()}.json"
-    path.write_text(json.dumps(config))
-    proc = subprocess.run([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path), *extra],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-class YesFraction:
-    """Test reward a tiny model can learn: occurrences of 'yes' in the response, 3 or more = 1 (0..1)."""
-
-    def scores(self, responses, targets, prompts=None, items=None, update=True):
-        return [min(1.0, r.count("yes") / 3) for r in responses]
-
-    def state_dict(self):
-        return {}
 
 
 @pytest.mark.parametrize("mode", ["sft", "ppo", "hybrid"])
@@ -81,15 +53,6 @@ def test_sft_loss_falls_on_memorisation_set(tiny_model, tmp_path):
     assert sum(losses[-5:]) / 5 < 0.25 * sum(losses[:5]) / 5, losses
 
 
-def trainer_for(cfg_overrides, tiny_model, tiny_data, reward):
-    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": "-",
-                               "SEED": 0, **EXACT_PPO, **cfg_overrides})
-    torch.manual_seed(0)
-    policy, ref, tok = ht.load_model(cfg, torch.device("cpu"))
-    examples = ht.tokenize_examples(ht.load_examples(cfg), cfg, tok, "sketch", "TRAIN_FILE")
-    return ht.HybridTrainer(cfg, policy, ref, tok, reward), examples
-
-
 def test_ppo_raises_mean_reward_on_tiny_task(tiny_model, tiny_data):
     trainer, examples = trainer_for({"PPO_BATCH": 16, "PPO_MINI": 8, "LR_PPO": 3e-3, "INIT_KL_COEF": 0.01,
                                      "MAX_NEW_TOKENS": 6}, tiny_model, tiny_data, YesFraction())
@@ -110,9 +73,9 @@ def test_ratio_is_one_on_first_minibatch_and_value_head_starts_at_zero(tiny_mode
 
 
 def test_ratio_threshold_skips_minibatches(tiny_model, tiny_data):
-    trainer, examples = trainer_for({"PPO_BATCH": 8, "PPO_MINI": 4, "MAX_NEW_TOKENS": 5}, tiny_model, tiny_data, YesFraction())
     # every minibatch has ratio ~1 > 0.5: all skipped, weights unchanged
-    trainer.cfg = dataclasses.replace(trainer.cfg, RATIO_THRESHOLD=0.5)
+    trainer, examples = trainer_for({"PPO_BATCH": 8, "PPO_MINI": 4, "MAX_NEW_TOKENS": 5, "RATIO_THRESHOLD": 0.5}, tiny_model,
+                                    tiny_data, YesFraction())
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     responses, _ = trainer.generate([e.prompt_ids for e in examples])
     stats = trainer.ppo_step([e.prompt_ids for e in examples], responses, [1.0] * 8)
@@ -177,31 +140,6 @@ def test_sketch_presets_run_unchanged_with_local_model(tiny_model, tiny_data, tm
         cfg = {**json.loads(text), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(tmp_path / name)}
         run_cli(cfg, tmp_path)
         assert (tmp_path / name / "inference_lm").is_dir(), name
-
-
-HYBRID_RESUME = {"MODE": "hybrid", "SEED": 7, "REF_UPDATE": "cycle", "LR_SCHEDULE": "cosine", "WARMUP_STEPS": 2,
-                 "SFT_BATCH": 2, "PPO_BATCH": 2, "PPO_MINI": 1, "CYCLE_SFT_STEPS": 2,
-                 "CYCLE_PPO_UPDATES": 1, "MAX_NEW_TOKENS": 4, "EPOCHS": 2, "LR_SFT": 1e-3, "LR_PPO": 1e-3, "SAVE_EVERY": 1,
-                 "REWARD": {"type": "weighted_sum", "components": [{"type": "contains", "pattern": "yes"}],
-                            "postprocess": [{"type": "normalize"}]}}
-
-
-def interrupted_copy(out: Path, dest: Path, checkpoint: int) -> Path:
-    """A finished run's directory as an interrupted run would have left it: everything it logged, but no final model
-    and no checkpoint after step `checkpoint`."""
-    import shutil
-
-    shutil.copytree(out, dest)
-    for name in ("inference_lm", "ppo_full", "report.md"):
-        shutil.rmtree(dest / name) if (dest / name).is_dir() else (dest / name).unlink()
-    for ckpt in (dest / "checkpoints").glob("step-*"):
-        if int(ckpt.name[5:]) > checkpoint:
-            shutil.rmtree(ckpt)
-    return dest
-
-
-def comparable(records):
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model, tiny_data, tmp_path):

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 import torch
-from test_distributed import torchrun
-from test_train import EXACT_PPO, ROOT, YesFraction, metrics, run_cli, trainer_for
+from conftest import EXACT_PPO, ROOT, YesFraction, metrics, run_cli, torchrun, trainer_for
 
 import hybrid_trainer as ht
 
@@ -86,9 +85,8 @@ def test_rollout_correction_with_identical_logprobs_changes_nothing(tiny_model, 
         responses = [tok("yes no")["input_ids"] + [tok.eos_token_id] for _ in range(4)]
         queries = [e.prompt_ids for e in examples[:4]]
         logprobs = [policy_logprobs(trainer, q, r).tolist() for q, r in zip(queries, responses)]
-        rollout = ht.make_rollout(queries, responses, [1.0, 0.0, 0.5, 0.2], [], 1, trainer.pad_id, trainer.device,
-                                  eos_id=tok.eos_token_id, engine_logprobs=logprobs)
-        stats = trainer.learn(rollout)
+        samples = [ht.Sample(q, r, True, s, engine_logprobs=lp) for q, r, s, lp in zip(queries, responses, [1.0, 0.0, 0.5, 0.2], logprobs)]
+        stats = trainer.update.learn(ht.make_rollout(samples, 1, trainer.pad_id, trainer.device))
         results.append((stats, [p.detach().clone() for p in trainer.policy.parameters()]))
     (base, weights), rest = results[0], results[1:]
     for stats, w in rest:

@@ -1,0 +1,241 @@
+"""The PPO update's records and registries: a loss mask that zeroes tokens inside a response (no gradient, no statistic,
+still attended to), the policy losses (GMPO by hand; CISPO and SAPO against TRL in test_estimators), every loss with
+every estimator and strategy, the Plan and the launch, and the rewards' declared capabilities."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import EXACT_PPO, ROOT, metrics, run_cli, trainer_for
+
+import hybrid_trainer as ht
+import rewards
+
+
+# ---- pure functions over a mask with a gap ----
+def test_gae_skips_positions_the_loss_does_not_cover():
+    """GAE over [v0, (gap), v2] equals GAE over the compacted sequence [v0, v2]: the gap passes nothing on."""
+    values, rewards_ = torch.tensor([[0.5, 9.0, 0.2, 0.0]]), torch.tensor([[0.1, 7.0, 1.0, 0.0]])
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    adv, ret = ht.compute_gae(values, rewards_, mask, gamma=0.9, lam=0.8)
+    a2 = 1.0 - 0.2  # the last covered token bootstraps from 0
+    a0 = 0.1 + 0.9 * 0.2 - 0.5 + 0.9 * 0.8 * a2  # bootstraps from the next covered token's value
+    torch.testing.assert_close(adv, torch.tensor([[a0, 0.0, a2, 0.0]]))
+    compact, _ = ht.compute_gae(torch.tensor([[0.5, 0.2]]), torch.tensor([[0.1, 1.0]]), torch.ones(1, 2), 0.9, 0.8)
+    torch.testing.assert_close(adv[:, [0, 2]], compact)
+    torch.testing.assert_close(ret[:, [0, 2]], compact + torch.tensor([[0.5, 0.2]]))
+
+
+def test_rewards_and_return_to_go_over_a_gap():
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    r = ht.compute_rewards(torch.tensor([2.0]), torch.full((1, 4), 0.5), mask, kl_coef=0.1)
+    torch.testing.assert_close(r, torch.tensor([[-0.05, 0.0, 2.0 - 0.05, 0.0]]))  # the score on the last covered token
+    returns, _ = ht.advantages_reinforce_pp(rewards=r, mask=mask, gamma=0.5)
+    compact, _ = ht.advantages_reinforce_pp(rewards=r[:, [0, 2]], mask=torch.ones(1, 2), gamma=0.5)
+    torch.testing.assert_close(returns[:, [0, 2]], compact)
+    assert returns[0, 1] == 0 and returns[0, 3] == 0
+
+
+def test_gmpo_by_hand():
+    """GMPO: -A exp(mean_t sgn(A) min(sgn(A) log r_t, sgn(A) clip(log r_t, -0.2, 0.2))) per response."""
+    old = torch.zeros(2, 3)
+    logp = torch.tensor([[0.1, 0.5, -0.3], [0.1, 0.5, -0.3]], requires_grad=True)
+    adv = torch.tensor([[1.0] * 3, [-2.0] * 3])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    out = ht.policy_loss(logp, old, adv, mask, 0.2, 0.2, "gmpo", "seq_mean_token_mean")
+    # A > 0: min(log r, clip) per token = [0.1, 0.2, -0.3] -> mean 0.0 -> ratio 1, loss -1
+    # A < 0: -min(-log r, -clip) = max(log r, clip) over the 2 tokens = [0.1, 0.5] -> mean 0.3 -> loss 2 e^0.3
+    expected = (-1.0 * 1.0 + 2.0 * torch.exp(torch.tensor(0.3))) / 2
+    torch.testing.assert_close(out.loss, expected)
+    grad = torch.autograd.grad(out.loss, logp)[0]
+    # response 1: only unclipped tokens carry gradient, d/dlogp_t = -A ratio / 3 / 2; response 2: 2 e^0.3 / 2 / 2
+    g1 = -1.0 / 3 / 2
+    g2 = 2.0 * torch.exp(torch.tensor(0.3)).item() / 2 / 2
+    torch.testing.assert_close(grad, torch.tensor([[g1, 0.0, g1], [g2, g2, 0.0]]))
+    assert out.clipfrac.item() == pytest.approx(1 / 5)  # one of the five covered tokens was clipped
+
+
+def test_every_loss_is_the_policy_gradient_at_ratio_one():
+    """At r = 1 (the first minibatch) every loss's gradient is -A / tokens, the plain policy gradient."""
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    adv = torch.tensor([[0.7] * 3, [-1.3] * 3])
+    for kind in ht.POLICY_LOSSES:
+        logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.1, -2.2]], requires_grad=True)
+        out = ht.policy_loss(logp, logp.detach(), adv, mask, 0.2, 0.2, kind, "seq_mean_token_mean")
+        grad = torch.autograd.grad(out.loss, logp)[0]
+        expected = -adv * mask / mask.sum(1, keepdim=True) / 2
+        torch.testing.assert_close(grad, expected, msg=kind)
+
+
+# ---- the loss mask through a whole update ----
+def masked_rollout(trainer, examples, gap: bool):
+    tok = trainer.tokenizer
+    responses = [tok("yes no yes maybe yes")["input_ids"] + [tok.eos_token_id] for _ in range(4)]
+    mask = [0.0 if i in (2, 3) else 1.0 for i in range(len(responses[0]))]  # two tokens the model did not sample
+    samples = [ht.Sample(e.prompt_ids, r, True, s, loss_mask=mask if gap else None)
+               for e, r, s in zip(examples, responses, [1.0, -0.5, 0.5, 0.2])]
+    return ht.make_rollout(samples, 1, trainer.pad_id, trainer.device)
+
+
+def test_a_loss_mask_gap_gets_no_gradient_no_statistic_and_is_still_attended(tiny_model, tiny_data):
+    trainer, examples = trainer_for({"PPO_BATCH": 4, "PPO_EPOCHS": 1, "LR_PPO": 1e-2, "VF_COEF": 1.0}, tiny_model, tiny_data, None)
+    examples = examples[:4]
+    full, gapped = masked_rollout(trainer, examples, False), masked_rollout(trainer, examples, True)
+    assert torch.equal(full.attention_mask, gapped.attention_mask) and torch.equal(full.r_mask, gapped.r_mask)
+    R = gapped.r_ids.shape[1]
+    gap = (gapped.r_mask > 0) & (gapped.loss_mask == 0)
+    assert gap.sum() == 2 * 4
+    # still attended: the tokens after the gap see it (their log-probs are those of the unmasked batch)
+    perm = torch.arange(4)
+    old_full, old_gapped = trainer.update.old_policy(full, perm), trainer.update.old_policy(gapped, perm)
+    torch.testing.assert_close(old_full.logprobs, old_gapped.logprobs)
+    # no gradient: the gradients reaching the logits and the values at the gap are 0 (and elsewhere not)
+    grads = {}
+    forward = trainer.policy.forward
+
+    def recording(*args, **kw):
+        logits, values = forward(*args, **kw)
+        if logits.requires_grad:  # the minibatch's forward, not step 4's
+            logits.register_hook(lambda g: grads.__setitem__("logits", g))
+            values.register_hook(lambda g: grads.__setitem__("values", g))
+        return logits, values
+
+    trainer.policy.forward = recording
+    trainer.update.fuse_first_forward = False
+    trainer.kl_ctl.value = 0.5
+    stats = trainer.update.learn(gapped)
+    trainer.policy.forward = forward
+    assert grads["logits"].shape[1] == R
+    assert grads["logits"][gap].abs().max() == 0 and grads["values"][gap].abs().max() == 0
+    covered = gapped.loss_mask > 0
+    assert grads["logits"][covered].abs().sum(-1).min() > 0 and grads["values"][covered].abs().min() > 0
+    # no statistic: lengths, KL, entropy count the covered tokens only (the policy has moved: the KL is not 0)
+    second = trainer.update.old_policy(gapped, perm)
+    stats = trainer.update.learn(gapped)
+    assert stats["ppo/response_length"] == pytest.approx(gapped.loss_mask.sum(1).mean().item())
+    assert stats["ppo/response_length"] < gapped.r_mask.sum(1).mean().item()
+    assert stats["objective/kl"] == pytest.approx((second.kl * gapped.loss_mask).sum(1).mean().item(), rel=1e-5)
+    assert stats["objective/kl"] != pytest.approx((second.kl * gapped.r_mask).sum(1).mean().item(), rel=1e-3)
+
+
+def test_the_rollout_loss_mask_is_the_response_mask_single_turn(tiny_model, tiny_data):
+    trainer, examples = trainer_for({"PPO_BATCH": 4}, tiny_model, tiny_data, None)
+    rollout = masked_rollout(trainer, examples[:4], False)
+    assert torch.equal(rollout.loss_mask, rollout.r_mask)
+
+
+# ---- every policy loss with every estimator and hybrid strategy ----
+class Spread:
+    """0 on the prompts "say yes N" of even N (gate sends them to SFT); 0.5 or 1 by the response's length on the others."""
+
+    def scores(self, responses, targets, prompts=None, items=None, update=True):
+        odd = [int(p.split("say yes ")[1][0]) % 2 for p in prompts]
+        return [o * (0.5 + len(r) % 2 / 2) for o, r in zip(odd, responses)]
+
+
+COMBOS = [(loss, adv, None) for loss in ht.POLICY_LOSSES for adv in ht.ADVANTAGES] + \
+         [(loss, "grpo", hybrid) for loss in ht.POLICY_LOSSES for hybrid in ("gate", "mix")]
+
+
+@pytest.mark.parametrize("loss, advantage, hybrid", COMBOS)
+def test_every_loss_works_with_every_estimator_and_strategy(loss, advantage, hybrid, tiny_model, tiny_data):
+    G = 1 if not ht.ADVANTAGES[advantage].group and hybrid is None else 2
+    overrides = {"POLICY_LOSS": loss, "ADVANTAGE": advantage, "NUM_GENERATIONS": G, "PPO_BATCH": 4 // G, "PPO_MINI": 2 // G,
+                 "PPO_EPOCHS": 2, "MAX_NEW_TOKENS": 4, "LR_PPO": 1e-3, "KL_IN": "loss" if G > 1 else "reward"}
+    if hybrid:
+        overrides.update({"MODE": "hybrid", "HYBRID": hybrid, "GATE_THRESHOLD": 0.5})
+    trainer, examples = trainer_for(overrides, tiny_model, tiny_data, Spread())
+    before = [p.detach().clone() for p in trainer.policy.lm.parameters()]
+    stats = trainer.ppo_update(examples[:4 // G], draw=None)
+    assert stats["ppo/skipped_minibatches"] == 0
+    assert all(v == v for k, v in stats.items() if isinstance(v, float)), stats  # no NaN
+    if hybrid == "gate":
+        assert 0 < stats["hybrid/gate_sft_fraction"] < 1, stats  # some prompts by SFT, the others by RL (with this loss)
+    else:
+        assert stats["ppo/loss/policy"] != 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.lm.parameters()))
+
+
+LEARN = {"MODE": "ppo", "ADVANTAGE": "grpo", "NUM_GENERATIONS": 4, "PPO_BATCH": 8, "PPO_EPOCHS": 4, "LR_PPO": 3e-3,
+         "INIT_KL_COEF": 0.01, "MAX_NEW_TOKENS": 6, "EPOCHS": 20, "LOG_EVERY": 100, "SEED": 0,
+         "REWARD": {"type": "contains", "pattern": "yes"}, **EXACT_PPO}
+
+
+@pytest.mark.parametrize("loss", [name for name in ht.POLICY_LOSSES if name != "ppo"])  # ppo: test_algorithms' runs
+def test_each_policy_loss_raises_the_reward_through_the_cli(loss, tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    run_cli({**LEARN, "POLICY_LOSS": loss, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out),
+             **({"CLIPRANGE_HIGH": 4.0} if loss == "cispo" else {})}, tmp_path)
+    rewards_ = [r["reward/mean"] for r in metrics(out) if r["phase"] == "ppo"]
+    assert sum(rewards_[-3:]) / 3 > sum(rewards_[:3]) / 3 + 0.2, rewards_
+
+
+def test_importance_level_sequence_is_gspo():
+    cfg = ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "IMPORTANCE_LEVEL": "sequence"})
+    assert cfg.POLICY_LOSS == "gspo"
+    with pytest.raises(ht.UserError, match="IMPORTANCE_LEVEL \"sequence\" is POLICY_LOSS \"gspo\""):
+        ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "IMPORTANCE_LEVEL": "sequence", "POLICY_LOSS": "cispo"})
+    assert ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "POLICY_LOSS": "gmpo"}).LOSS_AGG == "seq_mean_token_mean"
+
+
+def test_help_lists_the_new_registries():
+    proc = subprocess.run([sys.executable, str(ROOT / "hybrid_trainer.py"), "--help"], capture_output=True, text=True)
+    for key in ("POLICY_LOSS:", "LOSS_AGG:", "KL_IN:", "ROLLOUT_IS:", "REWARD math extract:"):
+        assert f"  {key}\n" in proc.stdout, key
+    for name in (*ht.POLICY_LOSSES, *ht.LOSS_AGGREGATIONS, *ht.KL_PLACES, *ht.ROLLOUT_IS_MODES, *rewards.MATH_EXTRACTORS):
+        assert f"    {name} " in proc.stdout, name
+
+
+# ---- the launch and the Plan ----
+def test_the_launch_is_read_by_run_not_at_import():
+    code = "import hybrid_trainer as ht; print(ht.PROCS.world, ht.PROCS.rank, ht.Processes.from_env().world)"
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.stdout.split() == ["1", "0", "2"], proc.stderr
+    assert ht.set_threads(ht.Processes(local_world=2)).endswith("/ 2 processes)") or "OMP_NUM_THREADS" in os.environ
+
+
+def test_a_plan_for_two_processes_in_one():
+    cfg = ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "MODE": "ppo", "PPO_BATCH": 4, "PPO_MINI": 2,
+                               "NUM_GENERATIONS": 2, "ADVANTAGE": "grpo", "SFT_BATCH": 4})
+    plan = ht.make_plan(cfg, 8, 2, 1, False, False, "p", "m")
+    assert (plan.world_size, plan.prompts_per_process, plan.responses_per_update, plan.responses_per_minibatch) == (2, 2, 8, 4)
+    assert plan.schedule == ("ppo",) * 2 and plan.batch_size("ppo") == 4 and plan.group_size == 2
+    assert json.loads(json.dumps(ht.dataclasses.asdict(plan)))["schedule"] == ["ppo", "ppo"]
+
+
+# ---- rewards: what they report comes back from the call ----
+def test_weighted_sum_components_come_back_with_the_scores():
+    reward = rewards.make_reward({"type": "weighted_sum", "components": [{"type": "contains", "pattern": "yes", "weight": 2},
+                                                                         {"type": "length", "target": 2}]})
+    out = reward.score(["yes yes", "no"], ["", ""])
+    assert out.components == {"contains": [1.0, 0.0], "length": [1.0, 0.5]} and out.values == [3.0, 0.5]
+    assert reward.scores(["yes yes", "no"], ["", ""]) == out.values
+    assert not hasattr(reward, "components")
+
+
+def test_overlong_counts_the_generated_ids_not_a_retokenization():
+    class Words:  # the text's word count: what re-tokenizing would count
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": text.split()}
+
+    reward = rewards.make_reward({"type": "overlong", "max_length": 4, "buffer": 2}, tokenizer=Words())
+    # one word that was generated as 5 tokens (e.g. a word split into pieces): 5 > 4 tokens is -1; re-tokenized it is 1
+    assert reward.score(["antidisestablishment"], [""], token_ids=[[1, 2, 3, 4, 5]]).values == [-1.0]
+    assert reward.score(["antidisestablishment"], [""]).values == [0.0]
+
+
+def test_the_trainer_passes_generated_ids_to_the_reward(tiny_model, tiny_data):
+    seen = []
+
+    class Spy(rewards.Scorer):
+        def score(self, responses, targets, prompts, items, update=True, token_ids=None):
+            seen.append(token_ids)
+            return rewards.Scores([0.0] * len(responses))
+
+    trainer, examples = trainer_for({"PPO_BATCH": 2, "MAX_NEW_TOKENS": 3}, tiny_model, tiny_data, rewards.Reward("spy", Spy(), []))
+    scored = trainer.collector.score([[5, 6, 7], [8]], examples[:2])
+    assert scored.error is None and seen == [[[5, 6, 7], [8]]]
