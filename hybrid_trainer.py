@@ -61,6 +61,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import errno
 import importlib.util
 import json
 import math
@@ -525,6 +526,8 @@ class Plan:
     total_steps: int  # (SFT steps + PPO updates) x EPOCHS
     sft_optimizer_steps: int  # in the run: sizes the SFT learning-rate schedule
     ppo_optimizer_steps: int  # in the run (updates x PPO_EPOCHS x minibatches): sizes the PPO schedule
+    checkpoint_bytes: Optional[int] = None  # one checkpoint, estimated (storage_estimate); None: the model's size unknown
+    final_bytes: Optional[int] = None  # the final model (inference_lm and ppo_full's own files), estimated
 
     @property
     def responses_per_update(self) -> int:  # PPO_BATCH x NUM_GENERATIONS
@@ -563,7 +566,8 @@ class Plan:
                 ("per process", f"{self.sft_batch_per_process} SFT examples, {self.prompts_per_process} PPO prompts"),
                 ("PPO update", f"{self.responses_per_update} responses, minibatches of {self.responses_per_minibatch} "
                                f"({self.minibatches_per_epoch} per epoch)"),
-                ("optimizer steps", f"SFT {self.sft_optimizer_steps}, PPO {self.ppo_optimizer_steps}")]
+                ("optimizer steps", f"SFT {self.sft_optimizer_steps}, PPO {self.ppo_optimizer_steps}"),
+                ("disk", storage_line(self.checkpoint_bytes, self.final_bytes))]
         return "plan:\n" + "\n".join(f"  {k:<16} {v}" for k, v in rows)
 
 
@@ -588,8 +592,39 @@ def check_launch(cfg: Config, world: int) -> None:
                             "sizes are global, each process takes an equal share")
 
 
+class ParameterCounts(NamedTuple):
+    """The model's sizes, counted without its weights (parameter_counts)."""
+    total: int  # parameters of the LM (a tied weight once)
+    adapter: int  # parameters of its LoRA adapter (0 without LoRA)
+    hidden: int  # the value head's input size
+
+
+def storage_estimate(cfg: Config, counts: ParameterCounts, bf16: bool) -> tuple[int, int]:
+    """(bytes of one checkpoint, bytes of the final model). A checkpoint: the trainable weights and the value head in
+    fp32, AdamW's two fp32 moments of each optimizer that trains (SFT: the LM's trainable weights; PPO: those and the
+    value head), the moving reference (REF_UPDATE cycle). The final model: the LM in its training dtype (with LoRA
+    the merged base: bf16 with BF16), the adapter, the value head when one trains."""
+    lora = counts.adapter > 0
+    head = counts.hidden + 1
+    trainable = counts.adapter if lora else counts.total
+    sft = cfg.MODE == "sft" or cfg.MODE == "hybrid"
+    ppo = cfg.MODE != "sft"
+    optimizers = 8 * trainable * sft + 8 * (trainable + head) * ppo
+    reference = (4 * counts.adapter if lora else (2 if bf16 else 4) * counts.total) if cfg.REF_UPDATE == "cycle" else 0
+    checkpoint = 4 * (trainable + head) + optimizers + reference + 64_000  # + state.json, rng and manifest files
+    base = (2 if bf16 and lora else 4) * counts.total
+    final = base + 4 * counts.adapter + 4 * head * (ppo and ADVANTAGES[cfg.ADVANTAGE].critic) + 32_000  # + config, tokenizer
+    return checkpoint, final
+
+
+def storage_line(checkpoint: Optional[int], final: Optional[int]) -> str:
+    if checkpoint is None:
+        return "unknown until the model is converted (a .gguf converts at the first run)"
+    return f"a checkpoint about {human_bytes(checkpoint)}, the final model about {human_bytes(final)}"
+
+
 def make_plan(cfg: Config, n_items: int, world: int, seed: int, seed_drawn: bool, bf16: bool, precision: str, model: str,
-              adapter: Optional[str] = None, context: Optional[int] = None) -> Plan:
+              adapter: Optional[str] = None, context: Optional[int] = None, counts: Optional[ParameterCounts] = None) -> Plan:
     """Every derived size, once. Pure: run() passes in what it read from the launch, the machine and the model."""
     check_launch(cfg, world)
     maxseq = min(cfg.MAXSEQ, context) if context else cfg.MAXSEQ
@@ -598,11 +633,13 @@ def make_plan(cfg: Config, n_items: int, world: int, seed: int, seed_drawn: bool
     schedule = tuple(step_plan(cfg, n_items))
     n_sft, n_ppo = schedule.count("sft"), schedule.count("ppo")
     minibatches = math.ceil(cfg.PPO_BATCH / cfg.PPO_MINI)
+    checkpoint_bytes, final_bytes = storage_estimate(cfg, counts, bf16) if counts else (None, None)
     return Plan(seed=seed, seed_drawn=seed_drawn, bf16=bf16, precision=precision, world_size=world,
                 maxseq=maxseq, model=model, adapter=adapter, n_items=n_items, schedule=schedule, sft_batch=cfg.SFT_BATCH,
                 ppo_batch=cfg.PPO_BATCH, group_size=cfg.NUM_GENERATIONS, responses_per_minibatch=cfg.PPO_MINI * cfg.NUM_GENERATIONS,
                 total_steps=len(schedule) * cfg.EPOCHS, sft_optimizer_steps=n_sft * cfg.EPOCHS,
-                ppo_optimizer_steps=n_ppo * cfg.EPOCHS * cfg.PPO_EPOCHS * minibatches)
+                ppo_optimizer_steps=n_ppo * cfg.EPOCHS * cfg.PPO_EPOCHS * minibatches, checkpoint_bytes=checkpoint_bytes,
+                final_bytes=final_bytes)
 
 
 def api_plan(cfg: Config, n_items: Optional[int] = None, lm: Optional[nn.Module] = None, bf16: Optional[bool] = None) -> Plan:
@@ -716,16 +753,16 @@ def compute_gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor,
     bootstrapping from the value of the next token the loss covers (as OpenRLHF and ROLL do for multi-turn).
     """
     values, rewards = values * mask, rewards * mask
-    on = mask > 0
+    on, v, r = (mask > 0).unbind(1), values.unbind(1), rewards.unbind(1)  # columns, sliced once
     last_gae = torch.zeros_like(values[:, 0])
     next_value = torch.zeros_like(last_gae)
-    advantages = torch.zeros_like(values)
+    columns = [last_gae] * values.shape[1]
     for t in reversed(range(values.shape[1])):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        gae = delta + gamma * lam * last_gae
-        advantages[:, t] = torch.where(on[:, t], gae, 0.0)
-        last_gae = torch.where(on[:, t], gae, last_gae)
-        next_value = torch.where(on[:, t], values[:, t], next_value)
+        delta = r[t] + gamma * next_value - v[t]
+        columns[t] = delta + gamma * lam * last_gae
+        last_gae = torch.where(on[t], columns[t], last_gae)
+        next_value = torch.where(on[t], v[t], next_value)
+    advantages = torch.stack(columns, 1) * mask
     return advantages, advantages + values
 
 
@@ -2092,6 +2129,47 @@ def linear_module_names(lm: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in lm.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
 
 
+def parameter_counts(cfg: Config, paths: ModelPaths) -> Optional[ParameterCounts]:
+    """The LM's parameters, its LoRA adapter's (LORA_R on LORA_TARGETS, or MODEL's adapter) and its hidden size,
+    counted on the meta device from config.json: no weights are read. None when the config is not at hand (a .gguf not
+    converted yet) or the model cannot be built without its code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    if not paths.converted:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(paths.weights, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    except Exception:  # noqa: BLE001 - an estimate only: the run says more when it loads the model
+        return None
+    r, targets = cfg.LORA_R, cfg.LORA_TARGETS
+    if paths.adapter is not None:
+        adapter = json.loads((paths.adapter / "adapter_config.json").read_text())
+        r, targets = adapter.get("r", 8), adapter.get("target_modules") or "all-linear"
+    head = lm.get_output_embeddings()
+    wanted = set(linear_module_names(lm)) if targets == "all-linear" else set(targets if isinstance(targets, list) else [targets])
+    adapter_params = sum(r * sum(m.weight.shape) for name, m in lm.named_modules()
+                         if isinstance(m, (nn.Linear, Conv1D)) and m is not head and name.rsplit(".", 1)[-1] in wanted) if r else 0
+    return ParameterCounts(sum(p.numel() for p in lm.parameters()), adapter_params, head.in_features)
+
+
+def check_space(cfg: Config, checkpoint: Optional[int], final: Optional[int], out_dir: Path, free: int) -> None:
+    """Before hours are spent: an error when not even one checkpoint fits in OUTPUT_DIR (SAVE_EVERY set), a warning
+    when KEEP_CHECKPOINTS + 1 checkpoints (a new one is written before the oldest goes) and the final model do not."""
+    if checkpoint is None:
+        return
+    saves = cfg.KEEP_CHECKPOINTS + 1 if cfg.SAVE_EVERY else 0
+    if cfg.SAVE_EVERY and free < checkpoint:
+        raise UserError(f"OUTPUT_DIR {out_dir} has {human_bytes(free)} free and one checkpoint needs about {human_bytes(checkpoint)} "
+                        "(SAVE_EVERY): free space, choose another OUTPUT_DIR, or set SAVE_EVERY 0")
+    if free < saves * checkpoint + final:
+        warn(f"OUTPUT_DIR {out_dir} has {human_bytes(free)} free; the run may need about {human_bytes(saves * checkpoint + final)} "
+             f"({saves} checkpoints of {human_bytes(checkpoint)} at once, KEEP_CHECKPOINTS + 1, and the final model of "
+             f"{human_bytes(final)}): a full disk will stop it (it can then resume from its newest checkpoint)")
+
+
 def add_lora(cfg: Config, lm: nn.Module, adapter: Optional[Path]):
     """Wrap lm with a peft LoRA adapter named "default" (trainable): loaded from `adapter`, or fresh from the
     LORA_* keys. A frozen "ref" adapter is added when the reference is an adapter (MODEL was one, or
@@ -2676,8 +2754,9 @@ class LossStats:
         return LossStats(**dict(zip(names, total.unbind())))
 
     def metrics(self, critic: bool) -> dict:
-        return {f.metadata["key"]: getattr(self, f.name).item() for f in dataclasses.fields(self)
-                if f.metadata["key"] and (critic or f.name not in ("value", "value_clipfrac"))}
+        logged = [f for f in dataclasses.fields(self) if f.metadata["key"] and (critic or f.name not in ("value", "value_clipfrac"))]
+        values = torch.stack([getattr(self, f.name) for f in logged]).tolist()  # one device-to-host copy
+        return {f.metadata["key"]: v for f, v in zip(logged, values)}
 
 
 # ---- steps 1-3: generate, score, gather ----
@@ -3251,16 +3330,28 @@ class MetricsLog:
             self.trackers = start_trackers(cfg, path.parent, config or cfg.resolved(), keep_up_to_step or 0)
 
     def log(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        line = json.dumps(record) + "\n"
+        latest = latest_checkpoint(self.path.parent)
+        then = (f"; the run stops here. Its newest checkpoint, {latest}, is intact: free space and rerun the same command to "
+                "resume" if latest else "; the run stops here, and it has no checkpoint (SAVE_EVERY 0): free space and run again")
+        try:
+            with writing("a line of metrics.jsonl", self.path.parent, len(line), then):
+                self.file.write(line)
+                self.file.flush()
+        except DiskFull:
+            with contextlib.suppress(OSError):  # what the file still buffers cannot be written either
+                self.file.close()
+            self.file = open(os.devnull, "w")
+            raise
         step = record["step"]
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        for name, tracker in self.trackers:
-            if step <= self.sent_up_to and name != "tensorboard":  # held from before the resume (TensorBoard purged them)
-                continue
-            tracker.log(scalars, step=step)
-            if record.get("samples"):
-                TRACKERS[name].table(tracker, record["samples"], step)
+        with writing("the trackers' files (REPORT_TO)", self.path.parent, len(line), then):
+            for name, tracker in self.trackers:
+                if step <= self.sent_up_to and name != "tensorboard":  # held from before the resume (TensorBoard purged them)
+                    continue
+                tracker.log(scalars, step=step)
+                if record.get("samples"):
+                    TRACKERS[name].table(tracker, record["samples"], step)
 
     def close(self) -> None:
         self.file.close()
@@ -3547,6 +3638,129 @@ def log_eval(r: Run, step: int) -> dict:
 # ==================================================================================================
 # 9. Save and resume
 # ==================================================================================================
+# ---- faults a long run meets: a full disk, a damaged checkpoint ----
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(UserError):
+    """A write found no space left on its file system (ENOSPC, or a quota: EDQUOT): one `error:` line, exit 2."""
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds `path` (or would: its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state dict."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def is_disk_full(e: BaseException, directory: Path, needed: int) -> bool:
+    """Was this failed write a full disk? An OSError says so by its errno; torch.save's and safetensors' writers raise
+    errors that lost it (torch: "unexpected pos ...", "basic_ios::clear: iostream error"), and then the space left
+    is the evidence."""
+    if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+        return True
+    if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+        return True
+    return not isinstance(e, OSError) and free_bytes(directory) < needed
+
+
+@contextlib.contextmanager
+def writing(what: str, directory: Path, needed: int, then: str = ""):
+    """A write of about `needed` bytes into `directory`: a full disk becomes one DiskFull naming both and what to do."""
+    free = free_bytes(directory)
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        if not is_disk_full(e, directory, needed):
+            raise
+        raise DiskFull(f"the disk is full: writing {what} to {directory} needed about {human_bytes(needed)}, and "
+                       f"{human_bytes(free)} was free there{then}") from None
+
+
+def all_or_none(failure: Optional[str]) -> None:
+    """Every process learns whether any of them failed a write (each reaches this collective), and raises the first."""
+    failures = [f for f in gather_objects(failure) if f]
+    if failures:
+        raise DiskFull(failures[0])
+
+
+MANIFEST = "manifest.json"
+
+
+def check_file(path: Path, size: Optional[int]) -> Optional[str]:
+    """What is wrong with one file of a checkpoint (None: nothing): missing, another size than written, a header or
+    archive that does not parse. Reads headers and the zip directory only: fast enough at every save and resume."""
+    if not path.is_file():
+        return "missing"
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        return f"{actual} bytes, {size} were written"
+    if actual == 0:
+        return "empty"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        elif path.suffix == ".pt":
+            import zipfile
+
+            with zipfile.ZipFile(path) as z:  # torch.save's format: a truncated file has no central directory
+                z.namelist()
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+    except Exception as e:  # noqa: BLE001 - any failure to parse is damage
+        return f"does not parse ({type(e).__name__}: {str(e)[:80]})"
+    return None
+
+
+def write_manifest(directory: Path) -> None:
+    """The last file a checkpoint writes: every other file's size, so that a resume can prove it whole."""
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def checkpoint_damage(path: Path) -> Optional[str]:
+    """'FILE: what is wrong' for the first damaged file of a checkpoint, or None when it is whole. A checkpoint of an
+    earlier version has no manifest: its files are checked by their structure only."""
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        problem = check_file(manifest, None)
+        if problem:
+            return f"{manifest}: {problem}"
+        files = json.loads(manifest.read_text())["files"]
+    else:
+        files = {p.name: None for p in sorted(path.iterdir()) if p.is_file()} if path.is_dir() else {}
+        files = {**{n: None for n in ("state.json", "policy.safetensors", "optimizers.pt")}, **files}
+    for name, size in files.items():
+        problem = check_file(path / name, size)
+        if problem:
+            return f"{path / name}: {problem}"
+    return None
+
+
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "ppo_full", "inference_lm", "report.md")
 
 
@@ -3587,16 +3801,10 @@ def disk_usage(path: Path) -> str:
                 total += st.st_size
         return total
 
-    def human(n: float) -> str:
-        for unit in ("B", "KB", "MB", "GB"):
-            if n < 1000 or unit == "GB":
-                return f"{n:.3g} {unit}"
-            n /= 1000
-
     parts = sorted(((size(p), p.name) for p in sorted(path.iterdir())), reverse=True)  # inference_lm before ppo_full
     total = sum(n for n, _ in parts)
-    big = [f"{name} {human(n)}" for n, name in parts[:4] if n >= 0.1 * total]
-    return human(total) + (f" ({', '.join(big)})" if big else "")
+    big = [f"{name} {human_bytes(n)}" for n, name in parts[:4] if n >= 0.1 * total]
+    return human_bytes(total) + (f" ({', '.join(big)})" if big else "")
 
 
 def check_writable(path: Path, key: str) -> None:
@@ -3629,13 +3837,28 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
 
 
 def find_resume_point(cfg: Config, out_dir: Path) -> Optional[Path]:
+    """The checkpoint to resume from: RESUME's, or with "auto" the newest whole one in OUTPUT_DIR (a damaged one is
+    skipped with a warning naming its file and what is wrong)."""
     if cfg.RESUME is False:
         return None
     if cfg.RESUME == "auto":
-        return latest_checkpoint(out_dir)
+        steps = sorted((int(p.name[5:]), p) for p in (out_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit())
+        damaged = []
+        for _, path in reversed(steps):
+            problem = checkpoint_damage(path)
+            if problem is None:
+                return path
+            damaged.append(problem)
+            warn(f"checkpoint {path.name} is damaged and is skipped: {problem}")
+        if damaged:
+            raise UserError(f"no checkpoint in {out_dir / 'checkpoints'} can resume the run, each is damaged: {'; '.join(damaged)}. "
+                            "Set RESUME to a good copy of one, or RESUME false to start over in another OUTPUT_DIR")
+        return None
     path = Path(cfg.RESUME).expanduser()
-    if not (path / "state.json").is_file():
+    if not (path / "state.json").is_file() and not (path / MANIFEST).is_file():
         raise UserError(f"RESUME {shown(cfg.RESUME)} is not a checkpoint directory (no state.json)")
+    if problem := checkpoint_damage(path):
+        raise UserError(f"RESUME {shown(cfg.RESUME)} is a damaged checkpoint: {problem}")
     return path
 
 
@@ -3718,7 +3941,30 @@ def save_checkpoint(out_dir: Path, trainer: HybridTrainer, state: RunState, cfg:
     optim = {"opt_sft": optimizer_state(trainer, o.sft), "opt_ppo": optimizer_state(trainer, o.ppo),
              "sched_sft": o.schedulers[o.sft].state_dict(), "sched_ppo": o.schedulers[o.ppo].state_dict(),
              "scaler": o.scaler.state_dict()}
-    if is_main():
+    previous = latest_checkpoint(out_dir)
+    then = (f"; the partial checkpoint was removed and {f'the previous one, {previous},' if previous else 'no earlier checkpoint'} "
+            "is intact. Free space (or lower KEEP_CHECKPOINTS), then rerun the same command: RESUME \"auto\" continues "
+            "from the newest good checkpoint")
+    needed = tensor_bytes(weights) + tensor_bytes(optim) + tensor_bytes(reference)
+
+    def attempt(write: Callable, main_only: bool = True) -> None:
+        """One part of the checkpoint; every process learns whether any failed (a full disk), and then the partial
+        checkpoint goes."""
+        failure = None
+        if is_main() or not main_only:
+            try:
+                with writing(f"checkpoint step-{state.step}", root, needed, then):
+                    write()
+            except DiskFull as e:
+                failure = str(e)
+        try:
+            all_or_none(failure)
+        except DiskFull:
+            if is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def shared_files() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(weights, str(tmp / "policy.safetensors"))
@@ -3730,9 +3976,10 @@ def save_checkpoint(out_dir: Path, trainer: HybridTrainer, state: RunState, cfg:
                                                     "reward": reward_state, "world_size": trainer.plan.world_size,
                                                     "config": resolved_config(cfg, trainer.plan),
                                                     "plan": dataclasses.asdict(trainer.plan)}, indent=1))
-    barrier()
-    torch.save(rng_state(trainer), tmp / f"rng-{rank()}.pt")
-    barrier()
+
+    attempt(shared_files)
+    attempt(lambda: torch.save(rng_state(trainer), tmp / f"rng-{rank()}.pt"), main_only=False)
+    attempt(lambda: write_manifest(tmp))  # last: a checkpoint with a manifest was written whole
     if is_main():
         if final.exists():
             shutil.rmtree(final)
@@ -3777,9 +4024,7 @@ def save_final(out_dir: Path, trainer: HybridTrainer, cfg: Config, card: str = "
     """inference_lm/ (a plain causal LM; with LoRA the adapter merged into the base) and ppo_full/ (what continuing RL
     needs beyond it: the LM's weights as links to inference_lm's files, never a second copy, or with LoRA the adapter;
     the value head when one was trained; the tokenizer and the trainer's config). Every process calls it (FSDP
-    gathers); the main one writes."""
-    from safetensors.torch import save_file
-
+    gathers); the main one writes (write_final)."""
     lm, tok = trainer.policy.lm, trainer.tokenizer
     lora = hasattr(lm, "peft_config")
     untied = {n for n, _ in lm.named_parameters()} | {n for n, _ in lm.named_buffers()}  # a tied weight once
@@ -3789,6 +4034,26 @@ def save_final(out_dir: Path, trainer: HybridTrainer, cfg: Config, card: str = "
         return
     if lora and state is not None:  # FSDP + LoRA: rebuild an unsharded model to save the adapter and merge
         lm, state = unsharded_peft_copy(lm, state), None
+    latest = latest_checkpoint(out_dir)
+    then = ("; the partial copies were removed. " + (f"The newest checkpoint, {latest}, is kept: free space and rerun the "
+            "same command to resume from it and save" if latest else "There is no checkpoint (SAVE_EVERY 0): the run's "
+            "weights are lost; free space (the estimate is in plan.json) and run again"))
+    try:
+        with writing("the final model (inference_lm, ppo_full)", out_dir, trainer.plan.final_bytes or tensor_bytes(v_head), then):
+            write_final(out_dir, trainer, cfg, lm, tok, lora, state, v_head, card)
+    except DiskFull:
+        for name in (".tmp-inference_lm", ".tmp-ppo_full"):
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+        raise
+    for name in ("inference_lm", "ppo_full"):
+        print(f"saved {name} -> {out_dir / name}", flush=True)
+
+
+def write_final(out_dir: Path, trainer: HybridTrainer, cfg: Config, lm, tok, lora: bool, state: Optional[dict], v_head: dict,
+                card: str) -> None:
+    """save_final's writes, on the main process."""
+    from safetensors.torch import save_file
+
     clear_gguf_flag(lm.get_base_model() if lora else lm)
     full = out_dir / ".tmp-ppo_full"
     shutil.rmtree(full, ignore_errors=True)
@@ -3809,8 +4074,6 @@ def save_final(out_dir: Path, trainer: HybridTrainer, cfg: Config, card: str = "
     (full / "trainer_config.json").write_text(json.dumps(resolved_config(cfg, trainer.plan), indent=2))
     shutil.rmtree(out_dir / "ppo_full", ignore_errors=True)
     os.replace(full, out_dir / "ppo_full")
-    for name in ("inference_lm", "ppo_full"):
-        print(f"saved {name} -> {out_dir / name}", flush=True)
 
 
 def write_dir(final: Path, write: Callable) -> None:
@@ -4144,6 +4407,10 @@ def check_only(cfg: Config, examples: list, eval_examples: list, data_format: st
     if cfg.SEED is None:
         say("SEED is null: a seed will be drawn when the run starts and recorded in OUTPUT_DIR/config.json")
     show_data_example(cfg, examples[0], data_format, paths)
+    counts = parameter_counts(cfg, paths)
+    checkpoint, final = storage_estimate(cfg, counts, cfg.BF16 is True) if counts else (None, None)
+    say(f"disk: {storage_line(checkpoint, final)}; {human_bytes(free_bytes(out_dir))} free in {out_dir}")
+    check_space(cfg, checkpoint, final, out_dir, free_bytes(out_dir))
     say(f"ok: {len(examples)} training items, {len(eval_examples)} eval items; {len(step_plan(cfg, len(examples))) * cfg.EPOCHS} "
         f"steps; output -> {out_dir}" + (f"; would resume from {resume_from}" if resume_from else ""))
     return 0
@@ -4163,7 +4430,8 @@ def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, o
     if bf16 is None:
         bf16, precision = on_main(resolve_bf16, cfg, device, paths)  # the main process's choice, everywhere
     plan = make_plan(cfg, len(examples), PROCS.world, seed, seed_drawn, bf16, precision, str(paths.weights),
-                     str(paths.adapter) if paths.adapter else None, model_context(paths.config()))
+                     str(paths.adapter) if paths.adapter else None, model_context(paths.config()), parameter_counts(cfg, paths))
+    check_space(cfg, plan.checkpoint_bytes, plan.final_bytes, out_dir, on_main(free_bytes, out_dir))  # the main one writes
     say(plan.precision)
     say(plan.describe())
     seed_everything(seed)
@@ -4200,7 +4468,9 @@ def finish(r: Run, state: RunState) -> int:
         if not (cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0):  # else the loop just evaluated this step
             log_eval(r, state.step)
         if is_main():
-            table = write_report(out_dir, r.metrics.read(), cfg, len(r.examples))
+            with writing("report.md and its plots", out_dir, 1 << 20, "; the checkpoints are kept: free space and rerun the "
+                         "same command (it resumes from the newest one)"):
+                table = write_report(out_dir, r.metrics.read(), cfg, len(r.examples))
             say(f"\n{table}\nreport: {out_dir / 'report.md'}")
     save_final(out_dir, r.trainer, cfg, model_card(cfg, len(r.examples), table))
     r.metrics.close()

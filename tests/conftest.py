@@ -182,7 +182,7 @@ def interrupted_copy(out: Path, dest: Path, checkpoint: int) -> Path:
     and no checkpoint after step `checkpoint`."""
     shutil.copytree(out, dest)
     for name in ("inference_lm", "ppo_full", "report.md"):
-        shutil.rmtree(dest / name) if (dest / name).is_dir() else (dest / name).unlink()
+        shutil.rmtree(dest / name) if (dest / name).is_dir() else (dest / name).unlink(missing_ok=True)
     for ckpt in (dest / "checkpoints").glob("step-*"):
         if int(ckpt.name[5:]) > checkpoint:
             shutil.rmtree(ckpt)

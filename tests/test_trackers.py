@@ -121,3 +121,19 @@ def test_unknown_tracker_names_the_choices(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps({"TRAIN_FILE": "t", "OUTPUT_DIR": "o", "REPORT_TO": ["wandbb"]}))
     assert ht.main([str(tmp_path / "c.json")]) == 2
     assert "REPORT_TO must be one of tensorboard, wandb, mlflow, trackio; got 'wandbb' - did you mean 'wandb'?" in capsys.readouterr().err
+
+
+def test_an_empty_wandb_variable_is_unset(tmp_path, monkeypatch):
+    """WANDB_MODE="" in the user's environment (an empty variable) is unset, as an empty MLFLOW_TRACKING_URI is:
+    wandb's own settings would end the run with a pydantic traceback."""
+    monkeypatch.setenv("WANDB_MODE", "")
+    monkeypatch.setenv("WANDB_PROJECT", "")
+    cfg = ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": str(tmp_path), "REPORT_TO": ["wandb"]})
+    from accelerate import PartialState
+
+    PartialState()
+    tracker = ht.start_wandb(cfg, tmp_path, "run", [], 0, {})
+    tracker.start()
+    tracker.log({"x": 1.0}, step=1)
+    tracker.finish()
+    assert glob.glob(str(tmp_path / "wandb" / "offline-run-*"))  # offline, as with the variable unset
