@@ -195,7 +195,11 @@ def test_the_launch_is_read_by_run_not_at_import():
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.stdout.split() == ["1", "0", "2"], proc.stderr
-    assert ht.set_threads(ht.Processes(local_world=2)).endswith("/ 2 processes)") or "OMP_NUM_THREADS" in os.environ
+    threads = torch.get_num_threads()
+    try:  # set_threads divides the CPUs among the launch's processes on this node, from the Processes it is given
+        assert ht.set_threads(ht.Processes(local_world=2)).endswith("/ 2 processes)") or "OMP_NUM_THREADS" in os.environ
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_plan_for_two_processes_in_one():
