@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test lint bench gpu-pack gpu-check
+.PHONY: setup demo test lint sandbox bench gpu-pack gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt
@@ -24,7 +24,13 @@ $(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
-test: $(VENV)/.test-installed lint
+# the code sandbox's namespaces (bubblewrap): tests/test_sandbox.py fails without them, so the test command installs it
+sandbox:
+	@command -v bwrap >/dev/null || apt-get install -y -q bubblewrap >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; } || \
+	  echo "warning: could not install bubblewrap (apt-get as root): the sandbox test will fail until it is installed"
+
+test: $(VENV)/.test-installed lint sandbox
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 lint: setup
