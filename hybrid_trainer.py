@@ -3831,9 +3831,15 @@ def check_writable(path: Path, key: str) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+def checkpoints(out_dir: Path) -> list[Path]:
+    """OUTPUT_DIR's checkpoints, oldest first (by step)."""
     steps = sorted((int(p.name[5:]), p) for p in (out_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit())
-    return steps[-1][1] if steps else None
+    return [p for _, p in steps]
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    found = checkpoints(out_dir)
+    return found[-1] if found else None
 
 
 def find_resume_point(cfg: Config, out_dir: Path) -> Optional[Path]:
@@ -3842,9 +3848,8 @@ def find_resume_point(cfg: Config, out_dir: Path) -> Optional[Path]:
     if cfg.RESUME is False:
         return None
     if cfg.RESUME == "auto":
-        steps = sorted((int(p.name[5:]), p) for p in (out_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit())
         damaged = []
-        for _, path in reversed(steps):
+        for path in reversed(checkpoints(out_dir)):
             problem = checkpoint_damage(path)
             if problem is None:
                 return path
@@ -3984,7 +3989,7 @@ def save_checkpoint(out_dir: Path, trainer: HybridTrainer, state: RunState, cfg:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in sorted(root.glob("step-*"), key=lambda p: int(p.name[5:]))[:-cfg.KEEP_CHECKPOINTS]:
+        for old in checkpoints(out_dir)[:-cfg.KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
