@@ -4414,8 +4414,9 @@ def check_only(cfg: Config, examples: list, eval_examples: list, data_format: st
     show_data_example(cfg, examples[0], data_format, paths)
     counts = parameter_counts(cfg, paths)
     checkpoint, final = storage_estimate(cfg, counts, cfg.BF16 is True) if counts else (None, None)
-    say(f"disk: {storage_line(checkpoint, final)}; {human_bytes(free_bytes(out_dir))} free in {out_dir}")
-    check_space(cfg, checkpoint, final, out_dir, free_bytes(out_dir))
+    free = free_bytes(out_dir)
+    say(f"disk: {storage_line(checkpoint, final)}; {human_bytes(free)} free in {out_dir}")
+    check_space(cfg, checkpoint, final, out_dir, free)
     say(f"ok: {len(examples)} training items, {len(eval_examples)} eval items; {len(step_plan(cfg, len(examples))) * cfg.EPOCHS} "
         f"steps; output -> {out_dir}" + (f"; would resume from {resume_from}" if resume_from else ""))
     return 0
