@@ -29,8 +29,9 @@ internals except through the names given here):
   5. Model             the model's paths (resolve_model), loading, LoRA, the reference, precision.
   6. Generation        the generation seam: an engine with generate() and sync_weights() (GENERATION_BACKENDS).
   7. Steps             Optimizers; SFTTerm; the PPO update's typed records (Sample -> Collected -> Rollout -> OldPolicy
-                       -> UpdateBatch -> LossStats); steps 1-3 (Collector: generate, score, gather) and 4-7 (PPOUpdate:
-                       log-probs, advantages, epochs, statistics) in file order; HybridTrainer composes them.
+                       -> UpdateBatch -> LossStats); step 1's turn loop (TurnLoop: Trajectory, one turn without an
+                       environment); steps 1-3 (Collector: generate, score, gather) and 4-7 (PPOUpdate: log-probs,
+                       advantages, epochs, statistics) in file order; HybridTrainer composes them.
   8. Loop              the step schedule, metrics, signals.
   9. Save and resume   checkpoints and the final model.
  10. Reports           report.md, plots, the model card, --check's example.
@@ -43,8 +44,9 @@ Where to add:
   a field of the Rollout  one line in Sample (per response, filled in Collector.collect) and one in Rollout (padded in
                           make_rollout), then the code that reads it; a per-token number of step 4: one line in
                           TokenColumns; a statistic of the loss: one line in LossStats
-  an environment          (multi-turn agents) beside the reward factory; its observation tokens get loss_mask 0 in the
-                          Sample, and every loss, estimator and statistic already reads the loss mask
+  an environment          a builder in environments.py + one line in environments.ENVIRONMENTS (reset(row), step(action));
+                          TurnLoop (step 1) appends its observations with loss_mask 0, which every loss, estimator and
+                          statistic reads
   a teacher model         (on-policy distillation) its log-probs of the sampled tokens: a TokenColumns field computed in
                           PPOUpdate.forward_no_grad beside the reference's (step 4), read in step 5
   a data format           an example_from_* function + one line in DATA_FORMATS
@@ -211,6 +213,21 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     ROLLOUT_IS_CAP: float = _key(3.0, "ROLLOUT_IS: the cap C on the trainer/engine probability ratio (TRL: 3.0)")
     # --- reward ---
     REWARD: dict = _key({"type": "cosine_sts"}, "reward spec for rewards.make_reward (see README)")
+    # --- agents: multi-turn rollouts with an environment ---
+    ENVIRONMENT: dict = _key({}, "environment spec for environments.make_environment ({} = off: single-turn); its types "
+                             "are the ENVIRONMENT table below (see README, Agents)")
+    ACTION_FORMAT: Union[str, dict] = _key("auto", "how the model acts in its own text: {choices} (auto: the environment's own: "
+                                           "calculator calc_tag, code python_block, python tool_tag), or your own markers "
+                                           "{\"open\": \"<act>\", \"close\": \"</act>\"}; the turn stops at the closing marker",
+                                           choices=lambda: ("auto",) + tuple(action_formats()))
+    MAX_TURNS: int = _key(4, "ENVIRONMENT: model turns per trajectory at most (its observations come between them)")
+    MAX_OBSERVATION_TOKENS: int = _key(256, "ENVIRONMENT: an observation longer than this many tokens is cut from the middle, "
+                                       "saying so")
+    ENV_STEP_TIMEOUT: float = _key(30.0, "ENVIRONMENT: seconds an environment step may take; a step that takes longer ends its "
+                                   "trajectory (reward 0, counted)")
+    ENV_REWARD_WEIGHT: float = _key(1.0, "ENVIRONMENT: the environment's own step rewards, summed over the trajectory, are added "
+                                    "to REWARD's score times this")
+    OBSERVATION_ROLE: str = _key("tool", "ENVIRONMENT: the chat role of an observation turn (tool; user for templates without one)")
     # --- schedule ---
     HYBRID: str = _key("alternate", "hybrid strategy: {choices}: alternate (CYCLE_SFT_STEPS SFT steps, then CYCLE_PPO_UPDATES PPO "
                        "updates), gate (per prompt: SFT on its reference if no sampled response scores GATE_THRESHOLD, else RL; "
@@ -288,7 +305,7 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
         need(bool(self.MODEL), "MODEL is required: a local model dir, a .gguf file or an alias")
         need(bool(self.SELECT_OUTPUT), "SELECT_OUTPUT must name the item key holding the response")
         for f in dataclasses.fields(self):  # every key whose value names a registry entry
-            if f.metadata["choices"] is not None:
+            if f.metadata["choices"] is not None and not isinstance(getattr(self, f.name), dict):
                 for value in (getattr(self, f.name) if isinstance(getattr(self, f.name), list) else [getattr(self, f.name)]):
                     one_of(f.name, value, f.metadata["choices"]())
         self._check_ranges(need)
@@ -314,6 +331,21 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
         need(resume is False or resume is True or isinstance(resume, str) and resume != "",
              f"RESUME must be 'auto', a checkpoint path or false, got {self.RESUME!r}")
         fill["RESUME"] = "auto" if resume is True else resume
+        if self.ENVIRONMENT:
+            import environments
+
+            try:
+                environments.check_spec(self.ENVIRONMENT, trust_remote_code=self.TRUST_REMOTE_CODE)
+            except environments.EnvSpecError as e:
+                raise UserError(f"ENVIRONMENT: {e}" if not str(e).startswith("ENVIRONMENT") else str(e)) from None
+            need(self.OBSERVATION_ROLE in ROLES, f"OBSERVATION_ROLE must be one of {', '.join(ROLES)}, got {self.OBSERVATION_ROLE!r}")
+            custom = self.ACTION_FORMAT
+            need(not isinstance(custom, dict) or set(custom) == {"open", "close"} and all(isinstance(v, str) and v for v in
+                 custom.values()), f"ACTION_FORMAT as an object needs exactly \"open\" and \"close\", two non-empty strings; "
+                 f"got {custom!r}")
+            if self.ACTION_FORMAT == "tool_call":
+                need(self.ENVIRONMENT.get("type") == "calculator", "ACTION_FORMAT \"tool_call\" works with the calculator "
+                     "environment (the one with a tool schema); use a text format with the others")
         if self.MODE.lower() != "sft" or self.EVAL_FILE:  # the reward is used: its spec must build
             import rewards  # light: the reward types import their libraries when built
 
@@ -357,14 +389,15 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
         need(0 < self.PERCENT <= 100, f"PERCENT must be in (0, 100], got {self.PERCENT}")
         for key in ("SFT_BATCH", "PPO_BATCH", "PPO_EPOCHS", "EPOCHS", "MAXSEQ", "MAX_NEW_TOKENS", "NUM_GENERATIONS",
                     "GRAD_ACCUM", "LOG_EVERY", "KL_HORIZON", "EVAL_SAMPLES", "KEEP_CHECKPOINTS", "MAX_BAD_STEPS",
-                    "EVAL_NUM_SAMPLES", "MAX_SAMPLING_ROUNDS"):
+                    "EVAL_NUM_SAMPLES", "MAX_SAMPLING_ROUNDS", "MAX_TURNS", "MAX_OBSERVATION_TOKENS"):
             need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("NUM_SAMPLES", "CYCLE_SFT_STEPS", "CYCLE_PPO_UPDATES", "NO_REPEAT_NGRAM_SIZE", "EVAL_EVERY", "SAVE_EVERY",
                     "WARMUP_STEPS"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         need(self.LORA_R >= 0, f"LORA_R must be >= 0 (0 = full fine-tuning), got {self.LORA_R}")
         for key in ("LR_SFT", "LR_PPO", "TEMPERATURE", "REPETITION_PENALTY", "MAX_GRAD_NORM", "RATIO_THRESHOLD", "TARGET_KL", "LORA_ALPHA",
-                    "EVAL_TEMPERATURE", "VLLM_KV_CACHE_GB", "ROLLOUT_IS_CAP", "SAPO_TAU_POS", "SAPO_TAU_NEG"):
+                    "EVAL_TEMPERATURE", "VLLM_KV_CACHE_GB", "ROLLOUT_IS_CAP", "SAPO_TAU_POS", "SAPO_TAU_NEG",
+                    "ENV_STEP_TIMEOUT"):
             need(getattr(self, key) > 0, f"{key} must be > 0, got {getattr(self, key)}")
         for key in ("INIT_KL_COEF", "CLIPRANGE", "CLIPRANGE_VALUE", "VF_COEF"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
@@ -388,6 +421,12 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
 
 _TRUE = ("true", "1", "yes", "y", "t", "on")
 _FALSE = ("false", "0", "no", "n", "f", "off")
+
+
+def action_formats() -> dict:
+    import environments  # light: the environments import their libraries when built
+
+    return environments.ACTION_FORMATS
 
 
 def one_of(key: str, value: str, choices: tuple) -> None:
@@ -481,11 +520,14 @@ def config_help() -> str:
 
 def registry_table() -> list[tuple[str, list[tuple[str, str]]]]:
     """(config key, [(name, first line of its docstring)]) for every registry of interchangeable pieces."""
+    import environments
     import rewards
 
     def first_line(obj) -> str:
         if isinstance(obj, (Choice, KLPlace)):
             return obj.doc
+        if isinstance(obj, environments.ActionFormat):
+            return obj.help
         fn = getattr(obj, "fn", obj)  # an Estimator or a Strategy holds its function
         text = " ".join((getattr(fn, "__doc__", None) or "").strip().split("\n\n")[0].split())
         return text if len(text) <= 110 else text[:text.rfind(" ", 0, 108)] + " ..."
@@ -494,7 +536,8 @@ def registry_table() -> list[tuple[str, list[tuple[str, str]]]]:
               "ROLLOUT_IS": ROLLOUT_IS_MODES, "HYBRID": HYBRID_STRATEGIES, "KL_PENALTY": KL_PENALTIES, "SFT_LOSS": SFT_LOSSES,
               "SFT_TOKEN_WEIGHT": SFT_TOKEN_WEIGHTS, "MIX_SCHEDULE": MIX_SCHEDULES, "LR_SCHEDULE": LR_SCHEDULES,
               "DATA_FORMAT": DATA_FORMATS, "GENERATION_BACKEND": GENERATION_BACKENDS, "REWARD type": rewards.REWARDS,
-              "REWARD math extract": rewards.MATH_EXTRACTORS}
+              "REWARD math extract": rewards.MATH_EXTRACTORS, "ENVIRONMENT type": environments.ENVIRONMENTS,
+              "ACTION_FORMAT": environments.ACTION_FORMATS}
     return [(key, [(name, first_line(entry)) for name, entry in registry.items()]) for key, registry in tables.items()]
 
 
@@ -1268,6 +1311,7 @@ class Example:
     raw_prompt: Optional[str] = None  # a plain-text prompt used as is (standard prompt_completion, as TRL)
     question: str = ""  # the prompt as a person reads it (the report's samples)
     turns: list = field(default_factory=list)  # (messages, target) of earlier assistant turns (SFT_ALL_TURNS)
+    opening: Optional[list] = None  # a conversation that acts (has tool turns): its messages before the first assistant turn
     sft_pairs: list = field(default_factory=list)  # tokenized turns: (prompt_ids, target_ids), the last one included
 
 
@@ -1452,9 +1496,11 @@ def example_from_messages(i: int, item: dict, output_key: str, where: str) -> Ex
     if not messages[last]["content"].strip():
         raise UserError(f"{where} row {i}, column 'messages'[{last}]: the last assistant turn is empty")
     users = [m["content"] for m in messages[:last] if m["role"] == "user"]
+    acting = any(m["role"] == "tool" for m in messages[:last])
     return Example(index=i, item=item, target=messages[last]["content"], messages=messages[:last],
                    question=users[-1] if users else messages[last - 1]["content"],
-                   turns=[(messages[:j], messages[j]["content"]) for j in turns[:-1] if messages[j]["content"].strip()])
+                   turns=[(messages[:j], messages[j]["content"]) for j in turns[:-1] if messages[j]["content"].strip()],
+                   opening=messages[:turns[0]] if acting else None)
 
 
 DATA_FORMATS = {"fields": example_from_fields, "prompt_completion": example_from_prompt_completion,
@@ -1539,14 +1585,16 @@ def tokenize_examples(examples: list, cfg: Config, tokenizer, fmt: str, key: str
         return prompt_ids, (tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max(room, 0)]
 
     for ex in examples:
-        ex.prompt = format_prompt(ex, cfg.SELECT_OUTPUT, fmt, tokenizer)
+        acting = bool(cfg.ENVIRONMENT) and ex.opening is not None  # rollouts start before the first assistant turn
+        ex.prompt = render_chat(ex.opening, tokenizer) if acting else format_prompt(ex, cfg.SELECT_OUTPUT, fmt, tokenizer)
         ex.prompt_ids, ex.target_ids = encode(ex.prompt, ex.target)
-        if not ex.target_ids:
+        last = encode(render_chat(ex.messages, tokenizer), ex.target) if acting else (ex.prompt_ids, ex.target_ids)
+        if not last[1]:
             skipped.append(ex.index)
             continue
-        if cfg.SFT_ALL_TURNS and ex.turns:
+        if (cfg.SFT_ALL_TURNS or acting) and ex.turns:  # with an environment, SFT trains on every acting turn
             pairs = [encode(render_chat(messages, tokenizer), target) for messages, target in ex.turns]
-            ex.sft_pairs = [(p, t) for p, t in pairs if t] + [(ex.prompt_ids, ex.target_ids)]
+            ex.sft_pairs = [(p, t) for p, t in pairs if t] + [last]
         kept.append(ex)
     if skipped:
         warn(f"{key}: skipped {len(skipped)} item(s) whose prompt fills MAXSEQ={maxseq} tokens "
@@ -2306,7 +2354,7 @@ class HFEngine:
         common = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
         self.sample_config = GenerationConfig(**sampling, **common)
         self.greedy_config = GenerationConfig(do_sample=False, **common)
-        self.pad_id = tokenizer.pad_token_id
+        self.pad_id, self.tokenizer = tokenizer.pad_token_id, tokenizer
 
     def sync_weights(self, version: int) -> None:
         """Nothing to copy: generation runs on the policy's own parameters, always the current ones."""
@@ -2315,22 +2363,32 @@ class HFEngine:
         """Nothing to free: the policy is the engine."""
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int = 1, greedy: bool = False, temperature: Optional[float] = None) -> Generation:
+    def generate(self, prompts: list[list[int]], n: int = 1, greedy: bool = False, temperature: Optional[float] = None,
+                 max_tokens: Optional[list] = None, stop: Optional[list] = None) -> Generation:
         """Batched, left-padded sampling with the KV cache, n responses per prompt (temperature: instead of
-        TEMPERATURE). Under FSDP every process keeps stepping until all are done (synced_gpus), so none waits forever."""
+        TEMPERATURE; max_tokens: per prompt, instead of MAX_NEW_TOKENS; stop: strings a row stops after, kept in
+        it). Under FSDP every process keeps stepping until all are done (synced_gpus), so none waits forever."""
         prompts = [p for p in prompts for _ in range(n)]
         self.policy.eval()
         ids, mask = left_pad(prompts, self.pad_id)
         gen_config = copy.copy(self.greedy_config if greedy else self.sample_config)
         if temperature is not None and not greedy:
             gen_config.temperature = temperature
-        gen_config.max_new_tokens = min(self.cfg.MAX_NEW_TOKENS, self.plan.maxseq - ids.shape[1])
+        limit = self.cfg.MAX_NEW_TOKENS if max_tokens is None else max(max_tokens)
+        gen_config.max_new_tokens = max(1, min(limit, self.plan.maxseq - ids.shape[1]))
+        if stop:
+            gen_config.stop_strings = stop
         with autocast_context(self.plan.bf16, self.cfg.FP16, self.device):
             out = self.policy.lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          generation_config=gen_config, synced_gpus=self.cfg.FSDP)
+                                          generation_config=gen_config, synced_gpus=self.cfg.FSDP,
+                                          **({"tokenizer": self.tokenizer} if stop else {}))
         generated = out[:, ids.shape[1]:].cpu()
         response_mask, ended = truncate_after_eos(generated, self.eos_id)
         lengths = response_mask.sum(1).tolist()
+        if max_tokens is not None:  # each row's own limit (the batch ran to the largest)
+            limits = [k for k in max_tokens for _ in range(n)]
+            ended = ended & torch.tensor([k <= m for k, m in zip(lengths, limits)])
+            lengths = [min(k, m) for k, m in zip(lengths, limits)]
         return Generation([row[:k] for row, k in zip(generated.tolist(), lengths)], ended)
 
 
@@ -2366,7 +2424,8 @@ class VLLMEngine:
             with rng_untouched(device):  # vLLM seeds the global generators: a resumed run's restored streams stay as saved
                 self.llm = LLM(model=plan.model, dtype=dtype, seed=plan.seed + rank(), max_model_len=plan.maxseq,
                                enforce_eager=cfg.VLLM_ENFORCE_EAGER, logprobs_mode="processed_logprobs",  # after temperature
-                               skip_tokenizer_init=True, trust_remote_code=cfg.TRUST_REMOTE_CODE, **memory)
+                               skip_tokenizer_init=not cfg.ENVIRONMENT,  # an environment's stop strings need it
+                               trust_remote_code=cfg.TRUST_REMOTE_CODE, **memory)
         except Exception as e:  # noqa: BLE001 - vLLM raises many kinds; one line names the engine and the cause
             raise UserError(f"GENERATION_BACKEND \"vllm\" could not start its engine for {plan.model}: {type(e).__name__}: "
                             f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}") from None
@@ -2402,9 +2461,12 @@ class VLLMEngine:
             self.llm.sleep(level=1)
             self.asleep = True
 
-    def generate(self, prompts: list[list[int]], n: int = 1, greedy: bool = False, temperature: Optional[float] = None) -> Generation:
+    def generate(self, prompts: list[list[int]], n: int = 1, greedy: bool = False, temperature: Optional[float] = None,
+                 max_tokens: Optional[list] = None, stop: Optional[list] = None) -> Generation:
         """All n responses of a prompt in one request (vLLM's n), each request seeded from torch's generator (so a
-        seed repeats the responses, and resume is exact); the engine's log-prob of every sampled token."""
+        seed repeats the responses, and resume is exact); the engine's log-prob of every sampled token. max_tokens:
+        per prompt, instead of MAX_NEW_TOKENS; stop: strings a response stops after (kept in it; the engine then
+        detokenizes, which it was started for when an ENVIRONMENT is set)."""
         from vllm import SamplingParams
 
         cfg = self.cfg
@@ -2412,11 +2474,12 @@ class VLLMEngine:
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
         sampling = dict(temperature=0.0) if greedy else dict(temperature=temperature or cfg.TEMPERATURE, top_p=cfg.TOP_P,
                                                              repetition_penalty=cfg.REPETITION_PENALTY)
-        params = [SamplingParams(n=n, seed=seed, max_tokens=max(1, min(cfg.MAX_NEW_TOKENS, self.plan.maxseq - len(p))),
+        limits = [cfg.MAX_NEW_TOKENS] * len(prompts) if max_tokens is None else max_tokens
+        text = dict(stop=list(stop), include_stop_str_in_output=True, detokenize=True) if stop else dict(detokenize=False)
+        params = [SamplingParams(n=n, seed=seed, max_tokens=max(1, min(limit, self.plan.maxseq - len(p))),
                                  stop_token_ids=[] if self.ignore_eos else [self.eos_id], ignore_eos=self.ignore_eos, logprobs=0,
-                                 detokenize=False,
-                                 **sampling)
-                  for p, seed in zip(prompts, seeds)]
+                                 **text, **sampling)
+                  for p, seed, limit in zip(prompts, seeds, limits)]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         responses, ended, logprobs = [], [], []
         for out in outputs:
@@ -2536,6 +2599,17 @@ class SFTTerm:
 
 # ---- the PPO update's records: what passes between its numbered steps. B responses, R = the longest, L = the ----
 # ---- longest prompt + R. Adding a field: one line in its record, plus the code that fills it and the code that reads it.
+class EnvStats(NamedTuple):
+    """What one trajectory did (env/ metrics; with no environment: one turn, no action)."""
+    turns: int  # model turns
+    actions: int  # environment steps taken
+    action_errors: int  # steps whose action failed (the observation says why)
+    observation_tokens: int  # tokens the environment's turns and the template added (loss mask 0)
+    model_tokens: int  # tokens the model sampled (loss mask 1)
+    truncated: bool  # stopped by MAX_TURNS, MAX_NEW_TOKENS or MAXSEQ before a final answer
+    error: str = ""  # the environment raised or hung: the trajectory ended there and scores 0
+
+
 @dataclass
 class Sample:
     """One sampled response as it crosses step 3's gather: plain lists and numbers (picklable). n = its length."""
@@ -2546,6 +2620,7 @@ class Sample:
     baseline: float = 0.0  # the estimator's extra pass for its prompt (remax: the greedy response's score), else 0
     engine_logprobs: Optional[list] = None  # (n) the engine's log-prob of each sampled token (vllm); None: not reported
     loss_mask: Optional[list] = None  # (n) 1 where the loss covers the token (the model sampled it), 0 where not; None: all
+    env: Optional[EnvStats] = None  # what its trajectory did (with an environment), for the env/ metrics
 
 
 class Share(NamedTuple):
@@ -2562,13 +2637,14 @@ class Collected:
     examples: list  # the P prompts
     samples: list  # B = P x G Samples; rows i*G .. i*G+G-1 answer prompt i
     sums: dict  # weighted_sum component -> the sum of its scores over the B samples
-    generate_s: float = 0.0  # seconds generating (step 1)
+    generate_s: float = 0.0  # seconds generating (step 1), this process's
     score_s: float = 0.0  # seconds scoring, with the estimator's extra pass (step 2)
+    env_s: float = 0.0  # seconds in environment steps (step 1, with an environment)
 
     def join(self, other: "Collected") -> "Collected":
         return Collected(self.examples + other.examples, self.samples + other.samples,
                          {k: self.sums.get(k, 0.0) + other.sums.get(k, 0.0) for k in {**self.sums, **other.sums}},
-                         self.generate_s + other.generate_s, self.score_s + other.score_s)
+                         self.generate_s + other.generate_s, self.score_s + other.score_s, self.env_s + other.env_s)
 
     def groups_with_signal(self, G: int) -> "Collected":
         """Only the prompts whose G scores are not all equal (the others give group-relative estimators nothing)."""
@@ -2759,14 +2835,218 @@ class LossStats:
         return {f.metadata["key"]: v for f, v in zip(logged, values)}
 
 
+# ---- step 1 with an environment: the turn loop (single-turn rollouts are its case with no environment) ----
+def env_metrics(stats: list[EnvStats], prefix: str = "env") -> dict:
+    """Means per trajectory of what the trajectories did (truncated, failed: fractions)."""
+    n = max(len(stats), 1)
+    total = lambda name: sum(getattr(x, name) for x in stats)  # noqa: E731
+    return {f"{prefix}/turns": total("turns") / n, f"{prefix}/actions": total("actions") / n,
+            f"{prefix}/action_errors": total("action_errors") / n, f"{prefix}/observation_tokens": total("observation_tokens") / n,
+            f"{prefix}/model_tokens": total("model_tokens") / n, f"{prefix}/truncated": total("truncated") / n,
+            f"{prefix}/failed": sum(bool(x.error) for x in stats) / n}
+
+
+@dataclass
+class Trajectory:
+    """One prompt's rollout as it grows, turn by turn: the model's sampled ids as they were sampled, each observation
+    tokenized on its own as the suffix the chat template adds, and appended (token in, token out)."""
+    example: Example
+    prompt_ids: list  # the prompt (what the environment's reset added, rendered with it)
+    env: Any = None  # its environment instance; None: single-turn
+    messages: list = field(default_factory=list)  # the conversation: the prompt's messages, then the turns after it
+    n_prompt: int = 0  # how many of the messages are the prompt's
+    ids: list = field(default_factory=list)  # after the prompt: every model turn and observation, in order
+    mask: list = field(default_factory=list)  # per id: 1 sampled by the model, 0 an observation's or the template's
+    logprobs: Optional[list] = field(default_factory=list)  # per id: the engine's log-prob (0.0 off the model's); None: not reported
+    last: list = field(default_factory=list)  # the last model turn's ids: its text is the final answer the reward scores
+    ended: bool = False  # the last model turn emitted EOS
+    done: bool = False
+    env_reward: float = 0.0  # the environment's step rewards, summed
+    turns: int = 0
+    actions: int = 0
+    action_errors: int = 0
+    truncated: bool = False
+    error: str = ""
+
+    def stats(self) -> EnvStats:
+        model = int(sum(self.mask))
+        return EnvStats(self.turns, self.actions, self.action_errors, len(self.ids) - model, model, self.truncated, self.error)
+
+    def text(self) -> str:
+        """The conversation after the prompt, as a person reads it (the report)."""
+        return "\n".join(f"[{m['role']}] {m['content']}" for m in self.messages[self.n_prompt:])
+
+
+def template_suffix(tokenizer, message: dict) -> list:
+    """The ids the chat template appends for `message` after a finished assistant turn, the next assistant turn's
+    header included: rendered after a fixed base conversation cut after its last EOS, with and without the message
+    (SkyRL's fixed base; TRL's _get_tool_suffix_ids), so the template's text after the EOS (a newline) belongs here."""
+    base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731 - as prompts are
+    before = encode(tokenizer.apply_chat_template(base, tokenize=False))
+    eos = [i for i, t in enumerate(before) if t == tokenizer.eos_token_id]
+    if not eos:
+        raise UserError("ENVIRONMENT: the chat template does not end an assistant turn with the tokenizer's EOS token "
+                        f"({tokenizer.eos_token!r}), so observation turns cannot be appended token-exactly")
+    cut = eos[-1] + 1
+    try:
+        after = encode(tokenizer.apply_chat_template(base + [message], tokenize=False, add_generation_prompt=True))
+    except Exception as e:  # noqa: BLE001 - templates raise their own errors for roles they refuse
+        raise UserError(f"ENVIRONMENT: the chat template cannot render an observation as role {message['role']!r} "
+                        f"({type(e).__name__}: {e}); set OBSERVATION_ROLE (e.g. \"user\")") from None
+    if after[:cut] != before[:cut]:
+        raise UserError("ENVIRONMENT: the chat template renders earlier turns differently once an observation follows "
+                        "them, so observations cannot be appended token-exactly; use another OBSERVATION_ROLE or model")
+    return after[cut:]
+
+
+def prompt_messages(ex: Example, cfg: Config) -> list:
+    """The chat messages of an example's rollout prompt (an acting conversation: those before its first assistant turn)."""
+    if ex.opening is not None:
+        return [dict(m) for m in ex.opening]
+    if ex.messages is not None:
+        return [dict(m) for m in ex.messages]
+    return [{"role": "user", "content": chat_user_text(ex.item, cfg.SELECT_OUTPUT)}]
+
+
+class TurnLoop:
+    """Step 1: the trajectories of a batch advance together, turn by turn: one batched generation over those still
+    active (the first turn: n per prompt, as a single-turn rollout), then the environments of those that acted
+    (`workers` at a time, each step bounded by ENV_STEP_TIMEOUT), then their observation ids appended; until the
+    environment says done, a turn has no action (the final answer), MAX_TURNS, MAXSEQ or MAX_NEW_TOKENS model tokens
+    per trajectory. With no environment it is one turn: the single-turn rollout, with its numbers."""
+
+    def __init__(self, cfg: Config, plan: Plan, generate: Callable, tokenizer, env_type=None):
+        import environments
+
+        self.cfg, self.plan, self.generate, self.tokenizer, self.env_type = cfg, plan, generate, tokenizer, env_type
+        self.format = None if env_type is None else environments.action_format(
+            env_type.default_format if cfg.ACTION_FORMAT == "auto" else cfg.ACTION_FORMAT)
+        self.stop = [self.format.close] if env_type is not None and self.format.stops else None
+        self.env_s = 0.0  # seconds in environment steps, summed over the runs (the caller reads differences)
+
+    def run(self, examples: list[Example], n: int, greedy: bool = False, temperature: Optional[float] = None) -> list[Trajectory]:
+        """n trajectories per example, rows i*n .. i*n+n-1 for example i."""
+        trajs = [self.start(e) for e in examples for _ in range(n)]
+        first = True
+        while True:
+            active = [t for t in trajs if not t.done]
+            if self.cfg.FSDP and self.env_type is not None:  # every process generates as often as the busiest (synced_gpus)
+                if all_reduce_max(len(active)) == 0:
+                    break
+            elif not active:
+                break
+            if first and all(t.prompt_ids is t.example.prompt_ids for t in trajs):  # the single-turn call, n per prompt
+                limits = None if self.env_type is None else [self.room(t) for t in trajs[::n]]
+                gen = self.generate([e.prompt_ids for e in examples], greedy=greedy, n=n, temperature=temperature,
+                                    max_tokens=limits, stop=self.stop)
+            else:
+                rows = active or trajs[:1]  # FSDP: a process with nothing left keeps the others company
+                gen = self.generate([t.prompt_ids + t.ids for t in rows], greedy=greedy, temperature=temperature,
+                                    max_tokens=[max(1, self.room(t)) for t in rows], stop=self.stop)
+            first = False
+            logprobs = gen.logprobs or [None] * len(gen.responses)
+            acting = [(t, a) for t, ids, ended, lp in zip(active, gen.responses, gen.ended.tolist(), logprobs)
+                      if (a := self.take_turn(t, ids, bool(ended), lp)) is not None]
+            if acting:
+                t0 = time.perf_counter()
+                outcomes = self.env_type.steps([(t.env, a) for t, a in acting], self.cfg.ENV_STEP_TIMEOUT)
+                self.env_s += time.perf_counter() - t0
+                for (t, _), outcome in zip(acting, outcomes):
+                    self.observe(t, outcome)
+        return trajs
+
+    def start(self, ex: Example) -> Trajectory:
+        if self.env_type is None:
+            return Trajectory(ex, ex.prompt_ids)
+        env = self.env_type.new(ex.item)
+        added = env.reset(ex.item)
+        messages = prompt_messages(ex, self.cfg)
+        if not added:
+            return Trajectory(ex, ex.prompt_ids, env, messages, len(messages))
+        messages = [dict(m) for m in added] + messages
+        return Trajectory(ex, self.tokenizer(render_chat(messages, self.tokenizer), add_special_tokens=False)["input_ids"],
+                          env, messages, len(messages))
+
+    def room(self, t: Trajectory) -> int:
+        """Model tokens this trajectory may still sample: MAX_NEW_TOKENS in all, within MAXSEQ."""
+        return min(self.cfg.MAX_NEW_TOKENS - int(sum(t.mask)), self.plan.maxseq - len(t.prompt_ids) - len(t.ids))
+
+    def action_end(self, ids: list) -> Optional[int]:
+        """The length of the shortest prefix of a turn whose text holds a whole action (the engine may have run past
+        it: a stop string seen a token late, or no stop string for the format), or None. A binary search: holding an
+        action is monotone in the prefix (find_action)."""
+        import environments
+
+        has = lambda k: environments.find_action(self.tokenizer.decode(ids[:k], skip_special_tokens=True), self.format) is not None  # noqa: E731
+        if not has(len(ids)):
+            return None
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if has(mid) else (mid + 1, hi)
+        return lo
+
+    def take_turn(self, t: Trajectory, ids: list, ended: bool, logprobs: Optional[list]) -> Optional[str]:
+        """Append a model turn -> the action to run, or None when the trajectory is done."""
+        import environments
+
+        cut = None if self.env_type is None else self.action_end(ids)
+        if cut is not None:
+            ids, ended, logprobs = ids[:cut], False, None if logprobs is None else logprobs[:cut]
+        t.ids += ids
+        t.mask += [1] * len(ids)
+        t.logprobs = None if logprobs is None or t.logprobs is None else t.logprobs + list(logprobs)
+        t.last, t.ended, t.turns = list(ids), ended, t.turns + 1
+        if self.env_type is None:
+            t.done = True
+            return None
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        t.messages.append({"role": "assistant", "content": text})
+        action = None if cut is None else environments.find_action(text, self.format)
+        if action is None:  # a final answer (or a turn cut at its limit without one)
+            t.done, t.truncated = True, not ended
+        elif t.turns >= self.cfg.MAX_TURNS or self.room(t) <= 0:
+            t.done, t.truncated = True, True
+        return None if t.done else action
+
+    def observe(self, t: Trajectory, outcome) -> None:
+        """Append an environment step's observation (cut from the middle to MAX_OBSERVATION_TOKENS), or end the
+        trajectory: the environment said done, raised or hung (then it scores 0), or the observation leaves no room."""
+        import environments
+
+        if outcome.step is None:
+            t.done, t.error = True, outcome.error
+            return
+        step = outcome.step
+        t.actions, t.action_errors = t.actions + 1, t.action_errors + int(step.error)
+        t.env_reward += step.reward or 0.0
+        if step.done or step.observation is None:
+            t.done = True
+            return
+        tok = self.tokenizer
+        head, tail, cut = environments.truncate_middle(tok(step.observation, add_special_tokens=False)["input_ids"],
+                                                       self.cfg.MAX_OBSERVATION_TOKENS)
+        text = step.observation if not cut else (tok.decode(head) + f"\n[... {cut} tokens cut ...]\n" + tok.decode(tail))
+        message = {"role": self.cfg.OBSERVATION_ROLE, "content": text}
+        ids = [tok.eos_token_id] + template_suffix(tok, message)  # the template closes the turn cut at its action
+        if len(t.prompt_ids) + len(t.ids) + len(ids) >= self.plan.maxseq:
+            t.done, t.truncated = True, True
+            return
+        t.ids += ids
+        t.mask += [0] * len(ids)
+        t.logprobs = None if t.logprobs is None else t.logprobs + [0.0] * len(ids)
+        t.messages.append(message)
+
+
 # ---- steps 1-3: generate, score, gather ----
 class Collector:
     """Steps 1-3 of a PPO update: each process generates and scores its share of a global batch of prompts, then one
     gather gives every process the whole batch; DYNAMIC_SAMPLING repeats them for more prompts."""
 
-    def __init__(self, cfg: Config, plan: Plan, generate: Callable, sleep: Callable, reward, tokenizer, estimator: "Estimator"):
-        """generate(prompts, greedy=, n=) -> Generation with the current weights; sleep(): the engine's memory goes back."""
-        self.cfg, self.plan, self.generate, self.sleep = cfg, plan, generate, sleep
+    def __init__(self, cfg: Config, plan: Plan, turns: TurnLoop, sleep: Callable, reward, tokenizer, estimator: "Estimator"):
+        """turns: step 1's rollouts with the current weights; sleep(): the engine's memory goes back."""
+        self.cfg, self.plan, self.turns, self.sleep = cfg, plan, turns, sleep
         self.reward, self.tokenizer, self.estimator = reward, tokenizer, estimator
 
     def batch(self, examples: list[Example], draw: Optional[Callable] = None) -> tuple[Collected, Collected, dict]:
@@ -2780,31 +3060,34 @@ class Collector:
         G = self.plan.group_size
         t0 = time.perf_counter()
         share, weight = my_share(examples)  # weight 0: a short batch left this process nothing; it runs to stay in step
-        mine = share if weight else []
-        # 1. generate G responses per prompt, through the engine (which first takes the current weights)
-        gen = self.generate([e.prompt_ids for e in share], n=G)
-        responses, ended = (gen.responses, gen.ended) if weight else ([], gen.ended[:0])
-        engine_logprobs = (gen.logprobs if weight else None) or [None] * len(responses)
+        # 1. G trajectories per prompt through the engine (which first takes the current weights): one turn each
+        #    without an environment; with one, the turn loop (its observations get loss mask 0)
+        env_s = self.turns.env_s
+        trajs = self.turns.run(share, G)
+        trajs = trajs if weight else []  # a placeholder share ran to stay in step with the others
+        env_s = self.turns.env_s - env_s
         t1 = time.perf_counter()
-        # 2. score this process's responses (a stateful reward: the whole batch's, gathered first, alike on every
+        # 2. score this process's trajectories (a stateful reward: the whole batch's, gathered first, alike on every
         #    process), then the estimator's extra pass (remax: a greedy response per prompt, scored)
-        rows = [e for e in mine for _ in range(G)]
         stateful = getattr(self.reward, "stateful", True)
-        scores, scored = self.score_mine(responses, rows, ended)
+        scores, scored = self.score_mine(trajs)
         errors = [scored.error] if scored.error else []
         baseline = self.estimator.baseline(lambda ex, greedy: self.sample_and_score(ex, weight, errors, greedy), share, G) \
-            if self.estimator.baseline else torch.zeros(len(responses))
+            if self.estimator.baseline else torch.zeros(len(trajs))
         self.sleep()  # CUDA: the engine's memory goes back to training until the next rollout
         # 3. gather once: every process holds the whole batch
-        samples = [Sample(e.prompt_ids, r, bool(d), float(s), float(b), lp)
-                   for e, r, d, s, b, lp in zip(rows, responses, ended.tolist(), scores.tolist(), baseline.tolist(), engine_logprobs)]
+        acting = self.turns.env_type is not None
+        samples = [Sample(t.prompt_ids, t.ids, t.ended, float(s), float(b), t.logprobs, t.mask if acting else None,
+                          t.stats() if acting else None)
+                   for t, s, b in zip(trajs, scores.tolist(), baseline.tolist())]
         parts = gather_objects(Share(samples, {} if stateful else scored.components, errors[0] if errors else None))
         errors = [p.error for p in parts if p.error]
         if errors:
             raise BadStep(errors[0])
         sums = scored.components if stateful else \
             {k: sum(p.sums.get(k, 0.0) for p in parts) for k in sorted(set().union(*(p.sums for p in parts)))}
-        return Collected(list(examples), [s for p in parts for s in p.samples], sums, t1 - t0, time.perf_counter() - t1)
+        return Collected(list(examples), [s for p in parts for s in p.samples], sums, t1 - t0 - env_s,
+                         time.perf_counter() - t1, env_s)
 
     def with_signal(self, first: Collected, draw: Optional[Callable]) -> tuple[Collected, Collected, dict]:
         """Step 3 with DAPO's dynamic sampling (Yu et al. 2025; verl filter_groups, OpenRLHF dynamic_filtering): keep the
@@ -2846,10 +3129,16 @@ class Collector:
             error = f"reward raised {type(e).__name__}: {e} (first response: {texts[0][:200]!r})"
         return Scored([float(s) for s in scores], {name: sum(v) for name, v in sorted(components.items())}, error)
 
-    def score_mine(self, responses: list[list[int]], rows: list[Example], ended: torch.Tensor) -> tuple[torch.Tensor, "Scored"]:
-        """This process's scores, MISSING_EOS_PENALTY applied -> ((len(responses),) float32, the Scored they came from;
+    def score_mine(self, trajs: list[Trajectory]) -> tuple[torch.Tensor, "Scored"]:
+        """This process's scores, MISSING_EOS_PENALTY applied -> ((len(trajs),) float32, the Scored they came from;
         its components are the whole batch's for a stateful reward). A stateful reward (running state: normalize)
-        scores every process's responses, so its state stays the same everywhere and as with one process."""
+        scores every process's responses, so its state stays the same everywhere and as with one process. With an
+        environment the reward scores the final answer (the last model turn) and gets the conversation in the item
+        (`trajectory`); the environment's step rewards are added (ENV_REWARD_WEIGHT); a trajectory whose environment
+        failed scores 0."""
+        responses, ended = [t.last for t in trajs], torch.tensor([t.ended for t in trajs], dtype=torch.bool)
+        rows = [t.example if t.env is None else dataclasses.replace(t.example, item={**t.example.item, "trajectory": t.messages})
+                for t in trajs]
         if getattr(self.reward, "stateful", True):
             pairs, start = gather_lists(list(zip(responses, rows)))
             scored = self.score([r for r, _ in pairs], [e for _, e in pairs])
@@ -2859,15 +3148,19 @@ class Collector:
             mine = scored.scores
         if scored.error:
             return torch.zeros(0), scored
-        return apply_missing_eos_penalty(torch.tensor(mine, dtype=torch.float32), ended, self.cfg.MISSING_EOS_PENALTY), scored
+        scores = torch.tensor(mine, dtype=torch.float32)
+        if self.turns.env_type is not None:
+            scores = scores + self.cfg.ENV_REWARD_WEIGHT * torch.tensor([t.env_reward for t in trajs], dtype=torch.float32)
+            scores = scores.masked_fill(torch.tensor([bool(t.error) for t in trajs], dtype=torch.bool), 0.0)
+        return apply_missing_eos_penalty(scores, ended, self.cfg.MISSING_EOS_PENALTY), scored
 
     def sample_and_score(self, share: list[Example], weight: float, errors: list, greedy: bool = False) -> torch.Tensor:
-        """One response per example of this process's share, scored -> (len(share),) float32, or (0,) when the share
+        """One trajectory per example of this process's share, scored -> (len(share),) float32, or (0,) when the share
         is a placeholder (weight 0). An estimator's extra pass (remax) calls it. A reward error goes to `errors` (the
         caller's gather carries it, so every process skips the update together) and the scores are zeros."""
-        gen = self.generate([e.prompt_ids for e in share], greedy=greedy)
-        responses, ended = (gen.responses, gen.ended) if weight else ([], gen.ended[:0])
-        scores, scored = self.score_mine(responses, share if weight else [], ended)
+        trajs = self.turns.run(share, 1, greedy=greedy)
+        responses = trajs if weight else []
+        scores, scored = self.score_mine(responses)
         if scored.error:
             errors.append(scored.error)
             return torch.zeros(len(responses))
@@ -3130,8 +3423,10 @@ class HybridTrainer:
     ppo_update are the loop's two kinds of step; ppo_step is TRL 0.11's classic API."""
 
     def __init__(self, cfg: Config, policy: "PolicyWithValueHead", ref_lm, tokenizer, reward=None,
-                 device: Optional[torch.device] = None, n_items: Optional[int] = None, plan: Optional[Plan] = None):
-        """plan: run()'s; from Python, api_plan(cfg, n_items) is made here (n_items sizes a decaying LR_SCHEDULE)."""
+                 device: Optional[torch.device] = None, n_items: Optional[int] = None, plan: Optional[Plan] = None,
+                 environment=None):
+        """plan: run()'s; from Python, api_plan(cfg, n_items) is made here (n_items sizes a decaying LR_SCHEDULE).
+        environment: an environments.EnvironmentType (build_environment(cfg) for ENVIRONMENT), None: single-turn."""
         self.cfg, self.policy, self.ref_lm, self.tokenizer, self.reward = cfg, policy, ref_lm, tokenizer, reward
         self.device = device or torch.device("cpu")
         self.plan = plan or api_plan(cfg, n_items, policy.lm)
@@ -3144,7 +3439,8 @@ class HybridTrainer:
         self._engine = None  # started at the first generation: an SFT run without evaluation needs none
         self.pad_id = tokenizer.pad_token_id
         self.sft_backward = SFTTerm(cfg, policy, self.optim.scaler, self.pad_id, self.device, self.autocast)
-        self.collector = Collector(cfg, self.plan, self.engine_generate, lambda: self.engine.sleep(), reward, tokenizer, estimator)
+        self.turns = TurnLoop(cfg, self.plan, self.engine_generate, tokenizer, environment)
+        self.collector = Collector(cfg, self.plan, self.turns, lambda: self.engine.sleep(), reward, tokenizer, estimator)
         self.update = PPOUpdate(cfg, self.plan, policy, ref_lm, self.optim, estimator, strategy, self.kl_ctl, self.sft_backward,
                                 self.perm_generator, self.device, self.autocast)
 
@@ -3174,10 +3470,10 @@ class HybridTrainer:
         out = self.engine_generate(prompts, greedy, n, temperature)
         return out.responses, out.ended
 
-    def engine_generate(self, prompts: list[list[int]], greedy: bool = False, n: int = 1,
-                        temperature: Optional[float] = None) -> Generation:
+    def engine_generate(self, prompts: list[list[int]], greedy: bool = False, n: int = 1, temperature: Optional[float] = None,
+                        max_tokens: Optional[list] = None, stop: Optional[list] = None) -> Generation:
         self.engine.sync_weights(self.optim.version)
-        return self.engine.generate(prompts, n=n, greedy=greedy, temperature=temperature)
+        return self.engine.generate(prompts, n=n, greedy=greedy, temperature=temperature, max_tokens=max_tokens, stop=stop)
 
     def sft_step(self, examples: list[Example]) -> dict:
         """One optimizer step on a global batch: this process takes its share; the loss is normalised by the
@@ -3210,6 +3506,12 @@ class HybridTrainer:
                       "time/update_s": time.perf_counter() - t0,
                       "time/tokens_per_s": sum(len(s.response) for s in generated.samples) / max(generated.generate_s, 1e-9),
                       **{f"reward/{name}": total / n for name, total in generated.sums.items()}})
+        if self.turns.env_type is not None:
+            stats.update(env_metrics([s.env for s in generated.samples]), **{"time/env_s": generated.env_s})
+            model_tokens = sum(s.env.model_tokens for s in generated.samples)
+            stats["time/tokens_per_s"] = model_tokens / max(generated.generate_s, 1e-9)  # the model's tokens only
+            for s in [s for s in generated.samples if s.env.error][:3]:
+                warn(f"ENVIRONMENT: a trajectory ended with an error (scored 0): {s.env.error}")
         return stats
 
     def ppo_step(self, queries: list[list[int]], responses: list[list[int]], scores, baseline=None,
@@ -3235,22 +3537,27 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
     also pass@1, pass@k (a sample passes when its reward reaches EVAL_PASS_SCORE) and, with a math reward, maj@k."""
     import rewards
 
-    cfg, k = trainer.cfg, trainer.cfg.EVAL_NUM_SAMPLES
+    cfg, k, acting = trainer.cfg, trainer.cfg.EVAL_NUM_SAMPLES, trainer.turns.env_type is not None
     bs = max(cfg.PPO_BATCH, 8)  # prompts per generate call (each with its k responses)
-    mine, texts = shard(examples), []
+    mine, done = shard(examples), []
     for i in range(math.ceil(largest_share(len(examples)) / bs)):  # the same count on every process
         chunk = mine[i * bs:(i + 1) * bs]
-        responses = trainer.generate([e.prompt_ids for e in (chunk or examples[:1])], greedy=k == 1, n=k,
-                                     temperature=cfg.EVAL_TEMPERATURE)[0]
-        texts += trainer.tokenizer.batch_decode(responses, skip_special_tokens=True) if chunk else []
+        trajs = trainer.turns.run(chunk or examples[:1], n=k, greedy=k == 1, temperature=cfg.EVAL_TEMPERATURE)
+        done += [EvalTrajectory(trainer.tokenizer.decode(t.last, skip_special_tokens=True), t.messages, t.env_reward,
+                                t.stats(), t.text()) for t in trajs] if chunk else []
     trainer.engine.sleep()
-    texts = sum(gather_objects(texts), [])  # item i's responses at i*k .. i*k+k-1
+    done = sum(gather_objects(done), [])  # item i's trajectories at i*k .. i*k+k-1
+    texts = [d.answer for d in done]
     rows = [e for e in examples for _ in range(k)]
-    args = (texts, [e.target for e in rows], [e.prompt for e in rows], [e.item for e in rows])
+    items = [{**e.item, "trajectory": d.messages} if acting else e.item for e, d in zip(rows, done)]
+    args = (texts, [e.target for e in rows], [e.prompt for e in rows], items)
     result, per_item = {}, {}
     for name, fn in metrics.items():
         try:
             per_item[name] = [float(x) for x in fn.scores(*args, update=False)]
+            if acting and name == "reward":  # scored as in training: the environment's rewards added, failures 0
+                per_item[name] = [0.0 if d.stats.error else x + cfg.ENV_REWARD_WEIGHT * d.env_reward
+                                  for x, d in zip(per_item[name], done)]
             result[f"eval/{name}"] = float(np.mean(per_item[name]))
         except Exception as e:  # noqa: BLE001 - a failing metric must not kill the run
             warn(f"eval metric {name} failed: {type(e).__name__}: {e}")
@@ -3262,6 +3569,13 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
                 "reward": None if rewards_[i * k] is None else float(np.mean(rewards_[i * k:(i + 1) * k])),
                 "contains": contains[i * k] if k == 1 else float(np.mean(contains[i * k:(i + 1) * k])), "category": e.category}
                for i, e in enumerate(examples)]
+    if acting:
+        stats = [d.stats for d in done]
+        actions = sum(x.actions for x in stats)
+        result.update({"eval/turns": float(np.mean([x.turns for x in stats])), "eval/actions": actions / len(stats),
+                       "eval/action_error_rate": sum(x.action_errors for x in stats) / max(actions, 1)})
+        for i, sample in enumerate(samples):
+            sample["trajectory"] = done[i * k].text
     if k > 1 and "reward" in per_item:
         solver = rewards.math_part(metrics["reward"])
         for i, (e, sample) in enumerate(zip(examples, samples)):
@@ -3271,6 +3585,15 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
         result.update(pass_metrics(samples, k))
     result["samples"] = samples  # every item, for the report's per-category table and its improved / worse examples
     return result
+
+
+class EvalTrajectory(NamedTuple):
+    """What evaluation keeps of a trajectory (picklable: gathered across processes)."""
+    answer: str  # the last model turn's text
+    messages: list  # the conversation
+    env_reward: float
+    stats: EnvStats
+    text: str  # the turns after the prompt, as a person reads them
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -4194,6 +4517,12 @@ def write_report(out_dir: Path, records: list[dict], cfg: Optional[Config] = Non
     parts += ["## Sample completions\n", "The held-out items whose reward improved most, then those that got worse most "
               f"({len([d for d, _ in delta if d > 0])} improved, {len([d for d, _ in delta if d < 0])} got worse, the rest unchanged): "
               "a headline gain can hide both.\n", "\n".join(samples) + "\n"]
+    if "trajectory" in after[0]:
+        i = (improved + unchanged + worse + [0])[0]
+        parts += ["## One whole trajectory\n", f"Held-out item {i} ({cell(before[i]['prompt'])}), every turn after the prompt: "
+                  "the model's, and the environment's observations.\n",
+                  f"Before (reward {number(before[i]['reward'])}):\n\n```\n{before[i]['trajectory']}\n```\n",
+                  f"After (reward {number(after[i]['reward'])}):\n\n```\n{after[i]['trajectory']}\n```\n"]
     plots = plot_metrics(out_dir, records)
     if plots:
         parts.append("## Curves\n")
@@ -4370,6 +4699,30 @@ def build_reward(cfg: Config, device, ref_lm=None, tokenizer=None, spec: Optiona
         raise UserError(f"REWARD: {e}") from None
 
 
+def build_environment(cfg: Config):
+    """environments.make_environment for ENVIRONMENT (None when it is off): before any weights load, so a python
+    environment's missing file or class is an error line, not a traceback after minutes."""
+    if not cfg.ENVIRONMENT:
+        return None
+    import environments
+
+    try:
+        return environments.make_environment(cfg.ENVIRONMENT, trust_remote_code=cfg.TRUST_REMOTE_CODE, say=say)
+    except environments.EnvSpecError as e:
+        raise UserError(str(e) if str(e).startswith("ENVIRONMENT") else f"ENVIRONMENT: {e}") from None
+
+
+def check_environment_data(cfg: Config, examples: list[Example], fmt: str, tokenizer) -> None:
+    """An environment's observations are turns of a chat: the prompts must be chat prompts, and the template must let
+    an observation be appended token-exactly (template_suffix raises otherwise)."""
+    if not cfg.ENVIRONMENT:
+        return
+    if fmt != "chat" or any(e.raw_prompt is not None for e in examples):
+        raise UserError("ENVIRONMENT needs chat prompts (its observations are turns of the conversation): a model with a "
+                        "chat template, PROMPT_FORMAT \"chat\" or \"auto\", and no plain-text prompts in TRAIN_FILE")
+    template_suffix(tokenizer, {"role": cfg.OBSERVATION_ROLE, "content": "1"})
+
+
 def run(cfg: Config, check: bool = False, reward=None) -> int:
     """Validate everything cheap first (no weights), then plan, load, train, save. `reward` overrides REWARD.
     Under torchrun / accelerate launch every process runs this; the main one writes and prints."""
@@ -4378,6 +4731,7 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
     eval_examples = load_eval_examples(cfg)
     paths = resolve_model(cfg)  # reads no weights; a missing adapter base is an error here
     check_launch(cfg, procs.world)
+    environment = build_environment(cfg)
     out_dir = plan_output_dir(cfg)
     resume_from = find_resume_point(cfg, out_dir)
     if is_main():  # before any weights load
@@ -4390,7 +4744,7 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
     init_processes(device, procs)
     threads = set_threads(procs)
     barrier()  # every process has planned the output dir before the main one creates it
-    r, state = start(cfg, examples, eval_examples, paths, out_dir, resume_from, device, reward)
+    r, state = start(cfg, examples, eval_examples, paths, out_dir, resume_from, device, reward, environment)
     say(f"{cfg.MODE}: {len(r.examples)} items, prompt format {r.prompt_format}, device {device.type}"
         f"{', bf16' if r.plan.bf16 else ', fp16' if cfg.FP16 else ''}"
         f"{f', LoRA r={cfg.LORA_R}' if hasattr(r.trainer.policy.lm, 'peft_config') else ''}"
@@ -4423,7 +4777,7 @@ def check_only(cfg: Config, examples: list, eval_examples: list, data_format: st
 
 
 def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, out_dir: Path, resume_from: Optional[Path],
-          device: torch.device, reward=None) -> tuple[Run, RunState]:
+          device: torch.device, reward=None, environment=None) -> tuple[Run, RunState]:
     """The Plan (seed, precision, sizes), the model, the tokenized data, the reward and the trainer; the run's files;
     the checkpoint's state when resuming."""
     seed, bf16 = resumed_facts(cfg, resume_from) if resume_from is not None else (cfg.SEED, None)
@@ -4443,6 +4797,7 @@ def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, o
     seed_everything(seed)
     policy, ref_lm, tokenizer = load_model(cfg, device, plan.bf16, paths)
     fmt = resolve_prompt_format(cfg, tokenizer)
+    check_environment_data(cfg, examples + eval_examples, fmt, tokenizer)
     examples = tokenize_examples(examples, cfg, tokenizer, fmt, "TRAIN_FILE", plan.maxseq)
     eval_examples = tokenize_examples(eval_examples, cfg, tokenizer, fmt, "EVAL_FILE", plan.maxseq) if eval_examples else []
     if reward is None and needs_reward(cfg):
@@ -4454,7 +4809,7 @@ def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, o
         warn(f"sampling with {', '.join(off)} draws responses from a distribution other than the policy's, so the PPO "
              "ratio and KL are off-policy; this is the known cause of 'KL divergence is starting to become negative' "
              "(huggingface/trl#235, #351, #1857). Set TOP_P=1, REPETITION_PENALTY=1, NO_REPEAT_NGRAM_SIZE=0 for exact PPO.")
-    trainer = HybridTrainer(cfg, policy, ref_lm, tokenizer, reward, device, plan=plan)
+    trainer = HybridTrainer(cfg, policy, ref_lm, tokenizer, reward, device, plan=plan, environment=environment)
     if is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(resolved_config(cfg, plan), indent=2))

@@ -9,6 +9,10 @@
   `#### <answer>` as the completion, the answer, and a category (neither is part of the prompt). One- and
   two-step problems with numbers up to 9; the held-out problems use other names and things.
 - code.json (12): small Python functions with assertion tests, for the code reward (`tests`, `entry_point`).
+- tool_train.json (400) and tool_eval.json (100): arithmetic a 135M model cannot do in its head (3-digit x 2-digit
+  products, sums of three numbers, a product minus a number), as tool-use conversations for the calculator
+  environment: question, <calc> call, result, answer after ####; direct_train.json / direct_eval.json hold the same
+  problems answered without the tool (the no-tool baseline).
 """
 
 import json
@@ -162,6 +166,58 @@ CODE_SOLUTIONS = [
 ]
 
 
+TOOL_ASK = ("You have a calculator: write <calc>expression</calc> and its result comes back. "
+            "Then give the final answer after ####.")
+DIRECT_ASK = "Give the final answer after ####."
+
+
+def tool_problem(rng: random.Random, names, things, digits: int) -> tuple:
+    """(category, question, expression, answer): arithmetic a 135M model cannot do reliably in its head. digits: the
+    size of the numbers (the difficulty knob)."""
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+    name, thing = rng.choice(names), rng.choice(things)
+    kind = rng.choice(["product", "sum", "two_step"])
+    if kind == "product":
+        a, b = rng.randint(lo, hi), rng.randint(12, 99)
+        return kind, f"A crate holds {a} {thing}. How many {thing} are in {b} crates?", f"{a}*{b}", a * b
+    if kind == "sum":
+        a, b, c = rng.randint(lo, hi), rng.randint(lo, hi), rng.randint(100, 999)
+        return (kind, f"{name} counted {a} {thing} on Monday, {b} on Tuesday and {c} on Wednesday. How many {thing} in all?",
+                f"{a}+{b}+{c}", a + b + c)
+    a, b = rng.randint(lo, hi), rng.randint(12, 99)
+    c = rng.randint(100, a * b - 1)
+    return (kind, f"{name} buys {b} boxes of {a} {thing} and gives away {c}. How many {thing} does {name} keep?",
+            f"{a}*{b}-{c}", a * b - c)
+
+
+def tool_set(n: int, seed: int, names, things, digits: int = 3, seen=frozenset()) -> list:
+    """Tool-use demonstrations as conversations: the question, the assistant's calculator call, the result as a tool
+    turn, the answer. The same problems without the tool are made by direct_rows."""
+    rng, items, keys = random.Random(seed), [], set(seen)
+    while len(items) < n:
+        kind, question, expression, answer = tool_problem(rng, names, things, digits)
+        if question in keys:
+            continue
+        keys.add(question)
+        shown = expression.replace("*", " * ").replace("+", " + ").replace("-", " - ")
+        items.append({"messages": [{"role": "user", "content": f"{question} {TOOL_ASK}"},
+                                   {"role": "assistant", "content": f"<calc>{expression}</calc>"},
+                                   {"role": "tool", "content": str(answer)},
+                                   {"role": "assistant", "content": f"{shown} = {answer}.\n#### {answer}"}],
+                      "answer": str(answer), "category": kind})
+    return items
+
+
+def direct_rows(tool_rows: list) -> list:
+    """The same problems, answered without a tool (the no-tool baseline): prompt-completion rows."""
+    out = []
+    for row in tool_rows:
+        question = row["messages"][0]["content"].replace(TOOL_ASK, DIRECT_ASK)
+        out.append({"prompt": [{"role": "user", "content": question}], "completion": row["messages"][3]["content"],
+                    "answer": row["answer"], "category": row["category"]})
+    return out
+
+
 def main() -> None:
     here = Path(__file__).resolve().parent
     countries = sorted(CAPITALS)
@@ -182,8 +238,13 @@ def main() -> None:
     code = [{"prompt": prompt, "completion": f"```python\n{solution}\n```", "tests": tests, "entry_point": name}
             for (name, prompt, tests), solution in zip(CODE, CODE_SOLUTIONS)]
     (here / "code.json").write_text(json.dumps(code, indent=1) + "\n")
-    print(f"wrote {len(train)} + {len(evals)} demo items, {len(math_train)} + {len(math_eval)} math problems and "
-          f"{len(code)} code tasks to {here}")
+    tool_train = tool_set(400, 5, NAMES[:14], THINGS[:11])
+    tool_eval = tool_set(100, 6, NAMES[14:], THINGS[11:], seen={x["messages"][0]["content"] for x in tool_train})
+    for name, rows in (("tool_train", tool_train), ("tool_eval", tool_eval)):
+        (here / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (here / f"{name.replace('tool', 'direct')}.json").write_text(json.dumps(direct_rows(rows), indent=1) + "\n")
+    print(f"wrote {len(train)} + {len(evals)} demo items, {len(math_train)} + {len(math_eval)} math problems, "
+          f"{len(code)} code tasks and {len(tool_train)} + {len(tool_eval)} tool problems (with and without the tool) to {here}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
     python dist_helper.py dynamic MODEL OUT.safetensors          one GRPO update with DYNAMIC_SAMPLING; generation is
                                         replaced by fixed responses per prompt, so that both process counts see the same
                                         groups: prints the dynamic/* metrics, saves the weights
+    python dist_helper.py trajectories CHAT_MODEL OUT.safetensors   one GRPO update on scripted calculator trajectories
 """
 
 import json
@@ -100,6 +101,51 @@ def dynamic(model: str, out: str) -> None:
     ht.barrier()
 
 
+def trajectories(model: str, out: str) -> None:
+    """One GRPO update on 4 prompts x 2 calculator trajectories, the engine scripted (the same turns with any process
+    count): in each group one trajectory acts (<calc>, the observation, then the right answer) and one answers wrongly at
+    once. Each process runs its share's turn loop; the update must not depend on how the trajectories were shared."""
+    from safetensors.torch import save_file
+
+    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": model, "TRAIN_FILE": "-", "OUTPUT_DIR": "-", "SEED": 3, "ADVANTAGE": "grpo",
+                               "NUM_GENERATIONS": 2, "PPO_BATCH": 4, "PPO_MINI": 2, "PPO_EPOCHS": 2, "LR_PPO": 1e-4,
+                               "TEMPERATURE": 1.0, "ENVIRONMENT": {"type": "calculator"}, "REWARD": {"type": "math"},
+                               "INIT_KL_COEF": 0.05, "KL_IN": "loss", "KL_PENALTY": "k3"})
+    device = torch.device("cpu")
+    ht.init_processes(device)
+    torch.manual_seed(0)
+    policy, ref, tok = ht.load_model(cfg, device)
+    trainer = ht.HybridTrainer(cfg, policy, ref, tok, ht.build_reward(cfg, device), environment=ht.build_environment(cfg))
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    examples = []
+    for i in range(4):
+        messages = [{"role": "user", "content": f"What is {i + 2} * 3?"}]
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        examples.append(ht.Example(index=i, item={"answer": str((i + 2) * 3)}, target=str((i + 2) * 3), messages=messages,
+                                   prompt=prompt, prompt_ids=encode(prompt)))
+
+    def scripted(prompts, n=1, greedy=False, temperature=None, max_tokens=None, stop=None):
+        out = []
+        for p in prompts:
+            text = tok.decode(p)
+            for j in range(n):
+                if "<|tool|>" in text:
+                    out.append(encode("the answer is " + text.split("<|tool|>")[-1].split("<|end|>")[0]) + [tok.eos_token_id])
+                else:
+                    i = int(text.split("What is ")[-1].split(" ")[0])
+                    out.append(encode(f"<calc>{i}*3</calc>") if j == 0 else encode("the answer is 0") + [tok.eos_token_id])
+        return ht.Generation(out, torch.tensor([r[-1] == tok.eos_token_id for r in out]), None)
+
+    trainer.engine.generate = scripted
+    stats = trainer.ppo_update(examples)
+    state = ht.trainable_state(policy)
+    if ht.is_main():
+        save_file(state, out)
+        print("trajectories " + json.dumps({k: round(v, 6) for k, v in stats.items() if k.startswith(("env/", "reward/mean",
+                                                                                                    "objective/kl"))}), flush=True)
+    ht.barrier()
+
+
 def vllm_sync(model: str, out: str) -> None:
     """Each process: a PPO step with vllm as the engine, then the engine's greedy continuations must equal HF's of the
     updated policy on that process."""
@@ -144,5 +190,7 @@ if __name__ == "__main__":
         ppo_step(*sys.argv[2:])
     elif sys.argv[1] == "dynamic":
         dynamic(*sys.argv[2:])
+    elif sys.argv[1] == "trajectories":
+        trajectories(*sys.argv[2:])
     else:
         sys.exit(fail_on_rank1(sys.argv[2]))

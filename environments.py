@@ -1,0 +1,407 @@
+"""Environments for multi-turn rollouts (agents): `make_environment(spec)` builds one from a JSON spec, like a reward.
+
+    env_type = make_environment({"type": "calculator"})
+    env = env_type.new(row)                  # one instance per trajectory
+    env.reset(row)                           # -> messages added before the prompt, or None
+    env.step("347*29")                       # -> Step(observation="10063", reward=None, done=False)
+
+The trainer owns the turn loop and the tokens (hybrid_trainer.py, `TurnLoop`): the model writes a turn; when the turn
+holds an action in ACTION_FORMAT (e.g. `<calc>347*29</calc>`, or a ```python block), the action's text goes to step(),
+and the observation comes back as the next turn of the conversation; a turn without an action is the final answer.
+Every type is one builder in ENVIRONMENTS: its keyword arguments are the spec's fields, checked (types, bounds, unknown
+names) before any model loads, as rewards.py checks a reward's.
+
+Built in:
+  calculator  arithmetic (integers, decimals, + - * / ** % //, parentheses, × ÷) evaluated by walking its syntax tree:
+              no eval, bounded length, exponent and result
+  code        the action (a ```python block) runs in rewards.py's code sandbox, with every limit, every time; the
+              observation is what it printed (stdout and stderr, a traceback included)
+  python      your own class (`path`, `class`) with reset(row) and step(action) -> (observation, reward, done); only with
+              TRUST_REMOTE_CODE: true, like the python reward
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+import math
+import operator
+import queue
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Callable, NamedTuple, Optional
+
+import rewards
+
+
+class Step(NamedTuple):
+    """What one environment step returns (a user's step may return the first three as a tuple)."""
+    observation: Optional[str]  # the environment's reply, the next turn of the conversation (None: nothing to add)
+    reward: Optional[float] = None  # a reward for this step (summed over the trajectory, times ENV_REWARD_WEIGHT)
+    done: bool = False  # the trajectory ends here
+    error: bool = False  # the action failed (counted as env/action_errors; the observation says why)
+
+
+class ActionFormat(NamedTuple):
+    """How an action sits in the assistant's own text: between `open` and the first `close` after it. The turn ends
+    there: the engine stops at `close` as a stop string where `close` cannot occur in `open` (`stops`), else at EOS,
+    and the turn loop cuts it after the action either way."""
+    open: str
+    close: str
+    stops: bool
+    help: str
+
+
+ACTION_FORMATS = {
+    "calc_tag": ActionFormat("<calc>", "</calc>", True, "<calc>expression</calc> (the calculator's default)"),
+    "python_block": ActionFormat("```python\n", "```", False, "a fenced ```python block (the code environment's default; "
+                                 "the fence opens blocks too, so the engine runs to EOS and the turn is cut after the block)"),
+    "tool_tag": ActionFormat("<tool>", "</tool>", True, "<tool>text</tool> (the python environment's default)"),
+    "tool_call": ActionFormat("<tool_call>", "</tool_call>", True,
+                              "the chat template's own tool-call format (Qwen-family templates): "
+                              "<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>"),
+}
+
+
+def action_format(spec: Any) -> ActionFormat:
+    """ACTION_FORMAT: a name in ACTION_FORMATS, or {"open": ..., "close": ...} (a stop string unless open holds close)."""
+    if isinstance(spec, dict):
+        return ActionFormat(spec["open"], spec["close"], spec["close"] not in spec["open"], "your own markers")
+    return ACTION_FORMATS[spec]
+
+
+def find_action(text: str, fmt: ActionFormat) -> Optional[str]:
+    """The action of a turn: the text between its first `open` and the first `close` after it, or None. Monotone: a
+    text that holds an action still holds it with more text after it (the turn loop's cut relies on it)."""
+    start = text.find(fmt.open)
+    end = -1 if start < 0 else text.find(fmt.close, start + len(fmt.open))
+    return None if end < 0 else text[start + len(fmt.open):end]
+
+
+class EnvSpecError(ValueError):
+    """A bad ENVIRONMENT spec: the trainer prints it as one error line."""
+
+
+class EnvironmentType:
+    """A built environment spec: makes one instance per trajectory and runs a batch of steps, at most `workers` at a
+    time, each stopped after `timeout` seconds. A step that raises or hangs ends its trajectory (Outcome.error)."""
+    name = ""
+    default_format = "tool_tag"
+    workers = 1
+    tool_schema: Optional[dict] = None  # the function the tool_call format calls (for apply_chat_template(tools=...))
+
+    def new(self, row: dict):
+        raise NotImplementedError
+
+    def steps(self, calls: list[tuple[Any, str]], timeout: float) -> list["Outcome"]:
+        """(instance, action) pairs -> one Outcome each, in order; `workers` at a time, each with `timeout` seconds."""
+        return run_steps(calls, timeout, self.workers)
+
+
+class Outcome(NamedTuple):
+    step: Optional[Step]  # None: the step raised or hung
+    error: str  # "" or why the trajectory ended
+    seconds: float
+
+
+def as_step(out: Any) -> Step:
+    if isinstance(out, Step):
+        return out
+    if not isinstance(out, (tuple, list)) or len(out) not in (3, 4):
+        raise TypeError(f"step() returned {type(out).__name__}; expected (observation, reward or None, done)")
+    observation, reward, done = out[:3]
+    if observation is not None and not isinstance(observation, str):
+        raise TypeError(f"step() returned an observation of type {type(observation).__name__}; expected a string or None")
+    if reward is not None and (isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward)):
+        raise TypeError(f"step() returned reward {reward!r}; expected a finite number or None")
+    return Step(observation, None if reward is None else float(reward), bool(done), bool(out[3]) if len(out) == 4 else False)
+
+
+def run_steps(calls: list[tuple[Any, str]], timeout: float, workers: int) -> list[Outcome]:
+    """`workers` steps at a time, each in a daemon thread of its own: a step that hangs is abandoned after `timeout`
+    seconds (its thread cannot be killed, but it holds nothing of the trainer's and dies with the process)."""
+    out: list[Outcome] = []
+    for at in range(0, len(calls), max(1, workers)):
+        started = []
+        for instance, action in calls[at:at + max(1, workers)]:
+            box: dict = {}
+            thread = threading.Thread(target=_one_step, args=(instance, action, box), daemon=True)
+            started.append((thread, box, time.perf_counter()))
+            thread.start()
+        for thread, box, t0 in started:
+            thread.join(max(0.0, t0 + timeout - time.perf_counter()))
+            if thread.is_alive():
+                out.append(Outcome(None, f"step did not return within ENV_STEP_TIMEOUT={timeout:g} s", timeout))
+            else:
+                out.append(Outcome(box.get("step"), box.get("error", ""), box.get("seconds", 0.0)))
+    return out
+
+
+def _one_step(instance: Any, action: str, box: dict) -> None:
+    t0 = time.perf_counter()
+    try:
+        box["step"] = as_step(instance.step(action))
+    except Exception as e:  # noqa: BLE001 - a user's environment: any failure ends its trajectory, reported
+        box["error"] = f"step raised {type(e).__name__}: {e}"
+    box["seconds"] = time.perf_counter() - t0
+
+
+# ---- calculator ----
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+
+
+class CalcError(ValueError):
+    pass
+
+
+def calculate(expression: str, max_length: int = 200, max_digits: int = 30) -> str:
+    """An arithmetic expression -> its value as text, exact (fractions) until shown: an integer, or a decimal of at most
+    12 significant digits. Only numbers, + - * / // % **, unary signs and parentheses (× ÷ and a thousands comma
+    are read as * / and nothing); anything else, a result over max_digits digits or an exponent over 64 raises
+    CalcError, whose text is the observation."""
+    text = expression.strip().replace("×", "*").replace("÷", "/").replace("^", "**").replace("−", "-")
+    text = text.rstrip("=").strip()
+    if not text:
+        raise CalcError("empty expression")
+    if len(text) > max_length:
+        raise CalcError(f"expression longer than {max_length} characters")
+    try:
+        tree = ast.parse(text.replace(",", ""), mode="eval")
+    except SyntaxError:
+        raise CalcError(f"cannot read {expression.strip()[:60]!r} as arithmetic") from None
+    limit = 10 ** max_digits
+
+    def value(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return Fraction(str(node.value)) if isinstance(node.value, float) else Fraction(node.value)
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+            return _UNARY[type(node.op)](value(node.operand))
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Pow):
+                if right.denominator != 1 or abs(right) > 64:
+                    raise CalcError("only whole exponents up to 64")
+                if left == 0 and right < 0:
+                    raise CalcError("division by zero")
+            elif isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and right == 0:
+                raise CalcError("division by zero")
+            out = _OPS[type(node.op)](left, right)
+            out = Fraction(out)
+            if abs(out) >= limit or out.denominator >= limit:
+                raise CalcError(f"result has more than {max_digits} digits")
+            return out
+        raise CalcError(f"not arithmetic: {ast.get_source_segment(text.replace(',', ''), node) or type(node).__name__}")
+
+    result = value(tree.body)
+    if abs(result) >= limit:
+        raise CalcError(f"result has more than {max_digits} digits")
+    if result.denominator == 1:
+        return str(result.numerator)
+    return f"{float(result):.12g}"
+
+
+class Calculator:
+    """One trajectory's calculator (no state)."""
+
+    def __init__(self, max_length: int, max_digits: int, system: str):
+        self.max_length, self.max_digits, self.system = max_length, max_digits, system
+
+    def reset(self, row: dict) -> Optional[list]:
+        return [{"role": "system", "content": self.system}] if self.system else None
+
+    def step(self, action: str) -> Step:
+        try:
+            return Step(calculate(action, self.max_length, self.max_digits))
+        except CalcError as e:
+            return Step(f"error: {e}", error=True)
+
+
+class CalculatorType(EnvironmentType):
+    name, default_format = "calculator", "calc_tag"
+    tool_schema = {"type": "function", "function": {
+        "name": "calculator", "description": "Evaluate an arithmetic expression (+ - * / ** %, parentheses).",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+
+    def __init__(self, max_length: int, max_digits: int, system: str):
+        self.args = (max_length, max_digits, system)
+
+    def new(self, row: dict) -> Calculator:
+        return Calculator(*self.args)
+
+
+def calculator(ctx: rewards.Context, max_length: Annotated[int, ">=1"] = 200, max_digits: Annotated[int, ">=1"] = 30,
+               system: str = "") -> CalculatorType:
+    """Arithmetic, evaluated by walking the expression's syntax tree (no eval): integers, decimals, + - * / // % **
+    (whole exponents up to 64), unary signs, parentheses; × ÷ ^ are read as * / **. At most max_length characters and
+    max_digits digits in any intermediate result; a bad expression gets an `error: ...` observation (an action error).
+    system: a system message put before the prompt (e.g. how to call the calculator); "" adds none."""
+    return CalculatorType(max_length, max_digits, system)
+
+
+# ---- code: the model's program, in the sandbox ----
+_MAIN = """
+import sys, traceback
+try:
+    exec(compile({program!r}, "main.py", "exec"), {{"__name__": "__main__"}})
+except SystemExit:
+    pass
+except BaseException:
+    traceback.print_exc(file=sys.stdout)
+"""
+
+
+class CodeRunner:
+    """One trajectory's code environment: each action is a fresh program in a fresh sandbox (no state between
+    steps; a program that needs earlier definitions repeats them)."""
+
+    def __init__(self, kind: "CodeType"):
+        self.kind = kind
+
+    def reset(self, row: dict) -> Optional[list]:
+        return [{"role": "system", "content": self.kind.system}] if self.kind.system else None
+
+    def step(self, action: str) -> Step:
+        slot = self.kind.slots.get()
+        try:
+            result = rewards._run_sandboxed(_MAIN.format(program=action), [], None, self.kind.limits, slot)
+        finally:
+            self.kind.slots.put(slot)
+        output = result.output.rstrip()
+        failed = result.why and result.why != "no result" or "Traceback (most recent call last)" in output
+        if result.why:
+            output = (output + "\n" if output else "") + f"error: {result.why}"
+        return Step(output or "(no output)", error=bool(failed))
+
+
+class CodeType(EnvironmentType):
+    name, default_format = "code", "python_block"
+
+    def __init__(self, limits: rewards.SandboxLimits, workers: int, system: str):
+        self.limits, self.workers, self.system = limits, workers, system
+        self.slots: queue.SimpleQueue = queue.SimpleQueue()
+        for slot in range(workers):
+            self.slots.put(slot)
+
+    def new(self, row: dict) -> CodeRunner:
+        return CodeRunner(self)
+
+
+def code(ctx: rewards.Context, timeout: Annotated[float, ">0"] = 5.0, memory_mb: Annotated[int, ">=16"] = 512,
+         max_processes: Annotated[int, ">=1"] = 16, max_output_kb: Annotated[int, ">=1"] = 64,
+         workers: Annotated[int, ">=1"] = 2, isolation: str = "best", system: str = "") -> CodeType:
+    """The action (the turn's ```python block) runs as a program in the code reward's sandbox: a fresh child each time,
+    bubblewrap namespaces where available (no network, none of the trainer's files, a private /tmp), and always the
+    time, CPU, memory, process, file-size and output limits; `workers` programs at a time. The observation is what it
+    printed (a traceback included), then `error: <why>` when a limit stopped it. isolation "require": refuse to start
+    without namespaces."""
+    where = rewards.sandbox_isolation()
+    if isolation not in ("best", "require"):
+        raise EnvSpecError(f'code: isolation must be "best" or "require", got {isolation!r}')
+    if isolation == "require" and where.level != "namespaces":
+        raise EnvSpecError(f"code: isolation \"require\" needs bubblewrap namespaces, and this machine has {where.detail}")
+    ctx.say(f"code environment sandbox: {where.detail}; per action {timeout:g} s, {memory_mb} MB, {max_processes} "
+            f"processes, {max_output_kb} KB of output, {workers} at a time")
+    return CodeType(rewards.SandboxLimits(timeout, memory_mb, max_processes, max_output_kb), workers, system)
+
+
+# ---- python: the user's own class ----
+class UserType(EnvironmentType):
+    name, default_format = "python", "tool_tag"
+
+    def __init__(self, cls: type, args: dict, workers: int, label: str):
+        self.cls, self.args, self.workers, self.label = cls, args, workers, label
+
+    def new(self, row: dict):
+        return self.cls(**self.args)
+
+
+def python(ctx: rewards.Context, path: str = "", class_name: str = "", args: Optional[dict] = None,
+           workers: Annotated[int, ">=1"] = 1) -> UserType:
+    """Your own environment: the class `class` in the local Python file `path`, made once per trajectory with
+    `args` as keyword arguments, with reset(row) -> messages or None and step(action_text) -> (observation, reward or
+    None, done). It runs your code, so the config must opt in with TRUST_REMOTE_CODE: true. A step that raises ends
+    its trajectory (reward 0, counted, logged with the row); one that takes longer than ENV_STEP_TIMEOUT is abandoned.
+    workers: steps run at once (threads)."""
+    file = _python_file(path, ctx.trust_remote_code)
+    spec = importlib.util.spec_from_file_location(f"user_env_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's file: any error is reported, with its type
+        raise EnvSpecError(f"python environment file {str(file)!r} failed to import: {type(e).__name__}: {e}") from None
+    cls = getattr(module, class_name, None)
+    if not inspect.isclass(cls):
+        defined = sorted(k for k, v in vars(module).items() if inspect.isclass(v) and v.__module__ == module.__name__)
+        raise EnvSpecError(f"python environment file {str(file)!r} has no class {class_name!r} (its classes: "
+                           f"{defined or 'none'}); set \"class\" to the one to use")
+    missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
+    if missing:
+        raise EnvSpecError(f"python environment class {class_name!r} in {str(file)!r} has no method {' or '.join(missing)}: "
+                           "it needs reset(row) -> messages or None and step(action) -> (observation, reward, done)")
+    return UserType(cls, dict(args or {}), workers, f"{file}:{class_name}")
+
+
+def _python_file(path: str, trusted: Optional[bool]) -> Path:
+    if trusted is False:
+        raise EnvSpecError(f'type "python" runs the code in {path or "its file"!r}: set TRUST_REMOTE_CODE: true in the '
+                           "config to allow it (the same opt-in as custom model code and the python reward)")
+    if not path:
+        raise EnvSpecError('python needs "path": a local .py file defining your environment class, and "class": its name')
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise EnvSpecError(f"python environment file {path!r} does not exist (looked at {file.resolve()})")
+    return file
+
+
+ENVIRONMENTS: dict[str, Callable[..., EnvironmentType]] = {
+    "calculator": calculator,
+    "code": code,
+    "python": python,
+}
+RENAMED = {"class": "class_name"}  # spec field -> builder argument (a Python keyword)
+
+
+def _fields_of(spec: dict) -> dict:
+    return {RENAMED.get(k, k): v for k, v in spec.items() if k != "type"}
+
+
+def check_spec(spec: Any, trust_remote_code: Optional[bool] = None, where: str = "ENVIRONMENT") -> None:
+    """Validate an environment spec (type, fields, their types and bounds; python: the opt-in and the file) without
+    building it. Raises EnvSpecError naming the field."""
+    try:
+        builder = rewards._check_type(spec, ENVIRONMENTS, where)
+        rewards._check_fields({"type": spec["type"], **_fields_of(spec)}, builder, where, skip_ctx=True, common={"type"})
+    except rewards.RewardSpecError as e:
+        raise EnvSpecError(str(e).replace("class_name", "class")) from None
+    if spec["type"] == "python":
+        if not spec.get("class"):
+            raise EnvSpecError(f'{where}: python needs "class": the name of your environment class in {spec.get("path")!r}')
+        try:
+            _python_file(spec.get("path", ""), trust_remote_code)
+        except EnvSpecError as e:
+            raise EnvSpecError(f"{where}: {e}") from None
+
+
+def make_environment(spec: dict, **context) -> EnvironmentType:
+    """Build an environment type from its spec (context: rewards.Context's fields: trust_remote_code, say)."""
+    check_spec(spec, context.get("trust_remote_code", False))
+    ctx = rewards.Context(**context)
+    try:
+        return ENVIRONMENTS[spec["type"]](ctx, **_fields_of(spec))
+    except EnvSpecError as e:
+        raise EnvSpecError(f"ENVIRONMENT: {e}") from None
+
+
+def truncate_middle(ids: list, max_tokens: int) -> tuple[list, list, int]:
+    """Token ids longer than max_tokens -> (head, tail, tokens cut) with head + tail = max_tokens, cut from the middle."""
+    if len(ids) <= max_tokens:
+        return ids, [], 0
+    head = max_tokens // 2
+    tail = max_tokens - head
+    return ids[:head], ids[len(ids) - tail:] if tail else [], len(ids) - max_tokens
+

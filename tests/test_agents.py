@@ -1,0 +1,430 @@
+"""Agents: environments (environments.py), the turn loop (TurnLoop), token-exact trajectories and their loss masks.
+
+A scripted engine (ScriptedEngine: emits given token sequences, obeys max_tokens and stop strings the way an engine
+does, running past the stop marker as vLLM's detokenizer can) checks buffers, masks, stop cuts and limits exactly; the
+tiny model runs through the CLI with the calculator and code environments."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ENV, ROOT, comparable, metrics, run_cli, torchrun
+from test_sandbox import HOSTILE, MARK, leftovers, world  # noqa: F401 - world is a fixture
+
+import environments
+import hybrid_trainer as ht
+
+
+# ---- the calculator, by hand ----
+@pytest.mark.parametrize("expr, value", [
+    ("347*29", "10063"), ("347 × 29", "10063"), ("1,234 + 766", "2000"), ("12/4", "3"), ("7/2", "3.5"), ("2**10", "1024"),
+    ("-(3 + 4) * 5 % 6", "1"), ("0.1 + 0.2", "0.3"), ("10 ÷ 4", "2.5"), ("17 // 5", "3"), ("2^3", "8"), ("1/3", "0.333333333333"),
+    ("12 * 3 =", "36")])
+def test_calculator_values(expr, value):
+    assert environments.calculate(expr) == value
+
+
+@pytest.mark.parametrize("expr, why", [
+    ("__import__('os').system('id')", "not arithmetic"), ("open('x')", "not arithmetic"), ("2**65", "whole exponents up to 64"),
+    ("2**0.5", "whole exponents"), ("1/0", "division by zero"), ("5 % 0", "division by zero"), ("9**64 * 9**64", "more than 30 digits"),
+    ("1" * 201, "longer than 200"), ("", "empty"), ("3 +", "cannot read"), ("[1]", "not arithmetic"), ("True + 1", "not arithmetic"),
+    ("x * 2", "not arithmetic"), ("lambda: 1", "not arithmetic")])
+def test_calculator_refuses(expr, why):
+    with pytest.raises(environments.CalcError, match=why):
+        environments.calculate(expr)
+
+
+def test_calculator_step_reports_errors_as_observations():
+    env = environments.make_environment({"type": "calculator"}).new({})
+    assert env.reset({}) is None
+    assert env.step("6*7") == environments.Step("42")
+    bad = env.step("import os")
+    assert bad.observation.startswith("error: ") and bad.error and not bad.done
+
+
+def test_find_action_and_truncate_middle():
+    calc = environments.ACTION_FORMATS["calc_tag"]
+    assert environments.find_action("so <calc>2*3</calc>", calc) == "2*3"
+    assert environments.find_action("<calc>1</calc> no", calc) == "1"
+    assert environments.find_action("the answer is 6", calc) is None
+    assert environments.find_action("</calc> without an opening", calc) is None
+    assert environments.find_action("<calc>1</calc> then <calc>2</calc>", calc) == "1"
+    block = environments.ACTION_FORMATS["python_block"]
+    assert environments.find_action("run:\n```python\nprint(1)\n```", block) == "print(1)\n"
+    assert environments.truncate_middle(list(range(10)), 4) == ([0, 1], [8, 9], 6)
+    assert environments.truncate_middle([1, 2], 4) == ([1, 2], [], 0)
+
+
+# ---- specs ----
+def test_bad_specs_name_the_field(tmp_path):
+    check = environments.check_spec
+    for spec, message in [({"type": "calculater"}, "did you mean 'calculator'"), ({"type": "code", "timeout": 0}, "timeout must be"),
+                          ({"type": "calculator", "digits": 3}, "unknown field 'digits'"), ("calculator", "JSON object"),
+                          ({"type": "python", "path": "x.py", "class": "E"}, "TRUST_REMOTE_CODE")]:
+        with pytest.raises(environments.EnvSpecError, match=message):
+            check(spec, trust_remote_code=False)
+    with pytest.raises(environments.EnvSpecError, match="does not exist"):
+        check({"type": "python", "path": str(tmp_path / "none.py"), "class": "E"}, trust_remote_code=True)
+    (tmp_path / "env.py").write_text("class Other:\n    pass\n")
+    with pytest.raises(environments.EnvSpecError, match=r"has no class 'E' \(its classes: \['Other'\]\)"):
+        environments.make_environment({"type": "python", "path": str(tmp_path / "env.py"), "class": "E"}, trust_remote_code=True)
+    with pytest.raises(environments.EnvSpecError, match="has no method reset or step"):
+        environments.make_environment({"type": "python", "path": str(tmp_path / "env.py"), "class": "Other"}, trust_remote_code=True)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"type": "nope"}, "ENVIRONMENT: unknown type 'nope'"),
+    ({"type": "python", "path": "envs.py", "class": "E"}, "set TRUST_REMOTE_CODE: true"),
+])
+def test_bad_environment_is_one_error_line_before_weights(tmp_path, tiny_chat_model, env, message):
+    cfg = {"MODE": "ppo", "MODEL": str(tiny_chat_model), "TRAIN_FILE": str(ROOT / "data" / "tool_train.json"),
+           "OUTPUT_DIR": str(tmp_path / "out"), "REWARD": {"type": "math"}, "ENVIRONMENT": env}
+    result = run_cli(cfg, tmp_path, "--check", check=False)
+    assert result.returncode == 2 and result.stderr.count("error:") == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ---- the scripted engine ----
+class ScriptedEngine:
+    """A generation backend for tests: script(prompt_ids) -> the ids the model 'samples' next (EOS included where the
+    turn ends). It honours max_tokens and, with stop strings, ends a turn `overshoot` tokens after the stop marker
+    (an engine's detokenizer may see the marker a token late), as HF and vLLM do."""
+
+    def __init__(self, tokenizer, script, overshoot: int = 2):
+        self.tok, self.script, self.overshoot, self.calls = tokenizer, script, overshoot, []
+
+    def sync_weights(self, version):
+        pass
+
+    def sleep(self):
+        pass
+
+    def generate(self, prompts, n=1, greedy=False, temperature=None, max_tokens=None, stop=None):
+        out, ended, logprobs = [], [], []
+        limits = max_tokens or [10**6] * len(prompts)
+        self.calls.append((len(prompts), n, list(limits), stop))
+        for prompt, limit in zip(prompts, limits):
+            for _ in range(n):
+                ids = list(self.script(prompt))[:limit]
+                if stop:
+                    for k in range(1, len(ids) + 1):
+                        if any(s in self.tok.decode(ids[:k]) for s in stop):
+                            ids = ids[:k + self.overshoot]
+                            break
+                eos = self.tok.eos_token_id
+                ids = ids[:ids.index(eos) + 1] if eos in ids else ids
+                out.append(ids)
+                ended.append(bool(ids) and ids[-1] == eos)
+                logprobs.append([-0.5] * len(ids))
+        return ht.Generation(out, torch.tensor(ended), logprobs)
+
+
+def encode(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def trainer_with(tiny_chat_model, script, env_spec, overshoot=2, **keys):
+    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": str(tiny_chat_model), "TRAIN_FILE": "-", "OUTPUT_DIR": "-",
+                               "ENVIRONMENT": env_spec, "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 1,
+                               "MAX_NEW_TOKENS": 64, "MAXSEQ": 256, "SEED": 0, "INIT_KL_COEF": 0.0, "REWARD": {"type": "math"},
+                               **keys})
+    policy, _, tok = ht.load_model(cfg, torch.device("cpu"))
+    env = ht.build_environment(cfg) if env_spec else None
+    trainer = ht.HybridTrainer(cfg, policy, None, tok, ht.build_reward(cfg, "cpu"), environment=env)
+    trainer._engine = ScriptedEngine(tok, lambda prompt: script(tok, prompt), overshoot)
+    return trainer, tok
+
+
+def example(tok, question="What is 12 * 3?", answer="36"):
+    messages = [{"role": "user", "content": question}]
+    ex = ht.Example(index=0, item={"answer": answer}, target=f"The answer is {answer}.", messages=messages, question=question)
+    ex.prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ex.prompt_ids = encode(tok, ex.prompt)
+    return ex
+
+
+def calc_script(tok, prompt):
+    """First turn: an action (and tokens after its marker, which the loop cuts); after an observation: the answer."""
+    text = tok.decode(prompt)
+    if "<|tool|>" not in text:
+        return encode(tok, "<calc>12*3</calc> and more") + [tok.eos_token_id]
+    return encode(tok, "The answer is 36.") + [tok.eos_token_id]
+
+
+def rendered_ids(tok, t: ht.Trajectory) -> list:
+    """The finished conversation rendered by the chat template, cut after its last EOS (what the buffer must equal)."""
+    ids = encode(tok, tok.apply_chat_template(t.messages, tokenize=False))
+    return ids[:max(i for i, x in enumerate(ids) if x == tok.eos_token_id) + 1]
+
+
+def test_two_turn_trajectory_is_token_exact_with_loss_mask(tiny_chat_model):
+    trainer, tok = trainer_with(tiny_chat_model, calc_script, {"type": "calculator"})
+    (t, _) = trainer.turns.run([example(tok)], n=2)
+    action, answer = encode(tok, "<calc>12*3</calc>"), encode(tok, "The answer is 36.") + [tok.eos_token_id]
+    observation = [tok.eos_token_id] + encode(tok, "<|tool|>36<|end|><|assistant|>")
+    assert t.ids == action + observation + answer  # the tokens after the marker were cut, the template closed the turn
+    assert t.mask == [1] * len(action) + [0] * len(observation) + [1] * len(answer)
+    assert t.logprobs == [-0.5] * len(action) + [0.0] * len(observation) + [-0.5] * len(answer)
+    assert t.prompt_ids + t.ids == rendered_ids(tok, t)
+    assert [m["role"] for m in t.messages] == ["user", "assistant", "tool", "assistant"]
+    assert (t.turns, t.actions, t.action_errors, t.truncated, t.ended, t.last) == (2, 1, 0, False, True, answer)
+    calls = trainer._engine.calls
+    assert calls[0][:2] == (1, 2) and calls[1][:2] == (2, 1), calls  # turn 1: n per prompt; turn 2: the active ones
+
+
+def test_smollm2_template_suffix_and_a_whole_trajectory():
+    """SmolLM2's own template: the observation's ids start with the newline the template puts after <|im_end|>, and a
+    finished trajectory equals the rendered conversation."""
+    cfg = ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-"})
+    paths = ht.resolve_model(cfg)
+    tok = ht.load_tokenizer(cfg, paths)
+    suffix = ht.template_suffix(tok, {"role": "tool", "content": "10063"})
+    assert tok.decode(suffix) == "\n<|im_start|>tool\n10063<|im_end|>\n<|im_start|>assistant\n"
+    turn_loop = ht.TurnLoop(ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "ENVIRONMENT": {"type": "calculator"}}),
+                            ht.api_plan(ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-"}), 1), None, tok,
+                            environments.make_environment({"type": "calculator"}))
+    engine = ScriptedEngine(tok, lambda p: calc_script_smol(tok, p))
+    turn_loop.generate = lambda prompts, **kw: engine.generate(prompts, **kw)
+    (t,) = turn_loop.run([example(tok, "What is 347 * 29?", "10063")], n=1)
+    assert t.prompt_ids + t.ids == rendered_ids(tok, t) and t.messages[2]["content"] == "10063"
+
+
+def calc_script_smol(tok, prompt):
+    if "<|im_start|>tool" not in tok.decode(prompt):
+        return encode(tok, "Let me compute <calc>347*29</calc>") + [tok.eos_token_id]
+    return encode(tok, "347 * 29 = 10063. The answer is 10063.") + [tok.eos_token_id]
+
+
+def test_re_tokenizing_would_have_changed_the_ids(tiny_chat_model):
+    """The model samples 'the cat' one character at a time (a valid, non-canonical tokenization): the buffer keeps
+    those ids, while decoding and re-rendering the conversation tokenizes 'the cat' into merged tokens."""
+    def script(tok, prompt):
+        if "<|tool|>" not in tok.decode(prompt):
+            return encode(tok, "<calc>2*2</calc>")
+        return [encode(tok, c)[0] for c in "the cat"] + [tok.eos_token_id]
+
+    trainer, tok = trainer_with(tiny_chat_model, script, {"type": "calculator"})
+    (t, _) = trainer.turns.run([example(tok)], n=2)
+    sampled = [encode(tok, c)[0] for c in "the cat"] + [tok.eos_token_id]
+    assert t.ids[-len(sampled):] == sampled
+    assert tok.decode(t.prompt_ids + t.ids) == tok.decode(rendered_ids(tok, t))  # the same text ...
+    assert t.prompt_ids + t.ids != rendered_ids(tok, t)  # ... other ids: re-tokenizing would train on tokens never sampled
+
+
+def test_limits_max_turns_tokens_and_observation_length(tiny_chat_model):
+    always_act = lambda tok, prompt: encode(tok, "<calc>9*9</calc>") + [tok.eos_token_id]  # noqa: E731
+    trainer, tok = trainer_with(tiny_chat_model, always_act, {"type": "calculator"}, MAX_TURNS=3)
+    (t, _) = trainer.turns.run([example(tok)], n=2)
+    assert (t.turns, t.actions, t.truncated, t.done) == (3, 2, True, True)  # the third action is not run: no turn follows
+    assert [m["role"] for m in t.messages][1:] == ["assistant", "tool"] * 2 + ["assistant"]
+    trainer, tok = trainer_with(tiny_chat_model, always_act, {"type": "calculator"}, MAX_TURNS=9, MAX_NEW_TOKENS=30)
+    (t, _) = trainer.turns.run([example(tok)], n=2)
+    assert sum(t.mask) <= 30 and t.truncated
+    # a long observation is cut from the middle, saying so
+    long = {"type": "calculator"}
+    trainer, tok = trainer_with(tiny_chat_model, lambda tok, p: encode(tok, "<calc>10**29</calc>") if "<|tool|>" not in tok.decode(p)
+                                else [tok.eos_token_id], long, MAX_OBSERVATION_TOKENS=6)
+    (t, _) = trainer.turns.run([example(tok)], n=2)
+    assert "tokens cut" in t.messages[2]["content"] and t.messages[2]["content"].startswith("1")
+    assert t.prompt_ids + t.ids == rendered_ids(tok, t)
+
+
+def test_the_update_reads_the_trajectory_loss_mask(tiny_chat_model):
+    """ppo_update on scripted trajectories: the Rollout's loss mask is 1 on the model's tokens and 0 on the observation,
+    the reward scores the final answer (36: right), and the env metrics count what happened."""
+    trainer, tok = trainer_with(tiny_chat_model, calc_script, {"type": "calculator"})
+    batch, _, _ = trainer.collector.batch([example(tok)])
+    rollout = ht.make_rollout(batch.samples, 2, tok.pad_token_id, torch.device("cpu"))
+    n_action = len(encode(tok, "<calc>12*3</calc>"))
+    n_obs = 1 + len(encode(tok, "<|tool|>36<|end|><|assistant|>"))
+    assert rollout.loss_mask[0, :n_action].eq(1).all() and rollout.loss_mask[0, n_action:n_action + n_obs].eq(0).all()
+    assert rollout.scores.tolist() == [1.0, 1.0]
+    stats = trainer.ppo_update([example(tok)])
+    assert stats["env/turns"] == 2 and stats["env/actions"] == 1 and stats["env/observation_tokens"] == n_obs
+    assert stats["env/truncated"] == 0 and stats["env/failed"] == 0 and "time/env_s" in stats
+    assert stats["ppo/response_length"] == rollout.loss_mask.sum(1).mean().item()  # the model's tokens only
+
+
+class Raises:
+    def reset(self, row):
+        return None
+
+    def step(self, action):
+        raise RuntimeError("the user's environment broke")
+
+
+class Hangs:
+    def reset(self, row):
+        return [{"role": "system", "content": "Use the tool."}]
+
+    def step(self, action):
+        time.sleep(30)
+
+
+class Rewards:
+    def reset(self, row):
+        return None
+
+    def step(self, action):
+        return ("ok", 0.25, False)
+
+
+def test_user_environments_that_raise_hang_or_reward(tiny_chat_model, tmp_path, monkeypatch):
+    path = tmp_path / "envs.py"
+    source = open(__file__).read()
+    path.write_text("import time\n\n" + source[source.index("class Raises:"):source.index("def test_user_environments")])
+    action = lambda tok, p: (encode(tok, "<tool>go</tool>") if "<|tool|>" not in tok.decode(p)  # noqa: E731
+                             else encode(tok, "done") + [tok.eos_token_id])
+    keys = dict(TRUST_REMOTE_CODE=True, ENV_STEP_TIMEOUT=0.5)
+    trainer, tok = trainer_with(tiny_chat_model, action, {"type": "python", "path": str(path), "class": "Raises"}, **keys)
+    stats = trainer.ppo_update([example(tok)])
+    assert stats["env/failed"] == 1.0 and stats["reward/mean"] == 0.0
+    trainer, tok = trainer_with(tiny_chat_model, action, {"type": "python", "path": str(path), "class": "Hangs"}, **keys)
+    t0 = time.perf_counter()
+    (t, _) = trainer.turns.run([example(tok)], n=2)
+    assert "ENV_STEP_TIMEOUT=0.5" in t.error and time.perf_counter() - t0 < 5
+    assert t.messages[0] == {"role": "system", "content": "Use the tool."}  # reset's messages lead the prompt
+    trainer, tok = trainer_with(tiny_chat_model, action, {"type": "python", "path": str(path), "class": "Rewards"},
+                                ENV_REWARD_WEIGHT=2.0, **keys)
+    batch, _, _ = trainer.collector.batch([example(tok)])
+    assert [s.score for s in batch.samples] == [0.5, 0.5]  # math scores "done" 0, plus 2 x the step's 0.25
+
+
+def test_hostile_actions_through_the_code_environment(tiny_chat_model, world):  # noqa: F811
+    """The sandbox's hostile table as actions of a whole rollout: each gets an observation, nothing is harmed."""
+    project = ROOT / "sandbox-was-here.txt"
+    programs = [p.format(out=str(world["out"]), home=str(world["home"]), project=str(project), port=world["port"], mark=MARK)
+                for _, p in HOSTILE] + ["import os\nprint(os.environ.get('HT_SECRET'))"]
+    queue = list(programs)
+
+    def script(tok, prompt):
+        if "<|tool|>" in tok.decode(prompt)[-400:] or not queue:
+            return encode(tok, "done") + [tok.eos_token_id]
+        return encode(tok, "```python\n" + queue.pop(0) + "\n```")
+
+    spec = {"type": "code", "timeout": 2.0, "memory_mb": 256, "workers": 4}
+    trainer, tok = trainer_with(tiny_chat_model, script, spec, NUM_GENERATIONS=len(programs), MAXSEQ=1024,
+                                MAX_NEW_TOKENS=400, MAX_OBSERVATION_TOKENS=64)
+    trajs = trainer.turns.run([example(tok)], n=len(programs))
+    observations = [t.messages[2]["content"] for t in trajs]
+    assert all(t.actions == 1 and not t.error for t in trajs), [t.error for t in trajs]
+    by_case = dict(zip([c for c, _ in HOSTILE] + ["print the secret"], observations))
+    assert "timed out" in by_case["infinite loop"] and "printed more than" in by_case["100 MB of output"], by_case
+    assert "MemoryError" in by_case["memory bomb"] or "error:" in by_case["memory bomb"]
+    assert "s3cret" not in "".join(observations)
+    for d in (world["out"], world["home"]):
+        assert (d / "keep.txt").read_text() == "keep"
+    assert not project.exists() and world["accepted"] == []
+    time.sleep(0.5)
+    assert leftovers() == []
+    assert all(t.prompt_ids + t.ids == rendered_ids(tok, t) for t in trajs)
+
+
+def test_code_environment_shows_output_and_tracebacks():
+    env = environments.make_environment({"type": "code", "timeout": 3.0}, say=lambda line: None).new({})
+    assert env.step("print(6 * 7)") == environments.Step("42")
+    failed = env.step("1/0")
+    assert failed.error and "ZeroDivisionError" in failed.observation
+    assert env.step("x = 1").observation == "(no output)"
+
+
+# ---- SFT on tool demonstrations ----
+def test_sft_trains_acting_turns_and_masks_observations(tiny_chat_model):
+    cfg = ht.Config.from_dict({"MODE": "sft", "MODEL": str(tiny_chat_model), "TRAIN_FILE": "-", "OUTPUT_DIR": "-",
+                               "ENVIRONMENT": {"type": "calculator"}})
+    _, _, tok = ht.load_model(cfg, torch.device("cpu"))
+    row = {"messages": [{"role": "user", "content": "What is 12 * 3?"}, {"role": "assistant", "content": "<calc>12*3</calc>"},
+                        {"role": "tool", "content": "36"}, {"role": "assistant", "content": "The answer is 36."}], "answer": "36"}
+    (ex,) = ht.tokenize_examples(ht.make_examples([row], "output", "TRAIN_FILE", data_format="messages"), cfg, tok, "chat", "TRAIN_FILE")
+    assert ex.prompt == "<|user|>What is 12 * 3?<|end|><|assistant|>"  # the rollout starts at the question
+    (p1, t1), (p2, t2) = ex.sft_pairs
+    assert tok.decode(t1) == "<calc>12*3</calc><|end|>" and tok.decode(t2) == "The answer is 36.<|end|>"
+    assert tok.decode(p2).endswith("<|tool|>36<|end|><|assistant|>")  # the observation is prompt: no loss on it
+
+
+# ---- the CLI: the tiny model with each environment ----
+def agent_config(tmp_path, model, **keys):
+    return {
+        "MODE": "ppo", "MODEL": str(model), "TRAIN_FILE": str(ROOT / "data" / "tool_train.json"), "NUM_SAMPLES": 4,
+        "OUTPUT_DIR": str(tmp_path / "out"), "REWARD": {"type": "math"}, "ENVIRONMENT": {"type": "calculator"},
+        "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "PPO_EPOCHS": 1, "MAX_NEW_TOKENS": 24, "MAXSEQ": 384,
+        "MAX_TURNS": 2, "TEMPERATURE": 1.0, "TOP_P": 1.0, "NO_REPEAT_NGRAM_SIZE": 0, "REPETITION_PENALTY": 1.0, "SEED": 0,
+        "LOG_EVERY": 1, **keys}
+
+
+@pytest.mark.parametrize("env, backend", [({"type": "calculator"}, "hf"), ({"type": "calculator"}, "vllm"),
+                                          ({"type": "code", "timeout": 2.0}, "hf")])
+def test_cli_runs_with_an_environment(tmp_path, tiny_chat_model, env, backend):
+    """The tiny model, untrained, rarely acts: one scripted-free run checks the wiring end to end (metrics, the
+    evaluation's env metrics and the report's whole trajectory), on each engine."""
+    keys = dict(ENVIRONMENT=env, GENERATION_BACKEND=backend, EVAL_FILE=str(ROOT / "data" / "tool_eval.json"), EVAL_SAMPLES=2,
+                EVAL_NUM_SAMPLES=2, CATEGORY_FIELD="category")
+    if backend == "vllm":
+        keys.update(VLLM_KV_CACHE_GB=0.25, BF16=False)
+    run_cli(agent_config(tmp_path, tiny_chat_model, **keys), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    ppo = [r for r in records if "env/turns" in r]
+    assert len(ppo) == 2 and all(1 <= r["env/turns"] <= 2 for r in ppo) and all("time/env_s" in r for r in ppo)
+    evals = [r for r in records if r.get("phase") == "eval"]
+    assert len(evals) == 2 and all("eval/turns" in r and "eval/action_error_rate" in r for r in evals)
+    assert "## One whole trajectory" in (tmp_path / "out" / "report.md").read_text()
+    if backend == "vllm":
+        assert all("rollout/logprob_abs_diff" in r and r["rollout/logprob_abs_diff"] < 1e-3 for r in ppo)
+
+
+# ---- processes, resume, hybrids ----
+def test_one_process_equals_two_on_trajectories(tiny_chat_model, tmp_path):
+    from test_distributed import max_diff
+
+    helper = ROOT / "tests" / "dist_helper.py"
+    one = subprocess.run([sys.executable, str(helper), "trajectories", str(tiny_chat_model), str(tmp_path / "one.st")],
+                         capture_output=True, text=True, env=ENV)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun([helper, "trajectories", tiny_chat_model, tmp_path / "two.st"])
+    assert max_diff(tmp_path / "one.st", tmp_path / "two.st") <= 1e-6
+    line = one.stdout.splitlines()[-1]
+    assert line == two.stdout.splitlines()[-1] and '"env/actions": 0.5' in line and '"reward/mean": 0.5' in line, line
+
+
+ACTS = {"ACTION_FORMAT": {"open": "t", "close": " "}}  # markers the untrained tiny model writes often: it acts every turn
+
+
+def test_resume_with_an_environment_after_sigkill(tiny_chat_model, tmp_path):
+    base = agent_config(tmp_path, tiny_chat_model, **ACTS, NUM_SAMPLES=8, PPO_BATCH=2, SAVE_EVERY=1, MAX_TURNS=3,
+                        LR_PPO=1e-3, KEEP_CHECKPOINTS=5)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_cli({**base, "OUTPUT_DIR": str(straight)}, tmp_path)
+    assert any(r["env/actions"] > 0 for r in metrics(straight) if "env/actions" in r)  # trajectories act
+    path = tmp_path / "killed.json"
+    path.write_text(json.dumps({**base, "OUTPUT_DIR": str(killed)}))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path)], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # as run_cli's runs (the same threads)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(int(p.name[5:]) >= 2 for p in (killed / "checkpoints").glob("step-*")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "inference_lm").exists(), "the run finished before it could be killed"
+    resumed = run_cli({**base, "OUTPUT_DIR": str(killed)}, tmp_path)
+    assert "resuming from" in resumed.stdout
+    assert comparable(metrics(killed)) == comparable(metrics(straight))
+    from test_distributed import max_diff
+    assert max_diff(straight / "inference_lm/model.safetensors", killed / "inference_lm/model.safetensors") <= 1e-6
+
+
+@pytest.mark.parametrize("hybrid", ["alternate", "gate", "mix"])
+def test_hybrids_with_an_environment(tiny_chat_model, tmp_path, hybrid):
+    """SFT on the tool demonstrations (their acting turns) and RL through the environment in one run; with
+    DYNAMIC_SAMPLING for alternate, MASK_TRUNCATED for gate, LoRA for mix."""
+    keys = {"alternate": {"DYNAMIC_SAMPLING": True}, "gate": {"GATE_THRESHOLD": 1.0, "MASK_TRUNCATED": True},
+            "mix": {"MIX_COEF": 0.5, "LORA_R": 4}}[hybrid]
+    cfg = agent_config(tmp_path, tiny_chat_model, **ACTS, MODE="hybrid", HYBRID=hybrid, SFT_BATCH=2, **keys)
+    run_cli(cfg, tmp_path)
+    records = metrics(tmp_path / "out")
+    assert any("env/turns" in r for r in records)
+    assert any("sft/loss" in r for r in records) or any("hybrid/sft_prompts" in r for r in records)
