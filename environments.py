@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
+import json
 import math
 import operator
 import queue
@@ -66,6 +67,9 @@ ACTION_FORMATS = {
 }
 
 
+DEFAULT_FORMATS = {"calculator": "calc_tag", "code": "python_block", "python": "tool_tag"}  # ACTION_FORMAT "auto"
+
+
 def action_format(spec: Any) -> ActionFormat:
     """ACTION_FORMAT: a name in ACTION_FORMATS, or {"open": ..., "close": ...} (a stop string unless open holds close)."""
     if isinstance(spec, dict):
@@ -79,6 +83,23 @@ def find_action(text: str, fmt: ActionFormat) -> Optional[str]:
     start = text.find(fmt.open)
     end = -1 if start < 0 else text.find(fmt.close, start + len(fmt.open))
     return None if end < 0 else text[start + len(fmt.open):end]
+
+
+def parse_tool_call(action: str, schema: dict) -> tuple[Optional[str], str]:
+    """A tool_call action ({"name": ..., "arguments": {...}}, as chat templates render tool calls) -> (the argument the
+    environment's step takes, ""), or (None, why it is not a call of the schema's function)."""
+    function = schema["function"]
+    try:
+        call = json.loads(action)
+    except ValueError:
+        return None, 'error: a tool call is a JSON object {"name": ..., "arguments": {...}}'
+    if not isinstance(call, dict) or call.get("name") != function["name"] or not isinstance(call.get("arguments"), dict):
+        return None, f'error: the tool is {function["name"]!r}, called as {{"name": "{function["name"]}", "arguments": {{...}}}}'
+    (param,) = function["parameters"]["required"]
+    value = call["arguments"].get(param)
+    if not isinstance(value, str):
+        return None, f"error: {function['name']} needs the argument {param!r}, a string"
+    return value, ""
 
 
 class EnvSpecError(ValueError):
@@ -222,7 +243,8 @@ class Calculator:
 
 
 class CalculatorType(EnvironmentType):
-    name, default_format = "calculator", "calc_tag"
+    name = "calculator"
+    default_format = DEFAULT_FORMATS[name]
     tool_schema = {"type": "function", "function": {
         "name": "calculator", "description": "Evaluate an arithmetic expression (+ - * / ** %, parentheses).",
         "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
@@ -279,7 +301,8 @@ class CodeRunner:
 
 
 class CodeType(EnvironmentType):
-    name, default_format = "code", "python_block"
+    name = "code"
+    default_format = DEFAULT_FORMATS[name]
 
     def __init__(self, limits: rewards.SandboxLimits, workers: int, system: str):
         self.limits, self.workers, self.system = limits, workers, system
@@ -311,7 +334,8 @@ def code(ctx: rewards.Context, timeout: Annotated[float, ">0"] = 5.0, memory_mb:
 
 # ---- python: the user's own class ----
 class UserType(EnvironmentType):
-    name, default_format = "python", "tool_tag"
+    name = "python"
+    default_format = DEFAULT_FORMATS[name]
 
     def __init__(self, cls: type, args: dict, workers: int, label: str):
         self.cls, self.args, self.workers, self.label = cls, args, workers, label

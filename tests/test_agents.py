@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,6 +195,43 @@ def test_smollm2_template_suffix_and_a_whole_trajectory():
     assert t.prompt_ids + t.ids == rendered_ids(tok, t) and t.messages[2]["content"] == "10063"
 
 
+def test_tool_call_format_on_a_qwen_template():
+    """ACTION_FORMAT "tool_call": the prompt carries the tool's schema (apply_chat_template(tools=...)), the model writes
+    the template's <tool_call> JSON, the observation is the template's <tool_response> turn; token-exact against the
+    rendered conversation. Qwen 2.5's template (as TRL ships it) on SmolLM2's tokenizer, which has the same <|im_*|>
+    tokens; a malformed call is answered with an error observation and the trajectory goes on."""
+    import trl
+
+    cfg = ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "ENVIRONMENT": {"type": "calculator"},
+                               "ACTION_FORMAT": "tool_call"})
+    tok = ht.load_tokenizer(cfg, ht.resolve_model(cfg))
+    tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    env = environments.make_environment({"type": "calculator"})
+    loop = ht.TurnLoop(cfg, ht.api_plan(cfg, 1), None, tok, env)
+    calls = ['<tool_call>\n{"name": "calculator", "arguments": {"expression": "347*29"}}\n</tool_call>',
+             '<tool_call>\nnot json\n</tool_call>']
+
+    def script(prompt):
+        text = tok.decode(prompt)
+        if "<tool_response>" not in text:
+            return encode(tok, calls[0]) + [tok.eos_token_id]
+        if text.count("<tool_response>") == 1:
+            return encode(tok, calls[1])
+        return encode(tok, "#### 10063") + [tok.eos_token_id]
+
+    engine = ScriptedEngine(tok, script, overshoot=0)
+    loop.generate = lambda prompts, **kw: engine.generate(prompts, **kw)
+    (t,) = loop.run([example(tok, "What is 347 * 29?", "10063")], n=1)
+    assert "# Tools" in tok.decode(t.prompt_ids) and '"name": "calculator"' in tok.decode(t.prompt_ids)
+    assert [m["role"] for m in t.messages][-5:] == ["assistant", "tool", "assistant", "tool", "assistant"]
+    assert t.messages[-4]["content"] == "10063" and t.messages[-2]["content"].startswith("error: a tool call is a JSON")
+    assert (t.actions, t.action_errors) == (2, 1)  # the malformed call: an action error, answered without the environment
+    rendered = encode(tok, tok.apply_chat_template(t.messages, tools=[env.tool_schema], tokenize=False))
+    rendered = rendered[:max(i for i, x in enumerate(rendered) if x == tok.eos_token_id) + 1]
+    assert t.prompt_ids + t.ids == rendered
+    assert "<|im_start|>user\n<tool_response>\n10063\n</tool_response><|im_end|>" in tok.decode(t.ids)
+
+
 def calc_script_smol(tok, prompt):
     if "<|im_start|>tool" not in tok.decode(prompt):
         return encode(tok, "Let me compute <calc>347*29</calc>") + [tok.eos_token_id]
@@ -323,6 +361,19 @@ def test_hostile_actions_through_the_code_environment(tiny_chat_model, world):  
     time.sleep(0.5)
     assert leftovers() == []
     assert all(t.prompt_ids + t.ids == rendered_ids(tok, t) for t in trajs)
+
+
+def test_hf_stop_criterion_looks_at_the_generated_text_only(tiny_chat_model):
+    """HFEngine's StopOnText: a row stops once its generated tokens hold the marker; the prompt's own markers (earlier
+    turns' actions) do not count."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
+    prompt = encode(tok, "<calc>1</calc> done")
+    rows = [prompt + encode(tok, "the <calc>2</calc>"), prompt + encode(tok, "the cat sat")]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.eos_token_id] * (width - len(r)) for r in rows])
+    assert ht.StopOnText(tok, ["</calc>"], len(prompt))(ids, None).tolist() == [True, False]
 
 
 def test_code_environment_shows_output_and_tracebacks():

@@ -157,7 +157,7 @@ def test_data_script_is_deterministic(tmp_path, monkeypatch):
     assert (tmp_path / "eval.json").read_text() == (ROOT / "data" / "eval.json").read_text()
 
 
-@pytest.mark.parametrize("name", ["demo", "sft", "ppo", "hybrid", "grpo", "hybrid_gate", "hybrid_mix"])
+@pytest.mark.parametrize("name", ["demo", "sft", "ppo", "hybrid", "grpo", "hybrid_gate", "hybrid_mix", "tool_sft", "tool_grpo"])
 def test_presets_validate(name, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert ht.main([f"configs/{name}.json", "--check"]) == 0
