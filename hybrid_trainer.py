@@ -126,8 +126,8 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     MODEL: str = _key("smollm2-135m-instruct", "local model dir, a .gguf file, or an alias: " + ", ".join(MODEL_ALIASES))
     TRAIN_FILE: str = _key("", "training data (required): JSON list, JSONL, CSV, Parquet, or a datasets save_to_disk directory")
     OUTPUT_DIR: str = _key("", "where metrics, checkpoints and models go (required)")
-    TRUST_REMOTE_CODE: bool = _key(False, "run code named by the config: custom model code from MODEL, and \"python\" rewards "
-                                   "(off unless you ask)")
+    TRUST_REMOTE_CODE: bool = _key(False, "run code named by the config: custom model code from MODEL, \"python\" rewards and "
+                                   "environments (off unless you ask)")
     CACHE_DIR: str = _key("", "where a .gguf model is converted to safetensors once ('' = ~/.cache/hybrid_trainer)")
     # --- LoRA, memory, multi-process ---
     LORA_R: int = _key(0, "LoRA rank (0 = off: full fine-tuning); the value head is always trained in full")
@@ -2430,8 +2430,13 @@ class VLLMEngine:
         self.eos_id, self.synced, self.asleep, self.sync_seconds = tokenizer.eos_token_id, None, False, 0.0
         self.ignore_eos = False  # benchmarks: every response runs to its token limit
         cuda = device.type == "cuda"
+        # CPU: no chunked prefill. A prefill split over steps discards its sampled token and rewinds the request's seeded
+        # generator, which CPU generators cannot do ("CPU Generator does not use offset": any batch whose prompts
+        # exceed one step's token budget, e.g. a multi-turn batch's second turn); whole prefills need a budget of at
+        # least the longest prompt.
         memory = (dict(gpu_memory_utilization=cfg.VLLM_GPU_MEMORY_UTILIZATION, enable_sleep_mode=True) if cuda else
-                  dict(kv_cache_memory_bytes=int(cfg.VLLM_KV_CACHE_GB * 2**30)))
+                  dict(kv_cache_memory_bytes=int(cfg.VLLM_KV_CACHE_GB * 2**30), enable_chunked_prefill=False,
+                       max_num_batched_tokens=max(plan.maxseq, 4096)))
         dtype = "bfloat16" if plan.bf16 else "float16" if cfg.FP16 else "float32"
         try:
             with rng_untouched(device):  # vLLM seeds the global generators: a resumed run's restored streams stay as saved

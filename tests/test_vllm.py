@@ -178,3 +178,12 @@ def test_transformers_imports_after_setup():
     code = "import transformers, vllm; from transformers import AutoModelForCausalLM; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_prompts_beyond_one_steps_token_budget(tiny_model, tiny_data):
+    """Many long prompts at once (more prompt tokens than one engine step takes): vLLM's chunked prefill rewinds a
+    seeded request's generator, which CPU generators cannot do; the engine prefills whole prompts instead."""
+    trainer, _ = trainer_for({**VLLM, "MAXSEQ": 512}, tiny_model, tiny_data, YesFraction())
+    prompts = [[5 + i % 50] * 400 for i in range(40)]
+    out = trainer.engine_generate(prompts, n=2)
+    assert len(out.responses) == 80 and all(0 < len(r) <= 6 for r in out.responses)
