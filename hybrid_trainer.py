@@ -228,6 +228,18 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     ENV_REWARD_WEIGHT: float = _key(1.0, "ENVIRONMENT: the environment's own step rewards, summed over the trajectory, are added "
                                     "to REWARD's score times this")
     OBSERVATION_ROLE: str = _key("tool", "ENVIRONMENT: the chat role of an observation turn (tool; user for templates without one)")
+    # --- on-policy distillation: a teacher scores the student's own tokens ---
+    TEACHER_MODEL: str = _key("", "a local model dir, .gguf or alias sharing the student's vocabulary, loaded frozen; \"self\": "
+                              "the frozen initial policy (LoRA: the adapter off) shown TEACHER_CONTEXT; '' = no teacher")
+    TEACHER_CONTEXT: str = _key("A correct answer is: {target}\n\n", "TEACHER_MODEL \"self\": text put before the prompt's "
+                                "last user message for the teacher only; {target} is the row's reference response")
+    DISTILL: str = _key("", "the distillation loss: {choices} ('' = none; see the DISTILL registry below)",
+                        choices=lambda: ("",) + tuple(DISTILL_LOSSES))
+    DISTILL_COEF: float = _key(1.0, "DISTILL's weight: token_reverse_kl's advantage is added times this; jsd's loss term")
+    DISTILL_DISCOUNT: float = _key(0.0, "token_reverse_kl: discount of the later tokens' terms summed into each token's "
+                                   "advantage (0: each token's own, as Tinker)")
+    DISTILL_BETA: float = _key(0.5, "jsd: 0 forward KL(teacher || student), 1 reverse KL(student || teacher), between: the "
+                               "generalized JSD (TRL's beta)")
     # --- schedule ---
     HYBRID: str = _key("alternate", "hybrid strategy: {choices}: alternate (CYCLE_SFT_STEPS SFT steps, then CYCLE_PPO_UPDATES PPO "
                        "updates), gate (per prompt: SFT on its reference if no sampled response scores GATE_THRESHOLD, else RL; "
@@ -331,6 +343,7 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
         need(resume is False or resume is True or isinstance(resume, str) and resume != "",
              f"RESUME must be 'auto', a checkpoint path or false, got {self.RESUME!r}")
         fill["RESUME"] = "auto" if resume is True else resume
+        self._check_distill(need, fill["MODE"])
         if self.ENVIRONMENT:
             import environments
 
@@ -384,6 +397,21 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
         for key in ("MIX_COEF", "MIX_COEF_END"):
             need(0 <= fill.get(key, getattr(self, key)) <= 1, f"{key} must be in [0, 1], got {fill.get(key, getattr(self, key))}")
         return fill
+
+    def _check_distill(self, need, mode: str) -> None:
+        need(not self.DISTILL or bool(self.TEACHER_MODEL), f"DISTILL {self.DISTILL!r} needs a teacher: set TEACHER_MODEL (a "
+             "model directory, .gguf or alias, or \"self\")")
+        need(not self.TEACHER_MODEL or bool(self.DISTILL), "TEACHER_MODEL is set but DISTILL is empty: choose "
+             f"{' or '.join(DISTILL_LOSSES)}")
+        need(0 <= self.DISTILL_BETA <= 1, f"DISTILL_BETA must be in [0, 1] (0 forward KL, 1 reverse KL), got {self.DISTILL_BETA}")
+        need(0 <= self.DISTILL_DISCOUNT <= 1, f"DISTILL_DISCOUNT must be in [0, 1], got {self.DISTILL_DISCOUNT}")
+        need(self.DISTILL_COEF >= 0, f"DISTILL_COEF must be >= 0, got {self.DISTILL_COEF}")
+        need(self.TEACHER_MODEL != "self" or self.REF_UPDATE == "never", "TEACHER_MODEL \"self\" is the frozen initial "
+             "policy, which REF_UPDATE \"cycle\" would move: use REF_UPDATE \"never\"")
+        need(self.ADVANTAGE != "none" or self.DISTILL == "token_reverse_kl", "ADVANTAGE \"none\" leaves the update no signal but "
+             "DISTILL \"token_reverse_kl\"'s: set DISTILL, or another ADVANTAGE")
+        if self.TEACHER_MODEL and mode == "sft":
+            warn("TEACHER_MODEL is ignored in MODE \"sft\": distillation trains on the student's own samples (ppo or hybrid)")
 
     def _check_ranges(self, need) -> None:
         need(0 < self.PERCENT <= 100, f"PERCENT must be in (0, 100], got {self.PERCENT}")
@@ -536,7 +564,7 @@ def registry_table() -> list[tuple[str, list[tuple[str, str]]]]:
               "ROLLOUT_IS": ROLLOUT_IS_MODES, "HYBRID": HYBRID_STRATEGIES, "KL_PENALTY": KL_PENALTIES, "SFT_LOSS": SFT_LOSSES,
               "SFT_TOKEN_WEIGHT": SFT_TOKEN_WEIGHTS, "MIX_SCHEDULE": MIX_SCHEDULES, "LR_SCHEDULE": LR_SCHEDULES,
               "DATA_FORMAT": DATA_FORMATS, "GENERATION_BACKEND": GENERATION_BACKENDS, "REWARD type": rewards.REWARDS,
-              "REWARD math extract": rewards.MATH_EXTRACTORS, "ENVIRONMENT type": environments.ENVIRONMENTS,
+              "REWARD math extract": rewards.MATH_EXTRACTORS, "ENVIRONMENT type": environments.ENVIRONMENTS, "DISTILL": DISTILL_LOSSES,
               "ACTION_FORMAT": environments.ACTION_FORMATS}
     return [(key, [(name, first_line(entry)) for name, entry in registry.items()]) for key, registry in tables.items()]
 
@@ -1050,15 +1078,21 @@ def advantages_rloo(rewards, mask, group_size, **_):
     return (r - (r.sum(1, keepdim=True) - r) / (group_size - 1)).reshape(-1, 1) * mask, None
 
 
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Discounted sum of each covered token's reward and the covered tokens after it, (B, R); positions the mask does not
+    cover pass the return on undiscounted (the model's tokens as one sequence)."""
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = torch.where(mask[:, t] > 0, rewards[:, t] + gamma * running, running)
+        returns[:, t] = running
+    return returns
+
+
 def advantages_reinforce_pp(rewards, mask, gamma, **_):
     """REINFORCE++ (Hu 2025): discounted return-to-go of the per-token rewards (KL penalty + final score),
     whitened over the batch (verl compute_reinforce_plus_plus_outcome_advantage)."""
-    returns = torch.zeros_like(rewards)
-    running = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):  # positions the loss does not cover pass the return on undiscounted
-        running = torch.where(mask[:, t] > 0, rewards[:, t] + gamma * running, running)
-        returns[:, t] = running
-    return masked_whiten(returns, mask), None
+    return masked_whiten(returns_to_go(rewards, mask, gamma), mask), None
 
 
 def advantages_reinforce_pp_baseline(rewards, mask, group_size, **_):
@@ -1090,6 +1124,11 @@ class Estimator(NamedTuple):
     loss_agg: str = "token_mean"  # LOSS_AGG "auto"
 
 
+def advantages_none(rewards, mask, **_):
+    """None: zero advantages, for a run whose signal is the distillation term alone (DISTILL token_reverse_kl)."""
+    return torch.zeros_like(rewards), None
+
+
 ADVANTAGES = {
     "gae": Estimator(advantages_gae, critic=True),
     "grpo": Estimator(advantages_grpo, group=True),
@@ -1098,7 +1137,55 @@ ADVANTAGES = {
     "reinforce_pp": Estimator(advantages_reinforce_pp),
     "reinforce_pp_baseline": Estimator(advantages_reinforce_pp_baseline, group=True),
     "remax": Estimator(advantages_remax, baseline=greedy_baseline),
+    "none": Estimator(advantages_none),
 }
+
+
+# ---- on-policy distillation: a teacher's judgement of the student's own tokens (DISTILL) ----
+def distill_advantages(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor, discount: float = 0.0,
+                       **_) -> torch.Tensor:
+    """token_reverse_kl: the sampled-token form of on-policy distillation (Thinking Machines' Tinker recipe; Agarwal
+    et al. 2024): each sampled token's advantage is -(log pi - log nu), the student's log-prob minus the teacher's, a
+    one-sample estimate of the reverse KL; stop-gradient, through the normal clipped policy loss. discount > 0: the
+    discounted sum over the later tokens too (returns_to_go). (B, R), 0 off the mask."""
+    return returns_to_go(-(logprobs - teacher_logprobs).detach() * mask, mask, discount) * mask
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, beta: float,
+                    temperature: float = 1.0, chunk: int = 64) -> torch.Tensor:
+    """jsd: the generalized Jensen-Shannon divergence over the full vocabulary (Agarwal et al. 2024, eq. 1, as TRL's
+    GKD generalized_jsd_loss): beta 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher), between
+    them beta KL(teacher || m) + (1 - beta) KL(student || m), m = beta teacher + (1 - beta) student. -> the sum over the
+    masked tokens (the caller divides). Computed `chunk` positions at a time, each recomputed in backward
+    (checkpointed), so float32 log-softmaxes exist for one chunk only, never the whole (b, r, V)."""
+    from torch.utils.checkpoint import checkpoint
+
+    s_flat = student_logits.reshape(-1, student_logits.shape[-1])
+    t_flat = teacher_logits.reshape(-1, teacher_logits.shape[-1]).detach()
+    rows = mask.reshape(-1).nonzero().squeeze(-1)
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    for part in rows.split(chunk):
+        total = total + checkpoint(_jsd_rows, s_flat[part], t_flat[part], beta, temperature, use_reentrant=False)
+    return total
+
+
+def _jsd_rows(student: torch.Tensor, teacher: torch.Tensor, beta: float, temperature: float) -> torch.Tensor:
+    s = torch.log_softmax(student.float() / temperature, -1)
+    t = torch.log_softmax(teacher.float() / temperature, -1)
+    if beta == 0:
+        return (t.exp() * (t - s)).sum()
+    if beta == 1:
+        return (s.exp() * (s - t)).sum()
+    m = torch.logsumexp(torch.stack([s + math.log1p(-beta), t + math.log(beta)]), 0)
+    return (beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)).sum()
+
+
+class DistillLoss(NamedTuple):
+    fn: Callable
+    place: str  # "advantage": added to the advantages in step 5; "loss": a term of its own in step 6's loss
+
+
+DISTILL_LOSSES = {"token_reverse_kl": DistillLoss(distill_advantages, "advantage"), "jsd": DistillLoss(generalized_jsd, "loss")}
 
 
 def zero_std_groups(scores: torch.Tensor, group_size: int) -> float:
@@ -1312,6 +1399,7 @@ class Example:
     question: str = ""  # the prompt as a person reads it (the report's samples)
     turns: list = field(default_factory=list)  # (messages, target) of earlier assistant turns (SFT_ALL_TURNS)
     opening: Optional[list] = None  # a conversation that acts (has tool turns): its messages before the first assistant turn
+    teacher_prompt_ids: Optional[list] = None  # TEACHER_MODEL "self": the prompt with TEACHER_CONTEXT, as the teacher sees it
     sft_pairs: list = field(default_factory=list)  # tokenized turns: (prompt_ids, target_ids), the last one included
 
 
@@ -1572,6 +1660,15 @@ def format_prompt(ex: Example, output_key: str, fmt: str, tokenizer) -> str:
     return render_chat([{"role": "user", "content": chat_user_text(ex.item, output_key)}], tokenizer)
 
 
+def prompt_messages(ex: Example, cfg: Config) -> list:
+    """The chat messages of an example's rollout prompt (an acting conversation: those before its first assistant turn)."""
+    if ex.opening is not None:
+        return [dict(m) for m in ex.opening]
+    if ex.messages is not None:
+        return [dict(m) for m in ex.messages]
+    return [{"role": "user", "content": chat_user_text(ex.item, cfg.SELECT_OUTPUT)}]
+
+
 def tokenize_examples(examples: list, cfg: Config, tokenizer, fmt: str, key: str, maxseq: Optional[int] = None) -> list[Example]:
     """Format and tokenize prompts and targets. Items whose prompt leaves no room for a response in
     maxseq (the Plan's, default MAXSEQ) are skipped with one warning; long targets are truncated (EOS kept when it
@@ -1592,6 +1689,8 @@ def tokenize_examples(examples: list, cfg: Config, tokenizer, fmt: str, key: str
         if not last[1]:
             skipped.append(ex.index)
             continue
+        if cfg.TEACHER_MODEL == "self":
+            ex.teacher_prompt_ids = tokenizer(teacher_prompt(ex, cfg, fmt, tokenizer), add_special_tokens=False)["input_ids"]
         if (cfg.SFT_ALL_TURNS or acting) and ex.turns:  # with an environment, SFT trains on every acting turn
             pairs = [encode(render_chat(messages, tokenizer), target) for messages, target in ex.turns]
             ex.sft_pairs = [(p, t) for p, t in pairs if t] + [last]
@@ -1602,6 +1701,18 @@ def tokenize_examples(examples: list, cfg: Config, tokenizer, fmt: str, key: str
     if not kept:
         raise UserError(f"{key}: no item has a prompt shorter than MAXSEQ={maxseq} tokens")
     return kept
+
+
+def teacher_prompt(ex: Example, cfg: Config, fmt: str, tokenizer) -> str:
+    """TEACHER_MODEL "self": the prompt with TEACHER_CONTEXT (the reference filled in) before its last user message, or
+    before a plain prompt: privileged context the student never sees (SDFT / OPSD)."""
+    context = cfg.TEACHER_CONTEXT.replace("{target}", ex.target)
+    if ex.raw_prompt is not None or (fmt == "sketch" and ex.messages is None):
+        return context + format_prompt(ex, cfg.SELECT_OUTPUT, fmt, tokenizer)
+    messages = prompt_messages(ex, cfg)
+    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+    messages[last] = {**messages[last], "content": context + messages[last]["content"]}
+    return render_chat(messages, tokenizer)
 
 
 def sft_pairs(examples: list[Example]) -> list[tuple[list, list]]:
@@ -1946,11 +2057,12 @@ class ModelPaths(NamedTuple):
             return {}
 
 
-def resolve_model(cfg: Config) -> ModelPaths:
-    """The one resolver of MODEL's paths (alias -> .gguf, adapter -> base, .gguf -> its converted copy); reads no weights."""
-    located = locate_model(cfg.MODEL)
+def resolve_model(cfg: Config, key: str = "MODEL") -> ModelPaths:
+    """The one resolver of MODEL's (or TEACHER_MODEL's: key) paths (alias -> .gguf, adapter -> base, .gguf -> its
+    converted copy); reads no weights."""
+    located = locate_model(getattr(cfg, key), key)
     adapter = located if (located / "adapter_config.json").is_file() else None
-    base = adapter_base(adapter) if adapter else located
+    base = adapter_base(adapter, key) if adapter else located
     weights = gguf_cache_dir(base, cache_root(cfg)) if base.suffix == ".gguf" else base
     return ModelPaths(adapter, base, weights.resolve())
 
@@ -2165,10 +2277,45 @@ def load_model(cfg: Config, device: torch.device, bf16: Optional[bool] = None, p
 
 
 def needs_reference(cfg: Config) -> bool:
-    """The frozen reference is needed for the KL (INIT_KL_COEF > 0) or by a reward that scores with it (perplexity)."""
+    """The frozen reference is needed for the KL (INIT_KL_COEF > 0), by a reward that scores with it (perplexity), or
+    as the teacher (TEACHER_MODEL "self": the frozen initial policy)."""
+    return kl_reference(cfg) or cfg.TEACHER_MODEL == "self"
+
+
+def kl_reference(cfg: Config) -> bool:
+    """The update computes the reference's log-probs: for the KL, or for a reward that scores with the reference."""
     import rewards
 
     return cfg.INIT_KL_COEF > 0 or rewards.uses_reference(cfg.REWARD)
+
+
+def load_teacher(cfg: Config, device: torch.device, bf16: bool, reference) -> Any:
+    """The frozen teacher for DISTILL: "self" is the reference (the initial policy; with LoRA the adapter switched off,
+    no second copy of the weights); else TEACHER_MODEL through the one resolver, loaded like a full-fine-tuning
+    reference (frozen, no dropout, bf16 with bf16). None without a teacher."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import disable_dropout_in_model
+
+    if not cfg.TEACHER_MODEL:
+        return None
+    if cfg.TEACHER_MODEL == "self":
+        return reference
+    paths = resolve_model(cfg, "TEACHER_MODEL")
+    if paths.adapter is not None:
+        raise UserError(f"TEACHER_MODEL {shown(cfg.TEACHER_MODEL)} is a LoRA adapter: merge it into its base first "
+                        "(peft's merge_and_unload, then save_pretrained)")
+    prepare_weights(cfg, paths)
+    try:
+        teacher = AutoModelForCausalLM.from_pretrained(paths.weights, dtype=torch.float32, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    except (OSError, ValueError) as e:
+        raise UserError(f"TEACHER_MODEL {cfg.TEACHER_MODEL!r} could not be loaded from {paths.weights}: {str(e).splitlines()[0]}") from None
+    disable_dropout_in_model(teacher)
+    teacher = teacher.eval().requires_grad_(False)
+    if bf16:
+        teacher.to(torch.bfloat16)
+    if cfg.FSDP:
+        shard_model(teacher)
+    return teacher.to(device)
 
 
 def linear_module_names(lm: nn.Module) -> list[str]:
@@ -2443,6 +2590,7 @@ class VLLMEngine:
                 self.llm = LLM(model=plan.model, dtype=dtype, seed=plan.seed + rank(), max_model_len=plan.maxseq,
                                enforce_eager=cfg.VLLM_ENFORCE_EAGER, logprobs_mode="processed_logprobs",  # after temperature
                                skip_tokenizer_init=not cfg.ENVIRONMENT,  # an environment's stop strings need it
+                               enable_prefix_caching=True,  # (vLLM's default) a trajectory's next turn reuses its prefix
                                trust_remote_code=cfg.TRUST_REMOTE_CODE, **memory)
         except Exception as e:  # noqa: BLE001 - vLLM raises many kinds; one line names the engine and the cause
             raise UserError(f"GENERATION_BACKEND \"vllm\" could not start its engine for {plan.model}: {type(e).__name__}: "
@@ -2639,6 +2787,7 @@ class Sample:
     engine_logprobs: Optional[list] = None  # (n) the engine's log-prob of each sampled token (vllm); None: not reported
     loss_mask: Optional[list] = None  # (n) 1 where the loss covers the token (the model sampled it), 0 where not; None: all
     env: Optional[EnvStats] = None  # what its trajectory did (with an environment), for the env/ metrics
+    teacher_query: Optional[list] = None  # TEACHER_MODEL "self": the prompt with TEACHER_CONTEXT, as the teacher sees it
 
 
 class Share(NamedTuple):
@@ -2689,6 +2838,7 @@ class Rollout(Tokens):
     ended: torch.Tensor  # (B,) bool: emitted EOS
     group_size: int  # G
     engine_logprobs: Optional[torch.Tensor] = None  # (B, R): the engine's log-probs of the response tokens (vllm), else None
+    teacher: Optional[Tokens] = None  # TEACHER_MODEL "self": the teacher's prompts (with TEACHER_CONTEXT), the same responses
 
     @property
     def size(self) -> int:
@@ -2716,11 +2866,16 @@ def make_rollout(samples: list[Sample], group_size: int, pad_id: int, device: to
     loss_mask = r_mask if all(s.loss_mask is None for s in samples) else right_pad_floats(
         [[1.0] * len(s.response) if s.loss_mask is None else s.loss_mask for s in samples], R).to(device) * r_mask
     engine = [s.engine_logprobs for s in samples]
+    teacher = None
+    if all(s.teacher_query is not None for s in samples):
+        t_ids, t_mask = left_pad([s.teacher_query for s in samples], pad_id)
+        teacher = Tokens(torch.cat([t_ids, r_ids], 1).to(device), torch.cat([t_mask, r_mask.long().cpu()], 1).to(device),
+                         r_ids.to(device), r_mask)
     return Rollout(torch.cat([q_ids, r_ids], 1).to(device), torch.cat([q_mask, r_mask.long().cpu()], 1).to(device),
                    r_ids.to(device), r_mask, loss_mask, torch.tensor([s.score for s in samples], dtype=torch.float32, device=device),
                    torch.tensor([s.baseline for s in samples], dtype=torch.float32, device=device),
                    torch.tensor([s.ended for s in samples], dtype=torch.bool), group_size,
-                   right_pad_floats(engine, R).to(device) if all(e is not None for e in engine) else None)
+                   right_pad_floats(engine, R).to(device) if all(e is not None for e in engine) else None, teacher)
 
 
 def samples_from_tokens(queries: list, responses: list, scores: list, baseline: Optional[list], eos_id: Optional[int]) -> list[Sample]:
@@ -2742,6 +2897,7 @@ class TokenColumns:
     values: Optional[torch.Tensor] = None  # the value head's estimates
     ref_logprobs: Optional[torch.Tensor] = None  # the reference's
     kl: Optional[torch.Tensor] = None  # KL_PENALTY "full": needs both whole distributions, so it is computed beside them
+    teacher_logprobs: Optional[torch.Tensor] = None  # DISTILL: the teacher's log-probs of the student's sampled tokens
 
     def present(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
@@ -2778,6 +2934,7 @@ class OldPolicy:
     first: Optional[Forward]  # the first minibatch's forward, with grad, when it is the whole batch
     reference_s: float  # seconds in the reference's forward
     first_forward_s: float  # seconds in the first minibatch's forward (counted with the PPO epochs)
+    teacher_logprobs: Optional[torch.Tensor] = None  # DISTILL: the teacher's (B, R)
 
 
 @dataclass
@@ -2791,12 +2948,14 @@ class UpdateBatch(Tokens):
     returns: torch.Tensor
     ref_logprobs: torch.Tensor
     is_weights: torch.Tensor  # the rollout correction's weights of the policy gradient (ROLLOUT_IS; ones when off)
+    teacher: Optional[Tokens] = None  # DISTILL jsd: what the teacher reads (the rollout's own tokens, or "self"'s prompts)
 
 
 def select_rows(batch, rows: torch.Tensor):
     """The given rows of every tensor field of a batch record (Tokens, UpdateBatch)."""
-    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[rows] for f in dataclasses.fields(batch)
-                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[rows] if isinstance(getattr(batch, f.name), torch.Tensor)
+                                         else select_rows(getattr(batch, f.name), rows) for f in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, f.name), (torch.Tensor, Tokens))})
 
 
 def trim_padding(batch, n_response: int) -> tuple[Any, int]:
@@ -2811,6 +2970,8 @@ def trim_padding(batch, n_response: int) -> tuple[Any, int]:
         value = getattr(batch, f.name)
         if isinstance(value, torch.Tensor) and value.dim() == 2:
             cut[f.name] = value[:, first:end] if f.name in ("input_ids", "attention_mask") else value[:, :kept_response]
+        elif isinstance(value, Tokens):  # a nested view of the same responses (the teacher's): trimmed alike
+            cut[f.name] = trim_padding(value, n_response)[0]
     return dataclasses.replace(batch, **cut), kept_response
 
 
@@ -2831,6 +2992,7 @@ class LossStats:
     ratio: Optional[torch.Tensor] = stat("ppo/policy/ratio")
     value_clipfrac: Optional[torch.Tensor] = stat("ppo/val/clipfrac")  # critic only
     entropy: Optional[torch.Tensor] = stat("ppo/policy/entropy")
+    distill_jsd: Optional[torch.Tensor] = stat("distill/jsd")  # DISTILL jsd only: per token, over the minibatch
     nonfinite: Optional[torch.Tensor] = stat("")  # > 0: a chunk's loss was not finite (not logged)
 
     @staticmethod
@@ -2847,8 +3009,9 @@ class LossStats:
         total = all_reduce_sum(torch.stack([getattr(self, name) for name in names]))
         return LossStats(**dict(zip(names, total.unbind())))
 
-    def metrics(self, critic: bool) -> dict:
-        logged = [f for f in dataclasses.fields(self) if f.metadata["key"] and (critic or f.name not in ("value", "value_clipfrac"))]
+    def metrics(self, critic: bool, distill: bool = False) -> dict:
+        logged = [f for f in dataclasses.fields(self) if f.metadata["key"] and (critic or f.name not in ("value", "value_clipfrac"))
+                  and (distill or f.name != "distill_jsd")]
         values = torch.stack([getattr(self, f.name) for f in logged]).tolist()  # one device-to-host copy
         return {f.metadata["key"]: v for f, v in zip(logged, values)}
 
@@ -2916,15 +3079,6 @@ def template_suffix(tokenizer, message: dict) -> list:
         raise UserError("ENVIRONMENT: the chat template renders earlier turns differently once an observation follows "
                         "them, so observations cannot be appended token-exactly; use another OBSERVATION_ROLE or model")
     return after[cut:]
-
-
-def prompt_messages(ex: Example, cfg: Config) -> list:
-    """The chat messages of an example's rollout prompt (an acting conversation: those before its first assistant turn)."""
-    if ex.opening is not None:
-        return [dict(m) for m in ex.opening]
-    if ex.messages is not None:
-        return [dict(m) for m in ex.messages]
-    return [{"role": "user", "content": chat_user_text(ex.item, cfg.SELECT_OUTPUT)}]
 
 
 class TurnLoop:
@@ -3039,7 +3193,7 @@ class TurnLoop:
         import environments
 
         if outcome.step is None:
-            t.done, t.error = True, outcome.error
+            t.done, t.error = True, f"item {t.example.index}, turn {t.turns}: {outcome.error}"
             return
         step = outcome.step
         t.actions, t.action_errors = t.actions + 1, t.action_errors + int(step.error)
@@ -3101,7 +3255,7 @@ class Collector:
         # 3. gather once: every process holds the whole batch
         acting = self.turns.env_type is not None
         samples = [Sample(t.prompt_ids, t.ids, t.ended, float(s), float(b), t.logprobs, t.mask if acting else None,
-                          t.stats() if acting else None)
+                          t.stats() if acting else None, t.example.teacher_prompt_ids)
                    for t, s, b in zip(trajs, scores.tolist(), baseline.tolist())]
         parts = gather_objects(Share(samples, {} if stateful else scored.components, errors[0] if errors else None))
         errors = [p.error for p in parts if p.error]
@@ -3205,10 +3359,12 @@ class PPOUpdate:
 
     def __init__(self, cfg: Config, plan: Plan, policy: "PolicyWithValueHead", reference, optim: Optimizers,
                  estimator: "Estimator", strategy: Optional["Strategy"], kl_ctl, sft_term: Callable,
-                 perm_generator: torch.Generator, device: torch.device, autocast: Callable):
+                 perm_generator: torch.Generator, device: torch.device, autocast: Callable, teacher=None):
         """reference: the frozen reference LM (or AdapterReference), None without a KL term; strategy: gate / mix's,
-        None otherwise; sft_term(examples, coef, token_weight) -> (loss, tokens): the SFT backward (SFTTerm)."""
+        None otherwise; sft_term(examples, coef, token_weight) -> (loss, tokens): the SFT backward (SFTTerm); teacher:
+        DISTILL's frozen teacher (a causal LM, or the reference for "self"), None without one."""
         self.cfg, self.plan, self.policy, self.reference, self.optim = cfg, plan, policy, reference, optim
+        self.teacher, self.distill = teacher, DISTILL_LOSSES[cfg.DISTILL] if teacher is not None and cfg.DISTILL else None
         self.estimator, self.strategy, self.kl_ctl, self.sft_term = estimator, strategy, kl_ctl, sft_term
         self.perm_generator, self.device, self.autocast = perm_generator, device, autocast
         self.kl_place, self.agg = KL_PLACES[cfg.KL_IN], LOSS_AGGREGATIONS[cfg.LOSS_AGG]
@@ -3237,11 +3393,15 @@ class PPOUpdate:
             rewards=rewards, mask=rl_mask, values=old.values, group_size=G, gamma=cfg.GAMMA, lam=cfg.LAM,
             whiten_rewards=cfg.WHITEN_REWARDS, baseline=rollout.baseline)
         returns = old.values if returns is None else returns
+        if self.distill is not None and self.distill.place == "advantage":  # DISTILL token_reverse_kl: the teacher's term
+            advantages = advantages + cfg.DISTILL_COEF * self.distill.fn(old.logprobs, old.teacher_logprobs, rl_mask,
+                                                                         cfg.DISTILL_DISCOUNT)
         if cfg.MASK_TRUNCATED:  # no gradient for responses cut at the token limit; their scores counted above
             rl_mask = rl_mask * rollout.ended.to(dev)[:, None].float()
         is_weights, mismatch = self.rollout_correction(rollout, old)
+        teacher_view = (rollout.teacher or rollout_tokens(rollout)) if self.distill is not None and self.distill.place == "loss" else None
         batch = UpdateBatch(rollout.input_ids, rollout.attention_mask, rollout.r_ids, rollout.r_mask, rl_mask, old.logprobs,
-                            old.values, advantages, returns, old.ref_logprobs, is_weights)
+                            old.values, advantages, returns, old.ref_logprobs, is_weights, teacher_view)
         # 6. PPO epochs over minibatches (each with its part of the SFT demonstrations, under gate / mix)
         mb_stats, skipped = self.epochs(batch, perms, old.first, sft_pool, split.mu if split else None)
         t2 = time.perf_counter()
@@ -3254,6 +3414,10 @@ class PPOUpdate:
                       "time/reference_forward_s": old.reference_s})
         if split is not None:
             stats.update({"hybrid/mu": split.mu, "hybrid/sft_prompts": len(sft_pool), **split.metrics})
+        if old.teacher_logprobs is not None:  # on the student's own samples, per token the loss covers
+            stats.update({"distill/reverse_kl": masked_mean(old.logprobs - old.teacher_logprobs, rollout.loss_mask).item(),
+                          "distill/teacher_logprob": masked_mean(old.teacher_logprobs, rollout.loss_mask).item(),
+                          "distill/coef": cfg.DISTILL_COEF})
         return {**stats, **mismatch}
 
     # ---- 4. ----
@@ -3266,7 +3430,9 @@ class PPOUpdate:
                  and cfg.KL_PENALTY != "full")
         start, end = share_bounds(B)
         rows = slice(start, end) if end > start else slice(0, 1)  # an empty share still joins FSDP's collectives
-        mine_columns, reference_s = self.forward_no_grad(select_rows(rollout_tokens(rollout), rows), R, policy=not fused)
+        teacher_tokens = None if rollout.teacher is None else select_rows(rollout.teacher, rows)
+        mine_columns, reference_s = self.forward_no_grad(select_rows(rollout_tokens(rollout), rows), R, policy=not fused,
+                                                         teacher_tokens=teacher_tokens)
         mine_columns = select_rows(mine_columns, slice(0, end - start))  # in batch order
         first, permuted, t_first = None, TokenColumns(), time.perf_counter()
         if fused:
@@ -3285,18 +3451,25 @@ class PPOUpdate:
         ref_logprobs = out.ref_logprobs if out.ref_logprobs is not None else logprobs  # INIT_KL_COEF 0: no reference, KL 0
         kl = out.kl if out.kl is not None else kl_per_token(logprobs, ref_logprobs, cfg.KL_PENALTY)
         values = out.values if out.values is not None else torch.zeros_like(logprobs)
-        return OldPolicy(logprobs, values, ref_logprobs, kl, first, reference_s, t_first)
+        return OldPolicy(logprobs, values, ref_logprobs, kl, first, reference_s, t_first, out.teacher_logprobs)
 
     @torch.no_grad()
-    def forward_no_grad(self, tokens: Tokens, R: int, policy: bool = True) -> tuple[TokenColumns, float]:
-        """Chunked no-grad forward of the reference (and of the policy) on these rows -> (their TokenColumns: the
-        reference's log-probs, and the policy's log-probs, values and KL_PENALTY "full"'s KL; seconds in the
-        reference). Without a reference (INIT_KL_COEF 0) its forward is skipped."""
+    def forward_no_grad(self, tokens: Tokens, R: int, policy: bool = True,
+                        teacher_tokens: Optional[Tokens] = None) -> tuple[TokenColumns, float]:
+        """Chunked no-grad forward of the reference (and of the policy, and of DISTILL's teacher) on these rows ->
+        (their TokenColumns: the reference's log-probs, the policy's log-probs, values and KL_PENALTY "full"'s KL, the
+        teacher's log-probs of the sampled tokens; seconds in the reference). Without a reference (INIT_KL_COEF 0) its
+        forward is skipped. teacher_tokens: what the teacher reads instead of `tokens` ("self": its prompts)."""
         T, kind = self.cfg.TEMPERATURE, self.cfg.KL_PENALTY
         parts, reference_s = [], 0.0
         self.policy.eval()
         for rows in torch.arange(len(tokens.input_ids), device=tokens.input_ids.device).split(self.plan.responses_per_minibatch):
             part, ids, mask = TokenColumns(), tokens.input_ids[rows], tokens.attention_mask[rows]
+            if self.teacher is not None:
+                seen = tokens if teacher_tokens is None else teacher_tokens
+                with self.autocast():
+                    teacher_logits = response_forward(self.teacher, seen.input_ids[rows], seen.attention_mask[rows], R).logits[:, :-1]
+                part.teacher_logprobs = logprobs_from_logits(teacher_logits, tokens.r_ids[rows], T)
             if self.reference is not None:
                 t0 = time.perf_counter()
                 with self.autocast():
@@ -3345,7 +3518,8 @@ class PPOUpdate:
                 mb, r_len = trim_padding(select_rows(batch, mine.to(self.device)), R)
                 rl_rows = batch.loss_mask[mb_rows.to(self.device)]
                 demo = ([sft_pool[i] for i in sft_rows.tolist()], mu) if mu is not None else None
-                stats = self.minibatch(mb, r_len, self.agg.units(rl_rows), weight, len(mb_rows), forward=first, demo=demo)
+                stats = self.minibatch(mb, r_len, self.agg.units(rl_rows), weight, len(mb_rows), forward=first, demo=demo,
+                                       n_tokens=rl_rows.sum())
                 first = None  # only the first minibatch reuses step 4's forward
                 if stats is None:
                     skipped += 1
@@ -3354,7 +3528,8 @@ class PPOUpdate:
         return mb_stats, skipped
 
     def minibatch(self, mb: UpdateBatch, R: int, n_units: torch.Tensor, weight: float, n_rows: int,
-                  forward: Optional[Forward] = None, demo: Optional[tuple] = None) -> Optional[dict]:
+                  forward: Optional[Forward] = None, demo: Optional[tuple] = None,
+                  n_tokens: Optional[torch.Tensor] = None) -> Optional[dict]:
         """One optimizer step on this process's rows of a minibatch. n_units: what LOSS_AGG's mean divides by over the
         whole minibatch (its RL tokens, or responses). `forward`: this minibatch's forward, already computed (step 4).
         `demo`: (examples, mu) under gate / mix: the loss is (1 - mu) x RL + mu x SFT on the examples' reference
@@ -3362,7 +3537,8 @@ class PPOUpdate:
         critic = self.estimator.critic
         mu = demo[1] if demo is not None else 0.0
         self.optim.ppo.zero_grad(set_to_none=True)
-        acc = self.rl_backward(mb, R, n_units, weight, n_rows, forward, mu) if mu < 1 else LossStats.zeros(self.device)
+        n_tokens = mb.loss_mask.sum() if n_tokens is None else n_tokens  # the whole minibatch's RL tokens (jsd's mean)
+        acc = self.rl_backward(mb, R, n_units, weight, n_rows, forward, mu, n_tokens) if mu < 1 else LossStats.zeros(self.device)
         sft_loss = None
         if demo is not None and demo[0] and mu > 0:  # every process sees the same demo list: the same collectives
             sft_loss = self.sft_term(demo[0], mu, self.cfg.SFT_TOKEN_WEIGHT)[0]
@@ -3370,7 +3546,7 @@ class PPOUpdate:
         if acc.nonfinite > 0 or (sft_loss is not None and not math.isfinite(sft_loss)):
             self.optim.ppo.zero_grad(set_to_none=True)
             raise BadStep(f"PPO loss is not finite (loss {acc.total.item()}, SFT loss {sft_loss})")
-        stats = acc.metrics(critic) if mu < 1 else {}
+        stats = acc.metrics(critic, distill=self.distill is not None and self.distill.place == "loss") if mu < 1 else {}
         if sft_loss is not None:
             stats["hybrid/sft_loss"] = sft_loss
         if stats.get("ppo/policy/ratio", 0.0) > self.cfg.RATIO_THRESHOLD:
@@ -3380,9 +3556,10 @@ class PPOUpdate:
         return stats
 
     def rl_backward(self, mb: UpdateBatch, R: int, n_units: torch.Tensor, weight: float, n_rows: int,
-                    forward: Optional[Forward], mu: float) -> LossStats:
+                    forward: Optional[Forward], mu: float, n_tokens: torch.Tensor) -> LossStats:
         """Backward of (1 - mu) x the RL loss on this process's rows, in GRAD_ACCUM chunks, each weighted by its share of
-        the minibatch's n_units over all processes -> this process's part of the LossStats."""
+        the minibatch's n_units over all processes (DISTILL jsd's term: its sum over the chunk's tokens / the
+        minibatch's n_tokens) -> this process's part of the LossStats."""
         from trl.trainer.utils import entropy_from_logits
 
         cfg, critic = self.cfg, self.estimator.critic
@@ -3406,12 +3583,21 @@ class PPOUpdate:
                 total = pl.loss + cfg.VF_COEF * vl.loss
             else:
                 vl, total = ValueLoss(torch.zeros(()), torch.zeros(())), pl.loss
-            self.optim.scaler.scale(total * chunk_weight * (1 - mu)).backward()
+            objective = total * chunk_weight
+            jsd = None
+            if c.teacher is not None:  # DISTILL jsd: the full-vocabulary divergence from the teacher, backpropagated
+                with torch.no_grad(), self.autocast():
+                    teacher_logits = response_forward(self.teacher, c.teacher.input_ids, c.teacher.attention_mask, R).logits[:, :-1]
+                jsd = generalized_jsd(logits, teacher_logits, m, cfg.DISTILL_BETA, cfg.TEMPERATURE) / n_tokens.clamp(min=1) * weight
+                objective = objective + cfg.DISTILL_COEF * jsd
+            self.optim.scaler.scale(objective * (1 - mu)).backward()
             with torch.no_grad():
                 entropy = masked_mean(entropy_from_logits(logits.float() / cfg.TEMPERATURE), m)
                 acc.add(chunk_weight, policy=pl.loss, value=vl.loss, total=total, clipfrac=pl.clipfrac, approx_kl=pl.approx_kl,
                         ratio=pl.ratio, value_clipfrac=vl.clipfrac, entropy=entropy)
-                acc.add(weight, nonfinite=torch.tensor(float(not torch.isfinite(total))))
+                acc.add(weight, nonfinite=torch.tensor(float(not torch.isfinite(objective))))
+                if jsd is not None:
+                    acc.add(1.0, distill_jsd=jsd)
         return acc
 
 
@@ -3447,9 +3633,10 @@ class HybridTrainer:
 
     def __init__(self, cfg: Config, policy: "PolicyWithValueHead", ref_lm, tokenizer, reward=None,
                  device: Optional[torch.device] = None, n_items: Optional[int] = None, plan: Optional[Plan] = None,
-                 environment=None):
+                 environment=None, teacher=None):
         """plan: run()'s; from Python, api_plan(cfg, n_items) is made here (n_items sizes a decaying LR_SCHEDULE).
-        environment: an environments.EnvironmentType (build_environment(cfg) for ENVIRONMENT), None: single-turn."""
+        environment: an environments.EnvironmentType (build_environment(cfg) for ENVIRONMENT), None: single-turn.
+        teacher: DISTILL's frozen teacher (load_teacher(cfg, ...)), None without one."""
         self.cfg, self.policy, self.ref_lm, self.tokenizer, self.reward = cfg, policy, ref_lm, tokenizer, reward
         self.device = device or torch.device("cpu")
         self.plan = plan or api_plan(cfg, n_items, policy.lm)
@@ -3464,8 +3651,10 @@ class HybridTrainer:
         self.sft_backward = SFTTerm(cfg, policy, self.optim.scaler, self.pad_id, self.device, self.autocast)
         self.turns = TurnLoop(cfg, self.plan, self.engine_generate, tokenizer, environment)
         self.collector = Collector(cfg, self.plan, self.turns, lambda: self.engine.sleep(), reward, tokenizer, estimator)
-        self.update = PPOUpdate(cfg, self.plan, policy, ref_lm, self.optim, estimator, strategy, self.kl_ctl, self.sft_backward,
-                                self.perm_generator, self.device, self.autocast)
+        self.teacher = teacher
+        kl_ref = None if cfg.TEACHER_MODEL == "self" and not kl_reference(cfg) else ref_lm  # loaded only as "self"'s teacher
+        self.update = PPOUpdate(cfg, self.plan, policy, kl_ref, self.optim, estimator, strategy,
+                                self.kl_ctl, self.sft_backward, self.perm_generator, self.device, self.autocast, teacher)
 
     @property
     def engine(self):
@@ -3562,12 +3751,15 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
 
     cfg, k, acting = trainer.cfg, trainer.cfg.EVAL_NUM_SAMPLES, trainer.turns.env_type is not None
     bs = max(cfg.PPO_BATCH, 8)  # prompts per generate call (each with its k responses)
-    mine, done = shard(examples), []
+    mine, done, teacher_kl = shard(examples), [], torch.zeros(2, dtype=torch.float64)
     for i in range(math.ceil(largest_share(len(examples)) / bs)):  # the same count on every process
         chunk = mine[i * bs:(i + 1) * bs]
         trajs = trainer.turns.run(chunk or examples[:1], n=k, greedy=k == 1, temperature=cfg.EVAL_TEMPERATURE)
         done += [EvalTrajectory(trainer.tokenizer.decode(t.last, skip_special_tokens=True), t.messages, t.env_reward,
                                 t.stats(), t.text()) for t in trajs] if chunk else []
+        if trainer.teacher is not None:  # the held-out reverse KL to the teacher, on the student's own samples
+            kl_sum, kl_tokens = reverse_kl_to_teacher(trainer, trajs)  # a placeholder chunk runs too (FSDP), uncounted
+            teacher_kl = teacher_kl + torch.tensor([kl_sum, kl_tokens], dtype=torch.float64) * bool(chunk)
     trainer.engine.sleep()
     done = sum(gather_objects(done), [])  # item i's trajectories at i*k .. i*k+k-1
     texts = [d.answer for d in done]
@@ -3592,6 +3784,9 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
                 "reward": None if rewards_[i * k] is None else float(np.mean(rewards_[i * k:(i + 1) * k])),
                 "contains": contains[i * k] if k == 1 else float(np.mean(contains[i * k:(i + 1) * k])), "category": e.category}
                for i, e in enumerate(examples)]
+    if trainer.teacher is not None:
+        kl_sum, kl_tokens = all_reduce_sum(teacher_kl.float()).tolist()
+        result["eval/reverse_kl_to_teacher"] = kl_sum / max(kl_tokens, 1.0)
     if acting:
         stats = [d.stats for d in done]
         actions = sum(x.actions for x in stats)
@@ -3608,6 +3803,17 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
         result.update(pass_metrics(samples, k))
     result["samples"] = samples  # every item, for the report's per-category table and its improved / worse examples
     return result
+
+
+def reverse_kl_to_teacher(trainer: HybridTrainer, trajs: list[Trajectory]) -> tuple[float, float]:
+    """Over these trajectories' model tokens: the sum of log pi - log nu (the student's log-prob of its own sampled token
+    minus the teacher's: a one-sample estimate of the reverse KL per token) and the number of tokens."""
+    samples = [Sample(t.prompt_ids, t.ids or [trainer.tokenizer.eos_token_id], t.ended, 0.0, 0.0, None,
+                      t.mask if t.ids else [0], None, t.example.teacher_prompt_ids) for t in trajs]
+    rollout = make_rollout(samples, 1, trainer.pad_id, trainer.device)
+    columns, _ = trainer.update.forward_no_grad(rollout_tokens(rollout), rollout.r_ids.shape[1], teacher_tokens=rollout.teacher)
+    mask = rollout.loss_mask
+    return ((columns.logprobs - columns.teacher_logprobs) * mask).sum().item(), mask.sum().item()
 
 
 class EvalTrajectory(NamedTuple):
@@ -4750,6 +4956,28 @@ def build_environment(cfg: Config):
         raise UserError(str(e) if str(e).startswith("ENVIRONMENT") else f"ENVIRONMENT: {e}") from None
 
 
+def check_teacher(cfg: Config, paths: ModelPaths, examples: list[Example]) -> None:
+    """Before any weights load: the teacher exists (the one resolver), shares the student's vocabulary (compared on
+    their tokenizers), and for "self" every row has the reference response TEACHER_CONTEXT shows."""
+    if cfg.TEACHER_MODEL == "self":
+        missing = [e.index for e in examples if not e.target.strip()]
+        if missing and "{target}" in cfg.TEACHER_CONTEXT:
+            raise UserError(f"TEACHER_MODEL \"self\" shows the teacher each row's reference response (TEACHER_CONTEXT's "
+                            f"{{target}}), and TRAIN_FILE rows {missing[:5]} have none")
+        return
+    if not cfg.TEACHER_MODEL:
+        return
+    teacher_paths = resolve_model(cfg, "TEACHER_MODEL")
+    student, _ = check_tokenizer(cfg, paths)
+    teacher, why = check_tokenizer(cfg, teacher_paths)
+    if teacher is None:
+        raise UserError(f"TEACHER_MODEL {shown(cfg.TEACHER_MODEL)}: {why.replace('MODEL', 'TEACHER_MODEL', 1)}")
+    if student is not None and student.get_vocab() != teacher.get_vocab():
+        raise UserError(f"TEACHER_MODEL {shown(cfg.TEACHER_MODEL)} has another vocabulary than MODEL {shown(cfg.MODEL)} "
+                        f"({len(teacher)} vs {len(student)} tokens, or the same ids for other tokens): distillation compares "
+                        "their log-probs token by token, so they must share the tokenizer")
+
+
 def check_environment_data(cfg: Config, examples: list[Example], fmt: str, tokenizer) -> None:
     """An environment's observations are turns of a chat: the prompts must be chat prompts, and the template must let
     an observation be appended token-exactly (template_suffix raises otherwise)."""
@@ -4770,6 +4998,7 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
     paths = resolve_model(cfg)  # reads no weights; a missing adapter base is an error here
     check_launch(cfg, procs.world)
     environment = build_environment(cfg)
+    check_teacher(cfg, paths, examples)
     out_dir = plan_output_dir(cfg)
     resume_from = find_resume_point(cfg, out_dir)
     if is_main():  # before any weights load
@@ -4847,7 +5076,8 @@ def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, o
         warn(f"sampling with {', '.join(off)} draws responses from a distribution other than the policy's, so the PPO "
              "ratio and KL are off-policy; this is the known cause of 'KL divergence is starting to become negative' "
              "(huggingface/trl#235, #351, #1857). Set TOP_P=1, REPETITION_PENALTY=1, NO_REPEAT_NGRAM_SIZE=0 for exact PPO.")
-    trainer = HybridTrainer(cfg, policy, ref_lm, tokenizer, reward, device, plan=plan, environment=environment)
+    teacher = load_teacher(cfg, device, plan.bf16, ref_lm)
+    trainer = HybridTrainer(cfg, policy, ref_lm, tokenizer, reward, device, plan=plan, environment=environment, teacher=teacher)
     if is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(resolved_config(cfg, plan), indent=2))

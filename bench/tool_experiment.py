@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """The README's agents experiment (not a test): does the calculator help SmolLM2-135M-Instruct, and which training
 teaches it to use it? Arithmetic it cannot do in its head (data/tool_*.json: 3-digit x 2-digit products, sums of three
-numbers, a product minus a number), evaluated on 20 held-out problems with 8 samples each at temperature 1 (pass@1,
+numbers, a product minus a number), evaluated on 12 held-out problems with 8 samples each at temperature 1 (pass@1,
 pass@8) before and after, at an equal budget per row: 8 optimizer steps on the same 32 training problems (SFT: 8 steps
 of 4 demonstrations; GRPO: 8 updates of 4 prompts x 4 trajectories, one optimizer step each; alternate: 4 + 4).
 
-    python bench/tool_experiment.py --base                    # starting pass@1 / pass@8 with and without the tool
+    python bench/tool_experiment.py --base                    # only the untrained model (each row's "before" is too)
     python bench/tool_experiment.py --only tool_sft,grpo_env --seeds 0,1,2
     python bench/tool_experiment.py --table                   # the markdown table of everything run so far
 
@@ -27,7 +27,7 @@ OUT = ROOT / "runs" / "tool"
 RESULTS = ROOT / "bench" / "results" / "tool"
 COMMON = {"MODEL": "smollm2-135m-instruct", "PROMPT_FORMAT": "chat", "NUM_SAMPLES": 32, "EPOCHS": 1, "MAXSEQ": 384,
           "MAX_NEW_TOKENS": 48, "TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0, "NO_REPEAT_NGRAM_SIZE": 0,
-          "REWARD": {"type": "math", "answer_field": "answer"}, "CATEGORY_FIELD": "category", "EVAL_SAMPLES": 20,
+          "REWARD": {"type": "math", "answer_field": "answer"}, "CATEGORY_FIELD": "category", "EVAL_SAMPLES": 12,
           "EVAL_NUM_SAMPLES": 8, "EVAL_TEMPERATURE": 1.0, "LOG_EVERY": 2, "SAVE_EVERY": 0, "SFT_BATCH": 4, "LR_SFT": 2e-5,
           "ADVANTAGE": "grpo", "NUM_GENERATIONS": 4, "PPO_BATCH": 4, "PPO_MINI": 4, "PPO_EPOCHS": 1, "LR_PPO": 2e-5,
           "INIT_KL_COEF": 0.0, "BF16": "auto", "GENERATION_BACKEND": "vllm", "VLLM_KV_CACHE_GB": 1.0}
@@ -68,7 +68,7 @@ def run(name: str, overrides: dict, seed: int, steps_only: bool = False) -> dict
 
 
 def base(seed: int = 0) -> list[dict]:
-    """The untrained model, with and without the tool: a run of 0 steps is only its evaluation (EVAL_FILE's 20 items x 8)."""
+    """The untrained model, with and without the tool: a run of 0 steps is only its evaluation (EVAL_FILE's 12 items x 8)."""
     rows = []
     for name, data in (("base_with_tool", TOOL), ("base_without_tool", DIRECT)):
         out = OUT / f"{name}-s{seed}"

@@ -1,0 +1,151 @@
+"""On-policy distillation: the DISTILL losses against hand-computed values and TRL's generalized JSD, a teacher equal to
+the student contributing exactly nothing, the CLI with a separate teacher and with "self", and the bad inputs."""
+
+import json
+
+import pytest
+import torch
+from conftest import EXACT_PPO, ROOT, metrics, run_cli
+
+import hybrid_trainer as ht
+
+
+def test_token_reverse_kl_by_hand():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, 0.0]])
+    teacher = torch.tensor([[-1.5, -1.0, -0.5, 0.0]])
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0]])  # a gap (an observation) at position 1, padding at 3
+    # each token's advantage: -(log pi - log nu) = [-0.5, 1.0, 0.0, 0.0], masked: the student overrates token 0
+    assert ht.distill_advantages(logprobs, teacher, mask).tolist() == [[-0.5, 0.0, 0.0, 0.0]]
+    # discounted over the later covered tokens (the gap skipped): position 2's term -(-1.0 - -0.5) = 0.5, position 0's
+    # -0.5 + 0.5 * 0.5 = -0.25
+    logprobs2 = torch.tensor([[-1.0, -2.0, -1.0, 0.0]])
+    assert ht.distill_advantages(logprobs2, teacher, mask, discount=0.5).tolist() == [[-0.25, 0.0, 0.5, 0.0]]
+    assert ht.distill_advantages(teacher, teacher, mask).abs().sum() == 0
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_generalized_jsd_equals_trl(beta):
+    """TRL 1.16's GKD generalized_jsd_loss (batchmean over the tokens whose label is not -100) on the same logits."""
+    from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 5, 17, dtype=torch.float64), torch.randn(3, 5, 17, dtype=torch.float64)
+    mask = torch.ones(3, 5)
+    mask[0, 3:], mask[2, 1] = 0, 0
+    labels = torch.where(mask > 0, torch.zeros(3, 5, dtype=torch.long), torch.full((3, 5), -100))
+    theirs = GKDTrainer.generalized_jsd_loss(student.float(), teacher.float(), labels, beta=beta, temperature=0.7)
+    ours = ht.generalized_jsd(student.float(), teacher.float(), mask, beta, temperature=0.7) / mask.sum()
+    assert abs(ours.item() - theirs.item()) < 1e-5, (ours.item(), theirs.item())
+
+
+def test_generalized_jsd_in_chunks_has_the_same_value_and_gradient():
+    torch.manual_seed(1)
+    student = torch.randn(2, 9, 31, requires_grad=True)
+    teacher = torch.randn(2, 9, 31)
+    mask = (torch.rand(2, 9) > 0.3).float()
+    grads = []
+    for chunk in (2, 1000):
+        student.grad = None
+        value = ht.generalized_jsd(student, teacher, mask, 0.5, chunk=chunk)
+        value.backward()
+        grads.append((value.item(), student.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-7, rtol=0)
+    assert student.grad[mask == 0].abs().sum() == 0  # masked positions get no gradient
+
+
+def distill_trainer(tiny_model, keys):
+    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": "-", "OUTPUT_DIR": "-", "SEED": 0,
+                               "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "PPO_EPOCHS": 1, "LR_PPO": 1e-3,
+                               "INIT_KL_COEF": 0.0, **EXACT_PPO, **keys})
+    torch.manual_seed(0)
+    policy, ref, tok = ht.load_model(cfg, torch.device("cpu"))
+    teacher = ht.load_teacher(cfg, torch.device("cpu"), False, ref)
+    return ht.HybridTrainer(cfg, policy, ref, tok, teacher=teacher), tok
+
+
+QUERIES, RESPONSES = ["say yes 1", "say yes 1", "hello world", "hello world"], ["yes yes", "no", "yes", "the cat"]
+
+
+@pytest.mark.parametrize("distill", ["token_reverse_kl", "jsd"])
+def test_a_teacher_equal_to_the_student_adds_nothing(tiny_model, distill):
+    """The teacher is the same weights (TEACHER_MODEL = MODEL): the distillation term is exactly 0, and the update equals
+    the same update without a teacher (exactly for token_reverse_kl; jsd's gradient at teacher = student is 0 up to
+    float rounding of the log-softmaxes, which AdamW's normalisation lifts to ~1e-6 on near-zero parameters)."""
+    def step(keys):
+        trainer, tok = distill_trainer(tiny_model, keys)
+        queries = [tok(q)["input_ids"] for q in QUERIES]
+        responses = [tok(r)["input_ids"] + [tok.eos_token_id] for r in RESPONSES]
+        stats = trainer.ppo_step(queries, responses, [1.0, 0.0, 0.5, 0.0])
+        return stats, ht.trainable_state(trainer.policy)
+
+    taught, taught_state = step({"TEACHER_MODEL": str(tiny_model), "DISTILL": distill, "DISTILL_BETA": 1.0})
+    plain, plain_state = step({})
+    assert taught["distill/reverse_kl"] == 0.0
+    if distill == "jsd":
+        assert taught["distill/jsd"] == 0.0
+    for name in plain_state:
+        torch.testing.assert_close(taught_state[name], plain_state[name], atol=0 if distill == "token_reverse_kl" else 1e-5, rtol=0)
+
+
+def test_token_reverse_kl_alone_moves_the_student_toward_the_teacher(tiny_model, tiny_lora_model):
+    """ADVANTAGE "none": the distillation term is the only signal; a few updates on the same samples lower the reverse KL
+    to another model (the teacher)."""
+    trainer, tok = distill_trainer(tiny_model, {"TEACHER_MODEL": str(tiny_lora_model), "DISTILL": "token_reverse_kl",
+                                                "ADVANTAGE": "none", "NUM_GENERATIONS": 1, "PPO_BATCH": 4, "LR_PPO": 3e-3})
+    queries = [tok(q)["input_ids"] for q in QUERIES]
+    responses = [tok(r)["input_ids"] + [tok.eos_token_id] for r in RESPONSES]
+    kls = [trainer.ppo_step(queries, responses, [0.0] * 4)["distill/reverse_kl"] for _ in range(6)]
+    assert kls[-1] < kls[0], kls
+
+
+def cli_config(tmp_path, model, tiny_data, **keys):
+    return {"MODE": "ppo", "MODEL": str(model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(tmp_path / "out"), "SEED": 0,
+            "PROMPT_FORMAT": "sketch", "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "PPO_EPOCHS": 1,
+            "MAX_NEW_TOKENS": 6, "NUM_SAMPLES": 4, "REWARD": {"type": "contains", "pattern": "yes"}, "LOG_EVERY": 1,
+            **EXACT_PPO, **keys}
+
+
+@pytest.mark.parametrize("keys", [
+    {"DISTILL": "token_reverse_kl", "ADVANTAGE": "none", "NUM_GENERATIONS": 1},
+    {"DISTILL": "jsd", "TEACHER_MODEL": "self", "LORA_R": 4, "DISTILL_BETA": 0.5},
+    {"DISTILL": "token_reverse_kl", "TEACHER_MODEL": "self", "MODE": "hybrid", "HYBRID": "alternate", "SFT_BATCH": 2},
+])
+def test_cli_distills(tmp_path, tiny_model, tiny_lora_model, tiny_data, keys):
+    eval_file = tmp_path / "eval.json"
+    eval_file.write_text(json.dumps([{"instruction": "say yes", "output": "yes yes"}] * 2))
+    model = tiny_lora_model if keys.get("LORA_R") else tiny_model
+    cfg = cli_config(tmp_path, model, tiny_data, EVAL_FILE=str(eval_file), **{"TEACHER_MODEL": str(tiny_lora_model), **keys})
+    run_cli(cfg, tmp_path)
+    records = metrics(tmp_path / "out")
+    ppo = [r for r in records if r.get("phase") == "ppo"]
+    assert ppo and all("distill/reverse_kl" in r and r["distill/coef"] == 1.0 for r in ppo)
+    assert all("distill/jsd" in r for r in ppo) == (keys["DISTILL"] == "jsd")
+    evals = [r for r in records if r.get("phase") == "eval"]
+    assert len(evals) == 2 and all("eval/reverse_kl_to_teacher" in r for r in evals)
+    if keys.get("TEACHER_MODEL") == "self":  # the teacher, knowing the answer, judges the student's tokens
+        assert evals[0]["eval/reverse_kl_to_teacher"] != 0
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"DISTILL": "jsd"}, "DISTILL 'jsd' needs a teacher: set TEACHER_MODEL"),
+    ({"TEACHER_MODEL": "self"}, "TEACHER_MODEL is set but DISTILL is empty"),
+    ({"TEACHER_MODEL": "self", "DISTILL": "jsd", "DISTILL_BETA": 1.5}, "DISTILL_BETA must be in [0, 1]"),
+    ({"TEACHER_MODEL": "/no/such/teacher", "DISTILL": "jsd"}, "TEACHER_MODEL '/no/such/teacher' not found"),
+    ({"TEACHER_MODEL": "CHAT", "DISTILL": "token_reverse_kl"}, "has another vocabulary than MODEL"),
+    # a row without a reference response is refused by the data loader already (every data format needs one)
+    ({"TEACHER_MODEL": "self", "DISTILL": "jsd", "TRAIN_FILE": "PROMPTS"}, "row 0, column 'completion': empty"),
+])
+def test_bad_distillation_input_is_one_error_before_weights(tmp_path, tiny_model, tiny_chat_model, tiny_data, keys, message):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "say yes", "completion": ""}\n{"prompt": "say no", "completion": ""}\n')
+    keys = {k: {"CHAT": str(tiny_chat_model), "PROMPTS": str(prompts)}.get(v, v) if isinstance(v, str) else v for k, v in keys.items()}
+    result = run_cli(cli_config(tmp_path, tiny_model, tiny_data, **keys), tmp_path, "--check", check=False)
+    assert result.returncode == 2 and result.stderr.count("error:") == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_presets_include_distill(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert ht.main(["configs/distill.json", "--check"]) == 0
+    assert "ok: " in capsys.readouterr().out
