@@ -2878,9 +2878,11 @@ def make_rollout(samples: list[Sample], group_size: int, pad_id: int, device: to
                    right_pad_floats(engine, R).to(device) if all(e is not None for e in engine) else None, teacher)
 
 
-def samples_from_tokens(queries: list, responses: list, scores: list, baseline: Optional[list], eos_id: Optional[int]) -> list[Sample]:
+def samples_from_tokens(queries: list, responses: list, scores: list, baseline: Optional[list], eos_id: Optional[int],
+                        teacher_queries: Optional[list] = None) -> list[Sample]:
     """The classic API's lists -> Samples; a response ended when its last token is EOS."""
-    return [Sample(q, r, bool(r) and r[-1] == eos_id, s, baseline[i] if baseline else 0.0)
+    return [Sample(q, r, bool(r) and r[-1] == eos_id, s, baseline[i] if baseline else 0.0,
+                   teacher_query=teacher_queries[i] if teacher_queries else None)
             for i, (q, r, s) in enumerate(zip(queries, responses, scores))]
 
 
@@ -3727,15 +3729,16 @@ class HybridTrainer:
         return stats
 
     def ppo_step(self, queries: list[list[int]], responses: list[list[int]], scores, baseline=None,
-                 demos: Optional[list[Example]] = None) -> dict:
+                 demos: Optional[list[Example]] = None, teacher_queries: Optional[list] = None) -> dict:
         """TRL 0.11's classic step: one PPO update on B (query, response, score) triples; responses end at EOS (no
         padding). With several processes each passes its share and the step gathers the rest (3.), so whitening,
         KL and scores are global and the minibatches hold the same rows as with one process. Rows i*G .. i*G+G-1
         (G = NUM_GENERATIONS) answer the same prompt. baseline: (B,) scores of greedy responses (remax). demos: the
-        batch's P = B / G prompts as Examples (global, in row order), which the hybrid strategies gate / mix train on."""
+        batch's P = B / G prompts as Examples (global, in row order), which the hybrid strategies gate / mix train on.
+        teacher_queries: TEACHER_MODEL "self": each row's prompt as the teacher reads it (with TEACHER_CONTEXT)."""
         scores = [float(x) for x in torch.as_tensor(scores, dtype=torch.float32).reshape(-1).tolist()]
         baseline = None if baseline is None else [float(x) for x in torch.as_tensor(baseline).reshape(-1).tolist()]
-        mine = samples_from_tokens(list(queries), list(responses), scores, baseline, self.tokenizer.eos_token_id)
+        mine = samples_from_tokens(list(queries), list(responses), scores, baseline, self.tokenizer.eos_token_id, teacher_queries)
         samples = sum(gather_objects(mine), [])
         return self.update.learn(make_rollout(samples, self.plan.group_size, self.pad_id, self.device), demos)
 

@@ -7,6 +7,7 @@ peak RSS.
     python bench/step_bench.py                        # this checkout
     python bench/step_bench.py --root /tmp/base       # another checkout (git worktree add /tmp/base REV)
     python bench/step_bench.py --set ADVANTAGE=grpo --set NUM_GENERATIONS=4 --set PPO_BATCH=2
+    python bench/step_bench.py --set TEACHER_MODEL='"self"' --set DISTILL='"token_reverse_kl"'   # distillation's cost
 """
 
 import argparse
@@ -37,14 +38,17 @@ def main() -> None:
     torch.manual_seed(0)
     policy, ref, tok = ht.load_model(cfg, torch.device("cpu"))
     examples = ht.tokenize_examples(ht.load_examples(cfg), cfg, tok, "chat", "TRAIN_FILE")
-    trainer = ht.HybridTrainer(cfg, policy, ref, tok)
+    teacher = ht.load_teacher(cfg, torch.device("cpu"), False, ref) if hasattr(ht, "load_teacher") else None
+    trainer = ht.HybridTrainer(cfg, policy, ref, tok, **({"teacher": teacher} if teacher is not None else {}))
     G = getattr(cfg, "NUM_GENERATIONS", 1)
     ppo_s, sft_s, ppo_tokens, sft_tokens = [], [], [], []
     for i in range(args.steps + 1):
         batch = examples[i * 8:(i + 1) * 8]
         rows = [e for e in batch[:8 // G] for _ in range(G)]
         t = time.perf_counter()
-        trainer.ppo_step([e.prompt_ids for e in rows], [e.target_ids for e in rows], [float(j % 3) for j in range(len(rows))])
+        teacher_queries = [e.teacher_prompt_ids for e in rows] if getattr(cfg, "TEACHER_MODEL", "") == "self" else None
+        trainer.ppo_step([e.prompt_ids for e in rows], [e.target_ids for e in rows], [float(j % 3) for j in range(len(rows))],
+                         **({"teacher_queries": teacher_queries} if teacher_queries else {}))
         ppo_s.append(time.perf_counter() - t)
         ppo_tokens.append(sum(len(e.prompt_ids) + len(e.target_ids) for e in rows) * cfg.PPO_EPOCHS)
         t = time.perf_counter()

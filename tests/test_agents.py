@@ -82,12 +82,14 @@ def test_bad_specs_name_the_field(tmp_path):
     ({"type": "nope"}, "ENVIRONMENT: unknown type 'nope'"),
     ({"type": "python", "path": "envs.py", "class": "E"}, "set TRUST_REMOTE_CODE: true"),
 ])
-def test_bad_environment_is_one_error_line_before_weights(tmp_path, tiny_chat_model, env, message):
+def test_bad_environment_is_one_error_line_before_weights(tmp_path, tiny_chat_model, env, message, capsys):
     cfg = {"MODE": "ppo", "MODEL": str(tiny_chat_model), "TRAIN_FILE": str(ROOT / "data" / "tool_train.json"),
            "OUTPUT_DIR": str(tmp_path / "out"), "REWARD": {"type": "math"}, "ENVIRONMENT": env}
-    result = run_cli(cfg, tmp_path, "--check", check=False)
-    assert result.returncode == 2 and result.stderr.count("error:") == 1 and message in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    assert ht.main([str(path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and message in err and "Traceback" not in err, err
 
 
 # ---- the scripted engine ----

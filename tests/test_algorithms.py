@@ -21,7 +21,8 @@ def cli(cfg: dict, tmp_path, name="config.json") -> int:
     return ht.main([str(path)])
 
 
-@pytest.mark.parametrize("advantage, hybrid", [(a, None) for a in ht.ADVANTAGES if a != "gae"] + [("grpo", "gate"), ("gae", "mix")])
+@pytest.mark.parametrize("advantage, hybrid", [(a, None) for a in ht.ADVANTAGES if a not in ("gae", "none")]  # none: test_distill
+                         + [("grpo", "gate"), ("gae", "mix")])
 def test_estimator_or_strategy_raises_reward(advantage, hybrid, tiny_model, tiny_data, tmp_path):
     out = tmp_path / "out"
     cfg = {**LEARN, "MODE": "hybrid" if hybrid else "ppo", "ADVANTAGE": advantage, "MODEL": str(tiny_model),

@@ -99,6 +99,18 @@ def test_token_reverse_kl_alone_moves_the_student_toward_the_teacher(tiny_model,
     assert kls[-1] < kls[0], kls
 
 
+@pytest.mark.parametrize("loss", list(ht.POLICY_LOSSES))
+def test_every_policy_loss_takes_the_distillation_advantage(tiny_model, tiny_lora_model, loss):
+    """ADVANTAGE "none" (the estimators' registry entry that only distillation gives a signal) with each policy loss."""
+    trainer, tok = distill_trainer(tiny_model, {"TEACHER_MODEL": str(tiny_lora_model), "DISTILL": "token_reverse_kl",
+                                                "ADVANTAGE": "none", "NUM_GENERATIONS": 1, "PPO_BATCH": 4, "POLICY_LOSS": loss})
+    before = [p.detach().clone() for p in trainer.policy.lm.parameters()]
+    stats = trainer.ppo_step([tok(q)["input_ids"] for q in QUERIES], [tok(r)["input_ids"] + [tok.eos_token_id] for r in RESPONSES],
+                             [0.0] * 4)
+    assert stats["ppo/loss/policy"] != 0 and stats["distill/reverse_kl"] != 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.lm.parameters()))
+
+
 def cli_config(tmp_path, model, tiny_data, **keys):
     return {"MODE": "ppo", "MODEL": str(model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(tmp_path / "out"), "SEED": 0,
             "PROMPT_FORMAT": "sketch", "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "PPO_EPOCHS": 1,
@@ -136,13 +148,16 @@ def test_cli_distills(tmp_path, tiny_model, tiny_lora_model, tiny_data, keys):
     # a row without a reference response is refused by the data loader already (every data format needs one)
     ({"TEACHER_MODEL": "self", "DISTILL": "jsd", "TRAIN_FILE": "PROMPTS"}, "row 0, column 'completion': empty"),
 ])
-def test_bad_distillation_input_is_one_error_before_weights(tmp_path, tiny_model, tiny_chat_model, tiny_data, keys, message):
+def test_bad_distillation_input_is_one_error_before_weights(tmp_path, tiny_model, tiny_chat_model, tiny_data, keys, message,
+                                                           capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "say yes", "completion": ""}\n{"prompt": "say no", "completion": ""}\n')
     keys = {k: {"CHAT": str(tiny_chat_model), "PROMPTS": str(prompts)}.get(v, v) if isinstance(v, str) else v for k, v in keys.items()}
-    result = run_cli(cli_config(tmp_path, tiny_model, tiny_data, **keys), tmp_path, "--check", check=False)
-    assert result.returncode == 2 and result.stderr.count("error:") == 1 and message in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cli_config(tmp_path, tiny_model, tiny_data, **keys)))
+    assert ht.main([str(path), "--check"]) == 2  # --check: nothing loads weights
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and message in err and "Traceback" not in err, err
 
 
 def test_presets_include_distill(monkeypatch, capsys):

@@ -136,7 +136,7 @@ class Spread:
         return [o * (0.5 + len(r) % 2 / 2) for o, r in zip(odd, responses)]
 
 
-COMBOS = [(loss, adv, None) for loss in ht.POLICY_LOSSES for adv in ht.ADVANTAGES] + \
+COMBOS = [(loss, adv, None) for loss in ht.POLICY_LOSSES for adv in ht.ADVANTAGES if adv != "none"] + \
          [(loss, "grpo", hybrid) for loss in ht.POLICY_LOSSES for hybrid in ("gate", "mix")]
 
 
