@@ -274,10 +274,12 @@ def test_limits_max_turns_tokens_and_observation_length(tiny_chat_model):
     assert t.prompt_ids + t.ids == rendered_ids(tok, t)
 
 
-def test_the_update_reads_the_trajectory_loss_mask(tiny_chat_model):
+@pytest.mark.parametrize("advantage", ["grpo", "gae"])
+def test_the_update_reads_the_trajectory_loss_mask(tiny_chat_model, advantage):
     """ppo_update on scripted trajectories: the Rollout's loss mask is 1 on the model's tokens and 0 on the observation,
-    the reward scores the final answer (36: right), and the env metrics count what happened."""
-    trainer, tok = trainer_with(tiny_chat_model, calc_script, {"type": "calculator"})
+    the reward scores the final answer (36: right), and the env metrics count what happened; with the value head too
+    (gae: values read on the model's tokens, the observation skipped)."""
+    trainer, tok = trainer_with(tiny_chat_model, calc_script, {"type": "calculator"}, ADVANTAGE=advantage)
     batch, _, _ = trainer.collector.batch([example(tok)])
     rollout = ht.make_rollout(batch.samples, 2, tok.pad_token_id, torch.device("cpu"))
     n_action = len(encode(tok, "<calc>12*3</calc>"))
@@ -288,6 +290,8 @@ def test_the_update_reads_the_trajectory_loss_mask(tiny_chat_model):
     assert stats["env/turns"] == 2 and stats["env/actions"] == 1 and stats["env/observation_tokens"] == n_obs
     assert stats["env/truncated"] == 0 and stats["env/failed"] == 0 and "time/env_s" in stats
     assert stats["ppo/response_length"] == rollout.loss_mask.sum(1).mean().item()  # the model's tokens only
+    if advantage == "gae":
+        assert "ppo/loss/value" in stats and stats["ppo/loss/value"] > 0
 
 
 class Raises:
