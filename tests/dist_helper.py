@@ -39,7 +39,7 @@ def ppo_step(model: str, out: str, lora_r: str = "0", extra: str = "{}") -> None
     ht.init_processes(device)
     torch.manual_seed(0)  # the same fresh adapter and value head on every process
     policy, ref, tok = ht.load_model(cfg, device)
-    trainer = ht.HybridTrainer(cfg, policy, ref, tok)
+    trainer = ht.HybridTrainer(cfg, policy, ref, tok, teacher=ht.load_teacher(cfg, device, False, ref))  # DISTILL's, if any
     queries = [tok(QUERIES[i // G * G])["input_ids"] for i in range(len(QUERIES))]  # G rows per prompt
     responses = [tok(r)["input_ids"] + [tok.eos_token_id] for r in RESPONSES]
     demos = [ht.Example(index=i, item={}, target=RESPONSES[i * G], prompt_ids=queries[i * G],

@@ -2,10 +2,12 @@
 the student contributing exactly nothing, the CLI with a separate teacher and with "self", and the bad inputs."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import EXACT_PPO, ROOT, metrics, run_cli
+from conftest import ENV, EXACT_PPO, ROOT, comparable, interrupted_copy, metrics, run_cli, torchrun
 
 import hybrid_trainer as ht
 
@@ -164,3 +166,52 @@ def test_presets_include_distill(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     assert ht.main(["configs/distill.json", "--check"]) == 0
     assert "ok: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("distill", ["token_reverse_kl", "jsd"])
+def test_one_process_equals_two_with_a_teacher(tiny_model, tiny_lora_model, tmp_path, distill):
+    """The teacher's log-probs (step 4, each process its share) and jsd's term (each process its rows, over the
+    minibatch's global token count) do not depend on the process count."""
+    from test_distributed import max_diff
+
+    helper = ROOT / "tests" / "dist_helper.py"
+    extra = json.dumps({"TEACHER_MODEL": str(tiny_lora_model), "DISTILL": distill, "NUM_GENERATIONS": 2, "ADVANTAGE": "grpo",
+                        "DISTILL_BETA": 0.5})
+    one = subprocess.run([sys.executable, str(helper), "ppo_step", str(tiny_model), str(tmp_path / "one.st"), "0", extra],
+                         capture_output=True, text=True, env=ENV)
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun([helper, "ppo_step", tiny_model, tmp_path / "two.st", "0", extra])
+    assert max_diff(tmp_path / "one.st", tmp_path / "two.st") <= 1e-5
+
+
+def test_resume_with_a_teacher_is_exact(tmp_path, tiny_model, tiny_lora_model, tiny_data):
+    """A run killed after its checkpoint at step 2 (its directory as SIGKILL leaves it) and resumed logs the same
+    numbers and ends with the same weights as the run that was not interrupted."""
+    from test_distributed import max_diff
+
+    cfg = cli_config(tmp_path, tiny_model, tiny_data, TEACHER_MODEL=str(tiny_lora_model), DISTILL="token_reverse_kl",
+                     NUM_SAMPLES=8, SAVE_EVERY=1, KEEP_CHECKPOINTS=10, KEEP_CHECKPOINTS_AT_END=True, LR_PPO=1e-3)
+    run_cli(cfg, tmp_path)
+    straight = tmp_path / "out"
+    killed = interrupted_copy(straight, tmp_path / "killed", 2)
+    resumed = run_cli({**cfg, "OUTPUT_DIR": str(killed)}, tmp_path)
+    assert "resuming from" in resumed.stdout
+    assert comparable(metrics(killed)) == comparable(metrics(straight))
+    assert max_diff(straight / "inference_lm/model.safetensors", killed / "inference_lm/model.safetensors") <= 1e-6
+
+
+def test_distillation_with_vllm_and_an_environment(tmp_path, tiny_chat_model):
+    """The engine samples (vLLM), the trainer scores teacher and student; with the calculator environment the teacher
+    scores the model's tokens only (the loss mask)."""
+    import hybrid_trainer as ht_
+
+    data = ROOT / "data" / "tool_train.json"
+    cfg = {"MODE": "ppo", "MODEL": str(tiny_chat_model), "TRAIN_FILE": str(data), "OUTPUT_DIR": str(tmp_path / "out"), "SEED": 0,
+           "NUM_SAMPLES": 2, "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "PPO_EPOCHS": 1, "MAX_NEW_TOKENS": 16,
+           "MAXSEQ": 384, "REWARD": {"type": "math"}, "ENVIRONMENT": {"type": "calculator"}, "MAX_TURNS": 2,
+           "ACTION_FORMAT": {"open": "t", "close": " "}, "TEACHER_MODEL": "self", "DISTILL": "token_reverse_kl",
+           "GENERATION_BACKEND": "vllm", "VLLM_KV_CACHE_GB": 0.25, "BF16": False, "LOG_EVERY": 1, **EXACT_PPO}
+    run_cli(cfg, tmp_path)
+    ppo = [r for r in metrics(tmp_path / "out") if r.get("phase") == "ppo"]
+    assert ppo and all("distill/reverse_kl" in r and "env/turns" in r and "rollout/logprob_abs_diff" in r for r in ppo)
+    assert ht_.DISTILL_LOSSES["token_reverse_kl"].place == "advantage"
