@@ -86,7 +86,7 @@ def dynamic(model: str, out: str) -> None:
                 for i in range(8)]
     by_prompt = {tuple(e.prompt_ids): e.index for e in examples}
 
-    def fixed(prompts, n=1, greedy=False, temperature=None):
+    def fixed(prompts, n=1, greedy=False, temperature=None, max_tokens=None, stop=None):
         texts = [("yes yes" if by_prompt[tuple(p)] % 2 and j == 0 else "no") for p in prompts for j in range(n)]
         responses = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
         return ht.Generation(responses, torch.ones(len(responses), dtype=torch.bool))

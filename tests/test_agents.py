@@ -419,17 +419,20 @@ def agent_config(tmp_path, model, **keys):
 def test_cli_runs_with_an_environment(tmp_path, tiny_chat_model, env, backend):
     """The tiny model, untrained, rarely acts: one scripted-free run checks the wiring end to end (metrics, the
     evaluation's env metrics and the report's whole trajectory), on each engine."""
-    keys = dict(ENVIRONMENT=env, GENERATION_BACKEND=backend, EVAL_FILE=str(ROOT / "data" / "tool_eval.json"), EVAL_SAMPLES=2,
-                EVAL_NUM_SAMPLES=2, CATEGORY_FIELD="category")
+    keys = dict(ENVIRONMENT=env, GENERATION_BACKEND=backend, CATEGORY_FIELD="category")
+    evaluated = env["type"] == "calculator"  # the code environment's run: the wiring only (its actions: the hostile test)
+    if evaluated:
+        keys.update(EVAL_FILE=str(ROOT / "data" / "tool_eval.json"), EVAL_SAMPLES=2, EVAL_NUM_SAMPLES=2)
     if backend == "vllm":
         keys.update(VLLM_KV_CACHE_GB=0.25, BF16=False)
     run_cli(agent_config(tmp_path, tiny_chat_model, **keys), tmp_path)
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     ppo = [r for r in records if "env/turns" in r]
     assert len(ppo) == 2 and all(1 <= r["env/turns"] <= 2 for r in ppo) and all("time/env_s" in r for r in ppo)
-    evals = [r for r in records if r.get("phase") == "eval"]
-    assert len(evals) == 2 and all("eval/turns" in r and "eval/action_error_rate" in r for r in evals)
-    assert "## One whole trajectory" in (tmp_path / "out" / "report.md").read_text()
+    if evaluated:
+        evals = [r for r in records if r.get("phase") == "eval"]
+        assert len(evals) == 2 and all("eval/turns" in r and "eval/action_error_rate" in r for r in evals)
+        assert "## One whole trajectory" in (tmp_path / "out" / "report.md").read_text()
     if backend == "vllm":
         assert all("rollout/logprob_abs_diff" in r and r["rollout/logprob_abs_diff"] < 1e-3 for r in ppo)
 
@@ -452,8 +455,8 @@ ACTS = {"ACTION_FORMAT": {"open": "t", "close": " "}}  # markers the untrained t
 
 
 def test_resume_with_an_environment_after_sigkill(tiny_chat_model, tmp_path):
-    base = agent_config(tmp_path, tiny_chat_model, **ACTS, NUM_SAMPLES=8, PPO_BATCH=2, SAVE_EVERY=1, MAX_TURNS=3,
-                        LR_PPO=1e-3, KEEP_CHECKPOINTS=5)
+    base = agent_config(tmp_path, tiny_chat_model, **ACTS, NUM_SAMPLES=6, PPO_BATCH=2, SAVE_EVERY=1, MAX_TURNS=3,
+                        MAX_NEW_TOKENS=16, LR_PPO=1e-3, KEEP_CHECKPOINTS=5)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_cli({**base, "OUTPUT_DIR": str(straight)}, tmp_path)
     assert any(r["env/actions"] > 0 for r in metrics(straight) if "env/actions" in r)  # trajectories act
@@ -480,7 +483,8 @@ def test_hybrids_with_an_environment(tiny_chat_model, tmp_path, hybrid):
     DYNAMIC_SAMPLING for alternate, MASK_TRUNCATED for gate, LoRA for mix."""
     keys = {"alternate": {"DYNAMIC_SAMPLING": True}, "gate": {"GATE_THRESHOLD": 1.0, "MASK_TRUNCATED": True},
             "mix": {"MIX_COEF": 0.5, "LORA_R": 4}}[hybrid]
-    cfg = agent_config(tmp_path, tiny_chat_model, **ACTS, MODE="hybrid", HYBRID=hybrid, SFT_BATCH=2, **keys)
+    cfg = agent_config(tmp_path, tiny_chat_model, **ACTS, MODE="hybrid", HYBRID=hybrid, SFT_BATCH=2, NUM_SAMPLES=2,
+                       MAX_NEW_TOKENS=16, **keys)
     run_cli(cfg, tmp_path)
     records = metrics(tmp_path / "out")
     assert any("env/turns" in r for r in records)
