@@ -23,7 +23,6 @@ Built in:
 from __future__ import annotations
 
 import ast
-import importlib.util
 import inspect
 import json
 import math
@@ -352,12 +351,7 @@ def python(ctx: rewards.Context, path: str = "", class_name: str = "", args: Opt
     its trajectory (reward 0, counted, logged with the row); one that takes longer than ENV_STEP_TIMEOUT is abandoned.
     workers: steps run at once (threads)."""
     file = _python_file(path, ctx.trust_remote_code)
-    spec = importlib.util.spec_from_file_location(f"user_env_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001 - the user's file: any error is reported, with its type
-        raise EnvSpecError(f"python environment file {str(file)!r} failed to import: {type(e).__name__}: {e}") from None
+    module = rewards.load_user_module(file, "environment", EnvSpecError)
     cls = getattr(module, class_name, None)
     if not inspect.isclass(cls):
         defined = sorted(k for k, v in vars(module).items() if inspect.isclass(v) and v.__module__ == module.__name__)
@@ -371,15 +365,8 @@ def python(ctx: rewards.Context, path: str = "", class_name: str = "", args: Opt
 
 
 def _python_file(path: str, trusted: Optional[bool]) -> Path:
-    if trusted is False:
-        raise EnvSpecError(f'type "python" runs the code in {path or "its file"!r}: set TRUST_REMOTE_CODE: true in the '
-                           "config to allow it (the same opt-in as custom model code and the python reward)")
-    if not path:
-        raise EnvSpecError('python needs "path": a local .py file defining your environment class, and "class": its name')
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise EnvSpecError(f"python environment file {path!r} does not exist (looked at {file.resolve()})")
-    return file
+    return rewards.user_python_file(path, trusted, "environment", "your environment class, and \"class\": its name",
+                                    EnvSpecError)
 
 
 ENVIRONMENTS: dict[str, Callable[..., EnvironmentType]] = {

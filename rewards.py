@@ -391,13 +391,8 @@ def python(ctx: Context, path: str = "", function: str = "score") -> BatchFn:
     from the local Python file `path`. It runs your code, so the config must opt in with TRUST_REMOTE_CODE: true.
     Checked at load: the file imports, the function exists, takes four arguments, and a one-item call returns one
     finite number."""
-    file = _python_file(path, ctx.trust_remote_code)
-    spec = importlib.util.spec_from_file_location(f"user_reward_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001 - the user's file: any error is reported, with its type
-        raise RewardSpecError(f"python reward file {str(file)!r} failed to import: {type(e).__name__}: {e}") from None
+    file = user_python_file(path, ctx.trust_remote_code)
+    module = load_user_module(file)
     user_fn = getattr(module, function, None)
     if not callable(user_fn):
         defined = sorted(k for k, v in vars(module).items() if inspect.isfunction(v) and v.__module__ == module.__name__)
@@ -432,17 +427,30 @@ def python(ctx: Context, path: str = "", function: str = "score") -> BatchFn:
     return fn
 
 
-def _python_file(path: str, trusted: Optional[bool]) -> Path:
-    """The python reward's file, after the opt-in check (trusted None: not known yet, checked at build)."""
+def user_python_file(path: str, trusted: Optional[bool], kind: str = "reward",
+                     defines: str = "score(responses, targets, prompts, items)", error: type = RewardSpecError) -> Path:
+    """A "python" type's file (a reward's, or environments.py's environment: `kind`), after the opt-in check (trusted
+    None: not known yet, checked at build). Raises `error` naming what is wrong."""
     if trusted is False:
-        raise RewardSpecError(f'type "python" runs the code in {path or "its file"!r}: set TRUST_REMOTE_CODE: true in the config '
-                              "to allow it (the same opt-in as custom model code)")
+        raise error(f'type "python" runs the code in {path or "its file"!r}: set TRUST_REMOTE_CODE: true in the config '
+                    "to allow it (the same opt-in as custom model code)")
     if not path:
-        raise RewardSpecError('python needs "path": a local .py file defining score(responses, targets, prompts, items)')
+        raise error(f'python needs "path": a local .py file defining {defines}')
     file = Path(path).expanduser()
     if not file.is_file():
-        raise RewardSpecError(f"python reward file {path!r} does not exist (looked at {file.resolve()})")
+        raise error(f"python {kind} file {path!r} does not exist (looked at {file.resolve()})")
     return file
+
+
+def load_user_module(file: Path, kind: str = "reward", error: type = RewardSpecError):
+    """Import a "python" type's file as a module of its own; any error in it is one `error` naming the file."""
+    spec = importlib.util.spec_from_file_location(f"user_{kind}_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's file: any error is reported, with its type
+        raise error(f"python {kind} file {str(file)!r} failed to import: {type(e).__name__}: {e}") from None
+    return module
 
 
 # ==================================================================================================
@@ -1180,7 +1188,7 @@ def check_spec(spec: Any, where: str = "reward", trust_remote_code: Optional[boo
     _check_fields(spec, builder, where, skip_ctx=True, common=COMMON_FIELDS)
     if spec["type"] == "python":
         try:
-            _python_file(spec.get("path", ""), trust_remote_code)
+            user_python_file(spec.get("path", ""), trust_remote_code)
         except RewardSpecError as e:
             raise RewardSpecError(f"{where}: {e}") from None
     if "weight" in spec and (isinstance(spec["weight"], bool) or not isinstance(spec["weight"], (int, float))):
