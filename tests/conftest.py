@@ -209,3 +209,21 @@ def torchrun_cli(config: dict, tmp_path: Path, **kw) -> subprocess.CompletedProc
     path = tmp_path / f"config-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(config))
     return torchrun([ROOT / "hybrid_trainer.py", path], **kw)
+
+
+def sigkill_at_checkpoint(cmd: list, out: Path, step: int, env: dict, timeout: float = 240) -> None:
+    """Start `cmd` (a run writing checkpoints to out/checkpoints) and kill -9 it, with every process it started (a
+    launcher's workers too), as soon as a checkpoint at `step` or later exists (older ones may be pruned meanwhile)."""
+    import signal
+
+    import psutil
+
+    proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not any(int(p.name[5:]) >= step for p in (out / "checkpoints").glob("step-*")):
+        time.sleep(0.02)
+    launcher = psutil.Process(proc.pid)
+    for p in [launcher, *launcher.children(recursive=True)]:  # all at once
+        p.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)

@@ -6,7 +6,6 @@ tiny model runs through the CLI with the calculator and code environments."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENV, ROOT, comparable, metrics, run_cli, torchrun
+from conftest import ENV, ROOT, comparable, metrics, run_cli, sigkill_at_checkpoint, torchrun
 from test_sandbox import HOSTILE, MARK, leftovers, world  # noqa: F401 - world is a fixture
 
 import environments
@@ -462,13 +461,8 @@ def test_resume_with_an_environment_after_sigkill(tiny_chat_model, tmp_path):
     assert any(r["env/actions"] > 0 for r in metrics(straight) if "env/actions" in r)  # trajectories act
     path = tmp_path / "killed.json"
     path.write_text(json.dumps({**base, "OUTPUT_DIR": str(killed)}))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path)], env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # as run_cli's runs (the same threads)
-    deadline = time.time() + 240
-    while time.time() < deadline and not any(int(p.name[5:]) >= 2 for p in (killed / "checkpoints").glob("step-*")):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_at_checkpoint([sys.executable, ROOT / "hybrid_trainer.py", path], killed, 2,
+                          {**os.environ, "HF_HUB_OFFLINE": "1"})  # as run_cli's runs (the same threads)
     assert not (killed / "inference_lm").exists(), "the run finished before it could be killed"
     resumed = run_cli({**base, "OUTPUT_DIR": str(killed)}, tmp_path)
     assert "resuming from" in resumed.stdout

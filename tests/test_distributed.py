@@ -2,15 +2,13 @@
 FSDP = DDP, one set of outputs, exact resume, and an error on one process ends all of them."""
 
 import json
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import ENV, HYBRID_RESUME, ROOT, comparable, metrics, run_cli, torchrun, torchrun_cli
+from conftest import ENV, HYBRID_RESUME, ROOT, comparable, metrics, run_cli, sigkill_at_checkpoint, torchrun, torchrun_cli
 from safetensors.torch import load_file
 
 
@@ -82,17 +80,8 @@ def test_resume_with_two_processes_after_sigkill(tiny_model, tiny_data, tmp_path
     torchrun_cli({**base, "OUTPUT_DIR": str(straight)}, tmp_path)
     path = tmp_path / "killed.json"
     path.write_text(json.dumps({**base, "OUTPUT_DIR": str(killed)}))
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(ROOT / "hybrid_trainer.py"), str(path)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not any(int(p.name[5:]) >= 5 for p in (killed / "checkpoints").glob("step-*")):
-        time.sleep(0.02)
-    launcher = psutil.Process(proc.pid)
-    for p in [launcher, *launcher.children(recursive=True)]:  # the launcher and both processes, at once
-        p.send_signal(signal.SIGKILL)
-    proc.wait()
-    time.sleep(0.5)
+    sigkill_at_checkpoint([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           ROOT / "hybrid_trainer.py", path], killed, 5, ENV)  # the launcher and both processes
     assert not (killed / "inference_lm").exists(), "the run finished before it could be killed"
     checkpoint = max((killed / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))
     assert sorted(p.name for p in checkpoint.glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import EXACT_PPO, HYBRID_RESUME, ROOT, YesFraction, comparable, metrics, run_cli, trainer_for
+from conftest import EXACT_PPO, HYBRID_RESUME, ROOT, YesFraction, comparable, metrics, run_cli, sigkill_at_checkpoint, trainer_for
 
 import hybrid_trainer as ht
 
@@ -150,16 +150,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model, tiny_data, t
     # kill -9 the second run as soon as it has written a mid-run checkpoint
     path = tmp_path / "killed.json"
     path.write_text(json.dumps({**base, "OUTPUT_DIR": str(killed)}))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    def reached_step_5():  # any checkpoint at step >= 5 (older ones are pruned as the run goes on)
-        return any(int(p.name[5:]) >= 5 for p in (killed / "checkpoints").glob("step-*"))
-
-    while time.time() < deadline and not reached_step_5():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_at_checkpoint([sys.executable, ROOT / "hybrid_trainer.py", path], killed, 5, dict(os.environ), timeout=120)
     assert not (killed / "inference_lm").exists(), "the run finished before it could be killed"
     resumed = run_cli({**base, "OUTPUT_DIR": str(killed)}, tmp_path)
     assert "resuming from" in resumed.stdout
