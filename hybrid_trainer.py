@@ -2103,7 +2103,12 @@ def gguf_to_safetensors(gguf_path: Path, root: Path, trust_remote_code: bool = F
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process converted it meanwhile (os.replace does not overwrite a full directory)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / "config.json").is_file():
+            raise
     return dest
 
 
@@ -2215,10 +2220,13 @@ def cpu_model() -> str:
 def load_tokenizer(cfg: Config, paths: ModelPaths):
     from transformers import AutoTokenizer
 
+    where, kw = paths.tokenizer, {}
+    if paths.gguf and not paths.converted and where == paths.weights:  # read from the .gguf itself until converted
+        where, kw = paths.base.parent, {"gguf_file": paths.base.name}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.TRUST_REMOTE_CODE, **kw)
     except (OSError, ValueError) as e:
-        raise UserError(f"MODEL {cfg.MODEL!r}: no tokenizer could be loaded from {paths.tokenizer}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"MODEL {cfg.MODEL!r}: no tokenizer could be loaded from {where}: {str(e).splitlines()[0]}") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"MODEL {cfg.MODEL!r}: the tokenizer has no EOS token, needed to end responses")
     if tokenizer.pad_token_id is None:

@@ -8,6 +8,9 @@ category, the responses that contain the reference.
 
     python bench/rlvr_experiment.py --only sft,grpo --seeds 0,1,2      # appends to bench/results/rlvr/results.jsonl
     python bench/rlvr_experiment.py --table                            # the markdown table of everything run so far
+    python bench/rlvr_experiment.py --only distill,self_distill,distill_task --seeds 0,1,2   # on-policy distillation
+
+The distillation rows first train their teacher ("teacher": SFT on the same worked solutions, 72 steps, seed 0) once.
 
 One process at a time (2 threads); on a 2-core CPU an SFT run takes about 4 minutes, an RL or hybrid run 9-10 with the
 default hf backend (about 5 with vLLM: --set 'NAME:GENERATION_BACKEND="vllm"').
@@ -39,7 +42,21 @@ VARIANTS = {
     "alternate": {"MODE": "hybrid", "HYBRID": "alternate", "SFT_BATCH": 4, "PPO_MINI": 4, "LR_SFT": 2e-5},
     "gate": {"MODE": "hybrid", "HYBRID": "gate", "GATE_THRESHOLD": 1.0},
     "mix": {"MODE": "hybrid", "HYBRID": "mix", "MIX_COEF": 0.5, "MIX_COEF_END": 0.1, "MIX_SCHEDULE": "cosine"},
+    # on-policy distillation (vLLM samples, at the RL rows' budget): the teacher is "teacher" below, SFT on the same
+    # worked solutions for 3x the steps (trained once, seed 0, kept); the per-token advantage -(log pi - log teacher)
+    # alone (ADVANTAGE "none", no KL to the reference: the teacher is the anchor, as in Tinker's recipe) ...
+    "distill": {"MODE": "ppo", "ADVANTAGE": "none", "TEACHER_MODEL": "<teacher>", "DISTILL": "token_reverse_kl",
+                "DISTILL_COEF": 1.0, "INIT_KL_COEF": 0.0, "GENERATION_BACKEND": "vllm"},
+    # ... the frozen initial model as its own teacher, shown the row's worked solution (no second model) ...
+    "self_distill": {"MODE": "ppo", "ADVANTAGE": "none", "TEACHER_MODEL": "self", "DISTILL": "token_reverse_kl",
+                     "TEACHER_CONTEXT": "A worked solution: {target}\n\nNow answer in your own words. ",
+                     "DISTILL_COEF": 1.0, "INIT_KL_COEF": 0.0, "GENERATION_BACKEND": "vllm"},
+    # ... and GRPO's task advantage plus the teacher's per-token term (verl's use_task_rewards)
+    "distill_task": {"MODE": "ppo", "TEACHER_MODEL": "<teacher>", "DISTILL": "token_reverse_kl", "DISTILL_COEF": 1.0,
+                     "INIT_KL_COEF": 0.0, "GENERATION_BACKEND": "vllm"},
+    "teacher": {"MODE": "sft", **SFT_STEPS, "EPOCHS": 6},  # 72 steps; its model stays in runs/rlvr/teacher-s0
 }
+TEACHER = OUT / "teacher-s0" / "inference_lm"
 
 
 def retention(model: str, seed: int) -> dict:
@@ -65,6 +82,10 @@ def retention(model: str, seed: int) -> dict:
 def run(name: str, overrides: dict, seed: int) -> dict:
     base = json.loads((ROOT / "configs" / "math_grpo.json").read_text())
     out = OUT / f"{name}-s{seed}"
+    if overrides.get("TEACHER_MODEL") == "<teacher>":
+        if not (TEACHER / "config.json").is_file():
+            finish("teacher", run("teacher", VARIANTS["teacher"], 0))
+        overrides = {**overrides, "TEACHER_MODEL": str(TEACHER)}
     cfg = {**base, **BUDGET, **overrides, "SEED": seed, "OUTPUT_DIR": str(out), "TRAIN_FILE": str(ROOT / base["TRAIN_FILE"]),
            "EVAL_FILE": str(ROOT / base["EVAL_FILE"])}
     if out.exists():
@@ -79,13 +100,27 @@ def run(name: str, overrides: dict, seed: int) -> dict:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["phase"] == "eval"]
     first, last = evals[0], evals[-1]
-    keys = ("eval/pass@1", "eval/pass@8", "eval/maj@8")
+    keys = ("eval/pass@1", "eval/pass@8", "eval/maj@8") + (("eval/reverse_kl_to_teacher",) if "eval/reverse_kl_to_teacher" in first else ())
     return {"variant": name, "seed": seed, "overrides": overrides, "minutes": round((time.time() - start) / 60, 2),
             "before": {k: first[k] for k in keys}, "after": {k: last[k] for k in keys},
             "steps": sum(r["phase"] in ("sft", "ppo") for r in records),
             "responses": sum(r.get("dynamic/prompts_generated", 4) * 8 for r in records if r["phase"] == "ppo"),
             "retention": retention(str(out / "inference_lm"), seed),
             "disk": subprocess.run(["du", "-sh", "--", str(out)], capture_output=True, text=True).stdout.split()[0]}
+
+
+def finish(name: str, result: dict) -> None:
+    """Keep a run's numbers (results.jsonl, its config and metrics in RESULTS); drop its models (0.5 GB each), except
+    the teacher's."""
+    seed = result["seed"]
+    for model_dir in ("inference_lm", "ppo_full"):
+        if name != "teacher":
+            shutil.rmtree(OUT / f"{name}-s{seed}" / model_dir, ignore_errors=True)
+    shutil.copy(OUT / f"{name}-s{seed}.json", RESULTS / f"{name}-s{seed}.config.json")
+    shutil.copy(OUT / f"{name}-s{seed}" / "metrics.jsonl", RESULTS / f"{name}-s{seed}.metrics.jsonl")
+    with (RESULTS / "results.jsonl").open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(f"{name} seed {seed}: {result['before']} -> {result['after']} ({result['minutes']} min)", flush=True)
 
 
 def table(results: list[dict], base: dict) -> str:
@@ -130,14 +165,7 @@ def main() -> None:
     if not args.table:
         for seed in map(int, args.seeds.split(",")):
             for name, overrides in variants.items():
-                result = run(name, overrides, seed)
-                for model_dir in ("inference_lm", "ppo_full"):  # 0.5 GB each: the numbers are what this keeps
-                    shutil.rmtree(OUT / f"{name}-s{seed}" / model_dir, ignore_errors=True)
-                shutil.copy(OUT / f"{name}-s{seed}.json", RESULTS / f"{name}-s{seed}.config.json")
-                shutil.copy(OUT / f"{name}-s{seed}" / "metrics.jsonl", RESULTS / f"{name}-s{seed}.metrics.jsonl")
-                with results_file.open("a") as f:
-                    f.write(json.dumps(result) + "\n")
-                print(f"{name} seed {seed}: {result['before']} -> {result['after']} ({result['minutes']} min)", flush=True)
+                finish(name, run(name, overrides, seed))
     results = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
     if results:
         print(table(results, base))

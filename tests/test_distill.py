@@ -181,7 +181,11 @@ def test_one_process_equals_two_with_a_teacher(tiny_model, tiny_lora_model, tmp_
                          capture_output=True, text=True, env=ENV)
     assert one.returncode == 0, one.stderr[-3000:]
     torchrun([helper, "ppo_step", tiny_model, tmp_path / "two.st", "0", extra])
-    assert max_diff(tmp_path / "one.st", tmp_path / "two.st") <= 1e-5
+    # Adam's first steps are about LR_PPO (1e-3) x sign(gradient) whatever its size, so where a gradient is at rounding
+    # level (terms over the whole vocabulary cancelling) the summation order of 1 vs 2 processes moves the weight by a
+    # few % of one step (measured 2.4e-5 with jsd on an AMX Xeon, under 1e-5 on the EPYCs); a real error (a local instead of
+    # the global token count, a process's rows missing) moves it by a whole step
+    assert max_diff(tmp_path / "one.st", tmp_path / "two.st") <= (5e-5 if distill == "jsd" else 1e-5)
 
 
 def test_resume_with_a_teacher_is_exact(tmp_path, tiny_model, tiny_lora_model, tiny_data):

@@ -129,11 +129,13 @@ def test_the_rollout_loss_mask_is_the_response_mask_single_turn(tiny_model, tiny
 
 # ---- every policy loss with every estimator and hybrid strategy ----
 class Spread:
-    """0 on the prompts "say yes N" of even N (gate sends them to SFT); 0.5 or 1 by the response's length on the others."""
+    """0 on the prompts "say yes N" of even N (gate sends them to SFT); between 0.5 and 1 by the response's characters
+    on the others, so two different responses almost always score differently (remax's sample against its greedy one:
+    by length alone they tied on some machines, and the loss was 0)."""
 
     def scores(self, responses, targets, prompts=None, items=None, update=True):
         odd = [int(p.split("say yes ")[1][0]) % 2 for p in prompts]
-        return [o * (0.5 + len(r) % 2 / 2) for o, r in zip(odd, responses)]
+        return [o * (0.5 + sum(map(ord, r)) % 5 / 8) for o, r in zip(odd, responses)]
 
 
 COMBOS = [(loss, adv, None) for loss in ht.POLICY_LOSSES for adv in ht.ADVANTAGES if adv != "none"] + \
