@@ -30,7 +30,7 @@ COMMON = {"MODEL": "smollm2-135m-instruct", "PROMPT_FORMAT": "chat", "NUM_SAMPLE
           "REWARD": {"type": "math", "answer_field": "answer"}, "CATEGORY_FIELD": "category", "EVAL_SAMPLES": 12,
           "EVAL_NUM_SAMPLES": 8, "EVAL_TEMPERATURE": 1.0, "LOG_EVERY": 2, "SAVE_EVERY": 0, "SFT_BATCH": 4, "LR_SFT": 2e-5,
           "ADVANTAGE": "grpo", "NUM_GENERATIONS": 4, "PPO_BATCH": 4, "PPO_MINI": 4, "PPO_EPOCHS": 1, "LR_PPO": 2e-5,
-          "INIT_KL_COEF": 0.0, "BF16": "auto", "GENERATION_BACKEND": "vllm", "VLLM_KV_CACHE_GB": 1.0}
+          "INIT_KL_COEF": 0.0, "BF16": False, "GENERATION_BACKEND": "vllm", "VLLM_KV_CACHE_GB": 1.0}
 TOOL = {"TRAIN_FILE": "data/tool_train.json", "EVAL_FILE": "data/tool_eval.json", "ENVIRONMENT": {"type": "calculator"},
         "MAX_TURNS": 3}
 DIRECT = {"TRAIN_FILE": "data/direct_train.json", "EVAL_FILE": "data/direct_eval.json"}
