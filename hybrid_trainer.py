@@ -281,6 +281,10 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     EVAL_PASS_SCORE: float = _key(1.0, "an eval sample passes (pass@k) when its reward is at least this (1.0: a right math "
                                   "answer, all tests of a code reward)")
     EVAL_EVERY: int = _key(0, "evaluate every this many steps (0 = only at start and end)")
+    SAVE_BEST: str = _key("", "keep the weights of the best evaluation by this eval metric as OUTPUT_DIR/best/, e.g. "
+                          "\"eval/pass@1\" ('' = off; needs EVAL_FILE and EVAL_EVERY); the final model is saved too")
+    SAVE_BEST_MODE: str = _key("max", "max | min: whether a larger or a smaller SAVE_BEST is better",
+                               lambda: ("max", "min"))
     # --- reliability ---
     SAVE_EVERY: int = _key(0, "write a checkpoint every this many steps (0 = off)")
     KEEP_CHECKPOINTS: int = _key(2, "checkpoints kept (older ones are pruned)")
@@ -344,6 +348,7 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
              f"RESUME must be 'auto', a checkpoint path or false, got {self.RESUME!r}")
         fill["RESUME"] = "auto" if resume is True else resume
         self._check_distill(need, fill["MODE"])
+        self._check_save_best(need)
         if self.ENVIRONMENT:
             import environments
 
@@ -412,6 +417,16 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
              "DISTILL \"token_reverse_kl\"'s: set DISTILL, or another ADVANTAGE")
         if self.TEACHER_MODEL and mode == "sft":
             warn("TEACHER_MODEL is ignored in MODE \"sft\": distillation trains on the student's own samples (ppo or hybrid)")
+
+    def _check_save_best(self, need) -> None:
+        if not self.SAVE_BEST:
+            return
+        need(bool(self.EVAL_FILE), f"SAVE_BEST {self.SAVE_BEST!r} selects by a held-out metric: set EVAL_FILE")
+        need(self.EVAL_EVERY > 0, f"SAVE_BEST {self.SAVE_BEST!r} compares evaluations during the run: set EVAL_EVERY "
+             "(the steps between them; without it the run evaluates only at its start and end)")
+        known = eval_metric_keys(self)
+        need(self.SAVE_BEST in known, f"SAVE_BEST {self.SAVE_BEST!r} is not a metric this run's evaluation logs; it logs: "
+             f"{', '.join(sorted(known))}")
 
     def _check_ranges(self, need) -> None:
         need(0 < self.PERCENT <= 100, f"PERCENT must be in (0, 100], got {self.PERCENT}")
@@ -3754,6 +3769,16 @@ class HybridTrainer:
 EVAL_METRICS = {"bleu": {"type": "bleu"}, "rougeL": {"type": "rouge", "variant": "rougeL"}, "exact_match": {"type": "exact_match"}}
 
 
+def eval_metric_keys(cfg: Config) -> set:
+    """The metrics evaluate() logs for this config (what SAVE_BEST may name). maj@k needs a math reward: a run whose
+    first evaluation lacks it stops there (keep_best)."""
+    k = cfg.EVAL_NUM_SAMPLES
+    return ({"eval/reward", "eval/contains_reference", *(f"eval/{name}" for name in EVAL_METRICS)} |
+            ({"eval/pass@1", f"eval/pass@{k}", f"eval/maj@{k}"} if k > 1 else set()) |
+            ({"eval/reverse_kl_to_teacher"} if cfg.TEACHER_MODEL else set()) |
+            ({"eval/turns", "eval/actions", "eval/action_error_rate"} if cfg.ENVIRONMENT else set()))
+
+
 def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> dict:
     """Completions for the eval prompts (each process its share): greedy, or EVAL_NUM_SAMPLES = k samples each at
     EVAL_TEMPERATURE; scored by the configured reward and the fixed metrics (means over every response). With k > 1
@@ -3869,6 +3894,7 @@ class RunState:
     bad_streak: int = 0  # consecutive skipped steps
     bad_total: int = 0
     drawn: dict = field(default_factory=lambda: {"sft": 0, "ppo": 0})  # items each side drew in this epoch
+    best: Optional[dict] = None  # SAVE_BEST: {"step", "value"} of the best evaluation so far (its weights in best/)
 
 
 class MetricsLog:
@@ -4176,7 +4202,7 @@ def train_loop(r: Run, state: RunState, stop: "StopRequest") -> int:
                                     f"reward; last: {record['skipped_reason']}); stopping. Lower LR_SFT/LR_PPO or check "
                                     f"the reward. Last good checkpoint: {latest_checkpoint(r.out_dir) or 'none'}")
                 if r.eval_examples and cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0:
-                    log_eval(r, state.step)
+                    log_eval(r, state)
                 if cfg.SAVE_EVERY and state.step % cfg.SAVE_EVERY == 0 and state.bad_streak == 0:  # only good states
                     save_checkpoint(r.out_dir, r.trainer, state, cfg)
                 signum = int(all_reduce_max(stop.signum or 0))
@@ -4191,11 +4217,31 @@ def train_loop(r: Run, state: RunState, stop: "StopRequest") -> int:
     return 0
 
 
-def log_eval(r: Run, step: int) -> dict:
+def log_eval(r: Run, state: RunState) -> dict:
+    step = state.step
     result = evaluate(r.trainer, r.eval_examples, r.eval_metrics)
     r.metrics.log({"step": step, "phase": "eval", **{k: v for k, v in result.items() if k != "samples"}, "samples": result["samples"]})
     say("eval @ step %d: %s" % (step, " ".join(f"{k[5:]}={v:.4f}" for k, v in result.items() if k.startswith("eval/"))))
+    if r.cfg.SAVE_BEST:
+        keep_best(r, state, result)
     return result
+
+
+def keep_best(r: Run, state: RunState, result: dict) -> None:
+    """SAVE_BEST: this evaluation's weights become OUTPUT_DIR/best/ when its metric beats the best so far (strictly:
+    a tie keeps the earlier). The evaluation before training counts, so if training only makes the metric worse, best/
+    is the starting model. Every process takes the same decision (the evaluation is gathered)."""
+    cfg, name = r.cfg, r.cfg.SAVE_BEST
+    if name not in result:
+        raise UserError(f"SAVE_BEST {name!r}: this run's evaluation does not log it (maj@k needs a math reward); it logs: "
+                        f"{', '.join(k for k in result if k.startswith('eval/'))}")
+    value = result[name]
+    if value != value:  # the metric failed this time (its warning was printed): nothing to compare
+        return
+    best = state.best
+    if best is None or (value > best["value"] if cfg.SAVE_BEST_MODE == "max" else value < best["value"]):
+        save_best(r.out_dir, r.trainer, cfg, state.step, value)
+        state.best = {"step": state.step, "value": value}
 
 
 # ==================================================================================================
@@ -4324,7 +4370,7 @@ def checkpoint_damage(path: Path) -> Optional[str]:
     return None
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "ppo_full", "inference_lm", "report.md")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "ppo_full", "inference_lm", "best", "report.md")
 
 
 def output_dir_state(path: Path, cfg: Config) -> str:
@@ -4593,15 +4639,11 @@ def save_final(out_dir: Path, trainer: HybridTrainer, cfg: Config, card: str = "
     needs beyond it: the LM's weights as links to inference_lm's files, never a second copy, or with LoRA the adapter;
     the value head when one was trained; the tokenizer and the trainer's config). Every process calls it (FSDP
     gathers); the main one writes (write_final)."""
-    lm, tok = trainer.policy.lm, trainer.tokenizer
-    lora = hasattr(lm, "peft_config")
-    untied = {n for n, _ in lm.named_parameters()} | {n for n, _ in lm.named_buffers()}  # a tied weight once
-    state = {k: full_tensor(v) for k, v in lm.state_dict().items() if k in untied} if cfg.FSDP else None  # every process
+    lm, state, lora = saveable_lm(trainer, cfg)
     v_head = {k: full_tensor(v) for k, v in trainer.policy.v_head.state_dict().items()}
     if not is_main():
         return
-    if lora and state is not None:  # FSDP + LoRA: rebuild an unsharded model to save the adapter and merge
-        lm, state = unsharded_peft_copy(lm, state), None
+    tok = trainer.tokenizer
     latest = latest_checkpoint(out_dir)
     then = ("; the partial copies were removed. " + (f"The newest checkpoint, {latest}, is kept: free space and rerun the "
             "same command to resume from it and save" if latest else "There is no checkpoint (SAVE_EVERY 0): the run's "
@@ -4615,6 +4657,48 @@ def save_final(out_dir: Path, trainer: HybridTrainer, cfg: Config, card: str = "
         raise
     for name in ("inference_lm", "ppo_full"):
         print(f"saved {name} -> {out_dir / name}", flush=True)
+
+
+def saveable_lm(trainer: HybridTrainer, cfg: Config):
+    """-> (lm, state_dict or None, lora): the policy's LM as save_pretrained takes it. Under FSDP every process gathers
+    the full weights (call it on all); with FSDP + LoRA the main process rebuilds an unsharded copy (state None)."""
+    lm = trainer.policy.lm
+    lora = hasattr(lm, "peft_config")
+    untied = {n for n, _ in lm.named_parameters()} | {n for n, _ in lm.named_buffers()}  # a tied weight once
+    state = {k: full_tensor(v) for k, v in lm.state_dict().items() if k in untied} if cfg.FSDP else None  # every process
+    if is_main() and lora and state is not None:  # FSDP + LoRA: rebuild an unsharded model to save the adapter and merge
+        lm, state = unsharded_peft_copy(lm, state), None
+    return lm, state, lora
+
+
+def save_best(out_dir: Path, trainer: HybridTrainer, cfg: Config, step: int, value: float) -> None:
+    """OUTPUT_DIR/best/: the weights of the best evaluation so far (SAVE_BEST), replaced whole (written beside, then
+    renamed): a plain from_pretrained directory, or with LoRA the adapter (its base named inside, as ppo_full's), with
+    the tokenizer and best.json (metric, direction, value, step). Every process calls it (FSDP gathers)."""
+    lm, state, lora = saveable_lm(trainer, cfg)
+    failure = None
+    if is_main():
+        clear_gguf_flag(lm.get_base_model() if lora else lm)
+        meta = {"metric": cfg.SAVE_BEST, "mode": cfg.SAVE_BEST_MODE, "value": value, "step": step}
+
+        def write(tmp: Path) -> None:
+            if lora:
+                lm.save_pretrained(tmp, selected_adapters=["default"])
+            else:
+                lm.save_pretrained(tmp, state_dict=state)
+            trainer.tokenizer.save_pretrained(tmp)
+            (tmp / "best.json").write_text(json.dumps(meta, indent=1))
+
+        try:
+            with writing("the best model (best/)", out_dir, trainer.plan.final_bytes or 0, "; the partial copy was removed "
+                         "and best/ holds the previous best. Free space, then rerun the same command (it resumes from the "
+                         "newest checkpoint)"):
+                write_dir(out_dir / "best", write)
+        except DiskFull as e:
+            shutil.rmtree(out_dir / ".tmp-best", ignore_errors=True)
+            failure = str(e)
+    all_or_none(failure)  # a full disk ends every process with the main one's message
+    say(f"best {cfg.SAVE_BEST} so far: {value:.4f} at step {step} -> {out_dir / 'best'}")
 
 
 def write_final(out_dir: Path, trainer: HybridTrainer, cfg: Config, lm, tok, lora: bool, state: Optional[dict], v_head: dict,
@@ -4752,6 +4836,10 @@ def write_report(out_dir: Path, records: list[dict], cfg: Optional[Config] = Non
               "case and punctuation, and `contains_reference` counts responses that contain the reference anywhere. A rise in "
               "`exact_match` with a flat or falling `contains_reference` means the model learnt the answer format rather "
               "than more answers; a fall in `contains_reference` means it forgot some.\n", table + "\n"]
+    if (out_dir / "best" / "best.json").is_file():
+        best = json.loads((out_dir / "best" / "best.json").read_text())
+        parts.append(f"**Best model** (`SAVE_BEST` `{best['metric']}`, {best['mode']}): {best['value']:.4f} at step "
+                     f"{best['step']}, in `best/` (the final model, step {last['step']}, is in `inference_lm/`).\n")
     before, after = first["samples"], last["samples"]
     categories = sorted({s.get("category") for s in after if s.get("category") is not None})
     if categories:
@@ -5031,7 +5119,7 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
         f"{sum(p.numel() for p in r.trainer.optim.params) if not cfg.FSDP else 'sharded'} trainable parameters, "
         f"{threads}, output {out_dir}")
     if eval_examples and state.step == 0:
-        log_eval(r, 0)
+        log_eval(r, state)
     with StopRequest() as stop:
         code = train_loop(r, state, stop)
     return code or finish(r, state)
@@ -5106,7 +5194,7 @@ def finish(r: Run, state: RunState) -> int:
     cfg, out_dir, table = r.cfg, r.out_dir, ""
     if r.eval_examples:
         if not (cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0):  # else the loop just evaluated this step
-            log_eval(r, state.step)
+            log_eval(r, state)
         if is_main():
             with writing("report.md and its plots", out_dir, 1 << 20, "; the checkpoints are kept: free space and rerun the "
                          "same command (it resumes from the newest one)"):
