@@ -102,3 +102,13 @@ def test_a_metric_the_evaluation_lacks_stops_at_the_first_evaluation(tiny_model,
     assert "SAVE_BEST 'eval/maj@2': this run's evaluation does not log it" in proc.stderr and "Traceback" not in proc.stderr
     assert not [r for r in metrics(out) if r["phase"] == "sft"]
 
+
+
+def test_two_processes_keep_one_best(tiny_model, tiny_data, tmp_path):
+    """Every process takes the same decision (the evaluation is gathered) and the main one writes best/."""
+    from conftest import torchrun_cli
+
+    out = tmp_path / "out"
+    torchrun_cli(config(tiny_model, tiny_data, out, SAVE_BEST="eval/rougeL", EPOCHS=1, SAVE_EVERY=0), tmp_path)
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == best_eval(out, "eval/rougeL", "max")["step"]
+    assert not list(out.glob(".tmp-*"))
