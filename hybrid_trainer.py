@@ -138,6 +138,10 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     FSDP: bool = _key(False, "shard parameters, gradients and optimizer state over processes (FSDP2; needs torchrun)")
     # --- data ---
     TRAIN_SPLIT: str = _key("", "split of a saved DatasetDict used for training ('' = train)")
+    SFT_FILE: str = _key("", "MODE hybrid, HYBRID alternate: the SFT side's demonstrations (any TRAIN_FILE kind, used whole); "
+                         "TRAIN_FILE then feeds RL only, and its rows may be prompts without a response when the reward "
+                         "reads its answer from the row (math's answer_field, code's tests) ('' = TRAIN_FILE feeds both)")
+    SFT_SPLIT: str = _key("", "split of a saved DatasetDict SFT_FILE ('' = train)")
     EVAL_SPLIT: str = _key("", "split of a saved DatasetDict used for evaluation ('' = test, else validation)")
     DATA_FORMAT: str = _key("auto", "{choices}: fields (SELECT_OUTPUT is the response, the other keys the prompt), "
                             "prompt_completion, messages (chat; the last assistant turn is the response), auto (messages, then "
@@ -454,6 +458,10 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
         strategy = self.HYBRID if mode == "hybrid" else None
         if self.HYBRID != "alternate" and strategy is None:
             warn(f"HYBRID {self.HYBRID!r} is ignored: it applies to MODE \"hybrid\" (here {mode!r})")
+        if self.SFT_FILE and strategy != "alternate":
+            why = (f"HYBRID {strategy!r} trains SFT inside each update on the RL prompt's own reference (TRAIN_FILE's rows "
+                   "need one)" if strategy else f"it feeds the SFT side of MODE \"hybrid\" (here {mode!r})")
+            warn(f"SFT_FILE is ignored: {why}; it is the demonstrations of HYBRID \"alternate\"")
         if self.GATE_THRESHOLD is not None and strategy != "gate":
             warn(f"GATE_THRESHOLD is ignored: it applies to MODE \"hybrid\" with HYBRID \"gate\" (here MODE {mode!r}, "
                  f"HYBRID {self.HYBRID!r})")
@@ -603,7 +611,7 @@ class Plan:
     maxseq: int  # MAXSEQ, clamped to the model's context window
     model: str  # the directory the weights load from (an alias's or .gguf's converted copy in CACHE_DIR)
     adapter: Optional[str]  # MODEL's LoRA adapter directory, if MODEL is one
-    n_items: int  # training items (after PERCENT / NUM_SAMPLES)
+    n_items: int  # training items (after PERCENT / NUM_SAMPLES): TRAIN_FILE's, the RL side's (and SFT's without SFT_FILE)
     schedule: tuple  # one epoch's steps in order, "sft" and "ppo" (step_plan)
     sft_batch: int  # SFT examples per step (SFT_BATCH)
     ppo_batch: int  # prompts per PPO update (PPO_BATCH)
@@ -614,6 +622,11 @@ class Plan:
     ppo_optimizer_steps: int  # in the run (updates x PPO_EPOCHS x minibatches): sizes the PPO schedule
     checkpoint_bytes: Optional[int] = None  # one checkpoint, estimated (storage_estimate); None: the model's size unknown
     final_bytes: Optional[int] = None  # the final model (inference_lm and ppo_full's own files), estimated
+    n_sft_items: Optional[int] = None  # the SFT side's items when SFT_FILE holds them (None: TRAIN_FILE's n_items)
+
+    def items(self, side: str) -> int:
+        """The items of a side's stream ("sft" or "ppo"): each walks its own once per epoch."""
+        return self.n_sft_items if side == "sft" and self.n_sft_items is not None else self.n_items
 
     @property
     def responses_per_update(self) -> int:  # PPO_BATCH x NUM_GENERATIONS
@@ -647,7 +660,9 @@ class Plan:
         """The block printed at start."""
         rows = [("seed", f"{self.seed}" + (" (drawn)" if self.seed_drawn else "")), ("precision", self.precision),
                 ("processes", self.world_size), ("model", self.model + (f" + adapter {self.adapter}" if self.adapter else "")),
-                ("MAXSEQ", self.maxseq), ("training items", self.n_items),
+                ("MAXSEQ", self.maxseq),
+                ("training items", f"{self.n_items}" if self.n_sft_items is None else
+                 f"{self.n_items} RL prompts (TRAIN_FILE), {self.n_sft_items} SFT demonstrations (SFT_FILE)"),
                 ("steps", f"{self.total_steps} ({self.sft_steps_per_epoch} SFT + {self.ppo_updates_per_epoch} PPO per epoch)"),
                 ("per process", f"{self.sft_batch_per_process} SFT examples, {self.prompts_per_process} PPO prompts"),
                 ("PPO update", f"{self.responses_per_update} responses, minibatches of {self.responses_per_minibatch} "
@@ -710,13 +725,15 @@ def storage_line(checkpoint: Optional[int], final: Optional[int]) -> str:
 
 
 def make_plan(cfg: Config, n_items: int, world: int, seed: int, seed_drawn: bool, bf16: bool, precision: str, model: str,
-              adapter: Optional[str] = None, context: Optional[int] = None, counts: Optional[ParameterCounts] = None) -> Plan:
-    """Every derived size, once. Pure: run() passes in what it read from the launch, the machine and the model."""
+              adapter: Optional[str] = None, context: Optional[int] = None, counts: Optional[ParameterCounts] = None,
+              n_sft_items: Optional[int] = None) -> Plan:
+    """Every derived size, once. Pure: run() passes in what it read from the launch, the machine and the model
+    (n_sft_items: SFT_FILE's rows, when it feeds the SFT side)."""
     check_launch(cfg, world)
     maxseq = min(cfg.MAXSEQ, context) if context else cfg.MAXSEQ
     if maxseq < cfg.MAXSEQ:
         warn(f"MAXSEQ={cfg.MAXSEQ} exceeds the context of MODEL ({context} tokens); using MAXSEQ={context}")
-    schedule = tuple(step_plan(cfg, n_items))
+    schedule = tuple(step_plan(cfg, n_items, n_sft_items))
     n_sft, n_ppo = schedule.count("sft"), schedule.count("ppo")
     minibatches = math.ceil(cfg.PPO_BATCH / cfg.PPO_MINI)
     checkpoint_bytes, final_bytes = storage_estimate(cfg, counts, bf16) if counts else (None, None)
@@ -725,7 +742,7 @@ def make_plan(cfg: Config, n_items: int, world: int, seed: int, seed_drawn: bool
                 ppo_batch=cfg.PPO_BATCH, group_size=cfg.NUM_GENERATIONS, responses_per_minibatch=cfg.PPO_MINI * cfg.NUM_GENERATIONS,
                 total_steps=len(schedule) * cfg.EPOCHS, sft_optimizer_steps=n_sft * cfg.EPOCHS,
                 ppo_optimizer_steps=n_ppo * cfg.EPOCHS * cfg.PPO_EPOCHS * minibatches, checkpoint_bytes=checkpoint_bytes,
-                final_bytes=final_bytes)
+                final_bytes=final_bytes, n_sft_items=n_sft_items)
 
 
 def api_plan(cfg: Config, n_items: Optional[int] = None, lm: Optional[nn.Module] = None, bf16: Optional[bool] = None) -> Plan:
@@ -1510,13 +1527,15 @@ def read_saved_dataset(p: Path, key: str, split: str) -> list:
     return rows
 
 
-def pick_data_format(wanted: str, items: list) -> str:
+def pick_data_format(wanted: str, items: list, prompt_only: bool = False, output_key: str = "") -> str:
     """DATA_FORMAT auto: messages when the rows have a `messages` column, then prompt_completion (`prompt` and
-    `completion`), else fields (today's: SELECT_OUTPUT is the response, the other keys the prompt)."""
+    `completion`; or, where rows may be prompts alone, `prompt` without SELECT_OUTPUT), else fields (today's:
+    SELECT_OUTPUT is the response, the other keys the prompt)."""
     if wanted != "auto":
         return wanted
     keys = set(items[0]) if isinstance(items[0], dict) else set()
-    return "messages" if "messages" in keys else "prompt_completion" if {"prompt", "completion"} <= keys else "fields"
+    bare_prompt = prompt_only and "prompt" in keys and output_key not in keys
+    return "messages" if "messages" in keys else "prompt_completion" if {"prompt", "completion"} <= keys or bare_prompt else "fields"
 
 
 def sketch_prompt(item: dict, output_key: str) -> str:
@@ -1610,8 +1629,34 @@ DATA_FORMATS = {"fields": example_from_fields, "prompt_completion": example_from
                 "messages": example_from_messages}
 
 
-def make_examples(items: list, output_key: str, key: str, category_field: str = "", data_format: str = "fields") -> list[Example]:
-    """Validate rows and build Examples in `data_format`; errors name the file (in `key`), the row and the column."""
+def prompt_row_from_prompt_completion(i: int, item: dict, output_key: str, where: str) -> Optional[Example]:
+    """TRL's prompt-only rows: `prompt` and no `completion` -> an Example without a response (None: a full row)."""
+    if "completion" in item or "prompt" not in item:
+        return None
+    return dataclasses.replace(example_from_prompt_completion(i, {**item, "completion": "-"}, output_key, where),
+                               item=item, target="")
+
+
+def prompt_row_from_messages(i: int, item: dict, output_key: str, where: str) -> Optional[Example]:
+    """A conversation ending in a user turn, with no assistant turn -> the prompt without a response (None: another row)."""
+    messages = item.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) or \
+            messages[-1].get("role") != "user" or any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        return None
+    messages = check_messages(messages, f"{where} row {i}, column 'messages'")
+    return Example(index=i, item=item, target="", messages=messages, question=messages[-1]["content"])
+
+
+# the formats whose rows may be prompts alone (where RL alone reads TRAIN_FILE); `fields` has none: its prompt is every
+# column but SELECT_OUTPUT, so a missing response column would put the answer column into the prompt
+PROMPT_ONLY = {"prompt_completion": prompt_row_from_prompt_completion, "messages": prompt_row_from_messages}
+
+
+def make_examples(items: list, output_key: str, key: str, category_field: str = "", data_format: str = "fields",
+                  prompt_only: bool = False) -> list[Example]:
+    """Validate rows and build Examples in `data_format`; errors name the file (in `key`), the row and the column.
+    prompt_only: a row may be a prompt without a response (target ""; prompt_completion without `completion`,
+    messages ending in a user turn), for RL whose reward reads its answer from the row."""
     examples = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
@@ -1620,7 +1665,10 @@ def make_examples(items: list, output_key: str, key: str, category_field: str = 
         if category_field and category_field in item:
             item = dict(item)
             category = str(item.pop(category_field))
-        ex = DATA_FORMATS[data_format](i, item, output_key, key)
+        if prompt_only and data_format in PROMPT_ONLY:
+            ex = PROMPT_ONLY[data_format](i, item, output_key, key) or DATA_FORMATS[data_format](i, item, output_key, key)
+        else:
+            ex = DATA_FORMATS[data_format](i, item, output_key, key)
         ex.category = category
         examples.append(ex)
     return examples
@@ -1636,11 +1684,41 @@ def select_subset(examples: list, cfg: Config, seed: Optional[int] = None) -> li
 
 
 def load_data(cfg: Config, key: str) -> tuple[list[Example], str]:
-    """TRAIN_FILE or EVAL_FILE -> (examples, the data format used)."""
-    path, split = (cfg.TRAIN_FILE, cfg.TRAIN_SPLIT) if key == "TRAIN_FILE" else (cfg.EVAL_FILE, cfg.EVAL_SPLIT)
+    """TRAIN_FILE, SFT_FILE or EVAL_FILE -> (examples, the data format used). TRAIN_FILE's rows may be prompts without
+    a response where only RL reads them (prompts_only)."""
+    path, split = {"TRAIN_FILE": (cfg.TRAIN_FILE, cfg.TRAIN_SPLIT), "SFT_FILE": (cfg.SFT_FILE, cfg.SFT_SPLIT),
+                   "EVAL_FILE": (cfg.EVAL_FILE, cfg.EVAL_SPLIT)}[key]
     items = read_items(path, key, split)
-    fmt = pick_data_format(cfg.DATA_FORMAT, items)
-    return make_examples(items, cfg.SELECT_OUTPUT, f"{key} {path!r}", cfg.CATEGORY_FIELD, fmt), fmt
+    optional = key == "TRAIN_FILE" and prompts_only(cfg)
+    fmt = pick_data_format(cfg.DATA_FORMAT, items, optional, cfg.SELECT_OUTPUT)
+    return make_examples(items, cfg.SELECT_OUTPUT, f"{key} {path!r}", cfg.CATEGORY_FIELD, fmt, optional), fmt
+
+
+def prompts_only(cfg: Config) -> bool:
+    """TRAIN_FILE feeds RL alone (MODE ppo; hybrid alternate with SFT_FILE): its rows need no response."""
+    return cfg.MODE == "ppo" or cfg.MODE == "hybrid" and cfg.HYBRID == "alternate" and bool(cfg.SFT_FILE)
+
+
+def sft_file_feeds_sft(cfg: Config) -> bool:
+    """SFT_FILE holds the SFT side's demonstrations (MODE hybrid, HYBRID alternate); elsewhere it is unused (warned)."""
+    return cfg.MODE == "hybrid" and cfg.HYBRID == "alternate" and bool(cfg.SFT_FILE)
+
+
+def check_prompt_rows(cfg: Config, examples: list[Example]) -> None:
+    """Rows without a response (prompts_only) need a reward and a teacher that do not read one: else one error."""
+    import rewards
+
+    bare = next((e for e in examples if not e.target), None)
+    if bare is None:
+        return
+    where = f"TRAIN_FILE {cfg.TRAIN_FILE!r} row {bare.index} is a prompt without a response"
+    if rewards.reads_reference(cfg.REWARD):
+        raise UserError(f"{where}, and REWARD {cfg.REWARD.get('type')!r} compares responses with it: give every row a "
+                        "response, or use a reward that reads the answer from the row (math with \"answer_field\", code "
+                        "with its tests)")
+    if cfg.TEACHER_MODEL == "self" and "{target}" in cfg.TEACHER_CONTEXT:
+        raise UserError(f"{where}, and TEACHER_CONTEXT shows the teacher {{target}}: give every row a response, or a "
+                        "TEACHER_CONTEXT without it")
 
 
 def load_examples(cfg: Config, seed: Optional[int] = None) -> list[Example]:
@@ -4106,9 +4184,11 @@ class StopRequest:
         print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint", file=sys.stderr, flush=True)
 
 
-def step_plan(cfg: Config, n_items: int) -> list[str]:
-    """One epoch's steps in order: "sft" and "ppo" (MODE, and HYBRID alternate's cycles)."""
-    n_sft = math.ceil(n_items / cfg.SFT_BATCH) if cfg.MODE in ("sft", "hybrid") else 0
+def step_plan(cfg: Config, n_items: int, n_sft_items: Optional[int] = None) -> list[str]:
+    """One epoch's steps in order: "sft" and "ppo" (MODE, and HYBRID alternate's cycles). Each side walks its own
+    items once (n_sft_items: SFT_FILE's; else TRAIN_FILE's n_items feed both)."""
+    n_sft_items = n_items if n_sft_items is None else n_sft_items
+    n_sft = math.ceil(n_sft_items / cfg.SFT_BATCH) if cfg.MODE in ("sft", "hybrid") else 0
     n_ppo = math.ceil(n_items / cfg.PPO_BATCH) if cfg.MODE in ("ppo", "hybrid") else 0
     cycle_sft, cycle_ppo = {"sft": (1, 0), "ppo": (0, 1), "hybrid": (cfg.CYCLE_SFT_STEPS, cfg.CYCLE_PPO_UPDATES)}[cfg.MODE]
     if cfg.MODE == "hybrid" and HYBRID_STRATEGIES[cfg.HYBRID].in_update:  # gate / mix: SFT happens inside each update
@@ -4128,7 +4208,8 @@ class Run(NamedTuple):
     cfg: Config
     plan: Plan
     trainer: HybridTrainer
-    examples: list
+    examples: list  # TRAIN_FILE's: the RL side's, and the SFT side's unless SFT_FILE holds them
+    sft_examples: list  # the SFT side's (SFT_FILE's, or the same list as examples)
     eval_examples: list
     eval_metrics: dict
     out_dir: Path
@@ -4139,10 +4220,10 @@ class Run(NamedTuple):
 def draw(r: Run, state: RunState, side: str, n: int) -> list[Example]:
     """The next n items (fewer at the epoch's end) of a side's stream: the epoch's order from where it stopped. Every
     item is drawn once per epoch, also when DYNAMIC_SAMPLING draws more than PPO_BATCH for an update."""
-    order = epoch_order(r.plan.n_items, r.plan.seed, state.epoch, side, r.cfg.SHUFFLE)
+    order = epoch_order(r.plan.items(side), r.plan.seed, state.epoch, side, r.cfg.SHUFFLE)
     start = state.drawn[side]
     state.drawn[side] = min(len(order), start + n)
-    return [r.examples[i] for i in order[start:state.drawn[side]]]
+    return [(r.sft_examples if side == "sft" else r.examples)[i] for i in order[start:state.drawn[side]]]
 
 
 def take_step(r: Run, state: RunState, phase: str) -> Optional[dict]:
@@ -4173,7 +4254,7 @@ def take_step(r: Run, state: RunState, phase: str) -> Optional[dict]:
 def resumed_draws(r: Run, state: RunState) -> dict:
     """A checkpoint of an earlier version has no stream positions: every step before it drew a whole batch."""
     schedule = r.plan.schedule[:state.pos]
-    return {side: min(r.plan.n_items, schedule.count(side) * r.plan.batch_size(side)) for side in ("sft", "ppo")}
+    return {side: min(r.plan.items(side), schedule.count(side) * r.plan.batch_size(side)) for side in ("sft", "ppo")}
 
 
 def train_loop(r: Run, state: RunState, stop: "StopRequest") -> int:
@@ -4765,7 +4846,7 @@ def unsharded_peft_copy(lm, state: dict):
 # ==================================================================================================
 # 10. Reports: report.md and its plots, the model card, --check's example
 # ==================================================================================================
-def show_data_example(cfg: Config, ex: Example, data_format: str, paths: ModelPaths) -> None:
+def show_data_example(cfg: Config, ex: Example, data_format: str, paths: ModelPaths, file: str = "TRAIN_FILE") -> None:
     """--check: the data format used and one example exactly as training will render it, with the tokenizer the run
     will use: the model's, or, for a .gguf not converted yet, read from the .gguf itself (seconds, where converting
     takes the whole model). Without any tokenizer it says so instead of showing another template."""
@@ -4783,7 +4864,9 @@ def show_data_example(cfg: Config, ex: Example, data_format: str, paths: ModelPa
     extra = f" (+ {len(ex.turns)} earlier assistant turn(s) for SFT_ALL_TURNS)" if ex.turns and cfg.SFT_ALL_TURNS else ""
     if cfg.ENVIRONMENT and ex.opening is not None:
         extra = f" (SFT trains on its {len(ex.turns) + 1} assistant turns; RL rollouts start before the first)"
-    say(f"example (TRAIN_FILE row {ex.index}){extra}:\n--- prompt ---\n{prompt}\n--- response ---\n{ex.target}\n---")
+    response = ex.target or "(none: a prompt for RL, scored from its row)"
+    say(f"example ({file.split(',')[0]} row {ex.index}{file[len(file.split(',')[0]):]}){extra}:\n--- prompt ---\n{prompt}\n"
+        f"--- response ---\n{response}\n---")
     if cfg.ENVIRONMENT:
         fmt = environments_format(cfg)
         say(f"environment: {cfg.ENVIRONMENT['type']}; the model acts by writing {fmt.open}...{fmt.close} (ACTION_FORMAT "
@@ -5093,11 +5176,13 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
     Under torchrun / accelerate launch every process runs this; the main one writes and prints."""
     procs = use_processes(Processes.from_env())  # the launch, read once
     examples, data_format = load_data(cfg, "TRAIN_FILE")
+    check_prompt_rows(cfg, examples)
+    sft = load_data(cfg, "SFT_FILE") if sft_file_feeds_sft(cfg) else None  # None: TRAIN_FILE feeds both sides
     eval_examples = load_eval_examples(cfg)
     paths = resolve_model(cfg)  # reads no weights; a missing adapter base is an error here
     check_launch(cfg, procs.world)
     environment = build_environment(cfg)
-    check_teacher(cfg, paths, examples)
+    check_teacher(cfg, paths, examples + (sft[0] if sft else []))
     out_dir = plan_output_dir(cfg)
     resume_from = find_resume_point(cfg, out_dir)
     if is_main():  # before any weights load
@@ -5105,13 +5190,16 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
         if paths.gguf and not paths.converted:
             check_writable(cache_root(cfg), "CACHE_DIR")  # the conversion will be written there
     if check:
-        return check_only(cfg, select_subset(examples, cfg, cfg.SEED or 0), eval_examples, data_format, paths, out_dir, resume_from)
+        return check_only(cfg, select_subset(examples, cfg, cfg.SEED or 0), eval_examples, data_format, paths, out_dir, resume_from,
+                          sft)
     device = pick_device(cfg, procs)
     init_processes(device, procs)
     threads = set_threads(procs)
     barrier()  # every process has planned the output dir before the main one creates it
-    r, state = start(cfg, examples, eval_examples, paths, out_dir, resume_from, device, reward, environment)
-    say(f"{cfg.MODE}: {len(r.examples)} items, prompt format {r.prompt_format}, device {device.type}"
+    r, state = start(cfg, examples, eval_examples, paths, out_dir, resume_from, device, reward, environment,
+                     sft[0] if sft else None)
+    sft_file = f" (+ {len(r.sft_examples)} SFT_FILE)" if r.sft_examples is not r.examples else ""
+    say(f"{cfg.MODE}: {len(r.examples)} items{sft_file}, prompt format {r.prompt_format}, device {device.type}"
         f"{', bf16' if r.plan.bf16 else ', fp16' if cfg.FP16 else ''}"
         f"{f', LoRA r={cfg.LORA_R}' if hasattr(r.trainer.policy.lm, 'peft_config') else ''}"
         f"{f' (adapter {r.plan.adapter})' if r.plan.adapter else ''}"
@@ -5126,26 +5214,31 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
 
 
 def check_only(cfg: Config, examples: list, eval_examples: list, data_format: str, paths: ModelPaths, out_dir: Path,
-               resume_from: Optional[Path]) -> int:
-    """--check: the resolved config, the data format and one example as the model will see it; no weights load."""
+               resume_from: Optional[Path], sft: Optional[tuple] = None) -> int:
+    """--check: the resolved config, the data format and one example as the model will see it (with SFT_FILE: one of
+    each side: sft is load_data's (examples, format)); no weights load."""
     say(json.dumps(cfg.resolved(), indent=2))
     if cfg.SEED is None:
         say("SEED is null: a seed will be drawn when the run starts and recorded in OUTPUT_DIR/config.json")
-    show_data_example(cfg, examples[0], data_format, paths)
+    show_data_example(cfg, examples[0], data_format, paths, "TRAIN_FILE" + (", the RL side" if sft else ""))
+    if sft:
+        show_data_example(cfg, sft[0][0], sft[1], paths, "SFT_FILE, the SFT side")
     counts = parameter_counts(cfg, paths)
     checkpoint, final = storage_estimate(cfg, counts, cfg.BF16 is True) if counts else (None, None)
     free = free_bytes(out_dir)
     say(f"disk: {storage_line(checkpoint, final)}; {human_bytes(free)} free in {out_dir}")
     check_space(cfg, checkpoint, final, out_dir, free)
-    say(f"ok: {len(examples)} training items, {len(eval_examples)} eval items; {len(step_plan(cfg, len(examples))) * cfg.EPOCHS} "
+    n_sft = len(sft[0]) if sft else None
+    say(f"ok: {len(examples)} training items{f' + {n_sft} SFT_FILE' if sft else ''}, {len(eval_examples)} eval items; "
+        f"{len(step_plan(cfg, len(examples), n_sft)) * cfg.EPOCHS} "
         f"steps; output -> {out_dir}" + (f"; would resume from {resume_from}" if resume_from else ""))
     return 0
 
 
 def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, out_dir: Path, resume_from: Optional[Path],
-          device: torch.device, reward=None, environment=None) -> tuple[Run, RunState]:
+          device: torch.device, reward=None, environment=None, sft_examples: Optional[list] = None) -> tuple[Run, RunState]:
     """The Plan (seed, precision, sizes), the model, the tokenized data, the reward and the trainer; the run's files;
-    the checkpoint's state when resuming."""
+    the checkpoint's state when resuming. sft_examples: SFT_FILE's (None: TRAIN_FILE's feed both sides)."""
     seed, bf16 = resumed_facts(cfg, resume_from) if resume_from is not None else (cfg.SEED, None)
     seed_drawn = seed is None
     seed = on_main(draw_seed) if seed_drawn else seed  # a drawn seed: the main process's, everywhere
@@ -5156,15 +5249,17 @@ def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, o
     if bf16 is None:
         bf16, precision = on_main(resolve_bf16, cfg, device, paths)  # the main process's choice, everywhere
     plan = make_plan(cfg, len(examples), PROCS.world, seed, seed_drawn, bf16, precision, str(paths.weights),
-                     str(paths.adapter) if paths.adapter else None, model_context(paths.config()), parameter_counts(cfg, paths))
+                     str(paths.adapter) if paths.adapter else None, model_context(paths.config()), parameter_counts(cfg, paths),
+                     None if sft_examples is None else len(sft_examples))
     check_space(cfg, plan.checkpoint_bytes, plan.final_bytes, out_dir, on_main(free_bytes, out_dir))  # the main one writes
     say(plan.precision)
     say(plan.describe())
     seed_everything(seed)
     policy, ref_lm, tokenizer = load_model(cfg, device, plan.bf16, paths)
     fmt = resolve_prompt_format(cfg, tokenizer)
-    check_environment_data(cfg, examples + eval_examples, fmt, tokenizer)
+    check_environment_data(cfg, examples + eval_examples + (sft_examples or []), fmt, tokenizer)
     examples = tokenize_examples(examples, cfg, tokenizer, fmt, "TRAIN_FILE", plan.maxseq)
+    sft_examples = examples if sft_examples is None else tokenize_examples(sft_examples, cfg, tokenizer, fmt, "SFT_FILE", plan.maxseq)
     eval_examples = tokenize_examples(eval_examples, cfg, tokenizer, fmt, "EVAL_FILE", plan.maxseq) if eval_examples else []
     if reward is None and needs_reward(cfg):
         rows = [(f"{key} {path!r} row {e.index}", e.target, e.item) for key, path, part in
@@ -5186,7 +5281,7 @@ def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, o
         state = load_checkpoint(resume_from, trainer)
         say(f"resuming from {resume_from} (step {state.step})")
     metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=state.step, cfg=cfg, config=resolved_config(cfg, plan))
-    return Run(cfg, plan, trainer, examples, eval_examples, eval_metrics, out_dir, metrics, fmt), state
+    return Run(cfg, plan, trainer, examples, sft_examples, eval_examples, eval_metrics, out_dir, metrics, fmt), state
 
 
 def finish(r: Run, state: RunState) -> int:

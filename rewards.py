@@ -1040,6 +1040,20 @@ REWARDS: dict[str, Callable[..., BatchFn]] = {
 }
 
 
+# the types that compare a response with the row's reference response (a prompt-only row has none)
+REFERENCE_REWARDS = ("cosine_sts", "bleu", "chrf", "ter", "rouge", "bertscore", "exact_match")
+
+
+def reads_reference(spec: Any) -> bool:
+    """Whether a reward spec reads the reference response: a REFERENCE_REWARDS type, math without answer_field (its
+    gold answer is then the reference's), or a weighted_sum with such a component."""
+    if not isinstance(spec, dict):
+        return False
+    if spec.get("type") == "weighted_sum":
+        return any(reads_reference(c) for c in spec.get("components", ()))
+    return spec.get("type") in REFERENCE_REWARDS or spec.get("type") == "math" and spec.get("answer_field") is None
+
+
 # ==================================================================================================
 # Post-processing: a list on any spec, applied in order. Each returns a Post with __call__(scores, update).
 # ==================================================================================================
