@@ -135,6 +135,9 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     LORA_DROPOUT: float = _key(0.0, "dropout on the LoRA input; > 0 makes the first PPO ratio differ from 1 (warned)")
     LORA_TARGETS: Union[str, list] = _key("all-linear", "modules that get LoRA: all-linear, or a list of module names")
     GRADIENT_CHECKPOINTING: bool = _key(False, "recompute activations in backward: less memory, ~30% more compute")
+    LOGITS_CHUNK: int = _key(1024, "the PPO update's log-probs and entropy come from the last hidden states this many "
+                             "response positions at a time through the LM head, each chunk's logits recomputed in backward, "
+                             "so the (responses x tokens x vocabulary) logits never exist whole (0 = the model's own logits)")
     FSDP: bool = _key(False, "shard parameters, gradients and optimizer state over processes (FSDP2; needs torchrun)")
     # --- data ---
     TRAIN_SPLIT: str = _key("", "split of a saved DatasetDict used for training ('' = train)")
@@ -768,6 +771,38 @@ def draw_seed() -> int:
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """(B, T, V) logits, (B, T) labels -> (B, T) log p(label) under softmax(logits / temperature)."""
     return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def token_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                entropy: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(..., V) logits, (...) labels -> (log p(label) at temperature, the entropy of the distribution: no gradient;
+    None with entropy=False), each as logprobs_from_logits and TRL's entropy_from_logits compute them."""
+    from trl.trainer.utils import entropy_from_logits
+
+    scaled = logits.float() / temperature
+    logprobs = torch.log_softmax(scaled, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if not entropy:
+        return logprobs, None
+    with torch.no_grad():
+        return logprobs, entropy_from_logits(scaled)
+
+
+def chunked_token_stats(hidden: torch.Tensor, head: Callable, labels: torch.Tensor, temperature: float, chunk: int,
+                        entropy: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """token_stats from the last hidden states (B, T, H) through the LM head `head`, `chunk` positions at a time: with
+    gradient each chunk's logits are recomputed in backward (checkpointed), so no (B, T, V) tensor exists, only one
+    chunk's (TRL's selective_log_softmax saves the log-softmax copy; Liger and verl fuse the head the same way).
+    -> (log-probs (B, T), entropy (B, T)); equal to token_stats(head(hidden), labels) position by position."""
+    from torch.utils.checkpoint import checkpoint
+
+    B, T, H = hidden.shape
+    flat, targets = hidden.reshape(B * T, H), labels.reshape(B * T)
+    step = lambda h, y: token_stats(head(h), y, temperature, entropy)  # noqa: E731
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    parts = [checkpoint(step, h, y, use_reentrant=False) if grad else step(h, y)
+             for h, y in zip(flat.split(chunk), targets.split(chunk))]
+    logprobs = torch.cat([p[0] for p in parts]).view(B, T)
+    return logprobs, torch.cat([p[1] for p in parts]).view(B, T) if entropy else None
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
@@ -2213,27 +2248,47 @@ def clear_gguf_flag(model) -> None:
 
 
 class PolicyWithValueHead(nn.Module):
-    """The causal LM plus a scalar value head on its last hidden state, in one module."""
+    """The causal LM plus a scalar value head on its last hidden state, in one module. logits_chunk > 0: the update's
+    forwards return the last hidden states instead of the logits, for chunked_token_stats (Forward.stats), where
+    the LM head is a plain function of them (checked once on a probe: else the model's own logits)."""
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, logits_chunk: int = 0):
         super().__init__()
         self.lm = lm
         self.v_head = nn.Linear(lm.get_output_embeddings().in_features, 1)
         nn.init.zeros_(self.v_head.weight)  # zero-init: the first values are 0, not noise
         nn.init.zeros_(self.v_head.bias)
+        self.logits_chunk, self.head_checked = logits_chunk, False
 
-    def forward(self, input_ids, attention_mask, n_response: int, values: bool = True):
-        """(B, L) ids with the response in the last n_response columns -> (logits (B, R, V), values (B, R), or
-        None with values=False: critic-free estimators) at the positions that predict each response token."""
-        out = response_forward(self.lm, input_ids, attention_mask, n_response, hidden=values)
-        if not values:
-            return out.logits[:, :-1], None
-        hidden = out.hidden_states[-1][:, -(n_response + 1):-1]
-        return out.logits[:, :-1], self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
+    def forward(self, input_ids, attention_mask, n_response: int, values: bool = True) -> "Forward":
+        """(B, L) ids with the response in the last n_response columns -> Forward at the positions that predict each
+        response token: logits (B, R, V), or with logits_chunk the last hidden states (B, R, H) and the head; values
+        (B, R), None with values=False (critic-free estimators)."""
+        chunked = self.logits_chunk > 0 and self.head_is_separable()
+        out = response_forward(self.lm, input_ids, attention_mask, n_response if not chunked else 0,
+                               hidden=values or chunked)
+        hidden = out.hidden_states[-1][:, -(n_response + 1):-1] if values or chunked else None
+        value = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float() if values else None
+        if chunked:
+            return Forward(None, value, hidden, self.lm.get_output_embeddings(), self.logits_chunk)
+        return Forward(out.logits[:, :-1], value)
+
+    def head_is_separable(self) -> bool:
+        """Whether the LM's logits are its output embedding applied to its last hidden state (not for a model that
+        scales or soft-caps its logits after the head): one probe forward, the first time. False keeps the full logits."""
+        if not self.head_checked:
+            self.head_checked = True
+            ids = torch.arange(4, device=self.v_head.weight.device)[None] % self.lm.config.get_text_config().vocab_size
+            with torch.no_grad():
+                out = self.lm(input_ids=ids, output_hidden_states=True, use_cache=False)
+                again = self.lm.get_output_embeddings()(out.hidden_states[-1])
+            self.logits_chunk = self.logits_chunk if torch.allclose(again.float(), out.logits.float(), atol=1e-4, rtol=1e-4) else 0
+        return self.logits_chunk > 0
 
 
 def response_forward(lm, input_ids, attention_mask, n_response: int, hidden: bool = False):
-    """Forward with positions from the attention mask (left padding); logits only where needed."""
+    """Forward with positions from the attention mask (left padding); logits only where needed (n_response 0: the
+    last position's only, when the caller reads the hidden states)."""
     return lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
               logits_to_keep=n_response + 1, output_hidden_states=hidden, use_cache=False)
 
@@ -2361,7 +2416,7 @@ def load_model(cfg: Config, device: torch.device, bf16: Optional[bool] = None, p
         reference = copy.deepcopy(lm).eval().requires_grad_(False) if needs_reference(cfg) else None
         if bf16 and reference is not None:
             reference.to(torch.bfloat16)  # never trained: held once in the compute dtype
-    policy = PolicyWithValueHead(lm)
+    policy = PolicyWithValueHead(lm, 0 if cfg.FSDP else cfg.LOGITS_CHUNK)  # FSDP: the head's weight is a shard
     v_head = (paths.adapter or paths.weights) / "value_head.safetensors"
     if v_head.is_file():  # MODEL is an earlier run's ppo_full/: its trained critic continues too
         from safetensors.torch import load_file
@@ -2988,9 +3043,23 @@ def samples_from_tokens(queries: list, responses: list, scores: list, baseline: 
 
 
 class Forward(NamedTuple):
-    """The policy's forward (with grad) on some rows: what the first minibatch may reuse from step 4."""
-    logits: torch.Tensor  # (b, r, V)
+    """The policy's forward on some rows (with grad: what the first minibatch may reuse from step 4)."""
+    logits: Optional[torch.Tensor]  # (b, r, V); None when chunked: then hidden and head give them chunk by chunk
     values: Optional[torch.Tensor]  # (b, r), None without a critic
+    hidden: Optional[torch.Tensor] = None  # (b, r, H): the last hidden states (LOGITS_CHUNK)
+    head: Optional[Callable] = None  # the LM head (the output embedding)
+    chunk: int = 0  # positions per chunk
+
+    def stats(self, labels: torch.Tensor, temperature: float, entropy: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """-> (log-probs of labels (b, r), entropy (b, r), no gradient; None with entropy=False), from the logits or
+        chunk by chunk (the head in the caller's autocast)."""
+        if self.logits is not None:
+            return token_stats(self.logits, labels, temperature, entropy)
+        return chunked_token_stats(self.hidden, self.head, labels, temperature, self.chunk, entropy)
+
+    def full_logits(self) -> torch.Tensor:
+        """(b, r, V): DISTILL jsd and KL_PENALTY "full" read the whole distribution."""
+        return self.logits if self.logits is not None else self.head(self.hidden)
 
 
 @dataclass
@@ -3543,11 +3612,12 @@ class PPOUpdate:
             mine, weight = my_share(first_perm)
             mb, r_len = trim_padding(select_rows(rollout_tokens(rollout), mine.to(dev)), R)
             with self.autocast():
-                first = Forward(*self.policy(mb.input_ids, mb.attention_mask, r_len, values=self.estimator.critic))
+                first = self.policy(mb.input_ids, mb.attention_mask, r_len, values=self.estimator.critic)
+                with torch.no_grad():
+                    first_logprobs = first.stats(mb.r_ids, cfg.TEMPERATURE, entropy=False)[0]
             n = len(mine) if weight else 0
             pad = lambda t: F.pad(t.detach().float(), (0, R - r_len))[:n]  # noqa: E731
-            permuted = TokenColumns(logprobs=pad(logprobs_from_logits(first.logits, mb.r_ids, cfg.TEMPERATURE)),
-                                    values=None if first.values is None else pad(first.values))
+            permuted = TokenColumns(logprobs=pad(first_logprobs), values=None if first.values is None else pad(first.values))
         t_first = time.perf_counter() - t_first  # the first minibatch's forward: counted with the PPO epochs
         out = gather_columns(mine_columns, permuted, first_perm, B, R, dev)
         logprobs = out.logprobs
@@ -3581,9 +3651,11 @@ class PPOUpdate:
                 reference_s += time.perf_counter() - t0
             if policy:
                 with self.autocast():
-                    logits, part.values = self.policy(ids, mask, R, values=self.estimator.critic)
-                part.logprobs = logprobs_from_logits(logits, tokens.r_ids[rows], T)
+                    fwd = self.policy(ids, mask, R, values=self.estimator.critic)
+                    part.logprobs, part.values = fwd.stats(tokens.r_ids[rows], T, entropy=False)[0], fwd.values
                 if kind == "full" and self.reference is not None:
+                    with self.autocast():
+                        logits = fwd.full_logits()
                     part.kl = kl_per_token(torch.log_softmax(logits.float() / T, -1), torch.log_softmax(ref_logits.float() / T, -1), "full")
             parts.append(part)
         return TokenColumns.cat(parts), reference_s
@@ -3663,20 +3735,16 @@ class PPOUpdate:
         """Backward of (1 - mu) x the RL loss on this process's rows, in GRAD_ACCUM chunks, each weighted by its share of
         the minibatch's n_units over all processes (DISTILL jsd's term: its sum over the chunk's tokens / the
         minibatch's n_tokens) -> this process's part of the LossStats."""
-        from trl.trainer.utils import entropy_from_logits
-
         cfg, critic = self.cfg, self.estimator.critic
         acc = LossStats.zeros(self.device)
         for rows in torch.arange(len(mb.r_ids), device=self.device).tensor_split(accum_chunks(cfg.GRAD_ACCUM, n_rows)):
             c = select_rows(mb, rows)
             m = c.loss_mask  # the tokens the RL loss covers
             chunk_weight = self.agg.units(m) / n_units.clamp(min=1) * weight
-            if forward is not None:
-                logits, values = forward
-            else:
-                with self.autocast():
-                    logits, values = self.policy(c.input_ids, c.attention_mask, R, values=critic)
-            logprobs = logprobs_from_logits(logits, c.r_ids, cfg.TEMPERATURE)
+            with self.autocast():
+                fwd = forward if forward is not None else self.policy(c.input_ids, c.attention_mask, R, values=critic)
+                logprobs, token_entropy = fwd.stats(c.r_ids, cfg.TEMPERATURE)  # chunk by chunk with LOGITS_CHUNK
+            values = fwd.values
             kl = (self.kl_ctl.value * kl_per_token(logprobs, c.ref_logprobs, cfg.KL_PENALTY)
                   if self.kl_place.in_loss and self.reference is not None else None)
             pl = policy_loss(logprobs, c.old_logprobs, c.advantages, m, cfg.CLIPRANGE, cfg.CLIPRANGE_HIGH, cfg.POLICY_LOSS,
@@ -3691,11 +3759,13 @@ class PPOUpdate:
             if c.teacher is not None:  # DISTILL jsd: the full-vocabulary divergence from the teacher, backpropagated
                 with torch.no_grad(), self.autocast():
                     teacher_logits = response_forward(self.teacher, c.teacher.input_ids, c.teacher.attention_mask, R).logits[:, :-1]
+                with self.autocast():
+                    logits = fwd.full_logits()  # jsd reads the whole distribution (its own chunks: generalized_jsd)
                 jsd = generalized_jsd(logits, teacher_logits, m, cfg.DISTILL_BETA, cfg.TEMPERATURE) / n_tokens.clamp(min=1) * weight
                 objective = objective + cfg.DISTILL_COEF * jsd
             self.optim.scaler.scale(objective * (1 - mu)).backward()
             with torch.no_grad():
-                entropy = masked_mean(entropy_from_logits(logits.float() / cfg.TEMPERATURE), m)
+                entropy = masked_mean(token_entropy, m)
                 acc.add(chunk_weight, policy=pl.loss, value=vl.loss, total=total, clipfrac=pl.clipfrac, approx_kl=pl.approx_kl,
                         ratio=pl.ratio, value_clipfrac=vl.clipfrac, entropy=entropy)
                 acc.add(weight, nonfinite=torch.tensor(float(not torch.isfinite(objective))))
