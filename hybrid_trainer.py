@@ -135,9 +135,10 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     LORA_DROPOUT: float = _key(0.0, "dropout on the LoRA input; > 0 makes the first PPO ratio differ from 1 (warned)")
     LORA_TARGETS: Union[str, list] = _key("all-linear", "modules that get LoRA: all-linear, or a list of module names")
     GRADIENT_CHECKPOINTING: bool = _key(False, "recompute activations in backward: less memory, ~30% more compute")
-    LOGITS_CHUNK: int = _key(1024, "the PPO update's log-probs and entropy come from the last hidden states this many "
-                             "response positions at a time through the LM head, each chunk's logits recomputed in backward, "
-                             "so the (responses x tokens x vocabulary) logits never exist whole (0 = the model's own logits)")
+    LOGITS_CHUNK: int = _key(1024, "the PPO update's log-probs and entropy and the SFT loss come from the last hidden "
+                             "states this many response positions at a time through the LM head, each chunk's logits "
+                             "recomputed in backward, so the (responses x tokens x vocabulary) logits never exist whole "
+                             "(0 = the model's own logits)")
     FSDP: bool = _key(False, "shard parameters, gradients and optimizer state over processes (FSDP2; needs torchrun)")
     # --- data ---
     TRAIN_SPLIT: str = _key("", "split of a saved DatasetDict used for training ('' = train)")
@@ -793,16 +794,23 @@ def chunked_token_stats(hidden: torch.Tensor, head: Callable, labels: torch.Tens
     gradient each chunk's logits are recomputed in backward (checkpointed), so no (B, T, V) tensor exists, only one
     chunk's (TRL's selective_log_softmax saves the log-softmax copy; Liger and verl fuse the head the same way).
     -> (log-probs (B, T), entropy (B, T)); equal to token_stats(head(hidden), labels) position by position."""
+    logprobs, ent = chunked_head(hidden, head, lambda logits, y: token_stats(logits, y, temperature, entropy), labels,
+                                 chunk=chunk)
+    return logprobs, ent
+
+
+def chunked_head(hidden: torch.Tensor, head: Callable, fn: Callable, *columns: torch.Tensor, chunk: int) -> tuple:
+    """fn(head(h), *the columns' values there) -> a tuple of per-position tensors (or None), over `chunk` positions at a
+    time of hidden (B, T, H) and the (B, T) columns; under gradient each chunk is checkpointed (its logits recomputed
+    in backward) -> fn's outputs as (B, T) each."""
     from torch.utils.checkpoint import checkpoint
 
     B, T, H = hidden.shape
-    flat, targets = hidden.reshape(B * T, H), labels.reshape(B * T)
-    step = lambda h, y: token_stats(head(h), y, temperature, entropy)  # noqa: E731
+    step = lambda h, *cols: fn(head(h), *cols)  # noqa: E731
     grad = torch.is_grad_enabled() and hidden.requires_grad
-    parts = [checkpoint(step, h, y, use_reentrant=False) if grad else step(h, y)
-             for h, y in zip(flat.split(chunk), targets.split(chunk))]
-    logprobs = torch.cat([p[0] for p in parts]).view(B, T)
-    return logprobs, torch.cat([p[1] for p in parts]).view(B, T) if entropy else None
+    pieces = zip(hidden.reshape(B * T, H).split(chunk), *(c.reshape(B * T).split(chunk) for c in columns))
+    parts = [checkpoint(step, *piece, use_reentrant=False) if grad else step(*piece) for piece in pieces]
+    return tuple(None if outs[0] is None else torch.cat(outs).view(B, T) for outs in zip(*parts))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
@@ -2908,11 +2916,17 @@ class SFTTerm:
         # Logits only from the shortest prompt's last token on: the LM head over prompt positions is wasted work.
         keep = ids.shape[1] - min(len(p) for p, _ in mine) + 1
         total = torch.zeros(1, device=self.device)
+        chunked = self.policy.logits_chunk > 0 and self.policy.head_is_separable()  # LOGITS_CHUNK: no whole logits
+        losses = lambda logits, y: (sft_token_losses(logits[None], y[None], self.cfg.SFT_LOSS, token_weight)[0],)  # noqa: E731
         for rows in torch.arange(len(mine)).tensor_split(accum_chunks(self.cfg.GRAD_ACCUM, len(pairs))):
             with self.autocast():
-                logits = self.policy.lm(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False,
-                                        logits_to_keep=keep).logits
-            per_token = sft_token_losses(logits[:, :-1], labels[rows, -keep + 1:], self.cfg.SFT_LOSS, token_weight)
+                out = self.policy.lm(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False,
+                                     logits_to_keep=1 if chunked else keep, output_hidden_states=chunked)
+                if chunked:
+                    (per_token,) = chunked_head(out.hidden_states[-1][:, -keep:-1], self.policy.lm.get_output_embeddings(),
+                                                losses, labels[rows, -keep + 1:], chunk=self.policy.logits_chunk)
+            if not chunked:
+                per_token = sft_token_losses(out.logits[:, :-1], labels[rows, -keep + 1:], self.cfg.SFT_LOSS, token_weight)
             loss = per_token.sum() * (scale / n_tokens)
             self.scaler.scale(loss * coef).backward()
             total += loss.detach()

@@ -308,3 +308,16 @@ def test_a_head_that_is_not_a_function_of_the_hidden_states_keeps_the_logits(tin
 
     lm.forward = scaled
     assert not trainer.policy.head_is_separable() and trainer.policy.logits_chunk == 0
+
+
+@pytest.mark.parametrize("sft_loss", ["ce", "dft"])
+def test_an_sft_step_with_chunked_logits_equals_one_with_the_whole_logits(sft_loss, tiny_model, tiny_data):
+    def step(chunk):
+        trainer, examples = trainer_for({"MODE": "sft", "LOGITS_CHUNK": chunk, "SFT_LOSS": sft_loss, "SFT_BATCH": 4,
+                                         "LR_SFT": 1e-3}, tiny_model, tiny_data, None)
+        stats = trainer.sft_step(examples[:4])
+        return stats, {k: v.detach().clone() for k, v in trainer.policy.lm.state_dict().items()}
+
+    (chunked, w_chunked), (whole, w_whole) = step(3), step(0)
+    assert chunked["sft/loss"] == pytest.approx(whole["sft/loss"], abs=1e-6, rel=1e-6)
+    assert max((w_chunked[k] - w_whole[k]).abs().max().item() for k in w_whole) <= 1e-6
