@@ -1748,7 +1748,8 @@ def sft_file_feeds_sft(cfg: Config) -> bool:
 
 
 def check_prompt_rows(cfg: Config, examples: list[Example]) -> None:
-    """Rows without a response (prompts_only) need a reward and a teacher that do not read one: else one error."""
+    """Rows without a response (prompts_only) need a reward that does not read one: else one error (a "self" teacher
+    shown {target}: check_teacher)."""
     import rewards
 
     bare = next((e for e in examples if not e.target), None)
@@ -1759,9 +1760,6 @@ def check_prompt_rows(cfg: Config, examples: list[Example]) -> None:
         raise UserError(f"{where}, and REWARD {cfg.REWARD.get('type')!r} compares responses with it: give every row a "
                         "response, or use a reward that reads the answer from the row (math with \"answer_field\", code "
                         "with its tests)")
-    if cfg.TEACHER_MODEL == "self" and "{target}" in cfg.TEACHER_CONTEXT:
-        raise UserError(f"{where}, and TEACHER_CONTEXT shows the teacher {{target}}: give every row a response, or a "
-                        "TEACHER_CONTEXT without it")
 
 
 def load_examples(cfg: Config, seed: Optional[int] = None) -> list[Example]:
@@ -4930,7 +4928,8 @@ def unsharded_peft_copy(lm, state: dict):
 # ==================================================================================================
 # 10. Reports: report.md and its plots, the model card, --check's example
 # ==================================================================================================
-def show_data_example(cfg: Config, ex: Example, data_format: str, paths: ModelPaths, file: str = "TRAIN_FILE") -> None:
+def show_data_example(cfg: Config, ex: Example, data_format: str, paths: ModelPaths, file: str = "TRAIN_FILE",
+                      side: str = "") -> None:
     """--check: the data format used and one example exactly as training will render it, with the tokenizer the run
     will use: the model's, or, for a .gguf not converted yet, read from the .gguf itself (seconds, where converting
     takes the whole model). Without any tokenizer it says so instead of showing another template."""
@@ -4949,8 +4948,7 @@ def show_data_example(cfg: Config, ex: Example, data_format: str, paths: ModelPa
     if cfg.ENVIRONMENT and ex.opening is not None:
         extra = f" (SFT trains on its {len(ex.turns) + 1} assistant turns; RL rollouts start before the first)"
     response = ex.target or "(none: a prompt for RL, scored from its row)"
-    say(f"example ({file.split(',')[0]} row {ex.index}{file[len(file.split(',')[0]):]}){extra}:\n--- prompt ---\n{prompt}\n"
-        f"--- response ---\n{response}\n---")
+    say(f"example ({file} row {ex.index}{side}){extra}:\n--- prompt ---\n{prompt}\n--- response ---\n{response}\n---")
     if cfg.ENVIRONMENT:
         fmt = environments_format(cfg)
         say(f"environment: {cfg.ENVIRONMENT['type']}; the model acts by writing {fmt.open}...{fmt.close} (ACTION_FORMAT "
@@ -5266,7 +5264,7 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
     paths = resolve_model(cfg)  # reads no weights; a missing adapter base is an error here
     check_launch(cfg, procs.world)
     environment = build_environment(cfg)
-    check_teacher(cfg, paths, examples + (sft[0] if sft else []))
+    check_teacher(cfg, paths, examples)
     out_dir = plan_output_dir(cfg)
     resume_from = find_resume_point(cfg, out_dir)
     if is_main():  # before any weights load
@@ -5304,9 +5302,9 @@ def check_only(cfg: Config, examples: list, eval_examples: list, data_format: st
     say(json.dumps(cfg.resolved(), indent=2))
     if cfg.SEED is None:
         say("SEED is null: a seed will be drawn when the run starts and recorded in OUTPUT_DIR/config.json")
-    show_data_example(cfg, examples[0], data_format, paths, "TRAIN_FILE" + (", the RL side" if sft else ""))
+    show_data_example(cfg, examples[0], data_format, paths, "TRAIN_FILE", ", the RL side" if sft else "")
     if sft:
-        show_data_example(cfg, sft[0][0], sft[1], paths, "SFT_FILE, the SFT side")
+        show_data_example(cfg, sft[0][0], sft[1], paths, "SFT_FILE", ", the SFT side")
     counts = parameter_counts(cfg, paths)
     checkpoint, final = storage_estimate(cfg, counts, cfg.BF16 is True) if counts else (None, None)
     free = free_bytes(out_dir)

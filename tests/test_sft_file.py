@@ -82,7 +82,7 @@ def test_ppo_takes_prompt_only_rows(tiny_model, split, tmp_path):
     ({"REWARD": {"type": "chrf"}}, "is a prompt without a response, and REWARD 'chrf' compares responses with it"),
     ({"REWARD": {"type": "math"}}, "is a prompt without a response, and REWARD 'math' compares responses with it"),
     ({"HYBRID": "gate"}, "row 0 has no output key 'output'"),  # gate trains SFT on the RL row's own reference: it needs one
-    ({"TEACHER_MODEL": "self", "DISTILL": "token_reverse_kl"}, "TEACHER_CONTEXT shows the teacher {target}"),
+    ({"TEACHER_MODEL": "self", "DISTILL": "token_reverse_kl"}, "TEACHER_CONTEXT's {target}), and TRAIN_FILE rows [0, 1, 2, 3, 4]"),
 ])
 def test_bad_split_inputs_are_one_error(extra, message, tiny_model, split, tmp_path, capsys):
     if extra.get("SFT_FILE") == "[]":
