@@ -88,6 +88,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+IMPORTED_AT = time.time()  # the start-up line: the interpreter and the imports above took until here
+
 
 class UserError(Exception):
     """Bad config, data or environment: printed as one `error:` line, exit code 2."""
@@ -3845,8 +3847,11 @@ class HybridTrainer:
     def engine(self):
         """The generation backend (GENERATION_BACKENDS[GENERATION_BACKEND]), built on first use."""
         if self._engine is None:
+            t0 = time.perf_counter()
             self._engine = GENERATION_BACKENDS[self.cfg.GENERATION_BACKEND](self.cfg, self.plan, self.policy, self.tokenizer,
                                                                             self.device)
+            if self.cfg.GENERATION_BACKEND != "hf":  # hf's is the policy itself: nothing starts
+                say(f"engine: {self.cfg.GENERATION_BACKEND} started in {time.perf_counter() - t0:.1f} s")
         return self._engine
 
     def autocast(self):
@@ -5337,7 +5342,9 @@ def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, o
     say(plan.precision)
     say(plan.describe())
     seed_everything(seed)
+    watch = Stopwatch.since_launch()  # the start-up line says where the seconds go
     policy, ref_lm, tokenizer = load_model(cfg, device, plan.bf16, paths)
+    watch.lap("model")
     fmt = resolve_prompt_format(cfg, tokenizer)
     check_environment_data(cfg, examples + eval_examples + (sft_examples or []), fmt, tokenizer)
     examples = tokenize_examples(examples, cfg, tokenizer, fmt, "TRAIN_FILE", plan.maxseq)
@@ -5352,8 +5359,13 @@ def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, o
         warn(f"sampling with {', '.join(off)} draws responses from a distribution other than the policy's, so the PPO "
              "ratio and KL are off-policy; this is the known cause of 'KL divergence is starting to become negative' "
              "(huggingface/trl#235, #351, #1857). Set TOP_P=1, REPETITION_PENALTY=1, NO_REPEAT_NGRAM_SIZE=0 for exact PPO.")
+    watch.lap("data and rewards")
     teacher = load_teacher(cfg, device, plan.bf16, ref_lm)
+    if teacher is not None:
+        watch.lap("teacher")
     trainer = HybridTrainer(cfg, policy, ref_lm, tokenizer, reward, device, plan=plan, environment=environment, teacher=teacher)
+    watch.lap("trainer")
+    say(f"start-up: {watch.total():.1f} s ({watch})")
     if is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(resolved_config(cfg, plan), indent=2))
@@ -5366,18 +5378,51 @@ def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, o
     return Run(cfg, plan, trainer, examples, sft_examples, eval_examples, eval_metrics, out_dir, metrics, fmt), state
 
 
+class Stopwatch:
+    """Named phases' wall times, in order (the start-up and finish lines)."""
+
+    def __init__(self):
+        self.phases, self.last = [], time.perf_counter()
+
+    @classmethod
+    def since_launch(cls) -> "Stopwatch":
+        """Started with this process's first phases: the interpreter and the module's imports, then all up to now."""
+        import psutil
+
+        watch = cls()
+        watch.phases = [("interpreter and imports", IMPORTED_AT - psutil.Process().create_time()),
+                        ("checks and plan", time.time() - IMPORTED_AT)]
+        return watch
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases.append((name, now - self.last))
+        self.last = now
+
+    def total(self) -> float:
+        return sum(t for _, t in self.phases)
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {t:.1f} s" for name, t in self.phases)
+
+
 def finish(r: Run, state: RunState) -> int:
     """After the last step: the final evaluation, report.md, the saved models; checkpoints go."""
     cfg, out_dir, table = r.cfg, r.out_dir, ""
+    watch = Stopwatch()
     if r.eval_examples:
         if not (cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0):  # else the loop just evaluated this step
             log_eval(r, state)
+        watch.lap("final evaluation")
         if is_main():
             with writing("report.md and its plots", out_dir, 1 << 20, "; the checkpoints are kept: free space and rerun the "
                          "same command (it resumes from the newest one)"):
                 table = write_report(out_dir, r.metrics.read(), cfg, len(r.examples))
             say(f"\n{table}\nreport: {out_dir / 'report.md'}")
+        watch.lap("report")
     save_final(out_dir, r.trainer, cfg, model_card(cfg, len(r.examples), table))
+    watch.lap("final model")
+    say(f"finish: {watch}")
     r.metrics.close()
     if is_main() and not cfg.KEEP_CHECKPOINTS_AT_END and (out_dir / "checkpoints").exists():
         shutil.rmtree(out_dir / "checkpoints")  # the run finished: the final model is saved, resume state is not needed

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,9 @@ def test_each_mode_end_to_end_through_cli(mode, tiny_model, tiny_data, tmp_path)
     expected = {"sft": ["sft"] * 2, "ppo": ["ppo"] * 2, "hybrid": ["sft", "ppo", "sft", "ppo"]}[mode]
     assert [r["phase"] for r in records] == expected
     assert "step 1 [" in proc.stdout + proc.stderr  # LOG_EVERY summary line
+    assert re.search(r"start-up: [\d.]+ s \(interpreter and imports [\d.]+ s, checks and plan [\d.]+ s, model [\d.]+ s, data and rewards "
+                     r"[\d.]+ s, trainer [\d.]+ s\)", proc.stdout), proc.stdout  # where the seconds outside the steps go
+    assert re.search(r"finish: final model [\d.]+ s", proc.stdout), proc.stdout
     for r in records:
         if r["phase"] == "ppo":
             for key in ("reward/mean", "reward/std", "objective/kl", "objective/kl_coef", "ppo/policy/entropy",
