@@ -49,6 +49,8 @@ def ppo_step(model: str, out: str, lora_r: str = "0", extra: str = "{}") -> None
     state = ht.trainable_state(policy)
     if ht.is_main():
         save_file(state, out)
+        numbers = {k: v for k, v in stats.items() if isinstance(v, float) and not k.startswith("time/")}
+        print("numbers " + json.dumps(numbers), flush=True)
         print(f"stats kl={stats['objective/kl']:.6f} ratio={stats['ppo/policy/ratio_first_minibatch']:.6f}", flush=True)
     ht.barrier()
 
