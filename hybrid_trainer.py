@@ -126,7 +126,9 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     # --- what to train ---
     MODE: str = _key("hybrid", "sft | ppo | hybrid")
     MODEL: str = _key("smollm2-135m-instruct", "local model dir, a .gguf file, or an alias: " + ", ".join(MODEL_ALIASES))
-    TRAIN_FILE: str = _key("", "training data (required): JSON list, JSONL, CSV, Parquet, or a datasets save_to_disk directory")
+    TRAIN_FILE: str = _key("", "training data (required): JSON list, JSONL, CSV, Parquet, or a datasets save_to_disk directory; "
+                           "for RL its rows may be prompts without a response when the reward reads the answer from the "
+                           "row (math's answer_field, code's tests)")
     OUTPUT_DIR: str = _key("", "where metrics, checkpoints and models go (required)")
     TRUST_REMOTE_CODE: bool = _key(False, "run code named by the config: custom model code from MODEL, \"python\" rewards and "
                                    "environments (off unless you ask)")
@@ -145,8 +147,7 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     # --- data ---
     TRAIN_SPLIT: str = _key("", "split of a saved DatasetDict used for training ('' = train)")
     SFT_FILE: str = _key("", "MODE hybrid, HYBRID alternate: the SFT side's demonstrations (any TRAIN_FILE kind, used whole); "
-                         "TRAIN_FILE then feeds RL only, and its rows may be prompts without a response when the reward "
-                         "reads its answer from the row (math's answer_field, code's tests) ('' = TRAIN_FILE feeds both)")
+                         "TRAIN_FILE then feeds RL only ('' = TRAIN_FILE feeds both)")
     SFT_SPLIT: str = _key("", "split of a saved DatasetDict SFT_FILE ('' = train)")
     EVAL_SPLIT: str = _key("", "split of a saved DatasetDict used for evaluation ('' = test, else validation)")
     DATA_FORMAT: str = _key("auto", "{choices}: fields (SELECT_OUTPUT is the response, the other keys the prompt), "
@@ -465,8 +466,8 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
         if self.HYBRID != "alternate" and strategy is None:
             warn(f"HYBRID {self.HYBRID!r} is ignored: it applies to MODE \"hybrid\" (here {mode!r})")
         if self.SFT_FILE and strategy != "alternate":
-            why = (f"HYBRID {strategy!r} trains SFT inside each update on the RL prompt's own reference (TRAIN_FILE's rows "
-                   "need one)" if strategy else f"it feeds the SFT side of MODE \"hybrid\" (here {mode!r})")
+            why = (f"HYBRID {strategy!r} trains SFT inside each update on the RL prompt's own reference (where its "
+                   "TRAIN_FILE row has one)" if strategy else f"it feeds the SFT side of MODE \"hybrid\" (here {mode!r})")
             warn(f"SFT_FILE is ignored: {why}; it is the demonstrations of HYBRID \"alternate\"")
         if self.GATE_THRESHOLD is not None and strategy != "gate":
             warn(f"GATE_THRESHOLD is ignored: it applies to MODE \"hybrid\" with HYBRID \"gate\" (here MODE {mode!r}, "
@@ -1740,8 +1741,9 @@ def load_data(cfg: Config, key: str) -> tuple[list[Example], str]:
 
 
 def prompts_only(cfg: Config) -> bool:
-    """TRAIN_FILE feeds RL alone (MODE ppo; hybrid alternate with SFT_FILE): its rows need no response."""
-    return cfg.MODE == "ppo" or cfg.MODE == "hybrid" and cfg.HYBRID == "alternate" and bool(cfg.SFT_FILE)
+    """TRAIN_FILE's rows may be prompts without a response: RL reads them (MODE ppo and hybrid; check_prompt_rows says
+    where a hybrid's SFT needs them)."""
+    return cfg.MODE in ("ppo", "hybrid")
 
 
 def sft_file_feeds_sft(cfg: Config) -> bool:
@@ -1758,6 +1760,13 @@ def check_prompt_rows(cfg: Config, examples: list[Example]) -> None:
     if bare is None:
         return
     where = f"TRAIN_FILE {cfg.TRAIN_FILE!r} row {bare.index} is a prompt without a response"
+    if cfg.MODE == "hybrid" and cfg.HYBRID == "alternate" and not cfg.SFT_FILE:
+        raise UserError(f"{where}, and HYBRID \"alternate\" trains its SFT steps on TRAIN_FILE's responses: set SFT_FILE "
+                        "(the demonstrations), or give every row a response")
+    if cfg.MODE == "hybrid" and cfg.HYBRID != "alternate" and all(not e.target for e in examples):
+        raise UserError(f"HYBRID {cfg.HYBRID!r} trains SFT on each prompt's own reference response, and no TRAIN_FILE "
+                        f"{cfg.TRAIN_FILE!r} row has one (row {bare.index}: a prompt alone): give the rows that have one "
+                        "their response (the others stay RL), or use HYBRID \"alternate\" with SFT_FILE")
     if rewards.reads_reference(cfg.REWARD):
         raise UserError(f"{where}, and REWARD {cfg.REWARD.get('type')!r} compares responses with it: give every row a "
                         "response, or use a reward that reads the answer from the row (math with \"answer_field\", code "
@@ -3571,6 +3580,9 @@ class PPOUpdate:
         # 5. the hybrid strategy picks RL and SFT prompts; rewards and advantages (ADVANTAGES[ADVANTAGE]) over the RL
         #    responses only (gate: batch whitening must not compare the prompts it kept with those it sent to SFT)
         split = self.strategy.fn(rollout.scores.view(-1, G).cpu(), cfg, progress) if self.strategy and demos is not None else None
+        if split is not None:  # a prompt without a reference (a prompt-only row) has nothing to SFT on: it stays RL
+            has_ref = torch.tensor([bool(d.target) for d in demos])
+            split = split._replace(sft=split.sft & has_ref, rl=split.rl | (split.sft & ~has_ref))
         rl_mask = rollout.loss_mask if split is None else rollout.loss_mask * split.rl.repeat_interleave(G).to(dev)[:, None].float()
         sft_pool = [] if split is None else [d for d, s in zip(demos, split.sft.tolist()) if s]
         kl_coef = self.kl_ctl.value

@@ -81,7 +81,8 @@ def test_ppo_takes_prompt_only_rows(tiny_model, split, tmp_path):
     ({"SFT_FILE": "[]"}, "holds no items"),
     ({"REWARD": {"type": "chrf"}}, "is a prompt without a response, and REWARD 'chrf' compares responses with it"),
     ({"REWARD": {"type": "math"}}, "is a prompt without a response, and REWARD 'math' compares responses with it"),
-    ({"HYBRID": "gate"}, "row 0 has no output key 'output'"),  # gate trains SFT on the RL row's own reference: it needs one
+    ({"HYBRID": "gate"}, "HYBRID 'gate' trains SFT on each prompt's own reference response, and no TRAIN_FILE"),
+    ({"SFT_FILE": ""}, "and HYBRID \"alternate\" trains its SFT steps on TRAIN_FILE's responses: set SFT_FILE"),
     ({"TEACHER_MODEL": "self", "DISTILL": "token_reverse_kl"}, "TEACHER_CONTEXT's {target}), and TRAIN_FILE rows [0, 1, 2, 3, 4]"),
 ])
 def test_bad_split_inputs_are_one_error(extra, message, tiny_model, split, tmp_path, capsys):
@@ -93,9 +94,22 @@ def test_bad_split_inputs_are_one_error(extra, message, tiny_model, split, tmp_p
     assert err.count("error:") == 1 and message in err and "Traceback" not in err, err
 
 
+def test_gate_trains_sft_only_on_the_prompts_with_a_reference(tiny_model, split, tmp_path):
+    """Rows with a response and prompts alone in one TRAIN_FILE: the gate sends every failing prompt to SFT when it has a
+    reference; the others stay RL (nothing to imitate)."""
+    rows = [DEMOS[0], PROMPTS[0], DEMOS[1], PROMPTS[1]]
+    train = write_json(tmp_path / "mixed.json", rows)
+    out = tmp_path / "out"
+    run_cli({**config(tiny_model, split, out, HYBRID="gate", GATE_THRESHOLD=2.0, PPO_BATCH=4, PPO_MINI=2, SHUFFLE=False),
+             "TRAIN_FILE": str(train), "SFT_FILE": ""}, tmp_path)
+    (update,) = [r for r in metrics(out) if r["phase"] == "ppo"]
+    assert update["hybrid/sft_prompts"] == 2  # every prompt fails a threshold of 2; two of them have a reference
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"MODE": "ppo"}, "SFT_FILE is ignored: it feeds the SFT side of MODE \"hybrid\" (here 'ppo')"),
-    ({"HYBRID": "mix"}, "SFT_FILE is ignored: HYBRID 'mix' trains SFT inside each update on the RL prompt's own reference"),
+    ({"HYBRID": "mix"}, "SFT_FILE is ignored: HYBRID 'mix' trains SFT inside each update on the RL prompt's own reference "
+                        "(where its TRAIN_FILE row has one)"),
 ])
 def test_sft_file_where_unused_warns(extra, message, tiny_model, split, tmp_path, capsys):
     _, demos = split
