@@ -1485,11 +1485,11 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 def quiet_datasets():
-    """`datasets`, without its progress bars and info logs (the trainer reports what it reads)."""
+    """`datasets`, without its progress bars and logs (the trainer reports what it reads, and its errors)."""
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot read is our one error: not its log too
     return datasets
 
 
