@@ -31,7 +31,7 @@ sandbox:
 	  echo "warning: could not install bubblewrap (apt-get as root): the sandbox test will fail until it is installed"
 
 test: $(VENV)/.test-installed lint sandbox
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist worksteal --durations=20 tests
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=20 tests
 
 lint: setup
 	$(BIN)/ruff check .
