@@ -774,13 +774,13 @@ def draw_seed() -> int:
 # ==================================================================================================
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """(B, T, V) logits, (B, T) labels -> (B, T) log p(label) under softmax(logits / temperature)."""
-    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return token_stats(logits, labels, temperature, entropy=False)[0]
 
 
 def token_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                 entropy: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(..., V) logits, (...) labels -> (log p(label) at temperature, the entropy of the distribution: no gradient;
-    None with entropy=False), each as logprobs_from_logits and TRL's entropy_from_logits compute them."""
+    None with entropy=False; TRL's entropy_from_logits). The one log-prob formula: logprobs_from_logits is its first."""
     from trl.trainer.utils import entropy_from_logits
 
     scaled = logits.float() / temperature
