@@ -88,9 +88,17 @@ def run(name: str, overrides: dict, seed: int) -> dict:
         overrides = {**overrides, "TEACHER_MODEL": str(TEACHER)}
     cfg = {**base, **BUDGET, **overrides, "SEED": seed, "OUTPUT_DIR": str(out), "TRAIN_FILE": str(ROOT / base["TRAIN_FILE"]),
            "EVAL_FILE": str(ROOT / base["EVAL_FILE"])}
+    return launch(name, cfg, overrides, seed, OUT)
+
+
+def launch(name: str, cfg: dict, overrides: dict, seed: int, out_root: Path) -> dict:
+    """Train one run of `cfg` as its own process (out_root/NAME-sSEED; a previous one there is removed) and read its
+    numbers: the first and last evaluation, steps, sampled responses, the mean share of GRPO groups with one score
+    over its updates, retention, disk."""
+    out = Path(cfg["OUTPUT_DIR"])
     if out.exists():
         subprocess.run(["rm", "-rf", str(out)], check=True)
-    path = OUT / f"{name}-s{seed}.json"
+    path = out_root / f"{name}-s{seed}.json"
     path.write_text(json.dumps(cfg, indent=1))
     start = time.time()
     proc = subprocess.run([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path)], capture_output=True, text=True,
@@ -101,36 +109,44 @@ def run(name: str, overrides: dict, seed: int) -> dict:
     evals = [r for r in records if r["phase"] == "eval"]
     first, last = evals[0], evals[-1]
     keys = ("eval/pass@1", "eval/pass@8", "eval/maj@8") + (("eval/reverse_kl_to_teacher",) if "eval/reverse_kl_to_teacher" in first else ())
+    zero = [r["reward/zero_std_groups"] for r in records if "reward/zero_std_groups" in r]
     return {"variant": name, "seed": seed, "overrides": overrides, "minutes": round((time.time() - start) / 60, 2),
             "before": {k: first[k] for k in keys}, "after": {k: last[k] for k in keys},
             "steps": sum(r["phase"] in ("sft", "ppo") for r in records),
-            "responses": sum(r.get("dynamic/prompts_generated", 4) * 8 for r in records if r["phase"] == "ppo"),
+            "responses": sum(r.get("dynamic/prompts_generated", cfg.get("PPO_BATCH", 4)) * cfg.get("NUM_GENERATIONS", 8)
+                             for r in records if r["phase"] == "ppo"),
+            **({"zero_std_groups": round(statistics.mean(zero), 4)} if zero else {}),
             "retention": retention(str(out / "inference_lm"), seed),
             "disk": subprocess.run(["du", "-sh", "--", str(out)], capture_output=True, text=True).stdout.split()[0]}
 
 
-def finish(name: str, result: dict) -> None:
-    """Keep a run's numbers (results.jsonl, its config and metrics in RESULTS); drop its models (0.5 GB each), except
-    the teacher's."""
+def finish(name: str, result: dict, out_root: Path = OUT, results_root: Path = RESULTS, keep: tuple = ("teacher",)) -> None:
+    """Keep a run's numbers (results.jsonl, its config and metrics in results_root); drop its models (0.5 GB each),
+    except those of the variants in `keep`."""
     seed = result["seed"]
     for model_dir in ("inference_lm", "ppo_full"):
-        if name != "teacher":
-            shutil.rmtree(OUT / f"{name}-s{seed}" / model_dir, ignore_errors=True)
-    shutil.copy(OUT / f"{name}-s{seed}.json", RESULTS / f"{name}-s{seed}.config.json")
-    shutil.copy(OUT / f"{name}-s{seed}" / "metrics.jsonl", RESULTS / f"{name}-s{seed}.metrics.jsonl")
-    with (RESULTS / "results.jsonl").open("a") as f:
+        if name not in keep:
+            shutil.rmtree(out_root / f"{name}-s{seed}" / model_dir, ignore_errors=True)
+    shutil.copy(out_root / f"{name}-s{seed}.json", results_root / f"{name}-s{seed}.config.json")
+    shutil.copy(out_root / f"{name}-s{seed}" / "metrics.jsonl", results_root / f"{name}-s{seed}.metrics.jsonl")
+    with (results_root / "results.jsonl").open("a") as f:
         f.write(json.dumps(result) + "\n")
     print(f"{name} seed {seed}: {result['before']} -> {result['after']} ({result['minutes']} min)", flush=True)
 
 
-def table(results: list[dict], base: dict) -> str:
+def table(results: list[dict], base: dict, zero_std: bool = False) -> str:
+    """The markdown table: per variant, the mean (± the seeds' standard deviation) of the last evaluation, retention
+    per category (mean over seeds), the categories lost, minutes; zero_std: also the mean share of GRPO groups whose
+    responses all scored the same (no signal), over each run's updates."""
     by = defaultdict(list)
     for r in results:
         by[r["variant"]].append(r)
     cats = sorted(base)
-    head = ("| variant | seeds | pass@1 | pass@8 | maj@8 | " + " | ".join(cats) + " | categories lost | minutes |")
+    head = ("| variant | seeds | pass@1 | pass@8 | maj@8 | " + ("zero-std groups | " if zero_std else "") +
+            " | ".join(cats) + " | categories lost | minutes |")
     lines = [head, "|" + "---|" * (head.count("|") - 1),
-             "| base model | - | {:.3f} | {:.3f} | {:.3f} | ".format(*results[0]["before"].values()) +
+             "| base model | - | {:.3f} | {:.3f} | {:.3f} | ".format(*list(results[0]["before"].values())[:3]) +
+             ("- | " if zero_std else "") +
              " | ".join(f"{base[c][0]}/{base[c][1]}" for c in cats) + " | - | - |"]
     for name, rs in by.items():
         def cell(key, rs=rs):
@@ -138,7 +154,9 @@ def table(results: list[dict], base: dict) -> str:
             return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
         mean_ret = {c: statistics.mean(r["retention"][c][0] for r in rs) for c in cats}
         lost = [c for c in cats if mean_ret[c] < base[c][0] - 1]  # beyond noise: more than one item on average
-        lines.append(f"| {name} | {len(rs)} | {cell('eval/pass@1')} | {cell('eval/pass@8')} | {cell('eval/maj@8')} | " +
+        zeros = [r["zero_std_groups"] for r in rs if "zero_std_groups" in r]
+        zero_cell = (f"{statistics.mean(zeros):.2f} | " if zeros else "- | ") if zero_std else ""
+        lines.append(f"| {name} | {len(rs)} | {cell('eval/pass@1')} | {cell('eval/pass@8')} | {cell('eval/maj@8')} | " + zero_cell +
                      " | ".join(f"{mean_ret[c]:.3g}/{base[c][1]}" for c in cats) +
                      f" | {', '.join(lost) or 'none'} | {statistics.mean(r['minutes'] for r in rs):.1f} |")
     return "\n".join(lines)

@@ -166,6 +166,50 @@ CODE_SOLUTIONS = [
 ]
 
 
+CHAIN_MOVES = [("finds {n} more", "+"), ("gets {n} more", "+"), ("loses {n}", "-"), ("gives away {n}", "-"),
+               ("buys {n} more", "+"), ("sells {n}", "-")]
+
+
+def chain_problem(rng: random.Random, names, things, steps: int, high: int = 9, words: bool = True, ask: str = "") -> dict:
+    """One problem of the chain family, whose difficulty knob is `steps`, the number of additions and subtractions
+    (numbers 1..high; every partial result stays positive): a word problem ("Ava has 5 shells. Ava finds 3 more, then
+    gives away 2. How many shells does Ava have now?"), or the bare sum (words False). The worked solution does one
+    operation per step and ends in `#### <answer>`. ask: the instruction after the question (default MATH_ASK)."""
+    name, thing = rng.choice(names), rng.choice(things)
+    total = rng.randint(2, high)
+    start, parts, lines = total, [], []
+    for _ in range(steps):
+        move, op = rng.choice(CHAIN_MOVES)
+        if op == "-" and total <= 1:
+            move, op = "finds {n} more", "+"
+        n = rng.randint(1, high) if op == "+" else rng.randint(1, min(high, total - 1))
+        lines.append(f"{total} {op} {n} = {total + n if op == '+' else total - n}")
+        total = total + n if op == "+" else total - n
+        parts.append((move.format(n=n), op, n))
+    if words:
+        moves = ", then ".join(m for m, _, _ in parts)
+        q = f"{name} has {start} {thing}. {name} {moves}. How many {thing} does {name} have now?"
+    else:
+        q = "What is " + " ".join([str(start)] + [f"{op} {n}" for _, op, n in parts]) + "?"
+    return {"prompt": [{"role": "user", "content": f"{q} {ask or MATH_ASK}"}], "completion": ", ".join(lines) + f".\n#### {total}",
+            "answer": str(total), "category": f"steps_{steps}"}
+
+
+CHAIN_STEPS = (2,)  # the chain split's difficulty: 2 steps (bench/difficulty_probe.py measured 1-3; README)
+
+
+def chain_set(n: int, seed: int, names, things, seen=frozenset(), answer_only: bool = False) -> list:
+    """n distinct bare chain problems, the difficulties of CHAIN_STEPS in turn; answer_only: prompt, answer and
+    category, no worked solution (the RL side of the split: the math reward reads the answer column)."""
+    rng, items, keys = random.Random(seed), [], set(seen)
+    while len(items) < n:
+        item = chain_problem(rng, names, things, CHAIN_STEPS[len(items) % len(CHAIN_STEPS)], words=False)
+        if item["prompt"][0]["content"] not in keys:
+            keys.add(item["prompt"][0]["content"])
+            items.append({k: v for k, v in item.items() if k != "completion"} if answer_only else item)
+    return items
+
+
 TOOL_ASK = ("You have a calculator: write <calc>expression</calc> and its result comes back. "
             "Then give the final answer after ####.")
 DIRECT_ASK = "Give the final answer after ####."
@@ -238,13 +282,21 @@ def main() -> None:
     code = [{"prompt": prompt, "completion": f"```python\n{solution}\n```", "tests": tests, "entry_point": name}
             for (name, prompt, tests), solution in zip(CODE, CODE_SOLUTIONS)]
     (here / "code.json").write_text(json.dumps(code, indent=1) + "\n")
+    # the split users have: a few worked solutions, many answer-only prompts, a held-out set; no question in two
+    chain_demos = chain_set(32, 7, NAMES, THINGS)
+    chain_prompts = chain_set(1200, 8, NAMES, THINGS, seen={x["prompt"][0]["content"] for x in chain_demos}, answer_only=True)
+    chain_eval = chain_set(100, 9, NAMES, THINGS, seen={x["prompt"][0]["content"] for x in chain_demos + chain_prompts})
+    for name, rows in (("chain_demos", chain_demos), ("chain_prompts", chain_prompts), ("chain_eval", chain_eval)):
+        (here / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
     tool_train = tool_set(400, 5, NAMES[:14], THINGS[:11])
     tool_eval = tool_set(100, 6, NAMES[14:], THINGS[11:], seen={x["messages"][0]["content"] for x in tool_train})
     for name, rows in (("tool_train", tool_train), ("tool_eval", tool_eval)):
         (here / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
         (here / f"{name.replace('tool', 'direct')}.json").write_text(json.dumps(direct_rows(rows), indent=1) + "\n")
     print(f"wrote {len(train)} + {len(evals)} demo items, {len(math_train)} + {len(math_eval)} math problems, "
-          f"{len(code)} code tasks and {len(tool_train)} + {len(tool_eval)} tool problems (with and without the tool) to {here}")
+          f"{len(code)} code tasks, {len(chain_demos)} + {len(chain_prompts)} + {len(chain_eval)} chain problems "
+          f"(demonstrations, answer-only prompts, held out) "
+          f"and {len(tool_train)} + {len(tool_eval)} tool problems (with and without the tool) to {here}")
 
 
 if __name__ == "__main__":

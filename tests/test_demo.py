@@ -153,8 +153,33 @@ def test_data_script_is_deterministic(tmp_path, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main()
-    assert (tmp_path / "train.json").read_text() == (ROOT / "data" / "train.json").read_text()
-    assert (tmp_path / "eval.json").read_text() == (ROOT / "data" / "eval.json").read_text()
+    written = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert written == sorted(p.name for p in (ROOT / "data").glob("*.json"))  # every data file is the script's
+    for name in written:
+        assert (tmp_path / name).read_text() == (ROOT / "data" / name).read_text(), name
+
+
+def test_chain_split_is_what_users_have():
+    """The split: a few worked solutions, many answer-only prompts (no reference response), a held-out set; no
+    question in two of them; every answer right (the bare sum, computed here); each difficulty equally often."""
+    import re
+
+    demos, prompts, evals = (json.loads((ROOT / "data" / f"chain_{n}.json").read_text()) for n in ("demos", "prompts", "eval"))
+    assert 16 <= len(demos) <= 64 and len(prompts) >= 1000 and len(evals) >= 50
+    assert all(set(r) == {"prompt", "answer", "category"} for r in prompts)
+    assert all(set(r) == {"prompt", "completion", "answer", "category"} for r in demos + evals)
+    questions = [[r["prompt"][0]["content"] for r in rows] for rows in (demos, prompts, evals)]
+    assert sum(map(len, questions)) == len(set().union(*map(set, questions)))
+    for row in demos + prompts + evals:
+        terms = re.fullmatch(r"What is ([\d +-]+)\? .*", row["prompt"][0]["content"]).group(1).split()
+        total = int(terms[0])
+        for op, n in zip(terms[1::2], terms[2::2]):
+            total = total + int(n) if op == "+" else total - int(n)
+            assert total > 0
+        assert row["answer"] == str(total) and row["category"] == f"steps_{len(terms) // 2}"
+        assert "completion" not in row or row["completion"].endswith(f"#### {total}")
+    counts = {c: sum(r["category"] == c for r in prompts) for c in {r["category"] for r in prompts}}
+    assert max(counts.values()) - min(counts.values()) <= 1
 
 
 @pytest.mark.parametrize("name", ["demo", "sft", "ppo", "hybrid", "grpo", "hybrid_gate", "hybrid_mix", "tool_sft", "tool_grpo"])
