@@ -129,9 +129,14 @@ def finish(name: str, result: dict, out_root: Path = OUT, results_root: Path = R
             shutil.rmtree(out_root / f"{name}-s{seed}" / model_dir, ignore_errors=True)
     shutil.copy(out_root / f"{name}-s{seed}.json", results_root / f"{name}-s{seed}.config.json")
     shutil.copy(out_root / f"{name}-s{seed}" / "metrics.jsonl", results_root / f"{name}-s{seed}.metrics.jsonl")
+    record(result, results_root)
+
+
+def record(result: dict, results_root: Path = RESULTS) -> None:
+    """Append a row's numbers to results_root/results.jsonl and say them."""
     with (results_root / "results.jsonl").open("a") as f:
         f.write(json.dumps(result) + "\n")
-    print(f"{name} seed {seed}: {result['before']} -> {result['after']} ({result['minutes']} min)", flush=True)
+    print(f"{result['variant']} seed {result['seed']}: {result['before']} -> {result['after']} ({result['minutes']} min)", flush=True)
 
 
 def table(results: list[dict], base: dict, zero_std: bool = False) -> str:
@@ -162,24 +167,32 @@ def table(results: list[dict], base: dict, zero_std: bool = False) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="", help="comma-separated variants: " + ", ".join(VARIANTS))
+def arguments(doc: str, variants: dict) -> tuple[argparse.Namespace, dict]:
+    """An experiment script's command line (--only, --seeds, --set, --table) and the variants it chose: --only's, or
+    every one unless --set names new ones; --set NAME:KEY=JSON is NAME with KEY changed, on top of the variant named
+    before NAME's first underscore (e.g. gate_lr2e-5:LR_PPO=2e-5)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="", help="comma-separated variants: " + ", ".join(variants))
     p.add_argument("--seeds", default="0")
     p.add_argument("--set", action="append", default=[], help="NAME:KEY=JSON: run NAME (a new variant) with KEY changed")
     p.add_argument("--table", action="store_true")
     args = p.parse_args()
+    chosen = {k: variants[k] for k in (args.only.split(",") if args.only else [] if args.set else variants)}
+    for spec in args.set:
+        name, change = spec.split(":", 1)
+        key, value = change.split("=", 1)
+        chosen[name] = {**chosen.get(name, variants.get(name.split("_")[0], {})), key: json.loads(value)}
+    return args, chosen
+
+
+def main() -> None:
+    args, variants = arguments(__doc__, VARIANTS)
     OUT.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     results_file, base_file = RESULTS / "results.jsonl", RESULTS / "base_retention.json"
     if not base_file.exists():
         base_file.write_text(json.dumps(retention("smollm2-135m-instruct", 0)))
     base = json.loads(base_file.read_text())
-    variants = {k: VARIANTS[k] for k in (args.only.split(",") if args.only else [] if args.set else VARIANTS)}
-    for spec in args.set:  # e.g. gate_lr2e-5:LR_PPO=2e-5 (on top of the variant named before the first underscore)
-        name, change = spec.split(":", 1)
-        key, value = change.split("=", 1)
-        variants[name] = {**variants.get(name, VARIANTS.get(name.split("_")[0], {})), key: json.loads(value)}
     if not args.table:
         for seed in map(int, args.seeds.split(",")):
             for name, overrides in variants.items():

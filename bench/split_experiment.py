@@ -21,7 +21,6 @@ on the demo's short-answer set for retention (bench/rlvr_experiment.py's). Gener
     python bench/split_experiment.py --table                           # the markdown table of everything run so far
 """
 
-import argparse
 import json
 import statistics
 import sys
@@ -92,29 +91,17 @@ def write_mixed() -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="", help="comma-separated variants: " + ", ".join(VARIANTS))
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--set", action="append", default=[], help="NAME:KEY=JSON: run NAME (a new variant) with KEY changed")
-    p.add_argument("--table", action="store_true")
-    args = p.parse_args()
+    args, variants = rx.arguments(__doc__, VARIANTS)
     OUT.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_mixed()
     base = json.loads((rx.RESULTS / "base_retention.json").read_text())  # the same base model and eval set
-    variants = {k: VARIANTS[k] for k in (args.only.split(",") if args.only else [] if args.set else VARIANTS)}
-    for spec in args.set:  # e.g. gate_lr2e-5:LR_PPO=2e-5 (on top of the variant named before the first underscore)
-        name, change = spec.split(":", 1)
-        key, value = change.split("=", 1)
-        variants[name] = {**variants.get(name, VARIANTS.get(name.split("_")[0], {})), key: json.loads(value)}
     if not args.table:
         for seed in map(int, args.seeds.split(",")):
             for name, spec in variants.items():
                 result = run(name, spec, seed)
                 if isinstance(spec, list):  # its stages' files are kept by run(); the row's numbers here
-                    with (RESULTS / "results.jsonl").open("a") as f:
-                        f.write(json.dumps(result) + "\n")
-                    print(f"{name} seed {seed}: {result['before']} -> {result['after']} ({result['minutes']} min)")
+                    rx.record(result, RESULTS)
                 else:
                     rx.finish(name, result, OUT, RESULTS, keep=("sft",) if seed == 0 else ())
     results_file = RESULTS / "results.jsonl"
