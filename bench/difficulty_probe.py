@@ -37,6 +37,10 @@ def main() -> None:
     p.add_argument("--ask", default="", help="the instruction after the question (default: make_data's MATH_ASK)")
     p.add_argument("--n", type=int, default=40, help="problems per difficulty")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--start-high", type=int, default=0, help="the first number 2..start_high (default: high)")
+    p.add_argument("--forms", action="store_true", help="the bare sum in any of make_data.BARE_FORMS (default: What is)")
+    p.add_argument("--shot", action="store_true", help="one worked example before each question (make_data.CHAIN_SHOT)")
+    p.add_argument("--backend", default="vllm", help="GENERATION_BACKEND")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", default="auto")
     args = p.parse_args()
@@ -55,7 +59,9 @@ def main() -> None:
     for family in args.families.split(","):
         for steps in map(int, args.steps.split(",")):
             rng = random.Random(1000 + steps)  # held-out names and things, as the eval set uses
-            sets[family, steps] = [md.chain_problem(rng, md.NAMES[14:], md.THINGS[11:], steps, args.high, family == "words", args.ask)
+            sets[family, steps] = [md.chain_problem(rng, md.NAMES[14:], md.THINGS[11:], steps, args.high, family == "words", args.ask,
+                                                    args.shot, args.start_high,
+                                                    md.BARE_FORMS if args.forms else md.BARE_FORMS[:1])
                                    for _ in range(args.n)]
     first = tmp / "probe.json"
     first.write_text(json.dumps(next(iter(sets.values()))))
@@ -64,7 +70,8 @@ def main() -> None:
                                "CATEGORY_FIELD": "category", "PROMPT_FORMAT": "chat", "MAX_NEW_TOKENS": args.max_new_tokens,
                                "REWARD": {"type": "math"}, "ADVANTAGE": "grpo", "NUM_GENERATIONS": 8, "EVAL_NUM_SAMPLES": 8,
                                "EVAL_TEMPERATURE": 1.0, "TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0,
-                               "NO_REPEAT_NGRAM_SIZE": 0, "SEED": args.seed, "BF16": bf16})
+                               "NO_REPEAT_NGRAM_SIZE": 0, "SEED": args.seed, "BF16": bf16,
+                               "GENERATION_BACKEND": args.backend, "VLLM_KV_CACHE_GB": 1})
     device = torch.device("cpu")
     on = ht.resolve_bf16(cfg, device, ht.resolve_model(cfg))[0] if bf16 == "auto" else bf16
     ht.seed_everything(args.seed)
@@ -78,7 +85,8 @@ def main() -> None:
         start = time.time()
         result = ht.evaluate(trainer, examples, {"reward": reward})
         record = {"model": args.model, "family": family, "steps": steps, "high": args.high, "n": args.n,
-                  "max_new_tokens": args.max_new_tokens, "ask": args.ask or md.MATH_ASK, "bf16": on, "seed": args.seed,
+                  "max_new_tokens": args.max_new_tokens, "ask": args.ask or md.MATH_ASK, "shot": args.shot, "forms": args.forms, "start_high": args.start_high,
+                  "backend": args.backend, "bf16": on, "seed": args.seed,
                   **{k: round(result[f"eval/{k}"], 4) for k in ("pass@1", "pass@8", "maj@8")},
                   "seconds": round(time.time() - start, 1), "example": result["samples"][0]}
         print(json.dumps({k: v for k, v in record.items() if k != "example"}), flush=True)

@@ -170,13 +170,20 @@ CHAIN_MOVES = [("finds {n} more", "+"), ("gets {n} more", "+"), ("loses {n}", "-
                ("buys {n} more", "+"), ("sells {n}", "-")]
 
 
-def chain_problem(rng: random.Random, names, things, steps: int, high: int = 9, words: bool = True, ask: str = "") -> dict:
+BARE_FORMS = ("What is {e}?", "Compute {e}.", "Calculate {e}.", "{e} = ?", "Work out {e}.", "Find {e}.", "Evaluate {e}.",
+              "What does {e} equal?", "What is the value of {e}?", "Tell me {e}.", "How much is {e}?", "Give {e}.")
+CHAIN_SHOT = "For example: What is 6 + 3 - 4? 6 + 3 = 9, 9 - 4 = 5.\n#### 5\n\nNow: "  # one worked example before the question
+
+
+def chain_problem(rng: random.Random, names, things, steps: int, high: int = 9, words: bool = True, ask: str = "",
+                  shot: bool = False, start_high: int = 0, forms=BARE_FORMS[:1]) -> dict:
     """One problem of the chain family, whose difficulty knob is `steps`, the number of additions and subtractions
-    (numbers 1..high; every partial result stays positive): a word problem ("Ava has 5 shells. Ava finds 3 more, then
-    gives away 2. How many shells does Ava have now?"), or the bare sum (words False). The worked solution does one
-    operation per step and ends in `#### <answer>`. ask: the instruction after the question (default MATH_ASK)."""
+    (numbers 1..high, the first one 2..start_high if given; every partial result stays positive): a word problem ("Ava has 5 shells. Ava finds 3 more, then
+    gives away 2. How many shells does Ava have now?"), or the bare sum in one of `forms` (words False). The worked solution does one
+    operation per step and ends in `#### <answer>`. ask: the instruction after the question (default MATH_ASK); shot: one
+    worked example (CHAIN_SHOT) before the question, as few-shot prompts do (GSM8K's 8-shot)."""
     name, thing = rng.choice(names), rng.choice(things)
-    total = rng.randint(2, high)
+    total = rng.randint(2, start_high or high)
     start, parts, lines = total, [], []
     for _ in range(steps):
         move, op = rng.choice(CHAIN_MOVES)
@@ -190,22 +197,27 @@ def chain_problem(rng: random.Random, names, things, steps: int, high: int = 9, 
         moves = ", then ".join(m for m, _, _ in parts)
         q = f"{name} has {start} {thing}. {name} {moves}. How many {thing} does {name} have now?"
     else:
-        q = "What is " + " ".join([str(start)] + [f"{op} {n}" for _, op, n in parts]) + "?"
-    return {"prompt": [{"role": "user", "content": f"{q} {ask or MATH_ASK}"}], "completion": ", ".join(lines) + f".\n#### {total}",
+        q = (rng.choice(forms) if len(forms) > 1 else forms[0]).format(e=" ".join([str(start)] + [f"{op} {n}" for _, op, n in parts]))
+    return {"prompt": [{"role": "user", "content": f"{CHAIN_SHOT if shot else ''}{q} {ask or MATH_ASK}"}], "completion": ", ".join(lines) + f".\n#### {total}",
             "answer": str(total), "category": f"steps_{steps}"}
 
 
-CHAIN_STEPS = (2,)  # the chain split's difficulty: 2 steps (bench/difficulty_probe.py measured 1-3; README)
+CHAIN_STEPS = (1, 2)  # the chain split's difficulties, equally often (bench/difficulty_probe.py measured 1-3; README)
 
 
-def chain_set(n: int, seed: int, names, things, seen=frozenset(), answer_only: bool = False) -> list:
-    """n distinct bare chain problems, the difficulties of CHAIN_STEPS in turn; answer_only: prompt, answer and
-    category, no worked solution (the RL side of the split: the math reward reads the answer column)."""
-    rng, items, keys = random.Random(seed), [], set(seen)
+def chain_set(n: int, seed: int, names, things, seen=frozenset(), held_out=frozenset(), answer_only: bool = False,
+              distinct_sums: bool = False) -> list:
+    """n distinct bare chain problems in any of BARE_FORMS, the difficulties of CHAIN_STEPS in turn. seen: questions
+    already used; held_out: sums (worked solutions) no problem here may be (the held-out set's: a form is not a new
+    problem); distinct_sums: no sum twice (the held-out set). answer_only: prompt, answer and category, no worked
+    solution (the RL side of the split: the math reward reads the answer column)."""
+    rng, items, keys, sums = random.Random(seed), [], set(seen), set(held_out)
     while len(items) < n:
-        item = chain_problem(rng, names, things, CHAIN_STEPS[len(items) % len(CHAIN_STEPS)], words=False)
-        if item["prompt"][0]["content"] not in keys:
+        item = chain_problem(rng, names, things, CHAIN_STEPS[len(items) % len(CHAIN_STEPS)], words=False, forms=BARE_FORMS)
+        if item["prompt"][0]["content"] not in keys and item["completion"] not in sums:
             keys.add(item["prompt"][0]["content"])
+            if distinct_sums:
+                sums.add(item["completion"])
             items.append({k: v for k, v in item.items() if k != "completion"} if answer_only else item)
     return items
 
@@ -283,9 +295,11 @@ def main() -> None:
             for (name, prompt, tests), solution in zip(CODE, CODE_SOLUTIONS)]
     (here / "code.json").write_text(json.dumps(code, indent=1) + "\n")
     # the split users have: a few worked solutions, many answer-only prompts, a held-out set; no question in two
-    chain_demos = chain_set(32, 7, NAMES, THINGS)
-    chain_prompts = chain_set(1200, 8, NAMES, THINGS, seen={x["prompt"][0]["content"] for x in chain_demos}, answer_only=True)
-    chain_eval = chain_set(100, 9, NAMES, THINGS, seen={x["prompt"][0]["content"] for x in chain_demos + chain_prompts})
+    chain_eval = chain_set(100, 9, NAMES, THINGS, distinct_sums=True)  # first: its sums are held out of the others
+    held_out = {x["completion"] for x in chain_eval}
+    chain_demos = chain_set(32, 7, NAMES, THINGS, held_out=held_out)
+    chain_prompts = chain_set(1200, 8, NAMES, THINGS, seen={x["prompt"][0]["content"] for x in chain_demos},
+                              held_out=held_out, answer_only=True)
     for name, rows in (("chain_demos", chain_demos), ("chain_prompts", chain_prompts), ("chain_eval", chain_eval)):
         (here / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
     tool_train = tool_set(400, 5, NAMES[:14], THINGS[:11])

@@ -161,7 +161,8 @@ def test_data_script_is_deterministic(tmp_path, monkeypatch):
 
 def test_chain_split_is_what_users_have():
     """The split: a few worked solutions, many answer-only prompts (no reference response), a held-out set; no
-    question in two of them; every answer right (the bare sum, computed here); each difficulty equally often."""
+    question in two of them, no held-out sum in another form in training; every answer right (the bare sum, computed
+    here); each difficulty equally often."""
     import re
 
     demos, prompts, evals = (json.loads((ROOT / "data" / f"chain_{n}.json").read_text()) for n in ("demos", "prompts", "eval"))
@@ -170,8 +171,14 @@ def test_chain_split_is_what_users_have():
     assert all(set(r) == {"prompt", "completion", "answer", "category"} for r in demos + evals)
     questions = [[r["prompt"][0]["content"] for r in rows] for rows in (demos, prompts, evals)]
     assert sum(map(len, questions)) == len(set().union(*map(set, questions)))
+
+    def sum_of(row):
+        return re.search(r"\d+(?: [+-] \d+)+", row["prompt"][0]["content"]).group(0)
+
+    assert not {sum_of(r) for r in evals} & {sum_of(r) for r in demos + prompts}
+    assert len({sum_of(r) for r in evals}) == len(evals)
     for row in demos + prompts + evals:
-        terms = re.fullmatch(r"What is ([\d +-]+)\? .*", row["prompt"][0]["content"]).group(1).split()
+        terms = sum_of(row).split()
         total = int(terms[0])
         for op, n in zip(terms[1::2], terms[2::2]):
             total = total + int(n) if op == "+" else total - int(n)
