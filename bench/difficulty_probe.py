@@ -85,7 +85,8 @@ def main() -> None:
         start = time.time()
         result = ht.evaluate(trainer, examples, {"reward": reward})
         record = {"model": args.model, "family": family, "steps": steps, "high": args.high, "n": args.n,
-                  "max_new_tokens": args.max_new_tokens, "ask": args.ask or md.MATH_ASK, "shot": args.shot, "forms": args.forms, "start_high": args.start_high,
+                  "max_new_tokens": args.max_new_tokens, "ask": args.ask or md.MATH_ASK,
+                  "shot": args.shot, "forms": args.forms, "start_high": args.start_high,
                   "backend": args.backend, "bf16": on, "seed": args.seed,
                   **{k: round(result[f"eval/{k}"], 4) for k in ("pass@1", "pass@8", "maj@8")},
                   "seconds": round(time.time() - start, 1), "example": result["samples"][0]}

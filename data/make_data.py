@@ -178,10 +178,11 @@ CHAIN_SHOT = "For example: What is 6 + 3 - 4? 6 + 3 = 9, 9 - 4 = 5.\n#### 5\n\nN
 def chain_problem(rng: random.Random, names, things, steps: int, high: int = 9, words: bool = True, ask: str = "",
                   shot: bool = False, start_high: int = 0, forms=BARE_FORMS[:1]) -> dict:
     """One problem of the chain family, whose difficulty knob is `steps`, the number of additions and subtractions
-    (numbers 1..high, the first one 2..start_high if given; every partial result stays positive): a word problem ("Ava has 5 shells. Ava finds 3 more, then
-    gives away 2. How many shells does Ava have now?"), or the bare sum in one of `forms` (words False). The worked solution does one
-    operation per step and ends in `#### <answer>`. ask: the instruction after the question (default MATH_ASK); shot: one
-    worked example (CHAIN_SHOT) before the question, as few-shot prompts do (GSM8K's 8-shot)."""
+    (numbers 1..high, the first one 2..start_high if given; every partial result stays positive): a word problem ("Ava
+    has 5 shells. Ava finds 3 more, then gives away 2. How many shells does Ava have now?"), or the bare sum in one of
+    `forms` (words False). The worked solution does one operation per step and ends in `#### <answer>`. ask: the
+    instruction after the question (default MATH_ASK); shot: one worked example (CHAIN_SHOT) before the question, as
+    few-shot prompts do (GSM8K's 8-shot)."""
     name, thing = rng.choice(names), rng.choice(things)
     total = rng.randint(2, start_high or high)
     start, parts, lines = total, [], []
@@ -198,7 +199,8 @@ def chain_problem(rng: random.Random, names, things, steps: int, high: int = 9, 
         q = f"{name} has {start} {thing}. {name} {moves}. How many {thing} does {name} have now?"
     else:
         q = (rng.choice(forms) if len(forms) > 1 else forms[0]).format(e=" ".join([str(start)] + [f"{op} {n}" for _, op, n in parts]))
-    return {"prompt": [{"role": "user", "content": f"{CHAIN_SHOT if shot else ''}{q} {ask or MATH_ASK}"}], "completion": ", ".join(lines) + f".\n#### {total}",
+    return {"prompt": [{"role": "user", "content": f"{CHAIN_SHOT if shot else ''}{q} {ask or MATH_ASK}"}],
+            "completion": ", ".join(lines) + f".\n#### {total}",
             "answer": str(total), "category": f"steps_{steps}"}
 
 

@@ -189,7 +189,8 @@ def test_chain_split_is_what_users_have():
     assert max(counts.values()) - min(counts.values()) <= 1
 
 
-@pytest.mark.parametrize("name", ["demo", "sft", "ppo", "hybrid", "grpo", "hybrid_gate", "hybrid_mix", "tool_sft", "tool_grpo"])
+@pytest.mark.parametrize("name", ["demo", "sft", "ppo", "hybrid", "grpo", "hybrid_gate", "hybrid_mix", "tool_sft", "tool_grpo",
+                                  "chain_split"])
 def test_presets_validate(name, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert ht.main([f"configs/{name}.json", "--check"]) == 0
