@@ -58,7 +58,7 @@ def main() -> None:
     sets = {}
     for family in args.families.split(","):
         for steps in map(int, args.steps.split(",")):
-            rng = random.Random(1000 + steps)  # held-out names and things, as the eval set uses
+            rng = random.Random(1000 + steps)  # per difficulty; word problems take the later names and things
             sets[family, steps] = [md.chain_problem(rng, md.NAMES[14:], md.THINGS[11:], steps, args.high, family == "words", args.ask,
                                                     args.shot, args.start_high,
                                                     md.BARE_FORMS if args.forms else md.BARE_FORMS[:1])
