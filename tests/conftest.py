@@ -130,7 +130,7 @@ def write_tiny_gguf(path: Path, seed: int = 0, chat_template: str = "") -> Path:
 
 # ---- helpers the test files share ----
 ROOT = Path(__file__).resolve().parent.parent
-EXACT_PPO = {"TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0, "NO_REPEAT_NGRAM_SIZE": 0}
+EXACT_PPO = {"TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0, "NO_REPEAT_NGRAM_SIZE": 0, "GENERATION_BACKEND": "hf"}
 
 
 def run_cli(config: dict, tmp_path: Path, *extra, check=True) -> subprocess.CompletedProcess:

@@ -187,6 +187,49 @@ def test_config_is_frozen_and_the_plan_derives_every_size():
         ht.make_plan(cfg, 10, 4, 7, False, False, "p", "m")
 
 
+def test_generation_backend_auto_is_vllm_where_installed_and_allowed(monkeypatch):
+    """GENERATION_BACKEND "auto" (the default) resolves in the Plan, which says why; ROLLOUT_IS "auto" follows it."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    installed = {"vllm": True}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (real("json") if installed["vllm"] else None)
+                        if name == "vllm" else real(name, *a))
+
+    def plan_of(**keys):
+        cfg = ht.Config.from_dict({"TRAIN_FILE": "t", "OUTPUT_DIR": "o", "MODE": "ppo", **keys})
+        return cfg, ht.make_plan(cfg, 8, 1, 0, False, False, "p", "m")
+
+    cfg, plan = plan_of(NO_REPEAT_NGRAM_SIZE=0)
+    assert cfg.GENERATION_BACKEND == "auto" and plan.backend == "vllm" and cfg.ROLLOUT_IS == "sequence_mask"
+    assert "vLLM is installed" in plan.generation and plan.generation in plan.describe()
+    cfg, plan = plan_of()  # NO_REPEAT_NGRAM_SIZE 3 by default: vLLM has none
+    assert plan.backend == "hf" and "NO_REPEAT_NGRAM_SIZE 3 has no vLLM equivalent" in plan.generation and cfg.ROLLOUT_IS == "off"
+    cfg, plan = plan_of(NO_REPEAT_NGRAM_SIZE=0, GENERATION_BACKEND="hf")
+    assert plan.backend == "hf" and "set in the config" in plan.generation and cfg.ROLLOUT_IS == "off"
+    installed["vllm"] = False
+    cfg, plan = plan_of(NO_REPEAT_NGRAM_SIZE=0)
+    assert plan.backend == "hf" and "vLLM is not installed" in plan.generation and cfg.ROLLOUT_IS == "off"
+    with pytest.raises(ht.UserError, match="needs vLLM, which is not installed"):
+        plan_of(NO_REPEAT_NGRAM_SIZE=0, GENERATION_BACKEND="vllm")
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "configs").glob("*.json")))
+def test_every_preset_validates_with_either_backend(preset, monkeypatch):
+    """Each preset loads with GENERATION_BACKEND hf and vllm; the design sketch's (NO_REPEAT_NGRAM_SIZE 3) take vllm once
+    that is 0, and say so when it is not."""
+    monkeypatch.chdir(ROOT)
+    keys = json.loads((ROOT / "configs" / f"{preset}.json").read_text())
+    for backend in ("hf", "vllm"):
+        over = {"GENERATION_BACKEND": backend}
+        if backend == "vllm" and keys.get("NO_REPEAT_NGRAM_SIZE", 3):
+            with pytest.raises(ht.UserError, match="NO_REPEAT_NGRAM_SIZE=3 has no equivalent in vLLM"):
+                ht.Config.from_dict({**keys, **over})
+            over["NO_REPEAT_NGRAM_SIZE"] = 0
+        cfg = ht.Config.from_dict({**keys, **over})
+        assert ht.resolve_backend(cfg)[0] == backend
+
+
 def test_run_writes_the_plan_next_to_the_config(tiny_model, tmp_path):
     train = tmp_path / "train.json"
     train.write_text(json.dumps(GOOD_ITEMS))

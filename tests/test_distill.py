@@ -219,7 +219,7 @@ def test_distillation_with_vllm_and_an_environment(tmp_path, tiny_chat_model):
            "NUM_SAMPLES": 2, "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "PPO_EPOCHS": 1, "MAX_NEW_TOKENS": 16,
            "MAXSEQ": 384, "REWARD": {"type": "math"}, "ENVIRONMENT": {"type": "calculator"}, "MAX_TURNS": 2,
            "ACTION_FORMAT": {"open": "t", "close": " "}, "TEACHER_MODEL": "self", "DISTILL": "token_reverse_kl",
-           "GENERATION_BACKEND": "vllm", "VLLM_KV_CACHE_GB": 0.25, "BF16": False, "LOG_EVERY": 1, **EXACT_PPO}
+           **EXACT_PPO, "GENERATION_BACKEND": "vllm", "VLLM_KV_CACHE_GB": 0.25, "BF16": False, "LOG_EVERY": 1}
     run_cli(cfg, tmp_path)
     ppo = [r for r in metrics(tmp_path / "out") if r.get("phase") == "ppo"]
     assert ppo and all("distill/reverse_kl" in r and "env/turns" in r and "rollout/logprob_abs_diff" in r for r in ppo)
