@@ -2437,6 +2437,7 @@ def load_model(cfg: Config, device: torch.device, bf16: Optional[bool] = None, p
     lm.config.name_or_path = str(paths.weights)  # saved adapters name their base by this path: absolute
     adapter = paths.adapter
     disable_dropout_in_model(lm)  # PPO ratios must be 1 on the first minibatch: no dropout noise
+    contiguous_head_input(lm)  # before the reference's deepcopy: it keeps the hook
     if cfg.GRADIENT_CHECKPOINTING:  # non-reentrant: works with frozen inputs (LoRA) and FSDP
         if hasattr(lm, "activation_checkpointing_enable"):  # the name since transformers 5.x
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -2465,6 +2466,16 @@ def load_model(cfg: Config, device: torch.device, bf16: Optional[bool] = None, p
     if isinstance(reference, nn.Module):
         reference.to(device)
     return policy, reference, tokenizer
+
+
+def contiguous_head_input(lm: nn.Module) -> None:
+    """The LM head's input made contiguous (a copy of B x k x H) before its matmul. transformers slices the last k
+    hidden states (logits_to_keep: generation's last position, the update's response positions), a strided view;
+    without grad, torch.matmul then runs it as a bmm against the head's weight expanded to the batch, which a CPU
+    bf16 bmm first copies whole: B x H x V values (8 x 576 x 49,152 for SmolLM2, 0.5 s) per call (bench/profile_step.py)."""
+    head = lm.get_output_embeddings()
+    if isinstance(head, nn.Linear):
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(),) + tuple(args[1:]))
 
 
 def needs_reference(cfg: Config) -> bool:
@@ -2501,6 +2512,7 @@ def load_teacher(cfg: Config, device: torch.device, bf16: bool, reference) -> An
     except (OSError, ValueError) as e:
         raise UserError(f"TEACHER_MODEL {cfg.TEACHER_MODEL!r} could not be loaded from {paths.weights}: {str(e).splitlines()[0]}") from None
     disable_dropout_in_model(teacher)
+    contiguous_head_input(teacher)
     teacher = teacher.eval().requires_grad_(False)
     if bf16:
         teacher.to(torch.bfloat16)

@@ -17,6 +17,50 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
+
+
+class Bench(NamedTuple):
+    """A trainer on fixed inputs, as setup() builds it."""
+    ht: Any  # the checkout's hybrid_trainer module
+    cfg: Any
+    trainer: Any
+    examples: list
+
+
+def setup(root: str, extra: dict, mini: int = 8) -> Bench:
+    """The trainer of checkout `root` (SmolLM2-135M, fp32 unless extra sets BF16) and the demo's tokenized items."""
+    sys.path.insert(0, root)
+    import torch
+
+    import hybrid_trainer as ht
+
+    cfg = ht.Config.from_dict({"MODE": "ppo", "TRAIN_FILE": str(Path(root) / "data" / "train.json"), "OUTPUT_DIR": "-",
+                               "SEED": 0, "PPO_BATCH": 8, "PPO_MINI": mini, "PPO_EPOCHS": 4, "SFT_BATCH": 8,
+                               "BF16": False, "PROMPT_FORMAT": "chat", "TEMPERATURE": 1.0, **extra})
+    torch.manual_seed(0)
+    policy, ref, tok = ht.load_model(cfg, torch.device("cpu"))
+    examples = ht.tokenize_examples(ht.load_examples(cfg), cfg, tok, "chat", "TRAIN_FILE")
+    teacher = ht.load_teacher(cfg, torch.device("cpu"), False, ref) if hasattr(ht, "load_teacher") else None
+    trainer = ht.HybridTrainer(cfg, policy, ref, tok, **({"teacher": teacher} if teacher is not None else {}))
+    return Bench(ht, cfg, trainer, examples)
+
+
+def ppo_update(b: Bench, i: int) -> int:
+    """One PPO update on items 8i .. 8i+7 (their reference responses as the sampled ones) -> tokens processed."""
+    G = getattr(b.cfg, "NUM_GENERATIONS", 1)
+    rows = [e for e in b.examples[i * 8:(i + 1) * 8][:8 // G] for _ in range(G)]
+    teacher_queries = [e.teacher_prompt_ids for e in rows] if getattr(b.cfg, "TEACHER_MODEL", "") == "self" else None
+    b.trainer.ppo_step([e.prompt_ids for e in rows], [e.target_ids for e in rows], [float(j % 3) for j in range(len(rows))],
+                       **({"teacher_queries": teacher_queries} if teacher_queries else {}))
+    return sum(len(e.prompt_ids) + len(e.target_ids) for e in rows) * b.cfg.PPO_EPOCHS
+
+
+def sft_step(b: Bench, i: int) -> int:
+    """One SFT step on items 8i .. 8i+7 -> tokens processed."""
+    batch = b.examples[i * 8:(i + 1) * 8]
+    b.trainer.sft_step(batch)
+    return sum(len(e.prompt_ids) + len(e.target_ids) for e in batch)
 
 
 def main() -> None:
@@ -26,35 +70,16 @@ def main() -> None:
     p.add_argument("--mini", type=int, default=8, help="PPO_MINI (8 = the whole batch)")
     p.add_argument("--set", action="append", default=[], help="KEY=JSON config override")
     args = p.parse_args()
-    sys.path.insert(0, args.root)
-    import torch
-
-    import hybrid_trainer as ht
-
     extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    cfg = ht.Config.from_dict({"MODE": "ppo", "TRAIN_FILE": str(Path(args.root) / "data" / "train.json"), "OUTPUT_DIR": "-",
-                               "SEED": 0, "PPO_BATCH": 8, "PPO_MINI": args.mini, "PPO_EPOCHS": 4, "SFT_BATCH": 8,
-                               "BF16": False, "PROMPT_FORMAT": "chat", "TEMPERATURE": 1.0, **extra})
-    torch.manual_seed(0)
-    policy, ref, tok = ht.load_model(cfg, torch.device("cpu"))
-    examples = ht.tokenize_examples(ht.load_examples(cfg), cfg, tok, "chat", "TRAIN_FILE")
-    teacher = ht.load_teacher(cfg, torch.device("cpu"), False, ref) if hasattr(ht, "load_teacher") else None
-    trainer = ht.HybridTrainer(cfg, policy, ref, tok, **({"teacher": teacher} if teacher is not None else {}))
-    G = getattr(cfg, "NUM_GENERATIONS", 1)
+    b = setup(args.root, extra, args.mini)
     ppo_s, sft_s, ppo_tokens, sft_tokens = [], [], [], []
     for i in range(args.steps + 1):
-        batch = examples[i * 8:(i + 1) * 8]
-        rows = [e for e in batch[:8 // G] for _ in range(G)]
         t = time.perf_counter()
-        teacher_queries = [e.teacher_prompt_ids for e in rows] if getattr(cfg, "TEACHER_MODEL", "") == "self" else None
-        trainer.ppo_step([e.prompt_ids for e in rows], [e.target_ids for e in rows], [float(j % 3) for j in range(len(rows))],
-                         **({"teacher_queries": teacher_queries} if teacher_queries else {}))
+        ppo_tokens.append(ppo_update(b, i))
         ppo_s.append(time.perf_counter() - t)
-        ppo_tokens.append(sum(len(e.prompt_ids) + len(e.target_ids) for e in rows) * cfg.PPO_EPOCHS)
         t = time.perf_counter()
-        trainer.sft_step(batch)
+        sft_tokens.append(sft_step(b, i))
         sft_s.append(time.perf_counter() - t)
-        sft_tokens.append(sum(len(e.prompt_ids) + len(e.target_ids) for e in batch))
     print(json.dumps({"root": args.root, "overrides": extra, "ppo_mini": args.mini,
                       "ppo_step_s": round(statistics.mean(ppo_s[1:]), 3), "sft_step_s": round(statistics.mean(sft_s[1:]), 3),
                       "ppo_tokens_per_s": round(sum(ppo_tokens[1:]) / sum(ppo_s[1:]), 1),
