@@ -21,6 +21,7 @@ Categories, from the operators' self time (each op counted once, where it ran; a
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -85,6 +86,11 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="KEY=JSON config override")
     args = p.parse_args()
     extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    if "," in args.dtypes:  # each precision in a fresh process: a second model in one process profiles differently
+        for dtype in args.dtypes.split(","):
+            subprocess.run([sys.executable, __file__, "--dtypes", dtype, "--root", args.root] +
+                           [f"--set={s}" for s in args.set], check=True)
+        return
     for dtype in args.dtypes.split(","):
         b = step_bench.setup(args.root, {**extra, "BF16": dtype == "bf16"})
         vocab = b.trainer.policy.lm.get_output_embeddings().weight.shape[0]
