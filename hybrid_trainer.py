@@ -2475,7 +2475,7 @@ def contiguous_head_input(lm: nn.Module) -> None:
     bf16 bmm first copies whole: B x H x V values (8 x 576 x 49,152 for SmolLM2, 0.5 s) per call (bench/profile_step.py)."""
     head = lm.get_output_embeddings()
     if isinstance(head, nn.Linear):
-        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(),) + tuple(args[1:]))
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(),) + tuple(args[1:]) if args else None)
 
 
 def needs_reference(cfg: Config) -> bool:

@@ -2,7 +2,9 @@
 """Benchmark (not a test). Each iteration runs an SFT step and a PPO update, as hybrid mode does (both
 optimizers hold state); after one warm-up it prints one JSON line with, per phase (generate, reference
 forward, rollout, PPO epochs, SFT step), seconds, tokens/s and MFU: achieved matmul FLOP/s as a fraction of
-this machine's measured matmul rate in the dtype used. Also peak memory (RSS on CPU,
+this machine's measured matmul rate in the dtype used, twice: against an n = 2048 square matmul ("mfu") and against
+the model's own matmul shapes at one PPO minibatch's rows ("mfu_model_shapes": the rate the steps could reach).
+Also peak memory (RSS on CPU,
 torch.cuda.max_memory_allocated on CUDA) per process.
 
     python bench/bench.py                                  # SmolLM2-135M, full fine-tuning, fp32
@@ -49,6 +51,31 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, n: int = 2048) -> floa
     return 2 * n**3 / best
 
 
+def shape_rate(lm: torch.nn.Module, rows: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Measured FLOP/s of the model's own matmuls: (rows x in) @ (in x out) for every nn.Linear of `lm` (the LM head
+    included), each unique shape timed best of 3 after a warm-up, weighted by how often the model has it."""
+    counts: dict = {}
+    for m in lm.modules():
+        if isinstance(m, torch.nn.Linear):
+            counts[(m.in_features, m.out_features)] = counts.get((m.in_features, m.out_features), 0) + 1
+    flops = seconds = 0.0
+    for (n_in, n_out), count in counts.items():
+        x, w = torch.randn(rows, n_in, device=device, dtype=dtype), torch.randn(n_out, n_in, device=device, dtype=dtype)
+        best = float("inf")
+        for i in range(4):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            x @ w.T
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                best = min(best, time.perf_counter() - t0)
+        flops += count * 2 * rows * n_in * n_out
+        seconds += count * best
+    return flops / seconds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a trainer config whose model, batch sizes, lengths and reward to use")
@@ -66,12 +93,14 @@ def main() -> None:
     args = p.parse_args()
 
     base = {"MODEL": "smollm2-135m-instruct", "SFT_BATCH": 8, "PPO_BATCH": 8, "PPO_MINI": 4, "MAX_NEW_TOKENS": 48,
-            "REWARD": {"type": "chrf"}, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0, "NO_REPEAT_NGRAM_SIZE": 0}
+            "REWARD": {"type": "chrf"}, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0, "NO_REPEAT_NGRAM_SIZE": 0,
+            "GENERATION_BACKEND": "hf"}
     if args.config:
         keep = ("MODEL", "SFT_BATCH", "PPO_BATCH", "PPO_MINI", "PPO_EPOCHS", "MAX_NEW_TOKENS", "MAXSEQ", "REWARD", "PROMPT_FORMAT",
                 "TEMPERATURE", "TOP_P", "REPETITION_PENALTY", "NO_REPEAT_NGRAM_SIZE", "GRAD_ACCUM", "CATEGORY_FIELD",
                 "ADVANTAGE", "NUM_GENERATIONS", "KL_IN", "KL_PENALTY", "INIT_KL_COEF", "LOSS_AGG", "IMPORTANCE_LEVEL",
-                "CLIPRANGE_HIGH", "HYBRID", "GATE_THRESHOLD", "MIX_COEF", "MIX_COEF_END", "MIX_SCHEDULE", "SFT_LOSS")
+                "CLIPRANGE_HIGH", "HYBRID", "GATE_THRESHOLD", "MIX_COEF", "MIX_COEF_END", "MIX_SCHEDULE", "SFT_LOSS",
+                "GENERATION_BACKEND")
         base.update({k: v for k, v in json.loads(Path(args.config).read_text()).items() if k in keep})
     for key, value in (("MODEL", args.model), ("SFT_BATCH", args.batch), ("PPO_BATCH", args.batch), ("PPO_MINI", args.mini),
                        ("MAX_NEW_TOKENS", args.max_new_tokens), ("REWARD", args.reward and json.loads(args.reward))):
@@ -108,11 +137,16 @@ def main() -> None:
     sft, ppo = sft[1:], ppo[1:]  # drop warm-up
     mean = lambda key: statistics.mean(s[key] for s in ppo)  # noqa: E731
 
+    batch_tokens = mean("time/tokens")  # real tokens of prompts + responses in one PPO batch
+    # the model's own shapes, at the rows of one PPO minibatch's forward (all processes together, as peak_rate)
+    model_rate = sum(ht.gather_objects(shape_rate(policy.lm, max(int(batch_tokens * cfg.PPO_MINI / cfg.PPO_BATCH), 1),
+                                                  dtype, device)))
+
     def phase(seconds: float, tokens: float, passes: float) -> dict:
         flops = 2 * n_matmul * tokens * passes
-        return {"s": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1), "mfu": round(flops / seconds / peak_rate, 4)}
+        return {"s": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1), "mfu": round(flops / seconds / peak_rate, 4),
+                "mfu_model_shapes": round(flops / seconds / model_rate, 4)}
 
-    batch_tokens = mean("time/tokens")  # real tokens of prompts + responses in one PPO batch
     generated = mean("ppo/response_length") * cfg.PPO_BATCH * cfg.NUM_GENERATIONS
     rollout_policy_s = mean("time/rollout_s") - mean("time/reference_forward_s")
     phases = {
@@ -134,7 +168,8 @@ def main() -> None:
         "trainable_params": sum(p.numel() for p in trainer.optim.params) if not args.fsdp else None,
         "sft_batch": cfg.SFT_BATCH, "ppo_batch": cfg.PPO_BATCH, "ppo_mini": cfg.PPO_MINI, "ppo_epochs": cfg.PPO_EPOCHS,
         "max_new_tokens": cfg.MAX_NEW_TOKENS, "load_s": round(load_s, 2),
-        "matmul_gflops": round(peak_rate / 1e9, 1), "peak_mem_gib_per_process": peaks,
+        "matmul_gflops": round(peak_rate / 1e9, 1), "matmul_gflops_model_shapes": round(model_rate / 1e9, 1),
+        "peak_mem_gib_per_process": peaks,
         "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",
         "sft_step_s": phases["sft_step"]["s"],
         "ppo_update_s": round(mean("time/generate_s") + mean("time/score_s") + mean("time/update_s"), 3),

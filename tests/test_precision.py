@@ -89,3 +89,22 @@ def test_bf16_frozen_weights_are_stored_once_and_ratio_kl_hold(lora_r, tiny_mode
     # bf16 tolerance: the reference's weights are the bf16 rounding of the policy's, which autocast uses anyway
     assert abs(stats["ppo/policy/ratio_first_minibatch"] - 1.0) < 1e-3
     assert abs(stats["objective/kl"]) < 0.05 * stats["ppo/response_length"]
+
+
+def test_lm_head_gets_a_contiguous_input_and_the_same_logits(tiny_model, tiny_data):
+    """The policy's, the reference's and the response forward's LM head see a contiguous input (a strided slice of the
+    hidden states made a bf16 CPU bmm copy the expanded head weight), with the logits a strided input gives."""
+    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": "-",
+                               "BF16": False})
+    policy, ref, _ = ht.load_model(cfg, torch.device("cpu"))
+    seen = []
+    for lm in (policy.lm, ref):
+        head = lm.get_output_embeddings()
+        head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+        hidden = torch.randn(2, 6, head.in_features)[:, 2:5]  # what logits_to_keep slices: not contiguous
+        assert not hidden.is_contiguous()
+        torch.testing.assert_close(head(hidden), hidden @ head.weight.T + (0 if head.bias is None else head.bias))
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])  # two rows: a slice of one row would be contiguous anyway
+    with torch.no_grad():
+        ht.response_forward(ref, ids, torch.ones_like(ids), 2)
+    assert seen == [True, True, True]

@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""The design sketch's PPO job, whole process, the sketch (TRL 0.11.4's PPOTrainer) and this trainer in turn on one
+machine (not a test). The job: SmolLM2-135M-Instruct (the embedded default's converted safetensors for the sketch),
+the demo's first 24 prompts after the seeded shuffle (data/train.json, NUM_SAMPLES 24), PPO_BATCH 8, 32 new
+tokens, chrF, one epoch = 3 updates; everything else
+each trainer's defaults (ours: BF16 "auto", GENERATION_BACKEND "auto", which is hf here: NO_REPEAT_NGRAM_SIZE
+defaults to 3). The sketch's code is taken from the design document (its one python block, with the two changes
+in PATCHES without which it does not start) and run, with this
+checkout's rewards.py beside it (the sketch imports make_reward), by an interpreter that has TRL 0.11.4:
+
+    python3 -m venv /tmp/trl011 && /tmp/trl011/bin/pip install torch==2.13.0 trl==0.11.4 transformers==4.46.3 \\
+        accelerate==1.0.1 'datasets<4' sacrebleu
+    python bench/sketch_bench.py --sketch-python /tmp/trl011/bin/python --runs 2   # appends to bench/results/sketch/
+
+Each run: wall time of the whole process and its peak RSS; the pairs alternate (sketch, ours, sketch, ours).
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "runs" / "sketch"
+RESULTS = ROOT / "bench" / "results" / "sketch"
+JOB = {"MODE": "ppo", "TRAIN_FILE": str(ROOT / "data" / "train.json"), "NUM_SAMPLES": 24, "PPO_BATCH": 8, "MAX_NEW_TOKENS": 32,
+       "REWARD": {"type": "chrf"}, "EPOCHS": 1, "SEED": 0}
+
+
+# The sketch as written does not run here; the two smallest changes that make it run, and nothing else:
+PATCHES = [
+    # device_map "auto" puts the model on "cpu" without a GPU, which TRL 0.11.4's value-head model refuses ("CPU & disk
+    # offloading is not supported"); None loads it in place
+    ('    device_map = "auto"', "    device_map = None"),
+    # log_with given twice (PPOConfig's and accelerator_kwargs'): Accelerator() "got multiple values for keyword argument"
+    ('        accelerator_kwargs={"log_with": None},\n', ""),
+]
+
+
+def sketch_code(design: Path) -> str:
+    """The design document's python block (between ````python and ````)."""
+    text = design.read_text()
+    match = re.search(r"````python\n(.*?)\n````", text, re.S)
+    if not match:
+        raise SystemExit(f"{design}: no ````python block")
+    code = match.group(1)
+    for old, new in PATCHES:
+        if old not in code:
+            raise SystemExit(f"{design}: the sketch no longer has {old.strip()!r}; check PATCHES")
+        code = code.replace(old, new, 1)
+    return code
+
+
+def timed(argv: list, log: Path, cwd: Path) -> tuple[float, float, int]:
+    """Run argv as a child: (wall seconds, its peak RSS in GB, exit code)."""
+    start = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        _, status, usage = os.wait4(proc.pid, 0)
+    return time.perf_counter() - start, usage.ru_maxrss / 2**20, os.waitstatus_to_exitcode(status)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sketch-python", required=True, help="an interpreter with TRL 0.11.4")
+    p.add_argument("--design", default=str(ROOT.parent / "shared" / "seed" / "hybrid_trainer_design.md"))
+    p.add_argument("--runs", type=int, default=2)
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import hybrid_trainer as ht
+
+    cfg = ht.Config.from_dict({"MODE": "sft", "TRAIN_FILE": JOB["TRAIN_FILE"], "OUTPUT_DIR": "-"})
+    paths = ht.resolve_model(cfg)
+    ht.prepare_weights(cfg, paths)
+    sketch_dir, sketch_model = OUT / "sketch_code", OUT / "sketch_model"
+    shutil.rmtree(OUT, ignore_errors=True)
+    sketch_dir.mkdir(parents=True)
+    sketch_model.mkdir()
+    for f in paths.weights.iterdir():  # the same files; transformers 4.46 does not know 5.x's tokenizer class name
+        (sketch_model / f.name).symlink_to(f)
+    tok_config = json.loads((paths.weights / "tokenizer_config.json").read_text())
+    (sketch_model / "tokenizer_config.json").unlink()
+    (sketch_model / "tokenizer_config.json").write_text(json.dumps({**tok_config, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    (sketch_dir / "hybrid_trainer.py").write_text(sketch_code(Path(args.design)))
+    shutil.copy(ROOT / "rewards.py", sketch_dir / "rewards.py")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for i in range(args.runs):
+        for who in ("sketch", "ours"):
+            out = OUT / f"{who}-{i}"
+            config = {**JOB, "MODEL": str(sketch_model) if who == "sketch" else "smollm2-135m-instruct", "OUTPUT_DIR": str(out)}
+            path = OUT / f"{who}-{i}.json"
+            path.write_text(json.dumps(config, indent=1))
+            script = sketch_dir / "hybrid_trainer.py" if who == "sketch" else ROOT / "hybrid_trainer.py"
+            python = args.sketch_python if who == "sketch" else sys.executable
+            seconds, peak_gb, code = timed([python, str(script), str(path)], OUT / f"{who}-{i}.log", script.parent)
+            result = {"who": who, "run": i, "wall_s": round(seconds, 1), "peak_rss_gb": round(peak_gb, 2), "exit": code}
+            if code:
+                result["error"] = (OUT / f"{who}-{i}.log").read_text()[-1500:]
+            with (RESULTS / "results.jsonl").open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            shutil.copy(OUT / f"{who}-{i}.log", RESULTS / f"{who}-{i}.log")
+            print(json.dumps({k: v for k, v in result.items() if k != "error"}), flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
