@@ -2796,7 +2796,9 @@ class VLLMEngine:
                                enable_prefix_caching=True,  # (vLLM's default) a trajectory's next turn reuses its prefix
                                trust_remote_code=cfg.TRUST_REMOTE_CODE, **memory)
         except Exception as e:  # noqa: BLE001 - vLLM raises many kinds; one line names the engine and the cause
-            raise UserError(f"GENERATION_BACKEND \"vllm\" could not start its engine for {plan.model}: {type(e).__name__}: "
+            chosen = " (chosen by GENERATION_BACKEND \"auto\"; set \"hf\" to generate with transformers)" \
+                if cfg.GENERATION_BACKEND == "auto" else ""
+            raise UserError(f"GENERATION_BACKEND \"vllm\" could not start its engine for {plan.model}{chosen}: {type(e).__name__}: "
                             f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}") from None
         torch.set_num_threads(threads)
         OPEN_ENGINES.append(self)
@@ -3887,7 +3889,7 @@ class HybridTrainer:
 
     @property
     def engine(self):
-        """The generation backend (GENERATION_BACKENDS[GENERATION_BACKEND]), built on first use."""
+        """The generation backend (GENERATION_BACKENDS[plan.backend]: GENERATION_BACKEND, "auto" resolved), built on first use."""
         if self._engine is None:
             t0 = time.perf_counter()
             self._engine = GENERATION_BACKENDS[self.plan.backend](self.cfg, self.plan, self.policy, self.tokenizer,
