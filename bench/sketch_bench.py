@@ -4,8 +4,8 @@ machine (not a test). The job: SmolLM2-135M-Instruct (the embedded default's con
 the demo's first 24 prompts after the seeded shuffle (data/train.json, NUM_SAMPLES 24), PPO_BATCH 8, 32 new
 tokens, chrF, one epoch = 3 updates; everything else
 each trainer's defaults (ours: BF16 "auto", GENERATION_BACKEND "auto", which is hf here: NO_REPEAT_NGRAM_SIZE
-defaults to 3). The sketch's code is taken from the design document (its one python block, with the two changes
-in PATCHES without which it does not start) and run, with this
+defaults to 3). The sketch's code is taken from the design document (its one python block, with the changes
+in PATCHES without which it does not run) and run, with this
 checkout's rewards.py beside it (the sketch imports make_reward), by an interpreter that has TRL 0.11.4:
 
     python3 -m venv /tmp/trl011 && /tmp/trl011/bin/pip install torch==2.13.0 trl==0.11.4 transformers==4.46.3 \\
@@ -32,13 +32,21 @@ JOB = {"MODE": "ppo", "TRAIN_FILE": str(ROOT / "data" / "train.json"), "NUM_SAMP
        "REWARD": {"type": "chrf"}, "EPOCHS": 1, "SEED": 0}
 
 
-# The sketch as written does not run here; the two smallest changes that make it run, and nothing else:
+# The sketch as written does not run here; the smallest changes that make it run, and nothing else:
 PATCHES = [
     # device_map "auto" puts the model on "cpu" without a GPU, which TRL 0.11.4's value-head model refuses ("CPU & disk
     # offloading is not supported"); None loads it in place
     ('    device_map = "auto"', "    device_map = None"),
     # log_with given twice (PPOConfig's and accelerator_kwargs'): Accelerator() "got multiple values for keyword argument"
     ('        accelerator_kwargs={"log_with": None},\n', ""),
+    # the loop's DataLoaders collate a batch of item dicts into one dict of lists; the loop reads a list of items
+    ("        ppo_iter = iter(DataLoader(ds, batch_size=PPO_BATCH, shuffle=True))",
+     "        ppo_iter = iter(DataLoader(ds, batch_size=PPO_BATCH, shuffle=True, collate_fn=list))"),
+    ("        sft_iter = iter(DataLoader(ds, batch_size=SFT_BATCH, shuffle=True))",
+     "        sft_iter = iter(DataLoader(ds, batch_size=SFT_BATCH, shuffle=True, collate_fn=list))"),
+    # PPOTrainer.step takes one tensor per score ("Elements in scores must be tensors"); the loop appends floats
+    ("                    ppo_trainer.step(q, r, rewards)",
+     "                    ppo_trainer.step(q, r, [torch.tensor(x) for x in rewards])"),
 ]
 
 
@@ -81,11 +89,11 @@ def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     sketch_dir.mkdir(parents=True)
     sketch_model.mkdir()
-    for f in paths.weights.iterdir():  # the same files; transformers 4.46 does not know 5.x's tokenizer class name
+    for f in paths.weights.iterdir():  # the same files; transformers 4.46 does not know 5.x's tokenizer class name: SmolLM2's own
         (sketch_model / f.name).symlink_to(f)
     tok_config = json.loads((paths.weights / "tokenizer_config.json").read_text())
     (sketch_model / "tokenizer_config.json").unlink()
-    (sketch_model / "tokenizer_config.json").write_text(json.dumps({**tok_config, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    (sketch_model / "tokenizer_config.json").write_text(json.dumps({**tok_config, "tokenizer_class": "GPT2TokenizerFast"}))
     (sketch_dir / "hybrid_trainer.py").write_text(sketch_code(Path(args.design)))
     shutil.copy(ROOT / "rewards.py", sketch_dir / "rewards.py")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -93,6 +101,8 @@ def main() -> None:
         for who in ("sketch", "ours"):
             out = OUT / f"{who}-{i}"
             config = {**JOB, "MODEL": str(sketch_model) if who == "sketch" else "smollm2-135m-instruct", "OUTPUT_DIR": str(out)}
+            if who == "sketch":  # its own key: CLEANSE (default true) calls torch.cuda.ipc_collect(), which fails without CUDA
+                config["CLEANSE"] = False
             path = OUT / f"{who}-{i}.json"
             path.write_text(json.dumps(config, indent=1))
             script = sketch_dir / "hybrid_trainer.py" if who == "sketch" else ROOT / "hybrid_trainer.py"
