@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -35,20 +36,25 @@ import rewards  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def matmul_rate(dtype: torch.dtype, device: torch.device, n: int = 2048) -> float:
-    """Measured FLOP/s of an n x n matmul in `dtype` (best of 5 after a warm-up)."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+def best_seconds(fn: Callable, device: torch.device, reps: int) -> float:
+    """Best wall time of fn() over `reps` calls after one warm-up (CUDA synchronised around each)."""
     best = float("inf")
-    for i in range(6):
+    for i in range(reps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        a @ b
+        fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i:
             best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return best
+
+
+def matmul_rate(dtype: torch.dtype, device: torch.device, n: int = 2048) -> float:
+    """Measured FLOP/s of an n x n matmul in `dtype` (best of 5 after a warm-up)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / best_seconds(lambda: a @ b, device, 5)
 
 
 def shape_rate(lm: torch.nn.Module, rows: int, dtype: torch.dtype, device: torch.device) -> float:
@@ -61,18 +67,8 @@ def shape_rate(lm: torch.nn.Module, rows: int, dtype: torch.dtype, device: torch
     flops = seconds = 0.0
     for (n_in, n_out), count in counts.items():
         x, w = torch.randn(rows, n_in, device=device, dtype=dtype), torch.randn(n_out, n_in, device=device, dtype=dtype)
-        best = float("inf")
-        for i in range(4):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            x @ w.T
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i:
-                best = min(best, time.perf_counter() - t0)
         flops += count * 2 * rows * n_in * n_out
-        seconds += count * best
+        seconds += count * best_seconds(lambda x=x, w=w: x @ w.T, device, 3)
     return flops / seconds
 
 

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "peer"
@@ -112,11 +113,11 @@ def eval_worker(model: str, seed: int) -> None:
     print(json.dumps({k: v for k, v in result.items() if k.startswith("eval/pass@") or k == "eval/reward"}))
 
 
-def timed(argv: list, log: Path) -> tuple[float, float, int]:
-    """Run argv as a child: (wall seconds, its peak RSS in GB, exit code)."""
+def timed(argv: list, log: Path, cwd: Optional[Path] = None) -> tuple[float, float, int]:
+    """Run argv as a child (output to `log`): (wall seconds, its peak RSS in GB, exit code)."""
     start = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         _, status, usage = os.wait4(proc.pid, 0)
     return time.perf_counter() - start, usage.ru_maxrss / 2**20, os.waitstatus_to_exitcode(status)
 

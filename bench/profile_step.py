@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--set", action="append", default=[], help="KEY=JSON config override")
     args = p.parse_args()
-    extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    extra = step_bench.overrides(args.set)
     if "," in args.dtypes:  # each precision in a fresh process: a second model in one process profiles differently
         for dtype in args.dtypes.split(","):
             subprocess.run([sys.executable, __file__, "--dtypes", dtype, "--root", args.root] +

@@ -17,13 +17,14 @@ Each run: wall time of the whole process and its peak RSS; the pairs alternate (
 
 import argparse
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peer_bench import model_dir, timed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "sketch"
@@ -64,34 +65,20 @@ def sketch_code(design: Path) -> str:
     return code
 
 
-def timed(argv: list, log: Path, cwd: Path) -> tuple[float, float, int]:
-    """Run argv as a child: (wall seconds, its peak RSS in GB, exit code)."""
-    start = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        _, status, usage = os.wait4(proc.pid, 0)
-    return time.perf_counter() - start, usage.ru_maxrss / 2**20, os.waitstatus_to_exitcode(status)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sketch-python", required=True, help="an interpreter with TRL 0.11.4")
     p.add_argument("--design", default=str(ROOT.parent / "shared" / "seed" / "hybrid_trainer_design.md"))
     p.add_argument("--runs", type=int, default=2)
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT))
-    import hybrid_trainer as ht
-
-    cfg = ht.Config.from_dict({"MODE": "sft", "TRAIN_FILE": JOB["TRAIN_FILE"], "OUTPUT_DIR": "-"})
-    paths = ht.resolve_model(cfg)
-    ht.prepare_weights(cfg, paths)
+    weights = Path(model_dir())
     sketch_dir, sketch_model = OUT / "sketch_code", OUT / "sketch_model"
     shutil.rmtree(OUT, ignore_errors=True)
     sketch_dir.mkdir(parents=True)
     sketch_model.mkdir()
-    for f in paths.weights.iterdir():  # the same files; transformers 4.46 does not know 5.x's tokenizer class name: SmolLM2's own
+    for f in weights.iterdir():  # the same files; transformers 4.46 does not know 5.x's tokenizer class name: SmolLM2's own
         (sketch_model / f.name).symlink_to(f)
-    tok_config = json.loads((paths.weights / "tokenizer_config.json").read_text())
+    tok_config = json.loads((weights / "tokenizer_config.json").read_text())
     (sketch_model / "tokenizer_config.json").unlink()
     (sketch_model / "tokenizer_config.json").write_text(json.dumps({**tok_config, "tokenizer_class": "GPT2TokenizerFast"}))
     (sketch_dir / "hybrid_trainer.py").write_text(sketch_code(Path(args.design)))
@@ -107,7 +94,7 @@ def main() -> None:
             path.write_text(json.dumps(config, indent=1))
             script = sketch_dir / "hybrid_trainer.py" if who == "sketch" else ROOT / "hybrid_trainer.py"
             python = args.sketch_python if who == "sketch" else sys.executable
-            seconds, peak_gb, code = timed([python, str(script), str(path)], OUT / f"{who}-{i}.log", script.parent)
+            seconds, peak_gb, code = timed([python, str(script), str(path)], OUT / f"{who}-{i}.log", cwd=script.parent)
             result = {"who": who, "run": i, "wall_s": round(seconds, 1), "peak_rss_gb": round(peak_gb, 2), "exit": code}
             if code:
                 result["error"] = (OUT / f"{who}-{i}.log").read_text()[-1500:]

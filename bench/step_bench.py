@@ -28,6 +28,11 @@ class Bench(NamedTuple):
     examples: list
 
 
+def overrides(sets: list) -> dict:
+    """--set KEY=JSON arguments -> config overrides."""
+    return {k: json.loads(v) for k, v in (s.split("=", 1) for s in sets)}
+
+
 def setup(root: str, extra: dict, mini: int = 8) -> Bench:
     """The trainer of checkout `root` (SmolLM2-135M, fp32 unless extra sets BF16) and the demo's tokenized items."""
     sys.path.insert(0, root)
@@ -70,7 +75,7 @@ def main() -> None:
     p.add_argument("--mini", type=int, default=8, help="PPO_MINI (8 = the whole batch)")
     p.add_argument("--set", action="append", default=[], help="KEY=JSON config override")
     args = p.parse_args()
-    extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    extra = overrides(args.set)
     b = setup(args.root, extra, args.mini)
     ppo_s, sft_s, ppo_tokens, sft_tokens = [], [], [], []
     for i in range(args.steps + 1):
