@@ -2136,6 +2136,24 @@ def set_threads(procs: Processes) -> str:
     return f"{torch.get_num_threads()} threads ({cpus} usable CPUs" + (f" / {local} processes)" if local > 1 else ")")
 
 
+def keep_freed_memory() -> bool:
+    """glibc's malloc told to keep what torch frees for reuse (M_MMAP_MAX 0: large blocks come from the heap, not from
+    mmaps unmapped on free; M_TRIM_THRESHOLD: the heap is not returned to the system). Without it every step's
+    activations, logits and gradients (blocks of many MB) are fresh pages again, faulted in and zeroed by the kernel:
+    here 455k page faults and 1.9 s of system time per PPO update of SmolLM2-135M (bench/step_bench.py). PyTorch's
+    CPU tuning guide says the same of the default allocator (and suggests jemalloc / tcmalloc: LD_PRELOAD either one
+    and this changes nothing that matters). The process keeps its peak memory until it ends. Only the CPU's heap: the
+    CUDA allocator caches on its own. -> whether glibc took the settings (False on another C library)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
@@ -2431,9 +2449,12 @@ def load_model(cfg: Config, device: torch.device, bf16: Optional[bool] = None, p
     bf16 = cfg.BF16 is True if bf16 is None else bf16
     tokenizer = load_tokenizer(cfg, paths)
     try:
-        lm = AutoModelForCausalLM.from_pretrained(paths.weights, dtype=torch.float32, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+        lm = AutoModelForCausalLM.from_pretrained(paths.weights, dtype=torch.float32, trust_remote_code=cfg.TRUST_REMOTE_CODE,
+                                                  disable_mmap=device.type == "cpu")  # trained in place: see below
     except (OSError, ValueError) as e:
         raise UserError(f"MODEL {cfg.MODEL!r} could not be loaded from {paths.weights}: {str(e).splitlines()[0]}") from None
+    # disable_mmap: on the CPU the weights are trained where they load; memory-mapped, they are the file's pages and
+    # the first optimizer step copies each one on write (0.5 GB of page faults for SmolLM2: 2 s; bench/step_bench.py)
     lm.config.name_or_path = str(paths.weights)  # saved adapters name their base by this path: absolute
     adapter = paths.adapter
     disable_dropout_in_model(lm)  # PPO ratios must be 1 on the first minibatch: no dropout noise
@@ -5326,6 +5347,8 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
     device = pick_device(cfg, procs)
     init_processes(device, procs)
     threads = set_threads(procs)
+    if device.type == "cpu":
+        keep_freed_memory()
     barrier()  # every process has planned the output dir before the main one creates it
     r, state = start(cfg, examples, eval_examples, paths, out_dir, resume_from, device, reward, environment,
                      sft[0] if sft else None)

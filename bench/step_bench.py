@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark (not a test) of the hot path on fixed inputs, so two versions of the trainer do the same work:
 `ppo_step` on 8 demo prompts with their reference responses as the "sampled" responses, and `sft_step` on the
-same 8, SmolLM2-135M, fp32. Prints one JSON line: seconds per step (mean of --steps after a warm-up), tokens/s,
-peak RSS.
+same 8, SmolLM2-135M, fp32. Prints one JSON line: seconds per step (mean of --steps after a warm-up, and the
+warm-up's), tokens/s, page faults and system seconds per PPO update (the kernel's share), peak RSS.
 
     python bench/step_bench.py                        # this checkout
     python bench/step_bench.py --root /tmp/base       # another checkout (git worktree add /tmp/base REV)
@@ -44,6 +44,8 @@ def setup(root: str, extra: dict, mini: int = 8) -> Bench:
                                "SEED": 0, "PPO_BATCH": 8, "PPO_MINI": mini, "PPO_EPOCHS": 4, "SFT_BATCH": 8,
                                "BF16": False, "PROMPT_FORMAT": "chat", "TEMPERATURE": 1.0, **extra})
     torch.manual_seed(0)
+    if hasattr(ht, "keep_freed_memory"):  # as run() does on the CPU (an older checkout: glibc's defaults)
+        ht.keep_freed_memory()
     policy, ref, tok = ht.load_model(cfg, torch.device("cpu"))
     examples = ht.tokenize_examples(ht.load_examples(cfg), cfg, tok, "chat", "TRAIN_FILE")
     teacher = ht.load_teacher(cfg, torch.device("cpu"), False, ref) if hasattr(ht, "load_teacher") else None
@@ -77,16 +79,21 @@ def main() -> None:
     args = p.parse_args()
     extra = overrides(args.set)
     b = setup(args.root, extra, args.mini)
-    ppo_s, sft_s, ppo_tokens, sft_tokens = [], [], [], []
+    ppo_s, sft_s, ppo_tokens, sft_tokens, faults, system_s = [], [], [], [], [], []
     for i in range(args.steps + 1):
-        t = time.perf_counter()
+        t, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         ppo_tokens.append(ppo_update(b, i))
         ppo_s.append(time.perf_counter() - t)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        faults.append(after.ru_minflt - before.ru_minflt)
+        system_s.append(after.ru_stime - before.ru_stime)
         t = time.perf_counter()
         sft_tokens.append(sft_step(b, i))
         sft_s.append(time.perf_counter() - t)
     print(json.dumps({"root": args.root, "overrides": extra, "ppo_mini": args.mini,
                       "ppo_step_s": round(statistics.mean(ppo_s[1:]), 3), "sft_step_s": round(statistics.mean(sft_s[1:]), 3),
+                      "first_ppo_step_s": round(ppo_s[0], 3),  # the warm-up: the run's first update pays it too
+                      "ppo_page_faults": round(statistics.mean(faults[1:])), "ppo_system_s": round(statistics.mean(system_s[1:]), 2),
                       "ppo_tokens_per_s": round(sum(ppo_tokens[1:]) / sum(ppo_s[1:]), 1),
                       "sft_tokens_per_s": round(sum(sft_tokens[1:]) / sum(sft_s[1:]), 1),
                       "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
