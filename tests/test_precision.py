@@ -108,3 +108,17 @@ def test_lm_head_gets_a_contiguous_input_and_the_same_logits(tiny_model, tiny_da
     with torch.no_grad():
         ht.response_forward(ref, ids, torch.ones_like(ids), 2)
     assert seen == [True, True, True]
+
+
+def test_the_policy_is_trained_in_memory_not_in_the_files_pages(tiny_model, tiny_data):
+    """On the CPU the policy's weights are read into the process's memory: memory-mapped (transformers' default) they
+    are the safetensors file's copy-on-write pages, which the first optimizer step faults in one by one. And glibc
+    is told to keep freed blocks (keep_freed_memory), which run() does on the CPU."""
+    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": "-",
+                               "BF16": False})
+    policy, _, _ = ht.load_model(cfg, torch.device("cpu"))
+    weights = str(ht.resolve_model(cfg).weights)
+    mapped = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in open("/proc/self/maps") if weights in line]
+    ptrs = [p.data_ptr() for p in policy.parameters()]
+    assert not [p for p in ptrs for lo, hi in mapped if lo <= p < hi]
+    assert ht.keep_freed_memory()  # glibc (Linux CI): the settings took
