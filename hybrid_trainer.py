@@ -2140,10 +2140,11 @@ def keep_freed_memory() -> bool:
     """glibc's malloc told to keep what torch frees for reuse (M_MMAP_MAX 0: large blocks come from the heap, not from
     mmaps unmapped on free; M_TRIM_THRESHOLD: the heap is not returned to the system). Without it every step's
     activations, logits and gradients (blocks of many MB) are fresh pages again, faulted in and zeroed by the kernel:
-    here 455k page faults and 1.9 s of system time per PPO update of SmolLM2-135M (bench/step_bench.py). PyTorch's
-    CPU tuning guide says the same of the default allocator (and suggests jemalloc / tcmalloc: LD_PRELOAD either one
-    and this changes nothing that matters). The process keeps its peak memory until it ends. Only the CPU's heap: the
-    CUDA allocator caches on its own. -> whether glibc took the settings (False on another C library)."""
+    375-494k page faults and 2.6-3.0 s of system time per PPO update of SmolLM2-135M, 75-86k and 1.3 s with it
+    (bench/step_bench.py, README "Page faults"). PyTorch's CPU tuning guide says the same of glibc's allocator and
+    suggests jemalloc or tcmalloc (LD_PRELOAD'ed, they serve torch's blocks and these settings go unused). The
+    process keeps its peak memory until it ends. The CPU's heap only: the CUDA allocator caches on its own.
+    -> whether glibc took the settings (False on another C library)."""
     import ctypes
 
     try:
