@@ -272,15 +272,30 @@ def test_chunked_token_stats_equal_the_full_logits_in_value_and_gradient(chunk):
     torch.testing.assert_close(full_lp, ht.logprobs_from_logits(head(hidden), labels, 0.7))
 
 
+def well_conditioned(optimizer) -> None:
+    """AdamW with eps 1: its step is then about LR x the gradient for this tiny model's small gradients, so the same
+    gradient up to float rounding gives the same weights up to rounding. With eps 1e-8 AdamW moves a weight by about
+    LR x sign(gradient) whatever its size: where a gradient cancels exactly on one path (two equal responses with
+    scores 0 and 1) the other path's rounding residue (1e-10) became a whole LR step, and weights differed by 1e-5 on
+    one CPU (an AMD EPYC) and not on another."""
+    for group in optimizer.param_groups:
+        group["eps"] = 1.0
+
+
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
 def test_an_update_with_chunked_logits_equals_one_with_the_whole_logits(advantage, tiny_model, tiny_data):
     """The same PPO update (step 4's fused first forward included) with LOGITS_CHUNK 3 and 0: every logged number and
     every weight within 1e-6."""
     def update(chunk):
         G = 2 if advantage == "grpo" else 1
+        # grpo with the KL in the loss, as GRPO has it: in the reward, a group whose scores tie (Spread's) is left with
+        # the per-token KL alone, which the group's std normalization blows up; policy == reference gives KL exactly 0
+        # on the whole path and float rounding (2e-7) on the chunked one, which became advantages of 1e-4 on one CPU
+        kl_in = {"KL_IN": "loss"} if advantage == "grpo" else {}
         trainer, examples = trainer_for({"LOGITS_CHUNK": chunk, "ADVANTAGE": advantage, "NUM_GENERATIONS": G, "PPO_BATCH": 4 // G,
-                                         "PPO_MINI": 4 // G, "PPO_EPOCHS": 2, "MAX_NEW_TOKENS": 6, "LR_PPO": 1e-3},
+                                         "PPO_MINI": 4 // G, "PPO_EPOCHS": 2, "MAX_NEW_TOKENS": 6, "LR_PPO": 1e-3, **kl_in},
                                         tiny_model, tiny_data, Spread())
+        well_conditioned(trainer.optim.ppo)
         torch.manual_seed(1)
         stats = trainer.ppo_update(examples[:4 // G], draw=None)
         return stats, {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}, trainer
@@ -315,6 +330,7 @@ def test_an_sft_step_with_chunked_logits_equals_one_with_the_whole_logits(sft_lo
     def step(chunk):
         trainer, examples = trainer_for({"MODE": "sft", "LOGITS_CHUNK": chunk, "SFT_LOSS": sft_loss, "SFT_BATCH": 4,
                                          "LR_SFT": 1e-3}, tiny_model, tiny_data, None)
+        well_conditioned(trainer.optim.sft)
         stats = trainer.sft_step(examples[:4])
         return stats, {k: v.detach().clone() for k, v in trainer.policy.lm.state_dict().items()}
 
