@@ -275,9 +275,8 @@ def test_chunked_token_stats_equal_the_full_logits_in_value_and_gradient(chunk):
 def well_conditioned(optimizer) -> None:
     """AdamW with eps 1: its step is then about LR x the gradient for this tiny model's small gradients, so the same
     gradient up to float rounding gives the same weights up to rounding. With eps 1e-8 AdamW moves a weight by about
-    LR x sign(gradient) whatever its size: where a gradient cancels exactly on one path (two equal responses with
-    scores 0 and 1) the other path's rounding residue (1e-10) became a whole LR step, and weights differed by 1e-5 on
-    one CPU (an AMD EPYC) and not on another."""
+    LR x sign(gradient) whatever its size: where a gradient is zero or near it, the two paths' rounding became a
+    large part of an LR step, and weights differed by 1e-5 on one CPU (an AMD EPYC) and not on another."""
     for group in optimizer.param_groups:
         group["eps"] = 1.0
 
