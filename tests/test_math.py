@@ -192,3 +192,29 @@ def test_trim_padding_drops_only_all_padding_columns():
     assert out.input_ids.tolist() == [[5, 6, 7, 0], [0, 8, 9, 9]]  # first column and last two were padding everywhere
     assert out.attention_mask.tolist() == [[1, 1, 1, 0], [0, 1, 1, 1]]
     assert out.r_mask.tolist() == [[1.0, 0.0], [1.0, 1.0]] and out.advantages.tolist() == [[0.0, 1.0], [4.0, 5.0]]
+
+
+def test_nucleus_filter_keeps_the_tokens_transformers_top_p_keeps():
+    """NucleusFilter (hf generation's TOP_P) against transformers' TopPLogitsWarper, by hand and on random rows: peaked
+    ones (the top 64 hold top_p), flat ones (k doubles up to the whole vocabulary), rows with -inf bans (no-repeat
+    n-grams), a single token holding it all."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    kept = ht.NucleusFilter(0.75)(None, probs.log()).isfinite()
+    assert kept.tolist() == [[False, True, False, True]]  # 0.5, then 0.3 (0.5 before it < 0.75); 0.15 has 0.8 before it
+    g = torch.Generator().manual_seed(0)
+    for vocab, scale in ((49152, 4.0), (49152, 1.0), (300, 0.1), (1000, 30.0)):
+        scores = torch.randn(16, vocab, generator=g) * scale
+        scores[::3, ::7] = -float("inf")
+        for top_p in (0.1, 0.5, 0.9, 0.99):
+            ours = ht.NucleusFilter(top_p)(None, scores)
+            theirs = TopPLogitsWarper(top_p)(None, scores)
+            assert torch.equal(ours[ours.isfinite()], scores[ours.isfinite()])
+            # the same tokens, but for one at the threshold within float32 rounding (the warper sums a long tail in
+            # float32): its mass up from the least probable, in float64, is 1 - top_p within 1e-5
+            rows, cols = (ours.isfinite() != theirs.isfinite()).nonzero(as_tuple=True)
+            assert len(rows.unique()) == len(rows) <= 1, (vocab, scale, top_p, rows.tolist())
+            for r, c in zip(rows.tolist(), cols.tolist()):
+                p = scores[r].softmax(-1).double()
+                assert abs(p[p <= p[c]].sum().item() - (1 - top_p)) < 1e-5
