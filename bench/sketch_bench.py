@@ -9,7 +9,7 @@ in PATCHES without which it does not run) and run, with this
 checkout's rewards.py beside it (the sketch imports make_reward), by an interpreter that has TRL 0.11.4:
 
     python3 -m venv /tmp/trl011 && /tmp/trl011/bin/pip install torch==2.13.0 trl==0.11.4 transformers==4.46.3 \\
-        accelerate==1.0.1 'datasets<4' sacrebleu
+        accelerate==1.0.1 'datasets<4' sacrebleu rich   # rich: TRL 0.11.4 imports it and does not require it
     python bench/sketch_bench.py --sketch-python /tmp/trl011/bin/python --runs 2   # appends to bench/results/sketch/
 
 Each run: wall time of the whole process and its peak RSS; the pairs alternate (sketch, ours, sketch, ours).
