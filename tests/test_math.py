@@ -197,7 +197,7 @@ def test_trim_padding_drops_only_all_padding_columns():
 def test_nucleus_filter_keeps_the_tokens_transformers_top_p_keeps():
     """NucleusFilter (hf generation's TOP_P) against transformers' TopPLogitsWarper, by hand and on random rows: peaked
     ones (the top 64 hold top_p), flat ones (k doubles up to the whole vocabulary), rows with -inf bans (no-repeat
-    n-grams), a single token holding it all."""
+    n-grams), nearly one-hot ones (scale 30: one token holds almost all the mass)."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
     probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
