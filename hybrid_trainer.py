@@ -2461,6 +2461,7 @@ def load_model(cfg: Config, device: torch.device, bf16: Optional[bool] = None, p
     adapter = paths.adapter
     disable_dropout_in_model(lm)  # PPO ratios must be 1 on the first minibatch: no dropout noise
     contiguous_head_input(lm)  # before the reference's deepcopy: it keeps the hook
+    use_cpu_attention(lm)  # the reference's deepcopy shares it
     if cfg.GRADIENT_CHECKPOINTING:  # non-reentrant: works with frozen inputs (LoRA) and FSDP
         if hasattr(lm, "activation_checkpointing_enable"):  # the name since transformers 5.x
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -2501,6 +2502,55 @@ def contiguous_head_input(lm: nn.Module) -> None:
         head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(),) + tuple(args[1:]) if args else None)
 
 
+CPU_ATTENTION = "sdpa_cpu"  # the attention function every model of a run uses (registered by use_cpu_attention)
+
+
+def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                  is_causal: Optional[bool] = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' "sdpa" attention, with two changes on the CPU only (elsewhere, and for what it does not cover: the
+    stock function, unchanged):
+    - grouped-query attention with a padding mask goes to SDPA as it is (enable_gqa) instead of copying each key and
+      value head per query head first (transformers' use_gqa_in_sdpa refuses the mask because CUDA's kernels do):
+      the same numbers (torch.equal, tests), fp32 decode 3.4x and forward + backward 1.2-1.5x faster at SmolLM2's
+      shapes (bench/attention_bench.py);
+    - bf16 queries, keys and values are computed in fp32 (cast up, the output cast back): PyTorch's CPU flash
+      attention is 2-3x slower in bf16 than in fp32 at RL's lengths, forward + backward (7.5 vs 2.3 ms per layer at
+      8 x 59 tokens, 16.0 vs 7.1 at 120), and fp32 is the more exact of the two. A bf16 PPO update of SmolLM2 5.6 ->
+      4.6 s (bench/step_bench.py)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    dtypes = {query.dtype, key.dtype, value.dtype, autocast or torch.float32}  # under autocast q and k are fp32 after RoPE
+    if (query.device.type != "cpu" or not dtypes <= {torch.float32, torch.bfloat16} or kwargs.get("position_bias") is not None
+            or kwargs.get("cache") is not None or kwargs.get("output_attentions")):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float32  # the output's: what "sdpa" would return
+    query, key, value = query.float(), key.float(), value.float()
+    with torch.autocast("cpu", enabled=False):  # autocast would cast them back to bf16
+        if attention_mask is None:  # no padding: the stock function (its causal flag)
+            out, _ = sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                            is_causal=is_causal, **kwargs)
+            return out.to(dtype), None
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling, enable_gqa=getattr(module, "num_key_value_groups", 1) > 1)
+    return out.to(dtype).transpose(1, 2).contiguous(), None
+
+
+def use_cpu_attention(lm: nn.Module) -> None:
+    """A model that runs transformers' "sdpa" switches to cpu_attention (registered once, under CPU_ATTENTION, with
+    "sdpa"'s masks); a model on another implementation (eager, flash, remote code) keeps it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if getattr(lm.config, "_attn_implementation", None) != "sdpa" or not hasattr(lm, "set_attn_implementation"):
+        return
+    AttentionInterface.register(CPU_ATTENTION, cpu_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(CPU_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    lm.set_attn_implementation(CPU_ATTENTION)
+
+
 def needs_reference(cfg: Config) -> bool:
     """The frozen reference is needed for the KL (INIT_KL_COEF > 0), by a reward that scores with it (perplexity), or
     as the teacher (TEACHER_MODEL "self": the frozen initial policy)."""
@@ -2536,6 +2586,7 @@ def load_teacher(cfg: Config, device: torch.device, bf16: bool, reference) -> An
         raise UserError(f"TEACHER_MODEL {cfg.TEACHER_MODEL!r} could not be loaded from {paths.weights}: {str(e).splitlines()[0]}") from None
     disable_dropout_in_model(teacher)
     contiguous_head_input(teacher)
+    use_cpu_attention(teacher)
     teacher = teacher.eval().requires_grad_(False)
     if bf16:
         teacher.to(torch.bfloat16)

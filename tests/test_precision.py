@@ -122,3 +122,49 @@ def test_the_policy_is_trained_in_memory_not_in_the_files_pages(tiny_model, tiny
     ptrs = [p.data_ptr() for p in policy.parameters()]
     assert not [p for p in ptrs for lo, hi in mapped if lo <= p < hi]
     assert ht.keep_freed_memory()  # glibc (Linux CI): the settings took
+
+
+def tiny_gqa_llama(path):
+    """A 2-layer Llama with grouped-query attention (4 query heads on 2 key-value heads), as SmolLM2 and Qwen have."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_cpu_attention_gives_sdpas_numbers_in_fp32_and_fp32_attention_in_bf16(tmp_path):
+    """load_model's attention (ht.cpu_attention): in fp32 the logits, gradients and greedy tokens of transformers'
+    "sdpa" exactly, with padding (grouped heads go to SDPA whole) and without; in bf16 autocast, attention computed in
+    fp32: nearer the fp32 logits than "sdpa"'s bf16 attention. A saved model names no attention of ours."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_gqa_llama(tmp_path / "llama")
+    stock = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ht.use_cpu_attention(ours)
+    assert (stock.config._attn_implementation, ours.config._attn_implementation) == ("sdpa", ht.CPU_ATTENTION)
+    ids = torch.randint(0, 64, (3, 12))
+    calls = []
+    ours.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+    for padded in (True, False):
+        mask = torch.ones_like(ids)
+        if padded:
+            mask[:2, :5] = 0  # left padding, as generation and the update batch it
+        stock.zero_grad(), ours.zero_grad()
+        a, b = stock(input_ids=ids, attention_mask=mask).logits, ours(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(a, b)
+        a[:, -4:].logsumexp(-1).sum().backward(), b[:, -4:].logsumexp(-1).sum().backward()
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(stock.parameters(), ours.parameters()))
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            a16, b16 = (m(input_ids=ids, attention_mask=mask).logits.float() for m in (stock, ours))
+        assert not torch.equal(a16, b16)
+        assert (b16 - a).abs().mean() < (a16 - a).abs().mean()
+    assert calls
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    mask[:1, :3] = 0
+    assert torch.equal(stock.generate(ids, **kw), ours.generate(ids, **kw))
+    ours.save_pretrained(tmp_path / "saved")
+    assert ht.CPU_ATTENTION not in (tmp_path / "saved" / "config.json").read_text()
