@@ -5671,8 +5671,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     return code
 
 
+def exit_now(code: int) -> None:
+    """The command line's exit, once main() has returned (trackers finished, engines closed, files written): the
+    atexit handlers, the streams flushed, then os._exit, skipping the interpreter's teardown (its collections and
+    the freeing of every module and tensor one by one: 1.4 s of the sketch's PPO job, of nothing a user keeps). With
+    a thread still running that is not a daemon (a library's, not ours), the ordinary exit, which waits for it.
+    Not gc.freeze() instead: what stays frozen is never freed, and triton's bindings (imported by torch and
+    transformers) then print "nanobind: leaked N instances" on every exit."""
+    import atexit
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    # not gc.freeze() before exit, though the interpreter's collections at exit take 1.4 s of the sketch's job: what
-    # stays frozen is never freed, and triton's bindings (imported by torch and transformers) then print "nanobind:
-    # leaked N instances" on every exit
-    sys.exit(main())
+    exit_now(main())

@@ -296,3 +296,17 @@ def test_gate_threshold_without_gate_warns(env, capsys):
     tmp_path, write = env
     assert ht.main([str(write({"MODE": "hybrid", "GATE_THRESHOLD": 0.3})), "--check"]) == 0
     assert "warning: GATE_THRESHOLD is ignored" in capsys.readouterr().err
+
+
+def test_exit_now_runs_the_atexit_handlers_flushes_and_keeps_the_exit_code():
+    """The command line's exit skips the interpreter's teardown, not what a library registered to run at exit (a
+    tracker's last flush), nor unflushed output; a live non-daemon thread gets the ordinary exit, which waits for it."""
+    code = ("import atexit, sys, threading, time; sys.path.insert(0, %r); import hybrid_trainer as ht; "
+            "atexit.register(lambda: print('handler ran', flush=True)); sys.stdout.write('unflushed '); "
+            "%s ht.exit_now(3)")
+    quick = subprocess.run([sys.executable, "-c", code % (str(ROOT), "")], capture_output=True, text=True, timeout=120)
+    assert quick.returncode == 3 and quick.stdout.startswith("unflushed ") and "handler ran" in quick.stdout
+    waits = subprocess.run([sys.executable, "-c", code % (str(ROOT), "threading.Thread(target=lambda: (time.sleep(1), "
+                                                                     "print('thread done', flush=True))).start();")],
+                           capture_output=True, text=True, timeout=120)
+    assert waits.returncode == 3 and "thread done" in waits.stdout and "handler ran" in waits.stdout
