@@ -5675,8 +5675,8 @@ def exit_now(code: int) -> None:
     """The command line's exit, once main() has returned (trackers finished, engines closed, files written): the
     atexit handlers, the streams flushed, then os._exit, skipping the interpreter's teardown (its collections and
     the freeing of every module and tensor one by one, of nothing a user keeps: after the sketch's PPO job's last
-    line 1.28 -> 0.14 s). With
-    a thread still running that is not a daemon (a library's, not ours), the ordinary exit, which waits for it.
+    line 1.28 -> 0.14 s). With a thread still running that is not a daemon (a library's, not ours), the ordinary
+    exit, which waits for it.
     Not gc.freeze() instead: what stays frozen is never freed, and triton's bindings (imported by torch and
     transformers) then print "nanobind: leaked N instances" on every exit."""
     import atexit
