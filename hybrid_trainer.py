@@ -2461,7 +2461,7 @@ def load_model(cfg: Config, device: torch.device, bf16: Optional[bool] = None, p
     adapter = paths.adapter
     disable_dropout_in_model(lm)  # PPO ratios must be 1 on the first minibatch: no dropout noise
     contiguous_head_input(lm)  # before the reference's deepcopy: it keeps the hook
-    use_cpu_attention(lm)  # the reference's deepcopy shares it
+    use_cpu_attention(lm)  # before the reference's deepcopy: the copied config keeps the choice
     if cfg.GRADIENT_CHECKPOINTING:  # non-reentrant: works with frozen inputs (LoRA) and FSDP
         if hasattr(lm, "activation_checkpointing_enable"):  # the name since transformers 5.x
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
