@@ -1,9 +1,11 @@
 """Tier 1: the pure PPO math, against numbers worked out by hand in the comments."""
 
+import functools
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import hybrid_trainer as ht
 
@@ -192,6 +194,35 @@ def test_trim_padding_drops_only_all_padding_columns():
     assert out.input_ids.tolist() == [[5, 6, 7, 0], [0, 8, 9, 9]]  # first column and last two were padding everywhere
     assert out.attention_mask.tolist() == [[1, 1, 1, 0], [0, 1, 1, 1]]
     assert out.r_mask.tolist() == [[1.0, 0.0], [1.0, 1.0]] and out.advantages.tolist() == [[0.0, 1.0], [4.0, 5.0]]
+
+
+def test_weight_first_linear_is_f_linear_and_is_undone_after_its_block():
+    """weight_first_linear (hf decoding's linear layers on a CPU where the probe prefers it): F.linear's values within
+    float32 rounding for a few rows (2-D, 3-D, none, with and without bias); F.linear itself with grad or more than
+    WEIGHT_FIRST_ROWS rows. weight_first_linears swaps only fp32 nn.Linear forwards, and puts them back on an error."""
+    torch.manual_seed(0)
+    for bias in (True, False):
+        layer = torch.nn.Linear(16, 40, bias=bias)
+        for shape in ((3, 16), (2, 1, 16), (0, 16), (ht.WEIGHT_FIRST_ROWS, 16)):
+            x = torch.randn(shape)
+            with torch.no_grad():
+                ours = ht.weight_first_linear(layer, x)
+            assert ours.shape == shape[:-1] + (40,) and ours.is_contiguous()
+            torch.testing.assert_close(ours, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        many = torch.randn(ht.WEIGHT_FIRST_ROWS + 1, 16)
+        with torch.no_grad():
+            assert torch.equal(ht.weight_first_linear(layer, many), F.linear(many, layer.weight, layer.bias))
+        x = torch.randn(3, 16)
+        out = ht.weight_first_linear(layer, x)  # with grad: F.linear, its graph intact
+        assert torch.equal(out, F.linear(x, layer.weight, layer.bias)) and out.requires_grad
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2).to(torch.bfloat16))
+    with ht.weight_first_linears(model):
+        assert isinstance(vars(model[0]).get("forward"), functools.partial) and "forward" not in vars(model[2])
+    with pytest.raises(RuntimeError), ht.weight_first_linears(model):
+        raise RuntimeError("inside")
+    with ht.weight_first_linears(model, on=False):
+        assert "forward" not in vars(model[0])
+    assert all("forward" not in vars(m) for m in model)
 
 
 def test_nucleus_filter_keeps_the_tokens_transformers_top_p_keeps():

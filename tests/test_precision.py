@@ -168,3 +168,50 @@ def test_cpu_attention_gives_sdpas_numbers_in_fp32_and_fp32_attention_in_bf16(tm
     assert torch.equal(stock.generate(ids, **kw), ours.generate(ids, **kw))
     ours.save_pretrained(tmp_path / "saved")
     assert ht.CPU_ATTENTION not in (tmp_path / "saved" / "config.json").read_text()
+
+
+def test_weight_first_decoding_is_a_cached_probes_choice_and_samples_the_same_tokens(tiny_model, tmp_path, monkeypatch):
+    """resolve_weight_first: only hf generation on a CPU in fp32, and only where the probe (cached like the bf16 one)
+    finds weight-first faster; the plan's generation line says so. With Plan.weight_first the engine's decoding runs
+    every linear layer of a Llama through weight_first_linear (the update does not) and samples the same tokens, greedy
+    and at temperature 1, as without it."""
+    from transformers import AutoTokenizer
+
+    llama = tiny_gqa_llama(tmp_path / "llama")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(llama)  # its ids above 63 are never used here
+    cfg = ht.Config.from_dict({"MODEL": str(llama), "TRAIN_FILE": "t", "OUTPUT_DIR": "-",
+                               "CACHE_DIR": str(tmp_path / "cache"), "GENERATION_BACKEND": "hf", "SEED": 0,
+                               "MAX_NEW_TOKENS": 6, "TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0,
+                               "NO_REPEAT_NGRAM_SIZE": 0})
+    paths, cpu = ht.resolve_model(cfg), torch.device("cpu")
+    speedup, cached = ht.weight_first_speedup(64, tmp_path / "probe.json")  # a real probe at width 64
+    assert speedup > 0 and not cached and ht.weight_first_speedup(64, tmp_path / "probe.json") == (speedup, True)
+    for measured, choice in ((1.9, True), (0.8, False)):
+        monkeypatch.setattr(ht, "weight_first_speedup", lambda hidden, cache, m=measured: (m, True))
+        on, why = ht.resolve_weight_first(cfg, cpu, False, paths)
+        assert on is choice and f"weight-first {measured:.2f}x F.linear" in why
+        plan = ht.make_plan(cfg, 8, 1, 0, False, False, "p", "m", weight_first=(on, why))
+        assert plan.weight_first is choice and plan.generation.endswith(why)
+    for other in ({"bf16": True}, {"device": torch.device("meta")}, {"cfg": dataclasses.replace(cfg, GENERATION_BACKEND="vllm")}):
+        args = {"cfg": cfg, "device": cpu, "bf16": False, **other}
+        assert ht.resolve_weight_first(args["cfg"], args["device"], args["bf16"], paths) == (False, "")
+    policy, ref, tok = ht.load_model(cfg, cpu, False, paths)
+    calls = []
+    real = ht.weight_first_linear
+    monkeypatch.setattr(ht, "weight_first_linear", lambda layer, x: calls.append(layer) or real(layer, x))
+    prompts = [[1, 5, 9, 3], [2, 7], [4, 4, 4]]
+    outputs = []
+    for on in (False, True):
+        plan = ht.make_plan(cfg, 8, 1, 0, False, False, "p", "m", weight_first=(on, "w"))
+        trainer = ht.HybridTrainer(cfg, policy, ref, tok, plan=plan)
+        torch.manual_seed(3)
+        outputs.append((trainer.generate(prompts, greedy=True), trainer.generate(prompts, n=2)))
+        if on:
+            assert {id(m) for m in calls} == {id(m) for m in policy.lm.modules() if type(m) is torch.nn.Linear}
+        else:
+            assert not calls
+    (greedy_a, sampled_a), (greedy_b, sampled_b) = outputs
+    assert greedy_a[0] == greedy_b[0] and sampled_a[0] == sampled_b[0]
+    calls.clear()
+    trainer.ppo_step(prompts, [r[:3] or [5] for r in greedy_b[0]], [1.0, 0.0, 0.5])
+    assert not calls  # the update's forwards are F.linear's
