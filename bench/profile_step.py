@@ -17,6 +17,9 @@ Categories, from the operators' self time (each op counted once, where it ran; a
 - other ops: the remaining operators (elementwise, norms, indexing, embedding, reductions);
 - Python and framework: the step's wall time minus all operators' self time: the interpreter, the autograd engine
   between nodes, the dispatcher, the profiler's own cost (it inflates this row: read it as an upper bound).
+
+The profiler's costs also land in large operators (a 113 MB fill or cast timed at 170-200 ms that takes 7-8 ms
+without it); bench/perf_breakdown.py samples the same update with Linux perf instead, leaving it uninstrumented.
 """
 
 import argparse
