@@ -46,6 +46,39 @@ def test_each_mode_end_to_end_through_cli(mode, tiny_model, tiny_data, tmp_path)
     assert json.loads((out / "ppo_full" / "trainer_config.json").read_text())["MODE"] == mode
 
 
+def test_the_final_save_runs_without_the_optimizers_state(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """finish() releases AdamW's moments and the gradients (Optimizers.release) and gives the freed heap back
+    (return_freed_memory) before the final save, which needs neither; the trained weights are what is saved, and a
+    released optimizer still steps (fresh moments)."""
+    seen, save_final = {}, ht.save_final
+
+    def spy(out_dir, trainer, cfg, card=""):
+        seen["states"] = [len(o.state) for o in (trainer.optim.sft, trainer.optim.ppo)]
+        seen["grads"] = [p.grad for p in trainer.optim.params if p.grad is not None]
+        seen["weights"] = {k: v.detach().clone() for k, v in trainer.policy.lm.state_dict().items()}
+        return save_final(out_dir, trainer, cfg, card)
+
+    monkeypatch.setattr(ht, "save_final", spy)
+    cfg = {"MODE": "hybrid", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(tmp_path / "out"),
+           "SEED": 0, "SFT_BATCH": 4, "PPO_BATCH": 4, "PPO_MINI": 2, "MAX_NEW_TOKENS": 4,
+           "REWARD": {"type": "contains", "pattern": "yes"}}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    assert ht.main([str(tmp_path / "c.json")]) == 0
+    assert seen["states"] == [0, 0] and seen["grads"] == []
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "out" / "inference_lm" / "model.safetensors"))
+    assert all(torch.equal(saved[k], seen["weights"][k]) for k in saved)
+    assert ht.return_freed_memory()  # glibc (Linux CI): malloc_trim ran
+
+    trainer, examples = trainer_for({"PPO_BATCH": 4, "PPO_MINI": 4, "MAX_NEW_TOKENS": 4}, tiny_model, tiny_data, YesFraction())
+    trainer.ppo_update(examples[:4])
+    trainer.optim.release()
+    assert not trainer.optim.ppo.state and all(p.grad is None for p in trainer.optim.params)
+    trainer.ppo_update(examples[:4])  # steps again, from fresh moments
+    assert len(trainer.optim.ppo.state) == len(trainer.optim.params)
+
+
 def test_sft_loss_falls_on_memorisation_set(tiny_model, tmp_path):
     data = tmp_path / "mem.json"
     data.write_text(json.dumps([{"instruction": f"capital {c}", "output": f"the capital is {c}"} for c in ("paris", "rome")]))
