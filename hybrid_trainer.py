@@ -5707,7 +5707,7 @@ def finish(r: Run, state: RunState) -> int:
                 table = write_report(out_dir, r.metrics.read(), cfg, len(r.examples))
             say(f"\n{table}\nreport: {out_dir / 'report.md'}")
         watch.lap("report")
-    r.trainer.optim.release()  # the final save needs neither AdamW's state nor gradients (checkpoints hold them)
+    r.trainer.optim.release()  # the final save needs neither AdamW's state nor gradients (a checkpoint holds them)
     if r.trainer.device.type == "cpu":
         return_freed_memory()  # what the steps kept (keep_freed_memory) back to the system, for the save's page cache
     save_final(out_dir, r.trainer, cfg, model_card(cfg, len(r.examples), table))
