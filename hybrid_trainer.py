@@ -5528,6 +5528,35 @@ def start_up_without_gc():
             gc.enable()
 
 
+def defer_scikit_learn() -> None:
+    """transformers' assisted-generation module (imported with its model code) imports scikit-learn's roc_curve
+    whenever scikit-learn is installed (sentence-transformers requires it): 1.0 s of the start-up on a 2-core Xeon,
+    1.6-1.8 s on a 2-core AMD EPYC, for a function that only assisted generation with a dynamic confidence threshold
+    calls, which this trainer never runs. The module is imported here with scikit-learn reported absent for that one
+    import, then given a roc_curve that imports scikit-learn's on its first call: the same behaviour, paid for when
+    used. Nothing else changes: transformers' is_sklearn_available is restored at once, and a run whose reward imports
+    scikit-learn (the semantic-similarity rewards) imports it itself."""
+    import transformers.utils
+
+    name = "transformers.generation.candidate_generator"
+    if name in sys.modules or importlib.util.find_spec("sklearn") is None:
+        return
+    available = transformers.utils.is_sklearn_available
+    transformers.utils.is_sklearn_available = lambda: False
+    try:
+        module = importlib.import_module(name)
+    finally:
+        transformers.utils.is_sklearn_available = available
+    module.is_sklearn_available = available  # the name it imported during the window
+    if not hasattr(module, "roc_curve"):
+        def roc_curve(*args, **kwargs):
+            from sklearn.metrics import roc_curve as roc_curve_
+
+            return roc_curve_(*args, **kwargs)
+
+        module.roc_curve = roc_curve
+
+
 def run(cfg: Config, check: bool = False, reward=None) -> int:
     """Validate everything cheap first (no weights), then plan, load, train, save. `reward` overrides REWARD.
     Under torchrun / accelerate launch every process runs this; the main one writes and prints."""
@@ -5542,6 +5571,7 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
 def start_run(cfg: Config, check: bool, reward) -> Optional[tuple[Run, RunState]]:
     """run()'s start-up: checks, plan, model, trainer -> (the Run, its RunState); None once --check has reported."""
     procs = use_processes(Processes.from_env())  # the launch, read once
+    defer_scikit_learn()  # before transformers' model code is first imported
     examples, data_format = load_data(cfg, "TRAIN_FILE")
     check_prompt_rows(cfg, examples)
     sft = load_data(cfg, "SFT_FILE") if sft_file_feeds_sft(cfg) else None  # None: TRAIN_FILE feeds both sides

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_gguf
+from conftest import ENV, write_tiny_gguf
 
 import hybrid_trainer as ht
 
@@ -310,3 +310,24 @@ def test_exit_now_runs_the_atexit_handlers_flushes_and_keeps_the_exit_code():
                                                                      "print('thread done', flush=True))).start();")],
                            capture_output=True, text=True, timeout=120)
     assert waits.returncode == 3 and "thread done" in waits.stdout and "handler ran" in waits.stdout
+
+
+def test_a_run_does_not_import_scikit_learn_and_assisted_generation_keeps_roc_curve(tiny_model, tiny_data, tmp_path):
+    """defer_scikit_learn (run()'s start-up): transformers' assisted-generation module is imported without importing
+    scikit-learn (1-1.8 s of every start-up), and its roc_curve, which only assisted generation calls, still gives
+    scikit-learn's numbers on its first call; transformers' is_sklearn_available is the real one again."""
+    pytest.importorskip("sklearn")
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "SEED": 0,
+                                  "OUTPUT_DIR": str(tmp_path / "out"), "PPO_BATCH": 4, "NUM_SAMPLES": 4, "MAX_NEW_TOKENS": 4,
+                                  "REWARD": {"type": "contains", "pattern": "yes"}}))
+    code = ("import sys; sys.path.insert(0, %r); import hybrid_trainer as ht; assert ht.main([%r]) == 0; "
+            "print('sklearn imported:', 'sklearn' in sys.modules); "
+            "import transformers.utils, transformers.generation.candidate_generator as cg; "
+            "print('available:', transformers.utils.is_sklearn_available(), cg.is_sklearn_available()); "
+            "got = cg.roc_curve([0, 1, 1, 0], [0.1, 0.9, 0.8, 0.3]); from sklearn.metrics import roc_curve; "
+            "want = roc_curve([0, 1, 1, 0], [0.1, 0.9, 0.8, 0.3]); "
+            "print('same:', all((a == b).all() for a, b in zip(got, want)))") % (str(ROOT), str(config))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "sklearn imported: False" in proc.stdout and "available: True True" in proc.stdout and "same: True" in proc.stdout, proc.stdout
