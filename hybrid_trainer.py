@@ -2394,10 +2394,25 @@ def resolve_weight_first(cfg: Config, device: torch.device, bf16: bool, paths: M
     probe at the model's width finds it faster on this machine (cached under CACHE_DIR, as the bf16 probe is)."""
     if resolve_backend(cfg)[0] != "hf" or device.type != "cpu" or bf16 or cfg.FP16 or cfg.FSDP:
         return False, ""
-    speedup, cached = weight_first_speedup(model_hidden_size(paths), cache_root(cfg) / "decode_probe.json")
+    speedup, cached = weight_first_speedup(decoding_shapes(paths), cache_root(cfg) / "decode_probe.json")
     on = speedup > 1.1  # a clear win only
     return on, (f"decoding's linear layers {'weight-first' if on else 'as F.linear'} (weight-first {speedup:.2f}x "
                 f"F.linear at 8 rows here, {'cached probe' if cached else 'probe'})")
+
+
+def decoding_shapes(paths: ModelPaths) -> list[tuple[int, int]]:
+    """The (out, in) shapes of the weights one decoding step multiplies, from the model's config.json: one decoder
+    layer's attention and MLP projections, then the LM head (a Llama-like layout; keys a config lacks default to a
+    hidden size of 1024, an MLP of 4x, one key-value head per query head and a 32,000-token vocabulary)."""
+    config = paths.config()
+    config = {**config.get("text_config", {}), **config}
+    n = int(config.get("hidden_size") or config.get("n_embd") or 1024)
+    heads = int(config.get("num_attention_heads") or config.get("n_head") or max(1, n // 64))
+    head_dim = int(config.get("head_dim") or n // heads)
+    kv = int(config.get("num_key_value_heads") or heads) * head_dim
+    mlp = int(config.get("intermediate_size") or config.get("n_inner") or 4 * n)
+    return [(heads * head_dim, n), (kv, n), (kv, n), (n, heads * head_dim), (mlp, n), (mlp, n), (n, mlp),
+            (int(config.get("vocab_size") or 32000), n)]
 
 
 def model_hidden_size(paths: ModelPaths) -> int:
@@ -2428,20 +2443,44 @@ def bf16_speedup(hidden: int, cache: Path) -> tuple[float, bool]:
     return cached_probe(cache, f"n={n}", measure)
 
 
-def weight_first_speedup(hidden: int, cache: Path) -> tuple[float, bool]:
-    """F.linear time / weight-first time (weight_first_linear) of a decoding step's shape: 8 rows x n against an
-    (4n x n) weight, n = the hidden size up to 1024, best of 3 -> (speedup, came from the cache). Cached like
-    bf16_speedup: the BLAS's choice of kernel for a few rows depends on the CPU (on a 2-core AMD EPYC with MKL,
-    weight-first was 1.5-3x faster for SmolLM2's shapes)."""
-    n = min(hidden, 1024)
-
+def weight_first_speedup(shapes: list[tuple[int, int]], cache: Path) -> tuple[float, bool]:
+    """F.linear time / weight-first time (weight_first_linear) of a decoding step's products: 8 rows against
+    weights of `shapes` (decoding_shapes: one decoder layer's, then the LM head), the layer's repeated in distinct
+    copies up to 256 MB, so that, as in decoding, every weight comes from memory rather than from the cache (each
+    weight's rows capped at 64 MB); alternating_ratio -> (speedup, came from the cache). Cached like bf16_speedup. Which way
+    round is faster depends on the BLAS's kernel for a few rows and on where the weights are: on a 2-core AMD EPYC
+    with a 32 MB L3, weight-first was 0.65x F.linear for one weight read again and again (in the cache: the probe
+    before this one, which turned it off there) and 1.2-1.4x for SmolLM2's weights read once each (2.1x its LM head);
+    one generate of the sketch's job 1.08-1.16x faster (bench/weight_first_bench.py)."""
     def measure() -> float:
-        layer = nn.Linear(n, 4 * n, bias=False)
-        x = torch.randn(8, n)
-        with torch.no_grad():
-            return best_time(lambda: layer(x)) / best_time(lambda: weight_first_linear(layer, x))
+        def linear(out: int, inp: int) -> nn.Linear:
+            layer = nn.utils.skip_init(nn.Linear, inp, max(1, min(out, (64 << 20) // (4 * inp))), bias=False)
+            layer.weight.data.normal_()
+            return layer
 
-    return cached_probe(cache, f"weight-first n={n}", measure)
+        copies = max(1, min(64, (256 << 20) // max(1, sum(4 * o * i for o, i in shapes[:-1]))))
+        layers = [linear(o, i) for _ in range(copies) for o, i in shapes[:-1]] + [linear(*shapes[-1])]
+        xs = [torch.randn(8, layer.in_features) for layer in layers]
+        with torch.no_grad():
+            return alternating_ratio(lambda: [layer(x) for layer, x in zip(layers, xs)],
+                                     lambda: [weight_first_linear(layer, x) for layer, x in zip(layers, xs)])
+
+    what = "weight-first " + " ".join(f"{o}x{i}" for o, i in shapes)
+    return cached_probe(cache, what, measure)
+
+
+def alternating_ratio(a: Callable[[], object], b: Callable[[], object], rounds: int = 15) -> float:
+    """a's best time / b's best time over `rounds` calls of each, taken in turn (a b, then b a, ...) after one
+    warm-up call of each. On a shared 2-core VM, eight weight_first_speedup probes this way gave 1.19-1.61 (always
+    above its 1.1), the median of per-round ratios 0.94-1.34, and best of 3 of each side apart 0.97-1.60."""
+    a(), b()
+    best = {a: math.inf, b: math.inf}
+    for r in range(rounds):
+        for fn in (a, b) if r % 2 == 0 else (b, a):
+            t0 = time.perf_counter()
+            fn()
+            best[fn] = min(best[fn], time.perf_counter() - t0)
+    return best[a] / best[b]
 
 
 def best_time(fn: Callable[[], object], runs: int = 3) -> float:

@@ -184,10 +184,12 @@ def test_weight_first_decoding_is_a_cached_probes_choice_and_samples_the_same_to
                                "MAX_NEW_TOKENS": 6, "TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0,
                                "NO_REPEAT_NGRAM_SIZE": 0})
     paths, cpu = ht.resolve_model(cfg), torch.device("cpu")
-    speedup, cached = ht.weight_first_speedup(64, tmp_path / "probe.json")  # a real probe at width 64
-    assert speedup > 0 and not cached and ht.weight_first_speedup(64, tmp_path / "probe.json") == (speedup, True)
+    shapes = ht.decoding_shapes(paths)  # q, k, v, o (4 heads of 16 on 2 key-value heads), gate, up, down, the head
+    assert shapes == [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128), (64, 64)]
+    speedup, cached = ht.weight_first_speedup(shapes, tmp_path / "probe.json")  # a real probe at these shapes
+    assert speedup > 0 and not cached and ht.weight_first_speedup(shapes, tmp_path / "probe.json") == (speedup, True)
     for measured, choice in ((1.9, True), (0.8, False)):
-        monkeypatch.setattr(ht, "weight_first_speedup", lambda hidden, cache, m=measured: (m, True))
+        monkeypatch.setattr(ht, "weight_first_speedup", lambda shapes, cache, m=measured: (m, True))
         on, why = ht.resolve_weight_first(cfg, cpu, False, paths)
         assert on is choice and f"weight-first {measured:.2f}x F.linear" in why
         plan = ht.make_plan(cfg, 8, 1, 0, False, False, "p", "m", weight_first=(on, why))
