@@ -2391,7 +2391,8 @@ def resolve_bf16(cfg: Config, device: torch.device, paths: Optional[ModelPaths] 
 def resolve_weight_first(cfg: Config, device: torch.device, bf16: bool, paths: ModelPaths) -> tuple[bool, str]:
     """Whether generate()'s decoding runs the fp32 linear layers weight-first (weight_first_linear), and why (the
     plan's generation line): only with the hf backend on a CPU in fp32 (no bf16, FP16 or FSDP), and only when a short
-    probe at the model's width finds it faster on this machine (cached under CACHE_DIR, as the bf16 probe is)."""
+    probe at the model's own shapes (weight_first_speedup) finds it faster on this machine (cached under CACHE_DIR, as
+    the bf16 probe is)."""
     if resolve_backend(cfg)[0] != "hf" or device.type != "cpu" or bf16 or cfg.FP16 or cfg.FSDP:
         return False, ""
     speedup, cached = weight_first_speedup(decoding_shapes(paths), cache_root(cfg) / "decode_probe.json")
@@ -2405,7 +2406,7 @@ def decoding_shapes(paths: ModelPaths) -> list[tuple[int, int]]:
     layer's attention and MLP projections, then the LM head (a Llama-like layout; keys a config lacks default to a
     hidden size of 1024, an MLP of 4x, one key-value head per query head and a 32,000-token vocabulary)."""
     config = paths.config()
-    config = {**config.get("text_config", {}), **config}
+    config = {**(config.get("text_config") or {}), **config}  # a multimodal model's text part
     n = int(config.get("hidden_size") or config.get("n_embd") or 1024)
     heads = int(config.get("num_attention_heads") or config.get("n_head") or max(1, n // 64))
     head_dim = int(config.get("head_dim") or n // heads)
@@ -5584,6 +5585,8 @@ def defer_scikit_learn() -> None:
     transformers.utils.is_sklearn_available = lambda: False
     try:
         module = importlib.import_module(name)
+    except ModuleNotFoundError:  # a transformers without that module: nothing to defer
+        return
     finally:
         transformers.utils.is_sklearn_available = available
     module.is_sklearn_available = available  # the name it imported during the window
