@@ -2405,9 +2405,8 @@ def decoding_shapes(paths: ModelPaths) -> list[tuple[int, int]]:
     """The (out, in) shapes of the weights one decoding step multiplies, from the model's config.json: one decoder
     layer's attention and MLP projections, then the LM head (a Llama-like layout; keys a config lacks default to a
     hidden size of 1024, an MLP of 4x, one key-value head per query head and a 32,000-token vocabulary)."""
-    config = paths.config()
-    config = {**(config.get("text_config") or {}), **config}  # a multimodal model's text part
-    n = int(config.get("hidden_size") or config.get("n_embd") or 1024)
+    config = text_model_config(paths)
+    n = hidden_size(config)
     heads = int(config.get("num_attention_heads") or config.get("n_head") or max(1, n // 64))
     head_dim = int(config.get("head_dim") or n // heads)
     kv = int(config.get("num_key_value_heads") or heads) * head_dim
@@ -2416,13 +2415,24 @@ def decoding_shapes(paths: ModelPaths) -> list[tuple[int, int]]:
             (int(config.get("vocab_size") or 32000), n)]
 
 
-def model_hidden_size(paths: ModelPaths) -> int:
-    """The model's hidden size from its config.json (a converted .gguf's, when cached), else 1024."""
+def text_model_config(paths: ModelPaths) -> dict:
+    """The model's config.json (a converted .gguf's, when cached; {} when not at hand), a multimodal model's
+    text_config merged under its top-level keys."""
     config = paths.config()
+    return {**(config.get("text_config") or {}), **config}
+
+
+def hidden_size(config: dict) -> int:
+    """A config's hidden size, else 1024."""
     try:
-        return int(config.get("hidden_size") or config.get("n_embd") or config.get("text_config", {}).get("hidden_size"))
+        return int(config.get("hidden_size") or config.get("n_embd") or 1024)
     except (ValueError, TypeError):
         return 1024
+
+
+def model_hidden_size(paths: ModelPaths) -> int:
+    """The model's hidden size from its config.json (a converted .gguf's, when cached), else 1024."""
+    return hidden_size(text_model_config(paths))
 
 
 def bf16_speedup(hidden: int, cache: Path) -> tuple[float, bool]:
