@@ -2506,8 +2506,9 @@ def best_time(fn: Callable[[], object], runs: int = 3) -> float:
 
 
 def cached_probe(cache: Path, what: str, measure: Callable[[], float]) -> tuple[float, bool]:
-    """measure()'s ratio, rounded, cached in the JSON file `cache` per CPU, torch version, threads and `what` ->
-    (ratio, came from the cache). An unwritable cache only means probing again next time."""
+    """measure()'s ratio, rounded, cached in the JSON file `cache` per CPU (cpu_model: its name, family, model and
+    matmul instruction sets), torch version, threads and `what` -> (ratio, came from the cache). An unwritable cache
+    only means probing again next time."""
     import platform
 
     key = f"{platform.processor() or platform.machine()}|{cpu_model()}|torch {torch.__version__}|{torch.get_num_threads()} threads|{what}"
@@ -2526,12 +2527,26 @@ def cached_probe(cache: Path, what: str, measure: Callable[[], float]) -> tuple[
     return ratio, False
 
 
-def cpu_model() -> str:
+MATMUL_ISA = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "asimd", "sve", "sve2", "bf16", "i8mm", "sme")
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's name with its family, model and the instruction sets that decide the matmul kernels, e.g. "AMD EPYC
+    (family 26 model 2 stepping 1; avx2 avx512f avx512_bf16)": the probes' cache key and the benches' label. A VM's
+    name alone can hide different chips: here "AMD EPYC" was a Zen 3 without bf16 kernels in one session and a Zen 5
+    with bf16 matmuls 4.45x fp32 in another, so a probe cached under the name alone (a CACHE_DIR shared between
+    machines) would have carried one machine's choice to the other."""
     try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
+        fields = dict(line.split(":", 1) for line in cpuinfo.read_text().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
         return "unknown"
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    name = fields.get("model name") or fields.get("Processor") or "unknown"
+    ids = " ".join(f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model", "stepping", "CPU implementer", "CPU part",
+                                                             "CPU variant") if k in fields)
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    isa = " ".join(f for f in MATMUL_ISA if f in flags)
+    return f"{name} ({ids}; {isa})" if ids or isa else name
 
 
 def load_tokenizer(cfg: Config, paths: ModelPaths):

@@ -57,6 +57,28 @@ def test_bf16_auto_resolves_from_a_cached_probe(tiny_model, tiny_data, tmp_path,
     assert "set in the config" in why and on is False
 
 
+ZEN3 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nstepping\t: 1\n"
+        "flags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nmodel name\t: AMD EPYC\n")
+ZEN5 = ZEN3.replace("cpu family\t: 25", "cpu family\t: 26").replace("avx2 fma", "avx2 fma avx512f avx512_bf16")
+ARM = "processor\t: 0\nBogoMIPS\t: 2000.00\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\nCPU part\t: 0xd4f\n"
+
+
+def test_a_probe_cached_on_one_cpu_is_not_read_on_another_that_is_named_alike(tmp_path, monkeypatch):
+    """Two VMs that /proc/cpuinfo both calls "AMD EPYC" (a Zen 3 without bf16 kernels, a Zen 5 with bf16 4.45x fp32)
+    sharing a CACHE_DIR: each gets its own probe."""
+    for name, text in (("zen3", ZEN3), ("zen5", ZEN5), ("arm", ARM)):
+        (tmp_path / name).write_text(text)
+    assert ht.cpu_model(tmp_path / "zen3") == "AMD EPYC (family 25 model 1 stepping 1; avx2)"
+    assert ht.cpu_model(tmp_path / "zen5") == "AMD EPYC (family 26 model 1 stepping 1; avx2 avx512f avx512_bf16)"
+    assert ht.cpu_model(tmp_path / "arm") == "unknown (implementer 0x41 part 0xd4f; asimd sve bf16 i8mm)"
+    assert ht.cpu_model(tmp_path / "absent") == "unknown"
+    cache, zen3, zen5 = tmp_path / "probe.json", ht.cpu_model(tmp_path / "zen3"), ht.cpu_model(tmp_path / "zen5")
+    for label, measure, expected in ((zen5, lambda: 4.45, (4.45, False)), (zen3, lambda: 0.02, (0.02, False)),
+                                     (zen5, lambda: pytest.fail("probed again"), (4.45, True))):
+        monkeypatch.setattr(ht, "cpu_model", lambda label=label: label)
+        assert ht.cached_probe(cache, "n=576", measure) == expected  # zen3 measures its own, not zen5's 4.45
+
+
 def test_run_prints_and_records_the_bf16_choice(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "o"
     proc = run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
