@@ -28,6 +28,7 @@ vLLM) for every row.
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -113,6 +114,19 @@ def eval_worker(model: str, seed: int) -> None:
     print(json.dumps({k: v for k, v in result.items() if k.startswith("eval/pass@") or k == "eval/reward"}))
 
 
+def machine() -> str:
+    """This machine, as each result records it: results from different machines compare only within one."""
+    sys.path.insert(0, str(ROOT))
+    import hybrid_trainer as ht
+
+    return f"{ht.cpu_model()}, {os.cpu_count()} CPUs"
+
+
+def machine_dir(base: Path, label: str) -> Path:
+    """Where one machine's logs go (results from before the label have theirs in `base` itself)."""
+    return base / re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
+
+
 def timed(argv: list, log: Path, cwd: Optional[Path] = None) -> tuple[float, float, int]:
     """Run argv as a child (output to `log`): (wall seconds, its peak RSS in GB, exit code)."""
     start = time.perf_counter()
@@ -122,7 +136,7 @@ def timed(argv: list, log: Path, cwd: Optional[Path] = None) -> tuple[float, flo
     return time.perf_counter() - start, usage.ru_maxrss / 2**20, os.waitstatus_to_exitcode(status)
 
 
-def run(row: str, seed: int, precision: str) -> dict:
+def run(row: str, seed: int, precision: str, where: str) -> dict:
     out = OUT / f"{row}-{precision}-s{seed}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -134,7 +148,8 @@ def run(row: str, seed: int, precision: str) -> dict:
         (out / "config.json").write_text(json.dumps(cfg, indent=1))
         argv = [sys.executable, str(ROOT / "hybrid_trainer.py"), str(out / "config.json")]
     seconds, peak_gb, code = timed(argv, out / "train.log")
-    result = {"row": row, "precision": precision, "seed": seed, "wall_s": round(seconds, 1), "peak_rss_gb": round(peak_gb, 2), "exit": code}
+    result = {"row": row, "precision": precision, "seed": seed, "wall_s": round(seconds, 1), "peak_rss_gb": round(peak_gb, 2), "exit": code,
+              "machine": where}
     model = out / "inference_lm" if row.startswith("trl") else out / "run" / "inference_lm"
     if code == 0:
         ev = subprocess.run([sys.executable, __file__, "--eval-worker", str(model), str(seed)], capture_output=True,
@@ -145,14 +160,15 @@ def run(row: str, seed: int, precision: str) -> dict:
         result["error"] = (out / "train.log").read_text()[-1500:]
     shutil.rmtree(model, ignore_errors=True)  # 0.5 GB each: the numbers are what this keeps
     shutil.rmtree(out / "run" / "ppo_full", ignore_errors=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    logs = machine_dir(RESULTS, where)
+    logs.mkdir(parents=True, exist_ok=True)
     with (RESULTS / "results.jsonl").open("a") as f:
         f.write(json.dumps(result) + "\n")
-    shutil.copy(out / "train.log", RESULTS / f"{row}-{precision}-s{seed}.log")
+    shutil.copy(out / "train.log", logs / f"{row}-{precision}-s{seed}.log")
     if (out / "run" / "metrics.jsonl").is_file():
-        shutil.copy(out / "run" / "metrics.jsonl", RESULTS / f"{row}-{precision}-s{seed}.metrics.jsonl")
+        shutil.copy(out / "run" / "metrics.jsonl", logs / f"{row}-{precision}-s{seed}.metrics.jsonl")
     if (out / "log_history.json").is_file():
-        shutil.copy(out / "log_history.json", RESULTS / f"{row}-{precision}-s{seed}.log_history.json")
+        shutil.copy(out / "log_history.json", logs / f"{row}-{precision}-s{seed}.log_history.json")
     print(json.dumps({k: v for k, v in result.items() if k != "error"}), flush=True)
     return result
 
@@ -161,14 +177,23 @@ def mean_sd(xs: list, digits: int) -> str:
     return f"{statistics.mean(xs):.{digits}f}" + (f" ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else "")
 
 
+UNLABELLED = "a 2-core Intel Xeon with AMX (results from before each recorded its machine)"
+
+
 def table() -> str:
+    """One table per machine."""
     results = [json.loads(x) for x in (RESULTS / "results.jsonl").read_text().splitlines()]
-    lines = ["| run | precision | seeds | whole process (s) | peak RSS (GB) | held-out pass@1 |", "|---|---|---|---|---|---|"]
-    for precision in ("bf16", "fp32"):
-        for row, title in ROWS.items():
-            lines += table_row([r for r in results if r["row"] == row and r.get("precision", "fp32") == precision],
-                               f"{title} | {precision}")
-    return "\n".join(lines)
+    out = []
+    for where in dict.fromkeys(r.get("machine", UNLABELLED) for r in results):
+        mine = [r for r in results if r.get("machine", UNLABELLED) == where]
+        lines = [f"{where}:", "", "| run | precision | seeds | whole process (s) | peak RSS (GB) | held-out pass@1 |",
+                 "|---|---|---|---|---|---|"]
+        for precision in ("bf16", "fp32"):
+            for row, title in ROWS.items():
+                lines += table_row([r for r in mine if r["row"] == row and r.get("precision", "fp32") == precision],
+                                   f"{title} | {precision}")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def table_row(results: list, title: str) -> list:
@@ -200,9 +225,10 @@ def main() -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}: choose from {', '.join(ROWS)}")
+    where = machine()
     for seed in (int(s) for s in args.seeds.split(",")):
         for row in rows:  # the rows of one seed back to back: the machine's state is alike for each
-            run(row, seed, args.precision)
+            run(row, seed, args.precision, where)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ checkout's rewards.py beside it (the sketch imports make_reward), by an interpre
         accelerate==1.0.1 'datasets<4' sacrebleu rich   # rich: TRL 0.11.4 imports it and does not require it
     python bench/sketch_bench.py --sketch-python /tmp/trl011/bin/python --runs 2   # appends to bench/results/sketch/
 
-Each run: wall time of the whole process and its peak RSS; the pairs alternate (sketch, ours, sketch, ours).
+    python bench/sketch_bench.py --sketch-python /tmp/trl011/bin/python --set BF16=false   # ours in fp32, as the sketch
+
+Each run: wall time of the whole process and its peak RSS, with the machine (results compare only within one) and
+ours' overrides; the pairs alternate (sketch, ours, sketch, ours).
 """
 
 import argparse
@@ -20,11 +23,12 @@ import json
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peer_bench import model_dir, timed  # noqa: E402
+from peer_bench import machine, machine_dir, model_dir, timed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "sketch"
@@ -70,7 +74,11 @@ def main() -> None:
     p.add_argument("--sketch-python", required=True, help="an interpreter with TRL 0.11.4")
     p.add_argument("--design", default=str(ROOT.parent / "shared" / "seed" / "hybrid_trainer_design.md"))
     p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], help="KEY=JSON: a key of ours' config (the sketch's stays as it is)")
     args = p.parse_args()
+    ours = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    where = machine()
+    logs = machine_dir(RESULTS, where) / time.strftime("%Y%m%d-%H%M%S")  # this invocation's logs
     weights = Path(model_dir())
     sketch_dir, sketch_model = OUT / "sketch_code", OUT / "sketch_model"
     shutil.rmtree(OUT, ignore_errors=True)
@@ -83,11 +91,12 @@ def main() -> None:
     (sketch_model / "tokenizer_config.json").write_text(json.dumps({**tok_config, "tokenizer_class": "GPT2TokenizerFast"}))
     (sketch_dir / "hybrid_trainer.py").write_text(sketch_code(Path(args.design)))
     shutil.copy(ROOT / "rewards.py", sketch_dir / "rewards.py")
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
     for i in range(args.runs):
         for who in ("sketch", "ours"):
             out = OUT / f"{who}-{i}"
-            config = {**JOB, "MODEL": str(sketch_model) if who == "sketch" else "smollm2-135m-instruct", "OUTPUT_DIR": str(out)}
+            config = {**JOB, "MODEL": str(sketch_model) if who == "sketch" else "smollm2-135m-instruct", "OUTPUT_DIR": str(out),
+                      **({} if who == "sketch" else ours)}
             if who == "sketch":  # its own key: CLEANSE (default true) calls torch.cuda.ipc_collect(), which fails without CUDA
                 config["CLEANSE"] = False
             path = OUT / f"{who}-{i}.json"
@@ -95,12 +104,13 @@ def main() -> None:
             script = sketch_dir / "hybrid_trainer.py" if who == "sketch" else ROOT / "hybrid_trainer.py"
             python = args.sketch_python if who == "sketch" else sys.executable
             seconds, peak_gb, code = timed([python, str(script), str(path)], OUT / f"{who}-{i}.log", cwd=script.parent)
-            result = {"who": who, "run": i, "wall_s": round(seconds, 1), "peak_rss_gb": round(peak_gb, 2), "exit": code}
+            result = {"who": who, "run": i, "wall_s": round(seconds, 1), "peak_rss_gb": round(peak_gb, 2), "exit": code,
+                      "machine": where, **({"set": ours} if who == "ours" and ours else {})}
             if code:
                 result["error"] = (OUT / f"{who}-{i}.log").read_text()[-1500:]
             with (RESULTS / "results.jsonl").open("a") as f:
                 f.write(json.dumps(result) + "\n")
-            shutil.copy(OUT / f"{who}-{i}.log", RESULTS / f"{who}-{i}.log")
+            shutil.copy(OUT / f"{who}-{i}.log", logs / f"{who}-{i}.log")
             print(json.dumps({k: v for k, v in result.items() if k != "error"}), flush=True)
             shutil.rmtree(out, ignore_errors=True)
 
