@@ -107,6 +107,8 @@ def main() -> None:
     procs = ht.Processes.from_env()
     device = ht.pick_device(cfg, procs)
     ht.init_processes(device, procs)
+    if device.type == "cpu":  # as run() does: freed blocks stay in the heap (without it, page faults diluted the rates)
+        ht.keep_freed_memory()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     peak_rate = sum(ht.gather_objects(matmul_rate(dtype, device)))  # all processes together: phases count global tokens
     t0 = time.perf_counter()
