@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peer_bench import machine, machine_dir, model_dir, timed  # noqa: E402
+from step_bench import overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "sketch"
@@ -76,7 +77,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--set", action="append", default=[], help="KEY=JSON: a key of ours' config (the sketch's stays as it is)")
     args = p.parse_args()
-    ours = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    ours = overrides(args.set)
     where = machine()
     logs = machine_dir(RESULTS, where) / time.strftime("%Y%m%d-%H%M%S")  # this invocation's logs
     weights = Path(model_dir())
