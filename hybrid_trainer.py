@@ -2537,10 +2537,10 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     with bf16 matmuls 4.45x fp32 in another, so a probe cached under the name alone (a CACHE_DIR shared between
     machines) would have carried one machine's choice to the other."""
     try:
-        fields = dict(line.split(":", 1) for line in cpuinfo.read_text().split("\n\n")[0].splitlines() if ":" in line)
+        first_cpu = cpuinfo.read_text().split("\n\n")[0].splitlines()
     except OSError:
         return "unknown"
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first_cpu if ":" in line)}
     name = fields.get("model name") or fields.get("Processor") or "unknown"
     ids = " ".join(f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model", "stepping", "CPU implementer", "CPU part",
                                                              "CPU variant") if k in fields)
