@@ -39,14 +39,14 @@ lint: setup
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench.py --model smollm2-135m-instruct
 
-# The GPU check (README, "A GPU check"): pack here, where the registry is, then run bench/gpu_check.sh there.
+# The GPU check (docs/scaling.md, "A GPU check"): pack here, where the registry is, then run bench/gpu_check.sh there.
 gpu-pack: setup
 	rm -rf .gpu-carry && mkdir -p .gpu-carry/wheels .gpu-carry/smollm2
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	  -d .gpu-carry/wheels $$(grep -v '^#' bench/gpu_wheels.txt)
-	HF_HUB_OFFLINE=1 $(BIN)/python -c "import hybrid_trainer as ht, shutil; cfg = ht.Config.from_dict({'TRAIN_FILE': '-', 'OUTPUT_DIR': '-'}); \
-	  p = ht.resolve_model(cfg); ht.prepare_weights(cfg, p); \
+	HF_HUB_OFFLINE=1 $(BIN)/python -c "import hybrid_trainer as ht, runtime, shutil; cfg = ht.Config.from_dict({'TRAIN_FILE': '-', 'OUTPUT_DIR': '-'}); \
+	  p = runtime.resolve_model(cfg); runtime.prepare_weights(cfg, p); \
 	  [shutil.copy(p.weights / f, '.gpu-carry/smollm2') for f in ('config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json')]"
 	du -sh .gpu-carry
 

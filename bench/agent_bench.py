@@ -26,6 +26,7 @@ def case(backend: str, turns: int, tokens: int, updates: int) -> dict:
 
     import environments
     import hybrid_trainer as ht
+    import runtime
 
     keys = {"MODE": "ppo", "TRAIN_FILE": str(ROOT / "data" / "tool_train.json"), "OUTPUT_DIR": "-", "SEED": 0, "BF16": False,
             "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 4, "PPO_EPOCHS": 1, "MAX_NEW_TOKENS": tokens, "MAXSEQ": 512,
@@ -55,7 +56,7 @@ def case(backend: str, turns: int, tokens: int, updates: int) -> dict:
         stats = trainer.ppo_update(examples[i * 4:(i + 1) * 4])
         rows.append((time.perf_counter() - t0, stats))
     ht.TurnLoop.room = original_room
-    for e in list(ht.OPEN_ENGINES):
+    for e in list(runtime.OPEN_ENGINES):
         e.close()
     timed = rows[1:]
     mean = lambda key: statistics.mean(s.get(key, 0.0) for _, s in timed)  # noqa: E731

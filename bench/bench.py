@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 import hybrid_trainer as ht  # noqa: E402
 import rewards  # noqa: E402
+import runtime  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,13 +105,13 @@ def main() -> None:
             base[key] = value
     cfg = ht.Config.from_dict({**base, "TRAIN_FILE": args.data, "OUTPUT_DIR": "-", "SEED": 0, "BF16": args.bf16,
                                "LORA_R": args.lora, "GRADIENT_CHECKPOINTING": args.gradient_checkpointing, "FSDP": args.fsdp})
-    procs = ht.Processes.from_env()
-    device = ht.pick_device(cfg, procs)
-    ht.init_processes(device, procs)
+    procs = runtime.Processes.from_env()
+    device = runtime.pick_device(cfg, procs)
+    runtime.init_processes(device, procs)
     if device.type == "cpu":  # as run() does: freed blocks stay in the heap (without it, page faults diluted the rates)
-        ht.keep_freed_memory()
+        runtime.keep_freed_memory()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    peak_rate = sum(ht.gather_objects(matmul_rate(dtype, device)))  # all processes together: phases count global tokens
+    peak_rate = sum(runtime.gather_objects(matmul_rate(dtype, device)))  # all processes together: phases count global tokens
     t0 = time.perf_counter()
     policy, ref, tok = ht.load_model(cfg, device)
     load_s = time.perf_counter() - t0
@@ -137,7 +138,7 @@ def main() -> None:
 
     batch_tokens = mean("time/tokens")  # real tokens of prompts + responses in one PPO batch
     # the model's own shapes, at the rows of one PPO minibatch's forward (all processes together, as peak_rate)
-    model_rate = sum(ht.gather_objects(shape_rate(policy.lm, max(int(batch_tokens * cfg.PPO_MINI / cfg.PPO_BATCH), 1),
+    model_rate = sum(runtime.gather_objects(shape_rate(policy.lm, max(int(batch_tokens * cfg.PPO_MINI / cfg.PPO_BATCH), 1),
                                                   dtype, device)))
 
     def phase(seconds: float, tokens: float, passes: float) -> dict:
@@ -158,13 +159,13 @@ def main() -> None:
     }
     peak_gib = (torch.cuda.max_memory_allocated() if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
-    peaks = ht.gather_objects(round(peak_gib, 2))
-    if not ht.is_main():
+    peaks = runtime.gather_objects(round(peak_gib, 2))
+    if not runtime.is_main():
         return
     print(json.dumps({
-        "model": cfg.MODEL, "device": device.type, "cpu": ht.cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(),
+        "model": cfg.MODEL, "device": device.type, "cpu": runtime.cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(),
         "dtype": str(dtype).split(".")[-1], "lora_r": args.lora, "fsdp": args.fsdp,
-        "gradient_checkpointing": args.gradient_checkpointing, "processes": ht.world_size(), "torch_threads": torch.get_num_threads(),
+        "gradient_checkpointing": args.gradient_checkpointing, "processes": runtime.world_size(), "torch_threads": torch.get_num_threads(),
         "trainable_params": sum(p.numel() for p in trainer.optim.params) if not args.fsdp else None,
         "sft_batch": cfg.SFT_BATCH, "ppo_batch": cfg.PPO_BATCH, "ppo_mini": cfg.PPO_MINI, "ppo_epochs": cfg.PPO_EPOCHS,
         "max_new_tokens": cfg.MAX_NEW_TOKENS, "load_s": round(load_s, 2),

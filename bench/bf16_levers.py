@@ -40,16 +40,17 @@ def one(variant: str, tokens: int, steps: int, response: int = 0) -> dict:
     sys.path.insert(0, str(ROOT / "bench"))
     import bench
     import hybrid_trainer as ht
+    import runtime
 
     cfg = ht.Config.from_dict({"MODE": "sft", "TRAIN_FILE": str(ROOT / "data" / "train.json"), "OUTPUT_DIR": "-", "BF16": False})
-    paths = ht.resolve_model(cfg)
-    ht.prepare_weights(cfg, paths)
+    paths = runtime.resolve_model(cfg)
+    runtime.prepare_weights(cfg, paths)
     from transformers import AutoModelForCausalLM
 
-    ht.keep_freed_memory()
+    runtime.keep_freed_memory()
     in_bf16 = variant in ("bf16_weights", "bf16_copy")
     lm = AutoModelForCausalLM.from_pretrained(paths.weights, dtype=torch.bfloat16 if in_bf16 else torch.float32, disable_mmap=True)
-    ht.use_cpu_attention(lm)
+    runtime.use_cpu_attention(lm)
     lm.train()
     forward = torch.compile(lm, dynamic=False) if variant == "autocast_compile" else lm
     params = list(lm.parameters())

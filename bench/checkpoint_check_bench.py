@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import hybrid_trainer as ht  # noqa: E402
+import outputs  # noqa: E402
 
 
 def main() -> None:
@@ -42,10 +42,10 @@ def main() -> None:
     (d / "state.json").write_text(json.dumps({"run": {"step": 1}}))
     write_s = time.perf_counter() - t
     t = time.perf_counter()
-    ht.write_manifest(d)
+    outputs.write_manifest(d)
     manifest_s = time.perf_counter() - t
     t = time.perf_counter()
-    assert ht.checkpoint_damage(d) is None
+    assert outputs.checkpoint_damage(d) is None
     check_s = time.perf_counter() - t
     t = time.perf_counter()
     for f in sorted(d.iterdir()):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How hard is each difficulty of the chain task family for a model (not a test): its pass@1 / pass@8 / maj@8 at
 temperature 1 before any training, per family and number of steps, through the trainer's own evaluation (the math
-reward, 8 samples per problem). This is what chose the difficulty of data/chain_*.json (README, "Hybrids on the data
+reward, 8 samples per problem). This is what chose the difficulty of data/chain_*.json (docs/experiments.md, "Hybrids on the data
 users have").
 
     python bench/difficulty_probe.py                       # words and bare, 1-5 steps, 40 problems each
@@ -50,6 +50,7 @@ def main() -> None:
     import torch
 
     import hybrid_trainer as ht
+    import runtime
 
     md = make_data()
     out = ROOT / "bench" / "results" / "difficulty"
@@ -73,8 +74,8 @@ def main() -> None:
                                "NO_REPEAT_NGRAM_SIZE": 0, "SEED": args.seed, "BF16": bf16,
                                "GENERATION_BACKEND": args.backend, "VLLM_KV_CACHE_GB": 1})
     device = torch.device("cpu")
-    on = ht.resolve_bf16(cfg, device, ht.resolve_model(cfg))[0] if bf16 == "auto" else bf16
-    ht.seed_everything(args.seed)
+    on = runtime.resolve_bf16(cfg, device, runtime.resolve_model(cfg))[0] if bf16 == "auto" else bf16
+    runtime.seed_everything(args.seed)
     policy, _, tok = ht.load_model(cfg, device, on)
     trainer = ht.HybridTrainer(cfg, policy, None, tok, plan=ht.api_plan(cfg, lm=policy.lm, bf16=on))
     reward = ht.build_reward(cfg, device)

@@ -25,6 +25,7 @@ def setup(backend: str, lora: int, bf16_key: str):
     import torch
 
     import hybrid_trainer as ht
+    import runtime
 
     cfg = ht.Config.from_dict({"MODE": "ppo", "TRAIN_FILE": str(ROOT / "data" / "train.json"), "OUTPUT_DIR": "-", "SEED": 0,
                                "ADVANTAGE": "grpo", "NUM_GENERATIONS": 4, "PPO_BATCH": 8, "PPO_MINI": 8, "PPO_EPOCHS": 1,
@@ -33,14 +34,14 @@ def setup(backend: str, lora: int, bf16_key: str):
                                "LORA_R": lora, "BF16": bf16_key, "INIT_KL_COEF": 0.0, "MAXSEQ": 512,
                                "REWARD": {"type": "chrf"}})
     device = torch.device("cpu")
-    paths = ht.resolve_model(cfg)
-    ht.prepare_weights(cfg, paths)
-    bf16, why = ht.resolve_bf16(cfg, device, paths)
+    paths = runtime.resolve_model(cfg)
+    runtime.prepare_weights(cfg, paths)
+    bf16, why = runtime.resolve_bf16(cfg, device, paths)
     policy, ref, tok = ht.load_model(cfg, device, bf16, paths)
     examples = ht.tokenize_examples(ht.load_examples(cfg, 0), cfg, tok, "chat", "TRAIN_FILE")
     import rewards
 
-    plan = ht.make_plan(cfg, len(examples), 1, 0, False, bf16, why, str(paths.weights), context=ht.model_context(paths.config()))
+    plan = ht.make_plan(cfg, len(examples), 1, 0, False, bf16, why, str(paths.weights), context=runtime.model_context(paths.config()))
     trainer = ht.HybridTrainer(cfg, policy, ref, tok, rewards.make_reward(cfg.REWARD), device, plan=plan)
     return trainer, examples, tok, why
 
@@ -54,12 +55,13 @@ def main() -> None:
     import torch
 
     import hybrid_trainer as ht
+    import runtime
 
     trainer, examples, tok, why = setup(args.backend, args.lora, args.bf16)
     t0 = time.perf_counter()
     trainer.engine  # noqa: B018 - the engine starts here (hf: nothing to start)
     start_s = time.perf_counter() - t0
-    out = {"backend": args.backend, "lora_r": args.lora, "precision": why, "cpu": ht.cpu_model(), "threads": torch.get_num_threads(),
+    out = {"backend": args.backend, "lora_r": args.lora, "precision": why, "cpu": runtime.cpu_model(), "threads": torch.get_num_threads(),
            "start_s": round(start_s, 2)}
 
     def timed_generate(prompts, n, max_new):
@@ -99,7 +101,7 @@ def main() -> None:
         out["weight_sync_s"] = round(time.perf_counter() - t, 3)
     out["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     print(json.dumps(out))
-    for engine in list(ht.OPEN_ENGINES):
+    for engine in list(runtime.OPEN_ENGINES):
         engine.close()
 
 

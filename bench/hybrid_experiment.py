@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The README's algorithm comparison: SFT only, PPO (gae), GRPO, RLOO, and the hybrids alternate, gate and mix,
+"""docs/experiments.md's algorithm comparison: SFT only, PPO (gae), GRPO, RLOO, and the hybrids alternate, gate and mix,
 on the demo data with the embedded SmolLM2, at an equal budget: 20 updates of 8 generated responses each (the
 group estimators sample G = 4 responses for 2 prompts), 20 SFT steps of 8 demonstrations for SFT and alternate.
 

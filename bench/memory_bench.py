@@ -22,6 +22,7 @@ import json, resource, sys, time
 sys.path.insert(0, __ROOT__)
 import psutil, torch
 import hybrid_trainer as ht
+import runtime
 
 cfg = ht.Config.from_dict({"MODE": "ppo", "TRAIN_FILE": __ROOT__ + "/data/train.json", "OUTPUT_DIR": "-", "SEED": 0,
                            "PPO_BATCH": 8, "PPO_EPOCHS": 1, "BF16": False, "PROMPT_FORMAT": "chat",

@@ -57,10 +57,11 @@ def model_dir() -> str:
     """The embedded default's converted safetensors directory (what our run loads; TRL is given the same)."""
     sys.path.insert(0, str(ROOT))
     import hybrid_trainer as ht
+    import runtime
 
     cfg = ht.Config.from_dict({"MODE": "sft", "TRAIN_FILE": str(PROMPTS), "OUTPUT_DIR": "-"})
-    paths = ht.resolve_model(cfg)
-    ht.prepare_weights(cfg, paths)
+    paths = runtime.resolve_model(cfg)
+    runtime.prepare_weights(cfg, paths)
     return str(paths.weights)
 
 
@@ -117,9 +118,9 @@ def eval_worker(model: str, seed: int) -> None:
 def machine() -> str:
     """This machine, as each result records it: results from different machines compare only within one."""
     sys.path.insert(0, str(ROOT))
-    import hybrid_trainer as ht
+    import runtime
 
-    return f"{ht.cpu_model()}, {os.cpu_count()} CPUs"
+    return f"{runtime.cpu_model()}, {os.cpu_count()} CPUs"
 
 
 def machine_dir(base: Path, label: str) -> Path:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The README's RLVR experiment (not a test): SFT, RL or both on the math task, and what each costs the model's other
+"""docs/experiments.md's RLVR experiment (not a test): SFT, RL or both on the math task, and what each costs the model's other
 knowledge. Each variant is configs/math_grpo.json plus its overrides, trained on the same 48 word problems at an equal
 budget (12 updates of 4 prompts x 8 sampled responses = 384 responses and 24 optimizer steps; SFT: 24 steps of 4
 demonstrations), evaluated on 50 held-out problems with 8 samples each at temperature 1 (pass@1, pass@8, maj@8) before

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The README's experiment on the data users have (not a test): a few worked solutions and many prompts with only a
+"""docs/experiments.md's experiment on the data users have (not a test): a few worked solutions and many prompts with only a
 checkable answer (data/chain_demos.json: 32 demonstrations; data/chain_prompts.json: 1,200 answer-only prompts;
 data/chain_eval.json: held out), on the chain task, whose difficulty was chosen by bench/difficulty_probe.py so that
 SmolLM2-135M-Instruct starts with signal for RL. Every row has the same budget: 48 optimizer steps, and 768 sampled

@@ -39,16 +39,17 @@ def setup(root: str, extra: dict, mini: int = 8) -> Bench:
     import torch
 
     import hybrid_trainer as ht
+    import runtime
 
     cfg = ht.Config.from_dict({"MODE": "ppo", "TRAIN_FILE": str(Path(root) / "data" / "train.json"), "OUTPUT_DIR": "-",
                                "SEED": 0, "PPO_BATCH": 8, "PPO_MINI": mini, "PPO_EPOCHS": 4, "SFT_BATCH": 8,
                                "BF16": False, "PROMPT_FORMAT": "chat", "TEMPERATURE": 1.0, **extra})
     torch.manual_seed(0)
     if hasattr(ht, "keep_freed_memory"):  # as run() does on the CPU (an older checkout: glibc's defaults)
-        ht.keep_freed_memory()
+        runtime.keep_freed_memory()
     policy, ref, tok = ht.load_model(cfg, torch.device("cpu"))
     examples = ht.tokenize_examples(ht.load_examples(cfg), cfg, tok, "chat", "TRAIN_FILE")
-    teacher = ht.load_teacher(cfg, torch.device("cpu"), False, ref) if hasattr(ht, "load_teacher") else None
+    teacher = runtime.load_teacher(cfg, torch.device("cpu"), False, ref) if hasattr(ht, "load_teacher") else None
     trainer = ht.HybridTrainer(cfg, policy, ref, tok, **({"teacher": teacher} if teacher is not None else {}))
     return Bench(ht, cfg, trainer, examples)
 

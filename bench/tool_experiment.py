@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The README's agents experiment (not a test): does the calculator help SmolLM2-135M-Instruct, and which training
+"""docs/experiments.md's agents experiment (not a test): does the calculator help SmolLM2-135M-Instruct, and which training
 teaches it to use it? Arithmetic it cannot do in its head (data/tool_*.json: 3-digit x 2-digit products, sums of three
 numbers, a product minus a number), evaluated on 12 held-out problems with 8 samples each at temperature 1 (pass@1,
 pass@8) before and after, at an equal budget per row: 8 optimizer steps on the same 32 training problems (SFT: 8 steps

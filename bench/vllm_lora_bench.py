@@ -34,7 +34,7 @@ def main() -> None:
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    import hybrid_trainer as ht
+    import runtime
 
     trainer, examples, tok, why = setup("vllm", R, "auto")
     lm = trainer.policy.lm
@@ -69,7 +69,7 @@ def main() -> None:
         return SamplingParams(n=n, max_tokens=new, seed=1, ignore_eos=ignore_eos, temperature=0.0 if greedy else 1.0,
                               top_p=1.0)
 
-    base = {"precision": why, "cpu": ht.cpu_model(), "threads": torch.get_num_threads(), "lora_r": R}
+    base = {"precision": why, "cpu": runtime.cpu_model(), "threads": torch.get_num_threads(), "lora_r": R}
     if "--native-only" not in sys.argv:  # the trainer's way: merged weights pushed into a plain engine
         engine = trainer.engine
         t = time.perf_counter()
@@ -85,7 +85,7 @@ def main() -> None:
 
     plan = trainer.plan
     t = time.perf_counter()
-    with ht.rng_untouched(torch.device("cpu")):
+    with runtime.rng_untouched(torch.device("cpu")):
         llm = LLM(model=plan.model, dtype="bfloat16" if plan.bf16 else "float32", seed=0, max_model_len=plan.maxseq,
                   enforce_eager=True, skip_tokenizer_init=True, kv_cache_memory_bytes=2**30, enable_lora=True,
                   max_lora_rank=R, max_loras=1)

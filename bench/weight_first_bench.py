@@ -27,21 +27,22 @@ def main() -> None:
     import torch
 
     import hybrid_trainer as ht
+    import runtime
 
-    ht.defer_scikit_learn()
-    ht.keep_freed_memory()
+    runtime.defer_scikit_learn()
+    runtime.keep_freed_memory()
     cfg = ht.Config.from_dict({"MODE": "ppo", "TRAIN_FILE": str(ROOT / "data" / "train.json"), "OUTPUT_DIR": "-", "SEED": 0,
                                "MAX_NEW_TOKENS": 32, "REWARD": {"type": "chrf"}, "GENERATION_BACKEND": "hf", "BF16": False})
-    device, paths = torch.device("cpu"), ht.resolve_model(cfg)
-    ht.prepare_weights(cfg, paths)
+    device, paths = torch.device("cpu"), runtime.resolve_model(cfg)
+    runtime.prepare_weights(cfg, paths)
     policy, _, tokenizer = ht.load_model(cfg, device, False, paths)
     prompts = [e.prompt_ids for e in ht.tokenize_examples(ht.load_examples(cfg, 0), cfg, tokenizer, "chat", "TRAIN_FILE")[:8]]
     with tempfile.TemporaryDirectory() as tmp:
-        probe = ht.weight_first_speedup(ht.decoding_shapes(paths), Path(tmp) / "probe.json")[0]
+        probe = runtime.weight_first_speedup(runtime.decoding_shapes(paths), Path(tmp) / "probe.json")[0]
     seconds = {False: [], True: []}
     for r in range(args.rounds):
         for on in (False, True):
-            engine = ht.HFEngine(cfg, types.SimpleNamespace(maxseq=cfg.MAXSEQ, bf16=False, weight_first=on), policy, tokenizer,
+            engine = runtime.HFEngine(cfg, types.SimpleNamespace(maxseq=cfg.MAXSEQ, bf16=False, weight_first=on), policy, tokenizer,
                                  device)
             torch.manual_seed(r)
             t0 = time.perf_counter()
@@ -50,7 +51,7 @@ def main() -> None:
             print(json.dumps({"round": r, "weight_first": on, "seconds": round(seconds[on][-1], 3),
                               "tokens": sum(map(len, out.responses)), "first_response": out.responses[0][:8]}), flush=True)
     ratios = [a / b for a, b in zip(seconds[False], seconds[True])]
-    print(json.dumps({"summary": True, "cpu": ht.cpu_model(), "threads": torch.get_num_threads(), "probe": probe,
+    print(json.dumps({"summary": True, "cpu": runtime.cpu_model(), "threads": torch.get_num_threads(), "probe": probe,
                       "f_linear_s": [round(s, 3) for s in seconds[False]], "weight_first_s": [round(s, 3) for s in seconds[True]],
                       "speedup_per_round": [round(x, 3) for x in ratios]}))
 

@@ -19,6 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hybrid_trainer as ht  # noqa: E402
+import outputs  # noqa: E402
+import runtime  # noqa: E402
 
 QUERIES = ["say yes 1", "the cat sat", "hello world", "two plus two", "paris is", "a dog ran", "write the word", "yes no"]
 RESPONSES = ["yes yes", "on the mat", "yes", "is four", "the capital of france", "in the park", "yes", "maybe yes no"]
@@ -36,30 +38,30 @@ def ppo_step(model: str, out: str, lora_r: str = "0", extra: str = "{}") -> None
                                "PPO_BATCH": 8 // G, "PPO_MINI": 4 // G, "PPO_EPOCHS": 2, "LR_PPO": 1e-3, "LORA_R": int(lora_r),
                                "WHITEN_REWARDS": True, "TEMPERATURE": 1.0, **extra})
     device = torch.device("cpu")
-    ht.init_processes(device)
+    runtime.init_processes(device)
     torch.manual_seed(0)  # the same fresh adapter and value head on every process
     policy, ref, tok = ht.load_model(cfg, device)
-    trainer = ht.HybridTrainer(cfg, policy, ref, tok, teacher=ht.load_teacher(cfg, device, False, ref))  # DISTILL's, if any
+    trainer = ht.HybridTrainer(cfg, policy, ref, tok, teacher=runtime.load_teacher(cfg, device, False, ref))  # DISTILL's, if any
     queries = [tok(QUERIES[i // G * G])["input_ids"] for i in range(len(QUERIES))]  # G rows per prompt
     responses = [tok(r)["input_ids"] + [tok.eos_token_id] for r in RESPONSES]
     demos = [ht.Example(index=i, item={}, target=RESPONSES[i * G], prompt_ids=queries[i * G],
                         target_ids=responses[i * G]) for i in range(len(QUERIES) // G)]
-    start, end = ht.share_bounds(len(QUERIES))
+    start, end = runtime.share_bounds(len(QUERIES))
     stats = trainer.ppo_step(queries[start:end], responses[start:end], SCORES[start:end], demos=demos)
-    state = ht.trainable_state(policy)
-    if ht.is_main():
+    state = outputs.trainable_state(policy)
+    if runtime.is_main():
         save_file(state, out)
         numbers = {k: v for k, v in stats.items() if isinstance(v, float) and not k.startswith("time/")}
         print("numbers " + json.dumps(numbers), flush=True)
         print(f"stats kl={stats['objective/kl']:.6f} ratio={stats['ppo/policy/ratio_first_minibatch']:.6f}", flush=True)
-    ht.barrier()
+    runtime.barrier()
 
 
 def fail_on_rank1(config: str) -> int:
     original = ht.HybridTrainer.sft_step
 
     def sft_step(self, examples):
-        if ht.rank() == 1:
+        if runtime.rank() == 1:
             raise RuntimeError("simulated crash on rank 1")
         return original(self, examples)
 
@@ -78,7 +80,7 @@ def dynamic(model: str, out: str) -> None:
                                "DYNAMIC_SAMPLING": True, "MAX_SAMPLING_ROUNDS": 3, "TEMPERATURE": 1.0,
                                "REWARD": {"type": "contains", "pattern": "yes"}})
     device = torch.device("cpu")
-    ht.init_processes(device)
+    runtime.init_processes(device)
     torch.manual_seed(0)
     policy, ref, tok = ht.load_model(cfg, device)
     import rewards
@@ -91,16 +93,16 @@ def dynamic(model: str, out: str) -> None:
     def fixed(prompts, n=1, greedy=False, temperature=None, max_tokens=None, stop=None):
         texts = [("yes yes" if by_prompt[tuple(p)] % 2 and j == 0 else "no") for p in prompts for j in range(n)]
         responses = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
-        return ht.Generation(responses, torch.ones(len(responses), dtype=torch.bool))
+        return runtime.Generation(responses, torch.ones(len(responses), dtype=torch.bool))
 
     trainer.engine.generate = fixed
     stream = iter(examples[4:])
     stats = trainer.ppo_update(examples[:4], draw=lambda n: [e for _, e in zip(range(n), stream)])
-    state = ht.trainable_state(policy)
-    if ht.is_main():
+    state = outputs.trainable_state(policy)
+    if runtime.is_main():
         save_file(state, out)
         print("dynamic " + json.dumps({k: v for k, v in stats.items() if k.startswith("dynamic/")}), flush=True)
-    ht.barrier()
+    runtime.barrier()
 
 
 def trajectories(model: str, out: str) -> None:
@@ -114,7 +116,7 @@ def trajectories(model: str, out: str) -> None:
                                "TEMPERATURE": 1.0, "ENVIRONMENT": {"type": "calculator"}, "REWARD": {"type": "math"},
                                "INIT_KL_COEF": 0.05, "KL_IN": "loss", "KL_PENALTY": "k3"})
     device = torch.device("cpu")
-    ht.init_processes(device)
+    runtime.init_processes(device)
     torch.manual_seed(0)
     policy, ref, tok = ht.load_model(cfg, device)
     trainer = ht.HybridTrainer(cfg, policy, ref, tok, ht.build_reward(cfg, device), environment=ht.build_environment(cfg))
@@ -136,16 +138,16 @@ def trajectories(model: str, out: str) -> None:
                 else:
                     i = int(text.split("What is ")[-1].split(" ")[0])
                     out.append(encode(f"<calc>{i}*3</calc>") if j == 0 else encode("the answer is 0") + [tok.eos_token_id])
-        return ht.Generation(out, torch.tensor([r[-1] == tok.eos_token_id for r in out]), None)
+        return runtime.Generation(out, torch.tensor([r[-1] == tok.eos_token_id for r in out]), None)
 
     trainer.engine.generate = scripted
     stats = trainer.ppo_update(examples)
-    state = ht.trainable_state(policy)
-    if ht.is_main():
+    state = outputs.trainable_state(policy)
+    if runtime.is_main():
         save_file(state, out)
         print("trajectories " + json.dumps({k: round(v, 6) for k, v in stats.items() if k.startswith(("env/", "reward/mean",
                                                                                                     "objective/kl"))}), flush=True)
-    ht.barrier()
+    runtime.barrier()
 
 
 def vllm_sync(model: str, out: str) -> None:
@@ -155,31 +157,31 @@ def vllm_sync(model: str, out: str) -> None:
                                "PPO_MINI": 4, "PPO_EPOCHS": 2, "LR_PPO": 1e-2, "TEMPERATURE": 1.0, "GENERATION_BACKEND": "vllm",
                                "NO_REPEAT_NGRAM_SIZE": 0, "BF16": False, "MAX_NEW_TOKENS": 6})
     device = torch.device("cpu")
-    ht.init_processes(device)
+    runtime.init_processes(device)
     torch.manual_seed(0)
     policy, ref, tok = ht.load_model(cfg, device)
     trainer = ht.HybridTrainer(cfg, policy, ref, tok)
     queries = [tok(q)["input_ids"] for q in QUERIES]
     responses = [tok(r)["input_ids"] + [tok.eos_token_id] for r in RESPONSES]
-    start, end = ht.share_bounds(len(QUERIES))
+    start, end = runtime.share_bounds(len(QUERIES))
     trainer.ppo_step(queries[start:end], responses[start:end], SCORES[start:end])
     engine = trainer.engine_generate(queries, greedy=True).responses
-    hf = ht.HFEngine(cfg, trainer.plan, policy, tok, device).generate(queries, greedy=True).responses
-    print(f"rank {ht.rank()}: " + ("engine holds the policy" if engine == hf else f"STALE {engine} vs {hf}"), flush=True)
-    ht.barrier()
-    for engine in list(ht.OPEN_ENGINES):
+    hf = runtime.HFEngine(cfg, trainer.plan, policy, tok, device).generate(queries, greedy=True).responses
+    print(f"rank {runtime.rank()}: " + ("engine holds the policy" if engine == hf else f"STALE {engine} vs {hf}"), flush=True)
+    runtime.barrier()
+    for engine in list(runtime.OPEN_ENGINES):
         engine.close()
 
 
 def engine_fails_on_rank1(config: str) -> int:
-    original = ht.VLLMEngine.generate
+    original = runtime.VLLMEngine.generate
 
     def generate(self, *args, **kw):
-        if ht.rank() == 1:
+        if runtime.rank() == 1:
             raise RuntimeError("simulated engine failure on rank 1")
         return original(self, *args, **kw)
 
-    ht.VLLMEngine.generate = generate
+    runtime.VLLMEngine.generate = generate
     return ht.main([config])
 
 

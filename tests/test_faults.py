@@ -14,7 +14,7 @@ import pytest
 from conftest import ENV, EXACT_PPO, ROOT, interrupted_copy, metrics, run_cli, torchrun_cli
 from safetensors.torch import load_file
 
-import hybrid_trainer as ht
+import outputs
 
 BASE = {"MODE": "hybrid", "SEED": 5, "SFT_BATCH": 2, "PPO_BATCH": 2, "PPO_MINI": 1, "MAX_NEW_TOKENS": 4, "EPOCHS": 1,
         "LR_SFT": 1e-3, "LR_PPO": 1e-3, "REWARD": {"type": "contains", "pattern": "yes"}, "LOG_EVERY": 100, **EXACT_PPO}
@@ -36,7 +36,7 @@ def checkpoint_kb(tiny_model, tiny_data, tmp_path) -> int:
     out = tmp_path / "measure"
     run_cli({**BASE, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SAVE_EVERY": 1,
              "KEEP_CHECKPOINTS_AT_END": True, "EPOCHS": 1}, tmp_path)
-    return sum(p.stat().st_size for p in ht.latest_checkpoint(out).iterdir()) // 1024
+    return sum(p.stat().st_size for p in outputs.latest_checkpoint(out).iterdir()) // 1024
 
 
 def one_error(stderr: str, *needles: str) -> None:
@@ -60,7 +60,7 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_resumes(tiny_model
                   "step-1, is intact", "rerun the same command")
         assert "warning: OUTPUT_DIR" in proc.stderr and "free" in proc.stderr  # the estimate said so at start
         assert not list((out / "checkpoints").glob(".tmp-*"))  # the partial checkpoint is gone
-        assert ht.checkpoint_damage(out / "checkpoints" / "step-1") is None
+        assert outputs.checkpoint_damage(out / "checkpoints" / "step-1") is None
         moved = tmp_path / "moved"
         shutil.copytree(out, moved)  # space freed: here, the run moves to a bigger disk
     run_cli({**cfg, "OUTPUT_DIR": str(moved)}, tmp_path)
@@ -108,7 +108,7 @@ def test_full_disk_with_two_processes_ends_both_with_one_message(tiny_model, tin
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "the disk is full" in errors[0], proc.stderr[-3000:]
         assert not list((out / "checkpoints").glob(".tmp-*"))
-        assert ht.checkpoint_damage(out / "checkpoints" / "step-1") is None
+        assert outputs.checkpoint_damage(out / "checkpoints" / "step-1") is None
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing", "empty"])
@@ -126,7 +126,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(damage, tiny
         policy.unlink()
     else:
         policy.write_bytes(b"")
-    assert ht.checkpoint_damage(policy.parent) is not None
+    assert outputs.checkpoint_damage(policy.parent) is not None
     proc = run_cli({**cfg, "OUTPUT_DIR": str(resumed)}, tmp_path)
     warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:") and "is damaged and is skipped" in line]
     assert len(warning) == 1 and str(policy) in warning[0], proc.stderr[-3000:]
@@ -171,7 +171,7 @@ def test_the_estimate_is_close_to_what_a_run_writes(tiny_model, tiny_data, tmp_p
     proc = run_cli({**BASE, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SAVE_EVERY": 2,
                     "KEEP_CHECKPOINTS_AT_END": True}, tmp_path)
     plan = json.loads((out / "plan.json").read_text())
-    written = sum(p.stat().st_size for p in ht.latest_checkpoint(out).iterdir())
+    written = sum(p.stat().st_size for p in outputs.latest_checkpoint(out).iterdir())
     assert 0.8 * written <= plan["checkpoint_bytes"] <= 1.25 * written, (plan["checkpoint_bytes"], written)
     final = sum(p.stat().st_size for p in (out / "inference_lm").iterdir() if p.suffix == ".safetensors")
     assert 0.8 * final <= plan["final_bytes"] <= 1.5 * final + 100_000, (plan["final_bytes"], final)

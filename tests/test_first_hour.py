@@ -5,14 +5,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import metrics, run_cli
+from conftest import ROOT, metrics, run_cli
 
 import hybrid_trainer as ht
-
-ROOT = Path(__file__).resolve().parent.parent
+import runtime
 
 
 def test_finished_run_deletes_checkpoints_and_says_how_much_it_holds(tiny_model, tiny_data, tmp_path):
@@ -94,10 +92,10 @@ def test_eval_plot_with_three_evaluations(tiny_model, tiny_data, tmp_path):
 def test_threads_follow_usable_cpus(tmp_path, monkeypatch):
     quota = tmp_path / "cpu.max"
     quota.write_text("150000 100000\n")
-    assert ht.usable_cpus(quota) == 1  # 1.5 CPUs of quota -> 1 thread
+    assert runtime.usable_cpus(quota) == 1  # 1.5 CPUs of quota -> 1 thread
     quota.write_text("max 100000\n")
-    assert ht.usable_cpus(quota) == len(os.sched_getaffinity(0))
-    code = ("import hybrid_trainer as ht, torch; print(ht.set_threads(ht.Processes.from_env())); print(torch.get_num_threads())")
+    assert runtime.usable_cpus(quota) == len(os.sched_getaffinity(0))
+    code = ("import runtime, torch; print(runtime.set_threads(runtime.Processes.from_env())); print(torch.get_num_threads())")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert pinned.stdout.split("\n")[1] == "1", pinned.stdout + pinned.stderr  # torch alone would take every core

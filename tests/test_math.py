@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import hybrid_trainer as ht
+import runtime
 
 
 def test_logprobs_from_logits_matches_hand_softmax():
@@ -109,7 +110,7 @@ def test_policy_loss_clipping_by_hand():
     # token 2: ratio 1.0, A=-2: max(2, 2) = 2
     old = torch.zeros(1, 3)
     new = torch.tensor([[math.log(1.5), math.log(0.5), 0.0]])
-    out = ht.policy_loss(new, old, torch.tensor([[1.0, 1.0, -2.0]]), torch.ones(1, 3), cliprange=0.2)
+    out = ht.policy_loss(new, old, torch.tensor([[1.0, 1.0, -2.0]]), torch.ones(1, 3), ht.LossSettings(cliprange=0.2))
     assert out.loss.item() == pytest.approx((-1.2 - 0.5 + 2.0) / 3)
     assert out.clipfrac.item() == pytest.approx(1 / 3)
     assert out.ratio.item() == pytest.approx((1.5 + 0.5 + 1.0) / 3)
@@ -119,7 +120,7 @@ def test_policy_loss_clipping_by_hand():
 def test_policy_loss_ratio_one_gives_minus_mean_advantage():
     adv = torch.tensor([[0.5, -1.5, 3.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    out = ht.policy_loss(torch.zeros(1, 3), torch.zeros(1, 3), adv, mask, 0.2)
+    out = ht.policy_loss(torch.zeros(1, 3), torch.zeros(1, 3), adv, mask, ht.LossSettings(0.2))
     assert out.loss.item() == pytest.approx(0.5)  # -(0.5 - 1.5)/2
     assert out.clipfrac.item() == 0 and out.ratio.item() == 1
 
@@ -147,7 +148,7 @@ def test_adaptive_kl_controller_by_hand():
 def test_truncate_after_eos_and_missing_eos_penalty():
     eos = 9
     ids = torch.tensor([[5, 9, 7, 9], [1, 2, 3, 4], [9, 9, 9, 9]])
-    mask, ended = ht.truncate_after_eos(ids, eos)
+    mask, ended = runtime.truncate_after_eos(ids, eos)
     torch.testing.assert_close(mask, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]))
     assert ended.tolist() == [True, False, True]
     scores = ht.apply_missing_eos_penalty(torch.tensor([1.0, 1.0, 1.0]), ended, 0.5)
@@ -156,10 +157,10 @@ def test_truncate_after_eos_and_missing_eos_penalty():
 
 
 def test_padding_helpers_and_positions():
-    ids, mask = ht.left_pad([[1, 2, 3], [4]], pad_id=0)
+    ids, mask = runtime.left_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert ht.position_ids_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
-    ids, mask = ht.right_pad([[1, 2, 3], [4]], pad_id=0)
+    assert runtime.position_ids_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+    ids, mask = runtime.right_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
@@ -203,24 +204,24 @@ def test_weight_first_linear_is_f_linear_and_is_undone_after_its_block():
     torch.manual_seed(0)
     for bias in (True, False):
         layer = torch.nn.Linear(16, 40, bias=bias)
-        for shape in ((3, 16), (2, 1, 16), (0, 16), (ht.WEIGHT_FIRST_ROWS, 16)):
+        for shape in ((3, 16), (2, 1, 16), (0, 16), (runtime.WEIGHT_FIRST_ROWS, 16)):
             x = torch.randn(shape)
             with torch.no_grad():
-                ours = ht.weight_first_linear(layer, x)
+                ours = runtime.weight_first_linear(layer, x)
             assert ours.shape == shape[:-1] + (40,) and ours.is_contiguous()
             torch.testing.assert_close(ours, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
-        many = torch.randn(ht.WEIGHT_FIRST_ROWS + 1, 16)
+        many = torch.randn(runtime.WEIGHT_FIRST_ROWS + 1, 16)
         with torch.no_grad():
-            assert torch.equal(ht.weight_first_linear(layer, many), F.linear(many, layer.weight, layer.bias))
+            assert torch.equal(runtime.weight_first_linear(layer, many), F.linear(many, layer.weight, layer.bias))
         x = torch.randn(3, 16)
-        out = ht.weight_first_linear(layer, x)  # with grad: F.linear, its graph intact
+        out = runtime.weight_first_linear(layer, x)  # with grad: F.linear, its graph intact
         assert torch.equal(out, F.linear(x, layer.weight, layer.bias)) and out.requires_grad
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2).to(torch.bfloat16))
-    with ht.weight_first_linears(model):
+    with runtime.weight_first_linears(model):
         assert isinstance(vars(model[0]).get("forward"), functools.partial) and "forward" not in vars(model[2])
-    with pytest.raises(RuntimeError), ht.weight_first_linears(model):
+    with pytest.raises(RuntimeError), runtime.weight_first_linears(model):
         raise RuntimeError("inside")
-    with ht.weight_first_linears(model, on=False):
+    with runtime.weight_first_linears(model, on=False):
         assert "forward" not in vars(model[0])
     assert all("forward" not in vars(m) for m in model)
 
@@ -232,14 +233,14 @@ def test_nucleus_filter_keeps_the_tokens_transformers_top_p_keeps():
     from transformers.generation.logits_process import TopPLogitsWarper
 
     probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
-    kept = ht.NucleusFilter(0.75)(None, probs.log()).isfinite()
+    kept = runtime.NucleusFilter(0.75)(None, probs.log()).isfinite()
     assert kept.tolist() == [[False, True, False, True]]  # 0.5, then 0.3 (0.5 before it < 0.75); 0.15 has 0.8 before it
     g = torch.Generator().manual_seed(0)
     for vocab, scale in ((49152, 4.0), (49152, 1.0), (300, 0.1), (1000, 30.0)):
         scores = torch.randn(16, vocab, generator=g) * scale
         scores[::3, ::7] = -float("inf")
         for top_p in (0.1, 0.5, 0.9, 0.99):
-            ours = ht.NucleusFilter(top_p)(None, scores)
+            ours = runtime.NucleusFilter(top_p)(None, scores)
             theirs = TopPLogitsWarper(top_p)(None, scores)
             assert torch.equal(ours[ours.isfinite()], scores[ours.isfinite()])
             # the same tokens, but for one at the threshold within float32 rounding (the warper sums a long tail in

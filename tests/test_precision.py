@@ -3,6 +3,7 @@ the first minibatch makes redundant when it is the whole batch."""
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from conftest import YesFraction, run_cli, trainer_for
 from dist_helper import QUERIES, RESPONSES, SCORES
 
 import hybrid_trainer as ht
+import runtime
 
 
 def fixed_step(trainer):
@@ -43,17 +45,17 @@ def test_first_minibatch_forward_replaces_the_rollout_forward(kl_penalty, tiny_m
 def test_bf16_auto_resolves_from_a_cached_probe(tiny_model, tiny_data, tmp_path, monkeypatch):
     cfg = ht.Config.from_dict({"MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": "-", "CACHE_DIR": str(tmp_path)})
     assert cfg.BF16 == "auto"
-    monkeypatch.setattr(ht, "bf16_supported", lambda device: False)
-    assert ht.resolve_bf16(cfg, torch.device("cpu")) == (False, "bf16 off: this CPU has no bfloat16 support")
-    monkeypatch.setattr(ht, "bf16_supported", lambda device: True)
-    speedup, cached = ht.bf16_speedup(64, tmp_path / "bf16_probe.json")  # a real probe at hidden size 64
-    assert speedup > 0 and not cached
-    assert ht.bf16_speedup(64, tmp_path / "bf16_probe.json") == (speedup, True)
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: False)
+    assert runtime.resolve_bf16(cfg, torch.device("cpu")) == (False, "bf16 off: this CPU has no bfloat16 support")
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: True)
+    speedup, cached = runtime.bf16_speedup(64, tmp_path / "bf16_probe.json")  # a real probe at hidden size 64
+    assert math.isfinite(speedup) and not cached
+    assert runtime.bf16_speedup(64, tmp_path / "bf16_probe.json") == (speedup, True)
     for measured, choice in ((2.2, True), (0.6, False)):
-        monkeypatch.setattr(ht, "bf16_speedup", lambda hidden, cache, m=measured: (m, True))
-        on, why = ht.resolve_bf16(cfg, torch.device("cpu"))
+        monkeypatch.setattr(runtime, "bf16_speedup", lambda hidden, cache, m=measured: (m, True))
+        on, why = runtime.resolve_bf16(cfg, torch.device("cpu"))
         assert on is choice and f"bf16 matmul {measured:.2f}x fp32 here" in why
-    on, why = ht.resolve_bf16(dataclasses.replace(cfg, BF16=False), torch.device("cpu"))
+    on, why = runtime.resolve_bf16(dataclasses.replace(cfg, BF16=False), torch.device("cpu"))
     assert "set in the config" in why and on is False
 
 
@@ -68,15 +70,15 @@ def test_a_probe_cached_on_one_cpu_is_not_read_on_another_that_is_named_alike(tm
     sharing a CACHE_DIR: each gets its own probe."""
     for name, text in (("zen3", ZEN3), ("zen5", ZEN5), ("arm", ARM)):
         (tmp_path / name).write_text(text)
-    assert ht.cpu_model(tmp_path / "zen3") == "AMD EPYC (family 25 model 1 stepping 1; avx2)"
-    assert ht.cpu_model(tmp_path / "zen5") == "AMD EPYC (family 26 model 1 stepping 1; avx2 avx512f avx512_bf16)"
-    assert ht.cpu_model(tmp_path / "arm") == "unknown (implementer 0x41 part 0xd4f; asimd sve bf16 i8mm)"
-    assert ht.cpu_model(tmp_path / "absent") == "unknown"
-    cache, zen3, zen5 = tmp_path / "probe.json", ht.cpu_model(tmp_path / "zen3"), ht.cpu_model(tmp_path / "zen5")
+    assert runtime.cpu_model(tmp_path / "zen3") == "AMD EPYC (family 25 model 1 stepping 1; avx2)"
+    assert runtime.cpu_model(tmp_path / "zen5") == "AMD EPYC (family 26 model 1 stepping 1; avx2 avx512f avx512_bf16)"
+    assert runtime.cpu_model(tmp_path / "arm") == "unknown (implementer 0x41 part 0xd4f; asimd sve bf16 i8mm)"
+    assert runtime.cpu_model(tmp_path / "absent") == "unknown"
+    cache, zen3, zen5 = tmp_path / "probe.json", runtime.cpu_model(tmp_path / "zen3"), runtime.cpu_model(tmp_path / "zen5")
     for label, measure, expected in ((zen5, lambda: 4.45, (4.45, False)), (zen3, lambda: 0.02, (0.02, False)),
                                      (zen5, lambda: pytest.fail("probed again"), (4.45, True))):
-        monkeypatch.setattr(ht, "cpu_model", lambda label=label: label)
-        assert ht.cached_probe(cache, "n=576", measure) == expected  # zen3 measures its own, not zen5's 4.45
+        monkeypatch.setattr(runtime, "cpu_model", lambda label=label: label)
+        assert runtime.cached_probe(cache, "n=576", measure) == expected  # zen3 measures its own, not zen5's 4.45
 
 
 def test_run_prints_and_records_the_bf16_choice(tiny_model, tiny_data, tmp_path):
@@ -139,11 +141,11 @@ def test_the_policy_is_trained_in_memory_not_in_the_files_pages(tiny_model, tiny
     cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": "-",
                                "BF16": False})
     policy, _, _ = ht.load_model(cfg, torch.device("cpu"))
-    weights = str(ht.resolve_model(cfg).weights)
+    weights = str(runtime.resolve_model(cfg).weights)
     mapped = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in open("/proc/self/maps") if weights in line]
     ptrs = [p.data_ptr() for p in policy.parameters()]
     assert not [p for p in ptrs for lo, hi in mapped if lo <= p < hi]
-    assert ht.keep_freed_memory()  # glibc (Linux CI): the settings took
+    assert runtime.keep_freed_memory()  # glibc (Linux CI): the settings took
 
 
 def tiny_gqa_llama(path):
@@ -158,7 +160,7 @@ def tiny_gqa_llama(path):
 
 
 def test_cpu_attention_gives_sdpas_numbers_in_fp32_and_fp32_attention_in_bf16(tmp_path):
-    """load_model's attention (ht.cpu_attention): in fp32 the logits, gradients and greedy tokens of transformers'
+    """load_model's attention (runtime.cpu_attention): in fp32 the logits, gradients and greedy tokens of transformers'
     "sdpa" exactly, with padding (grouped heads go to SDPA whole) and without; in bf16 autocast, attention computed in
     fp32: nearer the fp32 logits than "sdpa"'s bf16 attention. A saved model names no attention of ours."""
     from transformers import AutoModelForCausalLM
@@ -166,8 +168,8 @@ def test_cpu_attention_gives_sdpas_numbers_in_fp32_and_fp32_attention_in_bf16(tm
     path = tiny_gqa_llama(tmp_path / "llama")
     stock = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ours = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ht.use_cpu_attention(ours)
-    assert (stock.config._attn_implementation, ours.config._attn_implementation) == ("sdpa", ht.CPU_ATTENTION)
+    runtime.use_cpu_attention(ours)
+    assert (stock.config._attn_implementation, ours.config._attn_implementation) == ("sdpa", runtime.CPU_ATTENTION)
     ids = torch.randint(0, 64, (3, 12))
     calls = []
     ours.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
@@ -189,7 +191,7 @@ def test_cpu_attention_gives_sdpas_numbers_in_fp32_and_fp32_attention_in_bf16(tm
     mask[:1, :3] = 0
     assert torch.equal(stock.generate(ids, **kw), ours.generate(ids, **kw))
     ours.save_pretrained(tmp_path / "saved")
-    assert ht.CPU_ATTENTION not in (tmp_path / "saved" / "config.json").read_text()
+    assert runtime.CPU_ATTENTION not in (tmp_path / "saved" / "config.json").read_text()
 
 
 def test_weight_first_decoding_is_a_cached_probes_choice_and_samples_the_same_tokens(tiny_model, tmp_path, monkeypatch):
@@ -205,24 +207,24 @@ def test_weight_first_decoding_is_a_cached_probes_choice_and_samples_the_same_to
                                "CACHE_DIR": str(tmp_path / "cache"), "GENERATION_BACKEND": "hf", "SEED": 0,
                                "MAX_NEW_TOKENS": 6, "TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0,
                                "NO_REPEAT_NGRAM_SIZE": 0})
-    paths, cpu = ht.resolve_model(cfg), torch.device("cpu")
-    shapes = ht.decoding_shapes(paths)  # q, k, v, o (4 heads of 16 on 2 key-value heads), gate, up, down, the head
+    paths, cpu = runtime.resolve_model(cfg), torch.device("cpu")
+    shapes = runtime.decoding_shapes(paths)  # q, k, v, o (4 heads of 16 on 2 key-value heads), gate, up, down, the head
     assert shapes == [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128), (64, 64)]
-    speedup, cached = ht.weight_first_speedup(shapes, tmp_path / "probe.json")  # a real probe at these shapes
-    assert speedup > 0 and not cached and ht.weight_first_speedup(shapes, tmp_path / "probe.json") == (speedup, True)
+    speedup, cached = runtime.weight_first_speedup(shapes, tmp_path / "probe.json")  # a real probe at these shapes
+    assert math.isfinite(speedup) and not cached and runtime.weight_first_speedup(shapes, tmp_path / "probe.json") == (speedup, True)
     for measured, choice in ((1.9, True), (0.8, False)):
-        monkeypatch.setattr(ht, "weight_first_speedup", lambda shapes, cache, m=measured: (m, True))
-        on, why = ht.resolve_weight_first(cfg, cpu, False, paths)
+        monkeypatch.setattr(runtime, "weight_first_speedup", lambda shapes, cache, m=measured: (m, True))
+        on, why = runtime.resolve_weight_first(cfg, cpu, False, paths)
         assert on is choice and f"weight-first {measured:.2f}x F.linear" in why
         plan = ht.make_plan(cfg, 8, 1, 0, False, False, "p", "m", weight_first=(on, why))
         assert plan.weight_first is choice and plan.generation.endswith(why)
     for other in ({"bf16": True}, {"device": torch.device("meta")}, {"cfg": dataclasses.replace(cfg, GENERATION_BACKEND="vllm")}):
         args = {"cfg": cfg, "device": cpu, "bf16": False, **other}
-        assert ht.resolve_weight_first(args["cfg"], args["device"], args["bf16"], paths) == (False, "")
+        assert runtime.resolve_weight_first(args["cfg"], args["device"], args["bf16"], paths) == (False, "")
     policy, ref, tok = ht.load_model(cfg, cpu, False, paths)
     calls = []
-    real = ht.weight_first_linear
-    monkeypatch.setattr(ht, "weight_first_linear", lambda layer, x: calls.append(layer) or real(layer, x))
+    real = runtime.weight_first_linear
+    monkeypatch.setattr(runtime, "weight_first_linear", lambda layer, x: calls.append(layer) or real(layer, x))
     prompts = [[1, 5, 9, 3], [2, 7], [4, 4, 4]]
     outputs = []
     for on in (False, True):
@@ -239,3 +241,29 @@ def test_weight_first_decoding_is_a_cached_probes_choice_and_samples_the_same_to
     calls.clear()
     trainer.ppo_step(prompts, [r[:3] or [5] for r in greedy_b[0]], [1.0, 0.0, 0.5])
     assert not calls  # the update's forwards are F.linear's
+
+
+@pytest.mark.parametrize("fp32, bf16, calls_expected", [(2.0, 0.5, 4), (0.1, 1.0, 2)])
+def test_the_bf16_probe_is_fp32_time_over_bf16_time_and_stops_at_a_slow_kernel(tmp_path, monkeypatch, fp32, bf16, calls_expected):
+    """bf16_speedup with a stand-in clock (fp32 products take `fp32` s, bf16 ones `bf16` s): the ratio is fp32 / bf16,
+    not its inverse, and a bf16 kernel 10x slower at 16 rows ends the probe there (the 256-row look is skipped)."""
+    calls = []
+    monkeypatch.setattr(runtime, "best_time", lambda fn: calls.append(1) or (fp32 if fn().dtype == torch.float32 else bf16))
+    speedup, cached = runtime.bf16_speedup(64, tmp_path / "probe.json")
+    assert (speedup, cached, len(calls)) == (fp32 / bf16, False, calls_expected)
+
+
+def test_the_weight_first_probe_times_the_same_products_both_ways(tmp_path, monkeypatch):
+    """weight_first_speedup hands alternating_ratio F.linear first and weight-first second, over the same layers and
+    inputs: their products agree, and the ratio it returns is the probe's."""
+    def ratio(a, b, rounds=15):
+        for x, y in zip(a(), b()):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+        return 1.25
+
+    monkeypatch.setattr(runtime, "alternating_ratio", ratio)
+    linear_calls = []
+    real = runtime.weight_first_linear
+    monkeypatch.setattr(runtime, "weight_first_linear", lambda layer, x: linear_calls.append(layer) or real(layer, x))
+    assert runtime.weight_first_speedup([(32, 16), (16, 32), (64, 16)], tmp_path / "probe.json") == (1.25, False)
+    assert linear_calls, "the second side must be the weight-first one"

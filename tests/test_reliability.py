@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import hybrid_trainer as ht
+import outputs
+import runtime
 
 
 class FlakyReward:
@@ -31,7 +33,7 @@ def ppo_cfg(tiny_model, tiny_data, out, **kw):
 def test_nan_reward_skips_update_and_is_counted(tiny_model, tiny_data, tmp_path, capsys):
     out = tmp_path / "out"
     assert ht.run(ppo_cfg(tiny_model, tiny_data, out), reward=FlakyReward({2})) == 0
-    records = ht.MetricsLog(out / "metrics.jsonl").read()
+    records = outputs.MetricsLog(out / "metrics.jsonl").read()
     assert [r.get("ppo/skipped", 0) for r in records] == [0, 1, 0, 0]
     assert records[-1]["skipped_total"] == 1
     assert "reward returned nan for item" in records[1]["skipped_reason"]
@@ -41,7 +43,7 @@ def test_nan_reward_skips_update_and_is_counted(tiny_model, tiny_data, tmp_path,
 def test_consecutive_bad_steps_stop_the_run_keeping_last_checkpoint(tiny_model, tiny_data, tmp_path, capsys):
     out = tmp_path / "out"
     cfg = ppo_cfg(tiny_model, tiny_data, out, MAX_BAD_STEPS=2, SAVE_EVERY=1)
-    with pytest.raises(ht.UserError, match="2 consecutive steps were skipped") as err:
+    with pytest.raises(runtime.UserError, match="2 consecutive steps were skipped") as err:
         ht.run(cfg, reward=FlakyReward({2, 3}))
     assert str(out / "checkpoints" / "step-1") in str(err.value)  # written after the last good step
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]  # none after a skipped step

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import ROOT
 
 import rewards
 
@@ -226,12 +227,10 @@ def test_error_messages(spec, message):
     assert message in str(err.value)
 
 
-def test_every_registered_type_documented_in_readme():
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+def test_every_registered_type_documented_in_the_rewards_page():
+    page = (ROOT / "docs" / "rewards.md").read_text()
     for name in list(rewards.REWARDS) + list(rewards.POSTPROCESS):
-        assert f"`{name}`" in readme, name
+        assert f"`{name}`" in page, name
 
 
 @pytest.mark.parametrize("spec, uses", [

@@ -5,11 +5,10 @@ import json
 import math
 
 import pytest
-import torch
-from conftest import EXACT_PPO, ROOT, comparable, metrics, run_cli, torchrun, trainer_for
-from safetensors.torch import load_file
+from conftest import EXACT_PPO, ROOT, capture_steps, comparable, max_diff, metrics, run_cli, torchrun, trainer_for
 
 import hybrid_trainer as ht
+import outputs
 
 
 @pytest.mark.parametrize("n, c, k, expected", [
@@ -19,8 +18,8 @@ import hybrid_trainer as ht
     (4, 1, 4, 1.0),  # n - c < k: some sample of any 4 passes
 ])
 def test_pass_at_k_is_the_unbiased_estimator(n, c, k, expected):
-    assert ht.pass_at_k(n, c, k) == pytest.approx(expected)
-    assert ht.pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
+    assert outputs.pass_at_k(n, c, k) == pytest.approx(expected)
+    assert outputs.pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
 
 
 def collected(scores, G):
@@ -76,8 +75,7 @@ def test_dynamic_sampling_one_process_equals_two(tiny_model, tmp_path):
     assert line in two.stdout  # the same groups kept and dropped, the same rounds
     assert json.loads(line[8:]) == {"dynamic/rounds": 3, "dynamic/prompts_generated": 7, "dynamic/groups_dropped": 4,
                                     "dynamic/prompts_kept": 3}
-    a, b = load_file(str(tmp_path / "one.st")), load_file(str(tmp_path / "two.st"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert max_diff(tmp_path / "one.st", tmp_path / "two.st") <= 1e-5
 
 
 def test_mask_truncated_takes_the_gradient_of_truncated_responses(tiny_model, tiny_data):
@@ -85,18 +83,11 @@ def test_mask_truncated_takes_the_gradient_of_truncated_responses(tiny_model, ti
     def grad_norm(mask, responses_end_with_eos):
         trainer, examples = trainer_for({"ADVANTAGE": "rloo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "PPO_EPOCHS": 1,
                                          "MASK_TRUNCATED": mask}, tiny_model, tiny_data, None)
-        tok, captured = trainer.tokenizer, []
-
-        def capture(optimizer, params):
-            captured.append(torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None]).norm().item())
-            optimizer.zero_grad(set_to_none=True)
-            return 0.0
-
-        trainer.optim.step = capture
+        tok, captured = trainer.tokenizer, capture_steps(trainer)
         queries = [e.prompt_ids for e in examples[:2] for _ in range(2)]
         responses = [tok("yes yes")["input_ids"] + ([tok.eos_token_id] if end else []) for end in responses_end_with_eos]
         trainer.ppo_step(queries, responses, [1.0, 0.0, 0.0, 1.0])
-        return captured[0]
+        return captured[0].norm().item()
 
     assert grad_norm(True, [False] * 4) == 0.0
     assert grad_norm(False, [False] * 4) > 0

@@ -4,87 +4,16 @@ the trainer's files, environment, sockets and processes are as they were. Run wi
 machine has: bubblewrap namespaces, and the limits-only fallback (full only as root: its own uid and network)."""
 
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
+from conftest import HOSTILE, MARK, ROOT, leftovers
 
 import rewards
 
-ROOT = Path(__file__).resolve().parent.parent
 TESTS = ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]
-MARK = "sandbox-test-leftover-9f1c"
-
-
-def leftovers() -> list[str]:
-    """Processes still running a hostile program's marker command line."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if MARK in cmdline and "pytest" not in cmdline:
-                found.append(f"{pid}: {cmdline[:80]}")
-    return found
-
-
-@pytest.fixture
-def world(tmp_path, monkeypatch):
-    """What a hostile program goes after: the trainer's output directory and home (stand-ins, with a file each),
-    an environment secret, and a socket the trainer listens on at 127.0.0.1."""
-    out, home = tmp_path / "out", tmp_path / "home"
-    for d in (out, home):
-        d.mkdir()
-        (d / "keep.txt").write_text("keep")
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("HT_SECRET", "s3cret-value")
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(5)
-    server.settimeout(0.2)
-    accepted, done = [], threading.Event()
-
-    def accept():
-        while not done.is_set():
-            try:
-                accepted.append(server.accept())
-            except OSError:
-                pass
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield {"out": out, "home": home, "port": server.getsockname()[1], "accepted": accepted}
-    done.set()
-    thread.join()
-    server.close()
-
-
-# (case, program: defines a correct add() only if its attack worked)
-HOSTILE = [
-    ("infinite loop", "while True:\n    pass\ndef add(a, b): return a + b"),
-    ("fork bomb", "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\ndef add(a, b): return a + b"),
-    ("memory bomb", "x = bytearray(8 << 30)\ndef add(a, b): return a + b"),
-    ("100 MB of output", "import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))\ndef add(a, b): return a + b"),
-    ("rm -rf the output dir and ~", "import shutil\nshutil.rmtree({out!r})\nshutil.rmtree({home!r})\ndef add(a, b): return a + b"),
-    ("write into the project", "open({project!r}, 'w').write('pwned')\ndef add(a, b): return a + b"),
-    ("read an environment secret", "import os\nok = os.environ.get('HT_SECRET') == 's3cret-value'\n"
-                                   "def add(a, b): return a + b if ok else None"),
-    ("connect to 127.0.0.1", "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\ndef add(a, b): return a + b"),
-    ("kill the parent", "import os, time\nparent = os.getppid()\nos.kill(parent, 9)\ntime.sleep(0.3)\n"
-                        "gone = os.getppid() != parent\ndef add(a, b): return a + b if gone else None"),
-    ("a background process that outlives the test",
-     "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)  # {mark}'], start_new_session=True)\n"
-     "def add(a, b): return None"),
-    ("sys.exit(0) before the tests", "import sys\ndef add(a, b): return a + b\nsys.exit(0)"),
-]
-
-
 def levels() -> list[str]:
     found = ["namespaces"] if rewards.sandbox_isolation().level == "namespaces" else []
     return found + (["limits"] if os.geteuid() == 0 else [])

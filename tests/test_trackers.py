@@ -12,6 +12,7 @@ import pytest
 from conftest import interrupted_copy, metrics, run_cli
 
 import hybrid_trainer as ht
+import outputs
 
 TAGS = ("sft/loss", "reward/mean", "objective/kl")
 
@@ -132,7 +133,7 @@ def test_an_empty_wandb_variable_is_unset(tmp_path, monkeypatch):
     from accelerate import PartialState
 
     PartialState()
-    tracker = ht.start_wandb(cfg, tmp_path, "run", [], 0, {})
+    tracker = outputs.start_wandb(cfg, tmp_path, "run", [], 0, {})
     tracker.start()
     tracker.log({"x": 1.0}, step=1)
     tracker.finish()

@@ -10,9 +10,11 @@ import time
 
 import pytest
 import torch
-from conftest import EXACT_PPO, HYBRID_RESUME, ROOT, YesFraction, comparable, metrics, run_cli, sigkill_at_checkpoint, trainer_for
+from conftest import EXACT_PPO, HYBRID_RESUME, ROOT, YesFraction, comparable, max_diff, metrics, run_cli, sigkill_at_checkpoint, trainer_for
 
 import hybrid_trainer as ht
+import outputs
+import runtime
 
 
 @pytest.mark.parametrize("mode", ["sft", "ppo", "hybrid"])
@@ -50,7 +52,7 @@ def test_the_final_save_runs_without_the_optimizers_state(tiny_model, tiny_data,
     """finish() releases AdamW's moments and the gradients (Optimizers.release) and gives the freed heap back
     (return_freed_memory) before the final save, which needs neither; the trained weights are what is saved, and a
     released optimizer still steps (fresh moments)."""
-    seen, save_final = {}, ht.save_final
+    seen, save_final = {}, outputs.save_final
 
     def spy(out_dir, trainer, cfg, card=""):
         seen["states"] = [len(o.state) for o in (trainer.optim.sft, trainer.optim.ppo)]
@@ -58,7 +60,7 @@ def test_the_final_save_runs_without_the_optimizers_state(tiny_model, tiny_data,
         seen["weights"] = {k: v.detach().clone() for k, v in trainer.policy.lm.state_dict().items()}
         return save_final(out_dir, trainer, cfg, card)
 
-    monkeypatch.setattr(ht, "save_final", spy)
+    monkeypatch.setattr(ht, "save_final", spy)  # looked up in the trainer
     cfg = {"MODE": "hybrid", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(tmp_path / "out"),
            "SEED": 0, "SFT_BATCH": 4, "PPO_BATCH": 4, "PPO_MINI": 2, "MAX_NEW_TOKENS": 4,
            "REWARD": {"type": "contains", "pattern": "yes"}}
@@ -69,7 +71,7 @@ def test_the_final_save_runs_without_the_optimizers_state(tiny_model, tiny_data,
 
     saved = load_file(str(tmp_path / "out" / "inference_lm" / "model.safetensors"))
     assert all(torch.equal(saved[k], seen["weights"][k]) for k in saved)
-    assert ht.return_freed_memory()  # glibc (Linux CI): malloc_trim ran
+    assert runtime.return_freed_memory()  # glibc (Linux CI): malloc_trim ran
 
     trainer, examples = trainer_for({"PPO_BATCH": 4, "PPO_MINI": 4, "MAX_NEW_TOKENS": 4}, tiny_model, tiny_data, YesFraction())
     trainer.ppo_update(examples[:4])
@@ -193,11 +195,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model, tiny_data, t
     assert "resuming from" in resumed.stdout
     assert comparable(metrics(killed)) == comparable(metrics(straight))
     assert len(metrics(killed)) == total
-    from safetensors.torch import load_file
-
-    a = load_file(str(straight / "inference_lm" / "model.safetensors"))
-    b = load_file(str(killed / "inference_lm" / "model.safetensors"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert max_diff(straight / "inference_lm" / "model.safetensors", killed / "inference_lm" / "model.safetensors") <= 1e-6
 
 
 def test_sigterm_checkpoints_and_exits_143(tiny_model, tiny_data, tmp_path):

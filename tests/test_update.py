@@ -9,10 +9,11 @@ import sys
 
 import pytest
 import torch
-from conftest import EXACT_PPO, ROOT, metrics, run_cli, trainer_for
+from conftest import EXACT_PPO, ROOT, max_diff, metrics, run_cli, trainer_for
 
 import hybrid_trainer as ht
 import rewards
+import runtime
 
 
 # ---- pure functions over a mask with a gap ----
@@ -45,7 +46,7 @@ def test_gmpo_by_hand():
     logp = torch.tensor([[0.1, 0.5, -0.3], [0.1, 0.5, -0.3]], requires_grad=True)
     adv = torch.tensor([[1.0] * 3, [-2.0] * 3])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    out = ht.policy_loss(logp, old, adv, mask, 0.2, 0.2, "gmpo", "seq_mean_token_mean")
+    out = ht.policy_loss(logp, old, adv, mask, ht.LossSettings(0.2, 0.2, "gmpo", "seq_mean_token_mean"))
     # A > 0: min(log r, clip) per token = [0.1, 0.2, -0.3] -> mean 0.0 -> ratio 1, loss -1
     # A < 0: -min(-log r, -clip) = max(log r, clip) over the 2 tokens = [0.1, 0.5] -> mean 0.3 -> loss 2 e^0.3
     expected = (-1.0 * 1.0 + 2.0 * torch.exp(torch.tensor(0.3))) / 2
@@ -64,7 +65,7 @@ def test_every_loss_is_the_policy_gradient_at_ratio_one():
     adv = torch.tensor([[0.7] * 3, [-1.3] * 3])
     for kind in ht.POLICY_LOSSES:
         logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.1, -2.2]], requires_grad=True)
-        out = ht.policy_loss(logp, logp.detach(), adv, mask, 0.2, 0.2, kind, "seq_mean_token_mean")
+        out = ht.policy_loss(logp, logp.detach(), adv, mask, ht.LossSettings(0.2, 0.2, kind, "seq_mean_token_mean"))
         grad = torch.autograd.grad(out.loss, logp)[0]
         expected = -adv * mask / mask.sum(1, keepdim=True) / 2
         torch.testing.assert_close(grad, expected, msg=kind)
@@ -179,7 +180,7 @@ def test_each_policy_loss_raises_the_reward_through_the_cli(loss, tiny_model, ti
 def test_importance_level_sequence_is_gspo():
     cfg = ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "IMPORTANCE_LEVEL": "sequence"})
     assert cfg.POLICY_LOSS == "gspo"
-    with pytest.raises(ht.UserError, match="IMPORTANCE_LEVEL \"sequence\" is POLICY_LOSS \"gspo\""):
+    with pytest.raises(runtime.UserError, match="IMPORTANCE_LEVEL \"sequence\" is POLICY_LOSS \"gspo\""):
         ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "IMPORTANCE_LEVEL": "sequence", "POLICY_LOSS": "cispo"})
     assert ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "POLICY_LOSS": "gmpo"}).LOSS_AGG == "seq_mean_token_mean"
 
@@ -193,14 +194,16 @@ def test_help_lists_the_new_registries():
 
 
 # ---- the launch and the Plan ----
-def test_the_launch_is_read_by_run_not_at_import():
-    code = "import hybrid_trainer as ht; print(ht.PROCS.world, ht.PROCS.rank, ht.Processes.from_env().world)"
+def test_the_launch_is_read_by_run_not_at_import(monkeypatch):
+    code = "import hybrid_trainer, runtime; print(runtime.PROCS.world, runtime.PROCS.rank, runtime.Processes.from_env().world)"
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.stdout.split() == ["1", "0", "2"], proc.stderr
     threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # set by `make test`: it would keep torch's count as it is
     try:  # set_threads divides the CPUs among the launch's processes on this node, from the Processes it is given
-        assert ht.set_threads(ht.Processes(local_world=2)).endswith("/ 2 processes)") or "OMP_NUM_THREADS" in os.environ
+        assert runtime.set_threads(runtime.Processes(local_world=2)).endswith("/ 2 processes)")
+        assert torch.get_num_threads() == max(1, runtime.usable_cpus() // 2)
     finally:
         torch.set_num_threads(threads)
 
@@ -305,7 +308,7 @@ def test_an_update_with_chunked_logits_equals_one_with_the_whole_logits(advantag
     for k in whole:
         if not k.startswith("time/"):
             assert chunked[k] == pytest.approx(whole[k], abs=1e-6, rel=1e-6), k
-    assert max((w_chunked[k] - w_whole[k]).abs().max().item() for k in w_whole) <= 1e-6
+    assert max_diff(w_chunked, w_whole) <= 1e-6
 
 
 def test_a_head_that_is_not_a_function_of_the_hidden_states_keeps_the_logits(tiny_model, tiny_data):
@@ -335,4 +338,4 @@ def test_an_sft_step_with_chunked_logits_equals_one_with_the_whole_logits(sft_lo
 
     (chunked, w_chunked), (whole, w_whole) = step(3), step(0)
     assert chunked["sft/loss"] == pytest.approx(whole["sft/loss"], abs=1e-6, rel=1e-6)
-    assert max((w_chunked[k] - w_whole[k]).abs().max().item() for k in w_whole) <= 1e-6
+    assert max_diff(w_chunked, w_whole) <= 1e-6

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 import torch
-from conftest import EXACT_PPO, ROOT, YesFraction, metrics, run_cli, torchrun, trainer_for
+from conftest import EXACT_PPO, LEARN, ROOT, YesFraction, metrics, run_cli, torchrun, trainer_for
 
 import hybrid_trainer as ht
+import runtime
 
 VLLM = {"GENERATION_BACKEND": "vllm", "BF16": False, "MAX_NEW_TOKENS": 6, "PPO_BATCH": 4, "PPO_EPOCHS": 2, "LR_PPO": 1e-2,
         "VLLM_KV_CACHE_GB": 0.25}
@@ -22,13 +23,13 @@ VLLM = {"GENERATION_BACKEND": "vllm", "BF16": False, "MAX_NEW_TOKENS": 6, "PPO_B
 def close_engines():
     """An engine per test, closed after it (each holds its KV cache)."""
     yield
-    for engine in list(ht.OPEN_ENGINES):
+    for engine in list(runtime.OPEN_ENGINES):
         engine.close()
 
 
 def hf_greedy(trainer, prompts):
     """The policy's own greedy continuation (transformers' generate on the trained module)."""
-    return ht.HFEngine(trainer.cfg, trainer.plan, trainer.policy, trainer.tokenizer, trainer.device).generate(prompts, greedy=True)
+    return runtime.HFEngine(trainer.cfg, trainer.plan, trainer.policy, trainer.tokenizer, trainer.device).generate(prompts, greedy=True)
 
 
 def policy_logprobs(trainer, prompt, response):
@@ -111,7 +112,6 @@ def test_same_seed_same_responses_and_eos_handling(tiny_model, tiny_data):
 
 @pytest.mark.parametrize("advantage, hybrid", [("grpo", None), ("rloo", "gate"), ("gae", "mix"), ("remax", None)])
 def test_grpo_and_friends_learn_with_vllm(advantage, hybrid, tiny_model, tiny_data, tmp_path):
-    from test_algorithms import LEARN
 
     out = tmp_path / "out"
     run_cli({**LEARN, "MODE": "hybrid" if hybrid else "ppo", "ADVANTAGE": advantage, **({"HYBRID": hybrid} if hybrid else {}),

