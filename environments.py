@@ -27,7 +27,6 @@ import inspect
 import json
 import math
 import operator
-import queue
 import threading
 import time
 from fractions import Fraction
@@ -287,11 +286,7 @@ class CodeRunner:
         return [{"role": "system", "content": self.kind.system}] if self.kind.system else None
 
     def step(self, action: str) -> Step:
-        slot = self.kind.slots.get()
-        try:
-            result = rewards._run_sandboxed(_MAIN.format(program=action), [], None, self.kind.limits, slot)
-        finally:
-            self.kind.slots.put(slot)
+        result = self.kind.sandbox.run(_MAIN.format(program=action))
         output = result.output.rstrip()
         failed = result.why and result.why != "no result" or "Traceback (most recent call last)" in output
         if result.why:
@@ -305,9 +300,7 @@ class CodeType(EnvironmentType):
 
     def __init__(self, limits: rewards.SandboxLimits, workers: int, system: str):
         self.limits, self.workers, self.system = limits, workers, system
-        self.slots: queue.SimpleQueue = queue.SimpleQueue()
-        for slot in range(workers):
-            self.slots.put(slot)
+        self.sandbox = rewards.Sandbox(limits, workers)
 
     def new(self, row: dict) -> CodeRunner:
         return CodeRunner(self)
@@ -385,8 +378,8 @@ def check_spec(spec: Any, trust_remote_code: Optional[bool] = None, where: str =
     """Validate an environment spec (type, fields, their types and bounds; python: the opt-in and the file) without
     building it. Raises EnvSpecError naming the field."""
     try:
-        builder = rewards._check_type(spec, ENVIRONMENTS, where)
-        rewards._check_fields({"type": spec["type"], **_fields_of(spec)}, builder, where, skip_ctx=True, common={"type"})
+        builder = rewards.check_type(spec, ENVIRONMENTS, where)
+        rewards.check_fields({"type": spec["type"], **_fields_of(spec)}, builder, where, skip_ctx=True, common={"type"})
     except rewards.RewardSpecError as e:
         raise EnvSpecError(str(e).replace("class_name", "class")) from None
     if spec["type"] == "python":

@@ -189,10 +189,11 @@ IMPORTED_AT = time.time()  # the start-up line: the interpreter and the imports 
 # ==================================================================================================
 # 1. Config and Plan
 # ==================================================================================================
-def _key(default, help: str, choices: Optional[typing.Callable[[], tuple]] = None):
-    """A config field: default value plus the one-line help shown by --help and docs/config.md. `choices`: the names the
-    key accepts, read from a registry when asked (the registries are defined further down); "{choices}" in the help
-    becomes them, and validate() checks the value against them."""
+def _key(default, help: Union[str, Callable[[], str]], choices: Optional[typing.Callable[[], Any]] = None):
+    """A config field: default value plus the one-line help shown by --help and docs/config.md (a function: help read
+    from a registry when asked). `choices`: the names the key accepts, read from a registry when asked (the registries
+    are defined further down); "{choices}" in the help becomes them, "{described}" each with its Choice's doc, and
+    validate() checks the value against them."""
     meta = {"help": help, "choices": choices}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
@@ -200,7 +201,7 @@ def _key(default, help: str, choices: Optional[typing.Callable[[], tuple]] = Non
 
 
 @dataclass(frozen=True)
-class Config:  # longer than our 250-line mark: one documented line per key (about 100), then their validation
+class Config:  # over the 250-line mark: one documented line per key (117 of them), then validate() and its helpers
     # --- what to train ---
     MODE: str = _key("hybrid", "sft | ppo | hybrid")
     MODEL: str = _key("smollm2-135m-instruct", "local model dir, a .gguf file, or an alias: " + ", ".join(MODEL_ALIASES))
@@ -234,8 +235,7 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     SFT_ALL_TURNS: bool = _key(False, "messages: SFT trains on every assistant turn of a conversation, not only the last")
     SELECT_OUTPUT: str = _key("output", "DATA_FORMAT fields: item key holding the target response (a list uses its first element)")
     CATEGORY_FIELD: str = _key("", "item key naming its category: kept out of the prompt, grouped in report.md ('' = none)")
-    PROMPT_FORMAT: str = _key("auto", "{choices}: sketch (### Prompt: template), chat (tokenizer's chat template), auto (chat if it "
-                              "has one)", choices=lambda: ("auto", "sketch", "chat"))
+    PROMPT_FORMAT: str = _key("auto", "how a prompt is rendered: {described}", choices=lambda: PROMPT_FORMATS)
     PERCENT: float = _key(100, "use this percent of the items (0 < PERCENT <= 100), after a seeded shuffle")
     NUM_SAMPLES: int = _key(0, "use this many items instead of PERCENT (0 = use PERCENT)")
     SHUFFLE: bool = _key(True, "shuffle items with SEED before subsetting and each epoch (never runs a script)")
@@ -269,8 +269,7 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
                          choices=lambda: ("auto",) + tuple(LOSS_AGGREGATIONS))
     POLICY_LOSS: str = _key("ppo", "the policy loss: {choices} (see the POLICY_LOSS registry below and docs/algorithms.md)",
                             choices=lambda: tuple(POLICY_LOSSES))
-    IMPORTANCE_LEVEL: str = _key("token", "{choices}: token (a ratio per token), sequence (= POLICY_LOSS \"gspo\", kept for "
-                                 "older configs)", choices=lambda: ("token", "sequence"))
+    IMPORTANCE_LEVEL: str = _key("token", "{described}", choices=lambda: IMPORTANCE_LEVELS)
     SAPO_TAU_POS: float = _key(1.0, "POLICY_LOSS sapo: the gate's temperature where the advantage is positive (TRL's default)")
     SAPO_TAU_NEG: float = _key(1.05, "POLICY_LOSS sapo: the gate's temperature where the advantage is negative or 0 (TRL's default)")
     CLIPRANGE_VALUE: float = _key(0.2, "value prediction clip range")
@@ -306,10 +305,10 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     # --- agents: multi-turn rollouts with an environment ---
     ENVIRONMENT: dict = _key({}, "environment spec for environments.make_environment ({} = off: single-turn); its types "
                              "are the ENVIRONMENT table below (see docs/agents.md)")
-    ACTION_FORMAT: Union[str, dict] = _key("auto", "how the model acts in its own text: {choices} (auto: the environment's own: "
-                                           "calculator calc_tag, code python_block, python tool_tag), or your own markers "
-                                           "{\"open\": \"<act>\", \"close\": \"</act>\"}; the turn stops at the closing marker",
-                                           choices=lambda: ("auto",) + tuple(action_formats()))
+    ACTION_FORMAT: Union[str, dict] = _key("auto", lambda: "how the model acts in its own text: {choices} (auto: the environment's "
+                                           "own: " + ", ".join(f"{t} {f}" for t, f in action_formats()[1].items()) + "), or your "
+                                           "own markers {\"open\": \"<act>\", \"close\": \"</act>\"}; the turn stops at the "
+                                           "closing marker", choices=lambda: ("auto",) + tuple(action_formats()[0]))
     MAX_TURNS: int = _key(4, "ENVIRONMENT: model turns per trajectory at most (its observations come between them)")
     MAX_OBSERVATION_TOKENS: int = _key(256, "ENVIRONMENT: an observation longer than this many tokens is cut from the middle, "
                                        "saying so")
@@ -351,8 +350,7 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     MAX_GRAD_NORM: float = _key(1.0, "gradient clipping norm")
     LR_SCHEDULE: str = _key("constant", "{choices} decay over the run, per optimizer (SFT, PPO)", choices=lambda: tuple(LR_SCHEDULES))
     WARMUP_STEPS: int = _key(0, "linear warm-up, in optimizer steps of each optimizer")
-    REF_UPDATE: str = _key("never", "{choices}: never (frozen initial reference), cycle (hybrid: reference = policy at the start of "
-                           "each PPO phase)", choices=lambda: ("never", "cycle"))
+    REF_UPDATE: str = _key("never", "{described}", choices=lambda: REF_UPDATES)
     # --- precision, seed, logging ---
     BF16: Union[bool, str] = _key("auto", "bfloat16 autocast: auto (on with CUDA bf16; on a CPU when a start-up probe finds bf16 "
                                   "matmuls faster than fp32) | true | false")
@@ -373,8 +371,7 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
     EVAL_EVERY: int = _key(0, "evaluate every this many steps (0 = only at start and end)")
     SAVE_BEST: str = _key("", "keep the weights of the best evaluation by this eval metric as OUTPUT_DIR/best/, e.g. "
                           "\"eval/pass@1\" ('' = off; needs EVAL_FILE and EVAL_EVERY); the final model is saved too")
-    SAVE_BEST_MODE: str = _key("max", "max | min: whether a larger or a smaller SAVE_BEST is better",
-                               lambda: ("max", "min"))
+    SAVE_BEST_MODE: str = _key("max", "which SAVE_BEST is better: {described}", choices=lambda: SAVE_BEST_MODES)
     # --- reliability ---
     SAVE_EVERY: int = _key(0, "write a checkpoint every this many steps (0 = off)")
     KEEP_CHECKPOINTS: int = _key(2, "checkpoints kept (older ones are pruned)")
@@ -463,9 +460,6 @@ class Config:  # longer than our 250-line mark: one documented line per key (abo
         need(not isinstance(custom, dict) or set(custom) == {"open", "close"} and all(isinstance(v, str) and v for v in
              custom.values()), f"ACTION_FORMAT as an object needs exactly \"open\" and \"close\", two non-empty strings; "
              f"got {custom!r}")
-        if self.ACTION_FORMAT == "tool_call":
-            need(self.ENVIRONMENT.get("type") == "calculator", "ACTION_FORMAT \"tool_call\" works with the calculator "
-                 "environment (the one with a tool schema); use a text format with the others")
 
     def _check_rl(self, need) -> dict:
         """The RL keys that depend on each other -> their filled defaults."""
@@ -564,10 +558,11 @@ _TRUE = ("true", "1", "yes", "y", "t", "on")
 _FALSE = ("false", "0", "no", "n", "f", "off")
 
 
-def action_formats() -> dict:
+def action_formats() -> tuple[dict, dict]:
+    """environments' ACTION_FORMATS registry, and each environment type's own format (ACTION_FORMAT "auto")."""
     import environments  # light: the environments import their libraries when built
 
-    return environments.ACTION_FORMATS
+    return environments.ACTION_FORMATS, environments.DEFAULT_FORMATS
 
 
 def one_of(key: str, value: str, choices: tuple) -> None:
@@ -634,7 +629,10 @@ def load_config(path: str) -> Config:
 def config_defaults() -> list[tuple[str, Any, str]]:
     """(key, default, help) for every config key, in file order; a key's choices are its registry's names."""
     def doc(f) -> str:
-        return f.metadata["help"].replace("{choices}", " | ".join(f.metadata["choices"]()) if f.metadata["choices"] else "")
+        text = f.metadata["help"]() if callable(f.metadata["help"]) else f.metadata["help"]
+        choices = f.metadata["choices"]() if f.metadata["choices"] else ()
+        described = ", ".join(f"{name} ({entry.doc})" for name, entry in choices.items()) if isinstance(choices, dict) else ""
+        return text.replace("{choices}", " | ".join(choices)).replace("{described}", described)
 
     return [(f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default, doc(f))
             for f in dataclasses.fields(Config)]
@@ -669,7 +667,8 @@ def registry_table() -> list[tuple[str, list[tuple[str, str]]]]:
               "SFT_TOKEN_WEIGHT": SFT_TOKEN_WEIGHTS, "MIX_SCHEDULE": MIX_SCHEDULES, "LR_SCHEDULE": LR_SCHEDULES,
               "DATA_FORMAT": DATA_FORMATS, "GENERATION_BACKEND": GENERATION_BACKENDS, "REWARD type": rewards.REWARDS,
               "REWARD math extract": rewards.MATH_EXTRACTORS, "ENVIRONMENT type": environments.ENVIRONMENTS, "DISTILL": DISTILL_LOSSES,
-              "ACTION_FORMAT": environments.ACTION_FORMATS}
+              "ACTION_FORMAT": environments.ACTION_FORMATS, "PROMPT_FORMAT": PROMPT_FORMATS, "IMPORTANCE_LEVEL": IMPORTANCE_LEVELS,
+              "REF_UPDATE": REF_UPDATES, "SAVE_BEST_MODE": SAVE_BEST_MODES}
     return [(key, [(name, first_line(entry)) for name, entry in registry.items()]) for key, registry in tables.items()]
 
 
@@ -1343,10 +1342,10 @@ def _jsd_rows(student: torch.Tensor, teacher: torch.Tensor, beta: float, tempera
 
 class DistillLoss(NamedTuple):
     fn: Callable
-    place: str  # "advantage": added to the advantages in step 5; "loss": a term of its own in step 6's loss
+    in_loss: bool  # a term of its own in step 6's loss (reads the whole distribution); else added to step 5's advantages
 
 
-DISTILL_LOSSES = {"token_reverse_kl": DistillLoss(distill_advantages, "advantage"), "jsd": DistillLoss(generalized_jsd, "loss")}
+DISTILL_LOSSES = {"token_reverse_kl": DistillLoss(distill_advantages, in_loss=False), "jsd": DistillLoss(generalized_jsd, in_loss=True)}
 
 
 def zero_std_groups(scores: torch.Tensor, group_size: int) -> float:
@@ -1459,6 +1458,11 @@ class Choice(NamedTuple):
     doc: str
 
 
+IMPORTANCE_LEVELS = {"token": Choice("token", "a ratio per token"),
+                     "sequence": Choice("sequence", "= POLICY_LOSS \"gspo\", kept for older configs")}
+REF_UPDATES = {"never": Choice("never", "the frozen initial reference"),
+               "cycle": Choice("cycle", "hybrid: the reference becomes the policy at the start of each PPO phase")}
+SAVE_BEST_MODES = {"max": Choice("max", "a larger value is better"), "min": Choice("min", "a smaller value is better")}
 LR_SCHEDULES = {  # transformers.get_scheduler's names
     "constant": Choice("constant_with_warmup", "constant after WARMUP_STEPS of linear warm-up"),
     "linear": Choice("linear", "linear decay to 0 after the warm-up"),
@@ -1844,6 +1848,11 @@ def load_examples(cfg: Config, seed: Optional[int] = None) -> list[Example]:
     return select_subset(load_data(cfg, "TRAIN_FILE")[0], cfg, seed)
 
 
+PROMPT_FORMATS = {"auto": Choice("auto", "chat if the tokenizer has a chat template, else sketch"),
+                  "sketch": Choice("sketch", "the design sketch's ### Prompt: template"),
+                  "chat": Choice("chat", "the tokenizer's chat template")}
+
+
 def resolve_prompt_format(cfg: Config, tokenizer) -> str:
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if cfg.PROMPT_FORMAT == "chat" and not has_template:
@@ -1975,8 +1984,8 @@ class PolicyWithValueHead(nn.Module):
         hidden = out.hidden_states[-1][:, -(n_response + 1):-1] if values or chunked else None
         value = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float() if values else None
         if chunked:
-            return Forward(None, value, hidden, self.lm.get_output_embeddings(), self.logits_chunk)
-        return Forward(out.logits[:, :-1], value)
+            return Forward(logits=None, values=value, hidden=hidden, head=self.lm.get_output_embeddings(), chunk=self.logits_chunk)
+        return Forward(logits=out.logits[:, :-1], values=value)
 
     def head_is_separable(self) -> bool:
         """Whether the LM's logits are its output embedding applied to its last hidden state (not for a model that
@@ -2153,14 +2162,16 @@ class Collected:
     env_s: float = 0.0  # seconds in environment steps (step 1, with an environment)
 
     def join(self, other: "Collected") -> "Collected":
-        return Collected(self.examples + other.examples, self.samples + other.samples,
-                         {k: self.sums.get(k, 0.0) + other.sums.get(k, 0.0) for k in {**self.sums, **other.sums}},
-                         self.generate_s + other.generate_s, self.score_s + other.score_s, self.env_s + other.env_s)
+        return Collected(examples=self.examples + other.examples, samples=self.samples + other.samples,
+                         sums={k: self.sums.get(k, 0.0) + other.sums.get(k, 0.0) for k in {**self.sums, **other.sums}},
+                         generate_s=self.generate_s + other.generate_s, score_s=self.score_s + other.score_s,
+                         env_s=self.env_s + other.env_s)
 
     def groups_with_signal(self, G: int) -> "Collected":
         """Only the prompts whose G scores are not all equal (the others give group-relative estimators nothing)."""
         keep = [i for i in range(len(self.examples)) if len({s.score for s in self.samples[i * G:(i + 1) * G]}) > 1]
-        return Collected([self.examples[i] for i in keep], [s for i in keep for s in self.samples[i * G:(i + 1) * G]], {})
+        return Collected(examples=[self.examples[i] for i in keep],
+                         samples=[s for i in keep for s in self.samples[i * G:(i + 1) * G]], sums={})
 
 
 @dataclass
@@ -2213,19 +2224,21 @@ def make_rollout(samples: list[Sample], group_size: int, pad_id: int, device: to
     teacher = None
     if all(s.teacher_query is not None for s in samples):
         t_ids, t_mask = left_pad([s.teacher_query for s in samples], pad_id)
-        teacher = Tokens(torch.cat([t_ids, r_ids], 1).to(device), torch.cat([t_mask, r_mask.long().cpu()], 1).to(device),
-                         r_ids.to(device), r_mask)
-    return Rollout(torch.cat([q_ids, r_ids], 1).to(device), torch.cat([q_mask, r_mask.long().cpu()], 1).to(device),
-                   r_ids.to(device), r_mask, loss_mask, torch.tensor([s.score for s in samples], dtype=torch.float32, device=device),
-                   torch.tensor([s.baseline for s in samples], dtype=torch.float32, device=device),
-                   torch.tensor([s.ended for s in samples], dtype=torch.bool), group_size,
-                   right_pad_floats(engine, R).to(device) if all(e is not None for e in engine) else None, teacher)
+        teacher = Tokens(input_ids=torch.cat([t_ids, r_ids], 1).to(device),
+                         attention_mask=torch.cat([t_mask, r_mask.long().cpu()], 1).to(device), r_ids=r_ids.to(device), r_mask=r_mask)
+    return Rollout(input_ids=torch.cat([q_ids, r_ids], 1).to(device),
+                   attention_mask=torch.cat([q_mask, r_mask.long().cpu()], 1).to(device), r_ids=r_ids.to(device), r_mask=r_mask,
+                   loss_mask=loss_mask, scores=torch.tensor([s.score for s in samples], dtype=torch.float32, device=device),
+                   baseline=torch.tensor([s.baseline for s in samples], dtype=torch.float32, device=device),
+                   ended=torch.tensor([s.ended for s in samples], dtype=torch.bool), group_size=group_size,
+                   engine_logprobs=right_pad_floats(engine, R).to(device) if all(e is not None for e in engine) else None,
+                   teacher=teacher)
 
 
 def samples_from_tokens(queries: list, responses: list, scores: list, baseline: Optional[list], eos_id: Optional[int],
                         teacher_queries: Optional[list] = None) -> list[Sample]:
     """The classic API's lists -> Samples; a response ended when its last token is EOS."""
-    return [Sample(q, r, bool(r) and r[-1] == eos_id, s, baseline[i] if baseline else 0.0,
+    return [Sample(query=q, response=r, ended=bool(r) and r[-1] == eos_id, score=s, baseline=baseline[i] if baseline else 0.0,
                    teacher_query=teacher_queries[i] if teacher_queries else None)
             for i, (q, r, s) in enumerate(zip(queries, responses, scores))]
 
@@ -2411,7 +2424,8 @@ class Trajectory:
 
     def stats(self) -> EnvStats:
         model = int(sum(self.mask))
-        return EnvStats(self.turns, self.actions, self.action_errors, len(self.ids) - model, model, self.truncated, self.error)
+        return EnvStats(turns=self.turns, actions=self.actions, action_errors=self.action_errors,
+                        observation_tokens=len(self.ids) - model, model_tokens=model, truncated=self.truncated, error=self.error)
 
     def text(self) -> str:
         """The conversation after the prompt, as a person reads it (the report)."""
@@ -2491,15 +2505,16 @@ class TurnLoop:
 
     def start(self, ex: Example) -> Trajectory:
         if self.env_type is None:
-            return Trajectory(ex, ex.prompt_ids)
+            return Trajectory(example=ex, prompt_ids=ex.prompt_ids)
         env = self.env_type.new(ex.item)
         added = env.reset(ex.item)
         messages = prompt_messages(ex, self.cfg)
         if not added and self.tools is None:
-            return Trajectory(ex, ex.prompt_ids, env, messages, len(messages))
+            return Trajectory(example=ex, prompt_ids=ex.prompt_ids, env=env, messages=messages, n_prompt=len(messages))
         messages = [dict(m) for m in added or []] + messages
         text = self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=False, add_generation_prompt=True)
-        return Trajectory(ex, self.tokenizer(text, add_special_tokens=False)["input_ids"], env, messages, len(messages))
+        return Trajectory(example=ex, prompt_ids=self.tokenizer(text, add_special_tokens=False)["input_ids"], env=env,
+                          messages=messages, n_prompt=len(messages))
 
     def room(self, t: Trajectory) -> int:
         """Model tokens this trajectory may still sample: MAX_NEW_TOKENS in all, within MAXSEQ."""
@@ -2614,17 +2629,19 @@ class Collector:
         self.sleep()  # CUDA: the engine's memory goes back to training until the next rollout
         # 3. gather once: every process holds the whole batch
         acting = self.turns.env_type is not None
-        samples = [Sample(t.prompt_ids, t.ids, t.ended, float(s), float(b), t.logprobs, t.mask if acting else None,
-                          t.stats() if acting else None, t.example.teacher_prompt_ids)
+        samples = [Sample(query=t.prompt_ids, response=t.ids, ended=t.ended, score=float(s), baseline=float(b),
+                          engine_logprobs=t.logprobs, loss_mask=t.mask if acting else None, env=t.stats() if acting else None,
+                          teacher_query=t.example.teacher_prompt_ids)
                    for t, s, b in zip(trajs, scores.tolist(), baseline.tolist())]
-        parts = gather_objects(Share(samples, {} if stateful else scored.components, errors[0] if errors else None))
+        parts = gather_objects(Share(samples=samples, sums={} if stateful else scored.components,
+                                     error=errors[0] if errors else None))
         errors = [p.error for p in parts if p.error]
         if errors:
             raise BadStep(errors[0])
         sums = scored.components if stateful else \
             {k: sum(p.sums.get(k, 0.0) for p in parts) for k in sorted(set().union(*(p.sums for p in parts)))}
-        return Collected(list(examples), [s for p in parts for s in p.samples], sums, t1 - t0 - env_s,
-                         time.perf_counter() - t1, env_s)
+        return Collected(examples=list(examples), samples=[s for p in parts for s in p.samples], sums=sums,
+                         generate_s=t1 - t0 - env_s, score_s=time.perf_counter() - t1, env_s=env_s)
 
     def with_signal(self, first: Collected, draw: Optional[Callable]) -> tuple[Collected, Collected, dict]:
         """Step 3 with DAPO's dynamic sampling (Yu et al. 2025; verl filter_groups, OpenRLHF dynamic_filtering): keep the
@@ -2664,7 +2681,8 @@ class Collector:
                     break
         except Exception as e:  # noqa: BLE001 - any reward failure is reported, never a corrupt update
             error = f"reward raised {type(e).__name__}: {e} (first response: {texts[0][:200]!r})"
-        return Scored([float(s) for s in scores], {name: sum(v) for name, v in sorted(components.items())}, error)
+        return Scored(scores=[float(s) for s in scores], components={name: sum(v) for name, v in sorted(components.items())},
+                      error=error)
 
     def score_mine(self, trajs: list[Trajectory]) -> tuple[torch.Tensor, "Scored"]:
         """This process's scores, MISSING_EOS_PENALTY applied -> ((len(trajs),) float32, the Scored they came from;
@@ -2768,15 +2786,17 @@ class PPOUpdate:
             rewards=rewards, mask=rl_mask, values=old.values, group_size=G, gamma=cfg.GAMMA, lam=cfg.LAM,
             whiten_rewards=cfg.WHITEN_REWARDS, baseline=rollout.baseline)
         returns = old.values if returns is None else returns
-        if self.distill is not None and self.distill.place == "advantage":  # DISTILL token_reverse_kl: the teacher's term
+        if self.distill is not None and not self.distill.in_loss:  # DISTILL token_reverse_kl: the teacher's term
             advantages = advantages + cfg.DISTILL_COEF * self.distill.fn(old.logprobs, old.teacher_logprobs, rl_mask,
                                                                          cfg.DISTILL_DISCOUNT)
         if cfg.MASK_TRUNCATED:  # no gradient for responses cut at the token limit; their scores counted above
             rl_mask = rl_mask * rollout.ended.to(dev)[:, None].float()
         is_weights, mismatch = self.rollout_correction(rollout, old)
-        teacher_view = (rollout.teacher or rollout_tokens(rollout)) if self.distill is not None and self.distill.place == "loss" else None
-        batch = UpdateBatch(rollout.input_ids, rollout.attention_mask, rollout.r_ids, rollout.r_mask, rl_mask, old.logprobs,
-                            old.values, advantages, returns, old.ref_logprobs, is_weights, teacher_view)
+        teacher_view = (rollout.teacher or rollout_tokens(rollout)) if self.distill is not None and self.distill.in_loss else None
+        batch = UpdateBatch(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, r_ids=rollout.r_ids,
+                            r_mask=rollout.r_mask, loss_mask=rl_mask, old_logprobs=old.logprobs, old_values=old.values,
+                            advantages=advantages, returns=returns, ref_logprobs=old.ref_logprobs, is_weights=is_weights,
+                            teacher=teacher_view)
         # 6. PPO epochs over minibatches (each with its part of the SFT demonstrations, under gate / mix)
         mb_stats, skipped = self.epochs(batch, perms, old.first, sft_pool, split.mu if split else None)
         t2 = time.perf_counter()
@@ -2827,7 +2847,8 @@ class PPOUpdate:
         ref_logprobs = out.ref_logprobs if out.ref_logprobs is not None else logprobs  # INIT_KL_COEF 0: no reference, KL 0
         kl = out.kl if out.kl is not None else kl_per_token(logprobs, ref_logprobs, cfg.KL_PENALTY)
         values = out.values if out.values is not None else torch.zeros_like(logprobs)
-        return OldPolicy(logprobs, values, ref_logprobs, kl, first, reference_s, t_first, out.teacher_logprobs)
+        return OldPolicy(logprobs=logprobs, values=values, ref_logprobs=ref_logprobs, kl=kl, first=first,
+                         reference_s=reference_s, first_forward_s=t_first, teacher_logprobs=out.teacher_logprobs)
 
     @torch.no_grad()
     def forward_no_grad(self, tokens: Tokens, R: int, policy: bool = True,
@@ -2924,10 +2945,10 @@ class PPOUpdate:
         if acc.nonfinite > 0 or (sft_loss is not None and not math.isfinite(sft_loss)):
             self.optim.ppo.zero_grad(set_to_none=True)
             raise BadStep(f"PPO loss is not finite (loss {acc.total.item()}, SFT loss {sft_loss})")
-        stats = acc.metrics(critic, distill=self.distill is not None and self.distill.place == "loss") if mu < 1 else {}
+        stats = acc.metrics(critic, distill=self.distill is not None and self.distill.in_loss) if mu < 1 else {}
         if sft_loss is not None:
             stats["hybrid/sft_loss"] = sft_loss
-        if stats.get("ppo/policy/ratio", 0.0) > self.cfg.RATIO_THRESHOLD:
+        if acc.ratio.item() > self.cfg.RATIO_THRESHOLD:  # the minibatch's mean ratio (0 when mu = 1: no RL term)
             self.optim.ppo.zero_grad(set_to_none=True)
             return None
         stats["ppo/grad_norm"] = self.optim.step(self.optim.ppo, self.optim.rl_params)
@@ -2977,7 +2998,7 @@ class PPOUpdate:
 
 
 def rollout_tokens(rollout: Rollout) -> Tokens:
-    return Tokens(rollout.input_ids, rollout.attention_mask, rollout.r_ids, rollout.r_mask)
+    return Tokens(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, r_ids=rollout.r_ids, r_mask=rollout.r_mask)
 
 
 # ---- 7. ----
@@ -3176,6 +3197,44 @@ def eval_metric_keys(cfg: Config) -> set:
             ({"eval/turns", "eval/actions", "eval/action_error_rate"} if cfg.ENVIRONMENT else set()))
 
 
+@dataclass
+class EvalSample:
+    """One held-out item's evaluation: its first response, and with k samples per item their mean reward and share
+    containing the reference. metrics.jsonl logs it as row() (the report and the trackers read that)."""
+    prompt: str
+    target: str
+    response: str
+    reward: Optional[float]  # None: no reward is configured
+    contains: Union[bool, float]  # the response contains the reference (k > 1: the share of the k that do)
+    category: Optional[str]  # CATEGORY_FIELD's value
+    trajectory: Optional[str] = None  # with an environment: the first response's whole trajectory
+    passes: Optional[int] = None  # k > 1: the responses whose reward reaches EVAL_PASS_SCORE
+    k: Optional[int] = None
+    majority: Optional[bool] = None  # k > 1 with a math reward: the majority answer is right
+
+    def row(self) -> dict:
+        """As metrics.jsonl logs it: the fields of an evaluation that has them (reward and category always)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k in ("reward", "category")}
+
+
+def eval_trajectories(trainer: HybridTrainer, examples: list[Example]) -> tuple[list[EvalTrajectory], torch.Tensor]:
+    """Each process's share of the eval prompts, EVAL_NUM_SAMPLES = k responses each (greedy for k = 1), gathered ->
+    (item i's trajectories at i*k .. i*k+k-1, this process's [sum of the reverse KL to the teacher, tokens])."""
+    cfg, k = trainer.cfg, trainer.cfg.EVAL_NUM_SAMPLES
+    bs = max(cfg.PPO_BATCH, 8)  # prompts per generate call (each with its k responses)
+    mine, done, teacher_kl = shard(examples), [], torch.zeros(2, dtype=torch.float64)
+    for i in range(math.ceil(largest_share(len(examples)) / bs)):  # the same count on every process
+        chunk = mine[i * bs:(i + 1) * bs]
+        trajs = trainer.turns.run(chunk or examples[:1], n=k, greedy=k == 1, temperature=cfg.EVAL_TEMPERATURE)
+        done += [EvalTrajectory(answer=trainer.tokenizer.decode(t.last, skip_special_tokens=True), messages=t.messages,
+                                env_reward=t.env_reward, stats=t.stats(), text=t.text()) for t in trajs] if chunk else []
+        if trainer.teacher is not None:  # the held-out reverse KL to the teacher, on the student's own samples
+            kl_sum, kl_tokens = reverse_kl_to_teacher(trainer, trajs)  # a placeholder chunk runs too (FSDP), uncounted
+            teacher_kl = teacher_kl + torch.tensor([kl_sum, kl_tokens], dtype=torch.float64) * bool(chunk)
+    trainer.engine.sleep()
+    return sum(gather_objects(done), []), teacher_kl
+
+
 def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> dict:
     """Completions for the eval prompts (each process its share): greedy, or EVAL_NUM_SAMPLES = k samples each at
     EVAL_TEMPERATURE; scored by the configured reward and the fixed metrics (means over every response). With k > 1
@@ -3183,18 +3242,7 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
     import rewards
 
     cfg, k, acting = trainer.cfg, trainer.cfg.EVAL_NUM_SAMPLES, trainer.turns.env_type is not None
-    bs = max(cfg.PPO_BATCH, 8)  # prompts per generate call (each with its k responses)
-    mine, done, teacher_kl = shard(examples), [], torch.zeros(2, dtype=torch.float64)
-    for i in range(math.ceil(largest_share(len(examples)) / bs)):  # the same count on every process
-        chunk = mine[i * bs:(i + 1) * bs]
-        trajs = trainer.turns.run(chunk or examples[:1], n=k, greedy=k == 1, temperature=cfg.EVAL_TEMPERATURE)
-        done += [EvalTrajectory(trainer.tokenizer.decode(t.last, skip_special_tokens=True), t.messages, t.env_reward,
-                                t.stats(), t.text()) for t in trajs] if chunk else []
-        if trainer.teacher is not None:  # the held-out reverse KL to the teacher, on the student's own samples
-            kl_sum, kl_tokens = reverse_kl_to_teacher(trainer, trajs)  # a placeholder chunk runs too (FSDP), uncounted
-            teacher_kl = teacher_kl + torch.tensor([kl_sum, kl_tokens], dtype=torch.float64) * bool(chunk)
-    trainer.engine.sleep()
-    done = sum(gather_objects(done), [])  # item i's trajectories at i*k .. i*k+k-1
+    done, teacher_kl = eval_trajectories(trainer, examples)
     texts = [d.answer for d in done]
     rows = [e for e in examples for _ in range(k)]
     items = [{**e.item, "trajectory": d.messages} if acting else e.item for e, d in zip(rows, done)]
@@ -3213,9 +3261,10 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
     contains = [contains_reference(t, e.target) for e, t in zip(rows, texts)]
     result["eval/contains_reference"] = float(np.mean(contains))
     rewards_ = per_item.get("reward", [None] * len(texts))
-    samples = [{"prompt": e.question, "target": e.target, "response": texts[i * k],
-                "reward": None if rewards_[i * k] is None else float(np.mean(rewards_[i * k:(i + 1) * k])),
-                "contains": contains[i * k] if k == 1 else float(np.mean(contains[i * k:(i + 1) * k])), "category": e.category}
+    samples = [EvalSample(prompt=e.question, target=e.target, response=texts[i * k],
+                          reward=None if rewards_[i * k] is None else float(np.mean(rewards_[i * k:(i + 1) * k])),
+                          contains=contains[i * k] if k == 1 else float(np.mean(contains[i * k:(i + 1) * k])),
+                          category=e.category)
                for i, e in enumerate(examples)]
     if trainer.teacher is not None:
         kl_sum, kl_tokens = all_reduce_sum(teacher_kl.float()).tolist()
@@ -3226,23 +3275,24 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
         result.update({"eval/turns": float(np.mean([x.turns for x in stats])), "eval/actions": actions / len(stats),
                        "eval/action_error_rate": sum(x.action_errors for x in stats) / max(actions, 1)})
         for i, sample in enumerate(samples):
-            sample["trajectory"] = done[i * k].text
+            sample.trajectory = done[i * k].text
     if k > 1 and "reward" in per_item:
         solver = rewards.math_part(metrics["reward"])
         for i, (e, sample) in enumerate(zip(examples, samples)):
-            sample["passes"], sample["k"] = sum(x >= cfg.EVAL_PASS_SCORE for x in rewards_[i * k:(i + 1) * k]), k
+            sample.passes, sample.k = sum(x >= cfg.EVAL_PASS_SCORE for x in rewards_[i * k:(i + 1) * k]), k
             if solver is not None:
-                sample["majority"] = rewards.majority_correct(solver, texts[i * k:(i + 1) * k], e.target, e.item)
+                sample.majority = rewards.majority_correct(solver, texts[i * k:(i + 1) * k], e.target, e.item)
         result.update(pass_metrics(samples, k))
-    result["samples"] = samples  # every item, for the report's per-category table and its improved / worse examples
+    result["samples"] = [sample.row() for sample in samples]  # every item: the report's category table and examples
     return result
 
 
 def reverse_kl_to_teacher(trainer: HybridTrainer, trajs: list[Trajectory]) -> tuple[float, float]:
     """Over these trajectories' model tokens: the sum of log pi - log nu (the student's log-prob of its own sampled token
     minus the teacher's: a one-sample estimate of the reverse KL per token) and the number of tokens."""
-    samples = [Sample(t.prompt_ids, t.ids or [trainer.tokenizer.eos_token_id], t.ended, 0.0, 0.0, None,
-                      t.mask if t.ids else [0], None, t.example.teacher_prompt_ids) for t in trajs]
+    samples = [Sample(query=t.prompt_ids, response=t.ids or [trainer.tokenizer.eos_token_id], ended=t.ended, score=0.0,
+                      baseline=0.0, loss_mask=t.mask if t.ids else [0], teacher_query=t.example.teacher_prompt_ids)
+               for t in trajs]
     rollout = make_rollout(samples, 1, trainer.pad_id, trainer.device)
     columns, _ = trainer.update.forward_no_grad(rollout_tokens(rollout), rollout.r_ids.shape[1], teacher_tokens=rollout.teacher)
     mask = rollout.loss_mask
@@ -3258,12 +3308,12 @@ class EvalTrajectory(NamedTuple):
     text: str  # the turns after the prompt, as a person reads them
 
 
-def pass_metrics(samples: list[dict], k: int) -> dict:
+def pass_metrics(samples: list[EvalSample], k: int) -> dict:
     """eval/pass@1 (the mean pass rate of the samples), eval/pass@k, and eval/maj@k when the samples were voted on."""
-    out = {"eval/pass@1": float(np.mean([pass_at_k(k, s["passes"], 1) for s in samples])),
-           f"eval/pass@{k}": float(np.mean([pass_at_k(k, s["passes"], k) for s in samples]))}
-    if all("majority" in s for s in samples):
-        out[f"eval/maj@{k}"] = float(np.mean([s["majority"] for s in samples]))
+    out = {"eval/pass@1": float(np.mean([pass_at_k(k, s.passes, 1) for s in samples])),
+           f"eval/pass@{k}": float(np.mean([pass_at_k(k, s.passes, k) for s in samples]))}
+    if all(s.majority is not None for s in samples):
+        out[f"eval/maj@{k}"] = float(np.mean([s.majority for s in samples]))
     return out
 
 
@@ -3275,6 +3325,11 @@ def contains_reference(response: str, target: str) -> bool:
 # ==================================================================================================
 # 5. The loop
 # ==================================================================================================
+class Best(NamedTuple):
+    step: int  # the step whose evaluation it was
+    value: float  # SAVE_BEST's metric there
+
+
 @dataclass
 class RunState:
     step: int = 0  # steps done (SFT steps + PPO updates)
@@ -3283,7 +3338,15 @@ class RunState:
     bad_streak: int = 0  # consecutive skipped steps
     bad_total: int = 0
     drawn: dict = field(default_factory=lambda: {"sft": 0, "ppo": 0})  # items each side drew in this epoch
-    best: Optional[dict] = None  # SAVE_BEST: {"step", "value"} of the best evaluation so far (its weights in best/)
+    best: Optional[Best] = None  # SAVE_BEST: the best evaluation so far (its weights in best/)
+
+    def to_dict(self) -> dict:
+        """As a checkpoint's state.json holds it."""
+        return {**dataclasses.asdict(self), "best": self.best._asdict() if self.best else None}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "RunState":
+        return cls(**{**saved, "best": Best(**saved["best"]) if saved.get("best") else None})
 
 
 class StopRequest:
@@ -3384,7 +3447,7 @@ def resumed_draws(r: Run, state: RunState) -> dict:
 def checkpoint(r: Run, state: RunState) -> Path:
     """checkpoints/step-N/: the trainer's state_dict with the loop's RunState, the resolved config and the plan."""
     saved = r.trainer.state_dict()
-    saved["state"].update(run=dataclasses.asdict(state), config=resolved_config(r.cfg, r.plan), plan=dataclasses.asdict(r.plan))
+    saved["state"].update(run=state.to_dict(), config=resolved_config(r.cfg, r.plan), plan=dataclasses.asdict(r.plan))
     return save_checkpoint(r.out_dir, saved, state.step, r.cfg.KEEP_CHECKPOINTS)
 
 
@@ -3451,9 +3514,9 @@ def keep_best(r: Run, state: RunState, result: dict) -> None:
     if value != value:  # the metric failed this time (its warning was printed): nothing to compare
         return
     best = state.best
-    if best is None or (value > best["value"] if cfg.SAVE_BEST_MODE == "max" else value < best["value"]):
+    if best is None or (value > best.value if cfg.SAVE_BEST_MODE == "max" else value < best.value):
         save_best(r.out_dir, r.trainer, cfg, state.step, value)
-        state.best = {"step": state.step, "value": value}
+        state.best = Best(step=state.step, value=value)
 
 
 # ==================================================================================================
@@ -3546,9 +3609,13 @@ def build_environment(cfg: Config):
     import environments
 
     try:
-        return environments.make_environment(cfg.ENVIRONMENT, trust_remote_code=cfg.TRUST_REMOTE_CODE, say=say)
+        env_type = environments.make_environment(cfg.ENVIRONMENT, trust_remote_code=cfg.TRUST_REMOTE_CODE, say=say)
     except environments.EnvSpecError as e:
         raise UserError(str(e) if str(e).startswith("ENVIRONMENT") else f"ENVIRONMENT: {e}") from None
+    if cfg.ACTION_FORMAT == "tool_call" and env_type.tool_schema is None:
+        raise UserError(f"ACTION_FORMAT \"tool_call\" calls the environment's tool by its schema, and ENVIRONMENT "
+                        f"{cfg.ENVIRONMENT['type']!r} declares none (tool_schema): use a text format with it")
+    return env_type
 
 
 def check_teacher(cfg: Config, paths: ModelPaths, examples: list[Example]) -> None:
@@ -3719,7 +3786,7 @@ def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, o
     if resume_from is not None:
         saved = load_checkpoint(resume_from, device)
         trainer.load_state_dict(saved, f"checkpoint {resume_from}")
-        state = RunState(**saved["state"]["run"])
+        state = RunState.from_dict(saved["state"]["run"])
         say(f"resuming from {resume_from} (step {state.step})")
     metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=state.step, cfg=cfg, config=resolved_config(cfg, plan))
     return Run(cfg, plan, trainer, examples, sft_examples, eval_examples, eval_metrics, out_dir, metrics, fmt), state

@@ -798,21 +798,10 @@ def write_report(out_dir: Path, records: list[dict], cfg=None, n_train: Optional
                   "and how many responses contain the reference (with several samples per item: summed over items of each "
                   "one's share of samples). A category whose count falls is knowledge the model lost.\n",
                   category_table(before, after, categories) + "\n"]
-    delta = [((a["reward"] or 0.0) - (b["reward"] or 0.0), i) for i, (b, a) in enumerate(zip(before, after))]
-    improved = [i for d, i in sorted(delta, reverse=True) if d > 0][:3]
-    worse = [i for d, i in sorted(delta) if d < 0][:3]
-    unchanged = [i for d, i in delta if d == 0][:max(0, 4 - len(improved) - len(worse))]  # always show a few
-    samples = ["| change | prompt | target | before | after | reward before → after |", "|---|---|---|---|---|---|"]
-    for label, picked in (("improved", improved), ("worse", worse), ("unchanged", unchanged)):
-        for i in picked:
-            b, a = before[i], after[i]
-            samples.append(f"| {label} | {cell(b['prompt'])} | {cell(b['target'])} | {cell(b['response'])} | {cell(a['response'])} | "
-                           f"{number(b['reward'])} → {number(a['reward'])} |")
-    parts += ["## Sample completions\n", "The held-out items whose reward improved most, then those that got worse most "
-              f"({len([d for d, _ in delta if d > 0])} improved, {len([d for d, _ in delta if d < 0])} got worse, the rest unchanged): "
-              "a headline gain can hide both.\n", "\n".join(samples) + "\n"]
+    completions, shown_first = sample_completions(before, after, cell)
+    parts += completions
     if "trajectory" in after[0]:
-        i = (improved + unchanged + worse + [0])[0]
+        i = shown_first
         parts += ["## One whole trajectory\n", f"Held-out item {i} ({cell(before[i]['prompt'])}), every turn after the prompt: "
                   "the model's, and the environment's observations.\n",
                   f"Before (reward {number(before[i]['reward'])}):\n\n```\n{before[i]['trajectory']}\n```\n",
@@ -824,6 +813,25 @@ def write_report(out_dir: Path, records: list[dict], cfg=None, n_train: Optional
             parts.append(f"![{p.stem}]({p.name})\n\n{PLOT_CAPTIONS[p.stem[5:]]}\n")
     (out_dir / "report.md").write_text("\n".join(parts))
     return table
+
+
+def sample_completions(before: list[dict], after: list[dict], cell: Callable) -> tuple[list[str], int]:
+    """report.md's sample completions: the held-out items whose reward improved most, got worse most, and (always a
+    few) unchanged -> (the section's parts, the item shown first)."""
+    delta = [((a["reward"] or 0.0) - (b["reward"] or 0.0), i) for i, (b, a) in enumerate(zip(before, after))]
+    improved = [i for d, i in sorted(delta, reverse=True) if d > 0][:3]
+    worse = [i for d, i in sorted(delta) if d < 0][:3]
+    unchanged = [i for d, i in delta if d == 0][:max(0, 4 - len(improved) - len(worse))]
+    samples = ["| change | prompt | target | before | after | reward before → after |", "|---|---|---|---|---|---|"]
+    for label, picked in (("improved", improved), ("worse", worse), ("unchanged", unchanged)):
+        for i in picked:
+            b, a = before[i], after[i]
+            samples.append(f"| {label} | {cell(b['prompt'])} | {cell(b['target'])} | {cell(b['response'])} | {cell(a['response'])} | "
+                           f"{number(b['reward'])} → {number(a['reward'])} |")
+    parts = ["## Sample completions\n", "The held-out items whose reward improved most, then those that got worse most "
+             f"({len([d for d, _ in delta if d > 0])} improved, {len([d for d, _ in delta if d < 0])} got worse, the rest unchanged): "
+             "a headline gain can hide both.\n", "\n".join(samples) + "\n"]
+    return parts, (improved + unchanged + worse + [0])[0]
 
 
 def category_table(before: list[dict], after: list[dict], categories: list) -> str:

@@ -138,6 +138,17 @@ def batched(seq: list, size: int):
 # ==================================================================================================
 # Reward types. Each: fields as keyword arguments, returns fn(responses, targets, prompts, items).
 # ==================================================================================================
+def compares_with_reference(when: Callable[[dict], bool] = lambda spec: True):
+    """Declares that a reward type compares each response with the row's reference response (`when(spec)`: for which of
+    its specs): reads_reference asks this, never a type's name. A prompt-only row has no reference to compare with."""
+    def declare(builder):
+        builder.reads_reference = when
+        return builder
+
+    return declare
+
+
+@compares_with_reference()
 def cosine_sts(ctx: Context, model: Optional[str] = None, batch_size: int = 64) -> BatchFn:
     """Cosine similarity of sentence embeddings of response and target, in [-1, 1].
     model: local sentence-transformers dir (default: packaged all-MiniLM-L6-v2)."""
@@ -211,11 +222,13 @@ def _sacrebleu(metric: str):
 
         return fn
 
+    build.reads_reference = lambda spec: True  # compares_with_reference()
     build.__doc__ = {"bleu": "sacrebleu sentence BLEU / 100, in [0, 1].", "chrf": "sacrebleu sentence chrF / 100, in [0, 1].",
                      "ter": "1 - sacrebleu sentence TER / 100, clipped at 0: in [0, 1], higher is better."}[metric]
     return build
 
 
+@compares_with_reference()
 def rouge(ctx: Context, variant: Literal["rouge1", "rouge2", "rougeL", "rougeLsum"] = "rougeL", use_stemmer: bool = True) -> BatchFn:
     """rouge-score F-measure of the response against the target, in [0, 1]."""
     from rouge_score import rouge_scorer
@@ -224,6 +237,7 @@ def rouge(ctx: Context, variant: Literal["rouge1", "rouge2", "rougeL", "rougeLsu
     return lambda responses, targets, prompts, items: [scorer.score(t, r)[variant].fmeasure for r, t in zip(responses, targets)]
 
 
+@compares_with_reference()
 def bertscore(ctx: Context, model: Optional[str] = None, num_layers: int = 6, batch_size: int = 64) -> BatchFn:
     """bert-score F1 of response vs target (no baseline rescaling), about [0, 1].
     model: local encoder dir (default: packaged MiniLM, 6 layers)."""
@@ -304,6 +318,7 @@ def normalize_text(text: str) -> str:
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
+@compares_with_reference()
 def exact_match(ctx: Context, normalize: bool = True) -> BatchFn:
     """1.0 if the response equals the target (after normalisation), else 0.0."""
     norm = normalize_text if normalize else (lambda s: str(s).strip())
@@ -379,6 +394,7 @@ class WeightedSum(Scorer):
         return any(r.stateful for r, _ in self.parts)
 
 
+@compares_with_reference(lambda spec: any(reads_reference(c) for c in spec.get("components", ())))
 def weighted_sum(ctx: Context, components: list = ()) -> WeightedSum:
     """sum_i weight_i * component_i; each component is a full spec (with its own "weight", default 1)."""
     if not components:
@@ -645,6 +661,7 @@ class MathAnswer(Scorer):
                        for i in range(len(responses))])
 
 
+@compares_with_reference(lambda spec: spec.get("answer_field") is None)  # else its gold answer is a field
 def math_answer(ctx: Context, extract: Optional[list] = None, answer_field: Optional[str] = None, format_score: float = 0.0,
          timeout: Annotated[float, ">0"] = 5.0, workers: Annotated[int, ">=1"] = 2) -> MathAnswer:
     """1.0 when the response's final answer equals the reference's by math-verify (\\frac{1}{2} = 0.5 = 1/2, 1,000 =
@@ -973,6 +990,23 @@ def code(ctx: Context, tests_field: str = "tests", mode: Literal["fraction", "al
     return CodeTests(tests_field, mode, entry_point, SandboxLimits(timeout, memory_mb, max_processes, max_output_kb), workers)
 
 
+class Sandbox:
+    """Programs run in the sandbox with every limit on, at most `workers` at a time: each run takes one of the
+    `workers` slots (as root, each slot runs as a uid of its own, so a program's process limit counts only its own)."""
+
+    def __init__(self, limits: SandboxLimits, workers: int):
+        self.limits, self.slots = limits, queue.SimpleQueue()
+        for slot in range(workers):
+            self.slots.put(slot)
+
+    def run(self, program: str, tests: list = (), entry_point: Optional[str] = None) -> "SandboxResult":
+        slot = self.slots.get()
+        try:
+            return _run_sandboxed(program, list(tests), entry_point, self.limits, slot)
+        finally:
+            self.slots.put(slot)
+
+
 class CodeTests(Scorer):
     """The code reward: its Scores' details are each program's SandboxResult (what it printed, why it stopped)."""
 
@@ -981,19 +1015,9 @@ class CodeTests(Scorer):
 
     def run(self, jobs: list) -> list["SandboxResult"]:
         """(program, tests, entry_point) jobs, `workers` at a time, each in a sandbox slot of its own."""
-        slots = queue.SimpleQueue()
-        for slot in range(self.workers):
-            slots.put(slot)
-
-        def one(job):
-            slot = slots.get()
-            try:
-                return _run_sandboxed(*job, self.limits, slot)
-            finally:
-                slots.put(slot)
-
+        sandbox = Sandbox(self.limits, self.workers)
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(one, jobs))
+            return list(pool.map(lambda job: sandbox.run(*job), jobs))
 
     def score(self, responses, targets, prompts, items, update: bool = True, token_ids: Optional[list] = None) -> Scores:
         jobs = [(extract_program(r), _tests_of(it, self.tests_field, f"item {i}"), self.entry_point)
@@ -1040,18 +1064,12 @@ REWARDS: dict[str, Callable[..., BatchFn]] = {
 }
 
 
-# the types that compare a response with the row's reference response (a prompt-only row has none)
-REFERENCE_REWARDS = ("cosine_sts", "bleu", "chrf", "ter", "rouge", "bertscore", "exact_match")
-
-
 def reads_reference(spec: Any) -> bool:
-    """Whether a reward spec reads the reference response: a REFERENCE_REWARDS type, math without answer_field (its
-    gold answer is then the reference's), or a weighted_sum with such a component."""
-    if not isinstance(spec, dict):
+    """Whether a reward spec reads the reference response: what its type declares (compares_with_reference)."""
+    if not isinstance(spec, dict) or spec.get("type") not in REWARDS:
         return False
-    if spec.get("type") == "weighted_sum":
-        return any(reads_reference(c) for c in spec.get("components", ()))
-    return spec.get("type") in REFERENCE_REWARDS or spec.get("type") == "math" and spec.get("answer_field") is None
+    declared = getattr(REWARDS[spec["type"]], "reads_reference", None)
+    return bool(declared and declared(spec))
 
 
 # ==================================================================================================
@@ -1170,7 +1188,7 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, str]:
     return isinstance(value, annotation), annotation.__name__
 
 
-def _check_fields(spec: dict, builder: Callable, where: str, skip_ctx: bool, common: set) -> None:
+def check_fields(spec: dict, builder: Callable, where: str, skip_ctx: bool, common: set) -> None:
     fields = _fields(builder, skip_ctx)
     for key, value in spec.items():
         if key in common:
@@ -1184,7 +1202,7 @@ def _check_fields(spec: dict, builder: Callable, where: str, skip_ctx: bool, com
             raise RewardSpecError(f"{where}.{key} must be {expected}, got {value!r}")
 
 
-def _check_type(spec: Any, registry: dict, where: str) -> Callable:
+def check_type(spec: Any, registry: dict, where: str) -> Callable:
     if not isinstance(spec, dict):
         raise RewardSpecError(f"{where} must be a JSON object with a \"type\", got {spec!r}")
     kind = spec.get("type")
@@ -1198,8 +1216,8 @@ def _check_type(spec: Any, registry: dict, where: str) -> Callable:
 def check_spec(spec: Any, where: str = "reward", trust_remote_code: Optional[bool] = None) -> None:
     """Validate a spec's types and fields (recursively) without loading any model. trust_remote_code: the
     config's opt-in, checked for "python" rewards (None: checked when the reward is built)."""
-    builder = _check_type(spec, REWARDS, where)
-    _check_fields(spec, builder, where, skip_ctx=True, common=COMMON_FIELDS)
+    builder = check_type(spec, REWARDS, where)
+    check_fields(spec, builder, where, skip_ctx=True, common=COMMON_FIELDS)
     if spec["type"] == "python":
         try:
             user_python_file(spec.get("path", ""), trust_remote_code)
@@ -1211,7 +1229,7 @@ def check_spec(spec: Any, where: str = "reward", trust_remote_code: Optional[boo
     if not isinstance(post, list):
         raise RewardSpecError(f"{where}.postprocess must be a list of {{\"type\": ...}} objects, got {post!r}")
     for i, p in enumerate(post):
-        _check_fields(p, _check_type(p, POSTPROCESS, f"{where}.postprocess[{i}]"), f"{where}.postprocess[{i}]",
+        check_fields(p, check_type(p, POSTPROCESS, f"{where}.postprocess[{i}]"), f"{where}.postprocess[{i}]",
                       skip_ctx=False, common={"type"})
     if spec["type"] == "weighted_sum":
         for i, c in enumerate(spec.get("components", [])):

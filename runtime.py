@@ -501,31 +501,39 @@ def check_tokenizer(cfg, paths: ModelPaths) -> tuple[Optional[Any], str]:
         return None, f"MODEL's tokenizer could not be read ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
 
 
+def causal_lm(cfg, paths: ModelPaths, key: str, mmap: bool = True) -> nn.Module:
+    """The one loader of a run's models (the policy's LM, whose copy is the reference, and the teacher): KEY's weights
+    in fp32, no dropout (PPO ratios must be 1 on the first minibatch; a teacher's log-probs without noise), the LM
+    head's input contiguous and the CPU attention (section 6)."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import disable_dropout_in_model
+
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(paths.weights, dtype=torch.float32, trust_remote_code=cfg.TRUST_REMOTE_CODE,
+                                                  disable_mmap=not mmap)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{key} {getattr(cfg, key)!r} could not be loaded from {paths.weights}: {str(e).splitlines()[0]}") from None
+    disable_dropout_in_model(lm)
+    contiguous_head_input(lm)
+    use_cpu_attention(lm)
+    return lm
+
+
 def load_lm(cfg, device: torch.device, bf16: Optional[bool] = None, paths: Optional[ModelPaths] = None):
     """-> (the causal LM to train, reference, tokenizer), on `device` (sharded under FSDP). Full fine-tuning: the
     reference is a frozen copy of the LM (in bf16 with bf16, the Plan's; default BF16 true). LoRA: the policy is the base + adapter and the
     reference is the same module with the adapter disabled, or with a frozen copy of the starting adapter (no
     second copy of the base)."""
-    from transformers import AutoModelForCausalLM
-    from trl.trainer.utils import disable_dropout_in_model
-
     paths = paths or resolve_model(cfg)
     if not paths.converted:
         prepare_weights(cfg, paths)
     bf16 = cfg.BF16 is True if bf16 is None else bf16
     tokenizer = load_tokenizer(cfg, paths)
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(paths.weights, dtype=torch.float32, trust_remote_code=cfg.TRUST_REMOTE_CODE,
-                                                  disable_mmap=device.type == "cpu")  # trained in place: see below
-    except (OSError, ValueError) as e:
-        raise UserError(f"MODEL {cfg.MODEL!r} could not be loaded from {paths.weights}: {str(e).splitlines()[0]}") from None
-    # disable_mmap: on the CPU the weights are trained where they load; memory-mapped, they are the file's pages and
-    # the first optimizer step copies each one on write (bench/results/README.md, "CPU speed")
+    # mmap off on the CPU: the weights are trained where they load; memory-mapped, they are the file's pages and the
+    # first optimizer step copies each one on write (bench/results/README.md, "CPU speed")
+    lm = causal_lm(cfg, paths, "MODEL", mmap=device.type != "cpu")  # before the reference's deepcopy: it keeps the set-up
     lm.config.name_or_path = str(paths.weights)  # saved adapters name their base by this path: absolute
     adapter = paths.adapter
-    disable_dropout_in_model(lm)  # PPO ratios must be 1 on the first minibatch: no dropout noise
-    contiguous_head_input(lm)  # before the reference's deepcopy: it keeps the hook
-    use_cpu_attention(lm)  # before the reference's deepcopy: the copied config keeps the choice
     if cfg.GRADIENT_CHECKPOINTING:  # non-reentrant: works with frozen inputs (LoRA) and FSDP
         if hasattr(lm, "activation_checkpointing_enable"):  # the name since transformers 5.x
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -567,9 +575,6 @@ def load_teacher(cfg, device: torch.device, bf16: bool, reference) -> Any:
     """The frozen teacher for DISTILL: "self" is the reference (the initial policy; with LoRA the adapter switched off,
     no second copy of the weights); else TEACHER_MODEL through the one resolver, loaded like a full-fine-tuning
     reference (frozen, no dropout, bf16 with bf16). None without a teacher."""
-    from transformers import AutoModelForCausalLM
-    from trl.trainer.utils import disable_dropout_in_model
-
     if not cfg.TEACHER_MODEL:
         return None
     if cfg.TEACHER_MODEL == "self":
@@ -579,14 +584,7 @@ def load_teacher(cfg, device: torch.device, bf16: bool, reference) -> Any:
         raise UserError(f"TEACHER_MODEL {shown(cfg.TEACHER_MODEL)} is a LoRA adapter: merge it into its base first "
                         "(peft's merge_and_unload, then save_pretrained)")
     prepare_weights(cfg, paths)
-    try:
-        teacher = AutoModelForCausalLM.from_pretrained(paths.weights, dtype=torch.float32, trust_remote_code=cfg.TRUST_REMOTE_CODE)
-    except (OSError, ValueError) as e:
-        raise UserError(f"TEACHER_MODEL {cfg.TEACHER_MODEL!r} could not be loaded from {paths.weights}: {str(e).splitlines()[0]}") from None
-    disable_dropout_in_model(teacher)
-    contiguous_head_input(teacher)
-    use_cpu_attention(teacher)
-    teacher = teacher.eval().requires_grad_(False)
+    teacher = causal_lm(cfg, paths, "TEACHER_MODEL").eval().requires_grad_(False)
     if bf16:
         teacher.to(torch.bfloat16)
     if cfg.FSDP:

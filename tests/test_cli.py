@@ -106,6 +106,7 @@ BAD_INPUTS = [
     ("CLIPRANGE_HIGH below CLIPRANGE", lambda t: {"overrides": {"CLIPRANGE_HIGH": 0.1}}, "CLIPRANGE_HIGH (0.1) must be >= CLIPRANGE (0.2)"),
     ("MIX_COEF above 1", lambda t: {"overrides": {"MIX_COEF": 1.5}}, "MIX_COEF must be in [0, 1], got 1.5"),
     ("KL full in the loss", lambda t: {"overrides": {"KL_IN": "loss", "KL_PENALTY": "full"}}, "works only with KL_IN"),
+    ("tool_call without a tool schema", lambda t: {"overrides": {"MODE": "ppo", "TRAIN_FILE": str(ROOT / "data" / "tool_train.json"), "REWARD": {"type": "math"}, "ENVIRONMENT": {"type": "code"}, "ACTION_FORMAT": "tool_call"}}, "ENVIRONMENT 'code' declares none (tool_schema)"),
     ("LOGITS_CHUNK negative", lambda t: {"overrides": {"LOGITS_CHUNK": -1}}, "LOGITS_CHUNK must be >= 0, got -1"),
     ("CATEGORY_FIELD in no row", lambda t: {"overrides": {"CATEGORY_FIELD": "topic"}}, "CATEGORY_FIELD 'topic' is in no row of TRAIN_FILE: their columns are ['instruction', 'output']"),
 ]

@@ -242,3 +242,19 @@ def test_every_registered_type_documented_in_the_rewards_page():
 ])
 def test_uses_reference(spec, uses):
     assert rewards.uses_reference(spec) is uses
+
+
+@pytest.mark.parametrize("spec, reads", [
+    ({"type": "chrf"}, True),  # the text metrics compare with the reference response
+    ({"type": "cosine_sts"}, True),
+    ({"type": "exact_match"}, True),
+    ({"type": "math"}, True),  # without answer_field its gold answer is the reference's
+    ({"type": "math", "answer_field": "answer"}, False),
+    ({"type": "contains", "pattern": "yes"}, False),
+    ({"type": "weighted_sum", "components": [{"type": "length"}, {"type": "rouge"}]}, True),
+    ({"type": "weighted_sum", "components": [{"type": "length"}]}, False),
+    ({"type": "no_such_type"}, False),
+])
+def test_reads_reference_asks_what_each_type_declares(spec, reads):
+    """A prompt-only row has no reference response: the trainer asks the reward whether it reads one."""
+    assert rewards.reads_reference(spec) is reads
