@@ -38,6 +38,7 @@ import rewards
 
 class Step(NamedTuple):
     """What one environment step returns (a user's step may return the first three as a tuple)."""
+
     observation: Optional[str]  # the environment's reply, the next turn of the conversation (None: nothing to add)
     reward: Optional[float] = None  # a reward for this step (summed over the trajectory, times ENV_REWARD_WEIGHT)
     done: bool = False  # the trajectory ends here
@@ -48,6 +49,7 @@ class ActionFormat(NamedTuple):
     """How an action sits in the assistant's own text: between `open` and the first `close` after it. The turn ends
     there: the engine stops at `close` as a stop string where `close` cannot occur in `open` (`stops`), else at EOS,
     and the turn loop cuts it after the action either way."""
+
     open: str
     close: str
     stops: bool
@@ -56,12 +58,20 @@ class ActionFormat(NamedTuple):
 
 ACTION_FORMATS = {
     "calc_tag": ActionFormat("<calc>", "</calc>", True, "<calc>expression</calc> (the calculator's default)"),
-    "python_block": ActionFormat("```python\n", "```", False, "a fenced ```python block (the code environment's default; "
-                                 "the fence opens blocks too, so the engine runs to EOS and the turn is cut after the block)"),
+    "python_block": ActionFormat(
+        "```python\n",
+        "```",
+        False,
+        "a fenced ```python block (the code environment's default; "
+        "the fence opens blocks too, so the engine runs to EOS and the turn is cut after the block)",
+    ),
     "tool_tag": ActionFormat("<tool>", "</tool>", True, "<tool>text</tool> (the python environment's default)"),
-    "tool_call": ActionFormat("<tool_call>", "</tool_call>", True,
-                              "the chat template's own tool-call format (Qwen-family templates): "
-                              "<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>"),
+    "tool_call": ActionFormat(
+        "<tool_call>",
+        "</tool_call>",
+        True,
+        'the chat template\'s own tool-call format (Qwen-family templates): <tool_call>{"name": ..., "arguments": {...}}</tool_call>',
+    ),
 }
 
 
@@ -80,7 +90,7 @@ def find_action(text: str, fmt: ActionFormat) -> Optional[str]:
     text that holds an action still holds it with more text after it (the turn loop's cut relies on it)."""
     start = text.find(fmt.open)
     end = -1 if start < 0 else text.find(fmt.close, start + len(fmt.open))
-    return None if end < 0 else text[start + len(fmt.open):end]
+    return None if end < 0 else text[start + len(fmt.open) : end]
 
 
 def parse_tool_call(action: str, schema: dict) -> tuple[Optional[str], str]:
@@ -107,6 +117,7 @@ class EnvSpecError(ValueError):
 class EnvironmentType:
     """A built environment spec: makes one instance per trajectory and runs a batch of steps, at most `workers` at a
     time, each stopped after `timeout` seconds. A step that raises or hangs ends its trajectory (Outcome.error)."""
+
     name = ""
     default_format = "tool_tag"
     workers = 1
@@ -145,7 +156,7 @@ def run_steps(calls: list[tuple[Any, str]], timeout: float, workers: int) -> lis
     out: list[Outcome] = []
     for at in range(0, len(calls), max(1, workers)):
         started = []
-        for instance, action in calls[at:at + max(1, workers)]:
+        for instance, action in calls[at : at + max(1, workers)]:
             box: dict = {}
             thread = threading.Thread(target=_one_step, args=(instance, action, box), daemon=True)
             started.append((thread, box, time.perf_counter()))
@@ -169,8 +180,15 @@ def _one_step(instance: Any, action: str, box: dict) -> None:
 
 
 # ---- calculator ----
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 
 
@@ -193,7 +211,7 @@ def calculate(expression: str, max_length: int = 200, max_digits: int = 30) -> s
         tree = ast.parse(text.replace(",", ""), mode="eval")
     except SyntaxError:
         raise CalcError(f"cannot read {expression.strip()[:60]!r} as arithmetic") from None
-    limit = 10 ** max_digits
+    limit = 10**max_digits
 
     def value(node: ast.AST) -> Fraction:
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
@@ -243,9 +261,14 @@ class Calculator:
 class CalculatorType(EnvironmentType):
     name = "calculator"
     default_format = DEFAULT_FORMATS[name]
-    tool_schema = {"type": "function", "function": {
-        "name": "calculator", "description": "Evaluate an arithmetic expression (+ - * / ** %, parentheses).",
-        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+    tool_schema = {
+        "type": "function",
+        "function": {
+            "name": "calculator",
+            "description": "Evaluate an arithmetic expression (+ - * / ** %, parentheses).",
+            "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+        },
+    }
 
     def __init__(self, max_length: int, max_digits: int, system: str):
         self.args = (max_length, max_digits, system)
@@ -254,8 +277,9 @@ class CalculatorType(EnvironmentType):
         return Calculator(*self.args)
 
 
-def calculator(ctx: rewards.Context, max_length: Annotated[int, ">=1"] = 200, max_digits: Annotated[int, ">=1"] = 30,
-               system: str = "") -> CalculatorType:
+def calculator(
+    ctx: rewards.Context, max_length: Annotated[int, ">=1"] = 200, max_digits: Annotated[int, ">=1"] = 30, system: str = ""
+) -> CalculatorType:
     """Arithmetic, evaluated by walking the expression's syntax tree (no eval): integers, decimals, + - * / // % **
     (whole exponents up to 64), unary signs, parentheses; × ÷ ^ are read as * / **. At most max_length characters and
     max_digits digits in any intermediate result; a bad expression gets an `error: ...` observation (an action error).
@@ -306,9 +330,16 @@ class CodeType(EnvironmentType):
         return CodeRunner(self)
 
 
-def code(ctx: rewards.Context, timeout: Annotated[float, ">0"] = 5.0, memory_mb: Annotated[int, ">=16"] = 512,
-         max_processes: Annotated[int, ">=1"] = 16, max_output_kb: Annotated[int, ">=1"] = 64,
-         workers: Annotated[int, ">=1"] = 2, isolation: str = "best", system: str = "") -> CodeType:
+def code(
+    ctx: rewards.Context,
+    timeout: Annotated[float, ">0"] = 5.0,
+    memory_mb: Annotated[int, ">=16"] = 512,
+    max_processes: Annotated[int, ">=1"] = 16,
+    max_output_kb: Annotated[int, ">=1"] = 64,
+    workers: Annotated[int, ">=1"] = 2,
+    isolation: str = "best",
+    system: str = "",
+) -> CodeType:
     """The action (the turn's ```python block) runs as a program in the code reward's sandbox: a fresh child each time,
     bubblewrap namespaces where available (no network, none of the trainer's files, a private /tmp), and always the
     time, CPU, memory, process, file-size and output limits; `workers` programs at a time. The observation is what it
@@ -318,9 +349,11 @@ def code(ctx: rewards.Context, timeout: Annotated[float, ">0"] = 5.0, memory_mb:
     if isolation not in ("best", "require"):
         raise EnvSpecError(f'code: isolation must be "best" or "require", got {isolation!r}')
     if isolation == "require" and where.level != "namespaces":
-        raise EnvSpecError(f"code: isolation \"require\" needs bubblewrap namespaces, and this machine has {where.detail}")
-    ctx.say(f"code environment sandbox: {where.detail}; per action {timeout:g} s, {memory_mb} MB, {max_processes} "
-            f"processes, {max_output_kb} KB of output, {workers} at a time")
+        raise EnvSpecError(f'code: isolation "require" needs bubblewrap namespaces, and this machine has {where.detail}')
+    ctx.say(
+        f"code environment sandbox: {where.detail}; per action {timeout:g} s, {memory_mb} MB, {max_processes} "
+        f"processes, {max_output_kb} KB of output, {workers} at a time"
+    )
     return CodeType(rewards.SandboxLimits(timeout, memory_mb, max_processes, max_output_kb), workers, system)
 
 
@@ -336,8 +369,9 @@ class UserType(EnvironmentType):
         return self.cls(**self.args)
 
 
-def python(ctx: rewards.Context, path: str = "", class_name: str = "", args: Optional[dict] = None,
-           workers: Annotated[int, ">=1"] = 1) -> UserType:
+def python(
+    ctx: rewards.Context, path: str = "", class_name: str = "", args: Optional[dict] = None, workers: Annotated[int, ">=1"] = 1
+) -> UserType:
     """Your own environment: the class `class` in the local Python file `path`, made once per trajectory with
     `args` as keyword arguments, with reset(row) -> messages or None and step(action_text) -> (observation, reward or
     None, done). It runs your code, so the config must opt in with TRUST_REMOTE_CODE: true. A step that raises ends
@@ -348,25 +382,24 @@ def python(ctx: rewards.Context, path: str = "", class_name: str = "", args: Opt
     cls = getattr(module, class_name, None)
     if not inspect.isclass(cls):
         defined = sorted(k for k, v in vars(module).items() if inspect.isclass(v) and v.__module__ == module.__name__)
-        raise EnvSpecError(f"python environment file {str(file)!r} has no class {class_name!r} (its classes: "
-                           f"{defined or 'none'}); set \"class\" to the one to use")
+        raise EnvSpecError(
+            f"python environment file {str(file)!r} has no class {class_name!r} (its classes: "
+            f'{defined or "none"}); set "class" to the one to use'
+        )
     missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
     if missing:
-        raise EnvSpecError(f"python environment class {class_name!r} in {str(file)!r} has no method {' or '.join(missing)}: "
-                           "it needs reset(row) -> messages or None and step(action) -> (observation, reward, done)")
+        raise EnvSpecError(
+            f"python environment class {class_name!r} in {str(file)!r} has no method {' or '.join(missing)}: "
+            "it needs reset(row) -> messages or None and step(action) -> (observation, reward, done)"
+        )
     return UserType(cls, dict(args or {}), workers, f"{file}:{class_name}")
 
 
 def _python_file(path: str, trusted: Optional[bool]) -> Path:
-    return rewards.user_python_file(path, trusted, "environment", "your environment class, and \"class\": its name",
-                                    EnvSpecError)
+    return rewards.user_python_file(path, trusted, "environment", 'your environment class, and "class": its name', EnvSpecError)
 
 
-ENVIRONMENTS: dict[str, Callable[..., EnvironmentType]] = {
-    "calculator": calculator,
-    "code": code,
-    "python": python,
-}
+ENVIRONMENTS: dict[str, Callable[..., EnvironmentType]] = {"calculator": calculator, "code": code, "python": python}
 RENAMED = {"class": "class_name"}  # spec field -> builder argument (a Python keyword)
 
 
@@ -407,5 +440,4 @@ def truncate_middle(ids: list, max_tokens: int) -> tuple[list, list, int]:
         return ids, [], 0
     head = max_tokens // 2
     tail = max_tokens - head
-    return ids[:head], ids[len(ids) - tail:] if tail else [], len(ids) - max_tokens
-
+    return ids[:head], ids[len(ids) - tail :] if tail else [], len(ids) - max_tokens

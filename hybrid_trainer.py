@@ -73,8 +73,6 @@ import math
 import os
 import random
 import shutil
-import signal
-import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -86,102 +84,14 @@ import numpy as np
 # Heavy imports (torch, transformers, trl) happen inside functions where possible, so `--check` and
 # `--help` answer fast. torch itself is needed by the math below.
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from outputs import (
-    TRACKERS,
-    MetricsLog,
-    check_writable,
-    checkpoint_state,
-    disk_usage,
-    find_resume_point,
-    free_bytes,
-    latest_checkpoint,
-    load_checkpoint,
-    load_into,
-    load_optimizer_state,
-    model_card,
-    optimizer_state,
-    pass_at_k,
-    plan_output_dir,
-    reference_state,
-    resolved_config,
-    rng_state,
-    save_best,
-    save_checkpoint,
-    save_final,
-    set_rng_state,
-    trainable_state,
-    write_report,
-    writing,
-)
-from runtime import (
-    GENERATION_BACKENDS,
-    MODEL_ALIASES,
-    OPEN_ENGINES,
-    VLLM_INSTALL,
-    AdapterReference,
-    Generation,
-    ModelPaths,
-    ParameterCounts,
-    Processes,
-    UserError,
-    accum_chunks,
-    all_reduce_max,
-    all_reduce_sum,
-    autocast_context,
-    barrier,
-    cache_root,
-    check_space,
-    check_tokenizer,
-    clip_grad_norm,
-    defer_scikit_learn,
-    dist_ready,
-    exit_now,
-    gather_lists,
-    gather_objects,
-    gather_rows,
-    gguf_to_safetensors,
-    human_bytes,
-    init_processes,
-    is_main,
-    keep_freed_memory,
-    kl_reference,
-    largest_share,
-    left_pad,
-    load_lm,
-    load_teacher,
-    locate_model,
-    main_first,
-    model_context,
-    my_share,
-    on_main,
-    parameter_counts,
-    pick_device,
-    position_ids_from_mask,
-    prepare_weights,
-    rank,
-    reduce_gradients,
-    resolve_backend,
-    resolve_bf16,
-    resolve_model,
-    resolve_weight_first,
-    return_freed_memory,
-    right_pad,
-    sampling_is_off_policy,
-    say,
-    seed_everything,
-    set_threads,
-    shard,
-    share_bounds,
-    shown,
-    start_up_without_gc,
-    use_processes,
-    warn,
-    world_size,
-)
+import outputs
+import runtime
+
+# names the Python API reached through this module before it was split (README, Python API): still reachable here
+from runtime import Processes, UserError, init_processes, pick_device, resolve_bf16, shard  # noqa: F401
 
 IMPORTED_AT = time.time()  # the start-up line: the interpreter and the imports above took until here
 
@@ -204,13 +114,17 @@ def _key(default, help: Union[str, Callable[[], str]], choices: Optional[typing.
 class Config:  # over the 250-line mark: one documented line per key (117 of them), then validate() and its helpers
     # --- what to train ---
     MODE: str = _key("hybrid", "sft | ppo | hybrid")
-    MODEL: str = _key("smollm2-135m-instruct", "local model dir, a .gguf file, or an alias: " + ", ".join(MODEL_ALIASES))
-    TRAIN_FILE: str = _key("", "training data (required): JSON list, JSONL, CSV, Parquet, or a datasets save_to_disk directory; "
-                           "for RL its rows may be prompts without a response when the reward reads the answer from the "
-                           "row (math's answer_field, code's tests)")
+    MODEL: str = _key("smollm2-135m-instruct", "local model dir, a .gguf file, or an alias: " + ", ".join(runtime.MODEL_ALIASES))
+    TRAIN_FILE: str = _key(
+        "",
+        "training data (required): JSON list, JSONL, CSV, Parquet, or a datasets save_to_disk directory; "
+        "for RL its rows may be prompts without a response when the reward reads the answer from the "
+        "row (math's answer_field, code's tests)",
+    )
     OUTPUT_DIR: str = _key("", "where metrics, checkpoints and models go (required)")
-    TRUST_REMOTE_CODE: bool = _key(False, "run code named by the config: custom model code from MODEL, \"python\" rewards and "
-                                   "environments (off unless you ask)")
+    TRUST_REMOTE_CODE: bool = _key(
+        False, 'run code named by the config: custom model code from MODEL, "python" rewards and environments (off unless you ask)'
+    )
     CACHE_DIR: str = _key("", "where a .gguf model is converted to safetensors once ('' = ~/.cache/hybrid_trainer)")
     # --- LoRA, memory, multi-process ---
     LORA_R: int = _key(0, "LoRA rank (0 = off: full fine-tuning); the value head is always trained in full")
@@ -218,20 +132,30 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
     LORA_DROPOUT: float = _key(0.0, "dropout on the LoRA input; > 0 makes the first PPO ratio differ from 1 (warned)")
     LORA_TARGETS: Union[str, list] = _key("all-linear", "modules that get LoRA: all-linear, or a list of module names")
     GRADIENT_CHECKPOINTING: bool = _key(False, "recompute activations in backward: less memory, ~30% more compute")
-    LOGITS_CHUNK: int = _key(1024, "the PPO update's log-probs and entropy and the SFT loss come from the last hidden "
-                             "states this many response positions at a time through the LM head, each chunk's logits "
-                             "recomputed in backward, so the (responses x tokens x vocabulary) logits never exist whole "
-                             "(0 = the model's own logits)")
+    LOGITS_CHUNK: int = _key(
+        1024,
+        "the PPO update's log-probs and entropy and the SFT loss come from the last hidden "
+        "states this many response positions at a time through the LM head, each chunk's logits "
+        "recomputed in backward, so the (responses x tokens x vocabulary) logits never exist whole "
+        "(0 = the model's own logits)",
+    )
     FSDP: bool = _key(False, "shard parameters, gradients and optimizer state over processes (FSDP2; needs torchrun)")
     # --- data ---
     TRAIN_SPLIT: str = _key("", "split of a saved DatasetDict used for training ('' = train)")
-    SFT_FILE: str = _key("", "MODE hybrid, HYBRID alternate: the SFT side's demonstrations (any TRAIN_FILE kind, used whole); "
-                         "TRAIN_FILE then feeds RL only ('' = TRAIN_FILE feeds both)")
+    SFT_FILE: str = _key(
+        "",
+        "MODE hybrid, HYBRID alternate: the SFT side's demonstrations (any TRAIN_FILE kind, used whole); "
+        "TRAIN_FILE then feeds RL only ('' = TRAIN_FILE feeds both)",
+    )
     SFT_SPLIT: str = _key("", "split of a saved DatasetDict SFT_FILE ('' = train)")
     EVAL_SPLIT: str = _key("", "split of a saved DatasetDict used for evaluation ('' = test, else validation)")
-    DATA_FORMAT: str = _key("auto", "{choices}: fields (SELECT_OUTPUT is the response, the other keys the prompt), "
-                            "prompt_completion, messages (chat; the last assistant turn is the response), auto (messages, then "
-                            "prompt_completion, then fields, by the columns present)", choices=lambda: ("auto",) + tuple(DATA_FORMATS))
+    DATA_FORMAT: str = _key(
+        "auto",
+        "{choices}: fields (SELECT_OUTPUT is the response, the other keys the prompt), "
+        "prompt_completion, messages (chat; the last assistant turn is the response), auto (messages, then "
+        "prompt_completion, then fields, by the columns present)",
+        choices=lambda: ("auto",) + tuple(DATA_FORMATS),
+    )
     SFT_ALL_TURNS: bool = _key(False, "messages: SFT trains on every assistant turn of a conversation, not only the last")
     SELECT_OUTPUT: str = _key("output", "DATA_FORMAT fields: item key holding the target response (a list uses its first element)")
     CATEGORY_FIELD: str = _key("", "item key naming its category: kept out of the prompt, grouped in report.md ('' = none)")
@@ -245,10 +169,16 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
     LR_SFT: float = _key(5e-5, "AdamW learning rate for SFT")
     # --- PPO ---
     PPO_BATCH: int = _key(4, "prompts per PPO update (each gets NUM_GENERATIONS responses)")
-    PPO_MINI: Optional[int] = _key(None, "prompts' worth of responses per minibatch inside a PPO update: PPO_MINI x "
-                                   "NUM_GENERATIONS responses, drawn across groups (null = PPO_BATCH)")
-    ADVANTAGE: str = _key("gae", "advantage estimator: {choices}; gae trains a value head (PPO), the others are critic-free",
-                          choices=lambda: tuple(ADVANTAGES))
+    PPO_MINI: Optional[int] = _key(
+        None,
+        "prompts' worth of responses per minibatch inside a PPO update: PPO_MINI x "
+        "NUM_GENERATIONS responses, drawn across groups (null = PPO_BATCH)",
+    )
+    ADVANTAGE: str = _key(
+        "gae",
+        "advantage estimator: {choices}; gae trains a value head (PPO), the others are critic-free",
+        choices=lambda: tuple(ADVANTAGES),
+    )
     NUM_GENERATIONS: int = _key(1, "responses sampled per prompt (G); grpo, dr_grpo, rloo and reinforce_pp_baseline need >= 2")
     PPO_EPOCHS: int = _key(4, "passes over the PPO batch per update")
     LR_PPO: float = _key(1e-5, "AdamW learning rate for PPO (policy + value head)")
@@ -256,19 +186,28 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
     ADAPTIVE_KL: bool = _key(True, "adapt the KL coefficient toward TARGET_KL (Ziegler et al. 2019)")
     TARGET_KL: float = _key(0.3, "target KL (nats per sequence) for the adaptive controller")
     KL_HORIZON: int = _key(10000, "horizon of the adaptive KL controller")
-    KL_PENALTY: str = _key("kl", "per-token KL estimate: {choices} (kl = k1 = logp - ref; k2 = mse = 0.5 (logp - ref)^2; "
-                           "k3 = r - 1 - log r, r = p_ref / p: 'low_var_kl'; full = over the whole distribution)",
-                           choices=lambda: tuple(KL_PENALTIES))
+    KL_PENALTY: str = _key(
+        "kl",
+        "per-token KL estimate: {choices} (kl = k1 = logp - ref; k2 = mse = 0.5 (logp - ref)^2; "
+        "k3 = r - 1 - log r, r = p_ref / p: 'low_var_kl'; full = over the whole distribution)",
+        choices=lambda: tuple(KL_PENALTIES),
+    )
     KL_IN: str = _key("reward", "where the KL goes: {choices} (see the KL_IN registry below)", choices=lambda: tuple(KL_PLACES))
     GAMMA: float = _key(1.0, "discount factor")
     LAM: float = _key(0.95, "GAE lambda")
     CLIPRANGE: float = _key(0.2, "PPO policy ratio clip range: ratios outside [1 - CLIPRANGE, 1 + CLIPRANGE_HIGH] are clipped")
     CLIPRANGE_HIGH: Optional[float] = _key(None, "upper clip range (DAPO's clip-higher uses 0.28 with CLIPRANGE 0.2; null = CLIPRANGE)")
-    LOSS_AGG: str = _key("auto", "policy loss over tokens: {choices} (auto: the policy loss's own, gmpo's seq_mean_token_mean; "
-                         "else the estimator's, dr_grpo's seq_mean_token_sum_norm; else token_mean)",
-                         choices=lambda: ("auto",) + tuple(LOSS_AGGREGATIONS))
-    POLICY_LOSS: str = _key("ppo", "the policy loss: {choices} (see the POLICY_LOSS registry below and docs/algorithms.md)",
-                            choices=lambda: tuple(POLICY_LOSSES))
+    LOSS_AGG: str = _key(
+        "auto",
+        "policy loss over tokens: {choices} (auto: the policy loss's own, gmpo's seq_mean_token_mean; "
+        "else the estimator's, dr_grpo's seq_mean_token_sum_norm; else token_mean)",
+        choices=lambda: ("auto",) + tuple(LOSS_AGGREGATIONS),
+    )
+    POLICY_LOSS: str = _key(
+        "ppo",
+        "the policy loss: {choices} (see the POLICY_LOSS registry below and docs/algorithms.md)",
+        choices=lambda: tuple(POLICY_LOSSES),
+    )
     IMPORTANCE_LEVEL: str = _key("token", "{described}", choices=lambda: IMPORTANCE_LEVELS)
     SAPO_TAU_POS: float = _key(1.0, "POLICY_LOSS sapo: the gate's temperature where the advantage is positive (TRL's default)")
     SAPO_TAU_NEG: float = _key(1.05, "POLICY_LOSS sapo: the gate's temperature where the advantage is negative or 0 (TRL's default)")
@@ -277,72 +216,117 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
     WHITEN_REWARDS: bool = _key(False, "whiten per-token rewards (scale only) before GAE")
     MISSING_EOS_PENALTY: Optional[float] = _key(None, "subtract this from the score of responses that never emit EOS (null = off)")
     RATIO_THRESHOLD: float = _key(10.0, "skip a minibatch whose mean probability ratio exceeds this")
-    DYNAMIC_SAMPLING: bool = _key(False, "drop groups whose NUM_GENERATIONS scores are all equal (no signal for a group-relative "
-                                  "estimator) and draw more prompts until the update holds PPO_BATCH prompts with signal (DAPO)")
+    DYNAMIC_SAMPLING: bool = _key(
+        False,
+        "drop groups whose NUM_GENERATIONS scores are all equal (no signal for a group-relative "
+        "estimator) and draw more prompts until the update holds PPO_BATCH prompts with signal (DAPO)",
+    )
     MAX_SAMPLING_ROUNDS: int = _key(3, "DYNAMIC_SAMPLING: rounds of generation per update at most (then it runs with what it has)")
-    MASK_TRUNCATED: bool = _key(False, "responses that hit MAX_NEW_TOKENS without EOS get no gradient (TRL's "
-                                "mask_truncated_completions); their scores still count in their group's statistics")
+    MASK_TRUNCATED: bool = _key(
+        False,
+        "responses that hit MAX_NEW_TOKENS without EOS get no gradient (TRL's "
+        "mask_truncated_completions); their scores still count in their group's statistics",
+    )
     # --- sampling ---
     MAX_NEW_TOKENS: int = _key(128, "max tokens generated per response")
     TEMPERATURE: float = _key(0.7, "sampling temperature (also used for PPO log-probs)")
     TOP_P: float = _key(0.9, "nucleus sampling (1.0 = off)")
     NO_REPEAT_NGRAM_SIZE: int = _key(3, "forbid repeated n-grams of this size (0 = off)")
     REPETITION_PENALTY: float = _key(1.15, "repetition penalty (1.0 = off)")
-    GENERATION_BACKEND: str = _key("auto", "what generates responses (PPO rollouts, remax's greedy pass, evaluation): {choices}; "
-                                   "auto = vllm when it is installed and NO_REPEAT_NGRAM_SIZE is 0, else hf (the plan says which)",
-                                   choices=lambda: ("auto",) + tuple(GENERATION_BACKENDS))
-    VLLM_GPU_MEMORY_UTILIZATION: float = _key(0.3, "vllm on CUDA: share of the GPU's memory the engine may take (weights + KV "
-                                              "cache); it sleeps between rollouts, so training gets the memory back")
+    GENERATION_BACKEND: str = _key(
+        "auto",
+        "what generates responses (PPO rollouts, remax's greedy pass, evaluation): {choices}; "
+        "auto = vllm when it is installed and NO_REPEAT_NGRAM_SIZE is 0, else hf (the plan says which)",
+        choices=lambda: ("auto",) + tuple(runtime.GENERATION_BACKENDS),
+    )
+    VLLM_GPU_MEMORY_UTILIZATION: float = _key(
+        0.3,
+        "vllm on CUDA: share of the GPU's memory the engine may take (weights + KV "
+        "cache); it sleeps between rollouts, so training gets the memory back",
+    )
     VLLM_KV_CACHE_GB: float = _key(1.0, "vllm on CPU: GiB of KV cache")
-    VLLM_ENFORCE_EAGER: bool = _key(True, "vllm: no CUDA graphs / compilation (starts in seconds; false: faster decoding after "
-                                    "a start of minutes)")
-    ROLLOUT_IS: str = _key("auto", "correct the engine/trainer sampling mismatch: {choices} (see the ROLLOUT_IS registry below); "
-                           "auto = sequence_mask (TRL's default) with vllm, off with hf (its log-probs are the trainer's own)",
-                           choices=lambda: ("auto",) + tuple(ROLLOUT_IS_MODES))
+    VLLM_ENFORCE_EAGER: bool = _key(
+        True, "vllm: no CUDA graphs / compilation (starts in seconds; false: faster decoding after a start of minutes)"
+    )
+    ROLLOUT_IS: str = _key(
+        "auto",
+        "correct the engine/trainer sampling mismatch: {choices} (see the ROLLOUT_IS registry below); "
+        "auto = sequence_mask (TRL's default) with vllm, off with hf (its log-probs are the trainer's own)",
+        choices=lambda: ("auto",) + tuple(ROLLOUT_IS_MODES),
+    )
     ROLLOUT_IS_CAP: float = _key(3.0, "ROLLOUT_IS: the cap C on the trainer/engine probability ratio (TRL: 3.0)")
     # --- reward ---
     REWARD: dict = _key({"type": "cosine_sts"}, "reward spec for rewards.make_reward (see docs/rewards.md)")
     # --- agents: multi-turn rollouts with an environment ---
-    ENVIRONMENT: dict = _key({}, "environment spec for environments.make_environment ({} = off: single-turn); its types "
-                             "are the ENVIRONMENT table below (see docs/agents.md)")
-    ACTION_FORMAT: Union[str, dict] = _key("auto", lambda: "how the model acts in its own text: {choices} (auto: the environment's "
-                                           "own: " + ", ".join(f"{t} {f}" for t, f in action_formats()[1].items()) + "), or your "
-                                           "own markers {\"open\": \"<act>\", \"close\": \"</act>\"}; the turn stops at the "
-                                           "closing marker", choices=lambda: ("auto",) + tuple(action_formats()[0]))
+    ENVIRONMENT: dict = _key(
+        {},
+        "environment spec for environments.make_environment ({} = off: single-turn); its types "
+        "are the ENVIRONMENT table below (see docs/agents.md)",
+    )
+    ACTION_FORMAT: Union[str, dict] = _key(
+        "auto",
+        lambda: (
+            "how the model acts in its own text: {choices} (auto: the environment's "
+            "own: " + ", ".join(f"{t} {f}" for t, f in action_formats()[1].items()) + "), or your "
+            'own markers {"open": "<act>", "close": "</act>"}; the turn stops at the '
+            "closing marker"
+        ),
+        choices=lambda: ("auto",) + tuple(action_formats()[0]),
+    )
     MAX_TURNS: int = _key(4, "ENVIRONMENT: model turns per trajectory at most (its observations come between them)")
-    MAX_OBSERVATION_TOKENS: int = _key(256, "ENVIRONMENT: an observation longer than this many tokens is cut from the middle, "
-                                       "saying so")
-    ENV_STEP_TIMEOUT: float = _key(30.0, "ENVIRONMENT: seconds an environment step may take; a step that takes longer ends its "
-                                   "trajectory (reward 0, counted)")
-    ENV_REWARD_WEIGHT: float = _key(1.0, "ENVIRONMENT: the environment's own step rewards, summed over the trajectory, are added "
-                                    "to REWARD's score times this")
+    MAX_OBSERVATION_TOKENS: int = _key(256, "ENVIRONMENT: an observation longer than this many tokens is cut from the middle, saying so")
+    ENV_STEP_TIMEOUT: float = _key(
+        30.0, "ENVIRONMENT: seconds an environment step may take; a step that takes longer ends its trajectory (reward 0, counted)"
+    )
+    ENV_REWARD_WEIGHT: float = _key(
+        1.0, "ENVIRONMENT: the environment's own step rewards, summed over the trajectory, are added to REWARD's score times this"
+    )
     OBSERVATION_ROLE: str = _key("tool", "ENVIRONMENT: the chat role of an observation turn (tool; user for templates without one)")
     # --- on-policy distillation: a teacher scores the student's own tokens ---
-    TEACHER_MODEL: str = _key("", "a local model dir, .gguf or alias sharing the student's vocabulary, loaded frozen; \"self\": "
-                              "the frozen initial policy (LoRA: the adapter off) shown TEACHER_CONTEXT; '' = no teacher")
-    TEACHER_CONTEXT: str = _key("A correct answer is: {target}\n\n", "TEACHER_MODEL \"self\": text put before the prompt's "
-                                "last user message for the teacher only; {target} is the row's reference response")
-    DISTILL: str = _key("", "the distillation loss: {choices} ('' = none; see the DISTILL registry below)",
-                        choices=lambda: ("",) + tuple(DISTILL_LOSSES))
+    TEACHER_MODEL: str = _key(
+        "",
+        'a local model dir, .gguf or alias sharing the student\'s vocabulary, loaded frozen; "self": '
+        "the frozen initial policy (LoRA: the adapter off) shown TEACHER_CONTEXT; '' = no teacher",
+    )
+    TEACHER_CONTEXT: str = _key(
+        "A correct answer is: {target}\n\n",
+        'TEACHER_MODEL "self": text put before the prompt\'s '
+        "last user message for the teacher only; {target} is the row's reference response",
+    )
+    DISTILL: str = _key(
+        "", "the distillation loss: {choices} ('' = none; see the DISTILL registry below)", choices=lambda: ("",) + tuple(DISTILL_LOSSES)
+    )
     DISTILL_COEF: float = _key(1.0, "DISTILL's weight: token_reverse_kl's advantage is added times this; jsd's loss term")
-    DISTILL_DISCOUNT: float = _key(0.0, "token_reverse_kl: discount of the later tokens' terms summed into each token's "
-                                   "advantage (0: each token's own, as Tinker)")
-    DISTILL_BETA: float = _key(0.5, "jsd: 0 forward KL(teacher || student), 1 reverse KL(student || teacher), between: the "
-                               "generalized JSD (TRL's beta)")
+    DISTILL_DISCOUNT: float = _key(
+        0.0, "token_reverse_kl: discount of the later tokens' terms summed into each token's advantage (0: each token's own, as Tinker)"
+    )
+    DISTILL_BETA: float = _key(
+        0.5, "jsd: 0 forward KL(teacher || student), 1 reverse KL(student || teacher), between: the generalized JSD (TRL's beta)"
+    )
     # --- schedule ---
-    HYBRID: str = _key("alternate", "hybrid strategy: {choices}: alternate (CYCLE_SFT_STEPS SFT steps, then CYCLE_PPO_UPDATES PPO "
-                       "updates), gate (per prompt: SFT on its reference if no sampled response scores GATE_THRESHOLD, else RL; "
-                       "HPT), mix ((1 - mu) RL + mu SFT on the same prompts' references; CHORD, InstructGPT's ptx)",
-                       choices=lambda: tuple(HYBRID_STRATEGIES))
+    HYBRID: str = _key(
+        "alternate",
+        "hybrid strategy: {choices}: alternate (CYCLE_SFT_STEPS SFT steps, then CYCLE_PPO_UPDATES PPO "
+        "updates), gate (per prompt: SFT on its reference if no sampled response scores GATE_THRESHOLD, else RL; "
+        "HPT), mix ((1 - mu) RL + mu SFT on the same prompts' references; CHORD, InstructGPT's ptx)",
+        choices=lambda: tuple(HYBRID_STRATEGIES),
+    )
     GATE_THRESHOLD: Optional[float] = _key(None, "gate: a prompt whose best sampled score is below this is trained by SFT (null = 0.5)")
     MIX_COEF: float = _key(0.5, "mix: mu at the start, in [0, 1]")
     MIX_COEF_END: Optional[float] = _key(None, "mix: mu at the end of the run, in [0, 1] (null = MIX_COEF)")
-    MIX_SCHEDULE: str = _key("constant", "mix: mu from MIX_COEF to MIX_COEF_END over the run: {choices}",
-                             choices=lambda: tuple(MIX_SCHEDULES))
-    SFT_LOSS: str = _key("ce", "{choices}: ce (cross-entropy), dft (each token's CE times its stop-gradient probability; DFT): "
-                         "SFT steps, gate, mix", choices=lambda: tuple(SFT_LOSSES))
-    SFT_TOKEN_WEIGHT: str = _key("none", "gate/mix SFT term: {choices}: none, phi (each token weighted by p(1 - p), stop-gradient; "
-                                 "CHORD-phi)", choices=lambda: tuple(SFT_TOKEN_WEIGHTS))
+    MIX_SCHEDULE: str = _key(
+        "constant", "mix: mu from MIX_COEF to MIX_COEF_END over the run: {choices}", choices=lambda: tuple(MIX_SCHEDULES)
+    )
+    SFT_LOSS: str = _key(
+        "ce",
+        "{choices}: ce (cross-entropy), dft (each token's CE times its stop-gradient probability; DFT): SFT steps, gate, mix",
+        choices=lambda: tuple(SFT_LOSSES),
+    )
+    SFT_TOKEN_WEIGHT: str = _key(
+        "none",
+        "gate/mix SFT term: {choices}: none, phi (each token weighted by p(1 - p), stop-gradient; CHORD-phi)",
+        choices=lambda: tuple(SFT_TOKEN_WEIGHTS),
+    )
     CYCLE_SFT_STEPS: int = _key(1, "SFT steps per hybrid cycle (HYBRID alternate)")
     CYCLE_PPO_UPDATES: int = _key(1, "PPO updates per hybrid cycle (HYBRID alternate)")
     EPOCHS: int = _key(1, "passes over the data")
@@ -352,25 +336,37 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
     WARMUP_STEPS: int = _key(0, "linear warm-up, in optimizer steps of each optimizer")
     REF_UPDATE: str = _key("never", "{described}", choices=lambda: REF_UPDATES)
     # --- precision, seed, logging ---
-    BF16: Union[bool, str] = _key("auto", "bfloat16 autocast: auto (on with CUDA bf16; on a CPU when a start-up probe finds bf16 "
-                                  "matmuls faster than fp32) | true | false")
+    BF16: Union[bool, str] = _key(
+        "auto",
+        "bfloat16 autocast: auto (on with CUDA bf16; on a CPU when a start-up probe finds bf16 matmuls faster than fp32) | true | false",
+    )
     FP16: bool = _key(False, "float16 autocast with loss scaling (CUDA only)")
     SEED: Optional[int] = _key(None, "random seed (null = drawn from the OS and recorded in the resolved config)")
-    REPORT_TO: list = _key([], "also log to these trackers, any of {choices} (offline or local unless your environment says "
-                           "otherwise: see docs/outputs.md)", choices=lambda: tuple(TRACKERS))
+    REPORT_TO: list = _key(
+        [],
+        "also log to these trackers, any of {choices} (offline or local unless your environment says otherwise: see docs/outputs.md)",
+        choices=lambda: tuple(outputs.TRACKERS),
+    )
     LOG_EVERY: int = _key(5, "print a summary line every this many steps (the first and last step always print)")
     CLEANSE: bool = _key(True, "free cached accelerator memory after each cycle")
     # --- evaluation ---
     EVAL_FILE: str = _key("", "held-out data (any TRAIN_FILE kind) evaluated before, during and after training ('' = off)")
     EVAL_SAMPLES: int = _key(50, "eval items used")
-    EVAL_NUM_SAMPLES: int = _key(1, "responses per eval item: 1 = greedy; k > 1 = k samples at EVAL_TEMPERATURE, reported as "
-                                 "pass@1, pass@k (and maj@k with a math reward)")
+    EVAL_NUM_SAMPLES: int = _key(
+        1,
+        "responses per eval item: 1 = greedy; k > 1 = k samples at EVAL_TEMPERATURE, reported as "
+        "pass@1, pass@k (and maj@k with a math reward)",
+    )
     EVAL_TEMPERATURE: float = _key(1.0, "sampling temperature of the eval samples (EVAL_NUM_SAMPLES > 1)")
-    EVAL_PASS_SCORE: float = _key(1.0, "an eval sample passes (pass@k) when its reward is at least this (1.0: a right math "
-                                  "answer, all tests of a code reward)")
+    EVAL_PASS_SCORE: float = _key(
+        1.0, "an eval sample passes (pass@k) when its reward is at least this (1.0: a right math answer, all tests of a code reward)"
+    )
     EVAL_EVERY: int = _key(0, "evaluate every this many steps (0 = only at start and end)")
-    SAVE_BEST: str = _key("", "keep the weights of the best evaluation by this eval metric as OUTPUT_DIR/best/, e.g. "
-                          "\"eval/pass@1\" ('' = off; needs EVAL_FILE and EVAL_EVERY); the final model is saved too")
+    SAVE_BEST: str = _key(
+        "",
+        "keep the weights of the best evaluation by this eval metric as OUTPUT_DIR/best/, e.g. "
+        "\"eval/pass@1\" ('' = off; needs EVAL_FILE and EVAL_EVERY); the final model is saved too",
+    )
     SAVE_BEST_MODE: str = _key("max", "which SAVE_BEST is better: {described}", choices=lambda: SAVE_BEST_MODES)
     # --- reliability ---
     SAVE_EVERY: int = _key(0, "write a checkpoint every this many steps (0 = off)")
@@ -383,13 +379,13 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
     @classmethod
     def from_dict(cls, raw: Any) -> "Config":
         if not isinstance(raw, dict):
-            raise UserError(f"config must be a JSON object, got {type(raw).__name__}")
+            raise runtime.UserError(f"config must be a JSON object, got {type(raw).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
         for key in raw:
             if key not in names:
                 close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
                 hint = f" - did you mean {close[0]!r}?" if close else " (see --help for the keys)"
-                raise UserError(f"unknown config key {key!r}{hint}")
+                raise runtime.UserError(f"unknown config key {key!r}{hint}")
         hints = typing.get_type_hints(cls)
         cfg = cls(**{k: _coerce(k, v, hints[k]) for k, v in raw.items()})
         return dataclasses.replace(cfg, **cfg.validate())
@@ -397,9 +393,10 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
     def validate(self) -> dict:
         """Check every value (one UserError naming the key, the value and the rule) -> the keys whose written value
         is filled in or normalised: null defaults that follow other keys, case, the sketch's string booleans."""
+
         def need(ok: bool, msg: str):
             if not ok:
-                raise UserError(msg)
+                raise runtime.UserError(msg)
 
         fill = {"MODE": self.MODE.lower()}
         need(fill["MODE"] in ("sft", "ppo", "hybrid"), f"MODE must be 'sft', 'ppo' or 'hybrid', got {self.MODE!r}")
@@ -409,14 +406,17 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
         need(bool(self.SELECT_OUTPUT), "SELECT_OUTPUT must name the item key holding the response")
         for f in dataclasses.fields(self):  # every key whose value names a registry entry
             if f.metadata["choices"] is not None and not isinstance(getattr(self, f.name), dict):
-                for value in (getattr(self, f.name) if isinstance(getattr(self, f.name), list) else [getattr(self, f.name)]):
+                for value in getattr(self, f.name) if isinstance(getattr(self, f.name), list) else [getattr(self, f.name)]:
                     one_of(f.name, value, f.metadata["choices"]())
         self._check_ranges(need)
         fill["PPO_MINI"] = self.PPO_BATCH if self.PPO_MINI is None else self.PPO_MINI
-        need(1 <= fill["PPO_MINI"] <= self.PPO_BATCH,
-             f"PPO_MINI must be between 1 and PPO_BATCH ({self.PPO_BATCH}), got {fill['PPO_MINI']}")
-        need(self.GRAD_ACCUM <= min(self.SFT_BATCH, fill["PPO_MINI"]),
-             f"GRAD_ACCUM ({self.GRAD_ACCUM}) must not exceed SFT_BATCH ({self.SFT_BATCH}) or PPO_MINI ({fill['PPO_MINI']})")
+        need(
+            1 <= fill["PPO_MINI"] <= self.PPO_BATCH, f"PPO_MINI must be between 1 and PPO_BATCH ({self.PPO_BATCH}), got {fill['PPO_MINI']}"
+        )
+        need(
+            self.GRAD_ACCUM <= min(self.SFT_BATCH, fill["PPO_MINI"]),
+            f"GRAD_ACCUM ({self.GRAD_ACCUM}) must not exceed SFT_BATCH ({self.SFT_BATCH}) or PPO_MINI ({fill['PPO_MINI']})",
+        )
         if fill["MODE"] == "hybrid":
             need(self.CYCLE_SFT_STEPS + self.CYCLE_PPO_UPDATES >= 1, "hybrid MODE needs CYCLE_SFT_STEPS + CYCLE_PPO_UPDATES >= 1")
         fill.update(self._check_rl(need))
@@ -424,15 +424,19 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
         fill["GATE_THRESHOLD"] = 0.5 if self.GATE_THRESHOLD is None else self.GATE_THRESHOLD
         if isinstance(self.BF16, str):
             low = self.BF16.strip().lower()
-            need(low in ("auto",) + _TRUE + _FALSE, f"BF16 must be true, false or \"auto\", got {self.BF16!r}")
+            need(low in ("auto",) + _TRUE + _FALSE, f'BF16 must be true, false or "auto", got {self.BF16!r}')
             fill["BF16"] = "auto" if low == "auto" else low in _TRUE
         need(not (fill.get("BF16", self.BF16) is True and self.FP16), "BF16 and FP16 are both true: pick one")
         targets = self.LORA_TARGETS
-        need(targets == "all-linear" or isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets),
-             f"LORA_TARGETS must be \"all-linear\" or a non-empty list of module names, got {targets!r}")
+        need(
+            targets == "all-linear" or isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets),
+            f'LORA_TARGETS must be "all-linear" or a non-empty list of module names, got {targets!r}',
+        )
         resume = False if isinstance(self.RESUME, str) and self.RESUME.lower() in _FALSE else self.RESUME
-        need(resume is False or resume is True or isinstance(resume, str) and resume != "",
-             f"RESUME must be 'auto', a checkpoint path or false, got {self.RESUME!r}")
+        need(
+            resume is False or resume is True or isinstance(resume, str) and resume != "",
+            f"RESUME must be 'auto', a checkpoint path or false, got {self.RESUME!r}",
+        )
         fill["RESUME"] = "auto" if resume is True else resume
         self._check_distill(need, fill["MODE"])
         self._check_save_best(need)
@@ -444,7 +448,7 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
             try:
                 rewards.check_spec(self.REWARD, trust_remote_code=self.TRUST_REMOTE_CODE)
             except rewards.RewardSpecError as e:
-                raise UserError(f"REWARD: {e}") from None
+                raise runtime.UserError(f"REWARD: {e}") from None
         return fill
 
     def _check_environment(self, need) -> None:
@@ -454,101 +458,171 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
         try:
             environments.check_spec(self.ENVIRONMENT, trust_remote_code=self.TRUST_REMOTE_CODE)
         except environments.EnvSpecError as e:
-            raise UserError(f"ENVIRONMENT: {e}" if not str(e).startswith("ENVIRONMENT") else str(e)) from None
+            raise runtime.UserError(f"ENVIRONMENT: {e}" if not str(e).startswith("ENVIRONMENT") else str(e)) from None
         need(self.OBSERVATION_ROLE in ROLES, f"OBSERVATION_ROLE must be one of {', '.join(ROLES)}, got {self.OBSERVATION_ROLE!r}")
         custom = self.ACTION_FORMAT
-        need(not isinstance(custom, dict) or set(custom) == {"open", "close"} and all(isinstance(v, str) and v for v in
-             custom.values()), f"ACTION_FORMAT as an object needs exactly \"open\" and \"close\", two non-empty strings; "
-             f"got {custom!r}")
+        need(
+            not isinstance(custom, dict) or set(custom) == {"open", "close"} and all(isinstance(v, str) and v for v in custom.values()),
+            f'ACTION_FORMAT as an object needs exactly "open" and "close", two non-empty strings; got {custom!r}',
+        )
 
     def _check_rl(self, need) -> dict:
         """The RL keys that depend on each other -> their filled defaults."""
         fill = {}
-        need(not (self.KL_IN == "loss" and self.KL_PENALTY == "full"), "KL_PENALTY \"full\" works only with KL_IN \"reward\"")
-        need(not ADVANTAGES[self.ADVANTAGE].group or self.NUM_GENERATIONS >= 2,
-             f"ADVANTAGE {self.ADVANTAGE!r} compares the responses to the same prompt: set NUM_GENERATIONS >= 2 "
-             f"(got {self.NUM_GENERATIONS}; 4 to 8 is usual)")
-        need(not self.DYNAMIC_SAMPLING or self.NUM_GENERATIONS >= 2, "DYNAMIC_SAMPLING drops groups whose NUM_GENERATIONS "
-             f"scores are all equal: set NUM_GENERATIONS >= 2 (got {self.NUM_GENERATIONS})")
+        need(not (self.KL_IN == "loss" and self.KL_PENALTY == "full"), 'KL_PENALTY "full" works only with KL_IN "reward"')
+        need(
+            not ADVANTAGES[self.ADVANTAGE].group or self.NUM_GENERATIONS >= 2,
+            f"ADVANTAGE {self.ADVANTAGE!r} compares the responses to the same prompt: set NUM_GENERATIONS >= 2 "
+            f"(got {self.NUM_GENERATIONS}; 4 to 8 is usual)",
+        )
+        need(
+            not self.DYNAMIC_SAMPLING or self.NUM_GENERATIONS >= 2,
+            "DYNAMIC_SAMPLING drops groups whose NUM_GENERATIONS "
+            f"scores are all equal: set NUM_GENERATIONS >= 2 (got {self.NUM_GENERATIONS})",
+        )
         if self.DYNAMIC_SAMPLING and not ADVANTAGES[self.ADVANTAGE].group:
-            warn(f"DYNAMIC_SAMPLING has no effect with ADVANTAGE {self.ADVANTAGE!r}: it is not group-relative (equal scores "
-                 "still carry signal for it); use grpo, dr_grpo, rloo or reinforce_pp_baseline")
-        need(self.GENERATION_BACKEND != "vllm" or self.NO_REPEAT_NGRAM_SIZE == 0,
-             f"NO_REPEAT_NGRAM_SIZE={self.NO_REPEAT_NGRAM_SIZE} has no equivalent in vLLM: set NO_REPEAT_NGRAM_SIZE 0 with "
-             "GENERATION_BACKEND \"vllm\" (REPETITION_PENALTY works with both)")
-        auto_is = "sequence_mask" if resolve_backend(self)[0] == "vllm" else "off"
+            runtime.warn(
+                f"DYNAMIC_SAMPLING has no effect with ADVANTAGE {self.ADVANTAGE!r}: it is not group-relative (equal scores "
+                "still carry signal for it); use grpo, dr_grpo, rloo or reinforce_pp_baseline"
+            )
+        need(
+            self.GENERATION_BACKEND != "vllm" or self.NO_REPEAT_NGRAM_SIZE == 0,
+            f"NO_REPEAT_NGRAM_SIZE={self.NO_REPEAT_NGRAM_SIZE} has no equivalent in vLLM: set NO_REPEAT_NGRAM_SIZE 0 with "
+            'GENERATION_BACKEND "vllm" (REPETITION_PENALTY works with both)',
+        )
+        auto_is = "sequence_mask" if runtime.resolve_backend(self)[0] == "vllm" else "off"
         fill["ROLLOUT_IS"] = auto_is if self.ROLLOUT_IS == "auto" else self.ROLLOUT_IS
-        need(self.IMPORTANCE_LEVEL == "token" or self.POLICY_LOSS in ("ppo", "gspo"), f"IMPORTANCE_LEVEL \"sequence\" is "
-             f"POLICY_LOSS \"gspo\"; it does not combine with POLICY_LOSS {self.POLICY_LOSS!r}: drop IMPORTANCE_LEVEL")
+        need(
+            self.IMPORTANCE_LEVEL == "token" or self.POLICY_LOSS in ("ppo", "gspo"),
+            f'IMPORTANCE_LEVEL "sequence" is '
+            f'POLICY_LOSS "gspo"; it does not combine with POLICY_LOSS {self.POLICY_LOSS!r}: drop IMPORTANCE_LEVEL',
+        )
         fill["POLICY_LOSS"] = "gspo" if self.IMPORTANCE_LEVEL == "sequence" else self.POLICY_LOSS
         own = POLICY_LOSSES[fill["POLICY_LOSS"]].loss_agg
         fill["LOSS_AGG"] = (own or ADVANTAGES[self.ADVANTAGE].loss_agg) if self.LOSS_AGG == "auto" else self.LOSS_AGG
         fill["CLIPRANGE_HIGH"] = self.CLIPRANGE if self.CLIPRANGE_HIGH is None else self.CLIPRANGE_HIGH
-        need(fill["CLIPRANGE_HIGH"] >= self.CLIPRANGE, f"CLIPRANGE_HIGH ({self.CLIPRANGE_HIGH}) must be >= CLIPRANGE "
-             f"({self.CLIPRANGE}): clip-higher widens the upper side only")
+        need(
+            fill["CLIPRANGE_HIGH"] >= self.CLIPRANGE,
+            f"CLIPRANGE_HIGH ({self.CLIPRANGE_HIGH}) must be >= CLIPRANGE ({self.CLIPRANGE}): clip-higher widens the upper side only",
+        )
         fill["MIX_COEF_END"] = self.MIX_COEF if self.MIX_COEF_END is None else self.MIX_COEF_END
         for key in ("MIX_COEF", "MIX_COEF_END"):
             need(0 <= fill.get(key, getattr(self, key)) <= 1, f"{key} must be in [0, 1], got {fill.get(key, getattr(self, key))}")
         return fill
 
     def _check_distill(self, need, mode: str) -> None:
-        need(not self.DISTILL or bool(self.TEACHER_MODEL), f"DISTILL {self.DISTILL!r} needs a teacher: set TEACHER_MODEL (a "
-             "model directory, .gguf or alias, or \"self\")")
-        need(not self.TEACHER_MODEL or bool(self.DISTILL), "TEACHER_MODEL is set but DISTILL is empty: choose "
-             f"{' or '.join(DISTILL_LOSSES)}")
+        need(
+            not self.DISTILL or bool(self.TEACHER_MODEL),
+            f'DISTILL {self.DISTILL!r} needs a teacher: set TEACHER_MODEL (a model directory, .gguf or alias, or "self")',
+        )
+        need(
+            not self.TEACHER_MODEL or bool(self.DISTILL), f"TEACHER_MODEL is set but DISTILL is empty: choose {' or '.join(DISTILL_LOSSES)}"
+        )
         need(0 <= self.DISTILL_BETA <= 1, f"DISTILL_BETA must be in [0, 1] (0 forward KL, 1 reverse KL), got {self.DISTILL_BETA}")
         need(0 <= self.DISTILL_DISCOUNT <= 1, f"DISTILL_DISCOUNT must be in [0, 1], got {self.DISTILL_DISCOUNT}")
         need(self.DISTILL_COEF >= 0, f"DISTILL_COEF must be >= 0, got {self.DISTILL_COEF}")
-        need(self.TEACHER_MODEL != "self" or self.REF_UPDATE == "never", "TEACHER_MODEL \"self\" is the frozen initial "
-             "policy, which REF_UPDATE \"cycle\" would move: use REF_UPDATE \"never\"")
-        need(self.ADVANTAGE != "none" or self.DISTILL == "token_reverse_kl", "ADVANTAGE \"none\" leaves the update no signal but "
-             "DISTILL \"token_reverse_kl\"'s: set DISTILL, or another ADVANTAGE")
+        need(
+            self.TEACHER_MODEL != "self" or self.REF_UPDATE == "never",
+            'TEACHER_MODEL "self" is the frozen initial policy, which REF_UPDATE "cycle" would move: use REF_UPDATE "never"',
+        )
+        need(
+            self.ADVANTAGE != "none" or self.DISTILL == "token_reverse_kl",
+            'ADVANTAGE "none" leaves the update no signal but DISTILL "token_reverse_kl"\'s: set DISTILL, or another ADVANTAGE',
+        )
         if self.TEACHER_MODEL and mode == "sft":
-            warn("TEACHER_MODEL is ignored in MODE \"sft\": distillation trains on the student's own samples (ppo or hybrid)")
+            runtime.warn('TEACHER_MODEL is ignored in MODE "sft": distillation trains on the student\'s own samples (ppo or hybrid)')
 
     def _check_save_best(self, need) -> None:
         if not self.SAVE_BEST:
             return
         need(bool(self.EVAL_FILE), f"SAVE_BEST {self.SAVE_BEST!r} selects by a held-out metric: set EVAL_FILE")
-        need(self.EVAL_EVERY > 0, f"SAVE_BEST {self.SAVE_BEST!r} compares evaluations during the run: set EVAL_EVERY "
-             "(the steps between them; without it the run evaluates only at its start and end)")
+        need(
+            self.EVAL_EVERY > 0,
+            f"SAVE_BEST {self.SAVE_BEST!r} compares evaluations during the run: set EVAL_EVERY "
+            "(the steps between them; without it the run evaluates only at its start and end)",
+        )
         known = eval_metric_keys(self)
-        need(self.SAVE_BEST in known, f"SAVE_BEST {self.SAVE_BEST!r} is not a metric this run's evaluation logs; it logs: "
-             f"{', '.join(sorted(known))}")
+        need(
+            self.SAVE_BEST in known,
+            f"SAVE_BEST {self.SAVE_BEST!r} is not a metric this run's evaluation logs; it logs: {', '.join(sorted(known))}",
+        )
 
     def _check_ranges(self, need) -> None:
         need(0 < self.PERCENT <= 100, f"PERCENT must be in (0, 100], got {self.PERCENT}")
-        for key in ("SFT_BATCH", "PPO_BATCH", "PPO_EPOCHS", "EPOCHS", "MAXSEQ", "MAX_NEW_TOKENS", "NUM_GENERATIONS",
-                    "GRAD_ACCUM", "LOG_EVERY", "KL_HORIZON", "EVAL_SAMPLES", "KEEP_CHECKPOINTS", "MAX_BAD_STEPS",
-                    "EVAL_NUM_SAMPLES", "MAX_SAMPLING_ROUNDS", "MAX_TURNS", "MAX_OBSERVATION_TOKENS"):
+        for key in (
+            "SFT_BATCH",
+            "PPO_BATCH",
+            "PPO_EPOCHS",
+            "EPOCHS",
+            "MAXSEQ",
+            "MAX_NEW_TOKENS",
+            "NUM_GENERATIONS",
+            "GRAD_ACCUM",
+            "LOG_EVERY",
+            "KL_HORIZON",
+            "EVAL_SAMPLES",
+            "KEEP_CHECKPOINTS",
+            "MAX_BAD_STEPS",
+            "EVAL_NUM_SAMPLES",
+            "MAX_SAMPLING_ROUNDS",
+            "MAX_TURNS",
+            "MAX_OBSERVATION_TOKENS",
+        ):
             need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("NUM_SAMPLES", "CYCLE_SFT_STEPS", "CYCLE_PPO_UPDATES", "NO_REPEAT_NGRAM_SIZE", "EVAL_EVERY", "SAVE_EVERY",
-                    "WARMUP_STEPS", "LOGITS_CHUNK"):
+        for key in (
+            "NUM_SAMPLES",
+            "CYCLE_SFT_STEPS",
+            "CYCLE_PPO_UPDATES",
+            "NO_REPEAT_NGRAM_SIZE",
+            "EVAL_EVERY",
+            "SAVE_EVERY",
+            "WARMUP_STEPS",
+            "LOGITS_CHUNK",
+        ):
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         need(self.LORA_R >= 0, f"LORA_R must be >= 0 (0 = full fine-tuning), got {self.LORA_R}")
-        for key in ("LR_SFT", "LR_PPO", "TEMPERATURE", "REPETITION_PENALTY", "MAX_GRAD_NORM", "RATIO_THRESHOLD", "TARGET_KL", "LORA_ALPHA",
-                    "EVAL_TEMPERATURE", "VLLM_KV_CACHE_GB", "ROLLOUT_IS_CAP", "SAPO_TAU_POS", "SAPO_TAU_NEG",
-                    "ENV_STEP_TIMEOUT"):
+        for key in (
+            "LR_SFT",
+            "LR_PPO",
+            "TEMPERATURE",
+            "REPETITION_PENALTY",
+            "MAX_GRAD_NORM",
+            "RATIO_THRESHOLD",
+            "TARGET_KL",
+            "LORA_ALPHA",
+            "EVAL_TEMPERATURE",
+            "VLLM_KV_CACHE_GB",
+            "ROLLOUT_IS_CAP",
+            "SAPO_TAU_POS",
+            "SAPO_TAU_NEG",
+            "ENV_STEP_TIMEOUT",
+        ):
             need(getattr(self, key) > 0, f"{key} must be > 0, got {getattr(self, key)}")
         for key in ("INIT_KL_COEF", "CLIPRANGE", "CLIPRANGE_VALUE", "VF_COEF"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         need(0 < self.TOP_P <= 1, f"TOP_P must be in (0, 1], got {self.TOP_P}")
-        need(0 < self.VLLM_GPU_MEMORY_UTILIZATION < 1,
-             f"VLLM_GPU_MEMORY_UTILIZATION must be in (0, 1), got {self.VLLM_GPU_MEMORY_UTILIZATION}")
+        need(
+            0 < self.VLLM_GPU_MEMORY_UTILIZATION < 1,
+            f"VLLM_GPU_MEMORY_UTILIZATION must be in (0, 1), got {self.VLLM_GPU_MEMORY_UTILIZATION}",
+        )
         need(0 <= self.GAMMA <= 1 and 0 <= self.LAM <= 1, f"GAMMA and LAM must be in [0, 1], got {self.GAMMA}, {self.LAM}")
         need(0 <= self.LORA_DROPOUT < 1, f"LORA_DROPOUT must be in [0, 1), got {self.LORA_DROPOUT}")
 
     def _warn_unused(self, mode: str) -> None:
         strategy = self.HYBRID if mode == "hybrid" else None
         if self.HYBRID != "alternate" and strategy is None:
-            warn(f"HYBRID {self.HYBRID!r} is ignored: it applies to MODE \"hybrid\" (here {mode!r})")
+            runtime.warn(f'HYBRID {self.HYBRID!r} is ignored: it applies to MODE "hybrid" (here {mode!r})')
         if self.SFT_FILE and strategy != "alternate":
-            why = (f"HYBRID {strategy!r} trains SFT inside each update on the RL prompt's own reference (where its "
-                   "TRAIN_FILE row has one)" if strategy else f"it feeds the SFT side of MODE \"hybrid\" (here {mode!r})")
-            warn(f"SFT_FILE is ignored: {why}; it is the demonstrations of HYBRID \"alternate\"")
+            why = (
+                f"HYBRID {strategy!r} trains SFT inside each update on the RL prompt's own reference (where its TRAIN_FILE row has one)"
+                if strategy
+                else f'it feeds the SFT side of MODE "hybrid" (here {mode!r})'
+            )
+            runtime.warn(f'SFT_FILE is ignored: {why}; it is the demonstrations of HYBRID "alternate"')
         if self.GATE_THRESHOLD is not None and strategy != "gate":
-            warn(f"GATE_THRESHOLD is ignored: it applies to MODE \"hybrid\" with HYBRID \"gate\" (here MODE {mode!r}, "
-                 f"HYBRID {self.HYBRID!r})")
+            runtime.warn(
+                f'GATE_THRESHOLD is ignored: it applies to MODE "hybrid" with HYBRID "gate" (here MODE {mode!r}, HYBRID {self.HYBRID!r})'
+            )
 
     def resolved(self) -> dict:
         return dataclasses.asdict(self)
@@ -570,7 +644,7 @@ def one_of(key: str, value: str, choices: tuple) -> None:
     if value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
         hint = f" - did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"{key} must be one of {', '.join(choices)}; got {value!r}{hint}")
+        raise runtime.UserError(f"{key} must be one of {', '.join(choices)}; got {value!r}{hint}")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -579,7 +653,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if value is None:
         if type(None) in args:
             return None
-        raise UserError(f"{key} must not be null")
+        raise runtime.UserError(f"{key} must not be null")
     if type(None) in args:  # Optional[X]
         annotation = next(a for a in args if a is not type(None))
         args = typing.get_args(annotation)
@@ -587,30 +661,32 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if any(isinstance(value, a) for a in args):
             return value
         names = " or ".join({bool: "a boolean", str: "a string", list: "a list"}[a] for a in args)
-        raise UserError(f"{key} must be {names}, got {type(value).__name__} {value!r}")
+        raise runtime.UserError(f"{key} must be {names}, got {type(value).__name__} {value!r}")
     if annotation is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
             return value.strip().lower() in _TRUE
         if key == "SHUFFLE" and isinstance(value, str):
-            raise UserError(f"SHUFFLE must be true or false, got the string {value!r}: scripts named in a config are "
-                            "never run; the trainer shuffles in-process with SEED")
-        raise UserError(f"{key} must be true or false, got {value!r}")
+            raise runtime.UserError(
+                f"SHUFFLE must be true or false, got the string {value!r}: scripts named in a config are "
+                "never run; the trainer shuffles in-process with SEED"
+            )
+        raise runtime.UserError(f"{key} must be true or false, got {value!r}")
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-            raise UserError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
+            raise runtime.UserError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
         return int(value)
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserError(f"{key} must be a number, got {type(value).__name__} {value!r}")
+            raise runtime.UserError(f"{key} must be a number, got {type(value).__name__} {value!r}")
         return float(value)
     if annotation is str and not isinstance(value, str):
-        raise UserError(f"{key} must be a string, got {type(value).__name__} {value!r}")
+        raise runtime.UserError(f"{key} must be a string, got {type(value).__name__} {value!r}")
     if annotation is list and not isinstance(value, list):
-        raise UserError(f"{key} must be a JSON list, got {type(value).__name__} {value!r}")
+        raise runtime.UserError(f"{key} must be a JSON list, got {type(value).__name__} {value!r}")
     if annotation is dict and not isinstance(value, dict):
-        raise UserError(f"{key} must be a JSON object, got {type(value).__name__}")
+        raise runtime.UserError(f"{key} must be a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -618,24 +694,27 @@ def load_config(path: str) -> Config:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
-        raise UserError(f"cannot read config {path}: {e.strerror}") from None
+        raise runtime.UserError(f"cannot read config {path}: {e.strerror}") from None
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"config {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise runtime.UserError(f"config {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     return Config.from_dict(raw)
 
 
 def config_defaults() -> list[tuple[str, Any, str]]:
     """(key, default, help) for every config key, in file order; a key's choices are its registry's names."""
+
     def doc(f) -> str:
         text = f.metadata["help"]() if callable(f.metadata["help"]) else f.metadata["help"]
         choices = f.metadata["choices"]() if f.metadata["choices"] else ()
         described = ", ".join(f"{name} ({entry.doc})" for name, entry in choices.items()) if isinstance(choices, dict) else ""
         return text.replace("{choices}", " | ".join(choices)).replace("{described}", described)
 
-    return [(f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default, doc(f))
-            for f in dataclasses.fields(Config)]
+    return [
+        (f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default, doc(f))
+        for f in dataclasses.fields(Config)
+    ]
 
 
 def config_help() -> str:
@@ -660,22 +739,41 @@ def registry_table() -> list[tuple[str, list[tuple[str, str]]]]:
             return obj.help
         fn = getattr(obj, "fn", obj)  # an Estimator or a Strategy holds its function
         text = " ".join((getattr(fn, "__doc__", None) or "").strip().split("\n\n")[0].split())
-        return text if len(text) <= 110 else text[:text.rfind(" ", 0, 108)] + " ..."
+        return text if len(text) <= 110 else text[: text.rfind(" ", 0, 108)] + " ..."
 
-    tables = {"ADVANTAGE": ADVANTAGES, "POLICY_LOSS": POLICY_LOSSES, "LOSS_AGG": LOSS_AGGREGATIONS, "KL_IN": KL_PLACES,
-              "ROLLOUT_IS": ROLLOUT_IS_MODES, "HYBRID": HYBRID_STRATEGIES, "KL_PENALTY": KL_PENALTIES, "SFT_LOSS": SFT_LOSSES,
-              "SFT_TOKEN_WEIGHT": SFT_TOKEN_WEIGHTS, "MIX_SCHEDULE": MIX_SCHEDULES, "LR_SCHEDULE": LR_SCHEDULES,
-              "DATA_FORMAT": DATA_FORMATS, "GENERATION_BACKEND": GENERATION_BACKENDS, "REWARD type": rewards.REWARDS,
-              "REWARD math extract": rewards.MATH_EXTRACTORS, "ENVIRONMENT type": environments.ENVIRONMENTS, "DISTILL": DISTILL_LOSSES,
-              "ACTION_FORMAT": environments.ACTION_FORMATS, "PROMPT_FORMAT": PROMPT_FORMATS, "IMPORTANCE_LEVEL": IMPORTANCE_LEVELS,
-              "REF_UPDATE": REF_UPDATES, "SAVE_BEST_MODE": SAVE_BEST_MODES}
+    tables = {
+        "ADVANTAGE": ADVANTAGES,
+        "POLICY_LOSS": POLICY_LOSSES,
+        "LOSS_AGG": LOSS_AGGREGATIONS,
+        "KL_IN": KL_PLACES,
+        "ROLLOUT_IS": ROLLOUT_IS_MODES,
+        "HYBRID": HYBRID_STRATEGIES,
+        "KL_PENALTY": KL_PENALTIES,
+        "SFT_LOSS": SFT_LOSSES,
+        "SFT_TOKEN_WEIGHT": SFT_TOKEN_WEIGHTS,
+        "MIX_SCHEDULE": MIX_SCHEDULES,
+        "LR_SCHEDULE": LR_SCHEDULES,
+        "DATA_FORMAT": DATA_FORMATS,
+        "GENERATION_BACKEND": runtime.GENERATION_BACKENDS,
+        "REWARD type": rewards.REWARDS,
+        "REWARD math extract": rewards.MATH_EXTRACTORS,
+        "ENVIRONMENT type": environments.ENVIRONMENTS,
+        "DISTILL": DISTILL_LOSSES,
+        "ACTION_FORMAT": environments.ACTION_FORMATS,
+        "PROMPT_FORMAT": PROMPT_FORMATS,
+        "IMPORTANCE_LEVEL": IMPORTANCE_LEVELS,
+        "REF_UPDATE": REF_UPDATES,
+        "SAVE_BEST_MODE": SAVE_BEST_MODES,
+    }
     return [(key, [(name, first_line(entry)) for name, entry in registry.items()]) for key, registry in tables.items()]
 
 
 def config_markdown() -> str:
     """docs/config.md's key table."""
-    return "\n".join(["| key | default | meaning |", "|---|---|---|"] +
-                     [f"| `{key}` | `{json.dumps(default)}` | {doc.replace('|', '/')} |" for key, default, doc in config_defaults()])
+    return "\n".join(
+        ["| key | default | meaning |", "|---|---|---|"]
+        + [f"| `{key}` | `{json.dumps(default)}` | {doc.replace('|', '/')} |" for key, default, doc in config_defaults()]
+    )
 
 
 @dataclass(frozen=True)
@@ -683,6 +781,7 @@ class Plan:
     """What a run derives once at start from the config, the launch and the model, read-only afterwards: printed as
     one block, written to OUTPUT_DIR/plan.json and into each checkpoint. Built by make_plan (pure) in run(). The
     update and the loop read their sizes here; the properties are the same facts per process or per epoch."""
+
     seed: int  # SEED, or drawn by the main process when SEED is null (seed_drawn), or the resumed run's
     seed_drawn: bool  # printed by describe(): the seed to put in a config to rerun the run
     bf16: bool  # bf16 autocast (BF16 true, or "auto" resolved on this machine)
@@ -741,39 +840,56 @@ class Plan:
 
     def describe(self) -> str:
         """The block printed at start."""
-        rows = [("seed", f"{self.seed}" + (" (drawn)" if self.seed_drawn else "")), ("precision", self.precision),
-                ("generation", self.generation), ("processes", self.world_size),
-                ("model", self.model + (f" + adapter {self.adapter}" if self.adapter else "")),
-                ("MAXSEQ", self.maxseq),
-                ("training items", f"{self.n_items}" if self.n_sft_items is None else
-                 f"{self.n_items} RL prompts (TRAIN_FILE), {self.n_sft_items} SFT demonstrations (SFT_FILE)"),
-                ("steps", f"{self.total_steps} ({self.sft_steps_per_epoch} SFT + {self.ppo_updates_per_epoch} PPO per epoch)"),
-                ("per process", f"{self.sft_batch_per_process} SFT examples, {self.prompts_per_process} PPO prompts"),
-                ("PPO update", f"{self.responses_per_update} responses, minibatches of {self.responses_per_minibatch} "
-                               f"({self.minibatches_per_epoch} per epoch)"),
-                ("optimizer steps", f"SFT {self.sft_optimizer_steps}, PPO {self.ppo_optimizer_steps}"),
-                ("disk", storage_line(self.checkpoint_bytes, self.final_bytes))]
+        rows = [
+            ("seed", f"{self.seed}" + (" (drawn)" if self.seed_drawn else "")),
+            ("precision", self.precision),
+            ("generation", self.generation),
+            ("processes", self.world_size),
+            ("model", self.model + (f" + adapter {self.adapter}" if self.adapter else "")),
+            ("MAXSEQ", self.maxseq),
+            (
+                "training items",
+                f"{self.n_items}"
+                if self.n_sft_items is None
+                else f"{self.n_items} RL prompts (TRAIN_FILE), {self.n_sft_items} SFT demonstrations (SFT_FILE)",
+            ),
+            ("steps", f"{self.total_steps} ({self.sft_steps_per_epoch} SFT + {self.ppo_updates_per_epoch} PPO per epoch)"),
+            ("per process", f"{self.sft_batch_per_process} SFT examples, {self.prompts_per_process} PPO prompts"),
+            (
+                "PPO update",
+                f"{self.responses_per_update} responses, minibatches of {self.responses_per_minibatch} "
+                f"({self.minibatches_per_epoch} per epoch)",
+            ),
+            ("optimizer steps", f"SFT {self.sft_optimizer_steps}, PPO {self.ppo_optimizer_steps}"),
+            ("disk", storage_line(self.checkpoint_bytes, self.final_bytes)),
+        ]
         return "plan:\n" + "\n".join(f"  {k:<16} {v}" for k, v in rows)
 
 
 def check_launch(cfg: Config, world: int) -> None:
     """The checks that depend on the launch: how many processes, what is installed (the Plan's, also run by --check)."""
     if cfg.GENERATION_BACKEND == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise UserError(f"GENERATION_BACKEND \"vllm\" needs vLLM, which is not installed: {VLLM_INSTALL}")
+        raise runtime.UserError(f'GENERATION_BACKEND "vllm" needs vLLM, which is not installed: {runtime.VLLM_INSTALL}')
     for name in cfg.REPORT_TO:
-        if importlib.util.find_spec(TRACKERS[name].module) is None:
-            raise UserError(f"REPORT_TO {name!r} needs {TRACKERS[name].module}, which is not installed: pip install "
-                            f"{TRACKERS[name].package}")
+        if importlib.util.find_spec(outputs.TRACKERS[name].module) is None:
+            raise runtime.UserError(
+                f"REPORT_TO {name!r} needs {outputs.TRACKERS[name].module}, which is not installed: "
+                f"pip install {outputs.TRACKERS[name].package}"
+            )
     if cfg.FSDP and world == 1:
-        raise UserError("FSDP is true but this is a single process: launch with `torchrun --nproc_per_node N "
-                        "hybrid_trainer.py CONFIG` (or accelerate launch --multi_gpu --num_processes N), or set FSDP false")
+        raise runtime.UserError(
+            "FSDP is true but this is a single process: launch with `torchrun --nproc_per_node N "
+            "hybrid_trainer.py CONFIG` (or accelerate launch --multi_gpu --num_processes N), or set FSDP false"
+        )
     for key in ("SFT_BATCH", "PPO_BATCH", "PPO_MINI"):
         if getattr(cfg, key) % world:
-            raise UserError(f"{key} ({getattr(cfg, key)}) must be divisible by the number of processes ({world}): batch "
-                            "sizes are global, each process takes an equal share")
+            raise runtime.UserError(
+                f"{key} ({getattr(cfg, key)}) must be divisible by the number of processes ({world}): batch "
+                "sizes are global, each process takes an equal share"
+            )
 
 
-def storage_estimate(cfg: Config, counts: ParameterCounts, bf16: bool) -> tuple[int, int]:
+def storage_estimate(cfg: Config, counts: runtime.ParameterCounts, bf16: bool) -> tuple[int, int]:
     """(bytes of one checkpoint, bytes of the final model). A checkpoint: the trainable weights and the value head in
     fp32, AdamW's two fp32 moments of each optimizer that trains (SFT: the LM's trainable weights; PPO: those and the
     value head), the moving reference (REF_UPDATE cycle). The final model: the LM in its training dtype (with LoRA
@@ -794,30 +910,60 @@ def storage_estimate(cfg: Config, counts: ParameterCounts, bf16: bool) -> tuple[
 def storage_line(checkpoint: Optional[int], final: Optional[int]) -> str:
     if checkpoint is None:
         return "unknown until the model is converted (a .gguf converts at the first run)"
-    return f"a checkpoint about {human_bytes(checkpoint)}, the final model about {human_bytes(final)}"
+    return f"a checkpoint about {runtime.human_bytes(checkpoint)}, the final model about {runtime.human_bytes(final)}"
 
 
-def make_plan(cfg: Config, n_items: int, world: int, seed: int, seed_drawn: bool, bf16: bool, precision: str, model: str,
-              adapter: Optional[str] = None, context: Optional[int] = None, counts: Optional[ParameterCounts] = None,
-              n_sft_items: Optional[int] = None, weight_first: tuple[bool, str] = (False, "")) -> Plan:
+def make_plan(
+    cfg: Config,
+    n_items: int,
+    world: int,
+    seed: int,
+    seed_drawn: bool,
+    bf16: bool,
+    precision: str,
+    model: str,
+    adapter: Optional[str] = None,
+    context: Optional[int] = None,
+    counts: Optional[runtime.ParameterCounts] = None,
+    n_sft_items: Optional[int] = None,
+    weight_first: tuple[bool, str] = (False, ""),
+) -> Plan:
     """Every derived size, once. Pure: run() passes in what it read from the launch, the machine and the model
     (n_sft_items: SFT_FILE's rows, when it feeds the SFT side; weight_first: resolve_weight_first's choice and why)."""
     check_launch(cfg, world)
     maxseq = min(cfg.MAXSEQ, context) if context else cfg.MAXSEQ
     if maxseq < cfg.MAXSEQ:
-        warn(f"MAXSEQ={cfg.MAXSEQ} exceeds the context of MODEL ({context} tokens); using MAXSEQ={context}")
+        runtime.warn(f"MAXSEQ={cfg.MAXSEQ} exceeds the context of MODEL ({context} tokens); using MAXSEQ={context}")
     schedule = tuple(step_plan(cfg, n_items, n_sft_items))
     n_sft, n_ppo = schedule.count("sft"), schedule.count("ppo")
     minibatches = math.ceil(cfg.PPO_BATCH / cfg.PPO_MINI)
     checkpoint_bytes, final_bytes = storage_estimate(cfg, counts, bf16) if counts else (None, None)
-    backend, generation = resolve_backend(cfg)
-    return Plan(seed=seed, seed_drawn=seed_drawn, bf16=bf16, precision=precision, world_size=world,
-                maxseq=maxseq, model=model, adapter=adapter, n_items=n_items, schedule=schedule, sft_batch=cfg.SFT_BATCH,
-                ppo_batch=cfg.PPO_BATCH, group_size=cfg.NUM_GENERATIONS, responses_per_minibatch=cfg.PPO_MINI * cfg.NUM_GENERATIONS,
-                total_steps=len(schedule) * cfg.EPOCHS, sft_optimizer_steps=n_sft * cfg.EPOCHS,
-                ppo_optimizer_steps=n_ppo * cfg.EPOCHS * cfg.PPO_EPOCHS * minibatches, checkpoint_bytes=checkpoint_bytes,
-                final_bytes=final_bytes, n_sft_items=n_sft_items, backend=backend,
-                generation=generation + (f"; {weight_first[1]}" if weight_first[1] else ""), weight_first=weight_first[0])
+    backend, generation = runtime.resolve_backend(cfg)
+    return Plan(
+        seed=seed,
+        seed_drawn=seed_drawn,
+        bf16=bf16,
+        precision=precision,
+        world_size=world,
+        maxseq=maxseq,
+        model=model,
+        adapter=adapter,
+        n_items=n_items,
+        schedule=schedule,
+        sft_batch=cfg.SFT_BATCH,
+        ppo_batch=cfg.PPO_BATCH,
+        group_size=cfg.NUM_GENERATIONS,
+        responses_per_minibatch=cfg.PPO_MINI * cfg.NUM_GENERATIONS,
+        total_steps=len(schedule) * cfg.EPOCHS,
+        sft_optimizer_steps=n_sft * cfg.EPOCHS,
+        ppo_optimizer_steps=n_ppo * cfg.EPOCHS * cfg.PPO_EPOCHS * minibatches,
+        checkpoint_bytes=checkpoint_bytes,
+        final_bytes=final_bytes,
+        n_sft_items=n_sft_items,
+        backend=backend,
+        generation=generation + (f"; {weight_first[1]}" if weight_first[1] else ""),
+        weight_first=weight_first[0],
+    )
 
 
 def api_plan(cfg: Config, n_items: Optional[int] = None, lm: Optional[nn.Module] = None, bf16: Optional[bool] = None) -> Plan:
@@ -828,9 +974,18 @@ def api_plan(cfg: Config, n_items: Optional[int] = None, lm: Optional[nn.Module]
         raise ValueError(f"LR_SCHEDULE {cfg.LR_SCHEDULE!r} needs the run length: pass n_items to HybridTrainer")
     seed = cfg.SEED if cfg.SEED is not None else draw_seed()
     bf16 = cfg.BF16 is True if bf16 is None else bf16
-    context = model_context(lm.config) if lm is not None else None
-    return make_plan(cfg, n_items or 1, world_size(), seed, cfg.SEED is None, bf16, f"bf16 {'on' if bf16 else 'off'} (Python API)",
-                     getattr(getattr(lm, "config", None), "name_or_path", cfg.MODEL), context=context)
+    context = runtime.model_context(lm.config) if lm is not None else None
+    return make_plan(
+        cfg,
+        n_items or 1,
+        runtime.world_size(),
+        seed,
+        cfg.SEED is None,
+        bf16,
+        f"bf16 {'on' if bf16 else 'off'} (Python API)",
+        getattr(getattr(lm, "config", None), "name_or_path", cfg.MODEL),
+        context=context,
+    )
 
 
 def draw_seed() -> int:
@@ -845,8 +1000,9 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     return token_stats(logits, labels, temperature, entropy=False)[0]
 
 
-def token_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                entropy: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def token_stats(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, entropy: bool = True
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(..., V) logits, (...) labels -> (log p(label) at temperature, the entropy of the distribution: no gradient;
     None with entropy=False; TRL's entropy_from_logits). The one log-prob formula: logprobs_from_logits is its first."""
     from trl.trainer.utils import entropy_from_logits
@@ -859,14 +1015,14 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float =
         return logprobs, entropy_from_logits(scaled)
 
 
-def chunked_token_stats(hidden: torch.Tensor, head: Callable, labels: torch.Tensor, temperature: float, chunk: int,
-                        entropy: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def chunked_token_stats(
+    hidden: torch.Tensor, head: Callable, labels: torch.Tensor, temperature: float, chunk: int, entropy: bool = True
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """token_stats from the last hidden states (B, T, H) through the LM head `head`, `chunk` positions at a time: with
     gradient each chunk's logits are recomputed in backward (checkpointed), so no (B, T, V) tensor exists, only one
     chunk's (TRL's selective_log_softmax saves the log-softmax copy; Liger and verl fuse the head the same way).
     -> (log-probs (B, T), entropy (B, T)); equal to token_stats(head(hidden), labels) position by position."""
-    logprobs, ent = chunked_head(hidden, head, lambda logits, y: token_stats(logits, y, temperature, entropy), labels,
-                                 chunk=chunk)
+    logprobs, ent = chunked_head(hidden, head, lambda logits, y: token_stats(logits, y, temperature, entropy), labels, chunk=chunk)
     return logprobs, ent
 
 
@@ -1111,6 +1267,7 @@ POLICY_LOSSES = {
 
 class LossSettings(NamedTuple):
     """What the policy loss is, fixed for a run (PPOUpdate makes it once from the Config)."""
+
     cliprange: float = 0.2  # CLIPRANGE: the ratio's clip below (and above, without cliprange_high)
     cliprange_high: Optional[float] = None  # CLIPRANGE_HIGH (DAPO's clip-higher); None: cliprange
     kind: str = "ppo"  # POLICY_LOSS: the POLICY_LOSSES entry
@@ -1120,20 +1277,29 @@ class LossSettings(NamedTuple):
 
     @classmethod
     def from_config(cls, cfg: Config) -> "LossSettings":
-        return cls(cfg.CLIPRANGE, cfg.CLIPRANGE_HIGH, cfg.POLICY_LOSS, cfg.LOSS_AGG, cfg.MAX_NEW_TOKENS,
-                   (cfg.SAPO_TAU_POS, cfg.SAPO_TAU_NEG))
+        return cls(
+            cfg.CLIPRANGE, cfg.CLIPRANGE_HIGH, cfg.POLICY_LOSS, cfg.LOSS_AGG, cfg.MAX_NEW_TOKENS, (cfg.SAPO_TAU_POS, cfg.SAPO_TAU_NEG)
+        )
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, settings: LossSettings,
-                kl: Optional[torch.Tensor] = None, is_weights: Optional[torch.Tensor] = None) -> PolicyLoss:
+def policy_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    settings: LossSettings,
+    kl: Optional[torch.Tensor] = None,
+    is_weights: Optional[torch.Tensor] = None,
+) -> PolicyLoss:
     """The policy loss POLICY_LOSSES[settings.kind], all inputs (B, T). is_weights: the rollout correction's per-token
     weights (ROLLOUT_IS), multiplying the loss before the KL is added (TRL grpo_trainer.py _compute_loss). kl: a
     per-token term (coef x KL, KL_IN "loss", as TRL's GRPO) added before aggregating by LOSS_AGGREGATIONS[settings.agg]."""
     cliprange, cliprange_high, kind, agg, max_len, tau = settings
     log_ratio = logprobs - old_logprobs
     high = cliprange if cliprange_high is None else cliprange_high
-    terms = POLICY_LOSSES[kind].fn(log_ratio=log_ratio, logprobs=logprobs, advantages=advantages, mask=mask,
-                                   low=cliprange, high=high, tau=tau)
+    terms = POLICY_LOSSES[kind].fn(
+        log_ratio=log_ratio, logprobs=logprobs, advantages=advantages, mask=mask, low=cliprange, high=high, tau=tau
+    )
     per_token = terms.per_token
     if is_weights is not None:
         per_token = per_token * is_weights
@@ -1302,8 +1468,9 @@ ADVANTAGES = {
 
 
 # ---- on-policy distillation: a teacher's judgement of the student's own tokens (DISTILL) ----
-def distill_advantages(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor, discount: float = 0.0,
-                       **_) -> torch.Tensor:
+def distill_advantages(
+    logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor, discount: float = 0.0, **_
+) -> torch.Tensor:
     """token_reverse_kl: the sampled-token form of on-policy distillation (Thinking Machines' Tinker recipe; Agarwal
     et al. 2024): each sampled token's advantage is -(log pi - log nu), the student's log-prob minus the teacher's, a
     one-sample estimate of the reverse KL; stop-gradient, through the normal clipped policy loss. discount > 0: the
@@ -1311,8 +1478,9 @@ def distill_advantages(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, m
     return returns_to_go(-(logprobs - teacher_logprobs).detach() * mask, mask, discount) * mask
 
 
-def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, beta: float,
-                    temperature: float = 1.0, chunk: int = 64) -> torch.Tensor:
+def generalized_jsd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, beta: float, temperature: float = 1.0, chunk: int = 64
+) -> torch.Tensor:
     """jsd: the generalized Jensen-Shannon divergence over the full vocabulary (Agarwal et al. 2024, eq. 1, as TRL's
     GKD generalized_jsd_loss): beta 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher), between
     them beta KL(teacher || m) + (1 - beta) KL(student || m), m = beta teacher + (1 - beta) student. -> the sum over the
@@ -1445,23 +1613,24 @@ class Strategy(NamedTuple):
     in_update: bool = True  # splits inside each PPO update (else the step schedule alternates SFT steps and updates)
 
 
-HYBRID_STRATEGIES = {
-    "alternate": Strategy(hybrid_alternate, in_update=False),
-    "gate": Strategy(hybrid_gate),
-    "mix": Strategy(hybrid_mix),
-}
+HYBRID_STRATEGIES = {"alternate": Strategy(hybrid_alternate, in_update=False), "gate": Strategy(hybrid_gate), "mix": Strategy(hybrid_mix)}
 
 
 class Choice(NamedTuple):
     """A registry entry that is a setting, not a function."""
+
     value: Any
     doc: str
 
 
-IMPORTANCE_LEVELS = {"token": Choice("token", "a ratio per token"),
-                     "sequence": Choice("sequence", "= POLICY_LOSS \"gspo\", kept for older configs")}
-REF_UPDATES = {"never": Choice("never", "the frozen initial reference"),
-               "cycle": Choice("cycle", "hybrid: the reference becomes the policy at the start of each PPO phase")}
+IMPORTANCE_LEVELS = {
+    "token": Choice("token", "a ratio per token"),
+    "sequence": Choice("sequence", '= POLICY_LOSS "gspo", kept for older configs'),
+}
+REF_UPDATES = {
+    "never": Choice("never", "the frozen initial reference"),
+    "cycle": Choice("cycle", "hybrid: the reference becomes the policy at the start of each PPO phase"),
+}
 SAVE_BEST_MODES = {"max": Choice("max", "a larger value is better"), "min": Choice("min", "a smaller value is better")}
 LR_SCHEDULES = {  # transformers.get_scheduler's names
     "constant": Choice("constant_with_warmup", "constant after WARMUP_STEPS of linear warm-up"),
@@ -1556,21 +1725,23 @@ def read_items(path: str, key: str, split: str = "") -> list:
     if p.is_dir():
         return read_saved_dataset(p, key, split)
     if not p.is_file():
-        raise UserError(f"{key} {shown(path)} does not exist" if not p.exists() else f"{key} {shown(path)} is not a file")
+        raise runtime.UserError(
+            f"{key} {runtime.shown(path)} does not exist" if not p.exists() else f"{key} {runtime.shown(path)} is not a file"
+        )
     if split:
-        warn(f"{key.replace('FILE', 'SPLIT')} {split!r} is ignored: {key} is a file, not a saved DatasetDict")
+        runtime.warn(f"{key.replace('FILE', 'SPLIT')} {split!r} is ignored: {key} is a file, not a saved DatasetDict")
     if p.suffix.lower() in (".csv", ".parquet"):
         return read_table(p, key)
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{key} {shown(path)} cannot be read: {e}") from None
+        raise runtime.UserError(f"{key} {runtime.shown(path)} cannot be read: {e}") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{key} {path!r} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+            raise runtime.UserError(f"{key} {path!r} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     else:
         items = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -1578,9 +1749,9 @@ def read_items(path: str, key: str, split: str = "") -> list:
                 try:
                     items.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{key} {path!r} line {lineno} is not valid JSON: {e.msg}") from None
+                    raise runtime.UserError(f"{key} {path!r} line {lineno} is not valid JSON: {e.msg}") from None
     if not items:
-        raise UserError(f"{key} {path!r} holds no items")
+        raise runtime.UserError(f"{key} {path!r} holds no items")
     return items
 
 
@@ -1596,34 +1767,37 @@ def read_table(p: Path, key: str) -> list:
             rows = reader(str(p), keep_in_memory=True, cache_dir=cache).to_list()
         except Exception as e:  # noqa: BLE001 - pyarrow / pandas raise many types for a bad file
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise UserError(f"{key} {shown(p)} cannot be read as {kind}: {msg[:300]}") from None
+            raise runtime.UserError(f"{key} {runtime.shown(p)} cannot be read as {kind}: {msg[:300]}") from None
     if not rows:
-        raise UserError(f"{key} {str(p)!r} holds no rows")
+        raise runtime.UserError(f"{key} {str(p)!r} holds no rows")
     return rows
 
 
 def read_saved_dataset(p: Path, key: str, split: str) -> list:
     split_key = key.replace("FILE", "SPLIT")
     if not any((p / name).is_file() for name in ("dataset_dict.json", "state.json")):
-        raise UserError(f"{key} {shown(p)} is a directory but not a dataset written by datasets' save_to_disk "
-                        "(no dataset_dict.json or state.json in it)")
+        raise runtime.UserError(
+            f"{key} {runtime.shown(p)} is a directory but not a dataset written by datasets' save_to_disk "
+            "(no dataset_dict.json or state.json in it)"
+        )
     datasets = quiet_datasets()
     try:
         ds = datasets.load_from_disk(str(p), keep_in_memory=True)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{key} {shown(p)} cannot be read with datasets.load_from_disk: {type(e).__name__}: {e}") from None
+        raise runtime.UserError(f"{key} {runtime.shown(p)} cannot be read with datasets.load_from_disk: {type(e).__name__}: {e}") from None
     if isinstance(ds, datasets.DatasetDict):
         wanted = [split] if split else (["train"] if key == "TRAIN_FILE" else ["test", "validation"])
         name = next((w for w in wanted if w in ds), None)
         if name is None:
-            raise UserError(f"{key} {str(p)!r} has no split {' or '.join(map(repr, wanted))} (its splits: {sorted(ds)}); "
-                            f"set {split_key} to one of them")
+            raise runtime.UserError(
+                f"{key} {str(p)!r} has no split {' or '.join(map(repr, wanted))} (its splits: {sorted(ds)}); set {split_key} to one of them"
+            )
         ds = ds[name]
     elif split:
-        warn(f"{split_key} {split!r} is ignored: {key} {str(p)!r} is a single Dataset, not a DatasetDict")
+        runtime.warn(f"{split_key} {split!r} is ignored: {key} {str(p)!r} is a single Dataset, not a DatasetDict")
     rows = ds.to_list()
     if not rows:
-        raise UserError(f"{key} {str(p)!r} holds no rows")
+        raise runtime.UserError(f"{key} {str(p)!r} holds no rows")
     return rows
 
 
@@ -1660,28 +1834,28 @@ def chat_user_text(item: dict, output_key: str) -> str:
 def check_messages(messages: Any, where: str) -> list:
     """A list of {"role", "content"} chat messages with known roles and string contents, or a UserError."""
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: expected a non-empty list of {{\"role\", \"content\"}} messages, got {str(messages)[:80]!r}")
+        raise runtime.UserError(f'{where}: expected a non-empty list of {{"role", "content"}} messages, got {str(messages)[:80]!r}')
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise UserError(f"{where}[{j}]: expected an object with \"role\" and \"content\", got {str(m)[:80]!r}")
+            raise runtime.UserError(f'{where}[{j}]: expected an object with "role" and "content", got {str(m)[:80]!r}')
         if m["role"] not in ROLES:
-            raise UserError(f"{where}[{j}]: unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
+            raise runtime.UserError(f"{where}[{j}]: unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
         if not isinstance(m["content"], str):
-            raise UserError(f"{where}[{j}].content is {type(m['content']).__name__} {str(m['content'])[:60]!r}, expected a string")
+            raise runtime.UserError(f"{where}[{j}].content is {type(m['content']).__name__} {str(m['content'])[:60]!r}, expected a string")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def example_from_fields(i: int, item: dict, output_key: str, where: str) -> Example:
     """SELECT_OUTPUT's value is the response, the other keys the prompt (the design sketch's items)."""
     if output_key not in item:
-        raise UserError(f"{where} row {i} has no output key {output_key!r} (SELECT_OUTPUT); its keys: {sorted(item)}")
+        raise runtime.UserError(f"{where} row {i} has no output key {output_key!r} (SELECT_OUTPUT); its keys: {sorted(item)}")
     target = item[output_key]
     if isinstance(target, list):
         target = target[0] if target else None
     if target is None or isinstance(target, (dict, list)) or str(target).strip() == "":
-        raise UserError(f"{where} row {i}, column {output_key!r}: empty or non-text output {item[output_key]!r}")
+        raise runtime.UserError(f"{where} row {i}, column {output_key!r}: empty or non-text output {item[output_key]!r}")
     if len(item) < 2:
-        raise UserError(f"{where} row {i} has only the output key {output_key!r}: nothing to build a prompt from")
+        raise runtime.UserError(f"{where} row {i} has only the output key {output_key!r}: nothing to build a prompt from")
     return Example(index=i, item=item, target=str(target), question=chat_user_text(item, output_key))
 
 
@@ -1690,17 +1864,17 @@ def example_from_prompt_completion(i: int, item: dict, output_key: str, where: s
     template), `completion` a string or assistant messages (their contents joined)."""
     for col in ("prompt", "completion"):
         if col not in item:
-            raise UserError(f"{where} row {i} has no column {col!r} (DATA_FORMAT prompt_completion); its columns: {sorted(item)}")
+            raise runtime.UserError(f"{where} row {i} has no column {col!r} (DATA_FORMAT prompt_completion); its columns: {sorted(item)}")
     prompt, completion = item["prompt"], item["completion"]
     if isinstance(completion, list):
         completion = "".join(m["content"] for m in check_messages(completion, f"{where} row {i}, column 'completion'"))
     if not isinstance(completion, str) or not completion.strip():
-        raise UserError(f"{where} row {i}, column 'completion': empty or not text: {str(item['completion'])[:80]!r}")
+        raise runtime.UserError(f"{where} row {i}, column 'completion': empty or not text: {str(item['completion'])[:80]!r}")
     if isinstance(prompt, list):
         messages = check_messages(prompt, f"{where} row {i}, column 'prompt'")
         return Example(index=i, item=item, target=completion, messages=messages, question=messages[-1]["content"])
     if not isinstance(prompt, str) or not prompt.strip():
-        raise UserError(f"{where} row {i}, column 'prompt': empty or not text: {str(prompt)[:80]!r}")
+        raise runtime.UserError(f"{where} row {i}, column 'prompt': empty or not text: {str(prompt)[:80]!r}")
     return Example(index=i, item=item, target=completion, raw_prompt=prompt, question=prompt)
 
 
@@ -1708,40 +1882,50 @@ def example_from_messages(i: int, item: dict, output_key: str, where: str) -> Ex
     """A conversation: its last assistant turn is the response, everything before it (system turns included) the
     prompt; earlier assistant turns are kept for SFT_ALL_TURNS."""
     if "messages" not in item:
-        raise UserError(f"{where} row {i} has no column 'messages' (DATA_FORMAT messages); its columns: {sorted(item)}")
+        raise runtime.UserError(f"{where} row {i} has no column 'messages' (DATA_FORMAT messages); its columns: {sorted(item)}")
     messages = check_messages(item["messages"], f"{where} row {i}, column 'messages'")
     turns = [j for j, m in enumerate(messages) if m["role"] == "assistant" and j > 0]
     if not turns:
-        raise UserError(f"{where} row {i}, column 'messages': no assistant turn after the first message "
-                        f"(roles: {[m['role'] for m in messages]}); the last assistant turn is the response to train on")
+        raise runtime.UserError(
+            f"{where} row {i}, column 'messages': no assistant turn after the first message "
+            f"(roles: {[m['role'] for m in messages]}); the last assistant turn is the response to train on"
+        )
     last = turns[-1]
     if not messages[last]["content"].strip():
-        raise UserError(f"{where} row {i}, column 'messages'[{last}]: the last assistant turn is empty")
+        raise runtime.UserError(f"{where} row {i}, column 'messages'[{last}]: the last assistant turn is empty")
     users = [m["content"] for m in messages[:last] if m["role"] == "user"]
     acting = any(m["role"] == "tool" for m in messages[:last])
-    return Example(index=i, item=item, target=messages[last]["content"], messages=messages[:last],
-                   question=users[-1] if users else messages[last - 1]["content"],
-                   turns=[(messages[:j], messages[j]["content"]) for j in turns[:-1] if messages[j]["content"].strip()],
-                   opening=messages[:turns[0]] if acting else None)
+    return Example(
+        index=i,
+        item=item,
+        target=messages[last]["content"],
+        messages=messages[:last],
+        question=users[-1] if users else messages[last - 1]["content"],
+        turns=[(messages[:j], messages[j]["content"]) for j in turns[:-1] if messages[j]["content"].strip()],
+        opening=messages[: turns[0]] if acting else None,
+    )
 
 
-DATA_FORMATS = {"fields": example_from_fields, "prompt_completion": example_from_prompt_completion,
-                "messages": example_from_messages}
+DATA_FORMATS = {"fields": example_from_fields, "prompt_completion": example_from_prompt_completion, "messages": example_from_messages}
 
 
 def prompt_row_from_prompt_completion(i: int, item: dict, output_key: str, where: str) -> Optional[Example]:
     """TRL's prompt-only rows: `prompt` and no `completion` -> an Example without a response (None: a full row)."""
     if "completion" in item or "prompt" not in item:
         return None
-    return dataclasses.replace(example_from_prompt_completion(i, {**item, "completion": "-"}, output_key, where),
-                               item=item, target="")
+    return dataclasses.replace(example_from_prompt_completion(i, {**item, "completion": "-"}, output_key, where), item=item, target="")
 
 
 def prompt_row_from_messages(i: int, item: dict, output_key: str, where: str) -> Optional[Example]:
     """A conversation ending in a user turn, with no assistant turn -> the prompt without a response (None: another row)."""
     messages = item.get("messages")
-    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) or \
-            messages[-1].get("role") != "user" or any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not isinstance(messages[-1], dict)
+        or messages[-1].get("role") != "user"
+        or any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages)
+    ):
         return None
     messages = check_messages(messages, f"{where} row {i}, column 'messages'")
     return Example(index=i, item=item, target="", messages=messages, question=messages[-1]["content"])
@@ -1752,15 +1936,16 @@ def prompt_row_from_messages(i: int, item: dict, output_key: str, where: str) ->
 PROMPT_ONLY = {"prompt_completion": prompt_row_from_prompt_completion, "messages": prompt_row_from_messages}
 
 
-def make_examples(items: list, output_key: str, key: str, category_field: str = "", data_format: str = "fields",
-                  prompt_only: bool = False) -> list[Example]:
+def make_examples(
+    items: list, output_key: str, key: str, category_field: str = "", data_format: str = "fields", prompt_only: bool = False
+) -> list[Example]:
     """Validate rows and build Examples in `data_format`; errors name the file (in `key`), the row and the column.
     prompt_only: a row may be a prompt without a response (target ""; prompt_completion without `completion`,
     messages ending in a user turn), for RL whose reward reads its answer from the row."""
     examples = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            raise UserError(f"{key} row {i} is a {type(item).__name__}, expected a JSON object")
+            raise runtime.UserError(f"{key} row {i} is a {type(item).__name__}, expected a JSON object")
         category = None
         if category_field and category_field in item:
             item = dict(item)
@@ -1786,8 +1971,11 @@ def select_subset(examples: list, cfg: Config, seed: Optional[int] = None) -> li
 def load_data(cfg: Config, key: str) -> tuple[list[Example], str]:
     """TRAIN_FILE, SFT_FILE or EVAL_FILE -> (examples, the data format used). TRAIN_FILE's rows may be prompts without
     a response where only RL reads them (prompts_only)."""
-    path, split = {"TRAIN_FILE": (cfg.TRAIN_FILE, cfg.TRAIN_SPLIT), "SFT_FILE": (cfg.SFT_FILE, cfg.SFT_SPLIT),
-                   "EVAL_FILE": (cfg.EVAL_FILE, cfg.EVAL_SPLIT)}[key]
+    path, split = {
+        "TRAIN_FILE": (cfg.TRAIN_FILE, cfg.TRAIN_SPLIT),
+        "SFT_FILE": (cfg.SFT_FILE, cfg.SFT_SPLIT),
+        "EVAL_FILE": (cfg.EVAL_FILE, cfg.EVAL_SPLIT),
+    }[key]
     items = read_items(path, key, split)
     optional = key == "TRAIN_FILE" and prompts_only(cfg)
     fmt = pick_data_format(cfg.DATA_FORMAT, items, optional, cfg.SELECT_OUTPUT)
@@ -1815,16 +2003,22 @@ def check_prompt_rows(cfg: Config, examples: list[Example]) -> None:
         return
     where = f"TRAIN_FILE {cfg.TRAIN_FILE!r} row {bare.index} is a prompt without a response"
     if cfg.MODE == "hybrid" and cfg.HYBRID == "alternate" and not cfg.SFT_FILE:
-        raise UserError(f"{where}, and HYBRID \"alternate\" trains its SFT steps on TRAIN_FILE's responses: set SFT_FILE "
-                        "(the demonstrations), or give every row a response")
+        raise runtime.UserError(
+            f'{where}, and HYBRID "alternate" trains its SFT steps on TRAIN_FILE\'s responses: set SFT_FILE '
+            "(the demonstrations), or give every row a response"
+        )
     if cfg.MODE == "hybrid" and cfg.HYBRID != "alternate" and all(not e.target for e in examples):
-        raise UserError(f"HYBRID {cfg.HYBRID!r} trains SFT on each prompt's own reference response, and no TRAIN_FILE "
-                        f"{cfg.TRAIN_FILE!r} row has one (row {bare.index}: a prompt alone): give the rows that have one "
-                        "their response (the others stay RL), or use HYBRID \"alternate\" with SFT_FILE")
+        raise runtime.UserError(
+            f"HYBRID {cfg.HYBRID!r} trains SFT on each prompt's own reference response, and no TRAIN_FILE "
+            f"{cfg.TRAIN_FILE!r} row has one (row {bare.index}: a prompt alone): give the rows that have one "
+            'their response (the others stay RL), or use HYBRID "alternate" with SFT_FILE'
+        )
     if rewards.reads_reference(cfg.REWARD):
-        raise UserError(f"{where}, and REWARD {cfg.REWARD.get('type')!r} compares responses with it: give every row a "
-                        "response, or use a reward that reads the answer from the row (math with \"answer_field\", code "
-                        "with its tests)")
+        raise runtime.UserError(
+            f"{where}, and REWARD {cfg.REWARD.get('type')!r} compares responses with it: give every row a "
+            'response, or use a reward that reads the answer from the row (math with "answer_field", code '
+            "with its tests)"
+        )
 
 
 def check_category_field(cfg: Config, files: dict[str, list]) -> None:
@@ -1835,28 +2029,34 @@ def check_category_field(cfg: Config, files: dict[str, list]) -> None:
     rows = [e for examples in files.values() for e in examples]
     if rows and all(e.category is None for e in rows):
         columns = sorted({k for e in rows if isinstance(e.item, dict) for k in e.item})
-        raise UserError(f"CATEGORY_FIELD {cfg.CATEGORY_FIELD!r} is in no row of {' or '.join(k for k in files if files[k])}: "
-                        f"their columns are {columns}. Name one of them, or set CATEGORY_FIELD to \"\"")
+        raise runtime.UserError(
+            f"CATEGORY_FIELD {cfg.CATEGORY_FIELD!r} is in no row of {' or '.join(k for k in files if files[k])}: "
+            f'their columns are {columns}. Name one of them, or set CATEGORY_FIELD to ""'
+        )
     for key, examples in files.items():
         missing = sum(e.category is None for e in examples)
         if 0 < missing < len(examples):
-            warn(f"CATEGORY_FIELD {cfg.CATEGORY_FIELD!r} is missing from {missing} of {len(examples)} rows of {key}: they "
-                 "are left out of the report's category table")
+            runtime.warn(
+                f"CATEGORY_FIELD {cfg.CATEGORY_FIELD!r} is missing from {missing} of {len(examples)} rows of {key}: they "
+                "are left out of the report's category table"
+            )
 
 
 def load_examples(cfg: Config, seed: Optional[int] = None) -> list[Example]:
     return select_subset(load_data(cfg, "TRAIN_FILE")[0], cfg, seed)
 
 
-PROMPT_FORMATS = {"auto": Choice("auto", "chat if the tokenizer has a chat template, else sketch"),
-                  "sketch": Choice("sketch", "the design sketch's ### Prompt: template"),
-                  "chat": Choice("chat", "the tokenizer's chat template")}
+PROMPT_FORMATS = {
+    "auto": Choice("auto", "chat if the tokenizer has a chat template, else sketch"),
+    "sketch": Choice("sketch", "the design sketch's ### Prompt: template"),
+    "chat": Choice("chat", "the tokenizer's chat template"),
+}
 
 
 def resolve_prompt_format(cfg: Config, tokenizer) -> str:
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if cfg.PROMPT_FORMAT == "chat" and not has_template:
-        raise UserError("PROMPT_FORMAT is 'chat' but the tokenizer of MODEL has no chat template; use 'sketch'")
+        raise runtime.UserError("PROMPT_FORMAT is 'chat' but the tokenizer of MODEL has no chat template; use 'sketch'")
     if cfg.PROMPT_FORMAT == "auto":
         return "chat" if has_template else "sketch"
     return cfg.PROMPT_FORMAT
@@ -1864,8 +2064,10 @@ def resolve_prompt_format(cfg: Config, tokenizer) -> str:
 
 def render_chat(messages: list, tokenizer) -> str:
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError("the data holds chat messages but the tokenizer of MODEL has no chat template to render them; "
-                        "use a chat model, or DATA_FORMAT fields / a plain-text prompt")
+        raise runtime.UserError(
+            "the data holds chat messages but the tokenizer of MODEL has no chat template to render them; "
+            "use a chat model, or DATA_FORMAT fields / a plain-text prompt"
+        )
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -1900,7 +2102,7 @@ def tokenize_examples(examples: list, cfg: Config, tokenizer, fmt: str, key: str
     def encode(prompt: str, target: str):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         room = maxseq - len(prompt_ids)
-        return prompt_ids, (tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max(room, 0)]
+        return prompt_ids, (tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[: max(room, 0)]
 
     for ex in examples:
         acting = bool(cfg.ENVIRONMENT) and ex.opening is not None  # rollouts start before the first assistant turn
@@ -1917,10 +2119,12 @@ def tokenize_examples(examples: list, cfg: Config, tokenizer, fmt: str, key: str
             ex.sft_pairs = [(p, t) for p, t in pairs if t] + [last]
         kept.append(ex)
     if skipped:
-        warn(f"{key}: skipped {len(skipped)} item(s) whose prompt fills MAXSEQ={maxseq} tokens "
-             f"(first indices: {skipped[:5]}); raise MAXSEQ to keep them")
+        runtime.warn(
+            f"{key}: skipped {len(skipped)} item(s) whose prompt fills MAXSEQ={maxseq} tokens "
+            f"(first indices: {skipped[:5]}); raise MAXSEQ to keep them"
+        )
     if not kept:
-        raise UserError(f"{key}: no item has a prompt shorter than MAXSEQ={maxseq} tokens")
+        raise runtime.UserError(f"{key}: no item has a prompt shorter than MAXSEQ={maxseq} tokens")
     return kept
 
 
@@ -1954,7 +2158,7 @@ def epoch_order(n_items: int, seed: int, epoch: int, side: str, shuffle: bool) -
 def batches(n_items: int, batch_size: int, seed: int, epoch: int, side: str, shuffle: bool) -> list[list[int]]:
     """Index batches for one epoch and side (epoch_order in chunks); the last batch may be short."""
     order = epoch_order(n_items, seed, epoch, side, shuffle)
-    return [order[i:i + batch_size] for i in range(0, n_items, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, n_items, batch_size)]
 
 
 # ==================================================================================================
@@ -1979,9 +2183,8 @@ class PolicyWithValueHead(nn.Module):
         response token: logits (B, R, V), or with logits_chunk the last hidden states (B, R, H) and the head; values
         (B, R), None with values=False (critic-free estimators)."""
         chunked = self.logits_chunk > 0 and self.head_is_separable()
-        out = response_forward(self.lm, input_ids, attention_mask, n_response if not chunked else 0,
-                               hidden=values or chunked)
-        hidden = out.hidden_states[-1][:, -(n_response + 1):-1] if values or chunked else None
+        out = response_forward(self.lm, input_ids, attention_mask, n_response if not chunked else 0, hidden=values or chunked)
+        hidden = out.hidden_states[-1][:, -(n_response + 1) : -1] if values or chunked else None
         value = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float() if values else None
         if chunked:
             return Forward(logits=None, values=value, hidden=hidden, head=self.lm.get_output_embeddings(), chunk=self.logits_chunk)
@@ -2003,15 +2206,21 @@ class PolicyWithValueHead(nn.Module):
 def response_forward(lm, input_ids, attention_mask, n_response: int, hidden: bool = False):
     """Forward with positions from the attention mask (left padding); logits only where needed (n_response 0: the
     last position's only, when the caller reads the hidden states)."""
-    return lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-              logits_to_keep=n_response + 1, output_hidden_states=hidden, use_cache=False)
+    return lm(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=runtime.position_ids_from_mask(attention_mask),
+        logits_to_keep=n_response + 1,
+        output_hidden_states=hidden,
+        use_cache=False,
+    )
 
 
-def load_model(cfg: Config, device: torch.device, bf16: Optional[bool] = None, paths: Optional[ModelPaths] = None):
+def load_model(cfg: Config, device: torch.device, bf16: Optional[bool] = None, paths: Optional[runtime.ModelPaths] = None):
     """-> (policy with value head, reference, tokenizer): runtime.load_lm's LM (LoRA, FSDP, the reference) wrapped with
     the value head, which continues an earlier run's trained critic when MODEL is its ppo_full/."""
-    paths = paths or resolve_model(cfg)
-    lm, reference, tokenizer = load_lm(cfg, device, bf16, paths)
+    paths = paths or runtime.resolve_model(cfg)
+    lm, reference, tokenizer = runtime.load_lm(cfg, device, bf16, paths)
     policy = PolicyWithValueHead(lm, 0 if cfg.FSDP else cfg.LOGITS_CHUNK)  # FSDP: the head's weight is a shard
     v_head = (paths.adapter or paths.weights) / "value_head.safetensors"
     if v_head.is_file():
@@ -2046,8 +2255,10 @@ class Optimizers:
         self.ppo = torch.optim.AdamW(self.params, lr=cfg.LR_PPO, **kw)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.FP16)
         name = LR_SCHEDULES[cfg.LR_SCHEDULE].value
-        self.schedulers = {opt: get_scheduler(name, opt, num_warmup_steps=cfg.WARMUP_STEPS, num_training_steps=max(1, n))
-                           for opt, n in ((self.sft, plan.sft_optimizer_steps), (self.ppo, plan.ppo_optimizer_steps))}
+        self.schedulers = {
+            opt: get_scheduler(name, opt, num_warmup_steps=cfg.WARMUP_STEPS, num_training_steps=max(1, n))
+            for opt, n in ((self.sft, plan.sft_optimizer_steps), (self.ppo, plan.ppo_optimizer_steps))
+        }
         self.max_grad_norm, self.version = cfg.MAX_GRAD_NORM, 0
 
     def release(self) -> None:
@@ -2059,9 +2270,9 @@ class Optimizers:
 
     def step(self, optimizer, params) -> float:
         """Sum gradients over processes, unscale, clip, and step; a non-finite gradient norm skips the step."""
-        reduce_gradients([p for p in params if not hasattr(p, "device_mesh")])
+        runtime.reduce_gradients([p for p in params if not hasattr(p, "device_mesh")])
         self.scaler.unscale_(optimizer)
-        grad_norm = clip_grad_norm(params, self.max_grad_norm)
+        grad_norm = runtime.clip_grad_norm(params, self.max_grad_norm)
         if not math.isfinite(grad_norm) and self.scaler.is_enabled():
             # fp16 overflow: expected while the loss scale calibrates; the scaler skips the step and lowers the scale
             self.scaler.step(optimizer)
@@ -2084,42 +2295,52 @@ class SFTTerm:
     process's share of a batch of examples, in GRAD_ACCUM chunks. HybridTrainer.sft_step calls it; the PPO update
     gets it as its SFT term (gate, mix)."""
 
-    def __init__(self, cfg: Config, policy: "PolicyWithValueHead", scaler, pad_id: int, device: torch.device,
-                 autocast: Callable):
+    def __init__(self, cfg: Config, policy: "PolicyWithValueHead", scaler, pad_id: int, device: torch.device, autocast: Callable):
         self.cfg, self.policy, self.scaler, self.pad_id, self.device, self.autocast = cfg, policy, scaler, pad_id, device, autocast
 
     def __call__(self, examples: list[Example], coef: float = 1.0, token_weight: str = "none") -> tuple[float, int]:
         """-> (the loss over all processes, before coef; the global batch's response tokens)."""
         pairs = sft_pairs(examples)
         n_tokens = sum(len(t) for _, t in pairs)
-        mine, scale = my_share(pairs)
-        ids, mask = right_pad([p + t for p, t in mine], self.pad_id)
-        labels, _ = right_pad([[-100] * len(p) + t for p, t in mine], -100)
+        mine, scale = runtime.my_share(pairs)
+        ids, mask = runtime.right_pad([p + t for p, t in mine], self.pad_id)
+        labels, _ = runtime.right_pad([[-100] * len(p) + t for p, t in mine], -100)
         ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
         # Logits only from the shortest prompt's last token on: the LM head over prompt positions is wasted work.
         keep = ids.shape[1] - min(len(p) for p, _ in mine) + 1
         total = torch.zeros(1, device=self.device)
         chunked = self.policy.logits_chunk > 0 and self.policy.head_is_separable()  # LOGITS_CHUNK: no whole logits
         losses = lambda logits, y: (sft_token_losses(logits[None], y[None], self.cfg.SFT_LOSS, token_weight)[0],)  # noqa: E731
-        for rows in torch.arange(len(mine)).tensor_split(accum_chunks(self.cfg.GRAD_ACCUM, len(pairs))):
+        for rows in torch.arange(len(mine)).tensor_split(runtime.accum_chunks(self.cfg.GRAD_ACCUM, len(pairs))):
             with self.autocast():
-                out = self.policy.lm(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False,
-                                     logits_to_keep=1 if chunked else keep, output_hidden_states=chunked)
+                out = self.policy.lm(
+                    input_ids=ids[rows],
+                    attention_mask=mask[rows],
+                    use_cache=False,
+                    logits_to_keep=1 if chunked else keep,
+                    output_hidden_states=chunked,
+                )
                 if chunked:
-                    (per_token,) = chunked_head(out.hidden_states[-1][:, -keep:-1], self.policy.lm.get_output_embeddings(),
-                                                losses, labels[rows, -keep + 1:], chunk=self.policy.logits_chunk)
+                    (per_token,) = chunked_head(
+                        out.hidden_states[-1][:, -keep:-1],
+                        self.policy.lm.get_output_embeddings(),
+                        losses,
+                        labels[rows, -keep + 1 :],
+                        chunk=self.policy.logits_chunk,
+                    )
             if not chunked:
-                per_token = sft_token_losses(out.logits[:, :-1], labels[rows, -keep + 1:], self.cfg.SFT_LOSS, token_weight)
+                per_token = sft_token_losses(out.logits[:, :-1], labels[rows, -keep + 1 :], self.cfg.SFT_LOSS, token_weight)
             loss = per_token.sum() * (scale / n_tokens)
             self.scaler.scale(loss * coef).backward()
             total += loss.detach()
-        return all_reduce_sum(total).item(), n_tokens
+        return runtime.all_reduce_sum(total).item(), n_tokens
 
 
 # ---- the PPO update's records: what passes between its numbered steps. B responses, R = the longest, L = the ----
 # ---- longest prompt + R. Adding a field: one line in its record, plus the code that fills it and the code that reads it.
 class EnvStats(NamedTuple):
     """What one trajectory did (env/ metrics; with no environment: one turn, no action)."""
+
     turns: int  # model turns
     actions: int  # environment steps taken
     action_errors: int  # steps whose action failed (the observation says why)
@@ -2132,6 +2353,7 @@ class EnvStats(NamedTuple):
 @dataclass
 class Sample:
     """One sampled response as it crosses step 3's gather: plain lists and numbers (picklable). n = its length."""
+
     query: list  # the prompt's token ids
     response: list  # (n) the sampled token ids, ending at EOS or cut at the token limit
     ended: bool  # emitted EOS
@@ -2145,6 +2367,7 @@ class Sample:
 
 class Share(NamedTuple):
     """What one process sends in step 3's one gather."""
+
     samples: list  # its Samples, in row order
     sums: dict  # weighted_sum component -> the sum of its scores over these samples ({} for a stateful reward)
     error: Optional[str]  # why its reward could not score (then every process skips the update)
@@ -2154,6 +2377,7 @@ class Share(NamedTuple):
 class Collected:
     """Steps 1-3 for a batch of P prompts, gathered: every process holds all of it. Lists, so that batches join and
     groups filter cheaply before the padded Rollout is made."""
+
     examples: list  # the P prompts
     samples: list  # B = P x G Samples; rows i*G .. i*G+G-1 answer prompt i
     sums: dict  # weighted_sum component -> the sum of its scores over the B samples
@@ -2162,21 +2386,27 @@ class Collected:
     env_s: float = 0.0  # seconds in environment steps (step 1, with an environment)
 
     def join(self, other: "Collected") -> "Collected":
-        return Collected(examples=self.examples + other.examples, samples=self.samples + other.samples,
-                         sums={k: self.sums.get(k, 0.0) + other.sums.get(k, 0.0) for k in {**self.sums, **other.sums}},
-                         generate_s=self.generate_s + other.generate_s, score_s=self.score_s + other.score_s,
-                         env_s=self.env_s + other.env_s)
+        return Collected(
+            examples=self.examples + other.examples,
+            samples=self.samples + other.samples,
+            sums={k: self.sums.get(k, 0.0) + other.sums.get(k, 0.0) for k in {**self.sums, **other.sums}},
+            generate_s=self.generate_s + other.generate_s,
+            score_s=self.score_s + other.score_s,
+            env_s=self.env_s + other.env_s,
+        )
 
     def groups_with_signal(self, G: int) -> "Collected":
         """Only the prompts whose G scores are not all equal (the others give group-relative estimators nothing)."""
-        keep = [i for i in range(len(self.examples)) if len({s.score for s in self.samples[i * G:(i + 1) * G]}) > 1]
-        return Collected(examples=[self.examples[i] for i in keep],
-                         samples=[s for i in keep for s in self.samples[i * G:(i + 1) * G]], sums={})
+        keep = [i for i in range(len(self.examples)) if len({s.score for s in self.samples[i * G : (i + 1) * G]}) > 1]
+        return Collected(
+            examples=[self.examples[i] for i in keep], samples=[s for i in keep for s in self.samples[i * G : (i + 1) * G]], sums={}
+        )
 
 
 @dataclass
 class Tokens:
     """Token ids of B rows: the prompt left-padded, then the response right-padded."""
+
     input_ids: torch.Tensor  # (B, L) long
     attention_mask: torch.Tensor  # (B, L) long: 1 on prompt and response tokens (what attention sees)
     r_ids: torch.Tensor  # (B, R) long: the responses' ids
@@ -2187,6 +2417,7 @@ class Tokens:
 class Rollout(Tokens):
     """One PPO update's batch, padded, the same on every process after step 3's gather. Rows i*G .. i*G+G-1 answer
     prompt i."""
+
     loss_mask: torch.Tensor  # (B, R) float: 1 on the response tokens the losses, estimators, KL and statistics cover
     scores: torch.Tensor  # (B,) float32: rewards (MISSING_EOS_PENALTY applied)
     baseline: torch.Tensor  # (B,) float32: the estimator's extra pass (remax: the greedy response's score), else 0
@@ -2204,7 +2435,7 @@ def right_pad_floats(rows: list[list[float]], width: int) -> torch.Tensor:
     """Lists of floats -> (len(rows), width) float32, zero-padded on the right."""
     out = torch.zeros((len(rows), width), dtype=torch.float32)
     for i, row in enumerate(rows):
-        out[i, :len(row)] = torch.tensor(row[:width], dtype=torch.float32)
+        out[i, : len(row)] = torch.tensor(row[:width], dtype=torch.float32)
     return out
 
 
@@ -2212,39 +2443,62 @@ def make_rollout(samples: list[Sample], group_size: int, pad_id: int, device: to
     """Every process's Samples, in rank order -> the padded Rollout."""
     if len(samples) % group_size:
         raise ValueError(f"{len(samples)} responses do not form groups of NUM_GENERATIONS={group_size}")
-    q_ids, q_mask = left_pad([s.query for s in samples], pad_id)
-    r_ids, r_mask = right_pad([s.response for s in samples], pad_id)
+    q_ids, q_mask = runtime.left_pad([s.query for s in samples], pad_id)
+    r_ids, r_mask = runtime.right_pad([s.response for s in samples], pad_id)
     R, r_mask = r_ids.shape[1], r_mask.to(device).float()
     for i, s in enumerate(samples):
         if s.loss_mask is not None and len(s.loss_mask) != len(s.response):
             raise ValueError(f"response {i}: {len(s.loss_mask)} loss-mask entries for {len(s.response)} tokens")
-    loss_mask = r_mask if all(s.loss_mask is None for s in samples) else right_pad_floats(
-        [[1.0] * len(s.response) if s.loss_mask is None else s.loss_mask for s in samples], R).to(device) * r_mask
+    loss_mask = (
+        r_mask
+        if all(s.loss_mask is None for s in samples)
+        else right_pad_floats([[1.0] * len(s.response) if s.loss_mask is None else s.loss_mask for s in samples], R).to(device) * r_mask
+    )
     engine = [s.engine_logprobs for s in samples]
     teacher = None
     if all(s.teacher_query is not None for s in samples):
-        t_ids, t_mask = left_pad([s.teacher_query for s in samples], pad_id)
-        teacher = Tokens(input_ids=torch.cat([t_ids, r_ids], 1).to(device),
-                         attention_mask=torch.cat([t_mask, r_mask.long().cpu()], 1).to(device), r_ids=r_ids.to(device), r_mask=r_mask)
-    return Rollout(input_ids=torch.cat([q_ids, r_ids], 1).to(device),
-                   attention_mask=torch.cat([q_mask, r_mask.long().cpu()], 1).to(device), r_ids=r_ids.to(device), r_mask=r_mask,
-                   loss_mask=loss_mask, scores=torch.tensor([s.score for s in samples], dtype=torch.float32, device=device),
-                   baseline=torch.tensor([s.baseline for s in samples], dtype=torch.float32, device=device),
-                   ended=torch.tensor([s.ended for s in samples], dtype=torch.bool), group_size=group_size,
-                   engine_logprobs=right_pad_floats(engine, R).to(device) if all(e is not None for e in engine) else None,
-                   teacher=teacher)
+        t_ids, t_mask = runtime.left_pad([s.teacher_query for s in samples], pad_id)
+        teacher = Tokens(
+            input_ids=torch.cat([t_ids, r_ids], 1).to(device),
+            attention_mask=torch.cat([t_mask, r_mask.long().cpu()], 1).to(device),
+            r_ids=r_ids.to(device),
+            r_mask=r_mask,
+        )
+    return Rollout(
+        input_ids=torch.cat([q_ids, r_ids], 1).to(device),
+        attention_mask=torch.cat([q_mask, r_mask.long().cpu()], 1).to(device),
+        r_ids=r_ids.to(device),
+        r_mask=r_mask,
+        loss_mask=loss_mask,
+        scores=torch.tensor([s.score for s in samples], dtype=torch.float32, device=device),
+        baseline=torch.tensor([s.baseline for s in samples], dtype=torch.float32, device=device),
+        ended=torch.tensor([s.ended for s in samples], dtype=torch.bool),
+        group_size=group_size,
+        engine_logprobs=right_pad_floats(engine, R).to(device) if all(e is not None for e in engine) else None,
+        teacher=teacher,
+    )
 
 
-def samples_from_tokens(queries: list, responses: list, scores: list, baseline: Optional[list], eos_id: Optional[int],
-                        teacher_queries: Optional[list] = None) -> list[Sample]:
+def samples_from_tokens(
+    queries: list, responses: list, scores: list, baseline: Optional[list], eos_id: Optional[int], teacher_queries: Optional[list] = None
+) -> list[Sample]:
     """The classic API's lists -> Samples; a response ended when its last token is EOS."""
-    return [Sample(query=q, response=r, ended=bool(r) and r[-1] == eos_id, score=s, baseline=baseline[i] if baseline else 0.0,
-                   teacher_query=teacher_queries[i] if teacher_queries else None)
-            for i, (q, r, s) in enumerate(zip(queries, responses, scores))]
+    return [
+        Sample(
+            query=q,
+            response=r,
+            ended=bool(r) and r[-1] == eos_id,
+            score=s,
+            baseline=baseline[i] if baseline else 0.0,
+            teacher_query=teacher_queries[i] if teacher_queries else None,
+        )
+        for i, (q, r, s) in enumerate(zip(queries, responses, scores))
+    ]
 
 
 class Forward(NamedTuple):
     """The policy's forward on some rows (with grad: what the first minibatch may reuse from step 4)."""
+
     logits: Optional[torch.Tensor]  # (b, r, V); None when chunked: then hidden and head give them chunk by chunk
     values: Optional[torch.Tensor]  # (b, r), None without a critic
     hidden: Optional[torch.Tensor] = None  # (b, r, H): the last hidden states (LOGITS_CHUNK)
@@ -2266,6 +2520,7 @@ class Forward(NamedTuple):
 @dataclass
 class TokenColumns:
     """Step 4's per-token numbers for some rows, (rows, R) each; None: not computed."""
+
     logprobs: Optional[torch.Tensor] = None  # the sampling policy's log-probs of the response tokens (at TEMPERATURE)
     values: Optional[torch.Tensor] = None  # the value head's estimates
     ref_logprobs: Optional[torch.Tensor] = None  # the reference's
@@ -2280,12 +2535,13 @@ class TokenColumns:
         return TokenColumns(**{name: torch.cat([getattr(p, name) for p in parts]) for name in parts[0].present()})
 
 
-def gather_columns(contiguous: TokenColumns, permuted: TokenColumns, perm: torch.Tensor, B: int, R: int,
-                   device: torch.device) -> TokenColumns:
+def gather_columns(
+    contiguous: TokenColumns, permuted: TokenColumns, perm: torch.Tensor, B: int, R: int, device: torch.device
+) -> TokenColumns:
     """Step 4's one crossing: this process's rows of `contiguous` (its share of rows 0 .. B-1) and of `permuted` (its
     share of perm's rows, in perm's order) -> all B rows of each, in batch order, on every process."""
     columns = [(contiguous, name, False) for name in contiguous.present()] + [(permuted, name, True) for name in permuted.present()]
-    gathered = gather_rows(torch.stack([getattr(part, name).to(device) for part, name, _ in columns], 1), B)
+    gathered = runtime.gather_rows(torch.stack([getattr(part, name).to(device) for part, name, _ in columns], 1), B)
     out = TokenColumns()
     for j, (_, name, in_perm_order) in enumerate(columns):
         if in_perm_order:
@@ -2300,6 +2556,7 @@ def gather_columns(contiguous: TokenColumns, permuted: TokenColumns, perm: torch
 @dataclass
 class OldPolicy:
     """Step 4's no-grad pass over the Rollout, (B, R) each."""
+
     logprobs: torch.Tensor  # the sampling policy's log-probs of the response tokens (at TEMPERATURE)
     values: torch.Tensor  # the value head's estimates (zeros without a critic)
     ref_logprobs: torch.Tensor  # the reference's (= logprobs without a reference: KL 0)
@@ -2313,6 +2570,7 @@ class OldPolicy:
 @dataclass
 class UpdateBatch(Tokens):
     """Step 5's output, what step 6's minibatches train on: (B, R) each besides the Tokens."""
+
     loss_mask: torch.Tensor  # float: the tokens the RL loss covers: the rollout's loss_mask, less the prompts a hybrid
     #                          strategy sent to SFT and (MASK_TRUNCATED) the responses cut at the token limit
     old_logprobs: torch.Tensor
@@ -2326,9 +2584,16 @@ class UpdateBatch(Tokens):
 
 def select_rows(batch, rows: torch.Tensor):
     """The given rows of every tensor field of a batch record (Tokens, UpdateBatch)."""
-    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[rows] if isinstance(getattr(batch, f.name), torch.Tensor)
-                                         else select_rows(getattr(batch, f.name), rows) for f in dataclasses.fields(batch)
-                                         if isinstance(getattr(batch, f.name), (torch.Tensor, Tokens))})
+    return dataclasses.replace(
+        batch,
+        **{
+            f.name: getattr(batch, f.name)[rows]
+            if isinstance(getattr(batch, f.name), torch.Tensor)
+            else select_rows(getattr(batch, f.name), rows)
+            for f in dataclasses.fields(batch)
+            if isinstance(getattr(batch, f.name), (torch.Tensor, Tokens))
+        },
+    )
 
 
 def trim_padding(batch, n_response: int) -> tuple[Any, int]:
@@ -2357,6 +2622,7 @@ def stat(key: str):
 class LossStats:
     """A minibatch's loss statistics, each GRAD_ACCUM chunk's value times its share of the minibatch, summed (then
     over processes). Adding a statistic: one line here, and the code in rl_backward that computes it."""
+
     policy: Optional[torch.Tensor] = stat("ppo/loss/policy")
     value: Optional[torch.Tensor] = stat("ppo/loss/value")  # critic only
     total: Optional[torch.Tensor] = stat("ppo/loss/total")
@@ -2379,12 +2645,15 @@ class LossStats:
     def summed(self) -> "LossStats":
         """Summed over processes (one all_reduce)."""
         names = [f.name for f in dataclasses.fields(self)]
-        total = all_reduce_sum(torch.stack([getattr(self, name) for name in names]))
+        total = runtime.all_reduce_sum(torch.stack([getattr(self, name) for name in names]))
         return LossStats(**dict(zip(names, total.unbind())))
 
     def metrics(self, critic: bool, distill: bool = False) -> dict:
-        logged = [f for f in dataclasses.fields(self) if f.metadata["key"] and (critic or f.name not in ("value", "value_clipfrac"))
-                  and (distill or f.name != "distill_jsd")]
+        logged = [
+            f
+            for f in dataclasses.fields(self)
+            if f.metadata["key"] and (critic or f.name not in ("value", "value_clipfrac")) and (distill or f.name != "distill_jsd")
+        ]
         values = torch.stack([getattr(self, f.name) for f in logged]).tolist()  # one device-to-host copy
         return {f.metadata["key"]: v for f, v in zip(logged, values)}
 
@@ -2394,16 +2663,22 @@ def env_metrics(stats: list[EnvStats], prefix: str = "env") -> dict:
     """Means per trajectory of what the trajectories did (truncated, failed: fractions)."""
     n = max(len(stats), 1)
     total = lambda name: sum(getattr(x, name) for x in stats)  # noqa: E731
-    return {f"{prefix}/turns": total("turns") / n, f"{prefix}/actions": total("actions") / n,
-            f"{prefix}/action_errors": total("action_errors") / n, f"{prefix}/observation_tokens": total("observation_tokens") / n,
-            f"{prefix}/model_tokens": total("model_tokens") / n, f"{prefix}/truncated": total("truncated") / n,
-            f"{prefix}/failed": sum(bool(x.error) for x in stats) / n}
+    return {
+        f"{prefix}/turns": total("turns") / n,
+        f"{prefix}/actions": total("actions") / n,
+        f"{prefix}/action_errors": total("action_errors") / n,
+        f"{prefix}/observation_tokens": total("observation_tokens") / n,
+        f"{prefix}/model_tokens": total("model_tokens") / n,
+        f"{prefix}/truncated": total("truncated") / n,
+        f"{prefix}/failed": sum(bool(x.error) for x in stats) / n,
+    }
 
 
 @dataclass
 class Trajectory:
     """One prompt's rollout as it grows, turn by turn: the model's sampled ids as they were sampled, each observation
     tokenized on its own as the suffix the chat template adds, and appended (token in, token out)."""
+
     example: Example
     prompt_ids: list  # the prompt (what the environment's reset added, rendered with it)
     env: Any = None  # its environment instance; None: single-turn
@@ -2424,12 +2699,19 @@ class Trajectory:
 
     def stats(self) -> EnvStats:
         model = int(sum(self.mask))
-        return EnvStats(turns=self.turns, actions=self.actions, action_errors=self.action_errors,
-                        observation_tokens=len(self.ids) - model, model_tokens=model, truncated=self.truncated, error=self.error)
+        return EnvStats(
+            turns=self.turns,
+            actions=self.actions,
+            action_errors=self.action_errors,
+            observation_tokens=len(self.ids) - model,
+            model_tokens=model,
+            truncated=self.truncated,
+            error=self.error,
+        )
 
     def text(self) -> str:
         """The conversation after the prompt, as a person reads it (the report)."""
-        return "\n".join(f"[{m['role']}] {m['content']}" for m in self.messages[self.n_prompt:])
+        return "\n".join(f"[{m['role']}] {m['content']}" for m in self.messages[self.n_prompt :])
 
 
 def template_suffix(tokenizer, message: dict) -> list:
@@ -2441,17 +2723,23 @@ def template_suffix(tokenizer, message: dict) -> list:
     before = encode(tokenizer.apply_chat_template(base, tokenize=False))
     eos = [i for i, t in enumerate(before) if t == tokenizer.eos_token_id]
     if not eos:
-        raise UserError("ENVIRONMENT: the chat template does not end an assistant turn with the tokenizer's EOS token "
-                        f"({tokenizer.eos_token!r}), so observation turns cannot be appended token-exactly")
+        raise runtime.UserError(
+            "ENVIRONMENT: the chat template does not end an assistant turn with the tokenizer's EOS token "
+            f"({tokenizer.eos_token!r}), so observation turns cannot be appended token-exactly"
+        )
     cut = eos[-1] + 1
     try:
         after = encode(tokenizer.apply_chat_template(base + [message], tokenize=False, add_generation_prompt=True))
     except Exception as e:  # noqa: BLE001 - templates raise their own errors for roles they refuse
-        raise UserError(f"ENVIRONMENT: the chat template cannot render an observation as role {message['role']!r} "
-                        f"({type(e).__name__}: {e}); set OBSERVATION_ROLE (e.g. \"user\")") from None
+        raise runtime.UserError(
+            f"ENVIRONMENT: the chat template cannot render an observation as role {message['role']!r} "
+            f'({type(e).__name__}: {e}); set OBSERVATION_ROLE (e.g. "user")'
+        ) from None
     if after[:cut] != before[:cut]:
-        raise UserError("ENVIRONMENT: the chat template renders earlier turns differently once an observation follows "
-                        "them, so observations cannot be appended token-exactly; use another OBSERVATION_ROLE or model")
+        raise runtime.UserError(
+            "ENVIRONMENT: the chat template renders earlier turns differently once an observation follows "
+            "them, so observations cannot be appended token-exactly; use another OBSERVATION_ROLE or model"
+        )
     return after[cut:]
 
 
@@ -2466,8 +2754,11 @@ class TurnLoop:
         import environments
 
         self.cfg, self.plan, self.generate, self.tokenizer, self.env_type = cfg, plan, generate, tokenizer, env_type
-        self.format = None if env_type is None else environments.action_format(
-            env_type.default_format if cfg.ACTION_FORMAT == "auto" else cfg.ACTION_FORMAT)
+        self.format = (
+            None
+            if env_type is None
+            else environments.action_format(env_type.default_format if cfg.ACTION_FORMAT == "auto" else cfg.ACTION_FORMAT)
+        )
         self.stop = [self.format.close] if env_type is not None and self.format.stops else None
         self.tools = [env_type.tool_schema] if cfg.ACTION_FORMAT == "tool_call" else None  # the template's own format
         self.env_s = 0.0  # seconds in environment steps, summed over the runs (the caller reads differences)
@@ -2479,22 +2770,31 @@ class TurnLoop:
         while True:
             active = [t for t in trajs if not t.done]
             if self.cfg.FSDP and self.env_type is not None:  # every process generates as often as the busiest (synced_gpus)
-                if all_reduce_max(len(active)) == 0:
+                if runtime.all_reduce_max(len(active)) == 0:
                     break
             elif not active:
                 break
             if first and all(t.prompt_ids is t.example.prompt_ids for t in trajs):  # the single-turn call, n per prompt
                 limits = None if self.env_type is None else [self.room(t) for t in trajs[::n]]
-                gen = self.generate([e.prompt_ids for e in examples], greedy=greedy, n=n, temperature=temperature,
-                                    max_tokens=limits, stop=self.stop)
+                gen = self.generate(
+                    [e.prompt_ids for e in examples], greedy=greedy, n=n, temperature=temperature, max_tokens=limits, stop=self.stop
+                )
             else:
                 rows = active or trajs[:1]  # FSDP: a process with nothing left keeps the others company
-                gen = self.generate([t.prompt_ids + t.ids for t in rows], greedy=greedy, temperature=temperature,
-                                    max_tokens=[max(1, self.room(t)) for t in rows], stop=self.stop)
+                gen = self.generate(
+                    [t.prompt_ids + t.ids for t in rows],
+                    greedy=greedy,
+                    temperature=temperature,
+                    max_tokens=[max(1, self.room(t)) for t in rows],
+                    stop=self.stop,
+                )
             first = False
             logprobs = gen.logprobs or [None] * len(gen.responses)
-            acting = [(t, a) for t, ids, ended, lp in zip(active, gen.responses, gen.ended.tolist(), logprobs)
-                      if (a := self.take_turn(t, ids, bool(ended), lp)) is not None]
+            acting = [
+                (t, a)
+                for t, ids, ended, lp in zip(active, gen.responses, gen.ended.tolist(), logprobs)
+                if (a := self.take_turn(t, ids, bool(ended), lp)) is not None
+            ]
             if acting:
                 t0 = time.perf_counter()
                 outcomes = self.env_type.steps([(t.env, a) for t, a in acting], self.cfg.ENV_STEP_TIMEOUT)
@@ -2513,8 +2813,13 @@ class TurnLoop:
             return Trajectory(example=ex, prompt_ids=ex.prompt_ids, env=env, messages=messages, n_prompt=len(messages))
         messages = [dict(m) for m in added or []] + messages
         text = self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=False, add_generation_prompt=True)
-        return Trajectory(example=ex, prompt_ids=self.tokenizer(text, add_special_tokens=False)["input_ids"], env=env,
-                          messages=messages, n_prompt=len(messages))
+        return Trajectory(
+            example=ex,
+            prompt_ids=self.tokenizer(text, add_special_tokens=False)["input_ids"],
+            env=env,
+            messages=messages,
+            n_prompt=len(messages),
+        )
 
     def room(self, t: Trajectory) -> int:
         """Model tokens this trajectory may still sample: MAX_NEW_TOKENS in all, within MAXSEQ."""
@@ -2577,8 +2882,9 @@ class TurnLoop:
             t.done = True
             return
         tok = self.tokenizer
-        head, tail, cut = environments.truncate_middle(tok(step.observation, add_special_tokens=False)["input_ids"],
-                                                       self.cfg.MAX_OBSERVATION_TOKENS)
+        head, tail, cut = environments.truncate_middle(
+            tok(step.observation, add_special_tokens=False)["input_ids"], self.cfg.MAX_OBSERVATION_TOKENS
+        )
         text = step.observation if not cut else (tok.decode(head) + f"\n[... {cut} tokens cut ...]\n" + tok.decode(tail))
         message = {"role": self.cfg.OBSERVATION_ROLE, "content": text}
         ids = [tok.eos_token_id] + template_suffix(tok, message)  # the template closes the turn cut at its action
@@ -2611,7 +2917,7 @@ class Collector:
     def collect(self, examples: list[Example]) -> Collected:
         G = self.plan.group_size
         t0 = time.perf_counter()
-        share, weight = my_share(examples)  # weight 0: a short batch left this process nothing; it runs to stay in step
+        share, weight = runtime.my_share(examples)  # weight 0: a short batch left this process nothing; it runs to stay in step
         # 1. G trajectories per prompt through the engine (which first takes the current weights): one turn each
         #    without an environment; with one, the turn loop (its observations get loss mask 0)
         env_s = self.turns.env_s
@@ -2624,24 +2930,47 @@ class Collector:
         stateful = getattr(self.reward, "stateful", True)
         scores, scored = self.score_mine(trajs)
         errors = [scored.error] if scored.error else []
-        baseline = self.estimator.baseline(lambda ex, greedy: self.sample_and_score(ex, weight, errors, greedy), share, G) \
-            if self.estimator.baseline else torch.zeros(len(trajs))
+        baseline = (
+            self.estimator.baseline(lambda ex, greedy: self.sample_and_score(ex, weight, errors, greedy), share, G)
+            if self.estimator.baseline
+            else torch.zeros(len(trajs))
+        )
         self.sleep()  # CUDA: the engine's memory goes back to training until the next rollout
         # 3. gather once: every process holds the whole batch
         acting = self.turns.env_type is not None
-        samples = [Sample(query=t.prompt_ids, response=t.ids, ended=t.ended, score=float(s), baseline=float(b),
-                          engine_logprobs=t.logprobs, loss_mask=t.mask if acting else None, env=t.stats() if acting else None,
-                          teacher_query=t.example.teacher_prompt_ids)
-                   for t, s, b in zip(trajs, scores.tolist(), baseline.tolist())]
-        parts = gather_objects(Share(samples=samples, sums={} if stateful else scored.components,
-                                     error=errors[0] if errors else None))
+        samples = [
+            Sample(
+                query=t.prompt_ids,
+                response=t.ids,
+                ended=t.ended,
+                score=float(s),
+                baseline=float(b),
+                engine_logprobs=t.logprobs,
+                loss_mask=t.mask if acting else None,
+                env=t.stats() if acting else None,
+                teacher_query=t.example.teacher_prompt_ids,
+            )
+            for t, s, b in zip(trajs, scores.tolist(), baseline.tolist())
+        ]
+        parts = runtime.gather_objects(
+            Share(samples=samples, sums={} if stateful else scored.components, error=errors[0] if errors else None)
+        )
         errors = [p.error for p in parts if p.error]
         if errors:
             raise BadStep(errors[0])
-        sums = scored.components if stateful else \
-            {k: sum(p.sums.get(k, 0.0) for p in parts) for k in sorted(set().union(*(p.sums for p in parts)))}
-        return Collected(examples=list(examples), samples=[s for p in parts for s in p.samples], sums=sums,
-                         generate_s=t1 - t0 - env_s, score_s=time.perf_counter() - t1, env_s=env_s)
+        sums = (
+            scored.components
+            if stateful
+            else {k: sum(p.sums.get(k, 0.0) for p in parts) for k in sorted(set().union(*(p.sums for p in parts)))}
+        )
+        return Collected(
+            examples=list(examples),
+            samples=[s for p in parts for s in p.samples],
+            sums=sums,
+            generate_s=t1 - t0 - env_s,
+            score_s=time.perf_counter() - t1,
+            env_s=env_s,
+        )
 
     def with_signal(self, first: Collected, draw: Optional[Callable]) -> tuple[Collected, Collected, dict]:
         """Step 3 with DAPO's dynamic sampling (Yu et al. 2025; verl filter_groups, OpenRLHF dynamic_filtering): keep the
@@ -2656,9 +2985,16 @@ class Collector:
                 break
             batch = self.collect(more)
             kept, generated, rounds = kept.join(batch.groups_with_signal(G)), generated.join(batch), rounds + 1
-        return kept, generated, {"dynamic/rounds": rounds, "dynamic/prompts_generated": len(generated.examples),
-                                 "dynamic/groups_dropped": len(generated.examples) - len(kept.examples),
-                                 "dynamic/prompts_kept": len(kept.examples)}
+        return (
+            kept,
+            generated,
+            {
+                "dynamic/rounds": rounds,
+                "dynamic/prompts_generated": len(generated.examples),
+                "dynamic/groups_dropped": len(generated.examples) - len(kept.examples),
+                "dynamic/prompts_kept": len(kept.examples),
+            },
+        )
 
     def score(self, responses: list[list[int]], examples: list[Example]) -> "Scored":
         """The reward on these responses (batched); a raising reward or a non-finite score is reported in `error`,
@@ -2681,8 +3017,7 @@ class Collector:
                     break
         except Exception as e:  # noqa: BLE001 - any reward failure is reported, never a corrupt update
             error = f"reward raised {type(e).__name__}: {e} (first response: {texts[0][:200]!r})"
-        return Scored(scores=[float(s) for s in scores], components={name: sum(v) for name, v in sorted(components.items())},
-                      error=error)
+        return Scored(scores=[float(s) for s in scores], components={name: sum(v) for name, v in sorted(components.items())}, error=error)
 
     def score_mine(self, trajs: list[Trajectory]) -> tuple[torch.Tensor, "Scored"]:
         """This process's scores, MISSING_EOS_PENALTY applied -> ((len(trajs),) float32, the Scored they came from;
@@ -2692,12 +3027,13 @@ class Collector:
         (`trajectory`); the environment's step rewards are added (ENV_REWARD_WEIGHT); a trajectory whose environment
         failed scores 0."""
         responses, ended = [t.last for t in trajs], torch.tensor([t.ended for t in trajs], dtype=torch.bool)
-        rows = [t.example if t.env is None else dataclasses.replace(t.example, item={**t.example.item, "trajectory": t.messages})
-                for t in trajs]
+        rows = [
+            t.example if t.env is None else dataclasses.replace(t.example, item={**t.example.item, "trajectory": t.messages}) for t in trajs
+        ]
         if getattr(self.reward, "stateful", True):
-            pairs, start = gather_lists(list(zip(responses, rows)))
+            pairs, start = runtime.gather_lists(list(zip(responses, rows)))
             scored = self.score([r for r, _ in pairs], [e for _, e in pairs])
-            mine = scored.scores[start:start + len(responses)]
+            mine = scored.scores[start : start + len(responses)]
         else:
             scored = self.score(responses, rows)
             mine = scored.scores
@@ -2731,6 +3067,7 @@ class Scored(NamedTuple):
 # ---- steps 4-7: log-probs, advantages, epochs, statistics ----
 class UpdateParts(NamedTuple):
     """What PPOUpdate works with, all of it HybridTrainer's (which checkpoints what has state)."""
+
     policy: nn.Module  # the PolicyWithValueHead
     reference: Any  # the frozen reference LM (or AdapterReference), None without a KL term
     optim: Optimizers
@@ -2783,20 +3120,36 @@ class PPOUpdate:
         kl_coef = self.kl_ctl.value
         rewards = compute_rewards(rollout.scores, old.kl, rollout.loss_mask, kl_coef if self.kl_place.in_reward else 0.0)
         advantages, returns = self.estimator.fn(
-            rewards=rewards, mask=rl_mask, values=old.values, group_size=G, gamma=cfg.GAMMA, lam=cfg.LAM,
-            whiten_rewards=cfg.WHITEN_REWARDS, baseline=rollout.baseline)
+            rewards=rewards,
+            mask=rl_mask,
+            values=old.values,
+            group_size=G,
+            gamma=cfg.GAMMA,
+            lam=cfg.LAM,
+            whiten_rewards=cfg.WHITEN_REWARDS,
+            baseline=rollout.baseline,
+        )
         returns = old.values if returns is None else returns
         if self.distill is not None and not self.distill.in_loss:  # DISTILL token_reverse_kl: the teacher's term
-            advantages = advantages + cfg.DISTILL_COEF * self.distill.fn(old.logprobs, old.teacher_logprobs, rl_mask,
-                                                                         cfg.DISTILL_DISCOUNT)
+            advantages = advantages + cfg.DISTILL_COEF * self.distill.fn(old.logprobs, old.teacher_logprobs, rl_mask, cfg.DISTILL_DISCOUNT)
         if cfg.MASK_TRUNCATED:  # no gradient for responses cut at the token limit; their scores counted above
             rl_mask = rl_mask * rollout.ended.to(dev)[:, None].float()
         is_weights, mismatch = self.rollout_correction(rollout, old)
         teacher_view = (rollout.teacher or rollout_tokens(rollout)) if self.distill is not None and self.distill.in_loss else None
-        batch = UpdateBatch(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, r_ids=rollout.r_ids,
-                            r_mask=rollout.r_mask, loss_mask=rl_mask, old_logprobs=old.logprobs, old_values=old.values,
-                            advantages=advantages, returns=returns, ref_logprobs=old.ref_logprobs, is_weights=is_weights,
-                            teacher=teacher_view)
+        batch = UpdateBatch(
+            input_ids=rollout.input_ids,
+            attention_mask=rollout.attention_mask,
+            r_ids=rollout.r_ids,
+            r_mask=rollout.r_mask,
+            loss_mask=rl_mask,
+            old_logprobs=old.logprobs,
+            old_values=old.values,
+            advantages=advantages,
+            returns=returns,
+            ref_logprobs=old.ref_logprobs,
+            is_weights=is_weights,
+            teacher=teacher_view,
+        )
         # 6. PPO epochs over minibatches (each with its part of the SFT demonstrations, under gate / mix)
         mb_stats, skipped = self.epochs(batch, perms, old.first, sft_pool, split.mu if split else None)
         t2 = time.perf_counter()
@@ -2804,15 +3157,27 @@ class PPOUpdate:
         seq_kl = (old.kl * rollout.loss_mask).sum(1).mean().item()
         self.kl_ctl.update(seq_kl, B)
         stats = update_stats(rollout, old, rewards, advantages, returns, mb_stats, self.estimator.critic)
-        stats.update({"objective/kl": seq_kl, "objective/kl_coef": kl_coef, "ppo/skipped_minibatches": skipped, "ppo/lr": lr,
-                      "time/rollout_s": t1 - t0 - old.first_forward_s, "time/ppo_epochs_s": t2 - t1 + old.first_forward_s,
-                      "time/reference_forward_s": old.reference_s})
+        stats.update(
+            {
+                "objective/kl": seq_kl,
+                "objective/kl_coef": kl_coef,
+                "ppo/skipped_minibatches": skipped,
+                "ppo/lr": lr,
+                "time/rollout_s": t1 - t0 - old.first_forward_s,
+                "time/ppo_epochs_s": t2 - t1 + old.first_forward_s,
+                "time/reference_forward_s": old.reference_s,
+            }
+        )
         if split is not None:
             stats.update({"hybrid/mu": split.mu, "hybrid/sft_prompts": len(sft_pool), **split.metrics})
         if old.teacher_logprobs is not None:  # on the student's own samples, per token the loss covers
-            stats.update({"distill/reverse_kl": masked_mean(old.logprobs - old.teacher_logprobs, rollout.loss_mask).item(),
-                          "distill/teacher_logprob": masked_mean(old.teacher_logprobs, rollout.loss_mask).item(),
-                          "distill/coef": cfg.DISTILL_COEF})
+            stats.update(
+                {
+                    "distill/reverse_kl": masked_mean(old.logprobs - old.teacher_logprobs, rollout.loss_mask).item(),
+                    "distill/teacher_logprob": masked_mean(old.teacher_logprobs, rollout.loss_mask).item(),
+                    "distill/coef": cfg.DISTILL_COEF,
+                }
+            )
         return {**stats, **mismatch}
 
     # ---- 4. ----
@@ -2821,18 +3186,23 @@ class PPOUpdate:
         of them. When the first minibatch is the whole batch, its forward (same weights, no dropout, with grad) gives
         the old log-probs and values: the rollout's policy forward would compute exactly the same again."""
         cfg, dev, B, R = self.cfg, self.device, rollout.size, rollout.r_ids.shape[1]
-        fused = (self.fuse_first_forward and self.plan.responses_per_minibatch >= B and accum_chunks(cfg.GRAD_ACCUM, B) == 1
-                 and cfg.KL_PENALTY != "full")
-        start, end = share_bounds(B)
+        fused = (
+            self.fuse_first_forward
+            and self.plan.responses_per_minibatch >= B
+            and runtime.accum_chunks(cfg.GRAD_ACCUM, B) == 1
+            and cfg.KL_PENALTY != "full"
+        )
+        start, end = runtime.share_bounds(B)
         rows = slice(start, end) if end > start else slice(0, 1)  # an empty share still joins FSDP's collectives
         teacher_tokens = None if rollout.teacher is None else select_rows(rollout.teacher, rows)
-        mine_columns, reference_s = self.forward_no_grad(select_rows(rollout_tokens(rollout), rows), R, policy=not fused,
-                                                         teacher_tokens=teacher_tokens)
+        mine_columns, reference_s = self.forward_no_grad(
+            select_rows(rollout_tokens(rollout), rows), R, policy=not fused, teacher_tokens=teacher_tokens
+        )
         mine_columns = select_rows(mine_columns, slice(0, end - start))  # in batch order
         first, permuted, t_first = None, TokenColumns(), time.perf_counter()
         if fused:
             self.policy.train()
-            mine, weight = my_share(first_perm)
+            mine, weight = runtime.my_share(first_perm)
             mb, r_len = trim_padding(select_rows(rollout_tokens(rollout), mine.to(dev)), R)
             with self.autocast():
                 first = self.policy(mb.input_ids, mb.attention_mask, r_len, values=self.estimator.critic)
@@ -2847,12 +3217,21 @@ class PPOUpdate:
         ref_logprobs = out.ref_logprobs if out.ref_logprobs is not None else logprobs  # INIT_KL_COEF 0: no reference, KL 0
         kl = out.kl if out.kl is not None else kl_per_token(logprobs, ref_logprobs, cfg.KL_PENALTY)
         values = out.values if out.values is not None else torch.zeros_like(logprobs)
-        return OldPolicy(logprobs=logprobs, values=values, ref_logprobs=ref_logprobs, kl=kl, first=first,
-                         reference_s=reference_s, first_forward_s=t_first, teacher_logprobs=out.teacher_logprobs)
+        return OldPolicy(
+            logprobs=logprobs,
+            values=values,
+            ref_logprobs=ref_logprobs,
+            kl=kl,
+            first=first,
+            reference_s=reference_s,
+            first_forward_s=t_first,
+            teacher_logprobs=out.teacher_logprobs,
+        )
 
     @torch.no_grad()
-    def forward_no_grad(self, tokens: Tokens, R: int, policy: bool = True,
-                        teacher_tokens: Optional[Tokens] = None) -> tuple[TokenColumns, float]:
+    def forward_no_grad(
+        self, tokens: Tokens, R: int, policy: bool = True, teacher_tokens: Optional[Tokens] = None
+    ) -> tuple[TokenColumns, float]:
         """Chunked no-grad forward of the reference (and of the policy, and of DISTILL's teacher) on these rows ->
         (their TokenColumns: the reference's log-probs, the policy's log-probs, values and KL_PENALTY "full"'s KL, the
         teacher's log-probs of the sampled tokens; seconds in the reference). Without a reference (INIT_KL_COEF 0) its
@@ -2892,8 +3271,10 @@ class PPOUpdate:
         if rollout.engine_logprobs is None:
             return torch.ones_like(mask), {}
         engine = rollout.engine_logprobs
-        metrics = {"rollout/logprob_abs_diff": masked_mean((old.logprobs - engine).abs(), mask).item(),
-                   "rollout/kl_engine_trainer": masked_mean(engine - old.logprobs, mask).item()}  # k1 of KL(engine || trainer)
+        metrics = {
+            "rollout/logprob_abs_diff": masked_mean((old.logprobs - engine).abs(), mask).item(),
+            "rollout/kl_engine_trainer": masked_mean(engine - old.logprobs, mask).item(),
+        }  # k1 of KL(engine || trainer)
         weights = rollout_is_weights(old.logprobs, engine, mask, self.cfg.ROLLOUT_IS, self.cfg.ROLLOUT_IS_CAP)
         if self.cfg.ROLLOUT_IS != "off":
             metrics["rollout/is_weight_mean"] = masked_mean(weights, mask).item()
@@ -2901,8 +3282,7 @@ class PPOUpdate:
         return weights, metrics
 
     # ---- 6. ----
-    def epochs(self, batch: UpdateBatch, perms: list, first: Optional[Forward], sft_pool: list,
-               mu: Optional[float]) -> tuple[list, int]:
+    def epochs(self, batch: UpdateBatch, perms: list, first: Optional[Forward], sft_pool: list, mu: Optional[float]) -> tuple[list, int]:
         """Step 6: PPO_EPOCHS passes over the batch in minibatches of PPO_MINI x G responses (perms: each epoch's
         order); under gate / mix each minibatch also trains on its part of the SFT demonstrations, shuffled per epoch.
         -> (each minibatch's stats, the number skipped for RATIO_THRESHOLD)."""
@@ -2913,12 +3293,13 @@ class PPOUpdate:
             parts = perm.split(self.plan.responses_per_minibatch)
             sft_order = torch.randperm(len(sft_pool), generator=self.perm_generator) if sft_pool else torch.zeros(0, dtype=torch.long)
             for mb_rows, sft_rows in zip(parts, sft_order.tensor_split(len(parts))):
-                mine, weight = my_share(mb_rows)
+                mine, weight = runtime.my_share(mb_rows)
                 mb, r_len = trim_padding(select_rows(batch, mine.to(self.device)), R)
                 rl_rows = batch.loss_mask[mb_rows.to(self.device)]
                 demo = ([sft_pool[i] for i in sft_rows.tolist()], mu) if mu is not None else None
-                stats = self.minibatch(mb, r_len, self.agg.units(rl_rows), weight, len(mb_rows), forward=first, demo=demo,
-                                       n_tokens=rl_rows.sum())
+                stats = self.minibatch(
+                    mb, r_len, self.agg.units(rl_rows), weight, len(mb_rows), forward=first, demo=demo, n_tokens=rl_rows.sum()
+                )
                 first = None  # only the first minibatch reuses step 4's forward
                 if stats is None:
                     skipped += 1
@@ -2926,9 +3307,17 @@ class PPOUpdate:
                     mb_stats.append(stats)
         return mb_stats, skipped
 
-    def minibatch(self, mb: UpdateBatch, R: int, n_units: torch.Tensor, weight: float, n_rows: int,
-                  forward: Optional[Forward] = None, demo: Optional[tuple] = None,
-                  n_tokens: Optional[torch.Tensor] = None) -> Optional[dict]:
+    def minibatch(
+        self,
+        mb: UpdateBatch,
+        R: int,
+        n_units: torch.Tensor,
+        weight: float,
+        n_rows: int,
+        forward: Optional[Forward] = None,
+        demo: Optional[tuple] = None,
+        n_tokens: Optional[torch.Tensor] = None,
+    ) -> Optional[dict]:
         """One optimizer step on this process's rows of a minibatch. n_units: what LOSS_AGG's mean divides by over the
         whole minibatch (its RL tokens, or responses). `forward`: this minibatch's forward, already computed (step 4).
         `demo`: (examples, mu) under gate / mix: the loss is (1 - mu) x RL + mu x SFT on the examples' reference
@@ -2954,14 +3343,23 @@ class PPOUpdate:
         stats["ppo/grad_norm"] = self.optim.step(self.optim.ppo, self.optim.rl_params)
         return stats
 
-    def rl_backward(self, mb: UpdateBatch, R: int, n_units: torch.Tensor, weight: float, n_rows: int,
-                    forward: Optional[Forward], mu: float, n_tokens: torch.Tensor) -> LossStats:
+    def rl_backward(
+        self,
+        mb: UpdateBatch,
+        R: int,
+        n_units: torch.Tensor,
+        weight: float,
+        n_rows: int,
+        forward: Optional[Forward],
+        mu: float,
+        n_tokens: torch.Tensor,
+    ) -> LossStats:
         """Backward of (1 - mu) x the RL loss on this process's rows, in GRAD_ACCUM chunks, each weighted by its share of
         the minibatch's n_units over all processes (DISTILL jsd's term: its sum over the chunk's tokens / the
         minibatch's n_tokens) -> this process's part of the LossStats."""
         cfg, critic = self.cfg, self.estimator.critic
         acc = LossStats.zeros(self.device)
-        for rows in torch.arange(len(mb.r_ids), device=self.device).tensor_split(accum_chunks(cfg.GRAD_ACCUM, n_rows)):
+        for rows in torch.arange(len(mb.r_ids), device=self.device).tensor_split(runtime.accum_chunks(cfg.GRAD_ACCUM, n_rows)):
             c = select_rows(mb, rows)
             m = c.loss_mask  # the tokens the RL loss covers
             chunk_weight = self.agg.units(m) / n_units.clamp(min=1) * weight
@@ -2969,8 +3367,11 @@ class PPOUpdate:
                 fwd = forward if forward is not None else self.policy(c.input_ids, c.attention_mask, R, values=critic)
                 logprobs, token_entropy = fwd.stats(c.r_ids, cfg.TEMPERATURE)  # chunk by chunk with LOGITS_CHUNK
             values = fwd.values
-            kl = (self.kl_ctl.value * kl_per_token(logprobs, c.ref_logprobs, cfg.KL_PENALTY)
-                  if self.kl_place.in_loss and self.reference is not None else None)
+            kl = (
+                self.kl_ctl.value * kl_per_token(logprobs, c.ref_logprobs, cfg.KL_PENALTY)
+                if self.kl_place.in_loss and self.reference is not None
+                else None
+            )
             pl = policy_loss(logprobs, c.old_logprobs, c.advantages, m, self.loss_settings, kl, c.is_weights)
             if critic:
                 vl = value_loss(values, c.old_values, c.returns, m, cfg.CLIPRANGE_VALUE)
@@ -2989,8 +3390,17 @@ class PPOUpdate:
             self.optim.scaler.scale(objective * (1 - mu)).backward()
             with torch.no_grad():
                 entropy = masked_mean(token_entropy, m)
-                acc.add(chunk_weight, policy=pl.loss, value=vl.loss, total=total, clipfrac=pl.clipfrac, approx_kl=pl.approx_kl,
-                        ratio=pl.ratio, value_clipfrac=vl.clipfrac, entropy=entropy)
+                acc.add(
+                    chunk_weight,
+                    policy=pl.loss,
+                    value=vl.loss,
+                    total=total,
+                    clipfrac=pl.clipfrac,
+                    approx_kl=pl.approx_kl,
+                    ratio=pl.ratio,
+                    value_clipfrac=vl.clipfrac,
+                    entropy=entropy,
+                )
                 acc.add(weight, nonfinite=torch.tensor(float(not torch.isfinite(objective))))
                 if jsd is not None:
                     acc.add(1.0, distill_jsd=jsd)
@@ -3007,12 +3417,16 @@ def update_stats(rollout: Rollout, old: OldPolicy, rewards, advantages, returns,
     tokens the loss covers."""
     mask, scores = rollout.loss_mask, rollout.scores
     out = {k: float(np.mean([s[k] for s in mb_stats if k in s])) for k in dict.fromkeys(k for s in mb_stats for k in s)}
-    out.update({
-        "objective/non_score_reward": (rewards * mask).sum(1).mean().item() - scores.mean().item(),
-        "ppo/mean_scores": scores.mean().item(), "ppo/std_scores": scores.std(unbiased=False).item(),
-        "ppo/response_length": mask.sum(1).mean().item(), "ppo/advantages/mean": masked_mean(advantages, mask).item(),
-        "time/tokens": int(rollout.attention_mask.sum()),
-    })
+    out.update(
+        {
+            "objective/non_score_reward": (rewards * mask).sum(1).mean().item() - scores.mean().item(),
+            "ppo/mean_scores": scores.mean().item(),
+            "ppo/std_scores": scores.std(unbiased=False).item(),
+            "ppo/response_length": mask.sum(1).mean().item(),
+            "ppo/advantages/mean": masked_mean(advantages, mask).item(),
+            "time/tokens": int(rollout.attention_mask.sum()),
+        }
+    )
     if critic:  # without a value head its stats would be zeros
         out.update({"ppo/returns/mean": masked_mean(returns, mask).item(), "ppo/val/mean": masked_mean(old.values, mask).item()})
     if rollout.group_size > 1:
@@ -3027,9 +3441,19 @@ class HybridTrainer:
     optimizers, the KL controller, the SFT term, steps 1-3 (Collector) and steps 4-7 (PPOUpdate). sft_step and
     ppo_update are the loop's two kinds of step; ppo_step is TRL 0.11's classic API."""
 
-    def __init__(self, cfg: Config, policy: "PolicyWithValueHead", ref_lm, tokenizer, reward=None,
-                 device: Optional[torch.device] = None, n_items: Optional[int] = None, plan: Optional[Plan] = None,
-                 environment=None, teacher=None):
+    def __init__(
+        self,
+        cfg: Config,
+        policy: "PolicyWithValueHead",
+        ref_lm,
+        tokenizer,
+        reward=None,
+        device: Optional[torch.device] = None,
+        n_items: Optional[int] = None,
+        plan: Optional[Plan] = None,
+        environment=None,
+        teacher=None,
+    ):
         """plan: run()'s; from Python, api_plan(cfg, n_items) is made here (n_items sizes a decaying LR_SCHEDULE).
         environment: an environments.EnvironmentType (build_environment(cfg) for ENVIRONMENT), None: single-turn.
         teacher: DISTILL's frozen teacher (load_teacher(cfg, ...)), None without one."""
@@ -3041,33 +3465,48 @@ class HybridTrainer:
         self.critic = estimator.critic  # trains a value head (saved in ppo_full/)
         self.optim = Optimizers(cfg, self.plan, policy, estimator.critic, self.device)
         self.perm_generator = torch.Generator().manual_seed(self.plan.seed)  # minibatch order, alike on every process
-        self.kl_ctl = (AdaptiveKLController(cfg.INIT_KL_COEF, cfg.TARGET_KL, cfg.KL_HORIZON) if cfg.ADAPTIVE_KL
-                       else FixedKLController(cfg.INIT_KL_COEF))
+        self.kl_ctl = (
+            AdaptiveKLController(cfg.INIT_KL_COEF, cfg.TARGET_KL, cfg.KL_HORIZON)
+            if cfg.ADAPTIVE_KL
+            else FixedKLController(cfg.INIT_KL_COEF)
+        )
         self._engine = None  # started at the first generation: an SFT run without evaluation needs none
         self.pad_id = tokenizer.pad_token_id
         self.sft_backward = SFTTerm(cfg, policy, self.optim.scaler, self.pad_id, self.device, self.autocast)
         self.turns = TurnLoop(cfg, self.plan, self.engine_generate, tokenizer, environment)
         self.collector = Collector(cfg, self.plan, self.turns, lambda: self.engine.sleep(), reward, tokenizer, estimator)
         self.teacher = teacher
-        kl_ref = None if cfg.TEACHER_MODEL == "self" and not kl_reference(cfg) else ref_lm  # loaded only as "self"'s teacher
-        self.update = PPOUpdate(cfg, self.plan, UpdateParts(
-            policy=policy, reference=kl_ref, optim=self.optim, estimator=estimator, strategy=strategy, kl_ctl=self.kl_ctl,
-            sft_term=self.sft_backward, perm_generator=self.perm_generator, device=self.device, autocast=self.autocast,
-            teacher=teacher))
+        kl_ref = None if cfg.TEACHER_MODEL == "self" and not runtime.kl_reference(cfg) else ref_lm  # loaded only as "self"'s teacher
+        self.update = PPOUpdate(
+            cfg,
+            self.plan,
+            UpdateParts(
+                policy=policy,
+                reference=kl_ref,
+                optim=self.optim,
+                estimator=estimator,
+                strategy=strategy,
+                kl_ctl=self.kl_ctl,
+                sft_term=self.sft_backward,
+                perm_generator=self.perm_generator,
+                device=self.device,
+                autocast=self.autocast,
+                teacher=teacher,
+            ),
+        )
 
     @property
     def engine(self):
         """The generation backend (GENERATION_BACKENDS[plan.backend]: GENERATION_BACKEND, "auto" resolved), built on first use."""
         if self._engine is None:
             t0 = time.perf_counter()
-            self._engine = GENERATION_BACKENDS[self.plan.backend](self.cfg, self.plan, self.policy, self.tokenizer,
-                                                                            self.device)
+            self._engine = runtime.GENERATION_BACKENDS[self.plan.backend](self.cfg, self.plan, self.policy, self.tokenizer, self.device)
             if self.plan.backend != "hf":  # hf's is the policy itself: nothing starts
-                say(f"engine: {self.plan.backend} started in {time.perf_counter() - t0:.1f} s")
+                runtime.say(f"engine: {self.plan.backend} started in {time.perf_counter() - t0:.1f} s")
         return self._engine
 
     def autocast(self):
-        return autocast_context(self.plan.bf16, self.cfg.FP16, self.device)
+        return runtime.autocast_context(self.plan.bf16, self.cfg.FP16, self.device)
 
     def state_dict(self) -> dict:
         """Everything an exact resume needs of the trainer, keyed as outputs.CHECKPOINT lays a checkpoint out: the
@@ -3076,29 +3515,38 @@ class HybridTrainer:
         gathers): every process calls it."""
         o, fsdp = self.optim, self.cfg.FSDP
         moving = self.cfg.REF_UPDATE != "never" and self.ref_lm is not None
-        return {"policy": trainable_state(self.policy),
-                "optimizers": {"opt_sft": optimizer_state(self.policy, o.sft, fsdp), "opt_ppo": optimizer_state(self.policy, o.ppo, fsdp),
-                               "sched_sft": o.schedulers[o.sft].state_dict(), "sched_ppo": o.schedulers[o.ppo].state_dict(),
-                               "scaler": o.scaler.state_dict()},
-                "reference": reference_state(self.ref_lm) if moving else {},
-                "state": {"kl_coef": self.kl_ctl.value, "reward": self.reward.state_dict() if self.reward is not None else None,
-                          "world_size": self.plan.world_size},
-                "rng": rng_state(self.perm_generator)}
+        return {
+            "policy": outputs.trainable_state(self.policy),
+            "optimizers": {
+                "opt_sft": outputs.optimizer_state(self.policy, o.sft, fsdp),
+                "opt_ppo": outputs.optimizer_state(self.policy, o.ppo, fsdp),
+                "sched_sft": o.schedulers[o.sft].state_dict(),
+                "sched_ppo": o.schedulers[o.ppo].state_dict(),
+                "scaler": o.scaler.state_dict(),
+            },
+            "reference": outputs.reference_state(self.ref_lm) if moving else {},
+            "state": {
+                "kl_coef": self.kl_ctl.value,
+                "reward": self.reward.state_dict() if self.reward is not None else None,
+                "world_size": self.plan.world_size,
+            },
+            "rng": outputs.rng_state(self.perm_generator),
+        }
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
         """The inverse of state_dict (source: what the state came from, for messages)."""
         o, fsdp = self.optim, self.cfg.FSDP
-        load_into(self.policy, state["policy"], source)
-        load_optimizer_state(self.policy, o.sft, state["optimizers"]["opt_sft"], fsdp)
-        load_optimizer_state(self.policy, o.ppo, state["optimizers"]["opt_ppo"], fsdp)
+        outputs.load_into(self.policy, state["policy"], source)
+        outputs.load_optimizer_state(self.policy, o.sft, state["optimizers"]["opt_sft"], fsdp)
+        outputs.load_optimizer_state(self.policy, o.ppo, state["optimizers"]["opt_ppo"], fsdp)
         o.schedulers[o.sft].load_state_dict(state["optimizers"]["sched_sft"])
         o.schedulers[o.ppo].load_state_dict(state["optimizers"]["sched_ppo"])
         o.version += 1  # the weights moved: an engine holding a copy takes them before it generates
         if state.get("reference"):
-            if isinstance(self.ref_lm, AdapterReference):
+            if isinstance(self.ref_lm, runtime.AdapterReference):
                 self.ref_lm.load_state_dict(state["reference"])
             else:
-                load_into(self.ref_lm, state["reference"], f"{source} (reference)")
+                outputs.load_into(self.ref_lm, state["reference"], f"{source} (reference)")
         o.scaler.load_state_dict(state["optimizers"]["scaler"])
         scalars = state["state"]
         self.kl_ctl.value = scalars["kl_coef"]
@@ -3106,27 +3554,37 @@ class HybridTrainer:
             self.reward.load_state_dict(scalars["reward"])
         saved_world = scalars.get("world_size", 1)
         if saved_world != self.plan.world_size:
-            warn(f"{source} was written by {saved_world} process(es), this run has {self.plan.world_size}: the run "
-                 "continues but sampling will not repeat exactly")
-        set_rng_state(state["rng"], self.perm_generator)
+            runtime.warn(
+                f"{source} was written by {saved_world} process(es), this run has {self.plan.world_size}: the run "
+                "continues but sampling will not repeat exactly"
+            )
+        outputs.set_rng_state(state["rng"], self.perm_generator)
 
     def sync_reference(self) -> None:
         """REF_UPDATE 'cycle': the reference becomes a frozen copy of the current policy LM (or adapter)."""
         if self.ref_lm is None:
             return
-        if isinstance(self.ref_lm, AdapterReference):
+        if isinstance(self.ref_lm, runtime.AdapterReference):
             self.ref_lm.sync()
         else:
             self.ref_lm.load_state_dict(self.policy.lm.state_dict())
 
-    def generate(self, prompts: list[list[int]], greedy: bool = False, n: int = 1,
-                 temperature: Optional[float] = None) -> tuple[list[list[int]], torch.Tensor]:
+    def generate(
+        self, prompts: list[list[int]], greedy: bool = False, n: int = 1, temperature: Optional[float] = None
+    ) -> tuple[list[list[int]], torch.Tensor]:
         """n responses per prompt from the generation engine, which first takes the current weights -> (responses, ended)."""
         out = self.engine_generate(prompts, greedy, n, temperature)
         return out.responses, out.ended
 
-    def engine_generate(self, prompts: list[list[int]], greedy: bool = False, n: int = 1, temperature: Optional[float] = None,
-                        max_tokens: Optional[list] = None, stop: Optional[list] = None) -> Generation:
+    def engine_generate(
+        self,
+        prompts: list[list[int]],
+        greedy: bool = False,
+        n: int = 1,
+        temperature: Optional[float] = None,
+        max_tokens: Optional[list] = None,
+        stop: Optional[list] = None,
+    ) -> runtime.Generation:
         self.engine.sync_weights(self.optim.version)
         return self.engine.generate(prompts, n=n, greedy=greedy, temperature=temperature, max_tokens=max_tokens, stop=stop)
 
@@ -3155,22 +3613,36 @@ class HybridTrainer:
             stats = self.update.learn(rollout, batch.examples, progress)
         scores = [s.score for s in generated.samples]
         n = len(scores)
-        stats.update({"reward/mean": float(np.mean(scores)), "reward/std": float(np.std(scores)),
-                      "ppo/ended_with_eos": sum(s.ended for s in generated.samples) / n, **info,
-                      "time/generate_s": generated.generate_s, "time/score_s": generated.score_s,
-                      "time/update_s": time.perf_counter() - t0,
-                      "time/tokens_per_s": sum(len(s.response) for s in generated.samples) / max(generated.generate_s, 1e-9),
-                      **{f"reward/{name}": total / n for name, total in generated.sums.items()}})
+        stats.update(
+            {
+                "reward/mean": float(np.mean(scores)),
+                "reward/std": float(np.std(scores)),
+                "ppo/ended_with_eos": sum(s.ended for s in generated.samples) / n,
+                **info,
+                "time/generate_s": generated.generate_s,
+                "time/score_s": generated.score_s,
+                "time/update_s": time.perf_counter() - t0,
+                "time/tokens_per_s": sum(len(s.response) for s in generated.samples) / max(generated.generate_s, 1e-9),
+                **{f"reward/{name}": total / n for name, total in generated.sums.items()},
+            }
+        )
         if self.turns.env_type is not None:
             stats.update(env_metrics([s.env for s in generated.samples]), **{"time/env_s": generated.env_s})
             model_tokens = sum(s.env.model_tokens for s in generated.samples)
             stats["time/tokens_per_s"] = model_tokens / max(generated.generate_s, 1e-9)  # the model's tokens only
             for s in [s for s in generated.samples if s.env.error][:3]:
-                warn(f"ENVIRONMENT: a trajectory ended with an error (scored 0): {s.env.error}")
+                runtime.warn(f"ENVIRONMENT: a trajectory ended with an error (scored 0): {s.env.error}")
         return stats
 
-    def ppo_step(self, queries: list[list[int]], responses: list[list[int]], scores, baseline=None,
-                 demos: Optional[list[Example]] = None, teacher_queries: Optional[list] = None) -> dict:
+    def ppo_step(
+        self,
+        queries: list[list[int]],
+        responses: list[list[int]],
+        scores,
+        baseline=None,
+        demos: Optional[list[Example]] = None,
+        teacher_queries: Optional[list] = None,
+    ) -> dict:
         """TRL 0.11's classic step: one PPO update on B (query, response, score) triples; responses end at EOS (no
         padding). With several processes each passes its share and the step gathers the rest (3.), so whitening,
         KL and scores are global and the minibatches hold the same rows as with one process. Rows i*G .. i*G+G-1
@@ -3180,7 +3652,7 @@ class HybridTrainer:
         scores = [float(x) for x in torch.as_tensor(scores, dtype=torch.float32).reshape(-1).tolist()]
         baseline = None if baseline is None else [float(x) for x in torch.as_tensor(baseline).reshape(-1).tolist()]
         mine = samples_from_tokens(list(queries), list(responses), scores, baseline, self.tokenizer.eos_token_id, teacher_queries)
-        samples = sum(gather_objects(mine), [])
+        samples = sum(runtime.gather_objects(mine), [])
         return self.update.learn(make_rollout(samples, self.plan.group_size, self.pad_id, self.device), demos)
 
 
@@ -3191,16 +3663,19 @@ def eval_metric_keys(cfg: Config) -> set:
     """The metrics evaluate() logs for this config (what SAVE_BEST may name). maj@k needs a math reward: a run whose
     first evaluation lacks it stops there (keep_best)."""
     k = cfg.EVAL_NUM_SAMPLES
-    return ({"eval/reward", "eval/contains_reference", *(f"eval/{name}" for name in EVAL_METRICS)} |
-            ({"eval/pass@1", f"eval/pass@{k}", f"eval/maj@{k}"} if k > 1 else set()) |
-            ({"eval/reverse_kl_to_teacher"} if cfg.TEACHER_MODEL else set()) |
-            ({"eval/turns", "eval/actions", "eval/action_error_rate"} if cfg.ENVIRONMENT else set()))
+    return (
+        {"eval/reward", "eval/contains_reference", *(f"eval/{name}" for name in EVAL_METRICS)}
+        | ({"eval/pass@1", f"eval/pass@{k}", f"eval/maj@{k}"} if k > 1 else set())
+        | ({"eval/reverse_kl_to_teacher"} if cfg.TEACHER_MODEL else set())
+        | ({"eval/turns", "eval/actions", "eval/action_error_rate"} if cfg.ENVIRONMENT else set())
+    )
 
 
 @dataclass
 class EvalSample:
     """One held-out item's evaluation: its first response, and with k samples per item their mean reward and share
     containing the reference. metrics.jsonl logs it as row() (the report and the trackers read that)."""
+
     prompt: str
     target: str
     response: str
@@ -3222,17 +3697,29 @@ def eval_trajectories(trainer: HybridTrainer, examples: list[Example]) -> tuple[
     (item i's trajectories at i*k .. i*k+k-1, this process's [sum of the reverse KL to the teacher, tokens])."""
     cfg, k = trainer.cfg, trainer.cfg.EVAL_NUM_SAMPLES
     bs = max(cfg.PPO_BATCH, 8)  # prompts per generate call (each with its k responses)
-    mine, done, teacher_kl = shard(examples), [], torch.zeros(2, dtype=torch.float64)
-    for i in range(math.ceil(largest_share(len(examples)) / bs)):  # the same count on every process
-        chunk = mine[i * bs:(i + 1) * bs]
+    mine, done, teacher_kl = runtime.shard(examples), [], torch.zeros(2, dtype=torch.float64)
+    for i in range(math.ceil(runtime.largest_share(len(examples)) / bs)):  # the same count on every process
+        chunk = mine[i * bs : (i + 1) * bs]
         trajs = trainer.turns.run(chunk or examples[:1], n=k, greedy=k == 1, temperature=cfg.EVAL_TEMPERATURE)
-        done += [EvalTrajectory(answer=trainer.tokenizer.decode(t.last, skip_special_tokens=True), messages=t.messages,
-                                env_reward=t.env_reward, stats=t.stats(), text=t.text()) for t in trajs] if chunk else []
+        done += (
+            [
+                EvalTrajectory(
+                    answer=trainer.tokenizer.decode(t.last, skip_special_tokens=True),
+                    messages=t.messages,
+                    env_reward=t.env_reward,
+                    stats=t.stats(),
+                    text=t.text(),
+                )
+                for t in trajs
+            ]
+            if chunk
+            else []
+        )
         if trainer.teacher is not None:  # the held-out reverse KL to the teacher, on the student's own samples
             kl_sum, kl_tokens = reverse_kl_to_teacher(trainer, trajs)  # a placeholder chunk runs too (FSDP), uncounted
             teacher_kl = teacher_kl + torch.tensor([kl_sum, kl_tokens], dtype=torch.float64) * bool(chunk)
     trainer.engine.sleep()
-    return sum(gather_objects(done), []), teacher_kl
+    return sum(runtime.gather_objects(done), []), teacher_kl
 
 
 def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> dict:
@@ -3252,36 +3739,46 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
         try:
             per_item[name] = [float(x) for x in fn.scores(*args, update=False)]
             if acting and name == "reward":  # scored as in training: the environment's rewards added, failures 0
-                per_item[name] = [0.0 if d.stats.error else x + cfg.ENV_REWARD_WEIGHT * d.env_reward
-                                  for x, d in zip(per_item[name], done)]
+                per_item[name] = [0.0 if d.stats.error else x + cfg.ENV_REWARD_WEIGHT * d.env_reward for x, d in zip(per_item[name], done)]
             result[f"eval/{name}"] = float(np.mean(per_item[name]))
         except Exception as e:  # noqa: BLE001 - a failing metric must not kill the run
-            warn(f"eval metric {name} failed: {type(e).__name__}: {e}")
+            runtime.warn(f"eval metric {name} failed: {type(e).__name__}: {e}")
             result[f"eval/{name}"] = float("nan")
     contains = [contains_reference(t, e.target) for e, t in zip(rows, texts)]
     result["eval/contains_reference"] = float(np.mean(contains))
     rewards_ = per_item.get("reward", [None] * len(texts))
-    samples = [EvalSample(prompt=e.question, target=e.target, response=texts[i * k],
-                          reward=None if rewards_[i * k] is None else float(np.mean(rewards_[i * k:(i + 1) * k])),
-                          contains=contains[i * k] if k == 1 else float(np.mean(contains[i * k:(i + 1) * k])),
-                          category=e.category)
-               for i, e in enumerate(examples)]
+    samples = [
+        EvalSample(
+            prompt=e.question,
+            target=e.target,
+            response=texts[i * k],
+            reward=None if rewards_[i * k] is None else float(np.mean(rewards_[i * k : (i + 1) * k])),
+            contains=contains[i * k] if k == 1 else float(np.mean(contains[i * k : (i + 1) * k])),
+            category=e.category,
+        )
+        for i, e in enumerate(examples)
+    ]
     if trainer.teacher is not None:
-        kl_sum, kl_tokens = all_reduce_sum(teacher_kl.float()).tolist()
+        kl_sum, kl_tokens = runtime.all_reduce_sum(teacher_kl.float()).tolist()
         result["eval/reverse_kl_to_teacher"] = kl_sum / max(kl_tokens, 1.0)
     if acting:
         stats = [d.stats for d in done]
         actions = sum(x.actions for x in stats)
-        result.update({"eval/turns": float(np.mean([x.turns for x in stats])), "eval/actions": actions / len(stats),
-                       "eval/action_error_rate": sum(x.action_errors for x in stats) / max(actions, 1)})
+        result.update(
+            {
+                "eval/turns": float(np.mean([x.turns for x in stats])),
+                "eval/actions": actions / len(stats),
+                "eval/action_error_rate": sum(x.action_errors for x in stats) / max(actions, 1),
+            }
+        )
         for i, sample in enumerate(samples):
             sample.trajectory = done[i * k].text
     if k > 1 and "reward" in per_item:
         solver = rewards.math_part(metrics["reward"])
         for i, (e, sample) in enumerate(zip(examples, samples)):
-            sample.passes, sample.k = sum(x >= cfg.EVAL_PASS_SCORE for x in rewards_[i * k:(i + 1) * k]), k
+            sample.passes, sample.k = sum(x >= cfg.EVAL_PASS_SCORE for x in rewards_[i * k : (i + 1) * k]), k
             if solver is not None:
-                sample.majority = rewards.majority_correct(solver, texts[i * k:(i + 1) * k], e.target, e.item)
+                sample.majority = rewards.majority_correct(solver, texts[i * k : (i + 1) * k], e.target, e.item)
         result.update(pass_metrics(samples, k))
     result["samples"] = [sample.row() for sample in samples]  # every item: the report's category table and examples
     return result
@@ -3290,9 +3787,18 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
 def reverse_kl_to_teacher(trainer: HybridTrainer, trajs: list[Trajectory]) -> tuple[float, float]:
     """Over these trajectories' model tokens: the sum of log pi - log nu (the student's log-prob of its own sampled token
     minus the teacher's: a one-sample estimate of the reverse KL per token) and the number of tokens."""
-    samples = [Sample(query=t.prompt_ids, response=t.ids or [trainer.tokenizer.eos_token_id], ended=t.ended, score=0.0,
-                      baseline=0.0, loss_mask=t.mask if t.ids else [0], teacher_query=t.example.teacher_prompt_ids)
-               for t in trajs]
+    samples = [
+        Sample(
+            query=t.prompt_ids,
+            response=t.ids or [trainer.tokenizer.eos_token_id],
+            ended=t.ended,
+            score=0.0,
+            baseline=0.0,
+            loss_mask=t.mask if t.ids else [0],
+            teacher_query=t.example.teacher_prompt_ids,
+        )
+        for t in trajs
+    ]
     rollout = make_rollout(samples, 1, trainer.pad_id, trainer.device)
     columns, _ = trainer.update.forward_no_grad(rollout_tokens(rollout), rollout.r_ids.shape[1], teacher_tokens=rollout.teacher)
     mask = rollout.loss_mask
@@ -3301,6 +3807,7 @@ def reverse_kl_to_teacher(trainer: HybridTrainer, trajs: list[Trajectory]) -> tu
 
 class EvalTrajectory(NamedTuple):
     """What evaluation keeps of a trajectory (picklable: gathered across processes)."""
+
     answer: str  # the last model turn's text
     messages: list  # the conversation
     env_reward: float
@@ -3310,8 +3817,10 @@ class EvalTrajectory(NamedTuple):
 
 def pass_metrics(samples: list[EvalSample], k: int) -> dict:
     """eval/pass@1 (the mean pass rate of the samples), eval/pass@k, and eval/maj@k when the samples were voted on."""
-    out = {"eval/pass@1": float(np.mean([pass_at_k(k, s.passes, 1) for s in samples])),
-           f"eval/pass@{k}": float(np.mean([pass_at_k(k, s.passes, k) for s in samples]))}
+    out = {
+        "eval/pass@1": float(np.mean([outputs.pass_at_k(k, s.passes, 1) for s in samples])),
+        f"eval/pass@{k}": float(np.mean([outputs.pass_at_k(k, s.passes, k) for s in samples])),
+    }
     if all(s.majority is not None for s in samples):
         out[f"eval/maj@{k}"] = float(np.mean([s.majority for s in samples]))
     return out
@@ -3349,28 +3858,6 @@ class RunState:
         return cls(**{**saved, "best": Best(**saved["best"]) if saved.get("best") else None})
 
 
-class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits 130/143.
-    A context manager: the previous handlers come back afterwards."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self):
-        self.signum = None
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint", file=sys.stderr, flush=True)
-
-
 def step_plan(cfg: Config, n_items: int, n_sft_items: Optional[int] = None) -> list[str]:
     """One epoch's steps in order: "sft" and "ppo" (MODE, and HYBRID alternate's cycles). Each side walks its own
     items once (n_sft_items: SFT_FILE's; else TRAIN_FILE's n_items feed both)."""
@@ -3384,14 +3871,24 @@ def step_plan(cfg: Config, n_items: int, n_sft_items: Optional[int] = None) -> l
 
 
 def summary_line(record: dict) -> str:
-    keys = ["sft/loss", "reward/mean", "objective/kl", "objective/kl_coef", "ppo/loss/policy", "ppo/loss/value",
-            "ppo/policy/clipfrac", "ppo/response_length", "time/tokens_per_s"]
+    keys = [
+        "sft/loss",
+        "reward/mean",
+        "objective/kl",
+        "objective/kl_coef",
+        "ppo/loss/policy",
+        "ppo/loss/value",
+        "ppo/policy/clipfrac",
+        "ppo/response_length",
+        "time/tokens_per_s",
+    ]
     parts = [f"{k.split('/', 1)[-1].replace('/', '_')}={record[k]:.4g}" for k in keys if k in record]
     return f"step {record['step']} [{record['phase']}] " + " ".join(parts)
 
 
 class Run(NamedTuple):
     """What the loop works with, set up once by run()."""
+
     cfg: Config
     plan: Plan
     trainer: HybridTrainer
@@ -3400,7 +3897,7 @@ class Run(NamedTuple):
     eval_examples: list
     eval_metrics: dict
     out_dir: Path
-    metrics: "MetricsLog"
+    metrics: outputs.MetricsLog
     prompt_format: str  # sketch or chat, as resolved for MODEL's tokenizer
 
 
@@ -3410,7 +3907,7 @@ def draw(r: Run, state: RunState, side: str, n: int) -> list[Example]:
     order = epoch_order(r.plan.items(side), r.plan.seed, state.epoch, side, r.cfg.SHUFFLE)
     start = state.drawn[side]
     state.drawn[side] = min(len(order), start + n)
-    return [(r.sft_examples if side == "sft" else r.examples)[i] for i in order[start:state.drawn[side]]]
+    return [(r.sft_examples if side == "sft" else r.examples)[i] for i in order[start : state.drawn[side]]]
 
 
 def take_step(r: Run, state: RunState, phase: str) -> Optional[dict]:
@@ -3423,41 +3920,48 @@ def take_step(r: Run, state: RunState, phase: str) -> Optional[dict]:
         return None
     try:
         progress = state.step / max(1, r.plan.total_steps - 1)  # the mix's mu schedule
-        stats = (r.trainer.sft_step(batch) if phase == "sft" else
-                 r.trainer.ppo_update(batch, progress, draw=lambda n: draw(r, state, "ppo", n)))
+        stats = (
+            r.trainer.sft_step(batch) if phase == "sft" else r.trainer.ppo_update(batch, progress, draw=lambda n: draw(r, state, "ppo", n))
+        )
         state.bad_streak = 0
     except BadStep as e:
         state.bad_streak += 1
         state.bad_total += 1
         stats = {f"{phase}/skipped": 1, "skipped_reason": str(e)}
-        warn(f"step {state.step + 1} ({phase}) skipped: {e}")
+        runtime.warn(f"step {state.step + 1} ({phase}) skipped: {e}")
     state.step += 1
-    record = {"step": state.step, "epoch": state.epoch, "phase": phase, **stats, "skipped_total": state.bad_total,
-              "time/step_s": time.perf_counter() - t0}
+    record = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "phase": phase,
+        **stats,
+        "skipped_total": state.bad_total,
+        "time/step_s": time.perf_counter() - t0,
+    }
     r.metrics.log(record)
     return record
 
 
 def resumed_draws(r: Run, state: RunState) -> dict:
     """A checkpoint of an earlier version has no stream positions: every step before it drew a whole batch."""
-    schedule = r.plan.schedule[:state.pos]
+    schedule = r.plan.schedule[: state.pos]
     return {side: min(r.plan.items(side), schedule.count(side) * r.plan.batch_size(side)) for side in ("sft", "ppo")}
 
 
 def checkpoint(r: Run, state: RunState) -> Path:
     """checkpoints/step-N/: the trainer's state_dict with the loop's RunState, the resolved config and the plan."""
     saved = r.trainer.state_dict()
-    saved["state"].update(run=state.to_dict(), config=resolved_config(r.cfg, r.plan), plan=dataclasses.asdict(r.plan))
-    return save_checkpoint(r.out_dir, saved, state.step, r.cfg.KEEP_CHECKPOINTS)
+    saved["state"].update(run=state.to_dict(), config=outputs.resolved_config(r.cfg, r.plan), plan=dataclasses.asdict(r.plan))
+    return outputs.save_checkpoint(r.out_dir, saved, state.step, r.cfg.KEEP_CHECKPOINTS)
 
 
-def train_loop(r: Run, state: RunState, stop: "StopRequest") -> int:
+def train_loop(r: Run, state: RunState, stop: runtime.StopRequest) -> int:
     """EPOCHS passes over the step schedule from `state` on: log, evaluate, checkpoint; stop cleanly on a signal
     -> 0, or 128 + the signal."""
     from tqdm.auto import tqdm
 
     cfg, schedule, first_step = r.cfg, r.plan.schedule, state.step + 1  # first and last steps print
-    bar = tqdm(total=r.plan.total_steps, initial=state.step, desc=cfg.MODE, unit="step", dynamic_ncols=True, disable=not is_main())
+    bar = tqdm(total=r.plan.total_steps, initial=state.step, desc=cfg.MODE, unit="step", dynamic_ncols=True, disable=not runtime.is_main())
     with contextlib.closing(bar):
         if state.pos and not any(state.drawn.values()):
             state.drawn = resumed_draws(r, state)
@@ -3470,21 +3974,26 @@ def train_loop(r: Run, state: RunState, stop: "StopRequest") -> int:
                 if record is None:  # this side's items ran out early (DYNAMIC_SAMPLING drew them): the slot is empty
                     continue
                 bar.update(1)
-                if (state.step % cfg.LOG_EVERY == 0 or state.step in (first_step, r.plan.total_steps)) and is_main():
+                if (state.step % cfg.LOG_EVERY == 0 or state.step in (first_step, r.plan.total_steps)) and runtime.is_main():
                     bar.write(summary_line(record))
                 if state.bad_streak >= cfg.MAX_BAD_STEPS:
-                    raise UserError(f"{state.bad_streak} consecutive steps were skipped (non-finite loss, gradient or "
-                                    f"reward; last: {record['skipped_reason']}); stopping. Lower LR_SFT/LR_PPO or check "
-                                    f"the reward. Last good checkpoint: {latest_checkpoint(r.out_dir) or 'none'}")
+                    raise runtime.UserError(
+                        f"{state.bad_streak} consecutive steps were skipped (non-finite loss, gradient or "
+                        f"reward; last: {record['skipped_reason']}); stopping. Lower LR_SFT/LR_PPO or check "
+                        f"the reward. Last good checkpoint: {outputs.latest_checkpoint(r.out_dir) or 'none'}"
+                    )
                 if r.eval_examples and cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0:
                     log_eval(r, state)
                 if cfg.SAVE_EVERY and state.step % cfg.SAVE_EVERY == 0 and state.bad_streak == 0:  # only good states
                     checkpoint(r, state)
-                signum = int(all_reduce_max(stop.signum or 0))
+                signum = int(runtime.all_reduce_max(stop.signum or 0))
                 if signum:  # any process signalled: all stop after the same step
                     path = checkpoint(r, state)
-                    say(f"stopped after step {state.step}; checkpoint: {path}\nresume: python hybrid_trainer.py <same "
-                        "config> (RESUME 'auto' continues from it)", err=True)
+                    runtime.say(
+                        f"stopped after step {state.step}; checkpoint: {path}\nresume: python hybrid_trainer.py <same "
+                        "config> (RESUME 'auto' continues from it)",
+                        err=True,
+                    )
                     return 128 + (stop.signum or signum)
                 if cfg.CLEANSE and r.trainer.device.type == "cuda" and phase != schedule[min(state.pos, len(schedule) - 1)]:
                     torch.cuda.empty_cache()
@@ -3496,7 +4005,7 @@ def log_eval(r: Run, state: RunState) -> dict:
     step = state.step
     result = evaluate(r.trainer, r.eval_examples, r.eval_metrics)
     r.metrics.log({"step": step, "phase": "eval", **{k: v for k, v in result.items() if k != "samples"}, "samples": result["samples"]})
-    say("eval @ step %d: %s" % (step, " ".join(f"{k[5:]}={v:.4f}" for k, v in result.items() if k.startswith("eval/"))))
+    runtime.say("eval @ step %d: %s" % (step, " ".join(f"{k[5:]}={v:.4f}" for k, v in result.items() if k.startswith("eval/"))))
     if r.cfg.SAVE_BEST:
         keep_best(r, state, result)
     return result
@@ -3508,46 +4017,53 @@ def keep_best(r: Run, state: RunState, result: dict) -> None:
     is the starting model. Every process takes the same decision (the evaluation is gathered)."""
     cfg, name = r.cfg, r.cfg.SAVE_BEST
     if name not in result:
-        raise UserError(f"SAVE_BEST {name!r}: this run's evaluation does not log it (maj@k needs a math reward); it logs: "
-                        f"{', '.join(k for k in result if k.startswith('eval/'))}")
+        raise runtime.UserError(
+            f"SAVE_BEST {name!r}: this run's evaluation does not log it (maj@k needs a math reward); it logs: "
+            f"{', '.join(k for k in result if k.startswith('eval/'))}"
+        )
     value = result[name]
     if value != value:  # the metric failed this time (its warning was printed): nothing to compare
         return
     best = state.best
     if best is None or (value > best.value if cfg.SAVE_BEST_MODE == "max" else value < best.value):
-        save_best(r.out_dir, r.trainer, cfg, state.step, value)
+        outputs.save_best(r.out_dir, r.trainer, cfg, state.step, value)
         state.best = Best(step=state.step, value=value)
 
 
 # ==================================================================================================
 # 6. run and main: start-up, --check, finish, the command line
 # ==================================================================================================
-def show_data_example(cfg: Config, ex: Example, data_format: str, paths: ModelPaths, file: str = "TRAIN_FILE",
-                      side: str = "") -> None:
+def show_data_example(
+    cfg: Config, ex: Example, data_format: str, paths: runtime.ModelPaths, file: str = "TRAIN_FILE", side: str = ""
+) -> None:
     """--check: the data format used and one example exactly as training will render it, with the tokenizer the run
     will use: the model's, or, for a .gguf not converted yet, read from the .gguf itself (seconds, where converting
     takes the whole model). Without any tokenizer it says so instead of showing another template."""
     how = f"auto-detected from the columns {sorted(ex.item)[:8]}" if cfg.DATA_FORMAT == "auto" else "set in the config"
-    say(f"data: DATA_FORMAT {data_format} ({how})")
-    tokenizer, why_not = check_tokenizer(cfg, paths)
+    runtime.say(f"data: DATA_FORMAT {data_format} ({how})")
+    tokenizer, why_not = runtime.check_tokenizer(cfg, paths)
     if tokenizer is not None:
         prompt = format_prompt(ex, cfg.SELECT_OUTPUT, resolve_prompt_format(cfg, tokenizer), tokenizer)
     elif ex.raw_prompt is not None or (cfg.PROMPT_FORMAT == "sketch" and ex.messages is None):
         prompt = format_prompt(ex, cfg.SELECT_OUTPUT, "sketch", None)  # no tokenizer involved: exact
     else:
         shown_ = json.dumps(ex.messages, ensure_ascii=False) if ex.messages is not None else chat_user_text(ex.item, cfg.SELECT_OUTPUT)
-        prompt = (f"(the exact prompt cannot be shown: {why_not}; the run renders this with MODEL's chat template, or the "
-                  f"sketch template if it has none)\n{shown_}")
+        prompt = (
+            f"(the exact prompt cannot be shown: {why_not}; the run renders this with MODEL's chat template, or the "
+            f"sketch template if it has none)\n{shown_}"
+        )
     extra = f" (+ {len(ex.turns)} earlier assistant turn(s) for SFT_ALL_TURNS)" if ex.turns and cfg.SFT_ALL_TURNS else ""
     if cfg.ENVIRONMENT and ex.opening is not None:
         extra = f" (SFT trains on its {len(ex.turns) + 1} assistant turns; RL rollouts start before the first)"
     response = ex.target or "(none: a prompt for RL, scored from its row)"
-    say(f"example ({file} row {ex.index}{side}){extra}:\n--- prompt ---\n{prompt}\n--- response ---\n{response}\n---")
+    runtime.say(f"example ({file} row {ex.index}{side}){extra}:\n--- prompt ---\n{prompt}\n--- response ---\n{response}\n---")
     if cfg.ENVIRONMENT:
         fmt = environments_format(cfg)
-        say(f"environment: {cfg.ENVIRONMENT['type']}; the model acts by writing {fmt.open}...{fmt.close} (ACTION_FORMAT "
+        runtime.say(
+            f"environment: {cfg.ENVIRONMENT['type']}; the model acts by writing {fmt.open}...{fmt.close} (ACTION_FORMAT "
             f"{cfg.ACTION_FORMAT if isinstance(cfg.ACTION_FORMAT, str) else 'custom'}); up to {cfg.MAX_TURNS} turns, "
-            f"{cfg.MAX_NEW_TOKENS} model tokens per trajectory")
+            f"{cfg.MAX_NEW_TOKENS} model tokens per trajectory"
+        )
 
 
 def environments_format(cfg: Config):
@@ -3563,24 +4079,34 @@ def needs_reward(cfg: Config) -> bool:
 
 
 def load_eval_examples(cfg: Config) -> list[Example]:
-    return load_data(cfg, "EVAL_FILE")[0][:cfg.EVAL_SAMPLES] if cfg.EVAL_FILE else []
+    return load_data(cfg, "EVAL_FILE")[0][: cfg.EVAL_SAMPLES] if cfg.EVAL_FILE else []
 
 
 def resumed_facts(cfg: Config, checkpoint: Path) -> tuple[int, Optional[bool]]:
     """-> (the seed the run started with: data order and sampling depend on it, its bf16 choice when BF16 is
     "auto": kept whatever a probe would say now, else None). Other changed keys get a warning."""
-    saved = checkpoint_state(checkpoint)["config"]
+    saved = outputs.checkpoint_state(checkpoint)["config"]
     bf16 = saved["BF16"] if cfg.BF16 == "auto" and isinstance(saved.get("BF16"), bool) else None
     mine = {**cfg.resolved(), "SEED": saved["SEED"] if cfg.SEED is None else cfg.SEED, "BF16": cfg.BF16 if bf16 is None else bf16}
-    changed = [k for k, v in mine.items()
-               if k not in ("RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "KEEP_CHECKPOINTS_AT_END") and saved.get(k, v) != v]
+    changed = [
+        k
+        for k, v in mine.items()
+        if k not in ("RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "KEEP_CHECKPOINTS_AT_END") and saved.get(k, v) != v
+    ]
     if changed:
-        warn(f"resuming {checkpoint} with changed keys {changed}: the result will differ from an uninterrupted run")
+        runtime.warn(f"resuming {checkpoint} with changed keys {changed}: the result will differ from an uninterrupted run")
     return saved["SEED"], bf16
 
 
-def build_reward(cfg: Config, device, ref_lm=None, tokenizer=None, spec: Optional[dict] = None, sample: Optional[Example] = None,
-                 rows: Optional[list] = None):
+def build_reward(
+    cfg: Config,
+    device,
+    ref_lm=None,
+    tokenizer=None,
+    spec: Optional[dict] = None,
+    sample: Optional[Example] = None,
+    rows: Optional[list] = None,
+):
     """rewards.make_reward for REWARD (or `spec`), with what rewards need from the trainer in its context: the
     reference model (perplexity "reference"), the trainer's model locator and loader (aliases, .gguf), the
     TRUST_REMOTE_CODE opt-in, one training item for the trial call of a "python" reward, the tokenizer (overlong),
@@ -3588,17 +4114,25 @@ def build_reward(cfg: Config, device, ref_lm=None, tokenizer=None, spec: Optiona
     import rewards
 
     def load_causal_lm(path: Path, device):  # rewards' plain loader, after converting a .gguf once
-        return rewards.plain_causal_lm(gguf_to_safetensors(path, cache_root(cfg)) if path.suffix == ".gguf" else path, device)
+        return rewards.plain_causal_lm(
+            runtime.gguf_to_safetensors(path, runtime.cache_root(cfg)) if path.suffix == ".gguf" else path, device
+        )
 
-    context = dict(locate_model=lambda name: locate_model(name, key="model"), load_causal_lm=load_causal_lm,
-                   trust_remote_code=cfg.TRUST_REMOTE_CODE,
-                   sample=(sample.target, sample.target, sample.prompt, sample.item) if sample else None,
-                   tokenizer=tokenizer, rows=rows or [], say=say)
+    context = dict(
+        locate_model=lambda name: runtime.locate_model(name, key="model"),
+        load_causal_lm=load_causal_lm,
+        trust_remote_code=cfg.TRUST_REMOTE_CODE,
+        sample=(sample.target, sample.target, sample.prompt, sample.item) if sample else None,
+        tokenizer=tokenizer,
+        rows=rows or [],
+        say=runtime.say,
+    )
     try:
-        return rewards.make_reward(spec or cfg.REWARD, device=device, reference=(ref_lm, tokenizer) if ref_lm is not None else None,
-                                   **context)
+        return rewards.make_reward(
+            spec or cfg.REWARD, device=device, reference=(ref_lm, tokenizer) if ref_lm is not None else None, **context
+        )
     except rewards.RewardSpecError as e:
-        raise UserError(f"REWARD: {e}") from None
+        raise runtime.UserError(f"REWARD: {e}") from None
 
 
 def build_environment(cfg: Config):
@@ -3609,35 +4143,41 @@ def build_environment(cfg: Config):
     import environments
 
     try:
-        env_type = environments.make_environment(cfg.ENVIRONMENT, trust_remote_code=cfg.TRUST_REMOTE_CODE, say=say)
+        env_type = environments.make_environment(cfg.ENVIRONMENT, trust_remote_code=cfg.TRUST_REMOTE_CODE, say=runtime.say)
     except environments.EnvSpecError as e:
-        raise UserError(str(e) if str(e).startswith("ENVIRONMENT") else f"ENVIRONMENT: {e}") from None
+        raise runtime.UserError(str(e) if str(e).startswith("ENVIRONMENT") else f"ENVIRONMENT: {e}") from None
     if cfg.ACTION_FORMAT == "tool_call" and env_type.tool_schema is None:
-        raise UserError(f"ACTION_FORMAT \"tool_call\" calls the environment's tool by its schema, and ENVIRONMENT "
-                        f"{cfg.ENVIRONMENT['type']!r} declares none (tool_schema): use a text format with it")
+        raise runtime.UserError(
+            f'ACTION_FORMAT "tool_call" calls the environment\'s tool by its schema, and ENVIRONMENT '
+            f"{cfg.ENVIRONMENT['type']!r} declares none (tool_schema): use a text format with it"
+        )
     return env_type
 
 
-def check_teacher(cfg: Config, paths: ModelPaths, examples: list[Example]) -> None:
+def check_teacher(cfg: Config, paths: runtime.ModelPaths, examples: list[Example]) -> None:
     """Before any weights load: the teacher exists (the one resolver), shares the student's vocabulary (compared on
     their tokenizers), and for "self" every row has the reference response TEACHER_CONTEXT shows."""
     if cfg.TEACHER_MODEL == "self":
         missing = [e.index for e in examples if not e.target.strip()]
         if missing and "{target}" in cfg.TEACHER_CONTEXT:
-            raise UserError(f"TEACHER_MODEL \"self\" shows the teacher each row's reference response (TEACHER_CONTEXT's "
-                            f"{{target}}), and TRAIN_FILE rows {missing[:5]} have none")
+            raise runtime.UserError(
+                f"TEACHER_MODEL \"self\" shows the teacher each row's reference response (TEACHER_CONTEXT's "
+                f"{{target}}), and TRAIN_FILE rows {missing[:5]} have none"
+            )
         return
     if not cfg.TEACHER_MODEL:
         return
-    teacher_paths = resolve_model(cfg, "TEACHER_MODEL")
-    student, _ = check_tokenizer(cfg, paths)
-    teacher, why = check_tokenizer(cfg, teacher_paths)
+    teacher_paths = runtime.resolve_model(cfg, "TEACHER_MODEL")
+    student, _ = runtime.check_tokenizer(cfg, paths)
+    teacher, why = runtime.check_tokenizer(cfg, teacher_paths)
     if teacher is None:
-        raise UserError(f"TEACHER_MODEL {shown(cfg.TEACHER_MODEL)}: {why.replace('MODEL', 'TEACHER_MODEL', 1)}")
+        raise runtime.UserError(f"TEACHER_MODEL {runtime.shown(cfg.TEACHER_MODEL)}: {why.replace('MODEL', 'TEACHER_MODEL', 1)}")
     if student is not None and student.get_vocab() != teacher.get_vocab():
-        raise UserError(f"TEACHER_MODEL {shown(cfg.TEACHER_MODEL)} has another vocabulary than MODEL {shown(cfg.MODEL)} "
-                        f"({len(teacher)} vs {len(student)} tokens, or the same ids for other tokens): distillation compares "
-                        "their log-probs token by token, so they must share the tokenizer")
+        raise runtime.UserError(
+            f"TEACHER_MODEL {runtime.shown(cfg.TEACHER_MODEL)} has another vocabulary than MODEL {runtime.shown(cfg.MODEL)} "
+            f"({len(teacher)} vs {len(student)} tokens, or the same ids for other tokens): distillation compares "
+            "their log-probs token by token, so they must share the tokenizer"
+        )
 
 
 def check_environment_data(cfg: Config, examples: list[Example], fmt: str, tokenizer) -> None:
@@ -3646,8 +4186,10 @@ def check_environment_data(cfg: Config, examples: list[Example], fmt: str, token
     if not cfg.ENVIRONMENT:
         return
     if fmt != "chat" or any(e.raw_prompt is not None for e in examples):
-        raise UserError("ENVIRONMENT needs chat prompts (its observations are turns of the conversation): a model with a "
-                        "chat template, PROMPT_FORMAT \"chat\" or \"auto\", and no plain-text prompts in TRAIN_FILE")
+        raise runtime.UserError(
+            "ENVIRONMENT needs chat prompts (its observations are turns of the conversation): a model with a "
+            'chat template, PROMPT_FORMAT "chat" or "auto", and no plain-text prompts in TRAIN_FILE'
+        )
     template_suffix(tokenizer, {"role": cfg.OBSERVATION_ROLE, "content": "1"})
 
 
@@ -3655,7 +4197,7 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
     """Validate everything cheap first (no weights), then plan, load, train, save. `reward` overrides REWARD.
     Under torchrun / accelerate launch every process runs this; the main one writes and prints."""
     try:
-        with start_up_without_gc():
+        with runtime.start_up_without_gc():
             started = start_run(cfg, check, reward)
         return 0 if started is None else train_and_finish(*started)
     finally:
@@ -3664,42 +4206,43 @@ def run(cfg: Config, check: bool = False, reward=None) -> int:
 
 def start_run(cfg: Config, check: bool, reward) -> Optional[tuple[Run, RunState]]:
     """run()'s start-up: checks, plan, model, trainer -> (the Run, its RunState); None once --check has reported."""
-    procs = use_processes(Processes.from_env())  # the launch, read once
-    defer_scikit_learn()  # before transformers' model code is first imported
+    procs = runtime.use_processes(runtime.Processes.from_env())  # the launch, read once
+    runtime.defer_scikit_learn()  # before transformers' model code is first imported
     examples, data_format = load_data(cfg, "TRAIN_FILE")
     check_prompt_rows(cfg, examples)
     sft = load_data(cfg, "SFT_FILE") if sft_file_feeds_sft(cfg) else None  # None: TRAIN_FILE feeds both sides
     eval_examples = load_eval_examples(cfg)
     check_category_field(cfg, {"TRAIN_FILE": examples, "EVAL_FILE": eval_examples})
-    paths = resolve_model(cfg)  # reads no weights; a missing adapter base is an error here
+    paths = runtime.resolve_model(cfg)  # reads no weights; a missing adapter base is an error here
     check_launch(cfg, procs.world)
     environment = build_environment(cfg)
     check_teacher(cfg, paths, examples)
-    out_dir = plan_output_dir(cfg)
-    resume_from = find_resume_point(cfg, out_dir)
-    if is_main():  # before any weights load
-        check_writable(out_dir, "OUTPUT_DIR")
+    out_dir = outputs.plan_output_dir(cfg)
+    resume_from = outputs.find_resume_point(cfg, out_dir)
+    if runtime.is_main():  # before any weights load
+        outputs.check_writable(out_dir, "OUTPUT_DIR")
         if paths.gguf and not paths.converted:
-            check_writable(cache_root(cfg), "CACHE_DIR")  # the conversion will be written there
+            outputs.check_writable(runtime.cache_root(cfg), "CACHE_DIR")  # the conversion will be written there
     if check:
         check_only(cfg, select_subset(examples, cfg, cfg.SEED or 0), eval_examples, data_format, paths, out_dir, resume_from, sft)
         return None
-    device = pick_device(cfg, procs)
-    init_processes(device, procs)
-    threads = set_threads(procs)
+    device = runtime.pick_device(cfg, procs)
+    runtime.init_processes(device, procs)
+    threads = runtime.set_threads(procs)
     if device.type == "cpu":
-        keep_freed_memory()
-    barrier()  # every process has planned the output dir before the main one creates it
-    r, state = start(cfg, examples, eval_examples, paths, out_dir, resume_from, device, reward, environment,
-                     sft[0] if sft else None)
+        runtime.keep_freed_memory()
+    runtime.barrier()  # every process has planned the output dir before the main one creates it
+    r, state = start(cfg, examples, eval_examples, paths, out_dir, resume_from, device, reward, environment, sft[0] if sft else None)
     sft_file = f" (+ {len(r.sft_examples)} SFT_FILE)" if r.sft_examples is not r.examples else ""
-    say(f"{cfg.MODE}: {len(r.examples)} items{sft_file}, prompt format {r.prompt_format}, device {device.type}"
+    runtime.say(
+        f"{cfg.MODE}: {len(r.examples)} items{sft_file}, prompt format {r.prompt_format}, device {device.type}"
         f"{', bf16' if r.plan.bf16 else ', fp16' if cfg.FP16 else ''}"
         f"{f', LoRA r={cfg.LORA_R}' if hasattr(r.trainer.policy.lm, 'peft_config') else ''}"
         f"{f' (adapter {r.plan.adapter})' if r.plan.adapter else ''}"
         f"{f', {r.plan.world_size} processes' + (' (FSDP)' if cfg.FSDP else '') if r.plan.world_size > 1 else ''}, "
         f"{sum(p.numel() for p in r.trainer.optim.params) if not cfg.FSDP else 'sharded'} trainable parameters, "
-        f"{threads}, output {out_dir}")
+        f"{threads}, output {out_dir}"
+    )
     return r, state
 
 
@@ -3707,54 +4250,88 @@ def train_and_finish(r: Run, state: RunState) -> int:
     """run()'s training: the loop, then the final model and report (a stop request: the checkpoint's exit code)."""
     if r.eval_examples and state.step == 0:
         log_eval(r, state)
-    with StopRequest() as stop:
+    with runtime.StopRequest() as stop:
         code = train_loop(r, state, stop)
     return code or finish(r, state)
 
 
-def check_only(cfg: Config, examples: list, eval_examples: list, data_format: str, paths: ModelPaths, out_dir: Path,
-               resume_from: Optional[Path], sft: Optional[tuple] = None) -> None:
+def check_only(
+    cfg: Config,
+    examples: list,
+    eval_examples: list,
+    data_format: str,
+    paths: runtime.ModelPaths,
+    out_dir: Path,
+    resume_from: Optional[Path],
+    sft: Optional[tuple] = None,
+) -> None:
     """--check: the resolved config, the data format and one example as the model will see it (with SFT_FILE: one of
     each side: sft is load_data's (examples, format)); no weights load."""
-    say(json.dumps(cfg.resolved(), indent=2))
+    runtime.say(json.dumps(cfg.resolved(), indent=2))
     if cfg.SEED is None:
-        say("SEED is null: a seed will be drawn when the run starts and recorded in OUTPUT_DIR/config.json")
+        runtime.say("SEED is null: a seed will be drawn when the run starts and recorded in OUTPUT_DIR/config.json")
     show_data_example(cfg, examples[0], data_format, paths, "TRAIN_FILE", ", the RL side" if sft else "")
     if sft:
         show_data_example(cfg, sft[0][0], sft[1], paths, "SFT_FILE", ", the SFT side")
-    counts = parameter_counts(cfg, paths)
+    counts = runtime.parameter_counts(cfg, paths)
     checkpoint, final = storage_estimate(cfg, counts, cfg.BF16 is True) if counts else (None, None)
-    free = free_bytes(out_dir)
-    say(f"disk: {storage_line(checkpoint, final)}; {human_bytes(free)} free in {out_dir}")
-    check_space(cfg, checkpoint, final, out_dir, free)
+    free = outputs.free_bytes(out_dir)
+    runtime.say(f"disk: {storage_line(checkpoint, final)}; {runtime.human_bytes(free)} free in {out_dir}")
+    runtime.check_space(cfg, checkpoint, final, out_dir, free)
     n_sft = len(sft[0]) if sft else None
-    say(f"ok: {len(examples)} training items{f' + {n_sft} SFT_FILE' if sft else ''}, {len(eval_examples)} eval items; "
+    runtime.say(
+        f"ok: {len(examples)} training items{f' + {n_sft} SFT_FILE' if sft else ''}, {len(eval_examples)} eval items; "
         f"{len(step_plan(cfg, len(examples), n_sft)) * cfg.EPOCHS} "
-        f"steps; output -> {out_dir}" + (f"; would resume from {resume_from}" if resume_from else ""))
+        f"steps; output -> {out_dir}" + (f"; would resume from {resume_from}" if resume_from else "")
+    )
 
 
-def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, out_dir: Path, resume_from: Optional[Path],
-          device: torch.device, reward=None, environment=None, sft_examples: Optional[list] = None) -> tuple[Run, RunState]:
+def start(
+    cfg: Config,
+    examples: list,
+    eval_examples: list,
+    paths: runtime.ModelPaths,
+    out_dir: Path,
+    resume_from: Optional[Path],
+    device: torch.device,
+    reward=None,
+    environment=None,
+    sft_examples: Optional[list] = None,
+) -> tuple[Run, RunState]:
     """The Plan (seed, precision, sizes), the model, the tokenized data, the reward and the trainer; the run's files;
     the checkpoint's state when resuming. sft_examples: SFT_FILE's (None: TRAIN_FILE's feed both sides)."""
     seed, bf16 = resumed_facts(cfg, resume_from) if resume_from is not None else (cfg.SEED, None)
     seed_drawn = seed is None
-    seed = on_main(draw_seed) if seed_drawn else seed  # a drawn seed: the main process's, everywhere
+    seed = runtime.on_main(draw_seed) if seed_drawn else seed  # a drawn seed: the main process's, everywhere
     examples = select_subset(examples, cfg, seed)
-    with main_first():  # the main process converts a .gguf into the shared cache first
-        prepare_weights(cfg, paths)
+    with runtime.main_first():  # the main process converts a .gguf into the shared cache first
+        runtime.prepare_weights(cfg, paths)
     precision = f"bf16 {'on' if bf16 else 'off'}: as when the run started (resumed)" if bf16 is not None else None
     if bf16 is None:
-        bf16, precision = on_main(resolve_bf16, cfg, device, paths)  # the main process's choice, everywhere
-    weight_first = on_main(resolve_weight_first, cfg, device, bf16, paths)  # a speed choice: the main process's
-    plan = make_plan(cfg, len(examples), world_size(), seed, seed_drawn, bf16, precision, str(paths.weights),
-                     str(paths.adapter) if paths.adapter else None, model_context(paths.config()), parameter_counts(cfg, paths),
-                     None if sft_examples is None else len(sft_examples), weight_first)
-    check_space(cfg, plan.checkpoint_bytes, plan.final_bytes, out_dir, on_main(free_bytes, out_dir))  # the main one writes
-    say(plan.precision)
-    say(plan.describe())
-    seed_everything(seed)
-    watch = Stopwatch.since_launch()  # the start-up line says where the seconds go
+        bf16, precision = runtime.on_main(runtime.resolve_bf16, cfg, device, paths)  # the main process's choice, everywhere
+    weight_first = runtime.on_main(runtime.resolve_weight_first, cfg, device, bf16, paths)  # a speed choice: the main process's
+    plan = make_plan(
+        cfg,
+        len(examples),
+        runtime.world_size(),
+        seed,
+        seed_drawn,
+        bf16,
+        precision,
+        str(paths.weights),
+        str(paths.adapter) if paths.adapter else None,
+        runtime.model_context(paths.config()),
+        runtime.parameter_counts(cfg, paths),
+        None if sft_examples is None else len(sft_examples),
+        weight_first,
+    )
+    runtime.check_space(
+        cfg, plan.checkpoint_bytes, plan.final_bytes, out_dir, runtime.on_main(outputs.free_bytes, out_dir)
+    )  # the main one writes
+    runtime.say(plan.precision)
+    runtime.say(plan.describe())
+    runtime.seed_everything(seed)
+    watch = runtime.Stopwatch.since_launch(IMPORTED_AT)  # the start-up line says where the seconds go
     policy, ref_lm, tokenizer = load_model(cfg, device, plan.bf16, paths)
     watch.lap("model")
     fmt = resolve_prompt_format(cfg, tokenizer)
@@ -3763,99 +4340,84 @@ def start(cfg: Config, examples: list, eval_examples: list, paths: ModelPaths, o
     sft_examples = examples if sft_examples is None else tokenize_examples(sft_examples, cfg, tokenizer, fmt, "SFT_FILE", plan.maxseq)
     eval_examples = tokenize_examples(eval_examples, cfg, tokenizer, fmt, "EVAL_FILE", plan.maxseq) if eval_examples else []
     if reward is None and needs_reward(cfg):
-        rows = [(f"{key} {path!r} row {e.index}", e.target, e.item) for key, path, part in
-                (("TRAIN_FILE", cfg.TRAIN_FILE, examples), ("EVAL_FILE", cfg.EVAL_FILE, eval_examples)) for e in part]
+        rows = [
+            (f"{key} {path!r} row {e.index}", e.target, e.item)
+            for key, path, part in (("TRAIN_FILE", cfg.TRAIN_FILE, examples), ("EVAL_FILE", cfg.EVAL_FILE, eval_examples))
+            for e in part
+        ]
         reward = build_reward(cfg, device, ref_lm, tokenizer, sample=examples[0], rows=rows)
     eval_metrics = {"reward": reward, **{k: build_reward(cfg, device, spec=v) for k, v in EVAL_METRICS.items()}} if eval_examples else {}
-    if cfg.MODE != "sft" and (off := sampling_is_off_policy(cfg)):
-        warn(f"sampling with {', '.join(off)} draws responses from a distribution other than the policy's, so the PPO "
-             "ratio and KL are off-policy; this is the known cause of 'KL divergence is starting to become negative' "
-             "(huggingface/trl#235, #351, #1857). Set TOP_P=1, REPETITION_PENALTY=1, NO_REPEAT_NGRAM_SIZE=0 for exact PPO.")
+    if cfg.MODE != "sft" and (off := runtime.sampling_is_off_policy(cfg)):
+        runtime.warn(
+            f"sampling with {', '.join(off)} draws responses from a distribution other than the policy's, so the PPO "
+            "ratio and KL are off-policy; this is the known cause of 'KL divergence is starting to become negative' "
+            "(huggingface/trl#235, #351, #1857). Set TOP_P=1, REPETITION_PENALTY=1, NO_REPEAT_NGRAM_SIZE=0 for exact PPO."
+        )
     watch.lap("data and rewards")
-    teacher = load_teacher(cfg, device, plan.bf16, ref_lm)
+    teacher = runtime.load_teacher(cfg, device, plan.bf16, ref_lm)
     if teacher is not None:
         watch.lap("teacher")
     trainer = HybridTrainer(cfg, policy, ref_lm, tokenizer, reward, device, plan=plan, environment=environment, teacher=teacher)
     watch.lap("trainer")
-    say(f"start-up: {watch.total():.1f} s ({watch})")
-    if is_main():
+    runtime.say(f"start-up: {watch.total():.1f} s ({watch})")
+    if runtime.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(resolved_config(cfg, plan), indent=2))
+        (out_dir / "config.json").write_text(json.dumps(outputs.resolved_config(cfg, plan), indent=2))
         (out_dir / "plan.json").write_text(json.dumps(dataclasses.asdict(plan), indent=2))
     state = RunState()
     if resume_from is not None:
-        saved = load_checkpoint(resume_from, device)
+        saved = outputs.load_checkpoint(resume_from, device)
         trainer.load_state_dict(saved, f"checkpoint {resume_from}")
         state = RunState.from_dict(saved["state"]["run"])
-        say(f"resuming from {resume_from} (step {state.step})")
-    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=state.step, cfg=cfg, config=resolved_config(cfg, plan))
+        runtime.say(f"resuming from {resume_from} (step {state.step})")
+    metrics = outputs.MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=state.step, cfg=cfg, config=outputs.resolved_config(cfg, plan))
     return Run(cfg, plan, trainer, examples, sft_examples, eval_examples, eval_metrics, out_dir, metrics, fmt), state
-
-
-class Stopwatch:
-    """Named phases' wall times, in order (the start-up and finish lines)."""
-
-    def __init__(self):
-        self.phases, self.last = [], time.perf_counter()
-
-    @classmethod
-    def since_launch(cls) -> "Stopwatch":
-        """Started with this process's first phases: the interpreter and the module's imports, then all up to now."""
-        import psutil
-
-        watch = cls()
-        watch.phases = [("interpreter and imports", IMPORTED_AT - psutil.Process().create_time()),
-                        ("checks and plan", time.time() - IMPORTED_AT)]
-        return watch
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.phases.append((name, now - self.last))
-        self.last = now
-
-    def total(self) -> float:
-        return sum(t for _, t in self.phases)
-
-    def __str__(self) -> str:
-        return ", ".join(f"{name} {t:.1f} s" for name, t in self.phases)
 
 
 def finish(r: Run, state: RunState) -> int:
     """After the last step: the final evaluation, report.md, the saved models; checkpoints go."""
     cfg, out_dir, table = r.cfg, r.out_dir, ""
-    watch = Stopwatch()
+    watch = runtime.Stopwatch()
     if r.eval_examples:
         if not (cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0):  # else the loop just evaluated this step
             log_eval(r, state)
         watch.lap("final evaluation")
-        if is_main():
-            with writing("report.md and its plots", out_dir, 1 << 20, "; the checkpoints are kept: free space and rerun the "
-                         "same command (it resumes from the newest one)"):
-                table = write_report(out_dir, r.metrics.read(), cfg, len(r.examples))
-            say(f"\n{table}\nreport: {out_dir / 'report.md'}")
+        if runtime.is_main():
+            with outputs.writing(
+                "report.md and its plots",
+                out_dir,
+                1 << 20,
+                "; the checkpoints are kept: free space and rerun the same command (it resumes from the newest one)",
+            ):
+                table = outputs.write_report(out_dir, r.metrics.read(), cfg, len(r.examples))
+            runtime.say(f"\n{table}\nreport: {out_dir / 'report.md'}")
         watch.lap("report")
     r.trainer.optim.release()  # the final save needs neither AdamW's state nor gradients (a checkpoint holds them)
     if r.trainer.device.type == "cpu":
-        return_freed_memory()  # what the steps kept (keep_freed_memory) back to the system, for the save's page cache
-    save_final(out_dir, r.trainer, cfg, model_card(cfg, len(r.examples), table))
+        runtime.return_freed_memory()  # what the steps kept (keep_freed_memory) back to the system, for the save's page cache
+    outputs.save_final(out_dir, r.trainer, cfg, outputs.model_card(cfg, len(r.examples), table))
     watch.lap("final model")
-    say(f"finish: {watch}")
+    runtime.say(f"finish: {watch}")
     r.metrics.close()
-    if is_main() and not cfg.KEEP_CHECKPOINTS_AT_END and (out_dir / "checkpoints").exists():
+    if runtime.is_main() and not cfg.KEEP_CHECKPOINTS_AT_END and (out_dir / "checkpoints").exists():
         shutil.rmtree(out_dir / "checkpoints")  # the run finished: the final model is saved, resume state is not needed
-    if is_main():  # only the main process walks OUTPUT_DIR: it alone renames and deletes in it (the others would race it)
-        say(f"done: {state.step} steps, {state.bad_total} skipped; metrics in {out_dir / 'metrics.jsonl'}; "
-            f"{out_dir} holds {disk_usage(out_dir)}")
-    barrier()
+    if runtime.is_main():  # only the main process walks OUTPUT_DIR: it alone renames and deletes in it (the others would race it)
+        runtime.say(
+            f"done: {state.step} steps, {state.bad_total} skipped; metrics in {out_dir / 'metrics.jsonl'}; "
+            f"{out_dir} holds {outputs.disk_usage(out_dir)}"
+        )
+    runtime.barrier()
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="hybrid_trainer.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="hybrid_trainer.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a causal LM with SFT, PPO or both interleaved, from one JSON config.",
         epilog="--check validates the config and the data files, prints the resolved config (every key, defaults "
-               "filled in) and exits 0 without loading model weights.\n\n" + config_help())
+        "filled in) and exits 0 without loading model weights.\n\n" + config_help(),
+    )
     parser.add_argument("config", help="path to the JSON config")
     parser.add_argument("--check", action="store_true", help="validate config and data, print the resolved config, exit")
     args = parser.parse_args(argv)
@@ -3864,45 +4426,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    use_processes(Processes.from_env())  # before the config loads: its errors are said once, by the main process
-    try:
-        code = run(load_config(args.config), check=args.check)
-    except UserError as e:  # mostly the same on every process (config, data, global decisions): the main one says it
-        if not is_main():
-            # Why a wait and not a handshake: most of these errors come before the processes have joined a group (the
-            # config, the data, the launch), so there is no channel to agree on who speaks, and after it a peer may be
-            # inside a collective that this process will never join. The launcher ends this process as soon as the
-            # main one exits with the same error; an error that only this process met is printed after the wait.
-            time.sleep(5)
-            print(f"error: process {rank()} of {world_size()}: {e}", file=sys.stderr, flush=True)
-        else:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 2
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: checkpoints already written stay
-        if is_main():
-            print("\ninterrupted", file=sys.stderr, flush=True)
-        code = 130
-    except Exception as e:
-        if world_size() == 1:
-            raise
-        peer_gone = isinstance(e, dist.DistError) or any(sign in str(e) for sign in (
-            "remote worker crashing", "Connection closed by peer", "Connection reset by peer"))
-        if not peer_gone:  # a peer that went away is not this process's story to tell: the peer tells it
-            import traceback
-
-            traceback.print_exc()
-            print(f"error: process {rank()} of {world_size()} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        code = 1
-    launched = world_size() > 1 and dist_ready()  # our process group (an in-process vLLM engine may have made one of its own)
-    if launched and code:  # the launcher ends the other processes when this one exits; waiting on them could hang
-        sys.stderr.flush()
-        os._exit(code)
-    for engine in list(OPEN_ENGINES):
-        engine.close()
-    if launched and dist_ready():
-        dist.destroy_process_group()
-    return code
+    runtime.use_processes(runtime.Processes.from_env())  # before the config loads: its errors are said once, by the main process
+    return runtime.run_command(lambda: run(load_config(args.config), check=args.check))
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    runtime.exit_now(main())

@@ -94,8 +94,10 @@ def writing(what: str, directory: Path, needed: int, then: str = ""):
     except Exception as e:
         if not is_disk_full(e, directory, needed):
             raise
-        raise DiskFull(f"the disk is full: writing {what} to {directory} needed about {human_bytes(needed)}, and "
-                       f"{human_bytes(free)} was free there{then}") from None
+        raise DiskFull(
+            f"the disk is full: writing {what} to {directory} needed about {human_bytes(needed)}, and "
+            f"{human_bytes(free)} was free there{then}"
+        ) from None
 
 
 def all_or_none(failure: Optional[str]) -> None:
@@ -112,7 +114,7 @@ def disk_usage(path: Path) -> str:
 
     def size(p: Path) -> int:
         total = 0
-        for f in ([p] if p.is_file() else sorted(p.rglob("*"))):
+        for f in [p] if p.is_file() else sorted(p.rglob("*")):
             st = f.stat() if f.is_file() and not f.is_symlink() else None
             if st is not None and (st.st_dev, st.st_ino) not in seen:
                 seen.add((st.st_dev, st.st_ino))
@@ -185,8 +187,10 @@ def resolved_config(cfg, plan) -> dict:
 # ==================================================================================================
 MANIFEST = "manifest.json"
 
+
 class CheckpointFile(NamedTuple):
     """One file of checkpoints/step-N/: which part of the checkpoint it holds and how it is written."""
+
     key: str  # the part: a key of HybridTrainer.state_dict(), or "state" (the trainer's scalars + the loop's RunState)
     name: str  # the file's name; "{rank}" in it: one file per process
     kind: str  # "safetensors" (weights), "torch" (torch.save, read back with weights_only=True) or "json"
@@ -287,8 +291,10 @@ def find_resume_point(cfg, out_dir: Path) -> Optional[Path]:
             damaged.append(problem)
             warn(f"checkpoint {path.name} is damaged and is skipped: {problem}")
         if damaged:
-            raise UserError(f"no checkpoint in {out_dir / 'checkpoints'} can resume the run, each is damaged: {'; '.join(damaged)}. "
-                            "Set RESUME to a good copy of one, or RESUME false to start over in another OUTPUT_DIR")
+            raise UserError(
+                f"no checkpoint in {out_dir / 'checkpoints'} can resume the run, each is damaged: {'; '.join(damaged)}. "
+                "Set RESUME to a good copy of one, or RESUME false to start over in another OUTPUT_DIR"
+            )
         return None
     path = Path(cfg.RESUME).expanduser()
     if not (path / CHECKPOINT_STATE).is_file() and not (path / MANIFEST).is_file():
@@ -301,9 +307,13 @@ def find_resume_point(cfg, out_dir: Path) -> Optional[Path]:
 def rng_state(perm_generator: torch.Generator) -> dict:
     """Python's, numpy's, torch's (CPU and CUDA) random streams and the minibatch order's generator."""
     np_state = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "perm": perm_generator.get_state()}
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "perm": perm_generator.get_state(),
+    }
 
 
 def set_rng_state(state: dict, perm_generator: torch.Generator) -> None:
@@ -326,8 +336,9 @@ def load_into(module: nn.Module, state: dict, what: str) -> None:
 
     params = dict(module.named_parameters())
     if missing := [k for k in state if k not in params]:
-        raise UserError(f"{what} does not fit this model (unknown weights {missing[:3]}): was it written with other "
-                        "MODEL / LORA_* settings?")
+        raise UserError(
+            f"{what} does not fit this model (unknown weights {missing[:3]}): was it written with other MODEL / LORA_* settings?"
+        )
     with torch.no_grad():
         for name, value in state.items():
             p = params[name]
@@ -368,12 +379,17 @@ def save_checkpoint(out_dir: Path, checkpoint: dict, step: int, keep: int) -> Pa
     root = out_dir / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     previous = latest_checkpoint(out_dir)
-    then = (f"; the partial checkpoint was removed and {f'the previous one, {previous},' if previous else 'no earlier checkpoint'} "
-            "is intact. Free space (or lower KEEP_CHECKPOINTS), then rerun the same command: RESUME \"auto\" continues "
-            "from the newest good checkpoint")
+    then = (
+        f"; the partial checkpoint was removed and {f'the previous one, {previous},' if previous else 'no earlier checkpoint'} "
+        'is intact. Free space (or lower KEEP_CHECKPOINTS), then rerun the same command: RESUME "auto" continues '
+        "from the newest good checkpoint"
+    )
     needed = sum(tensor_bytes(part) for key, part in checkpoint.items() if key != "state")
-    writers = {"safetensors": lambda part, path: save_file(part, str(path)), "torch": lambda part, path: torch.save(part, path),
-               "json": lambda part, path: path.write_text(json.dumps(part, indent=1))}
+    writers = {
+        "safetensors": lambda part, path: save_file(part, str(path)),
+        "torch": lambda part, path: torch.save(part, path),
+        "json": lambda part, path: path.write_text(json.dumps(part, indent=1)),
+    }
 
     def attempt(write: Callable, main_only: bool = True) -> None:
         """One part of the checkpoint; every process learns whether any failed (a full disk), and then the partial
@@ -420,8 +436,11 @@ def load_checkpoint(path: Path, device: torch.device) -> dict:
     random streams (a checkpoint written by fewer processes: the main one's)."""
     from safetensors.torch import load_file
 
-    readers = {"safetensors": lambda file, f: load_file(str(file)), "json": lambda file, f: json.loads(file.read_text()),
-               "torch": lambda file, f: torch.load(file, weights_only=True, map_location=device if f.on_device else None)}
+    readers = {
+        "safetensors": lambda file, f: load_file(str(file)),
+        "json": lambda file, f: json.loads(file.read_text()),
+        "torch": lambda file, f: torch.load(file, weights_only=True, map_location=device if f.on_device else None),
+    }
     parts = {}
     for f in CHECKPOINT:
         file = path / f.name.format(rank=rank())
@@ -445,9 +464,11 @@ def save_final(out_dir: Path, trainer, cfg, card: str = "") -> None:
         return
     tok = trainer.tokenizer
     latest = latest_checkpoint(out_dir)
-    then = ("; the partial copies were removed. " + (f"The newest checkpoint, {latest}, is kept: free space and rerun the "
-            "same command to resume from it and save" if latest else "There is no checkpoint (SAVE_EVERY 0): the run's "
-            "weights are lost; free space (the estimate is in plan.json) and run again"))
+    then = "; the partial copies were removed. " + (
+        f"The newest checkpoint, {latest}, is kept: free space and rerun the same command to resume from it and save"
+        if latest
+        else "There is no checkpoint (SAVE_EVERY 0): the run's weights are lost; free space (the estimate is in plan.json) and run again"
+    )
     try:
         with writing("the final model (inference_lm, ppo_full)", out_dir, trainer.plan.final_bytes or tensor_bytes(v_head), then):
             write_final(out_dir, trainer, cfg, lm, tok, lora, state, v_head, card)
@@ -490,9 +511,14 @@ def save_best(out_dir: Path, trainer, cfg, step: int, value: float) -> None:
             (tmp / "best.json").write_text(json.dumps(meta, indent=1))
 
         try:
-            with writing("the best model (best/)", out_dir, trainer.plan.final_bytes or 0, "; the partial copy was removed "
-                         "and best/ holds the previous best. Free space, then rerun the same command (it resumes from the "
-                         "newest checkpoint)"):
+            with writing(
+                "the best model (best/)",
+                out_dir,
+                trainer.plan.final_bytes or 0,
+                "; the partial copy was removed "
+                "and best/ holds the previous best. Free space, then rerun the same command (it resumes from the "
+                "newest checkpoint)",
+            ):
                 write_dir(out_dir / "best", write)
         except DiskFull as e:
             shutil.rmtree(out_dir / ".tmp-best", ignore_errors=True)
@@ -501,8 +527,7 @@ def save_best(out_dir: Path, trainer, cfg, step: int, value: float) -> None:
     say(f"best {cfg.SAVE_BEST} so far: {value:.4f} at step {step} -> {out_dir / 'best'}")
 
 
-def write_final(out_dir: Path, trainer, cfg, lm, tok, lora: bool, state: Optional[dict], v_head: dict,
-                card: str) -> None:
+def write_final(out_dir: Path, trainer, cfg, lm, tok, lora: bool, state: Optional[dict], v_head: dict, card: str) -> None:
     """save_final's writes, on the main process."""
     from safetensors.torch import save_file
 
@@ -514,8 +539,14 @@ def write_final(out_dir: Path, trainer, cfg, lm, tok, lora: bool, state: Optiona
         lm.save_pretrained(full, selected_adapters=["default"])
         lm = lm.merge_and_unload(adapter_names=["default"])  # plain model: base weights + the trained update
         clear_gguf_flag(lm)
-    write_dir(out_dir / "inference_lm", lambda tmp: (lm.save_pretrained(tmp, state_dict=state), tok.save_pretrained(tmp),
-                                                     (tmp / "README.md").write_text(card) if card else None))
+    write_dir(
+        out_dir / "inference_lm",
+        lambda tmp: (
+            lm.save_pretrained(tmp, state_dict=state),
+            tok.save_pretrained(tmp),
+            (tmp / "README.md").write_text(card) if card else None,
+        ),
+    )
     if not lora:  # the same weights: linked, not copied
         lm.config.save_pretrained(full)
         for weights in (out_dir / "inference_lm").glob("model*.safetensors*"):
@@ -572,8 +603,7 @@ class MetricsLog:
     TensorBoard purges them (purge_step); the others continue the same run (its id kept in OUTPUT_DIR/trackers.json)
     and are not sent again the steps they already hold: the resumed run repeats them exactly."""
 
-    def __init__(self, path: Path, keep_up_to_step: Optional[int] = None, cfg=None,
-                 config: Optional[dict] = None):
+    def __init__(self, path: Path, keep_up_to_step: Optional[int] = None, cfg=None, config: Optional[dict] = None):
         self.path, self.trackers, self.sent_up_to = path, [], -1  # the last step the trackers got before a resume
         if not is_main():  # one metrics.jsonl per run: the main process writes it
             self.file = open(os.devnull, "w")
@@ -589,8 +619,11 @@ class MetricsLog:
     def log(self, record: dict) -> None:
         line = json.dumps(record) + "\n"
         latest = latest_checkpoint(self.path.parent)
-        then = (f"; the run stops here. Its newest checkpoint, {latest}, is intact: free space and rerun the same command to "
-                "resume" if latest else "; the run stops here, and it has no checkpoint (SAVE_EVERY 0): free space and run again")
+        then = (
+            f"; the run stops here. Its newest checkpoint, {latest}, is intact: free space and rerun the same command to resume"
+            if latest
+            else "; the run stops here, and it has no checkpoint (SAVE_EVERY 0): free space and run again"
+        )
         try:
             with writing("a line of metrics.jsonl", self.path.parent, len(line), then):
                 self.file.write(line)
@@ -654,8 +687,16 @@ def start_wandb(cfg, out: Path, run: str, tags: list, resume_step: int, ids: dic
     os.environ.setdefault("WANDB_SILENT", "true")
     mode = None if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY") else "offline"
     ids.setdefault("wandb", secrets.token_hex(4))  # a run id of our own, kept for resume
-    return WandBTracker(os.environ.get("WANDB_PROJECT", "hybrid_trainer"), name=run, id=ids["wandb"], resume="allow", tags=tags,
-                        dir=str(out), mode=mode, settings=wandb.Settings(console="off", quiet=True))
+    return WandBTracker(
+        os.environ.get("WANDB_PROJECT", "hybrid_trainer"),
+        name=run,
+        id=ids["wandb"],
+        resume="allow",
+        tags=tags,
+        dir=str(out),
+        mode=mode,
+        settings=wandb.Settings(console="off", quiet=True),
+    )
 
 
 def start_mlflow(cfg, out: Path, run: str, tags: list, resume_step: int, ids: dict):
@@ -669,8 +710,13 @@ def start_mlflow(cfg, out: Path, run: str, tags: list, resume_step: int, ids: di
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its database set-up notes
     if not os.environ.get("MLFLOW_TRACKING_URI"):  # (its plain-file store is retired: MLflow asks for a database)
         mlflow.set_tracking_uri(f"sqlite:///{(out / 'mlflow.db').resolve()}")
-    tracker = MLflowTracker(experiment_name="hybrid_trainer", logging_dir=str((out / "mlflow-artifacts").resolve()), run_name=run,
-                            run_id=ids.get("mlflow"), tags={t: "true" for t in tags})
+    tracker = MLflowTracker(
+        experiment_name="hybrid_trainer",
+        logging_dir=str((out / "mlflow-artifacts").resolve()),
+        run_name=run,
+        run_id=ids.get("mlflow"),
+        tags={t: "true" for t in tags},
+    )
     tracker.on_start = lambda: ids.update(mlflow=tracker.active_run.info.run_id)
     return tracker
 
@@ -682,8 +728,10 @@ def start_trackio(cfg, out: Path, run: str, tags: list, resume_step: int, ids: d
     """trackio: a local directory, OUTPUT_DIR/trackio unless TRACKIO_DIR is set (trackio show to browse it)"""
     wanted = USER_TRACKIO_DIR or str((out / "trackio").resolve())
     if "trackio" in sys.modules and str(sys.modules["trackio"].TRACKIO_DIR) != wanted:
-        warn(f"trackio writes to {sys.modules['trackio'].TRACKIO_DIR}, not {wanted}: it fixes its directory when this process "
-             "first imported it (an earlier run in the same Python process)")
+        warn(
+            f"trackio writes to {sys.modules['trackio'].TRACKIO_DIR}, not {wanted}: it fixes its directory when this process "
+            "first imported it (an earlier run in the same Python process)"
+        )
     os.environ["TRACKIO_DIR"] = wanted
     from accelerate.tracking import TrackioTracker
 
@@ -703,13 +751,16 @@ def trackio_table(tracker, samples: list[dict], step: int) -> None:
 def mlflow_table(tracker, samples: list[dict], step: int) -> None:
     import mlflow
 
-    mlflow.log_table({c: [row[i] for row in sample_rows(samples)] for i, c in enumerate(SAMPLE_COLUMNS)},
-                     artifact_file=f"eval_samples/step_{step:06d}.json")
+    mlflow.log_table(
+        {c: [row[i] for row in sample_rows(samples)] for i, c in enumerate(SAMPLE_COLUMNS)},
+        artifact_file=f"eval_samples/step_{step:06d}.json",
+    )
 
 
 def tensorboard_table(tracker, samples: list[dict], step: int) -> None:
     rows = ["| prompt | reference | response | reward |", "|---|---|---|---|"] + [
-        "| " + " | ".join(str(x).replace("|", "/").replace("\n", " ")[:200] for x in row) + " |" for row in sample_rows(samples)]
+        "| " + " | ".join(str(x).replace("|", "/").replace("\n", " ")[:200] for x in row) + " |" for row in sample_rows(samples)
+    ]
     tracker.writer.add_text("eval/samples", "\n".join(rows), step)
     tracker.writer.flush()
 
@@ -770,42 +821,58 @@ def write_report(out_dir: Path, records: list[dict], cfg=None, n_train: Optional
     first, last = evals[0], evals[-1]
     names = [k for k in first if k.startswith("eval/")]
     cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")[:160]  # noqa: E731
-    table = "\n".join([f"| metric | before (step {first['step']}) | after (step {last['step']}) | change |", "|---|---|---|---|"] +
-                       [f"| {k[5:]} | {first[k]:.4f} | {last[k]:.4f} | {last[k] - first[k]:+.4f} |" for k in names])
+    table = "\n".join(
+        [f"| metric | before (step {first['step']}) | after (step {last['step']}) | change |", "|---|---|---|---|"]
+        + [f"| {k[5:]} | {first[k]:.4f} | {last[k]:.4f} | {last[k] - first[k]:+.4f} |" for k in names]
+    )
     steps = [r for r in records if r.get("phase") in ("sft", "ppo")]
     n_sft, n_ppo = sum(r["phase"] == "sft" for r in steps), sum(r["phase"] == "ppo" for r in steps)
     parts = ["# Training report\n"]
     if cfg is not None:
-        parts.append(f"**What was trained.** `MODE` {cfg.MODE} on `{cfg.MODEL}`" + (f" with LoRA r={cfg.LORA_R}" if cfg.LORA_R else "") +
-                     f": {n_sft} SFT steps and {n_ppo} PPO updates over {n_train} training items of `{cfg.TRAIN_FILE}`"
-                     f" ({cfg.EPOCHS} epoch(s)); reward `{json.dumps(cfg.REWARD)}`. Before training (step {first['step']}) and after "
-                     f"(step {last['step']}) the model answered the {len(last['samples'])} held-out prompts of `{cfg.EVAL_FILE}` "
-                     "greedily.\n")
-    parts += ["## Evaluation before and after\n",
-              "Each row is a mean over the held-out items: `reward` is the configured reward, `bleu` and `rougeL` compare the "
-              "response with the reference (0 to 1), `exact_match` counts responses equal to the reference after normalising "
-              "case and punctuation, and `contains_reference` counts responses that contain the reference anywhere. A rise in "
-              "`exact_match` with a flat or falling `contains_reference` means the model learnt the answer format rather "
-              "than more answers; a fall in `contains_reference` means it forgot some.\n", table + "\n"]
+        parts.append(
+            f"**What was trained.** `MODE` {cfg.MODE} on `{cfg.MODEL}`"
+            + (f" with LoRA r={cfg.LORA_R}" if cfg.LORA_R else "")
+            + f": {n_sft} SFT steps and {n_ppo} PPO updates over {n_train} training items of `{cfg.TRAIN_FILE}`"
+            f" ({cfg.EPOCHS} epoch(s)); reward `{json.dumps(cfg.REWARD)}`. Before training (step {first['step']}) and after "
+            f"(step {last['step']}) the model answered the {len(last['samples'])} held-out prompts of `{cfg.EVAL_FILE}` "
+            "greedily.\n"
+        )
+    parts += [
+        "## Evaluation before and after\n",
+        "Each row is a mean over the held-out items: `reward` is the configured reward, `bleu` and `rougeL` compare the "
+        "response with the reference (0 to 1), `exact_match` counts responses equal to the reference after normalising "
+        "case and punctuation, and `contains_reference` counts responses that contain the reference anywhere. A rise in "
+        "`exact_match` with a flat or falling `contains_reference` means the model learnt the answer format rather "
+        "than more answers; a fall in `contains_reference` means it forgot some.\n",
+        table + "\n",
+    ]
     if (out_dir / "best" / "best.json").is_file():
         best = json.loads((out_dir / "best" / "best.json").read_text())
-        parts.append(f"**Best model** (`SAVE_BEST` `{best['metric']}`, {best['mode']}): {best['value']:.4f} at step "
-                     f"{best['step']}, in `best/` (the final model, step {last['step']}, is in `inference_lm/`).\n")
+        parts.append(
+            f"**Best model** (`SAVE_BEST` `{best['metric']}`, {best['mode']}): {best['value']:.4f} at step "
+            f"{best['step']}, in `best/` (the final model, step {last['step']}, is in `inference_lm/`).\n"
+        )
     before, after = first["samples"], last["samples"]
     categories = sorted({s.get("category") for s in after if s.get("category") is not None})
     if categories:
-        parts += ["## By category\n", "The same evaluation grouped by the items' category (`CATEGORY_FIELD`): the mean reward, "
-                  "and how many responses contain the reference (with several samples per item: summed over items of each "
-                  "one's share of samples). A category whose count falls is knowledge the model lost.\n",
-                  category_table(before, after, categories) + "\n"]
+        parts += [
+            "## By category\n",
+            "The same evaluation grouped by the items' category (`CATEGORY_FIELD`): the mean reward, "
+            "and how many responses contain the reference (with several samples per item: summed over items of each "
+            "one's share of samples). A category whose count falls is knowledge the model lost.\n",
+            category_table(before, after, categories) + "\n",
+        ]
     completions, shown_first = sample_completions(before, after, cell)
     parts += completions
     if "trajectory" in after[0]:
         i = shown_first
-        parts += ["## One whole trajectory\n", f"Held-out item {i} ({cell(before[i]['prompt'])}), every turn after the prompt: "
-                  "the model's, and the environment's observations.\n",
-                  f"Before (reward {number(before[i]['reward'])}):\n\n```\n{before[i]['trajectory']}\n```\n",
-                  f"After (reward {number(after[i]['reward'])}):\n\n```\n{after[i]['trajectory']}\n```\n"]
+        parts += [
+            "## One whole trajectory\n",
+            f"Held-out item {i} ({cell(before[i]['prompt'])}), every turn after the prompt: "
+            "the model's, and the environment's observations.\n",
+            f"Before (reward {number(before[i]['reward'])}):\n\n```\n{before[i]['trajectory']}\n```\n",
+            f"After (reward {number(after[i]['reward'])}):\n\n```\n{after[i]['trajectory']}\n```\n",
+        ]
     plots = plot_metrics(out_dir, records)
     if plots:
         parts.append("## Curves\n")
@@ -821,16 +888,22 @@ def sample_completions(before: list[dict], after: list[dict], cell: Callable) ->
     delta = [((a["reward"] or 0.0) - (b["reward"] or 0.0), i) for i, (b, a) in enumerate(zip(before, after))]
     improved = [i for d, i in sorted(delta, reverse=True) if d > 0][:3]
     worse = [i for d, i in sorted(delta) if d < 0][:3]
-    unchanged = [i for d, i in delta if d == 0][:max(0, 4 - len(improved) - len(worse))]
+    unchanged = [i for d, i in delta if d == 0][: max(0, 4 - len(improved) - len(worse))]
     samples = ["| change | prompt | target | before | after | reward before → after |", "|---|---|---|---|---|---|"]
     for label, picked in (("improved", improved), ("worse", worse), ("unchanged", unchanged)):
         for i in picked:
             b, a = before[i], after[i]
-            samples.append(f"| {label} | {cell(b['prompt'])} | {cell(b['target'])} | {cell(b['response'])} | {cell(a['response'])} | "
-                           f"{number(b['reward'])} → {number(a['reward'])} |")
-    parts = ["## Sample completions\n", "The held-out items whose reward improved most, then those that got worse most "
-             f"({len([d for d, _ in delta if d > 0])} improved, {len([d for d, _ in delta if d < 0])} got worse, the rest unchanged): "
-             "a headline gain can hide both.\n", "\n".join(samples) + "\n"]
+            samples.append(
+                f"| {label} | {cell(b['prompt'])} | {cell(b['target'])} | {cell(b['response'])} | {cell(a['response'])} | "
+                f"{number(b['reward'])} → {number(a['reward'])} |"
+            )
+    parts = [
+        "## Sample completions\n",
+        "The held-out items whose reward improved most, then those that got worse most "
+        f"({len([d for d, _ in delta if d > 0])} improved, {len([d for d, _ in delta if d < 0])} got worse, the rest unchanged): "
+        "a headline gain can hide both.\n",
+        "\n".join(samples) + "\n",
+    ]
     return parts, (improved + unchanged + worse + [0])[0]
 
 
@@ -848,8 +921,10 @@ def category_table(before: list[dict], after: list[dict], categories: list) -> s
     for c in categories:
         idx = [i for i, s in enumerate(after) if s.get("category") == c]
         reward_b, reward_a = (np.mean([xs[i]["reward"] or 0.0 for i in idx]) for xs in (before, after))
-        row = (f"| {c} | {len(idx)} | {reward_b:.3f} | {reward_a:.3f} | "
-               f"{sum(before[i]['contains'] for i in idx):g}/{len(idx)} | {sum(after[i]['contains'] for i in idx):g}/{len(idx)} |")
+        row = (
+            f"| {c} | {len(idx)} | {reward_b:.3f} | {reward_a:.3f} | "
+            f"{sum(before[i]['contains'] for i in idx):g}/{len(idx)} | {sum(after[i]['contains'] for i in idx):g}/{len(idx)} |"
+        )
         if sampled:
             row += "".join(f" {np.mean([measure(xs[i]) for i in idx]):.3f} |" for measure in measures for xs in (before, after))
         rows.append(row)
@@ -860,14 +935,38 @@ def model_card(cfg, n_train: int, table: str) -> str:
     """inference_lm/README.md in the Hugging Face model-card format: YAML header (base_model, library_name, tags),
     then what was trained on what, the key settings, the eval before/after table, and how to load it."""
     base = ALIAS_HUB_IDS.get(cfg.MODEL.lower(), cfg.MODEL)
-    method = {"sft": ["sft"], "ppo": [cfg.ADVANTAGE if cfg.ADVANTAGE != "gae" else "ppo"],
-              "hybrid": ["sft", cfg.ADVANTAGE if cfg.ADVANTAGE != "gae" else "ppo", f"hybrid-{cfg.HYBRID}"]}[cfg.MODE]
+    method = {
+        "sft": ["sft"],
+        "ppo": [cfg.ADVANTAGE if cfg.ADVANTAGE != "gae" else "ppo"],
+        "hybrid": ["sft", cfg.ADVANTAGE if cfg.ADVANTAGE != "gae" else "ppo", f"hybrid-{cfg.HYBRID}"],
+    }[cfg.MODE]
     tags = ["hybrid-trainer", "trl"] + method + (["lora"] if cfg.LORA_R else [])
-    keys = ["MODE", "ADVANTAGE", "NUM_GENERATIONS", "HYBRID", "SFT_LOSS", "LORA_R", "EPOCHS", "SFT_BATCH", "LR_SFT", "PPO_BATCH",
-            "PPO_EPOCHS", "LR_PPO", "INIT_KL_COEF", "KL_IN", "MAX_NEW_TOKENS", "TEMPERATURE", "SEED"]
+    keys = [
+        "MODE",
+        "ADVANTAGE",
+        "NUM_GENERATIONS",
+        "HYBRID",
+        "SFT_LOSS",
+        "LORA_R",
+        "EPOCHS",
+        "SFT_BATCH",
+        "LR_SFT",
+        "PPO_BATCH",
+        "PPO_EPOCHS",
+        "LR_PPO",
+        "INIT_KL_COEF",
+        "KL_IN",
+        "MAX_NEW_TOKENS",
+        "TEMPERATURE",
+        "SEED",
+    ]
     settings = "\n".join(f"| `{k}` | `{json.dumps(getattr(cfg, k))}` |" for k in keys)
-    evaluation = (f"## Evaluation\n\nGreedy responses to the held-out prompts of `{cfg.EVAL_FILE}` before and after "
-                  f"training (`reward` is the training reward):\n\n{table}\n" if table else "")
+    evaluation = (
+        f"## Evaluation\n\nGreedy responses to the held-out prompts of `{cfg.EVAL_FILE}` before and after "
+        f"training (`reward` is the training reward):\n\n{table}\n"
+        if table
+        else ""
+    )
     return f"""---
 base_model: {base}
 library_name: transformers
@@ -894,8 +993,8 @@ The whole resolved config is in `../config.json`, the per-step metrics in `../me
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{Path(cfg.OUTPUT_DIR).resolve() / 'inference_lm'}")
-tokenizer = AutoTokenizer.from_pretrained("{Path(cfg.OUTPUT_DIR).resolve() / 'inference_lm'}")
+model = AutoModelForCausalLM.from_pretrained("{Path(cfg.OUTPUT_DIR).resolve() / "inference_lm"}")
+tokenizer = AutoTokenizer.from_pretrained("{Path(cfg.OUTPUT_DIR).resolve() / "inference_lm"}")
 ```
 """
 
@@ -907,8 +1006,8 @@ def number(x) -> str:
 PLOT_CAPTIONS = {
     "reward": "Mean reward of the sampled responses at each PPO update (noisy: a fresh batch each time).",
     "kl": "KL from the reference per response (nats), estimated from the sampled tokens at each PPO update. The estimate is "
-          "noisy per batch and can be negative (a negative value is sampling noise, not a negative divergence); "
-          "`KL_PENALTY: \"full\"` computes it exactly over the vocabulary.",
+    "noisy per batch and can be negative (a negative value is sampling noise, not a negative divergence); "
+    '`KL_PENALTY: "full"` computes it exactly over the vocabulary.',
     "sft_loss": "SFT cross-entropy per response token (nats) at each SFT step.",
     "eval": "Held-out metrics at each evaluation (`EVAL_EVERY`).",
 }
@@ -923,9 +1022,12 @@ def plot_metrics(out_dir: Path, records: list[dict]) -> list[Path]:
     import matplotlib.pyplot as plt
 
     evals = [r for r in records if r.get("phase") == "eval"]
-    curves = {"reward": (["reward/mean"], "mean reward"), "kl": (["objective/kl"], "KL (nats per response)"),
-              "sft_loss": (["sft/loss"], "cross-entropy (nats per token)"),
-              "eval": (sorted({k for r in evals for k in r if k.startswith("eval/")}) if len(evals) >= 3 else [], "metric value")}
+    curves = {
+        "reward": (["reward/mean"], "mean reward"),
+        "kl": (["objective/kl"], "KL (nats per response)"),
+        "sft_loss": (["sft/loss"], "cross-entropy (nats per token)"),
+        "eval": (sorted({k for r in evals for k in r if k.startswith("eval/")}) if len(evals) >= 3 else [], "metric value"),
+    }
     written = []
     for name, (keys, ylabel) in curves.items():
         series = {k: [(r["step"], r[k]) for r in records if k in r] for k in keys}

@@ -44,6 +44,7 @@ BatchFn = Callable[[list, list, list, list], list]
 
 class Scores(NamedTuple):
     """What one call of a reward returns: a score per response, and what the reward can say besides."""
+
     values: list  # one float per response
     components: dict = {}  # a composite reward's parts (weighted_sum): name -> their scores, before their weights
     details: Optional[list] = None  # per response, what the scorer found (code: its SandboxResult)
@@ -53,6 +54,7 @@ class Scorer:
     """A reward function that declares more than a BatchFn: score() returns Scores (components, details) and may use
     the responses' generated token ids; calling it returns the scores alone, as a BatchFn does. Built-in types that
     report something besides their scores subclass it; a consumer asks isinstance, never hasattr."""
+
     stateful = False  # scoring updates running state (a part with normalize)
 
     def score(self, responses, targets, prompts, items, update: bool = True, token_ids: Optional[list] = None) -> Scores:
@@ -84,6 +86,7 @@ def plain_causal_lm(path: Path, device: Any = "cpu"):
 class Context:
     """What a reward may need from whoever builds it. The trainer fills it in (make_reward's keyword arguments),
     so this file never imports the trainer."""
+
     device: Any = "cpu"  # torch device for reward models
     reference: Any = None  # (model, tokenizer) of the trainer's frozen reference, for perplexity
     locate_model: Callable[[str], Path] = plain_model_dir  # name -> local path (raises ValueError when absent)
@@ -115,8 +118,10 @@ def local_model_dir(path: Optional[str], field: str, default: Callable[[], Path]
         return default()
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise RewardSpecError(f"{field} {path!r} is not available offline: no directory at {p.resolve()}. Models are "
-                              f"never downloaded; point {field} at a local copy (a directory with config.json)")
+        raise RewardSpecError(
+            f"{field} {path!r} is not available offline: no directory at {p.resolve()}. Models are "
+            f"never downloaded; point {field} at a local copy (a directory with config.json)"
+        )
     return p
 
 
@@ -132,7 +137,7 @@ def cached(key: tuple, load: Callable[[], Any]) -> Any:
 
 def batched(seq: list, size: int):
     for i in range(0, len(seq), size):
-        yield seq[i:i + size]
+        yield seq[i : i + size]
 
 
 # ==================================================================================================
@@ -141,6 +146,7 @@ def batched(seq: list, size: int):
 def compares_with_reference(when: Callable[[dict], bool] = lambda spec: True):
     """Declares that a reward type compares each response with the row's reference response (`when(spec)`: for which of
     its specs): reads_reference asks this, never a type's name. A prompt-only row has no reference to compare with."""
+
     def declare(builder):
         builder.reads_reference = when
         return builder
@@ -158,8 +164,13 @@ def cosine_sts(ctx: Context, model: Optional[str] = None, batch_size: int = 64) 
     encoder = cached(("st", str(path), str(ctx.device)), lambda: SentenceTransformer(str(path), device=str(ctx.device)))
 
     def fn(responses, targets, prompts, items):
-        emb = encoder.encode(list(responses) + list(targets), batch_size=batch_size, convert_to_tensor=True,
-                             normalize_embeddings=True, show_progress_bar=False)
+        emb = encoder.encode(
+            list(responses) + list(targets),
+            batch_size=batch_size,
+            convert_to_tensor=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
         n = len(responses)
         return (emb[:n] * emb[n:]).sum(-1).float().cpu().tolist()
 
@@ -180,8 +191,10 @@ def perplexity(ctx: Context, model: str = "reference", batch_size: int = 16, max
     def fn(responses, targets, prompts, items):
         out = []
         for chunk in batched(list(responses), batch_size):
-            ids = [(([tok.bos_token_id] if tok.bos_token_id is not None else []) +
-                    tok(r, add_special_tokens=False)["input_ids"])[:max_length] for r in chunk]
+            ids = [
+                (([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok(r, add_special_tokens=False)["input_ids"])[:max_length]
+                for r in chunk
+            ]
             input_ids = pad_sequence([torch.tensor(i) for i in ids], batch_first=True, padding_value=tok.pad_token_id or 0)
             mask = pad_sequence([torch.ones(len(i), dtype=torch.long) for i in ids], batch_first=True)
             input_ids, mask = input_ids.to(device), mask.to(device)
@@ -199,14 +212,17 @@ def perplexity(ctx: Context, model: str = "reference", batch_size: int = 16, max
 def _causal_lm(ctx: Context, model: str):
     if model == "reference":
         if ctx.reference is None:
-            raise RewardSpecError('perplexity model "reference" needs the trainer\'s reference model; outside the '
-                                  "trainer pass make_reward(spec, reference=(model, tokenizer)) or a local model dir")
+            raise RewardSpecError(
+                'perplexity model "reference" needs the trainer\'s reference model; outside the '
+                "trainer pass make_reward(spec, reference=(model, tokenizer)) or a local model dir"
+            )
         return ctx.reference
     try:
         path = ctx.locate_model(model)
     except Exception as e:  # noqa: BLE001 - the locator's own error (UserError in the trainer) names the problem
-        raise RewardSpecError(f'perplexity model: {e}. Use "reference" (the trainer\'s frozen reference model) or a '
-                              "local directory") from None
+        raise RewardSpecError(
+            f'perplexity model: {e}. Use "reference" (the trainer\'s frozen reference model) or a local directory'
+        ) from None
     return cached(("clm", str(path), str(ctx.device)), lambda: ctx.load_causal_lm(path, ctx.device))
 
 
@@ -223,8 +239,11 @@ def _sacrebleu(metric: str):
         return fn
 
     build.reads_reference = lambda spec: True  # compares_with_reference()
-    build.__doc__ = {"bleu": "sacrebleu sentence BLEU / 100, in [0, 1].", "chrf": "sacrebleu sentence chrF / 100, in [0, 1].",
-                     "ter": "1 - sacrebleu sentence TER / 100, clipped at 0: in [0, 1], higher is better."}[metric]
+    build.__doc__ = {
+        "bleu": "sacrebleu sentence BLEU / 100, in [0, 1].",
+        "chrf": "sacrebleu sentence chrF / 100, in [0, 1].",
+        "ter": "1 - sacrebleu sentence TER / 100, clipped at 0: in [0, 1], higher is better.",
+    }[metric]
     return build
 
 
@@ -260,8 +279,14 @@ def bertscore(ctx: Context, model: Optional[str] = None, num_layers: int = 6, ba
 TOXIC_LABELS = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
 
 
-def toxicity(ctx: Context, backend: Literal["packaged", "detoxify"] = "packaged", label: str = "toxic",
-             checkpoint: Optional[str] = None, huggingface_config_path: Optional[str] = None, batch_size: int = 64) -> BatchFn:
+def toxicity(
+    ctx: Context,
+    backend: Literal["packaged", "detoxify"] = "packaged",
+    label: str = "toxic",
+    checkpoint: Optional[str] = None,
+    huggingface_config_path: Optional[str] = None,
+    batch_size: int = 64,
+) -> BatchFn:
     """1 - probability of `label`, in [0, 1] (1 = not toxic). backend "packaged": the Jigsaw LSTM shipped by
     toxic-comment-classifier==0.3.0, ported to torch; "detoxify": a local detoxify `checkpoint`
     (+ `huggingface_config_path`, a local dir with the transformer's config and tokenizer)."""
@@ -272,10 +297,14 @@ def toxicity(ctx: Context, backend: Literal["packaged", "detoxify"] = "packaged"
         head = TOXIC_LABELS.index(label)
         return lambda responses, targets, prompts, items: [1.0 - p[head] for p in model.predict(list(responses), batch_size)]
     if checkpoint is None:
-        raise RewardSpecError('backend "detoxify" needs "checkpoint": a local detoxify .ckpt file (detoxify downloads '
-                              "its checkpoints at run time otherwise, which fails offline)")
-    detox = cached(("detoxify", checkpoint, huggingface_config_path, str(ctx.device)),
-                   lambda: load_detoxify(checkpoint, huggingface_config_path, ctx.device))
+        raise RewardSpecError(
+            'backend "detoxify" needs "checkpoint": a local detoxify .ckpt file (detoxify downloads '
+            "its checkpoints at run time otherwise, which fails offline)"
+        )
+    detox = cached(
+        ("detoxify", checkpoint, huggingface_config_path, str(ctx.device)),
+        lambda: load_detoxify(checkpoint, huggingface_config_path, ctx.device),
+    )
     return lambda responses, targets, prompts, items: [1.0 - p for p in detox.predict(list(responses), label, batch_size)]
 
 
@@ -288,15 +317,18 @@ def classifier(ctx: Context, model: str = "", label: Any = 1, batch_size: int = 
     if not model:
         raise RewardSpecError('classifier needs "model": a local sequence-classification model directory')
     path = local_model_dir(model, "model", lambda: Path(model))
-    clf, tok = cached(("clf", str(path), str(ctx.device)), lambda: (
-        AutoModelForSequenceClassification.from_pretrained(path).to(ctx.device).eval(), AutoTokenizer.from_pretrained(path)))
+    clf, tok = cached(
+        ("clf", str(path), str(ctx.device)),
+        lambda: (AutoModelForSequenceClassification.from_pretrained(path).to(ctx.device).eval(), AutoTokenizer.from_pretrained(path)),
+    )
     names = {str(v): int(k) for k, v in clf.config.id2label.items()}
     if isinstance(label, bool) or not isinstance(label, (int, str)):
         raise RewardSpecError(f"label must be a label name or an index, got {label!r}")
     index = names.get(label) if isinstance(label, str) else label
     if index is None or not 0 <= index < clf.config.num_labels:
-        raise RewardSpecError(f"label {label!r} is not one of the model's labels {sorted(names)} "
-                              f"(or indices 0..{clf.config.num_labels - 1})")
+        raise RewardSpecError(
+            f"label {label!r} is not one of the model's labels {sorted(names)} (or indices 0..{clf.config.num_labels - 1})"
+        )
     multi = clf.config.problem_type == "multi_label_classification"
 
     @torch.no_grad()
@@ -412,13 +444,17 @@ def python(ctx: Context, path: str = "", function: str = "score") -> BatchFn:
     user_fn = getattr(module, function, None)
     if not callable(user_fn):
         defined = sorted(k for k, v in vars(module).items() if inspect.isfunction(v) and v.__module__ == module.__name__)
-        raise RewardSpecError(f"python reward file {str(file)!r} has no function {function!r} (its functions: {defined or 'none'}); "
-                              'set "function" to the one to call')
+        raise RewardSpecError(
+            f"python reward file {str(file)!r} has no function {function!r} (its functions: {defined or 'none'}); "
+            'set "function" to the one to call'
+        )
     try:
         inspect.signature(user_fn).bind([], [], [], [])
     except TypeError:
-        raise RewardSpecError(f"python reward {function}{inspect.signature(user_fn)} in {str(file)!r} must accept "
-                              "(responses, targets, prompts, items): four lists of the same length") from None
+        raise RewardSpecError(
+            f"python reward {function}{inspect.signature(user_fn)} in {str(file)!r} must accept "
+            "(responses, targets, prompts, items): four lists of the same length"
+        ) from None
     except ValueError:  # a builtin without a signature: the trial call below decides
         pass
 
@@ -438,18 +474,26 @@ def python(ctx: Context, path: str = "", function: str = "score") -> BatchFn:
     try:
         fn(*([x] for x in trial))
     except Exception as e:  # noqa: BLE001 - reported as a spec error at load, never a traceback mid-run
-        raise RewardSpecError(f"python reward {function}() in {str(file)!r} failed on a one-item trial call: "
-                              f"{type(e).__name__}: {e}") from None
+        raise RewardSpecError(
+            f"python reward {function}() in {str(file)!r} failed on a one-item trial call: {type(e).__name__}: {e}"
+        ) from None
     return fn
 
 
-def user_python_file(path: str, trusted: Optional[bool], kind: str = "reward",
-                     defines: str = "score(responses, targets, prompts, items)", error: type = RewardSpecError) -> Path:
+def user_python_file(
+    path: str,
+    trusted: Optional[bool],
+    kind: str = "reward",
+    defines: str = "score(responses, targets, prompts, items)",
+    error: type = RewardSpecError,
+) -> Path:
     """A "python" type's file (a reward's, or environments.py's environment: `kind`), after the opt-in check (trusted
     None: not known yet, checked at build). Raises `error` naming what is wrong."""
     if trusted is False:
-        raise error(f'type "python" runs the code in {path or "its file"!r}: set TRUST_REMOTE_CODE: true in the config '
-                    "to allow it (the same opt-in as custom model code)")
+        raise error(
+            f'type "python" runs the code in {path or "its file"!r}: set TRUST_REMOTE_CODE: true in the config '
+            "to allow it (the same opt-in as custom model code)"
+        )
     if not path:
         raise error(f'python needs "path": a local .py file defining {defines}')
     file = Path(path).expanduser()
@@ -488,7 +532,7 @@ def last_boxed(text: str) -> Optional[str]:
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
-            return text[i + 1:j].strip()
+            return text[i + 1 : j].strip()
     return None
 
 
@@ -499,7 +543,7 @@ def after_hash(text: str) -> Optional[str]:
 
 
 def answer_is(text: str) -> Optional[str]:
-    """"the answer is 42" (the last such phrase), without $ signs"""
+    """ "the answer is 42" (the last such phrase), without $ signs"""
     matches = _ANSWER_IS.findall(text)
     return matches[-1].strip().strip("$").strip() if matches else None
 
@@ -586,8 +630,13 @@ class MathChecker:
         try:
             return self.idle.get_nowait()
         except queue.Empty:
-            child = subprocess.Popen([sys.executable, "-I", "-c", _MATH_WORKER, str(Path(__file__).resolve().parent)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={"PATH": os.defpath})
+            child = subprocess.Popen(
+                [sys.executable, "-I", "-c", _MATH_WORKER, str(Path(__file__).resolve().parent)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env={"PATH": os.defpath},
+            )
             self.children.append(child)
             # its start (python, math-verify, sympy: seconds on a loaded machine) is not any answer's time
             if not select.select([child.stdout], [], [], STARTUP_TIMEOUT)[0] or child.stdout.readline() != "ready\n":
@@ -657,13 +706,23 @@ class MathAnswer(Scorer):
         preds = [self.answer(r) for r in responses]
         todo = [i for i, (g, p) in enumerate(zip(golds, preds)) if g is not None and p is not None]
         checked = dict(zip(todo, self.checker.check([(golds[i], preds[i]) for i in todo])))
-        return Scores([(1.0 if checked[i][1] else self.format_score if checked[i][0] else 0.0) if i in checked else 0.0
-                       for i in range(len(responses))])
+        return Scores(
+            [
+                (1.0 if checked[i][1] else self.format_score if checked[i][0] else 0.0) if i in checked else 0.0
+                for i in range(len(responses))
+            ]
+        )
 
 
 @compares_with_reference(lambda spec: spec.get("answer_field") is None)  # else its gold answer is a field
-def math_answer(ctx: Context, extract: Optional[list] = None, answer_field: Optional[str] = None, format_score: float = 0.0,
-         timeout: Annotated[float, ">0"] = 5.0, workers: Annotated[int, ">=1"] = 2) -> MathAnswer:
+def math_answer(
+    ctx: Context,
+    extract: Optional[list] = None,
+    answer_field: Optional[str] = None,
+    format_score: float = 0.0,
+    timeout: Annotated[float, ">0"] = 5.0,
+    workers: Annotated[int, ">=1"] = 2,
+) -> MathAnswer:
     """1.0 when the response's final answer equals the reference's by math-verify (\\frac{1}{2} = 0.5 = 1/2, 1,000 =
     1000, x = 3 = 3, sets, intervals), format_score when it has a parsable answer that is wrong, else 0. extract: where
     the final answer is found, in order: boxed (the last \\boxed{}), hash (a `#### 42` line), answer_is ("the answer
@@ -681,8 +740,13 @@ def math_answer(ctx: Context, extract: Optional[list] = None, answer_field: Opti
     def gold(target: str, item: Optional[dict]) -> Optional[str]:
         """The gold answer: from answer_field's column or the reference, found like a response's, except that a
         reference of one short line with no \\boxed / #### / "answer is" is the answer itself (\\frac{1}{3}, not 3)."""
-        text = str((item or {}).get(answer_field)) if answer_field is not None and (item or {}).get(answer_field) is not None \
-            else None if answer_field is not None else target
+        text = (
+            str((item or {}).get(answer_field))
+            if answer_field is not None and (item or {}).get(answer_field) is not None
+            else None
+            if answer_field is not None
+            else target
+        )
         if text is None:
             return None
         found = extract_answer(text, gold_order)
@@ -718,8 +782,10 @@ def _check_gold_answers(ctx: Context, gold: Callable, checker: MathChecker, answ
     where_from = f"column {answer_field!r}" if answer_field else "the reference response"
     for where, answer in rows:
         if answer is None:
-            raise RewardSpecError(f"math: {where}: no gold answer in {where_from} (looked for a \\boxed{{}}, a '#### 42' line, "
-                                  f"'the answer is', a number); set \"answer_field\" to the column that holds it")
+            raise RewardSpecError(
+                f"math: {where}: no gold answer in {where_from} (looked for a \\boxed{{}}, a '#### 42' line, "
+                f"'the answer is', a number); set \"answer_field\" to the column that holds it"
+            )
     answers = [a for _, a in rows]
     for (where, answer), ok in zip(rows, checker.parses(answers)):
         if not ok or (not _MATHY.search(answer) and len(answer.split()) > 1):  # words, not an answer
@@ -744,8 +810,11 @@ class Overlong(Scorer):
         self.penalty, self.tokenizer = penalty, tokenizer
 
     def score(self, responses, targets, prompts, items, update: bool = True, token_ids: Optional[list] = None) -> Scores:
-        lengths = [len(ids) for ids in token_ids] if token_ids is not None else \
-            [len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
+        lengths = (
+            [len(ids) for ids in token_ids]
+            if token_ids is not None
+            else [len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
+        )
         return Scores([self.penalty(n) for n in lengths])
 
 
@@ -758,8 +827,9 @@ def overlong(ctx: Context, max_length: Annotated[int, ">=1"] = 0, buffer: Annota
     if buffer > max_length:
         raise RewardSpecError(f"overlong: buffer ({buffer}) must not exceed max_length ({max_length})")
     if ctx.tokenizer is None:
-        raise RewardSpecError("overlong counts tokens with the trainer's tokenizer; outside the trainer pass "
-                              "make_reward(spec, tokenizer=...)")
+        raise RewardSpecError(
+            "overlong counts tokens with the trainer's tokenizer; outside the trainer pass make_reward(spec, tokenizer=...)"
+        )
     tokenizer = ctx.tokenizer
 
     def penalty(n: int) -> float:
@@ -822,8 +892,11 @@ def sandbox_isolation() -> Isolation:
         if shutil.which("bwrap"):
             probe = _run_sandboxed("print('ok')", [], None, SandboxLimits(10, 256, 16, 64), slot=0, force="namespaces")
             if probe.output.strip().endswith("ok") or probe.passed == []:
-                _ISOLATION = Isolation("namespaces", "bubblewrap: user, PID, network, IPC, UTS and mount namespaces; the "
-                                                     "system read-only, nothing of the trainer's files, a private /tmp; " + detail)
+                _ISOLATION = Isolation(
+                    "namespaces",
+                    "bubblewrap: user, PID, network, IPC, UTS and mount namespaces; the "
+                    "system read-only, nothing of the trainer's files, a private /tmp; " + detail,
+                )
             else:
                 _ISOLATION = Isolation("limits", f"{detail} (bubblewrap is installed but failed here: {probe.output[-200:]!r})")
     return _ISOLATION
@@ -859,8 +932,26 @@ def _sandbox_command(python: str, work: Path, level: str) -> list[str]:
     prefix = str(Path(python).resolve().parent.parent)  # an interpreter outside /usr (pyenv, conda): its install
     if not prefix.startswith("/usr"):
         mounts += ["--ro-bind", prefix, prefix]
-    return ["bwrap", *mounts, "--chdir", "/sandbox", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
-            "--setenv", "PATH", "/usr/bin:/bin", "--hostname", "sandbox", python, "-I", "-S", "-c", _HARNESS]
+    return [
+        "bwrap",
+        *mounts,
+        "--chdir",
+        "/sandbox",
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+        "--setenv",
+        "PATH",
+        "/usr/bin:/bin",
+        "--hostname",
+        "sandbox",
+        python,
+        "-I",
+        "-S",
+        "-c",
+        _HARNESS,
+    ]
 
 
 def _sandbox_python() -> str:
@@ -873,8 +964,9 @@ def _sandbox_python() -> str:
     return base
 
 
-def _run_sandboxed(program: str, tests: list, entry_point: Optional[str], limits: SandboxLimits, slot: int,
-                   force: Optional[str] = None) -> SandboxResult:
+def _run_sandboxed(
+    program: str, tests: list, entry_point: Optional[str], limits: SandboxLimits, slot: int, force: Optional[str] = None
+) -> SandboxResult:
     """One program and its tests in a fresh child (bubblewrap when available), with every limit; the child and
     all it started are gone when this returns, and its directory is deleted."""
     import secrets
@@ -889,18 +981,28 @@ def _run_sandboxed(program: str, tests: list, entry_point: Optional[str], limits
         if root:
             os.chown(work, uid, uid)
         cpu = math.ceil(limits.timeout) + 1
-        rlimits = {"RLIMIT_CPU": cpu, "RLIMIT_AS": limits.memory_mb << 20, "RLIMIT_FSIZE": 16 << 20, "RLIMIT_NOFILE": 64,
-                   "RLIMIT_CORE": 0}
+        rlimits = {"RLIMIT_CPU": cpu, "RLIMIT_AS": limits.memory_mb << 20, "RLIMIT_FSIZE": 16 << 20, "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0}
         if level != "namespaces":  # no user namespace: the limit counts this uid's processes
             rlimits["RLIMIT_NPROC"] = limits.nproc
         command = _sandbox_command(_sandbox_python(), Path(work), level)
-        launch = {"limits": rlimits, "netns": root and level != "namespaces", "uid": uid if root else None,
-                  "argv": [shutil.which(command[0]) or command[0], *command[1:]]}
+        launch = {
+            "limits": rlimits,
+            "netns": root and level != "namespaces",
+            "uid": uid if root else None,
+            "argv": [shutil.which(command[0]) or command[0], *command[1:]],
+        }
         # A fresh launcher process applies the limits and drops to the uid, then execs: no preexec_fn, which is not
         # safe in a process with threads (the trainer's). start_new_session: a session of its own, killed as one.
-        child = subprocess.Popen([sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(launch)], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=work, env={"PATH": "/usr/bin:/bin"},
-                                 start_new_session=True, close_fds=True)
+        child = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(launch)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=work,
+            env={"PATH": "/usr/bin:/bin"},
+            start_new_session=True,
+            close_fds=True,
+        )
         output, why = _collect(child, job, limits)
         _kill_group(child, uid if root and level != "namespaces" else None)
     text = output.decode("utf-8", "replace")
@@ -908,7 +1010,7 @@ def _run_sandboxed(program: str, tests: list, entry_point: Optional[str], limits
     passed = None
     if not why and at >= 0:
         with contextlib.suppress(ValueError, TypeError):
-            passed = [x is True for x in json.loads(text[at + 1 + len(nonce):])]
+            passed = [x is True for x in json.loads(text[at + 1 + len(nonce) :])]
     passed = passed if passed is not None and len(passed) == len(tests) else None
     return SandboxResult(passed, text[:at][-2000:] if at >= 0 else text[-2000:], why or ("" if passed is not None else "no result"))
 
@@ -969,10 +1071,18 @@ def extract_program(response: str) -> str:
     return blocks[-1] if blocks else response
 
 
-def code(ctx: Context, tests_field: str = "tests", mode: Literal["fraction", "all"] = "fraction", entry_point: Optional[str] = None,
-         timeout: Annotated[float, ">0"] = 5.0, memory_mb: Annotated[int, ">=16"] = 512, max_processes: Annotated[int, ">=1"] = 16,
-         max_output_kb: Annotated[int, ">=1"] = 64, workers: Annotated[int, ">=1"] = 2,
-         isolation: Literal["best", "require"] = "best") -> "CodeTests":
+def code(
+    ctx: Context,
+    tests_field: str = "tests",
+    mode: Literal["fraction", "all"] = "fraction",
+    entry_point: Optional[str] = None,
+    timeout: Annotated[float, ">0"] = 5.0,
+    memory_mb: Annotated[int, ">=16"] = 512,
+    max_processes: Annotated[int, ">=1"] = 16,
+    max_output_kb: Annotated[int, ">=1"] = 64,
+    workers: Annotated[int, ">=1"] = 2,
+    isolation: Literal["best", "require"] = "best",
+) -> "CodeTests":
     """The fraction of the item's tests (`tests_field`: a list of assertion strings, or one string of test code) that
     the response's program passes (mode "all": 1 or 0). The program (the last ```python block, or the whole
     response) runs in a child process of its own: bubblewrap namespaces where available (no network, no files of the
@@ -980,9 +1090,11 @@ def code(ctx: Context, tests_field: str = "tests", mode: Literal["fraction", "al
     and anything hostile score 0. isolation "require": refuse to start without namespaces."""
     where = sandbox_isolation()
     if isolation == "require" and where.level != "namespaces":
-        raise RewardSpecError(f"code: isolation \"require\" needs bubblewrap namespaces, and this machine has {where.detail}")
-    ctx.say(f"code reward sandbox: {where.detail}; per program {timeout:g} s, {memory_mb} MB, {max_processes} processes, "
-            f"{max_output_kb} KB of output, {workers} at a time")
+        raise RewardSpecError(f'code: isolation "require" needs bubblewrap namespaces, and this machine has {where.detail}')
+    ctx.say(
+        f"code reward sandbox: {where.detail}; per program {timeout:g} s, {memory_mb} MB, {max_processes} processes, "
+        f"{max_output_kb} KB of output, {workers} at a time"
+    )
     for label, _, item in ctx.rows:
         if tests_field not in (item or {}):
             raise RewardSpecError(f"code: {label} has no column {tests_field!r} (tests_field); its columns: {sorted(item or {})}")
@@ -1020,8 +1132,10 @@ class CodeTests(Scorer):
             return list(pool.map(lambda job: sandbox.run(*job), jobs))
 
     def score(self, responses, targets, prompts, items, update: bool = True, token_ids: Optional[list] = None) -> Scores:
-        jobs = [(extract_program(r), _tests_of(it, self.tests_field, f"item {i}"), self.entry_point)
-                for i, (r, it) in enumerate(zip(responses, items))]
+        jobs = [
+            (extract_program(r), _tests_of(it, self.tests_field, f"item {i}"), self.entry_point)
+            for i, (r, it) in enumerate(zip(responses, items))
+        ]
         results = self.run(jobs)
         scores = []
         for result, (_, tests, _) in zip(results, jobs):
@@ -1036,8 +1150,9 @@ def _tests_of(item: Optional[dict], field: str, label: str) -> list:
         return [tests]
     if isinstance(tests, list) and tests and all(isinstance(t, str) for t in tests):
         return tests
-    raise RewardSpecError(f"code: {label}, column {field!r}: expected a list of assertion strings or one string of test code, "
-                          f"got {str(tests)[:80]!r}")
+    raise RewardSpecError(
+        f"code: {label}, column {field!r}: expected a list of assertion strings or one string of test code, got {str(tests)[:80]!r}"
+    )
 
 
 REWARDS: dict[str, Callable[..., BatchFn]] = {
@@ -1204,7 +1319,7 @@ def check_fields(spec: dict, builder: Callable, where: str, skip_ctx: bool, comm
 
 def check_type(spec: Any, registry: dict, where: str) -> Callable:
     if not isinstance(spec, dict):
-        raise RewardSpecError(f"{where} must be a JSON object with a \"type\", got {spec!r}")
+        raise RewardSpecError(f'{where} must be a JSON object with a "type", got {spec!r}')
     kind = spec.get("type")
     if kind not in registry:
         close = difflib.get_close_matches(str(kind), list(registry), n=1)
@@ -1227,10 +1342,11 @@ def check_spec(spec: Any, where: str = "reward", trust_remote_code: Optional[boo
         raise RewardSpecError(f"{where}.weight must be a number, got {spec['weight']!r}")
     post = spec.get("postprocess", [])
     if not isinstance(post, list):
-        raise RewardSpecError(f"{where}.postprocess must be a list of {{\"type\": ...}} objects, got {post!r}")
+        raise RewardSpecError(f'{where}.postprocess must be a list of {{"type": ...}} objects, got {post!r}')
     for i, p in enumerate(post):
-        check_fields(p, check_type(p, POSTPROCESS, f"{where}.postprocess[{i}]"), f"{where}.postprocess[{i}]",
-                      skip_ctx=False, common={"type"})
+        check_fields(
+            p, check_type(p, POSTPROCESS, f"{where}.postprocess[{i}]"), f"{where}.postprocess[{i}]", skip_ctx=False, common={"type"}
+        )
     if spec["type"] == "weighted_sum":
         for i, c in enumerate(spec.get("components", [])):
             check_spec(c, f"{where}.components[{i}]", trust_remote_code)
@@ -1323,8 +1439,13 @@ class _KerasTokenizerState:
 class _TokenizerUnpickler(pickle.Unpickler):
     """Admits only the classes tokenizer.pickle needs; anything else is refused (never a plain pickle.load)."""
 
-    ALLOWED = {("collections", "OrderedDict"), ("collections", "defaultdict"), ("builtins", "int"), ("builtins", "dict"),
-               ("builtins", "list")}
+    ALLOWED = {
+        ("collections", "OrderedDict"),
+        ("collections", "defaultdict"),
+        ("builtins", "int"),
+        ("builtins", "dict"),
+        ("builtins", "list"),
+    }
 
     def find_class(self, module, name):
         if module.startswith("keras") and name == "Tokenizer":
@@ -1354,9 +1475,17 @@ class PackagedToxicity:
         self.filters, self.lower, self.split = tok.filters, tok.lower, tok.split
         self.oov_index = self.word_index.get(tok.oov_token) if getattr(tok, "oov_token", None) else None
         with h5py.File(root / "model.weights.h5", "r") as h5:
-            w = {name: torch.tensor(h5[f"layers/{name}"][()]) for name in (
-                "embedding/vars/0", "dense/vars/0", "dense/vars/1", "dense_1/vars/0", "dense_1/vars/1",
-                *(f"bidirectional/{d}_layer/cell/vars/{i}" for d in ("forward", "backward") for i in range(3)))}
+            w = {
+                name: torch.tensor(h5[f"layers/{name}"][()])
+                for name in (
+                    "embedding/vars/0",
+                    "dense/vars/0",
+                    "dense/vars/1",
+                    "dense_1/vars/0",
+                    "dense_1/vars/1",
+                    *(f"bidirectional/{d}_layer/cell/vars/{i}" for d in ("forward", "backward") for i in range(3)),
+                )
+            }
         nn = torch.nn
         self.embedding = nn.Embedding.from_pretrained(w["embedding/vars/0"])
         self.lstm = nn.LSTM(50, 50, batch_first=True, bidirectional=True)
@@ -1399,9 +1528,9 @@ class PackagedToxicity:
             for chunk in batched(texts, batch_size):
                 ids = torch.zeros((len(chunk), self.MAXLEN), dtype=torch.long)  # keras pad_sequences: pre-pad, pre-truncate
                 for i, seq in enumerate(self.texts_to_sequences(chunk)):
-                    seq = seq[-self.MAXLEN:]
+                    seq = seq[-self.MAXLEN :]
                     if seq:
-                        ids[i, self.MAXLEN - len(seq):] = torch.as_tensor(seq)
+                        ids[i, self.MAXLEN - len(seq) :] = torch.as_tensor(seq)
                 hidden, _ = self.lstm(self.embedding(ids.to(self.device)))
                 x = torch.relu(self.dense(hidden.max(1).values))
                 out += torch.sigmoid(self.out(x)).cpu().tolist()
@@ -1435,8 +1564,10 @@ def load_detoxify(checkpoint: str, config_dir: Optional[str], device: Any) -> Lo
 
     path = Path(checkpoint).expanduser()
     if not path.is_file():
-        raise RewardSpecError(f"checkpoint {checkpoint!r} is not available offline: no file at {path.resolve()}; "
-                              "download a detoxify .ckpt elsewhere and point \"checkpoint\" at it")
+        raise RewardSpecError(
+            f"checkpoint {checkpoint!r} is not available offline: no file at {path.resolve()}; "
+            'download a detoxify .ckpt elsewhere and point "checkpoint" at it'
+        )
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -1446,8 +1577,10 @@ def load_detoxify(checkpoint: str, config_dir: Optional[str], device: Any) -> Lo
     args = dict(loaded["config"]["arch"]["args"])
     local = config_dir or args["model_type"]
     if not Path(local).is_dir():
-        raise RewardSpecError(f"detoxify needs the transformer config and tokenizer of {args['model_type']!r} locally: "
-                              f"set \"huggingface_config_path\" to a directory holding them (tried {local!r})")
+        raise RewardSpecError(
+            f"detoxify needs the transformer config and tokenizer of {args['model_type']!r} locally: "
+            f'set "huggingface_config_path" to a directory holding them (tried {local!r})'
+        )
     from detoxify.detoxify import get_model_and_tokenizer
 
     args["model_type"] = local

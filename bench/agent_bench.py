@@ -28,11 +28,28 @@ def case(backend: str, turns: int, tokens: int, updates: int) -> dict:
     import hybrid_trainer as ht
     import runtime
 
-    keys = {"MODE": "ppo", "TRAIN_FILE": str(ROOT / "data" / "tool_train.json"), "OUTPUT_DIR": "-", "SEED": 0, "BF16": False,
-            "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 4, "PPO_EPOCHS": 1, "MAX_NEW_TOKENS": tokens, "MAXSEQ": 512,
-            "TEMPERATURE": 1.0, "TOP_P": 1.0, "NO_REPEAT_NGRAM_SIZE": 0, "REPETITION_PENALTY": 1.0, "INIT_KL_COEF": 0.0,
-            "GENERATION_BACKEND": backend, "VLLM_KV_CACHE_GB": 0.5, "REWARD": {"type": "math", "answer_field": "answer"},
-            "NUM_SAMPLES": 4 * (updates + 1)}
+    keys = {
+        "MODE": "ppo",
+        "TRAIN_FILE": str(ROOT / "data" / "tool_train.json"),
+        "OUTPUT_DIR": "-",
+        "SEED": 0,
+        "BF16": False,
+        "ADVANTAGE": "grpo",
+        "NUM_GENERATIONS": 2,
+        "PPO_BATCH": 4,
+        "PPO_EPOCHS": 1,
+        "MAX_NEW_TOKENS": tokens,
+        "MAXSEQ": 512,
+        "TEMPERATURE": 1.0,
+        "TOP_P": 1.0,
+        "NO_REPEAT_NGRAM_SIZE": 0,
+        "REPETITION_PENALTY": 1.0,
+        "INIT_KL_COEF": 0.0,
+        "GENERATION_BACKEND": backend,
+        "VLLM_KV_CACHE_GB": 0.5,
+        "REWARD": {"type": "math", "answer_field": "answer"},
+        "NUM_SAMPLES": 4 * (updates + 1),
+    }
     if turns > 1:
         keys.update({"ENVIRONMENT": {"type": "calculator"}, "MAX_TURNS": turns})
     cfg = ht.Config.from_dict(keys)
@@ -53,7 +70,7 @@ def case(backend: str, turns: int, tokens: int, updates: int) -> dict:
     rows = []
     for i in range(updates + 1):  # the first is a warm-up
         t0 = time.perf_counter()
-        stats = trainer.ppo_update(examples[i * 4:(i + 1) * 4])
+        stats = trainer.ppo_update(examples[i * 4 : (i + 1) * 4])
         rows.append((time.perf_counter() - t0, stats))
     ht.TurnLoop.room = original_room
     for e in list(runtime.OPEN_ENGINES):
@@ -62,11 +79,17 @@ def case(backend: str, turns: int, tokens: int, updates: int) -> dict:
     mean = lambda key: statistics.mean(s.get(key, 0.0) for _, s in timed)  # noqa: E731
     total = statistics.mean(t for t, _ in timed)
     model_tokens = tokens * 8
-    return {"backend": backend, "turns": turns, "model_tokens_per_trajectory": tokens, "update_s": round(total, 2),
-            "generate_s": round(mean("time/generate_s"), 2), "env_s": round(mean("time/env_s"), 3),
-            "rest_of_update_s": round(total - mean("time/generate_s") - mean("time/env_s"), 2),
-            "model_tokens_per_s": round(model_tokens / max(mean("time/generate_s"), 1e-9), 1),
-            "observation_tokens_per_trajectory": round(mean("env/observation_tokens"), 1)}
+    return {
+        "backend": backend,
+        "turns": turns,
+        "model_tokens_per_trajectory": tokens,
+        "update_s": round(total, 2),
+        "generate_s": round(mean("time/generate_s"), 2),
+        "env_s": round(mean("time/env_s"), 3),
+        "rest_of_update_s": round(total - mean("time/generate_s") - mean("time/env_s"), 2),
+        "model_tokens_per_s": round(model_tokens / max(mean("time/generate_s"), 1e-9), 1),
+        "observation_tokens_per_trajectory": round(mean("env/observation_tokens"), 1),
+    }
 
 
 def main() -> None:

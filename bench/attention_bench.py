@@ -63,15 +63,26 @@ def main() -> None:
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         for q_len, kv_len, grad in ((59, 59, True), (120, 120, True), (59, 59, False), (1, 90, False)):
-            inputs = (torch.randn(8, 9, q_len, 64, dtype=dtype), torch.randn(8, 3, kv_len, 64, dtype=dtype),
-                      torch.randn(8, 3, kv_len, 64, dtype=dtype))
+            inputs = (
+                torch.randn(8, 9, q_len, 64, dtype=dtype),
+                torch.randn(8, 3, kv_len, 64, dtype=dtype),
+                torch.randn(8, 3, kv_len, 64, dtype=dtype),
+            )
             mask = padded_causal_mask(8, q_len, kv_len)
             kinds = ("repeat", "gqa") + (("gqa_fp32",) if dtype == torch.bfloat16 else ())
             res = {kind: timed(kind, inputs, mask, grad, args.calls) for kind in kinds}
-            print(json.dumps({"dtype": str(dtype).removeprefix("torch."), "q_len": q_len, "kv_len": kv_len,
-                              "pass": "forward + backward" if grad else "forward",
-                              **{f"{kind}_ms": round(ms, 2) for kind, (ms, _) in res.items()},
-                              "gqa_equals_repeat": torch.equal(res["repeat"][1], res["gqa"][1])}))
+            print(
+                json.dumps(
+                    {
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "q_len": q_len,
+                        "kv_len": kv_len,
+                        "pass": "forward + backward" if grad else "forward",
+                        **{f"{kind}_ms": round(ms, 2) for kind, (ms, _) in res.items()},
+                        "gqa_equals_repeat": torch.equal(res["repeat"][1], res["gqa"][1]),
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

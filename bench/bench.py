@@ -89,22 +89,74 @@ def main() -> None:
     p.add_argument("--reward", help='reward spec (JSON; default {"type": "chrf"})')
     args = p.parse_args()
 
-    base = {"MODEL": "smollm2-135m-instruct", "SFT_BATCH": 8, "PPO_BATCH": 8, "PPO_MINI": 4, "MAX_NEW_TOKENS": 48,
-            "REWARD": {"type": "chrf"}, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0, "NO_REPEAT_NGRAM_SIZE": 0,
-            "GENERATION_BACKEND": "hf"}
+    base = {
+        "MODEL": "smollm2-135m-instruct",
+        "SFT_BATCH": 8,
+        "PPO_BATCH": 8,
+        "PPO_MINI": 4,
+        "MAX_NEW_TOKENS": 48,
+        "REWARD": {"type": "chrf"},
+        "TOP_P": 1.0,
+        "REPETITION_PENALTY": 1.0,
+        "NO_REPEAT_NGRAM_SIZE": 0,
+        "GENERATION_BACKEND": "hf",
+    }
     if args.config:
-        keep = ("MODEL", "SFT_BATCH", "PPO_BATCH", "PPO_MINI", "PPO_EPOCHS", "MAX_NEW_TOKENS", "MAXSEQ", "REWARD", "PROMPT_FORMAT",
-                "TEMPERATURE", "TOP_P", "REPETITION_PENALTY", "NO_REPEAT_NGRAM_SIZE", "GRAD_ACCUM", "CATEGORY_FIELD",
-                "ADVANTAGE", "NUM_GENERATIONS", "KL_IN", "KL_PENALTY", "INIT_KL_COEF", "LOSS_AGG", "IMPORTANCE_LEVEL",
-                "CLIPRANGE_HIGH", "HYBRID", "GATE_THRESHOLD", "MIX_COEF", "MIX_COEF_END", "MIX_SCHEDULE", "SFT_LOSS",
-                "GENERATION_BACKEND")
+        keep = (
+            "MODEL",
+            "SFT_BATCH",
+            "PPO_BATCH",
+            "PPO_MINI",
+            "PPO_EPOCHS",
+            "MAX_NEW_TOKENS",
+            "MAXSEQ",
+            "REWARD",
+            "PROMPT_FORMAT",
+            "TEMPERATURE",
+            "TOP_P",
+            "REPETITION_PENALTY",
+            "NO_REPEAT_NGRAM_SIZE",
+            "GRAD_ACCUM",
+            "CATEGORY_FIELD",
+            "ADVANTAGE",
+            "NUM_GENERATIONS",
+            "KL_IN",
+            "KL_PENALTY",
+            "INIT_KL_COEF",
+            "LOSS_AGG",
+            "IMPORTANCE_LEVEL",
+            "CLIPRANGE_HIGH",
+            "HYBRID",
+            "GATE_THRESHOLD",
+            "MIX_COEF",
+            "MIX_COEF_END",
+            "MIX_SCHEDULE",
+            "SFT_LOSS",
+            "GENERATION_BACKEND",
+        )
         base.update({k: v for k, v in json.loads(Path(args.config).read_text()).items() if k in keep})
-    for key, value in (("MODEL", args.model), ("SFT_BATCH", args.batch), ("PPO_BATCH", args.batch), ("PPO_MINI", args.mini),
-                       ("MAX_NEW_TOKENS", args.max_new_tokens), ("REWARD", args.reward and json.loads(args.reward))):
+    for key, value in (
+        ("MODEL", args.model),
+        ("SFT_BATCH", args.batch),
+        ("PPO_BATCH", args.batch),
+        ("PPO_MINI", args.mini),
+        ("MAX_NEW_TOKENS", args.max_new_tokens),
+        ("REWARD", args.reward and json.loads(args.reward)),
+    ):
         if value is not None:
             base[key] = value
-    cfg = ht.Config.from_dict({**base, "TRAIN_FILE": args.data, "OUTPUT_DIR": "-", "SEED": 0, "BF16": args.bf16,
-                               "LORA_R": args.lora, "GRADIENT_CHECKPOINTING": args.gradient_checkpointing, "FSDP": args.fsdp})
+    cfg = ht.Config.from_dict(
+        {
+            **base,
+            "TRAIN_FILE": args.data,
+            "OUTPUT_DIR": "-",
+            "SEED": 0,
+            "BF16": args.bf16,
+            "LORA_R": args.lora,
+            "GRADIENT_CHECKPOINTING": args.gradient_checkpointing,
+            "FSDP": args.fsdp,
+        }
+    )
     procs = runtime.Processes.from_env()
     device = runtime.pick_device(cfg, procs)
     runtime.init_processes(device, procs)
@@ -125,26 +177,29 @@ def main() -> None:
 
     sft, ppo = [], []
     for i in range(args.steps + 1):
-        batch = examples[i * cfg.SFT_BATCH:(i + 1) * cfg.SFT_BATCH]
+        batch = examples[i * cfg.SFT_BATCH : (i + 1) * cfg.SFT_BATCH]
         t = time.perf_counter()
         trainer.sft_step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         sft.append((time.perf_counter() - t, sum(len(e.prompt_ids) + len(e.target_ids) for e in batch)))
-        prompts = examples[i * cfg.PPO_BATCH:(i + 1) * cfg.PPO_BATCH]  # x NUM_GENERATIONS responses
+        prompts = examples[i * cfg.PPO_BATCH : (i + 1) * cfg.PPO_BATCH]  # x NUM_GENERATIONS responses
         ppo.append(trainer.ppo_update(prompts) | {"prompt_tokens": sum(len(e.prompt_ids) for e in prompts) * cfg.NUM_GENERATIONS})
     sft, ppo = sft[1:], ppo[1:]  # drop warm-up
     mean = lambda key: statistics.mean(s[key] for s in ppo)  # noqa: E731
 
     batch_tokens = mean("time/tokens")  # real tokens of prompts + responses in one PPO batch
     # the model's own shapes, at the rows of one PPO minibatch's forward (all processes together, as peak_rate)
-    model_rate = sum(runtime.gather_objects(shape_rate(policy.lm, max(int(batch_tokens * cfg.PPO_MINI / cfg.PPO_BATCH), 1),
-                                                  dtype, device)))
+    model_rate = sum(runtime.gather_objects(shape_rate(policy.lm, max(int(batch_tokens * cfg.PPO_MINI / cfg.PPO_BATCH), 1), dtype, device)))
 
     def phase(seconds: float, tokens: float, passes: float) -> dict:
         flops = 2 * n_matmul * tokens * passes
-        return {"s": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1), "mfu": round(flops / seconds / peak_rate, 4),
-                "mfu_model_shapes": round(flops / seconds / model_rate, 4)}
+        return {
+            "s": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1),
+            "mfu": round(flops / seconds / peak_rate, 4),
+            "mfu_model_shapes": round(flops / seconds / model_rate, 4),
+        }
 
     generated = mean("ppo/response_length") * cfg.PPO_BATCH * cfg.NUM_GENERATIONS
     rollout_policy_s = mean("time/rollout_s") - mean("time/reference_forward_s")
@@ -152,31 +207,51 @@ def main() -> None:
         "generate": phase(mean("time/generate_s"), mean("prompt_tokens") + generated, 1),
         "reference_forward": phase(mean("time/reference_forward_s"), batch_tokens, 1),
         # fused: what is left of the rollout beside the reference is bookkeeping (1 ms read as 70x the matmul rate)
-        "rollout_policy_forward": (phase(rollout_policy_s, batch_tokens, 1) if rollout_policy_s > 0.25 * mean("time/reference_forward_s")
-                                   else "fused into the first minibatch"),
+        "rollout_policy_forward": (
+            phase(rollout_policy_s, batch_tokens, 1)
+            if rollout_policy_s > 0.25 * mean("time/reference_forward_s")
+            else "fused into the first minibatch"
+        ),
         "ppo_epochs": phase(mean("time/ppo_epochs_s"), batch_tokens * cfg.PPO_EPOCHS, train_factor),
         "sft_step": phase(statistics.mean(s for s, _ in sft), statistics.mean(n for _, n in sft), train_factor),
     }
-    peak_gib = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    peak_gib = (
+        torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ) / 2**30
     peaks = runtime.gather_objects(round(peak_gib, 2))
     if not runtime.is_main():
         return
-    print(json.dumps({
-        "model": cfg.MODEL, "device": device.type, "cpu": runtime.cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(),
-        "dtype": str(dtype).split(".")[-1], "lora_r": args.lora, "fsdp": args.fsdp,
-        "gradient_checkpointing": args.gradient_checkpointing, "processes": runtime.world_size(), "torch_threads": torch.get_num_threads(),
-        "trainable_params": sum(p.numel() for p in trainer.optim.params) if not args.fsdp else None,
-        "sft_batch": cfg.SFT_BATCH, "ppo_batch": cfg.PPO_BATCH, "ppo_mini": cfg.PPO_MINI, "ppo_epochs": cfg.PPO_EPOCHS,
-        "max_new_tokens": cfg.MAX_NEW_TOKENS, "load_s": round(load_s, 2),
-        "matmul_gflops": round(peak_rate / 1e9, 1), "matmul_gflops_model_shapes": round(model_rate / 1e9, 1),
-        "peak_mem_gib_per_process": peaks,
-        "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",
-        "sft_step_s": phases["sft_step"]["s"],
-        "ppo_update_s": round(mean("time/generate_s") + mean("time/score_s") + mean("time/update_s"), 3),
-        "ppo_score_s": round(mean("time/score_s"), 3), "mean_response_tokens": round(mean("ppo/response_length"), 1),
-        "phases": phases,
-    }))
+    print(
+        json.dumps(
+            {
+                "model": cfg.MODEL,
+                "device": device.type,
+                "cpu": runtime.cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(),
+                "dtype": str(dtype).split(".")[-1],
+                "lora_r": args.lora,
+                "fsdp": args.fsdp,
+                "gradient_checkpointing": args.gradient_checkpointing,
+                "processes": runtime.world_size(),
+                "torch_threads": torch.get_num_threads(),
+                "trainable_params": sum(p.numel() for p in trainer.optim.params) if not args.fsdp else None,
+                "sft_batch": cfg.SFT_BATCH,
+                "ppo_batch": cfg.PPO_BATCH,
+                "ppo_mini": cfg.PPO_MINI,
+                "ppo_epochs": cfg.PPO_EPOCHS,
+                "max_new_tokens": cfg.MAX_NEW_TOKENS,
+                "load_s": round(load_s, 2),
+                "matmul_gflops": round(peak_rate / 1e9, 1),
+                "matmul_gflops_model_shapes": round(model_rate / 1e9, 1),
+                "peak_mem_gib_per_process": peaks,
+                "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",
+                "sft_step_s": phases["sft_step"]["s"],
+                "ppo_update_s": round(mean("time/generate_s") + mean("time/score_s") + mean("time/update_s"), 3),
+                "ppo_score_s": round(mean("time/score_s"), 3),
+                "mean_response_tokens": round(mean("ppo/response_length"), 1),
+                "phases": phases,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

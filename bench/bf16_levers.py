@@ -64,7 +64,7 @@ def one(variant: str, tokens: int, steps: int, response: int = 0) -> dict:
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
             logits = forward(input_ids=ids, logits_to_keep=keep).logits[:, :-1]
-        targets = ids[:, -logits.shape[1]:, None]
+        targets = ids[:, -logits.shape[1] :, None]
         loss = -torch.log_softmax(logits.float(), -1).gather(-1, targets).mean()
         loss.backward()
         if masters is not params:  # bf16 gradients into the fp32 masters; the step; the bf16 weights refreshed
@@ -82,10 +82,17 @@ def one(variant: str, tokens: int, steps: int, response: int = 0) -> dict:
     flops = 3 * 2 * n_matmul * 8 * tokens  # forward + backward of full fine-tuning (SmolLM2's tied LM head not counted)
     dtype = torch.float32 if variant == "fp32" else torch.bfloat16
     rate = bench.shape_rate(lm, 8 * tokens, dtype, torch.device("cpu"))
-    return {"variant": variant, "tokens": 8 * tokens, "response_tokens": response, "step_s": round(best, 3),
-            "first_step_s": round(times[0], 1),
-            "tokens_per_s": round(8 * tokens / best, 1), "achieved_gflops": round(flops / best / 1e9, 1),
-            "model_shape_gflops": round(rate / 1e9, 1), "mfu_model_shapes": round(flops / best / rate, 3)}
+    return {
+        "variant": variant,
+        "tokens": 8 * tokens,
+        "response_tokens": response,
+        "step_s": round(best, 3),
+        "first_step_s": round(times[0], 1),
+        "tokens_per_s": round(8 * tokens / best, 1),
+        "achieved_gflops": round(flops / best / 1e9, 1),
+        "model_shape_gflops": round(rate / 1e9, 1),
+        "mfu_model_shapes": round(flops / best / rate, 3),
+    }
 
 
 def main() -> None:
@@ -99,8 +106,22 @@ def main() -> None:
     if args.variant:
         return print(json.dumps(one(args.variant, args.tokens, args.steps, args.response_tokens)))
     for variant in args.only.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--tokens", str(args.tokens), "--steps",
-                               str(args.steps), "--response-tokens", str(args.response_tokens)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--variant",
+                variant,
+                "--tokens",
+                str(args.tokens),
+                "--steps",
+                str(args.steps),
+                "--response-tokens",
+                str(args.response_tokens),
+            ],
+            capture_output=True,
+            text=True,
+        )
         lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
         print(lines[-1] if lines else json.dumps({"variant": variant, "error": proc.stderr[-600:]}), flush=True)
 

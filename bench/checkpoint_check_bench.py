@@ -35,6 +35,7 @@ def main() -> None:
     weights = {f"w{i}": torch.randn(n) for i, n in enumerate(sizes)}
     t = time.perf_counter()
     save_file(weights, str(d / "policy.safetensors"))
+
     def moments():
         return {k: {"exp_avg": torch.zeros_like(v), "exp_avg_sq": torch.zeros_like(v)} for k, v in weights.items()}
 
@@ -53,8 +54,17 @@ def main() -> None:
             hashlib.file_digest(fh, "sha256")
     sha_s = time.perf_counter() - t
     total = sum(f.stat().st_size for f in d.iterdir())
-    print(json.dumps({"checkpoint_gb": round(total / 1e9, 2), "write_s": round(write_s, 2), "manifest_s": round(manifest_s, 4),
-                      "check_s": round(check_s, 4), "sha256_s": round(sha_s, 2)}))
+    print(
+        json.dumps(
+            {
+                "checkpoint_gb": round(total / 1e9, 2),
+                "write_s": round(write_s, 2),
+                "manifest_s": round(manifest_s, 4),
+                "check_s": round(check_s, 4),
+                "sha256_s": round(sha_s, 2),
+            }
+        )
+    )
     shutil.rmtree(d)
 
 

@@ -60,19 +60,48 @@ def main() -> None:
     for family in args.families.split(","):
         for steps in map(int, args.steps.split(",")):
             rng = random.Random(1000 + steps)  # per difficulty; word problems take the later names and things
-            sets[family, steps] = [md.chain_problem(rng, md.NAMES[14:], md.THINGS[11:], steps, args.high, family == "words", args.ask,
-                                                    args.shot, args.start_high,
-                                                    md.BARE_FORMS if args.forms else md.BARE_FORMS[:1])
-                                   for _ in range(args.n)]
+            sets[family, steps] = [
+                md.chain_problem(
+                    rng,
+                    md.NAMES[14:],
+                    md.THINGS[11:],
+                    steps,
+                    args.high,
+                    family == "words",
+                    args.ask,
+                    args.shot,
+                    args.start_high,
+                    md.BARE_FORMS if args.forms else md.BARE_FORMS[:1],
+                )
+                for _ in range(args.n)
+            ]
     first = tmp / "probe.json"
     first.write_text(json.dumps(next(iter(sets.values()))))
     bf16 = {"auto": "auto", "true": True, "false": False}[args.bf16]
-    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": args.model, "TRAIN_FILE": str(first), "OUTPUT_DIR": "-",
-                               "CATEGORY_FIELD": "category", "PROMPT_FORMAT": "chat", "MAX_NEW_TOKENS": args.max_new_tokens,
-                               "REWARD": {"type": "math"}, "ADVANTAGE": "grpo", "NUM_GENERATIONS": 8, "EVAL_NUM_SAMPLES": 8,
-                               "EVAL_TEMPERATURE": 1.0, "TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0,
-                               "NO_REPEAT_NGRAM_SIZE": 0, "SEED": args.seed, "BF16": bf16,
-                               "GENERATION_BACKEND": args.backend, "VLLM_KV_CACHE_GB": 1})
+    cfg = ht.Config.from_dict(
+        {
+            "MODE": "ppo",
+            "MODEL": args.model,
+            "TRAIN_FILE": str(first),
+            "OUTPUT_DIR": "-",
+            "CATEGORY_FIELD": "category",
+            "PROMPT_FORMAT": "chat",
+            "MAX_NEW_TOKENS": args.max_new_tokens,
+            "REWARD": {"type": "math"},
+            "ADVANTAGE": "grpo",
+            "NUM_GENERATIONS": 8,
+            "EVAL_NUM_SAMPLES": 8,
+            "EVAL_TEMPERATURE": 1.0,
+            "TEMPERATURE": 1.0,
+            "TOP_P": 1.0,
+            "REPETITION_PENALTY": 1.0,
+            "NO_REPEAT_NGRAM_SIZE": 0,
+            "SEED": args.seed,
+            "BF16": bf16,
+            "GENERATION_BACKEND": args.backend,
+            "VLLM_KV_CACHE_GB": 1,
+        }
+    )
     device = torch.device("cpu")
     on = runtime.resolve_bf16(cfg, device, runtime.resolve_model(cfg))[0] if bf16 == "auto" else bf16
     runtime.seed_everything(args.seed)
@@ -85,12 +114,24 @@ def main() -> None:
         examples = ht.tokenize_examples(ht.load_examples(dataclasses.replace(cfg, TRAIN_FILE=str(path))), cfg, tok, "chat", "TRAIN_FILE")
         start = time.time()
         result = ht.evaluate(trainer, examples, {"reward": reward})
-        record = {"model": args.model, "family": family, "steps": steps, "high": args.high, "n": args.n,
-                  "max_new_tokens": args.max_new_tokens, "ask": args.ask or md.MATH_ASK,
-                  "shot": args.shot, "forms": args.forms, "start_high": args.start_high,
-                  "backend": args.backend, "bf16": on, "seed": args.seed,
-                  **{k: round(result[f"eval/{k}"], 4) for k in ("pass@1", "pass@8", "maj@8")},
-                  "seconds": round(time.time() - start, 1), "example": result["samples"][0]}
+        record = {
+            "model": args.model,
+            "family": family,
+            "steps": steps,
+            "high": args.high,
+            "n": args.n,
+            "max_new_tokens": args.max_new_tokens,
+            "ask": args.ask or md.MATH_ASK,
+            "shot": args.shot,
+            "forms": args.forms,
+            "start_high": args.start_high,
+            "backend": args.backend,
+            "bf16": on,
+            "seed": args.seed,
+            **{k: round(result[f"eval/{k}"], 4) for k in ("pass@1", "pass@8", "maj@8")},
+            "seconds": round(time.time() - start, 1),
+            "example": result["samples"][0],
+        }
         print(json.dumps({k: v for k, v in record.items() if k != "example"}), flush=True)
         with (out / f"{Path(args.model).name}.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -27,12 +27,31 @@ def setup(backend: str, lora: int, bf16_key: str):
     import hybrid_trainer as ht
     import runtime
 
-    cfg = ht.Config.from_dict({"MODE": "ppo", "TRAIN_FILE": str(ROOT / "data" / "train.json"), "OUTPUT_DIR": "-", "SEED": 0,
-                               "ADVANTAGE": "grpo", "NUM_GENERATIONS": 4, "PPO_BATCH": 8, "PPO_MINI": 8, "PPO_EPOCHS": 1,
-                               "MAX_NEW_TOKENS": 24, "TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0,
-                               "NO_REPEAT_NGRAM_SIZE": 0, "PROMPT_FORMAT": "chat", "GENERATION_BACKEND": backend,
-                               "LORA_R": lora, "BF16": bf16_key, "INIT_KL_COEF": 0.0, "MAXSEQ": 512,
-                               "REWARD": {"type": "chrf"}})
+    cfg = ht.Config.from_dict(
+        {
+            "MODE": "ppo",
+            "TRAIN_FILE": str(ROOT / "data" / "train.json"),
+            "OUTPUT_DIR": "-",
+            "SEED": 0,
+            "ADVANTAGE": "grpo",
+            "NUM_GENERATIONS": 4,
+            "PPO_BATCH": 8,
+            "PPO_MINI": 8,
+            "PPO_EPOCHS": 1,
+            "MAX_NEW_TOKENS": 24,
+            "TEMPERATURE": 1.0,
+            "TOP_P": 1.0,
+            "REPETITION_PENALTY": 1.0,
+            "NO_REPEAT_NGRAM_SIZE": 0,
+            "PROMPT_FORMAT": "chat",
+            "GENERATION_BACKEND": backend,
+            "LORA_R": lora,
+            "BF16": bf16_key,
+            "INIT_KL_COEF": 0.0,
+            "MAXSEQ": 512,
+            "REWARD": {"type": "chrf"},
+        }
+    )
     device = torch.device("cpu")
     paths = runtime.resolve_model(cfg)
     runtime.prepare_weights(cfg, paths)
@@ -61,8 +80,14 @@ def main() -> None:
     t0 = time.perf_counter()
     trainer.engine  # noqa: B018 - the engine starts here (hf: nothing to start)
     start_s = time.perf_counter() - t0
-    out = {"backend": args.backend, "lora_r": args.lora, "precision": why, "cpu": runtime.cpu_model(), "threads": torch.get_num_threads(),
-           "start_s": round(start_s, 2)}
+    out = {
+        "backend": args.backend,
+        "lora_r": args.lora,
+        "precision": why,
+        "cpu": runtime.cpu_model(),
+        "threads": torch.get_num_threads(),
+        "start_s": round(start_s, 2),
+    }
 
     def timed_generate(prompts, n, max_new):
         trainer.cfg = ht.dataclasses.replace(trainer.cfg, MAX_NEW_TOKENS=max_new)
@@ -91,7 +116,7 @@ def main() -> None:
     updates = []
     for i in range(3):
         t = time.perf_counter()
-        stats = trainer.ppo_update(examples[i * 8:(i + 1) * 8])
+        stats = trainer.ppo_update(examples[i * 8 : (i + 1) * 8])
         updates.append({"update_s": time.perf_counter() - t, "generate_s": stats["time/generate_s"]})
     out["ppo_update_s"] = round(sum(u["update_s"] for u in updates[1:]) / 2, 2)
     out["ppo_generate_s"] = round(sum(u["generate_s"] for u in updates[1:]) / 2, 2)

@@ -31,8 +31,15 @@ VARIANTS = {
     "gate (grpo)": {"MODE": "hybrid", "HYBRID": "gate", "GATE_THRESHOLD": 0.5, "ADVANTAGE": "grpo", **GROUP},
     "mix": {"MODE": "hybrid", "HYBRID": "mix", "MIX_COEF": 0.5, "MIX_COEF_END": 0.1, "MIX_SCHEDULE": "cosine"},
     # the SFT term of mix runs at LR_PPO: these give it the SFT steps' learning rate
-    "mix (phi, lr 5e-5)": {"MODE": "hybrid", "HYBRID": "mix", "MIX_COEF": 0.7, "MIX_COEF_END": 0.3, "MIX_SCHEDULE": "linear",
-                           "SFT_TOKEN_WEIGHT": "phi", "LR_PPO": 5e-5},
+    "mix (phi, lr 5e-5)": {
+        "MODE": "hybrid",
+        "HYBRID": "mix",
+        "MIX_COEF": 0.7,
+        "MIX_COEF_END": 0.3,
+        "MIX_SCHEDULE": "linear",
+        "SFT_TOKEN_WEIGHT": "phi",
+        "LR_PPO": 5e-5,
+    },
     "mix (dft, lr 5e-5)": {"MODE": "hybrid", "HYBRID": "mix", "MIX_COEF": 0.7, "SFT_LOSS": "dft", "LR_PPO": 5e-5},
 }
 
@@ -47,10 +54,13 @@ def summary(out: Path) -> dict:
         c[0] += a["contains"]
         c[1] += b["contains"]
         c[2] += 1
-    return {"reward": (first["eval/reward"], last["eval/reward"]), "exact": (first["eval/exact_match"], last["eval/exact_match"]),
-            "categories": {k: v for k, v in sorted(cats.items())},
-            "steps": sum(r["phase"] != "eval" for r in records),
-            "responses": sum(r.get("time/tokens", 0) > 0 and (r["phase"] == "ppo") for r in records)}
+    return {
+        "reward": (first["eval/reward"], last["eval/reward"]),
+        "exact": (first["eval/exact_match"], last["eval/exact_match"]),
+        "categories": {k: v for k, v in sorted(cats.items())},
+        "steps": sum(r["phase"] != "eval" for r in records),
+        "responses": sum(r.get("time/tokens", 0) > 0 and (r["phase"] == "ppo") for r in records),
+    }
 
 
 def table(results: dict) -> str:
@@ -60,8 +70,11 @@ def table(results: dict) -> str:
     for name, r in results.items():
         lost = [c for c in cats if r["categories"][c][1] < r["categories"][c][0]]
         cells = [f"{r['categories'][c][0]}→{r['categories'][c][1]}/{r['categories'][c][2]}" for c in cats]
-        lines.append(f"| {name} | {r['reward'][0]:.3f} → {r['reward'][1]:.3f} | {r['exact'][0]:.3f} → {r['exact'][1]:.3f} | "
-                     + " | ".join(cells) + f" | {', '.join(lost) or 'none'} |")
+        lines.append(
+            f"| {name} | {r['reward'][0]:.3f} → {r['reward'][1]:.3f} | {r['exact'][0]:.3f} → {r['exact'][1]:.3f} | "
+            + " | ".join(cells)
+            + f" | {', '.join(lost) or 'none'} |"
+        )
     return "\n".join(lines)
 
 
@@ -90,8 +103,13 @@ def main() -> int:
             path = out_root / f"{out.name}.json"
             path.write_text(json.dumps(cfg, indent=2))
             log = open(out_root / f"{out.name}.log", "w")
-            running[name] = (subprocess.Popen([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path)], stdout=log,
-                                              stderr=subprocess.STDOUT, env=env, cwd=ROOT), out, time.time())
+            running[name] = (
+                subprocess.Popen(
+                    [sys.executable, str(ROOT / "hybrid_trainer.py"), str(path)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+                ),
+                out,
+                time.time(),
+            )
         for name, (proc, out, t0) in list(running.items()):
             if proc.poll() is not None:
                 print(f"{name}: exit {proc.returncode} after {time.time() - t0:.0f} s", flush=True)

@@ -24,18 +24,24 @@ def main() -> None:
     args = p.parse_args()
     rng = random.Random(0)
     golds = [str(rng.randint(1, 500)) for _ in range(args.n)]
-    integer = [f"Step 1: ... so she has {g if rng.random() < 0.5 else int(g) + 1} apples.\n#### {g if rng.random() < 0.5 else int(g) + 1}"
-               for g in golds]
-    latex = [f"so the answer is \\boxed{{\\frac{{{2 * int(g)}}}{{2}}}}" if i % 5 == 0 else r
-             for i, (g, r) in enumerate(zip(golds, integer))]
+    integer = [
+        f"Step 1: ... so she has {g if rng.random() < 0.5 else int(g) + 1} apples.\n#### {g if rng.random() < 0.5 else int(g) + 1}"
+        for g in golds
+    ]
+    latex = [
+        f"so the answer is \\boxed{{\\frac{{{2 * int(g)}}}{{2}}}}" if i % 5 == 0 else r for i, (g, r) in enumerate(zip(golds, integer))
+    ]
     reward = rewards.make_reward({"type": "math", "workers": args.workers})
     out = {"n": args.n, "workers": args.workers}
     for name, responses in (("integers", integer), ("a fifth LaTeX", latex)):
         start = time.perf_counter()
         scores = reward.scores(responses, golds)
         seconds = time.perf_counter() - start
-        out[name] = {"seconds": round(seconds, 2), "responses_per_s": round(args.n / seconds),
-                     "mean_score": round(sum(scores) / len(scores), 3)}
+        out[name] = {
+            "seconds": round(seconds, 2),
+            "responses_per_s": round(args.n / seconds),
+            "mean_score": round(sum(scores) / len(scores), 3),
+        }
     print(json.dumps(out))
 
 

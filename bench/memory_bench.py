@@ -53,8 +53,9 @@ def main() -> None:
     for tokens in map(int, args.tokens.split(",")):
         code = CASE.replace("__ROOT__", repr(args.root)).replace("__TOKENS__", str(tokens)).replace("__EXTRA__", repr(extra))
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        print(proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else f"tokens {tokens} failed: {proc.stderr[-1500:]}",
-              flush=True)
+        print(
+            proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else f"tokens {tokens} failed: {proc.stderr[-1500:]}", flush=True
+        )
 
 
 if __name__ == "__main__":

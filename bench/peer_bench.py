@@ -43,14 +43,40 @@ RESULTS = ROOT / "bench" / "results" / "peer"
 PROMPTS, HELD_OUT = ROOT / "data" / "chain_prompts.json", ROOT / "data" / "chain_eval.json"
 REWARD = {"type": "math", "answer_field": "answer"}
 STEPS, PROMPTS_PER_STEP, GROUP, NEW_TOKENS, LR, CLIP = 16, 4, 4, 48, 1e-5, 0.2
-OURS = {"MODE": "ppo", "MODEL": "smollm2-135m-instruct", "TRAIN_FILE": str(PROMPTS), "NUM_SAMPLES": STEPS * PROMPTS_PER_STEP,
-        "SHUFFLE": False, "EPOCHS": 1, "PROMPT_FORMAT": "chat", "MAXSEQ": 256, "MAX_NEW_TOKENS": NEW_TOKENS,
-        "TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0, "NO_REPEAT_NGRAM_SIZE": 0, "REWARD": REWARD,
-        "ADVANTAGE": "grpo", "NUM_GENERATIONS": GROUP, "PPO_BATCH": PROMPTS_PER_STEP, "PPO_MINI": PROMPTS_PER_STEP,
-        "PPO_EPOCHS": 1, "CLIPRANGE": CLIP, "LR_PPO": LR, "INIT_KL_COEF": 0.0, "MASK_TRUNCATED": False, "BF16": False,
-        "SAVE_EVERY": 0, "LOG_EVERY": 1}
-ROWS = {"trl": "TRL 1.16 GRPOTrainer, transformers generate", "trl_vllm": "TRL 1.16 GRPOTrainer, vLLM colocate",
-        "hf": "ours, GENERATION_BACKEND hf", "vllm": "ours, GENERATION_BACKEND vllm"}
+OURS = {
+    "MODE": "ppo",
+    "MODEL": "smollm2-135m-instruct",
+    "TRAIN_FILE": str(PROMPTS),
+    "NUM_SAMPLES": STEPS * PROMPTS_PER_STEP,
+    "SHUFFLE": False,
+    "EPOCHS": 1,
+    "PROMPT_FORMAT": "chat",
+    "MAXSEQ": 256,
+    "MAX_NEW_TOKENS": NEW_TOKENS,
+    "TEMPERATURE": 1.0,
+    "TOP_P": 1.0,
+    "REPETITION_PENALTY": 1.0,
+    "NO_REPEAT_NGRAM_SIZE": 0,
+    "REWARD": REWARD,
+    "ADVANTAGE": "grpo",
+    "NUM_GENERATIONS": GROUP,
+    "PPO_BATCH": PROMPTS_PER_STEP,
+    "PPO_MINI": PROMPTS_PER_STEP,
+    "PPO_EPOCHS": 1,
+    "CLIPRANGE": CLIP,
+    "LR_PPO": LR,
+    "INIT_KL_COEF": 0.0,
+    "MASK_TRUNCATED": False,
+    "BF16": False,
+    "SAVE_EVERY": 0,
+    "LOG_EVERY": 1,
+}
+ROWS = {
+    "trl": "TRL 1.16 GRPOTrainer, transformers generate",
+    "trl_vllm": "TRL 1.16 GRPOTrainer, vLLM colocate",
+    "hf": "ours, GENERATION_BACKEND hf",
+    "vllm": "ours, GENERATION_BACKEND vllm",
+}
 
 
 def model_dir() -> str:
@@ -79,16 +105,42 @@ def trl_worker(out: str, seed: int, vllm: bool, bf16: bool) -> None:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return reward.scores(texts, [""] * len(texts), [str(p) for p in prompts], [{"answer": a} for a in answer])
 
-    rows = json.loads(PROMPTS.read_text())[:STEPS * PROMPTS_PER_STEP]
+    rows = json.loads(PROMPTS.read_text())[: STEPS * PROMPTS_PER_STEP]
     data = datasets.Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
-    args = GRPOConfig(output_dir=out, seed=seed, data_seed=seed, use_cpu=True, bf16=bf16, gradient_checkpointing=False,
-                      learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                      per_device_train_batch_size=PROMPTS_PER_STEP * GROUP, gradient_accumulation_steps=1,
-                      num_generations=GROUP, max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0,
-                      beta=0.0, epsilon=CLIP, num_iterations=1, loss_type="grpo", scale_rewards="group",
-                      mask_truncated_completions=False, shuffle_dataset=False, max_steps=STEPS, num_train_epochs=1,
-                      logging_steps=1, save_strategy="no", report_to="none", dataloader_num_workers=0,
-                      use_vllm=vllm, **({"vllm_mode": "colocate"} if vllm else {}))
+    args = GRPOConfig(
+        output_dir=out,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=True,
+        bf16=bf16,
+        gradient_checkpointing=False,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        per_device_train_batch_size=PROMPTS_PER_STEP * GROUP,
+        gradient_accumulation_steps=1,
+        num_generations=GROUP,
+        max_completion_length=NEW_TOKENS,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=0.0,
+        epsilon=CLIP,
+        num_iterations=1,
+        loss_type="grpo",
+        scale_rewards="group",
+        mask_truncated_completions=False,
+        shuffle_dataset=False,
+        max_steps=STEPS,
+        num_train_epochs=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        use_vllm=vllm,
+        **({"vllm_mode": "colocate"} if vllm else {}),
+    )
     trainer = GRPOTrainer(model=model_dir(), reward_funcs=math_reward, args=args, train_dataset=data)
     trainer.train()
     trainer.save_model(str(Path(out) / "inference_lm"))
@@ -103,10 +155,26 @@ def eval_worker(model: str, seed: int) -> None:
     import hybrid_trainer as ht
     import rewards
 
-    cfg = ht.Config.from_dict({"MODE": "sft", "MODEL": model, "TRAIN_FILE": str(HELD_OUT), "OUTPUT_DIR": "-",
-                               "PROMPT_FORMAT": "chat", "SHUFFLE": False, "SEED": seed, "BF16": True, "MAX_NEW_TOKENS": NEW_TOKENS,
-                               "EVAL_NUM_SAMPLES": 4, "EVAL_TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0,
-                               "NO_REPEAT_NGRAM_SIZE": 0, "GENERATION_BACKEND": "vllm", "REWARD": REWARD})
+    cfg = ht.Config.from_dict(
+        {
+            "MODE": "sft",
+            "MODEL": model,
+            "TRAIN_FILE": str(HELD_OUT),
+            "OUTPUT_DIR": "-",
+            "PROMPT_FORMAT": "chat",
+            "SHUFFLE": False,
+            "SEED": seed,
+            "BF16": True,
+            "MAX_NEW_TOKENS": NEW_TOKENS,
+            "EVAL_NUM_SAMPLES": 4,
+            "EVAL_TEMPERATURE": 1.0,
+            "TOP_P": 1.0,
+            "REPETITION_PENALTY": 1.0,
+            "NO_REPEAT_NGRAM_SIZE": 0,
+            "GENERATION_BACKEND": "vllm",
+            "REWARD": REWARD,
+        }
+    )
     torch.manual_seed(seed)
     policy, _, tok = ht.load_model(cfg, torch.device("cpu"), True)
     examples = ht.tokenize_examples(ht.load_examples(cfg), cfg, tok, "chat", "TRAIN_FILE")
@@ -142,19 +210,31 @@ def run(row: str, seed: int, precision: str, where: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     if row.startswith("trl"):
-        argv = [sys.executable, __file__, "--trl-worker", str(out), str(seed), "--precision", precision] + \
-            (["--vllm"] if row == "trl_vllm" else [])
+        argv = [sys.executable, __file__, "--trl-worker", str(out), str(seed), "--precision", precision] + (
+            ["--vllm"] if row == "trl_vllm" else []
+        )
     else:
         cfg = {**OURS, "SEED": seed, "OUTPUT_DIR": str(out / "run"), "GENERATION_BACKEND": row, "BF16": precision == "bf16"}
         (out / "config.json").write_text(json.dumps(cfg, indent=1))
         argv = [sys.executable, str(ROOT / "hybrid_trainer.py"), str(out / "config.json")]
     seconds, peak_gb, code = timed(argv, out / "train.log")
-    result = {"row": row, "precision": precision, "seed": seed, "wall_s": round(seconds, 1), "peak_rss_gb": round(peak_gb, 2), "exit": code,
-              "machine": where}
+    result = {
+        "row": row,
+        "precision": precision,
+        "seed": seed,
+        "wall_s": round(seconds, 1),
+        "peak_rss_gb": round(peak_gb, 2),
+        "exit": code,
+        "machine": where,
+    }
     model = out / "inference_lm" if row.startswith("trl") else out / "run" / "inference_lm"
     if code == 0:
-        ev = subprocess.run([sys.executable, __file__, "--eval-worker", str(model), str(seed)], capture_output=True,
-                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        ev = subprocess.run(
+            [sys.executable, __file__, "--eval-worker", str(model), str(seed)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         lines = [x for x in ev.stdout.splitlines() if x.startswith("{")]
         result.update(json.loads(lines[-1]) if lines else {"eval_error": ev.stderr[-800:]})
     else:
@@ -187,12 +267,17 @@ def table() -> str:
     out = []
     for where in dict.fromkeys(r.get("machine", UNLABELLED) for r in results):
         mine = [r for r in results if r.get("machine", UNLABELLED) == where]
-        lines = [f"{where}:", "", "| run | precision | seeds | whole process (s) | peak RSS (GB) | held-out pass@1 |",
-                 "|---|---|---|---|---|---|"]
+        lines = [
+            f"{where}:",
+            "",
+            "| run | precision | seeds | whole process (s) | peak RSS (GB) | held-out pass@1 |",
+            "|---|---|---|---|---|---|",
+        ]
         for precision in ("bf16", "fp32"):
             for row, title in ROWS.items():
-                lines += table_row([r for r in mine if r["row"] == row and r.get("precision", "fp32") == precision],
-                                   f"{title} | {precision}")
+                lines += table_row(
+                    [r for r in mine if r["row"] == row and r.get("precision", "fp32") == precision], f"{title} | {precision}"
+                )
         out.append("\n".join(lines))
     return "\n\n".join(out)
 

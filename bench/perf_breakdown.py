@@ -74,17 +74,27 @@ def main() -> None:
         sys.exit("perf_breakdown.py needs Linux perf (Debian: apt-get install linux-perf)")
     with tempfile.TemporaryDirectory() as tmp:
         ready, data = Path(tmp) / "ready", Path(tmp) / "perf.data"
-        proc = subprocess.Popen([sys.executable, __file__, "--dtype", args.dtype, "--seconds", str(args.seconds), "--child", str(ready)],
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--dtype", args.dtype, "--seconds", str(args.seconds), "--child", str(ready)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         while not ready.exists():
             if proc.poll() is not None:
                 sys.exit("the measured process ended before it was ready")
             time.sleep(0.2)
-        subprocess.run(["perf", "record", "-F", "499", "-p", str(proc.pid), "-o", str(data), "--", "sleep", str(args.seconds)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["perf", "record", "-F", "499", "-p", str(proc.pid), "-o", str(data), "--", "sleep", str(args.seconds)],
+            check=True,
+            capture_output=True,
+        )
         timing = json.loads(proc.communicate()[0].strip().splitlines()[-1])
-        report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,symbol", "-g", "none",
-                                 "--stdio", "--percent-limit", "0"], check=True, capture_output=True, text=True).stdout
+        report = subprocess.run(
+            ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,symbol", "-g", "none", "--stdio", "--percent-limit", "0"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     shares = collections.Counter()
     for line in report.splitlines():
         m = re.match(r"\s*([\d.]+)%\s+(\S+(?: tid \d+)?)\s+\[(.)\]\s+(.*)", line)

@@ -35,11 +35,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_bench  # noqa: E402
 
 MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_addmm_activation"}
-SOFTMAX = {"aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::_softmax", "aten::_softmax_backward_data",
-           "aten::logsumexp", "aten::gather", "aten::scatter_add_", "aten::scatter_add", "aten::gather_backward"}
+SOFTMAX = {
+    "aten::_log_softmax",
+    "aten::_log_softmax_backward_data",
+    "aten::_softmax",
+    "aten::_softmax_backward_data",
+    "aten::logsumexp",
+    "aten::gather",
+    "aten::scatter_add_",
+    "aten::scatter_add",
+    "aten::gather_backward",
+}
 CASTS = {"aten::_to_copy", "aten::copy_", "aten::to", "aten::_autocast_to_reduced_precision", "aten::clone"}
-ROWS = ("matmul", "LM head matmul", "attention", "log-softmax etc.", "casts", "optimizer", "collectives", "other ops",
-        "Python and framework")
+ROWS = (
+    "matmul",
+    "LM head matmul",
+    "attention",
+    "log-softmax etc.",
+    "casts",
+    "optimizer",
+    "collectives",
+    "other ops",
+    "Python and framework",
+)
 
 
 def category(name: str, shapes: list, vocab: int) -> str:
@@ -91,8 +109,9 @@ def main() -> None:
     extra = step_bench.overrides(args.set)
     if "," in args.dtypes:  # each precision in a fresh process: a second model in one process profiles differently
         for dtype in args.dtypes.split(","):
-            subprocess.run([sys.executable, __file__, "--dtypes", dtype, "--root", args.root] +
-                           [f"--set={s}" for s in args.set], check=True)
+            subprocess.run(
+                [sys.executable, __file__, "--dtypes", dtype, "--root", args.root] + [f"--set={s}" for s in args.set], check=True
+            )
         return
     for dtype in args.dtypes.split(","):
         b = step_bench.setup(args.root, {**extra, "BF16": dtype == "bf16"})
@@ -106,8 +125,16 @@ def main() -> None:
             cells = [f"{r[row]:.3f}" + ("" if row == "wall_s" else f" ({100 * r[row] / r['wall_s']:.0f}%)") for r in results.values()]
             print(f"| {'whole step' if row == 'wall_s' else row} | " + " | ".join(cells) + " |")
         for phase, r in results.items():
-            print(json.dumps({"dtype": dtype, "phase": phase, "root": args.root, **{k: round(v, 4) if isinstance(v, float) else v
-                                                                                    for k, v in r.items()}}))
+            print(
+                json.dumps(
+                    {
+                        "dtype": dtype,
+                        "phase": phase,
+                        "root": args.root,
+                        **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()},
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -45,15 +45,35 @@ VARIANTS = {
     # on-policy distillation (vLLM samples, at the RL rows' budget): the teacher is "teacher" below, SFT on the same
     # worked solutions for 3x the steps (trained once, seed 0, kept); the per-token advantage -(log pi - log teacher)
     # alone (ADVANTAGE "none", no KL to the reference: the teacher is the anchor, as in Tinker's recipe) ...
-    "distill": {"MODE": "ppo", "ADVANTAGE": "none", "TEACHER_MODEL": "<teacher>", "DISTILL": "token_reverse_kl",
-                "DISTILL_COEF": 1.0, "INIT_KL_COEF": 0.0, "GENERATION_BACKEND": "vllm"},
+    "distill": {
+        "MODE": "ppo",
+        "ADVANTAGE": "none",
+        "TEACHER_MODEL": "<teacher>",
+        "DISTILL": "token_reverse_kl",
+        "DISTILL_COEF": 1.0,
+        "INIT_KL_COEF": 0.0,
+        "GENERATION_BACKEND": "vllm",
+    },
     # ... the frozen initial model as its own teacher, shown the row's worked solution (no second model) ...
-    "self_distill": {"MODE": "ppo", "ADVANTAGE": "none", "TEACHER_MODEL": "self", "DISTILL": "token_reverse_kl",
-                     "TEACHER_CONTEXT": "A worked solution: {target}\n\nNow answer in your own words. ",
-                     "DISTILL_COEF": 1.0, "INIT_KL_COEF": 0.0, "GENERATION_BACKEND": "vllm"},
+    "self_distill": {
+        "MODE": "ppo",
+        "ADVANTAGE": "none",
+        "TEACHER_MODEL": "self",
+        "DISTILL": "token_reverse_kl",
+        "TEACHER_CONTEXT": "A worked solution: {target}\n\nNow answer in your own words. ",
+        "DISTILL_COEF": 1.0,
+        "INIT_KL_COEF": 0.0,
+        "GENERATION_BACKEND": "vllm",
+    },
     # ... and GRPO's task advantage plus the teacher's per-token term (verl's use_task_rewards)
-    "distill_task": {"MODE": "ppo", "TEACHER_MODEL": "<teacher>", "DISTILL": "token_reverse_kl", "DISTILL_COEF": 1.0,
-                     "INIT_KL_COEF": 0.0, "GENERATION_BACKEND": "vllm"},
+    "distill_task": {
+        "MODE": "ppo",
+        "TEACHER_MODEL": "<teacher>",
+        "DISTILL": "token_reverse_kl",
+        "DISTILL_COEF": 1.0,
+        "INIT_KL_COEF": 0.0,
+        "GENERATION_BACKEND": "vllm",
+    },
     "teacher": {"MODE": "sft", **SFT_STEPS, "EPOCHS": 6},  # 72 steps; its model stays in runs/rlvr/teacher-s0
 }
 TEACHER = OUT / "teacher-s0" / "inference_lm"
@@ -66,9 +86,20 @@ def retention(model: str, seed: int) -> dict:
     sys.path.insert(0, str(ROOT))
     import hybrid_trainer as ht
 
-    cfg = ht.Config.from_dict({"MODE": "sft", "MODEL": model, "TRAIN_FILE": str(ROOT / "data" / "eval.json"), "OUTPUT_DIR": "-",
-                               "CATEGORY_FIELD": "category", "PROMPT_FORMAT": "chat", "MAX_NEW_TOKENS": 24, "SHUFFLE": False,
-                               "SEED": seed, "BF16": True})
+    cfg = ht.Config.from_dict(
+        {
+            "MODE": "sft",
+            "MODEL": model,
+            "TRAIN_FILE": str(ROOT / "data" / "eval.json"),
+            "OUTPUT_DIR": "-",
+            "CATEGORY_FIELD": "category",
+            "PROMPT_FORMAT": "chat",
+            "MAX_NEW_TOKENS": 24,
+            "SHUFFLE": False,
+            "SEED": seed,
+            "BF16": True,
+        }
+    )
     policy, _, tok = ht.load_model(cfg, torch.device("cpu"), True)
     examples = ht.tokenize_examples(ht.load_examples(cfg), cfg, tok, "chat", "TRAIN_FILE")
     trainer = ht.HybridTrainer(cfg, policy, None, tok, plan=ht.api_plan(cfg, lm=policy.lm, bf16=True))
@@ -86,8 +117,15 @@ def run(name: str, overrides: dict, seed: int) -> dict:
         if not (TEACHER / "config.json").is_file():
             finish("teacher", run("teacher", VARIANTS["teacher"], 0))
         overrides = {**overrides, "TEACHER_MODEL": str(TEACHER)}
-    cfg = {**base, **BUDGET, **overrides, "SEED": seed, "OUTPUT_DIR": str(out), "TRAIN_FILE": str(ROOT / base["TRAIN_FILE"]),
-           "EVAL_FILE": str(ROOT / base["EVAL_FILE"])}
+    cfg = {
+        **base,
+        **BUDGET,
+        **overrides,
+        "SEED": seed,
+        "OUTPUT_DIR": str(out),
+        "TRAIN_FILE": str(ROOT / base["TRAIN_FILE"]),
+        "EVAL_FILE": str(ROOT / base["EVAL_FILE"]),
+    }
     return launch(name, cfg, overrides, seed, OUT)
 
 
@@ -101,8 +139,12 @@ def launch(name: str, cfg: dict, overrides: dict, seed: int, out_root: Path) -> 
     path = out_root / f"{name}-s{seed}.json"
     path.write_text(json.dumps(cfg, indent=1))
     start = time.time()
-    proc = subprocess.run([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path)], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "hybrid_trainer.py"), str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     if proc.returncode:
         raise SystemExit(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -110,14 +152,23 @@ def launch(name: str, cfg: dict, overrides: dict, seed: int, out_root: Path) -> 
     first, last = evals[0], evals[-1]
     keys = ("eval/pass@1", "eval/pass@8", "eval/maj@8") + (("eval/reverse_kl_to_teacher",) if "eval/reverse_kl_to_teacher" in first else ())
     zero = [r["reward/zero_std_groups"] for r in records if "reward/zero_std_groups" in r]
-    return {"variant": name, "seed": seed, "overrides": overrides, "minutes": round((time.time() - start) / 60, 2),
-            "before": {k: first[k] for k in keys}, "after": {k: last[k] for k in keys},
-            "steps": sum(r["phase"] in ("sft", "ppo") for r in records),
-            "responses": sum(r.get("dynamic/prompts_generated", cfg.get("PPO_BATCH", 4)) * cfg.get("NUM_GENERATIONS", 8)
-                             for r in records if r["phase"] == "ppo"),
-            **({"zero_std_groups": round(statistics.mean(zero), 4)} if zero else {}),
-            "retention": retention(str(out / "inference_lm"), seed),
-            "disk": subprocess.run(["du", "-sh", "--", str(out)], capture_output=True, text=True).stdout.split()[0]}
+    return {
+        "variant": name,
+        "seed": seed,
+        "overrides": overrides,
+        "minutes": round((time.time() - start) / 60, 2),
+        "before": {k: first[k] for k in keys},
+        "after": {k: last[k] for k in keys},
+        "steps": sum(r["phase"] in ("sft", "ppo") for r in records),
+        "responses": sum(
+            r.get("dynamic/prompts_generated", cfg.get("PPO_BATCH", 4)) * cfg.get("NUM_GENERATIONS", 8)
+            for r in records
+            if r["phase"] == "ppo"
+        ),
+        **({"zero_std_groups": round(statistics.mean(zero), 4)} if zero else {}),
+        "retention": retention(str(out / "inference_lm"), seed),
+        "disk": subprocess.run(["du", "-sh", "--", str(out)], capture_output=True, text=True).stdout.split()[0],
+    }
 
 
 def finish(name: str, result: dict, out_root: Path = OUT, results_root: Path = RESULTS, keep: tuple = ("teacher",)) -> None:
@@ -147,23 +198,36 @@ def table(results: list[dict], base: dict, zero_std: bool = False) -> str:
     for r in results:
         by[r["variant"]].append(r)
     cats = sorted(base)
-    head = ("| variant | seeds | pass@1 | pass@8 | maj@8 | " + ("zero-std groups | " if zero_std else "") +
-            " | ".join(cats) + " | categories lost | minutes |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1),
-             "| base model | - | {:.3f} | {:.3f} | {:.3f} | ".format(*list(results[0]["before"].values())[:3]) +
-             ("- | " if zero_std else "") +
-             " | ".join(f"{base[c][0]}/{base[c][1]}" for c in cats) + " | - | - |"]
+    head = (
+        "| variant | seeds | pass@1 | pass@8 | maj@8 | "
+        + ("zero-std groups | " if zero_std else "")
+        + " | ".join(cats)
+        + " | categories lost | minutes |"
+    )
+    lines = [
+        head,
+        "|" + "---|" * (head.count("|") - 1),
+        "| base model | - | {:.3f} | {:.3f} | {:.3f} | ".format(*list(results[0]["before"].values())[:3])
+        + ("- | " if zero_std else "")
+        + " | ".join(f"{base[c][0]}/{base[c][1]}" for c in cats)
+        + " | - | - |",
+    ]
     for name, rs in by.items():
+
         def cell(key, rs=rs):
             xs = [r["after"][key] for r in rs]
             return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
+
         mean_ret = {c: statistics.mean(r["retention"][c][0] for r in rs) for c in cats}
         lost = [c for c in cats if mean_ret[c] < base[c][0] - 1]  # beyond noise: more than one item on average
         zeros = [r["zero_std_groups"] for r in rs if "zero_std_groups" in r]
         zero_cell = (f"{statistics.mean(zeros):.2f} | " if zeros else "- | ") if zero_std else ""
-        lines.append(f"| {name} | {len(rs)} | {cell('eval/pass@1')} | {cell('eval/pass@8')} | {cell('eval/maj@8')} | " + zero_cell +
-                     " | ".join(f"{mean_ret[c]:.3g}/{base[c][1]}" for c in cats) +
-                     f" | {', '.join(lost) or 'none'} | {statistics.mean(r['minutes'] for r in rs):.1f} |")
+        lines.append(
+            f"| {name} | {len(rs)} | {cell('eval/pass@1')} | {cell('eval/pass@8')} | {cell('eval/maj@8')} | "
+            + zero_cell
+            + " | ".join(f"{mean_ret[c]:.3g}/{base[c][1]}" for c in cats)
+            + f" | {', '.join(lost) or 'none'} | {statistics.mean(r['minutes'] for r in rs):.1f} |"
+        )
     return "\n".join(lines)
 
 

@@ -23,27 +23,87 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-COMMON = {"SEED": 0, "BF16": False, "NUM_SAMPLES": 8, "MAX_NEW_TOKENS": 8, "MAXSEQ": 96, "PPO_EPOCHS": 2, "LR_PPO": 1e-3,
-          "LR_SFT": 1e-3, "REWARD": {"type": "chrf"}, "EVAL_SAMPLES": 4, "LOG_EVERY": 100, "TEMPERATURE": 1.0}
+COMMON = {
+    "SEED": 0,
+    "BF16": False,
+    "NUM_SAMPLES": 8,
+    "MAX_NEW_TOKENS": 8,
+    "MAXSEQ": 96,
+    "PPO_EPOCHS": 2,
+    "LR_PPO": 1e-3,
+    "LR_SFT": 1e-3,
+    "REWARD": {"type": "chrf"},
+    "EVAL_SAMPLES": 4,
+    "LOG_EVERY": 100,
+    "TEMPERATURE": 1.0,
+}
 RUNS = {
     "ppo": {"MODE": "ppo", "PPO_BATCH": 4, "PPO_MINI": 2},
-    "ppo_fused": {"MODE": "ppo", "PPO_BATCH": 4, "TOP_P": 1.0, "NO_REPEAT_NGRAM_SIZE": 0, "REPETITION_PENALTY": 1.0,
-                  "GENERATION_BACKEND": "hf"},
-    "grpo": {"MODE": "ppo", "ADVANTAGE": "grpo", "NUM_GENERATIONS": 4, "PPO_BATCH": 2, "PPO_MINI": 1, "KL_IN": "loss",
-             "KL_PENALTY": "k3", "INIT_KL_COEF": 0.04},
-    "gate": {"MODE": "hybrid", "HYBRID": "gate", "ADVANTAGE": "rloo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2,
-             "GATE_THRESHOLD": 0.3},
-    "mix": {"MODE": "hybrid", "HYBRID": "mix", "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "SFT_LOSS": "dft",
-            "MIX_COEF": 0.7, "MIX_COEF_END": 0.2, "MIX_SCHEDULE": "cosine", "SFT_TOKEN_WEIGHT": "phi"},
+    "ppo_fused": {
+        "MODE": "ppo",
+        "PPO_BATCH": 4,
+        "TOP_P": 1.0,
+        "NO_REPEAT_NGRAM_SIZE": 0,
+        "REPETITION_PENALTY": 1.0,
+        "GENERATION_BACKEND": "hf",
+    },
+    "grpo": {
+        "MODE": "ppo",
+        "ADVANTAGE": "grpo",
+        "NUM_GENERATIONS": 4,
+        "PPO_BATCH": 2,
+        "PPO_MINI": 1,
+        "KL_IN": "loss",
+        "KL_PENALTY": "k3",
+        "INIT_KL_COEF": 0.04,
+    },
+    "gate": {"MODE": "hybrid", "HYBRID": "gate", "ADVANTAGE": "rloo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "GATE_THRESHOLD": 0.3},
+    "mix": {
+        "MODE": "hybrid",
+        "HYBRID": "mix",
+        "ADVANTAGE": "grpo",
+        "NUM_GENERATIONS": 2,
+        "PPO_BATCH": 2,
+        "SFT_LOSS": "dft",
+        "MIX_COEF": 0.7,
+        "MIX_COEF_END": 0.2,
+        "MIX_SCHEDULE": "cosine",
+        "SFT_TOKEN_WEIGHT": "phi",
+    },
     "remax": {"MODE": "ppo", "ADVANTAGE": "remax", "PPO_BATCH": 4, "KL_PENALTY": "full"},
-    "alternate": {"MODE": "hybrid", "SFT_BATCH": 4, "PPO_BATCH": 4, "CYCLE_SFT_STEPS": 1, "CYCLE_PPO_UPDATES": 1,
-                  "REF_UPDATE": "cycle", "LR_SCHEDULE": "cosine", "WARMUP_STEPS": 1},
+    "alternate": {
+        "MODE": "hybrid",
+        "SFT_BATCH": 4,
+        "PPO_BATCH": 4,
+        "CYCLE_SFT_STEPS": 1,
+        "CYCLE_PPO_UPDATES": 1,
+        "REF_UPDATE": "cycle",
+        "LR_SCHEDULE": "cosine",
+        "WARMUP_STEPS": 1,
+    },
     "lora": {"MODE": "hybrid", "HYBRID": "mix", "LORA_R": 4, "ADVANTAGE": "rloo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2},
-    "lora_vllm": {"MODE": "hybrid", "HYBRID": "mix", "LORA_R": 4, "ADVANTAGE": "rloo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2,
-                  "GENERATION_BACKEND": "vllm", "NO_REPEAT_NGRAM_SIZE": 0, "MAX_NEW_TOKENS": 6},
-    "stateful": {"MODE": "ppo", "ADVANTAGE": "remax", "PPO_BATCH": 4, "MISSING_EOS_PENALTY": 0.5,  # a running normalisation
-                 "REWARD": {"type": "weighted_sum", "components": [{"type": "chrf"}, {"type": "length", "target": 3}],
-                            "postprocess": [{"type": "normalize"}]}},
+    "lora_vllm": {
+        "MODE": "hybrid",
+        "HYBRID": "mix",
+        "LORA_R": 4,
+        "ADVANTAGE": "rloo",
+        "NUM_GENERATIONS": 2,
+        "PPO_BATCH": 2,
+        "GENERATION_BACKEND": "vllm",
+        "NO_REPEAT_NGRAM_SIZE": 0,
+        "MAX_NEW_TOKENS": 6,
+    },
+    "stateful": {
+        "MODE": "ppo",
+        "ADVANTAGE": "remax",
+        "PPO_BATCH": 4,
+        "MISSING_EOS_PENALTY": 0.5,  # a running normalisation
+        "REWARD": {
+            "type": "weighted_sum",
+            "components": [{"type": "chrf"}, {"type": "length", "target": 3}],
+            "postprocess": [{"type": "normalize"}],
+        },
+    },
 }
 
 
@@ -70,8 +130,15 @@ def compare(base: list, new: list, tol: float) -> list[str]:
 
 def run(root: Path, tag: str, name: str, work: Path, model: Path, data: Path) -> list:
     out = work / f"{tag}-{name}"
-    cfg = {**COMMON, **RUNS[name], "MODEL": str(model), "TRAIN_FILE": str(data / "train.json"),
-           "EVAL_FILE": str(data / "eval.json"), "OUTPUT_DIR": str(out), "CACHE_DIR": str(work / "cache")}
+    cfg = {
+        **COMMON,
+        **RUNS[name],
+        "MODEL": str(model),
+        "TRAIN_FILE": str(data / "train.json"),
+        "EVAL_FILE": str(data / "eval.json"),
+        "OUTPUT_DIR": str(out),
+        "CACHE_DIR": str(work / "cache"),
+    }
     path = work / f"{tag}-{name}.json"
     path.write_text(json.dumps(cfg))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}

@@ -34,8 +34,16 @@ from step_bench import overrides  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "sketch"
 RESULTS = ROOT / "bench" / "results" / "sketch"
-JOB = {"MODE": "ppo", "TRAIN_FILE": str(ROOT / "data" / "train.json"), "NUM_SAMPLES": 24, "PPO_BATCH": 8, "MAX_NEW_TOKENS": 32,
-       "REWARD": {"type": "chrf"}, "EPOCHS": 1, "SEED": 0}
+JOB = {
+    "MODE": "ppo",
+    "TRAIN_FILE": str(ROOT / "data" / "train.json"),
+    "NUM_SAMPLES": 24,
+    "PPO_BATCH": 8,
+    "MAX_NEW_TOKENS": 32,
+    "REWARD": {"type": "chrf"},
+    "EPOCHS": 1,
+    "SEED": 0,
+}
 
 
 # The sketch as written does not run here; the smallest changes that make it run, and nothing else:
@@ -46,13 +54,19 @@ PATCHES = [
     # log_with given twice (PPOConfig's and accelerator_kwargs'): Accelerator() "got multiple values for keyword argument"
     ('        accelerator_kwargs={"log_with": None},\n', ""),
     # the loop's DataLoaders collate a batch of item dicts into one dict of lists; the loop reads a list of items
-    ("        ppo_iter = iter(DataLoader(ds, batch_size=PPO_BATCH, shuffle=True))",
-     "        ppo_iter = iter(DataLoader(ds, batch_size=PPO_BATCH, shuffle=True, collate_fn=list))"),
-    ("        sft_iter = iter(DataLoader(ds, batch_size=SFT_BATCH, shuffle=True))",
-     "        sft_iter = iter(DataLoader(ds, batch_size=SFT_BATCH, shuffle=True, collate_fn=list))"),
+    (
+        "        ppo_iter = iter(DataLoader(ds, batch_size=PPO_BATCH, shuffle=True))",
+        "        ppo_iter = iter(DataLoader(ds, batch_size=PPO_BATCH, shuffle=True, collate_fn=list))",
+    ),
+    (
+        "        sft_iter = iter(DataLoader(ds, batch_size=SFT_BATCH, shuffle=True))",
+        "        sft_iter = iter(DataLoader(ds, batch_size=SFT_BATCH, shuffle=True, collate_fn=list))",
+    ),
     # PPOTrainer.step takes one tensor per score ("Elements in scores must be tensors"); the loop appends floats
-    ("                    ppo_trainer.step(q, r, rewards)",
-     "                    ppo_trainer.step(q, r, [torch.tensor(x) for x in rewards])"),
+    (
+        "                    ppo_trainer.step(q, r, rewards)",
+        "                    ppo_trainer.step(q, r, [torch.tensor(x) for x in rewards])",
+    ),
 ]
 
 
@@ -96,8 +110,12 @@ def main() -> None:
     for i in range(args.runs):
         for who in ("sketch", "ours"):
             out = OUT / f"{who}-{i}"
-            config = {**JOB, "MODEL": str(sketch_model) if who == "sketch" else "smollm2-135m-instruct", "OUTPUT_DIR": str(out),
-                      **({} if who == "sketch" else ours)}
+            config = {
+                **JOB,
+                "MODEL": str(sketch_model) if who == "sketch" else "smollm2-135m-instruct",
+                "OUTPUT_DIR": str(out),
+                **({} if who == "sketch" else ours),
+            }
             if who == "sketch":  # its own key: CLEANSE (default true) calls torch.cuda.ipc_collect(), which fails without CUDA
                 config["CLEANSE"] = False
             path = OUT / f"{who}-{i}.json"
@@ -105,8 +123,15 @@ def main() -> None:
             script = sketch_dir / "hybrid_trainer.py" if who == "sketch" else ROOT / "hybrid_trainer.py"
             python = args.sketch_python if who == "sketch" else sys.executable
             seconds, peak_gb, code = timed([python, str(script), str(path)], OUT / f"{who}-{i}.log", cwd=script.parent)
-            result = {"who": who, "run": i, "wall_s": round(seconds, 1), "peak_rss_gb": round(peak_gb, 2), "exit": code,
-                      "machine": where, **({"set": ours} if who == "ours" and ours else {})}
+            result = {
+                "who": who,
+                "run": i,
+                "wall_s": round(seconds, 1),
+                "peak_rss_gb": round(peak_gb, 2),
+                "exit": code,
+                "machine": where,
+                **({"set": ours} if who == "ours" and ours else {}),
+            }
             if code:
                 result["error"] = (OUT / f"{who}-{i}.log").read_text()[-1500:]
             with (RESULTS / "results.jsonl").open("a") as f:

@@ -33,13 +33,39 @@ ROOT = rx.ROOT
 OUT = ROOT / "runs" / "split"  # the runs (models deleted, except the teacher's)
 RESULTS = ROOT / "bench" / "results" / "split"
 DEMOS, PROMPTS, EVAL = (str(ROOT / "data" / f"chain_{n}.json") for n in ("demos", "prompts", "eval"))
-COMMON = {"MODEL": "smollm2-135m-instruct", "PROMPT_FORMAT": "chat", "CATEGORY_FIELD": "category", "MAXSEQ": 256,
-          "MAX_NEW_TOKENS": 64, "TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0, "NO_REPEAT_NGRAM_SIZE": 0,
-          "REWARD": {"type": "math", "answer_field": "answer"}, "EVAL_FILE": EVAL, "EVAL_SAMPLES": 50,
-          "EVAL_NUM_SAMPLES": 8, "EVAL_TEMPERATURE": 1.0, "LOG_EVERY": 4, "SAVE_EVERY": 0, "EPOCHS": 1,
-          "ADVANTAGE": "grpo", "NUM_GENERATIONS": 8, "PPO_BATCH": 4, "PPO_MINI": 2, "PPO_EPOCHS": 1, "LR_PPO": 1e-5,
-          "INIT_KL_COEF": 0.04, "KL_IN": "loss", "KL_PENALTY": "k3", "MASK_TRUNCATED": False, "SFT_BATCH": 4,
-          "LR_SFT": 2e-5, "GENERATION_BACKEND": "vllm", "VLLM_KV_CACHE_GB": 1.0}
+COMMON = {
+    "MODEL": "smollm2-135m-instruct",
+    "PROMPT_FORMAT": "chat",
+    "CATEGORY_FIELD": "category",
+    "MAXSEQ": 256,
+    "MAX_NEW_TOKENS": 64,
+    "TEMPERATURE": 1.0,
+    "TOP_P": 1.0,
+    "REPETITION_PENALTY": 1.0,
+    "NO_REPEAT_NGRAM_SIZE": 0,
+    "REWARD": {"type": "math", "answer_field": "answer"},
+    "EVAL_FILE": EVAL,
+    "EVAL_SAMPLES": 50,
+    "EVAL_NUM_SAMPLES": 8,
+    "EVAL_TEMPERATURE": 1.0,
+    "LOG_EVERY": 4,
+    "SAVE_EVERY": 0,
+    "EPOCHS": 1,
+    "ADVANTAGE": "grpo",
+    "NUM_GENERATIONS": 8,
+    "PPO_BATCH": 4,
+    "PPO_MINI": 2,
+    "PPO_EPOCHS": 1,
+    "LR_PPO": 1e-5,
+    "INIT_KL_COEF": 0.04,
+    "KL_IN": "loss",
+    "KL_PENALTY": "k3",
+    "MASK_TRUNCATED": False,
+    "SFT_BATCH": 4,
+    "LR_SFT": 2e-5,
+    "GENERATION_BACKEND": "vllm",
+    "VLLM_KV_CACHE_GB": 1.0,
+}
 MIXED = OUT / "mixed.json"  # gate and mix: the demonstrations and 64 prompts in one file (written by main)
 TEACHER = OUT / "sft-s0" / "inference_lm"
 VARIANTS = {
@@ -47,15 +73,30 @@ VARIANTS = {
     "grpo": {"MODE": "ppo", "TRAIN_FILE": PROMPTS, "NUM_SAMPLES": 96},
     "grpo_dyn": {"MODE": "ppo", "TRAIN_FILE": PROMPTS, "NUM_SAMPLES": 96, "DYNAMIC_SAMPLING": True},
     # two runs: the second starts from the first's model (MODEL "<stage 1>")
-    "sft_then_grpo": [{"MODE": "sft", "TRAIN_FILE": DEMOS, "EPOCHS": 3},
-                      {"MODE": "ppo", "TRAIN_FILE": PROMPTS, "NUM_SAMPLES": 96, "PPO_MINI": 4, "MODEL": "<stage 1>"}],
-    "alternate": {"MODE": "hybrid", "HYBRID": "alternate", "SFT_FILE": DEMOS, "TRAIN_FILE": PROMPTS, "NUM_SAMPLES": 32,
-                  "EPOCHS": 3, "PPO_MINI": 4},
+    "sft_then_grpo": [
+        {"MODE": "sft", "TRAIN_FILE": DEMOS, "EPOCHS": 3},
+        {"MODE": "ppo", "TRAIN_FILE": PROMPTS, "NUM_SAMPLES": 96, "PPO_MINI": 4, "MODEL": "<stage 1>"},
+    ],
+    "alternate": {
+        "MODE": "hybrid",
+        "HYBRID": "alternate",
+        "SFT_FILE": DEMOS,
+        "TRAIN_FILE": PROMPTS,
+        "NUM_SAMPLES": 32,
+        "EPOCHS": 3,
+        "PPO_MINI": 4,
+    },
     "gate": {"MODE": "hybrid", "HYBRID": "gate", "GATE_THRESHOLD": 1.0, "TRAIN_FILE": str(MIXED)},
-    "mix": {"MODE": "hybrid", "HYBRID": "mix", "MIX_COEF": 0.5, "MIX_COEF_END": 0.1, "MIX_SCHEDULE": "cosine",
-            "TRAIN_FILE": str(MIXED)},
-    "distill_task": {"MODE": "ppo", "TRAIN_FILE": PROMPTS, "NUM_SAMPLES": 96, "TEACHER_MODEL": "<teacher>",
-                     "DISTILL": "token_reverse_kl", "DISTILL_COEF": 1.0, "INIT_KL_COEF": 0.0},
+    "mix": {"MODE": "hybrid", "HYBRID": "mix", "MIX_COEF": 0.5, "MIX_COEF_END": 0.1, "MIX_SCHEDULE": "cosine", "TRAIN_FILE": str(MIXED)},
+    "distill_task": {
+        "MODE": "ppo",
+        "TRAIN_FILE": PROMPTS,
+        "NUM_SAMPLES": 96,
+        "TEACHER_MODEL": "<teacher>",
+        "DISTILL": "token_reverse_kl",
+        "DISTILL_COEF": 1.0,
+        "INIT_KL_COEF": 0.0,
+    },
 }
 
 
@@ -72,9 +113,15 @@ def run(name: str, spec, seed: int) -> dict:
         second = rx.launch(f"{name}.2", config(name, second_spec, seed, ".2"), second_spec, seed, OUT)
         rx.finish(f"{name}.2", second, OUT, RESULTS, keep=())
         rx.shutil.rmtree(OUT / f"{name}.1-s{seed}" / "inference_lm", ignore_errors=True)
-        return {**second, "variant": name, "overrides": spec, "minutes": round(first["minutes"] + second["minutes"], 2),
-                "before": first["before"], "steps": first["steps"] + second["steps"],
-                "responses": first["responses"] + second["responses"]}
+        return {
+            **second,
+            "variant": name,
+            "overrides": spec,
+            "minutes": round(first["minutes"] + second["minutes"], 2),
+            "before": first["before"],
+            "steps": first["steps"] + second["steps"],
+            "responses": first["responses"] + second["responses"],
+        }
     if spec.get("TEACHER_MODEL") == "<teacher>":
         if not (TEACHER / "config.json").is_file():
             rx.finish("sft", run("sft", VARIANTS["sft"], 0), OUT, RESULTS, keep=("sft",))

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 class Bench(NamedTuple):
     """A trainer on fixed inputs, as setup() builds it."""
+
     ht: Any  # the checkout's hybrid_trainer module
     cfg: Any
     trainer: Any
@@ -41,9 +42,22 @@ def setup(root: str, extra: dict, mini: int = 8) -> Bench:
     import hybrid_trainer as ht
     import runtime
 
-    cfg = ht.Config.from_dict({"MODE": "ppo", "TRAIN_FILE": str(Path(root) / "data" / "train.json"), "OUTPUT_DIR": "-",
-                               "SEED": 0, "PPO_BATCH": 8, "PPO_MINI": mini, "PPO_EPOCHS": 4, "SFT_BATCH": 8,
-                               "BF16": False, "PROMPT_FORMAT": "chat", "TEMPERATURE": 1.0, **extra})
+    cfg = ht.Config.from_dict(
+        {
+            "MODE": "ppo",
+            "TRAIN_FILE": str(Path(root) / "data" / "train.json"),
+            "OUTPUT_DIR": "-",
+            "SEED": 0,
+            "PPO_BATCH": 8,
+            "PPO_MINI": mini,
+            "PPO_EPOCHS": 4,
+            "SFT_BATCH": 8,
+            "BF16": False,
+            "PROMPT_FORMAT": "chat",
+            "TEMPERATURE": 1.0,
+            **extra,
+        }
+    )
     torch.manual_seed(0)
     if hasattr(ht, "keep_freed_memory"):  # as run() does on the CPU (an older checkout: glibc's defaults)
         runtime.keep_freed_memory()
@@ -57,16 +71,20 @@ def setup(root: str, extra: dict, mini: int = 8) -> Bench:
 def ppo_update(b: Bench, i: int) -> int:
     """One PPO update on items 8i .. 8i+7 (their reference responses as the sampled ones) -> tokens processed."""
     G = getattr(b.cfg, "NUM_GENERATIONS", 1)
-    rows = [e for e in b.examples[i * 8:(i + 1) * 8][:8 // G] for _ in range(G)]
+    rows = [e for e in b.examples[i * 8 : (i + 1) * 8][: 8 // G] for _ in range(G)]
     teacher_queries = [e.teacher_prompt_ids for e in rows] if getattr(b.cfg, "TEACHER_MODEL", "") == "self" else None
-    b.trainer.ppo_step([e.prompt_ids for e in rows], [e.target_ids for e in rows], [float(j % 3) for j in range(len(rows))],
-                       **({"teacher_queries": teacher_queries} if teacher_queries else {}))
+    b.trainer.ppo_step(
+        [e.prompt_ids for e in rows],
+        [e.target_ids for e in rows],
+        [float(j % 3) for j in range(len(rows))],
+        **({"teacher_queries": teacher_queries} if teacher_queries else {}),
+    )
     return sum(len(e.prompt_ids) + len(e.target_ids) for e in rows) * b.cfg.PPO_EPOCHS
 
 
 def sft_step(b: Bench, i: int) -> int:
     """One SFT step on items 8i .. 8i+7 -> tokens processed."""
-    batch = b.examples[i * 8:(i + 1) * 8]
+    batch = b.examples[i * 8 : (i + 1) * 8]
     b.trainer.sft_step(batch)
     return sum(len(e.prompt_ids) + len(e.target_ids) for e in batch)
 
@@ -91,13 +109,23 @@ def main() -> None:
         t = time.perf_counter()
         sft_tokens.append(sft_step(b, i))
         sft_s.append(time.perf_counter() - t)
-    print(json.dumps({"root": args.root, "overrides": extra, "ppo_mini": args.mini,
-                      "ppo_step_s": round(statistics.mean(ppo_s[1:]), 3), "sft_step_s": round(statistics.mean(sft_s[1:]), 3),
-                      "first_ppo_step_s": round(ppo_s[0], 3),  # the warm-up: the run's first update pays it too
-                      "ppo_page_faults": round(statistics.mean(faults[1:])), "ppo_system_s": round(statistics.mean(system_s[1:]), 2),
-                      "ppo_tokens_per_s": round(sum(ppo_tokens[1:]) / sum(ppo_s[1:]), 1),
-                      "sft_tokens_per_s": round(sum(sft_tokens[1:]) / sum(sft_s[1:]), 1),
-                      "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
+    print(
+        json.dumps(
+            {
+                "root": args.root,
+                "overrides": extra,
+                "ppo_mini": args.mini,
+                "ppo_step_s": round(statistics.mean(ppo_s[1:]), 3),
+                "sft_step_s": round(statistics.mean(sft_s[1:]), 3),
+                "first_ppo_step_s": round(ppo_s[0], 3),  # the warm-up: the run's first update pays it too
+                "ppo_page_faults": round(statistics.mean(faults[1:])),
+                "ppo_system_s": round(statistics.mean(system_s[1:]), 2),
+                "ppo_tokens_per_s": round(sum(ppo_tokens[1:]) / sum(ppo_s[1:]), 1),
+                "sft_tokens_per_s": round(sum(sft_tokens[1:]) / sum(sft_s[1:]), 1),
+                "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

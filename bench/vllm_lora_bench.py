@@ -49,9 +49,15 @@ def main() -> None:
         lm.eval()
         hf_greedy = []
         for p in check:
-            out = lm.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=tok.eos_token_id)
-            hf_greedy.append(out[0, len(p):].tolist())
+            out = lm.generate(
+                input_ids=torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                max_new_tokens=16,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=tok.eos_token_id,
+            )
+            hf_greedy.append(out[0, len(p) :].tolist())
 
     def shapes(generate) -> dict:
         generate(prompts[:1], 1, 8, False)  # warm-up
@@ -66,8 +72,7 @@ def main() -> None:
         return out
 
     def params(n, new, ignore_eos, greedy=False):
-        return SamplingParams(n=n, max_tokens=new, seed=1, ignore_eos=ignore_eos, temperature=0.0 if greedy else 1.0,
-                              top_p=1.0)
+        return SamplingParams(n=n, max_tokens=new, seed=1, ignore_eos=ignore_eos, temperature=0.0 if greedy else 1.0, top_p=1.0)
 
     base = {"precision": why, "cpu": runtime.cpu_model(), "threads": torch.get_num_threads(), "lora_r": R}
     if "--native-only" not in sys.argv:  # the trainer's way: merged weights pushed into a plain engine
@@ -76,8 +81,11 @@ def main() -> None:
         engine.sync_weights(1)
         sync = time.perf_counter() - t
         llm = engine.llm
-        result = shapes(lambda ps, n, new, ign, greedy=False: llm.generate(
-            [{"prompt_token_ids": p} for p in ps], params(n, new, ign, greedy), use_tqdm=False))
+        result = shapes(
+            lambda ps, n, new, ign, greedy=False: llm.generate(
+                [{"prompt_token_ids": p} for p in ps], params(n, new, ign, greedy), use_tqdm=False
+            )
+        )
         print(json.dumps({"way": "merged", **base, "sync_s": round(sync, 3), **result}), flush=True)
         engine.close()
         return  # one engine per process: run again with --native-only
@@ -86,9 +94,18 @@ def main() -> None:
     plan = trainer.plan
     t = time.perf_counter()
     with runtime.rng_untouched(torch.device("cpu")):
-        llm = LLM(model=plan.model, dtype="bfloat16" if plan.bf16 else "float32", seed=0, max_model_len=plan.maxseq,
-                  enforce_eager=True, skip_tokenizer_init=True, kv_cache_memory_bytes=2**30, enable_lora=True,
-                  max_lora_rank=R, max_loras=1)
+        llm = LLM(
+            model=plan.model,
+            dtype="bfloat16" if plan.bf16 else "float32",
+            seed=0,
+            max_model_len=plan.maxseq,
+            enforce_eager=True,
+            skip_tokenizer_init=True,
+            kv_cache_memory_bytes=2**30,
+            enable_lora=True,
+            max_lora_rank=R,
+            max_loras=1,
+        )
     start_s = time.perf_counter() - t
     folder = Path(tempfile.mkdtemp())
     version = [0]
@@ -109,8 +126,11 @@ def main() -> None:
     request = sync()
     llm.generate(one, params(1, 1, True), lora_request=request, use_tqdm=False)  # save + load of a new version
     sync_s = time.perf_counter() - t - one_token
-    result = shapes(lambda ps, n, new, ign, greedy=False: llm.generate(
-        [{"prompt_token_ids": p} for p in ps], params(n, new, ign, greedy), lora_request=request, use_tqdm=False))
+    result = shapes(
+        lambda ps, n, new, ign, greedy=False: llm.generate(
+            [{"prompt_token_ids": p} for p in ps], params(n, new, ign, greedy), lora_request=request, use_tqdm=False
+        )
+    )
     print(json.dumps({"way": "native", **base, "start_s": round(start_s, 2), "sync_s": round(sync_s, 3), **result}), flush=True)
     llm.llm_engine.engine_core.shutdown()
 

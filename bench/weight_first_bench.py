@@ -31,8 +31,18 @@ def main() -> None:
 
     runtime.defer_scikit_learn()
     runtime.keep_freed_memory()
-    cfg = ht.Config.from_dict({"MODE": "ppo", "TRAIN_FILE": str(ROOT / "data" / "train.json"), "OUTPUT_DIR": "-", "SEED": 0,
-                               "MAX_NEW_TOKENS": 32, "REWARD": {"type": "chrf"}, "GENERATION_BACKEND": "hf", "BF16": False})
+    cfg = ht.Config.from_dict(
+        {
+            "MODE": "ppo",
+            "TRAIN_FILE": str(ROOT / "data" / "train.json"),
+            "OUTPUT_DIR": "-",
+            "SEED": 0,
+            "MAX_NEW_TOKENS": 32,
+            "REWARD": {"type": "chrf"},
+            "GENERATION_BACKEND": "hf",
+            "BF16": False,
+        }
+    )
     device, paths = torch.device("cpu"), runtime.resolve_model(cfg)
     runtime.prepare_weights(cfg, paths)
     policy, _, tokenizer = ht.load_model(cfg, device, False, paths)
@@ -42,18 +52,37 @@ def main() -> None:
     seconds = {False: [], True: []}
     for r in range(args.rounds):
         for on in (False, True):
-            engine = runtime.HFEngine(cfg, types.SimpleNamespace(maxseq=cfg.MAXSEQ, bf16=False, weight_first=on), policy, tokenizer,
-                                 device)
+            engine = runtime.HFEngine(cfg, types.SimpleNamespace(maxseq=cfg.MAXSEQ, bf16=False, weight_first=on), policy, tokenizer, device)
             torch.manual_seed(r)
             t0 = time.perf_counter()
             out = engine.generate(prompts)
             seconds[on].append(time.perf_counter() - t0)
-            print(json.dumps({"round": r, "weight_first": on, "seconds": round(seconds[on][-1], 3),
-                              "tokens": sum(map(len, out.responses)), "first_response": out.responses[0][:8]}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "round": r,
+                        "weight_first": on,
+                        "seconds": round(seconds[on][-1], 3),
+                        "tokens": sum(map(len, out.responses)),
+                        "first_response": out.responses[0][:8],
+                    }
+                ),
+                flush=True,
+            )
     ratios = [a / b for a, b in zip(seconds[False], seconds[True])]
-    print(json.dumps({"summary": True, "cpu": runtime.cpu_model(), "threads": torch.get_num_threads(), "probe": probe,
-                      "f_linear_s": [round(s, 3) for s in seconds[False]], "weight_first_s": [round(s, 3) for s in seconds[True]],
-                      "speedup_per_round": [round(x, 3) for x in ratios]}))
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "cpu": runtime.cpu_model(),
+                "threads": torch.get_num_threads(),
+                "probe": probe,
+                "f_linear_s": [round(s, 3) for s in seconds[False]],
+                "weight_first_s": [round(s, 3) for s in seconds[True]],
+                "speedup_per_round": [round(x, 3) for x in ratios],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,25 +20,111 @@ import random
 from pathlib import Path
 
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
-    "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi", "Russia": "Moscow", "Egypt": "Cairo",
-    "Kenya": "Nairobi", "Canada": "Ottawa", "Mexico": "Mexico City", "Brazil": "Brasilia", "Peru": "Lima",
-    "Chile": "Santiago", "Argentina": "Buenos Aires", "Australia": "Canberra", "Norway": "Oslo",
-    "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen", "Poland": "Warsaw",
-    "Greece": "Athens", "Turkey": "Ankara", "Ireland": "Dublin", "Austria": "Vienna", "Hungary": "Budapest",
-    "Belgium": "Brussels", "Netherlands": "Amsterdam", "Switzerland": "Bern", "Thailand": "Bangkok",
-    "Vietnam": "Hanoi", "South Korea": "Seoul", "Indonesia": "Jakarta", "Iran": "Tehran", "Iraq": "Baghdad",
-    "Cuba": "Havana", "Colombia": "Bogota", "Nigeria": "Abuja", "Ghana": "Accra", "Morocco": "Rabat",
-    "Ukraine": "Kyiv", "Czechia": "Prague", "Romania": "Bucharest", "Bulgaria": "Sofia", "Serbia": "Belgrade",
-    "Croatia": "Zagreb", "Iceland": "Reykjavik", "New Zealand": "Wellington",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "India": "New Delhi",
+    "Russia": "Moscow",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Canada": "Ottawa",
+    "Mexico": "Mexico City",
+    "Brazil": "Brasilia",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Argentina": "Buenos Aires",
+    "Australia": "Canberra",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Poland": "Warsaw",
+    "Greece": "Athens",
+    "Turkey": "Ankara",
+    "Ireland": "Dublin",
+    "Austria": "Vienna",
+    "Hungary": "Budapest",
+    "Belgium": "Brussels",
+    "Netherlands": "Amsterdam",
+    "Switzerland": "Bern",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "South Korea": "Seoul",
+    "Indonesia": "Jakarta",
+    "Iran": "Tehran",
+    "Iraq": "Baghdad",
+    "Cuba": "Havana",
+    "Colombia": "Bogota",
+    "Nigeria": "Abuja",
+    "Ghana": "Accra",
+    "Morocco": "Rabat",
+    "Ukraine": "Kyiv",
+    "Czechia": "Prague",
+    "Romania": "Bucharest",
+    "Bulgaria": "Sofia",
+    "Serbia": "Belgrade",
+    "Croatia": "Zagreb",
+    "Iceland": "Reykjavik",
+    "New Zealand": "Wellington",
 }
-WORDS = ["apple", "river", "garden", "window", "planet", "silver", "orange", "winter", "forest", "rocket",
-         "candle", "bridge", "market", "pencil", "castle", "dragon", "violet", "harbor", "meadow", "puzzle",
-         "jacket", "island", "mirror", "thunder", "lantern", "velvet", "falcon", "cobalt", "saddle", "tunnel"]
-OPPOSITES = {"hot": "cold", "big": "small", "fast": "slow", "up": "down", "happy": "sad", "light": "dark",
-             "early": "late", "open": "closed", "full": "empty", "strong": "weak", "old": "new", "high": "low",
-             "rich": "poor", "hard": "soft", "wet": "dry", "loud": "quiet", "long": "short", "near": "far",
-             "thick": "thin", "clean": "dirty"}
+WORDS = [
+    "apple",
+    "river",
+    "garden",
+    "window",
+    "planet",
+    "silver",
+    "orange",
+    "winter",
+    "forest",
+    "rocket",
+    "candle",
+    "bridge",
+    "market",
+    "pencil",
+    "castle",
+    "dragon",
+    "violet",
+    "harbor",
+    "meadow",
+    "puzzle",
+    "jacket",
+    "island",
+    "mirror",
+    "thunder",
+    "lantern",
+    "velvet",
+    "falcon",
+    "cobalt",
+    "saddle",
+    "tunnel",
+]
+OPPOSITES = {
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "up": "down",
+    "happy": "sad",
+    "light": "dark",
+    "early": "late",
+    "open": "closed",
+    "full": "empty",
+    "strong": "weak",
+    "old": "new",
+    "high": "low",
+    "rich": "poor",
+    "hard": "soft",
+    "wet": "dry",
+    "loud": "quiet",
+    "long": "short",
+    "near": "far",
+    "thick": "thin",
+    "clean": "dirty",
+}
 
 
 def tasks(rng: random.Random, countries, words, opposites, numbers):
@@ -82,10 +168,46 @@ def build(n: int, seed: int, countries, words, opposites, numbers, seen=frozense
             return items
 
 
-NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivan", "Jade", "Kai", "Lena", "Milo", "Nora",
-         "Omar", "Pia", "Quinn", "Rosa", "Sam", "Tara"]
-THINGS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "stamps", "shells", "cards", "balloons",
-          "buttons", "candles", "eggs", "flowers", "coins", "toys"]
+NAMES = [
+    "Ava",
+    "Ben",
+    "Cleo",
+    "Dan",
+    "Eva",
+    "Finn",
+    "Gus",
+    "Hana",
+    "Ivan",
+    "Jade",
+    "Kai",
+    "Lena",
+    "Milo",
+    "Nora",
+    "Omar",
+    "Pia",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+]
+THINGS = [
+    "apples",
+    "pencils",
+    "stickers",
+    "marbles",
+    "cookies",
+    "books",
+    "stamps",
+    "shells",
+    "cards",
+    "balloons",
+    "buttons",
+    "candles",
+    "eggs",
+    "flowers",
+    "coins",
+    "toys",
+]
 
 
 def math_problem(rng: random.Random, names, things, low: int, high: int) -> dict:
@@ -94,26 +216,41 @@ def math_problem(rng: random.Random, names, things, low: int, high: int) -> dict
     name, thing = rng.choice(names), rng.choice(things)
     a, b = rng.randint(low, high), rng.randint(2, 9)
     if kind == "add":
-        q, steps, answer = (f"{name} has {a} {thing}. {name} gets {b} more. How many {thing} does {name} have now?",
-                            f"{a} + {b} = {a + b}", a + b)
+        q, steps, answer = (
+            f"{name} has {a} {thing}. {name} gets {b} more. How many {thing} does {name} have now?",
+            f"{a} + {b} = {a + b}",
+            a + b,
+        )
     elif kind == "subtract":
-        q, steps, answer = (f"{name} had {a + b} {thing} and gave away {b}. How many {thing} are left?",
-                            f"{a + b} - {b} = {a}", a)
+        q, steps, answer = (f"{name} had {a + b} {thing} and gave away {b}. How many {thing} are left?", f"{a + b} - {b} = {a}", a)
     elif kind == "multiply":
         q, steps, answer = (f"Each bag holds {b} {thing}. How many {thing} are in {a} bags?", f"{a} * {b} = {a * b}", a * b)
     elif kind == "divide":
-        q, steps, answer = (f"{name} shares {a * b} {thing} equally among {b} friends. How many {thing} does each friend get?",
-                            f"{a * b} / {b} = {a}", a)
+        q, steps, answer = (
+            f"{name} shares {a * b} {thing} equally among {b} friends. How many {thing} does each friend get?",
+            f"{a * b} / {b} = {a}",
+            a,
+        )
     elif kind == "two_step":
         c = rng.randint(1, a * b - 1)
-        q, steps, answer = (f"{name} buys {a} boxes of {b} {thing} and gives away {c}. How many {thing} does {name} keep?",
-                            f"{a} * {b} = {a * b}, and {a * b} - {c} = {a * b - c}", a * b - c)
+        q, steps, answer = (
+            f"{name} buys {a} boxes of {b} {thing} and gives away {c}. How many {thing} does {name} keep?",
+            f"{a} * {b} = {a * b}, and {a * b} - {c} = {a * b - c}",
+            a * b - c,
+        )
     else:
         other = rng.choice([n for n in names if n != name])
-        q, steps, answer = (f"{name} has {a + b} {thing} and {other} has {a}. How many more {thing} does {name} have?",
-                            f"{a + b} - {a} = {b}", b)
-    return {"prompt": [{"role": "user", "content": f"{q} {MATH_ASK}"}], "completion": f"{steps}.\n#### {answer}",
-            "answer": str(answer), "category": kind}
+        q, steps, answer = (
+            f"{name} has {a + b} {thing} and {other} has {a}. How many more {thing} does {name} have?",
+            f"{a + b} - {a} = {b}",
+            b,
+        )
+    return {
+        "prompt": [{"role": "user", "content": f"{q} {MATH_ASK}"}],
+        "completion": f"{steps}.\n#### {answer}",
+        "answer": str(answer),
+        "category": kind,
+    }
 
 
 MATH_ASK = "Show the calculation, then give the final answer after ####."
@@ -131,52 +268,119 @@ def math_set(n: int, seed: int, names, things, low: int, high: int, seen=frozens
 
 CODE = [  # (entry point, prompt, tests)
     ("add", "Write a Python function add(a, b) that returns the sum of a and b.", ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]),
-    ("is_even", "Write a Python function is_even(n) that returns True when n is even.",
-     ["assert is_even(4) is True", "assert is_even(7) is False", "assert is_even(0) is True"]),
-    ("reverse", "Write a Python function reverse(s) that returns the string s reversed.",
-     ["assert reverse('abc') == 'cba'", "assert reverse('') == ''"]),
-    ("maximum", "Write a Python function maximum(xs) that returns the largest number in the list xs.",
-     ["assert maximum([1, 5, 3]) == 5", "assert maximum([-2, -7]) == -2"]),
-    ("count_vowels", "Write a Python function count_vowels(s) that counts the vowels (a, e, i, o, u) in s.",
-     ["assert count_vowels('hello') == 2", "assert count_vowels('sky') == 0", "assert count_vowels('AEIOU'.lower()) == 5"]),
-    ("factorial", "Write a Python function factorial(n) that returns n! for n >= 0.",
-     ["assert factorial(0) == 1", "assert factorial(5) == 120"]),
-    ("square_all", "Write a Python function square_all(xs) that returns a list of the squares of xs.",
-     ["assert square_all([1, 2, 3]) == [1, 4, 9]", "assert square_all([]) == []"]),
-    ("first_word", "Write a Python function first_word(s) that returns the first word of the sentence s.",
-     ["assert first_word('hello big world') == 'hello'", "assert first_word('one') == 'one'"]),
-    ("sum_list", "Write a Python function sum_list(xs) that returns the sum of the numbers in xs.",
-     ["assert sum_list([1, 2, 3]) == 6", "assert sum_list([]) == 0"]),
-    ("is_palindrome", "Write a Python function is_palindrome(s) that returns True when s reads the same backwards.",
-     ["assert is_palindrome('level') is True", "assert is_palindrome('abc') is False"]),
-    ("fizz", "Write a Python function fizz(n) that returns 'Fizz' when n is divisible by 3, else str(n).",
-     ["assert fizz(9) == 'Fizz'", "assert fizz(4) == '4'"]),
-    ("average", "Write a Python function average(xs) that returns the mean of a non-empty list of numbers.",
-     ["assert average([2, 4]) == 3", "assert average([5]) == 5"]),
+    (
+        "is_even",
+        "Write a Python function is_even(n) that returns True when n is even.",
+        ["assert is_even(4) is True", "assert is_even(7) is False", "assert is_even(0) is True"],
+    ),
+    (
+        "reverse",
+        "Write a Python function reverse(s) that returns the string s reversed.",
+        ["assert reverse('abc') == 'cba'", "assert reverse('') == ''"],
+    ),
+    (
+        "maximum",
+        "Write a Python function maximum(xs) that returns the largest number in the list xs.",
+        ["assert maximum([1, 5, 3]) == 5", "assert maximum([-2, -7]) == -2"],
+    ),
+    (
+        "count_vowels",
+        "Write a Python function count_vowels(s) that counts the vowels (a, e, i, o, u) in s.",
+        ["assert count_vowels('hello') == 2", "assert count_vowels('sky') == 0", "assert count_vowels('AEIOU'.lower()) == 5"],
+    ),
+    (
+        "factorial",
+        "Write a Python function factorial(n) that returns n! for n >= 0.",
+        ["assert factorial(0) == 1", "assert factorial(5) == 120"],
+    ),
+    (
+        "square_all",
+        "Write a Python function square_all(xs) that returns a list of the squares of xs.",
+        ["assert square_all([1, 2, 3]) == [1, 4, 9]", "assert square_all([]) == []"],
+    ),
+    (
+        "first_word",
+        "Write a Python function first_word(s) that returns the first word of the sentence s.",
+        ["assert first_word('hello big world') == 'hello'", "assert first_word('one') == 'one'"],
+    ),
+    (
+        "sum_list",
+        "Write a Python function sum_list(xs) that returns the sum of the numbers in xs.",
+        ["assert sum_list([1, 2, 3]) == 6", "assert sum_list([]) == 0"],
+    ),
+    (
+        "is_palindrome",
+        "Write a Python function is_palindrome(s) that returns True when s reads the same backwards.",
+        ["assert is_palindrome('level') is True", "assert is_palindrome('abc') is False"],
+    ),
+    (
+        "fizz",
+        "Write a Python function fizz(n) that returns 'Fizz' when n is divisible by 3, else str(n).",
+        ["assert fizz(9) == 'Fizz'", "assert fizz(4) == '4'"],
+    ),
+    (
+        "average",
+        "Write a Python function average(xs) that returns the mean of a non-empty list of numbers.",
+        ["assert average([2, 4]) == 3", "assert average([5]) == 5"],
+    ),
 ]
 
 
 CODE_SOLUTIONS = [
-    "def add(a, b):\n    return a + b", "def is_even(n):\n    return n % 2 == 0", "def reverse(s):\n    return s[::-1]",
-    "def maximum(xs):\n    return max(xs)", "def count_vowels(s):\n    return sum(c in 'aeiou' for c in s)",
-    "def factorial(n):\n    return 1 if n == 0 else n * factorial(n - 1)", "def square_all(xs):\n    return [x * x for x in xs]",
-    "def first_word(s):\n    return s.split()[0]", "def sum_list(xs):\n    return sum(xs)",
-    "def is_palindrome(s):\n    return s == s[::-1]", "def fizz(n):\n    return 'Fizz' if n % 3 == 0 else str(n)",
+    "def add(a, b):\n    return a + b",
+    "def is_even(n):\n    return n % 2 == 0",
+    "def reverse(s):\n    return s[::-1]",
+    "def maximum(xs):\n    return max(xs)",
+    "def count_vowels(s):\n    return sum(c in 'aeiou' for c in s)",
+    "def factorial(n):\n    return 1 if n == 0 else n * factorial(n - 1)",
+    "def square_all(xs):\n    return [x * x for x in xs]",
+    "def first_word(s):\n    return s.split()[0]",
+    "def sum_list(xs):\n    return sum(xs)",
+    "def is_palindrome(s):\n    return s == s[::-1]",
+    "def fizz(n):\n    return 'Fizz' if n % 3 == 0 else str(n)",
     "def average(xs):\n    return sum(xs) / len(xs)",
 ]
 
 
-CHAIN_MOVES = [("finds {n} more", "+"), ("gets {n} more", "+"), ("loses {n}", "-"), ("gives away {n}", "-"),
-               ("buys {n} more", "+"), ("sells {n}", "-")]
+CHAIN_MOVES = [
+    ("finds {n} more", "+"),
+    ("gets {n} more", "+"),
+    ("loses {n}", "-"),
+    ("gives away {n}", "-"),
+    ("buys {n} more", "+"),
+    ("sells {n}", "-"),
+]
 
 
-BARE_FORMS = ("What is {e}?", "Compute {e}.", "Calculate {e}.", "{e} = ?", "Work out {e}.", "Find {e}.", "Evaluate {e}.",
-              "What does {e} equal?", "What is the value of {e}?", "Tell me {e}.", "How much is {e}?", "Give {e}.")
+BARE_FORMS = (
+    "What is {e}?",
+    "Compute {e}.",
+    "Calculate {e}.",
+    "{e} = ?",
+    "Work out {e}.",
+    "Find {e}.",
+    "Evaluate {e}.",
+    "What does {e} equal?",
+    "What is the value of {e}?",
+    "Tell me {e}.",
+    "How much is {e}?",
+    "Give {e}.",
+)
 CHAIN_SHOT = "For example: What is 6 + 3 - 4? 6 + 3 = 9, 9 - 4 = 5.\n#### 5\n\nNow: "  # one worked example before the question
 
 
-def chain_problem(rng: random.Random, names, things, steps: int, high: int = 9, words: bool = True, ask: str = "",
-                  shot: bool = False, start_high: int = 0, forms=BARE_FORMS[:1]) -> dict:
+def chain_problem(
+    rng: random.Random,
+    names,
+    things,
+    steps: int,
+    high: int = 9,
+    words: bool = True,
+    ask: str = "",
+    shot: bool = False,
+    start_high: int = 0,
+    forms=BARE_FORMS[:1],
+) -> dict:
     """One problem of the chain family, whose difficulty knob is `steps`, the number of additions and subtractions
     (numbers 1..high, the first one 2..start_high if given; every partial result stays positive): a word problem ("Ava
     has 5 shells. Ava finds 3 more, then gives away 2. How many shells does Ava have now?"), or the bare sum in one of
@@ -199,16 +403,20 @@ def chain_problem(rng: random.Random, names, things, steps: int, high: int = 9, 
         q = f"{name} has {start} {thing}. {name} {moves}. How many {thing} does {name} have now?"
     else:
         q = (rng.choice(forms) if len(forms) > 1 else forms[0]).format(e=" ".join([str(start)] + [f"{op} {n}" for _, op, n in parts]))
-    return {"prompt": [{"role": "user", "content": f"{CHAIN_SHOT if shot else ''}{q} {ask or MATH_ASK}"}],
-            "completion": ", ".join(lines) + f".\n#### {total}",
-            "answer": str(total), "category": f"steps_{steps}"}
+    return {
+        "prompt": [{"role": "user", "content": f"{CHAIN_SHOT if shot else ''}{q} {ask or MATH_ASK}"}],
+        "completion": ", ".join(lines) + f".\n#### {total}",
+        "answer": str(total),
+        "category": f"steps_{steps}",
+    }
 
 
 CHAIN_STEPS = (1, 2)  # the chain split's difficulties, equally often (bench/difficulty_probe.py measured 1-3; README)
 
 
-def chain_set(n: int, seed: int, names, things, seen=frozenset(), held_out=frozenset(), answer_only: bool = False,
-              distinct_sums: bool = False) -> list:
+def chain_set(
+    n: int, seed: int, names, things, seen=frozenset(), held_out=frozenset(), answer_only: bool = False, distinct_sums: bool = False
+) -> list:
     """n distinct bare chain problems in any of BARE_FORMS, the difficulties of CHAIN_STEPS in turn. seen: questions
     already used; held_out: sums (worked solutions) no problem here may be (the held-out set's: a form is not a new
     problem); distinct_sums: no sum twice (the held-out set). answer_only: prompt, answer and category, no worked
@@ -224,15 +432,14 @@ def chain_set(n: int, seed: int, names, things, seen=frozenset(), held_out=froze
     return items
 
 
-TOOL_ASK = ("You have a calculator: write <calc>expression</calc> and its result comes back. "
-            "Then give the final answer after ####.")
+TOOL_ASK = "You have a calculator: write <calc>expression</calc> and its result comes back. Then give the final answer after ####."
 DIRECT_ASK = "Give the final answer after ####."
 
 
 def tool_problem(rng: random.Random, names, things, digits: int) -> tuple:
     """(category, question, expression, answer): arithmetic a 135M model cannot do reliably in its head. digits: the
     size of the numbers (the difficulty knob)."""
-    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+    lo, hi = 10 ** (digits - 1), 10**digits - 1
     name, thing = rng.choice(names), rng.choice(things)
     kind = rng.choice(["product", "sum", "two_step"])
     if kind == "product":
@@ -240,12 +447,15 @@ def tool_problem(rng: random.Random, names, things, digits: int) -> tuple:
         return kind, f"A crate holds {a} {thing}. How many {thing} are in {b} crates?", f"{a}*{b}", a * b
     if kind == "sum":
         a, b, c = rng.randint(lo, hi), rng.randint(lo, hi), rng.randint(100, 999)
-        return (kind, f"{name} counted {a} {thing} on Monday, {b} on Tuesday and {c} on Wednesday. How many {thing} in all?",
-                f"{a}+{b}+{c}", a + b + c)
+        return (
+            kind,
+            f"{name} counted {a} {thing} on Monday, {b} on Tuesday and {c} on Wednesday. How many {thing} in all?",
+            f"{a}+{b}+{c}",
+            a + b + c,
+        )
     a, b = rng.randint(lo, hi), rng.randint(12, 99)
     c = rng.randint(100, a * b - 1)
-    return (kind, f"{name} buys {b} boxes of {a} {thing} and gives away {c}. How many {thing} does {name} keep?",
-            f"{a}*{b}-{c}", a * b - c)
+    return (kind, f"{name} buys {b} boxes of {a} {thing} and gives away {c}. How many {thing} does {name} keep?", f"{a}*{b}-{c}", a * b - c)
 
 
 def tool_set(n: int, seed: int, names, things, digits: int = 3, seen=frozenset()) -> list:
@@ -258,11 +468,18 @@ def tool_set(n: int, seed: int, names, things, digits: int = 3, seen=frozenset()
             continue
         keys.add(question)
         shown = expression.replace("*", " * ").replace("+", " + ").replace("-", " - ")
-        items.append({"messages": [{"role": "user", "content": f"{question} {TOOL_ASK}"},
-                                   {"role": "assistant", "content": f"<calc>{expression}</calc>"},
-                                   {"role": "tool", "content": str(answer)},
-                                   {"role": "assistant", "content": f"{shown} = {answer}.\n#### {answer}"}],
-                      "answer": str(answer), "category": kind})
+        items.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"{question} {TOOL_ASK}"},
+                    {"role": "assistant", "content": f"<calc>{expression}</calc>"},
+                    {"role": "tool", "content": str(answer)},
+                    {"role": "assistant", "content": f"{shown} = {answer}.\n#### {answer}"},
+                ],
+                "answer": str(answer),
+                "category": kind,
+            }
+        )
     return items
 
 
@@ -271,8 +488,14 @@ def direct_rows(tool_rows: list) -> list:
     out = []
     for row in tool_rows:
         question = row["messages"][0]["content"].replace(TOOL_ASK, DIRECT_ASK)
-        out.append({"prompt": [{"role": "user", "content": question}], "completion": row["messages"][3]["content"],
-                    "answer": row["answer"], "category": row["category"]})
+        out.append(
+            {
+                "prompt": [{"role": "user", "content": question}],
+                "completion": row["messages"][3]["content"],
+                "answer": row["answer"],
+                "category": row["category"],
+            }
+        )
     return out
 
 
@@ -284,8 +507,7 @@ def main() -> None:
     words, opposites = WORDS[:], sorted(OPPOSITES)
     train = build(300, 1, countries[:40], words[:22], opposites[:15], list(range(2, 60)))
     # held out: unseen countries, words, opposites and numbers
-    evals = build(60, 2, countries[40:], words[22:], opposites[15:], list(range(60, 99)),
-                  seen={x["instruction"] for x in train})
+    evals = build(60, 2, countries[40:], words[22:], opposites[15:], list(range(60, 99)), seen={x["instruction"] for x in train})
     (here / "train.json").write_text(json.dumps(train, indent=1) + "\n")
     (here / "eval.json").write_text(json.dumps(evals, indent=1) + "\n")
     math_train = math_set(400, 3, NAMES[:14], THINGS[:11], 1, 9)
@@ -293,15 +515,18 @@ def main() -> None:
     math_eval = math_set(100, 4, NAMES[14:], THINGS[11:], 1, 9, seen={x["prompt"][0]["content"] for x in math_train})
     (here / "math_train.json").write_text(json.dumps(math_train, indent=1) + "\n")
     (here / "math_eval.json").write_text(json.dumps(math_eval, indent=1) + "\n")
-    code = [{"prompt": prompt, "completion": f"```python\n{solution}\n```", "tests": tests, "entry_point": name}
-            for (name, prompt, tests), solution in zip(CODE, CODE_SOLUTIONS)]
+    code = [
+        {"prompt": prompt, "completion": f"```python\n{solution}\n```", "tests": tests, "entry_point": name}
+        for (name, prompt, tests), solution in zip(CODE, CODE_SOLUTIONS)
+    ]
     (here / "code.json").write_text(json.dumps(code, indent=1) + "\n")
     # the split users have: a few worked solutions, many answer-only prompts, a held-out set; no question in two
     chain_eval = chain_set(100, 9, NAMES, THINGS, distinct_sums=True)  # first: its sums are held out of the others
     held_out = {x["completion"] for x in chain_eval}
     chain_demos = chain_set(32, 7, NAMES, THINGS, held_out=held_out)
-    chain_prompts = chain_set(1200, 8, NAMES, THINGS, seen={x["prompt"][0]["content"] for x in chain_demos},
-                              held_out=held_out, answer_only=True)
+    chain_prompts = chain_set(
+        1200, 8, NAMES, THINGS, seen={x["prompt"][0]["content"] for x in chain_demos}, held_out=held_out, answer_only=True
+    )
     for name, rows in (("chain_demos", chain_demos), ("chain_prompts", chain_prompts), ("chain_eval", chain_eval)):
         (here / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
     tool_train = tool_set(400, 5, NAMES[:14], THINGS[:11])
@@ -309,10 +534,12 @@ def main() -> None:
     for name, rows in (("tool_train", tool_train), ("tool_eval", tool_eval)):
         (here / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
         (here / f"{name.replace('tool', 'direct')}.json").write_text(json.dumps(direct_rows(rows), indent=1) + "\n")
-    print(f"wrote {len(train)} + {len(evals)} demo items, {len(math_train)} + {len(math_eval)} math problems, "
-          f"{len(code)} code tasks, {len(chain_demos)} + {len(chain_prompts)} + {len(chain_eval)} chain problems "
-          f"(demonstrations, answer-only prompts, held out) "
-          f"and {len(tool_train)} + {len(tool_eval)} tool problems (with and without the tool) to {here}")
+    print(
+        f"wrote {len(train)} + {len(evals)} demo items, {len(math_train)} + {len(math_eval)} math problems, "
+        f"{len(code)} code tasks, {len(chain_demos)} + {len(chain_prompts)} + {len(chain_eval)} chain problems "
+        f"(demonstrations, answer-only prompts, held out) "
+        f"and {len(tool_train)} + {len(tool_eval)} tool problems (with and without the tool) to {here}"
+    )
 
 
 if __name__ == "__main__":

@@ -17,17 +17,24 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CORPUS = [
-    "the cat sat on the mat", "a dog ran in the park", "paris is the capital of france",
-    "two plus two is four", "hello world", "write the word yes", "### Prompt: ### Response:",
-    "question: answer: instruction: output: input:", "0123456789 + - = ? ! . , ` : ( ) [ ]",
-    "yes yes yes no no no maybe", "berlin madrid rome london tokyo",
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "paris is the capital of france",
+    "two plus two is four",
+    "hello world",
+    "write the word yes",
+    "### Prompt: ### Response:",
+    "question: answer: instruction: output: input:",
+    "0123456789 + - = ? ! . , ` : ( ) [ ]",
+    "yes yes yes no no no maybe",
+    "berlin madrid rome london tokyo",
 ]
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
-def build_tiny_model(path: Path, chat: bool = False, seed: int = 0, n_layer: int = 2, n_embd: int = 64,
-                     init_range: float = 0.02) -> Path:
+def build_tiny_model(path: Path, chat: bool = False, seed: int = 0, n_layer: int = 2, n_embd: int = 64, init_range: float = 0.02) -> Path:
     """Train a ~300-token byte-level BPE on CORPUS and save it with a random 2-layer GPT-2. A larger init_range
     gives embeddings large enough that a LoRA adapter (which cannot change the tied embeddings) can move the
     output distribution."""
@@ -39,15 +46,23 @@ def build_tiny_model(path: Path, chat: bool = False, seed: int = 0, n_layer: int
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>" if not chat else "<|end|>",
-                                   bos_token="<|endoftext|>")
+    tok.train_from_iterator(
+        CORPUS * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>" if not chat else "<|end|>", bos_token="<|endoftext|>")
     if chat:
         fast.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(fast), n_positions=1024, n_embd=n_embd, n_layer=n_layer, n_head=2, initializer_range=init_range,
-                        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(fast),
+        n_positions=1024,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=2,
+        initializer_range=init_range,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
     GPT2LMHeadModel(config).save_pretrained(path)
     fast.save_pretrained(path)
     return path
@@ -88,8 +103,10 @@ def write_tiny_gguf(path: Path, seed: int = 0, chat_template: str = "") -> Path:
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        CORPUS * 20,
+        trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
     state = json.loads(tok.to_str())
     vocab = sorted(state["model"]["vocab"].items(), key=lambda kv: kv[1])
     merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
@@ -114,13 +131,22 @@ def write_tiny_gguf(path: Path, seed: int = 0, chat_template: str = "") -> Path:
         w.add_chat_template(chat_template)
     rng = np.random.default_rng(seed)
     rand = lambda *shape: (rng.standard_normal(shape) * 0.02).astype(np.float32)  # noqa: E731
-    tensors = {"token_embd.weight": rand(n_vocab, hidden), "output_norm.weight": np.ones(hidden, np.float32),
-               "output.weight": rand(n_vocab, hidden), "blk.0.attn_norm.weight": np.ones(hidden, np.float32),
-               "blk.0.ffn_norm.weight": np.ones(hidden, np.float32)}
+    tensors = {
+        "token_embd.weight": rand(n_vocab, hidden),
+        "output_norm.weight": np.ones(hidden, np.float32),
+        "output.weight": rand(n_vocab, hidden),
+        "blk.0.attn_norm.weight": np.ones(hidden, np.float32),
+        "blk.0.ffn_norm.weight": np.ones(hidden, np.float32),
+    }
     for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
         tensors[f"blk.0.{name}.weight"] = rand(hidden, hidden)
-    tensors.update({"blk.0.ffn_gate.weight": rand(inter, hidden), "blk.0.ffn_up.weight": rand(inter, hidden),
-                    "blk.0.ffn_down.weight": rand(hidden, inter)})
+    tensors.update(
+        {
+            "blk.0.ffn_gate.weight": rand(inter, hidden),
+            "blk.0.ffn_up.weight": rand(inter, hidden),
+            "blk.0.ffn_down.weight": rand(hidden, inter),
+        }
+    )
     for name, array in tensors.items():
         w.add_tensor(name, array)
     w.write_header_to_file()
@@ -138,8 +164,12 @@ EXACT_PPO = {"TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0, "NO_RE
 def run_cli(config: dict, tmp_path: Path, *extra, check=True) -> subprocess.CompletedProcess:
     path = tmp_path / f"config-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(config))
-    proc = subprocess.run([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path), *extra],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "hybrid_trainer.py"), str(path), *extra],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -164,19 +194,33 @@ def trainer_for(cfg_overrides, tiny_model, tiny_data, reward):
 
     import hybrid_trainer as ht
 
-    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": "-",
-                               "SEED": 0, **EXACT_PPO, **cfg_overrides})
+    cfg = ht.Config.from_dict(
+        {"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": "-", "SEED": 0, **EXACT_PPO, **cfg_overrides}
+    )
     torch.manual_seed(0)
     policy, ref, tok = ht.load_model(cfg, torch.device("cpu"))
     examples = ht.tokenize_examples(ht.load_examples(cfg), cfg, tok, "sketch", "TRAIN_FILE")
     return ht.HybridTrainer(cfg, policy, ref, tok, reward), examples
 
 
-HYBRID_RESUME = {"MODE": "hybrid", "SEED": 7, "REF_UPDATE": "cycle", "LR_SCHEDULE": "cosine", "WARMUP_STEPS": 2,
-                 "SFT_BATCH": 2, "PPO_BATCH": 2, "PPO_MINI": 1, "CYCLE_SFT_STEPS": 2,
-                 "CYCLE_PPO_UPDATES": 1, "MAX_NEW_TOKENS": 4, "EPOCHS": 2, "LR_SFT": 1e-3, "LR_PPO": 1e-3, "SAVE_EVERY": 1,
-                 "REWARD": {"type": "weighted_sum", "components": [{"type": "contains", "pattern": "yes"}],
-                            "postprocess": [{"type": "normalize"}]}}
+HYBRID_RESUME = {
+    "MODE": "hybrid",
+    "SEED": 7,
+    "REF_UPDATE": "cycle",
+    "LR_SCHEDULE": "cosine",
+    "WARMUP_STEPS": 2,
+    "SFT_BATCH": 2,
+    "PPO_BATCH": 2,
+    "PPO_MINI": 1,
+    "CYCLE_SFT_STEPS": 2,
+    "CYCLE_PPO_UPDATES": 1,
+    "MAX_NEW_TOKENS": 4,
+    "EPOCHS": 2,
+    "LR_SFT": 1e-3,
+    "LR_PPO": 1e-3,
+    "SAVE_EVERY": 1,
+    "REWARD": {"type": "weighted_sum", "components": [{"type": "contains", "pattern": "yes"}], "postprocess": [{"type": "normalize"}]},
+}
 
 
 def interrupted_copy(out: Path, dest: Path, checkpoint: int) -> Path:
@@ -258,8 +302,19 @@ def capture_steps(trainer) -> list:
 
 
 # ---- learning runs ----
-LEARN = {"NUM_GENERATIONS": 4, "PPO_BATCH": 8, "PPO_EPOCHS": 4, "LR_PPO": 3e-3, "INIT_KL_COEF": 0.01, "MAX_NEW_TOKENS": 6,
-         "EPOCHS": 20, "LOG_EVERY": 100, "SEED": 0, "REWARD": {"type": "contains", "pattern": "yes"}, **EXACT_PPO}
+LEARN = {
+    "NUM_GENERATIONS": 4,
+    "PPO_BATCH": 8,
+    "PPO_EPOCHS": 4,
+    "LR_PPO": 3e-3,
+    "INIT_KL_COEF": 0.01,
+    "MAX_NEW_TOKENS": 6,
+    "EPOCHS": 20,
+    "LOG_EVERY": 100,
+    "SEED": 0,
+    "REWARD": {"type": "contains", "pattern": "yes"},
+    **EXACT_PPO,
+}
 
 
 # ---- the code sandbox's hostile programs (tests/test_sandbox.py, and through the code environment) ----
@@ -319,13 +374,21 @@ HOSTILE = [
     ("100 MB of output", "import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))\ndef add(a, b): return a + b"),
     ("rm -rf the output dir and ~", "import shutil\nshutil.rmtree({out!r})\nshutil.rmtree({home!r})\ndef add(a, b): return a + b"),
     ("write into the project", "open({project!r}, 'w').write('pwned')\ndef add(a, b): return a + b"),
-    ("read an environment secret", "import os\nok = os.environ.get('HT_SECRET') == 's3cret-value'\n"
-                                   "def add(a, b): return a + b if ok else None"),
+    (
+        "read an environment secret",
+        "import os\nok = os.environ.get('HT_SECRET') == 's3cret-value'\ndef add(a, b): return a + b if ok else None",
+    ),
     ("connect to 127.0.0.1", "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\ndef add(a, b): return a + b"),
-    ("kill the parent", "import os, time\nparent = os.getppid()\nos.kill(parent, 9)\ntime.sleep(0.3)\n"
-                        "gone = os.getppid() != parent\ndef add(a, b): return a + b if gone else None"),
-    ("a background process that outlives the test",
-     "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)  # {mark}'], start_new_session=True)\n"
-     "def add(a, b): return None"),
+    (
+        "kill the parent",
+        "import os, time\nparent = os.getppid()\nos.kill(parent, 9)\ntime.sleep(0.3)\n"
+        "gone = os.getppid() != parent\ndef add(a, b): return a + b if gone else None",
+    ),
+    (
+        "a background process that outlives the test",
+        "import subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)  # {mark}'], start_new_session=True)\n"
+        "def add(a, b): return None",
+    ),
     ("sys.exit(0) before the tests", "import sys\ndef add(a, b): return a + b\nsys.exit(0)"),
 ]

@@ -1,14 +1,14 @@
 """Run under `torchrun` by tests/test_distributed.py (or as one plain process): not a test module itself.
 
-    python dist_helper.py ppo_step MODEL OUT.safetensors [LORA_R] [CONFIG_JSON]
-                                        one PPO step on a fixed batch; each process passes its share of the batch.
-                                        CONFIG_JSON: extra keys; with NUM_GENERATIONS 2 the rows form 4 groups of 2
-                                        and the hybrid strategy (gate / mix) gets the 4 prompts as demonstrations
-    python dist_helper.py fail_on_rank1 CONFIG.json                  the CLI, with rank 1 crashing at its first SFT step
-    python dist_helper.py dynamic MODEL OUT.safetensors          one GRPO update with DYNAMIC_SAMPLING; generation is
-                                        replaced by fixed responses per prompt, so that both process counts see the same
-                                        groups: prints the dynamic/* metrics, saves the weights
-    python dist_helper.py trajectories CHAT_MODEL OUT.safetensors   one GRPO update on scripted calculator trajectories
+python dist_helper.py ppo_step MODEL OUT.safetensors [LORA_R] [CONFIG_JSON]
+                                    one PPO step on a fixed batch; each process passes its share of the batch.
+                                    CONFIG_JSON: extra keys; with NUM_GENERATIONS 2 the rows form 4 groups of 2
+                                    and the hybrid strategy (gate / mix) gets the 4 prompts as demonstrations
+python dist_helper.py fail_on_rank1 CONFIG.json                  the CLI, with rank 1 crashing at its first SFT step
+python dist_helper.py dynamic MODEL OUT.safetensors          one GRPO update with DYNAMIC_SAMPLING; generation is
+                                    replaced by fixed responses per prompt, so that both process counts see the same
+                                    groups: prints the dynamic/* metrics, saves the weights
+python dist_helper.py trajectories CHAT_MODEL OUT.safetensors   one GRPO update on scripted calculator trajectories
 """
 
 import json
@@ -34,9 +34,23 @@ def ppo_step(model: str, out: str, lora_r: str = "0", extra: str = "{}") -> None
 
     extra = json.loads(extra)
     G = extra.get("NUM_GENERATIONS", 1)
-    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": model, "TRAIN_FILE": "-", "OUTPUT_DIR": "-", "SEED": 3,
-                               "PPO_BATCH": 8 // G, "PPO_MINI": 4 // G, "PPO_EPOCHS": 2, "LR_PPO": 1e-3, "LORA_R": int(lora_r),
-                               "WHITEN_REWARDS": True, "TEMPERATURE": 1.0, **extra})
+    cfg = ht.Config.from_dict(
+        {
+            "MODE": "ppo",
+            "MODEL": model,
+            "TRAIN_FILE": "-",
+            "OUTPUT_DIR": "-",
+            "SEED": 3,
+            "PPO_BATCH": 8 // G,
+            "PPO_MINI": 4 // G,
+            "PPO_EPOCHS": 2,
+            "LR_PPO": 1e-3,
+            "LORA_R": int(lora_r),
+            "WHITEN_REWARDS": True,
+            "TEMPERATURE": 1.0,
+            **extra,
+        }
+    )
     device = torch.device("cpu")
     runtime.init_processes(device)
     torch.manual_seed(0)  # the same fresh adapter and value head on every process
@@ -44,8 +58,10 @@ def ppo_step(model: str, out: str, lora_r: str = "0", extra: str = "{}") -> None
     trainer = ht.HybridTrainer(cfg, policy, ref, tok, teacher=runtime.load_teacher(cfg, device, False, ref))  # DISTILL's, if any
     queries = [tok(QUERIES[i // G * G])["input_ids"] for i in range(len(QUERIES))]  # G rows per prompt
     responses = [tok(r)["input_ids"] + [tok.eos_token_id] for r in RESPONSES]
-    demos = [ht.Example(index=i, item={}, target=RESPONSES[i * G], prompt_ids=queries[i * G],
-                        target_ids=responses[i * G]) for i in range(len(QUERIES) // G)]
+    demos = [
+        ht.Example(index=i, item={}, target=RESPONSES[i * G], prompt_ids=queries[i * G], target_ids=responses[i * G])
+        for i in range(len(QUERIES) // G)
+    ]
     start, end = runtime.share_bounds(len(QUERIES))
     stats = trainer.ppo_step(queries[start:end], responses[start:end], SCORES[start:end], demos=demos)
     state = outputs.trainable_state(policy)
@@ -75,10 +91,25 @@ def dynamic(model: str, out: str) -> None:
     (6: none) in MAX_SAMPLING_ROUNDS 3."""
     from safetensors.torch import save_file
 
-    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": model, "TRAIN_FILE": "-", "OUTPUT_DIR": "-", "SEED": 3, "ADVANTAGE": "grpo",
-                               "NUM_GENERATIONS": 2, "PPO_BATCH": 4, "PPO_MINI": 2, "PPO_EPOCHS": 2, "LR_PPO": 1e-3,
-                               "DYNAMIC_SAMPLING": True, "MAX_SAMPLING_ROUNDS": 3, "TEMPERATURE": 1.0,
-                               "REWARD": {"type": "contains", "pattern": "yes"}})
+    cfg = ht.Config.from_dict(
+        {
+            "MODE": "ppo",
+            "MODEL": model,
+            "TRAIN_FILE": "-",
+            "OUTPUT_DIR": "-",
+            "SEED": 3,
+            "ADVANTAGE": "grpo",
+            "NUM_GENERATIONS": 2,
+            "PPO_BATCH": 4,
+            "PPO_MINI": 2,
+            "PPO_EPOCHS": 2,
+            "LR_PPO": 1e-3,
+            "DYNAMIC_SAMPLING": True,
+            "MAX_SAMPLING_ROUNDS": 3,
+            "TEMPERATURE": 1.0,
+            "REWARD": {"type": "contains", "pattern": "yes"},
+        }
+    )
     device = torch.device("cpu")
     runtime.init_processes(device)
     torch.manual_seed(0)
@@ -86,8 +117,7 @@ def dynamic(model: str, out: str) -> None:
     import rewards
 
     trainer = ht.HybridTrainer(cfg, policy, ref, tok, rewards.make_reward(cfg.REWARD))
-    examples = [ht.Example(index=i, item={}, target="yes", prompt=f"say {i}", prompt_ids=tok(f"say {i}")["input_ids"])
-                for i in range(8)]
+    examples = [ht.Example(index=i, item={}, target="yes", prompt=f"say {i}", prompt_ids=tok(f"say {i}")["input_ids"]) for i in range(8)]
     by_prompt = {tuple(e.prompt_ids): e.index for e in examples}
 
     def fixed(prompts, n=1, greedy=False, temperature=None, max_tokens=None, stop=None):
@@ -111,10 +141,27 @@ def trajectories(model: str, out: str) -> None:
     once. Each process runs its share's turn loop; the update must not depend on how the trajectories were shared."""
     from safetensors.torch import save_file
 
-    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": model, "TRAIN_FILE": "-", "OUTPUT_DIR": "-", "SEED": 3, "ADVANTAGE": "grpo",
-                               "NUM_GENERATIONS": 2, "PPO_BATCH": 4, "PPO_MINI": 2, "PPO_EPOCHS": 2, "LR_PPO": 1e-4,
-                               "TEMPERATURE": 1.0, "ENVIRONMENT": {"type": "calculator"}, "REWARD": {"type": "math"},
-                               "INIT_KL_COEF": 0.05, "KL_IN": "loss", "KL_PENALTY": "k3"})
+    cfg = ht.Config.from_dict(
+        {
+            "MODE": "ppo",
+            "MODEL": model,
+            "TRAIN_FILE": "-",
+            "OUTPUT_DIR": "-",
+            "SEED": 3,
+            "ADVANTAGE": "grpo",
+            "NUM_GENERATIONS": 2,
+            "PPO_BATCH": 4,
+            "PPO_MINI": 2,
+            "PPO_EPOCHS": 2,
+            "LR_PPO": 1e-4,
+            "TEMPERATURE": 1.0,
+            "ENVIRONMENT": {"type": "calculator"},
+            "REWARD": {"type": "math"},
+            "INIT_KL_COEF": 0.05,
+            "KL_IN": "loss",
+            "KL_PENALTY": "k3",
+        }
+    )
     device = torch.device("cpu")
     runtime.init_processes(device)
     torch.manual_seed(0)
@@ -125,8 +172,16 @@ def trajectories(model: str, out: str) -> None:
     for i in range(4):
         messages = [{"role": "user", "content": f"What is {i + 2} * 3?"}]
         prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        examples.append(ht.Example(index=i, item={"answer": str((i + 2) * 3)}, target=str((i + 2) * 3), messages=messages,
-                                   prompt=prompt, prompt_ids=encode(prompt)))
+        examples.append(
+            ht.Example(
+                index=i,
+                item={"answer": str((i + 2) * 3)},
+                target=str((i + 2) * 3),
+                messages=messages,
+                prompt=prompt,
+                prompt_ids=encode(prompt),
+            )
+        )
 
     def scripted(prompts, n=1, greedy=False, temperature=None, max_tokens=None, stop=None):
         out = []
@@ -145,17 +200,35 @@ def trajectories(model: str, out: str) -> None:
     state = outputs.trainable_state(policy)
     if runtime.is_main():
         save_file(state, out)
-        print("trajectories " + json.dumps({k: round(v, 6) for k, v in stats.items() if k.startswith(("env/", "reward/mean",
-                                                                                                    "objective/kl"))}), flush=True)
+        print(
+            "trajectories "
+            + json.dumps({k: round(v, 6) for k, v in stats.items() if k.startswith(("env/", "reward/mean", "objective/kl"))}),
+            flush=True,
+        )
     runtime.barrier()
 
 
 def vllm_sync(model: str, out: str) -> None:
     """Each process: a PPO step with vllm as the engine, then the engine's greedy continuations must equal HF's of the
     updated policy on that process."""
-    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": model, "TRAIN_FILE": "-", "OUTPUT_DIR": "-", "SEED": 3, "PPO_BATCH": 8,
-                               "PPO_MINI": 4, "PPO_EPOCHS": 2, "LR_PPO": 1e-2, "TEMPERATURE": 1.0, "GENERATION_BACKEND": "vllm",
-                               "NO_REPEAT_NGRAM_SIZE": 0, "BF16": False, "MAX_NEW_TOKENS": 6})
+    cfg = ht.Config.from_dict(
+        {
+            "MODE": "ppo",
+            "MODEL": model,
+            "TRAIN_FILE": "-",
+            "OUTPUT_DIR": "-",
+            "SEED": 3,
+            "PPO_BATCH": 8,
+            "PPO_MINI": 4,
+            "PPO_EPOCHS": 2,
+            "LR_PPO": 1e-2,
+            "TEMPERATURE": 1.0,
+            "GENERATION_BACKEND": "vllm",
+            "NO_REPEAT_NGRAM_SIZE": 0,
+            "BF16": False,
+            "MAX_NEW_TOKENS": 6,
+        }
+    )
     device = torch.device("cpu")
     runtime.init_processes(device)
     torch.manual_seed(0)

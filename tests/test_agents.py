@@ -21,19 +21,47 @@ import runtime
 
 
 # ---- the calculator, by hand ----
-@pytest.mark.parametrize("expr, value", [
-    ("347*29", "10063"), ("347 × 29", "10063"), ("1,234 + 766", "2000"), ("12/4", "3"), ("7/2", "3.5"), ("2**10", "1024"),
-    ("-(3 + 4) * 5 % 6", "1"), ("0.1 + 0.2", "0.3"), ("10 ÷ 4", "2.5"), ("17 // 5", "3"), ("2^3", "8"), ("1/3", "0.333333333333"),
-    ("12 * 3 =", "36")])
+@pytest.mark.parametrize(
+    "expr, value",
+    [
+        ("347*29", "10063"),
+        ("347 × 29", "10063"),
+        ("1,234 + 766", "2000"),
+        ("12/4", "3"),
+        ("7/2", "3.5"),
+        ("2**10", "1024"),
+        ("-(3 + 4) * 5 % 6", "1"),
+        ("0.1 + 0.2", "0.3"),
+        ("10 ÷ 4", "2.5"),
+        ("17 // 5", "3"),
+        ("2^3", "8"),
+        ("1/3", "0.333333333333"),
+        ("12 * 3 =", "36"),
+    ],
+)
 def test_calculator_values(expr, value):
     assert environments.calculate(expr) == value
 
 
-@pytest.mark.parametrize("expr, why", [
-    ("__import__('os').system('id')", "not arithmetic"), ("open('x')", "not arithmetic"), ("2**65", "whole exponents up to 64"),
-    ("2**0.5", "whole exponents"), ("1/0", "division by zero"), ("5 % 0", "division by zero"), ("9**64 * 9**64", "more than 30 digits"),
-    ("1" * 201, "longer than 200"), ("", "empty"), ("3 +", "cannot read"), ("[1]", "not arithmetic"), ("True + 1", "not arithmetic"),
-    ("x * 2", "not arithmetic"), ("lambda: 1", "not arithmetic")])
+@pytest.mark.parametrize(
+    "expr, why",
+    [
+        ("__import__('os').system('id')", "not arithmetic"),
+        ("open('x')", "not arithmetic"),
+        ("2**65", "whole exponents up to 64"),
+        ("2**0.5", "whole exponents"),
+        ("1/0", "division by zero"),
+        ("5 % 0", "division by zero"),
+        ("9**64 * 9**64", "more than 30 digits"),
+        ("1" * 201, "longer than 200"),
+        ("", "empty"),
+        ("3 +", "cannot read"),
+        ("[1]", "not arithmetic"),
+        ("True + 1", "not arithmetic"),
+        ("x * 2", "not arithmetic"),
+        ("lambda: 1", "not arithmetic"),
+    ],
+)
 def test_calculator_refuses(expr, why):
     with pytest.raises(environments.CalcError, match=why):
         environments.calculate(expr)
@@ -63,9 +91,13 @@ def test_find_action_and_truncate_middle():
 # ---- specs ----
 def test_bad_specs_name_the_field(tmp_path):
     check = environments.check_spec
-    for spec, message in [({"type": "calculater"}, "did you mean 'calculator'"), ({"type": "code", "timeout": 0}, "timeout must be"),
-                          ({"type": "calculator", "digits": 3}, "unknown field 'digits'"), ("calculator", "JSON object"),
-                          ({"type": "python", "path": "x.py", "class": "E"}, "TRUST_REMOTE_CODE")]:
+    for spec, message in [
+        ({"type": "calculater"}, "did you mean 'calculator'"),
+        ({"type": "code", "timeout": 0}, "timeout must be"),
+        ({"type": "calculator", "digits": 3}, "unknown field 'digits'"),
+        ("calculator", "JSON object"),
+        ({"type": "python", "path": "x.py", "class": "E"}, "TRUST_REMOTE_CODE"),
+    ]:
         with pytest.raises(environments.EnvSpecError, match=message):
             check(spec, trust_remote_code=False)
     with pytest.raises(environments.EnvSpecError, match="does not exist"):
@@ -77,13 +109,22 @@ def test_bad_specs_name_the_field(tmp_path):
         environments.make_environment({"type": "python", "path": str(tmp_path / "env.py"), "class": "Other"}, trust_remote_code=True)
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"type": "nope"}, "ENVIRONMENT: unknown type 'nope'"),
-    ({"type": "python", "path": "envs.py", "class": "E"}, "set TRUST_REMOTE_CODE: true"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"type": "nope"}, "ENVIRONMENT: unknown type 'nope'"),
+        ({"type": "python", "path": "envs.py", "class": "E"}, "set TRUST_REMOTE_CODE: true"),
+    ],
+)
 def test_bad_environment_is_one_error_line_before_weights(tmp_path, tiny_chat_model, env, message, capsys):
-    cfg = {"MODE": "ppo", "MODEL": str(tiny_chat_model), "TRAIN_FILE": str(ROOT / "data" / "tool_train.json"),
-           "OUTPUT_DIR": str(tmp_path / "out"), "REWARD": {"type": "math"}, "ENVIRONMENT": env}
+    cfg = {
+        "MODE": "ppo",
+        "MODEL": str(tiny_chat_model),
+        "TRAIN_FILE": str(ROOT / "data" / "tool_train.json"),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "REWARD": {"type": "math"},
+        "ENVIRONMENT": env,
+    }
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))
     assert ht.main([str(path), "--check"]) == 2
@@ -116,10 +157,10 @@ class ScriptedEngine:
                 if stop:
                     for k in range(1, len(ids) + 1):
                         if any(s in self.tok.decode(ids[:k]) for s in stop):
-                            ids = ids[:k + self.overshoot]
+                            ids = ids[: k + self.overshoot]
                             break
                 eos = self.tok.eos_token_id
-                ids = ids[:ids.index(eos) + 1] if eos in ids else ids
+                ids = ids[: ids.index(eos) + 1] if eos in ids else ids
                 out.append(ids)
                 ended.append(bool(ids) and ids[-1] == eos)
                 logprobs.append([-0.5] * len(ids))
@@ -131,10 +172,24 @@ def encode(tok, text):
 
 
 def trainer_with(tiny_chat_model, script, env_spec, overshoot=2, **keys):
-    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": str(tiny_chat_model), "TRAIN_FILE": "-", "OUTPUT_DIR": "-",
-                               "ENVIRONMENT": env_spec, "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 1,
-                               "MAX_NEW_TOKENS": 64, "MAXSEQ": 256, "SEED": 0, "INIT_KL_COEF": 0.0, "REWARD": {"type": "math"},
-                               **keys})
+    cfg = ht.Config.from_dict(
+        {
+            "MODE": "ppo",
+            "MODEL": str(tiny_chat_model),
+            "TRAIN_FILE": "-",
+            "OUTPUT_DIR": "-",
+            "ENVIRONMENT": env_spec,
+            "ADVANTAGE": "grpo",
+            "NUM_GENERATIONS": 2,
+            "PPO_BATCH": 1,
+            "MAX_NEW_TOKENS": 64,
+            "MAXSEQ": 256,
+            "SEED": 0,
+            "INIT_KL_COEF": 0.0,
+            "REWARD": {"type": "math"},
+            **keys,
+        }
+    )
     policy, _, tok = ht.load_model(cfg, torch.device("cpu"))
     env = ht.build_environment(cfg) if env_spec else None
     trainer = ht.HybridTrainer(cfg, policy, None, tok, ht.build_reward(cfg, "cpu"), environment=env)
@@ -161,7 +216,7 @@ def calc_script(tok, prompt):
 def rendered_ids(tok, t: ht.Trajectory) -> list:
     """The finished conversation rendered by the chat template, cut after its last EOS (what the buffer must equal)."""
     ids = encode(tok, tok.apply_chat_template(t.messages, tokenize=False))
-    return ids[:max(i for i, x in enumerate(ids) if x == tok.eos_token_id) + 1]
+    return ids[: max(i for i, x in enumerate(ids) if x == tok.eos_token_id) + 1]
 
 
 def test_two_turn_trajectory_is_token_exact_with_loss_mask(tiny_chat_model):
@@ -187,9 +242,13 @@ def test_smollm2_template_suffix_and_a_whole_trajectory():
     tok = runtime.load_tokenizer(cfg, paths)
     suffix = ht.template_suffix(tok, {"role": "tool", "content": "10063"})
     assert tok.decode(suffix) == "\n<|im_start|>tool\n10063<|im_end|>\n<|im_start|>assistant\n"
-    turn_loop = ht.TurnLoop(ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "ENVIRONMENT": {"type": "calculator"}}),
-                            ht.api_plan(ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-"}), 1), None, tok,
-                            environments.make_environment({"type": "calculator"}))
+    turn_loop = ht.TurnLoop(
+        ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "ENVIRONMENT": {"type": "calculator"}}),
+        ht.api_plan(ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-"}), 1),
+        None,
+        tok,
+        environments.make_environment({"type": "calculator"}),
+    )
     engine = ScriptedEngine(tok, lambda p: calc_script_smol(tok, p))
     turn_loop.generate = lambda prompts, **kw: engine.generate(prompts, **kw)
     (t,) = turn_loop.run([example(tok, "What is 347 * 29?", "10063")], n=1)
@@ -203,14 +262,15 @@ def test_tool_call_format_on_a_qwen_template():
     tokens; a malformed call is answered with an error observation and the trajectory goes on."""
     import trl
 
-    cfg = ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "ENVIRONMENT": {"type": "calculator"},
-                               "ACTION_FORMAT": "tool_call"})
+    cfg = ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "ENVIRONMENT": {"type": "calculator"}, "ACTION_FORMAT": "tool_call"})
     tok = runtime.load_tokenizer(cfg, runtime.resolve_model(cfg))
     tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
     env = environments.make_environment({"type": "calculator"})
     loop = ht.TurnLoop(cfg, ht.api_plan(cfg, 1), None, tok, env)
-    calls = ['<tool_call>\n{"name": "calculator", "arguments": {"expression": "347*29"}}\n</tool_call>',
-             '<tool_call>\nnot json\n</tool_call>']
+    calls = [
+        '<tool_call>\n{"name": "calculator", "arguments": {"expression": "347*29"}}\n</tool_call>',
+        "<tool_call>\nnot json\n</tool_call>",
+    ]
 
     def script(prompt):
         text = tok.decode(prompt)
@@ -228,7 +288,7 @@ def test_tool_call_format_on_a_qwen_template():
     assert t.messages[-4]["content"] == "10063" and t.messages[-2]["content"].startswith("error: a tool call is a JSON")
     assert (t.actions, t.action_errors) == (2, 1)  # the malformed call: an action error, answered without the environment
     rendered = encode(tok, tok.apply_chat_template(t.messages, tools=[env.tool_schema], tokenize=False))
-    rendered = rendered[:max(i for i, x in enumerate(rendered) if x == tok.eos_token_id) + 1]
+    rendered = rendered[: max(i for i, x in enumerate(rendered) if x == tok.eos_token_id) + 1]
     assert t.prompt_ids + t.ids == rendered
     assert "<|im_start|>user\n<tool_response>\n10063\n</tool_response><|im_end|>" in tok.decode(t.ids)
 
@@ -242,6 +302,7 @@ def calc_script_smol(tok, prompt):
 def test_re_tokenizing_would_have_changed_the_ids(tiny_chat_model):
     """The model samples 'the cat' one character at a time (a valid, non-canonical tokenization): the buffer keeps
     those ids, while decoding and re-rendering the conversation tokenizes 'the cat' into merged tokens."""
+
     def script(tok, prompt):
         if "<|tool|>" not in tok.decode(prompt):
             return encode(tok, "<calc>2*2</calc>")
@@ -250,7 +311,7 @@ def test_re_tokenizing_would_have_changed_the_ids(tiny_chat_model):
     trainer, tok = trainer_with(tiny_chat_model, script, {"type": "calculator"})
     (t, _) = trainer.turns.run([example(tok)], n=2)
     sampled = [encode(tok, c)[0] for c in "the cat"] + [tok.eos_token_id]
-    assert t.ids[-len(sampled):] == sampled
+    assert t.ids[-len(sampled) :] == sampled
     assert tok.decode(t.prompt_ids + t.ids) == tok.decode(rendered_ids(tok, t))  # the same text ...
     assert t.prompt_ids + t.ids != rendered_ids(tok, t)  # ... other ids: re-tokenizing would train on tokens never sampled
 
@@ -266,8 +327,12 @@ def test_limits_max_turns_tokens_and_observation_length(tiny_chat_model):
     assert sum(t.mask) <= 30 and t.truncated
     # a long observation is cut from the middle, saying so
     long = {"type": "calculator"}
-    trainer, tok = trainer_with(tiny_chat_model, lambda tok, p: encode(tok, "<calc>10**29</calc>") if "<|tool|>" not in tok.decode(p)
-                                else [tok.eos_token_id], long, MAX_OBSERVATION_TOKENS=6)
+    trainer, tok = trainer_with(
+        tiny_chat_model,
+        lambda tok, p: encode(tok, "<calc>10**29</calc>") if "<|tool|>" not in tok.decode(p) else [tok.eos_token_id],
+        long,
+        MAX_OBSERVATION_TOKENS=6,
+    )
     (t, _) = trainer.turns.run([example(tok)], n=2)
     assert "tokens cut" in t.messages[2]["content"] and t.messages[2]["content"].startswith("1")
     assert t.prompt_ids + t.ids == rendered_ids(tok, t)
@@ -283,7 +348,7 @@ def test_the_update_reads_the_trajectory_loss_mask(tiny_chat_model, advantage):
     rollout = ht.make_rollout(batch.samples, 2, tok.pad_token_id, torch.device("cpu"))
     n_action = len(encode(tok, "<calc>12*3</calc>"))
     n_obs = 1 + len(encode(tok, "<|tool|>36<|end|><|assistant|>"))
-    assert rollout.loss_mask[0, :n_action].eq(1).all() and rollout.loss_mask[0, n_action:n_action + n_obs].eq(0).all()
+    assert rollout.loss_mask[0, :n_action].eq(1).all() and rollout.loss_mask[0, n_action : n_action + n_obs].eq(0).all()
     assert rollout.scores.tolist() == [1.0, 1.0]
     stats = trainer.ppo_update([example(tok)])
     assert stats["env/turns"] == 2 and stats["env/actions"] == 1 and stats["env/observation_tokens"] == n_obs
@@ -320,9 +385,12 @@ class Rewards:
 def test_user_environments_that_raise_hang_or_reward(tiny_chat_model, tmp_path, monkeypatch):
     path = tmp_path / "envs.py"
     source = open(__file__).read()
-    path.write_text("import time\n\n" + source[source.index("class Raises:"):source.index("def test_user_environments")])
-    action = lambda tok, p: (encode(tok, "<tool>go</tool>") if "<|tool|>" not in tok.decode(p)  # noqa: E731
-                             else encode(tok, "done") + [tok.eos_token_id])
+    path.write_text("import time\n\n" + source[source.index("class Raises:") : source.index("def test_user_environments")])
+    action = lambda tok, p: (
+        encode(tok, "<tool>go</tool>")
+        if "<|tool|>" not in tok.decode(p)  # noqa: E731
+        else encode(tok, "done") + [tok.eos_token_id]
+    )
     keys = dict(TRUST_REMOTE_CODE=True, ENV_STEP_TIMEOUT=0.5)
     trainer, tok = trainer_with(tiny_chat_model, action, {"type": "python", "path": str(path), "class": "Raises"}, **keys)
     stats = trainer.ppo_update([example(tok)])
@@ -332,8 +400,9 @@ def test_user_environments_that_raise_hang_or_reward(tiny_chat_model, tmp_path, 
     (t, _) = trainer.turns.run([example(tok)], n=2)
     assert "ENV_STEP_TIMEOUT=0.5" in t.error and time.perf_counter() - t0 < 5
     assert t.messages[0] == {"role": "system", "content": "Use the tool."}  # reset's messages lead the prompt
-    trainer, tok = trainer_with(tiny_chat_model, action, {"type": "python", "path": str(path), "class": "Rewards"},
-                                ENV_REWARD_WEIGHT=2.0, **keys)
+    trainer, tok = trainer_with(
+        tiny_chat_model, action, {"type": "python", "path": str(path), "class": "Rewards"}, ENV_REWARD_WEIGHT=2.0, **keys
+    )
     batch, _, _ = trainer.collector.batch([example(tok)])
     assert [s.score for s in batch.samples] == [0.5, 0.5]  # math scores "done" 0, plus 2 x the step's 0.25
 
@@ -341,8 +410,9 @@ def test_user_environments_that_raise_hang_or_reward(tiny_chat_model, tmp_path, 
 def test_hostile_actions_through_the_code_environment(tiny_chat_model, world):
     """The sandbox's hostile table as actions of a whole rollout: each gets an observation, nothing is harmed."""
     project = ROOT / "sandbox-was-here.txt"
-    programs = [p.format(out=str(world["out"]), home=str(world["home"]), project=str(project), port=world["port"], mark=MARK)
-                for _, p in HOSTILE] + ["import os\nprint(os.environ.get('HT_SECRET'))"]
+    programs = [
+        p.format(out=str(world["out"]), home=str(world["home"]), project=str(project), port=world["port"], mark=MARK) for _, p in HOSTILE
+    ] + ["import os\nprint(os.environ.get('HT_SECRET'))"]
     queue = list(programs)
 
     def script(tok, prompt):
@@ -351,8 +421,9 @@ def test_hostile_actions_through_the_code_environment(tiny_chat_model, world):
         return encode(tok, "```python\n" + queue.pop(0) + "\n```")
 
     spec = {"type": "code", "timeout": 2.0, "memory_mb": 256, "workers": 4}
-    trainer, tok = trainer_with(tiny_chat_model, script, spec, NUM_GENERATIONS=len(programs), MAXSEQ=1024,
-                                MAX_NEW_TOKENS=400, MAX_OBSERVATION_TOKENS=64)
+    trainer, tok = trainer_with(
+        tiny_chat_model, script, spec, NUM_GENERATIONS=len(programs), MAXSEQ=1024, MAX_NEW_TOKENS=400, MAX_OBSERVATION_TOKENS=64
+    )
     trajs = trainer.turns.run([example(tok)], n=len(programs))
     observations = [t.messages[2]["content"] for t in trajs]
     assert all(t.actions == 1 and not t.error for t in trajs), [t.error for t in trajs]
@@ -391,11 +462,19 @@ def test_code_environment_shows_output_and_tracebacks():
 
 # ---- SFT on tool demonstrations ----
 def test_sft_trains_acting_turns_and_masks_observations(tiny_chat_model):
-    cfg = ht.Config.from_dict({"MODE": "sft", "MODEL": str(tiny_chat_model), "TRAIN_FILE": "-", "OUTPUT_DIR": "-",
-                               "ENVIRONMENT": {"type": "calculator"}})
+    cfg = ht.Config.from_dict(
+        {"MODE": "sft", "MODEL": str(tiny_chat_model), "TRAIN_FILE": "-", "OUTPUT_DIR": "-", "ENVIRONMENT": {"type": "calculator"}}
+    )
     _, _, tok = ht.load_model(cfg, torch.device("cpu"))
-    row = {"messages": [{"role": "user", "content": "What is 12 * 3?"}, {"role": "assistant", "content": "<calc>12*3</calc>"},
-                        {"role": "tool", "content": "36"}, {"role": "assistant", "content": "The answer is 36."}], "answer": "36"}
+    row = {
+        "messages": [
+            {"role": "user", "content": "What is 12 * 3?"},
+            {"role": "assistant", "content": "<calc>12*3</calc>"},
+            {"role": "tool", "content": "36"},
+            {"role": "assistant", "content": "The answer is 36."},
+        ],
+        "answer": "36",
+    }
     (ex,) = ht.tokenize_examples(ht.make_examples([row], "output", "TRAIN_FILE", data_format="messages"), cfg, tok, "chat", "TRAIN_FILE")
     assert ex.prompt == "<|user|>What is 12 * 3?<|end|><|assistant|>"  # the rollout starts at the question
     (p1, t1), (p2, t2) = ex.sft_pairs
@@ -406,15 +485,33 @@ def test_sft_trains_acting_turns_and_masks_observations(tiny_chat_model):
 # ---- the CLI: the tiny model with each environment ----
 def agent_config(tmp_path, model, **keys):
     return {
-        "MODE": "ppo", "MODEL": str(model), "TRAIN_FILE": str(ROOT / "data" / "tool_train.json"), "NUM_SAMPLES": 4,
-        "OUTPUT_DIR": str(tmp_path / "out"), "REWARD": {"type": "math"}, "ENVIRONMENT": {"type": "calculator"},
-        "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "PPO_EPOCHS": 1, "MAX_NEW_TOKENS": 24, "MAXSEQ": 384,
-        "MAX_TURNS": 2, "TEMPERATURE": 1.0, "TOP_P": 1.0, "NO_REPEAT_NGRAM_SIZE": 0, "REPETITION_PENALTY": 1.0, "SEED": 0,
-        "LOG_EVERY": 1, **keys}
+        "MODE": "ppo",
+        "MODEL": str(model),
+        "TRAIN_FILE": str(ROOT / "data" / "tool_train.json"),
+        "NUM_SAMPLES": 4,
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "REWARD": {"type": "math"},
+        "ENVIRONMENT": {"type": "calculator"},
+        "ADVANTAGE": "grpo",
+        "NUM_GENERATIONS": 2,
+        "PPO_BATCH": 2,
+        "PPO_EPOCHS": 1,
+        "MAX_NEW_TOKENS": 24,
+        "MAXSEQ": 384,
+        "MAX_TURNS": 2,
+        "TEMPERATURE": 1.0,
+        "TOP_P": 1.0,
+        "NO_REPEAT_NGRAM_SIZE": 0,
+        "REPETITION_PENALTY": 1.0,
+        "SEED": 0,
+        "LOG_EVERY": 1,
+        **keys,
+    }
 
 
-@pytest.mark.parametrize("env, backend", [({"type": "calculator"}, "hf"), ({"type": "calculator"}, "vllm"),
-                                          ({"type": "code", "timeout": 2.0}, "hf")])
+@pytest.mark.parametrize(
+    "env, backend", [({"type": "calculator"}, "hf"), ({"type": "calculator"}, "vllm"), ({"type": "code", "timeout": 2.0}, "hf")]
+)
 def test_cli_runs_with_an_environment(tmp_path, tiny_chat_model, env, backend):
     """The tiny model, untrained, rarely acts: one scripted-free run checks the wiring end to end (metrics, the
     evaluation's env metrics and the report's whole trajectory), on each engine."""
@@ -445,8 +542,12 @@ def test_cli_runs_with_an_environment(tmp_path, tiny_chat_model, env, backend):
 def test_one_process_equals_two_on_trajectories(tiny_chat_model, tmp_path):
 
     helper = ROOT / "tests" / "dist_helper.py"
-    one = subprocess.run([sys.executable, str(helper), "trajectories", str(tiny_chat_model), str(tmp_path / "one.st")],
-                         capture_output=True, text=True, env=ENV)
+    one = subprocess.run(
+        [sys.executable, str(helper), "trajectories", str(tiny_chat_model), str(tmp_path / "one.st")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun([helper, "trajectories", tiny_chat_model, tmp_path / "two.st"])
     assert max_diff(tmp_path / "one.st", tmp_path / "two.st") <= 1e-6
@@ -460,15 +561,26 @@ ACTS = {"ACTION_FORMAT": {"open": "o", "close": "n"}}
 
 
 def test_resume_with_an_environment_after_sigkill(tiny_chat_model, tmp_path):
-    base = agent_config(tmp_path, tiny_chat_model, **ACTS, NUM_SAMPLES=6, PPO_BATCH=2, SAVE_EVERY=1, MAX_TURNS=3,
-                        MAX_NEW_TOKENS=16, LR_PPO=1e-3, KEEP_CHECKPOINTS=5)
+    base = agent_config(
+        tmp_path,
+        tiny_chat_model,
+        **ACTS,
+        NUM_SAMPLES=6,
+        PPO_BATCH=2,
+        SAVE_EVERY=1,
+        MAX_TURNS=3,
+        MAX_NEW_TOKENS=16,
+        LR_PPO=1e-3,
+        KEEP_CHECKPOINTS=5,
+    )
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_cli({**base, "OUTPUT_DIR": str(straight)}, tmp_path)
     assert any(r["env/actions"] > 0 for r in metrics(straight) if "env/actions" in r)  # trajectories act
     path = tmp_path / "killed.json"
     path.write_text(json.dumps({**base, "OUTPUT_DIR": str(killed)}))
-    sigkill_at_checkpoint([sys.executable, ROOT / "hybrid_trainer.py", path], killed, 2,
-                          {**os.environ, "HF_HUB_OFFLINE": "1"})  # as run_cli's runs (the same threads)
+    sigkill_at_checkpoint(
+        [sys.executable, ROOT / "hybrid_trainer.py", path], killed, 2, {**os.environ, "HF_HUB_OFFLINE": "1"}
+    )  # as run_cli's runs (the same threads)
     assert not (killed / "inference_lm").exists(), "the run finished before it could be killed"
     resumed = run_cli({**base, "OUTPUT_DIR": str(killed)}, tmp_path)
     assert "resuming from" in resumed.stdout
@@ -480,10 +592,14 @@ def test_resume_with_an_environment_after_sigkill(tiny_chat_model, tmp_path):
 def test_hybrids_with_an_environment(tiny_chat_model, tmp_path, hybrid):
     """SFT on the tool demonstrations (their acting turns) and RL through the environment in one run; with
     DYNAMIC_SAMPLING for alternate, MASK_TRUNCATED for gate, LoRA for mix."""
-    keys = {"alternate": {"DYNAMIC_SAMPLING": True}, "gate": {"GATE_THRESHOLD": 1.0, "MASK_TRUNCATED": True},
-            "mix": {"MIX_COEF": 0.5, "LORA_R": 4}}[hybrid]
-    cfg = agent_config(tmp_path, tiny_chat_model, **ACTS, MODE="hybrid", HYBRID=hybrid, SFT_BATCH=2, NUM_SAMPLES=2,
-                       MAX_NEW_TOKENS=16, **keys)
+    keys = {
+        "alternate": {"DYNAMIC_SAMPLING": True},
+        "gate": {"GATE_THRESHOLD": 1.0, "MASK_TRUNCATED": True},
+        "mix": {"MIX_COEF": 0.5, "LORA_R": 4},
+    }[hybrid]
+    cfg = agent_config(
+        tmp_path, tiny_chat_model, **ACTS, MODE="hybrid", HYBRID=hybrid, SFT_BATCH=2, NUM_SAMPLES=2, MAX_NEW_TOKENS=16, **keys
+    )
     run_cli(cfg, tmp_path)
     records = metrics(tmp_path / "out")
     assert any("env/turns" in r for r in records)

@@ -18,12 +18,22 @@ def cli(cfg: dict, tmp_path, name="config.json") -> int:
     return ht.main([str(path)])
 
 
-@pytest.mark.parametrize("advantage, hybrid", [(a, None) for a in ht.ADVANTAGES if a not in ("gae", "none")]  # none: test_distill
-                         + [("grpo", "gate"), ("gae", "mix")])
+@pytest.mark.parametrize(
+    "advantage, hybrid",
+    [(a, None) for a in ht.ADVANTAGES if a not in ("gae", "none")]  # none: test_distill
+    + [("grpo", "gate"), ("gae", "mix")],
+)
 def test_estimator_or_strategy_raises_reward(advantage, hybrid, tiny_model, tiny_data, tmp_path):
     out = tmp_path / "out"
-    cfg = {**LEARN, "MODE": "hybrid" if hybrid else "ppo", "ADVANTAGE": advantage, "MODEL": str(tiny_model),
-           "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), **({"HYBRID": hybrid} if hybrid else {})}
+    cfg = {
+        **LEARN,
+        "MODE": "hybrid" if hybrid else "ppo",
+        "ADVANTAGE": advantage,
+        "MODEL": str(tiny_model),
+        "TRAIN_FILE": str(tiny_data),
+        "OUTPUT_DIR": str(out),
+        **({"HYBRID": hybrid} if hybrid else {}),
+    }
     assert cli(cfg, tmp_path) == 0
     records = metrics(out)
     rewards = [r["reward/mean"] for r in records]
@@ -49,8 +59,20 @@ def grads_of_mix(mu, trainer, queries, responses, scores, demos):
 
 
 def test_mix_gradient_is_the_convex_combination(tiny_model, tiny_data):
-    trainer, examples = trainer_for({"MODE": "hybrid", "HYBRID": "mix", "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2,
-                                     "PPO_BATCH": 4, "PPO_EPOCHS": 1, "MAX_NEW_TOKENS": 5}, tiny_model, tiny_data, YesFraction())
+    trainer, examples = trainer_for(
+        {
+            "MODE": "hybrid",
+            "HYBRID": "mix",
+            "ADVANTAGE": "grpo",
+            "NUM_GENERATIONS": 2,
+            "PPO_BATCH": 4,
+            "PPO_EPOCHS": 1,
+            "MAX_NEW_TOKENS": 5,
+        },
+        tiny_model,
+        tiny_data,
+        YesFraction(),
+    )
     demos = examples[:4]
     queries = [e.prompt_ids for e in demos for _ in range(2)]
     torch.manual_seed(0)
@@ -63,9 +85,21 @@ def test_mix_gradient_is_the_convex_combination(tiny_model, tiny_data):
 
 def test_gate_trains_gated_prompts_by_sft_only(tiny_model, tiny_data):
     """A gated prompt's sampled responses get no RL gradient; with every prompt gated the step is pure SFT."""
-    trainer, examples = trainer_for({"MODE": "hybrid", "HYBRID": "gate", "ADVANTAGE": "rloo", "NUM_GENERATIONS": 2,
-                                     "PPO_BATCH": 2, "PPO_EPOCHS": 1, "MAX_NEW_TOKENS": 5, "GATE_THRESHOLD": 2.0},
-                                    tiny_model, tiny_data, YesFraction())
+    trainer, examples = trainer_for(
+        {
+            "MODE": "hybrid",
+            "HYBRID": "gate",
+            "ADVANTAGE": "rloo",
+            "NUM_GENERATIONS": 2,
+            "PPO_BATCH": 2,
+            "PPO_EPOCHS": 1,
+            "MAX_NEW_TOKENS": 5,
+            "GATE_THRESHOLD": 2.0,
+        },
+        tiny_model,
+        tiny_data,
+        YesFraction(),
+    )
     demos = examples[:2]
     queries = [e.prompt_ids for e in demos for _ in range(2)]
     responses, _ = trainer.generate(queries)
@@ -77,8 +111,12 @@ def test_gate_trains_gated_prompts_by_sft_only(tiny_model, tiny_data):
 
 
 def test_no_reference_when_kl_coef_is_zero(tiny_model, tiny_data):
-    trainer, examples = trainer_for({"INIT_KL_COEF": 0.0, "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2,
-                                     "MAX_NEW_TOKENS": 4}, tiny_model, tiny_data, YesFraction())
+    trainer, examples = trainer_for(
+        {"INIT_KL_COEF": 0.0, "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "MAX_NEW_TOKENS": 4},
+        tiny_model,
+        tiny_data,
+        YesFraction(),
+    )
     assert trainer.ref_lm is None
     stats = trainer.ppo_update(examples[:2])
     assert stats["objective/kl"] == 0 and stats["time/reference_forward_s"] == 0
@@ -86,12 +124,30 @@ def test_no_reference_when_kl_coef_is_zero(tiny_model, tiny_data):
 
 def test_mix_schedule_and_groups_resume_exactly(tiny_model, tiny_data, tmp_path):
     """Resume from a mid-run checkpoint of a mix + GRPO run with a cosine mu: the rest equals the uninterrupted run."""
-    base = {**LEARN, "MODE": "hybrid", "HYBRID": "mix", "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 4,
-            "PPO_MINI": 2, "PPO_EPOCHS": 2, "EPOCHS": 2, "MIX_COEF": 0.8, "MIX_COEF_END": 0.1, "MIX_SCHEDULE": "cosine",
-            "SAVE_EVERY": 1, "KEEP_CHECKPOINTS": 10, "KEEP_CHECKPOINTS_AT_END": True, "MODEL": str(tiny_model),
-            "TRAIN_FILE": str(tiny_data), "SEED": 3,
-            "REWARD": {"type": "weighted_sum", "components": [{"type": "contains", "pattern": "yes", "name": "yes"},
-                                                              {"type": "length", "target": 3}]}}
+    base = {
+        **LEARN,
+        "MODE": "hybrid",
+        "HYBRID": "mix",
+        "ADVANTAGE": "grpo",
+        "NUM_GENERATIONS": 2,
+        "PPO_BATCH": 4,
+        "PPO_MINI": 2,
+        "PPO_EPOCHS": 2,
+        "EPOCHS": 2,
+        "MIX_COEF": 0.8,
+        "MIX_COEF_END": 0.1,
+        "MIX_SCHEDULE": "cosine",
+        "SAVE_EVERY": 1,
+        "KEEP_CHECKPOINTS": 10,
+        "KEEP_CHECKPOINTS_AT_END": True,
+        "MODEL": str(tiny_model),
+        "TRAIN_FILE": str(tiny_data),
+        "SEED": 3,
+        "REWARD": {
+            "type": "weighted_sum",
+            "components": [{"type": "contains", "pattern": "yes", "name": "yes"}, {"type": "length", "target": 3}],
+        },
+    }
     straight = tmp_path / "straight"
     assert cli({**base, "OUTPUT_DIR": str(straight)}, tmp_path) == 0
     full = metrics(straight)

@@ -20,8 +20,14 @@ def env(tmp_path, tiny_model):
     """A valid config (written on demand with overrides) and its files."""
     train = tmp_path / "train.json"
     train.write_text(json.dumps(GOOD_ITEMS))
-    base = {"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(train), "OUTPUT_DIR": str(tmp_path / "out"),
-            "MAX_NEW_TOKENS": 4, "SEED": 0}
+    base = {
+        "MODE": "sft",
+        "MODEL": str(tiny_model),
+        "TRAIN_FILE": str(train),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "MAX_NEW_TOKENS": 4,
+        "SEED": 0,
+    }
 
     def write(overrides=None, raw=None, drop=()):
         cfg = {**base, **(overrides or {})}
@@ -48,7 +54,7 @@ def empty_dir(tmp_path):
 
 # (case id, how to build the config, substring the error must contain)
 BAD_INPUTS = [
-    ("malformed config JSON", lambda t: {"raw": "{\"MODE\": \"sft\",, }"}, "not valid JSON"),
+    ("malformed config JSON", lambda t: {"raw": '{"MODE": "sft",, }'}, "not valid JSON"),
     ("config is a list", lambda t: {"raw": "[1, 2]"}, "must be a JSON object"),
     ("unknown key with suggestion", lambda t: {"overrides": {"LR_SFTT": 1e-4}}, "did you mean 'LR_SFT'"),
     ("bad MODE", lambda t: {"overrides": {"MODE": "rlhf"}}, "MODE must be 'sft', 'ppo' or 'hybrid'"),
@@ -72,19 +78,51 @@ BAD_INPUTS = [
     ("SHUFFLE names a script", lambda t: {"overrides": {"SHUFFLE": "shuffle.py"}}, "scripts named in a config are never run"),
     ("REWARD not an object", lambda t: {"overrides": {"MODE": "ppo", "REWARD": "cosine"}}, "REWARD must be a JSON object"),
     ("unknown reward type", lambda t: {"overrides": {"MODE": "ppo", "REWARD": {"type": "cosin_sts"}}}, "did you mean 'cosine_sts'"),
-    ("bad reward field value", lambda t: {"overrides": {"MODE": "ppo", "REWARD": {"type": "rouge", "variant": "rouge3"}}}, "variant must be one of"),
-    ("unknown reward field", lambda t: {"overrides": {"MODE": "ppo", "REWARD": {"type": "contains", "patern": "x"}}}, "did you mean 'pattern'"),
-    ("bad component weight", lambda t: {"overrides": {"MODE": "ppo", "REWARD": {"type": "weighted_sum", "components": [{"type": "bleu", "weight": "high"}]}}}, "weight must be a number"),
-    ("reward model not offline", lambda t: {"overrides": {"MODE": "ppo", "REWARD": {"type": "perplexity", "model": "gpt2"}}}, "Use \"reference\""),
+    (
+        "bad reward field value",
+        lambda t: {"overrides": {"MODE": "ppo", "REWARD": {"type": "rouge", "variant": "rouge3"}}},
+        "variant must be one of",
+    ),
+    (
+        "unknown reward field",
+        lambda t: {"overrides": {"MODE": "ppo", "REWARD": {"type": "contains", "patern": "x"}}},
+        "did you mean 'pattern'",
+    ),
+    (
+        "bad component weight",
+        lambda t: {"overrides": {"MODE": "ppo", "REWARD": {"type": "weighted_sum", "components": [{"type": "bleu", "weight": "high"}]}}},
+        "weight must be a number",
+    ),
+    (
+        "reward model not offline",
+        lambda t: {"overrides": {"MODE": "ppo", "REWARD": {"type": "perplexity", "model": "gpt2"}}},
+        'Use "reference"',
+    ),
     ("TRAIN_FILE missing", lambda t: {"overrides": {"TRAIN_FILE": str(t / "nope.json")}}, "does not exist"),
     ("TRAIN_FILE not given", lambda t: {"drop": ["TRAIN_FILE"]}, "TRAIN_FILE is required"),
     ("TRAIN_FILE is a directory", lambda t: {"overrides": {"TRAIN_FILE": str(t)}}, "is a directory but not a dataset written by datasets"),
-    ("TRAIN_FILE malformed", lambda t: {"overrides": {"TRAIN_FILE": data_file(t, "[{\"a\": 1,]")}}, "is not valid JSON"),
-    ("TRAIN_FILE bad JSONL line", lambda t: {"overrides": {"TRAIN_FILE": data_file(t, "{\"instruction\": \"a\", \"output\": \"b\"}\n{oops\n", "d.jsonl")}}, "line 2 is not valid JSON"),
+    ("TRAIN_FILE malformed", lambda t: {"overrides": {"TRAIN_FILE": data_file(t, '[{"a": 1,]')}}, "is not valid JSON"),
+    (
+        "TRAIN_FILE bad JSONL line",
+        lambda t: {"overrides": {"TRAIN_FILE": data_file(t, '{"instruction": "a", "output": "b"}\n{oops\n', "d.jsonl")}},
+        "line 2 is not valid JSON",
+    ),
     ("empty dataset", lambda t: {"overrides": {"TRAIN_FILE": data_file(t, "[]")}}, "holds no items"),
-    ("non-object item", lambda t: {"overrides": {"TRAIN_FILE": data_file(t, json.dumps(GOOD_ITEMS + ["text"]))}}, "row 4 is a str, expected a JSON object"),
-    ("missing output key", lambda t: {"overrides": {"TRAIN_FILE": data_file(t, json.dumps([{"instruction": "x", "answer": "y"}]))}}, "row 0 has no output key 'output'"),
-    ("empty output", lambda t: {"overrides": {"TRAIN_FILE": data_file(t, json.dumps(GOOD_ITEMS + [{"instruction": "x", "output": "  "}]))}}, "row 4, column 'output': empty or non-text output"),
+    (
+        "non-object item",
+        lambda t: {"overrides": {"TRAIN_FILE": data_file(t, json.dumps(GOOD_ITEMS + ["text"]))}},
+        "row 4 is a str, expected a JSON object",
+    ),
+    (
+        "missing output key",
+        lambda t: {"overrides": {"TRAIN_FILE": data_file(t, json.dumps([{"instruction": "x", "answer": "y"}]))}},
+        "row 0 has no output key 'output'",
+    ),
+    (
+        "empty output",
+        lambda t: {"overrides": {"TRAIN_FILE": data_file(t, json.dumps(GOOD_ITEMS + [{"instruction": "x", "output": "  "}]))}},
+        "row 4, column 'output': empty or non-text output",
+    ),
     ("MODEL path missing", lambda t: {"overrides": {"MODEL": str(t / "no_model")}}, "not found"),
     ("MODEL dir not a model", lambda t: {"overrides": {"MODEL": empty_dir(t)}}, "is a directory but not a model"),
     ("MODEL a plain file", lambda t: {"overrides": {"MODEL": data_file(t, "x", "weights.bin")}}, "is a file but not a .gguf model"),
@@ -95,9 +133,17 @@ BAD_INPUTS = [
     ("EVAL_FILE missing", lambda t: {"overrides": {"EVAL_FILE": str(t / "eval.json")}}, "EVAL_FILE"),
     ("OUTPUT_DIR not creatable", lambda t: {"overrides": {"OUTPUT_DIR": "/proc/x/out"}}, "OUTPUT_DIR '/proc/x/out' is not writable"),
     ("OUTPUT_DIR under a file", lambda t: {"overrides": {"OUTPUT_DIR": data_file(t, "x", "afile") + "/out"}}, "is a file, not a directory"),
-    ("CACHE_DIR not writable", lambda t: {"overrides": {"MODEL": str(write_tiny_gguf(t / "m.gguf")), "CACHE_DIR": "/proc/x"}}, "CACHE_DIR '/proc/x' is not writable"),
+    (
+        "CACHE_DIR not writable",
+        lambda t: {"overrides": {"MODEL": str(write_tiny_gguf(t / "m.gguf")), "CACHE_DIR": "/proc/x"}},
+        "CACHE_DIR '/proc/x' is not writable",
+    ),
     ("LORA_R negative", lambda t: {"overrides": {"LORA_R": -4}}, "LORA_R must be >= 0"),
-    ("LORA_TARGETS names no module", lambda t: {"overrides": {"LORA_R": 4, "LORA_TARGETS": ["q_proj"]}}, "its linear modules: c_attn, c_fc, c_proj"),
+    (
+        "LORA_TARGETS names no module",
+        lambda t: {"overrides": {"LORA_R": 4, "LORA_TARGETS": ["q_proj"]}},
+        "its linear modules: c_attn, c_fc, c_proj",
+    ),
     ("FSDP in one process", lambda t: {"overrides": {"FSDP": True}}, "FSDP is true but this is a single process"),
     ("unknown ADVANTAGE", lambda t: {"overrides": {"ADVANTAGE": "grop"}}, "did you mean 'grpo'"),
     ("unknown HYBRID", lambda t: {"overrides": {"HYBRID": "gated"}}, "did you mean 'gate'"),
@@ -106,9 +152,25 @@ BAD_INPUTS = [
     ("CLIPRANGE_HIGH below CLIPRANGE", lambda t: {"overrides": {"CLIPRANGE_HIGH": 0.1}}, "CLIPRANGE_HIGH (0.1) must be >= CLIPRANGE (0.2)"),
     ("MIX_COEF above 1", lambda t: {"overrides": {"MIX_COEF": 1.5}}, "MIX_COEF must be in [0, 1], got 1.5"),
     ("KL full in the loss", lambda t: {"overrides": {"KL_IN": "loss", "KL_PENALTY": "full"}}, "works only with KL_IN"),
-    ("tool_call without a tool schema", lambda t: {"overrides": {"MODE": "ppo", "TRAIN_FILE": str(ROOT / "data" / "tool_train.json"), "REWARD": {"type": "math"}, "ENVIRONMENT": {"type": "code"}, "ACTION_FORMAT": "tool_call"}}, "ENVIRONMENT 'code' declares none (tool_schema)"),
+    (
+        "tool_call without a tool schema",
+        lambda t: {
+            "overrides": {
+                "MODE": "ppo",
+                "TRAIN_FILE": str(ROOT / "data" / "tool_train.json"),
+                "REWARD": {"type": "math"},
+                "ENVIRONMENT": {"type": "code"},
+                "ACTION_FORMAT": "tool_call",
+            }
+        },
+        "ENVIRONMENT 'code' declares none (tool_schema)",
+    ),
     ("LOGITS_CHUNK negative", lambda t: {"overrides": {"LOGITS_CHUNK": -1}}, "LOGITS_CHUNK must be >= 0, got -1"),
-    ("CATEGORY_FIELD in no row", lambda t: {"overrides": {"CATEGORY_FIELD": "topic"}}, "CATEGORY_FIELD 'topic' is in no row of TRAIN_FILE: their columns are ['instruction', 'output']"),
+    (
+        "CATEGORY_FIELD in no row",
+        lambda t: {"overrides": {"CATEGORY_FIELD": "topic"}},
+        "CATEGORY_FIELD 'topic' is in no row of TRAIN_FILE: their columns are ['instruction', 'output']",
+    ),
 ]
 
 
@@ -151,8 +213,9 @@ def test_bf16_on_device_without_bf16(env, capsys, monkeypatch):
 
 def test_cli_subprocess_bad_config_no_traceback(env):
     tmp_path, write = env
-    proc = subprocess.run([sys.executable, str(ROOT / "hybrid_trainer.py"), str(write({"MODE": "hybird"}))],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "hybrid_trainer.py"), str(write({"MODE": "hybird"}))], capture_output=True, text=True, cwd=tmp_path
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: MODE must be 'sft', 'ppo' or 'hybrid', got 'hybird'"
 
@@ -161,7 +224,7 @@ def test_check_prints_resolved_config_without_loading(env, capsys):
     tmp_path, write = env
     assert ht.main([str(write({"MODE": "hybrid", "REWARD": {"type": "bleu"}})), "--check"]) == 0
     out = capsys.readouterr().out
-    resolved = json.loads(out[:out.rindex("}") + 1])
+    resolved = json.loads(out[: out.rindex("}") + 1])
     assert set(resolved) == {f.name for f in ht.dataclasses.fields(ht.Config)}  # every key, defaults filled in
     assert resolved["PPO_MINI"] == resolved["PPO_BATCH"] == 4 and resolved["TARGET_KL"] == 0.3
     assert resolved["LR_SFT"] == 5e-5 and resolved["NO_REPEAT_NGRAM_SIZE"] == 3 and resolved["ADAPTIVE_KL"] is True
@@ -173,8 +236,18 @@ def test_help_lists_every_registry_from_the_registry_itself():
     proc = subprocess.run([sys.executable, str(ROOT / "hybrid_trainer.py"), "--help"], capture_output=True, text=True)
     import rewards
 
-    for registry in (ht.ADVANTAGES, ht.HYBRID_STRATEGIES, ht.KL_PENALTIES, ht.SFT_LOSSES, ht.SFT_TOKEN_WEIGHTS, ht.MIX_SCHEDULES,
-                     ht.LR_SCHEDULES, ht.DATA_FORMATS, runtime.GENERATION_BACKENDS, rewards.REWARDS):
+    for registry in (
+        ht.ADVANTAGES,
+        ht.HYBRID_STRATEGIES,
+        ht.KL_PENALTIES,
+        ht.SFT_LOSSES,
+        ht.SFT_TOKEN_WEIGHTS,
+        ht.MIX_SCHEDULES,
+        ht.LR_SCHEDULES,
+        ht.DATA_FORMATS,
+        runtime.GENERATION_BACKENDS,
+        rewards.REWARDS,
+    ):
         for name in registry:
             assert f"\n    {name} " in proc.stdout, name
     keys = {key: doc for key, _, doc in ht.config_defaults()}  # a key's choices in its help are its registry's names
@@ -182,8 +255,21 @@ def test_help_lists_every_registry_from_the_registry_itself():
 
 
 def test_config_is_frozen_and_the_plan_derives_every_size():
-    cfg = ht.Config.from_dict({"TRAIN_FILE": "t", "OUTPUT_DIR": "o", "MODE": "hybrid", "SFT_BATCH": 4, "PPO_BATCH": 4, "PPO_MINI": 2,
-                               "NUM_GENERATIONS": 2, "ADVANTAGE": "grpo", "PPO_EPOCHS": 3, "EPOCHS": 2, "MAXSEQ": 4096})
+    cfg = ht.Config.from_dict(
+        {
+            "TRAIN_FILE": "t",
+            "OUTPUT_DIR": "o",
+            "MODE": "hybrid",
+            "SFT_BATCH": 4,
+            "PPO_BATCH": 4,
+            "PPO_MINI": 2,
+            "NUM_GENERATIONS": 2,
+            "ADVANTAGE": "grpo",
+            "PPO_EPOCHS": 3,
+            "EPOCHS": 2,
+            "MAXSEQ": 4096,
+        }
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.SEED = 3
     assert cfg.SEED is None and cfg.BF16 == "auto"  # nothing resolved into the config
@@ -203,8 +289,9 @@ def test_generation_backend_auto_is_vllm_where_installed_and_allowed(monkeypatch
 
     real = importlib.util.find_spec
     installed = {"vllm": True}
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (real("json") if installed["vllm"] else None)
-                        if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: (real("json") if installed["vllm"] else None) if name == "vllm" else real(name, *a)
+    )
 
     def plan_of(**keys):
         cfg = ht.Config.from_dict({"TRAIN_FILE": "t", "OUTPUT_DIR": "o", "MODE": "ppo", **keys})
@@ -245,8 +332,19 @@ def test_run_writes_the_plan_next_to_the_config(tiny_model, tmp_path):
     train.write_text(json.dumps(GOOD_ITEMS))
     out = tmp_path / "out"
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(train), "OUTPUT_DIR": str(out),
-                                "SFT_BATCH": 2, "BF16": False, "MAXSEQ": 5000}))
+    path.write_text(
+        json.dumps(
+            {
+                "MODE": "sft",
+                "MODEL": str(tiny_model),
+                "TRAIN_FILE": str(train),
+                "OUTPUT_DIR": str(out),
+                "SFT_BATCH": 2,
+                "BF16": False,
+                "MAXSEQ": 5000,
+            }
+        )
+    )
     proc = subprocess.run([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     plan, config = (json.loads((out / name).read_text()) for name in ("plan.json", "config.json"))
@@ -332,14 +430,23 @@ def test_gate_threshold_without_gate_warns(env, capsys):
 def test_exit_now_runs_the_atexit_handlers_flushes_and_keeps_the_exit_code():
     """The command line's exit skips the interpreter's teardown, not what a library registered to run at exit (a
     tracker's last flush), nor unflushed output; a live non-daemon thread gets the ordinary exit, which waits for it."""
-    code = ("import atexit, sys, threading, time; sys.path.insert(0, %r); import runtime; "
-            "atexit.register(lambda: print('handler ran', flush=True)); sys.stdout.write('unflushed '); "
-            "%s runtime.exit_now(3)")
+    code = (
+        "import atexit, sys, threading, time; sys.path.insert(0, %r); import runtime; "
+        "atexit.register(lambda: print('handler ran', flush=True)); sys.stdout.write('unflushed '); "
+        "%s runtime.exit_now(3)"
+    )
     quick = subprocess.run([sys.executable, "-c", code % (str(ROOT), "")], capture_output=True, text=True, timeout=120)
     assert quick.returncode == 3 and quick.stdout.startswith("unflushed ") and "handler ran" in quick.stdout
-    waits = subprocess.run([sys.executable, "-c", code % (str(ROOT), "threading.Thread(target=lambda: (time.sleep(1), "
-                                                                     "print('thread done', flush=True))).start();")],
-                           capture_output=True, text=True, timeout=120)
+    waits = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code % (str(ROOT), "threading.Thread(target=lambda: (time.sleep(1), print('thread done', flush=True))).start();"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert waits.returncode == 3 and "thread done" in waits.stdout and "handler ran" in waits.stdout
 
 
@@ -349,16 +456,30 @@ def test_a_run_does_not_import_scikit_learn_and_assisted_generation_keeps_roc_cu
     scikit-learn's numbers on its first call; transformers' is_sklearn_available is the real one again."""
     pytest.importorskip("sklearn")
     config = tmp_path / "c.json"
-    config.write_text(json.dumps({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "SEED": 0,
-                                  "OUTPUT_DIR": str(tmp_path / "out"), "PPO_BATCH": 4, "NUM_SAMPLES": 4, "MAX_NEW_TOKENS": 4,
-                                  "REWARD": {"type": "contains", "pattern": "yes"}}))
-    code = ("import sys; sys.path.insert(0, %r); import hybrid_trainer as ht; assert ht.main([%r]) == 0; "
-            "print('sklearn imported:', 'sklearn' in sys.modules); "
-            "import transformers.utils, transformers.generation.candidate_generator as cg; "
-            "print('available:', transformers.utils.is_sklearn_available(), cg.is_sklearn_available()); "
-            "got = cg.roc_curve([0, 1, 1, 0], [0.1, 0.9, 0.8, 0.3]); from sklearn.metrics import roc_curve; "
-            "want = roc_curve([0, 1, 1, 0], [0.1, 0.9, 0.8, 0.3]); "
-            "print('same:', all((a == b).all() for a, b in zip(got, want)))") % (str(ROOT), str(config))
+    config.write_text(
+        json.dumps(
+            {
+                "MODE": "ppo",
+                "MODEL": str(tiny_model),
+                "TRAIN_FILE": str(tiny_data),
+                "SEED": 0,
+                "OUTPUT_DIR": str(tmp_path / "out"),
+                "PPO_BATCH": 4,
+                "NUM_SAMPLES": 4,
+                "MAX_NEW_TOKENS": 4,
+                "REWARD": {"type": "contains", "pattern": "yes"},
+            }
+        )
+    )
+    code = (
+        "import sys; sys.path.insert(0, %r); import hybrid_trainer as ht; assert ht.main([%r]) == 0; "
+        "print('sklearn imported:', 'sklearn' in sys.modules); "
+        "import transformers.utils, transformers.generation.candidate_generator as cg; "
+        "print('available:', transformers.utils.is_sklearn_available(), cg.is_sklearn_available()); "
+        "got = cg.roc_curve([0, 1, 1, 0], [0.1, 0.9, 0.8, 0.3]); from sklearn.metrics import roc_curve; "
+        "want = roc_curve([0, 1, 1, 0], [0.1, 0.9, 0.8, 0.3]); "
+        "print('same:', all((a == b).all() for a, b in zip(got, want)))"
+    ) % (str(ROOT), str(config))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr
     assert "sklearn imported: False" in proc.stdout and "available: True True" in proc.stdout and "same: True" in proc.stdout, proc.stdout

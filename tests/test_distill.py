@@ -60,9 +60,23 @@ def test_generalized_jsd_in_chunks_has_the_same_value_and_gradient():
 
 
 def distill_trainer(tiny_model, keys):
-    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": "-", "OUTPUT_DIR": "-", "SEED": 0,
-                               "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "PPO_EPOCHS": 1, "LR_PPO": 1e-3,
-                               "INIT_KL_COEF": 0.0, **EXACT_PPO, **keys})
+    cfg = ht.Config.from_dict(
+        {
+            "MODE": "ppo",
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": "-",
+            "OUTPUT_DIR": "-",
+            "SEED": 0,
+            "ADVANTAGE": "grpo",
+            "NUM_GENERATIONS": 2,
+            "PPO_BATCH": 2,
+            "PPO_EPOCHS": 1,
+            "LR_PPO": 1e-3,
+            "INIT_KL_COEF": 0.0,
+            **EXACT_PPO,
+            **keys,
+        }
+    )
     torch.manual_seed(0)
     policy, ref, tok = ht.load_model(cfg, torch.device("cpu"))
     teacher = runtime.load_teacher(cfg, torch.device("cpu"), False, ref)
@@ -77,6 +91,7 @@ def test_a_teacher_equal_to_the_student_adds_nothing(tiny_model, distill):
     """The teacher is the same weights (TEACHER_MODEL = MODEL): the distillation term is exactly 0, and the update equals
     the same update without a teacher (exactly for token_reverse_kl; jsd's gradient at teacher = student is 0 up to
     float rounding of the log-softmaxes, which AdamW's normalisation lifts to ~1e-6 on near-zero parameters)."""
+
     def step(keys):
         trainer, tok = distill_trainer(tiny_model, keys)
         queries = [tok(q)["input_ids"] for q in QUERIES]
@@ -96,8 +111,17 @@ def test_a_teacher_equal_to_the_student_adds_nothing(tiny_model, distill):
 def test_token_reverse_kl_alone_moves_the_student_toward_the_teacher(tiny_model, tiny_lora_model):
     """ADVANTAGE "none": the distillation term is the only signal; a few updates on the same samples lower the reverse KL
     to another model (the teacher)."""
-    trainer, tok = distill_trainer(tiny_model, {"TEACHER_MODEL": str(tiny_lora_model), "DISTILL": "token_reverse_kl",
-                                                "ADVANTAGE": "none", "NUM_GENERATIONS": 1, "PPO_BATCH": 4, "LR_PPO": 3e-3})
+    trainer, tok = distill_trainer(
+        tiny_model,
+        {
+            "TEACHER_MODEL": str(tiny_lora_model),
+            "DISTILL": "token_reverse_kl",
+            "ADVANTAGE": "none",
+            "NUM_GENERATIONS": 1,
+            "PPO_BATCH": 4,
+            "LR_PPO": 3e-3,
+        },
+    )
     queries = [tok(q)["input_ids"] for q in QUERIES]
     responses = [tok(r)["input_ids"] + [tok.eos_token_id] for r in RESPONSES]
     kls = [trainer.ppo_step(queries, responses, [0.0] * 4)["distill/reverse_kl"] for _ in range(6)]
@@ -107,27 +131,54 @@ def test_token_reverse_kl_alone_moves_the_student_toward_the_teacher(tiny_model,
 @pytest.mark.parametrize("loss", list(ht.POLICY_LOSSES))
 def test_every_policy_loss_takes_the_distillation_advantage(tiny_model, tiny_lora_model, loss):
     """ADVANTAGE "none" (the estimators' registry entry that only distillation gives a signal) with each policy loss."""
-    trainer, tok = distill_trainer(tiny_model, {"TEACHER_MODEL": str(tiny_lora_model), "DISTILL": "token_reverse_kl",
-                                                "ADVANTAGE": "none", "NUM_GENERATIONS": 1, "PPO_BATCH": 4, "POLICY_LOSS": loss})
+    trainer, tok = distill_trainer(
+        tiny_model,
+        {
+            "TEACHER_MODEL": str(tiny_lora_model),
+            "DISTILL": "token_reverse_kl",
+            "ADVANTAGE": "none",
+            "NUM_GENERATIONS": 1,
+            "PPO_BATCH": 4,
+            "POLICY_LOSS": loss,
+        },
+    )
     before = [p.detach().clone() for p in trainer.policy.lm.parameters()]
-    stats = trainer.ppo_step([tok(q)["input_ids"] for q in QUERIES], [tok(r)["input_ids"] + [tok.eos_token_id] for r in RESPONSES],
-                             [0.0] * 4)
+    stats = trainer.ppo_step(
+        [tok(q)["input_ids"] for q in QUERIES], [tok(r)["input_ids"] + [tok.eos_token_id] for r in RESPONSES], [0.0] * 4
+    )
     assert stats["ppo/loss/policy"] != 0 and stats["distill/reverse_kl"] != 0
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.lm.parameters()))
 
 
 def cli_config(tmp_path, model, tiny_data, **keys):
-    return {"MODE": "ppo", "MODEL": str(model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(tmp_path / "out"), "SEED": 0,
-            "PROMPT_FORMAT": "sketch", "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "PPO_EPOCHS": 1,
-            "MAX_NEW_TOKENS": 6, "NUM_SAMPLES": 4, "REWARD": {"type": "contains", "pattern": "yes"}, "LOG_EVERY": 1,
-            **EXACT_PPO, **keys}
+    return {
+        "MODE": "ppo",
+        "MODEL": str(model),
+        "TRAIN_FILE": str(tiny_data),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "SEED": 0,
+        "PROMPT_FORMAT": "sketch",
+        "ADVANTAGE": "grpo",
+        "NUM_GENERATIONS": 2,
+        "PPO_BATCH": 2,
+        "PPO_EPOCHS": 1,
+        "MAX_NEW_TOKENS": 6,
+        "NUM_SAMPLES": 4,
+        "REWARD": {"type": "contains", "pattern": "yes"},
+        "LOG_EVERY": 1,
+        **EXACT_PPO,
+        **keys,
+    }
 
 
-@pytest.mark.parametrize("keys", [
-    {"DISTILL": "token_reverse_kl", "ADVANTAGE": "none", "NUM_GENERATIONS": 1},
-    {"DISTILL": "jsd", "TEACHER_MODEL": "self", "LORA_R": 4, "DISTILL_BETA": 0.5},
-    {"DISTILL": "token_reverse_kl", "TEACHER_MODEL": "self", "MODE": "hybrid", "HYBRID": "alternate", "SFT_BATCH": 2},
-])
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"DISTILL": "token_reverse_kl", "ADVANTAGE": "none", "NUM_GENERATIONS": 1},
+        {"DISTILL": "jsd", "TEACHER_MODEL": "self", "LORA_R": 4, "DISTILL_BETA": 0.5},
+        {"DISTILL": "token_reverse_kl", "TEACHER_MODEL": "self", "MODE": "hybrid", "HYBRID": "alternate", "SFT_BATCH": 2},
+    ],
+)
 def test_cli_distills(tmp_path, tiny_model, tiny_lora_model, tiny_data, keys):
     eval_file = tmp_path / "eval.json"
     eval_file.write_text(json.dumps([{"instruction": "say yes", "output": "yes yes"}] * 2))
@@ -144,17 +195,19 @@ def test_cli_distills(tmp_path, tiny_model, tiny_lora_model, tiny_data, keys):
         assert evals[0]["eval/reverse_kl_to_teacher"] != 0
 
 
-@pytest.mark.parametrize("keys, message", [
-    ({"DISTILL": "jsd"}, "DISTILL 'jsd' needs a teacher: set TEACHER_MODEL"),
-    ({"TEACHER_MODEL": "self"}, "TEACHER_MODEL is set but DISTILL is empty"),
-    ({"TEACHER_MODEL": "self", "DISTILL": "jsd", "DISTILL_BETA": 1.5}, "DISTILL_BETA must be in [0, 1]"),
-    ({"TEACHER_MODEL": "/no/such/teacher", "DISTILL": "jsd"}, "TEACHER_MODEL '/no/such/teacher' not found"),
-    ({"TEACHER_MODEL": "CHAT", "DISTILL": "token_reverse_kl"}, "has another vocabulary than MODEL"),
-    # a row without a reference response is refused by the data loader already (every data format needs one)
-    ({"TEACHER_MODEL": "self", "DISTILL": "jsd", "TRAIN_FILE": "PROMPTS"}, "row 0, column 'completion': empty"),
-])
-def test_bad_distillation_input_is_one_error_before_weights(tmp_path, tiny_model, tiny_chat_model, tiny_data, keys, message,
-                                                           capsys):
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"DISTILL": "jsd"}, "DISTILL 'jsd' needs a teacher: set TEACHER_MODEL"),
+        ({"TEACHER_MODEL": "self"}, "TEACHER_MODEL is set but DISTILL is empty"),
+        ({"TEACHER_MODEL": "self", "DISTILL": "jsd", "DISTILL_BETA": 1.5}, "DISTILL_BETA must be in [0, 1]"),
+        ({"TEACHER_MODEL": "/no/such/teacher", "DISTILL": "jsd"}, "TEACHER_MODEL '/no/such/teacher' not found"),
+        ({"TEACHER_MODEL": "CHAT", "DISTILL": "token_reverse_kl"}, "has another vocabulary than MODEL"),
+        # a row without a reference response is refused by the data loader already (every data format needs one)
+        ({"TEACHER_MODEL": "self", "DISTILL": "jsd", "TRAIN_FILE": "PROMPTS"}, "row 0, column 'completion': empty"),
+    ],
+)
+def test_bad_distillation_input_is_one_error_before_weights(tmp_path, tiny_model, tiny_chat_model, tiny_data, keys, message, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "say yes", "completion": ""}\n{"prompt": "say no", "completion": ""}\n')
     keys = {k: {"CHAT": str(tiny_chat_model), "PROMPTS": str(prompts)}.get(v, v) if isinstance(v, str) else v for k, v in keys.items()}
@@ -178,10 +231,15 @@ def test_one_process_equals_two_with_a_teacher(tiny_model, tiny_lora_model, tmp_
     within 1e-6, and the weights within Adam's rounding (below)."""
 
     helper = ROOT / "tests" / "dist_helper.py"
-    extra = json.dumps({"TEACHER_MODEL": str(tiny_lora_model), "DISTILL": distill, "NUM_GENERATIONS": 2, "ADVANTAGE": "grpo",
-                        "DISTILL_BETA": 0.5})
-    one = subprocess.run([sys.executable, str(helper), "ppo_step", str(tiny_model), str(tmp_path / "one.st"), "0", extra],
-                         capture_output=True, text=True, env=ENV)
+    extra = json.dumps(
+        {"TEACHER_MODEL": str(tiny_lora_model), "DISTILL": distill, "NUM_GENERATIONS": 2, "ADVANTAGE": "grpo", "DISTILL_BETA": 0.5}
+    )
+    one = subprocess.run(
+        [sys.executable, str(helper), "ppo_step", str(tiny_model), str(tmp_path / "one.st"), "0", extra],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun([helper, "ppo_step", tiny_model, tmp_path / "two.st", "0", extra])
     numbers = [json.loads(next(x for x in p.stdout.splitlines() if x.startswith("numbers "))[8:]) for p in (one, two)]
@@ -199,8 +257,18 @@ def test_resume_with_a_teacher_is_exact(tmp_path, tiny_model, tiny_lora_model, t
     """A run killed after its checkpoint at step 2 (its directory as SIGKILL leaves it) and resumed logs the same
     numbers and ends with the same weights as the run that was not interrupted."""
 
-    cfg = cli_config(tmp_path, tiny_model, tiny_data, TEACHER_MODEL=str(tiny_lora_model), DISTILL="token_reverse_kl",
-                     NUM_SAMPLES=8, SAVE_EVERY=1, KEEP_CHECKPOINTS=10, KEEP_CHECKPOINTS_AT_END=True, LR_PPO=1e-3)
+    cfg = cli_config(
+        tmp_path,
+        tiny_model,
+        tiny_data,
+        TEACHER_MODEL=str(tiny_lora_model),
+        DISTILL="token_reverse_kl",
+        NUM_SAMPLES=8,
+        SAVE_EVERY=1,
+        KEEP_CHECKPOINTS=10,
+        KEEP_CHECKPOINTS_AT_END=True,
+        LR_PPO=1e-3,
+    )
     run_cli(cfg, tmp_path)
     straight = tmp_path / "out"
     killed = interrupted_copy(straight, tmp_path / "killed", 2)
@@ -214,11 +282,31 @@ def test_distillation_with_vllm_and_an_environment(tmp_path, tiny_chat_model):
     """The engine samples (vLLM), the trainer scores teacher and student; with the calculator environment the teacher
     scores the model's tokens only (the loss mask)."""
     data = ROOT / "data" / "tool_train.json"
-    cfg = {"MODE": "ppo", "MODEL": str(tiny_chat_model), "TRAIN_FILE": str(data), "OUTPUT_DIR": str(tmp_path / "out"), "SEED": 0,
-           "NUM_SAMPLES": 2, "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "PPO_EPOCHS": 1, "MAX_NEW_TOKENS": 16,
-           "MAXSEQ": 384, "REWARD": {"type": "math"}, "ENVIRONMENT": {"type": "calculator"}, "MAX_TURNS": 2,
-           "ACTION_FORMAT": {"open": "o", "close": "n"}, "TEACHER_MODEL": "self", "DISTILL": "token_reverse_kl",
-           **EXACT_PPO, "GENERATION_BACKEND": "vllm", "VLLM_KV_CACHE_GB": 0.25, "BF16": False, "LOG_EVERY": 1}
+    cfg = {
+        "MODE": "ppo",
+        "MODEL": str(tiny_chat_model),
+        "TRAIN_FILE": str(data),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "SEED": 0,
+        "NUM_SAMPLES": 2,
+        "ADVANTAGE": "grpo",
+        "NUM_GENERATIONS": 2,
+        "PPO_BATCH": 2,
+        "PPO_EPOCHS": 1,
+        "MAX_NEW_TOKENS": 16,
+        "MAXSEQ": 384,
+        "REWARD": {"type": "math"},
+        "ENVIRONMENT": {"type": "calculator"},
+        "MAX_TURNS": 2,
+        "ACTION_FORMAT": {"open": "o", "close": "n"},
+        "TEACHER_MODEL": "self",
+        "DISTILL": "token_reverse_kl",
+        **EXACT_PPO,
+        "GENERATION_BACKEND": "vllm",
+        "VLLM_KV_CACHE_GB": 0.25,
+        "BF16": False,
+        "LOG_EVERY": 1,
+    }
     run_cli(cfg, tmp_path)
     ppo = [r for r in metrics(tmp_path / "out") if r.get("phase") == "ppo"]
     assert ppo and all("distill/reverse_kl" in r and "rollout/logprob_abs_diff" in r for r in ppo)

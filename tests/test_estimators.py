@@ -99,11 +99,14 @@ def test_zero_std_groups():
     assert ht.zero_std_groups(torch.tensor([1.0, 2.0, 0.5, 0.5, 0.0, 0.0]), 2) == pytest.approx(2 / 3)
 
 
-@pytest.mark.parametrize("kind, expected", [
-    ("k2", [0.125, 0.03125]),  # 0.5 (logp - ref)^2
-    # k3: log r = ref - logp = -0.5 -> e^-0.5 - 1 + 0.5 = 0.1065307; log r = 0.25 -> e^0.25 - 1.25 = 0.0340254
-    ("k3", [math.exp(-0.5) - 0.5, math.exp(0.25) - 1.25]),
-])
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("k2", [0.125, 0.03125]),  # 0.5 (logp - ref)^2
+        # k3: log r = ref - logp = -0.5 -> e^-0.5 - 1 + 0.5 = 0.1065307; log r = 0.25 -> e^0.25 - 1.25 = 0.0340254
+        ("k3", [math.exp(-0.5) - 0.5, math.exp(0.25) - 1.25]),
+    ],
+)
 def test_kl_k2_k3_by_hand(kind, expected):
     logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.75]])
     assert ht.kl_per_token(logp, ref, kind)[0].tolist() == pytest.approx(expected, rel=1e-5)
@@ -165,8 +168,18 @@ def test_mix_schedule_by_hand():
 
 
 def test_gate_and_mix_splits():
-    cfg = ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "SEED": 0, "GATE_THRESHOLD": 0.5, "MIX_COEF": 0.4,
-                               "MIX_COEF_END": 0.0, "MIX_SCHEDULE": "linear", "HYBRID": "gate"})
+    cfg = ht.Config.from_dict(
+        {
+            "TRAIN_FILE": "-",
+            "OUTPUT_DIR": "-",
+            "SEED": 0,
+            "GATE_THRESHOLD": 0.5,
+            "MIX_COEF": 0.4,
+            "MIX_COEF_END": 0.0,
+            "MIX_SCHEDULE": "linear",
+            "HYBRID": "gate",
+        }
+    )
     # best scores 0.4 (< 0.5: SFT on the demonstration) and 0.9 (RL)
     split = ht.hybrid_gate(torch.tensor([[0.1, 0.4], [0.2, 0.9]]), cfg, 0.0)
     assert split.sft.tolist() == [True, False] and split.rl.tolist() == [False, True] and split.mu == 0.5
@@ -179,34 +192,58 @@ def trl_grpo_loss(loss_type, logps, old, ref, adv, mask, eps_low, eps_high, beta
     """Run TRL's own _compute_loss on fixed per-token log-probs (its model forward replaced by them)."""
     from trl import GRPOTrainer
 
-    identity = types.SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x,
-                                     reduce=lambda x, reduction="sum": x, num_processes=1)
+    identity = types.SimpleNamespace(
+        gather=lambda x: x, gather_for_metrics=lambda x: x, reduce=lambda x, reduction="sum": x, num_processes=1
+    )
     stub = types.SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
-        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1, sapo_temperature_pos=1.0,
-                                   sapo_temperature_neg=1.05),
-        loss_type=loss_type, epsilon_low=eps_low, epsilon_high=1 + eps_high if loss_type == "cispo" else eps_high, use_vllm=False,
-        vllm_importance_sampling_correction=False, model=types.SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=1, max_completion_length=max_len, accelerator=identity,
-        _entropy_bonus_enabled=False, aux_loss_enabled=False, _metrics={"train": defaultdict(list)})
-    inputs = {"prompt_ids": torch.zeros(len(mask), 1, dtype=torch.long), "prompt_mask": torch.ones(len(mask), 1),
-              "completion_ids": torch.zeros_like(mask, dtype=torch.long), "completion_mask": mask, "advantages": adv,
-              "old_per_token_logps": old, "ref_per_token_logps": ref, "num_items_in_batch": mask.sum()}
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level=level,
+        beta=beta,
+        args=types.SimpleNamespace(
+            use_bias_correction_kl=False, delta=None, steps_per_generation=1, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05
+        ),
+        loss_type=loss_type,
+        epsilon_low=eps_low,
+        epsilon_high=1 + eps_high if loss_type == "cispo" else eps_high,
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        model=types.SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        max_completion_length=max_len,
+        accelerator=identity,
+        _entropy_bonus_enabled=False,
+        aux_loss_enabled=False,
+        _metrics={"train": defaultdict(list)},
+    )
+    inputs = {
+        "prompt_ids": torch.zeros(len(mask), 1, dtype=torch.long),
+        "prompt_mask": torch.ones(len(mask), 1),
+        "completion_ids": torch.zeros_like(mask, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+        "num_items_in_batch": mask.sum(),
+    }
     return GRPOTrainer._compute_loss(stub, None, inputs)
 
 
-@pytest.mark.parametrize("loss_type, agg, level, beta, eps_high", [
-    ("grpo", "seq_mean_token_mean", "token", 0.0, 0.2),
-    ("grpo", "seq_mean_token_mean", "sequence", 0.0, 0.2),  # GSPO
-    ("bnpo", "token_mean", "token", 0.04, 0.2),  # with the k3 KL in the loss
-    ("dapo", "token_mean", "token", 0.0, 0.28),  # clip-higher, token-level normalisation
-    ("dr_grpo", "seq_mean_token_sum_norm", "token", 0.04, 0.2),
-    ("cispo", "token_mean", "token", 0.0, 0.28),  # TRL's epsilon_high (the weight's cap) is our 1 + CLIPRANGE_HIGH
-    ("cispo", "token_mean", "token", 0.04, 0.2),
-    ("sapo", "seq_mean_token_mean", "token", 0.0, 0.2),  # TRL's default temperatures 1.0 / 1.05, ours too
-    ("sapo", "seq_mean_token_mean", "token", 0.04, 0.2),
-])
+@pytest.mark.parametrize(
+    "loss_type, agg, level, beta, eps_high",
+    [
+        ("grpo", "seq_mean_token_mean", "token", 0.0, 0.2),
+        ("grpo", "seq_mean_token_mean", "sequence", 0.0, 0.2),  # GSPO
+        ("bnpo", "token_mean", "token", 0.04, 0.2),  # with the k3 KL in the loss
+        ("dapo", "token_mean", "token", 0.0, 0.28),  # clip-higher, token-level normalisation
+        ("dr_grpo", "seq_mean_token_sum_norm", "token", 0.04, 0.2),
+        ("cispo", "token_mean", "token", 0.0, 0.28),  # TRL's epsilon_high (the weight's cap) is our 1 + CLIPRANGE_HIGH
+        ("cispo", "token_mean", "token", 0.04, 0.2),
+        ("sapo", "seq_mean_token_mean", "token", 0.0, 0.2),  # TRL's default temperatures 1.0 / 1.05, ours too
+        ("sapo", "seq_mean_token_mean", "token", 0.04, 0.2),
+    ],
+)
 def test_policy_loss_matches_trl_grpo(loss_type, agg, level, beta, eps_high):
     torch.manual_seed(0)
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
@@ -221,8 +258,7 @@ def test_policy_loss_matches_trl_grpo(loss_type, agg, level, beta, eps_high):
     ours = ht.policy_loss(logps, old, adv, mask, ht.LossSettings(0.2, eps_high, kind, agg, 6), kl).loss
     torch.testing.assert_close(ours, theirs)
     g_ours = torch.autograd.grad(ours, logps)[0]
-    g_theirs = torch.autograd.grad(trl_grpo_loss(loss_type, logps, old, ref, adv[:, 0], mask, 0.2, eps_high, beta, level, 6),
-                                   logps)[0]
+    g_theirs = torch.autograd.grad(trl_grpo_loss(loss_type, logps, old, ref, adv[:, 0], mask, 0.2, eps_high, beta, level, 6), logps)[0]
     torch.testing.assert_close(g_ours * mask, g_theirs * mask)
 
 
@@ -243,10 +279,22 @@ def test_grpo_and_rloo_advantages_match_trl_trainers(tiny_model, tmp_path):
         return seen[-1]
 
     for config, trainer_cls, ours in ((GRPOConfig, GRPOTrainer, ht.advantages_grpo), (RLOOConfig, RLOOTrainer, ht.advantages_rloo)):
-        args = config(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, num_generations=4,
-                      max_completion_length=6, report_to=[], use_cpu=True, bf16=False)
-        trainer = trainer_cls(model=model, reward_funcs=reward, args=args, processing_class=tok,
-                              train_dataset=Dataset.from_list([{"prompt": "say yes"}, {"prompt": "hello"}]))
+        args = config(
+            output_dir=str(tmp_path / "trl"),
+            per_device_train_batch_size=8,
+            num_generations=4,
+            max_completion_length=6,
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+        )
+        trainer = trainer_cls(
+            model=model,
+            reward_funcs=reward,
+            args=args,
+            processing_class=tok,
+            train_dataset=Dataset.from_list([{"prompt": "say yes"}, {"prompt": "hello"}]),
+        )
         out = trainer._generate_and_score_completions([{"prompt": "say yes"}] * 4 + [{"prompt": "hello"}] * 4)
         rewards, mask = outcome_rewards(seen[-1], [1] * 8, 1)
         mine, _ = ours(rewards=rewards, mask=mask, group_size=4)

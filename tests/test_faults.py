@@ -16,8 +16,20 @@ from safetensors.torch import load_file
 
 import outputs
 
-BASE = {"MODE": "hybrid", "SEED": 5, "SFT_BATCH": 2, "PPO_BATCH": 2, "PPO_MINI": 1, "MAX_NEW_TOKENS": 4, "EPOCHS": 1,
-        "LR_SFT": 1e-3, "LR_PPO": 1e-3, "REWARD": {"type": "contains", "pattern": "yes"}, "LOG_EVERY": 100, **EXACT_PPO}
+BASE = {
+    "MODE": "hybrid",
+    "SEED": 5,
+    "SFT_BATCH": 2,
+    "PPO_BATCH": 2,
+    "PPO_MINI": 1,
+    "MAX_NEW_TOKENS": 4,
+    "EPOCHS": 1,
+    "LR_SFT": 1e-3,
+    "LR_PPO": 1e-3,
+    "REWARD": {"type": "contains", "pattern": "yes"},
+    "LOG_EVERY": 100,
+    **EXACT_PPO,
+}
 
 
 @contextlib.contextmanager
@@ -34,8 +46,18 @@ def small_disk(path: Path, size_kb: int):
 
 def checkpoint_kb(tiny_model, tiny_data, tmp_path) -> int:
     out = tmp_path / "measure"
-    run_cli({**BASE, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SAVE_EVERY": 1,
-             "KEEP_CHECKPOINTS_AT_END": True, "EPOCHS": 1}, tmp_path)
+    run_cli(
+        {
+            **BASE,
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": str(tiny_data),
+            "OUTPUT_DIR": str(out),
+            "SAVE_EVERY": 1,
+            "KEEP_CHECKPOINTS_AT_END": True,
+            "EPOCHS": 1,
+        },
+        tmp_path,
+    )
     return sum(p.stat().st_size for p in outputs.latest_checkpoint(out).iterdir()) // 1024
 
 
@@ -56,8 +78,15 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_resumes(tiny_model
         out = disk / "out"
         proc = run_cli({**cfg, "OUTPUT_DIR": str(out)}, tmp_path, check=False)
         assert proc.returncode == 2, proc.stderr[-3000:]
-        one_error(proc.stderr, "the disk is full", "checkpoint step-2", str(out / "checkpoints"), "needed about",
-                  "step-1, is intact", "rerun the same command")
+        one_error(
+            proc.stderr,
+            "the disk is full",
+            "checkpoint step-2",
+            str(out / "checkpoints"),
+            "needed about",
+            "step-1, is intact",
+            "rerun the same command",
+        )
         assert "warning: OUTPUT_DIR" in proc.stderr and "free" in proc.stderr  # the estimate said so at start
         assert not list((out / "checkpoints").glob(".tmp-*"))  # the partial checkpoint is gone
         assert outputs.checkpoint_damage(out / "checkpoints" / "step-1") is None
@@ -81,17 +110,19 @@ def test_full_disk_at_the_final_save_and_at_a_metrics_line(tiny_model, tiny_data
         ballast = disk / "ballast"  # the first SFT step fills the disk: the metrics line after it finds no space
         path = tmp_path / "m.json"
         path.write_text(json.dumps({**cfg, "OUTPUT_DIR": str(out)}))
-        script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import hybrid_trainer as ht\n"
-                  "orig = ht.HybridTrainer.sft_step\n"
-                  "def sft_step(self, batch):\n"
-                  "    stats = orig(self, batch)\n"
-                  f"    with open({str(ballast)!r}, 'wb', buffering=0) as f:\n"
-                  "        try:\n"
-                  "            while True: f.write(b'x' * 4096); f.flush()\n"
-                  "        except OSError: pass\n"
-                  "    return stats\n"
-                  "ht.HybridTrainer.sft_step = sft_step\n"
-                  f"sys.exit(ht.main([{str(path)!r}]))\n")
+        script = (
+            f"import sys; sys.path.insert(0, {str(ROOT)!r}); import hybrid_trainer as ht\n"
+            "orig = ht.HybridTrainer.sft_step\n"
+            "def sft_step(self, batch):\n"
+            "    stats = orig(self, batch)\n"
+            f"    with open({str(ballast)!r}, 'wb', buffering=0) as f:\n"
+            "        try:\n"
+            "            while True: f.write(b'x' * 4096); f.flush()\n"
+            "        except OSError: pass\n"
+            "    return stats\n"
+            "ht.HybridTrainer.sft_step = sft_step\n"
+            f"sys.exit(ht.main([{str(path)!r}]))\n"
+        )
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV)
         assert proc.returncode == 2, proc.stderr[-3000:]
         one_error(proc.stderr, "the disk is full", "metrics.jsonl", str(out))
@@ -113,15 +144,21 @@ def test_full_disk_with_two_processes_ends_both_with_one_message(tiny_model, tin
 
 @pytest.mark.parametrize("damage", ["truncated", "missing", "empty"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(damage, tiny_model, tiny_data, tmp_path):
-    cfg = {**BASE, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "SAVE_EVERY": 1, "KEEP_CHECKPOINTS": 10,
-           "KEEP_CHECKPOINTS_AT_END": True}
+    cfg = {
+        **BASE,
+        "MODEL": str(tiny_model),
+        "TRAIN_FILE": str(tiny_data),
+        "SAVE_EVERY": 1,
+        "KEEP_CHECKPOINTS": 10,
+        "KEEP_CHECKPOINTS_AT_END": True,
+    }
     straight = tmp_path / "straight"
     run_cli({**cfg, "OUTPUT_DIR": str(straight)}, tmp_path)
     resumed = interrupted_copy(straight, tmp_path / "resumed", checkpoint=3)
     policy = resumed / "checkpoints" / "step-3" / "policy.safetensors"
     if damage == "truncated":
         data = policy.read_bytes()
-        policy.write_bytes(data[:len(data) // 2])
+        policy.write_bytes(data[: len(data) // 2])
     elif damage == "missing":
         policy.unlink()
     else:
@@ -137,8 +174,14 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(damage, tiny
 
 
 def test_no_good_checkpoint_and_a_damaged_resume_path_are_one_error_each(tiny_model, tiny_data, tmp_path):
-    cfg = {**BASE, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "SAVE_EVERY": 1, "KEEP_CHECKPOINTS": 10,
-           "KEEP_CHECKPOINTS_AT_END": True}
+    cfg = {
+        **BASE,
+        "MODEL": str(tiny_model),
+        "TRAIN_FILE": str(tiny_data),
+        "SAVE_EVERY": 1,
+        "KEEP_CHECKPOINTS": 10,
+        "KEEP_CHECKPOINTS_AT_END": True,
+    }
     straight = tmp_path / "straight"
     run_cli({**cfg, "OUTPUT_DIR": str(straight)}, tmp_path)
     resumed = interrupted_copy(straight, tmp_path / "resumed", checkpoint=2)
@@ -147,8 +190,7 @@ def test_no_good_checkpoint_and_a_damaged_resume_path_are_one_error_each(tiny_mo
     proc = run_cli({**cfg, "OUTPUT_DIR": str(resumed)}, tmp_path, check=False)
     assert proc.returncode == 2
     one_error(proc.stderr, "no checkpoint", "step-1", "step-2", "optimizers.pt")
-    proc = run_cli({**cfg, "OUTPUT_DIR": str(tmp_path / "other"), "RESUME": str(resumed / "checkpoints" / "step-2")},
-                   tmp_path, check=False)
+    proc = run_cli({**cfg, "OUTPUT_DIR": str(tmp_path / "other"), "RESUME": str(resumed / "checkpoints" / "step-2")}, tmp_path, check=False)
     assert proc.returncode == 2
     one_error(proc.stderr, "RESUME", str(resumed / "checkpoints" / "step-2" / "optimizers.pt"))
 
@@ -168,8 +210,17 @@ def test_space_is_checked_up_front(tiny_model, tiny_data, tmp_path):
 
 def test_the_estimate_is_close_to_what_a_run_writes(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "out"
-    proc = run_cli({**BASE, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SAVE_EVERY": 2,
-                    "KEEP_CHECKPOINTS_AT_END": True}, tmp_path)
+    proc = run_cli(
+        {
+            **BASE,
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": str(tiny_data),
+            "OUTPUT_DIR": str(out),
+            "SAVE_EVERY": 2,
+            "KEEP_CHECKPOINTS_AT_END": True,
+        },
+        tmp_path,
+    )
     plan = json.loads((out / "plan.json").read_text())
     written = sum(p.stat().st_size for p in outputs.latest_checkpoint(out).iterdir())
     assert 0.8 * written <= plan["checkpoint_bytes"] <= 1.25 * written, (plan["checkpoint_bytes"], written)

@@ -19,8 +19,9 @@ def first_update(trainer, examples):
 
 
 def test_fresh_adapter_reference_is_the_base_without_a_copy(tiny_model, tiny_data):
-    trainer, examples = trainer_for({"LORA_R": 4, "PPO_BATCH": 8, "PPO_MINI": 4, "MAX_NEW_TOKENS": 5, "LR_PPO": 1e-2},
-                                    tiny_model, tiny_data, YesFraction())
+    trainer, examples = trainer_for(
+        {"LORA_R": 4, "PPO_BATCH": 8, "PPO_MINI": 4, "MAX_NEW_TOKENS": 5, "LR_PPO": 1e-2}, tiny_model, tiny_data, YesFraction()
+    )
     assert isinstance(trainer.ref_lm, runtime.AdapterReference) and trainer.ref_lm.adapter is None
     assert trainer.ref_lm.lm is trainer.policy.lm  # the same module: no second copy of the base weights
     trainable = {n for n, p in trainer.policy.named_parameters() if p.requires_grad}
@@ -67,18 +68,35 @@ def test_adapter_as_model_is_its_own_reference(trained_adapter, tiny_model, tiny
 
 def test_ppo_with_lora_raises_reward(tiny_lora_model, tiny_data):
     # tiny_lora_model: embeddings at init scale 0.2; at 0.02 the frozen tied embeddings cap p("yes") near 1%
-    trainer, examples = trainer_for({"LORA_R": 16, "LORA_ALPHA": 32, "PPO_BATCH": 16, "PPO_MINI": 8, "LR_PPO": 1e-2,
-                                     "INIT_KL_COEF": 0.01, "MAX_NEW_TOKENS": 6}, tiny_lora_model, tiny_data, YesFraction())
+    trainer, examples = trainer_for(
+        {"LORA_R": 16, "LORA_ALPHA": 32, "PPO_BATCH": 16, "PPO_MINI": 8, "LR_PPO": 1e-2, "INIT_KL_COEF": 0.01, "MAX_NEW_TOKENS": 6},
+        tiny_lora_model,
+        tiny_data,
+        YesFraction(),
+    )
     batch = (examples * 2)[:16]
     rewards = [trainer.ppo_update(batch)["reward/mean"] for _ in range(25)]
     assert sum(rewards[:3]) / 3 < 0.2, rewards
     assert sum(rewards[-3:]) / 3 > 0.6, rewards
 
 
-LORA_HYBRID = {"MODE": "hybrid", "SEED": 5, "LORA_R": 4, "REF_UPDATE": "cycle", "SFT_BATCH": 2, "PPO_BATCH": 2, "PPO_MINI": 1,
-               "MAX_NEW_TOKENS": 4, "LR_SFT": 1e-2, "LR_PPO": 1e-2, "SAVE_EVERY": 1, "KEEP_CHECKPOINTS": 20,
-               "KEEP_CHECKPOINTS_AT_END": True,
-               "REWARD": {"type": "contains", "pattern": "yes"}, **EXACT_PPO}
+LORA_HYBRID = {
+    "MODE": "hybrid",
+    "SEED": 5,
+    "LORA_R": 4,
+    "REF_UPDATE": "cycle",
+    "SFT_BATCH": 2,
+    "PPO_BATCH": 2,
+    "PPO_MINI": 1,
+    "MAX_NEW_TOKENS": 4,
+    "LR_SFT": 1e-2,
+    "LR_PPO": 1e-2,
+    "SAVE_EVERY": 1,
+    "KEEP_CHECKPOINTS": 20,
+    "KEEP_CHECKPOINTS_AT_END": True,
+    "REWARD": {"type": "contains", "pattern": "yes"},
+    **EXACT_PPO,
+}
 
 
 def test_lora_checkpoints_hold_only_trainable_weights_and_resume_exactly(tiny_model, tiny_data, tmp_path):
@@ -101,10 +119,20 @@ def test_saved_adapter_and_merged_model_reproduce_the_policy(tiny_model, tiny_da
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
-             "LORA_R": 4, "LR_SFT": 1e-2, "BF16": False}, tmp_path)  # fp32: merged = adapter policy to 1e-5
-    assert {p.name for p in (out / "ppo_full").iterdir()} >= {"adapter_model.safetensors", "adapter_config.json",
-                                                              "trainer_config.json"}
+    run_cli(
+        {
+            "MODE": "sft",
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": str(tiny_data),
+            "OUTPUT_DIR": str(out),
+            "SEED": 0,
+            "LORA_R": 4,
+            "LR_SFT": 1e-2,
+            "BF16": False,
+        },
+        tmp_path,
+    )  # fp32: merged = adapter policy to 1e-5
+    assert {p.name for p in (out / "ppo_full").iterdir()} >= {"adapter_model.safetensors", "adapter_config.json", "trainer_config.json"}
     assert not (out / "ppo_full" / "value_head.safetensors").exists()  # SFT never trained it
     ids = torch.tensor([[5, 17, 42, 9, 100, 3]])
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -118,20 +146,35 @@ def test_saved_adapter_and_merged_model_reproduce_the_policy(tiny_model, tiny_da
 
 
 def test_lora_dropout_warns(tiny_model, tiny_data, tmp_path):
-    proc = run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(tmp_path / "o"),
-                    "LORA_R": 2, "LORA_DROPOUT": 0.1}, tmp_path)
+    proc = run_cli(
+        {
+            "MODE": "sft",
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": str(tiny_data),
+            "OUTPUT_DIR": str(tmp_path / "o"),
+            "LORA_R": 2,
+            "LORA_DROPOUT": 0.1,
+        },
+        tmp_path,
+    )
     assert proc.stderr.count("LORA_DROPOUT=0.1") == 1
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"LORA_R": -1}, "LORA_R must be >= 0"),
-    ({"LORA_R": 4, "LORA_TARGETS": ["no_such_module"]}, "LORA_TARGETS ['no_such_module'] matches no module of MODEL"),
-    ({"LORA_R": 4, "LORA_TARGETS": "q_proj"}, 'LORA_TARGETS must be "all-linear" or a non-empty list'),
-    ({"LORA_DROPOUT": 1.0}, "LORA_DROPOUT must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"LORA_R": -1}, "LORA_R must be >= 0"),
+        ({"LORA_R": 4, "LORA_TARGETS": ["no_such_module"]}, "LORA_TARGETS ['no_such_module'] matches no module of MODEL"),
+        ({"LORA_R": 4, "LORA_TARGETS": "q_proj"}, 'LORA_TARGETS must be "all-linear" or a non-empty list'),
+        ({"LORA_DROPOUT": 1.0}, "LORA_DROPOUT must be in [0, 1)"),
+    ],
+)
 def test_bad_lora_settings(overrides, message, tiny_model, tiny_data, tmp_path):
-    proc = run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(tmp_path / "o"),
-                    **overrides}, tmp_path, check=False)
+    proc = run_cli(
+        {"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(tmp_path / "o"), **overrides},
+        tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1
     if "TARGETS" in message and "matches" in message:
@@ -142,7 +185,10 @@ def test_bad_lora_settings(overrides, message, tiny_model, tiny_data, tmp_path):
 def test_adapter_whose_base_is_not_available_offline(trained_adapter, tiny_data, tmp_path):
     config = json.loads((trained_adapter / "adapter_config.json").read_text())
     (trained_adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "meta-llama/Llama-3-8B"}))
-    proc = run_cli({"MODE": "sft", "MODEL": str(trained_adapter), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(tmp_path / "o")},
-                   tmp_path, check=False)
+    proc = run_cli(
+        {"MODE": "sft", "MODEL": str(trained_adapter), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(tmp_path / "o")},
+        tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "is a LoRA adapter whose base model 'meta-llama/Llama-3-8B' is not available offline" in proc.stderr

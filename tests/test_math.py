@@ -54,11 +54,14 @@ def test_whiten_without_shift_keeps_mean():
     torch.testing.assert_close(out, torch.tensor([[2 - 1 / math.sqrt(2), 2 + 1 / math.sqrt(2)]]), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind, expected", [
-    ("kl", [0.5, -0.25]),      # logp - ref
-    ("abs", [0.5, 0.25]),
-    ("mse", [0.125, 0.03125]),  # 0.5 * d^2
-])
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("kl", [0.5, -0.25]),  # logp - ref
+        ("abs", [0.5, 0.25]),
+        ("mse", [0.125, 0.03125]),  # 0.5 * d^2
+    ],
+)
 def test_kl_penalty_kinds(kind, expected):
     logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.75]])
     torch.testing.assert_close(ht.kl_per_token(logp, ref, kind), torch.tensor([expected]))
@@ -164,13 +167,16 @@ def test_padding_helpers_and_positions():
     assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
-@pytest.mark.parametrize("n_sft, n_ppo, cs, cp, expected", [
-    (3, 2, 1, 1, ["sft", "ppo", "sft", "ppo", "sft"]),  # a side whose batches are used drops out
-    (4, 1, 2, 1, ["sft", "sft", "ppo", "sft", "sft"]),
-    (2, 0, 1, 0, ["sft", "sft"]),                         # sft mode
-    (0, 3, 0, 1, ["ppo", "ppo", "ppo"]),                  # ppo mode
-    (3, 3, 0, 2, ["ppo", "ppo", "ppo"]),                  # hybrid with CYCLE_SFT_STEPS = 0
-])
+@pytest.mark.parametrize(
+    "n_sft, n_ppo, cs, cp, expected",
+    [
+        (3, 2, 1, 1, ["sft", "ppo", "sft", "ppo", "sft"]),  # a side whose batches are used drops out
+        (4, 1, 2, 1, ["sft", "sft", "ppo", "sft", "sft"]),
+        (2, 0, 1, 0, ["sft", "sft"]),  # sft mode
+        (0, 3, 0, 1, ["ppo", "ppo", "ppo"]),  # ppo mode
+        (3, 3, 0, 2, ["ppo", "ppo", "ppo"]),  # hybrid with CYCLE_SFT_STEPS = 0
+    ],
+)
 def test_epoch_schedule(n_sft, n_ppo, cs, cp, expected):
     assert ht.epoch_schedule(n_sft, n_ppo, cs, cp) == expected
 

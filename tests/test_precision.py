@@ -25,8 +25,12 @@ def fixed_step(trainer):
 def test_first_minibatch_forward_replaces_the_rollout_forward(kl_penalty, tiny_model, tiny_data):
     results = []
     for fuse in (False, True):
-        trainer, _ = trainer_for({"PPO_BATCH": 8, "PPO_MINI": 8, "PPO_EPOCHS": 3, "LR_PPO": 1e-3, "KL_PENALTY": kl_penalty,
-                                  "WHITEN_REWARDS": True}, tiny_model, tiny_data, None)
+        trainer, _ = trainer_for(
+            {"PPO_BATCH": 8, "PPO_MINI": 8, "PPO_EPOCHS": 3, "LR_PPO": 1e-3, "KL_PENALTY": kl_penalty, "WHITEN_REWARDS": True},
+            tiny_model,
+            tiny_data,
+            None,
+        )
         trainer.update.fuse_first_forward = fuse
         calls = []
         trainer.policy.v_head.register_forward_hook(lambda *a, calls=calls: calls.append(1))
@@ -59,8 +63,10 @@ def test_bf16_auto_resolves_from_a_cached_probe(tiny_model, tiny_data, tmp_path,
     assert "set in the config" in why and on is False
 
 
-ZEN3 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nstepping\t: 1\n"
-        "flags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nmodel name\t: AMD EPYC\n")
+ZEN3 = (
+    "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nstepping\t: 1\n"
+    "flags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nmodel name\t: AMD EPYC\n"
+)
 ZEN5 = ZEN3.replace("cpu family\t: 25", "cpu family\t: 26").replace("avx2 fma", "avx2 fma avx512f avx512_bf16")
 ARM = "processor\t: 0\nBogoMIPS\t: 2000.00\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\nCPU part\t: 0xd4f\n"
 
@@ -75,16 +81,28 @@ def test_a_probe_cached_on_one_cpu_is_not_read_on_another_that_is_named_alike(tm
     assert runtime.cpu_model(tmp_path / "arm") == "unknown (implementer 0x41 part 0xd4f; asimd sve bf16 i8mm)"
     assert runtime.cpu_model(tmp_path / "absent") == "unknown"
     cache, zen3, zen5 = tmp_path / "probe.json", runtime.cpu_model(tmp_path / "zen3"), runtime.cpu_model(tmp_path / "zen5")
-    for label, measure, expected in ((zen5, lambda: 4.45, (4.45, False)), (zen3, lambda: 0.02, (0.02, False)),
-                                     (zen5, lambda: pytest.fail("probed again"), (4.45, True))):
+    for label, measure, expected in (
+        (zen5, lambda: 4.45, (4.45, False)),
+        (zen3, lambda: 0.02, (0.02, False)),
+        (zen5, lambda: pytest.fail("probed again"), (4.45, True)),
+    ):
         monkeypatch.setattr(runtime, "cpu_model", lambda label=label: label)
         assert runtime.cached_probe(cache, "n=576", measure) == expected  # zen3 measures its own, not zen5's 4.45
 
 
 def test_run_prints_and_records_the_bf16_choice(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "o"
-    proc = run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
-                    "CACHE_DIR": str(tmp_path / "cache")}, tmp_path)
+    proc = run_cli(
+        {
+            "MODE": "sft",
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": str(tiny_data),
+            "OUTPUT_DIR": str(out),
+            "SEED": 0,
+            "CACHE_DIR": str(tmp_path / "cache"),
+        },
+        tmp_path,
+    )
     assert proc.stdout.splitlines()[0].startswith("bf16 ")
     assert isinstance(json.loads((out / "config.json").read_text())["BF16"], bool)
 
@@ -100,8 +118,9 @@ def test_resume_keeps_the_original_bf16_choice(tmp_path):
 
 @pytest.mark.parametrize("lora_r", [0, 4])
 def test_bf16_frozen_weights_are_stored_once_and_ratio_kl_hold(lora_r, tiny_model, tiny_data):
-    trainer, examples = trainer_for({"BF16": True, "LORA_R": lora_r, "PPO_BATCH": 8, "PPO_MINI": 4, "MAX_NEW_TOKENS": 5},
-                                    tiny_model, tiny_data, YesFraction())
+    trainer, examples = trainer_for(
+        {"BF16": True, "LORA_R": lora_r, "PPO_BATCH": 8, "PPO_MINI": 4, "MAX_NEW_TOKENS": 5}, tiny_model, tiny_data, YesFraction()
+    )
     if lora_r:  # the frozen base in bf16; adapter and value head fp32
         assert {p.dtype for n, p in trainer.policy.named_parameters() if not p.requires_grad} == {torch.bfloat16}
         assert {p.dtype for p in trainer.optim.params} == {torch.float32}
@@ -118,8 +137,7 @@ def test_bf16_frozen_weights_are_stored_once_and_ratio_kl_hold(lora_r, tiny_mode
 def test_lm_head_gets_a_contiguous_input_and_the_same_logits(tiny_model, tiny_data):
     """The policy's, the reference's and the response forward's LM head see a contiguous input (a strided slice of the
     hidden states made a bf16 CPU bmm copy the expanded head weight), with the logits a strided input gives."""
-    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": "-",
-                               "BF16": False})
+    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": "-", "BF16": False})
     policy, ref, _ = ht.load_model(cfg, torch.device("cpu"))
     seen = []
     for lm in (policy.lm, ref):
@@ -138,8 +156,7 @@ def test_the_policy_is_trained_in_memory_not_in_the_files_pages(tiny_model, tiny
     """On the CPU the policy's weights are read into the process's memory: memory-mapped (transformers' default) they
     are the safetensors file's copy-on-write pages, which the first optimizer step faults in one by one. And glibc
     is told to keep freed blocks (keep_freed_memory), which run() does on the CPU."""
-    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": "-",
-                               "BF16": False})
+    cfg = ht.Config.from_dict({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": "-", "BF16": False})
     policy, _, _ = ht.load_model(cfg, torch.device("cpu"))
     weights = str(runtime.resolve_model(cfg).weights)
     mapped = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in open("/proc/self/maps") if weights in line]
@@ -153,8 +170,15 @@ def tiny_gqa_llama(path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     return path
 
@@ -203,10 +227,21 @@ def test_weight_first_decoding_is_a_cached_probes_choice_and_samples_the_same_to
 
     llama = tiny_gqa_llama(tmp_path / "llama")
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(llama)  # its ids above 63 are never used here
-    cfg = ht.Config.from_dict({"MODEL": str(llama), "TRAIN_FILE": "t", "OUTPUT_DIR": "-",
-                               "CACHE_DIR": str(tmp_path / "cache"), "GENERATION_BACKEND": "hf", "SEED": 0,
-                               "MAX_NEW_TOKENS": 6, "TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0,
-                               "NO_REPEAT_NGRAM_SIZE": 0})
+    cfg = ht.Config.from_dict(
+        {
+            "MODEL": str(llama),
+            "TRAIN_FILE": "t",
+            "OUTPUT_DIR": "-",
+            "CACHE_DIR": str(tmp_path / "cache"),
+            "GENERATION_BACKEND": "hf",
+            "SEED": 0,
+            "MAX_NEW_TOKENS": 6,
+            "TEMPERATURE": 1.0,
+            "TOP_P": 1.0,
+            "REPETITION_PENALTY": 1.0,
+            "NO_REPEAT_NGRAM_SIZE": 0,
+        }
+    )
     paths, cpu = runtime.resolve_model(cfg), torch.device("cpu")
     shapes = runtime.decoding_shapes(paths)  # q, k, v, o (4 heads of 16 on 2 key-value heads), gate, up, down, the head
     assert shapes == [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128), (64, 64)]
@@ -256,6 +291,7 @@ def test_the_bf16_probe_is_fp32_time_over_bf16_time_and_stops_at_a_slow_kernel(t
 def test_the_weight_first_probe_times_the_same_products_both_ways(tmp_path, monkeypatch):
     """weight_first_speedup hands alternating_ratio F.linear first and weight-first second, over the same layers and
     inputs: their products agree, and the ratio it returns is the probe's."""
+
     def ratio(a, b, rounds=15):
         for x, y in zip(a(), b()):
             torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)

@@ -26,8 +26,18 @@ class FlakyReward:
 
 
 def ppo_cfg(tiny_model, tiny_data, out, **kw):
-    return ht.Config.from_dict({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out),
-                                "SEED": 0, "PPO_BATCH": 2, "MAX_NEW_TOKENS": 3, **kw})
+    return ht.Config.from_dict(
+        {
+            "MODE": "ppo",
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": str(tiny_data),
+            "OUTPUT_DIR": str(out),
+            "SEED": 0,
+            "PPO_BATCH": 2,
+            "MAX_NEW_TOKENS": 3,
+            **kw,
+        }
+    )
 
 
 def test_nan_reward_skips_update_and_is_counted(tiny_model, tiny_data, tmp_path, capsys):
@@ -80,8 +90,9 @@ def test_prompts_too_long_for_maxseq_are_skipped_with_one_warning(tiny_model, tm
     items = [{"instruction": "yes " * (60 if i in (1, 3) else 1), "output": "yes " * 20} for i in range(5)]
     data = tmp_path / "d.json"
     data.write_text(json.dumps(items))
-    cfg = ht.Config.from_dict({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(data), "OUTPUT_DIR": "-",
-                               "MAXSEQ": 45, "SHUFFLE": False})
+    cfg = ht.Config.from_dict(
+        {"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(data), "OUTPUT_DIR": "-", "MAXSEQ": 45, "SHUFFLE": False}
+    )
     _, _, tok = ht.load_model(cfg, torch.device("cpu"))
     kept = ht.tokenize_examples(ht.load_examples(cfg), cfg, tok, "sketch", "TRAIN_FILE")
     assert [e.index for e in kept] == [0, 2, 4]

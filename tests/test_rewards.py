@@ -45,13 +45,16 @@ def test_rouge_equals_rouge_score(variant):
     assert identical == 1.0 and different == pytest.approx(expected) and different < 1.0
 
 
-@pytest.mark.parametrize("response, target, normalize, expected", [
-    ("Paris", "paris", True, 1.0),             # case
-    ("The answer: Paris!", "answer paris", True, 1.0),  # punctuation and articles
-    ("Paris", "paris", False, 0.0),            # strict
-    (" Paris ", "Paris", False, 1.0),          # strict still strips outer spaces
-    ("Lyon", "Paris", True, 0.0),
-])
+@pytest.mark.parametrize(
+    "response, target, normalize, expected",
+    [
+        ("Paris", "paris", True, 1.0),  # case
+        ("The answer: Paris!", "answer paris", True, 1.0),  # punctuation and articles
+        ("Paris", "paris", False, 0.0),  # strict
+        (" Paris ", "Paris", False, 1.0),  # strict still strips outer spaces
+        ("Lyon", "Paris", True, 0.0),
+    ],
+)
 def test_exact_match(response, target, normalize, expected):
     assert score({"type": "exact_match", "normalize": normalize}, [response], [target]) == [expected]
 
@@ -72,27 +75,35 @@ def test_repetition_is_trls_penalty_over_words():
 
 
 def test_weighted_sum_and_nested_postprocess_by_hand():
-    spec = {"type": "weighted_sum", "components": [
-        {"type": "contains", "pattern": "yes", "weight": 0.6},
-        {"type": "exact_match", "weight": 0.4, "postprocess": [{"type": "scale", "factor": 2.0}]},
-    ], "postprocess": [{"type": "shift", "value": -0.5}, {"type": "clip", "min": 0.0, "max": 1.0}]}
+    spec = {
+        "type": "weighted_sum",
+        "components": [
+            {"type": "contains", "pattern": "yes", "weight": 0.6},
+            {"type": "exact_match", "weight": 0.4, "postprocess": [{"type": "scale", "factor": 2.0}]},
+        ],
+        "postprocess": [{"type": "shift", "value": -0.5}, {"type": "clip", "min": 0.0, "max": 1.0}],
+    }
     # "yes": 0.6*1 + 0.4*(1*2) = 1.4 -> 0.9 ; "no": 0 + 0 -> -0.5 -> clip 0 ; "yes sir" vs "yes": 0.6 -> 0.1
     out = score(spec, ["yes", "no", "yes sir"], ["yes", "x", "yes"])
     assert out == pytest.approx([0.9, 0.0, 0.1])
 
 
-@pytest.mark.parametrize("post, expected", [
-    ({"type": "clip", "min": -1, "max": 1}, [-1.0, 0.5, 1.0]),
-    ({"type": "clip", "max": 0}, [-2.0, 0.0, 0.0]),
-    ({"type": "scale", "factor": -2}, [4.0, -1.0, -6.0]),
-    ({"type": "shift", "value": 1.5}, [-0.5, 2.0, 4.5]),
-    ({"type": "tanh"}, [math.tanh(-2), math.tanh(0.5), math.tanh(3)]),
-    # normalize: mean of [-2, .5, 3] = 0.5, population std = sqrt(((-2.5)^2 + 0 + 2.5^2)/3) = 2.0412
-    ({"type": "normalize"}, [-2.5 / math.sqrt(12.5 / 3), 0.0, 2.5 / math.sqrt(12.5 / 3)]),
-])
+@pytest.mark.parametrize(
+    "post, expected",
+    [
+        ({"type": "clip", "min": -1, "max": 1}, [-1.0, 0.5, 1.0]),
+        ({"type": "clip", "max": 0}, [-2.0, 0.0, 0.0]),
+        ({"type": "scale", "factor": -2}, [4.0, -1.0, -6.0]),
+        ({"type": "shift", "value": 1.5}, [-0.5, 2.0, 4.5]),
+        ({"type": "tanh"}, [math.tanh(-2), math.tanh(0.5), math.tanh(3)]),
+        # normalize: mean of [-2, .5, 3] = 0.5, population std = sqrt(((-2.5)^2 + 0 + 2.5^2)/3) = 2.0412
+        ({"type": "normalize"}, [-2.5 / math.sqrt(12.5 / 3), 0.0, 2.5 / math.sqrt(12.5 / 3)]),
+    ],
+)
 def test_each_postprocess_by_hand(post, expected):
-    reward = rewards.Reward("x", lambda r, t, p, i: [float(v) for v in r], [rewards.POSTPROCESS[post["type"]](
-        **{k: v for k, v in post.items() if k != "type"})])
+    reward = rewards.Reward(
+        "x", lambda r, t, p, i: [float(v) for v in r], [rewards.POSTPROCESS[post["type"]](**{k: v for k, v in post.items() if k != "type"})]
+    )
     assert reward.scores([-2, 0.5, 3], [0, 0, 0]) == pytest.approx(expected, rel=1e-6)
 
 
@@ -146,9 +157,16 @@ def tiny_classifier(tmp_path_factory):
     (path / "vocab.txt").write_text("\n".join(vocab))
     BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, num_labels=2, id2label={0: "negative", 1: "positive"},
-                        label2id={"negative": 0, "positive": 1})
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+    )
     model = BertForSequenceClassification(config).eval()
     model.save_pretrained(path)
     return path, model
@@ -173,10 +191,23 @@ def test_classifier_reward_is_label_probability(tiny_classifier):
 def test_detoxify_local_checkpoint(tiny_classifier, tmp_path):
     path, model = tiny_classifier
     ckpt = tmp_path / "toxic.ckpt"
-    torch.save({"config": {"arch": {"args": {"model_type": "bert-base-uncased", "model_name": "BertForSequenceClassification",
-                                             "tokenizer_name": "BertTokenizerFast", "num_classes": 2}},
-                           "dataset": {"args": {"classes": ["toxic", "insult"]}}},
-                "state_dict": model.state_dict()}, ckpt)
+    torch.save(
+        {
+            "config": {
+                "arch": {
+                    "args": {
+                        "model_type": "bert-base-uncased",
+                        "model_name": "BertForSequenceClassification",
+                        "tokenizer_name": "BertTokenizerFast",
+                        "num_classes": 2,
+                    }
+                },
+                "dataset": {"args": {"classes": ["toxic", "insult"]}},
+            },
+            "state_dict": model.state_dict(),
+        },
+        ckpt,
+    )
     spec = {"type": "toxicity", "backend": "detoxify", "checkpoint": str(ckpt), "huggingface_config_path": str(path)}
     got = score(spec, ["you are nice ."], [""])
     from transformers import AutoTokenizer
@@ -196,31 +227,33 @@ def test_perplexity_is_inverse_perplexity(tiny_model):
     ids = torch.tensor([[tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         nll = lm(ids, labels=ids).loss.item()  # mean token NLL
-    for spec, kw in [({"type": "perplexity", "model": str(tiny_model)}, {}),
-                     ({"type": "perplexity"}, {"reference": (lm, tok)})]:
+    for spec, kw in [({"type": "perplexity", "model": str(tiny_model)}, {}), ({"type": "perplexity"}, {"reference": (lm, tok)})]:
         (got, empty) = score(spec, [text, ""], ["", ""], **kw)
         assert got == pytest.approx(math.exp(-nll), rel=1e-4)
         assert 0 < got <= 1 and empty == 0.0
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"type": "bleurt"}, "available: cosine_sts, perplexity"),
-    ({"type": "cosine_sts", "modle": "x"}, "did you mean 'model'"),
-    ({"type": "rouge", "variant": 3}, "variant must be one of"),
-    ({"type": "contains"}, 'needs "pattern"'),
-    ({"type": "regex", "pattern": "("}, "not a valid regular expression"),
-    ({"type": "weighted_sum", "components": []}, 'needs "components"'),
-    ({"type": "weighted_sum", "components": [{"type": "bleu"}, {"type": "nope"}]}, "components[1]: unknown type"),
-    ({"type": "bleu", "postprocess": {"type": "clip"}}, "postprocess must be a list"),
-    ({"type": "bleu", "postprocess": [{"type": "clip", "min": 2, "max": 1}]}, "min (2) is greater than max (1)"),
-    ({"type": "cosine_sts", "model": "/no/such/model"}, "not available offline: no directory at /no/such/model"),
-    ({"type": "perplexity", "model": "gpt2"}, 'Use "reference"'),
-    ({"type": "toxicity", "label": "rude"}, "not a head of the packaged model"),
-    ({"type": "toxicity", "backend": "detoxify"}, 'needs "checkpoint"'),
-    ({"type": "toxicity", "backend": "detoxify", "checkpoint": "/no/toxic.ckpt"}, "not available offline: no file at /no/toxic.ckpt"),
-    ({"type": "classifier"}, 'needs "model"'),
-    ("cosine_sts", "must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"type": "bleurt"}, "available: cosine_sts, perplexity"),
+        ({"type": "cosine_sts", "modle": "x"}, "did you mean 'model'"),
+        ({"type": "rouge", "variant": 3}, "variant must be one of"),
+        ({"type": "contains"}, 'needs "pattern"'),
+        ({"type": "regex", "pattern": "("}, "not a valid regular expression"),
+        ({"type": "weighted_sum", "components": []}, 'needs "components"'),
+        ({"type": "weighted_sum", "components": [{"type": "bleu"}, {"type": "nope"}]}, "components[1]: unknown type"),
+        ({"type": "bleu", "postprocess": {"type": "clip"}}, "postprocess must be a list"),
+        ({"type": "bleu", "postprocess": [{"type": "clip", "min": 2, "max": 1}]}, "min (2) is greater than max (1)"),
+        ({"type": "cosine_sts", "model": "/no/such/model"}, "not available offline: no directory at /no/such/model"),
+        ({"type": "perplexity", "model": "gpt2"}, 'Use "reference"'),
+        ({"type": "toxicity", "label": "rude"}, "not a head of the packaged model"),
+        ({"type": "toxicity", "backend": "detoxify"}, 'needs "checkpoint"'),
+        ({"type": "toxicity", "backend": "detoxify", "checkpoint": "/no/toxic.ckpt"}, "not available offline: no file at /no/toxic.ckpt"),
+        ({"type": "classifier"}, 'needs "model"'),
+        ("cosine_sts", "must be a JSON object"),
+    ],
+)
 def test_error_messages(spec, message):
     with pytest.raises(rewards.RewardSpecError) as err:
         rewards.make_reward(spec)
@@ -233,28 +266,34 @@ def test_every_registered_type_documented_in_the_rewards_page():
         assert f"`{name}`" in page, name
 
 
-@pytest.mark.parametrize("spec, uses", [
-    ({"type": "perplexity"}, True),  # its model defaults to "reference"
-    ({"type": "perplexity", "model": "some/local/dir"}, False),
-    ({"type": "weighted_sum", "components": [{"type": "chrf"}, {"type": "perplexity", "model": "reference"}]}, True),
-    ({"type": "weighted_sum", "components": [{"type": "chrf"}, {"type": "contains", "pattern": "perplexity"}]}, False),
-    ({"type": "contains", "pattern": '"perplexity"'}, False),  # the old text search said True here
-])
+@pytest.mark.parametrize(
+    "spec, uses",
+    [
+        ({"type": "perplexity"}, True),  # its model defaults to "reference"
+        ({"type": "perplexity", "model": "some/local/dir"}, False),
+        ({"type": "weighted_sum", "components": [{"type": "chrf"}, {"type": "perplexity", "model": "reference"}]}, True),
+        ({"type": "weighted_sum", "components": [{"type": "chrf"}, {"type": "contains", "pattern": "perplexity"}]}, False),
+        ({"type": "contains", "pattern": '"perplexity"'}, False),  # the old text search said True here
+    ],
+)
 def test_uses_reference(spec, uses):
     assert rewards.uses_reference(spec) is uses
 
 
-@pytest.mark.parametrize("spec, reads", [
-    ({"type": "chrf"}, True),  # the text metrics compare with the reference response
-    ({"type": "cosine_sts"}, True),
-    ({"type": "exact_match"}, True),
-    ({"type": "math"}, True),  # without answer_field its gold answer is the reference's
-    ({"type": "math", "answer_field": "answer"}, False),
-    ({"type": "contains", "pattern": "yes"}, False),
-    ({"type": "weighted_sum", "components": [{"type": "length"}, {"type": "rouge"}]}, True),
-    ({"type": "weighted_sum", "components": [{"type": "length"}]}, False),
-    ({"type": "no_such_type"}, False),
-])
+@pytest.mark.parametrize(
+    "spec, reads",
+    [
+        ({"type": "chrf"}, True),  # the text metrics compare with the reference response
+        ({"type": "cosine_sts"}, True),
+        ({"type": "exact_match"}, True),
+        ({"type": "math"}, True),  # without answer_field its gold answer is the reference's
+        ({"type": "math", "answer_field": "answer"}, False),
+        ({"type": "contains", "pattern": "yes"}, False),
+        ({"type": "weighted_sum", "components": [{"type": "length"}, {"type": "rouge"}]}, True),
+        ({"type": "weighted_sum", "components": [{"type": "length"}]}, False),
+        ({"type": "no_such_type"}, False),
+    ],
+)
 def test_reads_reference_asks_what_each_type_declares(spec, reads):
     """A prompt-only row has no reference response: the trainer asks the reward whether it reads one."""
     assert rewards.reads_reference(spec) is reads

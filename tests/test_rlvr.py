@@ -11,12 +11,17 @@ import hybrid_trainer as ht
 import outputs
 
 
-@pytest.mark.parametrize("n, c, k, expected", [
-    (8, 0, 1, 0.0), (8, 8, 8, 1.0), (5, 2, 1, 0.4),
-    (5, 2, 2, 1 - 3 / 10),  # 1 - C(3, 2) / C(5, 2)
-    (10, 3, 4, 1 - 35 / 210),  # 1 - C(7, 4) / C(10, 4)
-    (4, 1, 4, 1.0),  # n - c < k: some sample of any 4 passes
-])
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [
+        (8, 0, 1, 0.0),
+        (8, 8, 8, 1.0),
+        (5, 2, 1, 0.4),
+        (5, 2, 2, 1 - 3 / 10),  # 1 - C(3, 2) / C(5, 2)
+        (10, 3, 4, 1 - 35 / 210),  # 1 - C(7, 4) / C(10, 4)
+        (4, 1, 4, 1.0),  # n - c < k: some sample of any 4 passes
+    ],
+)
 def test_pass_at_k_is_the_unbiased_estimator(n, c, k, expected):
     assert outputs.pass_at_k(n, c, k) == pytest.approx(expected)
     assert outputs.pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
@@ -38,14 +43,32 @@ def test_groups_with_signal_by_hand():
     assert (both.generate_s, both.score_s) == (1.0, 2.0)
 
 
-DYNAMIC = {"MODE": "ppo", "ADVANTAGE": "grpo", "NUM_GENERATIONS": 4, "PPO_BATCH": 2, "PPO_EPOCHS": 1, "MAX_NEW_TOKENS": 4,
-           "DYNAMIC_SAMPLING": True, "MAX_SAMPLING_ROUNDS": 3, "SEED": 1, "EPOCHS": 2, "LOG_EVERY": 100,
-           "REWARD": {"type": "contains", "pattern": "yes"}, **EXACT_PPO}
+DYNAMIC = {
+    "MODE": "ppo",
+    "ADVANTAGE": "grpo",
+    "NUM_GENERATIONS": 4,
+    "PPO_BATCH": 2,
+    "PPO_EPOCHS": 1,
+    "MAX_NEW_TOKENS": 4,
+    "DYNAMIC_SAMPLING": True,
+    "MAX_SAMPLING_ROUNDS": 3,
+    "SEED": 1,
+    "EPOCHS": 2,
+    "LOG_EVERY": 100,
+    "REWARD": {"type": "contains", "pattern": "yes"},
+    **EXACT_PPO,
+}
 
 
 def test_dynamic_sampling_uses_every_prompt_once_per_epoch_and_resumes_exactly(tiny_model, tiny_data, tmp_path):
-    base = {**DYNAMIC, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "SAVE_EVERY": 1, "KEEP_CHECKPOINTS": 20,
-            "KEEP_CHECKPOINTS_AT_END": True}
+    base = {
+        **DYNAMIC,
+        "MODEL": str(tiny_model),
+        "TRAIN_FILE": str(tiny_data),
+        "SAVE_EVERY": 1,
+        "KEEP_CHECKPOINTS": 20,
+        "KEEP_CHECKPOINTS_AT_END": True,
+    }
     straight = tmp_path / "straight"
     run_cli({**base, "OUTPUT_DIR": str(straight)}, tmp_path)
     records = metrics(straight)
@@ -67,22 +90,35 @@ def test_dynamic_sampling_one_process_equals_two(tiny_model, tmp_path):
     import subprocess
     import sys
 
-    one = subprocess.run([sys.executable, str(helper), "dynamic", str(tiny_model), str(tmp_path / "one.st")], capture_output=True,
-                         text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    one = subprocess.run(
+        [sys.executable, str(helper), "dynamic", str(tiny_model), str(tmp_path / "one.st")],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun([helper, "dynamic", tiny_model, tmp_path / "two.st"])
     line = next(x for x in one.stdout.splitlines() if x.startswith("dynamic "))
     assert line in two.stdout  # the same groups kept and dropped, the same rounds
-    assert json.loads(line[8:]) == {"dynamic/rounds": 3, "dynamic/prompts_generated": 7, "dynamic/groups_dropped": 4,
-                                    "dynamic/prompts_kept": 3}
+    assert json.loads(line[8:]) == {
+        "dynamic/rounds": 3,
+        "dynamic/prompts_generated": 7,
+        "dynamic/groups_dropped": 4,
+        "dynamic/prompts_kept": 3,
+    }
     assert max_diff(tmp_path / "one.st", tmp_path / "two.st") <= 1e-5
 
 
 def test_mask_truncated_takes_the_gradient_of_truncated_responses(tiny_model, tiny_data):
     """Responses without EOS give no gradient: all truncated -> no policy gradient at all; one ended -> some."""
+
     def grad_norm(mask, responses_end_with_eos):
-        trainer, examples = trainer_for({"ADVANTAGE": "rloo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "PPO_EPOCHS": 1,
-                                         "MASK_TRUNCATED": mask}, tiny_model, tiny_data, None)
+        trainer, examples = trainer_for(
+            {"ADVANTAGE": "rloo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "PPO_EPOCHS": 1, "MASK_TRUNCATED": mask},
+            tiny_model,
+            tiny_data,
+            None,
+        )
         tok, captured = trainer.tokenizer, capture_steps(trainer)
         queries = [e.prompt_ids for e in examples[:2] for _ in range(2)]
         responses = [tok("yes yes")["input_ids"] + ([tok.eos_token_id] if end else []) for end in responses_end_with_eos]
@@ -99,9 +135,23 @@ def test_pass_at_k_and_majority_vote_in_the_eval_and_report(tiny_model, tmp_path
     items = [{"prompt": f"what is {a} + {a}?", "completion": f"{a} + {a} = {2 * a}.\n#### {2 * a}", "category": "add"} for a in range(1, 7)]
     data.write_text(json.dumps(items))
     out = tmp_path / "out"
-    run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(data), "EVAL_FILE": str(data), "OUTPUT_DIR": str(out),
-             "SEED": 0, "SFT_BATCH": 3, "MAX_NEW_TOKENS": 8, "EVAL_NUM_SAMPLES": 4, "EVAL_TEMPERATURE": 1.5, "CATEGORY_FIELD": "category",
-             "REWARD": {"type": "math"}}, tmp_path)
+    run_cli(
+        {
+            "MODE": "sft",
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": str(data),
+            "EVAL_FILE": str(data),
+            "OUTPUT_DIR": str(out),
+            "SEED": 0,
+            "SFT_BATCH": 3,
+            "MAX_NEW_TOKENS": 8,
+            "EVAL_NUM_SAMPLES": 4,
+            "EVAL_TEMPERATURE": 1.5,
+            "CATEGORY_FIELD": "category",
+            "REWARD": {"type": "math"},
+        },
+        tmp_path,
+    )
     evals = [r for r in metrics(out) if r["phase"] == "eval"]
     assert len(evals) == 2
     for r in evals:
@@ -119,12 +169,15 @@ def test_math_presets_validate(preset):
     assert cfg.TRAIN_FILE == "data/math_train.json" and cfg.EVAL_FILE == "data/math_eval.json"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"DYNAMIC_SAMPLING": True}, "DYNAMIC_SAMPLING drops groups whose NUM_GENERATIONS scores are all equal: set NUM_GENERATIONS >= 2"),
-    ({"EVAL_NUM_SAMPLES": 0}, "EVAL_NUM_SAMPLES must be >= 1, got 0"),
-    ({"MAX_SAMPLING_ROUNDS": 0}, "MAX_SAMPLING_ROUNDS must be >= 1, got 0"),
-    ({"EVAL_TEMPERATURE": 0}, "EVAL_TEMPERATURE must be > 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"DYNAMIC_SAMPLING": True}, "DYNAMIC_SAMPLING drops groups whose NUM_GENERATIONS scores are all equal: set NUM_GENERATIONS >= 2"),
+        ({"EVAL_NUM_SAMPLES": 0}, "EVAL_NUM_SAMPLES must be >= 1, got 0"),
+        ({"MAX_SAMPLING_ROUNDS": 0}, "MAX_SAMPLING_ROUNDS must be >= 1, got 0"),
+        ({"EVAL_TEMPERATURE": 0}, "EVAL_TEMPERATURE must be > 0"),
+    ],
+)
 def test_bad_rlvr_settings(overrides, message, tmp_path, capsys):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"MODE": "ppo", "TRAIN_FILE": "t", "OUTPUT_DIR": str(tmp_path / "o"), **overrides}))

@@ -14,6 +14,8 @@ from conftest import HOSTILE, MARK, ROOT, leftovers
 import rewards
 
 TESTS = ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]
+
+
 def levels() -> list[str]:
     found = ["namespaces"] if rewards.sandbox_isolation().level == "namespaces" else []
     return found + (["limits"] if os.geteuid() == 0 else [])
@@ -32,8 +34,9 @@ def test_hostile_programs_score_zero_and_change_nothing(level, world, monkeypatc
     monkeypatch.setattr(rewards, "_ISOLATION", rewards.Isolation(level, level))
     project = ROOT / "sandbox-was-here.txt"
     fn = rewards.code(rewards.Context(say=lambda line: None), timeout=2.0, memory_mb=256, max_processes=16, workers=4)
-    programs = [p.format(out=str(world["out"]), home=str(world["home"]), project=str(project), port=world["port"], mark=MARK)
-                for _, p in HOSTILE]
+    programs = [
+        p.format(out=str(world["out"]), home=str(world["home"]), project=str(project), port=world["port"], mark=MARK) for _, p in HOSTILE
+    ]
     start = time.monotonic()
     scores, _, results = fn.score(programs, [""] * len(programs), [""] * len(programs), [{"tests": TESTS}] * len(programs))
     elapsed = time.monotonic() - start
@@ -75,18 +78,21 @@ def test_solutions_score_as_specified(level, monkeypatch):
 def test_one_string_of_tests_and_entry_point(monkeypatch):
     humaneval = {"test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(0, 0) == 0\n"}
     fn = rewards.code(rewards.Context(say=lambda line: None), tests_field="test", entry_point="plus", timeout=2.0)
-    assert fn(["def plus(a, b): return a + b", "def plus(a, b): return a * b", "def add(a, b): return a + b"],
-              [""] * 3, [""] * 3, [humaneval] * 3) == [1.0, 0.0, 0.0]
+    assert fn(
+        ["def plus(a, b): return a + b", "def plus(a, b): return a * b", "def add(a, b): return a + b"], [""] * 3, [""] * 3, [humaneval] * 3
+    ) == [1.0, 0.0, 0.0]
 
 
 def test_code_reward_bad_specs_and_rows():
     ok = {"type": "code"}
     rewards.check_spec(ok)
-    for spec, message in [({"type": "code", "timeout": 0}, "timeout must be a number > 0"),
-                          ({"type": "code", "timeout": -1.5}, "timeout must be a number > 0"),
-                          ({"type": "code", "memory_mb": 4}, "memory_mb must be an integer >= 16"),
-                          ({"type": "code", "tests_feild": "x"}, "did you mean 'tests_field'"),
-                          ({"type": "code", "mode": "some"}, "mode must be one of")]:
+    for spec, message in [
+        ({"type": "code", "timeout": 0}, "timeout must be a number > 0"),
+        ({"type": "code", "timeout": -1.5}, "timeout must be a number > 0"),
+        ({"type": "code", "memory_mb": 4}, "memory_mb must be an integer >= 16"),
+        ({"type": "code", "tests_feild": "x"}, "did you mean 'tests_field'"),
+        ({"type": "code", "mode": "some"}, "mode must be one of"),
+    ]:
         with pytest.raises(rewards.RewardSpecError, match=message):
             rewards.check_spec(spec)
     ctx = rewards.Context(say=lambda line: None, rows=[("TRAIN_FILE 'd.json' row 3", "x", {"prompt": "p"})])
@@ -122,7 +128,10 @@ def test_the_code_data_file_scores_its_references_full_marks():
     import json
 
     rows = json.loads((ROOT / "data" / "code.json").read_text())
-    reward = rewards.make_reward({"type": "code", "timeout": 3.0, "workers": 4},
-                                 rows=[(f"row {i}", r["completion"], r) for i, r in enumerate(rows)], say=lambda line: None)
+    reward = rewards.make_reward(
+        {"type": "code", "timeout": 3.0, "workers": 4},
+        rows=[(f"row {i}", r["completion"], r) for i, r in enumerate(rows)],
+        say=lambda line: None,
+    )
     assert reward.scores([r["completion"] for r in rows], [""] * len(rows), None, rows) == [1.0] * len(rows)
     assert reward.scores(["pass"] * len(rows), [""] * len(rows), None, rows) == [0.0] * len(rows)

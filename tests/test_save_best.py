@@ -9,8 +9,20 @@ from safetensors.torch import load_file
 
 import hybrid_trainer as ht
 
-RUN = {"MODE": "sft", "SEED": 0, "SFT_BATCH": 2, "EPOCHS": 2, "LR_SFT": 1e-3, "BF16": False, "MAX_NEW_TOKENS": 4,
-       "EVAL_EVERY": 2, "SAVE_EVERY": 2, "KEEP_CHECKPOINTS": 10, "KEEP_CHECKPOINTS_AT_END": True, "LOG_EVERY": 1}
+RUN = {
+    "MODE": "sft",
+    "SEED": 0,
+    "SFT_BATCH": 2,
+    "EPOCHS": 2,
+    "LR_SFT": 1e-3,
+    "BF16": False,
+    "MAX_NEW_TOKENS": 4,
+    "EVAL_EVERY": 2,
+    "SAVE_EVERY": 2,
+    "KEEP_CHECKPOINTS": 10,
+    "KEEP_CHECKPOINTS_AT_END": True,
+    "LOG_EVERY": 1,
+}
 
 
 def best_eval(out, metric: str, mode: str) -> dict:
@@ -22,8 +34,7 @@ def best_eval(out, metric: str, mode: str) -> dict:
 
 
 def config(tiny_model, tiny_data, out, **extra) -> dict:
-    return {**RUN, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "EVAL_FILE": str(tiny_data), "OUTPUT_DIR": str(out),
-            **extra}
+    return {**RUN, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "EVAL_FILE": str(tiny_data), "OUTPUT_DIR": str(out), **extra}
 
 
 @pytest.mark.parametrize("mode", ["max", "min"])
@@ -41,8 +52,9 @@ def test_best_is_the_best_evaluations_weights(mode, tiny_model, tiny_data, tmp_p
     if meta["step"] == 0:
         source = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     else:
-        source = {k.removeprefix("lm."): v for k, v in
-                  load_file(str(out / "checkpoints" / f"step-{meta['step']}" / "policy.safetensors")).items()}
+        source = {
+            k.removeprefix("lm."): v for k, v in load_file(str(out / "checkpoints" / f"step-{meta['step']}" / "policy.safetensors")).items()
+        }
     assert all(torch.equal(best[k], source[k]) for k in source if k in best) and source.keys() & best.keys()
     assert (out / "inference_lm" / "model.safetensors").is_file()
     assert f"at step {meta['step']}, in `best/`" in (out / "report.md").read_text()
@@ -51,8 +63,7 @@ def test_best_is_the_best_evaluations_weights(mode, tiny_model, tiny_data, tmp_p
 def test_min_and_max_pick_other_steps_when_the_metric_moves(tiny_model, tiny_data, tmp_path):
     """The metric is not flat on this run (else the test above could pass by always keeping the first evaluation)."""
     out = tmp_path / "out"
-    run_cli(config(tiny_model, tiny_data, out, SAVE_BEST="eval/rougeL", EPOCHS=1, SAVE_EVERY=0, KEEP_CHECKPOINTS_AT_END=False),
-            tmp_path)
+    run_cli(config(tiny_model, tiny_data, out, SAVE_BEST="eval/rougeL", EPOCHS=1, SAVE_EVERY=0, KEEP_CHECKPOINTS_AT_END=False), tmp_path)
     assert best_eval(out, "eval/rougeL", "max")["step"] != best_eval(out, "eval/rougeL", "min")["step"]
 
 
@@ -80,13 +91,16 @@ def test_lora_best_is_an_adapter(tiny_lora_model, tiny_data, tmp_path):
     assert json.loads((out / "best" / "best.json").read_text())["step"] == best_eval(out, "eval/rougeL", "max")["step"]
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"EVAL_EVERY": 0}, "SAVE_BEST 'eval/rougeL' compares evaluations during the run: set EVAL_EVERY"),
-    ({"EVAL_FILE": ""}, "SAVE_BEST 'eval/rougeL' selects by a held-out metric: set EVAL_FILE"),
-    ({"SAVE_BEST": "eval/pass@1"}, "SAVE_BEST 'eval/pass@1' is not a metric this run's evaluation logs; it logs: "),
-    ({"SAVE_BEST": "rougeL"}, "SAVE_BEST 'rougeL' is not a metric"),
-    ({"SAVE_BEST_MODE": "up"}, "SAVE_BEST_MODE"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"EVAL_EVERY": 0}, "SAVE_BEST 'eval/rougeL' compares evaluations during the run: set EVAL_EVERY"),
+        ({"EVAL_FILE": ""}, "SAVE_BEST 'eval/rougeL' selects by a held-out metric: set EVAL_FILE"),
+        ({"SAVE_BEST": "eval/pass@1"}, "SAVE_BEST 'eval/pass@1' is not a metric this run's evaluation logs; it logs: "),
+        ({"SAVE_BEST": "rougeL"}, "SAVE_BEST 'rougeL' is not a metric"),
+        ({"SAVE_BEST_MODE": "up"}, "SAVE_BEST_MODE"),
+    ],
+)
 def test_bad_save_best_is_one_error_before_weights(extra, message, tiny_model, tiny_data, tmp_path, capsys):
     path = write_json(tmp_path / "c.json", config(tiny_model, tiny_data, tmp_path / "out", **{"SAVE_BEST": "eval/rougeL", **extra}))
     assert ht.main([str(path), "--check"]) == 2
@@ -101,7 +115,6 @@ def test_a_metric_the_evaluation_lacks_stops_at_the_first_evaluation(tiny_model,
     assert proc.returncode == 2 and proc.stderr.count("error:") == 1, proc.stderr[-2000:]
     assert "SAVE_BEST 'eval/maj@2': this run's evaluation does not log it" in proc.stderr and "Traceback" not in proc.stderr
     assert not [r for r in metrics(out) if r["phase"] == "sft"]
-
 
 
 def test_two_processes_keep_one_best(tiny_model, tiny_data, tmp_path):

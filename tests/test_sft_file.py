@@ -12,9 +12,24 @@ import hybrid_trainer as ht
 PROMPTS = [{"prompt": f"question: two plus {n} is", "answer": str(2 + n)} for n in range(6)]  # RL: no response
 DEMOS = [{"prompt": f"write the word yes {n}", "completion": " ".join(["yes"] * (n + 1)), "answer": str(n)} for n in range(4)]
 MATH = {"type": "math", "answer_field": "answer"}
-ALTERNATE = {"MODE": "hybrid", "HYBRID": "alternate", "SEED": 0, "SFT_BATCH": 2, "PPO_BATCH": 2, "CYCLE_SFT_STEPS": 1,
-             "CYCLE_PPO_UPDATES": 1, "EPOCHS": 1, "MAX_NEW_TOKENS": 4, "LR_SFT": 1e-3, "LR_PPO": 1e-3, "BF16": False,
-             "REWARD": MATH, "LOG_EVERY": 1, "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2}
+ALTERNATE = {
+    "MODE": "hybrid",
+    "HYBRID": "alternate",
+    "SEED": 0,
+    "SFT_BATCH": 2,
+    "PPO_BATCH": 2,
+    "CYCLE_SFT_STEPS": 1,
+    "CYCLE_PPO_UPDATES": 1,
+    "EPOCHS": 1,
+    "MAX_NEW_TOKENS": 4,
+    "LR_SFT": 1e-3,
+    "LR_PPO": 1e-3,
+    "BF16": False,
+    "REWARD": MATH,
+    "LOG_EVERY": 1,
+    "ADVANTAGE": "grpo",
+    "NUM_GENERATIONS": 2,
+}
 
 
 @pytest.fixture
@@ -24,8 +39,7 @@ def split(tmp_path):
 
 def config(tiny_model, split, out, **extra) -> dict:
     prompts, demos = split
-    return {**ALTERNATE, "MODEL": str(tiny_model), "TRAIN_FILE": str(prompts), "SFT_FILE": str(demos), "OUTPUT_DIR": str(out),
-            **extra}
+    return {**ALTERNATE, "MODEL": str(tiny_model), "TRAIN_FILE": str(prompts), "SFT_FILE": str(demos), "OUTPUT_DIR": str(out), **extra}
 
 
 def test_alternate_walks_each_file_once_per_epoch(tiny_model, split, tmp_path):
@@ -71,20 +85,25 @@ def test_ppo_takes_prompt_only_rows(tiny_model, split, tmp_path):
     run_cli({**config(tiny_model, split, tmp_path / "out", MODE="ppo"), "SFT_FILE": ""}, tmp_path)
     assert [r["phase"] for r in metrics(tmp_path / "out") if r["phase"] != "eval"] == ["ppo"] * 3
     rows = [{"messages": [{"role": "user", "content": p["prompt"]}], "answer": p["answer"]} for p in PROMPTS]
-    examples, fmt = ht.load_data(ht.Config.from_dict({"MODE": "ppo", "TRAIN_FILE": str(write_json(tmp_path / "m.json", rows)),
-                                                      "OUTPUT_DIR": "-", "REWARD": MATH}), "TRAIN_FILE")
+    examples, fmt = ht.load_data(
+        ht.Config.from_dict({"MODE": "ppo", "TRAIN_FILE": str(write_json(tmp_path / "m.json", rows)), "OUTPUT_DIR": "-", "REWARD": MATH}),
+        "TRAIN_FILE",
+    )
     assert fmt == "messages" and examples[0].target == "" and examples[0].messages[-1]["role"] == "user"
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"SFT_FILE": "missing.json"}, "SFT_FILE"),
-    ({"SFT_FILE": "[]"}, "holds no items"),
-    ({"REWARD": {"type": "chrf"}}, "is a prompt without a response, and REWARD 'chrf' compares responses with it"),
-    ({"REWARD": {"type": "math"}}, "is a prompt without a response, and REWARD 'math' compares responses with it"),
-    ({"HYBRID": "gate"}, "HYBRID 'gate' trains SFT on each prompt's own reference response, and no TRAIN_FILE"),
-    ({"SFT_FILE": ""}, "and HYBRID \"alternate\" trains its SFT steps on TRAIN_FILE's responses: set SFT_FILE"),
-    ({"TEACHER_MODEL": "self", "DISTILL": "token_reverse_kl"}, "TEACHER_CONTEXT's {target}), and TRAIN_FILE rows [0, 1, 2, 3, 4]"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"SFT_FILE": "missing.json"}, "SFT_FILE"),
+        ({"SFT_FILE": "[]"}, "holds no items"),
+        ({"REWARD": {"type": "chrf"}}, "is a prompt without a response, and REWARD 'chrf' compares responses with it"),
+        ({"REWARD": {"type": "math"}}, "is a prompt without a response, and REWARD 'math' compares responses with it"),
+        ({"HYBRID": "gate"}, "HYBRID 'gate' trains SFT on each prompt's own reference response, and no TRAIN_FILE"),
+        ({"SFT_FILE": ""}, 'and HYBRID "alternate" trains its SFT steps on TRAIN_FILE\'s responses: set SFT_FILE'),
+        ({"TEACHER_MODEL": "self", "DISTILL": "token_reverse_kl"}, "TEACHER_CONTEXT's {target}), and TRAIN_FILE rows [0, 1, 2, 3, 4]"),
+    ],
+)
 def test_bad_split_inputs_are_one_error(extra, message, tiny_model, split, tmp_path, capsys):
     if extra.get("SFT_FILE") == "[]":
         extra = {"SFT_FILE": str(write_json(tmp_path / "empty.json", []))}
@@ -100,17 +119,29 @@ def test_gate_trains_sft_only_on_the_prompts_with_a_reference(tiny_model, split,
     rows = [DEMOS[0], PROMPTS[0], DEMOS[1], PROMPTS[1]]
     train = write_json(tmp_path / "mixed.json", rows)
     out = tmp_path / "out"
-    run_cli({**config(tiny_model, split, out, HYBRID="gate", GATE_THRESHOLD=2.0, PPO_BATCH=4, PPO_MINI=2, SHUFFLE=False),
-             "TRAIN_FILE": str(train), "SFT_FILE": ""}, tmp_path)
+    run_cli(
+        {
+            **config(tiny_model, split, out, HYBRID="gate", GATE_THRESHOLD=2.0, PPO_BATCH=4, PPO_MINI=2, SHUFFLE=False),
+            "TRAIN_FILE": str(train),
+            "SFT_FILE": "",
+        },
+        tmp_path,
+    )
     (update,) = [r for r in metrics(out) if r["phase"] == "ppo"]
     assert update["hybrid/sft_prompts"] == 2  # every prompt fails a threshold of 2; two of them have a reference
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"MODE": "ppo"}, "SFT_FILE is ignored: it feeds the SFT side of MODE \"hybrid\" (here 'ppo')"),
-    ({"HYBRID": "mix"}, "SFT_FILE is ignored: HYBRID 'mix' trains SFT inside each update on the RL prompt's own reference "
-                        "(where its TRAIN_FILE row has one)"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"MODE": "ppo"}, "SFT_FILE is ignored: it feeds the SFT side of MODE \"hybrid\" (here 'ppo')"),
+        (
+            {"HYBRID": "mix"},
+            "SFT_FILE is ignored: HYBRID 'mix' trains SFT inside each update on the RL prompt's own reference "
+            "(where its TRAIN_FILE row has one)",
+        ),
+    ],
+)
 def test_sft_file_where_unused_warns(extra, message, tiny_model, split, tmp_path, capsys):
     _, demos = split
     full = write_json(tmp_path / "full.json", DEMOS)  # rows with responses: gate and mix need them

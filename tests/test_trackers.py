@@ -29,11 +29,11 @@ def wandb_history(out) -> tuple[dict, dict, list]:
             if left < 7:
                 pos += left
                 continue
-            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
             if length == 0 and kind == 0:
                 pos += left
                 continue
-            buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
+            buf, pos = buf + data[pos + 7 : pos + 7 + length], pos + 7 + length
             if kind not in (1, 4):
                 continue
             record, buf = pb.Record.FromString(buf), b""
@@ -94,10 +94,24 @@ def test_trackers_read_back_also_after_resume(tiny_model, tiny_data, tmp_path, m
     for name in ("WANDB_MODE", "WANDB_API_KEY", "MLFLOW_TRACKING_URI", "TRACKIO_DIR", "WANDB_PROJECT"):
         monkeypatch.delenv(name, raising=False)
     out = tmp_path / "run"
-    cfg = {"MODE": "hybrid", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "EVAL_FILE": str(tiny_data),
-           "EVAL_SAMPLES": 2, "EVAL_EVERY": 4, "OUTPUT_DIR": str(out), "SEED": 0, "SFT_BATCH": 2, "PPO_BATCH": 2,
-           "MAX_NEW_TOKENS": 4, "REPORT_TO": ["wandb", "mlflow", "trackio"], "SAVE_EVERY": 1, "KEEP_CHECKPOINTS": 10,
-           "KEEP_CHECKPOINTS_AT_END": True, "REWARD": {"type": "contains", "pattern": "yes"}}
+    cfg = {
+        "MODE": "hybrid",
+        "MODEL": str(tiny_model),
+        "TRAIN_FILE": str(tiny_data),
+        "EVAL_FILE": str(tiny_data),
+        "EVAL_SAMPLES": 2,
+        "EVAL_EVERY": 4,
+        "OUTPUT_DIR": str(out),
+        "SEED": 0,
+        "SFT_BATCH": 2,
+        "PPO_BATCH": 2,
+        "MAX_NEW_TOKENS": 4,
+        "REPORT_TO": ["wandb", "mlflow", "trackio"],
+        "SAVE_EVERY": 1,
+        "KEEP_CHECKPOINTS": 10,
+        "KEEP_CHECKPOINTS_AT_END": True,
+        "REWARD": {"type": "contains", "pattern": "yes"},
+    }
     run_cli(cfg, tmp_path)  # a process per run, as users run it (trackio fixes its directory at its first import)
     assert glob.glob(str(out / "wandb" / "offline-run-*"))  # offline by default
     check_trackers(out, cfg)
@@ -110,8 +124,17 @@ def test_trackers_read_back_also_after_resume(tiny_model, tiny_data, tmp_path, m
 def test_missing_tracker_is_one_error_line(tiny_model, tiny_data, tmp_path, monkeypatch, capsys):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else find_spec(name, *a))
-    (tmp_path / "c.json").write_text(json.dumps({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data),
-                                                 "OUTPUT_DIR": str(tmp_path / "o"), "REPORT_TO": ["tensorboard", "mlflow"]}))
+    (tmp_path / "c.json").write_text(
+        json.dumps(
+            {
+                "MODE": "sft",
+                "MODEL": str(tiny_model),
+                "TRAIN_FILE": str(tiny_data),
+                "OUTPUT_DIR": str(tmp_path / "o"),
+                "REPORT_TO": ["tensorboard", "mlflow"],
+            }
+        )
+    )
     assert ht.main([str(tmp_path / "c.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "REPORT_TO 'mlflow' needs mlflow" in err and "pip install mlflow-skinny" in err

@@ -20,22 +20,45 @@ import runtime
 @pytest.mark.parametrize("mode", ["sft", "ppo", "hybrid"])
 def test_each_mode_end_to_end_through_cli(mode, tiny_model, tiny_data, tmp_path):
     out = tmp_path / "out"
-    cfg = {"MODE": mode, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
-           "SFT_BATCH": 4, "PPO_BATCH": 4, "PPO_MINI": 2, "MAX_NEW_TOKENS": 6, "LOG_EVERY": 1,
-           "REWARD": {"type": "contains", "pattern": "yes"}}
+    cfg = {
+        "MODE": mode,
+        "MODEL": str(tiny_model),
+        "TRAIN_FILE": str(tiny_data),
+        "OUTPUT_DIR": str(out),
+        "SEED": 0,
+        "SFT_BATCH": 4,
+        "PPO_BATCH": 4,
+        "PPO_MINI": 2,
+        "MAX_NEW_TOKENS": 6,
+        "LOG_EVERY": 1,
+        "REWARD": {"type": "contains", "pattern": "yes"},
+    }
     proc = run_cli(cfg, tmp_path)
     records = metrics(out)
     expected = {"sft": ["sft"] * 2, "ppo": ["ppo"] * 2, "hybrid": ["sft", "ppo", "sft", "ppo"]}[mode]
     assert [r["phase"] for r in records] == expected
     assert "step 1 [" in proc.stdout + proc.stderr  # LOG_EVERY summary line
-    assert re.search(r"start-up: [\d.]+ s \(interpreter and imports [\d.]+ s, checks and plan [\d.]+ s, model [\d.]+ s, data and rewards "
-                     r"[\d.]+ s, trainer [\d.]+ s\)", proc.stdout), proc.stdout  # where the seconds outside the steps go
+    assert re.search(
+        r"start-up: [\d.]+ s \(interpreter and imports [\d.]+ s, checks and plan [\d.]+ s, model [\d.]+ s, data and rewards "
+        r"[\d.]+ s, trainer [\d.]+ s\)",
+        proc.stdout,
+    ), proc.stdout  # where the seconds outside the steps go
     assert re.search(r"finish: final model [\d.]+ s", proc.stdout), proc.stdout
     for r in records:
         if r["phase"] == "ppo":
-            for key in ("reward/mean", "reward/std", "objective/kl", "objective/kl_coef", "ppo/policy/entropy",
-                        "ppo/loss/policy", "ppo/loss/value", "ppo/policy/clipfrac", "ppo/policy/approxkl",
-                        "ppo/response_length", "time/tokens_per_s"):
+            for key in (
+                "reward/mean",
+                "reward/std",
+                "objective/kl",
+                "objective/kl_coef",
+                "ppo/policy/entropy",
+                "ppo/loss/policy",
+                "ppo/loss/value",
+                "ppo/policy/clipfrac",
+                "ppo/policy/approxkl",
+                "ppo/response_length",
+                "time/tokens_per_s",
+            ):
                 assert key in r and r[key] == r[key], key  # present and not NaN
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -60,10 +83,19 @@ def test_the_final_save_runs_without_the_optimizers_state(tiny_model, tiny_data,
         seen["weights"] = {k: v.detach().clone() for k, v in trainer.policy.lm.state_dict().items()}
         return save_final(out_dir, trainer, cfg, card)
 
-    monkeypatch.setattr(ht, "save_final", spy)  # looked up in the trainer
-    cfg = {"MODE": "hybrid", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(tmp_path / "out"),
-           "SEED": 0, "SFT_BATCH": 4, "PPO_BATCH": 4, "PPO_MINI": 2, "MAX_NEW_TOKENS": 4,
-           "REWARD": {"type": "contains", "pattern": "yes"}}
+    monkeypatch.setattr(outputs, "save_final", spy)
+    cfg = {
+        "MODE": "hybrid",
+        "MODEL": str(tiny_model),
+        "TRAIN_FILE": str(tiny_data),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "SEED": 0,
+        "SFT_BATCH": 4,
+        "PPO_BATCH": 4,
+        "PPO_MINI": 2,
+        "MAX_NEW_TOKENS": 4,
+        "REWARD": {"type": "contains", "pattern": "yes"},
+    }
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     assert ht.main([str(tmp_path / "c.json")]) == 0
     assert seen["states"] == [0, 0] and seen["grads"] == []
@@ -85,16 +117,28 @@ def test_sft_loss_falls_on_memorisation_set(tiny_model, tmp_path):
     data = tmp_path / "mem.json"
     data.write_text(json.dumps([{"instruction": f"capital {c}", "output": f"the capital is {c}"} for c in ("paris", "rome")]))
     out = tmp_path / "out"
-    run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(data), "OUTPUT_DIR": str(out), "SEED": 0,
-             "SFT_BATCH": 2, "LR_SFT": 3e-3, "EPOCHS": 30}, tmp_path)
+    run_cli(
+        {
+            "MODE": "sft",
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": str(data),
+            "OUTPUT_DIR": str(out),
+            "SEED": 0,
+            "SFT_BATCH": 2,
+            "LR_SFT": 3e-3,
+            "EPOCHS": 30,
+        },
+        tmp_path,
+    )
     losses = [r["sft/loss"] for r in metrics(out)]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.25 * sum(losses[:5]) / 5, losses
 
 
 def test_ppo_raises_mean_reward_on_tiny_task(tiny_model, tiny_data):
-    trainer, examples = trainer_for({"PPO_BATCH": 16, "PPO_MINI": 8, "LR_PPO": 3e-3, "INIT_KL_COEF": 0.01,
-                                     "MAX_NEW_TOKENS": 6}, tiny_model, tiny_data, YesFraction())
+    trainer, examples = trainer_for(
+        {"PPO_BATCH": 16, "PPO_MINI": 8, "LR_PPO": 3e-3, "INIT_KL_COEF": 0.01, "MAX_NEW_TOKENS": 6}, tiny_model, tiny_data, YesFraction()
+    )
     batch = (examples * 2)[:16]
     rewards = [trainer.ppo_update(batch)["reward/mean"] for _ in range(25)]
     assert sum(rewards[:3]) / 3 < 0.2, rewards
@@ -102,8 +146,9 @@ def test_ppo_raises_mean_reward_on_tiny_task(tiny_model, tiny_data):
 
 
 def test_ratio_is_one_on_first_minibatch_and_value_head_starts_at_zero(tiny_model, tiny_data):
-    trainer, examples = trainer_for({"PPO_BATCH": 8, "PPO_MINI": 4, "LR_PPO": 1e-3, "MAX_NEW_TOKENS": 5},
-                                    tiny_model, tiny_data, YesFraction())
+    trainer, examples = trainer_for(
+        {"PPO_BATCH": 8, "PPO_MINI": 4, "LR_PPO": 1e-3, "MAX_NEW_TOKENS": 5}, tiny_model, tiny_data, YesFraction()
+    )
     responses, _ = trainer.generate([e.prompt_ids for e in examples])
     stats = trainer.ppo_step([e.prompt_ids for e in examples], responses, [1.0] * 8)
     assert stats["ppo/val/mean"] == 0.0  # zero-initialised value head
@@ -113,8 +158,9 @@ def test_ratio_is_one_on_first_minibatch_and_value_head_starts_at_zero(tiny_mode
 
 def test_ratio_threshold_skips_minibatches(tiny_model, tiny_data):
     # every minibatch has ratio ~1 > 0.5: all skipped, weights unchanged
-    trainer, examples = trainer_for({"PPO_BATCH": 8, "PPO_MINI": 4, "MAX_NEW_TOKENS": 5, "RATIO_THRESHOLD": 0.5}, tiny_model,
-                                    tiny_data, YesFraction())
+    trainer, examples = trainer_for(
+        {"PPO_BATCH": 8, "PPO_MINI": 4, "MAX_NEW_TOKENS": 5, "RATIO_THRESHOLD": 0.5}, tiny_model, tiny_data, YesFraction()
+    )
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     responses, _ = trainer.generate([e.prompt_ids for e in examples])
     stats = trainer.ppo_step([e.prompt_ids for e in examples], responses, [1.0] * 8)
@@ -143,8 +189,20 @@ def test_grad_accum_gives_same_update(tiny_model, tiny_data):
 
 def test_short_last_ppo_batch_is_used(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "out"
-    run_cli({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
-             "PPO_BATCH": 3, "PPO_MINI": 2, "MAX_NEW_TOKENS": 4, "REWARD": {"type": "contains", "pattern": "yes"}}, tmp_path)
+    run_cli(
+        {
+            "MODE": "ppo",
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": str(tiny_data),
+            "OUTPUT_DIR": str(out),
+            "SEED": 0,
+            "PPO_BATCH": 3,
+            "PPO_MINI": 2,
+            "MAX_NEW_TOKENS": 4,
+            "REWARD": {"type": "contains", "pattern": "yes"},
+        },
+        tmp_path,
+    )
     assert len(metrics(out)) == 3  # 8 items -> batches of 3, 3, 2
 
 
@@ -162,17 +220,52 @@ def test_finished_output_is_never_overwritten(tiny_model, tiny_data, tmp_path):
 def test_sketch_presets_run_unchanged_with_local_model(tiny_model, tiny_data, tmp_path):
     """The design sketch's three presets, verbatim but for local paths (MODEL and perplexity's model)."""
     presets = {
-        "sft": {"MODE": "sft", "MODEL": "gpt2", "TRAIN_FILE": "train.json", "OUTPUT_DIR": "./out_sft", "SFT_BATCH": 8,
-                "LR_SFT": 5e-5, "EPOCHS": 1, "MAXSEQ": 1024},
-        "ppo": {"MODE": "ppo", "MODEL": "gpt2", "TRAIN_FILE": "train.json", "OUTPUT_DIR": "./out_ppo", "PPO_BATCH": 4,
-                "PPO_MINI": 4, "LR_PPO": 1e-5, "TARGET_KL": 0.3, "EPOCHS": 1, "MAXSEQ": 1024, "MAX_NEW_TOKENS": 128,
-                "REWARD": {"type": "cosine_sts"}},
-        "hybrid": {"MODE": "hybrid", "MODEL": "gpt2", "TRAIN_FILE": "train.json", "OUTPUT_DIR": "./out_hybrid",
-                   "SFT_BATCH": 8, "LR_SFT": 5e-5, "PPO_BATCH": 4, "PPO_MINI": 4, "LR_PPO": 1e-5, "TARGET_KL": 0.3,
-                   "CYCLE_SFT_STEPS": 1, "CYCLE_PPO_UPDATES": 1, "EPOCHS": 1, "MAXSEQ": 1024, "MAX_NEW_TOKENS": 128,
-                   "REWARD": {"type": "weighted_sum", "components": [{"type": "cosine_sts", "weight": 0.6},
-                                                                     {"type": "perplexity", "model": "gpt2", "weight": 0.4}],
-                              "postprocess": [{"type": "clip", "min": 0, "max": 1}]}},
+        "sft": {
+            "MODE": "sft",
+            "MODEL": "gpt2",
+            "TRAIN_FILE": "train.json",
+            "OUTPUT_DIR": "./out_sft",
+            "SFT_BATCH": 8,
+            "LR_SFT": 5e-5,
+            "EPOCHS": 1,
+            "MAXSEQ": 1024,
+        },
+        "ppo": {
+            "MODE": "ppo",
+            "MODEL": "gpt2",
+            "TRAIN_FILE": "train.json",
+            "OUTPUT_DIR": "./out_ppo",
+            "PPO_BATCH": 4,
+            "PPO_MINI": 4,
+            "LR_PPO": 1e-5,
+            "TARGET_KL": 0.3,
+            "EPOCHS": 1,
+            "MAXSEQ": 1024,
+            "MAX_NEW_TOKENS": 128,
+            "REWARD": {"type": "cosine_sts"},
+        },
+        "hybrid": {
+            "MODE": "hybrid",
+            "MODEL": "gpt2",
+            "TRAIN_FILE": "train.json",
+            "OUTPUT_DIR": "./out_hybrid",
+            "SFT_BATCH": 8,
+            "LR_SFT": 5e-5,
+            "PPO_BATCH": 4,
+            "PPO_MINI": 4,
+            "LR_PPO": 1e-5,
+            "TARGET_KL": 0.3,
+            "CYCLE_SFT_STEPS": 1,
+            "CYCLE_PPO_UPDATES": 1,
+            "EPOCHS": 1,
+            "MAXSEQ": 1024,
+            "MAX_NEW_TOKENS": 128,
+            "REWARD": {
+                "type": "weighted_sum",
+                "components": [{"type": "cosine_sts", "weight": 0.6}, {"type": "perplexity", "model": "gpt2", "weight": 0.4}],
+                "postprocess": [{"type": "clip", "min": 0, "max": 1}],
+            },
+        },
     }
     for name, preset in presets.items():
         text = json.dumps(preset).replace('"gpt2"', json.dumps(str(tiny_model)))
@@ -201,10 +294,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model, tiny_data, t
 def test_sigterm_checkpoints_and_exits_143(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "out"
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({**HYBRID_RESUME, "SAVE_EVERY": 0, "EPOCHS": 50, "MODEL": str(tiny_model),
-                                "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out)}))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "hybrid_trainer.py"), str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path.write_text(
+        json.dumps(
+            {**HYBRID_RESUME, "SAVE_EVERY": 0, "EPOCHS": 50, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out)}
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "hybrid_trainer.py"), str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     log = out / "metrics.jsonl"
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
@@ -219,15 +316,40 @@ def test_sigterm_checkpoints_and_exits_143(tiny_model, tiny_data, tmp_path):
 
 def test_checkpoints_are_pruned(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "out"
-    run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
-             "SFT_BATCH": 2, "SAVE_EVERY": 1, "KEEP_CHECKPOINTS": 2, "KEEP_CHECKPOINTS_AT_END": True}, tmp_path)
+    run_cli(
+        {
+            "MODE": "sft",
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": str(tiny_data),
+            "OUTPUT_DIR": str(out),
+            "SEED": 0,
+            "SFT_BATCH": 2,
+            "SAVE_EVERY": 1,
+            "KEEP_CHECKPOINTS": 2,
+            "KEEP_CHECKPOINTS_AT_END": True,
+        },
+        tmp_path,
+    )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3", "step-4"]
 
 
 def test_linear_lr_schedule_with_warmup(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "out"
-    run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
-             "SFT_BATCH": 2, "EPOCHS": 2, "LR_SFT": 1e-3, "LR_SCHEDULE": "linear", "WARMUP_STEPS": 2}, tmp_path)
+    run_cli(
+        {
+            "MODE": "sft",
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": str(tiny_data),
+            "OUTPUT_DIR": str(out),
+            "SEED": 0,
+            "SFT_BATCH": 2,
+            "EPOCHS": 2,
+            "LR_SFT": 1e-3,
+            "LR_SCHEDULE": "linear",
+            "WARMUP_STEPS": 2,
+        },
+        tmp_path,
+    )
     # 8 optimizer steps, 2 of warm-up: lr = 1e-3 * [0, 1/2, then (8 - s) / 6 for s = 2..7]
     expected = [0.0, 0.5e-3] + [1e-3 * (8 - s) / 6 for s in range(2, 8)]
     assert [r["sft/lr"] for r in metrics(out)] == pytest.approx(expected)
@@ -236,9 +358,24 @@ def test_linear_lr_schedule_with_warmup(tiny_model, tiny_data, tmp_path):
 @pytest.mark.parametrize("ref_update", ["never", "cycle"])
 def test_reference_update_per_cycle(ref_update, tiny_model, tiny_data, tmp_path):
     out = tmp_path / "out"
-    run_cli({"MODE": "hybrid", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
-             "SFT_BATCH": 4, "PPO_BATCH": 4, "LR_SFT": 1e-2, "MAX_NEW_TOKENS": 4, "REF_UPDATE": ref_update, "BF16": False,
-             "REWARD": {"type": "contains", "pattern": "yes"}, **EXACT_PPO}, tmp_path)
+    run_cli(
+        {
+            "MODE": "hybrid",
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": str(tiny_data),
+            "OUTPUT_DIR": str(out),
+            "SEED": 0,
+            "SFT_BATCH": 4,
+            "PPO_BATCH": 4,
+            "LR_SFT": 1e-2,
+            "MAX_NEW_TOKENS": 4,
+            "REF_UPDATE": ref_update,
+            "BF16": False,
+            "REWARD": {"type": "contains", "pattern": "yes"},
+            **EXACT_PPO,
+        },
+        tmp_path,
+    )
     kls = [abs(r["objective/kl"]) for r in metrics(out) if r["phase"] == "ppo"]  # each right after an SFT step
     if ref_update == "cycle":
         assert max(kls) < 1e-5, kls  # reference = policy at the start of each PPO phase
@@ -250,8 +387,7 @@ def test_unfinished_run_without_checkpoint_is_kept(tiny_model, tiny_data, tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "phase": "sft", "sft/loss": 9.9}\n')  # crashed before a checkpoint
-    proc = run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out),
-                    "SEED": 0}, tmp_path)
+    proc = run_cli({"MODE": "sft", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0}, tmp_path)
     assert "files of an earlier run" in proc.stderr
     assert (out / "metrics.jsonl").read_text() == '{"step": 1, "phase": "sft", "sft/loss": 9.9}\n'
     assert (out / "run-2" / "inference_lm").is_dir()
@@ -265,8 +401,9 @@ def test_decaying_schedule_needs_run_length(tiny_model, tiny_data):
 def test_gradient_checkpointing_gives_same_update(tiny_model, tiny_data):
     results = []
     for checkpointing in (False, True):
-        trainer, examples = trainer_for({"SFT_BATCH": 4, "LR_SFT": 1e-3, "GRADIENT_CHECKPOINTING": checkpointing},
-                                        tiny_model, tiny_data, None)
+        trainer, examples = trainer_for(
+            {"SFT_BATCH": 4, "LR_SFT": 1e-3, "GRADIENT_CHECKPOINTING": checkpointing}, tiny_model, tiny_data, None
+        )
         assert any(getattr(m, "gradient_checkpointing", False) for m in trainer.policy.lm.modules()) == checkpointing
         loss = trainer.sft_step(examples[:4])["sft/loss"]
         results.append((loss, [p.detach().clone() for p in trainer.policy.lm.parameters()]))
@@ -279,8 +416,20 @@ def test_ppo_full_continues_rl_with_its_value_head_and_is_not_a_second_copy(tiny
     from safetensors.torch import load_file
 
     first = tmp_path / "first"
-    proc = run_cli({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(first), "SEED": 0,
-                    "PPO_BATCH": 4, "MAX_NEW_TOKENS": 4, "LR_PPO": 1e-2, "REWARD": {"type": "contains", "pattern": "yes"}}, tmp_path)
+    proc = run_cli(
+        {
+            "MODE": "ppo",
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": str(tiny_data),
+            "OUTPUT_DIR": str(first),
+            "SEED": 0,
+            "PPO_BATCH": 4,
+            "MAX_NEW_TOKENS": 4,
+            "LR_PPO": 1e-2,
+            "REWARD": {"type": "contains", "pattern": "yes"},
+        },
+        tmp_path,
+    )
     weights = first / "inference_lm" / "model.safetensors"
     assert weights.stat().st_nlink == 2 or (first / "ppo_full" / "model.safetensors").is_symlink()
     assert f"holds {weights.stat().st_size / 1e6:.3g} MB" not in proc.stdout  # not twice the model
@@ -292,8 +441,19 @@ def test_ppo_full_continues_rl_with_its_value_head_and_is_not_a_second_copy(tiny
     lm = load_file(str(weights))
     assert all(torch.equal(p.detach(), lm[n]) for n, p in policy.lm.named_parameters() if n in lm)
     second = tmp_path / "second"  # and RL goes on from there
-    run_cli({"MODE": "ppo", "MODEL": str(first / "ppo_full"), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(second), "SEED": 1,
-             "PPO_BATCH": 4, "MAX_NEW_TOKENS": 4, "REWARD": {"type": "contains", "pattern": "yes"}}, tmp_path)
+    run_cli(
+        {
+            "MODE": "ppo",
+            "MODEL": str(first / "ppo_full"),
+            "TRAIN_FILE": str(tiny_data),
+            "OUTPUT_DIR": str(second),
+            "SEED": 1,
+            "PPO_BATCH": 4,
+            "MAX_NEW_TOKENS": 4,
+            "REWARD": {"type": "contains", "pattern": "yes"},
+        },
+        tmp_path,
+    )
     assert metrics(second)[0]["ppo/val/mean"] != 0.0  # the critic starts trained, not at zero
 
 
@@ -301,9 +461,22 @@ def test_stateful_reward_with_missing_eos_penalty_and_a_greedy_baseline(tiny_mod
     """A running-normalised reward scores the sampled batch first (so its first batch is normalised by its own
     statistics: mean 0), then remax's greedy pass; the EOS penalty follows the scores."""
     out = tmp_path / "out"
-    run_cli({"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "SEED": 0,
-             "ADVANTAGE": "remax", "PPO_BATCH": 4, "MAX_NEW_TOKENS": 3, "MISSING_EOS_PENALTY": 0.5, **EXACT_PPO,
-             "REWARD": {"type": "chrf", "postprocess": [{"type": "normalize"}]}}, tmp_path)
+    run_cli(
+        {
+            "MODE": "ppo",
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": str(tiny_data),
+            "OUTPUT_DIR": str(out),
+            "SEED": 0,
+            "ADVANTAGE": "remax",
+            "PPO_BATCH": 4,
+            "MAX_NEW_TOKENS": 3,
+            "MISSING_EOS_PENALTY": 0.5,
+            **EXACT_PPO,
+            "REWARD": {"type": "chrf", "postprocess": [{"type": "normalize"}]},
+        },
+        tmp_path,
+    )
     records = metrics(out)
     assert len(records) == 2 and all(r["reward/mean"] == r["reward/mean"] for r in records)
     assert records[0]["ppo/ended_with_eos"] < 1  # some responses were cut, and penalised

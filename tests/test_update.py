@@ -76,8 +76,9 @@ def masked_rollout(trainer, examples, gap: bool):
     tok = trainer.tokenizer
     responses = [tok("yes no yes maybe yes")["input_ids"] + [tok.eos_token_id] for _ in range(4)]
     mask = [0.0 if i in (2, 3) else 1.0 for i in range(len(responses[0]))]  # two tokens the model did not sample
-    samples = [ht.Sample(e.prompt_ids, r, True, s, loss_mask=mask if gap else None)
-               for e, r, s in zip(examples, responses, [1.0, -0.5, 0.5, 0.2])]
+    samples = [
+        ht.Sample(e.prompt_ids, r, True, s, loss_mask=mask if gap else None) for e, r, s in zip(examples, responses, [1.0, -0.5, 0.5, 0.2])
+    ]
     return ht.make_rollout(samples, 1, trainer.pad_id, trainer.device)
 
 
@@ -140,20 +141,30 @@ class Spread:
         return [o * (0.5 + sum(map(ord, r)) % 5 / 8) for o, r in zip(odd, responses)]
 
 
-COMBOS = [(loss, adv, None) for loss in ht.POLICY_LOSSES for adv in ht.ADVANTAGES if adv != "none"] + \
-         [(loss, "grpo", hybrid) for loss in ht.POLICY_LOSSES for hybrid in ("gate", "mix")]
+COMBOS = [(loss, adv, None) for loss in ht.POLICY_LOSSES for adv in ht.ADVANTAGES if adv != "none"] + [
+    (loss, "grpo", hybrid) for loss in ht.POLICY_LOSSES for hybrid in ("gate", "mix")
+]
 
 
 @pytest.mark.parametrize("loss, advantage, hybrid", COMBOS)
 def test_every_loss_works_with_every_estimator_and_strategy(loss, advantage, hybrid, tiny_model, tiny_data):
     G = 1 if not ht.ADVANTAGES[advantage].group and hybrid is None else 2
-    overrides = {"POLICY_LOSS": loss, "ADVANTAGE": advantage, "NUM_GENERATIONS": G, "PPO_BATCH": 4 // G, "PPO_MINI": 2 // G,
-                 "PPO_EPOCHS": 2, "MAX_NEW_TOKENS": 4, "LR_PPO": 1e-3, "KL_IN": "loss" if G > 1 else "reward"}
+    overrides = {
+        "POLICY_LOSS": loss,
+        "ADVANTAGE": advantage,
+        "NUM_GENERATIONS": G,
+        "PPO_BATCH": 4 // G,
+        "PPO_MINI": 2 // G,
+        "PPO_EPOCHS": 2,
+        "MAX_NEW_TOKENS": 4,
+        "LR_PPO": 1e-3,
+        "KL_IN": "loss" if G > 1 else "reward",
+    }
     if hybrid:
         overrides.update({"MODE": "hybrid", "HYBRID": hybrid, "GATE_THRESHOLD": 0.5})
     trainer, examples = trainer_for(overrides, tiny_model, tiny_data, Spread())
     before = [p.detach().clone() for p in trainer.policy.lm.parameters()]
-    stats = trainer.ppo_update(examples[:4 // G], draw=None)
+    stats = trainer.ppo_update(examples[: 4 // G], draw=None)
     assert stats["ppo/skipped_minibatches"] == 0
     assert all(v == v for k, v in stats.items() if isinstance(v, float)), stats  # no NaN
     if hybrid == "gate":
@@ -163,16 +174,37 @@ def test_every_loss_works_with_every_estimator_and_strategy(loss, advantage, hyb
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.lm.parameters()))
 
 
-LEARN = {"MODE": "ppo", "ADVANTAGE": "grpo", "NUM_GENERATIONS": 4, "PPO_BATCH": 8, "PPO_EPOCHS": 4, "LR_PPO": 3e-3,
-         "INIT_KL_COEF": 0.01, "MAX_NEW_TOKENS": 6, "EPOCHS": 20, "LOG_EVERY": 100, "SEED": 0,
-         "REWARD": {"type": "contains", "pattern": "yes"}, **EXACT_PPO}
+LEARN = {
+    "MODE": "ppo",
+    "ADVANTAGE": "grpo",
+    "NUM_GENERATIONS": 4,
+    "PPO_BATCH": 8,
+    "PPO_EPOCHS": 4,
+    "LR_PPO": 3e-3,
+    "INIT_KL_COEF": 0.01,
+    "MAX_NEW_TOKENS": 6,
+    "EPOCHS": 20,
+    "LOG_EVERY": 100,
+    "SEED": 0,
+    "REWARD": {"type": "contains", "pattern": "yes"},
+    **EXACT_PPO,
+}
 
 
 @pytest.mark.parametrize("loss", [name for name in ht.POLICY_LOSSES if name != "ppo"])  # ppo: test_algorithms' runs
 def test_each_policy_loss_raises_the_reward_through_the_cli(loss, tiny_model, tiny_data, tmp_path):
     out = tmp_path / "out"
-    run_cli({**LEARN, "POLICY_LOSS": loss, "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out),
-             **({"CLIPRANGE_HIGH": 4.0} if loss == "cispo" else {})}, tmp_path)
+    run_cli(
+        {
+            **LEARN,
+            "POLICY_LOSS": loss,
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": str(tiny_data),
+            "OUTPUT_DIR": str(out),
+            **({"CLIPRANGE_HIGH": 4.0} if loss == "cispo" else {}),
+        },
+        tmp_path,
+    )
     rewards_ = [r["reward/mean"] for r in metrics(out) if r["phase"] == "ppo"]
     assert sum(rewards_[-3:]) / 3 > sum(rewards_[:3]) / 3 + 0.2, rewards_
 
@@ -180,7 +212,7 @@ def test_each_policy_loss_raises_the_reward_through_the_cli(loss, tiny_model, ti
 def test_importance_level_sequence_is_gspo():
     cfg = ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "IMPORTANCE_LEVEL": "sequence"})
     assert cfg.POLICY_LOSS == "gspo"
-    with pytest.raises(runtime.UserError, match="IMPORTANCE_LEVEL \"sequence\" is POLICY_LOSS \"gspo\""):
+    with pytest.raises(runtime.UserError, match='IMPORTANCE_LEVEL "sequence" is POLICY_LOSS "gspo"'):
         ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "IMPORTANCE_LEVEL": "sequence", "POLICY_LOSS": "cispo"})
     assert ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "POLICY_LOSS": "gmpo"}).LOSS_AGG == "seq_mean_token_mean"
 
@@ -209,8 +241,18 @@ def test_the_launch_is_read_by_run_not_at_import(monkeypatch):
 
 
 def test_a_plan_for_two_processes_in_one():
-    cfg = ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "MODE": "ppo", "PPO_BATCH": 4, "PPO_MINI": 2,
-                               "NUM_GENERATIONS": 2, "ADVANTAGE": "grpo", "SFT_BATCH": 4})
+    cfg = ht.Config.from_dict(
+        {
+            "TRAIN_FILE": "-",
+            "OUTPUT_DIR": "-",
+            "MODE": "ppo",
+            "PPO_BATCH": 4,
+            "PPO_MINI": 2,
+            "NUM_GENERATIONS": 2,
+            "ADVANTAGE": "grpo",
+            "SFT_BATCH": 4,
+        }
+    )
     plan = ht.make_plan(cfg, 8, 2, 1, False, False, "p", "m")
     assert (plan.world_size, plan.prompts_per_process, plan.responses_per_update, plan.responses_per_minibatch) == (2, 2, 8, 4)
     assert plan.schedule == ("ppo",) * 2 and plan.batch_size("ppo") == 4 and plan.group_size == 2
@@ -219,8 +261,9 @@ def test_a_plan_for_two_processes_in_one():
 
 # ---- rewards: what they report comes back from the call ----
 def test_weighted_sum_components_come_back_with_the_scores():
-    reward = rewards.make_reward({"type": "weighted_sum", "components": [{"type": "contains", "pattern": "yes", "weight": 2},
-                                                                         {"type": "length", "target": 2}]})
+    reward = rewards.make_reward(
+        {"type": "weighted_sum", "components": [{"type": "contains", "pattern": "yes", "weight": 2}, {"type": "length", "target": 2}]}
+    )
     out = reward.score(["yes yes", "no"], ["", ""])
     assert out.components == {"contains": [1.0, 0.0], "length": [1.0, 0.5]} and out.values == [3.0, 0.5]
     assert reward.scores(["yes yes", "no"], ["", ""]) == out.values
@@ -288,18 +331,32 @@ def well_conditioned(optimizer) -> None:
 def test_an_update_with_chunked_logits_equals_one_with_the_whole_logits(advantage, tiny_model, tiny_data):
     """The same PPO update (step 4's fused first forward included) with LOGITS_CHUNK 3 and 0: every logged number and
     every weight within 1e-6."""
+
     def update(chunk):
         G = 2 if advantage == "grpo" else 1
         # grpo with the KL in the loss, as GRPO has it: in the reward, a group whose scores tie (Spread's) is left with
         # the per-token KL alone, which the group's std normalization blows up; policy == reference gives KL exactly 0
         # on the whole path and float rounding (2e-7) on the chunked one, which became advantages of 1e-4 on one CPU
         kl_in = {"KL_IN": "loss"} if advantage == "grpo" else {}
-        trainer, examples = trainer_for({"LOGITS_CHUNK": chunk, "ADVANTAGE": advantage, "NUM_GENERATIONS": G, "PPO_BATCH": 4 // G,
-                                         "PPO_MINI": 4 // G, "PPO_EPOCHS": 2, "MAX_NEW_TOKENS": 6, "LR_PPO": 1e-3, **kl_in},
-                                        tiny_model, tiny_data, Spread())
+        trainer, examples = trainer_for(
+            {
+                "LOGITS_CHUNK": chunk,
+                "ADVANTAGE": advantage,
+                "NUM_GENERATIONS": G,
+                "PPO_BATCH": 4 // G,
+                "PPO_MINI": 4 // G,
+                "PPO_EPOCHS": 2,
+                "MAX_NEW_TOKENS": 6,
+                "LR_PPO": 1e-3,
+                **kl_in,
+            },
+            tiny_model,
+            tiny_data,
+            Spread(),
+        )
         well_conditioned(trainer.optim.ppo)
         torch.manual_seed(1)
-        stats = trainer.ppo_update(examples[:4 // G], draw=None)
+        stats = trainer.ppo_update(examples[: 4 // G], draw=None)
         return stats, {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}, trainer
 
     (chunked, w_chunked, trainer), (whole, w_whole, _) = update(3), update(0)
@@ -330,8 +387,9 @@ def test_a_head_that_is_not_a_function_of_the_hidden_states_keeps_the_logits(tin
 @pytest.mark.parametrize("sft_loss", ["ce", "dft"])
 def test_an_sft_step_with_chunked_logits_equals_one_with_the_whole_logits(sft_loss, tiny_model, tiny_data):
     def step(chunk):
-        trainer, examples = trainer_for({"MODE": "sft", "LOGITS_CHUNK": chunk, "SFT_LOSS": sft_loss, "SFT_BATCH": 4,
-                                         "LR_SFT": 1e-3}, tiny_model, tiny_data, None)
+        trainer, examples = trainer_for(
+            {"MODE": "sft", "LOGITS_CHUNK": chunk, "SFT_LOSS": sft_loss, "SFT_BATCH": 4, "LR_SFT": 1e-3}, tiny_model, tiny_data, None
+        )
         well_conditioned(trainer.optim.sft)
         stats = trainer.sft_step(examples[:4])
         return stats, {k: v.detach().clone() for k, v in trainer.policy.lm.state_dict().items()}

@@ -14,32 +14,38 @@ def math_reward(**fields):
     return rewards.make_reward({"type": "math", **fields})
 
 
-@pytest.mark.parametrize("text, order, expected", [
-    ("so \\boxed{\\frac{1}{2}} and then \\boxed{7}", None, "7"),  # the last \boxed{}
-    ("\\boxed{a_{1} + \\{b\\}}", None, "a_{1} + \\{b\\}"),  # braces balanced
-    ("Janet has 3 + 4 = 7 eggs.\n#### 7", None, "7"),  # GSM8K
-    ("... so the answer is 1,000. Done", None, "1,000"),
-    ("The answer is: $\\frac{3}{4}$", None, "\\frac{3}{4}"),
-    ("I think 12 then 15, finally -2.5", None, "-2.5"),  # the last number
-    ("no answer here", None, None),
-    ("#### 5 but \\boxed{6}", ["hash", "boxed"], "5"),  # the configured order
-])
+@pytest.mark.parametrize(
+    "text, order, expected",
+    [
+        ("so \\boxed{\\frac{1}{2}} and then \\boxed{7}", None, "7"),  # the last \boxed{}
+        ("\\boxed{a_{1} + \\{b\\}}", None, "a_{1} + \\{b\\}"),  # braces balanced
+        ("Janet has 3 + 4 = 7 eggs.\n#### 7", None, "7"),  # GSM8K
+        ("... so the answer is 1,000. Done", None, "1,000"),
+        ("The answer is: $\\frac{3}{4}$", None, "\\frac{3}{4}"),
+        ("I think 12 then 15, finally -2.5", None, "-2.5"),  # the last number
+        ("no answer here", None, None),
+        ("#### 5 but \\boxed{6}", ["hash", "boxed"], "5"),  # the configured order
+    ],
+)
 def test_extraction_order(text, order, expected):
     assert rewards.extract_answer(text, tuple(order or rewards.MATH_EXTRACTORS)) == expected
 
 
-@pytest.mark.parametrize("response, reference, score", [
-    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
-    ("the answer is 1/2", "\\frac{1}{2}", 1.0),
-    ("#### 1,000", "1000", 1.0),
-    ("so x = 3", "3", 1.0),  # the last number
-    ("\\boxed{x = 3}", "3", 1.0),  # an equation's right-hand side
-    ("\\boxed{\\{1, 2\\}}", "\\{2, 1\\}", 1.0),  # sets
-    ("\\boxed{(1, 2]}", "(1, 2]", 1.0),  # intervals
-    ("\\boxed{[1, 2]}", "(1, 2]", 0.0),
-    ("\\boxed{41}", "42", 0.0),
-    ("no number at all", "42", 0.0),
-])
+@pytest.mark.parametrize(
+    "response, reference, score",
+    [
+        ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
+        ("the answer is 1/2", "\\frac{1}{2}", 1.0),
+        ("#### 1,000", "1000", 1.0),
+        ("so x = 3", "3", 1.0),  # the last number
+        ("\\boxed{x = 3}", "3", 1.0),  # an equation's right-hand side
+        ("\\boxed{\\{1, 2\\}}", "\\{2, 1\\}", 1.0),  # sets
+        ("\\boxed{(1, 2]}", "(1, 2]", 1.0),  # intervals
+        ("\\boxed{[1, 2]}", "(1, 2]", 0.0),
+        ("\\boxed{41}", "42", 0.0),
+        ("no number at all", "42", 0.0),
+    ],
+)
 def test_math_reward_by_hand(response, reference, score):
     assert math_reward().scores([response], [reference]) == [score]
 
@@ -79,10 +85,12 @@ def test_gold_answer_that_cannot_be_parsed_is_an_error_at_load():
 
 
 def test_bad_math_specs():
-    for spec, message in [({"type": "math", "timeout": 0}, "timeout must be a number > 0"),
-                          ({"type": "math", "extract": ["boxd"]}, "extract must be a non-empty list of"),
-                          ({"type": "math", "workers": 0}, "workers must be an integer >= 1"),
-                          ({"type": "math", "answer": "x"}, "unknown field 'answer'")]:
+    for spec, message in [
+        ({"type": "math", "timeout": 0}, "timeout must be a number > 0"),
+        ({"type": "math", "extract": ["boxd"]}, "extract must be a non-empty list of"),
+        ({"type": "math", "workers": 0}, "workers must be an integer >= 1"),
+        ({"type": "math", "answer": "x"}, "unknown field 'answer'"),
+    ]:
         with pytest.raises(rewards.RewardSpecError, match=message):
             rewards.make_reward(spec)
 
@@ -109,10 +117,19 @@ def test_majority_vote_helpers():
     assert fn.answer("so \\boxed{12}") == "12" and fn.same("0.5", "\\frac{1}{2}") and not fn.same("1", "2")
 
 
-@pytest.mark.parametrize("text", [
-    "<think>\nreasoning\n</think>\nThe answer is 4.", "<think>a</think>4", "no tags", "<think>a</think><think>b</think>4",
-    "answer first <think>a</think>", "<think>\nunclosed", "<think></think>", "<think>x</think>\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<think>\nreasoning\n</think>\nThe answer is 4.",
+        "<think>a</think>4",
+        "no tags",
+        "<think>a</think><think>b</think>4",
+        "answer first <think>a</think>",
+        "<think>\nunclosed",
+        "<think></think>",
+        "<think>x</think>\n",
+    ],
+)
 def test_think_format_equals_trl(text):
     from trl.rewards import think_format_reward
 
@@ -140,7 +157,7 @@ def test_overlong_equals_trl_soft_punishment():
     assert ours == pytest.approx([0, 0, 0, -0.2, -0.6, -1.0, -1.0, -1.0])
     with pytest.raises(rewards.RewardSpecError, match="buffer \\(30\\) must not exceed max_length \\(20\\)"):
         rewards.make_reward({"type": "overlong", "max_length": 20, "buffer": 30}, tokenizer=WordTokenizer())
-    with pytest.raises(rewards.RewardSpecError, match="needs \"max_length\""):
+    with pytest.raises(rewards.RewardSpecError, match='needs "max_length"'):
         rewards.make_reward({"type": "overlong"}, tokenizer=WordTokenizer())
     with pytest.raises(rewards.RewardSpecError, match="trainer's tokenizer"):
         rewards.make_reward({"type": "overlong", "max_length": 20})

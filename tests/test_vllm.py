@@ -15,8 +15,15 @@ from conftest import EXACT_PPO, LEARN, ROOT, YesFraction, metrics, run_cli, torc
 import hybrid_trainer as ht
 import runtime
 
-VLLM = {"GENERATION_BACKEND": "vllm", "BF16": False, "MAX_NEW_TOKENS": 6, "PPO_BATCH": 4, "PPO_EPOCHS": 2, "LR_PPO": 1e-2,
-        "VLLM_KV_CACHE_GB": 0.25}
+VLLM = {
+    "GENERATION_BACKEND": "vllm",
+    "BF16": False,
+    "MAX_NEW_TOKENS": 6,
+    "PPO_BATCH": 4,
+    "PPO_EPOCHS": 2,
+    "LR_PPO": 1e-2,
+    "VLLM_KV_CACHE_GB": 0.25,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +42,7 @@ def hf_greedy(trainer, prompts):
 def policy_logprobs(trainer, prompt, response):
     with torch.no_grad():
         ids = torch.tensor([prompt + response])
-        logits = trainer.policy.lm(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+        logits = trainer.policy.lm(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
     return torch.log_softmax(logits / trainer.cfg.TEMPERATURE, -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
 
 
@@ -67,11 +74,13 @@ def test_rollout_correction_by_hand():
     trainer = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.3, 0.3, 0.3]]))
     engine = torch.log(torch.tensor([[0.25, 0.2, 0.1], [0.1, 0.3, 0.1]]))
     # token ratios: [2, 1, -] and [3, 1, 3]; token_truncate at 2.5: [2, 1, 0] and [2.5, 1, 2.5]
-    torch.testing.assert_close(ht.rollout_is_weights(trainer, engine, mask, "token_truncate", 2.5),
-                               torch.tensor([[2.0, 1.0, 0.0], [2.5, 1.0, 2.5]]))
+    torch.testing.assert_close(
+        ht.rollout_is_weights(trainer, engine, mask, "token_truncate", 2.5), torch.tensor([[2.0, 1.0, 0.0], [2.5, 1.0, 2.5]])
+    )
     # sequence ratios: 2 x 1 = 2 (kept, weight 2) and 3 x 1 x 3 = 9 > 3 (masked)
-    torch.testing.assert_close(ht.rollout_is_weights(trainer, engine, mask, "sequence_mask", 3.0),
-                               torch.tensor([[2.0, 2.0, 0.0], [0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(
+        ht.rollout_is_weights(trainer, engine, mask, "sequence_mask", 3.0), torch.tensor([[2.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
+    )
     for mode in ("token_truncate", "sequence_mask"):  # identical log-probs: weight 1 everywhere
         assert torch.equal(ht.rollout_is_weights(trainer, trainer, mask, mode, 3.0), mask)
 
@@ -80,8 +89,9 @@ def test_rollout_correction_with_identical_logprobs_changes_nothing(tiny_model, 
     """The same update with ROLLOUT_IS off and with both corrections, when the engine's log-probs are the trainer's."""
     results = []
     for mode in ("off", "token_truncate", "sequence_mask"):
-        trainer, examples = trainer_for({"ROLLOUT_IS": mode, "PPO_BATCH": 4, "MAX_NEW_TOKENS": 5, "LR_PPO": 1e-2}, tiny_model,
-                                        tiny_data, YesFraction())
+        trainer, examples = trainer_for(
+            {"ROLLOUT_IS": mode, "PPO_BATCH": 4, "MAX_NEW_TOKENS": 5, "LR_PPO": 1e-2}, tiny_model, tiny_data, YesFraction()
+        )
         tok = trainer.tokenizer
         responses = [tok("yes no")["input_ids"] + [tok.eos_token_id] for _ in range(4)]
         queries = [e.prompt_ids for e in examples[:4]]
@@ -114,9 +124,21 @@ def test_same_seed_same_responses_and_eos_handling(tiny_model, tiny_data):
 def test_grpo_and_friends_learn_with_vllm(advantage, hybrid, tiny_model, tiny_data, tmp_path):
 
     out = tmp_path / "out"
-    run_cli({**LEARN, "MODE": "hybrid" if hybrid else "ppo", "ADVANTAGE": advantage, **({"HYBRID": hybrid} if hybrid else {}),
-             "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(out), "GENERATION_BACKEND": "vllm",
-             "BF16": False, **({"EPOCHS": 3} if advantage != "grpo" else {})}, tmp_path)
+    run_cli(
+        {
+            **LEARN,
+            "MODE": "hybrid" if hybrid else "ppo",
+            "ADVANTAGE": advantage,
+            **({"HYBRID": hybrid} if hybrid else {}),
+            "MODEL": str(tiny_model),
+            "TRAIN_FILE": str(tiny_data),
+            "OUTPUT_DIR": str(out),
+            "GENERATION_BACKEND": "vllm",
+            "BF16": False,
+            **({"EPOCHS": 3} if advantage != "grpo" else {}),
+        },
+        tmp_path,
+    )
     records = metrics(out)
     rewards = [r["reward/mean"] for r in records]
     assert all(r["rollout/logprob_abs_diff"] < 1e-4 for r in records)  # the engine never held stale weights
@@ -125,10 +147,25 @@ def test_grpo_and_friends_learn_with_vllm(advantage, hybrid, tiny_model, tiny_da
 
 
 def test_resumed_run_engine_takes_the_restored_weights(tiny_model, tiny_data, tmp_path):
-    base = {**EXACT_PPO, "MODE": "ppo", "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 4, "LR_PPO": 1e-2, "SEED": 2,
-            "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "GENERATION_BACKEND": "vllm", "BF16": False,
-            "MAX_NEW_TOKENS": 5, "EPOCHS": 2, "SAVE_EVERY": 1, "KEEP_CHECKPOINTS_AT_END": True, "KEEP_CHECKPOINTS": 10,
-            "REWARD": {"type": "contains", "pattern": "yes"}}
+    base = {
+        **EXACT_PPO,
+        "MODE": "ppo",
+        "ADVANTAGE": "grpo",
+        "NUM_GENERATIONS": 2,
+        "PPO_BATCH": 4,
+        "LR_PPO": 1e-2,
+        "SEED": 2,
+        "MODEL": str(tiny_model),
+        "TRAIN_FILE": str(tiny_data),
+        "GENERATION_BACKEND": "vllm",
+        "BF16": False,
+        "MAX_NEW_TOKENS": 5,
+        "EPOCHS": 2,
+        "SAVE_EVERY": 1,
+        "KEEP_CHECKPOINTS_AT_END": True,
+        "KEEP_CHECKPOINTS": 10,
+        "REWARD": {"type": "contains", "pattern": "yes"},
+    }
     run_cli({**base, "OUTPUT_DIR": str(tmp_path / "a")}, tmp_path)
     run_cli({**base, "OUTPUT_DIR": str(tmp_path / "b"), "RESUME": str(tmp_path / "a" / "checkpoints" / "step-2")}, tmp_path)
     resumed = metrics(tmp_path / "b")
@@ -146,9 +183,23 @@ def test_engine_failure_on_one_process_ends_both_with_one_error(tiny_model, tiny
     import time
 
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({**EXACT_PPO, "MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data),
-                                "OUTPUT_DIR": str(tmp_path / "o"), "PPO_BATCH": 4, "MAX_NEW_TOKENS": 4, "SEED": 0,
-                                "GENERATION_BACKEND": "vllm", "BF16": False, "REWARD": {"type": "contains", "pattern": "yes"}}))
+    path.write_text(
+        json.dumps(
+            {
+                **EXACT_PPO,
+                "MODE": "ppo",
+                "MODEL": str(tiny_model),
+                "TRAIN_FILE": str(tiny_data),
+                "OUTPUT_DIR": str(tmp_path / "o"),
+                "PPO_BATCH": 4,
+                "MAX_NEW_TOKENS": 4,
+                "SEED": 0,
+                "GENERATION_BACKEND": "vllm",
+                "BF16": False,
+                "REWARD": {"type": "contains", "pattern": "yes"},
+            }
+        )
+    )
     start = time.time()
     proc = torchrun([ROOT / "tests" / "dist_helper.py", "engine_fails_on_rank1", path], check=False, timeout=300)
     assert proc.returncode != 0 and time.time() - start < 240
@@ -158,8 +209,13 @@ def test_engine_failure_on_one_process_ends_both_with_one_error(tiny_model, tiny
 
 def test_vllm_errors(tiny_model, tiny_data, tmp_path, monkeypatch, capsys):
     path = tmp_path / "c.json"
-    cfg = {"MODE": "ppo", "MODEL": str(tiny_model), "TRAIN_FILE": str(tiny_data), "OUTPUT_DIR": str(tmp_path / "o"),
-           "GENERATION_BACKEND": "vllm"}
+    cfg = {
+        "MODE": "ppo",
+        "MODEL": str(tiny_model),
+        "TRAIN_FILE": str(tiny_data),
+        "OUTPUT_DIR": str(tmp_path / "o"),
+        "GENERATION_BACKEND": "vllm",
+    }
     path.write_text(json.dumps(cfg))  # NO_REPEAT_NGRAM_SIZE defaults to 3
     assert ht.main([str(path)]) == 2
     assert "NO_REPEAT_NGRAM_SIZE=3 has no equivalent in vLLM" in capsys.readouterr().err
