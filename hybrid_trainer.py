@@ -2480,14 +2480,14 @@ def make_rollout(samples: list[Sample], group_size: int, pad_id: int, device: to
 
 
 def samples_from_tokens(
-    queries: list, responses: list, scores: list, baseline: Optional[list], eos_id: Optional[int], teacher_queries: Optional[list] = None
+    queries: list, responses: list, scores: list, baseline: Optional[list], stop_ids: list, teacher_queries: Optional[list] = None
 ) -> list[Sample]:
-    """The classic API's lists -> Samples; a response ended when its last token is EOS."""
+    """The classic API's lists -> Samples; a response ended when its last token is a stop token (stop_token_ids)."""
     return [
         Sample(
             query=q,
             response=r,
-            ended=bool(r) and r[-1] == eos_id,
+            ended=bool(r) and r[-1] in stop_ids,
             score=s,
             baseline=baseline[i] if baseline else 0.0,
             teacher_query=teacher_queries[i] if teacher_queries else None,
@@ -3472,6 +3472,7 @@ class HybridTrainer:
         )
         self._engine = None  # started at the first generation: an SFT run without evaluation needs none
         self.pad_id = tokenizer.pad_token_id
+        self.stop_ids = runtime.stop_token_ids(tokenizer, policy.lm)  # what ends a response: the engines' too
         self.sft_backward = SFTTerm(cfg, policy, self.optim.scaler, self.pad_id, self.device, self.autocast)
         self.turns = TurnLoop(cfg, self.plan, self.engine_generate, tokenizer, environment)
         self.collector = Collector(cfg, self.plan, self.turns, lambda: self.engine.sleep(), reward, tokenizer, estimator)
@@ -3651,7 +3652,7 @@ class HybridTrainer:
         teacher_queries: TEACHER_MODEL "self": each row's prompt as the teacher reads it (with TEACHER_CONTEXT)."""
         scores = [float(x) for x in torch.as_tensor(scores, dtype=torch.float32).reshape(-1).tolist()]
         baseline = None if baseline is None else [float(x) for x in torch.as_tensor(baseline).reshape(-1).tolist()]
-        mine = samples_from_tokens(list(queries), list(responses), scores, baseline, self.tokenizer.eos_token_id, teacher_queries)
+        mine = samples_from_tokens(list(queries), list(responses), scores, baseline, self.stop_ids, teacher_queries)
         samples = sum(runtime.gather_objects(mine), [])
         return self.update.learn(make_rollout(samples, self.plan.group_size, self.pad_id, self.device), demos)
 

@@ -925,10 +925,20 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(1) - 1).clamp(min=0)
 
 
-def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int):
-    """(B, T) generated ids -> (response_mask (B, T) covering tokens up to and including the first EOS,
-    ended (B,) bool: an EOS was generated)."""
-    is_eos = response_ids == eos_token_id
+def stop_token_ids(tokenizer, lm: nn.Module) -> list[int]:
+    """The tokens that end a response, for both engines, the ended flags and every count of them: the tokenizer's EOS,
+    then the model's own generation_config.json `eos_token_id` (an int or a list: Gemma 3 ends its turn with
+    <end_of_turn> and Llama 3 with <|eot_id|>, neither the tokenizer's EOS). transformers and vLLM read the same file."""
+    declared = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    ids = [tokenizer.eos_token_id] + (list(declared) if isinstance(declared, (list, tuple)) else [declared])
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def truncate_after_eos(response_ids: torch.Tensor, stop_ids):
+    """(B, T) generated ids -> (response_mask (B, T) covering tokens up to and including the first stop token (an id,
+    or a list of them: stop_token_ids), ended (B,) bool: a stop token was generated)."""
+    stop = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=response_ids.device)
+    is_eos = torch.isin(response_ids, stop)
     ended = is_eos.any(1)
     first_eos = torch.where(ended, is_eos.int().argmax(1), torch.full_like(ended, response_ids.shape[1] - 1, dtype=torch.long))
     positions = torch.arange(response_ids.shape[1], device=response_ids.device)
@@ -980,7 +990,7 @@ class HFEngine:
         from transformers import GenerationConfig
 
         self.cfg, self.plan, self.policy, self.device = cfg, plan, policy, device
-        self.eos_id = tokenizer.eos_token_id
+        self.stop_ids = stop_token_ids(tokenizer, policy.lm)
         # TOP_P by NucleusFilter, appended after transformers' own processors (where its TopPLogitsWarper would be)
         sampling = dict(
             do_sample=True,
@@ -991,7 +1001,7 @@ class HFEngine:
             no_repeat_ngram_size=cfg.NO_REPEAT_NGRAM_SIZE,
         )
         self.nucleus = [NucleusFilter(cfg.TOP_P)] if cfg.TOP_P < 1 else []
-        common = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+        common = dict(eos_token_id=self.stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True)
         self.sample_config = GenerationConfig(**sampling, **common)
         self.greedy_config = GenerationConfig(do_sample=False, **common)
         self.pad_id, self.tokenizer = tokenizer.pad_token_id, tokenizer
@@ -1034,7 +1044,7 @@ class HFEngine:
                 logits_processor=None if greedy else self.nucleus,
             )
         generated = out[:, ids.shape[1] :].cpu()
-        response_mask, ended = truncate_after_eos(generated, self.eos_id)
+        response_mask, ended = truncate_after_eos(generated, self.stop_ids)
         lengths = response_mask.sum(1).tolist()
         if max_tokens is not None:  # each row's own limit (the batch ran to the largest)
             limits = [k for k in max_tokens for _ in range(n)]
@@ -1111,7 +1121,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.cfg, self.plan, self.policy, self.device = cfg, plan, policy, device
-        self.eos_id, self.synced, self.asleep, self.sync_seconds = tokenizer.eos_token_id, None, False, 0.0
+        self.stop_ids, self.synced, self.asleep, self.sync_seconds = stop_token_ids(tokenizer, policy.lm), None, False, 0.0
         self.ignore_eos = False  # benchmarks: every response runs to its token limit
         cuda = device.type == "cuda"
         # CPU: no chunked prefill. A prefill split over steps discards its sampled token and rewinds the request's seeded
@@ -1212,7 +1222,7 @@ class VLLMEngine:
                 n=n,
                 seed=seed,
                 max_tokens=max(1, min(limit, self.plan.maxseq - len(p))),
-                stop_token_ids=[] if self.ignore_eos else [self.eos_id],
+                stop_token_ids=[] if self.ignore_eos else self.stop_ids,
                 ignore_eos=self.ignore_eos,
                 logprobs=0,
                 **text,
@@ -1226,7 +1236,7 @@ class VLLMEngine:
             for c in out.outputs:
                 ids = list(c.token_ids)
                 responses.append(ids)
-                ended.append(c.finish_reason == "stop" and bool(ids) and ids[-1] == self.eos_id)
+                ended.append(c.finish_reason == "stop" and bool(ids) and ids[-1] in self.stop_ids)
                 logprobs.append([step[t].logprob for step, t in zip(c.logprobs or [], ids)])
         return Generation(responses, torch.tensor(ended, dtype=torch.bool), logprobs)
 

@@ -102,16 +102,16 @@ def main() -> None:
 
     prompts = [e.prompt_ids for e in examples]
     out["demo_8x4x24"] = timed_generate(prompts[:8], 4, 24)
-    eos = tok.eos_token_id
     if args.backend == "vllm":  # long responses: no early stop, every response 256 tokens
         trainer.engine.ignore_eos = True
     else:
-        trainer.engine.sample_config.eos_token_id, trainer.engine.eos_id = None, -1
+        stops = trainer.engine.stop_ids
+        trainer.engine.sample_config.eos_token_id, trainer.engine.stop_ids = None, [-1]
     out["long_16x256"] = timed_generate(prompts[8:24], 1, 256)
     if args.backend == "vllm":
         trainer.engine.ignore_eos = False
     else:
-        trainer.engine.sample_config.eos_token_id, trainer.engine.eos_id = eos, eos
+        trainer.engine.sample_config.eos_token_id, trainer.engine.stop_ids = stops, stops
     trainer.cfg = trainer.engine.cfg = ht.dataclasses.replace(trainer.cfg, MAX_NEW_TOKENS=24)
     updates = []
     for i in range(3):

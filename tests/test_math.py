@@ -159,6 +159,28 @@ def test_truncate_after_eos_and_missing_eos_penalty():
     assert ht.apply_missing_eos_penalty(scores, ended, None) is scores
 
 
+def test_truncate_after_the_first_of_several_stop_tokens():
+    """Every stop token ends a response (stop_token_ids: the tokenizer's EOS and the generation config's), the first wins."""
+    ids = torch.tensor([[5, 3, 9, 7], [1, 2, 4, 9], [1, 2, 4, 6]])
+    mask, ended = runtime.truncate_after_eos(ids, [9, 3])
+    torch.testing.assert_close(mask, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]))
+    assert ended.tolist() == [True, True, False]
+
+
+class _Tok:
+    eos_token_id = 2
+
+
+class _LM:
+    def __init__(self, eos):
+        self.generation_config = type("GenerationConfig", (), {"eos_token_id": eos})()
+
+
+@pytest.mark.parametrize("declared, stops", [(2, [2]), ([106, 1], [2, 106, 1]), ([2, 107], [2, 107]), (None, [2])])
+def test_stop_token_ids_are_the_tokenizers_eos_and_the_generation_configs(declared, stops):
+    assert runtime.stop_token_ids(_Tok(), _LM(declared)) == stops
+
+
 def test_padding_helpers_and_positions():
     ids, mask = runtime.left_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import EXACT_PPO, LEARN, ROOT, YesFraction, metrics, run_cli, torchrun, trainer_for
+from conftest import EXACT_PPO, LEARN, ROOT, YesFraction, build_tiny_model, metrics, run_cli, torchrun, trainer_for
 
 import hybrid_trainer as ht
 import runtime
@@ -118,6 +118,33 @@ def test_same_seed_same_responses_and_eos_handling(tiny_model, tiny_data):
     for response, ended in zip(outs[0].responses, outs[0].ended.tolist()):
         assert len(response) <= 6 and (eos not in response[:-1])  # cut after the first EOS, at most MAX_NEW_TOKENS
         assert ended == (response[-1] == eos)
+
+
+def test_both_engines_stop_at_every_stop_token_of_the_generation_config(tiny_data, tmp_path):
+    """A model whose generation_config.json names a second EOS (Gemma 3's <end_of_turn>, Llama 3's <|eot_id|>): both
+    engines stop at it, call the response ended, and give the same greedy responses (before, hf ran past it)."""
+    from transformers import GenerationConfig
+
+    model = build_tiny_model(tmp_path / "model")
+    trainer, examples = trainer_for({**VLLM, "GENERATION_BACKEND": "hf"}, model, tiny_data, YesFraction())
+    prompts = [e.prompt_ids for e in examples[:4]]
+    eos = trainer.tokenizer.eos_token_id
+    free = trainer.engine_generate(prompts, greedy=True).responses
+    turn_end = next(r[1] for r in free if len(r) > 2 and r[1] != eos)  # a token greedy decoding writes mid-response
+    config = GenerationConfig.from_pretrained(model)
+    config.eos_token_id = [eos, turn_end]
+    config.save_pretrained(model)
+    for backend in ("hf", "vllm"):
+        trainer, _ = trainer_for({**VLLM, "GENERATION_BACKEND": backend}, model, tiny_data, YesFraction())
+        assert trainer.stop_ids == [eos, turn_end]
+        out = trainer.engine_generate(prompts, greedy=True)
+        for before, after, ended in zip(free, out.responses, out.ended.tolist()):
+            cut = next((i + 1 for i, t in enumerate(before) if t in (eos, turn_end)), len(before))
+            assert after == before[:cut] and ended == (after[-1] in (eos, turn_end)), (backend, before, after)
+        assert any(r[-1] == turn_end for r in out.responses)
+        if backend == "hf":
+            hf = out.responses
+    assert out.responses == hf
 
 
 @pytest.mark.parametrize("advantage, hybrid", [("grpo", None), ("rloo", "gate"), ("gae", "mix"), ("remax", None)])
