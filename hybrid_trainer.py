@@ -2083,6 +2083,15 @@ def format_prompt(ex: Example, output_key: str, fmt: str, tokenizer) -> str:
     return render_chat([{"role": "user", "content": chat_user_text(ex.item, output_key)}], tokenizer)
 
 
+def prompt_chat(ex: Example, output_key: str, fmt: str) -> Optional[list]:
+    """The messages format_prompt renders with the chat template (None: a plain or sketch prompt, no template)."""
+    if ex.messages is not None:
+        return ex.messages
+    if ex.raw_prompt is not None or fmt == "sketch":
+        return None
+    return [{"role": "user", "content": chat_user_text(ex.item, output_key)}]
+
+
 def prompt_messages(ex: Example, cfg: Config) -> list:
     """The chat messages of an example's rollout prompt (an acting conversation: those before its first assistant turn)."""
     if ex.opening is not None:
@@ -2092,32 +2101,66 @@ def prompt_messages(ex: Example, cfg: Config) -> list:
     return [{"role": "user", "content": chat_user_text(ex.item, cfg.SELECT_OUTPUT)}]
 
 
-def tokenize_examples(examples: list, cfg: Config, tokenizer, fmt: str, key: str, maxseq: Optional[int] = None) -> list[Example]:
-    """Format and tokenize prompts and targets. Items whose prompt leaves no room for a response in
+def template_target(messages: list, target: str, prompt_ids: list, tokenizer, stop_ids: list) -> Optional[list]:
+    """The assistant turn `target` answers `messages` with, as the chat template renders it: the ids of the whole
+    conversation minus those of the prompt (rendered with add_generation_prompt), from one rendering each, through the
+    first stop token (what the template writes after it is never generated). That keeps the template's own end of
+    turn (Gemma's <end_of_turn>, Phi-3's <|end|>) and what it writes around reasoning (Qwen3's empty think block), as
+    TRL's SFT trainer does. None where the template is not prefix-preserving (the prompt's rendering is not the start
+    of the conversation's) or writes no stop token after the answer."""
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": target}], tokenize=False)
+    full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        return None
+    rest = full_ids[len(prompt_ids) :]
+    cut = next((i + 1 for i, t in enumerate(rest) if t in stop_ids), None)
+    return rest[:cut] if cut else None
+
+
+def tokenize_examples(
+    examples: list, cfg: Config, tokenizer, fmt: str, key: str, maxseq: Optional[int] = None, stop_ids: Optional[list] = None
+) -> list[Example]:
+    """Format and tokenize prompts and targets. A chat prompt's target is what the chat template renders for the
+    assistant turn (template_target, through the first of stop_ids: runtime.stop_token_ids, default the tokenizer's
+    EOS); a plain or sketch prompt's is the target's text + EOS. Items whose prompt leaves no room for a response in
     maxseq (the Plan's, default MAXSEQ) are skipped with one warning; long targets are truncated (EOS kept when it
     fits). With SFT_ALL_TURNS, every assistant turn of a conversation becomes an SFT (prompt, target) pair."""
-    kept, skipped = [], []
-    maxseq = maxseq or cfg.MAXSEQ
+    kept, skipped, unrendered = [], [], []
+    maxseq, stop_ids = maxseq or cfg.MAXSEQ, stop_ids or [tokenizer.eos_token_id]
 
-    def encode(prompt: str, target: str):
+    def encode(prompt: str, target: str, messages: Optional[list] = None, index: int = 0):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        room = maxseq - len(prompt_ids)
-        return prompt_ids, (tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[: max(room, 0)]
+        target_ids = template_target(messages, target, prompt_ids, tokenizer, stop_ids) if messages is not None and target else None
+        if messages is not None and target and target_ids is None:
+            unrendered.append(index)
+        if target_ids is None:
+            target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return prompt_ids, target_ids[: max(maxseq - len(prompt_ids), 0)]
+
+    def encode_chat(messages: list, target: str, index: int):
+        return encode(render_chat(messages, tokenizer), target, messages, index)
 
     for ex in examples:
         acting = bool(cfg.ENVIRONMENT) and ex.opening is not None  # rollouts start before the first assistant turn
+        chat = prompt_chat(ex, cfg.SELECT_OUTPUT, fmt)  # the prompt's messages when the chat template renders it
         ex.prompt = render_chat(ex.opening, tokenizer) if acting else format_prompt(ex, cfg.SELECT_OUTPUT, fmt, tokenizer)
-        ex.prompt_ids, ex.target_ids = encode(ex.prompt, ex.target)
-        last = encode(render_chat(ex.messages, tokenizer), ex.target) if acting else (ex.prompt_ids, ex.target_ids)
+        ex.prompt_ids, ex.target_ids = encode(ex.prompt, ex.target, None if acting else chat, ex.index)
+        last = encode_chat(ex.messages, ex.target, ex.index) if acting else (ex.prompt_ids, ex.target_ids)
         if not last[1]:
             skipped.append(ex.index)
             continue
         if cfg.TEACHER_MODEL == "self":
             ex.teacher_prompt_ids = tokenizer(teacher_prompt(ex, cfg, fmt, tokenizer), add_special_tokens=False)["input_ids"]
         if (cfg.SFT_ALL_TURNS or acting) and ex.turns:  # with an environment, SFT trains on every acting turn
-            pairs = [encode(render_chat(messages, tokenizer), target) for messages, target in ex.turns]
+            pairs = [encode_chat(messages, target, ex.index) for messages, target in ex.turns]
             ex.sft_pairs = [(p, t) for p, t in pairs if t] + [last]
         kept.append(ex)
+    if unrendered:
+        runtime.warn(
+            f"{key}: MODEL's chat template does not render the assistant turn after the prompt it renders (not "
+            f"prefix-preserving) or ends it with no stop token, for {len(unrendered)} item(s) (first indices: "
+            f"{sorted(set(unrendered))[:5]}): their targets are the response's text + EOS instead"
+        )
     if skipped:
         runtime.warn(
             f"{key}: skipped {len(skipped)} item(s) whose prompt fills MAXSEQ={maxseq} tokens "
@@ -2642,6 +2685,11 @@ class LossStats:
         for name, v in values.items():
             setattr(self, name, getattr(self, name) + v.detach().float().to(getattr(self, name).device) * weight)
 
+    def add_losses(self, weight, pl: PolicyLoss, vl: ValueLoss, total: torch.Tensor, entropy: torch.Tensor) -> None:
+        """A chunk's policy and value losses and their statistics, times its weight."""
+        self.add(weight, policy=pl.loss, value=vl.loss, total=total, clipfrac=pl.clipfrac, approx_kl=pl.approx_kl, ratio=pl.ratio,
+                 value_clipfrac=vl.clipfrac, entropy=entropy)  # fmt: skip
+
     def summed(self) -> "LossStats":
         """Summed over processes (one all_reduce)."""
         names = [f.name for f in dataclasses.fields(self)]
@@ -3088,7 +3136,7 @@ class PPOUpdate:
     trainer, which checkpoints them)."""
 
     def __init__(self, cfg: Config, plan: Plan, parts: UpdateParts):
-        self.cfg, self.plan = cfg, plan
+        self.cfg, self.plan, self.parts = cfg, plan, parts
         self.policy, self.reference, self.optim, self.teacher = parts.policy, parts.reference, parts.optim, parts.teacher
         self.estimator, self.strategy, self.kl_ctl, self.sft_term = parts.estimator, parts.strategy, parts.kl_ctl, parts.sft_term
         self.perm_generator, self.device, self.autocast = parts.perm_generator, parts.device, parts.autocast
@@ -3111,12 +3159,7 @@ class PPOUpdate:
         t1 = time.perf_counter()
         # 5. the hybrid strategy picks RL and SFT prompts; rewards and advantages (ADVANTAGES[ADVANTAGE]) over the RL
         #    responses only (gate: batch whitening must not compare the prompts it kept with those it sent to SFT)
-        split = self.strategy.fn(rollout.scores.view(-1, G).cpu(), cfg, progress) if self.strategy and demos is not None else None
-        if split is not None:  # a prompt without a reference (a prompt-only row) has nothing to SFT on: it stays RL
-            has_ref = torch.tensor([bool(d.target) for d in demos])
-            split = split._replace(sft=split.sft & has_ref, rl=split.rl | (split.sft & ~has_ref))
-        rl_mask = rollout.loss_mask if split is None else rollout.loss_mask * split.rl.repeat_interleave(G).to(dev)[:, None].float()
-        sft_pool = [] if split is None else [d for d, s in zip(demos, split.sft.tolist()) if s]
+        split, rl_mask, sft_pool = split_prompts(self.strategy, rollout, demos, cfg, progress)
         kl_coef = self.kl_ctl.value
         rewards = compute_rewards(rollout.scores, old.kl, rollout.loss_mask, kl_coef if self.kl_place.in_reward else 0.0)
         advantages, returns = self.estimator.fn(
@@ -3134,22 +3177,12 @@ class PPOUpdate:
             advantages = advantages + cfg.DISTILL_COEF * self.distill.fn(old.logprobs, old.teacher_logprobs, rl_mask, cfg.DISTILL_DISCOUNT)
         if cfg.MASK_TRUNCATED:  # no gradient for responses cut at the token limit; their scores counted above
             rl_mask = rl_mask * rollout.ended.to(dev)[:, None].float()
-        is_weights, mismatch = self.rollout_correction(rollout, old)
+        is_weights, mismatch = rollout_correction(rollout, old, cfg.ROLLOUT_IS, cfg.ROLLOUT_IS_CAP)
         teacher_view = (rollout.teacher or rollout_tokens(rollout)) if self.distill is not None and self.distill.in_loss else None
-        batch = UpdateBatch(
-            input_ids=rollout.input_ids,
-            attention_mask=rollout.attention_mask,
-            r_ids=rollout.r_ids,
-            r_mask=rollout.r_mask,
-            loss_mask=rl_mask,
-            old_logprobs=old.logprobs,
-            old_values=old.values,
-            advantages=advantages,
-            returns=returns,
-            ref_logprobs=old.ref_logprobs,
-            is_weights=is_weights,
-            teacher=teacher_view,
-        )
+        batch = UpdateBatch(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, r_ids=rollout.r_ids,
+                            r_mask=rollout.r_mask, loss_mask=rl_mask, old_logprobs=old.logprobs, old_values=old.values,
+                            advantages=advantages, returns=returns, ref_logprobs=old.ref_logprobs, is_weights=is_weights,
+                            teacher=teacher_view)  # fmt: skip
         # 6. PPO epochs over minibatches (each with its part of the SFT demonstrations, under gate / mix)
         mb_stats, skipped = self.epochs(batch, perms, old.first, sft_pool, split.mu if split else None)
         t2 = time.perf_counter()
@@ -3157,27 +3190,13 @@ class PPOUpdate:
         seq_kl = (old.kl * rollout.loss_mask).sum(1).mean().item()
         self.kl_ctl.update(seq_kl, B)
         stats = update_stats(rollout, old, rewards, advantages, returns, mb_stats, self.estimator.critic)
-        stats.update(
-            {
-                "objective/kl": seq_kl,
-                "objective/kl_coef": kl_coef,
-                "ppo/skipped_minibatches": skipped,
-                "ppo/lr": lr,
-                "time/rollout_s": t1 - t0 - old.first_forward_s,
-                "time/ppo_epochs_s": t2 - t1 + old.first_forward_s,
-                "time/reference_forward_s": old.reference_s,
-            }
-        )
+        stats.update({"objective/kl": seq_kl, "objective/kl_coef": kl_coef, "ppo/skipped_minibatches": skipped, "ppo/lr": lr})
+        stats.update({"time/rollout_s": t1 - t0 - old.first_forward_s, "time/ppo_epochs_s": t2 - t1 + old.first_forward_s})
+        stats["time/reference_forward_s"] = old.reference_s
         if split is not None:
             stats.update({"hybrid/mu": split.mu, "hybrid/sft_prompts": len(sft_pool), **split.metrics})
         if old.teacher_logprobs is not None:  # on the student's own samples, per token the loss covers
-            stats.update(
-                {
-                    "distill/reverse_kl": masked_mean(old.logprobs - old.teacher_logprobs, rollout.loss_mask).item(),
-                    "distill/teacher_logprob": masked_mean(old.teacher_logprobs, rollout.loss_mask).item(),
-                    "distill/coef": cfg.DISTILL_COEF,
-                }
-            )
+            stats.update(distill_metrics(old, rollout.loss_mask, cfg.DISTILL_COEF))
         return {**stats, **mismatch}
 
     # ---- 4. ----
@@ -3195,8 +3214,8 @@ class PPOUpdate:
         start, end = runtime.share_bounds(B)
         rows = slice(start, end) if end > start else slice(0, 1)  # an empty share still joins FSDP's collectives
         teacher_tokens = None if rollout.teacher is None else select_rows(rollout.teacher, rows)
-        mine_columns, reference_s = self.forward_no_grad(
-            select_rows(rollout_tokens(rollout), rows), R, policy=not fused, teacher_tokens=teacher_tokens
+        mine_columns, reference_s = forward_no_grad(
+            self.parts, self.cfg, self.plan, select_rows(rollout_tokens(rollout), rows), R, policy=not fused, teacher_tokens=teacher_tokens
         )
         mine_columns = select_rows(mine_columns, slice(0, end - start))  # in batch order
         first, permuted, t_first = None, TokenColumns(), time.perf_counter()
@@ -3227,59 +3246,6 @@ class PPOUpdate:
             first_forward_s=t_first,
             teacher_logprobs=out.teacher_logprobs,
         )
-
-    @torch.no_grad()
-    def forward_no_grad(
-        self, tokens: Tokens, R: int, policy: bool = True, teacher_tokens: Optional[Tokens] = None
-    ) -> tuple[TokenColumns, float]:
-        """Chunked no-grad forward of the reference (and of the policy, and of DISTILL's teacher) on these rows ->
-        (their TokenColumns: the reference's log-probs, the policy's log-probs, values and KL_PENALTY "full"'s KL, the
-        teacher's log-probs of the sampled tokens; seconds in the reference). Without a reference (INIT_KL_COEF 0) its
-        forward is skipped. teacher_tokens: what the teacher reads instead of `tokens` ("self": its prompts)."""
-        T, kind = self.cfg.TEMPERATURE, self.cfg.KL_PENALTY
-        parts, reference_s = [], 0.0
-        self.policy.eval()
-        for rows in torch.arange(len(tokens.input_ids), device=tokens.input_ids.device).split(self.plan.responses_per_minibatch):
-            part, ids, mask = TokenColumns(), tokens.input_ids[rows], tokens.attention_mask[rows]
-            if self.teacher is not None:
-                seen = tokens if teacher_tokens is None else teacher_tokens
-                with self.autocast():
-                    teacher_logits = response_forward(self.teacher, seen.input_ids[rows], seen.attention_mask[rows], R).logits[:, :-1]
-                part.teacher_logprobs = logprobs_from_logits(teacher_logits, tokens.r_ids[rows], T)
-            if self.reference is not None:
-                t0 = time.perf_counter()
-                with self.autocast():
-                    ref_logits = response_forward(self.reference, ids, mask, R).logits[:, :-1]
-                part.ref_logprobs = logprobs_from_logits(ref_logits, tokens.r_ids[rows], T)
-                reference_s += time.perf_counter() - t0
-            if policy:
-                with self.autocast():
-                    fwd = self.policy(ids, mask, R, values=self.estimator.critic)
-                    part.logprobs, part.values = fwd.stats(tokens.r_ids[rows], T, entropy=False)[0], fwd.values
-                if kind == "full" and self.reference is not None:
-                    with self.autocast():
-                        logits = fwd.full_logits()
-                    part.kl = kl_per_token(torch.log_softmax(logits.float() / T, -1), torch.log_softmax(ref_logits.float() / T, -1), "full")
-            parts.append(part)
-        return TokenColumns.cat(parts), reference_s
-
-    # ---- 5. ----
-    def rollout_correction(self, rollout: Rollout, old: OldPolicy) -> tuple[torch.Tensor, dict]:
-        """When the engine reported its log-probs (vllm): how far they are from the trainer's (metrics), and ROLLOUT_IS's
-        per-token weights of the policy gradient -> (weights (B, R): ones without a correction; metrics)."""
-        mask = rollout.loss_mask
-        if rollout.engine_logprobs is None:
-            return torch.ones_like(mask), {}
-        engine = rollout.engine_logprobs
-        metrics = {
-            "rollout/logprob_abs_diff": masked_mean((old.logprobs - engine).abs(), mask).item(),
-            "rollout/kl_engine_trainer": masked_mean(engine - old.logprobs, mask).item(),
-        }  # k1 of KL(engine || trainer)
-        weights = rollout_is_weights(old.logprobs, engine, mask, self.cfg.ROLLOUT_IS, self.cfg.ROLLOUT_IS_CAP)
-        if self.cfg.ROLLOUT_IS != "off":
-            metrics["rollout/is_weight_mean"] = masked_mean(weights, mask).item()
-            metrics["rollout/is_zeroed_responses"] = ((weights * mask).sum(1) == 0).float().mean().item()
-        return weights, metrics
 
     # ---- 6. ----
     def epochs(self, batch: UpdateBatch, perms: list, first: Optional[Forward], sft_pool: list, mu: Optional[float]) -> tuple[list, int]:
@@ -3390,21 +3356,88 @@ class PPOUpdate:
             self.optim.scaler.scale(objective * (1 - mu)).backward()
             with torch.no_grad():
                 entropy = masked_mean(token_entropy, m)
-                acc.add(
-                    chunk_weight,
-                    policy=pl.loss,
-                    value=vl.loss,
-                    total=total,
-                    clipfrac=pl.clipfrac,
-                    approx_kl=pl.approx_kl,
-                    ratio=pl.ratio,
-                    value_clipfrac=vl.clipfrac,
-                    entropy=entropy,
-                )
+                acc.add_losses(chunk_weight, pl, vl, total, entropy)
                 acc.add(weight, nonfinite=torch.tensor(float(not torch.isfinite(objective))))
                 if jsd is not None:
                     acc.add(1.0, distill_jsd=jsd)
         return acc
+
+
+@torch.no_grad()
+def forward_no_grad(
+    parts: UpdateParts, cfg: Config, plan: Plan, tokens: Tokens, R: int, policy: bool = True, teacher_tokens: Optional[Tokens] = None
+) -> tuple[TokenColumns, float]:
+    """Chunked no-grad forward of the reference (and of the policy, and of DISTILL's teacher) on these rows ->
+    (their TokenColumns: the reference's log-probs, the policy's log-probs, values and KL_PENALTY "full"'s KL, the
+    teacher's log-probs of the sampled tokens; seconds in the reference). Without a reference (INIT_KL_COEF 0) its
+    forward is skipped. teacher_tokens: what the teacher reads instead of `tokens` ("self": its prompts)."""
+    T, kind = cfg.TEMPERATURE, cfg.KL_PENALTY
+    columns, reference_s = [], 0.0
+    parts.policy.eval()
+    for rows in torch.arange(len(tokens.input_ids), device=tokens.input_ids.device).split(plan.responses_per_minibatch):
+        part, ids, mask = TokenColumns(), tokens.input_ids[rows], tokens.attention_mask[rows]
+        if parts.teacher is not None:
+            seen = tokens if teacher_tokens is None else teacher_tokens
+            with parts.autocast():
+                teacher_logits = response_forward(parts.teacher, seen.input_ids[rows], seen.attention_mask[rows], R).logits[:, :-1]
+            part.teacher_logprobs = logprobs_from_logits(teacher_logits, tokens.r_ids[rows], T)
+        if parts.reference is not None:
+            t0 = time.perf_counter()
+            with parts.autocast():
+                ref_logits = response_forward(parts.reference, ids, mask, R).logits[:, :-1]
+            part.ref_logprobs = logprobs_from_logits(ref_logits, tokens.r_ids[rows], T)
+            reference_s += time.perf_counter() - t0
+        if policy:
+            with parts.autocast():
+                fwd = parts.policy(ids, mask, R, values=parts.estimator.critic)
+                part.logprobs, part.values = fwd.stats(tokens.r_ids[rows], T, entropy=False)[0], fwd.values
+            if kind == "full" and parts.reference is not None:
+                with parts.autocast():
+                    logits = fwd.full_logits()
+                part.kl = kl_per_token(torch.log_softmax(logits.float() / T, -1), torch.log_softmax(ref_logits.float() / T, -1), "full")
+        columns.append(part)
+    return TokenColumns.cat(columns), reference_s
+
+
+def split_prompts(strategy: Optional[Strategy], rollout: Rollout, demos: Optional[list], cfg: Config, progress: float):
+    """Step 5's first part: gate / mix split the batch's P prompts between RL and SFT on their references (a prompt
+    without a reference, a prompt-only row, has nothing to SFT on: it stays RL) -> (the HybridSplit or None, the RL loss
+    mask (B, R), the prompts SFT trains on)."""
+    if not strategy or demos is None:
+        return None, rollout.loss_mask, []
+    G = rollout.group_size
+    split = strategy.fn(rollout.scores.view(-1, G).cpu(), cfg, progress)
+    has_ref = torch.tensor([bool(d.target) for d in demos])
+    split = split._replace(sft=split.sft & has_ref, rl=split.rl | (split.sft & ~has_ref))
+    rl_mask = rollout.loss_mask * split.rl.repeat_interleave(G).to(rollout.loss_mask.device)[:, None].float()
+    return split, rl_mask, [d for d, s in zip(demos, split.sft.tolist()) if s]
+
+
+def rollout_correction(rollout: Rollout, old: OldPolicy, mode: str, cap: float) -> tuple[torch.Tensor, dict]:
+    """When the engine reported its log-probs (vllm): how far they are from the trainer's (metrics), and ROLLOUT_IS's
+    per-token weights of the policy gradient -> (weights (B, R): ones without a correction; metrics)."""
+    mask = rollout.loss_mask
+    if rollout.engine_logprobs is None:
+        return torch.ones_like(mask), {}
+    engine = rollout.engine_logprobs
+    metrics = {
+        "rollout/logprob_abs_diff": masked_mean((old.logprobs - engine).abs(), mask).item(),
+        "rollout/kl_engine_trainer": masked_mean(engine - old.logprobs, mask).item(),
+    }  # k1 of KL(engine || trainer)
+    weights = rollout_is_weights(old.logprobs, engine, mask, mode, cap)
+    if mode != "off":
+        metrics["rollout/is_weight_mean"] = masked_mean(weights, mask).item()
+        metrics["rollout/is_zeroed_responses"] = ((weights * mask).sum(1) == 0).float().mean().item()
+    return weights, metrics
+
+
+def distill_metrics(old: OldPolicy, mask: torch.Tensor, coef: float) -> dict:
+    """distill/: the reverse KL to the teacher and its log-prob on the student's own samples, per token of `mask`."""
+    return {
+        "distill/reverse_kl": masked_mean(old.logprobs - old.teacher_logprobs, mask).item(),
+        "distill/teacher_logprob": masked_mean(old.teacher_logprobs, mask).item(),
+        "distill/coef": coef,
+    }
 
 
 def rollout_tokens(rollout: Rollout) -> Tokens:
@@ -3455,7 +3488,7 @@ class HybridTrainer:
         teacher=None,
     ):
         """plan: run()'s; from Python, api_plan(cfg, n_items) is made here (n_items sizes a decaying LR_SCHEDULE).
-        environment: an environments.EnvironmentType (build_environment(cfg) for ENVIRONMENT), None: single-turn.
+        environment: an environments.EnvironmentType (runtime.build_environment(cfg) for ENVIRONMENT), None: single-turn.
         teacher: DISTILL's frozen teacher (load_teacher(cfg, ...)), None without one."""
         self.cfg, self.policy, self.ref_lm, self.tokenizer, self.reward = cfg, policy, ref_lm, tokenizer, reward
         self.device = device or torch.device("cpu")
@@ -3472,7 +3505,7 @@ class HybridTrainer:
         )
         self._engine = None  # started at the first generation: an SFT run without evaluation needs none
         self.pad_id = tokenizer.pad_token_id
-        self.stop_ids = runtime.stop_token_ids(tokenizer, policy.lm)  # what ends a response: the engines' too
+        self.stop_ids = runtime.stop_token_ids(tokenizer, policy.lm.generation_config)  # what ends a response: the engines' too
         self.sft_backward = SFTTerm(cfg, policy, self.optim.scaler, self.pad_id, self.device, self.autocast)
         self.turns = TurnLoop(cfg, self.plan, self.engine_generate, tokenizer, environment)
         self.collector = Collector(cfg, self.plan, self.turns, lambda: self.engine.sleep(), reward, tokenizer, estimator)
@@ -3801,7 +3834,9 @@ def reverse_kl_to_teacher(trainer: HybridTrainer, trajs: list[Trajectory]) -> tu
         for t in trajs
     ]
     rollout = make_rollout(samples, 1, trainer.pad_id, trainer.device)
-    columns, _ = trainer.update.forward_no_grad(rollout_tokens(rollout), rollout.r_ids.shape[1], teacher_tokens=rollout.teacher)
+    columns, _ = forward_no_grad(
+        trainer.update.parts, trainer.cfg, trainer.plan, rollout_tokens(rollout), rollout.r_ids.shape[1], teacher_tokens=rollout.teacher
+    )
     mask = rollout.loss_mask
     return ((columns.logprobs - columns.teacher_logprobs) * mask).sum().item(), mask.sum().item()
 
@@ -4057,6 +4092,17 @@ def show_data_example(
     if cfg.ENVIRONMENT and ex.opening is not None:
         extra = f" (SFT trains on its {len(ex.turns) + 1} assistant turns; RL rollouts start before the first)"
     response = ex.target or "(none: a prompt for RL, scored from its row)"
+    if tokenizer is not None and ex.target:  # what SFT trains, token for token (tokenize_examples' own rendering)
+        stops = runtime.stop_token_ids(tokenizer, runtime.declared_generation_config(paths))
+        chat = prompt_chat(ex, cfg.SELECT_OUTPUT, resolve_prompt_format(cfg, tokenizer))
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = template_target(chat, ex.target, prompt_ids, tokenizer, stops) if chat is not None else None
+        how = "as the chat template renders the assistant turn" if ids is not None else "the response's text + EOS"
+        ids = ids if ids is not None else tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        response = (
+            f"{tokenizer.decode(ids)}\n--- trained: {len(ids)} tokens ({how}); a response ends at any of "
+            f"{tokenizer.convert_ids_to_tokens(stops)} (the tokenizer's EOS and generation_config.json's) ---"
+        )
     runtime.say(f"example ({file} row {ex.index}{side}){extra}:\n--- prompt ---\n{prompt}\n--- response ---\n{response}\n---")
     if cfg.ENVIRONMENT:
         fmt = environments_format(cfg)
@@ -4083,78 +4129,6 @@ def load_eval_examples(cfg: Config) -> list[Example]:
     return load_data(cfg, "EVAL_FILE")[0][: cfg.EVAL_SAMPLES] if cfg.EVAL_FILE else []
 
 
-def resumed_facts(cfg: Config, checkpoint: Path) -> tuple[int, Optional[bool]]:
-    """-> (the seed the run started with: data order and sampling depend on it, its bf16 choice when BF16 is
-    "auto": kept whatever a probe would say now, else None). Other changed keys get a warning."""
-    saved = outputs.checkpoint_state(checkpoint)["config"]
-    bf16 = saved["BF16"] if cfg.BF16 == "auto" and isinstance(saved.get("BF16"), bool) else None
-    mine = {**cfg.resolved(), "SEED": saved["SEED"] if cfg.SEED is None else cfg.SEED, "BF16": cfg.BF16 if bf16 is None else bf16}
-    changed = [
-        k
-        for k, v in mine.items()
-        if k not in ("RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "KEEP_CHECKPOINTS_AT_END") and saved.get(k, v) != v
-    ]
-    if changed:
-        runtime.warn(f"resuming {checkpoint} with changed keys {changed}: the result will differ from an uninterrupted run")
-    return saved["SEED"], bf16
-
-
-def build_reward(
-    cfg: Config,
-    device,
-    ref_lm=None,
-    tokenizer=None,
-    spec: Optional[dict] = None,
-    sample: Optional[Example] = None,
-    rows: Optional[list] = None,
-):
-    """rewards.make_reward for REWARD (or `spec`), with what rewards need from the trainer in its context: the
-    reference model (perplexity "reference"), the trainer's model locator and loader (aliases, .gguf), the
-    TRUST_REMOTE_CODE opt-in, one training item for the trial call of a "python" reward, the tokenizer (overlong),
-    and every row it will score, (where, reference, item), for the checks at load (math's gold answers, code's tests)."""
-    import rewards
-
-    def load_causal_lm(path: Path, device):  # rewards' plain loader, after converting a .gguf once
-        return rewards.plain_causal_lm(
-            runtime.gguf_to_safetensors(path, runtime.cache_root(cfg)) if path.suffix == ".gguf" else path, device
-        )
-
-    context = dict(
-        locate_model=lambda name: runtime.locate_model(name, key="model"),
-        load_causal_lm=load_causal_lm,
-        trust_remote_code=cfg.TRUST_REMOTE_CODE,
-        sample=(sample.target, sample.target, sample.prompt, sample.item) if sample else None,
-        tokenizer=tokenizer,
-        rows=rows or [],
-        say=runtime.say,
-    )
-    try:
-        return rewards.make_reward(
-            spec or cfg.REWARD, device=device, reference=(ref_lm, tokenizer) if ref_lm is not None else None, **context
-        )
-    except rewards.RewardSpecError as e:
-        raise runtime.UserError(f"REWARD: {e}") from None
-
-
-def build_environment(cfg: Config):
-    """environments.make_environment for ENVIRONMENT (None when it is off): before any weights load, so a python
-    environment's missing file or class is an error line, not a traceback after minutes."""
-    if not cfg.ENVIRONMENT:
-        return None
-    import environments
-
-    try:
-        env_type = environments.make_environment(cfg.ENVIRONMENT, trust_remote_code=cfg.TRUST_REMOTE_CODE, say=runtime.say)
-    except environments.EnvSpecError as e:
-        raise runtime.UserError(str(e) if str(e).startswith("ENVIRONMENT") else f"ENVIRONMENT: {e}") from None
-    if cfg.ACTION_FORMAT == "tool_call" and env_type.tool_schema is None:
-        raise runtime.UserError(
-            f'ACTION_FORMAT "tool_call" calls the environment\'s tool by its schema, and ENVIRONMENT '
-            f"{cfg.ENVIRONMENT['type']!r} declares none (tool_schema): use a text format with it"
-        )
-    return env_type
-
-
 def check_teacher(cfg: Config, paths: runtime.ModelPaths, examples: list[Example]) -> None:
     """Before any weights load: the teacher exists (the one resolver), shares the student's vocabulary (compared on
     their tokenizers), and for "self" every row has the reference response TEACHER_CONTEXT shows."""
@@ -4179,6 +4153,28 @@ def check_teacher(cfg: Config, paths: runtime.ModelPaths, examples: list[Example
             f"({len(teacher)} vs {len(student)} tokens, or the same ids for other tokens): distillation compares "
             "their log-probs token by token, so they must share the tokenizer"
         )
+
+
+def check_chat_rendering(cfg: Config, files: dict[str, tuple[str, list]], paths: runtime.ModelPaths) -> None:
+    """Before any weights load (and in --check): MODEL's chat template renders every chat row of each file, prompt and
+    response; a row it rejects (a role it has no place for, such as Gemma's system turn, or a content type) is one
+    error naming the file, the row and the template's own message. files: key -> (path, examples)."""
+    tokenizer, _ = runtime.check_tokenizer(cfg, paths)
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return
+    fmt = resolve_prompt_format(cfg, tokenizer)
+    for key, (path, examples) in files.items():
+        for ex in examples:
+            chats = [prompt_chat(ex, cfg.SELECT_OUTPUT, fmt)] + [messages for messages, _ in ex.turns or []]
+            for messages in (m for m in chats if m is not None):
+                try:
+                    tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": ex.target or "."}], tokenize=False)
+                except Exception as e:  # noqa: BLE001 - jinja's TemplateError and what the template raises itself
+                    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise runtime.UserError(
+                        f"{key} {path!r} row {ex.index}: MODEL's chat template rejects it: {why} "
+                        f"(its roles: {[m['role'] for m in messages]})"
+                    ) from None
 
 
 def check_environment_data(cfg: Config, examples: list[Example], fmt: str, tokenizer) -> None:
@@ -4215,8 +4211,14 @@ def start_run(cfg: Config, check: bool, reward) -> Optional[tuple[Run, RunState]
     eval_examples = load_eval_examples(cfg)
     check_category_field(cfg, {"TRAIN_FILE": examples, "EVAL_FILE": eval_examples})
     paths = runtime.resolve_model(cfg)  # reads no weights; a missing adapter base is an error here
+    check_chat_rendering(
+        cfg,
+        {"TRAIN_FILE": (cfg.TRAIN_FILE, examples), "EVAL_FILE": (cfg.EVAL_FILE, eval_examples)}
+        | ({"SFT_FILE": (cfg.SFT_FILE, sft[0])} if sft else {}),
+        paths,
+    )
     check_launch(cfg, procs.world)
-    environment = build_environment(cfg)
+    environment = runtime.build_environment(cfg)
     check_teacher(cfg, paths, examples)
     out_dir = outputs.plan_output_dir(cfg)
     resume_from = outputs.find_resume_point(cfg, out_dir)
@@ -4301,59 +4303,19 @@ def start(
 ) -> tuple[Run, RunState]:
     """The Plan (seed, precision, sizes), the model, the tokenized data, the reward and the trainer; the run's files;
     the checkpoint's state when resuming. sft_examples: SFT_FILE's (None: TRAIN_FILE's feed both sides)."""
-    seed, bf16 = resumed_facts(cfg, resume_from) if resume_from is not None else (cfg.SEED, None)
-    seed_drawn = seed is None
-    seed = runtime.on_main(draw_seed) if seed_drawn else seed  # a drawn seed: the main process's, everywhere
-    examples = select_subset(examples, cfg, seed)
-    with runtime.main_first():  # the main process converts a .gguf into the shared cache first
-        runtime.prepare_weights(cfg, paths)
-    precision = f"bf16 {'on' if bf16 else 'off'}: as when the run started (resumed)" if bf16 is not None else None
-    if bf16 is None:
-        bf16, precision = runtime.on_main(runtime.resolve_bf16, cfg, device, paths)  # the main process's choice, everywhere
-    weight_first = runtime.on_main(runtime.resolve_weight_first, cfg, device, bf16, paths)  # a speed choice: the main process's
-    plan = make_plan(
-        cfg,
-        len(examples),
-        runtime.world_size(),
-        seed,
-        seed_drawn,
-        bf16,
-        precision,
-        str(paths.weights),
-        str(paths.adapter) if paths.adapter else None,
-        runtime.model_context(paths.config()),
-        runtime.parameter_counts(cfg, paths),
-        None if sft_examples is None else len(sft_examples),
-        weight_first,
-    )
-    runtime.check_space(
-        cfg, plan.checkpoint_bytes, plan.final_bytes, out_dir, runtime.on_main(outputs.free_bytes, out_dir)
-    )  # the main one writes
-    runtime.say(plan.precision)
-    runtime.say(plan.describe())
-    runtime.seed_everything(seed)
+    plan, examples = plan_run(cfg, examples, paths, out_dir, resume_from, device, sft_examples)
+    runtime.seed_everything(plan.seed)
     watch = runtime.Stopwatch.since_launch(IMPORTED_AT)  # the start-up line says where the seconds go
     policy, ref_lm, tokenizer = load_model(cfg, device, plan.bf16, paths)
     watch.lap("model")
     fmt = resolve_prompt_format(cfg, tokenizer)
     check_environment_data(cfg, examples + eval_examples + (sft_examples or []), fmt, tokenizer)
-    examples = tokenize_examples(examples, cfg, tokenizer, fmt, "TRAIN_FILE", plan.maxseq)
-    sft_examples = examples if sft_examples is None else tokenize_examples(sft_examples, cfg, tokenizer, fmt, "SFT_FILE", plan.maxseq)
-    eval_examples = tokenize_examples(eval_examples, cfg, tokenizer, fmt, "EVAL_FILE", plan.maxseq) if eval_examples else []
-    if reward is None and needs_reward(cfg):
-        rows = [
-            (f"{key} {path!r} row {e.index}", e.target, e.item)
-            for key, path, part in (("TRAIN_FILE", cfg.TRAIN_FILE, examples), ("EVAL_FILE", cfg.EVAL_FILE, eval_examples))
-            for e in part
-        ]
-        reward = build_reward(cfg, device, ref_lm, tokenizer, sample=examples[0], rows=rows)
-    eval_metrics = {"reward": reward, **{k: build_reward(cfg, device, spec=v) for k, v in EVAL_METRICS.items()}} if eval_examples else {}
-    if cfg.MODE != "sft" and (off := runtime.sampling_is_off_policy(cfg)):
-        runtime.warn(
-            f"sampling with {', '.join(off)} draws responses from a distribution other than the policy's, so the PPO "
-            "ratio and KL are off-policy; this is the known cause of 'KL divergence is starting to become negative' "
-            "(huggingface/trl#235, #351, #1857). Set TOP_P=1, REPETITION_PENALTY=1, NO_REPEAT_NGRAM_SIZE=0 for exact PPO."
-        )
+    stops = runtime.stop_token_ids(tokenizer, policy.lm.generation_config)
+    files = {"TRAIN_FILE": examples, "SFT_FILE": sft_examples, "EVAL_FILE": eval_examples}
+    files = {key: tokenize_examples(part, cfg, tokenizer, fmt, key, plan.maxseq, stops) if part else part for key, part in files.items()}
+    examples, eval_examples = files["TRAIN_FILE"], files["EVAL_FILE"] or []
+    sft_examples = examples if sft_examples is None else files["SFT_FILE"]
+    reward, eval_metrics = build_rewards(cfg, device, ref_lm, tokenizer, reward, examples, eval_examples)
     watch.lap("data and rewards")
     teacher = runtime.load_teacher(cfg, device, plan.bf16, ref_lm)
     if teacher is not None:
@@ -4373,6 +4335,52 @@ def start(
         runtime.say(f"resuming from {resume_from} (step {state.step})")
     metrics = outputs.MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=state.step, cfg=cfg, config=outputs.resolved_config(cfg, plan))
     return Run(cfg, plan, trainer, examples, sft_examples, eval_examples, eval_metrics, out_dir, metrics, fmt), state
+
+
+def plan_run(cfg: Config, examples: list, paths, out_dir: Path, resume_from: Optional[Path], device, sft_examples) -> tuple[Plan, list]:
+    """start()'s Plan: the seed (a resumed run's, SEED, or one drawn by the main process), this run's subset of the
+    items, the weights ready (a .gguf converted once), precision and the decoding probe, sizes; checked against the
+    disk and said -> (the Plan, the items)."""
+    seed, bf16 = outputs.resumed_facts(cfg, resume_from) if resume_from is not None else (cfg.SEED, None)
+    seed_drawn = seed is None
+    seed = runtime.on_main(draw_seed) if seed_drawn else seed  # a drawn seed: the main process's, everywhere
+    examples = select_subset(examples, cfg, seed)
+    with runtime.main_first():  # the main process converts a .gguf into the shared cache first
+        runtime.prepare_weights(cfg, paths)
+    precision = f"bf16 {'on' if bf16 else 'off'}: as when the run started (resumed)" if bf16 is not None else None
+    if bf16 is None:
+        bf16, precision = runtime.on_main(runtime.resolve_bf16, cfg, device, paths)  # the main process's choice, everywhere
+    weight_first = runtime.on_main(runtime.resolve_weight_first, cfg, device, bf16, paths)  # a speed choice: the main process's
+    n_sft = None if sft_examples is None else len(sft_examples)
+    plan = make_plan(cfg, len(examples), runtime.world_size(), seed, seed_drawn, bf16, precision, str(paths.weights),
+                     str(paths.adapter) if paths.adapter else None, runtime.model_context(paths.config()),
+                     runtime.parameter_counts(cfg, paths), n_sft, weight_first)  # fmt: skip
+    free = runtime.on_main(outputs.free_bytes, out_dir)  # the main one writes
+    runtime.check_space(cfg, plan.checkpoint_bytes, plan.final_bytes, out_dir, free)
+    runtime.say(plan.precision)
+    runtime.say(plan.describe())
+    if cfg.MODE != "sft" and (off := runtime.sampling_is_off_policy(cfg)):
+        runtime.warn(
+            f"sampling with {', '.join(off)} draws responses from a distribution other than the policy's, so the PPO "
+            "ratio and KL are off-policy; this is the known cause of 'KL divergence is starting to become negative' "
+            "(huggingface/trl#235, #351, #1857). Set TOP_P=1, REPETITION_PENALTY=1, NO_REPEAT_NGRAM_SIZE=0 for exact PPO."
+        )
+    return plan, examples
+
+
+def build_rewards(cfg: Config, device, ref_lm, tokenizer, reward, examples: list, eval_examples: list) -> tuple[Any, dict]:
+    """The reward (REWARD, unless run() was given one; checked against every row it will score) and the evaluation's
+    metrics -> (reward, {name: reward-like})."""
+    if reward is None and needs_reward(cfg):
+        rows = [
+            (f"{key} {path!r} row {e.index}", e.target, e.item)
+            for key, path, part in (("TRAIN_FILE", cfg.TRAIN_FILE, examples), ("EVAL_FILE", cfg.EVAL_FILE, eval_examples))
+            for e in part
+        ]
+        reward = runtime.build_reward(cfg, device, ref_lm, tokenizer, sample=examples[0], rows=rows)
+    metrics = {k: runtime.build_reward(cfg, device, spec=v) for k, v in EVAL_METRICS.items()} if eval_examples else {}
+    eval_metrics = {"reward": reward, **metrics} if eval_examples else {}
+    return reward, eval_metrics
 
 
 def finish(r: Run, state: RunState) -> int:

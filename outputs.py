@@ -304,6 +304,22 @@ def find_resume_point(cfg, out_dir: Path) -> Optional[Path]:
     return path
 
 
+def resumed_facts(cfg, checkpoint: Path) -> tuple[int, Optional[bool]]:
+    """-> (the seed the run started with: data order and sampling depend on it, its bf16 choice when BF16 is
+    "auto": kept whatever a probe would say now, else None). Other changed keys get a warning."""
+    saved = checkpoint_state(checkpoint)["config"]
+    bf16 = saved["BF16"] if cfg.BF16 == "auto" and isinstance(saved.get("BF16"), bool) else None
+    mine = {**cfg.resolved(), "SEED": saved["SEED"] if cfg.SEED is None else cfg.SEED, "BF16": cfg.BF16 if bf16 is None else bf16}
+    changed = [
+        k
+        for k, v in mine.items()
+        if k not in ("RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "KEEP_CHECKPOINTS_AT_END") and saved.get(k, v) != v
+    ]
+    if changed:
+        warn(f"resuming {checkpoint} with changed keys {changed}: the result will differ from an uninterrupted run")
+    return saved["SEED"], bf16
+
+
 def rng_state(perm_generator: torch.Generator) -> dict:
     """Python's, numpy's, torch's (CPU and CUDA) random streams and the minibatch order's generator."""
     np_state = np.random.get_state()
@@ -827,16 +843,7 @@ def write_report(out_dir: Path, records: list[dict], cfg=None, n_train: Optional
     )
     steps = [r for r in records if r.get("phase") in ("sft", "ppo")]
     n_sft, n_ppo = sum(r["phase"] == "sft" for r in steps), sum(r["phase"] == "ppo" for r in steps)
-    parts = ["# Training report\n"]
-    if cfg is not None:
-        parts.append(
-            f"**What was trained.** `MODE` {cfg.MODE} on `{cfg.MODEL}`"
-            + (f" with LoRA r={cfg.LORA_R}" if cfg.LORA_R else "")
-            + f": {n_sft} SFT steps and {n_ppo} PPO updates over {n_train} training items of `{cfg.TRAIN_FILE}`"
-            f" ({cfg.EPOCHS} epoch(s)); reward `{json.dumps(cfg.REWARD)}`. Before training (step {first['step']}) and after "
-            f"(step {last['step']}) the model answered the {len(last['samples'])} held-out prompts of `{cfg.EVAL_FILE}` "
-            "greedily.\n"
-        )
+    parts = ["# Training report\n"] + ([what_was_trained(cfg, n_sft, n_ppo, n_train, first, last)] if cfg is not None else [])
     parts += [
         "## Evaluation before and after\n",
         "Each row is a mean over the held-out items: `reward` is the configured reward, `bleu` and `rougeL` compare the "
@@ -865,14 +872,7 @@ def write_report(out_dir: Path, records: list[dict], cfg=None, n_train: Optional
     completions, shown_first = sample_completions(before, after, cell)
     parts += completions
     if "trajectory" in after[0]:
-        i = shown_first
-        parts += [
-            "## One whole trajectory\n",
-            f"Held-out item {i} ({cell(before[i]['prompt'])}), every turn after the prompt: "
-            "the model's, and the environment's observations.\n",
-            f"Before (reward {number(before[i]['reward'])}):\n\n```\n{before[i]['trajectory']}\n```\n",
-            f"After (reward {number(after[i]['reward'])}):\n\n```\n{after[i]['trajectory']}\n```\n",
-        ]
+        parts += one_trajectory(before[shown_first], after[shown_first], shown_first, cell)
     plots = plot_metrics(out_dir, records)
     if plots:
         parts.append("## Curves\n")
@@ -880,6 +880,27 @@ def write_report(out_dir: Path, records: list[dict], cfg=None, n_train: Optional
             parts.append(f"![{p.stem}]({p.name})\n\n{PLOT_CAPTIONS[p.stem[5:]]}\n")
     (out_dir / "report.md").write_text("\n".join(parts))
     return table
+
+
+def what_was_trained(cfg, n_sft: int, n_ppo: int, n_train: Optional[int], first: dict, last: dict) -> str:
+    """report.md's first paragraph: the mode, model, steps, data and reward, and what the evaluations were."""
+    lora = f" with LoRA r={cfg.LORA_R}" if cfg.LORA_R else ""
+    return (
+        f"**What was trained.** `MODE` {cfg.MODE} on `{cfg.MODEL}`{lora}: {n_sft} SFT steps and {n_ppo} PPO updates over "
+        f"{n_train} training items of `{cfg.TRAIN_FILE}` ({cfg.EPOCHS} epoch(s)); reward `{json.dumps(cfg.REWARD)}`. Before "
+        f"training (step {first['step']}) and after (step {last['step']}) the model answered the {len(last['samples'])} "
+        f"held-out prompts of `{cfg.EVAL_FILE}` greedily.\n"
+    )
+
+
+def one_trajectory(before: dict, after: dict, i: int, cell: Callable) -> list[str]:
+    """report.md's whole trajectory of held-out item i (an environment's run), before and after training."""
+    return [
+        "## One whole trajectory\n",
+        f"Held-out item {i} ({cell(before['prompt'])}), every turn after the prompt: the model's, and the environment's observations.\n",
+        f"Before (reward {number(before['reward'])}):\n\n```\n{before['trajectory']}\n```\n",
+        f"After (reward {number(after['reward'])}):\n\n```\n{after['trajectory']}\n```\n",
+    ]
 
 
 def sample_completions(before: list[dict], after: list[dict], cell: Callable) -> tuple[list[str], int]:
@@ -941,25 +962,8 @@ def model_card(cfg, n_train: int, table: str) -> str:
         "hybrid": ["sft", cfg.ADVANTAGE if cfg.ADVANTAGE != "gae" else "ppo", f"hybrid-{cfg.HYBRID}"],
     }[cfg.MODE]
     tags = ["hybrid-trainer", "trl"] + method + (["lora"] if cfg.LORA_R else [])
-    keys = [
-        "MODE",
-        "ADVANTAGE",
-        "NUM_GENERATIONS",
-        "HYBRID",
-        "SFT_LOSS",
-        "LORA_R",
-        "EPOCHS",
-        "SFT_BATCH",
-        "LR_SFT",
-        "PPO_BATCH",
-        "PPO_EPOCHS",
-        "LR_PPO",
-        "INIT_KL_COEF",
-        "KL_IN",
-        "MAX_NEW_TOKENS",
-        "TEMPERATURE",
-        "SEED",
-    ]
+    keys = "MODE ADVANTAGE NUM_GENERATIONS HYBRID SFT_LOSS LORA_R EPOCHS SFT_BATCH LR_SFT PPO_BATCH PPO_EPOCHS LR_PPO".split()
+    keys += "INIT_KL_COEF KL_IN MAX_NEW_TOKENS TEMPERATURE SEED".split()
     settings = "\n".join(f"| `{k}` | `{json.dumps(getattr(cfg, k))}` |" for k in keys)
     evaluation = (
         f"## Evaluation\n\nGreedy responses to the held-out prompts of `{cfg.EVAL_FILE}` before and after "

@@ -6,7 +6,8 @@ keys, as the trainer's Config; a trainer by its attributes).
   2. Processes             the launch (Processes, PROCS), rank, world size, warn/say from the main process, shares of a
                            global batch and the collectives; 1 process = N processes rests on these.
   3. Model                 MODEL's paths (aliases, .gguf, adapters), the tokenizer, load_lm (LoRA, the frozen
-                           reference, FSDP), the teacher, parameter counts and disk checks.
+                           reference, FSDP), the teacher, parameter counts and disk checks; the reward and the
+                           environment built with the run's model locator and loader (build_reward, build_environment).
   4. Precision             bf16 on or off (resolve_bf16) and the autocast every forward runs under.
   5. Generation            padding and EOS helpers; the engines (GENERATION_BACKENDS: hf, vllm), each with generate()
                            and sync_weights().
@@ -596,7 +597,18 @@ def load_tokenizer(cfg, paths: ModelPaths):
 
 
 def check_tokenizer(cfg, paths: ModelPaths) -> tuple[Optional[Any], str]:
-    """The tokenizer the run will use, without loading weights -> (tokenizer or None, why not)."""
+    """The tokenizer the run will use, without loading weights -> (tokenizer or None, why not); read once per model
+    and process (from a .gguf not converted yet it takes seconds, and the start-up's checks ask more than once)."""
+    key = (paths, cfg.TRUST_REMOTE_CODE)
+    if key not in _CHECKED_TOKENIZERS:
+        _CHECKED_TOKENIZERS[key] = _read_tokenizer(cfg, paths)
+    return _CHECKED_TOKENIZERS[key]
+
+
+_CHECKED_TOKENIZERS: dict = {}
+
+
+def _read_tokenizer(cfg, paths: ModelPaths) -> tuple[Optional[Any], str]:
     from transformers import AutoTokenizer
 
     try:
@@ -867,6 +879,53 @@ def shard_model(lm: nn.Module) -> None:
         m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
 
 
+# ---- the reward and the environment, built with what they need of the run (its model locator and loader) ----
+def build_reward(cfg, device, ref_lm=None, tokenizer=None, spec: Optional[dict] = None, sample=None, rows: Optional[list] = None):
+    """rewards.make_reward for REWARD (or `spec`), with what rewards need from the trainer in its context: the
+    reference model (perplexity "reference"), the trainer's model locator and loader (aliases, .gguf), the
+    TRUST_REMOTE_CODE opt-in, one training item for the trial call of a "python" reward, the tokenizer (overlong),
+    and every row it will score, (where, reference, item), for the checks at load (math's gold answers, code's tests)."""
+    import rewards
+
+    def load_causal_lm(path: Path, device):  # rewards' plain loader, after converting a .gguf once
+        return rewards.plain_causal_lm(gguf_to_safetensors(path, cache_root(cfg)) if path.suffix == ".gguf" else path, device)
+
+    context = dict(
+        locate_model=lambda name: locate_model(name, key="model"),
+        load_causal_lm=load_causal_lm,
+        trust_remote_code=cfg.TRUST_REMOTE_CODE,
+        sample=(sample.target, sample.target, sample.prompt, sample.item) if sample else None,
+        tokenizer=tokenizer,
+        rows=rows or [],
+        say=say,
+    )
+    try:
+        return rewards.make_reward(
+            spec or cfg.REWARD, device=device, reference=(ref_lm, tokenizer) if ref_lm is not None else None, **context
+        )
+    except rewards.RewardSpecError as e:
+        raise UserError(f"REWARD: {e}") from None
+
+
+def build_environment(cfg):
+    """environments.make_environment for ENVIRONMENT (None when it is off): before any weights load, so a python
+    environment's missing file or class is an error line, not a traceback after minutes."""
+    if not cfg.ENVIRONMENT:
+        return None
+    import environments
+
+    try:
+        env_type = environments.make_environment(cfg.ENVIRONMENT, trust_remote_code=cfg.TRUST_REMOTE_CODE, say=say)
+    except environments.EnvSpecError as e:
+        raise UserError(str(e) if str(e).startswith("ENVIRONMENT") else f"ENVIRONMENT: {e}") from None
+    if cfg.ACTION_FORMAT == "tool_call" and env_type.tool_schema is None:
+        raise UserError(
+            f'ACTION_FORMAT "tool_call" calls the environment\'s tool by its schema, and ENVIRONMENT '
+            f"{cfg.ENVIRONMENT['type']!r} declares none (tool_schema): use a text format with it"
+        )
+    return env_type
+
+
 # ==================================================================================================
 # 4. Precision
 # ==================================================================================================
@@ -925,13 +984,24 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(1) - 1).clamp(min=0)
 
 
-def stop_token_ids(tokenizer, lm: nn.Module) -> list[int]:
+def stop_token_ids(tokenizer, generation_config) -> list[int]:
     """The tokens that end a response, for both engines, the ended flags and every count of them: the tokenizer's EOS,
     then the model's own generation_config.json `eos_token_id` (an int or a list: Gemma 3 ends its turn with
-    <end_of_turn> and Llama 3 with <|eot_id|>, neither the tokenizer's EOS). transformers and vLLM read the same file."""
-    declared = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    <end_of_turn> and Llama 3 with <|eot_id|>, neither the tokenizer's EOS). transformers and vLLM read the same file.
+    generation_config: the loaded model's, or declared_generation_config's (None: the tokenizer's EOS only)."""
+    declared = getattr(generation_config, "eos_token_id", None)
     ids = [tokenizer.eos_token_id] + (list(declared) if isinstance(declared, (list, tuple)) else [declared])
     return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def declared_generation_config(paths: ModelPaths):
+    """The model's generation_config.json as transformers reads it, without its weights (--check); None without one."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(paths.weights)
+    except (OSError, ValueError):
+        return None
 
 
 def truncate_after_eos(response_ids: torch.Tensor, stop_ids):
@@ -990,7 +1060,7 @@ class HFEngine:
         from transformers import GenerationConfig
 
         self.cfg, self.plan, self.policy, self.device = cfg, plan, policy, device
-        self.stop_ids = stop_token_ids(tokenizer, policy.lm)
+        self.stop_ids = stop_token_ids(tokenizer, policy.lm.generation_config)
         # TOP_P by NucleusFilter, appended after transformers' own processors (where its TopPLogitsWarper would be)
         sampling = dict(
             do_sample=True,
@@ -1121,7 +1191,8 @@ class VLLMEngine:
         from vllm import LLM
 
         self.cfg, self.plan, self.policy, self.device = cfg, plan, policy, device
-        self.stop_ids, self.synced, self.asleep, self.sync_seconds = stop_token_ids(tokenizer, policy.lm), None, False, 0.0
+        self.stop_ids = stop_token_ids(tokenizer, policy.lm.generation_config)
+        self.synced, self.asleep, self.sync_seconds = None, False, 0.0
         self.ignore_eos = False  # benchmarks: every response runs to its token limit
         cuda = device.type == "cuda"
         # CPU: no chunked prefill. A prefill split over steps discards its sampled token and rewinds the request's seeded

@@ -56,7 +56,7 @@ def case(backend: str, turns: int, tokens: int, updates: int) -> dict:
     torch.manual_seed(0)
     policy, ref, tok = ht.load_model(cfg, torch.device("cpu"))
     examples = ht.tokenize_examples(ht.load_examples(cfg), cfg, tok, "chat", "TRAIN_FILE")
-    trainer = ht.HybridTrainer(cfg, policy, ref, tok, ht.build_reward(cfg, "cpu"), environment=ht.build_environment(cfg))
+    trainer = ht.HybridTrainer(cfg, policy, ref, tok, runtime.build_reward(cfg, "cpu"), environment=runtime.build_environment(cfg))
     engine = trainer.engine
     if backend == "vllm":
         engine.ignore_eos = True

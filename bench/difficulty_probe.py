@@ -107,7 +107,7 @@ def main() -> None:
     runtime.seed_everything(args.seed)
     policy, _, tok = ht.load_model(cfg, device, on)
     trainer = ht.HybridTrainer(cfg, policy, None, tok, plan=ht.api_plan(cfg, lm=policy.lm, bf16=on))
-    reward = ht.build_reward(cfg, device)
+    reward = runtime.build_reward(cfg, device)
     for (family, steps), rows in sets.items():
         path = tmp / f"{family}-{steps}.json"
         path.write_text(json.dumps(rows))

@@ -392,3 +392,106 @@ HOSTILE = [
     ),
     ("sys.exit(0) before the tests", "import sys\ndef add(a, b): return a + b\nsys.exit(0)"),
 ]
+
+
+# ---- tiny models of real template families: the family's own chat template (the installed trl's copy), special ----
+# ---- tokens, tokenizer EOS and generation_config EOS list, on a 2-layer model of its architecture ----
+TEMPLATE_FAMILIES = {
+    # family: (trl template, architecture, special tokens, tokenizer EOS, BOS, generation_config eos_token_id,
+    #          the assistant turn "paris" as the template renders it, through its first stop token)
+    "qwen2_5": (
+        "qwen2_5.jinja",
+        "qwen2",
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "<|im_end|>",
+        None,
+        ["<|im_end|>", "<|endoftext|>"],
+        "paris<|im_end|>",
+    ),
+    "qwen3": (
+        "qwen3.jinja",
+        "qwen3",
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "<|im_end|>",
+        None,
+        ["<|im_end|>", "<|endoftext|>"],
+        "<think>\n\n</think>\n\nparis<|im_end|>",
+    ),
+    "llama3_1": (
+        "llama3_1.jinja",
+        "llama",
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"],
+        "<|eot_id|>",
+        "<|begin_of_text|>",
+        ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+        "paris<|eot_id|>",
+    ),
+    "gemma3": (
+        "gemma3.jinja",
+        "gemma3_text",
+        ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        "<eos>",
+        "<bos>",
+        ["<eos>", "<end_of_turn>"],
+        "paris<end_of_turn>",
+    ),
+    "phi3": (
+        "phi3.jinja",
+        "phi3",
+        ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>", "<|system|>"],
+        "<|endoftext|>",
+        None,
+        ["<|endoftext|>", "<|end|>"],
+        "paris<|end|>",
+    ),
+    "gemma": (
+        "gemma.jinja",
+        "gemma",
+        ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        "<eos>",
+        "<bos>",
+        ["<eos>", "<end_of_turn>"],
+        "paris<end_of_turn>",
+    ),  # no system role: its template raises on one
+}
+
+
+def build_family_model(path: Path, family: str) -> Path:
+    """A tiny random model of `family` (TEMPLATE_FAMILIES): a byte-level BPE on CORPUS with the family's special tokens,
+    its chat template read from the installed trl, its EOS, and generation_config.json's eos_token_id list."""
+    import torch
+    import trl
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+
+    template, arch, specials, eos, bos, gen_eos, _ = TEMPLATE_FAMILIES[family]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        CORPUS * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos, pad_token=specials[0])
+    fast.chat_template = (Path(trl.__file__).parent / "chat_templates" / template).read_text()
+    torch.manual_seed(0)
+    dims = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=512,
+        vocab_size=len(fast),
+        tie_word_embeddings=True,
+    )
+    config = AutoConfig.for_model(
+        arch, **dims, eos_token_id=fast.convert_tokens_to_ids(gen_eos), bos_token_id=fast.bos_token_id, pad_token_id=fast.pad_token_id
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=fast.convert_tokens_to_ids(gen_eos), bos_token_id=fast.bos_token_id, pad_token_id=fast.pad_token_id
+    )
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

@@ -166,7 +166,7 @@ def trajectories(model: str, out: str) -> None:
     runtime.init_processes(device)
     torch.manual_seed(0)
     policy, ref, tok = ht.load_model(cfg, device)
-    trainer = ht.HybridTrainer(cfg, policy, ref, tok, ht.build_reward(cfg, device), environment=ht.build_environment(cfg))
+    trainer = ht.HybridTrainer(cfg, policy, ref, tok, runtime.build_reward(cfg, device), environment=runtime.build_environment(cfg))
     encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     examples = []
     for i in range(4):

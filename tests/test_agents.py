@@ -191,8 +191,8 @@ def trainer_with(tiny_chat_model, script, env_spec, overshoot=2, **keys):
         }
     )
     policy, _, tok = ht.load_model(cfg, torch.device("cpu"))
-    env = ht.build_environment(cfg) if env_spec else None
-    trainer = ht.HybridTrainer(cfg, policy, None, tok, ht.build_reward(cfg, "cpu"), environment=env)
+    env = runtime.build_environment(cfg) if env_spec else None
+    trainer = ht.HybridTrainer(cfg, policy, None, tok, runtime.build_reward(cfg, "cpu"), environment=env)
     trainer._engine = ScriptedEngine(tok, lambda prompt: script(tok, prompt), overshoot)
     return trainer, tok
 

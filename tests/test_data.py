@@ -171,7 +171,9 @@ def test_check_prints_format_and_one_rendered_example(tiny_chat_model, tmp_path,
     assert ht.main([str(tmp_path / "c.json"), "--check"]) == 0
     out = capsys.readouterr().out
     assert "data: DATA_FORMAT messages (auto-detected" in out
-    assert "--- prompt ---\n<|system|>be brief<|end|><|user|>say yes" in out and "--- response ---\nyes yes\n" in out
+    assert "--- prompt ---\n<|system|>be brief<|end|><|user|>say yes" in out
+    assert "--- response ---\nyes yes<|end|>\n--- trained: " in out  # as SFT trains it: the template's turn, its end
+    assert "(as the chat template renders the assistant turn); a response ends at any of ['<|end|>']" in out
 
 
 # ---- TensorBoard, model card ----

@@ -171,14 +171,14 @@ class _Tok:
     eos_token_id = 2
 
 
-class _LM:
+class _GenerationConfig:
     def __init__(self, eos):
-        self.generation_config = type("GenerationConfig", (), {"eos_token_id": eos})()
+        self.eos_token_id = eos
 
 
 @pytest.mark.parametrize("declared, stops", [(2, [2]), ([106, 1], [2, 106, 1]), ([2, 107], [2, 107]), (None, [2])])
 def test_stop_token_ids_are_the_tokenizers_eos_and_the_generation_configs(declared, stops):
-    assert runtime.stop_token_ids(_Tok(), _LM(declared)) == stops
+    assert runtime.stop_token_ids(_Tok(), _GenerationConfig(declared)) == stops
 
 
 def test_padding_helpers_and_positions():

@@ -11,6 +11,7 @@ from conftest import YesFraction, run_cli, trainer_for
 from dist_helper import QUERIES, RESPONSES, SCORES
 
 import hybrid_trainer as ht
+import outputs
 import runtime
 
 
@@ -112,7 +113,7 @@ def test_resume_keeps_the_original_bf16_choice(tmp_path):
     checkpoint.mkdir()
     cfg = ht.Config.from_dict({"TRAIN_FILE": "t", "OUTPUT_DIR": "o", "SEED": 1})
     (checkpoint / "state.json").write_text(json.dumps({"config": {**cfg.resolved(), "BF16": True}}))
-    seed, bf16 = ht.resumed_facts(cfg, checkpoint)
+    seed, bf16 = outputs.resumed_facts(cfg, checkpoint)
     assert bf16 is True and seed == 1
 
 
