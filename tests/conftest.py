@@ -34,22 +34,28 @@ CHAT_TEMPLATE = (
 )
 
 
+def tiny_tokenizer(specials: list, **special_tokens):
+    """A ~300-token byte-level BPE trained on CORPUS, with `specials` as its special tokens (eos_token= etc. name them)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=alphabet))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special_tokens)
+
+
 def build_tiny_model(path: Path, chat: bool = False, seed: int = 0, n_layer: int = 2, n_embd: int = 64, init_range: float = 0.02) -> Path:
     """Train a ~300-token byte-level BPE on CORPUS and save it with a random 2-layer GPT-2. A larger init_range
     gives embeddings large enough that a LoRA adapter (which cannot change the tied embeddings) can move the
     output distribution."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     specials = ["<|endoftext|>"] + (["<|user|>", "<|assistant|>", "<|end|>", "<|system|>"] if chat else [])
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        CORPUS * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>" if not chat else "<|end|>", bos_token="<|endoftext|>")
+    fast = tiny_tokenizer(specials, eos_token="<|endoftext|>" if not chat else "<|end|>", bos_token="<|endoftext|>")
     if chat:
         fast.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
@@ -461,17 +467,10 @@ def build_family_model(path: Path, family: str) -> Path:
     its chat template read from the installed trl, its EOS, and generation_config.json's eos_token_id list."""
     import torch
     import trl
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     template, arch, specials, eos, bos, gen_eos, _ = TEMPLATE_FAMILIES[family]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        CORPUS * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos, pad_token=specials[0])
+    fast = tiny_tokenizer(specials, eos_token=eos, bos_token=bos, pad_token=specials[0])
     fast.chat_template = (Path(trl.__file__).parent / "chat_templates" / template).read_text()
     torch.manual_seed(0)
     dims = dict(
