@@ -2,14 +2,18 @@
 that makes a CPU fast. hybrid_trainer.py imports from here; this module never imports it (a config is read by its
 keys, as the trainer's Config; a trainer by its attributes).
 
-  1. Errors and messages   UserError (one `error:` line, exit 2), shown (a path for messages), human_bytes.
+  1. Errors and messages   UserError (one `error:` line, exit 2), shown (a path for messages), human_bytes, Stopwatch
+                           (the start-up and finish lines' phases).
   2. Processes             the launch (Processes, PROCS), rank, world size, warn/say from the main process, shares of a
-                           global batch and the collectives; 1 process = N processes rests on these.
+                           global batch and the collectives; 1 process = N processes rests on these. StopRequest (a
+                           signal ends the step, then a checkpoint), run_command (the exit code on every process: one
+                           error line, no hang).
   3. Model                 MODEL's paths (aliases, .gguf, adapters), the tokenizer, load_lm (LoRA, the frozen
                            reference, FSDP), the teacher, parameter counts and disk checks; the reward and the
                            environment built with the run's model locator and loader (build_reward, build_environment).
   4. Precision             bf16 on or off (resolve_bf16) and the autocast every forward runs under.
-  5. Generation            padding and EOS helpers; the engines (GENERATION_BACKENDS: hf, vllm), each with generate()
+  5. Generation            padding, the stop tokens (stop_token_ids: the tokenizer's EOS and the generation config's)
+                           and truncation at them; the engines (GENERATION_BACKENDS: hf, vllm), each with generate()
                            and sync_weights().
   6. CPU speed             everything done only to make a CPU run fast, each piece with its reason; measurements by
                            machine are in bench/results/README.md.
@@ -21,7 +25,9 @@ assisted-generation module is imported with scikit-learn hidden and given a lazy
 thread count is set per process (set_threads); the sdpa attention of a CPU run is registered as CPU_ATTENTION
 (use_cpu_attention) and the LM head gets a forward pre-hook (contiguous_head_input); inside hf generation on a CPU in
 fp32 every Linear's forward is swapped for weight_first_linear and restored after (weight_first_linears); the command
-line exits through os._exit after the atexit handlers (exit_now).
+line exits through os._exit after the atexit handlers (exit_now). Outside section 6: StopRequest installs SIGINT and
+SIGTERM handlers for the loop (the previous ones come back after), and run_command leaves a launch of several
+processes through os._exit on an error.
 """
 
 from __future__ import annotations
