@@ -3363,6 +3363,7 @@ class PPOUpdate:
         return acc
 
 
+# ---- the steps' helpers, functions of their records: 4. the no-grad pass; 5. the hybrid split, the rollout correction ----
 @torch.no_grad()
 def forward_no_grad(
     parts: UpdateParts, cfg: Config, plan: Plan, tokens: Tokens, R: int, policy: bool = True, teacher_tokens: Optional[Tokens] = None
@@ -3431,6 +3432,11 @@ def rollout_correction(rollout: Rollout, old: OldPolicy, mode: str, cap: float) 
     return weights, metrics
 
 
+def rollout_tokens(rollout: Rollout) -> Tokens:
+    return Tokens(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, r_ids=rollout.r_ids, r_mask=rollout.r_mask)
+
+
+# ---- 7. ----
 def distill_metrics(old: OldPolicy, mask: torch.Tensor, coef: float) -> dict:
     """distill/: the reverse KL to the teacher and its log-prob on the student's own samples, per token of `mask`."""
     return {
@@ -3440,11 +3446,6 @@ def distill_metrics(old: OldPolicy, mask: torch.Tensor, coef: float) -> dict:
     }
 
 
-def rollout_tokens(rollout: Rollout) -> Tokens:
-    return Tokens(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, r_ids=rollout.r_ids, r_mask=rollout.r_mask)
-
-
-# ---- 7. ----
 def update_stats(rollout: Rollout, old: OldPolicy, rewards, advantages, returns, mb_stats: list, critic: bool) -> dict:
     """Step 7: the minibatches' means and the batch's statistics (the keys of TRL 0.11's PPOTrainer.step), over the
     tokens the loss covers."""
