@@ -2117,6 +2117,15 @@ def template_target(messages: list, target: str, prompt_ids: list, tokenizer, st
     return rest[:cut] if cut else None
 
 
+def sft_target(messages: Optional[list], target: str, prompt_ids: list, tokenizer, stop_ids: list) -> tuple[list, bool]:
+    """The ids SFT trains for `target` -> (ids, whether the chat template rendered them): template_target for a chat
+    prompt (`messages`), else, and where the template cannot give it, the target's text + the tokenizer's EOS."""
+    ids = template_target(messages, target, prompt_ids, tokenizer, stop_ids) if messages is not None else None
+    if ids is not None:
+        return ids, True
+    return tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id], False
+
+
 def tokenize_examples(
     examples: list, cfg: Config, tokenizer, fmt: str, key: str, maxseq: Optional[int] = None, stop_ids: Optional[list] = None
 ) -> list[Example]:
@@ -2130,11 +2139,9 @@ def tokenize_examples(
 
     def encode(prompt: str, target: str, messages: Optional[list] = None, index: int = 0):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        target_ids = template_target(messages, target, prompt_ids, tokenizer, stop_ids) if messages is not None and target else None
-        if messages is not None and target and target_ids is None:
+        target_ids, rendered = sft_target(messages if target else None, target, prompt_ids, tokenizer, stop_ids)
+        if messages is not None and target and not rendered:
             unrendered.append(index)
-        if target_ids is None:
-            target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return prompt_ids, target_ids[: max(maxseq - len(prompt_ids), 0)]
 
     def encode_chat(messages: list, target: str, index: int):
@@ -4097,9 +4104,8 @@ def show_data_example(
         stops = runtime.stop_token_ids(tokenizer, runtime.declared_generation_config(paths))
         chat = prompt_chat(ex, cfg.SELECT_OUTPUT, resolve_prompt_format(cfg, tokenizer))
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = template_target(chat, ex.target, prompt_ids, tokenizer, stops) if chat is not None else None
-        how = "as the chat template renders the assistant turn" if ids is not None else "the response's text + EOS"
-        ids = ids if ids is not None else tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids, rendered = sft_target(chat, ex.target, prompt_ids, tokenizer, stops)
+        how = "as the chat template renders the assistant turn" if rendered else "the response's text + EOS"
         response = (
             f"{tokenizer.decode(ids)}\n--- trained: {len(ids)} tokens ({how}); a response ends at any of "
             f"{tokenizer.convert_ids_to_tokens(stops)} (the tokenizer's EOS and generation_config.json's) ---"
