@@ -75,6 +75,10 @@ ACTION_FORMATS = {
 }
 
 
+# ACTION_FORMAT "tool_call" on a template that writes a call as a bare JSON object, the whole turn (Llama 3.x): no
+# markers; the action is the JSON object the turn starts with (find_action), the turn ends at the model's stop token
+JSON_TOOL_CALL = ActionFormat("", "", False, 'a JSON object {"name": ..., "parameters": {...}} as the turn (Llama 3.x templates)')
+
 DEFAULT_FORMATS = {"calculator": "calc_tag", "code": "python_block", "python": "tool_tag"}  # ACTION_FORMAT "auto"
 
 
@@ -87,7 +91,14 @@ def action_format(spec: Any) -> ActionFormat:
 
 def find_action(text: str, fmt: ActionFormat) -> Optional[str]:
     """The action of a turn: the text between its first `open` and the first `close` after it, or None. Monotone: a
-    text that holds an action still holds it with more text after it (the turn loop's cut relies on it)."""
+    text that holds an action still holds it with more text after it (the turn loop's cut relies on it). Without
+    markers (JSON_TOOL_CALL): the JSON object the turn starts with."""
+    if not fmt.open:
+        body = text.lstrip()
+        try:
+            return body[: json.JSONDecoder().raw_decode(body)[1]] if body.startswith("{") else None
+        except ValueError:
+            return None
     start = text.find(fmt.open)
     end = -1 if start < 0 else text.find(fmt.close, start + len(fmt.open))
     return None if end < 0 else text[start + len(fmt.open) : end]
@@ -101,10 +112,11 @@ def parse_tool_call(action: str, schema: dict) -> tuple[Optional[str], str]:
         call = json.loads(action)
     except ValueError:
         return None, 'error: a tool call is a JSON object {"name": ..., "arguments": {...}}'
-    if not isinstance(call, dict) or call.get("name") != function["name"] or not isinstance(call.get("arguments"), dict):
+    arguments = call.get("arguments", call.get("parameters")) if isinstance(call, dict) else None  # Llama 3.x: "parameters"
+    if not isinstance(call, dict) or call.get("name") != function["name"] or not isinstance(arguments, dict):
         return None, f'error: the tool is {function["name"]!r}, called as {{"name": "{function["name"]}", "arguments": {{...}}}}'
     (param,) = function["parameters"]["required"]
-    value = call["arguments"].get(param)
+    value = arguments.get(param)
     if not isinstance(value, str):
         return None, f"error: {function['name']} needs the argument {param!r}, a string"
     return value, ""

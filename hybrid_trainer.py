@@ -160,6 +160,15 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
     SELECT_OUTPUT: str = _key("output", "DATA_FORMAT fields: item key holding the target response (a list uses its first element)")
     CATEGORY_FIELD: str = _key("", "item key naming its category: kept out of the prompt, grouped in report.md ('' = none)")
     PROMPT_FORMAT: str = _key("auto", "how a prompt is rendered: {described}", choices=lambda: PROMPT_FORMATS)
+    CHAT_TEMPLATE_KWARGS: dict = _key(
+        {},
+        "options every rendering passes to MODEL's chat template, e.g. {\"enable_thinking\": false} for Qwen3 (TRL's chat_template_kwargs)",
+    )
+    REASONING: Union[str, dict] = _key(
+        "auto",
+        'where a response\'s reasoning sits, kept apart from the answer rewards score: "auto" (<think>...</think> when the chat '
+        'template writes them), "none", or {"open": ..., "close": ...}; see docs/models.md',
+    )
     PERCENT: float = _key(100, "use this percent of the items (0 < PERCENT <= 100), after a seeded shuffle")
     NUM_SAMPLES: int = _key(0, "use this many items instead of PERCENT (0 = use PERCENT)")
     SHUFFLE: bool = _key(True, "shuffle items with SEED before subsetting and each epoch (never runs a script)")
@@ -438,6 +447,19 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
             f"RESUME must be 'auto', a checkpoint path or false, got {self.RESUME!r}",
         )
         fill["RESUME"] = "auto" if resume is True else resume
+        reasoning = self.REASONING
+        need(
+            reasoning in ("auto", "none")
+            or isinstance(reasoning, dict)
+            and set(reasoning) == {"open", "close"}
+            and all(isinstance(v, str) and v for v in reasoning.values()),
+            f'REASONING must be "auto", "none" or {{"open": ..., "close": ...}} with two non-empty strings; got {reasoning!r}',
+        )
+        taken = sorted(set(self.CHAT_TEMPLATE_KWARGS) & {"chat_template", "tools", "tokenize", "add_generation_prompt", "conversation"})
+        need(
+            not taken,
+            f"CHAT_TEMPLATE_KWARGS: {taken} are the trainer's to set, per rendering (tools: ENVIRONMENT with ACTION_FORMAT tool_call)",
+        )
         self._check_distill(need, fill["MODE"])
         self._check_save_best(need)
         if self.ENVIRONMENT:
@@ -660,7 +682,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if args:  # Union[bool, str] (RESUME), Union[str, list] (LORA_TARGETS)
         if any(isinstance(value, a) for a in args):
             return value
-        names = " or ".join({bool: "a boolean", str: "a string", list: "a list"}[a] for a in args)
+        names = " or ".join({bool: "a boolean", str: "a string", list: "a list", dict: "a JSON object"}[a] for a in args)
         raise runtime.UserError(f"{key} must be {names}, got {type(value).__name__} {value!r}")
     if annotation is bool:
         if isinstance(value, bool):
@@ -2062,25 +2084,22 @@ def resolve_prompt_format(cfg: Config, tokenizer) -> str:
     return cfg.PROMPT_FORMAT
 
 
-def render_chat(messages: list, tokenizer) -> str:
+def render_chat(messages: list, tokenizer, chat: Optional[runtime.Chat] = None) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise runtime.UserError(
             "the data holds chat messages but the tokenizer of MODEL has no chat template to render them; "
             "use a chat model, or DATA_FORMAT fields / a plain-text prompt"
         )
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return (chat or runtime.make_chat(None, tokenizer)).text(messages)
 
 
-def format_prompt(ex: Example, output_key: str, fmt: str, tokenizer) -> str:
+def format_prompt(ex: Example, output_key: str, fmt: str, tokenizer, chat: Optional[runtime.Chat] = None) -> str:
     """The prompt text: chat messages through the chat template, a plain prompt as is, or (fields) the item in
     PROMPT_FORMAT `fmt` (sketch template or one chat user message)."""
-    if ex.messages is not None:
-        return render_chat(ex.messages, tokenizer)
-    if ex.raw_prompt is not None:
-        return ex.raw_prompt
-    if fmt == "sketch":
+    if ex.raw_prompt is None and fmt == "sketch" and ex.messages is None:
         return sketch_prompt(ex.item, output_key)
-    return render_chat([{"role": "user", "content": chat_user_text(ex.item, output_key)}], tokenizer)
+    messages = prompt_chat(ex, output_key, fmt)
+    return ex.raw_prompt if messages is None else render_chat(messages, tokenizer, chat)
 
 
 def prompt_chat(ex: Example, output_key: str, fmt: str) -> Optional[list]:
@@ -2101,63 +2120,76 @@ def prompt_messages(ex: Example, cfg: Config) -> list:
     return [{"role": "user", "content": chat_user_text(ex.item, cfg.SELECT_OUTPUT)}]
 
 
-def template_target(messages: list, target: str, prompt_ids: list, tokenizer, stop_ids: list) -> Optional[list]:
+def template_target(messages: list, target: str, prompt_ids: list, chat: runtime.Chat) -> Optional[list]:
     """The assistant turn `target` answers `messages` with, as the chat template renders it: the ids of the whole
     conversation minus those of the prompt (rendered with add_generation_prompt), from one rendering each, through the
     first stop token (what the template writes after it is never generated). That keeps the template's own end of
     turn (Gemma's <end_of_turn>, Phi-3's <|end|>) and what it writes around reasoning (Qwen3's empty think block), as
     TRL's SFT trainer does. None where the template is not prefix-preserving (the prompt's rendering is not the start
     of the conversation's) or writes no stop token after the answer."""
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": target}], tokenize=False)
-    full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    full_ids = chat.ids(messages + [{"role": "assistant", "content": target}], generation_prompt=False)
     if full_ids[: len(prompt_ids)] != prompt_ids:
         return None
     rest = full_ids[len(prompt_ids) :]
-    cut = next((i + 1 for i, t in enumerate(rest) if t in stop_ids), None)
+    cut = next((i + 1 for i, t in enumerate(rest) if t in chat.stops), None)
     return rest[:cut] if cut else None
 
 
-def sft_target(messages: Optional[list], target: str, prompt_ids: list, tokenizer, stop_ids: list) -> tuple[list, bool]:
+def sft_target(messages: Optional[list], target: str, prompt_ids: list, chat: runtime.Chat) -> tuple[list, bool]:
     """The ids SFT trains for `target` -> (ids, whether the chat template rendered them): template_target for a chat
     prompt (`messages`), else, and where the template cannot give it, the target's text + the tokenizer's EOS."""
-    ids = template_target(messages, target, prompt_ids, tokenizer, stop_ids) if messages is not None else None
+    ids = template_target(messages, target, prompt_ids, chat) if messages is not None else None
     if ids is not None:
         return ids, True
-    return tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id], False
+    tok = chat.tokenizer
+    text = (
+        runtime.text_ids(tok, target)
+        if runtime.holds_control(target, chat.controls)
+        else tok(target, add_special_tokens=False)["input_ids"]
+    )
+    return text + [tok.eos_token_id], False
 
 
 def tokenize_examples(
-    examples: list, cfg: Config, tokenizer, fmt: str, key: str, maxseq: Optional[int] = None, stop_ids: Optional[list] = None
+    examples: list,
+    cfg: Config,
+    tokenizer,
+    fmt: str,
+    key: str,
+    maxseq: Optional[int] = None,
+    stop_ids: Optional[list] = None,
+    chat: Optional[runtime.Chat] = None,
 ) -> list[Example]:
     """Format and tokenize prompts and targets. A chat prompt's target is what the chat template renders for the
     assistant turn (template_target, through the first of stop_ids: runtime.stop_token_ids, default the tokenizer's
-    EOS); a plain or sketch prompt's is the target's text + EOS. Items whose prompt leaves no room for a response in
-    maxseq (the Plan's, default MAXSEQ) are skipped with one warning; long targets are truncated (EOS kept when it
-    fits). With SFT_ALL_TURNS, every assistant turn of a conversation becomes an SFT (prompt, target) pair."""
+    EOS; chat: the run's, default make_chat's); a plain or sketch prompt's is the target's text + EOS. Items whose
+    prompt leaves no room for a response in maxseq (the Plan's, default MAXSEQ) are skipped with one warning; long
+    targets are truncated (EOS kept when it fits). With SFT_ALL_TURNS, every assistant turn of a conversation becomes
+    an SFT (prompt, target) pair."""
     kept, skipped, unrendered = [], [], []
-    maxseq, stop_ids = maxseq or cfg.MAXSEQ, stop_ids or [tokenizer.eos_token_id]
+    maxseq, chat = maxseq or cfg.MAXSEQ, chat or runtime.make_chat(cfg, tokenizer, stop_ids)
 
-    def encode(prompt: str, target: str, messages: Optional[list] = None, index: int = 0):
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        target_ids, rendered = sft_target(messages if target else None, target, prompt_ids, tokenizer, stop_ids)
-        if messages is not None and target and not rendered:
+    def encode(prompt: str, target: str, messages: Optional[list], index: int, render_target: bool = True):
+        prompt_ids = chat.ids(messages) if messages is not None else tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        target_ids, rendered = sft_target(messages if target and render_target else None, target, prompt_ids, chat)
+        if messages is not None and target and render_target and not rendered:
             unrendered.append(index)
         return prompt_ids, target_ids[: max(maxseq - len(prompt_ids), 0)]
 
     def encode_chat(messages: list, target: str, index: int):
-        return encode(render_chat(messages, tokenizer), target, messages, index)
+        return encode(render_chat(messages, tokenizer, chat), target, messages, index)
 
     for ex in examples:
         acting = bool(cfg.ENVIRONMENT) and ex.opening is not None  # rollouts start before the first assistant turn
-        chat = prompt_chat(ex, cfg.SELECT_OUTPUT, fmt)  # the prompt's messages when the chat template renders it
-        ex.prompt = render_chat(ex.opening, tokenizer) if acting else format_prompt(ex, cfg.SELECT_OUTPUT, fmt, tokenizer)
-        ex.prompt_ids, ex.target_ids = encode(ex.prompt, ex.target, None if acting else chat, ex.index)
+        messages = ex.opening if acting else prompt_chat(ex, cfg.SELECT_OUTPUT, fmt)  # None: a plain or sketch prompt
+        ex.prompt = format_prompt(ex, cfg.SELECT_OUTPUT, fmt, tokenizer, chat) if not acting else render_chat(messages, tokenizer, chat)
+        ex.prompt_ids, ex.target_ids = encode(ex.prompt, ex.target, messages, ex.index, render_target=not acting)
         last = encode_chat(ex.messages, ex.target, ex.index) if acting else (ex.prompt_ids, ex.target_ids)
         if not last[1]:
             skipped.append(ex.index)
             continue
         if cfg.TEACHER_MODEL == "self":
-            ex.teacher_prompt_ids = tokenizer(teacher_prompt(ex, cfg, fmt, tokenizer), add_special_tokens=False)["input_ids"]
+            ex.teacher_prompt_ids = teacher_prompt_ids(ex, cfg, fmt, chat)
         if (cfg.SFT_ALL_TURNS or acting) and ex.turns:  # with an environment, SFT trains on every acting turn
             pairs = [encode_chat(messages, target, ex.index) for messages, target in ex.turns]
             ex.sft_pairs = [(p, t) for p, t in pairs if t] + [last]
@@ -2178,16 +2210,31 @@ def tokenize_examples(
     return kept
 
 
-def teacher_prompt(ex: Example, cfg: Config, fmt: str, tokenizer) -> str:
+def teacher_prompt_ids(ex: Example, cfg: Config, fmt: str, chat: runtime.Chat) -> list:
     """TEACHER_MODEL "self": the prompt with TEACHER_CONTEXT (the reference filled in) before its last user message, or
-    before a plain prompt: privileged context the student never sees (SDFT / OPSD)."""
-    context = cfg.TEACHER_CONTEXT.replace("{target}", ex.target)
+    before a plain prompt: privileged context the student never sees (SDFT / OPSD). The context is text: a control
+    token's string in it stays text."""
+    tok, context = chat.tokenizer, cfg.TEACHER_CONTEXT.replace("{target}", ex.target)
     if ex.raw_prompt is not None or (fmt == "sketch" and ex.messages is None):
-        return context + format_prompt(ex, cfg.SELECT_OUTPUT, fmt, tokenizer)
+        prompt = format_prompt(ex, cfg.SELECT_OUTPUT, fmt, tok, chat)
+        if runtime.holds_control(context, chat.controls):
+            return runtime.text_ids(tok, context) + tok(prompt, add_special_tokens=False)["input_ids"]
+        return tok(context + prompt, add_special_tokens=False)["input_ids"]
     messages = prompt_messages(ex, cfg)
     last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
     messages[last] = {**messages[last], "content": context + messages[last]["content"]}
-    return render_chat(messages, tokenizer)
+    return chat.ids(messages)
+
+
+def control_rows(examples: list, cfg: Config, fmt: str, controls: tuple) -> list[int]:
+    """The rows whose text (a message, the response, the prompt's fields) holds a control token's string: tokenized
+    as text, counted and warned about at start (check_chat_rendering)."""
+
+    def texts(e: Example) -> list:
+        chats = [prompt_chat(e, cfg.SELECT_OUTPUT, fmt) or []] + [messages + [{"content": target}] for messages, target in e.turns or []]
+        return [m.get("content") for messages in chats for m in messages] + [e.target]
+
+    return [e.index for e in examples if any(runtime.holds_control(t, controls) for t in texts(e))]
 
 
 def sft_pairs(examples: list[Example]) -> list[tuple[list, list]]:
@@ -2394,6 +2441,7 @@ class EnvStats(NamedTuple):
     turns: int  # model turns
     actions: int  # environment steps taken
     action_errors: int  # steps whose action failed (the observation says why)
+    parse_errors: int  # tool calls that did not parse: answered with an error observation, or (never closed) ending the trajectory
     observation_tokens: int  # tokens the environment's turns and the template added (loss mask 0)
     model_tokens: int  # tokens the model sampled (loss mask 1)
     truncated: bool  # stopped by MAX_TURNS, MAX_NEW_TOKENS or MAXSEQ before a final answer
@@ -2722,6 +2770,7 @@ def env_metrics(stats: list[EnvStats], prefix: str = "env") -> dict:
         f"{prefix}/turns": total("turns") / n,
         f"{prefix}/actions": total("actions") / n,
         f"{prefix}/action_errors": total("action_errors") / n,
+        f"{prefix}/parse_errors": total("parse_errors") / n,
         f"{prefix}/observation_tokens": total("observation_tokens") / n,
         f"{prefix}/model_tokens": total("model_tokens") / n,
         f"{prefix}/truncated": total("truncated") / n,
@@ -2749,6 +2798,7 @@ class Trajectory:
     turns: int = 0
     actions: int = 0
     action_errors: int = 0
+    parse_errors: int = 0  # tool calls that did not parse (ACTION_FORMAT tool_call)
     truncated: bool = False
     error: str = ""
 
@@ -2758,6 +2808,7 @@ class Trajectory:
             turns=self.turns,
             actions=self.actions,
             action_errors=self.action_errors,
+            parse_errors=self.parse_errors,
             observation_tokens=len(self.ids) - model,
             model_tokens=model,
             truncated=self.truncated,
@@ -2769,35 +2820,6 @@ class Trajectory:
         return "\n".join(f"[{m['role']}] {m['content']}" for m in self.messages[self.n_prompt :])
 
 
-def template_suffix(tokenizer, message: dict) -> list:
-    """The ids the chat template appends for `message` after a finished assistant turn, the next assistant turn's
-    header included: rendered after a fixed base conversation cut after its last EOS, with and without the message
-    (SkyRL's fixed base; TRL's _get_tool_suffix_ids), so the template's text after the EOS (a newline) belongs here."""
-    base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731 - as prompts are
-    before = encode(tokenizer.apply_chat_template(base, tokenize=False))
-    eos = [i for i, t in enumerate(before) if t == tokenizer.eos_token_id]
-    if not eos:
-        raise runtime.UserError(
-            "ENVIRONMENT: the chat template does not end an assistant turn with the tokenizer's EOS token "
-            f"({tokenizer.eos_token!r}), so observation turns cannot be appended token-exactly"
-        )
-    cut = eos[-1] + 1
-    try:
-        after = encode(tokenizer.apply_chat_template(base + [message], tokenize=False, add_generation_prompt=True))
-    except Exception as e:  # noqa: BLE001 - templates raise their own errors for roles they refuse
-        raise runtime.UserError(
-            f"ENVIRONMENT: the chat template cannot render an observation as role {message['role']!r} "
-            f'({type(e).__name__}: {e}); set OBSERVATION_ROLE (e.g. "user")'
-        ) from None
-    if after[:cut] != before[:cut]:
-        raise runtime.UserError(
-            "ENVIRONMENT: the chat template renders earlier turns differently once an observation follows "
-            "them, so observations cannot be appended token-exactly; use another OBSERVATION_ROLE or model"
-        )
-    return after[cut:]
-
-
 class TurnLoop:
     """Step 1: the trajectories of a batch advance together, turn by turn: one batched generation over those still
     active (the first turn: n per prompt, as a single-turn rollout), then the environments of those that acted
@@ -2805,17 +2827,20 @@ class TurnLoop:
     environment says done, a turn has no action (the final answer), MAX_TURNS, MAXSEQ or MAX_NEW_TOKENS model tokens
     per trajectory. With no environment it is one turn: the single-turn rollout, with its numbers."""
 
-    def __init__(self, cfg: Config, plan: Plan, generate: Callable, tokenizer, env_type=None):
+    def __init__(self, cfg: Config, plan: Plan, generate: Callable, tokenizer, env_type=None, chat: Optional[runtime.Chat] = None):
         import environments
 
         self.cfg, self.plan, self.generate, self.tokenizer, self.env_type = cfg, plan, generate, tokenizer, env_type
+        self.tools = [env_type.tool_schema] if env_type is not None and cfg.ACTION_FORMAT == "tool_call" else None
+        self.chat = chat or runtime.make_chat(cfg, tokenizer, tools=self.tools is not None)
         self.format = (
             None
             if env_type is None
+            else runtime.tool_call_format(self.chat, env_type.tool_schema)  # the template's own format
+            if self.tools
             else environments.action_format(env_type.default_format if cfg.ACTION_FORMAT == "auto" else cfg.ACTION_FORMAT)
         )
         self.stop = [self.format.close] if env_type is not None and self.format.stops else None
-        self.tools = [env_type.tool_schema] if cfg.ACTION_FORMAT == "tool_call" else None  # the template's own format
         self.env_s = 0.0  # seconds in environment steps, summed over the runs (the caller reads differences)
 
     def run(self, examples: list[Example], n: int, greedy: bool = False, temperature: Optional[float] = None) -> list[Trajectory]:
@@ -2867,13 +2892,8 @@ class TurnLoop:
         if not added and self.tools is None:
             return Trajectory(example=ex, prompt_ids=ex.prompt_ids, env=env, messages=messages, n_prompt=len(messages))
         messages = [dict(m) for m in added or []] + messages
-        text = self.tokenizer.apply_chat_template(messages, tools=self.tools, tokenize=False, add_generation_prompt=True)
         return Trajectory(
-            example=ex,
-            prompt_ids=self.tokenizer(text, add_special_tokens=False)["input_ids"],
-            env=env,
-            messages=messages,
-            n_prompt=len(messages),
+            example=ex, prompt_ids=self.chat.ids(messages, tools=self.tools), env=env, messages=messages, n_prompt=len(messages)
         )
 
     def room(self, t: Trajectory) -> int:
@@ -2914,13 +2934,20 @@ class TurnLoop:
         action = None if cut is None else environments.find_action(text, self.format)
         if action is None:  # a final answer (or a turn cut at its limit without one)
             t.done, t.truncated = True, not ended
+            t.parse_errors += int(self.tools is not None and self.started_a_call(text))  # a call that never parsed
         elif t.turns >= self.cfg.MAX_TURNS or self.room(t) <= 0:
             t.done, t.truncated = True, True
         elif self.tools is not None:  # tool_call: the call's argument is the action; a malformed call is answered here
             action, error = environments.parse_tool_call(action.strip(), self.env_type.tool_schema)
             if action is None:
+                t.parse_errors += 1
                 self.observe(t, environments.Outcome(environments.Step(error, error=True), "", 0.0))
         return None if t.done else action
+
+    def started_a_call(self, text: str) -> bool:
+        """A turn with no whole call in it began one: its opening marker, or (bare JSON calls) a turn that opens a JSON object."""
+        answer = self.chat.answer(text).text if self.chat.reasoning else text
+        return self.format.open in answer if self.format.open else answer.lstrip().startswith("{")
 
     def observe(self, t: Trajectory, outcome) -> None:
         """Append an environment step's observation (cut from the middle to MAX_OBSERVATION_TOKENS), or end the
@@ -2942,7 +2969,7 @@ class TurnLoop:
         )
         text = step.observation if not cut else (tok.decode(head) + f"\n[... {cut} tokens cut ...]\n" + tok.decode(tail))
         message = {"role": self.cfg.OBSERVATION_ROLE, "content": text}
-        ids = [tok.eos_token_id] + template_suffix(tok, message)  # the template closes the turn cut at its action
+        ids = runtime.template_suffix(self.chat, message)  # the template closes the turn cut at its action
         if len(t.prompt_ids) + len(t.ids) + len(ids) >= self.plan.maxseq:
             t.done, t.truncated = True, True
             return
@@ -3057,13 +3084,14 @@ class Collector:
         import rewards
 
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True) if responses else []  # ([] decodes to [""])
-        scores, components, error = [], {}, None
+        texts, items, components = runtime.read_answers(self.turns.chat, texts, [e.prompt for e in examples], [e.item for e in examples])
+        scores, error = [], None
         try:
             if texts:
-                args = (texts, [e.target for e in examples], [e.prompt for e in examples], [e.item for e in examples])
+                args = (texts, [e.target for e in examples], [e.prompt for e in examples], items)
                 if isinstance(self.reward, rewards.Reward):  # components (weighted_sum) come back with the scores
                     out = self.reward.score(*args, token_ids=responses)
-                    scores, components = out.values, out.components
+                    scores, components = out.values, {**components, **out.components}
                 else:  # any object with the documented scores(responses, targets, prompts, items)
                     scores = self.reward.scores(*args)
             for i, s in enumerate(scores):
@@ -3515,7 +3543,9 @@ class HybridTrainer:
         self.pad_id = tokenizer.pad_token_id
         self.stop_ids = runtime.stop_token_ids(tokenizer, policy.lm.generation_config)  # what ends a response: the engines' too
         self.sft_backward = SFTTerm(cfg, policy, self.optim.scaler, self.pad_id, self.device, self.autocast)
-        self.turns = TurnLoop(cfg, self.plan, self.engine_generate, tokenizer, environment)
+        tools = environment is not None and cfg.ACTION_FORMAT == "tool_call"
+        self.chat = runtime.make_chat(cfg, tokenizer, self.stop_ids, tools)  # how chats render, what ends a response, REASONING
+        self.turns = TurnLoop(cfg, self.plan, self.engine_generate, tokenizer, environment, self.chat)
         self.collector = Collector(cfg, self.plan, self.turns, lambda: self.engine.sleep(), reward, tokenizer, estimator)
         self.teacher = teacher
         kl_ref = None if cfg.TEACHER_MODEL == "self" and not runtime.kl_reference(cfg) else ref_lm  # loaded only as "self"'s teacher
@@ -3725,6 +3755,7 @@ class EvalSample:
     contains: Union[bool, float]  # the response contains the reference (k > 1: the share of the k that do)
     category: Optional[str]  # CATEGORY_FIELD's value
     trajectory: Optional[str] = None  # with an environment: the first response's whole trajectory
+    reasoning: Optional[str] = None  # REASONING: the first response's reasoning (`response` is its answer)
     passes: Optional[int] = None  # k > 1: the responses whose reward reaches EVAL_PASS_SCORE
     k: Optional[int] = None
     majority: Optional[bool] = None  # k > 1 with a math reward: the majority answer is right
@@ -3772,9 +3803,9 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
 
     cfg, k, acting = trainer.cfg, trainer.cfg.EVAL_NUM_SAMPLES, trainer.turns.env_type is not None
     done, teacher_kl = eval_trajectories(trainer, examples)
-    texts = [d.answer for d in done]
     rows = [e for e in examples for _ in range(k)]
-    items = [{**e.item, "trajectory": d.messages} if acting else e.item for e, d in zip(rows, done)]
+    texts, items, unclosed = runtime.read_answers(trainer.chat, [d.answer for d in done], [e.prompt for e in rows], [e.item for e in rows])
+    items = [{**item, "trajectory": d.messages} if acting else item for item, d in zip(items, done)]
     args = (texts, [e.target for e in rows], [e.prompt for e in rows], items)
     result, per_item = {}, {}
     for name, fn in metrics.items():
@@ -3788,6 +3819,8 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
             result[f"eval/{name}"] = float("nan")
     contains = [contains_reference(t, e.target) for e, t in zip(rows, texts)]
     result["eval/contains_reference"] = float(np.mean(contains))
+    if unclosed:
+        result["eval/unclosed_reasoning"] = float(np.mean(unclosed["unclosed_reasoning"]))
     rewards_ = per_item.get("reward", [None] * len(texts))
     samples = [
         EvalSample(
@@ -3797,6 +3830,7 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
             reward=None if rewards_[i * k] is None else float(np.mean(rewards_[i * k : (i + 1) * k])),
             contains=contains[i * k] if k == 1 else float(np.mean(contains[i * k : (i + 1) * k])),
             category=e.category,
+            reasoning=trainer.chat.answer(done[i * k].answer, e.prompt).reasoning,
         )
         for i, e in enumerate(examples)
     ]
@@ -4087,7 +4121,7 @@ def show_data_example(
     runtime.say(f"data: DATA_FORMAT {data_format} ({how})")
     tokenizer, why_not = runtime.check_tokenizer(cfg, paths)
     if tokenizer is not None:
-        prompt = format_prompt(ex, cfg.SELECT_OUTPUT, resolve_prompt_format(cfg, tokenizer), tokenizer)
+        prompt = format_prompt(ex, cfg.SELECT_OUTPUT, resolve_prompt_format(cfg, tokenizer), tokenizer, runtime.make_chat(cfg, tokenizer))
     elif ex.raw_prompt is not None or (cfg.PROMPT_FORMAT == "sketch" and ex.messages is None):
         prompt = format_prompt(ex, cfg.SELECT_OUTPUT, "sketch", None)  # no tokenizer involved: exact
     else:
@@ -4102,9 +4136,9 @@ def show_data_example(
     response = ex.target or "(none: a prompt for RL, scored from its row)"
     if tokenizer is not None and ex.target:  # what SFT trains, token for token (tokenize_examples' own rendering)
         stops = runtime.stop_token_ids(tokenizer, runtime.declared_generation_config(paths))
-        chat = prompt_chat(ex, cfg.SELECT_OUTPUT, resolve_prompt_format(cfg, tokenizer))
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids, rendered = sft_target(chat, ex.target, prompt_ids, tokenizer, stops)
+        chat, messages = runtime.make_chat(cfg, tokenizer, stops), prompt_chat(ex, cfg.SELECT_OUTPUT, resolve_prompt_format(cfg, tokenizer))
+        prompt_ids = chat.ids(messages) if messages is not None else tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids, rendered = sft_target(messages, ex.target, prompt_ids, chat)
         how = "as the chat template renders the assistant turn" if rendered else "the response's text + EOS"
         response = (
             f"{tokenizer.decode(ids)}\n--- trained: {len(ids)} tokens ({how}); a response ends at any of "
@@ -4164,18 +4198,28 @@ def check_teacher(cfg: Config, paths: runtime.ModelPaths, examples: list[Example
 
 def check_chat_rendering(cfg: Config, files: dict[str, tuple[str, list]], paths: runtime.ModelPaths) -> None:
     """Before any weights load (and in --check): MODEL's chat template renders every chat row of each file, prompt and
-    response; a row it rejects (a role it has no place for, such as Gemma's system turn, or a content type) is one
-    error naming the file, the row and the template's own message. files: key -> (path, examples)."""
+    response, with CHAT_TEMPLATE_KWARGS; a row it rejects (a role it has no place for, such as Gemma's system turn, or
+    a content type) is one error naming the file, the row and the template's own message. Rows whose text holds a
+    control token's string are counted, one warning per file (tokenize_examples keeps that text as text).
+    files: key -> (path, examples)."""
     tokenizer, _ = runtime.check_tokenizer(cfg, paths)
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+    if tokenizer is None:
         return
-    fmt = resolve_prompt_format(cfg, tokenizer)
+    chat, fmt = runtime.make_chat(cfg, tokenizer), resolve_prompt_format(cfg, tokenizer)
     for key, (path, examples) in files.items():
+        forged = control_rows(examples, cfg, fmt, chat.controls)
+        if forged:
+            runtime.warn(
+                f"{key} {path!r}: {len(forged)} row(s) hold a control token's text in a message or response (first: row "
+                f"{forged[0]}); it is trained as text, never as the control token"
+            )
+        if not getattr(tokenizer, "chat_template", None):
+            continue
         for ex in examples:
             chats = [prompt_chat(ex, cfg.SELECT_OUTPUT, fmt)] + [messages for messages, _ in ex.turns or []]
             for messages in (m for m in chats if m is not None):
                 try:
-                    tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": ex.target or "."}], tokenize=False)
+                    chat.text(messages + [{"role": "assistant", "content": ex.target or "."}], generation_prompt=False)
                 except Exception as e:  # noqa: BLE001 - jinja's TemplateError and what the template raises itself
                     why = str(e).splitlines()[0] if str(e) else type(e).__name__
                     raise runtime.UserError(
@@ -4184,9 +4228,9 @@ def check_chat_rendering(cfg: Config, files: dict[str, tuple[str, list]], paths:
                     ) from None
 
 
-def check_environment_data(cfg: Config, examples: list[Example], fmt: str, tokenizer) -> None:
+def check_environment_data(cfg: Config, examples: list[Example], fmt: str, chat: runtime.Chat) -> None:
     """An environment's observations are turns of a chat: the prompts must be chat prompts, and the template must let
-    an observation be appended token-exactly (template_suffix raises otherwise)."""
+    an observation be appended token-exactly (runtime.template_suffix raises otherwise)."""
     if not cfg.ENVIRONMENT:
         return
     if fmt != "chat" or any(e.raw_prompt is not None for e in examples):
@@ -4194,7 +4238,7 @@ def check_environment_data(cfg: Config, examples: list[Example], fmt: str, token
             "ENVIRONMENT needs chat prompts (its observations are turns of the conversation): a model with a "
             'chat template, PROMPT_FORMAT "chat" or "auto", and no plain-text prompts in TRAIN_FILE'
         )
-    template_suffix(tokenizer, {"role": cfg.OBSERVATION_ROLE, "content": "1"})
+    runtime.template_suffix(chat, {"role": cfg.OBSERVATION_ROLE, "content": "1"})
 
 
 def run(cfg: Config, check: bool = False, reward=None) -> int:
@@ -4316,10 +4360,13 @@ def start(
     policy, ref_lm, tokenizer = load_model(cfg, device, plan.bf16, paths)
     watch.lap("model")
     fmt = resolve_prompt_format(cfg, tokenizer)
-    check_environment_data(cfg, examples + eval_examples + (sft_examples or []), fmt, tokenizer)
     stops = runtime.stop_token_ids(tokenizer, policy.lm.generation_config)
+    chat = runtime.make_chat(cfg, tokenizer, stops, tools=environment is not None and cfg.ACTION_FORMAT == "tool_call")  # as the trainer's
+    check_environment_data(cfg, examples + eval_examples + (sft_examples or []), fmt, chat)
     files = {"TRAIN_FILE": examples, "SFT_FILE": sft_examples, "EVAL_FILE": eval_examples}
-    files = {key: tokenize_examples(part, cfg, tokenizer, fmt, key, plan.maxseq, stops) if part else part for key, part in files.items()}
+    files = {
+        key: tokenize_examples(part, cfg, tokenizer, fmt, key, plan.maxseq, stops, chat) if part else part for key, part in files.items()
+    }
     examples, eval_examples = files["TRAIN_FILE"], files["EVAL_FILE"] or []
     sft_examples = examples if sft_examples is None else files["SFT_FILE"]
     reward, eval_metrics = build_rewards(cfg, device, ref_lm, tokenizer, reward, examples, eval_examples)

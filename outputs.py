@@ -903,6 +903,12 @@ def one_trajectory(before: dict, after: dict, i: int, cell: Callable) -> list[st
     ]
 
 
+def answer_cell(sample: dict, cell: Callable) -> str:
+    """A sample's response in a report table: the answer, and (REASONING) the reasoning before it, marked."""
+    reasoning = sample.get("reasoning")
+    return cell(sample["response"]) + (f" <br>*reasoning:* {cell(reasoning)}" if reasoning else "")
+
+
 def sample_completions(before: list[dict], after: list[dict], cell: Callable) -> tuple[list[str], int]:
     """report.md's sample completions: the held-out items whose reward improved most, got worse most, and (always a
     few) unchanged -> (the section's parts, the item shown first)."""
@@ -915,7 +921,7 @@ def sample_completions(before: list[dict], after: list[dict], cell: Callable) ->
         for i in picked:
             b, a = before[i], after[i]
             samples.append(
-                f"| {label} | {cell(b['prompt'])} | {cell(b['target'])} | {cell(b['response'])} | {cell(a['response'])} | "
+                f"| {label} | {cell(b['prompt'])} | {cell(b['target'])} | {answer_cell(b, cell)} | {answer_cell(a, cell)} | "
                 f"{number(b['reward'])} → {number(a['reward'])} |"
             )
     parts = [

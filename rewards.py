@@ -794,12 +794,22 @@ def _check_gold_answers(ctx: Context, gold: Callable, checker: MathChecker, answ
 
 def think_format(ctx: Context, open: str = "<think>", close: str = "</think>") -> BatchFn:
     """1.0 when the response opens with one open...close reasoning block (TRL's think_format_reward, tags
-    configurable), else 0.0; the answer after it is checked by another reward (math, in a weighted_sum)."""
+    configurable), else 0.0; the answer after it is checked by another reward (math, in a weighted_sum). Where the
+    trainer kept the reasoning apart (REASONING: the response is the answer, item["reasoning"] the block's text, None
+    when it never closed or was not written), 1.0 when the item has a closed block."""
     if not open or not close:
         raise RewardSpecError('think_format needs non-empty "open" and "close" tags')
     # trl/rewards/format_rewards.py think_format_reward's pattern, with the tags given
     pattern = re.compile(rf"^{re.escape(open)}(?!.*{re.escape(open)})(.*?){re.escape(close)}.*$", re.DOTALL | re.MULTILINE)
-    return lambda responses, targets, prompts, items: [float(pattern.match(r) is not None) for r in responses]
+
+    def scores(responses, targets, prompts, items) -> list[float]:
+        apart = lambda item: isinstance(item, dict) and "reasoning" in item  # noqa: E731
+        return [
+            float(item["reasoning"] is not None) if apart(item) else float(pattern.match(r) is not None)
+            for r, item in zip(responses, items)
+        ]
+
+    return scores
 
 
 class Overlong(Scorer):

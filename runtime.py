@@ -12,20 +12,24 @@ keys, as the trainer's Config; a trainer by its attributes).
                            reference, FSDP), the teacher, parameter counts and disk checks; the reward and the
                            environment built with the run's model locator and loader (build_reward, build_environment).
   4. Precision             bf16 on or off (resolve_bf16) and the autocast every forward runs under.
-  5. Generation            padding, the stop tokens (stop_token_ids: the tokenizer's EOS and the generation config's)
+  5. Chat templates        Chat (make_chat): every rendering with CHAT_TEMPLATE_KWARGS (and trl's training template
+                           where tool turns need one), the stop tokens, control-token strings in messages kept as
+                           text, REASONING read apart from the answer (split_reasoning); template_suffix (an
+                           observation's turn), tool_call_format (the template's own tool calls).
+  6. Generation            padding, the stop tokens (stop_token_ids: the tokenizer's EOS and the generation config's)
                            and truncation at them; the engines (GENERATION_BACKENDS: hf, vllm), each with generate()
                            and sync_weights().
-  6. CPU speed             everything done only to make a CPU run fast, each piece with its reason; measurements by
+  7. CPU speed             everything done only to make a CPU run fast, each piece with its reason; measurements by
                            machine are in bench/results/README.md.
 
-Process-wide side effects, all in section 6 and all for speed: glibc's malloc keeps freed memory for the run
+Process-wide side effects, all in section 7 and all for speed: glibc's malloc keeps freed memory for the run
 (keep_freed_memory: mallopt) and gives it back before the final save (return_freed_memory: malloc_trim); the garbage
 collector is paused during start-up and what start-up built is frozen (start_up_without_gc); transformers'
 assisted-generation module is imported with scikit-learn hidden and given a lazy roc_curve (defer_scikit_learn); torch's
 thread count is set per process (set_threads); the sdpa attention of a CPU run is registered as CPU_ATTENTION
 (use_cpu_attention) and the LM head gets a forward pre-hook (contiguous_head_input); inside hf generation on a CPU in
 fp32 every Linear's forward is swapped for weight_first_linear and restored after (weight_first_linears); the command
-line exits through os._exit after the atexit handlers (exit_now). Outside section 6: StopRequest installs SIGINT and
+line exits through os._exit after the atexit handlers (exit_now). Outside section 7: StopRequest installs SIGINT and
 SIGTERM handlers for the loop (the previous ones come back after), and run_command leaves a launch of several
 processes through os._exit on an error.
 """
@@ -41,6 +45,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -628,7 +633,7 @@ def _read_tokenizer(cfg, paths: ModelPaths) -> tuple[Optional[Any], str]:
 def causal_lm(cfg, paths: ModelPaths, key: str, mmap: bool = True) -> nn.Module:
     """The one loader of a run's models (the policy's LM, whose copy is the reference, and the teacher): KEY's weights
     in fp32, no dropout (PPO ratios must be 1 on the first minibatch; a teacher's log-probs without noise), the LM
-    head's input contiguous and the CPU attention (section 6)."""
+    head's input contiguous and the CPU attention (section 7)."""
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import disable_dropout_in_model
 
@@ -964,7 +969,215 @@ def autocast_context(bf16: bool, fp16: bool, device: torch.device):
 
 
 # ==================================================================================================
-# 5. Generation: the seam between the update and whatever samples the responses. An engine has generate()
+# 5. Chat templates: how MODEL's template renders a chat (Chat: its options, the stop tokens, control tokens kept as
+#    text in messages, reasoning read apart from the answer), observation turns and tool calls the template's way
+# ==================================================================================================
+class Reasoning(NamedTuple):
+    """Where a response's reasoning sits (REASONING): from `open` (or the response's start, when the prompt opened it)
+    to the first `close`; the answer is what follows."""
+
+    open: str
+    close: str
+
+
+class Answer(NamedTuple):
+    """A response read with REASONING: what rewards, evaluation and maj@k score, and the reasoning before it."""
+
+    text: str  # the answer: the response without its reasoning ("" when the reasoning never closed)
+    reasoning: Optional[str]  # the reasoning's text (None: the response has none)
+    unclosed: bool = False  # the reasoning never closed: the response has no answer
+
+
+def split_reasoning(response: str, reasoning: Optional[Reasoning], opened: bool = False) -> Answer:
+    """A decoded response -> its Answer. `opened`: the prompt ends with the open marker (templates that open the
+    reasoning for the model). trl.chat_template_utils.parse_response does this for the templates it lists by name;
+    this reads any template's markers, so a model of another family is scored the same way."""
+    if reasoning is None:
+        return Answer(response, None)
+    start, end = response.find(reasoning.open), response.find(reasoning.close)
+    if end >= 0:
+        inside = response[:end].strip()
+        inside = inside[len(reasoning.open) :] if inside.startswith(reasoning.open) else inside
+        return Answer(response[end + len(reasoning.close) :].strip(), inside.strip())
+    if start >= 0 or opened:
+        return Answer("", response[start + len(reasoning.open) if start >= 0 else 0 :].strip(), unclosed=True)
+    return Answer(response, None)
+
+
+def resolve_reasoning(spec: Any, template: str) -> Optional[Reasoning]:
+    """REASONING: "none", {"open": ..., "close": ...}, or "auto": <think>...</think> where the chat template writes
+    those markers (Qwen3, DeepSeek-R1's distills, ...)."""
+    if isinstance(spec, dict):
+        return Reasoning(spec["open"], spec["close"])
+    if spec == "auto" and "<think>" in template and "</think>" in template:
+        return Reasoning("<think>", "</think>")
+    return None
+
+
+PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: a control token's string while the template renders around it
+
+
+class Chat(NamedTuple):
+    """How this run renders and reads chats with MODEL's template (make_chat). Every rendering passes `options`
+    (CHAT_TEMPLATE_KWARGS, e.g. Qwen3's enable_thinking, and the training template where one is swapped in); the
+    tokens that end a response are `stops`; a control token's string inside a message's text stays text (ids()).
+    `reasoning`: REASONING's markers, resolved."""
+
+    tokenizer: Any
+    options: dict = {}
+    stops: tuple = ()
+    reasoning: Optional[Reasoning] = None
+    controls: tuple = ()  # the strings of the tokenizer's special added tokens, longest first
+
+    def text(self, messages: list, generation_prompt: bool = True, tools: Optional[list] = None) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt, **self.options
+        )
+
+    def ids(self, messages: list, generation_prompt: bool = True, tools: Optional[list] = None) -> list:
+        """The rendering's ids with every message's text tokenized as text: where a content holds a control token's
+        string (a scraped chat, tool output, a forged turn), that string's tokens are its characters', not the
+        control token; the template's own markup is tokenized as always (transformers#29279 is this, open)."""
+        text = self.text(messages, generation_prompt, tools)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not any(holds_control(m.get("content"), self.controls) for m in messages):
+            return ids
+        return self.ids_with_text_kept(messages, text, generation_prompt, tools) or ids
+
+    def ids_with_text_kept(self, messages: list, text: str, generation_prompt: bool, tools: Optional[list]) -> Optional[list]:
+        """ids(), slow path: render again with each control string in a content swapped for a placeholder, so its
+        places in `text` are known; tokenize `text` as always and put, for each control token found at such a
+        place, the string's own text tokens. None (with a warning) where the template changes the contents it renders."""
+        found: list[str] = []
+        pattern = re.compile("|".join(re.escape(c) for c in self.controls))
+
+        def mark(m) -> str:
+            found.append(m.group(0))
+            return PLACEHOLDER.format(len(found) - 1)
+
+        masked = [{**m, "content": pattern.sub(mark, m["content"])} if isinstance(m.get("content"), str) else m for m in messages]
+        rendered, spans, pieces, at, last = self.text(masked, generation_prompt, tools), [], [], 0, 0
+        for m in re.finditer(PLACEHOLDER.format(r"(\d+)"), rendered):
+            piece, control = rendered[last : m.start()], found[int(m.group(1))]
+            pieces += [piece, control]
+            spans.append((at + len(piece), at + len(piece) + len(control)))
+            at, last = at + len(piece) + len(control), m.end()
+        if "".join(pieces) + rendered[last:] != text:
+            warn("MODEL's chat template changes the message contents it renders: control-token strings in them cannot be kept as text")
+            return None
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = []
+        for token, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            span = next((s for s in spans if a <= s[0] and s[1] <= b), None)
+            ids += [token] if span is None else text_ids(self.tokenizer, text[span[0] : span[1]])
+        return ids
+
+    def answer(self, response: str, prompt: str = "") -> Answer:
+        """A decoded response read with REASONING (the prompt: whether the template opened the reasoning)."""
+        opened = self.reasoning is not None and prompt.rstrip().endswith(self.reasoning.open)
+        return split_reasoning(response, self.reasoning, opened)
+
+
+def read_answers(chat: Chat, texts: list[str], prompts: list[str], items: list[dict]) -> tuple[list[str], list[dict], dict]:
+    """Decoded responses read with REASONING -> (the answers rewards score, the items with the reasoning as
+    item["reasoning"] (None: none, or never closed), {"unclosed_reasoning": per response, 1.0 where it never closed}).
+    Without REASONING: the responses and items as they are, no count."""
+    if chat.reasoning is None:
+        return texts, items, {}
+    answers = [chat.answer(t, p) for t, p in zip(texts, prompts)]
+    items = [{**item, "reasoning": None if a.unclosed else a.reasoning} for a, item in zip(answers, items)]
+    return [a.text for a in answers], items, {"unclosed_reasoning": [float(a.unclosed) for a in answers]}
+
+
+def holds_control(content: Any, controls: tuple) -> bool:
+    return isinstance(content, str) and any(c in content for c in controls)
+
+
+def text_ids(tokenizer, text: str) -> list:
+    """`text`'s ids as text: a control token's string in it is tokenized as its characters."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def make_chat(cfg, tokenizer, stops: Optional[list] = None, tools: bool = False) -> Chat:
+    """The run's Chat: CHAT_TEMPLATE_KWARGS, REASONING resolved against the template, the stop tokens (default: the
+    tokenizer's EOS) and the control tokens' strings. tools (ACTION_FORMAT "tool_call"): where the model's template
+    renders earlier turns differently once a tool turn follows (Qwen3 drops their reasoning), trl's prefix-preserving
+    training template for it renders every chat instead, as TRL's trainers do."""
+    options = dict(cfg.CHAT_TEMPLATE_KWARGS) if cfg is not None else {}
+    template = str(getattr(tokenizer, "chat_template", "") or "")
+    if tools and template:
+        from trl.chat_template_utils import get_training_chat_template, is_chat_template_prefix_preserving, supports_tool_calling
+
+        if not supports_tool_calling(tokenizer):
+            raise UserError("ACTION_FORMAT tool_call: MODEL's chat template renders no tool calls; use a marker ACTION_FORMAT")
+        if not is_chat_template_prefix_preserving(tokenizer):
+            patched = get_training_chat_template(tokenizer)
+            if patched is None:
+                raise UserError(
+                    "ACTION_FORMAT tool_call: MODEL's chat template renders earlier turns differently once a tool turn "
+                    "follows (not prefix-preserving) and trl has no training template for it; use another ACTION_FORMAT"
+                )
+            options["chat_template"] = patched
+    controls = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    return Chat(
+        tokenizer=tokenizer,
+        options=options,
+        stops=tuple(stops or [tokenizer.eos_token_id]),
+        reasoning=resolve_reasoning(cfg.REASONING if cfg is not None else "none", template),
+        controls=tuple(sorted(controls, key=len, reverse=True)),
+    )
+
+
+def template_suffix(chat: Chat, message: dict) -> list:
+    """The ids the chat template writes to close an assistant turn cut at its action and append `message`, the next
+    assistant turn's header included: a fixed base conversation rendered with and without the message, cut after the
+    base's last stop token (SkyRL's fixed base; TRL's _get_tool_suffix_ids), so the template's end of turn (ChatML's
+    <|im_end|>, Gemma's <end_of_turn>) and its text after it (a newline) belong here."""
+    base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    before = chat.ids(base, generation_prompt=False)
+    ends = [i for i, t in enumerate(before) if t in chat.stops]
+    if not ends:
+        raise UserError(
+            "ENVIRONMENT: the chat template does not end an assistant turn with a stop token "
+            f"({chat.tokenizer.convert_ids_to_tokens(list(chat.stops))}), so observation turns cannot be appended token-exactly"
+        )
+    cut = ends[-1] + 1
+    try:
+        after = chat.ids(base + [message])
+    except Exception as e:  # noqa: BLE001 - templates raise their own errors for roles they refuse
+        raise UserError(
+            f"ENVIRONMENT: the chat template cannot render an observation as role {message['role']!r} "
+            f'({type(e).__name__}: {e}); set OBSERVATION_ROLE (e.g. "user")'
+        ) from None
+    if after[:cut] != before[:cut]:
+        raise UserError(
+            "ENVIRONMENT: the chat template renders earlier turns differently once an observation follows "
+            "them, so observations cannot be appended token-exactly; use another OBSERVATION_ROLE or model"
+        )
+    return before[cut - 1 : cut] + after[cut:]
+
+
+def tool_call_format(chat: Chat, schema: dict):
+    """ACTION_FORMAT "tool_call": how MODEL's template writes a call, read off its rendering of one: between
+    <tool_call> markers (Qwen2.5, Qwen3, Hermes) or as a bare JSON object that is the whole turn (Llama 3.x) ->
+    environments.ActionFormat (make_chat refused a template without tools); another call format is one error."""
+    import environments
+
+    name = schema["function"]["name"]
+    call = {"type": "function", "function": {"name": name, "arguments": {"x": "1"}}}
+    question = [{"role": "user", "content": "q"}]
+    turn = chat.text(question + [{"role": "assistant", "content": "", "tool_calls": [call]}], False, [schema])
+    turn = turn[len(chat.text(question, True, [schema])) :]
+    turn = chat.answer(turn).text if chat.reasoning else turn
+    if environments.ACTION_FORMATS["tool_call"].open in turn:
+        return environments.ACTION_FORMATS["tool_call"]
+    if turn.lstrip().startswith(f'{{"name": "{name}"'):
+        return environments.JSON_TOOL_CALL
+    raise UserError(f"ACTION_FORMAT tool_call: MODEL's chat template writes a tool call as {turn!r}, a format not read here yet")
+
+
+# ==================================================================================================
+# 6. Generation: the seam between the update and whatever samples the responses. An engine has generate()
 #    and sync_weights(); PPO rollouts, remax's greedy pass and evaluation all go through it.
 # ==================================================================================================
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1343,7 +1556,7 @@ OPEN_ENGINES: list = []  # engines with resources of their own, closed by main()
 
 
 # ==================================================================================================
-# 6. CPU speed: what a run does only to be fast on a CPU (each piece says why; the figures by machine are in
+# 7. CPU speed: what a run does only to be fast on a CPU (each piece says why; the figures by machine are in
 #    bench/results/README.md). Nothing here changes a number the update computes.
 # ==================================================================================================
 def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
