@@ -474,12 +474,12 @@ def build_family_model(path: Path, family: str) -> Path:
     fast.chat_template = (Path(trl.__file__).parent / "chat_templates" / template).read_text()
     torch.manual_seed(0)
     dims = dict(
-        hidden_size=32,
+        hidden_size=64,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=16,
+        head_dim=32,  # vLLM's CPU attention takes head_dim 32 and up
         max_position_embeddings=512,
         vocab_size=len(fast),
         tie_word_embeddings=True,

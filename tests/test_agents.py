@@ -240,8 +240,8 @@ def test_smollm2_template_suffix_and_a_whole_trajectory():
     cfg = ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-"})
     paths = runtime.resolve_model(cfg)
     tok = runtime.load_tokenizer(cfg, paths)
-    suffix = ht.template_suffix(tok, {"role": "tool", "content": "10063"})
-    assert tok.decode(suffix) == "\n<|im_start|>tool\n10063<|im_end|>\n<|im_start|>assistant\n"
+    suffix = runtime.template_suffix(runtime.make_chat(None, tok), {"role": "tool", "content": "10063"})
+    assert tok.decode(suffix) == "<|im_end|>\n<|im_start|>tool\n10063<|im_end|>\n<|im_start|>assistant\n"
     turn_loop = ht.TurnLoop(
         ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "ENVIRONMENT": {"type": "calculator"}}),
         ht.api_plan(ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-"}), 1),
@@ -286,7 +286,7 @@ def test_tool_call_format_on_a_qwen_template():
     assert "# Tools" in tok.decode(t.prompt_ids) and '"name": "calculator"' in tok.decode(t.prompt_ids)
     assert [m["role"] for m in t.messages][-5:] == ["assistant", "tool", "assistant", "tool", "assistant"]
     assert t.messages[-4]["content"] == "10063" and t.messages[-2]["content"].startswith("error: a tool call is a JSON")
-    assert (t.actions, t.action_errors) == (2, 1)  # the malformed call: an action error, answered without the environment
+    assert (t.actions, t.action_errors, t.parse_errors) == (2, 1, 1)  # the malformed call: answered without the environment
     rendered = encode(tok, tok.apply_chat_template(t.messages, tools=[env.tool_schema], tokenize=False))
     rendered = rendered[: max(i for i, x in enumerate(rendered) if x == tok.eos_token_id) + 1]
     assert t.prompt_ids + t.ids == rendered
@@ -607,3 +607,65 @@ def test_hybrids_with_an_environment(tiny_chat_model, tmp_path, hybrid):
         assert any("sft/loss" in r for r in records)
     else:  # SFT inside the updates: gate (no response reaches 1.0) and mix send prompts to it
         assert any(r.get("hybrid/sft_prompts", 0) > 0 for r in records)
+
+
+TOOL_CALL = {"name": "calculator", "arguments": {"expression": "347*29"}}
+
+
+@pytest.mark.parametrize("family", ["qwen2_5", "qwen3", "llama3_1"])
+def test_tool_calls_by_each_familys_own_template(family, tmp_path):
+    """ACTION_FORMAT "tool_call" on each family whose template has tools: Qwen's <tool_call> markers (Qwen3 through
+    trl's prefix-preserving training template, its reasoning kept in earlier turns), Llama 3.1's bare JSON with
+    "parameters". The call is parsed, the result is the template's tool turn, a malformed call is an error
+    observation counted in parse_errors, and the buffer equals the template's rendering of the conversation."""
+    from conftest import build_family_model
+    from transformers import AutoTokenizer, GenerationConfig
+
+    model = build_family_model(tmp_path / family, family)
+    tok = AutoTokenizer.from_pretrained(model)
+    cfg = ht.Config.from_dict(
+        {
+            "TRAIN_FILE": "-",
+            "OUTPUT_DIR": "-",
+            "MODEL": str(model),
+            "ENVIRONMENT": {"type": "calculator"},
+            "ACTION_FORMAT": "tool_call",
+            "MAX_NEW_TOKENS": 512,
+        }
+    )
+    env = environments.make_environment({"type": "calculator"})
+    chat = runtime.make_chat(cfg, tok, runtime.stop_token_ids(tok, GenerationConfig.from_pretrained(model)), tools=True)
+    assert ("chat_template" in chat.options) == (family == "qwen3")  # Qwen3's own drops earlier turns' reasoning
+    loop = ht.TurnLoop(cfg, ht.api_plan(cfg, 1), None, tok, env, chat)
+    think = "<think>\nI will call it\n</think>\n\n" if family == "qwen3" else ""
+    if family == "llama3_1":
+        calls = [json.dumps({"name": "calculator", "parameters": TOOL_CALL["arguments"]}), '{"name": "calculator", "parameters": 5}']
+    else:
+        calls = [f"<tool_call>\n{json.dumps(TOOL_CALL)}\n</tool_call>", "<tool_call>\nnot json\n</tool_call>"]
+    turns = [think + calls[0], think + calls[1], ("<think>\n\n</think>\n\n" if think else "") + "#### 10063"]
+
+    def script(prompt):
+        return encode(tok, turns[min(tok.decode(prompt).count("10063") + tok.decode(prompt).count("error:"), 2)]) + [tok.eos_token_id]
+
+    engine = ScriptedEngine(tok, script, overshoot=0)
+    loop.generate = lambda prompts, **kw: engine.generate(prompts, **kw)
+    messages = [{"role": "user", "content": "What is 347 * 29?"}]
+    ex = ht.Example(index=0, item={"answer": "10063"}, target="10063", messages=messages, question="q")
+    ex.prompt_ids = chat.ids(messages, tools=[env.tool_schema])
+    (t,) = loop.run([ex], n=1)
+    assert [m["role"] for m in t.messages][-5:] == ["assistant", "tool", "assistant", "tool", "assistant"]
+    assert t.messages[-4]["content"] == "10063" and t.messages[-2]["content"].startswith("error:")
+    assert (t.actions, t.action_errors, t.parse_errors) == (2, 1, 1) and ht.env_metrics([t.stats()])["env/parse_errors"] == 1
+    rendered = chat.ids(t.messages, generation_prompt=False, tools=[env.tool_schema])
+    rendered = rendered[: max(i for i, x in enumerate(rendered) if x in chat.stops) + 1]
+    assert t.prompt_ids + t.ids == rendered, (tok.decode(t.prompt_ids + t.ids), tok.decode(rendered))
+
+
+def test_tool_call_on_a_template_without_tools_is_one_error(tmp_path):
+    from conftest import build_family_model
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(build_family_model(tmp_path / "gemma3", "gemma3"))
+    cfg = ht.Config.from_dict({"TRAIN_FILE": "-", "OUTPUT_DIR": "-", "ENVIRONMENT": {"type": "calculator"}, "ACTION_FORMAT": "tool_call"})
+    with pytest.raises(runtime.UserError, match="renders no tool calls"):
+        ht.TurnLoop(cfg, ht.api_plan(cfg, 1), None, tok, environments.make_environment({"type": "calculator"}))

@@ -10,7 +10,19 @@ import sys
 
 import pytest
 import torch
-from conftest import EXACT_PPO, LEARN, ROOT, YesFraction, build_tiny_model, metrics, run_cli, torchrun, trainer_for
+from conftest import (
+    EXACT_PPO,
+    LEARN,
+    ROOT,
+    TEMPLATE_FAMILIES,
+    YesFraction,
+    build_family_model,
+    build_tiny_model,
+    metrics,
+    run_cli,
+    torchrun,
+    trainer_for,
+)
 
 import hybrid_trainer as ht
 import runtime
@@ -270,3 +282,38 @@ def test_prompts_beyond_one_steps_token_budget(tiny_model, tiny_data):
     prompts = [[5 + i % 50] * 400 for i in range(40)]
     out = trainer.engine_generate(prompts, n=2)
     assert len(out.responses) == 80 and all(0 < len(r) <= 6 for r in out.responses)
+
+
+@pytest.mark.parametrize("family", list(TEMPLATE_FAMILIES))
+def test_each_familys_stop_tokens_end_a_response_on_both_engines(family, tmp_path):
+    """A tiny model of each family, its stop tokens (the tokenizer's EOS and generation_config.json's) made the
+    greedy choice where other tokens were (each one's tied embedding row a multiple of such a token's): both engines
+    give the same greedy responses, each cut at its first stop token, ended there; and a stop token that is not the
+    tokenizer's EOS (Gemma's <end_of_turn>, Llama 3's <|eot_id|> or <|eom_id|>) ends some response."""
+    from transformers import AutoModelForCausalLM
+
+    model = build_family_model(tmp_path / family, family)
+    cfg = {"MODE": "ppo", "MODEL": str(model), "TRAIN_FILE": "-", "OUTPUT_DIR": "-", "SEED": 0, **VLLM, "MAX_NEW_TOKENS": 12}
+    questions = ["what is the capital of france?", "the cat sat", "hello there", "name a color", "count to three", "why?"]
+
+    def greedy(backend):
+        torch.manual_seed(0)
+        c = ht.Config.from_dict({**cfg, "GENERATION_BACKEND": backend, "NO_REPEAT_NGRAM_SIZE": 0})
+        policy, _, tok = ht.load_model(c, torch.device("cpu"))
+        trainer = ht.HybridTrainer(c, policy, None, tok)
+        out = trainer.engine_generate([trainer.chat.ids([{"role": "user", "content": q}]) for q in questions], greedy=True)
+        return out, trainer.stop_ids, tok
+
+    free, stops, tok = greedy("hf")
+    written = [t for r in free.responses for t in r if t not in stops]
+    lm = AutoModelForCausalLM.from_pretrained(model)
+    emb = lm.get_input_embeddings().weight.data
+    for stop, token in zip(stops[1:] + stops[:1], sorted(set(written), key=written.index)):  # tokens greedy decoding wrote, first first
+        emb[stop] = 4 * emb[token]
+    lm.save_pretrained(model)
+    (hf, hf_stops, _), (vllm, _, _) = greedy("hf"), greedy("vllm")
+    assert hf_stops == runtime.stop_token_ids(tok, lm.generation_config) and len(hf_stops) >= 2
+    assert hf.responses == vllm.responses and hf.ended.tolist() == vllm.ended.tolist(), family
+    for response, ended in zip(hf.responses, hf.ended.tolist()):
+        assert not any(t in hf_stops for t in response[:-1]) and ended == (response[-1] in hf_stops)
+    assert any(r[-1] in hf_stops[1:] for r in hf.responses), [tok.convert_ids_to_tokens(r) for r in hf.responses]
