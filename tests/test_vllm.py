@@ -101,8 +101,11 @@ def test_rollout_correction_with_identical_logprobs_changes_nothing(tiny_model, 
     """The same update with ROLLOUT_IS off and with both corrections, when the engine's log-probs are the trainer's."""
     results = []
     for mode in ("off", "token_truncate", "sequence_mask"):
-        trainer, examples = trainer_for(
-            {"ROLLOUT_IS": mode, "PPO_BATCH": 4, "MAX_NEW_TOKENS": 5, "LR_PPO": 1e-2}, tiny_model, tiny_data, YesFraction()
+        trainer, examples = trainer_for(  # PACKING off: the "engine" log-probs below come from one padded row each
+            {"ROLLOUT_IS": mode, "PPO_BATCH": 4, "MAX_NEW_TOKENS": 5, "LR_PPO": 1e-2, "PACKING": False},
+            tiny_model,
+            tiny_data,
+            YesFraction(),
         )
         tok = trainer.tokenizer
         responses = [tok("yes no")["input_ids"] + [tok.eos_token_id] for _ in range(4)]
