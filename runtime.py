@@ -1152,12 +1152,13 @@ def resolve_bf16(cfg, device: torch.device, paths: Optional[ModelPaths] = None) 
         return False, "bf16 off: " + ("FP16 is on" if cfg.FP16 else f"this {device.type.upper()} has no bfloat16 support")
     if device.type == "cuda":
         return True, "bf16 on: CUDA with bfloat16"
-    speedup, cached = bf16_speedup(model_hidden_size(paths or resolve_model(cfg)), cache_root(cfg) / "bf16_probe.json")
+    cache, n = cache_root(cfg) / "bf16_probe.json", min(model_hidden_size(paths or resolve_model(cfg)), 1024)
+    speedup, cached = bf16_speedup(n, cache)
     on = speedup > 1.1  # a clear win only: fp32 is also the more exact choice
-    return on, (
-        f"bf16 {'on' if on else 'off'}: bf16 matmul {speedup:.2f}x fp32 here "
-        f"({'cached probe' if cached else 'probe'}; set BF16 true or false to choose)"
+    when = (
+        f"the probe of {probe_date(cache, f'n={n}') or 'an earlier run'} in {cache}: delete it to probe again" if cached else "probed now"
     )
+    return on, f"bf16 {'on' if on else 'off'}: bf16 matmul {speedup:.2f}x fp32 here ({when}; set BF16 true or false to choose)"
 
 
 def autocast_context(bf16: bool, fp16: bool, device: torch.device):
@@ -1930,45 +1931,70 @@ def alternating_ratio(a: Callable[[], object], b: Callable[[], object], rounds: 
     return best[a] / best[b]
 
 
-def cached_probe(cache: Path, what: str, measure: Callable[[], float]) -> tuple[float, bool]:
+def cached_probe(
+    cache: Path, what: str, measure: Callable[[], float], plausible: Callable[[float], bool] = lambda r: True
+) -> tuple[float, bool]:
     """measure()'s ratio, rounded, cached in the JSON file `cache` per CPU (cpu_model: its name, family, model and
-    matmul instruction sets), torch version, threads and `what` -> (ratio, came from the cache). An unwritable cache
-    only means probing again next time."""
+    matmul instruction sets), torch version and `what` -> (ratio, came from the cache). One thread measures, so every
+    launch of a model on a machine (one process or several) reads the same figure and makes the same choice. A ratio
+    that `plausible` refuses (a busy machine: bf16 slower than fp32 on a CPU with bf16 matmul instructions) is measured
+    twice more and the median kept; still refused, it is used but not cached (measured again next run). An unwritable
+    cache only means probing again next time."""
     import platform
 
-    key = f"{platform.processor() or platform.machine()}|{cpu_model()}|torch {torch.__version__}|{torch.get_num_threads()} threads|{what}"
+    key = f"{platform.processor() or platform.machine()}|{cpu_model()}|torch {torch.__version__}|{what}"
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
         known = {}
     if key in known:
-        return float(known[key]), True
-    ratio = round(measure(), 3)
+        return float(known[key]["ratio"] if isinstance(known[key], dict) else known[key]), True
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({**known, key: ratio}, indent=1))
-    except OSError:
-        pass
+        ratios = [round(measure(), 3)]
+        if not plausible(ratios[0]):
+            ratios = sorted(ratios + [round(measure(), 3), round(measure(), 3)])
+    finally:
+        torch.set_num_threads(threads)
+    ratio = ratios[len(ratios) // 2]
+    if plausible(ratio):
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({**known, key: {"ratio": ratio, "measured": time.strftime("%Y-%m-%d %H:%M")}}, indent=1))
+        except OSError:
+            pass
     return ratio, False
 
 
+def probe_date(cache: Path, what: str) -> str:
+    """When the cached probe for `what` on this CPU was measured ("" when it was not cached)."""
+    try:
+        entry = next((v for k, v in json.loads(cache.read_text()).items() if k.endswith(f"|{what}") and cpu_model() in k), None)
+    except (OSError, ValueError):
+        return ""
+    return entry.get("measured", "") if isinstance(entry, dict) else ""
+
+
 def bf16_speedup(hidden: int, cache: Path) -> tuple[float, bool]:
-    """fp32 time / bf16 time of a (rows x n) @ (n x 4n) matmul, n = the hidden size up to 1024, best of 3:
-    16 rows first (a slow fallback kernel shows at once), then 256 -> (speedup, came from the cache). Cached
-    per CPU, torch version, threads and n."""
+    """fp32 time / bf16 time of a (rows x n) @ (n x 4n) matmul, n = the hidden size up to 1024, the two taken in turn
+    (alternating_ratio): 16 rows first (a slow fallback kernel shows at once), then 256 -> (speedup, came from the
+    cache). Cached per CPU, torch version and n (cached_probe); on a CPU with bf16 matmul instructions (avx512_bf16,
+    amx_bf16) a ratio below 1 is implausible and measured again."""
     n = min(hidden, 1024)
 
     def measure() -> float:
-        def best(rows: int, dtype) -> float:
+        def product(rows: int, dtype) -> Callable[[], torch.Tensor]:
             x, y = torch.randn(rows, n).to(dtype), torch.randn(n, 4 * n).to(dtype)
-            return best_time(lambda: x @ y)
+            return lambda: x @ y
 
-        speedup = best(16, torch.float32) / best(16, torch.bfloat16)  # a small look first: a slow fallback kernel
-        if speedup > 0.2:  # can be 50x slower, and then that is all there is to know
-            speedup = best(256, torch.float32) / best(256, torch.bfloat16)
+        speedup = alternating_ratio(product(16, torch.float32), product(16, torch.bfloat16), rounds=5)  # a small look first: a
+        if speedup > 0.2:  # slow fallback kernel can be 50x slower, and then that is all there is to know
+            speedup = alternating_ratio(product(256, torch.float32), product(256, torch.bfloat16), rounds=9)
         return speedup
 
-    return cached_probe(cache, f"n={n}", measure)
+    bf16_instructions = any(flag in cpu_model() for flag in ("avx512_bf16", "amx_bf16"))
+    return cached_probe(cache, f"n={n}", measure, plausible=lambda r: r >= 1.0 or not bf16_instructions)
 
 
 def resolve_weight_first(cfg, device: torch.device, bf16: bool, paths: ModelPaths) -> tuple[bool, str]:

@@ -53,13 +53,14 @@ def test_bf16_auto_resolves_from_a_cached_probe(tiny_model, tiny_data, tmp_path,
     monkeypatch.setattr(runtime, "bf16_supported", lambda device: False)
     assert runtime.resolve_bf16(cfg, torch.device("cpu")) == (False, "bf16 off: this CPU has no bfloat16 support")
     monkeypatch.setattr(runtime, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(runtime, "cpu_model", lambda: "a CPU (no bf16 instructions named)")  # any ratio is plausible
     speedup, cached = runtime.bf16_speedup(64, tmp_path / "bf16_probe.json")  # a real probe at hidden size 64
     assert math.isfinite(speedup) and not cached
     assert runtime.bf16_speedup(64, tmp_path / "bf16_probe.json") == (speedup, True)
     for measured, choice in ((2.2, True), (0.6, False)):
         monkeypatch.setattr(runtime, "bf16_speedup", lambda hidden, cache, m=measured: (m, True))
         on, why = runtime.resolve_bf16(cfg, torch.device("cpu"))
-        assert on is choice and f"bf16 matmul {measured:.2f}x fp32 here" in why
+        assert on is choice and f"bf16 matmul {measured:.2f}x fp32 here" in why and "delete it to probe again" in why
     on, why = runtime.resolve_bf16(dataclasses.replace(cfg, BF16=False), torch.device("cpu"))
     assert "set in the config" in why and on is False
 
@@ -279,14 +280,34 @@ def test_weight_first_decoding_is_a_cached_probes_choice_and_samples_the_same_to
     assert not calls  # the update's forwards are F.linear's
 
 
-@pytest.mark.parametrize("fp32, bf16, calls_expected", [(2.0, 0.5, 4), (0.1, 1.0, 2)])
-def test_the_bf16_probe_is_fp32_time_over_bf16_time_and_stops_at_a_slow_kernel(tmp_path, monkeypatch, fp32, bf16, calls_expected):
-    """bf16_speedup with a stand-in clock (fp32 products take `fp32` s, bf16 ones `bf16` s): the ratio is fp32 / bf16,
-    not its inverse, and a bf16 kernel 10x slower at 16 rows ends the probe there (the 256-row look is skipped)."""
-    calls = []
-    monkeypatch.setattr(runtime, "best_time", lambda fn: calls.append(1) or (fp32 if fn().dtype == torch.float32 else bf16))
-    speedup, cached = runtime.bf16_speedup(64, tmp_path / "probe.json")
-    assert (speedup, cached, len(calls)) == (fp32 / bf16, False, calls_expected)
+@pytest.mark.parametrize(
+    "fp32, bf16, flags, calls_expected, cached_after",
+    [(2.0, 0.5, "", 2, True), (0.1, 1.0, "", 1, True), (1.0, 2.0, "avx512_bf16", 6, False), (2.0, 0.5, "amx_bf16", 2, True)],
+)
+def test_the_bf16_probe_is_fp32_time_over_bf16_time_taken_in_turn(tmp_path, monkeypatch, fp32, bf16, flags, calls_expected, cached_after):
+    """bf16_speedup with a stand-in clock (fp32 products take `fp32` s, bf16 ones `bf16` s), timed in turn
+    (alternating_ratio): the ratio is fp32 / bf16, not its inverse; a bf16 kernel 10x slower at 16 rows ends the probe
+    there; on a CPU with bf16 matmul instructions a ratio below 1 (a busy machine) is measured twice more, kept as
+    the median and not cached; one thread measures whatever the process has."""
+    calls, threads = [], []
+    monkeypatch.setattr(runtime, "cpu_model", lambda: f"a CPU ({flags})")
+
+    def in_turn(a, b, rounds=15):
+        calls.append(rounds)
+        threads.append(torch.get_num_threads())
+        clock = lambda fn: fp32 if fn().dtype == torch.float32 else bf16  # noqa: E731
+        return clock(a) / clock(b)
+
+    monkeypatch.setattr(runtime, "alternating_ratio", in_turn)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the process's own count: the probe measures with one, then gives it back
+    try:
+        speedup, cached = runtime.bf16_speedup(64, tmp_path / "probe.json")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert (speedup, cached, len(calls)) == (fp32 / bf16, False, calls_expected) and set(threads) == {1}
+    assert runtime.bf16_speedup(64, tmp_path / "probe.json")[1] is cached_after
 
 
 def test_the_weight_first_probe_times_the_same_products_both_ways(tmp_path, monkeypatch):
