@@ -32,8 +32,8 @@ in two modules that never import this one:
                        HybridTrainer composes them and owns its state (state_dict / load_state_dict); evaluation.
   5. The loop          the step schedule, metrics, signals, evaluation and SAVE_BEST.
   6. run and main      start-up (checks, the plan, loading), --check, finish, the command line.
-  runtime.py           processes and collectives, model loading (LoRA, reference, teacher), precision, the generation
-                       engines (GENERATION_BACKENDS), and the CPU-speed code with its process-wide side effects.
+  runtime.py           processes, model loading (LoRA, reference, teacher), the packed forward (PACKING), precision,
+                       chat templates (Chat), the engines (GENERATION_BACKENDS), the CPU-speed code and its side effects.
   outputs.py           OUTPUT_DIR and faults (a full disk), checkpoints (CHECKPOINT: the layout), the final model,
                        metrics.jsonl and the trackers (TRACKERS), report.md and the model card.
   rewards.py           make_reward(spec): the REWARDS registry, the code sandbox.
