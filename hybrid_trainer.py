@@ -2364,32 +2364,30 @@ class SFTTerm:
         total = torch.zeros(1, device=self.device)
         chunked = self.policy.logits_chunk > 0 and self.policy.head_is_separable()  # LOGITS_CHUNK: no whole logits
         losses = lambda logits, y: (sft_token_losses(logits[None], y[None], self.cfg.SFT_LOSS, token_weight)[0],)  # noqa: E731
-        for rows in torch.arange(len(mine)).tensor_split(runtime.accum_chunks(self.cfg.GRAD_ACCUM, len(pairs))):
+        for rows in runtime.accum_rows(len(mine), len(pairs), self.cfg.GRAD_ACCUM):
             chunk = [mine[i] for i in rows.tolist()]
-            if self.policy.packs() and runtime.packed_positions(chunk) <= 0.9 * len(chunk) * max(len(p) + len(t) for p, t in chunk):
+            padded = len(chunk) * max(len(p) + len(t) for p, t in chunk)
+            if self.policy.packs() and runtime.positions_run(chunk, padded) < padded:
                 per_token = self.packed_losses(chunk, token_weight)  # PACKING: the loss at each target token's prediction
-                loss = per_token.sum() * (scale / n_tokens)
-                self.scaler.scale(loss * coef).backward()
-                total += loss.detach()
-                continue
-            with self.autocast():
-                out = self.policy.lm(
-                    input_ids=ids[rows],
-                    attention_mask=mask[rows],
-                    use_cache=False,
-                    logits_to_keep=1 if chunked else keep,
-                    output_hidden_states=chunked,
-                )
-                if chunked:
-                    (per_token,) = chunked_head(
-                        out.hidden_states[-1][:, -keep:-1],
-                        self.policy.lm.get_output_embeddings(),
-                        losses,
-                        labels[rows, -keep + 1 :],
-                        chunk=self.policy.logits_chunk,
+            else:
+                with self.autocast():
+                    out = self.policy.lm(
+                        input_ids=ids[rows],
+                        attention_mask=mask[rows],
+                        use_cache=False,
+                        logits_to_keep=1 if chunked else keep,
+                        output_hidden_states=chunked,
                     )
-            if not chunked:
-                per_token = sft_token_losses(out.logits[:, :-1], labels[rows, -keep + 1 :], self.cfg.SFT_LOSS, token_weight)
+                    if chunked:
+                        (per_token,) = chunked_head(
+                            out.hidden_states[-1][:, -keep:-1],
+                            self.policy.lm.get_output_embeddings(),
+                            losses,
+                            labels[rows, -keep + 1 :],
+                            chunk=self.policy.logits_chunk,
+                        )
+                if not chunked:
+                    per_token = sft_token_losses(out.logits[:, :-1], labels[rows, -keep + 1 :], self.cfg.SFT_LOSS, token_weight)
             loss = per_token.sum() * (scale / n_tokens)
             self.scaler.scale(loss * coef).backward()
             total += loss.detach()
@@ -3292,7 +3290,9 @@ class PPOUpdate:
                 stats = self.minibatch(
                     mb, r_len, self.agg.units(rl_rows), weight, len(mb_rows), forward=first, demo=demo, n_tokens=rl_rows.sum()
                 )
-                positions += runtime.forward_positions(self.policy, mb) if first is None else 0  # step 4 counted the fused forward
+                if first is None:  # step 4 counted the fused forward; rl_backward runs the GRAD_ACCUM micro-batches
+                    accum = runtime.accum_rows(len(mb.r_ids), len(mb_rows), self.cfg.GRAD_ACCUM, self.device)
+                    positions += sum(runtime.forward_positions(self.policy, select_rows(mb, rows)) for rows in accum)
                 first = None  # only the first minibatch reuses step 4's forward
                 if stats is None:
                     skipped += 1
@@ -3352,7 +3352,7 @@ class PPOUpdate:
         minibatch's n_tokens) -> this process's part of the LossStats."""
         cfg, critic = self.cfg, self.estimator.critic
         acc = LossStats.zeros(self.device)
-        for rows in torch.arange(len(mb.r_ids), device=self.device).tensor_split(runtime.accum_chunks(cfg.GRAD_ACCUM, n_rows)):
+        for rows in runtime.accum_rows(len(mb.r_ids), n_rows, cfg.GRAD_ACCUM, self.device):
             c = select_rows(mb, rows)
             m = c.loss_mask  # the tokens the RL loss covers
             chunk_weight = self.agg.units(m) / n_units.clamp(min=1) * weight

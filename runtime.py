@@ -321,6 +321,11 @@ def accum_chunks(grad_accum: int, n_global: int) -> int:
     return max(1, min(grad_accum, n_global // world_size()))
 
 
+def accum_rows(n_local: int, n_global: int, grad_accum: int, device=None) -> tuple:
+    """This process's n_local rows (of a global batch of n_global) split into its GRAD_ACCUM micro-batches."""
+    return torch.arange(n_local, device=device).tensor_split(accum_chunks(grad_accum, n_global))
+
+
 def clip_grad_norm(params: list, max_norm: float) -> float:
     """clip_grad_norm_ over plain and FSDP-sharded (DTensor) gradients together -> the total norm."""
     params = [p for p in params if p.grad is not None]
@@ -1106,7 +1111,15 @@ def packing(lm, pack: bool, input_ids, attention_mask, n_response: int) -> Optio
     if not (pack and packs_apart(lm)):
         return None
     pairs = row_pairs(input_ids, attention_mask, n_response)
-    return pack_sequences(pairs, n_response, input_ids.device) if packed_positions(pairs) <= 0.9 * input_ids.numel() else None
+    return pack_sequences(pairs, n_response, input_ids.device) if positions_run(pairs, input_ids.numel()) < input_ids.numel() else None
+
+
+def positions_run(pairs: list[tuple[list, list]], padded: int) -> int:
+    """The token positions a forward of these pairs runs, where packing may: packed (packed_positions) where that
+    saves a tenth of the padded batch's `padded`, else `padded` (rows of similar length without a shared prompt: the
+    explicit mask costs more than the packing saves). The one rule packing, forward_positions and SFT's steps follow."""
+    packed = packed_positions(pairs)
+    return packed if packed <= 0.9 * padded else padded
 
 
 def forward_positions(policy, tokens) -> int:
@@ -1114,8 +1127,7 @@ def forward_positions(policy, tokens) -> int:
     padded = tokens.input_ids.numel()
     if not (policy.pack and packs_apart(policy.lm)):
         return padded
-    packed = packed_positions(row_pairs(tokens.input_ids, tokens.attention_mask, tokens.r_ids.shape[1]))
-    return packed if packed <= 0.9 * padded else padded
+    return positions_run(row_pairs(tokens.input_ids, tokens.attention_mask, tokens.r_ids.shape[1]), padded)
 
 
 def packed_positions(pairs: list[tuple[list, list]]) -> int:
@@ -1906,17 +1918,6 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return f"{name} ({ids}; {isa})" if ids or isa else name
 
 
-def best_time(fn: Callable[[], object], runs: int = 3) -> float:
-    """The fastest of `runs` calls of fn, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def alternating_ratio(a: Callable[[], object], b: Callable[[], object], rounds: int = 15) -> float:
     """a's best time / b's best time over `rounds` calls of each, taken in turn (a b, then b a, ...) after one
     warm-up call of each: on a shared, noisy machine best times taken in turn agree from probe to probe where a
@@ -1940,9 +1941,7 @@ def cached_probe(
     that `plausible` refuses (a busy machine: bf16 slower than fp32 on a CPU with bf16 matmul instructions) is measured
     twice more and the median kept; still refused, it is used but not cached (measured again next run). An unwritable
     cache only means probing again next time."""
-    import platform
-
-    key = f"{platform.processor() or platform.machine()}|{cpu_model()}|torch {torch.__version__}|{what}"
+    key = probe_key(what)
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
@@ -1967,10 +1966,17 @@ def cached_probe(
     return ratio, False
 
 
+def probe_key(what: str) -> str:
+    """A probe's cache key: the machine, the CPU (cpu_model), the torch version and what was measured."""
+    import platform
+
+    return f"{platform.processor() or platform.machine()}|{cpu_model()}|torch {torch.__version__}|{what}"
+
+
 def probe_date(cache: Path, what: str) -> str:
-    """When the cached probe for `what` on this CPU was measured ("" when it was not cached)."""
+    """When cached_probe's entry for `what` here was measured ("" when there is none, or it has no date)."""
     try:
-        entry = next((v for k, v in json.loads(cache.read_text()).items() if k.endswith(f"|{what}") and cpu_model() in k), None)
+        entry = json.loads(cache.read_text()).get(probe_key(what))
     except (OSError, ValueError):
         return ""
     return entry.get("measured", "") if isinstance(entry, dict) else ""

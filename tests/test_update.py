@@ -416,12 +416,13 @@ def test_useful_tokens_by_hand():
     assert ht.useful_tokens(tokens, 2) == 11
 
 
-@pytest.mark.parametrize("mini", [1, 2])  # 2: the whole batch, whose first forward is step 4's
-def test_update_tokens_count_every_forward_of_the_update(mini, tiny_model, tiny_data):
+@pytest.mark.parametrize("mini, accum", [(1, 1), (2, 1), (2, 2)])  # 2: the whole batch (step 4's first forward); accum: GRAD_ACCUM
+def test_update_tokens_count_every_forward_of_the_update(mini, accum, tiny_model, tiny_data):
     """perf/update_tokens is what the models' forwards ran in the update (counted here by wrapping them), and
     perf/useful_tokens the real tokens of those passes with each prompt once per group."""
     trainer, examples = trainer_for(
-        {"ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "PPO_MINI": mini, "PPO_EPOCHS": 2, "MAX_NEW_TOKENS": 6},
+        {"ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "PPO_MINI": mini, "PPO_EPOCHS": 2, "MAX_NEW_TOKENS": 6}
+        | {"GRAD_ACCUM": accum, "SFT_BATCH": 2},
         tiny_model,
         tiny_data,
         Spread(),
