@@ -18,6 +18,8 @@ Built in:
               observation is what it printed (stdout and stderr, a traceback included)
   python      your own class (`path`, `class`) with reset(row) and step(action) -> (observation, reward, done); only with
               TRUST_REMOTE_CODE: true, like the python reward
+  trl         a TRL environment class (GRPOTrainer's environment_factory) unchanged: reset(**row), its public methods the
+              tools (schemas from their signatures and docstrings), get_reward() its own reward; TRUST_REMOTE_CODE too
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ ACTION_FORMATS = {
 # markers; the action is the JSON object the turn starts with (find_action), the turn ends at the model's stop token
 JSON_TOOL_CALL = ActionFormat("", "", False, 'a JSON object {"name": ..., "parameters": {...}} as the turn (Llama 3.x templates)')
 
-DEFAULT_FORMATS = {"calculator": "calc_tag", "code": "python_block", "python": "tool_tag"}  # ACTION_FORMAT "auto"
+DEFAULT_FORMATS = {"calculator": "calc_tag", "code": "python_block", "python": "tool_tag", "trl": "tool_call"}  # ACTION_FORMAT "auto"
 
 
 def action_format(spec: Any) -> ActionFormat:
@@ -137,6 +139,14 @@ class EnvironmentType:
 
     def new(self, row: dict):
         raise NotImplementedError
+
+    def tools(self) -> list:
+        """The schemas of the functions a tool call may name (ACTION_FORMAT tool_call)."""
+        return [self.tool_schema] if self.tool_schema else []
+
+    def parse_call(self, action: str) -> tuple[Optional[str], str]:
+        """A tool call's JSON -> (what step() takes, "") or (None, the error observation)."""
+        return parse_tool_call(action, self.tool_schema)
 
     def steps(self, calls: list[tuple[Any, str]], timeout: float) -> list["Outcome"]:
         """(instance, action) pairs -> one Outcome each, in order; `workers` at a time, each with `timeout` seconds."""
@@ -390,14 +400,7 @@ def python(
     its trajectory (reward 0, counted, logged with the row); one that takes longer than ENV_STEP_TIMEOUT is abandoned.
     workers: steps run at once (threads)."""
     file = _python_file(path, ctx.trust_remote_code)
-    module = rewards.load_user_module(file, "environment", EnvSpecError)
-    cls = getattr(module, class_name, None)
-    if not inspect.isclass(cls):
-        defined = sorted(k for k, v in vars(module).items() if inspect.isclass(v) and v.__module__ == module.__name__)
-        raise EnvSpecError(
-            f"python environment file {str(file)!r} has no class {class_name!r} (its classes: "
-            f'{defined or "none"}); set "class" to the one to use'
-        )
+    cls = _user_class(file, class_name, "python")
     missing = [m for m in ("reset", "step") if not callable(getattr(cls, m, None))]
     if missing:
         raise EnvSpecError(
@@ -411,7 +414,112 @@ def _python_file(path: str, trusted: Optional[bool]) -> Path:
     return rewards.user_python_file(path, trusted, "environment", 'your environment class, and "class": its name', EnvSpecError)
 
 
-ENVIRONMENTS: dict[str, Callable[..., EnvironmentType]] = {"calculator": calculator, "code": code, "python": python}
+# ---- trl: a TRL environment class, as GRPOTrainer's environment_factory takes it ----
+class TrlEnvironment:
+    """One trajectory's instance of a TRL environment class (trl/trainer/grpo_trainer.py: _tool_call_loop, reset and
+    get_reward as GRPOTrainer calls them): reset(row) is its reset(**row), whose text (if any) is appended to the last
+    user message; step(call) runs one tool call; a tool that raises answers {'error': ...}, as TRL's does."""
+
+    def __init__(self, instance: Any):
+        self.instance = instance
+
+    def reset(self, row: dict) -> Optional[str]:
+        out = self.instance.reset(**row)
+        if out is not None and not isinstance(out, str):
+            raise TypeError(f"reset() returned {type(out).__name__}; a TRL environment's reset returns a string or None")
+        return out
+
+    def step(self, action: str) -> Step:
+        call = json.loads(action)  # TrlType.parse_call wrote it
+        try:
+            return Step(str(getattr(self.instance, call["name"])(**call["arguments"])))
+        except Exception as e:  # noqa: BLE001 - the tool's failure is its observation, as in TRL
+            return Step(str({"error": str(e)}), error=True)
+
+    def final_reward(self) -> float:
+        """get_reward() where the class has one (its own reward, once per finished trajectory), else 0."""
+        get = getattr(type(self.instance), "get_reward", None)
+        return float(get(self.instance)) if callable(get) else 0.0
+
+
+class TrlType(EnvironmentType):
+    name = "trl"
+    default_format = DEFAULT_FORMATS[name]
+
+    def __init__(self, cls: type, schemas: list, workers: int):
+        self.cls, self.schemas, self.workers = cls, schemas, workers
+        self.names = [s["function"]["name"] for s in schemas]
+
+    def new(self, row: dict) -> TrlEnvironment:
+        return TrlEnvironment(self.cls())
+
+    def tools(self) -> list:
+        return self.schemas
+
+    def parse_call(self, action: str) -> tuple[Optional[str], str]:
+        try:
+            call = json.loads(action)
+        except ValueError:
+            call = None
+        arguments = call.get("arguments", call.get("parameters")) if isinstance(call, dict) else None
+        if not isinstance(call, dict) or call.get("name") not in self.names or not isinstance(arguments, dict):
+            return None, f'error: a tool call is {{"name": one of {self.names}, "arguments": {{...}}}}'
+        return json.dumps({"name": call["name"], "arguments": arguments}), ""
+
+
+def trl(ctx: rewards.Context, path: str = "", class_name: str = "", workers: Annotated[int, ">=1"] = 1) -> TrlType:
+    """A TRL environment class unchanged (GRPOTrainer's environment_factory): `class` in the local file `path`, made
+    with no arguments once per trajectory; reset(**row) -> a string appended to the last user message, or None; every
+    public method (not reset or get_reward) is a tool, its schema built from its signature and docstring as TRL builds
+    it (transformers' get_json_schema); calls in the chat template's format (ACTION_FORMAT tool_call); get_reward(),
+    where defined, is added to the score (ENV_REWARD_WEIGHT; REWARD "environment" when it is the whole score). Runs
+    your code: TRUST_REMOTE_CODE: true."""
+    from transformers.utils import get_json_schema
+
+    file = _python_file(path, ctx.trust_remote_code)
+    cls = _user_class(file, class_name, "trl")
+    if not callable(getattr(cls, "reset", None)):
+        raise EnvSpecError(f"trl environment class {class_name!r} in {str(file)!r} has no reset method: TRL's needs reset(**row)")
+    probe = cls()  # as GRPOTrainer probes one instance for its tools
+    names = [
+        n for n, _ in inspect.getmembers(cls, predicate=inspect.isfunction) if n not in ("reset", "get_reward") and not n.startswith("_")
+    ]
+    if not names:
+        raise EnvSpecError(f"trl environment class {class_name!r} in {str(file)!r} has no public method: its tools are its public methods")
+    schemas = []
+    for name in names:
+        try:
+            schemas.append(get_json_schema(getattr(probe, name)))
+        except Exception as e:  # noqa: BLE001 - transformers' DocstringParsingException / TypeHintParsingException
+            raise EnvSpecError(
+                f"trl environment class {class_name!r}: tool {name!r}: {e} (TRL builds its schema from the docstring)"
+            ) from None
+    return TrlType(cls, schemas, workers)
+
+
+def _user_class(file: Path, class_name: str, kind: str) -> type:
+    module = rewards.load_user_module(file, "environment", EnvSpecError)
+    cls = getattr(module, class_name, None)
+    if not inspect.isclass(cls):
+        defined = sorted(k for k, v in vars(module).items() if inspect.isclass(v) and v.__module__ == module.__name__)
+        raise EnvSpecError(
+            f"{kind} environment file {str(file)!r} has no class {class_name!r} (its classes: "
+            f'{defined or "none"}); set "class" to the one to use'
+        )
+    return cls
+
+
+def final_reward(env: Any) -> tuple[float, str]:
+    """A finished trajectory's reward from its environment itself (a TRL class's get_reward) -> (reward, error)."""
+    if not isinstance(env, TrlEnvironment):
+        return 0.0, ""
+    try:
+        return env.final_reward(), ""
+    except Exception as e:  # noqa: BLE001 - a user's environment: its failure scores 0, reported
+        return 0.0, f"get_reward raised {type(e).__name__}: {e}"
+
+
+ENVIRONMENTS: dict[str, Callable[..., EnvironmentType]] = {"calculator": calculator, "code": code, "python": python, "trl": trl}
 RENAMED = {"class": "class_name"}  # spec field -> builder argument (a Python keyword)
 
 
@@ -427,9 +535,9 @@ def check_spec(spec: Any, trust_remote_code: Optional[bool] = None, where: str =
         rewards.check_fields({"type": spec["type"], **_fields_of(spec)}, builder, where, skip_ctx=True, common={"type"})
     except rewards.RewardSpecError as e:
         raise EnvSpecError(str(e).replace("class_name", "class")) from None
-    if spec["type"] == "python":
+    if spec["type"] in ("python", "trl"):
         if not spec.get("class"):
-            raise EnvSpecError(f'{where}: python needs "class": the name of your environment class in {spec.get("path")!r}')
+            raise EnvSpecError(f'{where}: {spec["type"]} needs "class": the name of your environment class in {spec.get("path")!r}')
         try:
             _python_file(spec.get("path", ""), trust_remote_code)
         except EnvSpecError as e:

@@ -66,6 +66,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import functools
 import gc
 import importlib.util
 import json
@@ -119,7 +120,18 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
         "",
         "training data (required): JSON list, JSONL, CSV, Parquet, or a datasets save_to_disk directory; "
         "for RL its rows may be prompts without a response when the reward reads the answer from the "
-        "row (math's answer_field, code's tests)",
+        "row (math's answer_field, code's tests); or \"reasoning_gym:NAME\", a task generated with TASK_CONFIG",
+    )
+    TASK_CONFIG: dict = _key(
+        {},
+        'a reasoning_gym:NAME task: "size" (1000), "eval_size" (200), "seed" (SEED), "level" (its curriculum level), '
+        '"system_prompt" (text, or a reasoning-gym SYSTEM_PROMPTS name), and the task\'s own fields (composite: "datasets")',
+    )
+    CURRICULUM: dict = _key(
+        {},
+        'off (empty) or the RL prompts\' level by the training pass rate (reward >= EVAL_PASS_SCORE) of the last "window" '
+        'updates (4): one up above "raise_above" (0.7), one down below "lower_below" (0.2), from "start" (0); the levels: a '
+        'reasoning_gym task\'s curriculum ("mode": inclusive | upper_bound), or the sorted values of "column" in file rows',
     )
     OUTPUT_DIR: str = _key("", "where metrics, checkpoints and models go (required)")
     TRUST_REMOTE_CODE: bool = _key(
@@ -235,6 +247,11 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
         False,
         "drop groups whose NUM_GENERATIONS scores are all equal (no signal for a group-relative "
         "estimator) and draw more prompts until the update holds PPO_BATCH prompts with signal (DAPO)",
+    )
+    DYNAMIC_SAMPLING_BY: str = _key(
+        "score",
+        "{choices}: DYNAMIC_SAMPLING drops groups whose scores are all equal, or that all pass or all fail (EVAL_PASS_SCORE)",
+        choices=lambda: ("score", "pass"),
     )
     MAX_SAMPLING_ROUNDS: int = _key(3, "DYNAMIC_SAMPLING: rounds of generation per update at most (then it runs with what it has)")
     MASK_TRUNCATED: bool = _key(
@@ -468,8 +485,14 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
         )
         self._check_distill(need, fill["MODE"])
         self._check_save_best(need)
+        if self.CURRICULUM:
+            fill["CURRICULUM"] = self._check_curriculum(need, fill["MODE"])
         if self.ENVIRONMENT:
             self._check_environment(need)
+            fill["ACTION_FORMAT"] = (
+                "tool_call" if self.ENVIRONMENT.get("type") == "trl" and self.ACTION_FORMAT == "auto" else self.ACTION_FORMAT
+            )
+        need(self.REWARD.get("type") != "environment" or bool(self.ENVIRONMENT), 'REWARD "environment" scores by ENVIRONMENT: set one')
         if self.MODE.lower() != "sft" or self.EVAL_FILE:  # the reward is used: its spec must build
             import rewards  # light: the reward types import their libraries when built
 
@@ -574,6 +597,28 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
             self.SAVE_BEST in known,
             f"SAVE_BEST {self.SAVE_BEST!r} is not a metric this run's evaluation logs; it logs: {', '.join(sorted(known))}",
         )
+
+    def _check_curriculum(self, need, mode: str) -> dict:
+        """CURRICULUM's rule, its defaults filled in (whether the task or the column has levels: at load)."""
+        rule = {**CURRICULUM_DEFAULTS, **self.CURRICULUM}
+        unknown = sorted(set(rule) - set(CURRICULUM_DEFAULTS))
+        need(not unknown, f"CURRICULUM: unknown field(s) {unknown}; it takes {', '.join(CURRICULUM_DEFAULTS)}")
+        number = all(isinstance(rule[k], (int, float)) and not isinstance(rule[k], bool) for k in ("raise_above", "lower_below"))
+        need(
+            number and 0 <= rule["lower_below"] < rule["raise_above"] <= 1,
+            f"CURRICULUM: need 0 <= lower_below < raise_above <= 1; got {rule['lower_below']!r}, {rule['raise_above']!r}",
+        )
+        for k in ("window", "start"):
+            ok = isinstance(rule[k], int) and not isinstance(rule[k], bool) and rule[k] >= (1 if k == "window" else 0)
+            need(ok, f"CURRICULUM {k!r} must be a whole number >= {1 if k == 'window' else 0}; got {rule[k]!r}")
+        need(rule["mode"] in ("inclusive", "upper_bound"), f'CURRICULUM "mode" must be "inclusive" or "upper_bound"; got {rule["mode"]!r}')
+        need(mode != "sft", 'CURRICULUM steers the RL prompts by their pass rate: MODE "sft" has none')
+        need(
+            runtime.is_task(self.TRAIN_FILE) != bool(rule["column"]),
+            'CURRICULUM needs levels: a "reasoning_gym:NAME" TRAIN_FILE (its curriculum), or "column" naming the difficulty '
+            "column of TRAIN_FILE's rows (not both)",
+        )
+        return rule
 
     def _check_ranges(self, need) -> None:
         need(0 < self.PERCENT <= 100, f"PERCENT must be in (0, 100], got {self.PERCENT}")
@@ -851,7 +896,7 @@ class Plan:
                 f"({self.minibatches_per_epoch} per epoch)",
             ),
             ("optimizer steps", f"SFT {self.sft_optimizer_steps}, PPO {self.ppo_optimizer_steps}"),
-            ("disk", storage_line(self.checkpoint_bytes, self.final_bytes)),
+            ("disk", outputs.storage_line(self.checkpoint_bytes, self.final_bytes)),
         ]
         return "plan:\n" + "\n".join(f"  {k:<16} {v}" for k, v in rows)
 
@@ -879,30 +924,6 @@ def check_launch(cfg: Config, world: int) -> None:
             )
 
 
-def storage_estimate(cfg: Config, counts: runtime.ParameterCounts, bf16: bool) -> tuple[int, int]:
-    """(bytes of one checkpoint, bytes of the final model). A checkpoint: the trainable weights and the value head in
-    fp32, AdamW's two fp32 moments of each optimizer that trains (SFT: the LM's trainable weights; PPO: those and the
-    value head), the moving reference (REF_UPDATE cycle). The final model: the LM in its training dtype (with LoRA
-    the merged base: bf16 with BF16), the adapter, the value head when one trains."""
-    lora = counts.adapter > 0
-    head = counts.hidden + 1
-    trainable = counts.adapter if lora else counts.total
-    sft = cfg.MODE == "sft" or cfg.MODE == "hybrid"
-    ppo = cfg.MODE != "sft"
-    optimizers = 8 * trainable * sft + 8 * (trainable + head) * ppo
-    reference = (4 * counts.adapter if lora else (2 if bf16 else 4) * counts.total) if cfg.REF_UPDATE == "cycle" else 0
-    checkpoint = 4 * (trainable + head) + optimizers + reference + 64_000  # + state.json, rng and manifest files
-    base = (2 if bf16 and lora else 4) * counts.total
-    final = base + 4 * counts.adapter + 4 * head * (ppo and ADVANTAGES[cfg.ADVANTAGE].critic) + 32_000  # + config, tokenizer
-    return checkpoint, final
-
-
-def storage_line(checkpoint: Optional[int], final: Optional[int]) -> str:
-    if checkpoint is None:
-        return "unknown until the model is converted (a .gguf converts at the first run)"
-    return f"a checkpoint about {runtime.human_bytes(checkpoint)}, the final model about {runtime.human_bytes(final)}"
-
-
 def make_plan(
     cfg: Config,
     n_items: int,
@@ -927,7 +948,8 @@ def make_plan(
     schedule = tuple(step_plan(cfg, n_items, n_sft_items))
     n_sft, n_ppo = schedule.count("sft"), schedule.count("ppo")
     minibatches = math.ceil(cfg.PPO_BATCH / cfg.PPO_MINI)
-    checkpoint_bytes, final_bytes = storage_estimate(cfg, counts, bf16) if counts else (None, None)
+    critic = ADVANTAGES[cfg.ADVANTAGE].critic
+    checkpoint_bytes, final_bytes = outputs.storage_estimate(cfg, counts, bf16, critic) if counts else (None, None)
     backend, generation = runtime.resolve_backend(cfg)
     return Plan(
         seed=seed,
@@ -1506,6 +1528,19 @@ class DistillLoss(NamedTuple):
 DISTILL_LOSSES = {"token_reverse_kl": DistillLoss(distill_advantages, in_loss=False), "jsd": DistillLoss(generalized_jsd, in_loss=True)}
 
 
+CURRICULUM_DEFAULTS = {"raise_above": 0.7, "lower_below": 0.2, "window": 4, "start": 0, "mode": "inclusive", "column": ""}
+
+
+def curriculum_level(level: int, rates: list, rule: dict, n_levels: int) -> int:
+    """CURRICULUM's rule (online difficulty as in AdaRFT; one level at a time as reasoning-gym's curricula): the mean
+    training pass rate of the last `window` updates at this level -> one level up above raise_above, one down below
+    lower_below, else the same."""
+    if len(rates) < rule["window"]:
+        return level
+    rate = sum(rates[-rule["window"] :]) / rule["window"]
+    return min(level + 1, n_levels - 1) if rate > rule["raise_above"] else max(level - 1, 0) if rate < rule["lower_below"] else level
+
+
 def zero_std_groups(scores: torch.Tensor, group_size: int) -> float:
     """Fraction of groups whose G scores are all equal: their group-relative advantages are 0 (no signal)."""
     g = scores.view(-1, group_size)
@@ -1697,100 +1732,6 @@ class Example:
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def quiet_datasets():
-    """`datasets`, without its progress bars and logs (the trainer reports what it reads, and its errors)."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot read is our one error: not its log too
-    return datasets
-
-
-def read_items(path: str, key: str, split: str = "") -> list:
-    """Rows of TRAIN_FILE / EVAL_FILE (`key` names the config key in errors): a JSON list or JSONL file of objects
-    (read here: errors name the line), a CSV or Parquet file, or a directory written by `datasets`' save_to_disk
-    (read with `datasets`, never from the hub; a DatasetDict gives its `split`, by default train for TRAIN_FILE
-    and test / validation for EVAL_FILE)."""
-    p = Path(path)
-    if p.is_dir():
-        return read_saved_dataset(p, key, split)
-    if not p.is_file():
-        raise runtime.UserError(
-            f"{key} {runtime.shown(path)} does not exist" if not p.exists() else f"{key} {runtime.shown(path)} is not a file"
-        )
-    if split:
-        runtime.warn(f"{key.replace('FILE', 'SPLIT')} {split!r} is ignored: {key} is a file, not a saved DatasetDict")
-    if p.suffix.lower() in (".csv", ".parquet"):
-        return read_table(p, key)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise runtime.UserError(f"{key} {runtime.shown(path)} cannot be read: {e}") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise runtime.UserError(f"{key} {path!r} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    else:
-        items = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise runtime.UserError(f"{key} {path!r} line {lineno} is not valid JSON: {e.msg}") from None
-    if not items:
-        raise runtime.UserError(f"{key} {path!r} holds no items")
-    return items
-
-
-def read_table(p: Path, key: str) -> list:
-    """A CSV or Parquet file through `datasets` (in memory; its cache in a temporary directory)."""
-    import tempfile
-
-    datasets = quiet_datasets()
-    kind = "CSV" if p.suffix.lower() == ".csv" else "Parquet"
-    reader = datasets.Dataset.from_csv if kind == "CSV" else datasets.Dataset.from_parquet
-    with tempfile.TemporaryDirectory() as cache:
-        try:
-            rows = reader(str(p), keep_in_memory=True, cache_dir=cache).to_list()
-        except Exception as e:  # noqa: BLE001 - pyarrow / pandas raise many types for a bad file
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise runtime.UserError(f"{key} {runtime.shown(p)} cannot be read as {kind}: {msg[:300]}") from None
-    if not rows:
-        raise runtime.UserError(f"{key} {str(p)!r} holds no rows")
-    return rows
-
-
-def read_saved_dataset(p: Path, key: str, split: str) -> list:
-    split_key = key.replace("FILE", "SPLIT")
-    if not any((p / name).is_file() for name in ("dataset_dict.json", "state.json")):
-        raise runtime.UserError(
-            f"{key} {runtime.shown(p)} is a directory but not a dataset written by datasets' save_to_disk "
-            "(no dataset_dict.json or state.json in it)"
-        )
-    datasets = quiet_datasets()
-    try:
-        ds = datasets.load_from_disk(str(p), keep_in_memory=True)
-    except Exception as e:  # noqa: BLE001
-        raise runtime.UserError(f"{key} {runtime.shown(p)} cannot be read with datasets.load_from_disk: {type(e).__name__}: {e}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        wanted = [split] if split else (["train"] if key == "TRAIN_FILE" else ["test", "validation"])
-        name = next((w for w in wanted if w in ds), None)
-        if name is None:
-            raise runtime.UserError(
-                f"{key} {str(p)!r} has no split {' or '.join(map(repr, wanted))} (its splits: {sorted(ds)}); set {split_key} to one of them"
-            )
-        ds = ds[name]
-    elif split:
-        runtime.warn(f"{split_key} {split!r} is ignored: {key} {str(p)!r} is a single Dataset, not a DatasetDict")
-    rows = ds.to_list()
-    if not rows:
-        raise runtime.UserError(f"{key} {str(p)!r} holds no rows")
-    return rows
-
-
 def pick_data_format(wanted: str, items: list, prompt_only: bool = False, output_key: str = "") -> str:
     """DATA_FORMAT auto: messages when the rows have a `messages` column, then prompt_completion (`prompt` and
     `completion`; or, where rows may be prompts alone, `prompt` without SELECT_OUTPUT), else fields (today's:
@@ -1966,7 +1907,10 @@ def load_data(cfg: Config, key: str) -> tuple[list[Example], str]:
         "SFT_FILE": (cfg.SFT_FILE, cfg.SFT_SPLIT),
         "EVAL_FILE": (cfg.EVAL_FILE, cfg.EVAL_SPLIT),
     }[key]
-    items = read_items(path, key, split)
+    if runtime.is_task(path):
+        items = runtime.task_items(path, cfg.TASK_CONFIG, key, cfg.TRAIN_FILE, cfg.SEED or 0)
+    else:
+        items = runtime.read_items(path, key, split)
     optional = key == "TRAIN_FILE" and prompts_only(cfg)
     fmt = pick_data_format(cfg.DATA_FORMAT, items, optional, cfg.SELECT_OUTPUT)
     return make_examples(items, cfg.SELECT_OUTPUT, f"{key} {path!r}", cfg.CATEGORY_FIELD, fmt, optional), fmt
@@ -2009,27 +1953,6 @@ def check_prompt_rows(cfg: Config, examples: list[Example]) -> None:
             'response, or use a reward that reads the answer from the row (math with "answer_field", code '
             "with its tests)"
         )
-
-
-def check_category_field(cfg: Config, files: dict[str, list]) -> None:
-    """CATEGORY_FIELD names a column some row has (else the report's category table would silently vanish); a file
-    whose rows have it only in part gets a warning with the count."""
-    if not cfg.CATEGORY_FIELD:
-        return
-    rows = [e for examples in files.values() for e in examples]
-    if rows and all(e.category is None for e in rows):
-        columns = sorted({k for e in rows if isinstance(e.item, dict) for k in e.item})
-        raise runtime.UserError(
-            f"CATEGORY_FIELD {cfg.CATEGORY_FIELD!r} is in no row of {' or '.join(k for k in files if files[k])}: "
-            f'their columns are {columns}. Name one of them, or set CATEGORY_FIELD to ""'
-        )
-    for key, examples in files.items():
-        missing = sum(e.category is None for e in examples)
-        if 0 < missing < len(examples):
-            runtime.warn(
-                f"CATEGORY_FIELD {cfg.CATEGORY_FIELD!r} is missing from {missing} of {len(examples)} rows of {key}: they "
-                "are left out of the report's category table"
-            )
 
 
 def load_examples(cfg: Config, seed: Optional[int] = None) -> list[Example]:
@@ -2467,9 +2390,12 @@ class Collected:
             env_s=self.env_s + other.env_s,
         )
 
-    def groups_with_signal(self, G: int) -> "Collected":
-        """Only the prompts whose G scores are not all equal (the others give group-relative estimators nothing)."""
-        keep = [i for i in range(len(self.examples)) if len({s.score for s in self.samples[i * G : (i + 1) * G]}) > 1]
+    def groups_with_signal(self, G: int, pass_score: Optional[float] = None) -> "Collected":
+        """Only the prompts whose G scores are not all equal (the others give group-relative estimators nothing); with
+        pass_score (DYNAMIC_SAMPLING_BY pass), whose G responses do not all pass or all fail (a shaped reward's spread
+        among failures is no signal of what passes: verl-recipe#125)."""
+        mark = (lambda s: s.score) if pass_score is None else (lambda s: s.score >= pass_score)
+        keep = [i for i in range(len(self.examples)) if len({mark(s) for s in self.samples[i * G : (i + 1) * G]}) > 1]
         return Collected(
             examples=[self.examples[i] for i in keep], samples=[s for i in keep for s in self.samples[i * G : (i + 1) * G]], sums={}
         )
@@ -2814,17 +2740,19 @@ class TurnLoop:
         import environments
 
         self.cfg, self.plan, self.generate, self.tokenizer, self.env_type = cfg, plan, generate, tokenizer, env_type
-        self.tools = [env_type.tool_schema] if env_type is not None and cfg.ACTION_FORMAT == "tool_call" else None
+        self.tools = env_type.tools() if env_type is not None and cfg.ACTION_FORMAT == "tool_call" else None
         self.chat = chat or runtime.make_chat(cfg, tokenizer, tools=self.tools is not None)
         self.format = None
         if env_type is not None:  # tool_call: the template's own format
             named = env_type.default_format if cfg.ACTION_FORMAT == "auto" else cfg.ACTION_FORMAT
-            self.format = runtime.tool_call_format(self.chat, env_type.tool_schema) if self.tools else environments.action_format(named)
+            self.format = runtime.tool_call_format(self.chat, self.tools[0]) if self.tools else environments.action_format(named)
         self.stop = [self.format.close] if env_type is not None and self.format.stops else None
         self.env_s = 0.0  # seconds in environment steps, summed over the runs (the caller reads differences)
 
     def run(self, examples: list[Example], n: int, greedy: bool = False, temperature: Optional[float] = None) -> list[Trajectory]:
         """n trajectories per example, rows i*n .. i*n+n-1 for example i."""
+        import environments
+
         trajs = [self.start(e) for e in examples for _ in range(n)]
         first = True
         while True:
@@ -2861,6 +2789,9 @@ class TurnLoop:
                 self.env_s += time.perf_counter() - t0
                 for (t, _), outcome in zip(acting, outcomes):
                     self.observe(t, outcome)
+        for t in [t for t in trajs if t.env is not None and not t.error]:  # the environment's own reward (a TRL class's get_reward)
+            reward, error = environments.final_reward(t.env)
+            t.env_reward, t.error = t.env_reward + reward, error and f"item {t.example.index}: {error}"
         return trajs
 
     def start(self, ex: Example) -> Trajectory:
@@ -2869,6 +2800,8 @@ class TurnLoop:
         env = self.env_type.new(ex.item)
         added = env.reset(ex.item)
         messages = prompt_messages(ex, self.cfg)
+        if isinstance(added, str):  # a TRL environment's text goes after the last user message's (as GRPOTrainer does)
+            messages, added = messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + added}], None
         if not added and self.tools is None:
             return Trajectory(example=ex, prompt_ids=ex.prompt_ids, env=env, messages=messages, n_prompt=len(messages))
         messages = [dict(m) for m in added or []] + messages
@@ -2918,7 +2851,7 @@ class TurnLoop:
         elif t.turns >= self.cfg.MAX_TURNS or self.room(t) <= 0:
             t.done, t.truncated = True, True
         elif self.tools is not None:  # tool_call: the call's argument is the action; a malformed call is answered here
-            action, error = environments.parse_tool_call(action.strip(), self.env_type.tool_schema)
+            action, error = self.env_type.parse_call(action.strip())
             if action is None:
                 t.parse_errors += 1
                 self.observe(t, environments.Outcome(environments.Step(error, error=True), "", 0.0))
@@ -3040,13 +2973,14 @@ class Collector:
         prompts have signal or MAX_SAMPLING_ROUNDS rounds ran. Every prompt drawn is used up (scored, then kept or
         dropped). -> (the kept groups, everything generated, metrics)."""
         G, wanted = self.plan.group_size, self.plan.responses_per_update
-        kept, generated, rounds = first.groups_with_signal(G), first, 1
+        by = self.cfg.EVAL_PASS_SCORE if self.cfg.DYNAMIC_SAMPLING_BY == "pass" else None
+        kept, generated, rounds = first.groups_with_signal(G, by), first, 1
         while len(kept.samples) < wanted and rounds < self.cfg.MAX_SAMPLING_ROUNDS and draw is not None:
             more = draw((wanted - len(kept.samples)) // G)
             if not more:  # the epoch's prompts are used up
                 break
             batch = self.collect(more)
-            kept, generated, rounds = kept.join(batch.groups_with_signal(G)), generated.join(batch), rounds + 1
+            kept, generated, rounds = kept.join(batch.groups_with_signal(G, by)), generated.join(batch), rounds + 1
         return (
             kept,
             generated,
@@ -3691,6 +3625,7 @@ class HybridTrainer:
             {
                 "reward/mean": float(np.mean(scores)),
                 "reward/std": float(np.std(scores)),
+                "reward/pass_rate": float(np.mean([x >= self.cfg.EVAL_PASS_SCORE for x in scores])),  # CURRICULUM's signal
                 "ppo/ended_with_eos": sum(s.ended for s in generated.samples) / n,
                 **info,
                 "time/generate_s": generated.generate_s,
@@ -3928,6 +3863,9 @@ class RunState:
     bad_total: int = 0
     drawn: dict = field(default_factory=lambda: {"sft": 0, "ppo": 0})  # items each side drew in this epoch
     best: Optional[Best] = None  # SAVE_BEST: the best evaluation so far (its weights in best/)
+    level: int = 0  # CURRICULUM: the level the RL prompts come from
+    level_drawn: int = 0  # CURRICULUM: prompts drawn at this level (its seeded order, lap after lap)
+    pass_rates: list = field(default_factory=list)  # CURRICULUM: each update's training pass rate at this level
 
     def to_dict(self) -> dict:
         """As a checkpoint's state.json holds it."""
@@ -3950,22 +3888,6 @@ def step_plan(cfg: Config, n_items: int, n_sft_items: Optional[int] = None) -> l
     return epoch_schedule(n_sft, n_ppo, cycle_sft, cycle_ppo)
 
 
-def summary_line(record: dict) -> str:
-    keys = [
-        "sft/loss",
-        "reward/mean",
-        "objective/kl",
-        "objective/kl_coef",
-        "ppo/loss/policy",
-        "ppo/loss/value",
-        "ppo/policy/clipfrac",
-        "ppo/response_length",
-        "time/tokens_per_s",
-    ]
-    parts = [f"{k.split('/', 1)[-1].replace('/', '_')}={record[k]:.4g}" for k in keys if k in record]
-    return f"step {record['step']} [{record['phase']}] " + " ".join(parts)
-
-
 class Run(NamedTuple):
     """What the loop works with, set up once by run()."""
 
@@ -3979,15 +3901,43 @@ class Run(NamedTuple):
     out_dir: Path
     metrics: outputs.MetricsLog
     prompt_format: str  # sketch or chat, as resolved for MODEL's tokenizer
+    levels: Optional[Levels] = None  # CURRICULUM's
+
+
+class Levels(NamedTuple):
+    """CURRICULUM's levels (make_levels): the RL prompts at each one."""
+
+    rule: dict  # CURRICULUM with its defaults
+    count: int
+    pool: Callable[[int], list]  # level -> its tokenized Examples (made once)
 
 
 def draw(r: Run, state: RunState, side: str, n: int) -> list[Example]:
     """The next n items (fewer at the epoch's end) of a side's stream: the epoch's order from where it stopped. Every
-    item is drawn once per epoch, also when DYNAMIC_SAMPLING draws more than PPO_BATCH for an update."""
+    item is drawn once per epoch, also when DYNAMIC_SAMPLING draws more than PPO_BATCH for an update. CURRICULUM: as
+    many RL prompts from the current level's pool, in its own seeded order."""
     order = epoch_order(r.plan.items(side), r.plan.seed, state.epoch, side, r.cfg.SHUFFLE)
     start = state.drawn[side]
     state.drawn[side] = min(len(order), start + n)
+    if side == "ppo" and r.levels is not None:
+        pool, picked = r.levels.pool(state.level), []
+        for _ in range(state.drawn[side] - start):
+            lap, i = divmod(state.level_drawn, len(pool))
+            picked.append(pool[epoch_order(len(pool), r.plan.seed + lap, state.level, "ppo", r.cfg.SHUFFLE)[i]])
+            state.level_drawn += 1
+        return picked
     return [(r.sft_examples if side == "sft" else r.examples)[i] for i in order[start : state.drawn[side]]]
+
+
+def climb(r: Run, state: RunState, pass_rate: float) -> dict:
+    """CURRICULUM after an update: its pass rate joins the window, the rule may move the level (a new level starts
+    its own window) -> the metrics (the level this update trained at)."""
+    state.pass_rates.append(pass_rate)
+    trained_at, state.level = state.level, curriculum_level(state.level, state.pass_rates, r.levels.rule, r.levels.count)
+    if state.level != trained_at:
+        state.level_drawn, state.pass_rates = 0, []
+        runtime.say(f"curriculum: level {trained_at} -> {state.level} (pass rate {pass_rate:.2f} this update)")
+    return {"curriculum/level": trained_at}
 
 
 def take_step(r: Run, state: RunState, phase: str) -> Optional[dict]:
@@ -4003,6 +3953,8 @@ def take_step(r: Run, state: RunState, phase: str) -> Optional[dict]:
         stats = (
             r.trainer.sft_step(batch) if phase == "sft" else r.trainer.ppo_update(batch, progress, draw=lambda n: draw(r, state, "ppo", n))
         )
+        if r.levels is not None and "reward/pass_rate" in stats:
+            stats.update(climb(r, state, stats["reward/pass_rate"]))
         state.bad_streak = 0
     except BadStep as e:
         state.bad_streak += 1
@@ -4055,7 +4007,7 @@ def train_loop(r: Run, state: RunState, stop: runtime.StopRequest) -> int:
                     continue
                 bar.update(1)
                 if (state.step % cfg.LOG_EVERY == 0 or state.step in (first_step, r.plan.total_steps)) and runtime.is_main():
-                    bar.write(summary_line(record))
+                    bar.write(outputs.summary_line(record))
                 if state.bad_streak >= cfg.MAX_BAD_STEPS:
                     raise runtime.UserError(
                         f"{state.bad_streak} consecutive steps were skipped (non-finite loss, gradient or "
@@ -4260,9 +4212,11 @@ def start_run(cfg: Config, check: bool, reward) -> Optional[tuple[Run, RunState]
     runtime.defer_scikit_learn()  # before transformers' model code is first imported
     examples, data_format = load_data(cfg, "TRAIN_FILE")
     check_prompt_rows(cfg, examples)
+    if cfg.CURRICULUM:  # its levels exist: an error line before any weights load
+        runtime.say(f"curriculum: {make_levels(cfg, examples, list).count} levels, from level {cfg.CURRICULUM['start']}")
     sft = load_data(cfg, "SFT_FILE") if sft_file_feeds_sft(cfg) else None  # None: TRAIN_FILE feeds both sides
     eval_examples = load_eval_examples(cfg)
-    check_category_field(cfg, {"TRAIN_FILE": examples, "EVAL_FILE": eval_examples})
+    runtime.check_category_field(cfg, {"TRAIN_FILE": examples, "EVAL_FILE": eval_examples})
     paths = runtime.resolve_model(cfg)  # reads no weights; a missing adapter base is an error here
     check_chat_rendering(
         cfg,
@@ -4330,9 +4284,10 @@ def check_only(
     if sft:
         show_data_example(cfg, sft[0][0], sft[1], paths, "SFT_FILE", ", the SFT side")
     counts = runtime.parameter_counts(cfg, paths)
-    checkpoint, final = storage_estimate(cfg, counts, cfg.BF16 is True) if counts else (None, None)
+    critic = ADVANTAGES[cfg.ADVANTAGE].critic
+    checkpoint, final = outputs.storage_estimate(cfg, counts, cfg.BF16 is True, critic) if counts else (None, None)
     free = outputs.free_bytes(out_dir)
-    runtime.say(f"disk: {storage_line(checkpoint, final)}; {runtime.human_bytes(free)} free in {out_dir}")
+    runtime.say(f"disk: {outputs.storage_line(checkpoint, final)}; {runtime.human_bytes(free)} free in {out_dir}")
     runtime.check_space(cfg, checkpoint, final, out_dir, free)
     n_sft = len(sft[0]) if sft else None
     runtime.say(
@@ -4383,14 +4338,37 @@ def start(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(outputs.resolved_config(cfg, plan), indent=2))
         (out_dir / "plan.json").write_text(json.dumps(dataclasses.asdict(plan), indent=2))
-    state = RunState()
+    levels = make_levels(cfg, examples, lambda rows: tokenize_examples(rows, cfg, tokenizer, fmt, "TRAIN_FILE", plan.maxseq, stops, chat))
+    state = RunState(level=min(levels.rule["start"], levels.count - 1) if levels else 0)
     if resume_from is not None:
         saved = outputs.load_checkpoint(resume_from, device)
         trainer.load_state_dict(saved, f"checkpoint {resume_from}")
         state = RunState.from_dict(saved["state"]["run"])
         runtime.say(f"resuming from {resume_from} (step {state.step})")
     metrics = outputs.MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=state.step, cfg=cfg, config=outputs.resolved_config(cfg, plan))
-    return Run(cfg, plan, trainer, examples, sft_examples, eval_examples, eval_metrics, out_dir, metrics, fmt), state
+    return Run(cfg, plan, trainer, examples, sft_examples, eval_examples, eval_metrics, out_dir, metrics, fmt, levels), state
+
+
+def make_levels(cfg: Config, examples: list, prepare: Callable[[list], list]) -> Optional[Levels]:
+    """CURRICULUM's levels: a reasoning_gym task's curriculum (its rows generated at a level when first drawn), or the
+    sorted values of "column" in TRAIN_FILE's rows (each level its rows); prepare tokenizes. None without CURRICULUM."""
+    rule = cfg.CURRICULUM
+    if not rule:
+        return None
+    if runtime.is_task(cfg.TRAIN_FILE):
+        task = runtime.make_task(cfg.TRAIN_FILE, cfg.TASK_CONFIG, "TRAIN_FILE", cfg.SEED or 0)
+        where = f"TRAIN_FILE {cfg.TRAIN_FILE!r}"
+        rows = functools.cache(lambda level: runtime.task_rows(task, where, level=level, mode=rule["mode"]))
+        made = functools.cache(lambda level: prepare(make_examples(rows(level), cfg.SELECT_OUTPUT, where, "", "prompt_completion", True)))
+        return Levels(rule, runtime.task_levels(task, where), made)
+    column = rule["column"]
+    value = {id(e): e.item.get(column, e.category if column == cfg.CATEGORY_FIELD else None) for e in examples}
+    missing = [e.index for e in examples if value[id(e)] is None or isinstance(value[id(e)], (dict, list))]
+    if missing:
+        raise runtime.UserError(f"CURRICULUM column {column!r}: TRAIN_FILE rows {missing[:5]} have no level there (a number or a name)")
+    values = sorted(set(value.values()), key=lambda v: (isinstance(v, str), v))
+    pools = [[e for e in examples if value[id(e)] == v] for v in values]
+    return Levels(rule, len(values), pools.__getitem__)
 
 
 def plan_run(cfg: Config, examples: list, paths, out_dir: Path, resume_from: Optional[Path], device, sft_examples) -> tuple[Plan, list]:

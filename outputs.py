@@ -4,9 +4,9 @@ here; this module imports runtime.py and never the trainer (a trainer is read by
 
   1. Faults        a full disk (DiskFull, writing, all_or_none), free space, OUTPUT_DIR's state and plan.
   2. Checkpoints   the layout (CHECKPOINT), writing one whole or not at all, the manifest that proves it, finding the one
-                   to resume from, reading it back.
+                   to resume from, reading it back; their size estimated (storage_estimate).
   3. Final model   inference_lm/, ppo_full/, best/.
-  4. Metrics       metrics.jsonl and the REPORT_TO trackers (TRACKERS).
+  4. Metrics       metrics.jsonl and the REPORT_TO trackers (TRACKERS); the loop's summary line.
   5. Reports       report.md with its tables and plots, the model card.
 """
 
@@ -466,6 +466,31 @@ def load_checkpoint(path: Path, device: torch.device) -> dict:
     return parts
 
 
+def storage_estimate(cfg, counts, bf16: bool, critic: bool) -> tuple[int, int]:
+    """(bytes of one checkpoint, bytes of the final model). A checkpoint: the trainable weights and the value head in
+    fp32, AdamW's two fp32 moments of each optimizer that trains (SFT: the LM's trainable weights; PPO: those and the
+    value head), the moving reference (REF_UPDATE cycle). The final model: the LM in its training dtype (with LoRA
+    the merged base: bf16 with BF16), the adapter, the value head when one trains
+    (critic: the ADVANTAGE has one). counts: runtime.ParameterCounts."""
+    lora = counts.adapter > 0
+    head = counts.hidden + 1
+    trainable = counts.adapter if lora else counts.total
+    sft = cfg.MODE == "sft" or cfg.MODE == "hybrid"
+    ppo = cfg.MODE != "sft"
+    optimizers = 8 * trainable * sft + 8 * (trainable + head) * ppo
+    reference = (4 * counts.adapter if lora else (2 if bf16 else 4) * counts.total) if cfg.REF_UPDATE == "cycle" else 0
+    checkpoint = 4 * (trainable + head) + optimizers + reference + 64_000  # + state.json, rng and manifest files
+    base = (2 if bf16 and lora else 4) * counts.total
+    final = base + 4 * counts.adapter + 4 * head * (ppo and critic) + 32_000  # + config, tokenizer
+    return checkpoint, final
+
+
+def storage_line(checkpoint: Optional[int], final: Optional[int]) -> str:
+    if checkpoint is None:
+        return "unknown until the model is converted (a .gguf converts at the first run)"
+    return f"a checkpoint about {human_bytes(checkpoint)}, the final model about {human_bytes(final)}"
+
+
 # ==================================================================================================
 # 3. The final model: inference_lm/, ppo_full/, best/
 # ==================================================================================================
@@ -819,6 +844,22 @@ def start_trackers(cfg, out: Path, config: dict, resume_step: int) -> list:
     return started
 
 
+def summary_line(record: dict) -> str:
+    keys = [
+        "sft/loss",
+        "reward/mean",
+        "objective/kl",
+        "objective/kl_coef",
+        "ppo/loss/policy",
+        "ppo/loss/value",
+        "ppo/policy/clipfrac",
+        "ppo/response_length",
+        "time/tokens_per_s",
+    ]
+    parts = [f"{k.split('/', 1)[-1].replace('/', '_')}={record[k]:.4g}" for k in keys if k in record]
+    return f"step {record['step']} [{record['phase']}] " + " ".join(parts)
+
+
 # ==================================================================================================
 # 5. Reports: report.md and its plots, the model card
 # ==================================================================================================
@@ -1019,6 +1060,7 @@ PLOT_CAPTIONS = {
     "noisy per batch and can be negative (a negative value is sampling noise, not a negative divergence); "
     '`KL_PENALTY: "full"` computes it exactly over the vocabulary.',
     "sft_loss": "SFT cross-entropy per response token (nats) at each SFT step.",
+    "curriculum": "`CURRICULUM`: the level each PPO update's prompts came from (the training pass rate is `reward/pass_rate`).",
     "eval": "Held-out metrics at each evaluation (`EVAL_EVERY`).",
 }
 
@@ -1036,6 +1078,7 @@ def plot_metrics(out_dir: Path, records: list[dict]) -> list[Path]:
         "reward": (["reward/mean"], "mean reward"),
         "kl": (["objective/kl"], "KL (nats per response)"),
         "sft_loss": (["sft/loss"], "cross-entropy (nats per token)"),
+        "curriculum": (["curriculum/level"], "level"),
         "eval": (sorted({k for r in evals for k in r if k.startswith("eval/")}) if len(evals) >= 3 else [], "metric value"),
     }
     written = []

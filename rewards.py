@@ -812,6 +812,57 @@ def think_format(ctx: Context, open: str = "<think>", close: str = "</think>") -
     return scores
 
 
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+TASK_EXTRACTORS = {"answer_tag": lambda text: (_ANSWER_TAG.findall(text) or [None])[-1], **MATH_EXTRACTORS}
+
+
+def reasoning_gym(ctx: Context, extract: Optional[list] = None) -> BatchFn:
+    """A reasoning-gym task's own verifier (its score_answer; some give partial credit) on the response's answer: the
+    first that `extract` finds, in order (answer_tag: the last <answer>...</answer>, reasoning-gym's own format; boxed,
+    hash, answer_is, last_number as the math reward's; last_number only where the gold answer is a number), else the
+    whole response. The row says which task scores it (metadata.source_dataset: reasoning_gym:NAME rows, composites
+    and files of reasoning-gym entries); the gold answer is the row's "answer", else its reference response."""
+    extract = ["answer_tag", "boxed", "hash", "answer_is", "last_number"] if extract is None else extract
+    if not extract or any(e not in TASK_EXTRACTORS for e in extract):
+        raise RewardSpecError(f"extract must be a non-empty list of {', '.join(TASK_EXTRACTORS)}; got {extract!r}")
+    if importlib.util.find_spec("reasoning_gym") is None:
+        raise RewardSpecError("reasoning_gym needs reasoning-gym: pip install reasoning-gym==0.1.25")
+    import reasoning_gym as rg
+
+    def task_of(item: Optional[dict]) -> Optional[str]:
+        name = ((item or {}).get("metadata") or {}).get("source_dataset")
+        return name if name in rg.factory.DATASETS else None
+
+    for where, _target, item in ctx.rows:
+        if task_of(item) is None:
+            raise RewardSpecError(
+                f'reasoning_gym: {where} is not a reasoning-gym row (its "metadata" names no task in "source_dataset"): '
+                'TRAIN_FILE / EVAL_FILE "reasoning_gym:NAME" generates them'
+            )
+    scorers = {}
+
+    def answer(response: str, gold: str) -> str:
+        numeric = _NUMBER.fullmatch(gold.strip()) is not None
+        found = next((a for a in (TASK_EXTRACTORS[e](response) for e in extract if e != "last_number" or numeric) if a), None)
+        return (found or response).strip()
+
+    def fn(responses, targets, prompts, items):
+        out = []
+        for response, target, item in zip(responses, targets, items):
+            name = task_of(item)
+            if name is None:
+                raise ValueError(f"not a reasoning-gym row: {str(item)[:120]}")
+            gold = str(item.get("answer", target))
+            asked = item.get("prompt")
+            question = item.get("question") or (asked[-1]["content"] if isinstance(asked, list) and asked else str(asked or ""))
+            entry = {"question": question, "answer": gold, "metadata": item["metadata"]}
+            scorer = scorers.get(name) or scorers.setdefault(name, rg.get_score_answer_fn(name))
+            out.append(float(scorer(answer(response, gold), entry)))
+        return out
+
+    return fn
+
+
 class Overlong(Scorer):
     """DAPO's soft overlong punishment on each response's token count: the generated ids when the trainer passes them
     (as TRL's, which counts completion_ids), else the text re-tokenized (a standalone call)."""
@@ -1165,6 +1216,12 @@ def _tests_of(item: Optional[dict], field: str, label: str) -> list:
     )
 
 
+def environment(ctx: Context) -> BatchFn:
+    """0 for every response: the score is the environment's own (its steps' rewards and a TRL class's get_reward(),
+    times ENV_REWARD_WEIGHT), for an ENVIRONMENT that owns the reward (TRL's environment_factory without reward_funcs)."""
+    return lambda responses, targets, prompts, items: [0.0] * len(responses)
+
+
 REWARDS: dict[str, Callable[..., BatchFn]] = {
     "cosine_sts": cosine_sts,
     "perplexity": perplexity,
@@ -1186,6 +1243,8 @@ REWARDS: dict[str, Callable[..., BatchFn]] = {
     "code": code,
     "think_format": think_format,
     "overlong": overlong,
+    "reasoning_gym": reasoning_gym,
+    "environment": environment,
 }
 
 

@@ -390,7 +390,7 @@ def test_list_output_uses_first_element_and_subset_is_seeded(tmp_path):
 def test_jsonl_is_accepted(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"q": "a", "output": "b"}\n\n{"q": "c", "output": "d"}\n')
-    assert [e.target for e in ht.make_examples(ht.read_items(str(path), "TRAIN_FILE"), "output", "TRAIN_FILE")] == ["b", "d"]
+    assert [e.target for e in ht.make_examples(runtime.read_items(str(path), "TRAIN_FILE"), "output", "TRAIN_FILE")] == ["b", "d"]
 
 
 def test_the_config_reference_documents_every_config_key():
