@@ -24,20 +24,22 @@ in two modules that never import this one:
                        the update and the loop read their sizes there.
   2. Math              pure tensor functions; the registries KL_PENALTIES, LOSS_AGGREGATIONS, POLICY_LOSSES, KL_PLACES,
                        ROLLOUT_IS_MODES, ADVANTAGES, SFT_LOSSES, SFT_TOKEN_WEIGHTS, MIX_SCHEDULES, HYBRID_STRATEGIES.
-  3. Data              files -> Examples (DATA_FORMATS registry), prompts, tokens, batches.
+  3. Data              rows (runtime's: files, reasoning-gym tasks) -> Examples (DATA_FORMATS registry), prompts, tokens,
+                       batches.
   4. The update        the policy (PolicyWithValueHead, load_model); Optimizers; SFTTerm; the PPO update's typed
                        records (Sample -> Collected -> Rollout -> OldPolicy -> UpdateBatch -> LossStats); step 1's turn
                        loop (TurnLoop: Trajectory, one turn without an environment); steps 1-3 (Collector: generate,
                        score, gather) and 4-7 (PPOUpdate: log-probs, advantages, epochs, statistics) in file order;
                        HybridTrainer composes them and owns its state (state_dict / load_state_dict); evaluation.
-  5. The loop          the step schedule, metrics, signals, evaluation and SAVE_BEST.
+  5. The loop          the step schedule, the draws (CURRICULUM's levels), metrics, signals, evaluation and SAVE_BEST.
   6. run and main      start-up (checks, the plan, loading), --check, finish, the command line.
   runtime.py           processes, model loading (LoRA, reference, teacher), the packed forward (PACKING), precision,
-                       chat templates (Chat), the engines (GENERATION_BACKENDS), the CPU-speed code and its side effects.
-  outputs.py           OUTPUT_DIR and faults (a full disk), checkpoints (CHECKPOINT: the layout), the final model,
-                       metrics.jsonl and the trackers (TRACKERS), report.md and the model card.
+                       chat templates (Chat), the engines (GENERATION_BACKENDS), the CPU-speed code and its side effects,
+                       the data's rows (files; reasoning-gym tasks generated from TASK_CONFIG, at a curriculum level).
+  outputs.py           OUTPUT_DIR and faults (a full disk), checkpoints (CHECKPOINT: the layout; their size), the final
+                       model, metrics.jsonl and the trackers (TRACKERS), the summary line, report.md and the model card.
   rewards.py           make_reward(spec): the REWARDS registry, the code sandbox.
-  environments.py      make_environment(spec): the ENVIRONMENTS registry, action formats.
+  environments.py      make_environment(spec): the ENVIRONMENTS registry (TRL's environment classes too), action formats.
 Where to add:
   an advantage estimator  a function in section 2 + one line in ADVANTAGES (its extra pass, if any, in Estimator)
   a policy loss           a function returning PolicyTerms + one line in POLICY_LOSSES (its own LOSS_AGG, if any)
@@ -311,7 +313,7 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
         30.0, "ENVIRONMENT: seconds an environment step may take; a step that takes longer ends its trajectory (reward 0, counted)"
     )
     ENV_REWARD_WEIGHT: float = _key(
-        1.0, "ENVIRONMENT: the environment's own step rewards, summed over the trajectory, are added to REWARD's score times this"
+        1.0, "ENVIRONMENT: its own rewards (its steps', summed; a TRL class's get_reward()) are added to REWARD's score times this"
     )
     OBSERVATION_ROLE: str = _key("tool", "ENVIRONMENT: the chat role of an observation turn (tool; user for templates without one)")
     # --- on-policy distillation: a teacher scores the student's own tokens ---
