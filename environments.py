@@ -420,8 +420,8 @@ class TrlEnvironment:
     get_reward as GRPOTrainer calls them): reset(row) is its reset(**row), whose text (if any) is appended to the last
     user message; step(call) runs one tool call; a tool that raises answers {'error': ...}, as TRL's does."""
 
-    def __init__(self, instance: Any):
-        self.instance = instance
+    def __init__(self, instance: Any, reward_method: str = "get_reward"):
+        self.instance, self.reward_method = instance, reward_method
 
     def reset(self, row: dict) -> Optional[str]:
         out = self.instance.reset(**row)
@@ -437,8 +437,9 @@ class TrlEnvironment:
             return Step(str({"error": str(e)}), error=True)
 
     def final_reward(self) -> float:
-        """get_reward() where the class has one (its own reward, once per finished trajectory), else 0."""
-        get = getattr(type(self.instance), "get_reward", None)
+        """get_reward() (or the spec's reward_method) where the class has one: its own reward, once per finished
+        trajectory; else 0."""
+        get = getattr(type(self.instance), self.reward_method, None)
         return float(get(self.instance)) if callable(get) else 0.0
 
 
@@ -446,12 +447,12 @@ class TrlType(EnvironmentType):
     name = "trl"
     default_format = DEFAULT_FORMATS[name]
 
-    def __init__(self, cls: type, schemas: list, workers: int):
-        self.cls, self.schemas, self.workers = cls, schemas, workers
+    def __init__(self, cls: type, schemas: list, workers: int, reward_method: str):
+        self.cls, self.schemas, self.workers, self.reward_method = cls, schemas, workers, reward_method
         self.names = [s["function"]["name"] for s in schemas]
 
     def new(self, row: dict) -> TrlEnvironment:
-        return TrlEnvironment(self.cls())
+        return TrlEnvironment(self.cls(), self.reward_method)
 
     def tools(self) -> list:
         return self.schemas
@@ -467,22 +468,28 @@ class TrlType(EnvironmentType):
         return json.dumps({"name": call["name"], "arguments": arguments}), ""
 
 
-def trl(ctx: rewards.Context, path: str = "", class_name: str = "", workers: Annotated[int, ">=1"] = 1) -> TrlType:
+def trl(
+    ctx: rewards.Context, path: str = "", class_name: str = "", reward_method: str = "get_reward", workers: Annotated[int, ">=1"] = 1
+) -> TrlType:
     """A TRL environment class unchanged (GRPOTrainer's environment_factory): `class` in the local file `path`, made
     with no arguments once per trajectory; reset(**row) -> a string appended to the last user message, or None; every
     public method (not reset or get_reward) is a tool, its schema built from its signature and docstring as TRL builds
-    it (transformers' get_json_schema); calls in the chat template's format (ACTION_FORMAT tool_call); get_reward(),
-    where defined, is added to the score (ENV_REWARD_WEIGHT; REWARD "environment" when it is the whole score). Runs
-    your code: TRUST_REMOTE_CODE: true."""
+    it (transformers' get_json_schema); calls in the chat template's format (ACTION_FORMAT tool_call); get_reward()
+    (or the method `reward_method` names), where defined, is added to the score once per finished trajectory
+    (ENV_REWARD_WEIGHT; REWARD "environment" when it is the whole score). Runs your code: TRUST_REMOTE_CODE: true."""
     from transformers.utils import get_json_schema
 
     file = _python_file(path, ctx.trust_remote_code)
     cls = _user_class(file, class_name, "trl")
+    if reward_method != "get_reward" and not callable(getattr(cls, reward_method, None)):
+        raise EnvSpecError(f"trl environment class {class_name!r} in {str(file)!r} has no method {reward_method!r} (reward_method)")
     if not callable(getattr(cls, "reset", None)):
         raise EnvSpecError(f"trl environment class {class_name!r} in {str(file)!r} has no reset method: TRL's needs reset(**row)")
     probe = cls()  # as GRPOTrainer probes one instance for its tools
     names = [
-        n for n, _ in inspect.getmembers(cls, predicate=inspect.isfunction) if n not in ("reset", "get_reward") and not n.startswith("_")
+        n
+        for n, _ in inspect.getmembers(cls, predicate=inspect.isfunction)
+        if n not in ("reset", "get_reward", reward_method) and not n.startswith("_")
     ]
     if not names:
         raise EnvSpecError(f"trl environment class {class_name!r} in {str(file)!r} has no public method: its tools are its public methods")
@@ -494,7 +501,7 @@ def trl(ctx: rewards.Context, path: str = "", class_name: str = "", workers: Ann
             raise EnvSpecError(
                 f"trl environment class {class_name!r}: tool {name!r}: {e} (TRL builds its schema from the docstring)"
             ) from None
-    return TrlType(cls, schemas, workers)
+    return TrlType(cls, schemas, workers, reward_method)
 
 
 def _user_class(file: Path, class_name: str, kind: str) -> type:

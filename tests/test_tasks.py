@@ -336,3 +336,17 @@ def test_bad_trl_classes_are_one_error_line(tmp_path, source, message):
         environments.make_environment(trl_env(tmp_path, source), trust_remote_code=True)
     with pytest.raises(environments.EnvSpecError, match="TRUST_REMOTE_CODE"):
         environments.check_spec(trl_env(tmp_path), trust_remote_code=False)
+
+
+def test_a_trl_class_rewarded_by_a_method_of_its_own(tmp_path):
+    """reward_method names the method that scores a finished trajectory (not a tool); a missing one is an error."""
+    source = TRL_ENV.replace("def get_reward(self)", "def solved(self)")
+    env_type = environments.make_environment({**trl_env(tmp_path, source), "reward_method": "solved"}, trust_remote_code=True)
+    assert [s["function"]["name"] for s in env_type.tools()] == ["increment"]
+    env = env_type.new({})
+    env.reset({})
+    env.step(env_type.parse_call('{"name": "increment", "arguments": {"step": 3}}')[0])
+    assert environments.final_reward(env) == (1.0, "")
+    assert env_type.parse_call('{"name": "solved", "arguments": {}}')[0] is None  # not a tool
+    with pytest.raises(environments.EnvSpecError, match="has no method 'missing'"):
+        environments.make_environment({**trl_env(tmp_path, source), "reward_method": "missing"}, trust_remote_code=True)
