@@ -146,6 +146,11 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
     LORA_DROPOUT: float = _key(0.0, "dropout on the LoRA input; > 0 makes the first PPO ratio differ from 1 (warned)")
     LORA_TARGETS: Union[str, list] = _key("all-linear", "modules that get LoRA: all-linear, or a list of module names")
     GRADIENT_CHECKPOINTING: bool = _key(False, "recompute activations in backward: less memory, ~30% more compute")
+    SKIP_ZERO_ADVANTAGE: bool = _key(
+        True,
+        "responses whose advantage is 0 on every token skip the PPO epochs' forward and backward where nothing else in "
+        "the loss reads them (no critic, no KL in the loss, no DISTILL jsd); the loss keeps the whole minibatch's normaliser",
+    )
     PACKING: bool = _key(
         True,
         "the update's and SFT's forwards run their rows packed: no padding, each prompt once for the responses that "
@@ -2651,10 +2656,10 @@ class LossStats:
         for name, v in values.items():
             setattr(self, name, getattr(self, name) + v.detach().float().to(getattr(self, name).device) * weight)
 
-    def add_losses(self, weight, pl: PolicyLoss, vl: ValueLoss, total: torch.Tensor, entropy: torch.Tensor) -> None:
-        """A chunk's policy and value losses and their statistics, times its weight."""
-        self.add(weight, policy=pl.loss, value=vl.loss, total=total, clipfrac=pl.clipfrac, approx_kl=pl.approx_kl, ratio=pl.ratio,
-                 value_clipfrac=vl.clipfrac, entropy=entropy)  # fmt: skip
+    def add_losses(self, weight, pl: PolicyLoss, vl: ValueLoss, total: torch.Tensor, entropy: torch.Tensor, stat_weight) -> None:
+        """A chunk's losses times its share of the minibatch's loss, their statistics times its share of the rows run."""
+        self.add(weight, policy=pl.loss, value=vl.loss, total=total)
+        self.add(stat_weight, clipfrac=pl.clipfrac, approx_kl=pl.approx_kl, ratio=pl.ratio, value_clipfrac=vl.clipfrac, entropy=entropy)
 
     def summed(self) -> "LossStats":
         """Summed over processes (one all_reduce)."""
@@ -3095,6 +3100,8 @@ class PPOUpdate:
         self.kl_place, self.agg = KL_PLACES[cfg.KL_IN], LOSS_AGGREGATIONS[cfg.LOSS_AGG]
         self.loss_settings = LossSettings.from_config(cfg)
         self.fuse_first_forward = True  # reuse the first minibatch's forward as step 4's when it is the whole batch
+        jsd, kl_in_loss = self.distill is not None and self.distill.in_loss, self.kl_place.in_loss and parts.reference is not None
+        self.skips = cfg.SKIP_ZERO_ADVANTAGE and not parts.estimator.critic and not kl_in_loss and not jsd  # a zero row is exactly 0
 
     def learn(self, rollout: Rollout, demos: Optional[list[Example]] = None, progress: float = 0.0) -> dict:
         """Steps 4-7 of an update -> its statistics. demos: the batch's P prompts (gate / mix train on their references);
@@ -3134,14 +3141,17 @@ class PPOUpdate:
                             r_mask=rollout.r_mask, loss_mask=rl_mask, old_logprobs=old.logprobs, old_values=old.values,
                             advantages=advantages, returns=returns, ref_logprobs=old.ref_logprobs, is_weights=is_weights,
                             teacher=teacher_view)  # fmt: skip
-        # 6. PPO epochs over minibatches (each with its part of the SFT demonstrations, under gate / mix)
-        mb_stats, skipped, positions = self.epochs(batch, perms, old.first, sft_pool, split.mu if split else None)
+        # 6. PPO epochs over minibatches (each with its part of the SFT demonstrations, under gate / mix); a response
+        #    with no gradient (advantage 0 on every token it is trained on, and nothing else in the loss) is not run
+        signal = (advantages * rl_mask).ne(0).any(1) if self.skips else None
+        mb_stats, skipped, positions, idle = self.epochs(batch, perms, old.first, sft_pool, split.mu if split else None, signal)
         t2 = time.perf_counter()
         # 7. statistics; the adaptive KL controller moves
         seq_kl = (old.kl * rollout.loss_mask).sum(1).mean().item()
         self.kl_ctl.update(seq_kl, B)
         stats = update_stats(rollout, old, rewards, advantages, returns, mb_stats, self.estimator.critic)
         stats.update({"objective/kl": seq_kl, "objective/kl_coef": kl_coef, "ppo/skipped_minibatches": skipped, "ppo/lr": lr})
+        stats["perf/skipped_responses"] = idle / cfg.PPO_EPOCHS  # SKIP_ZERO_ADVANTAGE's, per epoch
         stats.update({"time/rollout_s": t1 - t0 - old.first_forward_s, "time/ppo_epochs_s": t2 - t1 + old.first_forward_s})
         stats["time/reference_forward_s"] = old.reference_s
         stats.update(token_counts(rollout, old, positions, cfg.PPO_EPOCHS - (old.first is not None)))
@@ -3206,41 +3216,44 @@ class PPOUpdate:
 
     # ---- 6. ----
     def epochs(
-        self, batch: UpdateBatch, perms: list, first: Optional[Forward], sft_pool: list, mu: Optional[float]
-    ) -> tuple[list, int, int]:
+        self, batch: UpdateBatch, perms: list, first: Optional[Forward], sft_pool: list, mu: Optional[float], signal=None
+    ) -> tuple[list, int, int, int]:
         """Step 6: PPO_EPOCHS passes over the batch in minibatches of PPO_MINI x G responses (perms: each epoch's
         order); under gate / mix each minibatch also trains on its part of the SFT demonstrations, shuffled per epoch.
-        -> (each minibatch's stats, the number skipped for RATIO_THRESHOLD, the token positions this process's
-        forwards ran, padding included)."""
+        signal: (B,) bool, the rows with a gradient (SKIP_ZERO_ADVANTAGE; None: all): only they run, the loss still
+        divided by the whole minibatch's units, so the step is the same. -> (each minibatch's stats, the number skipped
+        for RATIO_THRESHOLD, the token positions this process's forwards ran, padding included, the rows not run)."""
         R = batch.r_ids.shape[1]
-        mb_stats, skipped, positions = [], 0, 0
+        mb_stats, skipped, positions, idle = [], 0, 0, 0
         self.policy.train()
         for perm in perms:
             parts = perm.split(self.plan.responses_per_minibatch)
             sft_order = torch.randperm(len(sft_pool), generator=self.perm_generator) if sft_pool else torch.zeros(0, dtype=torch.long)
             for mb_rows, sft_rows in zip(parts, sft_order.tensor_split(len(parts))):
-                mine, weight = runtime.my_share(mb_rows)
+                run = mb_rows if signal is None or first is not None else mb_rows[signal[mb_rows.to(self.device)].cpu()]
+                run = run if len(run) else mb_rows[:1]  # no row has a gradient: one keeps the step's graph (its gradient, 0)
+                idle += len(mb_rows) - len(run)
+                mine, weight = runtime.my_share(run)
                 mb, r_len = trim_padding(select_rows(batch, mine.to(self.device)), R)
                 rl_rows = batch.loss_mask[mb_rows.to(self.device)]
                 demo = ([sft_pool[i] for i in sft_rows.tolist()], mu) if mu is not None else None
-                stats = self.minibatch(
-                    mb, r_len, self.agg.units(rl_rows), weight, len(mb_rows), forward=first, demo=demo, n_tokens=rl_rows.sum()
-                )
+                units = (self.agg.units(rl_rows), self.agg.units(batch.loss_mask[run.to(self.device)]))  # the loss's, the stats'
+                stats = self.minibatch(mb, r_len, units, weight, len(run), forward=first, demo=demo, n_tokens=rl_rows.sum())
                 if first is None:  # step 4 counted the fused forward; rl_backward runs the GRAD_ACCUM micro-batches
-                    accum = runtime.accum_rows(len(mb.r_ids), len(mb_rows), self.cfg.GRAD_ACCUM, self.device)
+                    accum = runtime.accum_rows(len(mb.r_ids), len(run), self.cfg.GRAD_ACCUM, self.device)
                     positions += sum(runtime.forward_positions(self.policy, select_rows(mb, rows)) for rows in accum)
                 first = None  # only the first minibatch reuses step 4's forward
                 if stats is None:
                     skipped += 1
                 else:
                     mb_stats.append(stats)
-        return mb_stats, skipped, positions
+        return mb_stats, skipped, positions, idle
 
     def minibatch(
         self,
         mb: UpdateBatch,
         R: int,
-        n_units: torch.Tensor,
+        n_units: tuple,
         weight: float,
         n_rows: int,
         forward: Optional[Forward] = None,
@@ -3248,9 +3261,10 @@ class PPOUpdate:
         n_tokens: Optional[torch.Tensor] = None,
     ) -> Optional[dict]:
         """One optimizer step on this process's rows of a minibatch. n_units: what LOSS_AGG's mean divides by over the
-        whole minibatch (its RL tokens, or responses). `forward`: this minibatch's forward, already computed (step 4).
-        `demo`: (examples, mu) under gate / mix: the loss is (1 - mu) x RL + mu x SFT on the examples' reference
-        responses. None when skipped because the mean ratio exceeded RATIO_THRESHOLD."""
+        whole minibatch (its RL tokens, or responses), and over the rows that run (the statistics' mean). `forward`: this
+        minibatch's forward, already computed (step 4). `demo`: (examples, mu) under gate / mix: the loss is (1 - mu) x
+        RL + mu x SFT on the examples' reference responses. None when skipped because the mean ratio exceeded
+        RATIO_THRESHOLD."""
         critic = self.estimator.critic
         mu = demo[1] if demo is not None else 0.0
         self.optim.ppo.zero_grad(set_to_none=True)
@@ -3276,7 +3290,7 @@ class PPOUpdate:
         self,
         mb: UpdateBatch,
         R: int,
-        n_units: torch.Tensor,
+        n_units: tuple,
         weight: float,
         n_rows: int,
         forward: Optional[Forward],
@@ -3291,7 +3305,7 @@ class PPOUpdate:
         for rows in runtime.accum_rows(len(mb.r_ids), n_rows, cfg.GRAD_ACCUM, self.device):
             c = select_rows(mb, rows)
             m = c.loss_mask  # the tokens the RL loss covers
-            chunk_weight = self.agg.units(m) / n_units.clamp(min=1) * weight
+            chunk_weight, stat_weight = (self.agg.units(m) / n.clamp(min=1) * weight for n in n_units)  # the loss's, the stats'
             with self.autocast():
                 fwd = forward if forward is not None else self.policy(c.input_ids, c.attention_mask, R, values=critic)
                 logprobs, token_entropy = fwd.stats(c.r_ids, cfg.TEMPERATURE)  # chunk by chunk with LOGITS_CHUNK
@@ -3319,7 +3333,7 @@ class PPOUpdate:
             self.optim.scaler.scale(objective * (1 - mu)).backward()
             with torch.no_grad():
                 entropy = masked_mean(token_entropy, m)
-                acc.add_losses(chunk_weight, pl, vl, total, entropy)
+                acc.add_losses(chunk_weight, pl, vl, total, entropy, stat_weight)
                 acc.add(weight, nonfinite=torch.tensor(float(not torch.isfinite(objective))))
                 if jsd is not None:
                     acc.add(1.0, distill_jsd=jsd)

@@ -12,6 +12,7 @@ on what is sampled; the same seed samples the same responses with PACKING on and
 
     python bench/token_waste.py --label padded --set PACKING=false   # appends to bench/results/tokens/results.jsonl
     python bench/token_waste.py --label packed
+    python bench/token_waste.py --only peer_grpo --label "zero-advantage rows run" --set SKIP_ZERO_ADVANTAGE=false
     python bench/token_waste.py --table
 """
 
@@ -59,6 +60,7 @@ def measure(name: str, config: dict, extra: dict) -> dict:
         "update_tokens": round(ran),
         "useful_tokens": round(useful),
         "ratio": round(ran / useful, 3),
+        "skipped_responses": round(statistics.mean(r.get("perf/skipped_responses", 0) for r in updates), 2),
         **{k: round(statistics.median(r[f"time/{k}"] for r in updates), 2) for k in ("ppo_epochs_s", "reference_forward_s", "update_s")},
     }
 

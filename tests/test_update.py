@@ -435,8 +435,8 @@ def test_update_tokens_count_every_forward_of_the_update(mini, accum, tiny_model
     learn = trainer.update.learn
     trainer.update.learn = lambda *a, **kw: (learning.append(1), learn(*a, **kw))[1]
     stats = trainer.ppo_update(examples[:2], draw=None)
-    assert stats["perf/update_tokens"] == sum(ran)
-    assert 0 < stats["perf/useful_tokens"] <= stats["perf/update_tokens"]
+    assert stats["perf/update_tokens"] == sum(ran)  # Spread's flat groups: SKIP_ZERO_ADVANTAGE's rows not run, not counted
+    assert 0 < stats["perf/useful_tokens"] and (stats["perf/skipped_responses"] > 0 or stats["perf/useful_tokens"] <= sum(ran))
 
 
 def test_pack_rows_by_hand():
@@ -506,3 +506,27 @@ def test_a_packed_sft_step_equals_a_padded_one(chunk, tiny_model, tiny_data):
     assert trainer.policy.packs()
     assert packed["sft/loss"] == pytest.approx(padded["sft/loss"], abs=1e-5, rel=1e-5)
     assert max_diff(w_packed, w_padded) <= 1e-5
+
+
+@pytest.mark.parametrize("mini, accum, agg, loss", [(1, 1, "token_mean", "ppo"), (2, 2, "seq_mean_token_mean", "gspo")])
+def test_skipping_responses_without_gradient_changes_no_weight(mini, accum, agg, loss, tiny_model, tiny_data):
+    """SKIP_ZERO_ADVANTAGE on and off, GRPO without a KL in the loss, Spread's flat groups (every response of an even
+    prompt scores 0: advantage 0): the skipped rows ran no forward, and the weights and the losses are the unskipped
+    update's within 1e-6 in fp32 (PPO_MINI 1 has minibatches where no row has a gradient: one runs, its gradient 0)."""
+
+    def update(skip):
+        keys = {"SKIP_ZERO_ADVANTAGE": skip, "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 4, "PPO_MINI": mini}
+        keys |= {"PPO_EPOCHS": 2, "GRAD_ACCUM": accum, "LOSS_AGG": agg, "POLICY_LOSS": loss, "MAX_NEW_TOKENS": 8, "LR_PPO": 1e-3}
+        trainer, examples = trainer_for(keys | {"INIT_KL_COEF": 0.0}, tiny_model, tiny_data, Spread())
+        well_conditioned(trainer.optim.ppo)
+        torch.manual_seed(1)
+        stats = trainer.ppo_update(examples[:4], draw=None)
+        return stats, {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
+
+    (skipped, w_skipped), (whole, w_whole) = update(True), update(False)
+    assert skipped["reward/zero_std_groups"] == whole["reward/zero_std_groups"] >= 0.5  # the metrics still count them
+    assert skipped["perf/skipped_responses"] >= 2 and whole["perf/skipped_responses"] == 0
+    assert skipped["perf/update_tokens"] < whole["perf/update_tokens"]
+    for k in ("ppo/loss/policy", "ppo/loss/total", "reward/mean", "objective/kl", "ppo/grad_norm"):
+        assert skipped[k] == pytest.approx(whole[k], abs=1e-6, rel=1e-6), k
+    assert max_diff(w_skipped, w_whole) <= 1e-6
