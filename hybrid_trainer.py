@@ -3353,19 +3353,25 @@ def forward_no_grad(
     T, kind, pack = cfg.TEMPERATURE, cfg.KL_PENALTY, parts.policy.pack
     columns, reference_s, positions = [], 0.0, 0
     parts.policy.eval()
+
+    def logprobs(lm, seen: Tokens, rows, logits: bool = False) -> tuple:  # -> (log-probs, positions run, logits or None)
+        with parts.autocast():
+            if cfg.LOGITS_CHUNK and not logits and runtime.head_is_separable(lm):  # chunk by chunk, as the policy's
+                hidden, ran = runtime.response_hidden(lm, seen.input_ids[rows], seen.attention_mask[rows], R, pack)
+                head = lm.get_output_embeddings()
+                return chunked_token_stats(hidden, head, tokens.r_ids[rows], T, cfg.LOGITS_CHUNK, entropy=False)[0], ran, None
+            out, ran = runtime.response_logits(lm, seen.input_ids[rows], seen.attention_mask[rows], R, pack)
+        return logprobs_from_logits(out, tokens.r_ids[rows], T), ran, out
+
     for rows in torch.arange(len(tokens.input_ids), device=tokens.input_ids.device).split(plan.responses_per_minibatch):
         part, ids, mask = TokenColumns(), tokens.input_ids[rows], tokens.attention_mask[rows]
         if parts.teacher is not None:
-            seen = tokens if teacher_tokens is None else teacher_tokens
-            with parts.autocast():
-                teacher_logits, ran = runtime.response_logits(parts.teacher, seen.input_ids[rows], seen.attention_mask[rows], R, pack)
-            part.teacher_logprobs, positions = logprobs_from_logits(teacher_logits, tokens.r_ids[rows], T), positions + ran
+            part.teacher_logprobs, ran, _ = logprobs(parts.teacher, tokens if teacher_tokens is None else teacher_tokens, rows)
+            positions += ran
         if parts.reference is not None:
             t0 = time.perf_counter()
-            with parts.autocast():
-                ref_logits, ran = runtime.response_logits(parts.reference, ids, mask, R, pack)
-            part.ref_logprobs, positions = logprobs_from_logits(ref_logits, tokens.r_ids[rows], T), positions + ran
-            reference_s += time.perf_counter() - t0
+            part.ref_logprobs, ran, ref_logits = logprobs(parts.reference, tokens, rows, logits=kind == "full")
+            positions, reference_s = positions + ran, reference_s + time.perf_counter() - t0
         if policy:
             with parts.autocast():
                 fwd = parts.policy(ids, mask, R, values=parts.estimator.critic)

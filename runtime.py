@@ -1141,6 +1141,15 @@ def packed_positions(pairs: list[tuple[list, list]]) -> int:
     return len(fill) * max(fill)
 
 
+def response_hidden(lm, input_ids, attention_mask, n_response: int, pack: bool) -> tuple[torch.Tensor, int]:
+    """A no-grad pass's (b, R, H) last hidden states at the positions that predict each response token, the head not
+    run (the caller's LOGITS_CHUNK chunks run it) -> (them, the token positions run)."""
+    packed = packing(lm, pack, input_ids, attention_mask, n_response)
+    if packed is not None:
+        return packed_hidden(lm, None, None, 0, packed), packed.input_ids.numel()
+    return response_forward(lm, input_ids, attention_mask, 0, hidden=True).hidden_states[-1][:, -(n_response + 1) : -1], input_ids.numel()
+
+
 def response_logits(lm, input_ids, attention_mask, n_response: int, pack: bool) -> tuple[torch.Tensor, int]:
     """A no-grad pass's (b, R, V) logits predicting each response token -> (them, the token positions run): from the
     packed rows through the LM's head (packing), or from the padded forward."""

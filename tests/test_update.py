@@ -530,3 +530,23 @@ def test_skipping_responses_without_gradient_changes_no_weight(mini, accum, agg,
     for k in ("ppo/loss/policy", "ppo/loss/total", "reward/mean", "objective/kl", "ppo/grad_norm"):
         assert skipped[k] == pytest.approx(whole[k], abs=1e-6, rel=1e-6), k
     assert max_diff(w_skipped, w_whole) <= 1e-6
+
+
+def test_the_reference_and_teacher_log_probs_come_chunk_by_chunk(tiny_model, tiny_data):
+    """No-grad passes (step 4's reference, and the policy's) never run the LM head on more than LOGITS_CHUNK positions
+    at once: no whole-vocabulary logits of a minibatch; their log-probs equal the whole head's (the chunked-logits
+    update test compares every number)."""
+    trainer, examples = trainer_for(
+        {"LOGITS_CHUNK": 3, "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 2, "PPO_MINI": 1, "MAX_NEW_TOKENS": 6, "KL_IN": "loss"},
+        tiny_model,
+        tiny_data,
+        Spread(),
+    )
+    reference = trainer.update.parts.reference
+    runtime.head_is_separable(reference), runtime.packs_apart(reference)  # their probes run whole heads, once, before
+    seen = []
+    head = reference.get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[:-1].numel()))
+    trainer.ppo_update(examples[:2], draw=None)
+    hook.remove()
+    assert seen and max(seen) <= 3, seen
