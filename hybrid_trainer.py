@@ -70,7 +70,6 @@ import dataclasses
 import difflib
 import functools
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -908,29 +907,6 @@ class Plan:
         return "plan:\n" + "\n".join(f"  {k:<16} {v}" for k, v in rows)
 
 
-def check_launch(cfg: Config, world: int) -> None:
-    """The checks that depend on the launch: how many processes, what is installed (the Plan's, also run by --check)."""
-    if cfg.GENERATION_BACKEND == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise runtime.UserError(f'GENERATION_BACKEND "vllm" needs vLLM, which is not installed: {runtime.VLLM_INSTALL}')
-    for name in cfg.REPORT_TO:
-        if importlib.util.find_spec(outputs.TRACKERS[name].module) is None:
-            raise runtime.UserError(
-                f"REPORT_TO {name!r} needs {outputs.TRACKERS[name].module}, which is not installed: "
-                f"pip install {outputs.TRACKERS[name].package}"
-            )
-    if cfg.FSDP and world == 1:
-        raise runtime.UserError(
-            "FSDP is true but this is a single process: launch with `torchrun --nproc_per_node N "
-            "hybrid_trainer.py CONFIG` (or accelerate launch --multi_gpu --num_processes N), or set FSDP false"
-        )
-    for key in ("SFT_BATCH", "PPO_BATCH", "PPO_MINI"):
-        if getattr(cfg, key) % world:
-            raise runtime.UserError(
-                f"{key} ({getattr(cfg, key)}) must be divisible by the number of processes ({world}): batch "
-                "sizes are global, each process takes an equal share"
-            )
-
-
 def make_plan(
     cfg: Config,
     n_items: int,
@@ -948,7 +924,8 @@ def make_plan(
 ) -> Plan:
     """Every derived size, once. Pure: run() passes in what it read from the launch, the machine and the model
     (n_sft_items: SFT_FILE's rows, when it feeds the SFT side; weight_first: resolve_weight_first's choice and why)."""
-    check_launch(cfg, world)
+    runtime.check_launch(cfg, world)
+    outputs.check_trackers(cfg)
     maxseq = min(cfg.MAXSEQ, context) if context else cfg.MAXSEQ
     if maxseq < cfg.MAXSEQ:
         runtime.warn(f"MAXSEQ={cfg.MAXSEQ} exceeds the context of MODEL ({context} tokens); using MAXSEQ={context}")
@@ -4246,7 +4223,8 @@ def start_run(cfg: Config, check: bool, reward) -> Optional[tuple[Run, RunState]
         | ({"SFT_FILE": (cfg.SFT_FILE, sft[0])} if sft else {}),
         paths,
     )
-    check_launch(cfg, procs.world)
+    runtime.check_launch(cfg, procs.world)
+    outputs.check_trackers(cfg)
     environment = runtime.build_environment(cfg)
     check_teacher(cfg, paths, examples)
     out_dir = outputs.plan_output_dir(cfg)

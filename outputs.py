@@ -860,6 +860,17 @@ def summary_line(record: dict) -> str:
     return f"step {record['step']} [{record['phase']}] " + " ".join(parts)
 
 
+def check_trackers(cfg) -> None:
+    """REPORT_TO's trackers are installed (checked at start and by --check, before any weights load)."""
+    import importlib.util
+
+    for name in cfg.REPORT_TO:
+        if importlib.util.find_spec(TRACKERS[name].module) is None:
+            raise UserError(
+                f"REPORT_TO {name!r} needs {TRACKERS[name].module}, which is not installed: pip install {TRACKERS[name].package}"
+            )
+
+
 # ==================================================================================================
 # 5. Reports: report.md and its plots, the model card
 # ==================================================================================================

@@ -4,8 +4,8 @@ config is read by its keys, as the trainer's Config; a trainer by its attributes
 
   1. Errors and messages   UserError (one `error:` line, exit 2), shown (a path for messages), human_bytes, Stopwatch
                            (the start-up and finish lines' phases).
-  2. Processes             the launch (Processes, PROCS), rank, world size, warn/say from the main process, shares of a
-                           global batch and the collectives; 1 process = N processes rests on these. StopRequest (a
+  2. Processes             the launch (Processes, PROCS; check_launch), rank, world size, warn/say from the main process,
+                           shares of a global batch and the collectives; 1 process = N processes rests on these. StopRequest (a
                            signal ends the step, then a checkpoint), run_command (the exit code on every process: one
                            error line, no hang).
   3. Model                 MODEL's paths (aliases, .gguf, adapters), the tokenizer, load_lm (LoRA, the frozen
@@ -230,6 +230,24 @@ def share_bounds(n: int) -> tuple[int, int]:
 def shard(items: list) -> list:
     start, end = share_bounds(len(items))
     return items[start:end]
+
+
+def check_launch(cfg, world: int) -> None:
+    """The checks that depend on the launch: how many processes, whether vLLM is installed (the Plan's, also run by
+    --check)."""
+    if cfg.GENERATION_BACKEND == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise UserError(f'GENERATION_BACKEND "vllm" needs vLLM, which is not installed: {VLLM_INSTALL}')
+    if cfg.FSDP and world == 1:
+        raise UserError(
+            "FSDP is true but this is a single process: launch with `torchrun --nproc_per_node N "
+            "hybrid_trainer.py CONFIG` (or accelerate launch --multi_gpu --num_processes N), or set FSDP false"
+        )
+    for key in ("SFT_BATCH", "PPO_BATCH", "PPO_MINI"):
+        if getattr(cfg, key) % world:
+            raise UserError(
+                f"{key} ({getattr(cfg, key)}) must be divisible by the number of processes ({world}): batch "
+                "sizes are global, each process takes an equal share"
+            )
 
 
 def my_share(items):
