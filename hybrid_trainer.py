@@ -282,7 +282,9 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
         "vllm on CUDA: share of the GPU's memory the engine may take (weights + KV "
         "cache); it sleeps between rollouts, so training gets the memory back",
     )
-    VLLM_KV_CACHE_GB: float = _key(1.0, "vllm on CPU: GiB of KV cache")
+    VLLM_KV_CACHE_GB: Optional[float] = _key(
+        None, "vllm on CPU: GiB of KV cache (null: what a rollout needs, its responses x MAXSEQ tokens, and a quarter more)"
+    )
     VLLM_ENFORCE_EAGER: bool = _key(
         True, "vllm: no CUDA graphs / compilation (starts in seconds; false: faster decoding after a start of minutes)"
     )
@@ -638,10 +640,12 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         need(self.LORA_R >= 0, f"LORA_R must be >= 0 (0 = full fine-tuning), got {self.LORA_R}")
         positive = "LR_SFT LR_PPO TEMPERATURE REPETITION_PENALTY MAX_GRAD_NORM RATIO_THRESHOLD TARGET_KL LORA_ALPHA EVAL_TEMPERATURE \
-            VLLM_KV_CACHE_GB ROLLOUT_IS_CAP SAPO_TAU_POS SAPO_TAU_NEG ENV_STEP_TIMEOUT"
+            ROLLOUT_IS_CAP SAPO_TAU_POS SAPO_TAU_NEG ENV_STEP_TIMEOUT"
         for key in positive.split():
             need(getattr(self, key) > 0, f"{key} must be > 0, got {getattr(self, key)}")
         need(0 < self.TOP_P <= 1, f"TOP_P must be in (0, 1], got {self.TOP_P}")
+        kv = self.VLLM_KV_CACHE_GB
+        need(kv is None or kv > 0, f"VLLM_KV_CACHE_GB must be > 0 or null (what a rollout needs), got {kv}")
         need(
             0 < self.VLLM_GPU_MEMORY_UTILIZATION < 1,
             f"VLLM_GPU_MEMORY_UTILIZATION must be in (0, 1), got {self.VLLM_GPU_MEMORY_UTILIZATION}",

@@ -1640,6 +1640,29 @@ def rng_untouched(device: torch.device):
     np.random.set_state(numpy_state)
 
 
+def resident_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def kv_cache_bytes(cfg, plan, config) -> int:
+    """vLLM's KV cache on a CPU: VLLM_KV_CACHE_GB, or (null) what one rollout holds at once: this process's responses
+    (PPO_BATCH x NUM_GENERATIONS / processes, at least the evaluation's samples of one item) x MAXSEQ tokens x the model's
+    KV bytes per token (2 x layers x KV heads x head dim x the dtype's bytes), and a quarter more for vLLM's blocks;
+    a larger batch (an evaluation) runs in waves."""
+    if cfg.VLLM_KV_CACHE_GB is not None:
+        return int(cfg.VLLM_KV_CACHE_GB * 2**30)
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    per_token = (
+        2 * text.num_hidden_layers * (getattr(text, "num_key_value_heads", None) or heads) * head_dim * (2 if plan.bf16 or cfg.FP16 else 4)
+    )
+    responses = max(cfg.PPO_BATCH * cfg.NUM_GENERATIONS // plan.world_size, cfg.EVAL_NUM_SAMPLES, 1)
+    return int(1.25 * responses * plan.maxseq * per_token)
+
+
 class VLLMEngine:
     """vLLM in this process (colocated, one engine per process), the policy's weights pushed in after each update"""
 
@@ -1663,12 +1686,13 @@ class VLLMEngine:
             dict(gpu_memory_utilization=cfg.VLLM_GPU_MEMORY_UTILIZATION, enable_sleep_mode=True)
             if cuda
             else dict(
-                kv_cache_memory_bytes=int(cfg.VLLM_KV_CACHE_GB * 2**30),
+                kv_cache_memory_bytes=kv_cache_bytes(cfg, plan, policy.lm.config),
                 enable_chunked_prefill=False,
                 max_num_batched_tokens=max(plan.maxseq, 4096),
             )
         )
         dtype = "bfloat16" if plan.bf16 else "float16" if cfg.FP16 else "float32"
+        before = resident_bytes()
         try:
             with rng_untouched(device):  # vLLM seeds the global generators: a resumed run's restored streams stay as saved
                 self.llm = LLM(
@@ -1693,6 +1717,8 @@ class VLLMEngine:
             ) from None
         torch.set_num_threads(threads)
         OPEN_ENGINES.append(self)
+        kv = f"its KV cache {human_bytes(memory['kv_cache_memory_bytes'])}" if not cuda else "GPU memory as configured"
+        say(f"vllm engine: {human_bytes(resident_bytes() - before)} more resident on this process (its weights' copy, {kv}, its worker)")
 
     def close(self) -> None:
         """Shut the engine down while the process group still exists (vLLM tears down the distributed state it joined)."""
@@ -2040,11 +2066,13 @@ def resolve_weight_first(cfg, device: torch.device, bf16: bool, paths: ModelPath
     the bf16 probe is)."""
     if resolve_backend(cfg)[0] != "hf" or device.type != "cpu" or bf16 or cfg.FP16 or cfg.FSDP:
         return False, ""
-    speedup, cached = weight_first_speedup(decoding_shapes(paths), cache_root(cfg) / "decode_probe.json")
+    cache, shapes = cache_root(cfg) / "decode_probe.json", decoding_shapes(paths)
+    speedup, cached = weight_first_speedup(shapes, cache)
     on = speedup > 1.1  # a clear win only
+    when = f"the probe of {probe_date(cache, weight_first_what(shapes)) or 'an earlier run'} in {cache}: delete it to probe again"
     return on, (
         f"decoding's linear layers {'weight-first' if on else 'as F.linear'} (weight-first {speedup:.2f}x "
-        f"F.linear at 8 rows here, {'cached probe' if cached else 'probe'})"
+        f"F.linear at 8 rows here, {when if cached else 'probed now'})"
     )
 
 
@@ -2093,8 +2121,12 @@ def weight_first_speedup(shapes: list[tuple[int, int]], cache: Path) -> tuple[fl
                 lambda: [layer(x) for layer, x in zip(layers, xs)], lambda: [weight_first_linear(layer, x) for layer, x in zip(layers, xs)]
             )
 
-    what = "weight-first " + " ".join(f"{o}x{i}" for o, i in shapes)
-    return cached_probe(cache, what, measure)
+    # the same products either way round: a ratio beyond 4x either way is a busy machine's, measured again, not cached
+    return cached_probe(cache, weight_first_what(shapes), measure, plausible=lambda r: 0.25 <= r <= 4.0)
+
+
+def weight_first_what(shapes: list[tuple[int, int]]) -> str:
+    return "weight-first " + " ".join(f"{o}x{i}" for o, i in shapes)
 
 
 WEIGHT_FIRST_ROWS = 64  # up to this many rows weight-first beat F.linear where measured (1.1-3x); at 256 rows, not

@@ -325,3 +325,16 @@ def test_the_weight_first_probe_times_the_same_products_both_ways(tmp_path, monk
     monkeypatch.setattr(runtime, "weight_first_linear", lambda layer, x: linear_calls.append(layer) or real(layer, x))
     assert runtime.weight_first_speedup([(32, 16), (16, 32), (64, 16)], tmp_path / "probe.json") == (1.25, False)
     assert linear_calls, "the second side must be the weight-first one"
+
+
+def test_an_implausible_decoding_probe_is_measured_again_and_not_cached(tmp_path, monkeypatch):
+    """The same products either way round: a ratio beyond 4x either way (a busy machine) is measured twice more, the
+    median used and not cached; a plausible one is cached with its date, and the plan's line says where and how to
+    probe again."""
+    ratios = iter([9.0, 1.5, 8.0, 1.2])
+    monkeypatch.setattr(runtime, "alternating_ratio", lambda a, b, rounds=15: next(ratios))
+    shapes, cache = [(32, 16), (64, 16)], tmp_path / "probe.json"
+    assert runtime.weight_first_speedup(shapes, cache) == (8.0, False) and not cache.exists()  # median of 9, 1.5, 8: refused
+    assert runtime.weight_first_speedup(shapes, cache) == (1.2, False)  # plausible at once: cached
+    assert runtime.weight_first_speedup(shapes, cache) == (1.2, True)
+    assert runtime.probe_date(cache, runtime.weight_first_what(shapes))

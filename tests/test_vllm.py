@@ -122,6 +122,21 @@ def test_rollout_correction_with_identical_logprobs_changes_nothing(tiny_model, 
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_the_kv_cache_is_sized_from_the_rollout(tiny_model, tiny_data, capsys):
+    """VLLM_KV_CACHE_GB null: 1.25 x this process's responses x MAXSEQ x the model's KV bytes per token, by hand for the
+    tiny GPT-2 (2 layers, 2 heads of 32, fp32: 1,024 bytes a token); the engine starts with it, generates, and says
+    what it holds."""
+    keys = {k: v for k, v in VLLM.items() if k != "VLLM_KV_CACHE_GB"} | {"NUM_GENERATIONS": 2, "ADVANTAGE": "grpo", "MAXSEQ": 256}
+    trainer, examples = trainer_for(keys, tiny_model, tiny_data, YesFraction())
+    assert trainer.cfg.VLLM_KV_CACHE_GB is None
+    expected = int(1.25 * (4 * 2) * 256 * (2 * 2 * 2 * 32 * 4))
+    assert runtime.kv_cache_bytes(trainer.cfg, trainer.plan, trainer.policy.lm.config) == expected
+    out = trainer.engine_generate([e.prompt_ids for e in examples[:4]], n=2)
+    assert len(out.responses) == 8
+    said = capsys.readouterr().out
+    assert "vllm engine:" in said and f"its KV cache {runtime.human_bytes(expected)}" in said, said
+
+
 def test_same_seed_same_responses_and_eos_handling(tiny_model, tiny_data):
     outs = []
     for _ in range(2):
