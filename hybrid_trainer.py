@@ -203,9 +203,12 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
     # --- PPO ---
     PPO_BATCH: int = _key(4, "prompts per PPO update (each gets NUM_GENERATIONS responses)")
     PPO_MINI: Optional[int] = _key(
-        None,
-        "prompts' worth of responses per minibatch inside a PPO update: PPO_MINI x "
-        "NUM_GENERATIONS responses, drawn across groups (null = PPO_BATCH)",
+        None, "prompts' worth of responses per minibatch inside a PPO update: PPO_MINI x NUM_GENERATIONS responses (null = PPO_BATCH)"
+    )
+    MINIBATCH_GROUPS: bool = _key(
+        True,
+        "a PPO minibatch holds whole groups of NUM_GENERATIONS responses (as verl's), so each prompt runs once in it; "
+        "false: responses drawn across groups (as TRL's)",
     )
     ADVANTAGE: str = _key(
         "gae",
@@ -3092,7 +3095,9 @@ class PPOUpdate:
             raise ValueError(f"{len(demos)} demonstrations for {B} responses in groups of {G}: expected {B // G}")
         lr = self.optim.ppo.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        perms = [torch.randperm(B, generator=self.perm_generator) for _ in range(cfg.PPO_EPOCHS)]
+        g = G if cfg.MINIBATCH_GROUPS else 1  # the rows of a group stay together: its prompt runs once in a minibatch
+        order = lambda: (torch.randperm(B // g, generator=self.perm_generator)[:, None] * g + torch.arange(g)).flatten()  # noqa: E731
+        perms = [order() for _ in range(cfg.PPO_EPOCHS)]
         # 4. log-probs and values of the sampling policy, log-probs of the reference (each process its share)
         old = self.old_policy(rollout, perms[0])
         t1 = time.perf_counter()

@@ -550,3 +550,27 @@ def test_the_reference_and_teacher_log_probs_come_chunk_by_chunk(tiny_model, tin
     trainer.ppo_update(examples[:2], draw=None)
     hook.remove()
     assert seen and max(seen) <= 3, seen
+
+
+def test_minibatches_hold_whole_groups(tiny_model, tiny_data):
+    """MINIBATCH_GROUPS (default): each epoch's order is a random order of groups, a group's G rows together, so every
+    minibatch of PPO_MINI x G rows holds whole groups and runs each prompt once; false: rows across groups."""
+    orders = {}
+    for together in (True, False):
+        trainer, examples = trainer_for(
+            {"MINIBATCH_GROUPS": together, "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 4, "PPO_MINI": 1}
+            | {"PPO_EPOCHS": 3, "MAX_NEW_TOKENS": 6, "INIT_KL_COEF": 0.0},
+            tiny_model,
+            tiny_data,
+            Spread(),
+        )
+        run = trainer.update.epochs
+        trainer.update.epochs = lambda batch, perms, *a, _t=together, _run=run, **kw: (
+            orders.setdefault(_t, perms),
+            _run(batch, perms, *a, **kw),
+        )[1]
+        trainer.ppo_update(examples[:4], draw=None)
+    for perm in orders[True]:
+        assert sorted(perm.tolist()) == list(range(8))
+        assert all(len({int(i) // 2 for i in mb}) == 1 for mb in perm.split(2))  # each minibatch: one group's two rows
+    assert any(len({int(i) // 2 for i in mb}) > 1 for perm in orders[False] for mb in perm.split(2))
