@@ -410,8 +410,9 @@ def python(
     return UserType(cls, dict(args or {}), workers, f"{file}:{class_name}")
 
 
-def _python_file(path: str, trusted: Optional[bool]) -> Path:
-    return rewards.user_python_file(path, trusted, "environment", 'your environment class, and "class": its name', EnvSpecError)
+def _python_file(path: str, trusted: Optional[bool], type_name: str = "python") -> Path:
+    defines = 'your environment class, and "class": its name'
+    return rewards.user_python_file(path, trusted, "environment", defines, EnvSpecError, type_name)
 
 
 # ---- trl: a TRL environment class, as GRPOTrainer's environment_factory takes it ----
@@ -479,7 +480,7 @@ def trl(
     (ENV_REWARD_WEIGHT; REWARD "environment" when it is the whole score). Runs your code: TRUST_REMOTE_CODE: true."""
     from transformers.utils import get_json_schema
 
-    file = _python_file(path, ctx.trust_remote_code)
+    file = _python_file(path, ctx.trust_remote_code, "trl")
     cls = _user_class(file, class_name, "trl")
     if reward_method != "get_reward" and not callable(getattr(cls, reward_method, None)):
         raise EnvSpecError(f"trl environment class {class_name!r} in {str(file)!r} has no method {reward_method!r} (reward_method)")
@@ -546,7 +547,7 @@ def check_spec(spec: Any, trust_remote_code: Optional[bool] = None, where: str =
         if not spec.get("class"):
             raise EnvSpecError(f'{where}: {spec["type"]} needs "class": the name of your environment class in {spec.get("path")!r}')
         try:
-            _python_file(spec.get("path", ""), trust_remote_code)
+            _python_file(spec.get("path", ""), trust_remote_code, spec["type"])
         except EnvSpecError as e:
             raise EnvSpecError(f"{where}: {e}") from None
 

@@ -667,6 +667,8 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
                 else f'it feeds the SFT side of MODE "hybrid" (here {mode!r})'
             )
             runtime.warn(f'SFT_FILE is ignored: {why}; it is the demonstrations of HYBRID "alternate"')
+        if self.TASK_CONFIG and not any(runtime.is_task(f) for f in (self.TRAIN_FILE, self.EVAL_FILE, self.SFT_FILE)):
+            runtime.warn('TASK_CONFIG is ignored: no TRAIN_FILE, EVAL_FILE or SFT_FILE names a task ("reasoning_gym:NAME")')
         if self.GATE_THRESHOLD is not None and strategy != "gate":
             runtime.warn(
                 f'GATE_THRESHOLD is ignored: it applies to MODE "hybrid" with HYBRID "gate" (here MODE {mode!r}, HYBRID {self.HYBRID!r})'
@@ -4221,7 +4223,10 @@ def start_run(cfg: Config, check: bool, reward) -> Optional[tuple[Run, RunState]
     examples, data_format = load_data(cfg, "TRAIN_FILE")
     check_prompt_rows(cfg, examples)
     if cfg.CURRICULUM:  # its levels exist: an error line before any weights load
-        runtime.say(f"curriculum: {make_levels(cfg, examples, list).count} levels, from level {cfg.CURRICULUM['start']}")
+        count, start = make_levels(cfg, examples, list).count, cfg.CURRICULUM["start"]
+        if start >= count:
+            raise runtime.UserError(f"CURRICULUM 'start' {start}: the levels are 0 to {count - 1}")
+        runtime.say(f"curriculum: {count} levels, from level {start}")
     sft = load_data(cfg, "SFT_FILE") if sft_file_feeds_sft(cfg) else None  # None: TRAIN_FILE feeds both sides
     eval_examples = load_eval_examples(cfg)
     runtime.check_category_field(cfg, {"TRAIN_FILE": examples, "EVAL_FILE": eval_examples})
@@ -4348,7 +4353,7 @@ def start(
         (out_dir / "config.json").write_text(json.dumps(outputs.resolved_config(cfg, plan), indent=2))
         (out_dir / "plan.json").write_text(json.dumps(dataclasses.asdict(plan), indent=2))
     levels = make_levels(cfg, examples, lambda rows: tokenize_examples(rows, cfg, tokenizer, fmt, "TRAIN_FILE", plan.maxseq, stops, chat))
-    state = RunState(level=min(levels.rule["start"], levels.count - 1) if levels else 0)
+    state = RunState(level=levels.rule["start"] if levels else 0)
     if resume_from is not None:
         saved = outputs.load_checkpoint(resume_from, device)
         trainer.load_state_dict(saved, f"checkpoint {resume_from}")

@@ -486,19 +486,20 @@ def user_python_file(
     kind: str = "reward",
     defines: str = "score(responses, targets, prompts, items)",
     error: type = RewardSpecError,
+    type_name: str = "python",
 ) -> Path:
-    """A "python" type's file (a reward's, or environments.py's environment: `kind`), after the opt-in check (trusted
-    None: not known yet, checked at build). Raises `error` naming what is wrong."""
+    """A "python" type's file (a reward's, or environments.py's environment: `kind`; type_name: the spec's type), after
+    the opt-in check (trusted None: not known yet, checked at build). Raises `error` naming what is wrong."""
     if trusted is False:
         raise error(
-            f'type "python" runs the code in {path or "its file"!r}: set TRUST_REMOTE_CODE: true in the config '
+            f'type "{type_name}" runs the code in {path or "its file"!r}: set TRUST_REMOTE_CODE: true in the config '
             "to allow it (the same opt-in as custom model code)"
         )
     if not path:
-        raise error(f'python needs "path": a local .py file defining {defines}')
+        raise error(f'{type_name} needs "path": a local .py file defining {defines}')
     file = Path(path).expanduser()
     if not file.is_file():
-        raise error(f"python {kind} file {path!r} does not exist (looked at {file.resolve()})")
+        raise error(f"{type_name} {kind} file {path!r} does not exist (looked at {file.resolve()})")
     return file
 
 

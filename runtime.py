@@ -2427,8 +2427,8 @@ def make_task(path: str, config: dict, key: str, seed: int = 0) -> Task:
         ours.get("level"),
         ours.get("system_prompt", ""),
     )
-    if task.level is not None:
-        task_levels(task, key)
+    if task.level is not None and task.level >= (count := task_levels(task, key)):
+        raise UserError(f"TASK_CONFIG 'level' {task.level}: reasoning-gym's {name!r} has levels 0 to {count - 1}")
     task_rows(task, key, size=1)  # the configuration is the task's to judge: its error, now
     return task
 
