@@ -7,6 +7,7 @@ second checkout logs are listed, not failed.
     git worktree add --detach /tmp/base <REV>
     python bench/same_numbers.py --base /tmp/base                 # base vs this checkout
     python bench/same_numbers.py --base /tmp/base --only grpo,gate
+    python bench/same_numbers.py --base /tmp/base --new-set MINIBATCH_GROUPS=false   # a new key at the base's behaviour
 
 Exit 0 when every run matches, 1 otherwise. Not a test: it takes a few minutes on 2 cores.
 """
@@ -128,11 +129,12 @@ def compare(base: list, new: list, tol: float) -> list[str]:
     return problems
 
 
-def run(root: Path, tag: str, name: str, work: Path, model: Path, data: Path) -> list:
+def run(root: Path, tag: str, name: str, work: Path, model: Path, data: Path, extra: dict) -> list:
     out = work / f"{tag}-{name}"
     cfg = {
         **COMMON,
         **RUNS[name],
+        **extra,
         "MODEL": str(model),
         "TRAIN_FILE": str(data / "train.json"),
         "EVAL_FILE": str(data / "eval.json"),
@@ -154,7 +156,9 @@ def main() -> int:
     p.add_argument("--new", default=str(ROOT), help="the checkout compared with it (default: this one)")
     p.add_argument("--only", default="", help="comma-separated runs: " + ", ".join(RUNS))
     p.add_argument("--tol", type=float, default=1e-6)
+    p.add_argument("--new-set", action="append", default=[], help="KEY=JSON for the second checkout only (a key the base lacks)")
     args = p.parse_args()
+    new_set = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.new_set)}
     from conftest import build_tiny_model
 
     names = args.only.split(",") if args.only else list(RUNS)
@@ -169,7 +173,10 @@ def main() -> int:
         (data / "train.json").write_text(json.dumps(items))
         (data / "eval.json").write_text(json.dumps(items[:4]))
         for name in names:
-            base, new = (run(Path(r).resolve(), tag, name, work, model, data) for tag, r in (("base", args.base), ("new", args.new)))
+            base, new = (
+                run(Path(r).resolve(), tag, name, work, model, data, extra)
+                for tag, r, extra in (("base", args.base, {}), ("new", args.new, new_set))
+            )
             problems = compare(base, new, args.tol)
             print(f"{name}: {len(base)} lines, " + ("same numbers" if not problems else f"{len(problems)} differences"), flush=True)
             for line in problems[:10]:
