@@ -4223,10 +4223,10 @@ def start_run(cfg: Config, check: bool, reward) -> Optional[tuple[Run, RunState]
     examples, data_format = load_data(cfg, "TRAIN_FILE")
     check_prompt_rows(cfg, examples)
     if cfg.CURRICULUM:  # its levels exist: an error line before any weights load
-        count, start = make_levels(cfg, examples, list).count, cfg.CURRICULUM["start"]
-        if start >= count:
-            raise runtime.UserError(f"CURRICULUM 'start' {start}: the levels are 0 to {count - 1}")
-        runtime.say(f"curriculum: {count} levels, from level {start}")
+        count, first = make_levels(cfg, examples, list).count, cfg.CURRICULUM["start"]
+        if first >= count:
+            raise runtime.UserError(f"CURRICULUM 'start' {first}: the levels are 0 to {count - 1}")
+        runtime.say(f"curriculum: {count} levels, from level {first}")
     sft = load_data(cfg, "SFT_FILE") if sft_file_feeds_sft(cfg) else None  # None: TRAIN_FILE feeds both sides
     eval_examples = load_eval_examples(cfg)
     runtime.check_category_field(cfg, {"TRAIN_FILE": examples, "EVAL_FILE": eval_examples})
