@@ -1670,7 +1670,7 @@ class VLLMEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: no engine process, no __main__ guard
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # torch's threads stay as set_threads() made them
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        threads = torch.get_num_threads()
+        threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         from vllm import LLM
 
         self.cfg, self.plan, self.policy, self.device = cfg, plan, policy, device
@@ -1715,6 +1715,7 @@ class VLLMEngine:
                 f'GENERATION_BACKEND "vllm" could not start its engine for {plan.model}{chosen}: {type(e).__name__}: '
                 f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
             ) from None
+        torch.set_num_threads = set_num_threads  # vLLM's CPU worker swaps in a no-op (for its thread binding): ours is off
         torch.set_num_threads(threads)
         OPEN_ENGINES.append(self)
         kv = f"its KV cache {human_bytes(memory['kv_cache_memory_bytes'])}" if not cuda else "GPU memory as configured"

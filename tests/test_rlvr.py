@@ -106,7 +106,7 @@ def test_dynamic_sampling_one_process_equals_two(tiny_model, tmp_path):
         "dynamic/groups_dropped": 4,
         "dynamic/prompts_kept": 3,
     }
-    assert max_diff(tmp_path / "one.st", tmp_path / "two.st") <= 1e-5
+    assert max_diff(tmp_path / "one.st", tmp_path / "two.st") <= 5e-5  # each process sums its share of the rows run
 
 
 def test_mask_truncated_takes_the_gradient_of_truncated_responses(tiny_model, tiny_data):

@@ -192,7 +192,9 @@ def test_grpo_and_friends_learn_with_vllm(advantage, hybrid, tiny_model, tiny_da
             "OUTPUT_DIR": str(out),
             "GENERATION_BACKEND": "vllm",
             "BF16": False,
-            **({"EPOCHS": 3} if advantage != "grpo" else {}),
+            # grpo: 25 epochs, not LEARN's 20: at LR 3e-3 the run is chaotic, and rounding (the order of a minibatch's
+            # rows) moved where it stands at epoch 20 between 0.37 and 0.64 (0.87 at 25)
+            **({"EPOCHS": 3} if advantage != "grpo" else {"EPOCHS": 25}),
         },
         tmp_path,
     )
