@@ -206,7 +206,7 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
         None, "prompts' worth of responses per minibatch inside a PPO update: PPO_MINI x NUM_GENERATIONS responses (null = PPO_BATCH)"
     )
     MINIBATCH_GROUPS: bool = _key(
-        True,
+        False,
         "a PPO minibatch holds whole groups of NUM_GENERATIONS responses (as verl's), so each prompt runs once in it; "
         "false: responses drawn across groups (as TRL's)",
     )

@@ -553,8 +553,8 @@ def test_the_reference_and_teacher_log_probs_come_chunk_by_chunk(tiny_model, tin
 
 
 def test_minibatches_hold_whole_groups(tiny_model, tiny_data):
-    """MINIBATCH_GROUPS (default): each epoch's order is a random order of groups, a group's G rows together, so every
-    minibatch of PPO_MINI x G rows holds whole groups and runs each prompt once; false: rows across groups."""
+    """MINIBATCH_GROUPS: each epoch's order is a random order of groups, a group's G rows together, so every minibatch
+    of PPO_MINI x G rows holds whole groups and runs each prompt once; false (default): rows across groups."""
     orders = {}
     for together in (True, False):
         trainer, examples = trainer_for(
