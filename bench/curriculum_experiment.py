@@ -27,35 +27,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import split_experiment as split  # noqa: E402 - the GRPO settings this experiment shares
+
 OUT = ROOT / "runs" / "curriculum"
 RESULTS = ROOT / "bench" / "results" / "curriculum"
 LEVELS = (0, 1, 2)
+# the split experiment's GRPO row (its sampling, GRPO and KL settings), on the task: the reward, 32 new tokens, the
+# held-out levels greedy, hf generation; its SFT, vLLM and file keys do not apply here
 COMMON = {
+    **{k: v for k, v in split.COMMON.items() if not k.startswith(("SFT_", "LR_SFT", "VLLM_", "EVAL_", "CATEGORY_"))},
     "MODE": "ppo",
-    "MODEL": "smollm2-135m-instruct",
     "TRAIN_FILE": "reasoning_gym:chain_sum",
-    "MAXSEQ": 256,
     "MAX_NEW_TOKENS": 32,
-    "TEMPERATURE": 1.0,
-    "TOP_P": 1.0,
-    "REPETITION_PENALTY": 1.0,
-    "NO_REPEAT_NGRAM_SIZE": 0,
     "REWARD": {"type": "reasoning_gym"},
     "CATEGORY_FIELD": "level",
     "EVAL_SAMPLES": 40 * len(LEVELS),
     "EVAL_NUM_SAMPLES": 1,
-    "LOG_EVERY": 4,
-    "SAVE_EVERY": 0,
-    "EPOCHS": 1,
-    "ADVANTAGE": "grpo",
-    "NUM_GENERATIONS": 8,
-    "PPO_BATCH": 4,
-    "PPO_MINI": 2,
-    "PPO_EPOCHS": 1,
-    "LR_PPO": 1e-5,
-    "INIT_KL_COEF": 0.04,
-    "KL_IN": "loss",
-    "KL_PENALTY": "k3",
     "GENERATION_BACKEND": "hf",
 }
 ROWS = {
