@@ -106,16 +106,25 @@ def find_action(text: str, fmt: ActionFormat) -> Optional[str]:
     return None if end < 0 else text[start + len(fmt.open) : end]
 
 
+def read_call(action: str) -> tuple[Optional[str], Optional[dict]]:
+    """A tool call's JSON as chat templates render one ({"name": ..., "arguments": {...}}; Llama 3.x: "parameters")
+    -> (its name, its arguments), None for what it lacks; raises ValueError when it is not JSON."""
+    call = json.loads(action)
+    if not isinstance(call, dict):
+        return None, None
+    arguments = call.get("arguments", call.get("parameters"))
+    return call.get("name"), arguments if isinstance(arguments, dict) else None
+
+
 def parse_tool_call(action: str, schema: dict) -> tuple[Optional[str], str]:
     """A tool_call action ({"name": ..., "arguments": {...}}, as chat templates render tool calls) -> (the argument the
     environment's step takes, ""), or (None, why it is not a call of the schema's function)."""
     function = schema["function"]
     try:
-        call = json.loads(action)
+        name, arguments = read_call(action)
     except ValueError:
         return None, 'error: a tool call is a JSON object {"name": ..., "arguments": {...}}'
-    arguments = call.get("arguments", call.get("parameters")) if isinstance(call, dict) else None  # Llama 3.x: "parameters"
-    if not isinstance(call, dict) or call.get("name") != function["name"] or not isinstance(arguments, dict):
+    if name != function["name"] or arguments is None:
         return None, f'error: the tool is {function["name"]!r}, called as {{"name": "{function["name"]}", "arguments": {{...}}}}'
     (param,) = function["parameters"]["required"]
     value = arguments.get(param)
@@ -460,13 +469,12 @@ class TrlType(EnvironmentType):
 
     def parse_call(self, action: str) -> tuple[Optional[str], str]:
         try:
-            call = json.loads(action)
+            name, arguments = read_call(action)
         except ValueError:
-            call = None
-        arguments = call.get("arguments", call.get("parameters")) if isinstance(call, dict) else None
-        if not isinstance(call, dict) or call.get("name") not in self.names or not isinstance(arguments, dict):
+            name, arguments = None, None
+        if name not in self.names or arguments is None:
             return None, f'error: a tool call is {{"name": one of {self.names}, "arguments": {{...}}}}'
-        return json.dumps({"name": call["name"], "arguments": arguments}), ""
+        return json.dumps({"name": name, "arguments": arguments}), ""
 
 
 def trl(
