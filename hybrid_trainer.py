@@ -3086,8 +3086,9 @@ class PPOUpdate:
         self.kl_place, self.agg = KL_PLACES[cfg.KL_IN], LOSS_AGGREGATIONS[cfg.LOSS_AGG]
         self.loss_settings = LossSettings.from_config(cfg)
         self.fuse_first_forward = True  # reuse the first minibatch's forward as step 4's when it is the whole batch
-        jsd, kl_in_loss = self.distill is not None and self.distill.in_loss, self.kl_place.in_loss and parts.reference is not None
-        self.skips = cfg.SKIP_ZERO_ADVANTAGE and not parts.estimator.critic and not kl_in_loss and not jsd  # a zero row is exactly 0
+        self.kl_in_loss = self.kl_place.in_loss and parts.reference is not None  # KL_IN loss (no reference: no KL)
+        jsd = self.distill is not None and self.distill.in_loss
+        self.skips = cfg.SKIP_ZERO_ADVANTAGE and not parts.estimator.critic and not self.kl_in_loss and not jsd  # a zero row is exactly 0
 
     def learn(self, rollout: Rollout, demos: Optional[list[Example]] = None, progress: float = 0.0) -> dict:
         """Steps 4-7 of an update -> its statistics. demos: the batch's P prompts (gate / mix train on their references);
@@ -3298,11 +3299,7 @@ class PPOUpdate:
                 fwd = forward if forward is not None else self.policy(c.input_ids, c.attention_mask, R, values=critic)
                 logprobs, token_entropy = fwd.stats(c.r_ids, cfg.TEMPERATURE)  # chunk by chunk with LOGITS_CHUNK
             values = fwd.values
-            kl = (
-                self.kl_ctl.value * kl_per_token(logprobs, c.ref_logprobs, cfg.KL_PENALTY)
-                if self.kl_place.in_loss and self.reference is not None
-                else None
-            )
+            kl = self.kl_ctl.value * kl_per_token(logprobs, c.ref_logprobs, cfg.KL_PENALTY) if self.kl_in_loss else None
             pl = policy_loss(logprobs, c.old_logprobs, c.advantages, m, self.loss_settings, kl, c.is_weights)
             if critic:
                 vl = value_loss(values, c.old_values, c.returns, m, cfg.CLIPRANGE_VALUE)
@@ -3930,11 +3927,11 @@ def draw(r: Run, state: RunState, side: str, n: int) -> list[Example]:
     start = state.drawn[side]
     state.drawn[side] = min(len(order), start + n)
     if side == "ppo" and r.levels is not None:
-        pool, picked = r.levels.pool(state.level), []
-        for _ in range(state.drawn[side] - start):
+        pool, picked, wanted = r.levels.pool(state.level), [], state.drawn[side] - start
+        while len(picked) < wanted:  # the level's order, lap after lap (each lap's seeded once)
             lap, i = divmod(state.level_drawn, len(pool))
-            picked.append(pool[epoch_order(len(pool), r.plan.seed + lap, state.level, "ppo", r.cfg.SHUFFLE)[i]])
-            state.level_drawn += 1
+            taken = epoch_order(len(pool), r.plan.seed + lap, state.level, "ppo", r.cfg.SHUFFLE)[i : i + wanted - len(picked)]
+            picked, state.level_drawn = picked + [pool[k] for k in taken], state.level_drawn + len(taken)
         return picked
     return [(r.sft_examples if side == "sft" else r.examples)[i] for i in order[start : state.drawn[side]]]
 
@@ -4372,7 +4369,7 @@ def make_levels(cfg: Config, examples: list, prepare: Callable[[list], list]) ->
     if runtime.is_task(cfg.TRAIN_FILE):
         task = runtime.make_task(cfg.TRAIN_FILE, cfg.TASK_CONFIG, "TRAIN_FILE", cfg.SEED or 0)
         where = f"TRAIN_FILE {cfg.TRAIN_FILE!r}"
-        rows = functools.cache(lambda level: runtime.task_rows(task, where, level=level, mode=rule["mode"]))
+        rows = lambda level: runtime.task_rows(task, where, level=level, mode=rule["mode"])  # noqa: E731
         made = functools.cache(lambda level: prepare(make_examples(rows(level), cfg.SELECT_OUTPUT, where, "", "prompt_completion", True)))
         return Levels(rule, runtime.task_levels(task, where), made)
     column = rule["column"]
