@@ -370,6 +370,15 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
         "gate/mix SFT term: {choices}: none, phi (each token weighted by p(1 - p), stop-gradient; CHORD-phi)",
         choices=lambda: tuple(SFT_TOKEN_WEIGHTS),
     )
+    SFT_KL_COEF: float = _key(
+        0.0, "retention: the SFT loss plus this x KL(policy || reference) over the vocabulary at each target token (0 = off)"
+    )
+    REPLAY_SHARE: float = _key(
+        0.0,
+        "retention: this share of each update's prompts are REPLAY_FILE's, trained toward the frozen initial model (their "
+        "advantage the per-token reverse KL to it, no reward) (0 = off)",
+    )
+    REPLAY_FILE: str = _key("", "REPLAY_SHARE's prompts, any TRAIN_FILE kind ('' = RETAIN_FILE's; apart, retention is measured unreplayed)")
     CYCLE_SFT_STEPS: int = _key(1, "SFT steps per hybrid cycle (HYBRID alternate)")
     CYCLE_PPO_UPDATES: int = _key(1, "PPO updates per hybrid cycle (HYBRID alternate)")
     EPOCHS: int = _key(1, "passes over the data")
@@ -395,6 +404,11 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
     # --- evaluation ---
     EVAL_FILE: str = _key("", "held-out data (any TRAIN_FILE kind) evaluated before, during and after training ('' = off)")
     EVAL_SAMPLES: int = _key(50, "eval items used")
+    RETAIN_FILE: str = _key(
+        "",
+        "what the model must not lose (any EVAL_FILE kind, with references): answered greedily at each evaluation, "
+        "logged as retain/contains_reference and retain/<category> ('' = off)",
+    )
     EVAL_NUM_SAMPLES: int = _key(
         1,
         "responses per eval item: 1 = greedy; k > 1 = k samples at EVAL_TEMPERATURE, reported as "
@@ -430,7 +444,7 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
                 hint = f" - did you mean {close[0]!r}?" if close else " (see --help for the keys)"
                 raise runtime.UserError(f"unknown config key {key!r}{hint}")
         hints = typing.get_type_hints(cls)
-        cfg = cls(**{k: _coerce(k, v, hints[k]) for k, v in raw.items()})
+        cfg = cls(**{k: runtime.coerce(k, v, hints[k]) for k, v in raw.items()})
         return dataclasses.replace(cfg, **cfg.validate())
 
     def validate(self) -> dict:
@@ -495,6 +509,7 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
             f"CHAT_TEMPLATE_KWARGS: {taken} are the trainer's to set, per rendering (tools: ENVIRONMENT with ACTION_FORMAT tool_call)",
         )
         self._check_distill(need, fill["MODE"])
+        self._check_retention(need, fill["MODE"])
         self._check_save_best(need)
         if self.CURRICULUM:
             fill["CURRICULUM"] = self._check_curriculum(need, fill["MODE"])
@@ -594,10 +609,33 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
         if self.TEACHER_MODEL and mode == "sft":
             runtime.warn('TEACHER_MODEL is ignored in MODE "sft": distillation trains on the student\'s own samples (ppo or hybrid)')
 
+    def _check_retention(self, need, mode: str) -> None:
+        """SFT_KL_COEF and REPLAY_SHARE (the frozen reference is loaded for them: runtime.needs_reference)."""
+        need(self.SFT_KL_COEF >= 0, f"SFT_KL_COEF must be >= 0 (0 = off), got {self.SFT_KL_COEF}")
+        sft_side = mode == "sft" or mode == "hybrid" and (self.HYBRID == "alternate" or HYBRID_STRATEGIES[self.HYBRID].in_update)
+        if self.SFT_KL_COEF > 0 and not sft_side:
+            runtime.warn(f"SFT_KL_COEF is ignored in MODE {mode!r}: it is a term of the SFT loss (MODE sft or hybrid)")
+        share = self.REPLAY_SHARE
+        need(0 <= share <= 1, f"REPLAY_SHARE must be in [0, 1] (the share of each update's prompts replayed), got {share}")
+        if share == 0:
+            return
+        k = round(share * self.PPO_BATCH)
+        need(mode != "sft", 'REPLAY_SHARE mixes RETAIN_FILE\'s prompts into the RL updates: MODE "sft" has none')
+        need(bool(self.RETAIN_FILE or self.REPLAY_FILE), "REPLAY_SHARE replays RETAIN_FILE's prompts (or REPLAY_FILE's): set one")
+        why = f"REPLAY_SHARE {share} of PPO_BATCH {self.PPO_BATCH} is {k} replayed prompts per update: it must leave at least one of each"
+        need(1 <= k < self.PPO_BATCH, why + " (replayed and TRAIN_FILE's)")
+        need(self.REF_UPDATE == "never", 'REPLAY_SHARE trains toward the initial model, which REF_UPDATE "cycle" moves: use "never"')
+        for bad, why in (
+            (ADVANTAGES[self.ADVANTAGE].critic, f"ADVANTAGE {self.ADVANTAGE!r} (a critic learns from rewards replayed rows do not get)"),
+            (self.DYNAMIC_SAMPLING, "DYNAMIC_SAMPLING (it would drop the replayed groups: they have no reward)"),
+            (mode == "hybrid" and HYBRID_STRATEGIES[self.HYBRID].in_update, f"HYBRID {self.HYBRID!r} (it would SFT on replayed prompts)"),
+        ):
+            need(not bad, f"REPLAY_SHARE does not combine with {why}")
+
     def _check_save_best(self, need) -> None:
         if not self.SAVE_BEST:
             return
-        need(bool(self.EVAL_FILE), f"SAVE_BEST {self.SAVE_BEST!r} selects by a held-out metric: set EVAL_FILE")
+        need(bool(self.EVAL_FILE or self.RETAIN_FILE), f"SAVE_BEST {self.SAVE_BEST!r} selects by a held-out metric: set EVAL_FILE")
         need(
             self.EVAL_EVERY > 0,
             f"SAVE_BEST {self.SAVE_BEST!r} compares evaluations during the run: set EVAL_EVERY "
@@ -605,7 +643,7 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
         )
         known = eval_metric_keys(self)
         need(
-            self.SAVE_BEST in known,
+            self.SAVE_BEST in known or self.RETAIN_FILE and self.SAVE_BEST.startswith("retain/"),  # categories: at the first
             f"SAVE_BEST {self.SAVE_BEST!r} is not a metric this run's evaluation logs; it logs: {', '.join(sorted(known))}",
         )
 
@@ -678,8 +716,7 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
         return dataclasses.asdict(self)
 
 
-_TRUE = ("true", "1", "yes", "y", "t", "on")
-_FALSE = ("false", "0", "no", "n", "f", "off")
+_TRUE, _FALSE = runtime.TRUE, runtime.FALSE
 
 
 def action_formats() -> tuple[dict, dict]:
@@ -695,49 +732,6 @@ def one_of(key: str, value: str, choices: tuple) -> None:
         close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
         hint = f" - did you mean {close[0]!r}?" if close else ""
         raise runtime.UserError(f"{key} must be one of {', '.join(choices)}; got {value!r}{hint}")
-
-
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check one JSON value against the field's type; accept the sketch's "true"/"false" strings."""
-    args = typing.get_args(annotation)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise runtime.UserError(f"{key} must not be null")
-    if type(None) in args:  # Optional[X]
-        annotation = next(a for a in args if a is not type(None))
-        args = typing.get_args(annotation)
-    if args:  # Union[bool, str] (RESUME), Union[str, list] (LORA_TARGETS)
-        if any(isinstance(value, a) for a in args):
-            return value
-        names = " or ".join({bool: "a boolean", str: "a string", list: "a list", dict: "a JSON object"}[a] for a in args)
-        raise runtime.UserError(f"{key} must be {names}, got {type(value).__name__} {value!r}")
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        if key == "SHUFFLE" and isinstance(value, str):
-            raise runtime.UserError(
-                f"SHUFFLE must be true or false, got the string {value!r}: scripts named in a config are "
-                "never run; the trainer shuffles in-process with SEED"
-            )
-        raise runtime.UserError(f"{key} must be true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-            raise runtime.UserError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
-        return int(value)
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise runtime.UserError(f"{key} must be a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if annotation is str and not isinstance(value, str):
-        raise runtime.UserError(f"{key} must be a string, got {type(value).__name__} {value!r}")
-    if annotation is list and not isinstance(value, list):
-        raise runtime.UserError(f"{key} must be a JSON list, got {type(value).__name__} {value!r}")
-    if annotation is dict and not isinstance(value, dict):
-        raise runtime.UserError(f"{key} must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 def load_config(path: str) -> Config:
@@ -855,6 +849,7 @@ class Plan:
     backend: str = "hf"  # what generates (GENERATION_BACKEND, "auto" resolved by resolve_backend)
     generation: str = ""  # why: printed at start beside the precision
     weight_first: bool = False  # hf decoding's fp32 linear layers as weight @ x^T (resolve_weight_first: a CPU probe)
+    replay_prompts: int = 0  # REPLAY_SHARE: RETAIN_FILE prompts in each update (of ppo_batch); the rest are TRAIN_FILE's
 
     def items(self, side: str) -> int:
         """The items of a side's stream ("sft" or "ppo"): each walks its own once per epoch."""
@@ -885,8 +880,8 @@ class Plan:
         return self.schedule.count("ppo")
 
     def batch_size(self, side: str) -> int:
-        """Items a step of `side` ("sft" or "ppo") draws from its stream."""
-        return self.sft_batch if side == "sft" else self.ppo_batch
+        """Items a step of `side` ("sft" or "ppo") draws from its stream (REPLAY_SHARE's prompts come from their own)."""
+        return self.sft_batch if side == "sft" else self.ppo_batch - self.replay_prompts
 
     def describe(self) -> str:
         """The block printed at start."""
@@ -911,6 +906,10 @@ class Plan:
                 f"({self.minibatches_per_epoch} per epoch)",
             ),
             ("optimizer steps", f"SFT {self.sft_optimizer_steps}, PPO {self.ppo_optimizer_steps}"),
+            (
+                "replay",
+                f"{self.replay_prompts} of each update's {self.ppo_batch} prompts from RETAIN_FILE" if self.replay_prompts else "off",
+            ),
             ("disk", outputs.storage_line(self.checkpoint_bytes, self.final_bytes)),
         ]
         return "plan:\n" + "\n".join(f"  {k:<16} {v}" for k, v in rows)
@@ -968,7 +967,13 @@ def make_plan(
         backend=backend,
         generation=generation + (f"; {weight_first[1]}" if weight_first[1] else ""),
         weight_first=weight_first[0],
+        replay_prompts=replay_prompts(cfg),
     )
+
+
+def replay_prompts(cfg: Config) -> int:
+    """REPLAY_SHARE's RETAIN_FILE prompts per update (validate keeps it within 1 .. PPO_BATCH - 1 when on)."""
+    return round(cfg.REPLAY_SHARE * cfg.PPO_BATCH) if cfg.MODE.lower() != "sft" else 0
 
 
 def api_plan(cfg: Config, n_items: Optional[int] = None, lm: Optional[nn.Module] = None, bf16: Optional[bool] = None) -> Plan:
@@ -1720,6 +1725,7 @@ class Example:
     opening: Optional[list] = None  # a conversation that acts (has tool turns): its messages before the first assistant turn
     teacher_prompt_ids: Optional[list] = None  # TEACHER_MODEL "self": the prompt with TEACHER_CONTEXT, as the teacher sees it
     sft_pairs: list = field(default_factory=list)  # tokenized turns: (prompt_ids, target_ids), the last one included
+    replay: bool = False  # REPLAY_SHARE: a RETAIN_FILE prompt in an update (no reward; trained toward the initial model)
 
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -1893,18 +1899,20 @@ def select_subset(examples: list, cfg: Config, seed: Optional[int] = None) -> li
 
 
 def load_data(cfg: Config, key: str) -> tuple[list[Example], str]:
-    """TRAIN_FILE, SFT_FILE or EVAL_FILE -> (examples, the data format used). TRAIN_FILE's rows may be prompts without
+    """TRAIN_FILE, SFT_FILE, EVAL_FILE or RETAIN_FILE -> (examples, the data format used). TRAIN_FILE's rows may be prompts without
     a response where only RL reads them (prompts_only)."""
     path, split = {
         "TRAIN_FILE": (cfg.TRAIN_FILE, cfg.TRAIN_SPLIT),
         "SFT_FILE": (cfg.SFT_FILE, cfg.SFT_SPLIT),
         "EVAL_FILE": (cfg.EVAL_FILE, cfg.EVAL_SPLIT),
+        "RETAIN_FILE": (cfg.RETAIN_FILE, ""),
+        "REPLAY_FILE": (cfg.REPLAY_FILE, ""),
     }[key]
     if runtime.is_task(path):
         items = runtime.task_items(path, cfg.TASK_CONFIG, key, cfg.TRAIN_FILE, cfg.SEED or 0)
     else:
         items = runtime.read_items(path, key, split)
-    optional = key == "TRAIN_FILE" and prompts_only(cfg)
+    optional = key == "TRAIN_FILE" and prompts_only(cfg) or key == "REPLAY_FILE"
     fmt = pick_data_format(cfg.DATA_FORMAT, items, optional, cfg.SELECT_OUTPUT)
     return make_examples(items, cfg.SELECT_OUTPUT, f"{key} {path!r}", cfg.CATEGORY_FIELD, fmt, optional), fmt
 
@@ -1918,34 +1926,6 @@ def prompts_only(cfg: Config) -> bool:
 def sft_file_feeds_sft(cfg: Config) -> bool:
     """SFT_FILE holds the SFT side's demonstrations (MODE hybrid, HYBRID alternate); elsewhere it is unused (warned)."""
     return cfg.MODE == "hybrid" and cfg.HYBRID == "alternate" and bool(cfg.SFT_FILE)
-
-
-def check_prompt_rows(cfg: Config, examples: list[Example]) -> None:
-    """Rows without a response (prompts_only) need a reward that does not read one: else one error (a "self" teacher
-    shown {target}: check_teacher)."""
-    import rewards
-
-    bare = next((e for e in examples if not e.target), None)
-    if bare is None:
-        return
-    where = f"TRAIN_FILE {cfg.TRAIN_FILE!r} row {bare.index} is a prompt without a response"
-    if cfg.MODE == "hybrid" and cfg.HYBRID == "alternate" and not cfg.SFT_FILE:
-        raise runtime.UserError(
-            f'{where}, and HYBRID "alternate" trains its SFT steps on TRAIN_FILE\'s responses: set SFT_FILE '
-            "(the demonstrations), or give every row a response"
-        )
-    if cfg.MODE == "hybrid" and cfg.HYBRID != "alternate" and all(not e.target for e in examples):
-        raise runtime.UserError(
-            f"HYBRID {cfg.HYBRID!r} trains SFT on each prompt's own reference response, and no TRAIN_FILE "
-            f"{cfg.TRAIN_FILE!r} row has one (row {bare.index}: a prompt alone): give the rows that have one "
-            'their response (the others stay RL), or use HYBRID "alternate" with SFT_FILE'
-        )
-    if rewards.reads_reference(cfg.REWARD):
-        raise runtime.UserError(
-            f"{where}, and REWARD {cfg.REWARD.get('type')!r} compares responses with it: give every row a "
-            'response, or use a reward that reads the answer from the row (math with "answer_field", code '
-            "with its tests)"
-        )
 
 
 def load_examples(cfg: Config, seed: Optional[int] = None) -> list[Example]:
@@ -2264,11 +2244,16 @@ class SFTTerm:
     process's share of a batch of examples, in GRAD_ACCUM chunks. HybridTrainer.sft_step calls it; the PPO update
     gets it as its SFT term (gate, mix)."""
 
-    def __init__(self, cfg: Config, policy: "PolicyWithValueHead", scaler, pad_id: int, device: torch.device, autocast: Callable):
+    def __init__(
+        self, cfg: Config, policy: "PolicyWithValueHead", scaler, pad_id: int, device: torch.device, autocast: Callable, reference=None
+    ):
+        """reference: the frozen reference, which SFT_KL_COEF's term reads (None: no term)."""
         self.cfg, self.policy, self.scaler, self.pad_id, self.device, self.autocast = cfg, policy, scaler, pad_id, device, autocast
+        self.reference = reference if cfg.SFT_KL_COEF > 0 else None
 
-    def __call__(self, examples: list[Example], coef: float = 1.0, token_weight: str = "none") -> tuple[float, int]:
-        """-> (the loss over all processes, before coef; the global batch's response tokens)."""
+    def __call__(self, examples: list[Example], coef: float = 1.0, token_weight: str = "none") -> "SFTResult":
+        """-> (the loss over all processes, before coef, SFT_KL_COEF's term included; the global batch's response
+        tokens; the KL to the reference per response token, None without the term)."""
         pairs = sft_pairs(examples)
         n_tokens = sum(len(t) for _, t in pairs)
         mine, scale = runtime.my_share(pairs)
@@ -2277,13 +2262,15 @@ class SFTTerm:
         ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
         # Logits only from the shortest prompt's last token on: the LM head over prompt positions is wasted work.
         keep = ids.shape[1] - min(len(p) for p, _ in mine) + 1
-        total = torch.zeros(1, device=self.device)
+        total, kl_total = torch.zeros(1, device=self.device), torch.zeros(1, device=self.device)
         chunked = self.policy.logits_chunk > 0 and self.policy.head_is_separable()  # LOGITS_CHUNK: no whole logits
         losses = lambda logits, y: (sft_token_losses(logits[None], y[None], self.cfg.SFT_LOSS, token_weight)[0],)  # noqa: E731
         for rows in runtime.accum_rows(len(mine), len(pairs), self.cfg.GRAD_ACCUM):
             chunk = [mine[i] for i in rows.tolist()]
-            padded = len(chunk) * max(len(p) + len(t) for p, t in chunk)
-            if self.policy.packs() and runtime.positions_run(chunk, padded) < padded:
+            padded, kl = len(chunk) * max(len(p) + len(t) for p, t in chunk), None
+            if self.reference is not None:  # SFT_KL_COEF: whole logits at the targets, the policy's and the reference's
+                per_token, kl = self.with_kl(ids[rows], mask[rows], labels[rows, -keep + 1 :], keep, token_weight)
+            elif self.policy.packs() and runtime.positions_run(chunk, padded) < padded:
                 per_token = self.packed_losses(chunk, token_weight)  # PACKING: the loss at each target token's prediction
             else:
                 with self.autocast():
@@ -2304,10 +2291,22 @@ class SFTTerm:
                         )
                 if not chunked:
                     per_token = sft_token_losses(out.logits[:, :-1], labels[rows, -keep + 1 :], self.cfg.SFT_LOSS, token_weight)
-            loss = per_token.sum() * (scale / n_tokens)
+            loss = (per_token.sum() + (0.0 if kl is None else self.cfg.SFT_KL_COEF * kl)) * (scale / n_tokens)
             self.scaler.scale(loss * coef).backward()
             total += loss.detach()
-        return runtime.all_reduce_sum(total).item(), n_tokens
+            kl_total += 0.0 if kl is None else kl.detach() * (scale / n_tokens)
+        loss, kl = runtime.all_reduce_sum(torch.cat([total, kl_total])).tolist()
+        return SFTResult(loss, n_tokens, kl if self.reference is not None else None)
+
+    def with_kl(self, ids, mask, labels, keep: int, token_weight: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """SFT_KL_COEF: one padded forward of the policy and one of the frozen reference (no grad), whole logits at the
+        target positions -> (the per-token SFT losses, the sum over the targets of KL(policy || reference) over the
+        vocabulary: generalized_jsd at beta 1, TRL's GKD formula)."""
+        with self.autocast():
+            logits = self.policy.lm(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits[:, :-1]
+            with torch.no_grad():
+                ref = self.reference(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits[:, :-1]
+        return sft_token_losses(logits, labels, self.cfg.SFT_LOSS, token_weight), generalized_jsd(logits, ref, labels != -100, 1.0)
 
     def packed_losses(self, pairs: list[tuple[list, list]], token_weight: str) -> torch.Tensor:
         """The per-token SFT losses (b, T) of these (prompt, target) pairs from one packed forward (pack_sequences):
@@ -2321,6 +2320,12 @@ class SFTTerm:
                 return chunked_head(hidden, policy.lm.get_output_embeddings(), losses, labels, chunk=policy.logits_chunk)[0]
             logits = policy.lm.get_output_embeddings()(hidden)
         return sft_token_losses(logits, labels, self.cfg.SFT_LOSS, token_weight)
+
+
+class SFTResult(NamedTuple):
+    loss: float  # over all processes, SFT_KL_COEF's term included
+    tokens: int  # the global batch's response tokens
+    kl: Optional[float]  # SFT_KL_COEF: KL(policy || reference) per response token; None without the term
 
 
 # ---- the PPO update's records: what passes between its numbered steps. B responses, R = the longest, L = the ----
@@ -2351,6 +2356,7 @@ class Sample:
     loss_mask: Optional[list] = None  # (n) 1 where the loss covers the token (the model sampled it), 0 where not; None: all
     env: Optional[EnvStats] = None  # what its trajectory did (with an environment), for the env/ metrics
     teacher_query: Optional[list] = None  # TEACHER_MODEL "self": the prompt with TEACHER_CONTEXT, as the teacher sees it
+    replay: bool = False  # REPLAY_SHARE: its prompt is RETAIN_FILE's (no reward; trained toward the initial model)
 
 
 class Share(NamedTuple):
@@ -2416,6 +2422,7 @@ class Rollout(Tokens):
     group_size: int  # G
     engine_logprobs: Optional[torch.Tensor] = None  # (B, R): the engine's log-probs of the response tokens (vllm), else None
     teacher: Optional[Tokens] = None  # TEACHER_MODEL "self": the teacher's prompts (with TEACHER_CONTEXT), the same responses
+    replay: Optional[torch.Tensor] = None  # (B,) bool: REPLAY_SHARE's rows (None: none)
 
     @property
     def size(self) -> int:
@@ -2467,6 +2474,7 @@ def make_rollout(samples: list[Sample], group_size: int, pad_id: int, device: to
         group_size=group_size,
         engine_logprobs=right_pad_floats(engine, R).to(device) if all(e is not None for e in engine) else None,
         teacher=teacher,
+        replay=torch.tensor([s.replay for s in samples], device=device) if any(s.replay for s in samples) else None,
     )
 
 
@@ -2666,16 +2674,9 @@ class LossStats:
 # ---- step 1 with an environment: the turn loop (single-turn rollouts are its case with no environment) ----
 def env_metrics(stats: list[EnvStats], prefix: str = "env") -> dict:
     """Means per trajectory of what the trajectories did (truncated, failed: fractions)."""
-    n = max(len(stats), 1)
-    total = lambda name: sum(getattr(x, name) for x in stats)  # noqa: E731
+    n, names = max(len(stats), 1), ("turns", "actions", "action_errors", "parse_errors", "observation_tokens", "model_tokens", "truncated")
     return {
-        f"{prefix}/turns": total("turns") / n,
-        f"{prefix}/actions": total("actions") / n,
-        f"{prefix}/action_errors": total("action_errors") / n,
-        f"{prefix}/parse_errors": total("parse_errors") / n,
-        f"{prefix}/observation_tokens": total("observation_tokens") / n,
-        f"{prefix}/model_tokens": total("model_tokens") / n,
-        f"{prefix}/truncated": total("truncated") / n,
+        **{f"{prefix}/{k}": sum(getattr(x, k) for x in stats) / n for k in names},
         f"{prefix}/failed": sum(bool(x.error) for x in stats) / n,
     }
 
@@ -2937,6 +2938,7 @@ class Collector:
                 loss_mask=t.mask if acting else None,
                 env=t.stats() if acting else None,
                 teacher_query=t.example.teacher_prompt_ids,
+                replay=t.example.replay,
             )
             for t, s, b in zip(trajs, scores.tolist(), baseline.tolist())
         ]
@@ -2990,6 +2992,12 @@ class Collector:
         naming the item and the response, never a corrupt update."""
         import rewards
 
+        task = [i for i, e in enumerate(examples) if not e.replay]
+        if len(task) < len(examples):  # REPLAY_SHARE's rows get no reward (their signal: the reverse KL to the initial model)
+            scored, scores = self.score([responses[i] for i in task], [examples[i] for i in task]), [0.0] * len(examples)
+            for i, score in zip(task, scored.scores):
+                scores[i] = score
+            return scored._replace(scores=scores)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True) if responses else []  # ([] decodes to [""])
         texts, items, components = runtime.read_answers(self.turns.chat, texts, [e.prompt for e in examples], [e.item for e in examples])
         scores, error = [], None
@@ -3109,9 +3117,10 @@ class PPOUpdate:
         split, rl_mask, sft_pool = split_prompts(self.strategy, rollout, demos, cfg, progress)
         kl_coef = self.kl_ctl.value
         rewards = compute_rewards(rollout.scores, old.kl, rollout.loss_mask, kl_coef if self.kl_place.in_reward else 0.0)
+        replayed = None if rollout.replay is None else rl_mask * rollout.replay[:, None].float()  # REPLAY_SHARE's rows
         advantages, returns = self.estimator.fn(
             rewards=rewards,
-            mask=rl_mask,
+            mask=rl_mask if replayed is None else rl_mask - replayed,
             values=old.values,
             group_size=G,
             gamma=cfg.GAMMA,
@@ -3120,6 +3129,8 @@ class PPOUpdate:
             baseline=rollout.baseline,
         )
         returns = old.values if returns is None else returns
+        if replayed is not None:  # their advantage: the per-token reverse KL to the initial model (the reference)
+            advantages = advantages + distill_advantages(old.logprobs, old.ref_logprobs, replayed)
         if self.distill is not None and not self.distill.in_loss:  # DISTILL token_reverse_kl: the teacher's term
             advantages = advantages + cfg.DISTILL_COEF * self.distill.fn(old.logprobs, old.teacher_logprobs, rl_mask, cfg.DISTILL_DISCOUNT)
         if cfg.MASK_TRUNCATED:  # no gradient for responses cut at the token limit; their scores counted above
@@ -3139,6 +3150,9 @@ class PPOUpdate:
         seq_kl = (old.kl * rollout.loss_mask).sum(1).mean().item()
         self.kl_ctl.update(seq_kl, B)
         stats = update_stats(rollout, old, rewards, advantages, returns, mb_stats, self.estimator.critic)
+        if replayed is not None:  # on the replayed tokens, before the update
+            stats.update({"replay/reverse_kl": masked_mean(old.logprobs - old.ref_logprobs, replayed).item()})
+            stats["replay/responses"] = int(rollout.replay.sum())
         stats.update({"objective/kl": seq_kl, "objective/kl_coef": kl_coef, "ppo/skipped_minibatches": skipped, "ppo/lr": lr})
         stats["perf/skipped_responses"] = idle / cfg.PPO_EPOCHS  # SKIP_ZERO_ADVANTAGE's, per epoch
         stats.update({"time/rollout_s": t1 - t0 - old.first_forward_s, "time/ppo_epochs_s": t2 - t1 + old.first_forward_s})
@@ -3427,11 +3441,11 @@ def token_counts(rollout: Rollout, old: OldPolicy, positions: int, grad_passes: 
 def update_stats(rollout: Rollout, old: OldPolicy, rewards, advantages, returns, mb_stats: list, critic: bool) -> dict:
     """Step 7: the minibatches' means and the batch's statistics (the keys of TRL 0.11's PPOTrainer.step), over the
     tokens the loss covers."""
-    mask, scores = rollout.loss_mask, rollout.scores
+    mask, scores = rollout.loss_mask, rollout.scores if rollout.replay is None else rollout.scores[~rollout.replay]  # task rows'
     out = {k: float(np.mean([s[k] for s in mb_stats if k in s])) for k in dict.fromkeys(k for s in mb_stats for k in s)}
     out.update(
         {
-            "objective/non_score_reward": (rewards * mask).sum(1).mean().item() - scores.mean().item(),
+            "objective/non_score_reward": (rewards * mask).sum(1).mean().item() - rollout.scores.mean().item(),
             "ppo/mean_scores": scores.mean().item(),
             "ppo/std_scores": scores.std(unbiased=False).item(),
             "ppo/response_length": mask.sum(1).mean().item(),
@@ -3485,13 +3499,13 @@ class HybridTrainer:
         self._engine = None  # started at the first generation: an SFT run without evaluation needs none
         self.pad_id = tokenizer.pad_token_id
         self.stop_ids = runtime.stop_token_ids(tokenizer, policy.lm.generation_config)  # what ends a response: the engines' too
-        self.sft_backward = SFTTerm(cfg, policy, self.optim.scaler, self.pad_id, self.device, self.autocast)
+        self.sft_backward = SFTTerm(cfg, policy, self.optim.scaler, self.pad_id, self.device, self.autocast, ref_lm)
         tools = environment is not None and cfg.ACTION_FORMAT == "tool_call"
         self.chat = runtime.make_chat(cfg, tokenizer, self.stop_ids, tools)  # how chats render, what ends a response, REASONING
         self.turns = TurnLoop(cfg, self.plan, self.engine_generate, tokenizer, environment, self.chat)
         self.collector = Collector(cfg, self.plan, self.turns, lambda: self.engine.sleep(), reward, tokenizer, estimator)
         self.teacher = teacher
-        kl_ref = None if cfg.TEACHER_MODEL == "self" and not runtime.kl_reference(cfg) else ref_lm  # loaded only as "self"'s teacher
+        kl_ref = ref_lm if runtime.kl_reference(cfg) else None  # else loaded as "self"'s teacher or for SFT_KL_COEF only
         self.update = PPOUpdate(
             cfg,
             self.plan,
@@ -3609,12 +3623,13 @@ class HybridTrainer:
         self.policy.train()
         lr = self.optim.sft.param_groups[0]["lr"]
         self.optim.sft.zero_grad(set_to_none=True)
-        total, n_tokens = self.sft_backward(examples)
+        total, n_tokens, kl = self.sft_backward(examples)
         if not math.isfinite(total):
             self.optim.sft.zero_grad(set_to_none=True)
             raise BadStep(f"SFT loss is {total}")
         grad_norm = self.optim.step(self.optim.sft, self.optim.lm_params)
-        return {"sft/loss": total, "sft/grad_norm": grad_norm, "sft/tokens": n_tokens, "sft/lr": lr}
+        stats = {"sft/loss": total, "sft/grad_norm": grad_norm, "sft/tokens": n_tokens, "sft/lr": lr}
+        return stats if kl is None else {**stats, "sft/kl": kl}
 
     def ppo_update(self, examples: list[Example], progress: float = 0.0, draw: Optional[Callable] = None) -> dict:
         """One PPO update from a global batch of P prompts: steps 1-3 (Collector), then 4-7 (PPOUpdate). progress: the
@@ -3626,14 +3641,14 @@ class HybridTrainer:
         if batch.examples:
             rollout = make_rollout(batch.samples, self.plan.group_size, self.pad_id, self.device)
             stats = self.update.learn(rollout, batch.examples, progress)
-        scores = [s.score for s in generated.samples]
+        scores = [s.score for s in generated.samples if not s.replay]  # REPLAY_SHARE's rows have no reward
         n = len(scores)
         stats.update(
             {
                 "reward/mean": float(np.mean(scores)),
                 "reward/std": float(np.std(scores)),
                 "reward/pass_rate": float(np.mean([x >= self.cfg.EVAL_PASS_SCORE for x in scores])),  # CURRICULUM's signal
-                "ppo/ended_with_eos": sum(s.ended for s in generated.samples) / n,
+                "ppo/ended_with_eos": sum(s.ended for s in generated.samples) / len(generated.samples),
                 **info,
                 "time/generate_s": generated.generate_s,
                 "time/score_s": generated.score_s,
@@ -3679,12 +3694,14 @@ def eval_metric_keys(cfg: Config) -> set:
     """The metrics evaluate() logs for this config (what SAVE_BEST may name). maj@k needs a math reward: a run whose
     first evaluation lacks it stops there (keep_best)."""
     k = cfg.EVAL_NUM_SAMPLES
-    return (
+    evaluated = (
         {"eval/reward", "eval/contains_reference", *(f"eval/{name}" for name in EVAL_METRICS)}
         | ({"eval/pass@1", f"eval/pass@{k}", f"eval/maj@{k}"} if k > 1 else set())
         | ({"eval/reverse_kl_to_teacher"} if cfg.TEACHER_MODEL else set())
         | ({"eval/turns", "eval/actions", "eval/action_error_rate"} if cfg.ENVIRONMENT else set())
+        | ({"eval/kl_to_reference"} if cfg.RETAIN_FILE and runtime.needs_reference(cfg) else set())
     )
+    return (evaluated if cfg.EVAL_FILE else set()) | ({"retain/contains_reference"} if cfg.RETAIN_FILE else set())
 
 
 @dataclass
@@ -3709,12 +3726,17 @@ class EvalSample:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k in ("reward", "category")}
 
 
-def eval_trajectories(trainer: HybridTrainer, examples: list[Example]) -> tuple[list[EvalTrajectory], torch.Tensor]:
-    """Each process's share of the eval prompts, EVAL_NUM_SAMPLES = k responses each (greedy for k = 1), gathered ->
-    (item i's trajectories at i*k .. i*k+k-1, this process's [sum of the reverse KL to the teacher, tokens])."""
-    cfg, k = trainer.cfg, trainer.cfg.EVAL_NUM_SAMPLES
+def eval_trajectories(trainer: HybridTrainer, examples: list[Example], k: Optional[int] = None) -> tuple[list[EvalTrajectory], dict]:
+    """Each process's share of the eval prompts, k responses each (None: EVAL_NUM_SAMPLES; greedy for k = 1), gathered
+    -> (item i's trajectories at i*k .. i*k+k-1, {metric: this process's [sum of log pi - log judge, tokens]}: with k
+    None, the reverse KL to DISTILL's teacher and, with RETAIN_FILE, to the reference: RL's Razor's predictor of
+    forgetting, on the task's own samples)."""
+    cfg, measured = trainer.cfg, k is None
+    k = cfg.EVAL_NUM_SAMPLES if k is None else k
+    judges = {"eval/reverse_kl_to_teacher": trainer.teacher, "eval/kl_to_reference": trainer.ref_lm if cfg.RETAIN_FILE else None}
+    judges = {name: judge for name, judge in judges.items() if judge is not None and measured}
     bs = max(cfg.PPO_BATCH, 8)  # prompts per generate call (each with its k responses)
-    mine, done, teacher_kl = runtime.shard(examples), [], torch.zeros(2, dtype=torch.float64)
+    mine, done, sums = runtime.shard(examples), [], {name: torch.zeros(2, dtype=torch.float64) for name in judges}
     for i in range(math.ceil(runtime.largest_share(len(examples)) / bs)):  # the same count on every process
         chunk = mine[i * bs : (i + 1) * bs]
         trajs = trainer.turns.run(chunk or examples[:1], n=k, greedy=k == 1, temperature=cfg.EVAL_TEMPERATURE)
@@ -3732,11 +3754,23 @@ def eval_trajectories(trainer: HybridTrainer, examples: list[Example]) -> tuple[
             if chunk
             else []
         )
-        if trainer.teacher is not None:  # the held-out reverse KL to the teacher, on the student's own samples
-            kl_sum, kl_tokens = reverse_kl_to_teacher(trainer, trajs)  # a placeholder chunk runs too (FSDP), uncounted
-            teacher_kl = teacher_kl + torch.tensor([kl_sum, kl_tokens], dtype=torch.float64) * bool(chunk)
+        for name, judge in judges.items():  # on the student's own samples; a placeholder chunk runs too (FSDP), uncounted
+            kl_sum, kl_tokens = reverse_kl_to(trainer, trajs, judge, own_prompt=name != "eval/reverse_kl_to_teacher")
+            sums[name] = sums[name] + torch.tensor([kl_sum, kl_tokens], dtype=torch.float64) * bool(chunk)
     trainer.engine.sleep()
-    return sum(runtime.gather_objects(done), []), teacher_kl
+    return sum(runtime.gather_objects(done), []), sums
+
+
+def retain_metrics(trainer: HybridTrainer, examples: list[Example]) -> dict:
+    """RETAIN_FILE: each item answered greedily -> retain/contains_reference (the share of answers containing the
+    reference) and retain/<category> per CATEGORY_FIELD value."""
+    done, _ = eval_trajectories(trainer, examples, k=1)
+    texts = runtime.read_answers(trainer.chat, [d.answer for d in done], [e.prompt for e in examples], [e.item for e in examples])[0]
+    hits = [contains_reference(t, e.target) for e, t in zip(examples, texts)]
+    result = {"retain/contains_reference": float(np.mean(hits))}
+    for category in sorted({e.category for e in examples if e.category is not None}):
+        result[f"retain/{category}"] = float(np.mean([h for h, e in zip(hits, examples) if e.category == category]))
+    return result
 
 
 def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> dict:
@@ -3746,7 +3780,7 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
     import rewards
 
     cfg, k, acting = trainer.cfg, trainer.cfg.EVAL_NUM_SAMPLES, trainer.turns.env_type is not None
-    done, teacher_kl = eval_trajectories(trainer, examples)
+    done, kl_sums = eval_trajectories(trainer, examples)
     rows = [e for e in examples for _ in range(k)]
     texts, items, unclosed = runtime.read_answers(trainer.chat, [d.answer for d in done], [e.prompt for e in rows], [e.item for e in rows])
     items = [{**item, "trajectory": d.messages} if acting else item for item, d in zip(items, done)]
@@ -3778,9 +3812,9 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
         )
         for i, e in enumerate(examples)
     ]
-    if trainer.teacher is not None:
-        kl_sum, kl_tokens = runtime.all_reduce_sum(teacher_kl.float()).tolist()
-        result["eval/reverse_kl_to_teacher"] = kl_sum / max(kl_tokens, 1.0)
+    for name, sums in kl_sums.items():
+        kl_sum, kl_tokens = runtime.all_reduce_sum(sums.float()).tolist()
+        result[name] = kl_sum / max(kl_tokens, 1.0)
     if acting:
         stats = [d.stats for d in done]
         actions = sum(x.actions for x in stats)
@@ -3804,24 +3838,17 @@ def evaluate(trainer: HybridTrainer, examples: list[Example], metrics: dict) -> 
     return result
 
 
-def reverse_kl_to_teacher(trainer: HybridTrainer, trajs: list[Trajectory]) -> tuple[float, float]:
-    """Over these trajectories' model tokens: the sum of log pi - log nu (the student's log-prob of its own sampled token
-    minus the teacher's: a one-sample estimate of the reverse KL per token) and the number of tokens."""
-    samples = [
-        Sample(
-            query=t.prompt_ids,
-            response=t.ids or [trainer.tokenizer.eos_token_id],
-            ended=t.ended,
-            score=0.0,
-            baseline=0.0,
-            loss_mask=t.mask if t.ids else [0],
-            teacher_query=t.example.teacher_prompt_ids,
-        )
-        for t in trajs
-    ]
+def reverse_kl_to(trainer: HybridTrainer, trajs: list[Trajectory], judge, own_prompt: bool = False) -> tuple[float, float]:
+    """Over these trajectories' model tokens: the sum of log pi - log judge (the student's log-prob of its own sampled
+    token minus the judge's: a one-sample estimate of the reverse KL per token) and the number of tokens. The judge
+    reads "self"'s teacher prompts unless own_prompt (the reference reads the student's)."""
+    teacher_query = lambda t: None if own_prompt else t.example.teacher_prompt_ids  # noqa: E731
+    ids = lambda t: (t.ids, t.mask) if t.ids else ([trainer.tokenizer.eos_token_id], [0])  # noqa: E731 - an empty one: EOS, uncounted
+    samples = [Sample(t.prompt_ids, ids(t)[0], t.ended, 0.0, loss_mask=ids(t)[1], teacher_query=teacher_query(t)) for t in trajs]
     rollout = make_rollout(samples, 1, trainer.pad_id, trainer.device)
+    parts = trainer.update.parts._replace(reference=None, teacher=judge)
     columns, _, _ = forward_no_grad(
-        trainer.update.parts, trainer.cfg, trainer.plan, rollout_tokens(rollout), rollout.r_ids.shape[1], teacher_tokens=rollout.teacher
+        parts, trainer.cfg, trainer.plan, rollout_tokens(rollout), rollout.r_ids.shape[1], teacher_tokens=rollout.teacher
     )
     mask = rollout.loss_mask
     return ((columns.logprobs - columns.teacher_logprobs) * mask).sum().item(), mask.sum().item()
@@ -3873,6 +3900,7 @@ class RunState:
     level: int = 0  # CURRICULUM: the level the RL prompts come from
     level_drawn: int = 0  # CURRICULUM: prompts drawn at this level (its seeded order, lap after lap)
     pass_rates: list = field(default_factory=list)  # CURRICULUM: each update's training pass rate at this level
+    replayed: int = 0  # REPLAY_SHARE: RETAIN_FILE prompts replayed so far (their seeded order, lap after lap)
 
     def to_dict(self) -> dict:
         """As a checkpoint's state.json holds it."""
@@ -3888,7 +3916,7 @@ def step_plan(cfg: Config, n_items: int, n_sft_items: Optional[int] = None) -> l
     items once (n_sft_items: SFT_FILE's; else TRAIN_FILE's n_items feed both)."""
     n_sft_items = n_items if n_sft_items is None else n_sft_items
     n_sft = math.ceil(n_sft_items / cfg.SFT_BATCH) if cfg.MODE in ("sft", "hybrid") else 0
-    n_ppo = math.ceil(n_items / cfg.PPO_BATCH) if cfg.MODE in ("ppo", "hybrid") else 0
+    n_ppo = math.ceil(n_items / (cfg.PPO_BATCH - replay_prompts(cfg))) if cfg.MODE in ("ppo", "hybrid") else 0
     cycle_sft, cycle_ppo = {"sft": (1, 0), "ppo": (0, 1), "hybrid": (cfg.CYCLE_SFT_STEPS, cfg.CYCLE_PPO_UPDATES)}[cfg.MODE]
     if cfg.MODE == "hybrid" and HYBRID_STRATEGIES[cfg.HYBRID].in_update:  # gate / mix: SFT happens inside each update
         n_sft, cycle_sft, cycle_ppo = 0, 0, 1
@@ -3909,6 +3937,12 @@ class Run(NamedTuple):
     metrics: outputs.MetricsLog
     prompt_format: str  # sketch or chat, as resolved for MODEL's tokenizer
     levels: Optional[Levels] = None  # CURRICULUM's
+    retain_examples: list = []  # RETAIN_FILE's (evaluated)
+    replay_examples: list = []  # REPLAY_SHARE's prompts: REPLAY_FILE's, or RETAIN_FILE's
+
+    @property
+    def evaluates(self) -> bool:
+        return bool(self.eval_examples or self.retain_examples)
 
 
 class Levels(NamedTuple):
@@ -3936,6 +3970,13 @@ def draw(r: Run, state: RunState, side: str, n: int) -> list[Example]:
     return [(r.sft_examples if side == "sft" else r.examples)[i] for i in order[start : state.drawn[side]]]
 
 
+def draw_replay(r: Run, state: RunState, n: int) -> list[Example]:
+    """REPLAY_SHARE: the next n replay prompts (REPLAY_FILE's or RETAIN_FILE's), marked replay, in their seeded order lap after lap."""
+    pool, laps = r.replay_examples, [divmod(i, len(r.replay_examples)) for i in range(state.replayed, state.replayed + n)]
+    state.replayed += n
+    return [dataclasses.replace(pool[epoch_order(len(pool), r.plan.seed, lap, "replay", True)[j]], replay=True) for lap, j in laps]
+
+
 def climb(r: Run, state: RunState, pass_rate: float) -> dict:
     """CURRICULUM after an update: its pass rate joins the window, the rule may move the level (a new level starts
     its own window) -> the metrics (the level this update trained at)."""
@@ -3952,6 +3993,8 @@ def take_step(r: Run, state: RunState, phase: str) -> Optional[dict]:
     -> the step's record (None: that side's items are used up in this epoch)."""
     t0 = time.perf_counter()
     batch = draw(r, state, phase, r.plan.batch_size(phase))
+    if batch and phase == "ppo" and r.plan.replay_prompts:
+        batch += draw_replay(r, state, r.plan.replay_prompts)
     state.pos += 1
     if not batch:
         return None
@@ -4021,7 +4064,7 @@ def train_loop(r: Run, state: RunState, stop: runtime.StopRequest) -> int:
                         f"reward; last: {record['skipped_reason']}); stopping. Lower LR_SFT/LR_PPO or check "
                         f"the reward. Last good checkpoint: {outputs.latest_checkpoint(r.out_dir) or 'none'}"
                     )
-                if r.eval_examples and cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0:
+                if r.evaluates and cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0:
                     log_eval(r, state)
                 if cfg.SAVE_EVERY and state.step % cfg.SAVE_EVERY == 0 and state.bad_streak == 0:  # only good states
                     checkpoint(r, state)
@@ -4042,9 +4085,11 @@ def train_loop(r: Run, state: RunState, stop: runtime.StopRequest) -> int:
 
 def log_eval(r: Run, state: RunState) -> dict:
     step = state.step
-    result = evaluate(r.trainer, r.eval_examples, r.eval_metrics)
+    result = evaluate(r.trainer, r.eval_examples, r.eval_metrics) if r.eval_examples else {"samples": []}
+    result.update(retain_metrics(r.trainer, r.retain_examples) if r.retain_examples else {})
     r.metrics.log({"step": step, "phase": "eval", **{k: v for k, v in result.items() if k != "samples"}, "samples": result["samples"]})
-    runtime.say("eval @ step %d: %s" % (step, " ".join(f"{k[5:]}={v:.4f}" for k, v in result.items() if k.startswith("eval/"))))
+    shown = " ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in result.items() if k.startswith(("eval/", "retain/")))
+    runtime.say(f"eval @ step {step}: {shown}")
     if r.cfg.SAVE_BEST:
         keep_best(r, state, result)
     return result
@@ -4107,53 +4152,15 @@ def show_data_example(
         )
     runtime.say(f"example ({file} row {ex.index}{side}){extra}:\n--- prompt ---\n{prompt}\n--- response ---\n{response}\n---")
     if cfg.ENVIRONMENT:
-        fmt = environments_format(cfg)
+        import environments
+
+        fmt = environments.action_format(
+            environments.DEFAULT_FORMATS[cfg.ENVIRONMENT["type"]] if cfg.ACTION_FORMAT == "auto" else cfg.ACTION_FORMAT
+        )
         runtime.say(
             f"environment: {cfg.ENVIRONMENT['type']}; the model acts by writing {fmt.open}...{fmt.close} (ACTION_FORMAT "
             f"{cfg.ACTION_FORMAT if isinstance(cfg.ACTION_FORMAT, str) else 'custom'}); up to {cfg.MAX_TURNS} turns, "
             f"{cfg.MAX_NEW_TOKENS} model tokens per trajectory"
-        )
-
-
-def environments_format(cfg: Config):
-    """The ActionFormat ACTION_FORMAT resolves to (auto: the environment type's own)."""
-    import environments
-
-    auto = cfg.ACTION_FORMAT == "auto"
-    return environments.action_format(environments.DEFAULT_FORMATS[cfg.ENVIRONMENT["type"]] if auto else cfg.ACTION_FORMAT)
-
-
-def needs_reward(cfg: Config) -> bool:
-    return cfg.MODE != "sft" or bool(cfg.EVAL_FILE)
-
-
-def load_eval_examples(cfg: Config) -> list[Example]:
-    return load_data(cfg, "EVAL_FILE")[0][: cfg.EVAL_SAMPLES] if cfg.EVAL_FILE else []
-
-
-def check_teacher(cfg: Config, paths: runtime.ModelPaths, examples: list[Example]) -> None:
-    """Before any weights load: the teacher exists (the one resolver), shares the student's vocabulary (compared on
-    their tokenizers), and for "self" every row has the reference response TEACHER_CONTEXT shows."""
-    if cfg.TEACHER_MODEL == "self":
-        missing = [e.index for e in examples if not e.target.strip()]
-        if missing and "{target}" in cfg.TEACHER_CONTEXT:
-            raise runtime.UserError(
-                f"TEACHER_MODEL \"self\" shows the teacher each row's reference response (TEACHER_CONTEXT's "
-                f"{{target}}), and TRAIN_FILE rows {missing[:5]} have none"
-            )
-        return
-    if not cfg.TEACHER_MODEL:
-        return
-    teacher_paths = runtime.resolve_model(cfg, "TEACHER_MODEL")
-    student, _ = runtime.check_tokenizer(cfg, paths)
-    teacher, why = runtime.check_tokenizer(cfg, teacher_paths)
-    if teacher is None:
-        raise runtime.UserError(f"TEACHER_MODEL {runtime.shown(cfg.TEACHER_MODEL)}: {why.replace('MODEL', 'TEACHER_MODEL', 1)}")
-    if student is not None and student.get_vocab() != teacher.get_vocab():
-        raise runtime.UserError(
-            f"TEACHER_MODEL {runtime.shown(cfg.TEACHER_MODEL)} has another vocabulary than MODEL {runtime.shown(cfg.MODEL)} "
-            f"({len(teacher)} vs {len(student)} tokens, or the same ids for other tokens): distillation compares "
-            "their log-probs token by token, so they must share the tokenizer"
         )
 
 
@@ -4189,19 +4196,6 @@ def check_chat_rendering(cfg: Config, files: dict[str, tuple[str, list]], paths:
                     ) from None
 
 
-def check_environment_data(cfg: Config, examples: list[Example], fmt: str, chat: runtime.Chat) -> None:
-    """An environment's observations are turns of a chat: the prompts must be chat prompts, and the template must let
-    an observation be appended token-exactly (runtime.template_suffix raises otherwise)."""
-    if not cfg.ENVIRONMENT:
-        return
-    if fmt != "chat" or any(e.raw_prompt is not None for e in examples):
-        raise runtime.UserError(
-            "ENVIRONMENT needs chat prompts (its observations are turns of the conversation): a model with a "
-            'chat template, PROMPT_FORMAT "chat" or "auto", and no plain-text prompts in TRAIN_FILE'
-        )
-    runtime.template_suffix(chat, {"role": cfg.OBSERVATION_ROLE, "content": "1"})
-
-
 def run(cfg: Config, check: bool = False, reward=None) -> int:
     """Validate everything cheap first (no weights), then plan, load, train, save. `reward` overrides REWARD.
     Under torchrun / accelerate launch every process runs this; the main one writes and prints."""
@@ -4218,26 +4212,28 @@ def start_run(cfg: Config, check: bool, reward) -> Optional[tuple[Run, RunState]
     procs = runtime.use_processes(runtime.Processes.from_env())  # the launch, read once
     runtime.defer_scikit_learn()  # before transformers' model code is first imported
     examples, data_format = load_data(cfg, "TRAIN_FILE")
-    check_prompt_rows(cfg, examples)
+    runtime.check_prompt_rows(cfg, examples)
     if cfg.CURRICULUM:  # its levels exist: an error line before any weights load
         count, first = make_levels(cfg, examples, list).count, cfg.CURRICULUM["start"]
         if first >= count:
             raise runtime.UserError(f"CURRICULUM 'start' {first}: the levels are 0 to {count - 1}")
         runtime.say(f"curriculum: {count} levels, from level {first}")
     sft = load_data(cfg, "SFT_FILE") if sft_file_feeds_sft(cfg) else None  # None: TRAIN_FILE feeds both sides
-    eval_examples = load_eval_examples(cfg)
-    runtime.check_category_field(cfg, {"TRAIN_FILE": examples, "EVAL_FILE": eval_examples})
+    eval_examples = load_data(cfg, "EVAL_FILE")[0][: cfg.EVAL_SAMPLES] if cfg.EVAL_FILE else []
+    retain = {key: load_data(cfg, key)[0] if getattr(cfg, key) else [] for key in ("RETAIN_FILE", "REPLAY_FILE")}
+    runtime.check_category_field(cfg, {"TRAIN_FILE": examples, "EVAL_FILE": eval_examples, "RETAIN_FILE": retain["RETAIN_FILE"]})
     paths = runtime.resolve_model(cfg)  # reads no weights; a missing adapter base is an error here
     check_chat_rendering(
         cfg,
         {"TRAIN_FILE": (cfg.TRAIN_FILE, examples), "EVAL_FILE": (cfg.EVAL_FILE, eval_examples)}
+        | {key: (getattr(cfg, key), rows) for key, rows in retain.items() if rows}
         | ({"SFT_FILE": (cfg.SFT_FILE, sft[0])} if sft else {}),
         paths,
     )
     runtime.check_launch(cfg, procs.world)
     outputs.check_trackers(cfg)
     environment = runtime.build_environment(cfg)
-    check_teacher(cfg, paths, examples)
+    runtime.check_teacher(cfg, paths, examples)
     out_dir = outputs.plan_output_dir(cfg)
     resume_from = outputs.find_resume_point(cfg, out_dir)
     if runtime.is_main():  # before any weights load
@@ -4245,7 +4241,7 @@ def start_run(cfg: Config, check: bool, reward) -> Optional[tuple[Run, RunState]
         if paths.gguf and not paths.converted:
             outputs.check_writable(runtime.cache_root(cfg), "CACHE_DIR")  # the conversion will be written there
     if check:
-        check_only(cfg, select_subset(examples, cfg, cfg.SEED or 0), eval_examples, data_format, paths, out_dir, resume_from, sft)
+        check_only(cfg, select_subset(examples, cfg, cfg.SEED or 0), eval_examples, data_format, paths, out_dir, resume_from, sft, retain)
         return None
     device = runtime.pick_device(cfg, procs)
     runtime.init_processes(device, procs)
@@ -4253,7 +4249,9 @@ def start_run(cfg: Config, check: bool, reward) -> Optional[tuple[Run, RunState]
     if device.type == "cpu":
         runtime.keep_freed_memory()
     runtime.barrier()  # every process has planned the output dir before the main one creates it
-    r, state = start(cfg, examples, eval_examples, paths, out_dir, resume_from, device, reward, environment, sft[0] if sft else None)
+    r, state = start(
+        cfg, examples, eval_examples, paths, out_dir, resume_from, device, reward, environment, sft[0] if sft else None, retain
+    )
     sft_file = f" (+ {len(r.sft_examples)} SFT_FILE)" if r.sft_examples is not r.examples else ""
     runtime.say(
         f"{cfg.MODE}: {len(r.examples)} items{sft_file}, prompt format {r.prompt_format}, device {device.type}"
@@ -4269,7 +4267,7 @@ def start_run(cfg: Config, check: bool, reward) -> Optional[tuple[Run, RunState]
 
 def train_and_finish(r: Run, state: RunState) -> int:
     """run()'s training: the loop, then the final model and report (a stop request: the checkpoint's exit code)."""
-    if r.eval_examples and state.step == 0:
+    if r.evaluates and state.step == 0:
         log_eval(r, state)
     with runtime.StopRequest() as stop:
         code = train_loop(r, state, stop)
@@ -4285,6 +4283,7 @@ def check_only(
     out_dir: Path,
     resume_from: Optional[Path],
     sft: Optional[tuple] = None,
+    retain: Optional[dict] = None,
 ) -> None:
     """--check: the resolved config, the data format and one example as the model will see it (with SFT_FILE: one of
     each side: sft is load_data's (examples, format)); no weights load."""
@@ -4302,7 +4301,8 @@ def check_only(
     runtime.check_space(cfg, checkpoint, final, out_dir, free)
     n_sft = len(sft[0]) if sft else None
     runtime.say(
-        f"ok: {len(examples)} training items{f' + {n_sft} SFT_FILE' if sft else ''}, {len(eval_examples)} eval items; "
+        f"ok: {len(examples)} training items{f' + {n_sft} SFT_FILE' if sft else ''}, {len(eval_examples)} eval items"
+        f"{''.join(f', {len(rows)} {key} items' for key, rows in (retain or {}).items() if rows)}; "
         f"{len(step_plan(cfg, len(examples), n_sft)) * cfg.EPOCHS} "
         f"steps; output -> {out_dir}" + (f"; would resume from {resume_from}" if resume_from else "")
     )
@@ -4319,6 +4319,7 @@ def start(
     reward=None,
     environment=None,
     sft_examples: Optional[list] = None,
+    retain: Optional[dict] = None,
 ) -> tuple[Run, RunState]:
     """The Plan (seed, precision, sizes), the model, the tokenized data, the reward and the trainer; the run's files;
     the checkpoint's state when resuming. sft_examples: SFT_FILE's (None: TRAIN_FILE's feed both sides)."""
@@ -4330,12 +4331,12 @@ def start(
     fmt = resolve_prompt_format(cfg, tokenizer)
     stops = runtime.stop_token_ids(tokenizer, policy.lm.generation_config)
     chat = runtime.make_chat(cfg, tokenizer, stops, tools=environment is not None and cfg.ACTION_FORMAT == "tool_call")  # as the trainer's
-    check_environment_data(cfg, examples + eval_examples + (sft_examples or []), fmt, chat)
-    files = {"TRAIN_FILE": examples, "SFT_FILE": sft_examples, "EVAL_FILE": eval_examples}
+    runtime.check_environment_data(cfg, examples + eval_examples + (sft_examples or []), fmt, chat)
+    files = {"TRAIN_FILE": examples, "SFT_FILE": sft_examples, "EVAL_FILE": eval_examples, **(retain or {})}
     files = {
         key: tokenize_examples(part, cfg, tokenizer, fmt, key, plan.maxseq, stops, chat) if part else part for key, part in files.items()
     }
-    examples, eval_examples = files["TRAIN_FILE"], files["EVAL_FILE"] or []
+    examples, eval_examples, retain = files["TRAIN_FILE"], files["EVAL_FILE"] or [], files.get("RETAIN_FILE") or []
     sft_examples = examples if sft_examples is None else files["SFT_FILE"]
     reward, eval_metrics = build_rewards(cfg, device, ref_lm, tokenizer, reward, examples, eval_examples)
     watch.lap("data and rewards")
@@ -4357,7 +4358,8 @@ def start(
         state = RunState.from_dict(saved["state"]["run"])
         runtime.say(f"resuming from {resume_from} (step {state.step})")
     metrics = outputs.MetricsLog(out_dir / "metrics.jsonl", keep_up_to_step=state.step, cfg=cfg, config=outputs.resolved_config(cfg, plan))
-    return Run(cfg, plan, trainer, examples, sft_examples, eval_examples, eval_metrics, out_dir, metrics, fmt, levels), state
+    run = Run(cfg, plan, trainer, examples, sft_examples, eval_examples, eval_metrics, out_dir, metrics, fmt, levels, retain)
+    return run._replace(replay_examples=files.get("REPLAY_FILE") or retain), state
 
 
 def make_levels(cfg: Config, examples: list, prepare: Callable[[list], list]) -> Optional[Levels]:
@@ -4416,7 +4418,7 @@ def plan_run(cfg: Config, examples: list, paths, out_dir: Path, resume_from: Opt
 def build_rewards(cfg: Config, device, ref_lm, tokenizer, reward, examples: list, eval_examples: list) -> tuple[Any, dict]:
     """The reward (REWARD, unless run() was given one; checked against every row it will score) and the evaluation's
     metrics -> (reward, {name: reward-like})."""
-    if reward is None and needs_reward(cfg):
+    if reward is None and (cfg.MODE != "sft" or cfg.EVAL_FILE):  # the reward is used
         rows = [
             (f"{key} {path!r} row {e.index}", e.target, e.item)
             for key, path, part in (("TRAIN_FILE", cfg.TRAIN_FILE, examples), ("EVAL_FILE", cfg.EVAL_FILE, eval_examples))
@@ -4432,7 +4434,7 @@ def finish(r: Run, state: RunState) -> int:
     """After the last step: the final evaluation, report.md, the saved models; checkpoints go."""
     cfg, out_dir, table = r.cfg, r.out_dir, ""
     watch = runtime.Stopwatch()
-    if r.eval_examples:
+    if r.evaluates:
         if not (cfg.EVAL_EVERY and state.step % cfg.EVAL_EVERY == 0):  # else the loop just evaluated this step
             log_eval(r, state)
         watch.lap("final evaluation")

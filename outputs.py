@@ -887,11 +887,11 @@ def write_report(out_dir: Path, records: list[dict], cfg=None, n_train: Optional
     that improved and that got worse, and the curves (PNG) with what each shows. Returns the table."""
     evals = [r for r in records if r.get("phase") == "eval"]
     first, last = evals[0], evals[-1]
-    names = [k for k in first if k.startswith("eval/")]
+    names = [k for k in first if k.startswith(("eval/", "retain/")) and k in last]  # RETAIN_FILE's rows: retain/...
     cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")[:160]  # noqa: E731
     table = "\n".join(
         [f"| metric | before (step {first['step']}) | after (step {last['step']}) | change |", "|---|---|---|---|"]
-        + [f"| {k[5:]} | {first[k]:.4f} | {last[k]:.4f} | {last[k] - first[k]:+.4f} |" for k in names]
+        + [f"| {k.removeprefix('eval/')} | {first[k]:.4f} | {last[k]:.4f} | {last[k] - first[k]:+.4f} |" for k in names]
     )
     steps = [r for r in records if r.get("phase") in ("sft", "ppo")]
     n_sft, n_ppo = sum(r["phase"] == "sft" for r in steps), sum(r["phase"] == "ppo" for r in steps)
@@ -902,7 +902,9 @@ def write_report(out_dir: Path, records: list[dict], cfg=None, n_train: Optional
         "response with the reference (0 to 1), `exact_match` counts responses equal to the reference after normalising "
         "case and punctuation, and `contains_reference` counts responses that contain the reference anywhere. A rise in "
         "`exact_match` with a flat or falling `contains_reference` means the model learnt the answer format rather "
-        "than more answers; a fall in `contains_reference` means it forgot some.\n",
+        "than more answers; a fall in `contains_reference` means it forgot some. The `retain/` rows answer `RETAIN_FILE` "
+        "(what the model must not lose) greedily: the share of answers containing the reference, overall and per category; "
+        "`kl_to_reference` is the KL to the frozen reference on the held-out samples, which predicts forgetting.\n",
         table + "\n",
     ]
     if (out_dir / "best" / "best.json").is_file():
@@ -921,9 +923,9 @@ def write_report(out_dir: Path, records: list[dict], cfg=None, n_train: Optional
             "one's share of samples). A category whose count falls is knowledge the model lost.\n",
             category_table(before, after, categories) + "\n",
         ]
-    completions, shown_first = sample_completions(before, after, cell)
+    completions, shown_first = sample_completions(before, after, cell) if after else ([], 0)
     parts += completions
-    if "trajectory" in after[0]:
+    if after and "trajectory" in after[0]:
         parts += one_trajectory(before[shown_first], after[shown_first], shown_first, cell)
     plots = plot_metrics(out_dir, records)
     if plots:

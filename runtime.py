@@ -55,6 +55,7 @@ import shutil
 import signal
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
@@ -119,6 +120,52 @@ class Stopwatch:
 
     def __str__(self) -> str:
         return ", ".join(f"{name} {t:.1f} s" for name, t in self.phases)
+
+
+TRUE, FALSE = ("true", "1", "yes", "y", "t", "on"), ("false", "0", "no", "n", "f", "off")  # the sketch's string booleans
+
+
+def coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check one config value (JSON) against its field's type; accept the sketch's "true"/"false" strings (TRUE, FALSE)."""
+    args = typing.get_args(annotation)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise UserError(f"{key} must not be null")
+    if type(None) in args:  # Optional[X]
+        annotation = next(a for a in args if a is not type(None))
+        args = typing.get_args(annotation)
+    if args:  # Union[bool, str] (RESUME), Union[str, list] (LORA_TARGETS)
+        if any(isinstance(value, a) for a in args):
+            return value
+        names = " or ".join({bool: "a boolean", str: "a string", list: "a list", dict: "a JSON object"}[a] for a in args)
+        raise UserError(f"{key} must be {names}, got {type(value).__name__} {value!r}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in TRUE + FALSE:
+            return value.strip().lower() in TRUE
+        if key == "SHUFFLE" and isinstance(value, str):
+            raise UserError(
+                f"SHUFFLE must be true or false, got the string {value!r}: scripts named in a config are "
+                "never run; the trainer shuffles in-process with SEED"
+            )
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise UserError(f"{key} must be an integer, got {type(value).__name__} {value!r}")
+        return int(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{key} must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if annotation is str and not isinstance(value, str):
+        raise UserError(f"{key} must be a string, got {type(value).__name__} {value!r}")
+    if annotation is list and not isinstance(value, list):
+        raise UserError(f"{key} must be a JSON list, got {type(value).__name__} {value!r}")
+    if annotation is dict and not isinstance(value, dict):
+        raise UserError(f"{key} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 # ==================================================================================================
@@ -717,16 +764,44 @@ def load_lm(cfg, device: torch.device, bf16: Optional[bool] = None, paths: Optio
 
 
 def needs_reference(cfg) -> bool:
-    """The frozen reference is needed for the KL (INIT_KL_COEF > 0), by a reward that scores with it (perplexity), or
-    as the teacher (TEACHER_MODEL "self": the frozen initial policy)."""
-    return kl_reference(cfg) or cfg.TEACHER_MODEL == "self"
+    """The frozen reference is needed for the KL (INIT_KL_COEF > 0), by a reward that scores with it (perplexity), as
+    the teacher (TEACHER_MODEL "self": the frozen initial policy), or by a retention mechanism (SFT_KL_COEF's term in
+    SFT, REPLAY_SHARE's target)."""
+    return kl_reference(cfg) or cfg.TEACHER_MODEL == "self" or cfg.SFT_KL_COEF > 0
 
 
 def kl_reference(cfg) -> bool:
-    """The update computes the reference's log-probs: for the KL, or for a reward that scores with the reference."""
+    """The update computes the reference's log-probs: for the KL, for a reward that scores with the reference, or for
+    REPLAY_SHARE's rows (their advantage is the reverse KL to it)."""
     import rewards
 
-    return cfg.INIT_KL_COEF > 0 or rewards.uses_reference(cfg.REWARD)
+    return cfg.INIT_KL_COEF > 0 or rewards.uses_reference(cfg.REWARD) or cfg.REPLAY_SHARE > 0
+
+
+def check_teacher(cfg, paths: ModelPaths, examples: list) -> None:
+    """Before any weights load: the teacher exists (the one resolver), shares the student's vocabulary (compared on
+    their tokenizers), and for "self" every row has the reference response TEACHER_CONTEXT shows."""
+    if cfg.TEACHER_MODEL == "self":
+        missing = [e.index for e in examples if not e.target.strip()]
+        if missing and "{target}" in cfg.TEACHER_CONTEXT:
+            raise UserError(
+                f"TEACHER_MODEL \"self\" shows the teacher each row's reference response (TEACHER_CONTEXT's "
+                f"{{target}}), and TRAIN_FILE rows {missing[:5]} have none"
+            )
+        return
+    if not cfg.TEACHER_MODEL:
+        return
+    teacher_paths = resolve_model(cfg, "TEACHER_MODEL")
+    student, _ = check_tokenizer(cfg, paths)
+    teacher, why = check_tokenizer(cfg, teacher_paths)
+    if teacher is None:
+        raise UserError(f"TEACHER_MODEL {shown(cfg.TEACHER_MODEL)}: {why.replace('MODEL', 'TEACHER_MODEL', 1)}")
+    if student is not None and student.get_vocab() != teacher.get_vocab():
+        raise UserError(
+            f"TEACHER_MODEL {shown(cfg.TEACHER_MODEL)} has another vocabulary than MODEL {shown(cfg.MODEL)} "
+            f"({len(teacher)} vs {len(student)} tokens, or the same ids for other tokens): distillation compares "
+            "their log-probs token by token, so they must share the tokenizer"
+        )
 
 
 def load_teacher(cfg, device: torch.device, bf16: bool, reference) -> Any:
@@ -951,6 +1026,19 @@ def build_reward(cfg, device, ref_lm=None, tokenizer=None, spec: Optional[dict] 
         )
     except rewards.RewardSpecError as e:
         raise UserError(f"REWARD: {e}") from None
+
+
+def check_environment_data(cfg, examples: list, fmt: str, chat: Chat) -> None:
+    """An environment's observations are turns of a chat: the prompts must be chat prompts, and the template must let
+    an observation be appended token-exactly (template_suffix raises otherwise)."""
+    if not cfg.ENVIRONMENT:
+        return
+    if fmt != "chat" or any(e.raw_prompt is not None for e in examples):
+        raise UserError(
+            "ENVIRONMENT needs chat prompts (its observations are turns of the conversation): a model with a "
+            'chat template, PROMPT_FORMAT "chat" or "auto", and no plain-text prompts in TRAIN_FILE'
+        )
+    template_suffix(chat, {"role": cfg.OBSERVATION_ROLE, "content": "1"})
 
 
 def build_environment(cfg):
@@ -2334,6 +2422,34 @@ def read_saved_dataset(p: Path, key: str, split: str) -> list:
     if not rows:
         raise UserError(f"{key} {str(p)!r} holds no rows")
     return rows
+
+
+def check_prompt_rows(cfg, examples: list) -> None:
+    """Rows without a response (prompts_only) need a reward that does not read one: else one error (a "self" teacher
+    shown {target}: check_teacher)."""
+    import rewards
+
+    bare = next((e for e in examples if not e.target), None)
+    if bare is None:
+        return
+    where = f"TRAIN_FILE {cfg.TRAIN_FILE!r} row {bare.index} is a prompt without a response"
+    if cfg.MODE == "hybrid" and cfg.HYBRID == "alternate" and not cfg.SFT_FILE:
+        raise UserError(
+            f'{where}, and HYBRID "alternate" trains its SFT steps on TRAIN_FILE\'s responses: set SFT_FILE '
+            "(the demonstrations), or give every row a response"
+        )
+    if cfg.MODE == "hybrid" and cfg.HYBRID != "alternate" and all(not e.target for e in examples):
+        raise UserError(
+            f"HYBRID {cfg.HYBRID!r} trains SFT on each prompt's own reference response, and no TRAIN_FILE "
+            f"{cfg.TRAIN_FILE!r} row has one (row {bare.index}: a prompt alone): give the rows that have one "
+            'their response (the others stay RL), or use HYBRID "alternate" with SFT_FILE'
+        )
+    if rewards.reads_reference(cfg.REWARD):
+        raise UserError(
+            f"{where}, and REWARD {cfg.REWARD.get('type')!r} compares responses with it: give every row a "
+            'response, or use a reward that reads the answer from the row (math with "answer_field", code '
+            "with its tests)"
+        )
 
 
 def check_category_field(cfg, files: dict[str, list]) -> None:
