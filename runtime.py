@@ -767,7 +767,7 @@ def needs_reference(cfg) -> bool:
     """The frozen reference is needed for the KL (INIT_KL_COEF > 0), by a reward that scores with it (perplexity), as
     the teacher (TEACHER_MODEL "self": the frozen initial policy), or by a retention mechanism (SFT_KL_COEF's term in
     SFT, REPLAY_SHARE's target)."""
-    return kl_reference(cfg) or cfg.TEACHER_MODEL == "self" or cfg.SFT_KL_COEF > 0
+    return kl_reference(cfg) or cfg.TEACHER_MODEL == "self" or cfg.SFT_KL_COEF > 0 and cfg.MODE.lower() != "ppo"
 
 
 def kl_reference(cfg) -> bool:

@@ -3,7 +3,9 @@
 python dist_helper.py ppo_step MODEL OUT.safetensors [LORA_R] [CONFIG_JSON]
                                     one PPO step on a fixed batch; each process passes its share of the batch.
                                     CONFIG_JSON: extra keys; with NUM_GENERATIONS 2 the rows form 4 groups of 2
-                                    and the hybrid strategy (gate / mix) gets the 4 prompts as demonstrations
+                                    and the hybrid strategy (gate / mix) gets the 4 prompts as demonstrations;
+                                    REPLAY_ROWS n: the last n rows are REPLAY_SHARE's; MOVED: the policy moved
+                                    from its reference; GRADS: each step's gradient saved instead of the weights
 python dist_helper.py fail_on_rank1 CONFIG.json                  the CLI, with rank 1 crashing at its first SFT step
 python dist_helper.py dynamic MODEL OUT.safetensors          one GRPO update with DYNAMIC_SAMPLING; generation is
                                     replaced by fixed responses per prompt, so that both process counts see the same
@@ -11,6 +13,7 @@ python dist_helper.py dynamic MODEL OUT.safetensors          one GRPO update wit
 python dist_helper.py trajectories CHAT_MODEL OUT.safetensors   one GRPO update on scripted calculator trajectories
 """
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -33,6 +36,9 @@ def ppo_step(model: str, out: str, lora_r: str = "0", extra: str = "{}") -> None
     from safetensors.torch import save_file
 
     extra = json.loads(extra)
+    replay_rows = extra.pop("REPLAY_ROWS", 0)  # REPLAY_SHARE: the last rows are replayed prompts' (no reward, toward the reference)
+    moved = extra.pop("MOVED", False)  # the policy moved away from its reference (seeded noise): the KL is not 0
+    grads = extra.pop("GRADS", False)  # save each optimizer step's gradient (the weights do not move) instead of the weights
     G = extra.get("NUM_GENERATIONS", 1)
     cfg = ht.Config.from_dict(
         {
@@ -55,6 +61,10 @@ def ppo_step(model: str, out: str, lora_r: str = "0", extra: str = "{}") -> None
     runtime.init_processes(device)
     torch.manual_seed(0)  # the same fresh adapter and value head on every process
     policy, ref, tok = ht.load_model(cfg, device)
+    if moved:  # the same noise on every process
+        with torch.no_grad():
+            for p in policy.lm.parameters():
+                p.add_(0.05 * torch.randn_like(p))
     trainer = ht.HybridTrainer(cfg, policy, ref, tok, teacher=runtime.load_teacher(cfg, device, False, ref))  # DISTILL's, if any
     queries = [tok(QUERIES[i // G * G])["input_ids"] for i in range(len(QUERIES))]  # G rows per prompt
     responses = [tok(r)["input_ids"] + [tok.eos_token_id] for r in RESPONSES]
@@ -62,9 +72,25 @@ def ppo_step(model: str, out: str, lora_r: str = "0", extra: str = "{}") -> None
         ht.Example(index=i, item={}, target=RESPONSES[i * G], prompt_ids=queries[i * G], target_ids=responses[i * G])
         for i in range(len(QUERIES) // G)
     ]
+    captured = []
+    if grads:  # Adam turns rounding-level gradient differences into up to a whole step: compare what it was given
+
+        def capture(optimizer, params):
+            runtime.reduce_gradients(params)  # as Optimizers.step sums them over the processes first
+            captured.append(torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None]).clone())
+            optimizer.zero_grad(set_to_none=True)
+            return 0.0
+
+        trainer.optim.step = capture
     start, end = runtime.share_bounds(len(QUERIES))
-    stats = trainer.ppo_step(queries[start:end], responses[start:end], SCORES[start:end], demos=demos)
-    state = outputs.trainable_state(policy)
+    if replay_rows:  # ppo_step's three lines, with the replayed rows marked
+        mine = ht.samples_from_tokens(queries[start:end], responses[start:end], SCORES[start:end], None, trainer.stop_ids)
+        mine = [dataclasses.replace(s, replay=start + i >= len(QUERIES) - replay_rows) for i, s in enumerate(mine)]
+        rollout = ht.make_rollout(sum(runtime.gather_objects(mine), []), G, trainer.pad_id, trainer.device)
+        stats = trainer.update.learn(rollout)
+    else:
+        stats = trainer.ppo_step(queries[start:end], responses[start:end], SCORES[start:end], demos=demos)
+    state = {f"step{i}": g for i, g in enumerate(captured)} if grads else outputs.trainable_state(policy)
     if runtime.is_main():
         save_file(state, out)
         numbers = {k: v for k, v in stats.items() if isinstance(v, float) and not k.startswith("time/")}
