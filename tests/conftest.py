@@ -167,6 +167,28 @@ ROOT = Path(__file__).resolve().parent.parent
 EXACT_PPO = {"TEMPERATURE": 1.0, "TOP_P": 1.0, "REPETITION_PENALTY": 1.0, "NO_REPEAT_NGRAM_SIZE": 0, "GENERATION_BACKEND": "hf"}
 
 
+def ppo_cli_config(tmp_path, model, tiny_data, **keys):
+    """A small GRPO CLI run on tiny_data (4 items, groups of 2, 6 new tokens), exact PPO sampling; keys override."""
+    return {
+        "MODE": "ppo",
+        "MODEL": str(model),
+        "TRAIN_FILE": str(tiny_data),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "SEED": 0,
+        "PROMPT_FORMAT": "sketch",
+        "ADVANTAGE": "grpo",
+        "NUM_GENERATIONS": 2,
+        "PPO_BATCH": 2,
+        "PPO_EPOCHS": 1,
+        "MAX_NEW_TOKENS": 6,
+        "NUM_SAMPLES": 4,
+        "REWARD": {"type": "contains", "pattern": "yes"},
+        "LOG_EVERY": 1,
+        **EXACT_PPO,
+        **keys,
+    }
+
+
 def run_cli(config: dict, tmp_path: Path, *extra, check=True) -> subprocess.CompletedProcess:
     path = tmp_path / f"config-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(config))

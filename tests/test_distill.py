@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ENV, EXACT_PPO, ROOT, comparable, interrupted_copy, max_diff, metrics, run_cli, torchrun
+from conftest import ENV, EXACT_PPO, ROOT, comparable, interrupted_copy, max_diff, metrics, ppo_cli_config, run_cli, torchrun
 
 import hybrid_trainer as ht
 import outputs
@@ -152,27 +152,6 @@ def test_every_policy_loss_takes_the_distillation_advantage(tiny_model, tiny_lor
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.lm.parameters()))
 
 
-def cli_config(tmp_path, model, tiny_data, **keys):
-    return {
-        "MODE": "ppo",
-        "MODEL": str(model),
-        "TRAIN_FILE": str(tiny_data),
-        "OUTPUT_DIR": str(tmp_path / "out"),
-        "SEED": 0,
-        "PROMPT_FORMAT": "sketch",
-        "ADVANTAGE": "grpo",
-        "NUM_GENERATIONS": 2,
-        "PPO_BATCH": 2,
-        "PPO_EPOCHS": 1,
-        "MAX_NEW_TOKENS": 6,
-        "NUM_SAMPLES": 4,
-        "REWARD": {"type": "contains", "pattern": "yes"},
-        "LOG_EVERY": 1,
-        **EXACT_PPO,
-        **keys,
-    }
-
-
 @pytest.mark.parametrize(
     "keys",
     [
@@ -185,7 +164,7 @@ def test_cli_distills(tmp_path, tiny_model, tiny_lora_model, tiny_data, keys):
     eval_file = tmp_path / "eval.json"
     eval_file.write_text(json.dumps([{"instruction": "say yes", "output": "yes yes"}] * 2))
     model = tiny_lora_model if keys.get("LORA_R") else tiny_model
-    cfg = cli_config(tmp_path, model, tiny_data, EVAL_FILE=str(eval_file), **{"TEACHER_MODEL": str(tiny_lora_model), **keys})
+    cfg = ppo_cli_config(tmp_path, model, tiny_data, EVAL_FILE=str(eval_file), **{"TEACHER_MODEL": str(tiny_lora_model), **keys})
     run_cli(cfg, tmp_path)
     records = metrics(tmp_path / "out")
     ppo = [r for r in records if r.get("phase") == "ppo"]
@@ -214,7 +193,7 @@ def test_bad_distillation_input_is_one_error_before_weights(tmp_path, tiny_model
     prompts.write_text('{"prompt": "say yes", "completion": ""}\n{"prompt": "say no", "completion": ""}\n')
     keys = {k: {"CHAT": str(tiny_chat_model), "PROMPTS": str(prompts)}.get(v, v) if isinstance(v, str) else v for k, v in keys.items()}
     path = tmp_path / "c.json"
-    path.write_text(json.dumps(cli_config(tmp_path, tiny_model, tiny_data, **keys)))
+    path.write_text(json.dumps(ppo_cli_config(tmp_path, tiny_model, tiny_data, **keys)))
     assert ht.main([str(path), "--check"]) == 2  # --check: nothing loads weights
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and message in err and "Traceback" not in err, err
@@ -262,7 +241,7 @@ def test_resume_with_a_teacher_is_exact(tmp_path, tiny_model, tiny_lora_model, t
     """A run killed after its checkpoint at step 2 (its directory as SIGKILL leaves it) and resumed logs the same
     numbers and ends with the same weights as the run that was not interrupted."""
 
-    cfg = cli_config(
+    cfg = ppo_cli_config(
         tmp_path,
         tiny_model,
         tiny_data,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ENV, EXACT_PPO, ROOT, comparable, interrupted_copy, max_diff, metrics, run_cli, torchrun, torchrun_cli
+from conftest import ENV, EXACT_PPO, ROOT, comparable, interrupted_copy, max_diff, metrics, ppo_cli_config, run_cli, torchrun, torchrun_cli
 
 import hybrid_trainer as ht
 
@@ -98,28 +98,11 @@ def retain_rows(tmp_path):
 
 
 def cli_config(tmp_path, model, tiny_data, **keys):
-    return {
-        "MODE": "ppo",
-        "MODEL": str(model),
-        "TRAIN_FILE": str(tiny_data),
-        "OUTPUT_DIR": str(tmp_path / "out"),
-        "SEED": 0,
-        "PROMPT_FORMAT": "sketch",
-        "ADVANTAGE": "grpo",
-        "NUM_GENERATIONS": 2,
-        "PPO_BATCH": 2,
-        "PPO_EPOCHS": 1,
-        "MAX_NEW_TOKENS": 6,
-        "NUM_SAMPLES": 4,
-        "CATEGORY_FIELD": "category",
-        "RETAIN_FILE": retain_rows(tmp_path),
-        # reads the training rows' own "output" column: a replayed row scored by it would be a KeyError
-        "REWARD": {"type": "python", "path": "yes_reward.py", "function": "score"},
-        "TRUST_REMOTE_CODE": True,
-        "LOG_EVERY": 1,
-        **EXACT_PPO,
-        **keys,
-    }
+    """ppo_cli_config with RETAIN_FILE's categories and a reward that reads the training rows' own "output" column (a
+    replayed row scored by it would be a KeyError)."""
+    reward = {"type": "python", "path": "yes_reward.py", "function": "score"}
+    extra = {"CATEGORY_FIELD": "category", "RETAIN_FILE": retain_rows(tmp_path), "REWARD": reward, "TRUST_REMOTE_CODE": True}
+    return ppo_cli_config(tmp_path, model, tiny_data, **{**extra, **keys})
 
 
 REWARD = """def score(responses, targets, prompts, items):
