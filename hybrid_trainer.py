@@ -618,9 +618,9 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
         share = self.REPLAY_SHARE
         need(0 <= share <= 1, f"REPLAY_SHARE must be in [0, 1] (the share of each update's prompts replayed), got {share}")
         if share == 0:
-            return
+            return runtime.warn("REPLAY_FILE is ignored: REPLAY_SHARE is 0") if self.REPLAY_FILE else None
         k = round(share * self.PPO_BATCH)
-        need(mode != "sft", 'REPLAY_SHARE mixes RETAIN_FILE\'s prompts into the RL updates: MODE "sft" has none')
+        need(mode != "sft", 'REPLAY_SHARE mixes replayed prompts into the RL updates: MODE "sft" has none')
         need(bool(self.RETAIN_FILE or self.REPLAY_FILE), "REPLAY_SHARE replays RETAIN_FILE's prompts (or REPLAY_FILE's): set one")
         why = f"REPLAY_SHARE {share} of PPO_BATCH {self.PPO_BATCH} is {k} replayed prompts per update: it must leave at least one of each"
         need(1 <= k < self.PPO_BATCH, why + " (replayed and TRAIN_FILE's)")
@@ -635,7 +635,10 @@ class Config:  # over the 250-line mark: one documented line per key (117 of the
     def _check_save_best(self, need) -> None:
         if not self.SAVE_BEST:
             return
-        need(bool(self.EVAL_FILE or self.RETAIN_FILE), f"SAVE_BEST {self.SAVE_BEST!r} selects by a held-out metric: set EVAL_FILE")
+        need(
+            bool(self.EVAL_FILE or self.RETAIN_FILE),
+            f"SAVE_BEST {self.SAVE_BEST!r} selects by a held-out metric: set EVAL_FILE (or RETAIN_FILE)",
+        )
         need(
             self.EVAL_EVERY > 0,
             f"SAVE_BEST {self.SAVE_BEST!r} compares evaluations during the run: set EVAL_EVERY "
