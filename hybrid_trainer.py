@@ -30,8 +30,9 @@ in two modules that never import this one:
                        records (Sample -> Collected -> Rollout -> OldPolicy -> UpdateBatch -> LossStats); step 1's turn
                        loop (TurnLoop: Trajectory, one turn without an environment); steps 1-3 (Collector: generate,
                        score, gather) and 4-7 (PPOUpdate: log-probs, advantages, epochs, statistics) in file order;
-                       HybridTrainer composes them and owns its state (state_dict / load_state_dict); evaluation.
-  5. The loop          the step schedule, the draws (CURRICULUM's levels), metrics, signals, evaluation and SAVE_BEST.
+                       HybridTrainer composes them and owns its state (state_dict / load_state_dict); evaluation (+ RETAIN_FILE's).
+  5. The loop          the step schedule, the draws (CURRICULUM's levels, REPLAY_SHARE's prompts), metrics, signals,
+                       evaluation and SAVE_BEST.
   6. run and main      start-up (checks, the plan, loading), --check, finish, the command line.
   runtime.py           processes, model loading (LoRA, reference, teacher), the packed forward (PACKING), precision,
                        chat templates (Chat), the engines (GENERATION_BACKENDS), the CPU-speed code and its side effects,
