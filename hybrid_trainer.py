@@ -853,7 +853,7 @@ class Plan:
     backend: str = "hf"  # what generates (GENERATION_BACKEND, "auto" resolved by resolve_backend)
     generation: str = ""  # why: printed at start beside the precision
     weight_first: bool = False  # hf decoding's fp32 linear layers as weight @ x^T (resolve_weight_first: a CPU probe)
-    replay_prompts: int = 0  # REPLAY_SHARE: RETAIN_FILE prompts in each update (of ppo_batch); the rest are TRAIN_FILE's
+    replay_prompts: int = 0  # REPLAY_SHARE: replayed prompts in each update (of ppo_batch); the rest are TRAIN_FILE's
 
     def items(self, side: str) -> int:
         """The items of a side's stream ("sft" or "ppo"): each walks its own once per epoch."""
@@ -912,7 +912,9 @@ class Plan:
             ("optimizer steps", f"SFT {self.sft_optimizer_steps}, PPO {self.ppo_optimizer_steps}"),
             (
                 "replay",
-                f"{self.replay_prompts} of each update's {self.ppo_batch} prompts from RETAIN_FILE" if self.replay_prompts else "off",
+                f"{self.replay_prompts} of each update's {self.ppo_batch} prompts from REPLAY_FILE (or RETAIN_FILE)"
+                if self.replay_prompts
+                else "off",
             ),
             ("disk", outputs.storage_line(self.checkpoint_bytes, self.final_bytes)),
         ]
@@ -976,7 +978,7 @@ def make_plan(
 
 
 def replay_prompts(cfg: Config) -> int:
-    """REPLAY_SHARE's RETAIN_FILE prompts per update (validate keeps it within 1 .. PPO_BATCH - 1 when on)."""
+    """REPLAY_SHARE's replayed prompts per update (validate keeps it within 1 .. PPO_BATCH - 1 when on)."""
     return round(cfg.REPLAY_SHARE * cfg.PPO_BATCH) if cfg.MODE.lower() != "sft" else 0
 
 
@@ -1729,7 +1731,7 @@ class Example:
     opening: Optional[list] = None  # a conversation that acts (has tool turns): its messages before the first assistant turn
     teacher_prompt_ids: Optional[list] = None  # TEACHER_MODEL "self": the prompt with TEACHER_CONTEXT, as the teacher sees it
     sft_pairs: list = field(default_factory=list)  # tokenized turns: (prompt_ids, target_ids), the last one included
-    replay: bool = False  # REPLAY_SHARE: a RETAIN_FILE prompt in an update (no reward; trained toward the initial model)
+    replay: bool = False  # REPLAY_SHARE: a replayed prompt in an update (no reward; trained toward the initial model)
 
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -2360,7 +2362,7 @@ class Sample:
     loss_mask: Optional[list] = None  # (n) 1 where the loss covers the token (the model sampled it), 0 where not; None: all
     env: Optional[EnvStats] = None  # what its trajectory did (with an environment), for the env/ metrics
     teacher_query: Optional[list] = None  # TEACHER_MODEL "self": the prompt with TEACHER_CONTEXT, as the teacher sees it
-    replay: bool = False  # REPLAY_SHARE: its prompt is RETAIN_FILE's (no reward; trained toward the initial model)
+    replay: bool = False  # REPLAY_SHARE: its prompt is a replayed one (no reward; trained toward the initial model)
 
 
 class Share(NamedTuple):
@@ -3904,7 +3906,7 @@ class RunState:
     level: int = 0  # CURRICULUM: the level the RL prompts come from
     level_drawn: int = 0  # CURRICULUM: prompts drawn at this level (its seeded order, lap after lap)
     pass_rates: list = field(default_factory=list)  # CURRICULUM: each update's training pass rate at this level
-    replayed: int = 0  # REPLAY_SHARE: RETAIN_FILE prompts replayed so far (their seeded order, lap after lap)
+    replayed: int = 0  # REPLAY_SHARE: prompts replayed so far (their seeded order, lap after lap)
 
     def to_dict(self) -> dict:
         """As a checkpoint's state.json holds it."""
@@ -3977,8 +3979,9 @@ def draw(r: Run, state: RunState, side: str, n: int) -> list[Example]:
 def draw_replay(r: Run, state: RunState, n: int) -> list[Example]:
     """REPLAY_SHARE: the next n replay prompts (REPLAY_FILE's or RETAIN_FILE's), marked replay, in their seeded order lap after lap."""
     pool, laps = r.replay_examples, [divmod(i, len(r.replay_examples)) for i in range(state.replayed, state.replayed + n)]
+    orders = {lap: epoch_order(len(pool), r.plan.seed, lap, "replay", True) for lap, _ in laps}  # each lap's order once
     state.replayed += n
-    return [dataclasses.replace(pool[epoch_order(len(pool), r.plan.seed, lap, "replay", True)[j]], replay=True) for lap, j in laps]
+    return [dataclasses.replace(pool[orders[lap][j]], replay=True) for lap, j in laps]
 
 
 def climb(r: Run, state: RunState, pass_rate: float) -> dict:
@@ -4224,7 +4227,8 @@ def start_run(cfg: Config, check: bool, reward) -> Optional[tuple[Run, RunState]
         runtime.say(f"curriculum: {count} levels, from level {first}")
     sft = load_data(cfg, "SFT_FILE") if sft_file_feeds_sft(cfg) else None  # None: TRAIN_FILE feeds both sides
     eval_examples = load_data(cfg, "EVAL_FILE")[0][: cfg.EVAL_SAMPLES] if cfg.EVAL_FILE else []
-    retain = {key: load_data(cfg, key)[0] if getattr(cfg, key) else [] for key in ("RETAIN_FILE", "REPLAY_FILE")}
+    wanted = {"RETAIN_FILE": cfg.RETAIN_FILE, "REPLAY_FILE": cfg.REPLAY_FILE if cfg.REPLAY_SHARE > 0 else ""}  # an unused one: not read
+    retain = {key: load_data(cfg, key)[0] if path else [] for key, path in wanted.items()}
     runtime.check_category_field(cfg, {"TRAIN_FILE": examples, "EVAL_FILE": eval_examples, "RETAIN_FILE": retain["RETAIN_FILE"]})
     paths = runtime.resolve_model(cfg)  # reads no weights; a missing adapter base is an error here
     check_chat_rendering(
