@@ -91,6 +91,15 @@ def action_format(spec: Any) -> ActionFormat:
     return ACTION_FORMATS[spec]
 
 
+def describe(env_type: str, spec: Any, max_turns: int, max_new_tokens: int) -> str:
+    """--check's line on ENVIRONMENT: how the model acts (ACTION_FORMAT, "auto": the environment's default), its turns."""
+    fmt = action_format(DEFAULT_FORMATS[env_type] if spec == "auto" else spec)
+    return (
+        f"environment: {env_type}; the model acts by writing {fmt.open}...{fmt.close} (ACTION_FORMAT "
+        f"{spec if isinstance(spec, str) else 'custom'}); up to {max_turns} turns, {max_new_tokens} model tokens per trajectory"
+    )
+
+
 def find_action(text: str, fmt: ActionFormat) -> Optional[str]:
     """The action of a turn: the text between its first `open` and the first `close` after it, or None. Monotone: a
     text that holds an action still holds it with more text after it (the turn loop's cut relies on it). Without

@@ -1023,7 +1023,7 @@ def token_stats(
     None with entropy=False; TRL's entropy_from_logits). The one log-prob formula: logprobs_from_logits is its first."""
     from trl.trainer.utils import entropy_from_logits
 
-    scaled = logits.float() / temperature
+    scaled = logits.float() if temperature == 1 else logits.float() / temperature  # x / 1 is x: no pass over V
     logprobs = torch.log_softmax(scaled, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     if not entropy:
         return logprobs, None
@@ -2276,7 +2276,7 @@ class SFTTerm:
             padded, kl = len(chunk) * max(len(p) + len(t) for p, t in chunk), None
             if self.reference is not None:  # SFT_KL_COEF: whole logits at the targets, the policy's and the reference's
                 per_token, kl = self.with_kl(ids[rows], mask[rows], labels[rows, -keep + 1 :], keep, token_weight)
-            elif self.policy.packs() and runtime.positions_run(chunk, padded) < padded:
+            elif self.policy.packs() and runtime.positions_run(chunk, padded, runtime.grouped(self.policy.lm)) < padded:
                 per_token = self.packed_losses(chunk, token_weight)  # PACKING: the loss at each target token's prediction
             else:
                 with self.autocast():
@@ -2320,8 +2320,9 @@ class SFTTerm:
         width = max(len(t) for _, t in pairs)
         labels = torch.tensor([t + [-100] * (width - len(t)) for _, t in pairs], device=self.device)
         policy, losses = self.policy, lambda logits, y: (sft_token_losses(logits[None], y[None], self.cfg.SFT_LOSS, token_weight)[0],)  # noqa: E731
+        packed = runtime.pack_sequences(pairs, width, self.device, runtime.grouped(policy.lm))
         with self.autocast():
-            hidden = runtime.packed_hidden(policy.lm, None, None, 0, runtime.pack_sequences(pairs, width, self.device))
+            hidden = runtime.packed_hidden(policy.lm, None, None, 0, packed)
             if policy.logits_chunk > 0:
                 return chunked_head(hidden, policy.lm.get_output_embeddings(), losses, labels, chunk=policy.logits_chunk)[0]
             logits = policy.lm.get_output_embeddings()(hidden)
@@ -2572,13 +2573,6 @@ class OldPolicy:
     teacher_logprobs: Optional[torch.Tensor] = None  # DISTILL: the teacher's (B, R)
     positions: int = 0  # token positions this process's forwards of step 4 ran (padding included)
     passes: int = 0  # models run over the whole batch in step 4 (the policy, the reference, the teacher)
-
-
-def useful_tokens(tokens: Tokens, group_size: int) -> int:
-    """The tokens of a batch that carry signal, for one pass of one model over it: every response's real tokens (an
-    agent's observations included), each prompt's once per group (its G rows share it)."""
-    prompts = tokens.attention_mask[:, : -tokens.r_ids.shape[1]].sum(1)
-    return int(prompts[::group_size].sum() + tokens.r_mask.sum())
 
 
 @dataclass
@@ -3115,8 +3109,11 @@ class PPOUpdate:
         g = G if cfg.MINIBATCH_GROUPS else 1  # the rows of a group stay together: its prompt runs once in a minibatch
         order = lambda: (torch.randperm(B // g, generator=self.perm_generator)[:, None] * g + torch.arange(g)).flatten()  # noqa: E731
         perms = [order() for _ in range(cfg.PPO_EPOCHS)]
-        # 4. log-probs and values of the sampling policy, log-probs of the reference (each process its share)
-        old = self.old_policy(rollout, perms[0])
+        # 4. log-probs and values of the sampling policy, log-probs of the reference (each process its share); where a
+        #    third of the rows or more have no gradient by their scores alone, the first minibatch's forward is not
+        #    step 4's (it would run them all with a backward): step 6 runs the others only
+        known = self.scored_signal(rollout, demos)
+        old = self.old_policy(rollout, perms[0], fuse=known is None or known.float().mean().item() >= 2 / 3)
         t1 = time.perf_counter()
         # 5. the hybrid strategy picks RL and SFT prompts; rewards and advantages (ADVANTAGES[ADVANTAGE]) over the RL
         #    responses only (gate: batch whitening must not compare the prompts it kept with those it sent to SFT)
@@ -3124,17 +3121,7 @@ class PPOUpdate:
         kl_coef = self.kl_ctl.value
         rewards = compute_rewards(rollout.scores, old.kl, rollout.loss_mask, kl_coef if self.kl_place.in_reward else 0.0)
         replayed = None if rollout.replay is None else rl_mask * rollout.replay[:, None].float()  # REPLAY_SHARE's rows
-        advantages, returns = self.estimator.fn(
-            rewards=rewards,
-            mask=rl_mask if replayed is None else rl_mask - replayed,
-            values=old.values,
-            group_size=G,
-            gamma=cfg.GAMMA,
-            lam=cfg.LAM,
-            whiten_rewards=cfg.WHITEN_REWARDS,
-            baseline=rollout.baseline,
-        )
-        returns = old.values if returns is None else returns
+        advantages, returns = self.advantages(rollout, rewards, rl_mask if replayed is None else rl_mask - replayed, old.values)
         if replayed is not None:  # their advantage: the per-token reverse KL to the initial model (the reference)
             advantages = advantages + distill_advantages(old.logprobs, old.ref_logprobs, replayed)
         if self.distill is not None and not self.distill.in_loss:  # DISTILL token_reverse_kl: the teacher's term
@@ -3170,14 +3157,33 @@ class PPOUpdate:
             stats.update(distill_metrics(old, rollout.loss_mask, cfg.DISTILL_COEF))
         return {**stats, **mismatch}
 
+    def advantages(self, rollout: Rollout, rewards, mask, values) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 5's ADVANTAGES[ADVANTAGE] over the rows of `mask` -> (advantages, returns: the values without a critic)."""
+        cfg, group = self.cfg, {"group_size": rollout.group_size, "baseline": rollout.baseline}
+        settings = {"gamma": cfg.GAMMA, "lam": cfg.LAM, "whiten_rewards": cfg.WHITEN_REWARDS}
+        advantages, returns = self.estimator.fn(rewards=rewards, mask=mask, values=values, **group, **settings)
+        return advantages, values if returns is None else returns
+
+    def scored_signal(self, rollout: Rollout, demos: Optional[list]) -> Optional[torch.Tensor]:
+        """SKIP_ZERO_ADVANTAGE: the (B,) rows with a gradient where the scores alone decide it (no KL in the reward, no
+        replay, no teacher term, no hybrid split: step 5's advantages with a zero KL and no values), else None."""
+        in_reward = self.kl_place.in_reward and self.reference is not None and self.kl_ctl.value != 0
+        if not self.skips or in_reward or (self.strategy and demos is not None) or rollout.replay is not None or self.distill is not None:
+            return None
+        zeros, mask = torch.zeros_like(rollout.loss_mask), rollout.loss_mask
+        advantages = self.advantages(rollout, compute_rewards(rollout.scores, zeros, mask, 0.0), mask, zeros)[0]
+        ended = rollout.ended.to(mask.device)[:, None].float() if self.cfg.MASK_TRUNCATED else 1.0  # as step 5's rl_mask
+        return (advantages * mask * ended).ne(0).any(1)
+
     # ---- 4. ----
-    def old_policy(self, rollout: Rollout, first_perm: torch.Tensor) -> OldPolicy:
+    def old_policy(self, rollout: Rollout, first_perm: torch.Tensor, fuse: bool = True) -> OldPolicy:
         """Step 4. Each process runs the no-grad forwards on its share of the rows; one gather gives every process all
-        of them. When the first minibatch is the whole batch, its forward (same weights, no dropout, with grad) gives
-        the old log-probs and values: the rollout's policy forward would compute exactly the same again."""
+        of them. When the first minibatch is the whole batch (and `fuse`), its forward (same weights, no dropout, with
+        grad) gives the old log-probs and values: the rollout's policy forward would compute exactly the same again."""
         cfg, dev, B, R = self.cfg, self.device, rollout.size, rollout.r_ids.shape[1]
         fused = (
-            self.fuse_first_forward
+            fuse
+            and self.fuse_first_forward
             and self.plan.responses_per_minibatch >= B
             and runtime.accum_chunks(cfg.GRAD_ACCUM, B) == 1
             and cfg.KL_PENALTY != "full"
@@ -3440,7 +3446,7 @@ def token_counts(rollout: Rollout, old: OldPolicy, positions: int, grad_passes: 
     """perf/update_tokens: the token positions the update's forwards ran on all processes (step 6's with a backward),
     padding and repeated prompts included; perf/useful_tokens: those that carry signal in the same passes."""
     ran = runtime.all_reduce_sum(torch.tensor([old.positions + positions], dtype=torch.float64)).item()
-    useful = useful_tokens(rollout_tokens(rollout), rollout.group_size) * (old.passes + grad_passes)
+    useful = runtime.useful_tokens(rollout.attention_mask, rollout.r_mask, rollout.group_size) * (old.passes + grad_passes)
     return {"perf/update_tokens": ran, "perf/useful_tokens": float(useful)}
 
 
@@ -4161,14 +4167,7 @@ def show_data_example(
     if cfg.ENVIRONMENT:
         import environments
 
-        fmt = environments.action_format(
-            environments.DEFAULT_FORMATS[cfg.ENVIRONMENT["type"]] if cfg.ACTION_FORMAT == "auto" else cfg.ACTION_FORMAT
-        )
-        runtime.say(
-            f"environment: {cfg.ENVIRONMENT['type']}; the model acts by writing {fmt.open}...{fmt.close} (ACTION_FORMAT "
-            f"{cfg.ACTION_FORMAT if isinstance(cfg.ACTION_FORMAT, str) else 'custom'}); up to {cfg.MAX_TURNS} turns, "
-            f"{cfg.MAX_NEW_TOKENS} model tokens per trajectory"
-        )
+        runtime.say(environments.describe(cfg.ENVIRONMENT["type"], cfg.ACTION_FORMAT, cfg.MAX_TURNS, cfg.MAX_NEW_TOKENS))
 
 
 def check_chat_rendering(cfg: Config, files: dict[str, tuple[str, list]], paths: runtime.ModelPaths) -> None:

@@ -1082,23 +1082,37 @@ def packs_apart(lm) -> bool:
     states each sequence gives alone, under the explicit mask (transformers passes a 4D mask to the attention as it
     is: sdpa and eager take it; flash attention does not), within 1e-4 of their largest: exact in fp64, rounding in
     fp32 (SmolLM2-135M: 1.2e-3 on hidden states up to 54, the CPU's attention kernel blocking the keys otherwise),
-    where a mask that let a response see another's would move them by their own size. One probe, the first time
-    (kept on the model); a model that fails it is run padded, said once."""
+    where a mask that let a response see another's would move them by their own size; without autocast, and for
+    weights stored in bf16 (the reference's copy) within 5e-2 (bf16's rounding: SmolLM2-135M 1.1e-2). The probe's row is packed for
+    grouped attention (cpu_attention: each prompt and each response against its own keys): where the model's attention
+    took the groups, its rows are packed long (packs_grouped). One probe, the first time (kept on the model); a model
+    that fails it is run padded, said once."""
     if getattr(lm, "packs_apart", None) is None:
         device, vocab = lm.get_output_embeddings().weight.device, lm.config.get_text_config().vocab_size
         pairs = [([1, 2, 3], [4, 5]), ([1, 2, 3], [6, 7, 8]), ([9, 10], [11, 12, 13])]
         pairs = [([t % vocab for t in p], [t % vocab for t in r]) for p, r in pairs]
-        with torch.no_grad():
-            together = packed_hidden(lm, None, None, 0, pack_sequences(pairs, 3, device))
+        exact = lm.get_output_embeddings().weight.dtype == torch.float32  # bf16 weights (a reference): bf16's rounding
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            calls = GROUPED_CALLS[0]
+            try:
+                together = packed_hidden(lm, None, None, 0, pack_sequences(pairs, 3, device, grouped=True))
+            except TypeError:  # a forward that takes no attention keywords (remote code): the mask alone
+                together = packed_hidden(lm, None, None, 0, pack_sequences(pairs, 3, device))
+            lm.packs_grouped = GROUPED_CALLS[0] > calls
             ok = head_is_separable(lm)
             for (p, r), packed in zip(pairs, together):
                 alone = lm(input_ids=torch.tensor([p + r], device=device), output_hidden_states=True, use_cache=False).hidden_states[-1]
                 alone = alone[0, len(p) - 1 : -1].float()
-                ok = ok and (alone - packed[: len(r)].float()).abs().max() <= 1e-4 * alone.abs().max() + 1e-5
+                ok = ok and (alone - packed[: len(r)].float()).abs().max() <= (1e-4 if exact else 5e-2) * alone.abs().max() + 1e-5
         lm.packs_apart = bool(ok)
         if not lm.packs_apart:
             warn(f"PACKING: {type(lm).__name__} does not keep packed sequences apart; its forwards pad the rows instead")
     return lm.packs_apart
+
+
+def grouped(lm) -> bool:
+    """Whether this LM's packed rows run grouped attention (packs_apart's probe): rows packed up to ROW_TOKENS."""
+    return bool(getattr(lm, "packs_grouped", False))
 
 
 class Packed(NamedTuple):
@@ -1108,6 +1122,20 @@ class Packed(NamedTuple):
     position_ids: torch.Tensor  # (P, C): a prompt's from 0, each of its responses' from the prompt's length, as alone
     mask: torch.Tensor  # (P, C, C) bool: a prompt attends to itself, a response to its prompt and itself (causal)
     index: torch.Tensor  # (B, R): the flat (P * C) position whose output predicts each response token (0: padding)
+    groups: Optional[tuple] = None  # grouped attention's QueryGroups (the prompts', the responses'), or None
+
+
+class QueryGroup(NamedTuple):
+    """Queries that attend to their own keys only, gathered from the packed rows (flat P * C positions) into a batch
+    of n items (a prompt, or a response) for one attention call: cpu_attention's grouped path."""
+
+    queries: torch.Tensor  # (n, Lq) the item's query positions, left-aligned (padding: position 0, masked, unused)
+    keys: torch.Tensor  # (n, Lk) the positions it attends: a prompt's own; a response's prompt, then its own
+    mask: torch.Tensor  # (n, 1, Lq, Lk) bool: causal within the item, a response sees all its prompt
+    real: torch.Tensor  # (n, Lq) bool: the query slots that are positions (not padding)
+
+
+ROW_TOKENS = 2048  # a packed row's length under grouped attention (the mask's memory: rows x ROW_TOKENS^2 bools)
 
 
 def pack_plan(lengths: list[int], capacity: int) -> tuple[dict, list[int]]:
@@ -1152,16 +1180,16 @@ def segments(pairs: list[tuple[list, list]]) -> tuple[list[tuple[list, list[int]
     return out, capacity
 
 
-def pack_sequences(pairs: list[tuple[list, list]], width_out: int, device) -> Packed:
+def pack_sequences(pairs: list[tuple[list, list]], width_out: int, device, grouped: bool = False) -> Packed:
     """(prompt ids, response ids) pairs packed without padding and with each prompt once: the responses that share a
     prompt follow it in one segment (segments), the segments go by first-fit decreasing into rows as long as the
-    longest segment (without shared prompts: the longest row, so a row's attention costs what a padded row's does);
-    no padding but at the ends of the rows (each position of an end attends to itself only, its output unread). Each response sees its
+    longest segment (without shared prompts: the longest row, so a row's attention costs what a padded row's does) or,
+    with grouped attention (groups: each prompt and each response attends to its own keys only), of ROW_TOKENS: no
+    padding but at the ends of the rows (each position of an end attends to itself only, its output unread). Each response sees its
     prompt and itself at the positions it has alone: the same numbers in exact arithmetic, fewer tokens. index: (B,
     width_out), where each response token's prediction is (0 past a response's end)."""
-    parts, _ = segments(pairs)
-    lengths = [len(p) + sum(len(pairs[b][1]) for b in rows) for p, rows in parts]
-    place, fill = pack_plan(lengths, max(lengths))
+    parts, lengths, capacity = packed_segments(pairs, grouped)
+    place, fill = pack_plan(lengths, capacity)
     width = max(fill)
     ids, positions = torch.zeros(len(fill), width, dtype=torch.long), torch.zeros(len(fill), width, dtype=torch.long)
     mask, index = torch.eye(width, dtype=torch.bool).repeat(len(fill), 1, 1), torch.zeros(len(pairs), width_out, dtype=torch.long)
@@ -1176,9 +1204,44 @@ def pack_sequences(pairs: list[tuple[list, list]], width_out: int, device) -> Pa
             ids[k, at:end], positions[k, at:end] = torch.tensor(r, dtype=torch.long), torch.arange(n, n + len(r))
             mask[k, at:end, start : start + n] = True
             mask[k, at:end, at:end] = torch.ones(len(r), len(r), dtype=torch.bool).tril()
-            index[b, : len(r)] = k * width + torch.cat([torch.tensor([start + n - 1]), torch.arange(at, end - 1)])[: len(r)]
+            index[b, : len(r)] = k * width + torch.cat([torch.tensor([start + n - 1]), torch.arange(at, max(at, end - 1))])[: len(r)]
             at = end
-    return Packed(ids.to(device), positions.to(device), mask.to(device), index.to(device))
+    groups = None
+    if grouped:  # the prompts (each its own keys), the responses (each its prompt's and its own)
+        prompts, responses = [], []
+        for s, (k, start) in place.items():
+            prompt, rows = parts[s]
+            own, at = list(range(k * width + start, k * width + start + len(prompt))), k * width + start + len(prompt)
+            prompts.append(([], own))
+            for b in rows:
+                responses.append((own, list(range(at, at + len(pairs[b][1])))))
+                at += len(pairs[b][1])
+        kept = [[item for item in items if item[1]] for items in (prompts, responses)]  # an empty response: no query
+        groups = tuple(query_group(items, device) for items in kept if items)
+    return Packed(ids.to(device), positions.to(device), mask.to(device), index.to(device), groups)
+
+
+def query_group(items: list[tuple[list, list]], device) -> QueryGroup:
+    """A QueryGroup of (prefix positions, own positions) items: each own position attends to the whole prefix and
+    causally to its own."""
+    n, lq, lk = len(items), max(len(q) for _, q in items), max(len(p) + len(q) for p, q in items)
+    queries, keys = torch.zeros(n, lq, dtype=torch.long), torch.zeros(n, lk, dtype=torch.long)
+    mask, real = torch.zeros(n, 1, lq, lk, dtype=torch.bool), torch.zeros(n, lq, dtype=torch.bool)
+    mask[:, :, :, 0] = True  # a padding query attends to one key: no row of the softmax is empty
+    for i, (prefix, own) in enumerate(items):
+        p, q = len(prefix), len(own)
+        queries[i, :q], keys[i, : p + q], real[i, :q] = torch.tensor(own), torch.tensor(prefix + own), True
+        mask[i, 0, :q, :p] = True
+        mask[i, 0, :q, p : p + q] = torch.ones(q, q, dtype=torch.bool).tril()
+    return QueryGroup(queries.to(device), keys.to(device), mask.to(device), real.to(device))
+
+
+def packed_segments(pairs: list[tuple[list, list]], grouped: bool) -> tuple[list, list[int], int]:
+    """segments' (prompt, rows), each segment's tokens and the packed rows' capacity: the longest segment, or under
+    grouped attention ROW_TOKENS (never below the longest)."""
+    parts, _ = segments(pairs)
+    lengths = [len(p) + sum(len(pairs[b][1]) for b in rows) for p, rows in parts]
+    return parts, lengths, max(lengths + [ROW_TOKENS] * grouped)
 
 
 def packed_hidden(lm, input_ids, attention_mask, n_response: int, packed: Optional[Packed] = None) -> torch.Tensor:
@@ -1197,6 +1260,7 @@ def packed_hidden(lm, input_ids, attention_mask, n_response: int, packed: Option
         logits_to_keep=1,
         output_hidden_states=True,
         use_cache=False,
+        **({} if packed.groups is None else {"packed_groups": packed.groups}),
     )
     return out.hidden_states[-1].flatten(0, 1)[packed.index]
 
@@ -1220,15 +1284,15 @@ def packing(lm, pack: bool, input_ids, attention_mask, n_response: int) -> Optio
     more than it saves)."""
     if not (pack and packs_apart(lm)):
         return None
-    pairs = row_pairs(input_ids, attention_mask, n_response)
-    return pack_sequences(pairs, n_response, input_ids.device) if positions_run(pairs, input_ids.numel()) < input_ids.numel() else None
+    pairs, wise, padded = row_pairs(input_ids, attention_mask, n_response), grouped(lm), input_ids.numel()
+    return pack_sequences(pairs, n_response, input_ids.device, wise) if positions_run(pairs, padded, wise) < padded else None
 
 
-def positions_run(pairs: list[tuple[list, list]], padded: int) -> int:
+def positions_run(pairs: list[tuple[list, list]], padded: int, grouped: bool = False) -> int:
     """The token positions a forward of these pairs runs, where packing may: packed (packed_positions) where that
     saves a tenth of the padded batch's `padded`, else `padded` (rows of similar length without a shared prompt: the
     explicit mask costs more than the packing saves). The one rule packing, forward_positions and SFT's steps follow."""
-    packed = packed_positions(pairs)
+    packed = packed_positions(pairs, grouped)
     return packed if packed <= 0.9 * padded else padded
 
 
@@ -1237,14 +1301,20 @@ def forward_positions(policy, tokens) -> int:
     padded = tokens.input_ids.numel()
     if not (policy.pack and packs_apart(policy.lm)):
         return padded
-    return positions_run(row_pairs(tokens.input_ids, tokens.attention_mask, tokens.r_ids.shape[1]), padded)
+    return positions_run(row_pairs(tokens.input_ids, tokens.attention_mask, tokens.r_ids.shape[1]), padded, grouped(policy.lm))
 
 
-def packed_positions(pairs: list[tuple[list, list]]) -> int:
+def useful_tokens(attention_mask: torch.Tensor, r_mask: torch.Tensor, group_size: int) -> int:
+    """The tokens of a batch that carry signal, for one pass of one model over it: every response's real tokens (an
+    agent's observations included), each prompt's once per group (its G rows share it)."""
+    prompts = attention_mask[:, : -r_mask.shape[1]].sum(1)
+    return int(prompts[::group_size].sum() + r_mask.sum())
+
+
+def packed_positions(pairs: list[tuple[list, list]], grouped: bool = False) -> int:
     """The token positions the packed rows of these pairs hold (pack_sequences: rows x width)."""
-    parts, _ = segments(pairs)
-    lengths = [len(p) + sum(len(pairs[b][1]) for b in rows) for p, rows in parts]
-    fill = pack_plan(lengths, max(lengths))[1]
+    _, lengths, capacity = packed_segments(pairs, grouped)
+    fill = pack_plan(lengths, capacity)[1]
     return len(fill) * max(fill)
 
 
@@ -2261,6 +2331,7 @@ def contiguous_head_input(lm: nn.Module) -> None:
 
 
 CPU_ATTENTION = "sdpa_cpu"  # the attention function every model of a run uses (registered by use_cpu_attention)
+GROUPED_CALLS = [0]  # calls that ran grouped (packs_apart's probe reads whether the model's attention took the groups)
 
 
 def cpu_attention(
@@ -2272,27 +2343,32 @@ def cpu_attention(
     dropout: float = 0.0,
     scaling: Optional[float] = None,
     is_causal: Optional[bool] = None,
+    packed_groups: Optional[tuple] = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' "sdpa" attention, with two changes on the CPU only (elsewhere, and for what it does not cover: the
-    stock function, unchanged):
-    - grouped-query attention with a padding mask goes to SDPA as it is (enable_gqa) instead of copying each key and
-      value head per query head first (transformers' use_gqa_in_sdpa refuses the mask because CUDA's kernels do):
-      the same numbers (torch.equal, tests), faster in decoding and in the update (bench/attention_bench.py);
-    - bf16 queries, keys and values are computed in fp32 (cast up, the output cast back): PyTorch's CPU flash
-      attention is slower in bf16 than in fp32 at RL's lengths, and fp32 is the more exact of the two
-      (bench/step_bench.py). The figures of both: bench/results/README.md."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    """transformers' "sdpa" attention, with three changes (elsewhere, and for what it does not cover: the stock
+    function, unchanged):
+    - packed rows (packed_groups: pack_sequences' QueryGroups) run grouped_attention, on every device: each prompt's
+      queries against its own keys, each response's against its prompt's and its own, gathered: the work of what is
+      attended, not of a packed row's square, so rows are packed long for free and a prompt shared by G responses
+      costs no G x G square (the same numbers: the masked-out keys weigh exactly 0);
+    - on the CPU, grouped-query attention with a padding mask goes to SDPA as it is (enable_gqa) instead of copying
+      each key and value head per query head first (transformers' use_gqa_in_sdpa refuses the mask because CUDA's
+      kernels do): the same numbers (torch.equal, tests), faster in decoding and in the update
+      (bench/attention_bench.py);
+    - on the CPU, bf16 queries, keys and values are computed in fp32 (cast up, the output cast back): PyTorch's CPU
+      flash attention is slower in bf16 than in fp32 at RL's lengths, and fp32 is the more exact of the two
+      (bench/step_bench.py). The figures: bench/results/README.md."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     dtypes = {query.dtype, key.dtype, value.dtype, autocast or torch.float32}  # under autocast q and k are fp32 after RoPE
-    if (
-        query.device.type != "cpu"
-        or not dtypes <= {torch.float32, torch.bfloat16}
-        or kwargs.get("position_bias") is not None
-        or kwargs.get("cache") is not None
-        or kwargs.get("output_attentions")
-    ):
+    stock = kwargs.get("position_bias") is not None or kwargs.get("cache") is not None or kwargs.get("output_attentions")
+    gqa = getattr(module, "num_key_value_groups", 1)
+    if packed_groups is not None and not stock and query.device.type != "cpu":
+        key, value = repeat_kv(key, gqa), repeat_kv(value, gqa)  # as the stock function does where a mask is given
+        return grouped_attention(query, key, value, packed_groups, scaling, False).transpose(1, 2).contiguous(), None
+    if query.device.type != "cpu" or not dtypes <= {torch.float32, torch.bfloat16} or stock:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
@@ -2304,16 +2380,30 @@ def cpu_attention(
                 module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
             )
             return out.to(dtype), None
-        out = F.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            dropout_p=dropout,
-            scale=scaling,
-            enable_gqa=getattr(module, "num_key_value_groups", 1) > 1,
-        )
+        if packed_groups is not None:
+            out = grouped_attention(query, key, value, packed_groups, scaling, gqa > 1)
+        else:
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa > 1
+            )
     return out.to(dtype).transpose(1, 2).contiguous(), None
+
+
+def grouped_attention(query, key, value, groups: tuple, scale: Optional[float], gqa: bool) -> torch.Tensor:
+    """Attention over packed rows (P, heads, C, D) as each QueryGroup says: its queries gathered from the rows, each
+    item against its own keys, one SDPA call per group, the outputs put back at their positions (a row's padding:
+    0) -> (P, heads, C, D). The work is each item's queries x its keys: a prompt's square, a response's length x
+    (its prompt + itself), never the masked-out pairs of a packed row's square."""
+    GROUPED_CALLS[0] += 1
+    (P, H, C, D), flat = query.shape, lambda t: t.transpose(0, 1).reshape(t.shape[1], -1, t.shape[3])  # noqa: E731
+    q, k, v = flat(query), flat(key), flat(value)
+    out = q.new_zeros(q.shape)
+    for g in groups:
+        o = F.scaled_dot_product_attention(
+            q[:, g.queries].transpose(0, 1), k[:, g.keys].transpose(0, 1), v[:, g.keys].transpose(0, 1), g.mask, scale=scale, enable_gqa=gqa
+        )
+        out = out.index_copy(1, g.queries[g.real], o.transpose(0, 1)[:, g.real])
+    return out.view(H, P, C, D).transpose(0, 1)
 
 
 def use_cpu_attention(lm: nn.Module) -> None:

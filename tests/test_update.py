@@ -407,13 +407,7 @@ def test_useful_tokens_by_hand():
     prompt once per group, every response token: 3 + 2 + 6 = 11."""
     prompt_mask = torch.tensor([[1, 1, 1], [1, 1, 1], [0, 1, 1], [0, 1, 1]])
     r_mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]], dtype=torch.float)
-    tokens = ht.Tokens(
-        input_ids=torch.zeros(4, 6, dtype=torch.long),
-        attention_mask=torch.cat([prompt_mask, r_mask.long()], 1),
-        r_ids=torch.zeros(4, 3),
-        r_mask=r_mask,
-    )
-    assert ht.useful_tokens(tokens, 2) == 11
+    assert runtime.useful_tokens(torch.cat([prompt_mask, r_mask.long()], 1), r_mask, 2) == 11
 
 
 @pytest.mark.parametrize("mini, accum", [(1, 1), (2, 1), (2, 2)])  # 2: the whole batch (step 4's first forward); accum: GRAD_ACCUM
@@ -453,6 +447,42 @@ def test_pack_rows_by_hand():
     sees = {(k, q): [j for j in range(6) if packed.mask[k, q, j]] for k, q in ((0, 5), (1, 2), (1, 3), (1, 4), (1, 5), (2, 1))}
     assert sees == {(0, 5): [0, 1, 2, 3, 4, 5], (1, 2): [0, 1, 2], (1, 3): [0, 1, 3], (1, 4): [0, 1, 3, 4], (1, 5): [5], (2, 1): [0, 1]}
     assert runtime.packed_positions(runtime.row_pairs(ids, mask, 3)) == 18
+
+
+def test_grouped_attention_packs_long_rows_with_the_same_numbers():
+    """With grouped attention (cpu_attention: each prompt's queries against its own keys, each response's against its
+    prompt's and its own) the segments go into one long row, no padding at its end, and the hidden states at every
+    response position equal each sequence's alone and the row-per-segment packing's within 1e-5 in fp32 (grouped-query
+    attention, groups of very different lengths, an empty response); the probe finds the model's attention took the
+    groups; the responses' group attends exactly to each response's prompt and to itself."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config.num_key_value_heads = 2  # grouped-query attention
+    lm = LlamaForCausalLM(config).eval()
+    runtime.use_cpu_attention(lm)
+    assert runtime.packs_apart(lm) and runtime.grouped(lm)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4], [20, 21, 22, 23, 24]]
+    pairs = [(p, [(7 * g + 3 * i + j) % 64 for j in range((5 * i + 3 * g) % 12)]) for g, p in enumerate(prompts) for i in range(4)]
+    assert any(not r for _, r in pairs)
+    wise, plain = runtime.pack_sequences(pairs, 12, "cpu", grouped=True), runtime.pack_sequences(pairs, 12, "cpu")
+    real = sum(len(p) for p in prompts) + sum(len(r) for _, r in pairs)
+    assert wise.input_ids.shape == (1, real) and runtime.packed_positions(pairs, grouped=True) == real
+    assert plain.input_ids.shape[0] == 3 and plain.input_ids.numel() > real
+    _, responses = wise.groups
+    for queries, keys, mask, real_q in zip(responses.queries, responses.keys, responses.mask, responses.real):
+        own = queries[real_q].tolist()
+        seen = keys[mask[0, len(own) - 1]].tolist()  # what the response's last token attends: its prompt, then itself
+        assert wise.input_ids[0, seen[: -len(own)]].tolist() in prompts and seen[-len(own) :] == own
+    calls = runtime.GROUPED_CALLS[0]
+    with torch.no_grad():
+        together, rows = runtime.packed_hidden(lm, None, None, 0, wise), runtime.packed_hidden(lm, None, None, 0, plain)
+        assert runtime.GROUPED_CALLS[0] == calls + config.num_hidden_layers
+        for b, (p, r) in enumerate(pairs):
+            if r:
+                alone = lm(input_ids=torch.tensor([p + r]), output_hidden_states=True).hidden_states[-1][0, len(p) - 1 : -1]
+                assert (together[b, : len(r)] - alone).abs().max() < 1e-5 and (together[b, : len(r)] - rows[b, : len(r)]).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "gae"])
@@ -508,11 +538,15 @@ def test_a_packed_sft_step_equals_a_padded_one(chunk, tiny_model, tiny_data):
     assert max_diff(w_packed, w_padded) <= 1e-5
 
 
-@pytest.mark.parametrize("mini, accum, agg, loss", [(1, 1, "token_mean", "ppo"), (2, 2, "seq_mean_token_mean", "gspo")])
+@pytest.mark.parametrize(
+    "mini, accum, agg, loss", [(1, 1, "token_mean", "ppo"), (2, 2, "seq_mean_token_mean", "gspo"), (4, 1, "token_mean", "ppo")]
+)
 def test_skipping_responses_without_gradient_changes_no_weight(mini, accum, agg, loss, tiny_model, tiny_data):
     """SKIP_ZERO_ADVANTAGE on and off, GRPO without a KL in the loss, Spread's flat groups (every response of an even
     prompt scores 0: advantage 0): the skipped rows ran no forward, and the weights and the losses are the unskipped
-    update's within 1e-6 in fp32 (PPO_MINI 1 has minibatches where no row has a gradient: one runs, its gradient 0)."""
+    update's within 1e-6 in fp32 (PPO_MINI 1 has minibatches where no row has a gradient: one runs, its gradient 0;
+    PPO_MINI 4, one minibatch: the scores say which rows have none, so step 4's forward is not the first minibatch's
+    and both epochs skip them)."""
 
     def update(skip):
         keys = {"SKIP_ZERO_ADVANTAGE": skip, "ADVANTAGE": "grpo", "NUM_GENERATIONS": 2, "PPO_BATCH": 4, "PPO_MINI": mini}
@@ -526,6 +560,8 @@ def test_skipping_responses_without_gradient_changes_no_weight(mini, accum, agg,
     (skipped, w_skipped), (whole, w_whole) = update(True), update(False)
     assert skipped["reward/zero_std_groups"] == whole["reward/zero_std_groups"] >= 0.5  # the metrics still count them
     assert skipped["perf/skipped_responses"] >= 2 and whole["perf/skipped_responses"] == 0
+    if mini == 4:  # every epoch skips every flat group's rows, the first too
+        assert skipped["perf/skipped_responses"] == 8 * skipped["reward/zero_std_groups"]
     assert skipped["perf/update_tokens"] < whole["perf/update_tokens"]
     for k in ("ppo/loss/policy", "ppo/loss/total", "reward/mean", "objective/kl", "ppo/grad_norm"):
         assert skipped[k] == pytest.approx(whole[k], abs=1e-6, rel=1e-6), k
