@@ -12,8 +12,8 @@ config is read by its keys, as the trainer's Config; a trainer by its attributes
                            reference, FSDP), the teacher (check_teacher), parameter counts and disk checks; the reward
                            and the environment built with the run's model locator and loader (build_reward,
                            build_environment, check_environment_data);
-                           the packed forward (pack_sequences, packed_hidden: PACKING) and the probes it rests on
-                           (head_is_separable, packs_apart).
+                           the packed forward (pack_sequences, packed_hidden, grouped_attention: PACKING) and the
+                           probes it rests on (head_is_separable, packs_apart).
   4. Precision             bf16 on or off (resolve_bf16) and the autocast every forward runs under.
   5. Chat templates        Chat (make_chat): every rendering with CHAT_TEMPLATE_KWARGS (and trl's training template
                            where tool turns need one), the stop tokens, control-token strings in messages kept as
@@ -32,12 +32,12 @@ Process-wide side effects, all in section 7 and all for speed: glibc's malloc ke
 (keep_freed_memory: mallopt) and gives it back before the final save (return_freed_memory: malloc_trim); the garbage
 collector is paused during start-up and what start-up built is frozen (start_up_without_gc); transformers'
 assisted-generation module is imported with scikit-learn hidden and given a lazy roc_curve (defer_scikit_learn); torch's
-thread count is set per process (set_threads); the sdpa attention of a CPU run is registered as CPU_ATTENTION
-(use_cpu_attention) and the LM head gets a forward pre-hook (contiguous_head_input); inside hf generation on a CPU in
-fp32 every Linear's forward is swapped for weight_first_linear and restored after (weight_first_linears); the command
-line exits through os._exit after the atexit handlers (exit_now). Outside section 7: StopRequest installs SIGINT and
-SIGTERM handlers for the loop (the previous ones come back after), and run_command leaves a launch of several
-processes through os._exit on an error.
+thread count is set per process (set_threads); the sdpa attention of a run is registered as CPU_ATTENTION
+(use_cpu_attention: on any device it also runs packed rows' grouped attention) and the LM head gets a forward
+pre-hook (contiguous_head_input); inside hf generation on a CPU in fp32 every Linear's forward is swapped for
+weight_first_linear and restored after (weight_first_linears); the command line exits through os._exit after the
+atexit handlers (exit_now). Outside section 7: StopRequest installs SIGINT and SIGTERM handlers for the loop (the
+previous ones come back after), and run_command leaves a launch of several processes through os._exit on an error.
 """
 
 from __future__ import annotations
@@ -1236,6 +1236,26 @@ def query_group(items: list[tuple[list, list]], device) -> QueryGroup:
     return QueryGroup(queries.to(device), keys.to(device), mask.to(device), real.to(device))
 
 
+GROUPED_CALLS = [0]  # calls that ran grouped (packs_apart's probe reads whether the model's attention took the groups)
+
+
+def grouped_attention(query, key, value, groups: tuple, scale: Optional[float], gqa: bool) -> torch.Tensor:
+    """Attention over packed rows (P, heads, C, D) as each QueryGroup says: its queries gathered from the rows, each
+    item against its own keys, one SDPA call per group, the outputs put back at their positions (a row's padding:
+    0) -> (P, heads, C, D). The work is each item's queries x its keys: a prompt's square, a response's length x
+    (its prompt + itself), never the masked-out pairs of a packed row's square."""
+    GROUPED_CALLS[0] += 1
+    (P, H, C, D), flat = query.shape, lambda t: t.transpose(0, 1).reshape(t.shape[1], -1, t.shape[3])  # noqa: E731
+    q, k, v = flat(query), flat(key), flat(value)
+    out = q.new_zeros(q.shape)
+    for g in groups:
+        o = F.scaled_dot_product_attention(
+            q[:, g.queries].transpose(0, 1), k[:, g.keys].transpose(0, 1), v[:, g.keys].transpose(0, 1), g.mask, scale=scale, enable_gqa=gqa
+        )
+        out = out.index_copy(1, g.queries[g.real], o.transpose(0, 1)[:, g.real])
+    return out.view(H, P, C, D).transpose(0, 1)
+
+
 def packed_segments(pairs: list[tuple[list, list]], grouped: bool) -> tuple[list, list[int], int]:
     """segments' (prompt, rows), each segment's tokens and the packed rows' capacity: the longest segment, or under
     grouped attention ROW_TOKENS (never below the longest)."""
@@ -2331,7 +2351,6 @@ def contiguous_head_input(lm: nn.Module) -> None:
 
 
 CPU_ATTENTION = "sdpa_cpu"  # the attention function every model of a run uses (registered by use_cpu_attention)
-GROUPED_CALLS = [0]  # calls that ran grouped (packs_apart's probe reads whether the model's attention took the groups)
 
 
 def cpu_attention(
@@ -2387,23 +2406,6 @@ def cpu_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa > 1
             )
     return out.to(dtype).transpose(1, 2).contiguous(), None
-
-
-def grouped_attention(query, key, value, groups: tuple, scale: Optional[float], gqa: bool) -> torch.Tensor:
-    """Attention over packed rows (P, heads, C, D) as each QueryGroup says: its queries gathered from the rows, each
-    item against its own keys, one SDPA call per group, the outputs put back at their positions (a row's padding:
-    0) -> (P, heads, C, D). The work is each item's queries x its keys: a prompt's square, a response's length x
-    (its prompt + itself), never the masked-out pairs of a packed row's square."""
-    GROUPED_CALLS[0] += 1
-    (P, H, C, D), flat = query.shape, lambda t: t.transpose(0, 1).reshape(t.shape[1], -1, t.shape[3])  # noqa: E731
-    q, k, v = flat(query), flat(key), flat(value)
-    out = q.new_zeros(q.shape)
-    for g in groups:
-        o = F.scaled_dot_product_attention(
-            q[:, g.queries].transpose(0, 1), k[:, g.keys].transpose(0, 1), v[:, g.keys].transpose(0, 1), g.mask, scale=scale, enable_gqa=gqa
-        )
-        out = out.index_copy(1, g.queries[g.real], o.transpose(0, 1)[:, g.real])
-    return out.view(H, P, C, D).transpose(0, 1)
 
 
 def use_cpu_attention(lm: nn.Module) -> None:

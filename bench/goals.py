@@ -55,7 +55,7 @@ def summary(label: str, run: Path) -> dict:
 def table() -> str:
     rows = [json.loads(line) for line in (RESULTS / "results.jsonl").read_text().splitlines()]
     out = [
-        "| checkout | update (s, median) | PPO epochs | reference | step 4 (policy) | generation | update tokens / useful | "
+        "| checkout | update (s, median) | PPO epochs | reference | step 4 (no-grad passes) | generation | update tokens / useful | "
         "held-out pass@1 before -> after | precision |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
