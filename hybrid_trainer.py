@@ -2545,9 +2545,11 @@ def gather_columns(
     contiguous: TokenColumns, permuted: TokenColumns, perm: torch.Tensor, B: int, R: int, device: torch.device
 ) -> TokenColumns:
     """Step 4's one crossing: this process's rows of `contiguous` (its share of rows 0 .. B-1) and of `permuted` (its
-    share of perm's rows, in perm's order) -> all B rows of each, in batch order, on every process."""
+    share of perm's rows, in perm's order; perm may hold some rows only, when nothing is contiguous: the others 0) ->
+    all B rows of each, in batch order, on every process."""
     columns = [(contiguous, name, False) for name in contiguous.present()] + [(permuted, name, True) for name in permuted.present()]
-    gathered = runtime.gather_rows(torch.stack([getattr(part, name).to(device) for part, name, _ in columns], 1), B)
+    n = B if contiguous.present() else len(perm)
+    gathered = runtime.gather_rows(torch.stack([getattr(part, name).to(device) for part, name, _ in columns], 1), n)
     out = TokenColumns()
     for j, (_, name, in_perm_order) in enumerate(columns):
         if in_perm_order:
@@ -2572,6 +2574,7 @@ class OldPolicy:
     first_forward_s: float  # seconds in the first minibatch's forward (counted with the PPO epochs)
     teacher_logprobs: Optional[torch.Tensor] = None  # DISTILL: the teacher's (B, R)
     positions: int = 0  # token positions this process's forwards of step 4 ran (padding included)
+    first_rows: Optional[torch.Tensor] = None  # the rows `first` ran, in the first minibatch's order (some: old_policy)
     passes: int = 0  # models run over the whole batch in step 4 (the policy, the reference, the teacher)
 
 
@@ -3109,11 +3112,9 @@ class PPOUpdate:
         g = G if cfg.MINIBATCH_GROUPS else 1  # the rows of a group stay together: its prompt runs once in a minibatch
         order = lambda: (torch.randperm(B // g, generator=self.perm_generator)[:, None] * g + torch.arange(g)).flatten()  # noqa: E731
         perms = [order() for _ in range(cfg.PPO_EPOCHS)]
-        # 4. log-probs and values of the sampling policy, log-probs of the reference (each process its share); where a
-        #    third of the rows or more have no gradient by their scores alone, the first minibatch's forward is not
-        #    step 4's (it would run them all with a backward): step 6 runs the others only
-        known = self.scored_signal(rollout, demos)
-        old = self.old_policy(rollout, perms[0], fuse=known is None or known.float().mean().item() >= 2 / 3)
+        # 4. log-probs and values of the sampling policy, log-probs of the reference (each process its share)
+        known = self.scored_signal(rollout, demos)  # the rows with a gradient, where their scores alone say it
+        old = self.old_policy(rollout, perms[0], known)
         t1 = time.perf_counter()
         # 5. the hybrid strategy picks RL and SFT prompts; rewards and advantages (ADVANTAGES[ADVANTAGE]) over the RL
         #    responses only (gate: batch whitening must not compare the prompts it kept with those it sent to SFT)
@@ -3137,7 +3138,8 @@ class PPOUpdate:
         # 6. PPO epochs over minibatches (each with its part of the SFT demonstrations, under gate / mix); a response
         #    with no gradient (advantage 0 on every token it is trained on, and nothing else in the loss) is not run
         signal = (advantages * rl_mask).ne(0).any(1) if self.skips else None
-        mb_stats, skipped, positions, idle = self.epochs(batch, perms, old.first, sft_pool, split.mu if split else None, signal)
+        assert known is None or torch.equal(known, signal), "scored_signal must be step 5's: step 4 ran its rows only"
+        mb_stats, skipped, positions, idle = self.epochs(batch, perms, old, sft_pool, split.mu if split else None, signal)
         t2 = time.perf_counter()
         # 7. statistics; the adaptive KL controller moves
         seq_kl = (old.kl * rollout.loss_mask).sum(1).mean().item()
@@ -3150,7 +3152,8 @@ class PPOUpdate:
         stats["perf/skipped_responses"] = idle / cfg.PPO_EPOCHS  # SKIP_ZERO_ADVANTAGE's, per epoch
         stats.update({"time/rollout_s": t1 - t0 - old.first_forward_s, "time/ppo_epochs_s": t2 - t1 + old.first_forward_s})
         stats["time/reference_forward_s"] = old.reference_s
-        stats.update(token_counts(rollout, old, positions, cfg.PPO_EPOCHS - (old.first is not None)))
+        passes = old.passes + cfg.PPO_EPOCHS - (old.first is not None)  # step 4's models and step 6's epochs
+        stats.update(runtime.token_counts(old.positions + positions, rollout.attention_mask, rollout.r_mask, G, passes))
         if split is not None:
             stats.update({"hybrid/mu": split.mu, "hybrid/sft_prompts": len(sft_pool), **split.metrics})
         if old.teacher_logprobs is not None:  # on the student's own samples, per token the loss covers
@@ -3159,9 +3162,8 @@ class PPOUpdate:
 
     def advantages(self, rollout: Rollout, rewards, mask, values) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 5's ADVANTAGES[ADVANTAGE] over the rows of `mask` -> (advantages, returns: the values without a critic)."""
-        cfg, group = self.cfg, {"group_size": rollout.group_size, "baseline": rollout.baseline}
-        settings = {"gamma": cfg.GAMMA, "lam": cfg.LAM, "whiten_rewards": cfg.WHITEN_REWARDS}
-        advantages, returns = self.estimator.fn(rewards=rewards, mask=mask, values=values, **group, **settings)
+        kw = {"gamma": self.cfg.GAMMA, "lam": self.cfg.LAM, "whiten_rewards": self.cfg.WHITEN_REWARDS, "baseline": rollout.baseline}
+        advantages, returns = self.estimator.fn(rewards=rewards, mask=mask, values=values, group_size=rollout.group_size, **kw)
         return advantages, values if returns is None else returns
 
     def scored_signal(self, rollout: Rollout, demos: Optional[list]) -> Optional[torch.Tensor]:
@@ -3170,19 +3172,21 @@ class PPOUpdate:
         in_reward = self.kl_place.in_reward and self.reference is not None and self.kl_ctl.value != 0
         if not self.skips or in_reward or (self.strategy and demos is not None) or rollout.replay is not None or self.distill is not None:
             return None
-        zeros, mask = torch.zeros_like(rollout.loss_mask), rollout.loss_mask
+        zeros, mask, ended = torch.zeros_like(rollout.loss_mask), rollout.loss_mask, rollout.ended.to(rollout.loss_mask.device)
         advantages = self.advantages(rollout, compute_rewards(rollout.scores, zeros, mask, 0.0), mask, zeros)[0]
-        ended = rollout.ended.to(mask.device)[:, None].float() if self.cfg.MASK_TRUNCATED else 1.0  # as step 5's rl_mask
-        return (advantages * mask * ended).ne(0).any(1)
+        return (advantages * mask * (ended[:, None].float() if self.cfg.MASK_TRUNCATED else 1.0)).ne(0).any(1)  # step 5's
 
     # ---- 4. ----
-    def old_policy(self, rollout: Rollout, first_perm: torch.Tensor, fuse: bool = True) -> OldPolicy:
+    def old_policy(self, rollout: Rollout, first_perm: torch.Tensor, known: Optional[torch.Tensor] = None) -> OldPolicy:
         """Step 4. Each process runs the no-grad forwards on its share of the rows; one gather gives every process all
-        of them. When the first minibatch is the whole batch (and `fuse`), its forward (same weights, no dropout, with
-        grad) gives the old log-probs and values: the rollout's policy forward would compute exactly the same again."""
+        of them. When the first minibatch is the whole batch, its forward (same weights, no dropout, with grad) gives
+        the old log-probs and values: the rollout's policy forward would compute exactly the same again. known
+        (scored_signal): that forward runs those rows only if nothing else runs all (the others' log-probs stay 0,
+        unread); else, if a third have no gradient, the no-grad pass runs instead and step 6 the others."""
         cfg, dev, B, R = self.cfg, self.device, rollout.size, rollout.r_ids.shape[1]
+        alone = known is not None and self.reference is None and self.teacher is None
         fused = (
-            fuse
+            (known is None or alone or known.float().mean().item() >= 2 / 3)
             and self.fuse_first_forward
             and self.plan.responses_per_minibatch >= B
             and runtime.accum_chunks(cfg.GRAD_ACCUM, B) == 1
@@ -3198,9 +3202,11 @@ class PPOUpdate:
         positions = [ran]
         mine_columns = select_rows(mine_columns, slice(0, end - start))  # in batch order
         first, permuted, t_first = None, TokenColumns(), time.perf_counter()
+        first_rows = first_perm[known.cpu()[first_perm]] if fused and alone else first_perm
+        first_rows = first_rows if len(first_rows) else first_perm[:1]  # no row has a gradient: one keeps the step's graph
         if fused:
             self.policy.train()
-            mine, weight = runtime.my_share(first_perm)
+            mine, weight = runtime.my_share(first_rows)
             mb, r_len = trim_padding(select_rows(rollout_tokens(rollout), mine.to(dev)), R)
             with self.autocast():
                 first = self.policy(mb.input_ids, mb.attention_mask, r_len, values=self.estimator.critic)
@@ -3211,7 +3217,7 @@ class PPOUpdate:
             permuted = TokenColumns(logprobs=pad(first_logprobs), values=None if first.values is None else pad(first.values))
             positions.append(runtime.forward_positions(self.policy, mb))
         t_first = time.perf_counter() - t_first  # the first minibatch's forward: counted with the PPO epochs
-        out = gather_columns(mine_columns, permuted, first_perm, B, R, dev)
+        out = gather_columns(mine_columns, permuted, first_rows, B, R, dev)
         logprobs = out.logprobs
         ref_logprobs = out.ref_logprobs if out.ref_logprobs is not None else logprobs  # INIT_KL_COEF 0: no reference, KL 0
         kl = out.kl if out.kl is not None else kl_per_token(logprobs, ref_logprobs, cfg.KL_PENALTY)
@@ -3227,25 +3233,26 @@ class PPOUpdate:
             teacher_logprobs=out.teacher_logprobs,
             positions=sum(positions),
             passes=sum(m is not None for m in (self.parts.teacher, self.parts.reference)) + 1,  # + the policy (fused or not)
+            first_rows=first_rows if fused else None,
         )
 
     # ---- 6. ----
     def epochs(
-        self, batch: UpdateBatch, perms: list, first: Optional[Forward], sft_pool: list, mu: Optional[float], signal=None
+        self, batch: UpdateBatch, perms: list, old: OldPolicy, sft_pool: list, mu: Optional[float], signal=None
     ) -> tuple[list, int, int, int]:
         """Step 6: PPO_EPOCHS passes over the batch in minibatches of PPO_MINI x G responses (perms: each epoch's
         order); under gate / mix each minibatch also trains on its part of the SFT demonstrations, shuffled per epoch.
         signal: (B,) bool, the rows with a gradient (SKIP_ZERO_ADVANTAGE; None: all): only they run, the loss still
-        divided by the whole minibatch's units, so the step is the same. -> (each minibatch's stats, the number skipped
-        for RATIO_THRESHOLD, the token positions this process's forwards ran, padding included, the rows not run)."""
-        R = batch.r_ids.shape[1]
+        divided by the whole minibatch's units, so the step is the same (first minibatch fused: old.first_rows). -> (each
+        minibatch's stats, RATIO_THRESHOLD's skips, the token positions this process's forwards ran, the rows not run)."""
+        R, first = batch.r_ids.shape[1], old.first
         mb_stats, skipped, positions, idle = [], 0, 0, 0
         self.policy.train()
         for perm in perms:
             parts = perm.split(self.plan.responses_per_minibatch)
             sft_order = torch.randperm(len(sft_pool), generator=self.perm_generator) if sft_pool else torch.zeros(0, dtype=torch.long)
             for mb_rows, sft_rows in zip(parts, sft_order.tensor_split(len(parts))):
-                run = mb_rows if signal is None or first is not None else mb_rows[signal[mb_rows.to(self.device)].cpu()]
+                run = old.first_rows if first is not None else mb_rows if signal is None else mb_rows[signal[mb_rows.to(self.device)].cpu()]
                 run = run if len(run) else mb_rows[:1]  # no row has a gradient: one keeps the step's graph (its gradient, 0)
                 idle += len(mb_rows) - len(run)
                 mine, weight = runtime.my_share(run)
@@ -3412,8 +3419,11 @@ def split_prompts(strategy: Optional[Strategy], rollout: Rollout, demos: Optiona
 
 def rollout_correction(rollout: Rollout, old: OldPolicy, mode: str, cap: float) -> tuple[torch.Tensor, dict]:
     """When the engine reported its log-probs (vllm): how far they are from the trainer's (metrics), and ROLLOUT_IS's
-    per-token weights of the policy gradient -> (weights (B, R): ones without a correction; metrics)."""
+    per-token weights of the policy gradient -> (weights (B, R): ones without a correction; metrics), over the rows
+    step 4 has log-probs of (those step 6 runs, old_policy)."""
     mask = rollout.loss_mask
+    if old.first_rows is not None:
+        mask = mask * torch.zeros(len(mask), device=mask.device).index_fill(0, old.first_rows.to(mask.device), 1.0)[:, None]
     if rollout.engine_logprobs is None:
         return torch.ones_like(mask), {}
     engine = rollout.engine_logprobs
@@ -3440,14 +3450,6 @@ def distill_metrics(old: OldPolicy, mask: torch.Tensor, coef: float) -> dict:
         "distill/teacher_logprob": masked_mean(old.teacher_logprobs, mask).item(),
         "distill/coef": coef,
     }
-
-
-def token_counts(rollout: Rollout, old: OldPolicy, positions: int, grad_passes: int) -> dict:
-    """perf/update_tokens: the token positions the update's forwards ran on all processes (step 6's with a backward),
-    padding and repeated prompts included; perf/useful_tokens: those that carry signal in the same passes."""
-    ran = runtime.all_reduce_sum(torch.tensor([old.positions + positions], dtype=torch.float64)).item()
-    useful = runtime.useful_tokens(rollout.attention_mask, rollout.r_mask, rollout.group_size) * (old.passes + grad_passes)
-    return {"perf/update_tokens": ran, "perf/useful_tokens": float(useful)}
 
 
 def update_stats(rollout: Rollout, old: OldPolicy, rewards, advantages, returns, mb_stats: list, critic: bool) -> dict:

@@ -1331,6 +1331,14 @@ def useful_tokens(attention_mask: torch.Tensor, r_mask: torch.Tensor, group_size
     return int(prompts[::group_size].sum() + r_mask.sum())
 
 
+def token_counts(ran: int, attention_mask: torch.Tensor, r_mask: torch.Tensor, group_size: int, passes: int) -> dict:
+    """An update's perf/update_tokens: the token positions its forwards ran (`ran`, this process's) on all processes,
+    padding and repeated prompts included (step 6's with a backward); perf/useful_tokens: those that carry signal in
+    its `passes` passes over the batch (useful_tokens each)."""
+    total = all_reduce_sum(torch.tensor([ran], dtype=torch.float64)).item()
+    return {"perf/update_tokens": total, "perf/useful_tokens": float(useful_tokens(attention_mask, r_mask, group_size) * passes)}
+
+
 def packed_positions(pairs: list[tuple[list, list]], grouped: bool = False) -> int:
     """The token positions the packed rows of these pairs hold (pack_sequences: rows x width)."""
     _, lengths, capacity = packed_segments(pairs, grouped)
@@ -2384,7 +2392,7 @@ def cpu_attention(
     dtypes = {query.dtype, key.dtype, value.dtype, autocast or torch.float32}  # under autocast q and k are fp32 after RoPE
     stock = kwargs.get("position_bias") is not None or kwargs.get("cache") is not None or kwargs.get("output_attentions")
     gqa = getattr(module, "num_key_value_groups", 1)
-    if packed_groups is not None and not stock and query.device.type != "cpu":
+    if packed_groups is not None and not stock and not dropout and query.device.type != "cpu":
         key, value = repeat_kv(key, gqa), repeat_kv(value, gqa)  # as the stock function does where a mask is given
         return grouped_attention(query, key, value, packed_groups, scaling, False).transpose(1, 2).contiguous(), None
     if query.device.type != "cpu" or not dtypes <= {torch.float32, torch.bfloat16} or stock:
@@ -2394,13 +2402,13 @@ def cpu_attention(
     dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float32  # the output's: what "sdpa" would return
     query, key, value = query.float(), key.float(), value.float()
     with torch.autocast("cpu", enabled=False):  # autocast would cast them back to bf16
-        if attention_mask is None:  # no padding: the stock function (its causal flag)
+        if packed_groups is not None and not dropout:  # packed rows: each query against its own keys (the groups)
+            out = grouped_attention(query, key, value, packed_groups, scaling, gqa > 1)
+        elif attention_mask is None:  # no padding: the stock function (its causal flag)
             out, _ = sdpa_attention_forward(
                 module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
             )
             return out.to(dtype), None
-        if packed_groups is not None:
-            out = grouped_attention(query, key, value, packed_groups, scaling, gqa > 1)
         else:
             out = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa > 1
