@@ -1193,11 +1193,13 @@ def pack_sequences(pairs: list[tuple[list, list]], width_out: int, device, group
     width = max(fill)
     ids, positions = torch.zeros(len(fill), width, dtype=torch.long), torch.zeros(len(fill), width, dtype=torch.long)
     mask, index = torch.eye(width, dtype=torch.bool).repeat(len(fill), 1, 1), torch.zeros(len(pairs), width_out, dtype=torch.long)
+    prompts, responses = [], []  # flat positions for grouped attention: (prefix, own) of each prompt and each response
     for s, (k, start) in place.items():
         prompt, rows = parts[s]
         n, at = len(prompt), start + len(prompt)
         ids[k, start:at], positions[k, start:at] = torch.tensor(prompt), torch.arange(n)
         mask[k, start:at, start:at] = torch.ones(n, n, dtype=torch.bool).tril()
+        prompts.append(([], list(range(k * width + start, k * width + at))))
         for b in rows:
             r = pairs[b][1]
             end = at + len(r)
@@ -1205,19 +1207,10 @@ def pack_sequences(pairs: list[tuple[list, list]], width_out: int, device, group
             mask[k, at:end, start : start + n] = True
             mask[k, at:end, at:end] = torch.ones(len(r), len(r), dtype=torch.bool).tril()
             index[b, : len(r)] = k * width + torch.cat([torch.tensor([start + n - 1]), torch.arange(at, max(at, end - 1))])[: len(r)]
+            responses.append((prompts[-1][1], list(range(k * width + at, k * width + end))))
             at = end
-    groups = None
-    if grouped:  # the prompts (each its own keys), the responses (each its prompt's and its own)
-        prompts, responses = [], []
-        for s, (k, start) in place.items():
-            prompt, rows = parts[s]
-            own, at = list(range(k * width + start, k * width + start + len(prompt))), k * width + start + len(prompt)
-            prompts.append(([], own))
-            for b in rows:
-                responses.append((own, list(range(at, at + len(pairs[b][1])))))
-                at += len(pairs[b][1])
-        kept = [[item for item in items if item[1]] for items in (prompts, responses)]  # an empty response: no query
-        groups = tuple(query_group(items, device) for items in kept if items)
+    kept = [[item for item in items if item[1]] for items in (prompts, responses)]  # an empty response: no query
+    groups = tuple(query_group(items, device) for items in kept if items) if grouped else None
     return Packed(ids.to(device), positions.to(device), mask.to(device), index.to(device), groups)
 
 
